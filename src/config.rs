@@ -1,0 +1,692 @@
+//! Configuration: one TOML file (optional) plus `VIGIL_*` environment overrides, typed and
+//! validated. Validation reports every problem at once; binaries exit with code 64 on any.
+//!
+//! The doc comment of each field is its user documentation; the env variable that overrides it
+//! is named in brackets.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::topology::check_identifier;
+
+/// Exit code for a bad configuration (EX_CONFIG from sysexits.h is 78; linkerd and most
+/// services use EX_USAGE, 64, and so do we).
+pub const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Prefix of every exchange and queue name [VIGIL_NAMESPACE].
+    pub namespace: String,
+    /// AMQP URL of the broker [VIGIL_AMQP_URL].
+    pub amqp_url: String,
+    /// How long a binary keeps retrying its first broker connection, in ms
+    /// [VIGIL_BROKER_CONNECT_TIMEOUT_MS].
+    pub broker_connect_timeout_ms: u64,
+    /// Address of the `/metrics`, `/healthz` and `/readyz` endpoints; port 0 picks a free port
+    /// [VIGIL_METRICS_LISTEN].
+    pub metrics_listen: SocketAddr,
+    /// Topology file; the built-in `exchanges.toml` when unset [VIGIL_TOPOLOGY].
+    pub topology_file: Option<PathBuf>,
+    /// Folder of the client directory [VIGIL_CLIENTS_DIR].
+    pub clients_dir: PathBuf,
+    /// `text` or `json` [VIGIL_LOG_FORMAT].
+    pub log_format: LogFormat,
+    pub edge: EdgeConfig,
+    pub worker: WorkerConfig,
+    pub inference: InferenceConfig,
+    /// The action policy the edge runs per client.
+    pub policy: crate::policy::PolicyConfig,
+    /// Folder of the evidence and the append-only audit log [VIGIL_EVIDENCE_DIR].
+    pub evidence_dir: PathBuf,
+    /// Keep the last minutes of frames in a RabbitMQ stream for `vigil record --from-stream`
+    /// [VIGIL_CAPTURE_STREAM].
+    pub capture_stream: bool,
+}
+
+/// The model stack: where models and ONNX Runtime are, how they run, and every threshold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    /// Folder holding the model files of `models/models.toml` [VIGIL_MODELS_DIR].
+    pub models_dir: PathBuf,
+    /// Path of `libonnxruntime.so.1.31.1`; searched in `.cache/onnxruntime/` and
+    /// `/opt/vigil/lib/` when unset [VIGIL_ORT_DYLIB].
+    pub ort_dylib: Option<PathBuf>,
+    /// `cpu`, or `cuda` (needs the `cuda` feature and onnxruntime-gpu; falls back to CPU with a
+    /// warning) [VIGIL_DEVICE].
+    pub device: crate::inference::Device,
+    /// ONNX Runtime intra-op threads per model run. With `worker.analysis_threads`, keep
+    /// `analysis_threads x intra_threads` at or below the cores [VIGIL_INTRA_THREADS].
+    pub intra_threads: usize,
+    /// Frames are scaled to fit this many pixels on each side before the models run
+    /// [VIGIL_MAX_SIDE].
+    pub max_side: u32,
+    pub thresholds: Thresholds,
+}
+
+/// Every decision threshold of the identity analyzer. The defaults are the ones recorded in
+/// `models/models.toml`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Thresholds {
+    /// Minimum YuNet face score [VIGIL_FACE_SCORE].
+    pub face_score: f32,
+    /// NMS IoU for faces.
+    pub face_nms_iou: f32,
+    /// Cosine similarity at or above which a face is the enrolled person (OpenCV's SFace
+    /// threshold) [VIGIL_MATCH_COSINE].
+    pub match_cosine: f32,
+    /// P(live) below which a face is a spoof (the vendor's threshold) [VIGIL_LIVE_MIN].
+    pub live_min: f32,
+    /// Minimum COCO-SSD "cell phone" score [VIGIL_PHONE_SCORE].
+    pub phone_score: f32,
+    /// NMS IoU for phones.
+    pub phone_nms_iou: f32,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self {
+            face_score: 0.6,
+            face_nms_iou: 0.3,
+            match_cosine: 0.363,
+            live_min: 0.3,
+            phone_score: 0.5,
+            phone_nms_iou: 0.5,
+        }
+    }
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            models_dir: PathBuf::from("models"),
+            ort_dylib: None,
+            device: crate::inference::Device::Cpu,
+            intra_threads: 1,
+            max_side: 640,
+            thresholds: Thresholds::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    /// WebSocket listen address [VIGIL_EDGE_LISTEN].
+    pub listen: SocketAddr,
+    /// This edge's id; replies are routed to it. Random when unset [VIGIL_EDGE_ID].
+    pub id: Option<String>,
+    /// Largest JPEG accepted, in bytes [VIGIL_EDGE_MAX_FRAME_BYTES].
+    pub max_frame_bytes: usize,
+    /// Frames per second per client; faster frames are dropped `rate_limited`
+    /// [VIGIL_EDGE_MAX_FPS].
+    pub max_fps: u32,
+    /// A client that sends more than this many times `max_fps` within one second is closed
+    /// with 4429 [VIGIL_EDGE_FLOOD_FACTOR].
+    pub flood_factor: u32,
+    /// Open sessions per edge; further connections are refused with 4503
+    /// [VIGIL_EDGE_MAX_SESSIONS].
+    pub max_sessions: usize,
+    /// Frames per client published and awaiting a result; one more waits, and a newer frame
+    /// replaces the waiting one [VIGIL_EDGE_MAX_INFLIGHT].
+    pub max_inflight: usize,
+    /// How long a new connection may take to send its hello, in ms [VIGIL_EDGE_HELLO_TIMEOUT_MS].
+    pub hello_timeout_ms: u64,
+    /// A frame's life from arrival to result, in ms; past it the frame is answered `expired`
+    /// [VIGIL_EDGE_FRAME_DEADLINE_MS].
+    pub frame_deadline_ms: u64,
+    /// Consecutive unparseable messages tolerated before the session is closed with 4400
+    /// [VIGIL_EDGE_MAX_BAD_MESSAGES].
+    pub max_bad_messages: u32,
+    /// Grace period for closing sessions on shutdown, in ms [VIGIL_EDGE_SHUTDOWN_GRACE_MS].
+    pub shutdown_grace_ms: u64,
+    /// Bytes read from a client socket at a time. The WebSocket library zeroes this much on
+    /// every read attempt, so it is kept small; larger frames take a few reads
+    /// [VIGIL_EDGE_WS_READ_BUFFER_BYTES].
+    pub ws_read_buffer_bytes: usize,
+    /// Most bytes buffered for writing to one client before the session waits for it
+    /// [VIGIL_EDGE_WS_MAX_WRITE_BUFFER_BYTES].
+    pub ws_max_write_buffer_bytes: usize,
+    /// Address of the admin HTTP API (`/v1/admin/...`); off when unset [VIGIL_ADMIN_LISTEN].
+    pub admin_listen: Option<SocketAddr>,
+    /// Bearer token the admin API requires; without one the API stays off
+    /// [VIGIL_ADMIN_TOKEN].
+    pub admin_token: Option<String>,
+    /// Work-queue backlog (ready frames) above which the system is full [VIGIL_MAX_BACKLOG].
+    pub max_backlog: u32,
+    /// Mean frame-to-result latency above which the system is full, in ms
+    /// [VIGIL_MAX_LATENCY_MS].
+    pub max_latency_ms: u64,
+    /// How often the edge checks the backlog, in ms [VIGIL_ADMISSION_POLL_MS].
+    pub admission_poll_ms: u64,
+    /// The frame rate live clients are asked to keep while the system is full
+    /// [VIGIL_THROTTLE_FPS].
+    pub throttle_fps: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// This worker's id, used as the source of its results. Random when unset
+    /// [VIGIL_WORKER_ID].
+    pub id: Option<String>,
+    /// Analyzer to run: `identity` (the model stack), `frame-info` (JPEG markers only), or
+    /// `delay` for benchmarks [VIGIL_ANALYZER].
+    pub analyzer: String,
+    /// Service time the `delay` analyzer spends per frame, in ms [VIGIL_DELAY_MS].
+    pub delay_ms: u64,
+    /// Unacked frames the broker may hand this worker at once [VIGIL_WORKER_PREFETCH].
+    pub prefetch: u16,
+    /// Threads for CPU-bound analysis (decode, models); 0 means one per core
+    /// [VIGIL_WORKER_ANALYSIS_THREADS].
+    pub analysis_threads: usize,
+    /// Time to finish and ack in-flight frames on shutdown, in ms
+    /// [VIGIL_WORKER_SHUTDOWN_GRACE_MS].
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            namespace: "vigil".into(),
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            broker_connect_timeout_ms: 30_000,
+            metrics_listen: "127.0.0.1:9090".parse().expect("valid address"),
+            topology_file: None,
+            clients_dir: PathBuf::from("clients"),
+            log_format: LogFormat::Text,
+            edge: EdgeConfig::default(),
+            worker: WorkerConfig::default(),
+            inference: InferenceConfig::default(),
+            policy: crate::policy::PolicyConfig::default(),
+            evidence_dir: PathBuf::from("evidence"),
+            capture_stream: false,
+        }
+    }
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("valid address"),
+            id: None,
+            max_frame_bytes: 512 * 1024,
+            max_fps: 30,
+            flood_factor: 4,
+            max_sessions: 10_000,
+            max_inflight: 2,
+            hello_timeout_ms: 5_000,
+            frame_deadline_ms: 3_000,
+            max_bad_messages: 10,
+            shutdown_grace_ms: 2_000,
+            ws_read_buffer_bytes: 16 * 1024,
+            ws_max_write_buffer_bytes: 4 * 1024 * 1024,
+            admin_listen: None,
+            admin_token: None,
+            max_backlog: 1000,
+            max_latency_ms: 2000,
+            admission_poll_ms: 500,
+            throttle_fps: 5,
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            analyzer: "identity".into(),
+            delay_ms: 20,
+            prefetch: 16,
+            analysis_threads: 0,
+            shutdown_grace_ms: 5_000,
+        }
+    }
+}
+
+/// Analyzers a worker can run.
+pub const ANALYZERS: &[&str] = &["identity", "frame-info", "delay"];
+
+impl Config {
+    /// Read the file (if any), apply environment overrides from `env`, and validate. Every
+    /// problem found is returned.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, Vec<String>> {
+        let mut cfg = match path {
+            None => Config::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| vec![format!("cannot read config {}: {e}", path.display())])?;
+                toml::from_str(&text)
+                    .map_err(|e| vec![format!("config {}: {e}", path.display())])?
+            }
+        };
+        let mut errors = Vec::new();
+        cfg.apply_env(&env, &mut errors);
+        if let Err(more) = cfg.validate() {
+            errors.extend(more);
+        }
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Load from the process environment.
+    pub fn from_env(path: Option<&Path>) -> Result<Self, Vec<String>> {
+        Self::load(path, |k| std::env::var(k).ok())
+    }
+
+    fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>, errors: &mut Vec<String>) {
+        fn set<T: std::str::FromStr>(
+            env: &impl Fn(&str) -> Option<String>,
+            errors: &mut Vec<String>,
+            key: &str,
+            slot: &mut T,
+        ) where
+            T::Err: std::fmt::Display,
+        {
+            if let Some(raw) = env(key) {
+                match raw.trim().parse() {
+                    Ok(v) => *slot = v,
+                    Err(e) => errors.push(format!("{key}={raw:?}: {e}")),
+                }
+            }
+        }
+        fn set_opt<T: std::str::FromStr>(
+            env: &impl Fn(&str) -> Option<String>,
+            errors: &mut Vec<String>,
+            key: &str,
+            slot: &mut Option<T>,
+        ) where
+            T::Err: std::fmt::Display,
+        {
+            if let Some(raw) = env(key) {
+                match raw.trim().parse() {
+                    Ok(v) => *slot = Some(v),
+                    Err(e) => errors.push(format!("{key}={raw:?}: {e}")),
+                }
+            }
+        }
+        set(env, errors, "VIGIL_NAMESPACE", &mut self.namespace);
+        set(env, errors, "VIGIL_AMQP_URL", &mut self.amqp_url);
+        set(
+            env,
+            errors,
+            "VIGIL_BROKER_CONNECT_TIMEOUT_MS",
+            &mut self.broker_connect_timeout_ms,
+        );
+        set(
+            env,
+            errors,
+            "VIGIL_METRICS_LISTEN",
+            &mut self.metrics_listen,
+        );
+        set_opt(env, errors, "VIGIL_TOPOLOGY", &mut self.topology_file);
+        set(env, errors, "VIGIL_CLIENTS_DIR", &mut self.clients_dir);
+        set(env, errors, "VIGIL_EVIDENCE_DIR", &mut self.evidence_dir);
+        set(
+            env,
+            errors,
+            "VIGIL_CAPTURE_STREAM",
+            &mut self.capture_stream,
+        );
+        set(env, errors, "VIGIL_LOG_FORMAT", &mut self.log_format);
+        let e = &mut self.edge;
+        set(env, errors, "VIGIL_EDGE_LISTEN", &mut e.listen);
+        set_opt(env, errors, "VIGIL_EDGE_ID", &mut e.id);
+        set(
+            env,
+            errors,
+            "VIGIL_EDGE_MAX_FRAME_BYTES",
+            &mut e.max_frame_bytes,
+        );
+        set(env, errors, "VIGIL_EDGE_MAX_FPS", &mut e.max_fps);
+        set(env, errors, "VIGIL_EDGE_FLOOD_FACTOR", &mut e.flood_factor);
+        set(env, errors, "VIGIL_EDGE_MAX_SESSIONS", &mut e.max_sessions);
+        set(env, errors, "VIGIL_EDGE_MAX_INFLIGHT", &mut e.max_inflight);
+        set(
+            env,
+            errors,
+            "VIGIL_EDGE_HELLO_TIMEOUT_MS",
+            &mut e.hello_timeout_ms,
+        );
+        set(
+            env,
+            errors,
+            "VIGIL_EDGE_FRAME_DEADLINE_MS",
+            &mut e.frame_deadline_ms,
+        );
+        set(
+            env,
+            errors,
+            "VIGIL_EDGE_MAX_BAD_MESSAGES",
+            &mut e.max_bad_messages,
+        );
+        set(
+            env,
+            errors,
+            "VIGIL_EDGE_SHUTDOWN_GRACE_MS",
+            &mut e.shutdown_grace_ms,
+        );
+        set_opt(env, errors, "VIGIL_ADMIN_LISTEN", &mut e.admin_listen);
+        set_opt(env, errors, "VIGIL_ADMIN_TOKEN", &mut e.admin_token);
+        set(env, errors, "VIGIL_MAX_BACKLOG", &mut e.max_backlog);
+        set(env, errors, "VIGIL_MAX_LATENCY_MS", &mut e.max_latency_ms);
+        set(
+            env,
+            errors,
+            "VIGIL_ADMISSION_POLL_MS",
+            &mut e.admission_poll_ms,
+        );
+        set(env, errors, "VIGIL_THROTTLE_FPS", &mut e.throttle_fps);
+        let w = &mut self.worker;
+        set_opt(env, errors, "VIGIL_WORKER_ID", &mut w.id);
+        set(env, errors, "VIGIL_ANALYZER", &mut w.analyzer);
+        set(env, errors, "VIGIL_DELAY_MS", &mut w.delay_ms);
+        set(env, errors, "VIGIL_WORKER_PREFETCH", &mut w.prefetch);
+        set(
+            env,
+            errors,
+            "VIGIL_WORKER_ANALYSIS_THREADS",
+            &mut w.analysis_threads,
+        );
+        set(
+            env,
+            errors,
+            "VIGIL_WORKER_SHUTDOWN_GRACE_MS",
+            &mut w.shutdown_grace_ms,
+        );
+        let i = &mut self.inference;
+        set(env, errors, "VIGIL_MODELS_DIR", &mut i.models_dir);
+        set_opt(env, errors, "VIGIL_ORT_DYLIB", &mut i.ort_dylib);
+        set(env, errors, "VIGIL_DEVICE", &mut i.device);
+        set(env, errors, "VIGIL_INTRA_THREADS", &mut i.intra_threads);
+        set(env, errors, "VIGIL_MAX_SIDE", &mut i.max_side);
+        let t = &mut i.thresholds;
+        set(env, errors, "VIGIL_FACE_SCORE", &mut t.face_score);
+        set(env, errors, "VIGIL_MATCH_COSINE", &mut t.match_cosine);
+        set(env, errors, "VIGIL_LIVE_MIN", &mut t.live_min);
+        set(env, errors, "VIGIL_PHONE_SCORE", &mut t.phone_score);
+    }
+
+    /// Every problem with the values, at once.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        if let Err(e) = check_identifier("namespace", &self.namespace) {
+            errors.push(e);
+        }
+        if !(self.amqp_url.starts_with("amqp://") || self.amqp_url.starts_with("amqps://")) {
+            errors.push(format!(
+                "amqp_url `{}` must start with amqp:// or amqps://",
+                crate::broker::redact_url(&self.amqp_url)
+            ));
+        }
+        if self.amqp_url.starts_with("amqps://") {
+            errors.push("amqp_url: amqps:// (TLS) is not built into this binary".into());
+        }
+        let e = &self.edge;
+        if let Some(id) = &e.id
+            && let Err(msg) = check_identifier("edge.id", id)
+        {
+            errors.push(msg);
+        }
+        let positive = [
+            ("edge.max_frame_bytes", e.max_frame_bytes as u64),
+            ("edge.max_fps", e.max_fps.into()),
+            ("edge.flood_factor", e.flood_factor.into()),
+            ("edge.max_sessions", e.max_sessions as u64),
+            ("edge.max_inflight", e.max_inflight as u64),
+            ("edge.hello_timeout_ms", e.hello_timeout_ms),
+            ("edge.frame_deadline_ms", e.frame_deadline_ms),
+            ("edge.max_bad_messages", e.max_bad_messages.into()),
+            ("edge.ws_read_buffer_bytes", e.ws_read_buffer_bytes as u64),
+            ("edge.admission_poll_ms", e.admission_poll_ms),
+            ("edge.throttle_fps", e.throttle_fps.into()),
+            ("worker.prefetch", self.worker.prefetch.into()),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                errors.push(format!("{key} must be greater than 0"));
+            }
+        }
+        if e.max_frame_bytes > 16 * 1024 * 1024 {
+            errors.push(format!(
+                "edge.max_frame_bytes = {} is above the 16 MiB ceiling",
+                e.max_frame_bytes
+            ));
+        }
+        if let Some(token) = &e.admin_token
+            && token.len() < 16
+        {
+            errors.push("edge.admin_token must be at least 16 characters".into());
+        }
+        if e.ws_max_write_buffer_bytes < 64 * 1024 {
+            errors.push(format!(
+                "edge.ws_max_write_buffer_bytes = {} is below 64 KiB",
+                e.ws_max_write_buffer_bytes
+            ));
+        }
+        if e.max_inflight > 64 {
+            errors.push(format!(
+                "edge.max_inflight = {} is above 64",
+                e.max_inflight
+            ));
+        }
+        let w = &self.worker;
+        if let Some(id) = &w.id
+            && let Err(msg) = check_identifier("worker.id", id)
+        {
+            errors.push(msg);
+        }
+        if !ANALYZERS.contains(&w.analyzer.as_str()) {
+            errors.push(format!(
+                "worker.analyzer `{}` is unknown; choose one of: {}",
+                w.analyzer,
+                ANALYZERS.join(", ")
+            ));
+        }
+        errors.extend(self.policy.validate());
+        let i = &self.inference;
+        if i.intra_threads == 0 {
+            errors.push("inference.intra_threads must be greater than 0".into());
+        }
+        if !(64..=4096).contains(&i.max_side) {
+            errors.push(format!(
+                "inference.max_side = {} must be within 64..=4096",
+                i.max_side
+            ));
+        }
+        let t = &i.thresholds;
+        for (key, v) in [
+            ("thresholds.face_score", t.face_score),
+            ("thresholds.face_nms_iou", t.face_nms_iou),
+            ("thresholds.live_min", t.live_min),
+            ("thresholds.phone_score", t.phone_score),
+            ("thresholds.phone_nms_iou", t.phone_nms_iou),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                errors.push(format!("inference.{key} = {v} must be within 0..=1"));
+            }
+        }
+        if !(-1.0..=1.0).contains(&t.match_cosine) {
+            errors.push(format!(
+                "inference.thresholds.match_cosine = {} must be within -1..=1",
+                t.match_cosine
+            ));
+        }
+        if let Some(path) = &self.topology_file
+            && let Err(e) = crate::topology::Topology::load(Some(path))
+        {
+            errors.push(e.to_string());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The edge id, or a random one made once per process.
+    pub fn edge_id(&self) -> String {
+        self.edge.id.clone().unwrap_or_else(|| random_id("edge"))
+    }
+
+    pub fn worker_id(&self) -> String {
+        self.worker
+            .id
+            .clone()
+            .unwrap_or_else(|| random_id("worker"))
+    }
+}
+
+impl WorkerConfig {
+    /// Analysis threads, with 0 meaning one per core.
+    pub fn effective_analysis_threads(&self) -> usize {
+        match self.analysis_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("unknown log format `{other}` (text or json)")),
+        }
+    }
+}
+
+/// `<prefix>-<8 hex digits>`.
+pub fn random_id(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(file: Option<&str>, env: &[(&str, &str)]) -> Result<Config, Vec<String>> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let dir = std::env::temp_dir().join(format!("vigil-cfg-{}", rand::random::<u64>()));
+        let path = file.map(|text| {
+            std::fs::create_dir_all(&dir).unwrap();
+            let p = dir.join("vigil.toml");
+            std::fs::write(&p, text).unwrap();
+            p
+        });
+        Config::load(path.as_deref(), |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let cfg = load(None, &[]).unwrap();
+        assert_eq!(cfg.namespace, "vigil");
+        assert_eq!(cfg.edge.max_inflight, 2);
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let cfg = load(
+            Some("namespace = \"fromfile\"\n[edge]\nmax_fps = 7\n"),
+            &[("VIGIL_NAMESPACE", "fromenv"), ("VIGIL_EDGE_ID", "e1")],
+        )
+        .unwrap();
+        assert_eq!(cfg.namespace, "fromenv");
+        assert_eq!(cfg.edge.max_fps, 7);
+        assert_eq!(cfg.edge.id.as_deref(), Some("e1"));
+    }
+
+    #[test]
+    fn inference_settings_come_from_the_environment() {
+        let cfg = load(
+            Some("[inference]\nintra_threads = 2\n[inference.thresholds]\nlive_min = 0.2\n"),
+            &[
+                ("VIGIL_MODELS_DIR", "/opt/m"),
+                ("VIGIL_ORT_DYLIB", "/opt/ort.so"),
+                ("VIGIL_MATCH_COSINE", "0.5"),
+                ("VIGIL_DEVICE", "cuda"),
+            ],
+        )
+        .unwrap();
+        let i = &cfg.inference;
+        assert_eq!(i.models_dir, PathBuf::from("/opt/m"));
+        assert_eq!(i.ort_dylib.as_deref(), Some(Path::new("/opt/ort.so")));
+        assert_eq!(i.device, crate::inference::Device::Cuda);
+        assert_eq!((i.intra_threads, i.thresholds.live_min), (2, 0.2));
+        assert_eq!(i.thresholds.match_cosine, 0.5);
+        let errors = load(None, &[("VIGIL_LIVE_MIN", "1.5"), ("VIGIL_DEVICE", "tpu")]).unwrap_err();
+        let all = errors.join("\n");
+        assert!(
+            all.contains("live_min = 1.5") && all.contains("unknown device `tpu`"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let errors = load(
+            None,
+            &[
+                ("VIGIL_NAMESPACE", "bad name"),
+                ("VIGIL_EDGE_MAX_FPS", "fast"),
+                ("VIGIL_EDGE_MAX_INFLIGHT", "0"),
+                ("VIGIL_ANALYZER", "magic"),
+                ("VIGIL_AMQP_URL", "http://x"),
+            ],
+        )
+        .unwrap_err();
+        let all = errors.join("\n");
+        for want in [
+            "namespace `bad name`",
+            "VIGIL_EDGE_MAX_FPS=\"fast\"",
+            "edge.max_inflight must be greater than 0",
+            "worker.analyzer `magic` is unknown",
+            "amqp_url",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn example_file_matches_the_defaults() {
+        let text = include_str!("../vigil.example.toml");
+        let cfg = load(Some(text), &[]).unwrap();
+        let d = Config::default();
+        assert_eq!(format!("{:?}", cfg.edge), format!("{:?}", d.edge));
+        assert_eq!(format!("{:?}", cfg.worker), format!("{:?}", d.worker));
+        assert_eq!(format!("{:?}", cfg.inference), format!("{:?}", d.inference));
+        assert_eq!(cfg.policy, d.policy);
+        assert_eq!(cfg.evidence_dir, d.evidence_dir);
+        assert_eq!(cfg.namespace, d.namespace);
+        assert_eq!(cfg.metrics_listen, d.metrics_listen);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let errors = load(Some("[edge]\nmax_fsp = 3\n"), &[]).unwrap_err();
+        assert!(errors[0].contains("max_fsp"), "{errors:?}");
+    }
+}

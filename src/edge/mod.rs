@@ -1,0 +1,710 @@
+//! The edge node: holds client WebSocket connections, publishes their frames to the broker and
+//! routes results back to the right socket. This module alone imports `tokio_tungstenite`
+//! (server side here and in [`session`], client side in [`client`]).
+//!
+//! Flow: accept → WebSocket handshake on `/v1/stream` → hello (with timeout) → authenticate
+//! against the client directory → session loop. A single reply consumer per edge reads the
+//! edge's own reply queue and hands each result to its session through a bounded channel; a
+//! session that cannot keep up loses its own results, never anybody else's.
+
+mod admin_api;
+pub mod client;
+mod session;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::Registry;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::broker::{Broker, BrokerError, Publisher};
+use crate::config::{Config, EdgeConfig};
+use crate::directory::{ClientStore, DirectoryError, FolderStore};
+use crate::metrics::{BrokerMetrics, EdgeMetrics};
+use crate::telemetry::{self, Health};
+use crate::topology::{self, NodeKind, Topology};
+use crate::wire::client::ErrorCode;
+use crate::wire::{ControlCommand, DropReason, Envelope, Payload};
+
+/// The WebSocket path clients connect to.
+pub const STREAM_PATH: &str = "/v1/stream";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
+    #[error("the broker ended this edge's reply consumer")]
+    RepliesEnded,
+}
+
+/// A message for one session, from the reply consumer or from another session.
+pub(crate) enum SessionEvent {
+    Reply(Box<Envelope>),
+    Control(ControlCommand),
+    /// Keep to this frame rate (the system is full, or no longer).
+    Throttle {
+        max_fps: u32,
+    },
+}
+
+/// Where a live session can be reached, and what the admin API shows of it.
+pub(crate) struct SessionEntry {
+    pub session: u64,
+    pub tx: mpsc::Sender<SessionEvent>,
+    pub closer: session::Closer,
+    pub info: Arc<Mutex<SessionInfo>>,
+}
+
+/// A live session as `GET /v1/admin/sessions` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionInfo {
+    pub client_id: String,
+    pub session_id: String,
+    pub edge: String,
+    pub connected_since_ms: u64,
+    /// Frames per second over the session's recent frames.
+    pub fps: f64,
+    pub frames: u64,
+    pub paused: bool,
+    pub last_verdict: Option<String>,
+    pub last_action: Option<String>,
+}
+
+/// State shared by every connection of one edge.
+pub(crate) struct Shared {
+    pub cfg: EdgeConfig,
+    pub policy: crate::policy::PolicyConfig,
+    pub edge_id: String,
+    pub frames_exchange: String,
+    pub actions_exchange: String,
+    pub metrics: EdgeMetrics,
+    pub store: Arc<dyn ClientStore>,
+    pub publisher: PublisherRef,
+    /// Live sessions by client id.
+    pub sessions: Mutex<HashMap<String, SessionEntry>>,
+    /// Per-edge event sequence (the envelope's `seq`).
+    pub seq: AtomicU64,
+    pub shutdown: CancellationToken,
+    pub control_exchange: String,
+    /// Set while the system is full: new sessions are refused, live ones throttled.
+    pub full: AtomicBool,
+    /// Recent mean frame-to-result latency, in microseconds (an exponential average).
+    pub latency_ewma_us: AtomicU64,
+}
+
+impl Shared {
+    /// The publisher of the current broker connection.
+    pub fn publisher(&self) -> Arc<Publisher> {
+        self.publisher
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Fold one frame-to-result latency into the running average.
+    pub fn observe_latency(&self, latency: Duration) {
+        let us = latency.as_micros() as u64;
+        let old = self.latency_ewma_us.load(Ordering::Relaxed);
+        let new = if old == 0 { us } else { (old * 15 + us) / 16 };
+        self.latency_ewma_us.store(new, Ordering::Relaxed);
+    }
+
+    /// The frame rate sessions should keep now.
+    pub fn current_max_fps(&self) -> u32 {
+        if self.full.load(Ordering::Relaxed) {
+            self.cfg.throttle_fps.min(self.cfg.max_fps)
+        } else {
+            self.cfg.max_fps
+        }
+    }
+
+    pub fn drop_reason_counter(&self, reason: DropReason) -> prometheus::IntCounter {
+        self.metrics
+            .frames_dropped
+            .with_label_values(&[reason.as_str()])
+    }
+}
+
+/// A running edge.
+pub struct EdgeHandle {
+    pub id: String,
+    /// The WebSocket address (useful with port 0).
+    pub ws_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// The admin API's address, when it is on.
+    pub admin_addr: Option<SocketAddr>,
+    task: tokio::task::JoinHandle<Result<(), EdgeError>>,
+}
+
+impl EdgeHandle {
+    pub fn url(&self) -> String {
+        format!("ws://{}{STREAM_PATH}", self.ws_addr)
+    }
+
+    /// Wait until the edge has stopped.
+    pub async fn join(self) -> Result<(), EdgeError> {
+        self.task.await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "edge task panicked");
+            Ok(())
+        })
+    }
+}
+
+/// Start an edge: metrics endpoint, broker, topology, reply queue, listener. Returns once it
+/// accepts connections; it stops when `shutdown` is cancelled.
+pub async fn start(
+    cfg: Config,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<EdgeHandle, EdgeError> {
+    let edge_id = cfg.edge_id();
+    let health = Health::new(&["broker", "topology"]);
+    let metrics_addr = telemetry::serve_metrics(
+        cfg.metrics_listen,
+        registry.clone(),
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|source| EdgeError::Bind {
+        addr: cfg.metrics_listen,
+        source,
+    })?;
+    let metrics = EdgeMetrics::new(&registry);
+    for reason in DropReason::ALL {
+        metrics.frames_dropped.with_label_values(&[reason.as_str()]);
+    }
+    let broker_metrics = BrokerMetrics::new(&registry);
+    let topo = Topology::load(cfg.topology_file.as_deref())?;
+    let store: Arc<dyn ClientStore> = Arc::new(FolderStore::open(&cfg.clients_dir)?);
+
+    let listener = TcpListener::bind(cfg.edge.listen)
+        .await
+        .map_err(|source| EdgeError::Bind {
+            addr: cfg.edge.listen,
+            source,
+        })?;
+    let ws_addr = listener.local_addr().map_err(|source| EdgeError::Bind {
+        addr: cfg.edge.listen,
+        source,
+    })?;
+
+    let broker = Broker::connect_with_retry(
+        &cfg.amqp_url,
+        &edge_id,
+        broker_metrics.clone(),
+        Duration::from_millis(cfg.broker_connect_timeout_ms),
+    )
+    .await?;
+    health.set("broker", true);
+    let links = Links::open(broker, &cfg, &topo, &edge_id).await?;
+    health.set("topology", true);
+    let publisher: PublisherRef = Arc::new(std::sync::RwLock::new(links.publisher.clone()));
+
+    let shared = Arc::new(Shared {
+        cfg: cfg.edge.clone(),
+        policy: cfg.policy.clone(),
+        edge_id: edge_id.clone(),
+        frames_exchange: format!("{}.{}", cfg.namespace, topology::FRAMES_EXCHANGE),
+        actions_exchange: format!("{}.{}", cfg.namespace, topology::ACTIONS_EXCHANGE),
+        metrics,
+        store,
+        publisher: publisher.clone(),
+        sessions: Mutex::new(HashMap::new()),
+        seq: AtomicU64::new(0),
+        shutdown: shutdown.clone(),
+        control_exchange: format!("{}.{}", cfg.namespace, topology::CONTROL_EXCHANGE),
+        full: AtomicBool::new(false),
+        latency_ewma_us: AtomicU64::new(0),
+    });
+    let admin_addr = match (cfg.edge.admin_listen, cfg.edge.admin_token.clone()) {
+        (Some(listen), Some(token)) => {
+            let addr = admin_api::serve(listen, token, shared.clone(), shutdown.clone())
+                .await
+                .map_err(|source| EdgeError::Bind {
+                    addr: listen,
+                    source,
+                })?;
+            tracing::info!(%addr, "admin API listening");
+            Some(addr)
+        }
+        (Some(_), None) => {
+            tracing::warn!(
+                "VIGIL_ADMIN_LISTEN is set but VIGIL_ADMIN_TOKEN is not: the admin API stays off"
+            );
+            None
+        }
+        _ => None,
+    };
+    let work_queue = format!("{}.{}", cfg.namespace, topology::WORK_QUEUE);
+    let span = tracing::info_span!("edge", edge = %edge_id);
+    tracing::info!(parent: &span, %ws_addr, %metrics_addr, "edge listening");
+    let reconnect = Reconnect {
+        cfg: cfg.clone(),
+        topo,
+        metrics: broker_metrics,
+        health,
+    };
+    let task = tokio::spawn(
+        serve(shared, links, listener, work_queue, reconnect, shutdown).instrument(span),
+    );
+    Ok(EdgeHandle {
+        id: edge_id,
+        ws_addr,
+        metrics_addr,
+        admin_addr,
+        task,
+    })
+}
+
+/// Run until `shutdown`.
+pub async fn run(
+    cfg: Config,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<(), EdgeError> {
+    start(cfg, registry, shutdown).await?.join().await
+}
+
+/// The publisher in use, swapped when the edge reconnects to the broker.
+pub type PublisherRef = Arc<std::sync::RwLock<Arc<Publisher>>>;
+
+/// Everything this edge holds on one broker connection.
+struct Links {
+    broker: Broker,
+    replies: crate::broker::Consumer,
+    control: crate::broker::Consumer,
+    publisher: Arc<Publisher>,
+}
+
+impl Links {
+    /// Declare the topology and this edge's own queues, and start consuming them.
+    async fn open(
+        broker: Broker,
+        cfg: &Config,
+        topo: &Topology,
+        edge_id: &str,
+    ) -> Result<Self, EdgeError> {
+        broker.declare(&topo.shared(&cfg.namespace)).await?;
+        if cfg.capture_stream {
+            broker.declare(&topo.streams(&cfg.namespace)).await?;
+        }
+        broker
+            .declare(&topo.per_node(&cfg.namespace, NodeKind::Edge, edge_id))
+            .await?;
+        let own_queue =
+            |logical: &str| format!("{}.{}", cfg.namespace, logical.replace("{node}", edge_id));
+        let control = broker
+            .consume(
+                &own_queue(topology::EDGE_CONTROL_QUEUE),
+                edge_id,
+                100,
+                false,
+            )
+            .await?;
+        // Replies are settled on send: the queue is exclusive to this connection, so nothing
+        // would survive us anyway, and the volume is bounded by sessions x max_inflight.
+        let replies = broker
+            .consume(&own_queue(topology::EDGE_REPLY_QUEUE), edge_id, 1000, false)
+            .await?;
+        let publisher = Arc::new(broker.publisher().await?);
+        Ok(Self {
+            broker,
+            replies,
+            control,
+            publisher,
+        })
+    }
+
+    async fn close(self) {
+        self.replies.close().await;
+        self.control.close().await;
+        self.publisher.close().await;
+        self.broker.close().await;
+    }
+}
+
+/// What the edge needs to reconnect.
+struct Reconnect {
+    cfg: Config,
+    topo: Topology,
+    metrics: BrokerMetrics,
+    health: Health,
+}
+
+impl Reconnect {
+    /// Reconnect with backoff until it works or `shutdown`. Sessions stay up meanwhile; their
+    /// frames are answered `broker_unavailable`.
+    async fn run(&self, shared: &Shared, shutdown: &CancellationToken) -> Option<Links> {
+        self.health.set("broker", false);
+        self.health.set("topology", false);
+        let mut delay = Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            match Broker::connect(&self.cfg.amqp_url, &shared.edge_id, self.metrics.clone()).await {
+                Ok(b) => match Links::open(b, &self.cfg, &self.topo, &shared.edge_id).await {
+                    Ok(links) => {
+                        *shared.publisher.write().unwrap_or_else(|e| e.into_inner()) =
+                            links.publisher.clone();
+                        self.metrics.reconnects.inc();
+                        self.health.set("broker", true);
+                        self.health.set("topology", true);
+                        tracing::info!("reconnected to the broker");
+                        return Some(links);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "broker back, but the topology failed"),
+                },
+                Err(e) => tracing::debug!(error = %e, "broker still unreachable"),
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+async fn serve(
+    shared: Arc<Shared>,
+    mut links: Links,
+    listener: TcpListener,
+    work_queue: String,
+    reconnect: Reconnect,
+    shutdown: CancellationToken,
+) -> Result<(), EdgeError> {
+    let slots = Arc::new(Semaphore::new(shared.cfg.max_sessions));
+    let mut connections = JoinSet::new();
+    let mut admission = tokio::time::interval(Duration::from_millis(shared.cfg.admission_poll_ms));
+    admission.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let lost = tokio::select! {
+            delivery = links.control.next() => match delivery {
+                Some(Ok(d)) => {
+                    apply_control(&shared, d.data());
+                    false
+                }
+                _ => true,
+            },
+            _ = admission.tick() => {
+                check_admission(&shared, &links.broker, &work_queue).await;
+                false
+            }
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let shared = shared.clone();
+                    let permit = slots.clone().try_acquire_owned().ok();
+                    connections.spawn(
+                        connection(shared, stream, permit)
+                            .instrument(tracing::debug_span!("conn", %peer)),
+                    );
+                    false
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    false
+                }
+            },
+            delivery = links.replies.next() => match delivery {
+                Some(Ok(d)) => {
+                    dispatch(&shared, d.data());
+                    false
+                }
+                _ => true,
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => false,
+        };
+        if lost && !shutdown.is_cancelled() {
+            tracing::warn!(
+                "lost the broker; sessions stay up, frames are answered broker_unavailable"
+            );
+            // New connections wait in the listen backlog until the broker is back.
+            match reconnect.run(&shared, &shutdown).await {
+                Some(fresh) => std::mem::replace(&mut links, fresh).close().await,
+                None => break,
+            }
+        }
+    }
+    // Stop accepting; sessions see the same token and close with 1001.
+    drop(listener);
+    shutdown.cancel();
+    let grace = Duration::from_millis(shared.cfg.shutdown_grace_ms);
+    if tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            left = connections.len(),
+            "sessions did not close within the grace period"
+        );
+        connections.abort_all();
+    }
+    links.close().await;
+    tracing::info!("edge stopped");
+    Ok(())
+}
+
+/// Publish an action to the audit exchange under confirms, retrying a few times; an action that
+/// still cannot be handed over is logged and counted (the client has it already).
+pub(crate) async fn audit_action(shared: &Shared, env: &Envelope) {
+    let mut delay = Duration::from_millis(200);
+    for attempt in 1..=5 {
+        let published = match shared
+            .publisher()
+            .publish(&shared.actions_exchange, "", env)
+            .await
+        {
+            Ok(confirm) => confirm.wait().await,
+            Err(e) => Err(e),
+        };
+        match published {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, action_id = %env.id, "action not confirmed by the broker");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+    shared.metrics.actions_unaudited.inc();
+    tracing::error!(action_id = %env.id, client = %env.client_id, "action could not reach the audit trail");
+}
+
+/// Apply one control event to the sessions of this edge.
+fn apply_control(shared: &Shared, data: &[u8]) {
+    let env = match Envelope::decode(data) {
+        Ok(Envelope {
+            payload: Payload::Control(c),
+            client_id,
+            ..
+        }) => (client_id, c),
+        _ => {
+            shared
+                .metrics
+                .bad_messages
+                .with_label_values(&["control"])
+                .inc();
+            return;
+        }
+    };
+    let (client_id, event) = env;
+    let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(entry) = sessions.get(&client_id) else {
+        return;
+    };
+    let name = match &event.command {
+        ControlCommand::Block => {
+            entry.closer.close_with_error(
+                ErrorCode::Blocked,
+                "this client was blocked by an administrator",
+            );
+            "block"
+        }
+        ControlCommand::Kick => {
+            entry
+                .closer
+                .close_with_error(ErrorCode::Kicked, "disconnected by an administrator");
+            "kick"
+        }
+        ControlCommand::SessionStarted {
+            session,
+            edge,
+            since_ms,
+        } => {
+            let local_since = entry
+                .info
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .connected_since_ms;
+            // Only a newer session ends this one; an older one's late announcement does not.
+            if (*since_ms, *session) <= (local_since, entry.session) {
+                return;
+            }
+            tracing::info!(client = %client_id, newer_on = %edge, "a newer session replaces this one");
+            entry.closer.close_with_error(
+                ErrorCode::DuplicateSession,
+                "a newer session for this client replaced this one",
+            );
+            "session_started"
+        }
+        ControlCommand::Unblock => return,
+        ControlCommand::Pause | ControlCommand::Resume | ControlCommand::ForceAction { .. } => {
+            let name = match event.command {
+                ControlCommand::Pause => "pause",
+                ControlCommand::Resume => "resume",
+                _ => "force_action",
+            };
+            if entry
+                .tx
+                .try_send(SessionEvent::Control(event.command))
+                .is_err()
+            {
+                tracing::warn!(client = %client_id, command = name, "session busy; control command not delivered");
+                return;
+            }
+            name
+        }
+    };
+    shared
+        .metrics
+        .control_applied
+        .with_label_values(&[name])
+        .inc();
+}
+
+/// Decide whether the system is full: the shared work queue's backlog (the same for every
+/// edge, so the signal is cluster-wide) or this edge's recent frame latency. On a change, tell
+/// every live session its new frame rate.
+async fn check_admission(shared: &Shared, broker: &Broker, work_queue: &str) {
+    let Ok(backlog) = broker.queue_len(work_queue).await else {
+        return;
+    };
+    shared.metrics.work_backlog.set(backlog.into());
+    let latency_ms = shared.latency_ewma_us.load(Ordering::Relaxed) / 1000;
+    let cfg = &shared.cfg;
+    let was_full = shared.full.load(Ordering::Relaxed);
+    // Hysteresis: full above the limits, clear again below half of them.
+    let full = if was_full {
+        backlog > cfg.max_backlog / 2 || latency_ms > cfg.max_latency_ms / 2
+    } else {
+        backlog > cfg.max_backlog || latency_ms > cfg.max_latency_ms
+    };
+    if full == was_full {
+        return;
+    }
+    shared.full.store(full, Ordering::Relaxed);
+    shared.metrics.system_full.set(i64::from(full));
+    tracing::warn!(full, backlog, latency_ms, "system full signal changed");
+    let max_fps = shared.current_max_fps();
+    let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+    for entry in sessions.values() {
+        let _ = entry.tx.try_send(SessionEvent::Throttle { max_fps });
+    }
+}
+
+/// Hand one reply to its session, without ever waiting on it.
+fn dispatch(shared: &Shared, data: &[u8]) {
+    let env = match Envelope::decode(data) {
+        Ok(env) => env,
+        Err(e) => {
+            shared
+                .metrics
+                .bad_messages
+                .with_label_values(&["reply"])
+                .inc();
+            tracing::warn!(error = %e, "undecodable reply discarded");
+            return;
+        }
+    };
+    let session = match &env.payload {
+        Payload::Result(r) => r.session,
+        Payload::Dropped(d) => d.session,
+        Payload::Frame(_) | Payload::Action(_) | Payload::Control(_) => {
+            shared
+                .metrics
+                .bad_messages
+                .with_label_values(&["reply"])
+                .inc();
+            return;
+        }
+    };
+    let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+    match sessions.get(&env.client_id) {
+        Some(entry) if entry.session == session => {
+            if entry
+                .tx
+                .try_send(SessionEvent::Reply(Box::new(env)))
+                .is_err()
+            {
+                // The session is not keeping up (or just ended); its frame will be answered
+                // `expired` by the session's own deadline sweep.
+                shared.metrics.results_orphaned.inc();
+            }
+        }
+        _ => shared.metrics.results_orphaned.inc(),
+    }
+}
+
+/// WebSocket limits. The hard cap on one message is a frame at the limit, base64-encoded in
+/// JSON, plus room for the other fields: larger messages close the connection (1009), and
+/// messages between the frame limit and this cap get a `dropped` with reason
+/// `frame_too_large`. Writes to a client are bounded too.
+fn ws_config(cfg: &EdgeConfig) -> WebSocketConfig {
+    let cap = cfg.max_frame_bytes * 2 + 64 * 1024;
+    WebSocketConfig::default()
+        .max_message_size(Some(cap))
+        .max_frame_size(Some(cap))
+        .read_buffer_size(cfg.ws_read_buffer_bytes)
+        .write_buffer_size(0)
+        .max_write_buffer_size(cfg.ws_max_write_buffer_bytes)
+}
+
+async fn connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    #[allow(clippy::result_large_err)] // the signature is tungstenite's callback contract
+    let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() == STREAM_PATH {
+            Ok(resp)
+        } else {
+            let mut err = ErrorResponse::new(Some(format!(
+                "no such endpoint; connect to {STREAM_PATH}\n"
+            )));
+            *err.status_mut() = StatusCode::NOT_FOUND;
+            Err(err)
+        }
+    };
+    let hello_timeout = Duration::from_millis(shared.cfg.hello_timeout_ms);
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(
+        stream,
+        check_path,
+        Some(ws_config(&shared.cfg)),
+    );
+    let ws = match tokio::time::timeout(hello_timeout, handshake).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            shared
+                .metrics
+                .sessions_refused
+                .with_label_values(&["handshake"])
+                .inc();
+            tracing::debug!(error = %e, "websocket handshake failed");
+            return;
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .sessions_refused
+                .with_label_values(&["handshake"])
+                .inc();
+            return;
+        }
+    };
+    session::run(shared, ws, permit).await;
+}

@@ -1,0 +1,1022 @@
+//! One client connection: hello, authentication, then the frame/result loop with its limits.
+//!
+//! Per session: at most `max_inflight` frames are published and awaiting a result; one more
+//! may wait, and a newer frame replaces the waiting one (the client is told which seq was
+//! dropped). Every frame the session accepts gets exactly one `result` or `dropped`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use super::{SessionEntry, SessionEvent, SessionInfo, Shared};
+use crate::broker::BrokerError;
+use crate::directory::{self, AuthError, ClientRecord, ClientStatus, Connection, Presence};
+use crate::policy::ClientPolicy;
+use crate::wire::client::{
+    self, ClientFrame, ClientMsg, Encoding, ErrorCode, ProtocolError, ServerMsg,
+};
+use crate::wire::{
+    self, ActionEvent, ControlCommand, DropReason, Envelope, EvidenceFrame, Frame, Payload, Verdict,
+};
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// How long past a frame's deadline the edge waits for the worker's own answer before it
+/// answers `expired` itself.
+const SWEEP_GRACE: Duration = Duration::from_millis(250);
+
+/// Ends a session from outside: a newer session of the same client, or an administrator.
+#[derive(Clone, Default)]
+pub(crate) struct Closer {
+    token: CancellationToken,
+    reason: Arc<OnceLock<(ErrorCode, String)>>,
+}
+
+impl Closer {
+    /// Tell the client `code` and `message`, then close with the code's close code.
+    pub fn close_with_error(&self, code: ErrorCode, message: impl Into<String>) {
+        let _ = self.reason.set((code, message.into()));
+        self.token.cancel();
+    }
+}
+
+pub(super) async fn run(shared: Arc<Shared>, mut ws: Ws, permit: Option<OwnedSemaphorePermit>) {
+    let full = shared.full.load(Ordering::Relaxed);
+    let Some(_permit) = permit.filter(|_| !full) else {
+        shared
+            .metrics
+            .sessions_refused
+            .with_label_values(&[if full { "system_full" } else { "full" }])
+            .inc();
+        let message = if full {
+            "the system is full; retry later"
+        } else {
+            "this edge is at its session limit; retry later or elsewhere"
+        };
+        refuse(&mut ws, Encoding::Json, ErrorCode::SystemFull, message).await;
+        return;
+    };
+    let Some((record, encoding)) = hello(&shared, &mut ws).await else {
+        return;
+    };
+    let client_id = record.id.clone();
+    let paused = record.status == ClientStatus::Paused;
+    let reference = record
+        .reference
+        .as_ref()
+        .and_then(|r| r.embedding_bytes())
+        .map(serde_bytes::ByteBuf::from);
+
+    let session_id: u64 = rand::random();
+    let (tx, rx) = mpsc::channel(shared.cfg.max_inflight * 4 + 16);
+    let closer = Closer::default();
+    let since_ms = wire::now_ms();
+    let info = Arc::new(Mutex::new(SessionInfo {
+        client_id: client_id.clone(),
+        session_id: format!("{session_id:016x}"),
+        edge: shared.edge_id.clone(),
+        connected_since_ms: since_ms,
+        fps: 0.0,
+        frames: 0,
+        paused,
+        last_verdict: None,
+        last_action: None,
+    }));
+    {
+        let mut sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = SessionEntry {
+            session: session_id,
+            tx,
+            closer: closer.clone(),
+            info: info.clone(),
+        };
+        if let Some(older) = sessions.insert(client_id.clone(), entry) {
+            // One session per client: the newer connection wins.
+            older.closer.close_with_error(
+                ErrorCode::DuplicateSession,
+                "a newer session for this client replaced this one",
+            );
+        }
+    }
+    shared.metrics.sessions_active.inc();
+    tracing::info!(client = %client_id, session = format_args!("{session_id:016x}"), "session started");
+    set_presence(
+        &shared,
+        &client_id,
+        session_id,
+        since_ms,
+        Connection::Active,
+    )
+    .await;
+    // Every edge ends any other session of this client (newer wins across the cluster).
+    {
+        let shared = shared.clone();
+        let client_id = client_id.clone();
+        tokio::spawn(async move {
+            let command = ControlCommand::SessionStarted {
+                edge: shared.edge_id.clone(),
+                session: session_id,
+                since_ms,
+            };
+            if let Err(e) = crate::admin::publish_control(
+                &shared.publisher(),
+                &shared.control_exchange,
+                &client_id,
+                &shared.edge_id,
+                command,
+            )
+            .await
+            {
+                tracing::warn!(error = %e, "could not announce the session to the cluster");
+            }
+        });
+    }
+
+    let welcome = ServerMsg::Welcome {
+        session_id: format!("{session_id:016x}"),
+        max_frame_bytes: shared.cfg.max_frame_bytes,
+        max_fps: shared.cfg.max_fps,
+        max_inflight: shared.cfg.max_inflight,
+    };
+    let mut outbox = vec![welcome];
+    if paused {
+        outbox.push(ServerMsg::Status {
+            state: "paused".into(),
+        });
+    }
+    let mut session = Session {
+        paused,
+        info,
+        last_frame_at: None,
+        id: session_id,
+        client_id: client_id.clone(),
+        reference,
+        encoding,
+        inflight: HashMap::new(),
+        pending: None,
+        confirms: FuturesUnordered::new(),
+        rate: RateLimit::new(shared.current_max_fps(), shared.cfg.flood_factor),
+        last_seq: 0,
+        bad_streak: 0,
+        outbox,
+        policy: ClientPolicy::new(),
+        evidence: VecDeque::new(),
+        last_ok: None,
+        shared: shared.clone(),
+    };
+    let end = session.run(&mut ws, rx, &closer).await;
+    tracing::info!(client = %client_id, ?end, "session ended");
+    let connection = match end {
+        End::ClientGone => Connection::ConnectionError,
+        _ => Connection::Deactivated,
+    };
+    set_presence(&shared, &client_id, session_id, since_ms, connection).await;
+
+    {
+        let mut sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if sessions
+            .get(&client_id)
+            .is_some_and(|e| e.session == session_id)
+        {
+            sessions.remove(&client_id);
+        }
+    }
+    shared.metrics.sessions_active.dec();
+}
+
+/// Record this session's connection state in the directory, unless a newer session of the
+/// client has taken over its presence.
+async fn set_presence(
+    shared: &Shared,
+    client_id: &str,
+    session: u64,
+    since_ms: u64,
+    connection: Connection,
+) {
+    let store = shared.store.clone();
+    let presence = Presence {
+        connection,
+        edge: shared.edge_id.clone(),
+        session: format!("{session:016x}"),
+        since_ms,
+        updated_ms: wire::now_ms(),
+    };
+    let id = client_id.to_owned();
+    let result = tokio::task::spawn_blocking(move || {
+        if connection != Connection::Active
+            && let Ok(Some(current)) = store.presence(&id)
+            && current.session != presence.session
+        {
+            return Ok(());
+        }
+        store.set_presence(&id, &presence)
+    })
+    .await;
+    if let Ok(Err(e)) = result {
+        tracing::warn!(error = %e, client = %client_id, "could not record presence");
+    }
+}
+
+/// Wait for a valid hello and authenticate it. On failure the client has been told why and the
+/// socket is closed.
+async fn hello(shared: &Shared, ws: &mut Ws) -> Option<(ClientRecord, Encoding)> {
+    let refused = |reason: &str| {
+        shared
+            .metrics
+            .sessions_refused
+            .with_label_values(&[reason])
+            .inc()
+    };
+    let timeout = Duration::from_millis(shared.cfg.hello_timeout_ms);
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let (parsed, encoding) = loop {
+        tokio::select! {
+            _ = &mut deadline => {
+                refused("hello_timeout");
+                let msg = format!("no hello within {} ms", timeout.as_millis());
+                refuse(ws, Encoding::Json, ErrorCode::HelloTimeout, &msg).await;
+                return None;
+            }
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(text))) => break (client::parse_text(&text), Encoding::Json),
+                Some(Ok(Message::Binary(bytes))) => break (client::parse_binary(&bytes), Encoding::MsgPack),
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                    refused("disconnected");
+                    return None;
+                }
+            },
+        }
+    };
+    let (client_id, token) = match parsed {
+        Ok(ClientMsg::Hello { client_id, token }) => (client_id, token),
+        Ok(ClientMsg::Frame(_)) => {
+            refused("bad_hello");
+            refuse(
+                ws,
+                encoding,
+                ErrorCode::BadRequest,
+                "the first message must be a hello",
+            )
+            .await;
+            return None;
+        }
+        Err(e) => {
+            refused("bad_hello");
+            refuse(
+                ws,
+                encoding,
+                ErrorCode::BadRequest,
+                &format!("bad hello: {e}"),
+            )
+            .await;
+            return None;
+        }
+    };
+    let store = shared.store.clone();
+    let id = client_id.clone();
+    let auth = tokio::task::spawn_blocking(move || directory::authenticate(&*store, &id, &token))
+        .await
+        .unwrap_or(Err(AuthError::Unauthorized));
+    match auth {
+        Ok(record) => Some((record, encoding)),
+        Err(AuthError::Unauthorized) => {
+            refused("unauthorized");
+            refuse(
+                ws,
+                encoding,
+                ErrorCode::Unauthorized,
+                "unknown client or wrong token",
+            )
+            .await;
+            None
+        }
+        Err(AuthError::Blocked) => {
+            refused("blocked");
+            refuse(ws, encoding, ErrorCode::Blocked, "this client is blocked").await;
+            None
+        }
+    }
+}
+
+/// Send an error and close with its code.
+async fn refuse(ws: &mut Ws, encoding: Encoding, code: ErrorCode, message: &str) {
+    let msg = ServerMsg::Error {
+        code,
+        message: message.to_owned(),
+    };
+    let _ = ws.send(to_message(&msg, encoding)).await;
+    close(ws, code.close_code(), message).await;
+}
+
+/// Close with `code`, then wait briefly for the client's close reply.
+async fn close(ws: &mut Ws, code: u16, reason: &str) {
+    // Close reasons are limited to 123 bytes by the protocol.
+    let mut cut = reason.len().min(123);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let frame = CloseFrame {
+        code: code.into(),
+        reason: reason[..cut].into(),
+    };
+    let _ = ws.close(Some(frame)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+fn to_message(msg: &ServerMsg, encoding: Encoding) -> Message {
+    let bytes = msg.encode(encoding);
+    match encoding {
+        Encoding::Json => Message::Text(String::from_utf8(bytes).expect("json is utf-8").into()),
+        Encoding::MsgPack => Message::Binary(bytes.into()),
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    ClientGone,
+    Replaced,
+    Shutdown,
+    TooManyBadMessages,
+    Flood,
+}
+
+struct Inflight {
+    frame_id: Uuid,
+    received: Instant,
+    received_ms: u64,
+    deadline: Instant,
+    /// Kept (shared, not copied) in case the result makes it evidence.
+    jpeg: bytes::Bytes,
+}
+
+struct Pending {
+    seq: u64,
+    frame: ClientFrame,
+    received: Instant,
+    received_ms: u64,
+}
+
+type ConfirmFuture = BoxFuture<'static, (u64, Uuid, Result<(), BrokerError>)>;
+
+struct Session {
+    shared: Arc<Shared>,
+    /// Paused by an administrator: frames are answered `dropped` (paused), not analysed.
+    paused: bool,
+    info: Arc<Mutex<SessionInfo>>,
+    last_frame_at: Option<Instant>,
+    id: u64,
+    client_id: String,
+    /// The enrolled reference embedding, attached to every frame.
+    reference: Option<serde_bytes::ByteBuf>,
+    encoding: Encoding,
+    inflight: HashMap<u64, Inflight>,
+    pending: Option<Pending>,
+    confirms: FuturesUnordered<ConfirmFuture>,
+    rate: RateLimit,
+    last_seq: u64,
+    bad_streak: u32,
+    /// Messages for the client, written after each event.
+    outbox: Vec<ServerMsg>,
+    policy: ClientPolicy,
+    /// The most recent analysed frames that were not `ok`, newest last (at most
+    /// `policy.evidence_frames`), and the last `ok` one: the evidence for an action.
+    evidence: VecDeque<EvidenceFrame>,
+    last_ok: Option<EvidenceFrame>,
+}
+
+impl Session {
+    async fn run(
+        &mut self,
+        ws: &mut Ws,
+        mut events: mpsc::Receiver<SessionEvent>,
+        closer: &Closer,
+    ) -> End {
+        let shutdown = self.shared.shutdown.clone();
+        let mut sweep = tokio::time::interval(Duration::from_millis(100));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if !self.flush(ws).await {
+                return End::ClientGone;
+            }
+            let end = tokio::select! {
+                biased;
+                _ = closer.token.cancelled() => {
+                    let (code, message) = closer
+                        .reason
+                        .get()
+                        .cloned()
+                        .unwrap_or((ErrorCode::Internal, String::new()));
+                    self.drop_all(DropReason::ShuttingDown, "session closed");
+                    self.outbox.push(ServerMsg::Error { code, message: message.clone() });
+                    let _ = self.flush(ws).await;
+                    close(ws, code.close_code(), &message).await;
+                    Some(End::Replaced)
+                }
+                _ = shutdown.cancelled() => {
+                    self.drop_all(DropReason::ShuttingDown, "edge shutting down");
+                    let _ = self.flush(ws).await;
+                    close(ws, 1001, "edge shutting down").await;
+                    Some(End::Shutdown)
+                }
+                Some(event) = events.recv() => {
+                    match event {
+                        SessionEvent::Reply(env) => self.on_reply(*env).await,
+                        SessionEvent::Control(command) => self.on_control(command),
+                        SessionEvent::Throttle { max_fps } => {
+                            self.rate.set_rate(max_fps);
+                            self.shared.metrics.throttles.inc();
+                            self.outbox.push(ServerMsg::Throttle { max_fps });
+                        }
+                    }
+                    None
+                }
+                Some((seq, id, result)) = self.confirms.next(), if !self.confirms.is_empty() => {
+                    self.on_confirm(seq, id, result).await;
+                    None
+                }
+                msg = ws.next() => self.on_client(ws, msg).await,
+                _ = sweep.tick() => {
+                    self.sweep().await;
+                    None
+                }
+            };
+            if let Some(end) = end {
+                return end;
+            }
+        }
+    }
+
+    /// Write everything in the outbox. False when the client is gone.
+    async fn flush(&mut self, ws: &mut Ws) -> bool {
+        if self.outbox.is_empty() {
+            return true;
+        }
+        for msg in self.outbox.drain(..) {
+            if ws.feed(to_message(&msg, self.encoding)).await.is_err() {
+                return false;
+            }
+        }
+        ws.flush().await.is_ok()
+    }
+
+    fn drop_frame(&mut self, seq: u64, reason: DropReason, detail: impl Into<String>) {
+        self.shared.drop_reason_counter(reason).inc();
+        self.outbox.push(ServerMsg::Dropped {
+            seq,
+            reason,
+            detail: detail.into(),
+        });
+    }
+
+    fn drop_all(&mut self, reason: DropReason, detail: &str) {
+        let mut seqs: Vec<u64> = self.inflight.drain().map(|(seq, _)| seq).collect();
+        seqs.extend(self.pending.take().map(|p| p.seq));
+        seqs.sort_unstable();
+        for seq in seqs {
+            self.drop_frame(seq, reason, detail);
+        }
+    }
+
+    async fn on_client(
+        &mut self,
+        ws: &mut Ws,
+        msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ) -> Option<End> {
+        let parsed = match msg {
+            Some(Ok(Message::Text(text))) => client::parse_text(&text),
+            Some(Ok(Message::Binary(bytes))) => client::parse_binary(&bytes),
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => return None,
+            Some(Ok(Message::Close(_))) => return Some(End::ClientClosed),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "websocket error");
+                if matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)) {
+                    self.shared
+                        .metrics
+                        .bad_messages
+                        .with_label_values(&["oversize"])
+                        .inc();
+                    close(ws, 1009, "message larger than the edge accepts").await;
+                }
+                return Some(End::ClientGone);
+            }
+            None => return Some(End::ClientGone),
+        };
+        let end = match parsed {
+            Ok(ClientMsg::Frame(frame)) => {
+                self.bad_streak = 0;
+                self.on_frame(frame).await;
+                self.rate.flooded.then_some(End::Flood)
+            }
+            Ok(ClientMsg::Hello { .. }) => self.bad_message(ProtocolError::Json(
+                "hello was already accepted for this session".into(),
+            )),
+            Err(e) => self.bad_message(e),
+        }?;
+        let (code, message) = match end {
+            End::Flood => (
+                ErrorCode::TooFast,
+                format!(
+                    "more than {} frames in one second",
+                    self.shared.cfg.max_fps * self.shared.cfg.flood_factor
+                ),
+            ),
+            _ => (
+                ErrorCode::BadRequest,
+                format!(
+                    "{} unparseable messages in a row",
+                    self.shared.cfg.max_bad_messages
+                ),
+            ),
+        };
+        self.drop_all(DropReason::ShuttingDown, "session closed");
+        self.outbox.push(ServerMsg::Error {
+            code,
+            message: message.clone(),
+        });
+        let _ = self.flush(ws).await;
+        close(ws, code.close_code(), &message).await;
+        Some(end)
+    }
+
+    fn bad_message(&mut self, e: ProtocolError) -> Option<End> {
+        self.bad_streak += 1;
+        self.shared
+            .metrics
+            .bad_messages
+            .with_label_values(&["client"])
+            .inc();
+        self.outbox.push(ServerMsg::Error {
+            code: ErrorCode::BadRequest,
+            message: e.to_string(),
+        });
+        (self.bad_streak >= self.shared.cfg.max_bad_messages).then_some(End::TooManyBadMessages)
+    }
+
+    /// Admit, refuse or queue one frame.
+    async fn on_frame(&mut self, frame: ClientFrame) {
+        let shared = self.shared.clone();
+        let cfg = &shared.cfg;
+        shared.metrics.frames_received.inc();
+        let now = Instant::now();
+        let seq = frame.seq.unwrap_or(self.last_seq + 1);
+        self.last_seq = self.last_seq.max(seq);
+        {
+            let mut info = self.info.lock().unwrap_or_else(|e| e.into_inner());
+            info.frames += 1;
+            if let Some(last) = self.last_frame_at {
+                let gap = now.duration_since(last).as_secs_f64().max(1e-3);
+                info.fps = if info.fps == 0.0 {
+                    1.0 / gap
+                } else {
+                    info.fps * 0.8 + 0.2 / gap
+                };
+            }
+        }
+        self.last_frame_at = Some(now);
+        if self.paused {
+            self.drop_frame(seq, DropReason::Paused, "paused by an administrator");
+            return;
+        }
+
+        match self.rate.admit(now) {
+            Admit::Yes => {}
+            Admit::Limited => {
+                self.drop_frame(
+                    seq,
+                    DropReason::RateLimited,
+                    format!("limit is {} frames per second", cfg.max_fps),
+                );
+                return;
+            }
+            Admit::Flood => {
+                self.drop_frame(seq, DropReason::RateLimited, "flood");
+                return;
+            }
+        }
+        if frame.jpeg.len() > cfg.max_frame_bytes {
+            let detail = format!(
+                "{} bytes is over the {}-byte limit",
+                frame.jpeg.len(),
+                cfg.max_frame_bytes
+            );
+            self.drop_frame(seq, DropReason::FrameTooLarge, detail);
+            return;
+        }
+        if !client::is_jpeg(&frame.jpeg) {
+            self.drop_frame(
+                seq,
+                DropReason::NotJpeg,
+                "a frame must be a JPEG (FF D8 ...)",
+            );
+            return;
+        }
+        if self.inflight.contains_key(&seq) || self.pending.as_ref().is_some_and(|p| p.seq == seq) {
+            self.drop_frame(seq, DropReason::DuplicateSeq, "this seq is still in flight");
+            return;
+        }
+        let pending = Pending {
+            seq,
+            frame,
+            received: now,
+            received_ms: wire::now_ms(),
+        };
+        if self.inflight.len() < cfg.max_inflight {
+            self.publish(pending).await;
+        } else if let Some(older) = self.pending.replace(pending) {
+            self.drop_frame(
+                older.seq,
+                DropReason::Superseded,
+                "a newer frame arrived while this one waited",
+            );
+        }
+    }
+
+    async fn publish(&mut self, p: Pending) {
+        let shared = self.shared.clone();
+        let deadline_ms = p.received_ms + shared.cfg.frame_deadline_ms;
+        if wire::now_ms() >= deadline_ms {
+            self.drop_frame(p.seq, DropReason::Expired, "deadline passed while waiting");
+            return;
+        }
+        let env = Envelope {
+            schema: wire::SCHEMA,
+            id: Uuid::now_v7(),
+            source: shared.edge_id.clone(),
+            seq: shared.seq.fetch_add(1, Ordering::Relaxed),
+            client_id: self.client_id.clone(),
+            produced_at_ms: wire::now_ms(),
+            deadline_ms,
+            traceparent: wire::new_traceparent(),
+            payload: Payload::Frame(Frame {
+                session: self.id,
+                seq: p.seq,
+                captured_at_ms: p.frame.captured_at_ms,
+                jpeg: p.frame.jpeg.clone(),
+                reference: self.reference.clone(),
+            }),
+        };
+        let span = tracing::debug_span!(
+            "frame",
+            trace_id = wire::trace_id(&env.traceparent).unwrap_or(""),
+            client = %self.client_id,
+            seq = p.seq,
+        );
+        let published = shared
+            .publisher()
+            .publish(&shared.frames_exchange, "", &env)
+            .instrument(span)
+            .await;
+        match published {
+            Ok(confirm) => {
+                let (seq, id) = (p.seq, env.id);
+                self.inflight.insert(
+                    seq,
+                    Inflight {
+                        frame_id: id,
+                        received: p.received,
+                        received_ms: p.received_ms,
+                        deadline: p.received + Duration::from_millis(shared.cfg.frame_deadline_ms),
+                        jpeg: p.frame.jpeg,
+                    },
+                );
+                self.confirms
+                    .push(Box::pin(async move { (seq, id, confirm.wait().await) }));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot publish frame");
+                self.drop_frame(p.seq, DropReason::BrokerUnavailable, e.to_string());
+            }
+        }
+    }
+
+    async fn on_confirm(&mut self, seq: u64, id: Uuid, result: Result<(), BrokerError>) {
+        match result {
+            Ok(()) => self.shared.metrics.frames_published.inc(),
+            Err(e) => {
+                if self.inflight.get(&seq).is_some_and(|f| f.frame_id == id) {
+                    self.inflight.remove(&seq);
+                    self.drop_frame(seq, DropReason::BrokerUnavailable, e.to_string());
+                    self.promote().await;
+                }
+            }
+        }
+    }
+
+    async fn on_reply(&mut self, env: Envelope) {
+        let (seq, frame_id) = match &env.payload {
+            Payload::Result(r) => (r.seq, r.frame_id),
+            Payload::Dropped(d) => (d.seq, d.frame_id),
+            Payload::Frame(_) | Payload::Action(_) | Payload::Control(_) => return,
+        };
+        let Some(inflight) = self.inflight.get(&seq).filter(|f| f.frame_id == frame_id) else {
+            // Answered already (a redelivered frame analysed twice, or swept as expired).
+            self.shared.metrics.results_duplicate.inc();
+            return;
+        };
+        let latency = inflight.received.elapsed();
+        let inflight = self.inflight.remove(&seq).expect("checked above");
+        let trace_id = wire::trace_id(&env.traceparent).unwrap_or("").to_owned();
+        tracing::debug_span!("result", trace_id = %trace_id, client = %self.client_id, seq)
+            .in_scope(|| tracing::debug!(latency_ms = latency.as_secs_f64() * 1e3, "answered"));
+        match env.payload {
+            Payload::Result(r) => {
+                let m = &self.shared.metrics;
+                m.results_delivered.inc();
+                m.frame_latency_seconds.observe(latency.as_secs_f64());
+                self.shared.observe_latency(latency);
+                let verdict = r.analysis.verdict();
+                // Only analyses with a verdict feed the policy (and may become evidence).
+                let analysis = verdict.map(|_| r.analysis.clone());
+                self.outbox.push(ServerMsg::Result {
+                    seq,
+                    latency_ms: latency.as_secs_f64() * 1000.0,
+                    frame_id: r.frame_id.to_string(),
+                    trace_id,
+                    analyzer: r.analyzer,
+                    analysis: r.analysis,
+                });
+                if let (Some(verdict), Some(analysis)) = (verdict, analysis) {
+                    m.verdicts.with_label_values(&[verdict.as_str()]).inc();
+                    let frame = EvidenceFrame {
+                        seq,
+                        frame_id: r.frame_id,
+                        received_at_ms: inflight.received_ms,
+                        jpeg: inflight.jpeg,
+                        analysis,
+                    };
+                    self.judge(verdict, frame);
+                }
+            }
+            Payload::Dropped(d) => self.drop_frame(seq, d.reason, d.detail),
+            Payload::Frame(_) | Payload::Action(_) | Payload::Control(_) => {}
+        }
+        self.promote().await;
+    }
+
+    /// An administrator's command for this session.
+    fn on_control(&mut self, command: ControlCommand) {
+        match command {
+            ControlCommand::Pause | ControlCommand::Resume => {
+                self.paused = command == ControlCommand::Pause;
+                self.info.lock().unwrap_or_else(|e| e.into_inner()).paused = self.paused;
+                self.outbox.push(ServerMsg::Status {
+                    state: if self.paused { "paused" } else { "active" }.into(),
+                });
+            }
+            ControlCommand::ForceAction { action } => {
+                let mut evidence: Vec<EvidenceFrame> = self.evidence.iter().cloned().collect();
+                evidence.extend(self.last_ok.iter().cloned());
+                let event = ActionEvent {
+                    action_id: Uuid::now_v7(),
+                    evidence_id: Uuid::now_v7(),
+                    action,
+                    reason: "admin".into(),
+                    origin: "admin".into(),
+                    session: self.id,
+                    decided_at_ms: wire::now_ms(),
+                    rule: "forced by an administrator".into(),
+                    evidence,
+                };
+                self.enforce(event);
+            }
+            // Handled by the edge itself (closing the session).
+            ControlCommand::Block
+            | ControlCommand::Unblock
+            | ControlCommand::Kick
+            | ControlCommand::SessionStarted { .. } => {}
+        }
+    }
+
+    /// Run the policy on one verdict; when it fires, tell the client at once and send the
+    /// action with its evidence to the audit trail.
+    fn judge(&mut self, verdict: Verdict, frame: EvidenceFrame) {
+        self.info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_verdict = Some(verdict.as_str().into());
+        let cfg = &self.shared.policy;
+        if verdict == Verdict::Ok {
+            self.last_ok = Some(frame);
+        } else {
+            self.evidence.push_back(frame);
+            while self.evidence.len() > cfg.evidence_frames {
+                self.evidence.pop_front();
+            }
+        }
+        let Some(decision) = self.policy.observe(cfg, verdict, wire::now_ms()) else {
+            return;
+        };
+        let evidence: Vec<EvidenceFrame> = if decision.reason == Verdict::Ok {
+            self.last_ok.iter().cloned().collect()
+        } else {
+            self.evidence
+                .iter()
+                .filter(|f| f.analysis.verdict() == Some(decision.reason))
+                .cloned()
+                .collect()
+        };
+        let rule = cfg.rules.get(&decision.reason).map_or_else(
+            || format!("{} consecutive ok frames", cfg.ok_to_allow),
+            |r| {
+                format!(
+                    "{} of the last {} frames, step {}, cooldown {} ms",
+                    r.k,
+                    r.n,
+                    decision.step + 1,
+                    r.cooldown_ms
+                )
+            },
+        );
+        let event = ActionEvent {
+            action_id: Uuid::now_v7(),
+            evidence_id: Uuid::now_v7(),
+            action: decision.action,
+            reason: decision.reason.as_str().into(),
+            origin: "policy".into(),
+            session: self.id,
+            decided_at_ms: wire::now_ms(),
+            rule,
+            evidence,
+        };
+        self.enforce(event);
+    }
+
+    /// Send an action to the client and, in the background, to the audit exchange.
+    fn enforce(&mut self, event: ActionEvent) {
+        let shared = self.shared.clone();
+        shared
+            .metrics
+            .actions
+            .with_label_values(&[event.action.as_str()])
+            .inc();
+        tracing::info!(
+            client = %self.client_id,
+            action = event.action.as_str(),
+            reason = %event.reason,
+            action_id = %event.action_id,
+            "action"
+        );
+        self.info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_action = Some(event.action.as_str().into());
+        self.outbox.push(ServerMsg::Action {
+            action: event.action,
+            reason: event.reason.clone(),
+            action_id: event.action_id.to_string(),
+            evidence_id: event.evidence_id.to_string(),
+        });
+        let env = Envelope {
+            schema: wire::SCHEMA,
+            id: event.action_id,
+            source: shared.edge_id.clone(),
+            seq: shared.seq.fetch_add(1, Ordering::Relaxed),
+            client_id: self.client_id.clone(),
+            produced_at_ms: wire::now_ms(),
+            deadline_ms: 0,
+            traceparent: wire::new_traceparent(),
+            payload: Payload::Action(event),
+        };
+        tokio::spawn(async move { super::audit_action(&shared, &env).await });
+    }
+
+    /// Publish the waiting frame when a slot is free.
+    async fn promote(&mut self) {
+        if self.inflight.len() < self.shared.cfg.max_inflight
+            && let Some(p) = self.pending.take()
+        {
+            self.publish(p).await;
+        }
+    }
+
+    /// Answer `expired` for frames whose result is overdue.
+    async fn sweep(&mut self) {
+        let now = Instant::now();
+        let mut overdue: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| now > f.deadline + SWEEP_GRACE)
+            .map(|(seq, _)| *seq)
+            .collect();
+        overdue.sort_unstable();
+        for seq in &overdue {
+            self.inflight.remove(seq);
+            self.drop_frame(
+                *seq,
+                DropReason::Expired,
+                "no result within the frame deadline",
+            );
+        }
+        let deadline = Duration::from_millis(self.shared.cfg.frame_deadline_ms);
+        if let Some(p) = self.pending.take_if(|p| now > p.received + deadline) {
+            self.drop_frame(p.seq, DropReason::Expired, "deadline passed while waiting");
+        }
+        if !overdue.is_empty() {
+            self.promote().await;
+        }
+    }
+}
+
+enum Admit {
+    Yes,
+    Limited,
+    Flood,
+}
+
+/// A token bucket of `max_fps` tokens refilled at `max_fps` per second, plus a flood detector
+/// that counts every frame in the current one-second window.
+struct RateLimit {
+    per_sec: f64,
+    tokens: f64,
+    last: Instant,
+    window_start: Instant,
+    window_count: u32,
+    flood_limit: u32,
+    flooded: bool,
+}
+
+impl RateLimit {
+    fn new(max_fps: u32, flood_factor: u32) -> Self {
+        let now = Instant::now();
+        Self {
+            per_sec: max_fps as f64,
+            tokens: max_fps as f64,
+            last: now,
+            window_start: now,
+            window_count: 0,
+            flood_limit: max_fps.saturating_mul(flood_factor),
+            flooded: false,
+        }
+    }
+
+    /// Change the rate (a throttle, or its end); the flood limit stays as configured.
+    fn set_rate(&mut self, max_fps: u32) {
+        self.per_sec = f64::from(max_fps.max(1));
+        self.tokens = self.tokens.min(self.per_sec);
+    }
+
+    fn admit(&mut self, now: Instant) -> Admit {
+        if now.duration_since(self.window_start) >= Duration::from_secs(1) {
+            self.window_start = now;
+            self.window_count = 0;
+        }
+        self.window_count += 1;
+        if self.window_count > self.flood_limit {
+            self.flooded = true;
+            return Admit::Flood;
+        }
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.per_sec);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Admit::Yes
+        } else {
+            Admit::Limited
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_admits_max_fps_then_limits() {
+        let mut r = RateLimit::new(10, 4);
+        let t0 = Instant::now();
+        let admitted = (0..15)
+            .filter(|_| matches!(r.admit(t0), Admit::Yes))
+            .count();
+        assert_eq!(admitted, 10);
+        // Half a second later, five more tokens.
+        let t1 = t0 + Duration::from_millis(500);
+        let admitted = (0..10)
+            .filter(|_| matches!(r.admit(t1), Admit::Yes))
+            .count();
+        assert_eq!(admitted, 5);
+        // Past 4x the limit in one window is a flood.
+        let flood = (0..40).any(|_| matches!(r.admit(t1), Admit::Flood));
+        assert!(flood && r.flooded);
+    }
+}

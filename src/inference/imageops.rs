@@ -1,0 +1,227 @@
+//! Pixel operations for the model stack: decode, resize to fit, letterbox, crop, and the
+//! similarity warp that aligns a face. All on `image::RgbImage`, producing NCHW `f32` tensors.
+
+use image::{RgbImage, imageops};
+
+use super::InferenceError;
+
+/// Decode a JPEG into RGB.
+pub fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, InferenceError> {
+    image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg)
+        .map(|img| img.into_rgb8())
+        .map_err(|e| InferenceError::BadImage(e.to_string()))
+}
+
+/// Scale `img` so that it fits in `max` x `max` (never upscaling). Returns the image and the
+/// factor from original to scaled coordinates.
+pub fn fit_within(img: &RgbImage, max: u32) -> (RgbImage, f32) {
+    let (w, h) = img.dimensions();
+    let scale = (max as f32 / w as f32).min(max as f32 / h as f32).min(1.0);
+    if scale >= 1.0 {
+        return (img.clone(), 1.0);
+    }
+    let (nw, nh) = (
+        ((w as f32 * scale).round() as u32).max(1),
+        ((h as f32 * scale).round() as u32).max(1),
+    );
+    (
+        imageops::resize(img, nw, nh, imageops::FilterType::Triangle),
+        scale,
+    )
+}
+
+/// Place `img` (already at most `size` on each side) at the top-left of a `size` x `size`
+/// canvas padded with zeros, as BGR planes in 0..255 (YuNet's input).
+pub fn letterbox_bgr_nchw(img: &RgbImage, size: u32) -> Vec<f32> {
+    let plane = (size * size) as usize;
+    let mut out = vec![0f32; 3 * plane];
+    let (w, h) = img.dimensions();
+    for y in 0..h.min(size) {
+        for x in 0..w.min(size) {
+            let p = img.get_pixel(x, y).0;
+            let i = (y * size + x) as usize;
+            out[i] = p[2] as f32;
+            out[plane + i] = p[1] as f32;
+            out[2 * plane + i] = p[0] as f32;
+        }
+    }
+    out
+}
+
+/// RGB planes in 0..255 (SFace and the liveness model).
+pub fn rgb_nchw(img: &RgbImage) -> Vec<f32> {
+    let (w, h) = img.dimensions();
+    let plane = (w * h) as usize;
+    let mut out = vec![0f32; 3 * plane];
+    for (i, p) in img.pixels().enumerate() {
+        out[i] = p.0[0] as f32;
+        out[plane + i] = p.0[1] as f32;
+        out[2 * plane + i] = p.0[2] as f32;
+    }
+    out
+}
+
+/// Crop the `w` x `h` rectangle whose top-left corner is (`x`, `y`) and stretch it to
+/// `out` x `out`. The rectangle must lie inside the image.
+pub fn crop_resize(img: &RgbImage, x: u32, y: u32, w: u32, h: u32, out: u32) -> RgbImage {
+    let view = imageops::crop_imm(img, x, y, w.max(1), h.max(1)).to_image();
+    imageops::resize(&view, out, out, imageops::FilterType::Triangle)
+}
+
+/// A 2-D similarity transform `p' = [[a, -b], [b, a]] p + t`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Similarity {
+    pub a: f32,
+    pub b: f32,
+    pub tx: f32,
+    pub ty: f32,
+}
+
+impl Similarity {
+    /// The least-squares similarity mapping `src` points onto `dst` (Umeyama, without
+    /// reflection), as OpenCV's face alignment estimates it.
+    pub fn estimate(src: &[(f32, f32)], dst: &[(f32, f32)]) -> Option<Self> {
+        let n = src.len().min(dst.len()) as f32;
+        if n < 2.0 {
+            return None;
+        }
+        let mean = |pts: &[(f32, f32)]| {
+            let (sx, sy) = pts
+                .iter()
+                .fold((0.0, 0.0), |(ax, ay), (x, y)| (ax + x, ay + y));
+            (sx / n, sy / n)
+        };
+        let (mpx, mpy) = mean(src);
+        let (mqx, mqy) = mean(dst);
+        let (mut num_a, mut num_b, mut norm) = (0f32, 0f32, 0f32);
+        for ((px, py), (qx, qy)) in src.iter().zip(dst) {
+            let (px, py, qx, qy) = (px - mpx, py - mpy, qx - mqx, qy - mqy);
+            num_a += px * qx + py * qy;
+            num_b += px * qy - py * qx;
+            norm += px * px + py * py;
+        }
+        if norm <= f32::EPSILON {
+            return None;
+        }
+        let (a, b) = (num_a / norm, num_b / norm);
+        Some(Self {
+            a,
+            b,
+            tx: mqx - (a * mpx - b * mpy),
+            ty: mqy - (b * mpx + a * mpy),
+        })
+    }
+
+    pub fn apply(&self, (x, y): (f32, f32)) -> (f32, f32) {
+        (
+            self.a * x - self.b * y + self.tx,
+            self.b * x + self.a * y + self.ty,
+        )
+    }
+
+    fn inverse(&self) -> Option<Self> {
+        let det = self.a * self.a + self.b * self.b;
+        if det <= f32::EPSILON {
+            return None;
+        }
+        let (a, b) = (self.a / det, -self.b / det);
+        Some(Self {
+            a,
+            b,
+            tx: -(a * self.tx - b * self.ty),
+            ty: -(b * self.tx + a * self.ty),
+        })
+    }
+}
+
+/// Warp `img` by `m` into a `size` x `size` image with bilinear sampling; outside is black.
+pub fn warp(img: &RgbImage, m: &Similarity, size: u32) -> RgbImage {
+    let inv = m.inverse().unwrap_or(Similarity {
+        a: 1.0,
+        b: 0.0,
+        tx: 0.0,
+        ty: 0.0,
+    });
+    let (w, h) = img.dimensions();
+    let mut out = RgbImage::new(size, size);
+    for v in 0..size {
+        for u in 0..size {
+            let (sx, sy) = inv.apply((u as f32, v as f32));
+            let (x0, y0) = (sx.floor(), sy.floor());
+            let (fx, fy) = (sx - x0, sy - y0);
+            let mut acc = [0f32; 3];
+            for (dx, dy, wgt) in [
+                (0, 0, (1.0 - fx) * (1.0 - fy)),
+                (1, 0, fx * (1.0 - fy)),
+                (0, 1, (1.0 - fx) * fy),
+                (1, 1, fx * fy),
+            ] {
+                let (x, y) = (x0 as i64 + dx, y0 as i64 + dy);
+                if x >= 0 && y >= 0 && (x as u32) < w && (y as u32) < h {
+                    let p = img.get_pixel(x as u32, y as u32).0;
+                    for c in 0..3 {
+                        acc[c] += wgt * p[c] as f32;
+                    }
+                }
+            }
+            out.put_pixel(
+                u,
+                v,
+                image::Rgb(acc.map(|c| c.round().clamp(0.0, 255.0) as u8)),
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn similarity_recovers_a_known_transform() {
+        let truth = Similarity {
+            a: 0.8,
+            b: 0.3,
+            tx: 5.0,
+            ty: -2.0,
+        };
+        let src = [
+            (10.0, 20.0),
+            (50.0, 22.0),
+            (30.0, 40.0),
+            (15.0, 60.0),
+            (45.0, 61.0),
+        ];
+        let dst: Vec<_> = src.iter().map(|p| truth.apply(*p)).collect();
+        let m = Similarity::estimate(&src, &dst).unwrap();
+        for (x, y) in [
+            (m.a, truth.a),
+            (m.b, truth.b),
+            (m.tx, truth.tx),
+            (m.ty, truth.ty),
+        ] {
+            assert!((x - y).abs() < 1e-3, "{m:?}");
+        }
+        let back = m.inverse().unwrap().apply(m.apply((7.0, 9.0)));
+        assert!((back.0 - 7.0).abs() < 1e-3 && (back.1 - 9.0).abs() < 1e-3);
+    }
+
+    #[test]
+    fn letterbox_pads_and_swaps_channels() {
+        let img = RgbImage::from_pixel(2, 1, image::Rgb([10, 20, 30]));
+        let t = letterbox_bgr_nchw(&img, 4);
+        assert_eq!(t.len(), 48);
+        assert_eq!((t[0], t[16], t[32]), (30.0, 20.0, 10.0));
+        assert_eq!(t[2], 0.0); // padding
+    }
+
+    #[test]
+    fn fit_within_never_upscales() {
+        let img = RgbImage::new(100, 50);
+        let (small, s) = fit_within(&img, 40);
+        assert_eq!((small.dimensions(), s), ((40, 20), 0.4));
+        let (same, s) = fit_within(&img, 640);
+        assert_eq!((same.dimensions(), s), ((100, 50), 1.0));
+    }
+}

@@ -1,0 +1,427 @@
+//! The four default models, each with its pre- and post-processing, as documented for the
+//! files in `models/models.toml`: YuNet (faces and landmarks), SFace (embedding), fr_liveness
+//! (anti-spoofing) and COCO-SSD (phones).
+
+use std::path::Path;
+
+use image::RgbImage;
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::value::Tensor;
+
+use super::InferenceError;
+use super::imageops::{self, Similarity};
+use super::runtime::{self, Device};
+
+/// A detected face, in the coordinates of the image it was found in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Face {
+    pub x: f32,
+    pub y: f32,
+    pub w: f32,
+    pub h: f32,
+    pub score: f32,
+    /// Right eye, left eye, nose, right and left mouth corners.
+    pub landmarks: [(f32, f32); 5],
+}
+
+fn model_err(model: &str, e: impl std::fmt::Display) -> InferenceError {
+    InferenceError::Model {
+        model: model.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Intersection over union of two `(x, y, w, h)` boxes.
+pub fn iou(a: (f32, f32, f32, f32), b: (f32, f32, f32, f32)) -> f32 {
+    let (ax2, ay2, bx2, by2) = (a.0 + a.2, a.1 + a.3, b.0 + b.2, b.1 + b.3);
+    let iw = (ax2.min(bx2) - a.0.max(b.0)).max(0.0);
+    let ih = (ay2.min(by2) - a.1.max(b.1)).max(0.0);
+    let inter = iw * ih;
+    let union = a.2 * a.3 + b.2 * b.3 - inter;
+    if union <= 0.0 { 0.0 } else { inter / union }
+}
+
+/// Greedy non-maximum suppression: keep the best-scoring boxes that overlap no kept box by
+/// more than `threshold`. Returns indices into `items`, best first.
+pub fn nms<T>(
+    items: &[T],
+    bbox: impl Fn(&T) -> (f32, f32, f32, f32),
+    score: impl Fn(&T) -> f32,
+    threshold: f32,
+) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|&a, &b| score(&items[b]).total_cmp(&score(&items[a])));
+    let mut keep: Vec<usize> = Vec::new();
+    for i in order {
+        if keep
+            .iter()
+            .all(|&k| iou(bbox(&items[k]), bbox(&items[i])) <= threshold)
+        {
+            keep.push(i);
+        }
+    }
+    keep
+}
+
+/// YuNet face detector: fixed 640x640 BGR input, twelve outputs over strides 8, 16 and 32.
+pub struct YuNet {
+    session: Session,
+}
+
+impl YuNet {
+    pub const INPUT: u32 = 640;
+
+    pub fn load(
+        env: &Environment,
+        path: &Path,
+        threads: usize,
+        device: Device,
+    ) -> Result<Self, InferenceError> {
+        Ok(Self {
+            session: runtime::session(env, path, threads, device)?,
+        })
+    }
+
+    /// Faces in `img` (at most 640 on each side), score >= `min_score`, after NMS at `nms_iou`.
+    pub fn detect(
+        &mut self,
+        img: &RgbImage,
+        min_score: f32,
+        nms_iou: f32,
+    ) -> Result<Vec<Face>, InferenceError> {
+        let size = Self::INPUT;
+        let input = imageops::letterbox_bgr_nchw(img, size);
+        let tensor = Tensor::from_array(([1usize, 3, size as usize, size as usize], input))
+            .map_err(|e| model_err("yunet", e))?;
+        let outputs = self
+            .session
+            .run(ort::inputs!["input" => tensor])
+            .map_err(|e| model_err("yunet", e))?;
+        let mut faces = Vec::new();
+        for stride in [8u32, 16, 32] {
+            let get = |name: &str| {
+                outputs
+                    .get(format!("{name}_{stride}"))
+                    .ok_or_else(|| model_err("yunet", format!("missing output {name}_{stride}")))
+                    .and_then(|v| {
+                        v.try_extract_tensor::<f32>()
+                            .map(|(_, d)| d)
+                            .map_err(|e| model_err("yunet", e))
+                    })
+            };
+            let (cls, obj, bbox, kps) = (get("cls")?, get("obj")?, get("bbox")?, get("kps")?);
+            let cols = size / stride;
+            let cells = (cols * cols) as usize;
+            if cls.len() < cells
+                || obj.len() < cells
+                || bbox.len() < cells * 4
+                || kps.len() < cells * 10
+            {
+                return Err(model_err("yunet", "output shorter than its grid"));
+            }
+            let s = stride as f32;
+            for i in 0..cells {
+                let score = (cls[i].clamp(0.0, 1.0) * obj[i].clamp(0.0, 1.0)).sqrt();
+                if score < min_score {
+                    continue;
+                }
+                let (r, c) = ((i as u32 / cols) as f32, (i as u32 % cols) as f32);
+                let b = &bbox[i * 4..i * 4 + 4];
+                let (cx, cy) = ((c + b[0]) * s, (r + b[1]) * s);
+                let (w, h) = (b[2].exp() * s, b[3].exp() * s);
+                let k = &kps[i * 10..i * 10 + 10];
+                let mut landmarks = [(0f32, 0f32); 5];
+                for (j, lm) in landmarks.iter_mut().enumerate() {
+                    *lm = ((c + k[2 * j]) * s, (r + k[2 * j + 1]) * s);
+                }
+                faces.push(Face {
+                    x: cx - w / 2.0,
+                    y: cy - h / 2.0,
+                    w,
+                    h,
+                    score,
+                    landmarks,
+                });
+            }
+        }
+        let keep = nms(&faces, |f| (f.x, f.y, f.w, f.h), |f| f.score, nms_iou);
+        Ok(keep.into_iter().map(|i| faces[i].clone()).collect())
+    }
+}
+
+/// SFace recogniser: a face aligned to 112x112, RGB, gives a 128-d embedding.
+pub struct SFace {
+    session: Session,
+}
+
+/// Where the five landmarks land in the 112x112 aligned face.
+const SFACE_TEMPLATE: [(f32, f32); 5] = [
+    (38.2946, 51.6963),
+    (73.5318, 51.5014),
+    (56.0252, 71.7366),
+    (41.5493, 92.3655),
+    (70.7299, 92.2041),
+];
+
+impl SFace {
+    pub const DIM: usize = 128;
+
+    pub fn load(
+        env: &Environment,
+        path: &Path,
+        threads: usize,
+        device: Device,
+    ) -> Result<Self, InferenceError> {
+        Ok(Self {
+            session: runtime::session(env, path, threads, device)?,
+        })
+    }
+
+    /// The L2-normalised embedding of `face` in `img`.
+    pub fn embed(&mut self, img: &RgbImage, face: &Face) -> Result<Vec<f32>, InferenceError> {
+        let m = Similarity::estimate(&face.landmarks, &SFACE_TEMPLATE)
+            .ok_or_else(|| model_err("sface", "degenerate landmarks"))?;
+        let aligned = imageops::warp(img, &m, 112);
+        let tensor = Tensor::from_array(([1usize, 3, 112, 112], imageops::rgb_nchw(&aligned)))
+            .map_err(|e| model_err("sface", e))?;
+        let outputs = self
+            .session
+            .run(ort::inputs!["data" => tensor])
+            .map_err(|e| model_err("sface", e))?;
+        let (_, data) = outputs[0]
+            .try_extract_tensor::<f32>()
+            .map_err(|e| model_err("sface", e))?;
+        if data.len() != Self::DIM {
+            return Err(model_err(
+                "sface",
+                format!(
+                    "embedding has {} values, expected {}",
+                    data.len(),
+                    Self::DIM
+                ),
+            ));
+        }
+        let norm = data
+            .iter()
+            .map(|v| v * v)
+            .sum::<f32>()
+            .sqrt()
+            .max(f32::EPSILON);
+        Ok(data.iter().map(|v| v / norm).collect())
+    }
+}
+
+/// Cosine similarity of two L2-normalised embeddings.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// fr_liveness anti-spoofing: a 128x128 RGB crop around the face gives P(live).
+pub struct Liveness {
+    session: Session,
+}
+
+impl Liveness {
+    pub const INPUT: u32 = 128;
+    /// How far the vendor's crop reaches around the face box.
+    pub const CROP_SCALE: f32 = 2.7;
+
+    pub fn load(
+        env: &Environment,
+        path: &Path,
+        threads: usize,
+        device: Device,
+    ) -> Result<Self, InferenceError> {
+        Ok(Self {
+            session: runtime::session(env, path, threads, device)?,
+        })
+    }
+
+    /// The vendor's crop (faceplugin's `alignLivenessImage`): the box scaled by
+    /// `min(2.7, (H-1)/h, (W-1)/w)` around its centre, keeping its aspect ratio, shifted back
+    /// inside the image. Returns `(x, y, w, h)`; the crop is then stretched to 128x128.
+    pub fn crop(img: &RgbImage, face: &Face) -> (u32, u32, u32, u32) {
+        let (w, h) = img.dimensions();
+        let (src_w, src_h) = (w as f32, h as f32);
+        let (bw, bh) = (face.w.max(1.0), face.h.max(1.0));
+        let scale = ((src_h - 1.0) / bh)
+            .min((src_w - 1.0) / bw)
+            .min(Self::CROP_SCALE);
+        let (nw, nh) = (bw * scale, bh * scale);
+        let (cx, cy) = (face.x + bw / 2.0, face.y + bh / 2.0);
+        let (mut x0, mut y0, mut x1, mut y1) =
+            (cx - nw / 2.0, cy - nh / 2.0, cx + nw / 2.0, cy + nh / 2.0);
+        if x0 < 0.0 {
+            x1 -= x0;
+            x0 = 0.0;
+        }
+        if y0 < 0.0 {
+            y1 -= y0;
+            y0 = 0.0;
+        }
+        if x1 > src_w - 1.0 {
+            x0 -= x1 - src_w + 1.0;
+            x1 = src_w - 1.0;
+        }
+        if y1 > src_h - 1.0 {
+            y0 -= y1 - src_h + 1.0;
+            y1 = src_h - 1.0;
+        }
+        let (x, y) = (x0.max(0.0) as u32, y0.max(0.0) as u32);
+        let cw = ((x1 - x0) as u32).clamp(1, w - x);
+        let ch = ((y1 - y0) as u32).clamp(1, h - y);
+        (x, y, cw, ch)
+    }
+
+    /// P(live) for `face`.
+    pub fn p_live(&mut self, img: &RgbImage, face: &Face) -> Result<f32, InferenceError> {
+        let (x, y, w, h) = Self::crop(img, face);
+        let crop = imageops::crop_resize(img, x, y, w, h, Self::INPUT);
+        let n = Self::INPUT as usize;
+        let tensor = Tensor::from_array(([1usize, 3, n, n], imageops::rgb_nchw(&crop)))
+            .map_err(|e| model_err("fr_liveness", e))?;
+        let outputs = self
+            .session
+            .run(ort::inputs!["input" => tensor])
+            .map_err(|e| model_err("fr_liveness", e))?;
+        let (_, logits) = outputs[0]
+            .try_extract_tensor::<f32>()
+            .map_err(|e| model_err("fr_liveness", e))?;
+        if logits.len() < 2 {
+            return Err(model_err("fr_liveness", "expected class logits"));
+        }
+        let max = logits.iter().copied().fold(f32::MIN, f32::max);
+        let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+        Ok(exp[0] / exp.iter().sum::<f32>())
+    }
+}
+
+/// A phone found by COCO-SSD, in the coordinates of the image it was found in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Phone {
+    pub x: f32,
+    pub y: f32,
+    pub w: f32,
+    pub h: f32,
+    pub score: f32,
+}
+
+/// COCO-SSD object detector, of which Vigil keeps class 77, "cell phone".
+pub struct CocoSsd {
+    session: Session,
+}
+
+impl CocoSsd {
+    /// Column of "cell phone" (COCO id 77) in the score output.
+    pub const PHONE_COLUMN: usize = 76;
+    pub const CLASSES: usize = 90;
+
+    pub fn load(
+        env: &Environment,
+        path: &Path,
+        threads: usize,
+        device: Device,
+    ) -> Result<Self, InferenceError> {
+        Ok(Self {
+            session: runtime::session(env, path, threads, device)?,
+        })
+    }
+
+    /// Phones in `img` scoring at least `min_score`, after NMS at `nms_iou`, best first.
+    pub fn phones(
+        &mut self,
+        img: &RgbImage,
+        min_score: f32,
+        nms_iou: f32,
+    ) -> Result<Vec<Phone>, InferenceError> {
+        let (w, h) = img.dimensions();
+        let tensor =
+            Tensor::from_array(([1usize, h as usize, w as usize, 3], img.as_raw().clone()))
+                .map_err(|e| model_err("cocossd", e))?;
+        let outputs = self
+            .session
+            .run(ort::inputs!["image_tensor:0" => tensor])
+            .map_err(|e| model_err("cocossd", e))?;
+        let scores = outputs
+            .get("Postprocessor/Slice:0")
+            .ok_or_else(|| model_err("cocossd", "missing output Postprocessor/Slice:0"))?
+            .try_extract_tensor::<f32>()
+            .map_err(|e| model_err("cocossd", e))?
+            .1;
+        let boxes = outputs
+            .get("Postprocessor/ExpandDims_1:0")
+            .ok_or_else(|| model_err("cocossd", "missing output Postprocessor/ExpandDims_1:0"))?
+            .try_extract_tensor::<f32>()
+            .map_err(|e| model_err("cocossd", e))?
+            .1;
+        let anchors = scores.len() / Self::CLASSES;
+        if boxes.len() < anchors * 4 {
+            return Err(model_err("cocossd", "fewer boxes than anchors"));
+        }
+        let (fw, fh) = (w as f32, h as f32);
+        let found: Vec<Phone> = (0..anchors)
+            .filter_map(|i| {
+                let score = scores[i * Self::CLASSES + Self::PHONE_COLUMN];
+                (score >= min_score).then(|| {
+                    let b = &boxes[i * 4..i * 4 + 4];
+                    let (y0, x0, y1, x1) = (
+                        b[0].clamp(0.0, 1.0),
+                        b[1].clamp(0.0, 1.0),
+                        b[2].clamp(0.0, 1.0),
+                        b[3].clamp(0.0, 1.0),
+                    );
+                    Phone {
+                        x: x0 * fw,
+                        y: y0 * fh,
+                        w: (x1 - x0) * fw,
+                        h: (y1 - y0) * fh,
+                        score,
+                    }
+                })
+            })
+            .collect();
+        let keep = nms(&found, |p| (p.x, p.y, p.w, p.h), |p| p.score, nms_iou);
+        Ok(keep.into_iter().map(|i| found[i].clone()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nms_keeps_the_best_of_overlapping_boxes() {
+        let boxes = [
+            (0.0, 0.0, 10.0, 10.0, 0.9),
+            (1.0, 1.0, 10.0, 10.0, 0.8),
+            (50.0, 50.0, 5.0, 5.0, 0.7),
+        ];
+        let keep = nms(&boxes, |b| (b.0, b.1, b.2, b.3), |b| b.4, 0.3);
+        assert_eq!(keep, vec![0, 2]);
+        assert!((iou((0.0, 0.0, 2.0, 2.0), (1.0, 0.0, 2.0, 2.0)) - 1.0 / 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn liveness_crop_follows_the_vendor() {
+        let img = RgbImage::new(200, 100);
+        // Scaled by (100-1)/30 = 3.3 capped at 2.7: 54 x 81, shifted left to fit.
+        let face = Face {
+            x: 170.0,
+            y: 10.0,
+            w: 20.0,
+            h: 30.0,
+            score: 1.0,
+            landmarks: [(0.0, 0.0); 5],
+        };
+        let (x, y, w, h) = Liveness::crop(&img, &face);
+        assert_eq!((w, h), (54, 81));
+        assert!(x + w <= 200 && y + h <= 100, "{x} {y} {w} {h}");
+        assert_eq!(x, 199 - 54);
+        // A box taller than the image: the scale drops to fit.
+        let huge = Face { h: 500.0, ..face };
+        let (x, y, w, h) = Liveness::crop(&img, &huge);
+        assert_eq!((y, h), (0, 99));
+        assert!(x + w <= 200);
+    }
+}

@@ -1,0 +1,149 @@
+//! Loading ONNX Runtime (`ort` with `load-dynamic`) and building sessions.
+//!
+//! The library comes from the PyPI wheel `onnxruntime==1.31.1` (or `onnxruntime-gpu`), which
+//! `scripts/setup.sh` unpacks into `.cache/onnxruntime/`. It is found through `VIGIL_ORT_DYLIB`,
+//! or else in the places listed by [`candidates`].
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+
+use super::InferenceError;
+
+/// The file name of the ONNX Runtime library this build expects.
+pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
+
+/// Where to look for ONNX Runtime when `VIGIL_ORT_DYLIB` is not set: the project's cache
+/// (relative to the working directory and to the executable), and the container image's path.
+pub fn candidates() -> Vec<PathBuf> {
+    let mut out = vec![PathBuf::from(".cache/onnxruntime").join(ORT_LIBRARY)];
+    if let Ok(exe) = std::env::current_exe() {
+        // target/{debug,release}/<bin> and target/{debug,release}/deps/<test>
+        for up in exe.ancestors().skip(1).take(4) {
+            out.push(up.join(".cache/onnxruntime").join(ORT_LIBRARY));
+        }
+    }
+    out.push(PathBuf::from("/opt/vigil/lib").join(ORT_LIBRARY));
+    out
+}
+
+/// Find the library: `explicit` (from config or `VIGIL_ORT_DYLIB`), or the first candidate.
+pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, InferenceError> {
+    if let Some(p) = explicit {
+        return if p.is_file() {
+            Ok(p.to_owned())
+        } else {
+            Err(InferenceError::Runtime(format!(
+                "VIGIL_ORT_DYLIB points at {}, which does not exist; run scripts/setup.sh or fix the path",
+                p.display()
+            )))
+        };
+    }
+    candidates()
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            InferenceError::Runtime(format!(
+                "ONNX Runtime ({ORT_LIBRARY}) not found; run scripts/setup.sh (it unpacks the \
+             onnxruntime==1.31.1 wheel into .cache/onnxruntime/) or set VIGIL_ORT_DYLIB"
+            ))
+        })
+}
+
+static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
+
+/// The process-wide ONNX Runtime environment, loaded once from `path`.
+pub fn environment(path: &Path) -> Result<&'static Environment, InferenceError> {
+    ENVIRONMENT
+        .get_or_init(|| {
+            let builder =
+                ort::init_from(path).map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+            builder
+                .with_name("vigil")
+                .build()
+                .map_err(|e| format!("cannot start ONNX Runtime: {e}"))
+        })
+        .as_ref()
+        .map_err(|e| InferenceError::Runtime(e.clone()))
+}
+
+/// Execution provider choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            other => Err(format!("unknown device `{other}` (cpu or cuda)")),
+        }
+    }
+}
+
+/// Build a session for one model file with `intra_threads` threads.
+pub fn session(
+    env: &Environment,
+    model: &Path,
+    intra_threads: usize,
+    device: Device,
+) -> Result<Session, InferenceError> {
+    let fail = |e: ort::Error| InferenceError::Model {
+        model: model.display().to_string(),
+        message: e.to_string(),
+    };
+    let fail_b = |e: ort::Error<ort::session::builder::SessionBuilder>| InferenceError::Model {
+        model: model.display().to_string(),
+        message: e.to_string(),
+    };
+    let mut builder = Session::builder(env)
+        .map_err(fail)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(fail_b)?
+        .with_intra_threads(intra_threads.max(1))
+        .map_err(fail_b)?
+        .with_inter_threads(1)
+        .map_err(fail_b)?;
+    if device == Device::Cuda {
+        builder = with_cuda(builder, model)?;
+    }
+    builder.commit_from_file(model).map_err(fail)
+}
+
+#[cfg(feature = "cuda")]
+fn with_cuda(
+    builder: ort::session::builder::SessionBuilder,
+    model: &Path,
+) -> Result<ort::session::builder::SessionBuilder, InferenceError> {
+    use ort::ep::ExecutionProvider as _;
+    if !ort::ep::CUDA::is_available().unwrap_or(false) {
+        tracing::warn!(model = %model.display(), "CUDA is not usable here; running on CPU");
+        return Ok(builder);
+    }
+    builder
+        .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+        .or_else(|e| {
+            tracing::warn!(model = %model.display(), error = %e, "CUDA failed to start; running on CPU");
+            Ok(e.recover())
+        })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn with_cuda(
+    builder: ort::session::builder::SessionBuilder,
+    model: &Path,
+) -> Result<ort::session::builder::SessionBuilder, InferenceError> {
+    tracing::warn!(
+        model = %model.display(),
+        "device = cuda, but this build has no `cuda` feature; running on CPU"
+    );
+    Ok(builder)
+}

@@ -1,0 +1,39 @@
+//! Vigil: continuous identity verification on live camera frames, built around RabbitMQ.
+//!
+//! # Layout
+//! - [`wire`]: the broker envelope and the client protocol; the only module that knows
+//!   MessagePack.
+//! - [`topology`]: `exchanges.toml` as typed, validated data.
+//! - [`broker`]: RabbitMQ through `lapin` (connect, declare, publish with confirms, consume).
+//! - [`edge`]: the WebSocket edge node (`vigil-edge`), its admin API, and Vigil's own client.
+//! - [`worker`]: the frame worker (`vigil-worker`); [`analyzer`]: what it runs on a frame.
+//! - [`inference`]: pixels and models (`image`, `ort`); [`models`]: the model manifest and fetch.
+//! - [`policy`]: the per-client action policy; [`audit`]: the audit writer and its store.
+//! - [`directory`]: the client directory; [`admin`]: client administration over the control plane.
+//! - [`capture`], [`recorder`], [`replay`], [`loadgen`]: capture files, recording, replay, load.
+//! - [`config`]: typed configuration with `VIGIL_*` overrides and full validation.
+//! - [`metrics`]: every Prometheus metric; [`telemetry`]: logs, health, `/metrics`, the
+//!   services' `main`.
+//! - [`cli`]: the operator CLI (`vigil`), with [`bench`] for the benchmarks.
+
+pub mod admin;
+pub mod analyzer;
+pub mod audit;
+pub mod bench;
+pub mod broker;
+pub mod capture;
+pub mod cli;
+pub mod config;
+pub mod directory;
+pub mod edge;
+pub mod inference;
+pub mod loadgen;
+pub mod metrics;
+pub mod models;
+pub mod policy;
+pub mod recorder;
+pub mod replay;
+pub mod telemetry;
+pub mod topology;
+pub mod wire;
+pub mod worker;

@@ -1,0 +1,380 @@
+//! Every Prometheus metric Vigil exports, in one place.
+//!
+//! Names follow `vigil_<subsystem>_<noun>_<unit>[_total]`. Labels carry bounded sets (reasons,
+//! model names), never client ids. The registry is built in each binary's `main` and passed down;
+//! nothing here is global.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+/// Latency buckets from 0.5 ms to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048,
+    4.096, 10.0,
+];
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
+/// Metrics of the AMQP client, shared by every binary.
+#[derive(Clone)]
+pub struct BrokerMetrics {
+    pub confirm_seconds: Histogram,
+    pub reconnects: IntCounter,
+    pub publish_failures: IntCounter,
+}
+
+impl BrokerMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        Self {
+            confirm_seconds: histogram(
+                registry,
+                "vigil_broker_confirm_seconds",
+                "Time from publish to the broker's confirm",
+                LATENCY_BUCKETS,
+            ),
+            reconnects: counter(
+                registry,
+                "vigil_broker_reconnects_total",
+                "Connections to the broker re-established after a loss",
+            ),
+            publish_failures: counter(
+                registry,
+                "vigil_broker_publish_failures_total",
+                "Publishes that failed or were nacked by the broker",
+            ),
+        }
+    }
+}
+
+/// Metrics of an edge node.
+#[derive(Clone)]
+pub struct EdgeMetrics {
+    pub sessions_active: IntGauge,
+    pub sessions_refused: IntCounterVec,
+    pub frames_received: IntCounter,
+    pub frames_published: IntCounter,
+    pub frames_dropped: IntCounterVec,
+    pub results_delivered: IntCounter,
+    pub results_orphaned: IntCounter,
+    pub results_duplicate: IntCounter,
+    pub bad_messages: IntCounterVec,
+    pub frame_latency_seconds: Histogram,
+    pub verdicts: IntCounterVec,
+    pub actions: IntCounterVec,
+    pub actions_unaudited: IntCounter,
+    pub control_applied: IntCounterVec,
+    pub system_full: IntGauge,
+    pub work_backlog: IntGauge,
+    pub throttles: IntCounter,
+}
+
+impl EdgeMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        Self {
+            sessions_active: gauge(
+                registry,
+                "vigil_edge_sessions_active",
+                "Client sessions currently open on this edge",
+            ),
+            sessions_refused: counter_vec(
+                registry,
+                "vigil_edge_sessions_refused_total",
+                "Connections refused or closed before a session started, by reason",
+                &["reason"],
+            ),
+            frames_received: counter(
+                registry,
+                "vigil_edge_frames_received_total",
+                "Frames received from clients",
+            ),
+            frames_published: counter(
+                registry,
+                "vigil_edge_frames_published_total",
+                "Frames published to the broker and confirmed",
+            ),
+            frames_dropped: counter_vec(
+                registry,
+                "vigil_edge_frames_dropped_total",
+                "Frames answered with `dropped`, by reason",
+                &["reason"],
+            ),
+            results_delivered: counter(
+                registry,
+                "vigil_edge_results_delivered_total",
+                "Results handed to client sessions",
+            ),
+            results_orphaned: counter(
+                registry,
+                "vigil_edge_results_orphaned_total",
+                "Results whose session had gone away (or could not keep up), discarded",
+            ),
+            results_duplicate: counter(
+                registry,
+                "vigil_edge_results_duplicate_total",
+                "Results for a frame that was already answered, discarded",
+            ),
+            bad_messages: counter_vec(
+                registry,
+                "vigil_edge_bad_messages_total",
+                "Client or broker messages that could not be parsed, by kind",
+                &["kind"],
+            ),
+            frame_latency_seconds: histogram(
+                registry,
+                "vigil_edge_frame_latency_seconds",
+                "Time from a frame's arrival at the edge to its result leaving the edge",
+                LATENCY_BUCKETS,
+            ),
+            verdicts: counter_vec(
+                registry,
+                "vigil_edge_verdicts_total",
+                "Per-frame verdicts delivered to clients, by verdict",
+                &["verdict"],
+            ),
+            actions: counter_vec(
+                registry,
+                "vigil_edge_actions_total",
+                "Actions the policy fired, by action",
+                &["action"],
+            ),
+            actions_unaudited: counter(
+                registry,
+                "vigil_edge_actions_unaudited_total",
+                "Actions that could not be handed to the audit exchange after retries",
+            ),
+            control_applied: counter_vec(
+                registry,
+                "vigil_edge_control_applied_total",
+                "Control commands applied to a live session on this edge, by command",
+                &["command"],
+            ),
+            system_full: gauge(
+                registry,
+                "vigil_edge_system_full",
+                "1 while the system is full (new sessions refused, clients throttled)",
+            ),
+            work_backlog: gauge(
+                registry,
+                "vigil_edge_work_backlog",
+                "Ready frames in the work queue, as last polled",
+            ),
+            throttles: counter(
+                registry,
+                "vigil_edge_throttles_total",
+                "Throttle messages sent to clients",
+            ),
+        }
+    }
+}
+
+/// Metrics of the audit writer.
+#[derive(Clone)]
+pub struct AuditMetrics {
+    pub records: IntCounter,
+    pub duplicates: IntCounter,
+    pub rejected: IntCounter,
+    pub write_seconds: Histogram,
+}
+
+impl AuditMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        Self {
+            records: counter(
+                registry,
+                "vigil_audit_records_total",
+                "Actions written to the audit log with their evidence",
+            ),
+            duplicates: counter(
+                registry,
+                "vigil_audit_duplicates_total",
+                "Redelivered actions already in the log, acked without writing",
+            ),
+            rejected: counter(
+                registry,
+                "vigil_audit_rejected_total",
+                "Events on the audit queue that are not actions, dead-lettered",
+            ),
+            write_seconds: histogram(
+                registry,
+                "vigil_audit_write_seconds",
+                "Time to store one action durably (evidence, record, log entry)",
+                LATENCY_BUCKETS,
+            ),
+        }
+    }
+}
+
+/// Metrics of a worker.
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    pub frames_consumed: IntCounter,
+    pub frames_analyzed: IntCounter,
+    pub frames_expired: IntCounter,
+    pub decode_errors: IntCounterVec,
+    pub dead_lettered: IntCounterVec,
+    pub inference_seconds: HistogramVec,
+    pub batch_size: Histogram,
+    pub inflight: IntGauge,
+    pub redelivered: IntCounter,
+}
+
+impl WorkerMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        Self {
+            frames_consumed: counter(
+                registry,
+                "vigil_worker_frames_consumed_total",
+                "Frame events taken from the work queue",
+            ),
+            frames_analyzed: counter(
+                registry,
+                "vigil_worker_frames_analyzed_total",
+                "Frames analysed and answered",
+            ),
+            frames_expired: counter(
+                registry,
+                "vigil_worker_frames_expired_total",
+                "Frames past their deadline, answered `expired` without analysis",
+            ),
+            decode_errors: counter_vec(
+                registry,
+                "vigil_worker_decode_errors_total",
+                "Events that could not be decoded, by kind (envelope, jpeg)",
+                &["kind"],
+            ),
+            dead_lettered: counter_vec(
+                registry,
+                "vigil_worker_dead_lettered_total",
+                "Events rejected to the dead-letter exchange, by reason",
+                &["reason"],
+            ),
+            inference_seconds: histogram_vec(
+                registry,
+                "vigil_worker_inference_seconds",
+                "Time spent in each model (or analyzer stage) per frame",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
+            batch_size: histogram(
+                registry,
+                "vigil_worker_batch_size",
+                "Frames analysed together in one batch",
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+            ),
+            inflight: gauge(
+                registry,
+                "vigil_worker_frames_inflight",
+                "Frames taken from the queue and not yet acked",
+            ),
+            redelivered: counter(
+                registry,
+                "vigil_worker_frames_redelivered_total",
+                "Frames the broker delivered again (another worker died holding them)",
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `vigil_*` series the Grafana dashboard queries is one this build exports.
+    #[test]
+    fn dashboard_queries_only_exported_metrics() {
+        let registry = Registry::new();
+        let (_b, _e, _w) = (
+            BrokerMetrics::new(&registry),
+            EdgeMetrics::new(&registry),
+            WorkerMetrics::new(&registry),
+        );
+        // Vectors appear in `gather` only once they have a child, so they are listed by name.
+        let exported: Vec<String> = registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .chain(
+                [
+                    "vigil_edge_sessions_refused_total",
+                    "vigil_edge_frames_dropped_total",
+                    "vigil_edge_bad_messages_total",
+                    "vigil_worker_decode_errors_total",
+                    "vigil_worker_dead_lettered_total",
+                    "vigil_worker_inference_seconds",
+                ]
+                .map(String::from),
+            )
+            .collect();
+        let dashboard = include_str!("../deploy/grafana/vigil-dashboard.json");
+        let mut checked = 0;
+        for (i, _) in dashboard.match_indices("vigil_") {
+            let name: String = dashboard[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            if base == "vigil_" || name.starts_with("vigil_overview") {
+                continue;
+            }
+            assert!(
+                exported.iter().any(|m| m == base),
+                "the dashboard queries `{name}`, which no component exports"
+            );
+            checked += 1;
+        }
+        assert!(checked > 10);
+    }
+}

@@ -1,0 +1,234 @@
+//! `vigil record`: capture live frame events (and, with `--results`, their results) from the
+//! broker into a capture file, without disturbing the pipeline: the recorder binds a queue of its
+//! own to `vigil.frames` (and to `vigil.replies`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use prometheus::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::capture::{
+    CaptureError, CaptureHeader, CaptureRecord, CaptureWriter, FORMAT_VERSION, RecordKind,
+};
+use crate::config::Config;
+use crate::metrics::BrokerMetrics;
+use crate::topology::{self, BindingSpec, QueueRole, QueueSpec, Topology};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+}
+
+pub struct RecordOptions {
+    pub results: bool,
+    pub duration: Option<Duration>,
+    pub max_frames: Option<u64>,
+}
+
+/// What a recording holds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Recorded {
+    pub frames: u64,
+    pub results: u64,
+}
+
+/// A transient queue of the recorder's own, bound where it listens.
+fn tap(name: &str, bindings: Vec<BindingSpec>) -> Topology {
+    Topology {
+        exchanges: vec![],
+        queues: vec![QueueSpec {
+            name: name.into(),
+            role: QueueRole::PerNode,
+            owner: None,
+            durable: false,
+            exclusive: true,
+            auto_delete: true,
+            message_ttl_ms: None,
+            // Bounded: a recorder that cannot keep up loses the oldest events, never the broker.
+            max_length: Some(10_000),
+            max_length_bytes: Some(512 << 20),
+            overflow: Some(topology::Overflow::DropHead),
+            dead_letter_exchange: None,
+            max_age: None,
+        }],
+        bindings,
+    }
+}
+
+/// Record until the options or `stop` say so. `progress` sees the running counts.
+pub async fn record(
+    cfg: &Config,
+    out: &Path,
+    opts: &RecordOptions,
+    stop: CancellationToken,
+    progress: &mut (dyn FnMut(Recorded) + Send),
+) -> Result<Recorded, RecordError> {
+    let ns = &cfg.namespace;
+    let broker = Broker::connect(
+        &cfg.amqp_url,
+        "vigil-record",
+        BrokerMetrics::new(&Registry::new()),
+    )
+    .await?;
+    broker
+        .declare(&Topology::load(cfg.topology_file.as_deref())?.shared(ns))
+        .await?;
+    let frames_exchange = format!("{ns}.{}", topology::FRAMES_EXCHANGE);
+    let replies_exchange = format!("{ns}.{}", topology::REPLIES_EXCHANGE);
+    let queue = format!("{ns}.record.{:08x}", rand::random::<u32>());
+    let mut bindings = vec![BindingSpec {
+        exchange: frames_exchange.clone(),
+        queue: queue.clone(),
+        routing_key: String::new(),
+    }];
+    if opts.results {
+        bindings.push(BindingSpec {
+            exchange: replies_exchange,
+            queue: queue.clone(),
+            routing_key: "#".into(),
+        });
+    }
+    broker.declare(&tap(&queue, bindings)).await?;
+    let mut consumer = broker.consume(&queue, "vigil-record", 1000, false).await?;
+    let header = CaptureHeader {
+        format_version: FORMAT_VERSION,
+        namespace: ns.clone(),
+        started_at_ms: crate::wire::now_ms(),
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        results: opts.results,
+        source: "live".into(),
+    };
+    let mut writer = CaptureWriter::new(
+        std::fs::File::create(out).map_err(CaptureError::Io)?,
+        &header,
+    )?;
+    let mut counts = Recorded::default();
+    let started = Instant::now();
+    let deadline = opts.duration.map(|d| started + d);
+    loop {
+        if opts.max_frames.is_some_and(|n| counts.frames >= n) {
+            break;
+        }
+        let wait = deadline.map_or(Duration::from_secs(3600), |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        let delivery = tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(wait) => break,
+            d = consumer.next() => match d {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return Err(e.into()),
+                None => break,
+            },
+        };
+        let kind = if delivery.exchange() == frames_exchange {
+            RecordKind::Frame
+        } else {
+            RecordKind::Result
+        };
+        writer.write(&CaptureRecord {
+            arrived_at_ms: crate::wire::now_ms(),
+            kind,
+            event: delivery.data().to_vec(),
+        })?;
+        match kind {
+            RecordKind::Frame => counts.frames += 1,
+            RecordKind::Result => counts.results += 1,
+        }
+        progress(counts);
+    }
+    // With --frames N, the results of the last frames are still on their way.
+    if opts.results && opts.max_frames.is_some() {
+        let grace = Instant::now() + Duration::from_millis(cfg.edge.frame_deadline_ms);
+        while counts.results < counts.frames && Instant::now() < grace {
+            let next = tokio::time::timeout(grace - Instant::now(), consumer.next()).await;
+            let Ok(Some(Ok(d))) = next else { break };
+            if d.exchange() != frames_exchange {
+                writer.write(&CaptureRecord {
+                    arrived_at_ms: crate::wire::now_ms(),
+                    kind: RecordKind::Result,
+                    event: d.data().to_vec(),
+                })?;
+                counts.results += 1;
+                progress(counts);
+            }
+        }
+    }
+    writer.finish()?;
+    consumer.close().await;
+    broker.close().await;
+    Ok(counts)
+}
+
+/// Export the capture stream from `since_ms` on into a capture (no planned recording needed).
+/// Reading stops once the stream has nothing newer for a second.
+pub async fn from_stream(
+    cfg: &Config,
+    since_ms: u64,
+) -> Result<crate::capture::Capture, RecordError> {
+    let ns = &cfg.namespace;
+    let broker = Broker::connect(
+        &cfg.amqp_url,
+        "vigil-record-stream",
+        BrokerMetrics::new(&Registry::new()),
+    )
+    .await?;
+    let topo = Topology::load(cfg.topology_file.as_deref())?;
+    broker.declare(&topo.shared(ns)).await?;
+    broker.declare(&topo.streams(ns)).await?;
+    let stream = format!("{ns}.{}", topology::CAPTURE_STREAM);
+    let mut consumer = broker
+        .consume_stream(&stream, "vigil-record-stream", since_ms, 500)
+        .await?;
+    let mut records = Vec::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await
+    {
+        let _ = d.ack().await;
+        // The stream keeps whole segments: skip what predates the asked window.
+        let Ok(env) = crate::wire::Envelope::decode(d.data()) else {
+            continue;
+        };
+        if env.produced_at_ms < since_ms {
+            continue;
+        }
+        records.push(CaptureRecord {
+            arrived_at_ms: env.produced_at_ms,
+            kind: RecordKind::Frame,
+            event: d.data().to_vec(),
+        });
+    }
+    consumer.close().await;
+    broker.close().await;
+    Ok(crate::capture::Capture {
+        header: CaptureHeader {
+            format_version: FORMAT_VERSION,
+            namespace: ns.clone(),
+            started_at_ms: since_ms,
+            tool_version: env!("CARGO_PKG_VERSION").into(),
+            results: false,
+            source: "stream".into(),
+        },
+        records,
+        truncated: false,
+    })
+}
+
+/// Write a capture read back (or exported) to a file.
+pub fn write_capture(capture: &crate::capture::Capture, out: &Path) -> Result<(), RecordError> {
+    let mut w = CaptureWriter::new(
+        std::fs::File::create(out).map_err(CaptureError::Io)?,
+        &capture.header,
+    )?;
+    for r in &capture.records {
+        w.write(r)?;
+    }
+    w.finish()?;
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! Logs, health and the metrics endpoint shared by every binary, and the shutdown signal.
+//!
+//! `/metrics` serves the registry built in `main`; `/healthz` answers 200 while the process
+//! runs; `/readyz` answers 200 only when every readiness check of [`Health`] holds.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{Encoder as _, Registry, TextEncoder};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::LogFormat;
+
+/// Install the global `tracing` subscriber. `RUST_LOG` filters (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=error"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Named readiness checks (`broker`, `topology`, `models`, ...). Ready when all are true.
+#[derive(Clone, Default)]
+pub struct Health {
+    checks: Arc<Mutex<BTreeMap<&'static str, bool>>>,
+}
+
+impl Health {
+    /// A health state with `checks` registered as not yet ready.
+    pub fn new(checks: &[&'static str]) -> Self {
+        let h = Self::default();
+        for c in checks {
+            h.set(c, false);
+        }
+        h
+    }
+
+    pub fn set(&self, check: &'static str, ok: bool) {
+        self.checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(check, ok);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .all(|ok| *ok)
+    }
+
+    fn report(&self) -> String {
+        let checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        checks
+            .iter()
+            .map(|(k, v)| format!("{k}: {}\n", if *v { "ok" } else { "not ready" }))
+            .collect()
+    }
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` until `shutdown`. Returns the bound address.
+pub async fn serve_metrics(
+    listen: SocketAddr,
+    registry: Registry,
+    health: Health,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let ready = health.clone();
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut buf = Vec::new();
+                    let _ = TextEncoder::new().encode(&registry.gather(), &mut buf);
+                    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf)
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let health = ready.clone();
+                async move {
+                    let status = if health.is_ready() {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    (status, health.report()).into_response()
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
+    Ok(addr)
+}
+
+/// A token cancelled on the first SIGINT or SIGTERM.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = ctrl_c => tracing::info!("SIGINT received, shutting down"),
+                        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+                    }
+                }
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        t.cancel();
+    });
+    token
+}
+
+/// The `main` of a service binary: load the config (exit 64 on a bad one, listing every problem),
+/// start the logs, build the registry, run until SIGINT or SIGTERM, and map the outcome to an exit
+/// code.
+pub fn service_main<F, Fut, E>(
+    name: &str,
+    config: Option<&std::path::Path>,
+    run: F,
+) -> std::process::ExitCode
+where
+    F: FnOnce(crate::config::Config, Registry, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    use std::process::ExitCode;
+    let cfg = match crate::config::Config::from_env(config) {
+        Ok(cfg) => cfg,
+        Err(errors) => {
+            eprintln!(
+                "{name}: invalid configuration:\n  - {}",
+                errors.join("\n  - ")
+            );
+            return ExitCode::from(crate::config::EXIT_BAD_CONFIG);
+        }
+    };
+    init_logging(cfg.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = shutdown_on_signals();
+        run(cfg, Registry::new(), shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("{name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_needs_every_check() {
+        let h = Health::new(&["broker", "topology"]);
+        assert!(!h.is_ready());
+        h.set("broker", true);
+        assert!(!h.is_ready());
+        h.set("topology", true);
+        assert!(h.is_ready());
+        assert!(h.report().contains("broker: ok"));
+    }
+}

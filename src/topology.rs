@@ -1,0 +1,534 @@
+//! The broker topology as typed data: parsing and validating `exchanges.toml`, applying the
+//! namespace prefix and resolving per-node names. Declaring it on a broker is `broker`'s job.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The topology this build ships with (the repository's `exchanges.toml`).
+pub const EMBEDDED: &str = include_str!("../exchanges.toml");
+
+/// Logical names the code relies on; validation checks that they are declared.
+pub const FRAMES_EXCHANGE: &str = "frames";
+pub const REPLIES_EXCHANGE: &str = "replies";
+pub const ACTIONS_EXCHANGE: &str = "actions";
+pub const CONTROL_EXCHANGE: &str = "control";
+pub const DEAD_EXCHANGE: &str = "dead";
+pub const WORK_QUEUE: &str = "frames.work";
+pub const DEAD_LETTER_QUEUE: &str = "dead.letters";
+pub const AUDIT_QUEUE: &str = "audit";
+pub const CAPTURE_STREAM: &str = "frames.stream";
+pub const EDGE_REPLY_QUEUE: &str = "replies.edge.{node}";
+pub const EDGE_CONTROL_QUEUE: &str = "control.edge.{node}";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("cannot read topology file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid topology toml: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid topology:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExchangeKind {
+    Fanout,
+    Topic,
+    Direct,
+    Headers,
+}
+
+impl ExchangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeKind::Fanout => "fanout",
+            ExchangeKind::Topic => "topic",
+            ExchangeKind::Direct => "direct",
+            ExchangeKind::Headers => "headers",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeSpec {
+    pub name: String,
+    pub kind: ExchangeKind,
+    #[serde(default = "yes")]
+    pub durable: bool,
+    #[serde(default)]
+    pub auto_delete: bool,
+}
+
+/// What a queue is for; decides who declares it and what validation asks of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueRole {
+    /// Shared by competing consumers; must have a dead-letter exchange.
+    Work,
+    /// Holds what other queues dead-letter.
+    DeadLetter,
+    /// A durable queue with one consumer service (for example the audit writer).
+    Durable,
+    /// One per node, named with `{node}`; declared by the node that owns it.
+    PerNode,
+    /// A RabbitMQ stream (`x-queue-type=stream`) kept for capture; declared only when enabled.
+    Stream,
+}
+
+/// Which kind of node declares a per-node queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeKind {
+    Edge,
+    Worker,
+    Any,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Overflow {
+    #[serde(rename = "drop-head")]
+    DropHead,
+    #[serde(rename = "reject-publish")]
+    RejectPublish,
+    #[serde(rename = "reject-publish-dlx")]
+    RejectPublishDlx,
+}
+
+impl Overflow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overflow::DropHead => "drop-head",
+            Overflow::RejectPublish => "reject-publish",
+            Overflow::RejectPublishDlx => "reject-publish-dlx",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSpec {
+    pub name: String,
+    pub role: QueueRole,
+    /// For `per_node` queues: which node kind declares them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<NodeKind>,
+    #[serde(default = "yes")]
+    pub durable: bool,
+    #[serde(default)]
+    pub exclusive: bool,
+    #[serde(default)]
+    pub auto_delete: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_ttl_ms: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overflow: Option<Overflow>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_exchange: Option<String>,
+    /// Stream retention by age, as RabbitMQ reads it (`10m`, `1h`, `7D`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingSpec {
+    pub exchange: String,
+    pub queue: String,
+    #[serde(default)]
+    pub routing_key: String,
+}
+
+/// The topology: exchanges, queues and bindings, named with or without the namespace prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    #[serde(default, rename = "exchange")]
+    pub exchanges: Vec<ExchangeSpec>,
+    #[serde(default, rename = "queue")]
+    pub queues: Vec<QueueSpec>,
+    #[serde(default, rename = "binding")]
+    pub bindings: Vec<BindingSpec>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Topology {
+    /// Parse and validate a topology written in TOML.
+    pub fn parse(text: &str) -> Result<Self, TopologyError> {
+        let topo: Topology = toml::from_str(text)?;
+        topo.validate().map_err(TopologyError::Invalid)?;
+        Ok(topo)
+    }
+
+    /// Load from a file, or the embedded default when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Self, TopologyError> {
+        match path {
+            None => Self::parse(EMBEDDED),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Self::parse(&text)
+            }
+        }
+    }
+
+    /// Every problem at once: duplicates, dangling bindings, work queues without a dead-letter
+    /// exchange, misplaced `{node}` placeholders, and missing names the code relies on.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        let exchange = |n: &str| self.exchanges.iter().any(|e| e.name == n);
+        let queue = |n: &str| self.queues.iter().find(|q| q.name == n);
+
+        for (i, e) in self.exchanges.iter().enumerate() {
+            if self.exchanges[..i].iter().any(|o| o.name == e.name) {
+                errors.push(format!("exchange `{}` is declared twice", e.name));
+            }
+            check_name(&mut errors, "exchange", &e.name, false);
+        }
+        for (i, q) in self.queues.iter().enumerate() {
+            if self.queues[..i].iter().any(|o| o.name == q.name) {
+                errors.push(format!("queue `{}` is declared twice", q.name));
+            }
+            let per_node = q.role == QueueRole::PerNode;
+            check_name(&mut errors, "queue", &q.name, per_node);
+            if per_node && q.owner.is_none() {
+                errors.push(format!("per_node queue `{}` needs an `owner`", q.name));
+            }
+            if q.role == QueueRole::Work && q.dead_letter_exchange.is_none() {
+                errors.push(format!(
+                    "work queue `{}` has no dead_letter_exchange",
+                    q.name
+                ));
+            }
+            if let Some(dlx) = &q.dead_letter_exchange
+                && !exchange(dlx)
+            {
+                errors.push(format!(
+                    "queue `{}` dead-letters to undeclared exchange `{dlx}`",
+                    q.name
+                ));
+            }
+            if q.role == QueueRole::Stream && (!q.durable || q.exclusive || q.auto_delete) {
+                errors.push(format!(
+                    "stream `{}` must be durable, not exclusive, not auto_delete",
+                    q.name
+                ));
+            }
+            if q.exclusive && q.role != QueueRole::PerNode {
+                errors.push(format!(
+                    "queue `{}` is exclusive but not per_node; only its declaring node could use it",
+                    q.name
+                ));
+            }
+        }
+        for b in &self.bindings {
+            if !exchange(&b.exchange) {
+                errors.push(format!(
+                    "binding names undeclared exchange `{}`",
+                    b.exchange
+                ));
+            }
+            match queue(&b.queue) {
+                None => errors.push(format!("binding names undeclared queue `{}`", b.queue)),
+                Some(q) => {
+                    if q.role != QueueRole::PerNode && b.routing_key.contains("{node}") {
+                        errors.push(format!(
+                            "binding to `{}` uses {{node}} but the queue is not per_node",
+                            b.queue
+                        ));
+                    }
+                }
+            }
+        }
+        for (what, name) in [
+            ("exchange", FRAMES_EXCHANGE),
+            ("exchange", REPLIES_EXCHANGE),
+            ("exchange", ACTIONS_EXCHANGE),
+            ("exchange", CONTROL_EXCHANGE),
+            ("exchange", DEAD_EXCHANGE),
+        ] {
+            if !exchange(name) {
+                errors.push(format!("required {what} `{name}` is not declared"));
+            }
+        }
+        for name in [
+            WORK_QUEUE,
+            DEAD_LETTER_QUEUE,
+            AUDIT_QUEUE,
+            EDGE_REPLY_QUEUE,
+            EDGE_CONTROL_QUEUE,
+        ] {
+            if queue(name).is_none() {
+                errors.push(format!("required queue `{name}` is not declared"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The shared part (no per-node queues), with every name under `namespace.`.
+    pub fn shared(&self, namespace: &str) -> Topology {
+        self.resolve(
+            namespace,
+            |q| !matches!(q.role, QueueRole::PerNode | QueueRole::Stream),
+            "",
+            true,
+        )
+    }
+
+    /// The capture streams and their bindings (declared when stream capture is on).
+    pub fn streams(&self, namespace: &str) -> Topology {
+        self.resolve(namespace, |q| q.role == QueueRole::Stream, "", false)
+    }
+
+    /// The per-node queues that `kind` declares for node `node`, with their bindings.
+    pub fn per_node(&self, namespace: &str, kind: NodeKind, node: &str) -> Topology {
+        self.resolve(
+            namespace,
+            |q| {
+                q.role == QueueRole::PerNode
+                    && matches!(q.owner, Some(o) if o == kind || o == NodeKind::Any)
+            },
+            node,
+            false,
+        )
+    }
+
+    /// Keep the queues `keep` selects (and their bindings), name everything under `namespace.`
+    /// with `{node}` replaced, and keep the exchanges only when `with_exchanges` (a per-node
+    /// slice re-declares nothing shared).
+    fn resolve(
+        &self,
+        namespace: &str,
+        keep: impl Fn(&QueueSpec) -> bool,
+        node: &str,
+        with_exchanges: bool,
+    ) -> Topology {
+        let name = |n: &str| format!("{namespace}.{}", n.replace("{node}", node));
+        let kept: Vec<&QueueSpec> = self.queues.iter().filter(|q| keep(q)).collect();
+        Topology {
+            exchanges: if !with_exchanges {
+                Vec::new()
+            } else {
+                self.exchanges
+                    .iter()
+                    .map(|e| ExchangeSpec {
+                        name: name(&e.name),
+                        ..e.clone()
+                    })
+                    .collect()
+            },
+            queues: kept
+                .iter()
+                .map(|q| QueueSpec {
+                    name: name(&q.name),
+                    dead_letter_exchange: q.dead_letter_exchange.as_deref().map(name),
+                    ..(*q).clone()
+                })
+                .collect(),
+            bindings: self
+                .bindings
+                .iter()
+                .filter(|b| kept.iter().any(|q| q.name == b.queue))
+                .map(|b| BindingSpec {
+                    exchange: name(&b.exchange),
+                    queue: name(&b.queue),
+                    routing_key: b.routing_key.replace("{node}", node),
+                })
+                .collect(),
+        }
+    }
+
+    /// A human-readable listing, as `vigil topology print` shows it.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for e in &self.exchanges {
+            let _ = writeln!(
+                out,
+                "exchange {:<28} {:<7} durable={}",
+                e.name,
+                e.kind.as_str(),
+                e.durable
+            );
+        }
+        for q in &self.queues {
+            let mut args = Vec::new();
+            if let Some(v) = q.message_ttl_ms {
+                args.push(format!("ttl={v}ms"));
+            }
+            if let Some(v) = q.max_length {
+                args.push(format!("max_length={v}"));
+            }
+            if let Some(v) = q.max_length_bytes {
+                args.push(format!("max_bytes={v}"));
+            }
+            if let Some(v) = q.overflow {
+                args.push(format!("overflow={}", v.as_str()));
+            }
+            if let Some(v) = &q.dead_letter_exchange {
+                args.push(format!("dlx={v}"));
+            }
+            let _ = writeln!(
+                out,
+                "queue    {:<28} {:<11} durable={} exclusive={} {}",
+                q.name,
+                format!("{:?}", q.role).to_lowercase(),
+                q.durable,
+                q.exclusive,
+                args.join(" ")
+            );
+        }
+        for b in &self.bindings {
+            let _ = writeln!(
+                out,
+                "binding  {} -> {} key={:?}",
+                b.exchange, b.queue, b.routing_key
+            );
+        }
+        out
+    }
+}
+
+fn check_name(errors: &mut Vec<String>, what: &str, name: &str, per_node: bool) {
+    if name.is_empty() || name.len() > 200 {
+        errors.push(format!("{what} name `{name}` must be 1..=200 bytes"));
+    }
+    if name.contains("{node}") != per_node {
+        if per_node {
+            errors.push(format!("per_node {what} `{name}` must contain {{node}}"));
+        } else {
+            errors.push(format!(
+                "{what} `{name}` contains {{node}} but is not per_node"
+            ));
+        }
+    }
+}
+
+/// Validate a namespace or node id: it becomes part of queue names and routing keys.
+pub fn check_identifier(what: &str, value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} `{value}` must be 1..=64 characters of [A-Za-z0-9_-]"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_topology_is_valid() {
+        let t = Topology::parse(EMBEDDED).unwrap();
+        let shared = t.shared("vigil");
+        let work = shared
+            .queues
+            .iter()
+            .find(|q| q.name == "vigil.frames.work")
+            .unwrap();
+        assert_eq!(work.overflow, Some(Overflow::DropHead));
+        assert_eq!(work.dead_letter_exchange.as_deref(), Some("vigil.dead"));
+        assert!(work.message_ttl_ms.is_some() && work.max_length.is_some());
+        assert!(shared.queues.iter().all(|q| !q.name.contains("{node}")));
+        assert!(
+            shared
+                .exchanges
+                .iter()
+                .any(|e| e.name == "vigil.replies" && e.kind == ExchangeKind::Topic)
+        );
+    }
+
+    #[test]
+    fn per_node_queue_is_resolved() {
+        let t = Topology::parse(EMBEDDED).unwrap();
+        let edge = t.per_node("ns1", NodeKind::Edge, "e7");
+        assert_eq!(edge.queues.len(), 2);
+        assert_eq!(edge.queues[0].name, "ns1.replies.edge.e7");
+        assert!(edge.queues[0].exclusive && edge.queues[0].auto_delete);
+        let reply = edge
+            .bindings
+            .iter()
+            .find(|b| b.exchange == "ns1.replies")
+            .unwrap();
+        assert_eq!(
+            (reply.queue.as_str(), reply.routing_key.as_str()),
+            ("ns1.replies.edge.e7", "edge.e7.#")
+        );
+        let control = edge
+            .bindings
+            .iter()
+            .find(|b| b.exchange == "ns1.control")
+            .unwrap();
+        assert_eq!(control.queue, "ns1.control.edge.e7");
+        assert!(t.per_node("ns1", NodeKind::Worker, "w").queues.is_empty());
+    }
+
+    #[test]
+    fn validation_lists_every_error() {
+        let text = r#"
+            [[exchange]]
+            name = "frames"
+            kind = "fanout"
+            [[queue]]
+            name = "frames.work"
+            role = "work"
+            [[binding]]
+            exchange = "nowhere"
+            queue = "missing"
+        "#;
+        let Err(TopologyError::Invalid(errors)) = Topology::parse(text) else {
+            panic!("expected validation errors")
+        };
+        let all = errors.join("\n");
+        for want in [
+            "work queue `frames.work` has no dead_letter_exchange",
+            "undeclared exchange `nowhere`",
+            "undeclared queue `missing`",
+            "required exchange `replies`",
+            "required queue `dead.letters`",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let text = "[[exchange]]\nname = \"x\"\nkind = \"fanout\"\ncolour = \"red\"\n";
+        assert!(matches!(
+            Topology::parse(text),
+            Err(TopologyError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn identifiers() {
+        assert!(check_identifier("namespace", "test-1_a").is_ok());
+        assert!(check_identifier("namespace", "a.b").is_err());
+        assert!(check_identifier("namespace", "").is_err());
+    }
+}

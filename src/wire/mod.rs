@@ -1,0 +1,607 @@
+//! Wire formats: the broker envelope (MessagePack) and the client protocol (JSON or MessagePack).
+//!
+//! This module is the only one that knows MessagePack. Everything that crosses RabbitMQ is an
+//! [`Envelope`] encoded with `rmp_serde::to_vec_named`; byte fields travel as MessagePack `bin`
+//! through `serde_bytes`. Decoding never panics: bad bytes give a [`WireError`].
+
+pub mod client;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The schema version this build writes. Older versions that still decode are listed in
+/// `tests/golden/`.
+pub const SCHEMA: u16 = 1;
+
+/// MIME type set as the AMQP `content_type` of every event.
+pub const CONTENT_TYPE: &str = "application/msgpack";
+
+/// Errors from encoding or decoding an event.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("malformed msgpack event: {0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+    #[error("cannot encode event: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+    #[error("unsupported schema version {found} (this build reads {SCHEMA})")]
+    UnsupportedSchema { found: u16 },
+}
+
+/// Every event on the broker: who produced it, when, until when it matters, and its payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Schema version of this envelope; see [`SCHEMA`].
+    pub schema: u16,
+    /// Unique event id (UUIDv7, 16 bytes on the wire); also the AMQP `message_id`.
+    pub id: Uuid,
+    /// Producer id: an edge id for frames, a worker id for results.
+    pub source: String,
+    /// Per-source sequence number, increasing by one per event a source produces.
+    pub seq: u64,
+    /// The client the event is about.
+    pub client_id: String,
+    /// Wall-clock time the event was produced, in Unix milliseconds.
+    pub produced_at_ms: u64,
+    /// Wall-clock time after which the event is worthless, in Unix milliseconds.
+    pub deadline_ms: u64,
+    /// W3C trace context (`00-<trace id>-<span id>-<flags>`). Packed into 26 bytes of `bin`
+    /// on the wire when well formed.
+    #[serde(with = "packed_traceparent")]
+    pub traceparent: String,
+    pub payload: Payload,
+}
+
+/// The closed set of things that travel on the broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Payload {
+    Frame(Frame),
+    Result(FrameResult),
+    Dropped(Dropped),
+    Action(ActionEvent),
+    Control(ControlEvent),
+}
+
+/// An admin change or a cluster coordination message, broadcast to every edge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlEvent {
+    pub command: ControlCommand,
+    /// Who asked: `cli`, `admin-api@<edge>`, or the edge that announces a session.
+    pub issued_by: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlCommand {
+    Block,
+    Unblock,
+    Pause,
+    Resume,
+    Kick,
+    /// Enforce an action now, through the same path as the policy's (audit included).
+    ForceAction {
+        action: crate::policy::Action,
+    },
+    /// A session started for the client on `edge` at `since_ms`: any older session of it ends
+    /// (newer wins; ties go to the larger session number).
+    SessionStarted {
+        edge: String,
+        session: u64,
+        since_ms: u64,
+    },
+}
+
+/// An enforced action on its way to the audit trail, with its evidence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionEvent {
+    pub action_id: Uuid,
+    /// Names the evidence folder of this action.
+    pub evidence_id: Uuid,
+    pub action: crate::policy::Action,
+    /// The verdict that fired it, `ok` for a return to allow, or `admin`.
+    pub reason: String,
+    /// `policy` or `admin`.
+    pub origin: String,
+    pub session: u64,
+    pub decided_at_ms: u64,
+    /// The policy rule that fired, as configured (`k of n`, step, cooldown).
+    pub rule: String,
+    /// The frames behind the decision, newest last.
+    pub evidence: Vec<EvidenceFrame>,
+}
+
+/// One frame kept as evidence: the JPEG as received, and what the worker said about it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvidenceFrame {
+    pub seq: u64,
+    pub frame_id: Uuid,
+    pub received_at_ms: u64,
+    pub jpeg: bytes::Bytes,
+    pub analysis: Analysis,
+}
+
+impl Payload {
+    /// The AMQP `type` property for this payload.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Payload::Frame(_) => "vigil.frame",
+            Payload::Result(_) => "vigil.result",
+            Payload::Dropped(_) => "vigil.dropped",
+            Payload::Action(_) => "vigil.action",
+            Payload::Control(_) => "vigil.control",
+        }
+    }
+}
+
+/// One camera frame from a client session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Frame {
+    /// Edge-local session number; results for an older session of the same client are ignored.
+    pub session: u64,
+    /// The client's own frame sequence number.
+    pub seq: u64,
+    /// When the client captured the frame (client clock, Unix ms), if it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub captured_at_ms: Option<u64>,
+    /// The JPEG, shared rather than copied between the edge's socket and the encoder.
+    pub jpeg: bytes::Bytes,
+    /// The client's enrolled reference embedding (little-endian `f32`s), so that any worker can
+    /// verify any client without shared state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<serde_bytes::ByteBuf>,
+}
+
+/// A worker's analysis of one frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrameResult {
+    pub session: u64,
+    pub seq: u64,
+    /// Event id of the frame this answers.
+    pub frame_id: Uuid,
+    /// Name of the analyzer that produced it.
+    pub analyzer: String,
+    /// Time spent analysing, in microseconds.
+    pub analyze_us: u64,
+    pub analysis: Analysis,
+}
+
+/// What an analyzer found in a frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Analysis {
+    /// Transport-level facts read from the JPEG markers, without decoding pixels.
+    FrameInfo {
+        width: u16,
+        height: u16,
+        components: u8,
+    },
+    /// The model stack's answer: who is there, alive or not, and whether a phone is in view.
+    Identity(IdentityAnalysis),
+}
+
+impl Analysis {
+    /// The verdict, for analyzers that give one.
+    pub fn verdict(&self) -> Option<Verdict> {
+        match self {
+            Analysis::Identity(a) => Some(a.verdict),
+            Analysis::FrameInfo { .. } => None,
+        }
+    }
+}
+
+/// The per-frame verdict: the first rule that applies, in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    NoFace,
+    MultipleFaces,
+    Spoof,
+    WrongPerson,
+    Phone,
+    Ok,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 6] = [
+        Verdict::NoFace,
+        Verdict::MultipleFaces,
+        Verdict::Spoof,
+        Verdict::WrongPerson,
+        Verdict::Phone,
+        Verdict::Ok,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::NoFace => "no_face",
+            Verdict::MultipleFaces => "multiple_faces",
+            Verdict::Spoof => "spoof",
+            Verdict::WrongPerson => "wrong_person",
+            Verdict::Phone => "phone",
+            Verdict::Ok => "ok",
+        }
+    }
+}
+
+/// Scores behind a verdict, in the frame's pixel coordinates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdentityAnalysis {
+    pub verdict: Verdict,
+    pub faces: Vec<FaceBox>,
+    /// Similarity of the largest face to the enrolled reference; absent without a face or
+    /// without a reference.
+    pub identity: Option<IdentityScore>,
+    /// Liveness of the largest face.
+    pub liveness: Option<LivenessScore>,
+    /// The best phone detection, if any passed the threshold.
+    pub phone: Option<PhoneBox>,
+    /// `name:version` of each model that ran.
+    pub models: Vec<String>,
+    /// The thresholds the verdict was decided with.
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaceBox {
+    pub x: f32,
+    pub y: f32,
+    pub w: f32,
+    pub h: f32,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdentityScore {
+    pub similarity: f32,
+    pub matched: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LivenessScore {
+    pub p_live: f32,
+    pub live: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhoneBox {
+    pub score: f32,
+    pub x: f32,
+    pub y: f32,
+    pub w: f32,
+    pub h: f32,
+}
+
+/// Pack an embedding as little-endian `f32`s (its wire form).
+pub fn pack_embedding(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Unpack an embedding; `None` when the byte count is not a multiple of 4.
+pub fn unpack_embedding(bytes: &[u8]) -> Option<Vec<f32>> {
+    bytes.len().is_multiple_of(4).then(|| {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    })
+}
+
+/// A frame that was not analysed, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dropped {
+    pub session: u64,
+    pub seq: u64,
+    pub frame_id: Uuid,
+    pub reason: DropReason,
+    /// Human-readable detail, for example the decoder's complaint.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+/// Why a frame got no analysis. Shared by the broker events and the client protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// Its deadline passed before a worker got to it, or before its result came back.
+    Expired,
+    /// A newer frame from the same client replaced it while it waited (latest frame wins).
+    Superseded,
+    /// The client sent faster than its frames-per-second limit.
+    RateLimited,
+    /// Larger than the edge's frame size limit.
+    FrameTooLarge,
+    /// Not a JPEG (does not start with FF D8), or its markers are broken.
+    NotJpeg,
+    /// The client reused a sequence number that is still in flight.
+    DuplicateSeq,
+    /// The edge could not hand the frame to the broker.
+    BrokerUnavailable,
+    /// The edge is shutting down.
+    ShuttingDown,
+    /// The analyzer failed on this frame twice.
+    AnalyzerFailed,
+    /// An administrator paused this client.
+    Paused,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 10] = [
+        DropReason::Expired,
+        DropReason::Superseded,
+        DropReason::RateLimited,
+        DropReason::FrameTooLarge,
+        DropReason::NotJpeg,
+        DropReason::DuplicateSeq,
+        DropReason::BrokerUnavailable,
+        DropReason::ShuttingDown,
+        DropReason::AnalyzerFailed,
+        DropReason::Paused,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Expired => "expired",
+            DropReason::Superseded => "superseded",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::FrameTooLarge => "frame_too_large",
+            DropReason::NotJpeg => "not_jpeg",
+            DropReason::DuplicateSeq => "duplicate_seq",
+            DropReason::BrokerUnavailable => "broker_unavailable",
+            DropReason::ShuttingDown => "shutting_down",
+            DropReason::AnalyzerFailed => "analyzer_failed",
+            DropReason::Paused => "paused",
+        }
+    }
+}
+
+impl Envelope {
+    /// Encode as a MessagePack map with field names, in one allocation of the right size.
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        let body = match &self.payload {
+            Payload::Frame(f) => f.jpeg.len(),
+            _ => 0,
+        };
+        let mut buf = Vec::with_capacity(body + 512);
+        rmp_serde::encode::write_named(&mut buf, self)?;
+        Ok(buf)
+    }
+
+    /// Decode an event, refusing schema versions this build does not read.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let env: Envelope = rmp_serde::from_slice(bytes)?;
+        if env.schema != SCHEMA {
+            return Err(WireError::UnsupportedSchema { found: env.schema });
+        }
+        Ok(env)
+    }
+
+    /// Milliseconds left until the deadline, as of `now_ms` (0 when already past).
+    pub fn remaining_ms(&self, now_ms: u64) -> u64 {
+        self.deadline_ms.saturating_sub(now_ms)
+    }
+}
+
+/// Current wall-clock time in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A new W3C `traceparent` with a random trace id and span id, sampled.
+pub fn new_traceparent() -> String {
+    let trace: u128 = rand::random::<u128>() | 1;
+    let span: u64 = rand::random::<u64>() | 1;
+    format!("00-{trace:032x}-{span:016x}-01")
+}
+
+/// A child `traceparent`: same trace id, new span id. Falls back to a new trace when the parent
+/// is not a valid W3C header.
+pub fn child_traceparent(parent: &str) -> String {
+    match trace_id(parent) {
+        Some(trace) => format!("00-{trace}-{:016x}-01", rand::random::<u64>() | 1),
+        None => new_traceparent(),
+    }
+}
+
+/// The 32-hex-digit trace id of a `traceparent`, if it is well formed.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex(version, 2) && hex(trace, 32) && hex(span, 16) && hex(flags, 2) && parts.next().is_none())
+        .then_some(trace)
+}
+
+/// Serde for a `traceparent`: a well-formed W3C header travels as 26 bytes (version, trace id,
+/// span id, flags) instead of 55 characters; anything else travels as a string.
+mod packed_traceparent {
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &str, s: S) -> Result<S::Ok, S::Error> {
+        match pack(value) {
+            Some(bytes) => s.serialize_bytes(&bytes),
+            None => s.serialize_str(value),
+        }
+    }
+
+    fn pack(value: &str) -> Option<[u8; 26]> {
+        super::trace_id(value)?;
+        let digits: String = value.split('-').collect();
+        let mut out = [0u8; 26];
+        hex::decode_to_slice(digits, &mut out).ok()?;
+        Some(out)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = String;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a traceparent as 26 bytes or a string")
+            }
+            fn visit_bytes<E: de::Error>(self, b: &[u8]) -> Result<String, E> {
+                if b.len() != 26 {
+                    return Err(E::invalid_length(b.len(), &self));
+                }
+                Ok(format!(
+                    "{}-{}-{}-{}",
+                    hex::encode(&b[..1]),
+                    hex::encode(&b[1..17]),
+                    hex::encode(&b[17..25]),
+                    hex::encode(&b[25..])
+                ))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<String, E> {
+                Ok(s.to_owned())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample_frame(jpeg_len: usize) -> Envelope {
+        let mut jpeg = vec![0xAB; jpeg_len];
+        if jpeg_len >= 2 {
+            jpeg[..2].copy_from_slice(&[0xFF, 0xD8]);
+        }
+        Envelope {
+            schema: SCHEMA,
+            id: Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001),
+            source: "edge-eu-west-1a".into(),
+            seq: 1_234_567,
+            client_id: "exam-candidate-000042".into(),
+            produced_at_ms: 1_763_000_000_000,
+            deadline_ms: 1_763_000_002_000,
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            payload: Payload::Frame(Frame {
+                session: u64::MAX - 7,
+                seq: 987_654,
+                captured_at_ms: Some(1_762_999_999_990),
+                jpeg: jpeg.into(),
+                reference: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn frame_overhead_is_at_most_256_bytes() {
+        for len in [0usize, 100, 40_000, 70_000, 1 << 20] {
+            let env = sample_frame(len);
+            let bytes = env.encode().unwrap();
+            assert!(
+                bytes.len() <= len + 256,
+                "encoded {} bytes for a {len}-byte jpeg (overhead {})",
+                bytes.len(),
+                bytes.len() - len
+            );
+        }
+    }
+
+    #[test]
+    fn reference_embedding_adds_its_512_bytes_and_little_else() {
+        let mut env = sample_frame(40_000);
+        let plain = env.encode().unwrap().len();
+        let embedding: Vec<f32> = (0..128).map(|i| i as f32 / 128.0).collect();
+        if let Payload::Frame(f) = &mut env.payload {
+            f.reference = Some(serde_bytes::ByteBuf::from(pack_embedding(&embedding)));
+        }
+        let bytes = env.encode().unwrap();
+        assert!(
+            bytes.len() <= plain + 512 + 16,
+            "{} vs {plain}",
+            bytes.len()
+        );
+        let Payload::Frame(f) = Envelope::decode(&bytes).unwrap().payload else {
+            panic!("not a frame")
+        };
+        assert_eq!(unpack_embedding(&f.reference.unwrap()).unwrap(), embedding);
+    }
+
+    #[test]
+    fn jpeg_travels_as_msgpack_bin() {
+        let env = sample_frame(300);
+        let bytes = env.encode().unwrap();
+        // bin8 (0xc4) or bin16 (0xc5) header followed by the JPEG's SOI marker.
+        let needle = [0xc5, 0x01, 0x2c, 0xFF, 0xD8];
+        assert!(bytes.windows(needle.len()).any(|w| w == needle));
+    }
+
+    #[test]
+    fn round_trip() {
+        let env = sample_frame(1000);
+        assert_eq!(Envelope::decode(&env.encode().unwrap()).unwrap(), env);
+    }
+
+    #[test]
+    fn garbage_is_a_typed_error() {
+        for bytes in [
+            &b""[..],
+            b"\xff\xff",
+            b"{\"json\":true}",
+            &[0x81, 0xa1, 0x61],
+        ] {
+            assert!(matches!(Envelope::decode(bytes), Err(WireError::Decode(_))));
+        }
+        let mut env = sample_frame(10);
+        env.schema = 99;
+        let err = Envelope::decode(&env.encode().unwrap()).unwrap_err();
+        assert!(
+            matches!(err, WireError::UnsupportedSchema { found: 99 }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn truncated_events_never_panic() {
+        let bytes = sample_frame(64).encode().unwrap();
+        for cut in 0..bytes.len() {
+            assert!(Envelope::decode(&bytes[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn traceparent_is_packed_and_restored() {
+        let mut env = sample_frame(10);
+        let bytes = env.encode().unwrap();
+        assert!(
+            !bytes
+                .windows(32)
+                .any(|w| w == b"4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(
+            Envelope::decode(&bytes).unwrap().traceparent,
+            env.traceparent
+        );
+        env.traceparent = "not-w3c".into();
+        assert_eq!(Envelope::decode(&env.encode().unwrap()).unwrap(), env);
+    }
+
+    #[test]
+    fn traceparent_helpers() {
+        let parent = new_traceparent();
+        let tid = trace_id(&parent).unwrap().to_owned();
+        let child = child_traceparent(&parent);
+        assert_eq!(trace_id(&child), Some(tid.as_str()));
+        assert_ne!(child, parent);
+        assert_eq!(trace_id("00-xyz"), None);
+        assert!(trace_id(&child_traceparent("bogus")).is_some());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = Envelope::decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! The worker: competes for frames on the work queue, analyses each one, and publishes the
+//! result to the reply exchange under the frame's edge routing key.
+//!
+//! Invariants: a frame is acked only after its reply is confirmed by the broker; malformed
+//! events are dead-lettered, never retried; CPU-bound analysis runs on a bounded blocking pool.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use prometheus::Registry;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::analyzer::{self, AnalyzeError, Analyzed, Analyzer, FrameInput};
+use crate::broker::{Broker, BrokerError, Delivery, Publisher};
+use crate::config::Config;
+use crate::metrics::{BrokerMetrics, WorkerMetrics};
+use crate::telemetry::{self, Health};
+use crate::topology::{self, Topology};
+use crate::wire::{self, DropReason, Dropped, Envelope, FrameResult, Payload};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+    #[error("cannot start the analyzer: {0}")]
+    Analyzer(String),
+    #[error("the broker ended the work queue consumer")]
+    ConsumerEnded,
+    #[error("metrics endpoint: {0}")]
+    Metrics(std::io::Error),
+}
+
+/// A running worker.
+pub struct WorkerHandle {
+    pub id: String,
+    pub metrics_addr: SocketAddr,
+    task: tokio::task::JoinHandle<Result<(), WorkerError>>,
+}
+
+impl WorkerHandle {
+    /// Wait until the worker has stopped (after shutdown, or on a fatal error).
+    pub async fn join(self) -> Result<(), WorkerError> {
+        self.task.await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "worker task panicked");
+            Ok(())
+        })
+    }
+}
+
+/// Start a worker: metrics endpoint, broker connection, topology, consumer. Returns once it is
+/// consuming; it stops when `shutdown` is cancelled.
+pub async fn start(
+    cfg: Config,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<WorkerHandle, WorkerError> {
+    // Models load off the runtime: it takes a while and blocks.
+    let build = cfg.clone();
+    let analyzer: Arc<dyn Analyzer> =
+        tokio::task::spawn_blocking(move || analyzer::from_config(&build))
+            .await
+            .map_err(|e| WorkerError::Analyzer(e.to_string()))?
+            .map_err(|e| WorkerError::Analyzer(e.to_string()))?
+            .into();
+    start_with(cfg, registry, shutdown, analyzer).await
+}
+
+/// [`start`] with an analyzer built by the caller.
+pub async fn start_with(
+    cfg: Config,
+    registry: Registry,
+    shutdown: CancellationToken,
+    analyzer: Arc<dyn Analyzer>,
+) -> Result<WorkerHandle, WorkerError> {
+    let id = cfg.worker_id();
+    let health = Health::new(&["broker", "topology", "models"]);
+    // The analyzer is built (its models loaded) before the worker starts.
+    health.set("models", true);
+    let metrics_addr = telemetry::serve_metrics(
+        cfg.metrics_listen,
+        registry.clone(),
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(WorkerError::Metrics)?;
+    let broker_metrics = BrokerMetrics::new(&registry);
+    let metrics = WorkerMetrics::new(&registry);
+    let topo = Topology::load(cfg.topology_file.as_deref())?;
+
+    let broker = Broker::connect_with_retry(
+        &cfg.amqp_url,
+        &id,
+        broker_metrics.clone(),
+        Duration::from_millis(cfg.broker_connect_timeout_ms),
+    )
+    .await?;
+    health.set("broker", true);
+    broker.declare(&topo.shared(&cfg.namespace)).await?;
+    health.set("topology", true);
+
+    let threads = cfg.worker.effective_analysis_threads();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads * cfg.inference.intra_threads > cores && cfg.worker.analyzer == "identity" {
+        tracing::warn!(
+            threads,
+            intra_threads = cfg.inference.intra_threads,
+            cores,
+            "analysis threads x intra-op threads exceed the cores; runs will contend"
+        );
+    }
+    let ctx = Arc::new(Ctx {
+        worker_id: id.clone(),
+        replies_exchange: format!("{}.{}", cfg.namespace, topology::REPLIES_EXCHANGE),
+        analyzer,
+        pool: Arc::new(Semaphore::new(threads)),
+        metrics,
+        seq: AtomicU64::new(0),
+    });
+    let work_queue = format!("{}.{}", cfg.namespace, topology::WORK_QUEUE);
+    let span = tracing::info_span!("worker", worker = %id);
+    tracing::info!(parent: &span, analyzer = ctx.analyzer.name(), threads, prefetch = cfg.worker.prefetch, "worker consuming {work_queue}");
+    let task = tokio::spawn(
+        run_loop(
+            cfg,
+            broker,
+            broker_metrics,
+            ctx,
+            work_queue,
+            health,
+            shutdown,
+        )
+        .instrument(span),
+    );
+    Ok(WorkerHandle {
+        id,
+        metrics_addr,
+        task,
+    })
+}
+
+/// Run until `shutdown`.
+pub async fn run(
+    cfg: Config,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    start(cfg, registry, shutdown).await?.join().await
+}
+
+struct Ctx {
+    worker_id: String,
+    replies_exchange: String,
+    analyzer: Arc<dyn Analyzer>,
+    pool: Arc<Semaphore>,
+    metrics: WorkerMetrics,
+    seq: AtomicU64,
+}
+
+/// Consume until shutdown; when the broker connection is lost, reconnect with backoff and
+/// declare the topology again. Unacked frames of a lost connection are redelivered by the
+/// broker to whichever worker is connected.
+async fn run_loop(
+    cfg: Config,
+    mut broker: Broker,
+    broker_metrics: BrokerMetrics,
+    ctx: Arc<Ctx>,
+    work_queue: String,
+    health: Health,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let topo = Topology::load(cfg.topology_file.as_deref())?;
+    loop {
+        let outcome = consume(&cfg, &broker, &ctx, &work_queue, &shutdown).await;
+        broker.close().await;
+        if shutdown.is_cancelled() {
+            tracing::info!("worker stopped");
+            return outcome;
+        }
+        if let Err(e) = &outcome {
+            tracing::warn!(error = %e, "lost the broker; reconnecting");
+        }
+        health.set("broker", false);
+        health.set("topology", false);
+        let mut delay = Duration::from_millis(200);
+        broker = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            match Broker::connect(&cfg.amqp_url, &ctx.worker_id, broker_metrics.clone()).await {
+                Ok(b) => match b.declare(&topo.shared(&cfg.namespace)).await {
+                    Ok(()) => break b,
+                    Err(e) => tracing::warn!(error = %e, "topology declaration failed"),
+                },
+                Err(e) => tracing::debug!(error = %e, "broker still unreachable"),
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+        };
+        broker_metrics.reconnects.inc();
+        health.set("broker", true);
+        health.set("topology", true);
+        tracing::info!("reconnected to the broker");
+    }
+}
+
+/// One connection's worth of consuming. Returns when shutdown is asked (after draining) or
+/// when the connection fails.
+async fn consume(
+    cfg: &Config,
+    broker: &Broker,
+    ctx: &Arc<Ctx>,
+    work_queue: &str,
+    shutdown: &CancellationToken,
+) -> Result<(), WorkerError> {
+    let publisher = Arc::new(broker.publisher().await?);
+    let mut consumer = broker
+        .consume(work_queue, &ctx.worker_id, cfg.worker.prefetch, true)
+        .await?;
+    // At most `prefetch` deliveries are unacked, so this set is bounded by the broker.
+    let mut inflight = FuturesUnordered::new();
+    let result = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Ok(()),
+            Some(()) = inflight.next(), if !inflight.is_empty() => {}
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    ctx.metrics.inflight.inc();
+                    inflight.push(handle(ctx.clone(), publisher.clone(), delivery));
+                }
+                Some(Err(e)) => break Err(e.into()),
+                None => break Err(WorkerError::ConsumerEnded),
+            },
+        }
+    };
+    if shutdown.is_cancelled() {
+        // Graceful stop: no new deliveries, finish and ack what we hold, then close. Whatever
+        // is still unacked after the grace period goes back to the queue with the channel.
+        let _ = consumer.cancel().await;
+        let grace = Duration::from_millis(cfg.worker.shutdown_grace_ms);
+        let drained =
+            tokio::time::timeout(grace, async { while inflight.next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(
+                left = inflight.len(),
+                "grace period over; unfinished frames go back to the queue"
+            );
+        }
+    }
+    consumer.close().await;
+    publisher.close().await;
+    result
+}
+
+/// Process one delivery to its end: ack, requeue or dead-letter.
+async fn handle(ctx: Arc<Ctx>, publisher: Arc<Publisher>, delivery: Delivery) {
+    ctx.metrics.frames_consumed.inc();
+    if delivery.redelivered() {
+        ctx.metrics.redelivered.inc();
+    }
+    process(&ctx, &publisher, delivery).await;
+    ctx.metrics.inflight.dec();
+}
+
+async fn process(ctx: &Ctx, publisher: &Publisher, delivery: Delivery) {
+    let env = match Envelope::decode(delivery.data()) {
+        Ok(env) => env,
+        Err(e) => {
+            ctx.metrics
+                .decode_errors
+                .with_label_values(&["envelope"])
+                .inc();
+            tracing::warn!(error = %e, bytes = delivery.data().len(), "malformed event, dead-lettering");
+            return dead_letter(ctx, &delivery, "malformed").await;
+        }
+    };
+    let Payload::Frame(frame) = env.payload else {
+        tracing::warn!(
+            kind = env.payload.kind(),
+            "unexpected event on the work queue, dead-lettering"
+        );
+        return dead_letter(ctx, &delivery, "unexpected_payload").await;
+    };
+    let span = tracing::debug_span!(
+        "frame",
+        trace_id = wire::trace_id(&env.traceparent).unwrap_or(""),
+        client = %env.client_id,
+        seq = frame.seq,
+    );
+    async {
+        let reply = |payload| Envelope {
+            schema: wire::SCHEMA,
+            id: Uuid::now_v7(),
+            source: ctx.worker_id.clone(),
+            seq: ctx.seq.fetch_add(1, Ordering::Relaxed),
+            client_id: env.client_id.clone(),
+            produced_at_ms: wire::now_ms(),
+            deadline_ms: env.deadline_ms,
+            traceparent: wire::child_traceparent(&env.traceparent),
+            payload,
+        };
+        let dropped = |reason, detail: String| {
+            Payload::Dropped(Dropped {
+                session: frame.session,
+                seq: frame.seq,
+                frame_id: env.id,
+                reason,
+                detail,
+            })
+        };
+        let routing_key = format!("edge.{}.{}", env.source, env.client_id);
+
+        if wire::now_ms() > env.deadline_ms {
+            ctx.metrics.frames_expired.inc();
+            let out = reply(dropped(
+                DropReason::Expired,
+                "deadline passed in the queue".into(),
+            ));
+            return settle(
+                publisher,
+                &ctx.replies_exchange,
+                &routing_key,
+                &out,
+                &delivery,
+                Settle::Ack,
+            )
+            .await;
+        }
+
+        let started = Instant::now();
+        let reference = frame
+            .reference
+            .as_ref()
+            .and_then(|bytes| wire::unpack_embedding(bytes));
+        let outcome = analyze(ctx, &env.client_id, frame.jpeg, reference).await;
+        ctx.metrics.batch_size.observe(1.0);
+        match outcome {
+            Ok(Analyzed { analysis, stages }) => {
+                if stages.is_empty() {
+                    ctx.metrics
+                        .inference_seconds
+                        .with_label_values(&[ctx.analyzer.name()])
+                        .observe(started.elapsed().as_secs_f64());
+                }
+                for (stage, seconds) in stages {
+                    ctx.metrics
+                        .inference_seconds
+                        .with_label_values(&[stage])
+                        .observe(seconds);
+                }
+                ctx.metrics.frames_analyzed.inc();
+                let out = reply(Payload::Result(FrameResult {
+                    session: frame.session,
+                    seq: frame.seq,
+                    frame_id: env.id,
+                    analyzer: ctx.analyzer.name().to_owned(),
+                    analyze_us: started.elapsed().as_micros() as u64,
+                    analysis,
+                }));
+                settle(
+                    publisher,
+                    &ctx.replies_exchange,
+                    &routing_key,
+                    &out,
+                    &delivery,
+                    Settle::Ack,
+                )
+                .await
+            }
+            Err(AnalyzeError::BadJpeg(detail)) => {
+                // Tell the client, and keep the frame in the dead letters for inspection.
+                ctx.metrics.decode_errors.with_label_values(&["jpeg"]).inc();
+                ctx.metrics
+                    .dead_lettered
+                    .with_label_values(&["bad_jpeg"])
+                    .inc();
+                let out = reply(dropped(DropReason::NotJpeg, detail));
+                settle(
+                    publisher,
+                    &ctx.replies_exchange,
+                    &routing_key,
+                    &out,
+                    &delivery,
+                    Settle::DeadLetter,
+                )
+                .await
+            }
+            Err(AnalyzeError::Internal(detail)) if !delivery.redelivered() => {
+                tracing::warn!(%detail, "analysis failed; requeueing once");
+                let _ = delivery.requeue().await;
+            }
+            Err(AnalyzeError::Internal(detail)) => {
+                tracing::error!(%detail, "analysis failed twice; dead-lettering");
+                ctx.metrics
+                    .dead_lettered
+                    .with_label_values(&["analyzer_failed"])
+                    .inc();
+                let out = reply(dropped(DropReason::AnalyzerFailed, detail));
+                settle(
+                    publisher,
+                    &ctx.replies_exchange,
+                    &routing_key,
+                    &out,
+                    &delivery,
+                    Settle::DeadLetter,
+                )
+                .await
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Run the analyzer, off the runtime when it does real work, on at most `pool` threads.
+async fn analyze(
+    ctx: &Ctx,
+    client_id: &str,
+    jpeg: bytes::Bytes,
+    reference: Option<Vec<f32>>,
+) -> Result<Analyzed, AnalyzeError> {
+    if !ctx.analyzer.is_blocking() {
+        return ctx.analyzer.analyze(&FrameInput {
+            client_id,
+            jpeg: &jpeg,
+            reference: reference.as_deref(),
+        });
+    }
+    let _permit = ctx
+        .pool
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| AnalyzeError::Internal("analysis pool closed".into()))?;
+    let analyzer = ctx.analyzer.clone();
+    let client_id = client_id.to_owned();
+    tokio::task::spawn_blocking(move || {
+        analyzer.analyze(&FrameInput {
+            client_id: &client_id,
+            jpeg: &jpeg,
+            reference: reference.as_deref(),
+        })
+    })
+    .await
+    .unwrap_or_else(|e| Err(AnalyzeError::Internal(format!("analysis panicked: {e}"))))
+}
+
+enum Settle {
+    Ack,
+    DeadLetter,
+}
+
+/// Publish the reply, wait for its confirm, then settle the frame. If the reply cannot be
+/// confirmed, the frame is requeued so another attempt answers it.
+async fn settle(
+    publisher: &Publisher,
+    exchange: &str,
+    routing_key: &str,
+    reply: &Envelope,
+    delivery: &Delivery,
+    settle: Settle,
+) {
+    let confirmed = match publisher.publish(exchange, routing_key, reply).await {
+        Ok(confirm) => confirm.wait().await,
+        Err(e) => Err(e),
+    };
+    let outcome = match (confirmed, settle) {
+        (Ok(()), Settle::Ack) => delivery.ack().await,
+        (Ok(()), Settle::DeadLetter) => delivery.dead_letter().await,
+        (Err(e), _) => {
+            tracing::warn!(error = %e, "reply not confirmed; requeueing the frame");
+            delivery.requeue().await
+        }
+    };
+    if let Err(e) = outcome {
+        // The channel is gone; the broker requeues the frame itself.
+        tracing::debug!(error = %e, "could not settle delivery");
+    }
+}
+
+async fn dead_letter(ctx: &Ctx, delivery: &Delivery, reason: &str) {
+    ctx.metrics.dead_lettered.with_label_values(&[reason]).inc();
+    if let Err(e) = delivery.dead_letter().await {
+        tracing::debug!(error = %e, "could not dead-letter delivery");
+    }
+}

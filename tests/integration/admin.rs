@@ -1,0 +1,430 @@
+//! The admin control plane across two edges on the real broker: block, pause, one session per
+//! client, the API's token, admission control, and connection status.
+
+use std::time::{Duration, Instant};
+
+use vigil::edge::client::{Connection, Incoming};
+use vigil::inference::synthetic_jpeg;
+use vigil::wire::DropReason;
+use vigil::wire::client::{Encoding, ErrorCode, ServerMsg};
+
+use crate::support::{TOKEN, TestEnv, eventually, http, metric, spawn_worker_process};
+
+const ADMIN_TOKEN: &str = "admin-token-0123456789";
+
+fn with_admin_api(env: &mut TestEnv) {
+    env.cfg.edge.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    env.cfg.edge.admin_token = Some(ADMIN_TOKEN.into());
+}
+
+async fn next(conn: &mut Connection) -> Incoming {
+    tokio::time::timeout(Duration::from_secs(10), conn.recv())
+        .await
+        .expect("a message in time")
+        .expect("socket open")
+        .expect("well-formed message")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_blocked_through_one_edge_is_closed_on_the_other_within_a_second() {
+    let mut env = TestEnv::new("block");
+    with_admin_api(&mut env);
+    let _url1 = env.start_edge("edge-1").await;
+    let url2 = env.start_edge("edge-2").await;
+    env.add_client("c1");
+    let (mut conn, _) = Connection::connect(&url2, "c1", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    let admin = env.edges[0].admin_addr.expect("admin API on");
+
+    let started = Instant::now();
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients/c1/block",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"status\":\"blocked\""), "{body}");
+    assert!(matches!(
+        next(&mut conn).await,
+        Incoming::Msg(ServerMsg::Error {
+            code: ErrorCode::Blocked,
+            ..
+        })
+    ));
+    assert!(matches!(
+        next(&mut conn).await,
+        Incoming::Closed { code: 4403, .. }
+    ));
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(1), "closed after {elapsed:?}");
+    println!("block applied on the other edge in {elapsed:?}");
+
+    // A new connection is refused, on either edge.
+    let mut again = Connection::open(&url2, Encoding::Json).await.unwrap();
+    again.send_hello("c1", TOKEN).await.unwrap();
+    assert!(matches!(
+        next(&mut again).await,
+        Incoming::Msg(ServerMsg::Error {
+            code: ErrorCode::Blocked,
+            ..
+        })
+    ));
+    assert!(matches!(
+        next(&mut again).await,
+        Incoming::Closed { code: 4403, .. }
+    ));
+    // Unblocked, it may come back.
+    let (status, _) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients/c1/unblock",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    Connection::connect(&url2, "c1", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_client_gets_no_results_until_resumed() {
+    let mut env = TestEnv::new("pause");
+    with_admin_api(&mut env);
+    let url = env.start_edge("e1").await;
+    env.start_worker("w1").await;
+    env.add_client("c1");
+    let admin = env.edges[0].admin_addr.unwrap();
+    let (mut conn, _) = Connection::connect(&url, "c1", TOKEN, Encoding::MsgPack)
+        .await
+        .unwrap();
+    let jpeg = synthetic_jpeg(64, 48, 1, 0);
+
+    let (status, _) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients/c1/pause",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        matches!(next(&mut conn).await, Incoming::Msg(ServerMsg::Status { state }) if state == "paused")
+    );
+    for seq in 1..=5 {
+        conn.send_frame(seq, 0, &jpeg).await.unwrap();
+        match next(&mut conn).await {
+            Incoming::Msg(ServerMsg::Dropped {
+                seq: s,
+                reason: DropReason::Paused,
+                ..
+            }) => assert_eq!(s, seq),
+            other => panic!("a paused client got {other:?}"),
+        }
+    }
+    let (status, _) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients/c1/resume",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        matches!(next(&mut conn).await, Incoming::Msg(ServerMsg::Status { state }) if state == "active")
+    );
+    conn.send_frame(6, 0, &jpeg).await.unwrap();
+    assert!(matches!(
+        next(&mut conn).await,
+        Incoming::Msg(ServerMsg::Result { seq: 6, .. })
+    ));
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_on_another_edge_ends_the_older_session() {
+    let mut env = TestEnv::new("dupsession");
+    let url1 = env.start_edge("edge-1").await;
+    let url2 = env.start_edge("edge-2").await;
+    env.start_worker("w1").await;
+    env.add_client("c1");
+    let (mut older, _) = Connection::connect(&url1, "c1", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    let (mut newer, _) = Connection::connect(&url2, "c1", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut older).await,
+        Incoming::Msg(ServerMsg::Error {
+            code: ErrorCode::DuplicateSession,
+            ..
+        })
+    ));
+    assert!(matches!(
+        next(&mut older).await,
+        Incoming::Closed { code: 4409, .. }
+    ));
+    newer
+        .send_frame(1, 0, &synthetic_jpeg(64, 48, 1, 0))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut newer).await,
+        Incoming::Msg(ServerMsg::Result { seq: 1, .. })
+    ));
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_needs_its_token() {
+    let mut env = TestEnv::new("apitoken");
+    with_admin_api(&mut env);
+    env.start_edge("e1").await;
+    env.add_client("c1");
+    let admin = env.edges[0].admin_addr.unwrap();
+    for token in [None, Some("wrong-token-0123456789"), Some("")] {
+        for (method, path) in [
+            ("GET", "/v1/admin/clients"),
+            ("POST", "/v1/admin/clients/c1/block"),
+            ("GET", "/v1/admin/sessions"),
+        ] {
+            let (status, _) = http(admin, method, path, token, None).await;
+            assert_eq!(status, 401, "{method} {path} with {token:?}");
+        }
+    }
+    let (status, body) = http(admin, "GET", "/v1/admin/clients", Some(ADMIN_TOKEN), None).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("\"id\":\"c1\"") && body.contains("\"status\":\"active\""),
+        "{body}"
+    );
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients",
+        Some(ADMIN_TOKEN),
+        Some(r#"{"id":"c2","token":"token-of-c2-000","name":"Second"}"#),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        http(
+            admin,
+            "GET",
+            "/v1/admin/clients/nobody",
+            Some(ADMIN_TOKEN),
+            None
+        )
+        .await
+        .0,
+        404
+    );
+    // Without a token configured, the API is off.
+    let mut quiet = TestEnv::new("apioff");
+    quiet.cfg.edge.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    quiet.start_edge("e1").await;
+    assert!(quiet.edges[0].admin_addr.is_none());
+    quiet.teardown().await;
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_system_refuses_new_sessions_and_throttles_live_ones() {
+    let mut env = TestEnv::new("full");
+    with_admin_api(&mut env);
+    env.cfg.edge.max_backlog = 2;
+    env.cfg.edge.admission_poll_ms = 100;
+    env.cfg.edge.max_inflight = 4;
+    env.cfg.edge.throttle_fps = 3;
+    let url = env.start_edge("e1").await;
+    let _slow = spawn_worker_process(
+        &env,
+        "slow",
+        &[
+            ("VIGIL_ANALYZER", "delay"),
+            ("VIGIL_DELAY_MS", "300"),
+            ("VIGIL_WORKER_ANALYSIS_THREADS", "1"),
+            ("VIGIL_WORKER_PREFETCH", "1"),
+        ],
+    );
+    crate::support::await_consumers(&env, 1).await;
+    let jpeg = synthetic_jpeg(64, 48, 1, 0);
+    let mut live = Vec::new();
+    for i in 0..3 {
+        let id = format!("live{i}");
+        env.add_client(&id);
+        let (conn, _) = Connection::connect(&url, &id, TOKEN, Encoding::MsgPack)
+            .await
+            .unwrap();
+        live.push(conn);
+    }
+    for conn in &mut live {
+        for seq in 1..=4 {
+            conn.send_frame(seq, 0, &jpeg).await.unwrap();
+        }
+    }
+    // The backlog passes 2: every live client is throttled.
+    for conn in &mut live {
+        let max_fps = loop {
+            match next(conn).await {
+                Incoming::Msg(ServerMsg::Throttle { max_fps }) => break max_fps,
+                Incoming::Msg(ServerMsg::Result { .. } | ServerMsg::Dropped { .. }) => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(max_fps, 3);
+    }
+    assert_eq!(
+        metric(&env.edge_registries[0], "vigil_edge_system_full", None),
+        1.0
+    );
+    // And a new session is refused.
+    env.add_client("late");
+    let mut late = Connection::open(&url, Encoding::Json).await.unwrap();
+    late.send_hello("late", TOKEN).await.unwrap();
+    assert!(matches!(
+        next(&mut late).await,
+        Incoming::Msg(ServerMsg::Error {
+            code: ErrorCode::SystemFull,
+            ..
+        })
+    ));
+    assert!(matches!(
+        next(&mut late).await,
+        Incoming::Closed { code: 4503, .. }
+    ));
+    assert!(
+        metric(
+            &env.edge_registries[0],
+            "vigil_edge_sessions_refused_total",
+            Some(("reason", "system_full"))
+        ) >= 1.0
+    );
+    let mut slow = _slow;
+    crate::support::sigterm(&slow);
+    let _ = slow.wait();
+    env.teardown().await;
+}
+
+/// `vigil clients list` as an operator runs it: (id, connection) pairs.
+fn cli_list(env: &TestEnv) -> Vec<(String, String)> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["clients", "list"])
+        .env("VIGIL_CLIENTS_DIR", &env.clients_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            Some((cols.first()?.to_string(), cols.get(2)?.to_string()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_list_shows_who_is_connected_gone_or_dropped() {
+    let mut env = TestEnv::new("presence");
+    let url = env.start_edge("e1").await;
+    for id in ["connected", "closed", "dropped", "never"] {
+        env.add_client(id);
+    }
+    let (_connected, _) = Connection::connect(&url, "connected", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    let (closed, _) = Connection::connect(&url, "closed", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    closed.close().await;
+    let (dropped, _) = Connection::connect(&url, "dropped", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    drop(dropped); // no close handshake
+    let want = |id: &str, c: &str| (id.to_string(), c.to_string());
+    let env_ref = &env;
+    let rows = eventually(
+        "presence recorded",
+        Duration::from_secs(10),
+        || async move {
+            let rows = cli_list(env_ref);
+            let expected = vec![
+                want("closed", "deactivated"),
+                want("connected", "active"),
+                want("dropped", "connection_error"),
+                want("never", "deactivated"),
+            ];
+            (rows == expected).then_some(rows)
+        },
+    )
+    .await;
+    assert_eq!(rows.len(), 4);
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_action_reaches_the_client_and_the_audit_trail() {
+    let mut env = TestEnv::new("force");
+    with_admin_api(&mut env);
+    env.cfg.evidence_dir =
+        std::env::temp_dir().join(format!("vigil-{}-evidence", env.cfg.namespace));
+    let url = env.start_edge("e1").await;
+    env.add_client("c1");
+    let writer = vigil::audit::start(
+        env.cfg.clone(),
+        prometheus::Registry::new(),
+        env.shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let (mut conn, _) = Connection::connect(&url, "c1", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    let admin = env.edges[0].admin_addr.unwrap();
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients/c1/action",
+        Some(ADMIN_TOKEN),
+        Some(r#"{"action":"sign_out"}"#),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let action_id = match next(&mut conn).await {
+        Incoming::Msg(ServerMsg::Action {
+            action,
+            reason,
+            action_id,
+            ..
+        }) => {
+            assert_eq!(
+                (action, reason.as_str()),
+                (vigil::policy::Action::SignOut, "admin")
+            );
+            action_id
+        }
+        other => panic!("expected the forced action, got {other:?}"),
+    };
+    let dir = env.cfg.evidence_dir.clone();
+    let records = eventually("the audited forced action", Duration::from_secs(10), || {
+        let dir = dir.clone();
+        async move { vigil::audit::records(&dir).ok().filter(|r| !r.is_empty()) }
+    })
+    .await;
+    assert_eq!(records[0].action_id.to_string(), action_id);
+    assert_eq!(records[0].origin, "admin");
+    env.shutdown.cancel();
+    writer.join().await.unwrap();
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

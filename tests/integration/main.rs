@@ -1,0 +1,16 @@
+//! Vigil's integration tests: one binary, the real RabbitMQ (VIGIL_TEST_AMQP_URL, default
+//! amqp://guest:guest@127.0.0.1:5672/%2f), the real edge and worker `start` functions, and the
+//! real WebSocket protocol. Every test uses its own namespace, so runs never interfere.
+
+mod support;
+
+mod actions;
+mod admin;
+mod capture;
+mod faults;
+mod garbage;
+mod golden;
+mod identity;
+mod observability;
+mod pipeline;
+mod scaling;

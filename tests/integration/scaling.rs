@@ -1,0 +1,114 @@
+//! Scaling by replica count, and a graceful worker stop, with real worker processes running the
+//! `delay` analyzer (a fixed 20 ms service time per frame, one analysis thread each).
+
+use std::time::Duration;
+
+use crate::support::{TestEnv, await_consumers, closed_loop, sigterm, spawn_worker_process};
+
+const DELAY_WORKER: &[(&str, &str)] = &[
+    ("VIGIL_ANALYZER", "delay"),
+    ("VIGIL_DELAY_MS", "20"),
+    ("VIGIL_WORKER_ANALYSIS_THREADS", "1"),
+    ("VIGIL_WORKER_PREFETCH", "2"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_serve_at_least_2_5_times_one() {
+    let mut env = TestEnv::new("scale");
+    env.cfg.edge.max_inflight = 4;
+    let url = env.start_edge("e1").await;
+    for i in 0..6 {
+        env.add_client(&format!("s{i}"));
+    }
+    let mut workers = vec![spawn_worker_process(&env, "w1", DELAY_WORKER)];
+    await_consumers(&env, 1).await;
+    let one = closed_loop(&url, "s", 6, 4, Duration::from_secs(4)).await;
+
+    workers.push(spawn_worker_process(&env, "w2", DELAY_WORKER));
+    workers.push(spawn_worker_process(&env, "w3", DELAY_WORKER));
+    await_consumers(&env, 3).await;
+    let three = closed_loop(&url, "s", 6, 4, Duration::from_secs(4)).await;
+
+    let ratio = three.results_per_s() / one.results_per_s();
+    println!(
+        "scaling: 1 worker {:.1} results/s, 3 workers {:.1} results/s, ratio {ratio:.2}",
+        one.results_per_s(),
+        three.results_per_s()
+    );
+    for report in [&one, &three] {
+        assert!(report.missing.is_empty(), "lost: {:?}", report.missing);
+        assert!(
+            report.duplicates.is_empty(),
+            "duplicated: {:?}",
+            report.duplicates
+        );
+        assert!(report.dropped.is_empty(), "dropped: {:?}", report.dropped);
+        assert_eq!(report.results, report.sent);
+    }
+    assert!(
+        ratio >= 2.5,
+        "throughput rose only {ratio:.2}x from 1 to 3 workers"
+    );
+    for w in &workers {
+        sigterm(w);
+    }
+    for mut w in workers {
+        assert!(w.wait().unwrap().success());
+    }
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_with_sigterm_loses_nothing() {
+    let mut env = TestEnv::new("sigterm");
+    env.cfg.edge.max_inflight = 4;
+    let url = env.start_edge("e1").await;
+    for i in 0..4 {
+        env.add_client(&format!("g{i}"));
+    }
+    let mut leaving = spawn_worker_process(&env, "leaving", DELAY_WORKER);
+    let staying = spawn_worker_process(&env, "staying", DELAY_WORKER);
+    await_consumers(&env, 2).await;
+
+    let load = tokio::spawn({
+        let url = url.clone();
+        async move { closed_loop(&url, "g", 4, 4, Duration::from_secs(4)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sigterm(&leaving);
+    let stopped = tokio::task::spawn_blocking(move || leaving.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        stopped.success(),
+        "the stopped worker exited with {stopped:?}"
+    );
+
+    let report = load.await.unwrap();
+    println!(
+        "graceful stop: {} frames sent, {} results, {} dropped, {} duplicates, {} missing",
+        report.sent,
+        report.results,
+        report.dropped.len(),
+        report.duplicates.len(),
+        report.missing.len()
+    );
+    assert!(report.sent > 100, "too little traffic: {}", report.sent);
+    assert!(report.missing.is_empty(), "lost: {:?}", report.missing);
+    assert!(
+        report.duplicates.is_empty(),
+        "duplicated: {:?}",
+        report.duplicates
+    );
+    assert!(report.dropped.is_empty(), "dropped: {:?}", report.dropped);
+    assert_eq!(report.results, report.sent);
+    let edge = &env.edge_registries[0];
+    assert_eq!(
+        crate::support::metric(edge, "vigil_edge_results_duplicate_total", None),
+        0.0
+    );
+    sigterm(&staying);
+    let mut staying = staying;
+    assert!(staying.wait().unwrap().success());
+    env.teardown().await;
+}

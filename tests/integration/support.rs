@@ -1,0 +1,599 @@
+//! Shared test helpers: a per-test namespace and client directory, nodes started in-process,
+//! and `eventually` instead of sleeps.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use prometheus::Registry;
+use tokio_util::sync::CancellationToken;
+use vigil::broker::Broker;
+use vigil::config::Config;
+use vigil::directory::{ClientRecord, ClientStore, FolderStore};
+use vigil::edge::{self, EdgeHandle};
+use vigil::metrics::BrokerMetrics;
+use vigil::topology::Topology;
+use vigil::worker::{self, WorkerHandle};
+
+pub const TOKEN: &str = "test-token-123";
+
+pub fn amqp_url() -> String {
+    std::env::var("VIGIL_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// One test's world: a namespace on the shared broker, a clients folder, and the nodes started.
+pub struct TestEnv {
+    pub cfg: Config,
+    pub clients_dir: PathBuf,
+    pub shutdown: CancellationToken,
+    pub edges: Vec<EdgeHandle>,
+    pub workers: Vec<WorkerHandle>,
+    pub worker_registries: Vec<Registry>,
+    pub edge_registries: Vec<Registry>,
+}
+
+impl TestEnv {
+    pub fn new(name: &str) -> Self {
+        let namespace = format!("t-{name}-{:08x}", rand::random::<u32>());
+        let clients_dir = std::env::temp_dir().join(format!("vigil-{namespace}"));
+        let mut cfg = Config {
+            namespace,
+            amqp_url: amqp_url(),
+            broker_connect_timeout_ms: 10_000,
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
+            clients_dir: clients_dir.clone(),
+            ..Config::default()
+        };
+        cfg.edge.listen = "127.0.0.1:0".parse().unwrap();
+        cfg.edge.max_fps = 1000;
+        cfg.worker.analysis_threads = 2;
+        // Transport tests need no models; identity tests opt in.
+        cfg.worker.analyzer = "frame-info".into();
+        Self {
+            cfg,
+            clients_dir,
+            shutdown: CancellationToken::new(),
+            edges: Vec::new(),
+            workers: Vec::new(),
+            worker_registries: Vec::new(),
+            edge_registries: Vec::new(),
+        }
+    }
+
+    pub fn add_client(&self, id: &str) {
+        let store = FolderStore::open(&self.clients_dir).unwrap();
+        store
+            .put(&ClientRecord::new(id, id, TOKEN).unwrap())
+            .unwrap();
+    }
+
+    pub async fn start_edge(&mut self, id: &str) -> String {
+        let mut cfg = self.cfg.clone();
+        cfg.edge.id = Some(id.into());
+        let registry = Registry::new();
+        let edge = edge::start(cfg, registry.clone(), self.shutdown.clone())
+            .await
+            .expect("edge starts");
+        let url = edge.url();
+        self.edges.push(edge);
+        self.edge_registries.push(registry);
+        url
+    }
+
+    pub async fn start_worker(&mut self, id: &str) {
+        let mut cfg = self.cfg.clone();
+        cfg.worker.id = Some(id.into());
+        let registry = Registry::new();
+        let worker = worker::start(cfg, registry.clone(), self.shutdown.clone())
+            .await
+            .expect("worker starts");
+        self.workers.push(worker);
+        self.worker_registries.push(registry);
+    }
+
+    pub async fn broker(&self) -> Broker {
+        Broker::connect(
+            &self.cfg.amqp_url,
+            "test",
+            BrokerMetrics::new(&Registry::new()),
+        )
+        .await
+        .expect("broker reachable")
+    }
+
+    pub fn name(&self, logical: &str) -> String {
+        format!("{}.{logical}", self.cfg.namespace)
+    }
+
+    /// Stop every node, then delete the namespace's queues and exchanges.
+    pub async fn teardown(self) {
+        self.shutdown.cancel();
+        for e in self.edges {
+            let _ = e.join().await;
+        }
+        for w in self.workers {
+            let _ = w.join().await;
+        }
+        let broker = Broker::connect(
+            &self.cfg.amqp_url,
+            "teardown",
+            BrokerMetrics::new(&Registry::new()),
+        )
+        .await
+        .expect("broker reachable");
+        let topo = Topology::load(None).unwrap();
+        broker
+            .delete(&topo.shared(&self.cfg.namespace))
+            .await
+            .unwrap();
+        broker.close().await;
+        let _ = std::fs::remove_dir_all(&self.clients_dir);
+    }
+}
+
+/// Poll `check` until it returns `Some`, or panic after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The value of a counter or gauge series in a registry (summed over labels matching `label`).
+pub fn metric(registry: &Registry, name: &str, label: Option<(&str, &str)>) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| {
+            label.is_none_or(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == k && l.value() == v)
+            })
+        })
+        // A series is either a counter or a gauge; the other reads as 0.
+        .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
+        .sum()
+}
+
+/// A minimal HTTP/1.1 GET: status code and body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A free local TCP port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `vigil-worker` process for this test's namespace, with extra environment.
+pub fn spawn_worker_process(
+    env: &TestEnv,
+    id: &str,
+    extra: &[(&str, &str)],
+) -> std::process::Child {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vigil-worker"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn,ort=error")
+        .env("VIGIL_NAMESPACE", &env.cfg.namespace)
+        .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
+        .env("VIGIL_METRICS_LISTEN", "127.0.0.1:0")
+        .env("VIGIL_WORKER_ID", id);
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("vigil-worker starts")
+}
+
+/// Wait until the work queue has `n` consumers.
+pub async fn await_consumers(env: &TestEnv, n: u32) {
+    let broker = env.broker().await;
+    let queue = env.name("frames.work");
+    eventually(
+        &format!("{n} consumers on {queue}"),
+        Duration::from_secs(20),
+        || {
+            let (broker, queue) = (&broker, &queue);
+            async move {
+                let (_, consumers) = broker.queue_counts(queue).await.ok()?;
+                (consumers == n).then_some(())
+            }
+        },
+    )
+    .await;
+    broker.close().await;
+}
+
+/// Send SIGTERM to a child process.
+pub fn sigterm(child: &std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+/// What closed-loop clients saw: answers per (client, seq).
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub sent: u64,
+    pub results: u64,
+    pub dropped: Vec<(String, u64, vigil::wire::DropReason)>,
+    /// (client, seq) pairs answered more than once.
+    pub duplicates: Vec<(String, u64)>,
+    /// (client, seq) pairs never answered.
+    pub missing: Vec<(String, u64)>,
+    /// Results that arrived within the load window, and its length.
+    pub results_in_window: u64,
+    pub seconds: f64,
+}
+
+impl LoadReport {
+    /// Results per second within the load window.
+    pub fn results_per_s(&self) -> f64 {
+        self.results_in_window as f64 / self.seconds
+    }
+}
+
+/// `clients` closed-loop clients (each keeps `inflight` frames outstanding) for `duration`,
+/// then wait for every outstanding answer.
+pub async fn closed_loop(
+    url: &str,
+    prefix: &str,
+    clients: usize,
+    inflight: usize,
+    duration: Duration,
+) -> LoadReport {
+    use vigil::edge::client::{Connection, Incoming};
+    use vigil::wire::client::{Encoding, ServerMsg};
+    let jpeg = vigil::inference::synthetic_jpeg(96, 64, 5, 0);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let client = format!("{prefix}{i}");
+        let (url, jpeg) = (url.to_owned(), jpeg.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut conn, _) = Connection::connect(&url, &client, TOKEN, Encoding::MsgPack)
+                .await
+                .expect("connects");
+            let mut answers: std::collections::HashMap<u64, u32> = Default::default();
+            let mut report = LoadReport::default();
+            let mut seq = 0;
+            let mut outstanding = 0;
+            loop {
+                while outstanding < inflight && started.elapsed() < duration {
+                    seq += 1;
+                    outstanding += 1;
+                    conn.send_frame(seq, 0, &jpeg).await.expect("send");
+                }
+                if outstanding == 0 {
+                    break;
+                }
+                let msg = tokio::time::timeout(Duration::from_secs(15), conn.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("{client}: no answer for 15 s"));
+                let (s, drop) = match msg {
+                    Some(Ok(Incoming::Msg(ServerMsg::Result { seq, .. }))) => (seq, None),
+                    Some(Ok(Incoming::Msg(ServerMsg::Dropped { seq, reason, .. }))) => {
+                        (seq, Some(reason))
+                    }
+                    other => panic!("{client}: unexpected {other:?}"),
+                };
+                outstanding -= 1;
+                *answers.entry(s).or_default() += 1;
+                match drop {
+                    None => {
+                        report.results += 1;
+                        if started.elapsed() < duration {
+                            report.results_in_window += 1;
+                        }
+                    }
+                    Some(reason) => report.dropped.push((client.clone(), s, reason)),
+                }
+            }
+            // Late duplicates would arrive now.
+            while let Ok(Some(Ok(Incoming::Msg(m)))) =
+                tokio::time::timeout(Duration::from_millis(200), conn.recv()).await
+            {
+                if let ServerMsg::Result { seq, .. } | ServerMsg::Dropped { seq, .. } = m {
+                    *answers.entry(seq).or_default() += 1;
+                }
+            }
+            report.sent = seq;
+            for s in 1..=seq {
+                match answers.get(&s).copied().unwrap_or(0) {
+                    0 => report.missing.push((client.clone(), s)),
+                    1 => {}
+                    _ => report.duplicates.push((client.clone(), s)),
+                }
+            }
+            conn.close().await;
+            report
+        }));
+    }
+    let mut total = LoadReport::default();
+    for t in tasks {
+        let r = t.await.expect("client task");
+        total.sent += r.sent;
+        total.results += r.results;
+        total.dropped.extend(r.dropped);
+        total.duplicates.extend(r.duplicates);
+        total.missing.extend(r.missing);
+        total.results_in_window += r.results_in_window;
+    }
+    total.seconds = duration.as_secs_f64();
+    total
+}
+
+/// A minimal HTTP/1.1 request with an optional bearer token and JSON body.
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("admin API reachable");
+    let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A TCP proxy to the broker that a test can cut (every connection dropped, nothing accepted)
+/// and restore: a broker outage as the edge sees it.
+pub struct Proxy {
+    pub port: u16,
+    target: String,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Proxy {
+    pub async fn start(target: &str) -> std::sync::Arc<Self> {
+        let proxy = std::sync::Arc::new(Self {
+            port: free_port(),
+            target: target.to_owned(),
+            task: std::sync::Mutex::new(None),
+        });
+        proxy.resume().await;
+        proxy
+    }
+
+    pub async fn resume(&self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        let target = self.target.clone();
+        let task = tokio::spawn(async move {
+            let mut links = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                links.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        *self.task.lock().unwrap() = Some(task);
+    }
+
+    /// Drop every proxied connection and stop listening.
+    pub fn cut(&self) {
+        if let Some(task) = self.task.lock().unwrap().take() {
+            task.abort();
+        }
+    }
+}
+
+/// host:port of the test broker.
+pub fn broker_host() -> String {
+    let url = amqp_url();
+    url.split('@')
+        .nth(1)
+        .and_then(|h| h.split('/').next())
+        .unwrap_or("127.0.0.1:5672")
+        .to_owned()
+}
+
+/// A `vigil-edge` process for this test's namespace; returns it and its WebSocket URL.
+pub fn spawn_edge_process(
+    env: &TestEnv,
+    id: &str,
+    extra: &[(&str, &str)],
+) -> (std::process::Child, String) {
+    let port = free_port();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vigil-edge"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .env("VIGIL_NAMESPACE", &env.cfg.namespace)
+        .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
+        .env("VIGIL_METRICS_LISTEN", "127.0.0.1:0")
+        .env("VIGIL_EDGE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("VIGIL_EDGE_ID", id)
+        .env("VIGIL_CLIENTS_DIR", &env.clients_dir);
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    (
+        cmd.spawn().expect("vigil-edge starts"),
+        format!("ws://127.0.0.1:{port}/v1/stream"),
+    )
+}
+
+/// Resident memory of a process, in KiB (Linux).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Wait until a WebSocket endpoint accepts connections.
+pub async fn await_listening(url: &str) {
+    let addr = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    eventually(&format!("{url} listening"), Duration::from_secs(20), || {
+        let addr = addr.clone();
+        async move { tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()) }
+    })
+    .await;
+}
+
+/// A RabbitMQ node of the test's own, on its own port, data folder and node name, so that it can
+/// be stopped and started without touching the shared broker.
+pub struct PrivateBroker {
+    pub port: u16,
+    node: String,
+    dir: PathBuf,
+    dist_port: u16,
+}
+
+impl PrivateBroker {
+    const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+    const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
+
+    pub async fn start() -> Self {
+        let tag = format!("{:08x}", rand::random::<u32>());
+        let dir = std::env::temp_dir().join(format!("vigil-rmq-{tag}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("plugins"), "[].").unwrap();
+        let b = Self {
+            port: free_port(),
+            node: format!("vigil{tag}@localhost"),
+            dir,
+            dist_port: free_port(),
+        };
+        b.boot().await;
+        b
+    }
+
+    fn env(&self, cmd: &mut std::process::Command) {
+        cmd.env("HOME", &self.dir)
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.dir.join("plugins"))
+            .env("RABBITMQ_PID_FILE", self.dir.join("pid"))
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("none"));
+    }
+
+    /// Start the node and wait until it accepts AMQP connections.
+    pub async fn boot(&self) {
+        let mut cmd = std::process::Command::new(Self::SERVER);
+        cmd.arg("-detached");
+        self.env(&mut cmd);
+        let status = cmd
+            .status()
+            .unwrap_or_else(|e| panic!("{}: {e} (Debian package rabbitmq-server)", Self::SERVER));
+        assert!(status.success());
+        let port = self.port;
+        eventually(
+            "the private broker",
+            Duration::from_secs(60),
+            || async move {
+                let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+                let b = Broker::connect(&url, "probe", BrokerMetrics::new(&Registry::new()))
+                    .await
+                    .ok()?;
+                b.close().await;
+                Some(())
+            },
+        )
+        .await;
+    }
+
+    /// Stop the node (its data stays).
+    pub fn stop(&self) {
+        let mut cmd = std::process::Command::new(Self::CTL);
+        cmd.args(["-n", &self.node, "stop"]);
+        self.env(&mut cmd);
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let mut cmd = std::process::Command::new(Self::CTL);
+        cmd.args(["-n", &self.node, "stop"]);
+        self.env(&mut cmd);
+        let _ = cmd.output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
