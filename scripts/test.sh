@@ -23,4 +23,6 @@ ensure_models "$ROOT/target/debug/vigil"
 # One test at a time: several integration tests measure throughput, latency and memory, and
 # would measure each other on a small machine.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-1}"
-exec cargo test --locked "$@"
+# Every wait inside the tests is bounded; this bounds the whole run as well, so a hang ends
+# as a failure naming the test libtest reports as running too long.
+exec timeout --kill-after=30 "${VIGIL_TEST_TIMEOUT:-2400}" cargo test --locked "$@"

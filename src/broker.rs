@@ -21,6 +21,11 @@ use crate::wire::{self, Envelope, Payload};
 pub enum BrokerError {
     #[error("cannot connect to the broker at {url}: {source}")]
     Connect { url: String, source: lapin::Error },
+    #[error(
+        "the broker at {url} did not complete the AMQP handshake within {after:?} \
+         (set connection_timeout=<ms> in the URL to change the limit)"
+    )]
+    HandshakeTimeout { url: String, after: Duration },
     #[error("broker {op} failed: {source}")]
     Amqp {
         op: &'static str,
@@ -54,21 +59,44 @@ pub struct Broker {
     metrics: BrokerMetrics,
 }
 
+/// How long one connection attempt (TCP connect and AMQP handshake) may take when the URL
+/// does not say (`?connection_timeout=<ms>`).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The limit on one connection attempt: the URL's `connection_timeout` query parameter (ms),
+/// else [`DEFAULT_HANDSHAKE_TIMEOUT`].
+pub fn handshake_timeout(url: &str) -> Duration {
+    url.parse::<lapin::uri::AMQPUri>()
+        .ok()
+        .and_then(|u| u.query.connection_timeout)
+        .map_or(DEFAULT_HANDSHAKE_TIMEOUT, Duration::from_millis)
+}
+
 impl Broker {
     /// Connect, naming the connection after the node so the management UI shows who is who.
+    ///
+    /// The attempt is bounded: a RabbitMQ node that is still booting can accept the socket
+    /// and then never finish the handshake, and an unbounded attempt would wait forever.
     pub async fn connect(
         url: &str,
         node_name: &str,
         metrics: BrokerMetrics,
     ) -> Result<Self, BrokerError> {
         let props = ConnectionProperties::default().with_connection_name(node_name.into());
-        let conn =
-            Connection::connect(url, props)
-                .await
-                .map_err(|source| BrokerError::Connect {
+        let limit = handshake_timeout(url);
+        let conn = match tokio::time::timeout(limit, Connection::connect(url, props)).await {
+            Ok(conn) => conn.map_err(|source| BrokerError::Connect {
+                url: redact_url(url),
+                source,
+            })?,
+            Err(_) => {
+                metrics.handshake_timeouts.inc();
+                return Err(BrokerError::HandshakeTimeout {
                     url: redact_url(url),
-                    source,
-                })?;
+                    after: limit,
+                });
+            }
+        };
         Ok(Self { conn, metrics })
     }
 
@@ -570,5 +598,49 @@ mod tests {
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
         assert_eq!(redact_url("amqp://127.0.0.1"), "amqp://127.0.0.1");
+    }
+
+    #[test]
+    fn the_handshake_limit_comes_from_the_url() {
+        assert_eq!(
+            handshake_timeout("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            DEFAULT_HANDSHAKE_TIMEOUT
+        );
+        assert_eq!(
+            handshake_timeout("amqp://127.0.0.1:5672/%2f?connection_timeout=1500"),
+            Duration::from_millis(1500)
+        );
+    }
+
+    /// A peer that accepts the socket and then says nothing (as a booting broker can) ends
+    /// the attempt with a clear error at the limit, and the limit is counted.
+    #[tokio::test]
+    async fn a_silent_peer_is_abandoned_at_the_handshake_limit() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut sockets = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                sockets.push(socket);
+            }
+        });
+        let registry = prometheus::Registry::new();
+        let metrics = BrokerMetrics::new(&registry);
+        let url = format!("amqp://guest:secret@127.0.0.1:{port}/%2f?connection_timeout=300");
+        let err = match Broker::connect(&url, "test", metrics.clone()).await {
+            Ok(_) => panic!("a silent peer cannot complete a handshake"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(err, BrokerError::HandshakeTimeout { after, .. } if after == Duration::from_millis(300)),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("connection_timeout") && !text.contains("secret"),
+            "{text}"
+        );
+        assert_eq!(metrics.handshake_timeouts.get(), 1);
+        held.abort();
     }
 }

@@ -71,6 +71,7 @@ pub struct BrokerMetrics {
     pub confirm_seconds: Histogram,
     pub reconnects: IntCounter,
     pub publish_failures: IntCounter,
+    pub handshake_timeouts: IntCounter,
 }
 
 impl BrokerMetrics {
@@ -91,6 +92,11 @@ impl BrokerMetrics {
                 registry,
                 "vigil_broker_publish_failures_total",
                 "Publishes that failed or were nacked by the broker",
+            ),
+            handshake_timeouts: counter(
+                registry,
+                "vigil_broker_handshake_timeouts_total",
+                "Connection attempts abandoned because the broker did not finish the handshake in time",
             ),
         }
     }

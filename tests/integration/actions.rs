@@ -21,11 +21,11 @@ fn evidence_dir(env: &TestEnv) -> PathBuf {
 
 /// `vigil audit verify` as an operator runs it.
 fn cli_verify(dir: &Path) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(["audit", "verify"])
-        .env("VIGIL_EVIDENCE_DIR", dir)
-        .output()
-        .unwrap();
+    let out = crate::support::output(
+        std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args(["audit", "verify"])
+            .env("VIGIL_EVIDENCE_DIR", dir),
+    );
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -246,7 +246,7 @@ async fn a_killed_audit_writer_loses_and_duplicates_nothing() {
         if killed_at.is_none() && log_lines(&dir) >= 30 {
             // Abruptly, mid-flow: no chance to finish what it holds.
             writer.kill().unwrap();
-            writer.wait().unwrap();
+            crate::support::exit_status(&mut writer);
             killed_at = Some(log_lines(&dir));
             writer = spawn_writer(&env, &dir);
         }
@@ -260,7 +260,7 @@ async fn a_killed_audit_writer_loses_and_duplicates_nothing() {
     // Give a duplicate every chance to show up.
     tokio::time::sleep(Duration::from_millis(500)).await;
     sigterm(&writer);
-    assert!(writer.wait().unwrap().success());
+    assert!(crate::support::exit_status(&mut writer).success());
 
     assert_eq!(
         audit::verify(&dir).unwrap(),

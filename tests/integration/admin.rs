@@ -311,17 +311,17 @@ async fn a_full_system_refuses_new_sessions_and_throttles_live_ones() {
     );
     let mut slow = _slow;
     crate::support::sigterm(&slow);
-    let _ = slow.wait();
+    crate::support::exit_status(&mut slow);
     env.teardown().await;
 }
 
 /// `vigil clients list` as an operator runs it: (id, connection) pairs.
 fn cli_list(env: &TestEnv) -> Vec<(String, String)> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(["clients", "list"])
-        .env("VIGIL_CLIENTS_DIR", &env.clients_dir)
-        .output()
-        .unwrap();
+    let out = crate::support::output(
+        std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args(["clients", "list"])
+            .env("VIGIL_CLIENTS_DIR", &env.clients_dir),
+    );
     assert!(out.status.success());
     String::from_utf8_lossy(&out.stdout)
         .lines()

@@ -140,21 +140,21 @@ async fn recorded_traffic_replays_identically_and_a_stricter_threshold_is_caught
 
     // A stricter face-match threshold: the gate reports differences and fails.
     sigterm(&w);
-    w.wait().unwrap();
+    crate::support::exit_status(&mut w);
     let mut strict = worker(&env, "models-2", "0.99");
     await_consumers(&env, 1).await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args([
-            "replay",
-            file.to_str().unwrap(),
-            "--speed",
-            "max",
-            "--compare",
-        ])
-        .env("VIGIL_NAMESPACE", &env.cfg.namespace)
-        .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
-        .output()
-        .unwrap();
+    let out = crate::support::output(
+        std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args([
+                "replay",
+                file.to_str().unwrap(),
+                "--speed",
+                "max",
+                "--compare",
+            ])
+            .env("VIGIL_NAMESPACE", &env.cfg.namespace)
+            .env("VIGIL_AMQP_URL", &env.cfg.amqp_url),
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -165,7 +165,7 @@ async fn recorded_traffic_replays_identically_and_a_stricter_threshold_is_caught
     assert!(text.contains("recorded ok now wrong_person"), "{text}");
     assert!(text.contains("differences exceed the tolerance"), "{text}");
     sigterm(&strict);
-    strict.wait().unwrap();
+    crate::support::exit_status(&mut strict);
     conn.close().await;
     env.teardown().await;
     let _ = std::fs::remove_file(&file);
@@ -213,7 +213,7 @@ async fn a_recording_stopped_with_sigint_reads_back() {
         .status()
         .unwrap();
     assert!(status.success());
-    assert!(rec.wait().unwrap().success());
+    assert!(crate::support::exit_status(&mut rec).success());
     let capture = Capture::read_file(&file).unwrap();
     let info = capture.info();
     assert_eq!(

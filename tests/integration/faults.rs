@@ -120,7 +120,7 @@ async fn a_worker_killed_mid_batch_has_its_frames_redelivered_and_nobody_sees_a_
     });
     tokio::time::sleep(Duration::from_millis(1500)).await;
     doomed.kill().unwrap(); // SIGKILL, holding up to 4 unacked frames
-    doomed.wait().unwrap();
+    crate::support::exit_status(&mut doomed);
     let report = load.await.unwrap();
 
     let (_, text) = http_get(listen.parse().unwrap(), "/metrics").await.unwrap();
@@ -154,7 +154,7 @@ async fn a_worker_killed_mid_batch_has_its_frames_redelivered_and_nobody_sees_a_
     );
     sigterm(&survivor);
     let mut survivor = survivor;
-    survivor.wait().unwrap();
+    crate::support::exit_status(&mut survivor);
     env.teardown().await;
 }
 
@@ -249,7 +249,7 @@ async fn a_thousand_idle_connections_stay_within_the_memory_budget() {
     );
     drop(conns);
     crate::support::sigterm(&edge);
-    edge.wait().unwrap();
+    crate::support::exit_status(&mut edge);
     env.teardown().await;
 }
 
@@ -318,8 +318,8 @@ async fn twice_the_capacity_for_a_minute_keeps_latency_bounded_and_memory_flat()
     );
     sigterm(&edge);
     sigterm(&worker);
-    edge.wait().unwrap();
-    worker.wait().unwrap();
+    crate::support::exit_status(&mut edge);
+    crate::support::exit_status(&mut worker);
     env.teardown().await;
 }
 
@@ -364,7 +364,7 @@ async fn poison_from_another_amqp_client_is_dead_lettered_and_nothing_crash_loop
             .expect("amqp-publish (Debian package amqp-tools) is installed");
         use std::io::Write as _;
         child.stdin.take().unwrap().write_all(body).unwrap();
-        assert!(child.wait().unwrap().success());
+        assert!(crate::support::exit_status(&mut child).success());
     }
     let broker = env.broker().await;
     let dead = env.name("dead.letters");

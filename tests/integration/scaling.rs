@@ -53,7 +53,7 @@ async fn three_workers_serve_at_least_2_5_times_one() {
         sigterm(w);
     }
     for mut w in workers {
-        assert!(w.wait().unwrap().success());
+        assert!(crate::support::exit_status(&mut w).success());
     }
     env.teardown().await;
 }
@@ -76,7 +76,7 @@ async fn a_worker_stopped_with_sigterm_loses_nothing() {
     });
     tokio::time::sleep(Duration::from_millis(1500)).await;
     sigterm(&leaving);
-    let stopped = tokio::task::spawn_blocking(move || leaving.wait().unwrap())
+    let stopped = tokio::task::spawn_blocking(move || crate::support::exit_status(&mut leaving))
         .await
         .unwrap();
     assert!(
@@ -109,6 +109,6 @@ async fn a_worker_stopped_with_sigterm_loses_nothing() {
     );
     sigterm(&staying);
     let mut staying = staying;
-    assert!(staying.wait().unwrap().success());
+    assert!(crate::support::exit_status(&mut staying).success());
     env.teardown().await;
 }

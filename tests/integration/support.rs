@@ -140,7 +140,9 @@ where
 {
     let start = Instant::now();
     loop {
-        if let Some(v) = check().await {
+        // Each check is bounded too: a check that never returns must not hang the test.
+        let left = timeout.saturating_sub(start.elapsed());
+        if let Ok(Some(v)) = tokio::time::timeout(left, check()).await {
             return v;
         }
         assert!(
@@ -237,6 +239,59 @@ pub async fn await_consumers(env: &TestEnv, n: u32) {
     )
     .await;
     broker.close().await;
+}
+
+/// How long a process given SIGTERM/SIGINT/SIGKILL, or a CLI command, may take to finish.
+pub const EXIT_LIMIT: Duration = Duration::from_secs(60);
+
+/// Wait for a child to exit, at most `EXIT_LIMIT`; one that does not is killed and the test
+/// fails saying so, rather than hanging.
+pub fn exit_status(child: &mut std::process::Child) -> std::process::ExitStatus {
+    wait_bounded(child)
+        .unwrap_or_else(|| panic!("process {} did not exit within {EXIT_LIMIT:?}", child.id()))
+}
+
+/// Wait for a child to exit, at most `EXIT_LIMIT`; past that it is killed and `None` returned.
+fn wait_bounded(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if start.elapsed() > EXIT_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Run a command to completion and collect its output, at most `EXIT_LIMIT`.
+pub fn output(cmd: &mut std::process::Command) -> std::process::Output {
+    use std::io::Read as _;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let status = exit_status(&mut child);
+    std::process::Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
 }
 
 /// Send SIGTERM to a child process.
@@ -550,24 +605,37 @@ impl PrivateBroker {
         let mut cmd = std::process::Command::new(Self::SERVER);
         cmd.arg("-detached");
         self.env(&mut cmd);
-        let status = cmd
-            .status()
-            .unwrap_or_else(|e| panic!("{}: {e} (Debian package rabbitmq-server)", Self::SERVER));
-        assert!(status.success());
-        let port = self.port;
-        eventually(
-            "the private broker",
-            Duration::from_secs(60),
-            || async move {
-                let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
-                let b = Broker::connect(&url, "probe", BrokerMetrics::new(&Registry::new()))
-                    .await
-                    .ok()?;
-                b.close().await;
-                Some(())
-            },
-        )
+        assert!(
+            self.run(cmd).is_some_and(|s| s.success()),
+            "{} -detached failed",
+            Self::SERVER
+        );
+        let url = self.url();
+        eventually("the private broker", Duration::from_secs(60), || async {
+            let b = Broker::connect(&url, "probe", BrokerMetrics::new(&Registry::new()))
+                .await
+                .ok()?;
+            b.close().await;
+            Some(())
+        })
         .await;
+    }
+
+    /// Run one of RabbitMQ's scripts, bounded by `EXIT_LIMIT`. Its output goes to a file in
+    /// the node's folder: a pipe could be held open by the daemon it starts.
+    fn run(&self, mut cmd: std::process::Command) -> Option<std::process::ExitStatus> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("scripts.log"))
+            .unwrap();
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e} (Debian package rabbitmq-server)"));
+        wait_bounded(&mut child)
     }
 
     /// Stop the node (its data stays).
@@ -575,16 +643,20 @@ impl PrivateBroker {
         let mut cmd = std::process::Command::new(Self::CTL);
         cmd.args(["-n", &self.node, "stop"]);
         self.env(&mut cmd);
-        let out = cmd.output().unwrap();
         assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+            self.run(cmd).is_some_and(|s| s.success()),
+            "rabbitmqctl stop: {}",
+            std::fs::read_to_string(self.dir.join("scripts.log")).unwrap_or_default()
         );
     }
 
+    /// The node's URL. One connection attempt is bounded well below the default: the tests
+    /// reconnect while the node boots, when it can accept a socket and never answer.
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        format!(
+            "amqp://guest:guest@127.0.0.1:{}/%2f?connection_timeout=2000",
+            self.port
+        )
     }
 }
 
@@ -593,7 +665,14 @@ impl Drop for PrivateBroker {
         let mut cmd = std::process::Command::new(Self::CTL);
         cmd.args(["-n", &self.node, "stop"]);
         self.env(&mut cmd);
-        let _ = cmd.output();
+        if !self.run(cmd).is_some_and(|s| s.success()) {
+            // The node did not stop on request: end it by its pid file.
+            if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", pid.trim()])
+                    .status();
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
