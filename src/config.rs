@@ -383,6 +383,18 @@ impl Config {
             "VIGIL_EDGE_SHUTDOWN_GRACE_MS",
             &mut e.shutdown_grace_ms,
         );
+        set(
+            env,
+            errors,
+            "VIGIL_EDGE_WS_READ_BUFFER_BYTES",
+            &mut e.ws_read_buffer_bytes,
+        );
+        set(
+            env,
+            errors,
+            "VIGIL_EDGE_WS_MAX_WRITE_BUFFER_BYTES",
+            &mut e.ws_max_write_buffer_bytes,
+        );
         set_opt(env, errors, "VIGIL_ADMIN_LISTEN", &mut e.admin_listen);
         set_opt(env, errors, "VIGIL_ADMIN_TOKEN", &mut e.admin_token);
         set(env, errors, "VIGIL_MAX_BACKLOG", &mut e.max_backlog);
@@ -617,6 +629,37 @@ mod tests {
         assert_eq!(cfg.namespace, "fromenv");
         assert_eq!(cfg.edge.max_fps, 7);
         assert_eq!(cfg.edge.id.as_deref(), Some("e1"));
+    }
+
+    /// Every variable the field docs name is read: set to "7", it changes the configuration
+    /// or is refused.
+    #[test]
+    fn every_documented_variable_is_read() {
+        let source = include_str!("config.rs");
+        let default = format!("{:?}", load(None, &[]).unwrap());
+        let mut documented: Vec<&str> = source
+            .split('[')
+            .skip(1)
+            .filter_map(|s| s.split(']').next())
+            .filter(|s| {
+                s.starts_with("VIGIL_")
+                    && s.bytes()
+                        .all(|b| b == b'_' || b.is_ascii_uppercase() || b.is_ascii_digit())
+            })
+            .collect();
+        documented.sort_unstable();
+        documented.dedup();
+        assert!(documented.len() > 20, "{documented:?}");
+        for var in documented {
+            // The defaults are valid, so a refusal can only come from the variable.
+            if let Ok(cfg) = load(None, &[(var, "7")]) {
+                assert_ne!(
+                    format!("{cfg:?}"),
+                    default,
+                    "{var} is documented but not read"
+                );
+            }
+        }
     }
 
     #[test]
