@@ -3,12 +3,11 @@
 //! with the same payload size and frames in flight, then prints both and their ratio.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use prometheus::Registry;
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
@@ -34,6 +33,8 @@ pub struct TransportBench {
     pub inflight_per_client: usize,
     pub duration: Duration,
     pub warmup: Duration,
+    /// Rounds of (vigil, bare), alternating, so drift on a shared machine hits both sides.
+    pub rounds: usize,
     /// Run only one side (for profiling); the report then holds zeros for the other.
     pub only: Option<Side>,
 }
@@ -87,6 +88,42 @@ impl Figures {
             own_cpu_us_per_frame: per_frame(cpu.own),
             broker_cpu_us_per_frame: cpu.broker.map(per_frame),
         }
+    }
+}
+
+/// One measured window of one side.
+struct Sample {
+    hist: Histogram<u64>,
+    frames: u64,
+    dropped: u64,
+    seconds: f64,
+    cpu: CpuSpent,
+}
+
+impl Sample {
+    /// Several windows of the same side, pooled: frames and seconds add up, latency
+    /// quantiles come from the merged histogram.
+    fn pool(samples: &[Sample]) -> Figures {
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+        for s in samples {
+            let _ = hist.add(&s.hist);
+        }
+        let sum = |f: fn(&Sample) -> f64| samples.iter().map(f).sum::<f64>();
+        let broker = samples.iter().map(|s| s.cpu.broker).sum::<Option<f64>>();
+        Figures::from(
+            &hist,
+            samples.iter().map(|s| s.frames).sum(),
+            samples.iter().map(|s| s.dropped).sum(),
+            sum(|s| s.seconds),
+            CpuSpent {
+                own: sum(|s| s.cpu.own),
+                broker,
+            },
+        )
+    }
+
+    fn frames_per_s(&self) -> f64 {
+        self.frames as f64 / self.seconds
     }
 }
 
@@ -148,6 +185,9 @@ pub struct TransportReport {
     pub frame_bytes: usize,
     pub vigil: Figures,
     pub bare: Figures,
+    /// Each round's (vigil, bare) frames/s.
+    pub rounds: Vec<(f64, f64)>,
+    /// The median of the rounds' ratios.
     pub throughput_ratio: f64,
     pub p50_delta_ms: f64,
 }
@@ -155,15 +195,26 @@ pub struct TransportReport {
 impl TransportReport {
     pub fn render(&self) -> String {
         format!(
-            "transport benchmark: {} clients, {} frames in flight, {}-byte frames\n\
+            "transport benchmark: {} clients, {} frames in flight, {}-byte frames, {} round(s)\n\
+             {}\
              {:<34} {:>10} {:>10} {:>10} {:>8} {:>12} {:>12}\n\
              {:<34} {:>10.0} {:>10.3} {:>10.3} {:>8} {:>12.1} {:>12}\n\
              {:<34} {:>10.0} {:>10.3} {:>10.3} {:>8} {:>12.1} {:>12}\n\
-             throughput ratio (vigil / bare): {:.3}\n\
+             throughput ratio (vigil / bare, median of rounds): {:.3}\n\
              p50 difference (vigil - bare): {:+.3} ms\n",
             self.clients,
             self.inflight_total,
             self.frame_bytes,
+            self.rounds.len(),
+            self.rounds
+                .iter()
+                .enumerate()
+                .map(|(i, (v, b))| format!(
+                    "round {}: vigil {v:.0} frames/s, bare {b:.0} frames/s, ratio {:.3}\n",
+                    i + 1,
+                    v / b
+                ))
+                .collect::<String>(),
             "path",
             "frames/s",
             "p50 ms",
@@ -208,26 +259,58 @@ fn setup<E: std::fmt::Display>(e: E) -> BenchError {
 pub async fn transport(b: &TransportBench) -> Result<TransportReport, BenchError> {
     let jpeg = Arc::new(inference::synthetic_jpeg(320, 240, 42, b.frame_bytes));
     let inflight_total = b.clients * b.inflight_per_client;
-    let vigil = match b.only {
-        Some(Side::Bare) => Figures::empty(),
-        _ => vigil_side(b, jpeg.clone()).await?,
-    };
-    let bare = match b.only {
-        Some(Side::Vigil) => Figures::empty(),
-        _ => bare_side(b, jpeg.len(), inflight_total).await?,
-    };
+    let (mut vigil, mut bare) = (Vec::new(), Vec::new());
+    for round in 0..b.rounds.max(1) {
+        // Alternate which side goes first, so neither always runs on a warmer machine.
+        let sides = if round % 2 == 0 {
+            [Side::Vigil, Side::Bare]
+        } else {
+            [Side::Bare, Side::Vigil]
+        };
+        for side in sides {
+            if b.only.is_some_and(|only| only != side) {
+                continue;
+            }
+            match side {
+                Side::Vigil => vigil.push(vigil_side(b, jpeg.clone()).await?),
+                Side::Bare => bare.push(bare_side(b, jpeg.len(), inflight_total).await?),
+            }
+        }
+    }
+    let rounds: Vec<(f64, f64)> = (0..vigil.len().max(bare.len()))
+        .map(|i| {
+            let fps = |s: &[Sample]| s.get(i).map_or(0.0, Sample::frames_per_s);
+            (fps(&vigil), fps(&bare))
+        })
+        .collect();
+    let mut ratios: Vec<f64> = rounds.iter().map(|(v, b)| v / b).collect();
+    ratios.sort_by(f64::total_cmp);
+    let throughput_ratio = ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN);
+    let (vigil, bare) = (
+        if vigil.is_empty() {
+            Figures::empty()
+        } else {
+            Sample::pool(&vigil)
+        },
+        if bare.is_empty() {
+            Figures::empty()
+        } else {
+            Sample::pool(&bare)
+        },
+    );
     Ok(TransportReport {
         clients: b.clients,
         inflight_total,
         frame_bytes: jpeg.len(),
-        throughput_ratio: vigil.frames_per_s / bare.frames_per_s,
+        rounds,
+        throughput_ratio,
         p50_delta_ms: vigil.p50_ms - bare.p50_ms,
         vigil,
         bare,
     })
 }
 
-async fn vigil_side(b: &TransportBench, jpeg: Arc<Vec<u8>>) -> Result<Figures, BenchError> {
+async fn vigil_side(b: &TransportBench, jpeg: Arc<Vec<u8>>) -> Result<Sample, BenchError> {
     let namespace = format!("bench-{:08x}", rand::random::<u32>());
     let clients_dir = std::env::temp_dir().join(format!("{namespace}-clients"));
     let store = FolderStore::open(&clients_dir).map_err(setup)?;
@@ -261,11 +344,6 @@ async fn vigil_side(b: &TransportBench, jpeg: Arc<Vec<u8>>) -> Result<Figures, B
         .map_err(setup)?;
     let url = edge.url();
 
-    let hist = Arc::new(Mutex::new(
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
-    ));
-    let done = Arc::new(AtomicU64::new(0));
-    let dropped = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
@@ -273,81 +351,70 @@ async fn vigil_side(b: &TransportBench, jpeg: Arc<Vec<u8>>) -> Result<Figures, B
         let (conn, _) = Connection::connect(&url, &format!("bench-{i}"), token, Encoding::MsgPack)
             .await
             .map_err(setup)?;
-        let (mut tx, mut rx) = conn.split();
-        let (jpeg, hist, done, dropped, measuring, stop) = (
-            jpeg.clone(),
-            hist.clone(),
-            done.clone(),
-            dropped.clone(),
-            measuring.clone(),
-            stop.clone(),
-        );
+        let (jpeg, measuring, stop) = (jpeg.clone(), measuring.clone(), stop.clone());
         let inflight = b.inflight_per_client;
         let period = (b.fps > 0).then(|| Duration::from_secs_f64(1.0 / b.fps as f64));
+        // One task per client, like a real client: closed loop (keep `inflight` frames
+        // outstanding) or open loop (send at `fps`).
         tasks.push(tokio::spawn(async move {
-            let sent_at = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<u64, Instant>::new()));
-            let (credit_tx, mut credit_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-            let sent = sent_at.clone();
-            let reader = tokio::spawn(async move {
-                while let Some(Ok(Incoming::Msg(msg))) = rx.recv().await {
-                    let (seq, ok) = match msg {
-                        ServerMsg::Result { seq, .. } => (seq, true),
-                        ServerMsg::Dropped { seq, .. } => (seq, false),
-                        _ => continue,
-                    };
-                    let t = sent.lock().expect("lock").remove(&seq);
-                    if measuring.load(Ordering::Relaxed) {
-                        if ok {
-                            if let Some(t) = t {
-                                let _ = hist.lock().await.record(t.elapsed().as_micros() as u64);
-                            }
-                            done.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            dropped.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    let _ = credit_tx.send(());
-                }
-            });
+            let mut conn = conn;
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let (mut done, mut dropped) = (0u64, 0u64);
+            let mut sent_at = std::collections::HashMap::<u64, Instant>::new();
             let mut seq = 0u64;
-            let mut next = Instant::now();
-            // Closed loop: keep `inflight` frames outstanding. Open loop: send at `fps`.
-            let mut credits = inflight;
+            let mut next = tokio::time::Instant::now();
+            let mut credits = if period.is_none() { inflight } else { 0 };
             loop {
-                if stop.is_cancelled() {
-                    break;
+                while credits > 0 {
+                    credits -= 1;
+                    seq += 1;
+                    sent_at.insert(seq, Instant::now());
+                    if conn
+                        .send_frame(seq, crate::wire::now_ms(), &jpeg)
+                        .await
+                        .is_err()
+                    {
+                        return (hist, done, dropped);
+                    }
                 }
-                match period {
-                    None => {
-                        while credits == 0 {
-                            tokio::select! {
-                                _ = stop.cancelled() => break,
-                                c = credit_rx.recv() => if c.is_none() { break } else { credits += 1 },
+                let tick = async {
+                    match period {
+                        Some(_) => tokio::time::sleep_until(next).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick => {
+                        next += period.expect("open loop");
+                        credits = 1;
+                    }
+                    msg = conn.recv() => {
+                        let Some(Ok(Incoming::Msg(msg))) = msg else { break };
+                        let (seq, ok) = match msg {
+                            ServerMsg::Result { seq, .. } => (seq, true),
+                            ServerMsg::Dropped { seq, .. } => (seq, false),
+                            _ => continue,
+                        };
+                        let t = sent_at.remove(&seq);
+                        if measuring.load(Ordering::Relaxed) {
+                            if ok {
+                                if let Some(t) = t {
+                                    let _ = hist.record(t.elapsed().as_micros() as u64);
+                                }
+                                done += 1;
+                            } else {
+                                dropped += 1;
                             }
                         }
-                        if stop.is_cancelled() {
-                            break;
+                        if period.is_none() {
+                            credits = 1;
                         }
-                        credits -= 1;
                     }
-                    Some(p) => {
-                        next += p;
-                        tokio::select! {
-                            _ = stop.cancelled() => break,
-                            _ = tokio::time::sleep_until(next.into()) => {}
-                        }
-                        while credit_rx.try_recv().is_ok() {}
-                    }
-                }
-                seq += 1;
-                sent_at.lock().expect("lock").insert(seq, Instant::now());
-                if tx.send_frame(seq, crate::wire::now_ms(), &jpeg).await.is_err() {
-                    break;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            reader.abort();
-            tx.close().await;
+            conn.close().await;
+            (hist, done, dropped)
         }));
     }
     tokio::time::sleep(b.warmup).await;
@@ -359,22 +426,27 @@ async fn vigil_side(b: &TransportBench, jpeg: Arc<Vec<u8>>) -> Result<Figures, B
     let cpu = CpuClock::now().since(cpu_start);
     let seconds = started.elapsed().as_secs_f64();
     stop.cancel();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let (mut done, mut dropped) = (0u64, 0u64);
     for t in tasks {
-        let _ = t.await;
+        if let Ok((h, d, x)) = t.await {
+            let _ = hist.add(&h);
+            done += d;
+            dropped += x;
+        }
     }
     shutdown.cancel();
     let _ = edge.join().await;
     let _ = worker.join().await;
     cleanup(&cfg.amqp_url, &namespace, &cfg).await;
     let _ = std::fs::remove_dir_all(&clients_dir);
-    let hist = hist.lock().await;
-    Ok(Figures::from(
-        &hist,
-        done.load(Ordering::Relaxed),
-        dropped.load(Ordering::Relaxed),
+    Ok(Sample {
+        hist,
+        frames: done,
+        dropped,
         seconds,
         cpu,
-    ))
+    })
 }
 
 async fn cleanup(url: &str, namespace: &str, cfg: &Config) {
@@ -395,7 +467,7 @@ async fn bare_side(
     b: &TransportBench,
     payload_len: usize,
     inflight: usize,
-) -> Result<Figures, BenchError> {
+) -> Result<Sample, BenchError> {
     let ns = format!("bench-bare-{:08x}", rand::random::<u32>());
     let work = format!("{ns}.work");
     let reply = format!("{ns}.reply");
@@ -519,7 +591,13 @@ async fn bare_side(
     let _ = client.delete(&topo).await;
     client.close().await;
     server.close().await;
-    Ok(Figures::from(&hist, frames, 0, seconds, cpu))
+    Ok(Sample {
+        hist,
+        frames,
+        dropped: 0,
+        seconds,
+        cpu,
+    })
 }
 
 /// Parameters of `vigil bench models`.

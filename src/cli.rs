@@ -346,11 +346,14 @@ pub enum BenchCmd {
         /// Frames in flight per client.
         #[arg(long, default_value_t = 2)]
         inflight: usize,
-        /// Measured seconds (after warm-up).
-        #[arg(long, default_value_t = 10)]
+        /// Measured seconds (after warm-up), per side and round.
+        #[arg(long, default_value_t = 5)]
         seconds: u64,
         #[arg(long, default_value_t = 2)]
         warmup_seconds: u64,
+        /// Rounds of (vigil, bare), alternating which goes first; the ratio is the median.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Run only one side, for profiling.
         #[arg(long, value_enum)]
         only: Option<crate::bench::Side>,
@@ -779,6 +782,7 @@ async fn bench(cfg: &Config, which: BenchCmd) -> Result<(), CliError> {
             inflight,
             seconds,
             warmup_seconds,
+            rounds,
             only,
             json,
         } => {
@@ -790,6 +794,7 @@ async fn bench(cfg: &Config, which: BenchCmd) -> Result<(), CliError> {
                 inflight_per_client: inflight,
                 duration: Duration::from_secs(seconds),
                 warmup: Duration::from_secs(warmup_seconds),
+                rounds,
                 only,
             };
             let report = crate::bench::transport(&b).await.map_err(fail)?;
