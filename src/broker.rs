@@ -555,6 +555,21 @@ impl Delivery {
         self.inner.exchange.as_str()
     }
 
+    /// The channel's delivery tag: increasing in delivery order.
+    pub fn tag(&self) -> u64 {
+        self.inner.delivery_tag
+    }
+
+    /// Ack this delivery and every earlier unacked one on its channel, in one frame.
+    pub async fn ack_up_to(&self) -> Result<(), BrokerError> {
+        self.inner
+            .acker
+            .ack(BasicAckOptions { multiple: true })
+            .await
+            .map(|_| ())
+            .map_err(amqp("basic.ack"))
+    }
+
     pub async fn ack(&self) -> Result<(), BrokerError> {
         self.inner
             .acker

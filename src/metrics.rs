@@ -272,6 +272,7 @@ pub struct WorkerMetrics {
     pub batch_size: Histogram,
     pub inflight: IntGauge,
     pub redelivered: IntCounter,
+    pub acks: IntCounter,
 }
 
 impl WorkerMetrics {
@@ -281,6 +282,11 @@ impl WorkerMetrics {
                 registry,
                 "vigil_worker_frames_consumed_total",
                 "Frame events taken from the work queue",
+            ),
+            acks: counter(
+                registry,
+                "vigil_worker_acks_total",
+                "basic.ack frames sent; each covers every confirmed frame up to its tag",
             ),
             frames_analyzed: counter(
                 registry,

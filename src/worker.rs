@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt as _, StreamExt as _};
 use prometheus::Registry;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -226,16 +226,26 @@ async fn consume(
     let mut consumer = broker
         .consume(work_queue, &ctx.worker_id, cfg.worker.prefetch, true)
         .await?;
-    // At most `prefetch` deliveries are unacked, so this set is bounded by the broker.
+    // At most `prefetch` deliveries are unacked, so this set and `acks` are bounded by the
+    // broker.
     let mut inflight = FuturesUnordered::new();
+    let mut acks = Acks::default();
     let result = loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
-            Some(()) = inflight.next(), if !inflight.is_empty() => {}
+            Some((delivery, ack)) = inflight.next(), if !inflight.is_empty() => {
+                acks.done(delivery, ack);
+                // Everything else that finished by now goes into the same ack.
+                while let Some(Some((delivery, ack))) = inflight.next().now_or_never() {
+                    acks.done(delivery, ack);
+                }
+                acks.flush(&ctx.metrics).await;
+            }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     ctx.metrics.inflight.inc();
+                    acks.received(delivery.tag());
                     inflight.push(handle(ctx.clone(), publisher.clone(), delivery));
                 }
                 Some(Err(e)) => break Err(e.into()),
@@ -248,8 +258,13 @@ async fn consume(
         // is still unacked after the grace period goes back to the queue with the channel.
         let _ = consumer.cancel().await;
         let grace = Duration::from_millis(cfg.worker.shutdown_grace_ms);
-        let drained =
-            tokio::time::timeout(grace, async { while inflight.next().await.is_some() {} }).await;
+        let drained = tokio::time::timeout(grace, async {
+            while let Some((delivery, ack)) = inflight.next().await {
+                acks.done(delivery, ack);
+                acks.flush(&ctx.metrics).await;
+            }
+        })
+        .await;
         if drained.is_err() {
             tracing::warn!(
                 left = inflight.len(),
@@ -262,17 +277,21 @@ async fn consume(
     result
 }
 
-/// Process one delivery to its end: ack, requeue or dead-letter.
-async fn handle(ctx: Arc<Ctx>, publisher: Arc<Publisher>, delivery: Delivery) {
+/// Process one delivery to its end. Requeues and dead-letters are settled here; a frame whose
+/// reply is confirmed comes back marked for the (coalesced) ack.
+async fn handle(ctx: Arc<Ctx>, publisher: Arc<Publisher>, delivery: Delivery) -> (Delivery, bool) {
     ctx.metrics.frames_consumed.inc();
     if delivery.redelivered() {
         ctx.metrics.redelivered.inc();
     }
-    process(&ctx, &publisher, delivery).await;
+    let ack = process(&ctx, &publisher, &delivery).await;
     ctx.metrics.inflight.dec();
+    (delivery, ack)
 }
 
-async fn process(ctx: &Ctx, publisher: &Publisher, delivery: Delivery) {
+/// True when the frame is answered and confirmed and wants its ack; false when it is settled
+/// already (dead-lettered or requeued).
+async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool {
     let env = match Envelope::decode(delivery.data()) {
         Ok(env) => env,
         Err(e) => {
@@ -281,7 +300,8 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: Delivery) {
                 .with_label_values(&["envelope"])
                 .inc();
             tracing::warn!(error = %e, bytes = delivery.data().len(), "malformed event, dead-lettering");
-            return dead_letter(ctx, &delivery, "malformed").await;
+            dead_letter(ctx, delivery, "malformed").await;
+            return false;
         }
     };
     let Payload::Frame(frame) = env.payload else {
@@ -289,7 +309,8 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: Delivery) {
             kind = env.payload.kind(),
             "unexpected event on the work queue, dead-lettering"
         );
-        return dead_letter(ctx, &delivery, "unexpected_payload").await;
+        dead_letter(ctx, delivery, "unexpected_payload").await;
+        return false;
     };
     let span = tracing::debug_span!(
         "frame",
@@ -331,7 +352,7 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: Delivery) {
                 &ctx.replies_exchange,
                 &routing_key,
                 &out,
-                &delivery,
+                delivery,
                 Settle::Ack,
             )
             .await;
@@ -372,7 +393,7 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: Delivery) {
                     &ctx.replies_exchange,
                     &routing_key,
                     &out,
-                    &delivery,
+                    delivery,
                     Settle::Ack,
                 )
                 .await
@@ -390,7 +411,7 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: Delivery) {
                     &ctx.replies_exchange,
                     &routing_key,
                     &out,
-                    &delivery,
+                    delivery,
                     Settle::DeadLetter,
                 )
                 .await
@@ -398,6 +419,7 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: Delivery) {
             Err(AnalyzeError::Internal(detail)) if !delivery.redelivered() => {
                 tracing::warn!(%detail, "analysis failed; requeueing once");
                 let _ = delivery.requeue().await;
+                false
             }
             Err(AnalyzeError::Internal(detail)) => {
                 tracing::error!(%detail, "analysis failed twice; dead-lettering");
@@ -411,7 +433,7 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: Delivery) {
                     &ctx.replies_exchange,
                     &routing_key,
                     &out,
-                    &delivery,
+                    delivery,
                     Settle::DeadLetter,
                 )
                 .await
@@ -460,8 +482,9 @@ enum Settle {
     DeadLetter,
 }
 
-/// Publish the reply, wait for its confirm, then settle the frame. If the reply cannot be
-/// confirmed, the frame is requeued so another attempt answers it.
+/// Publish the reply and wait for its confirm. Then a dead-letter is settled here, and an ack
+/// is asked of the caller (true). If the reply cannot be confirmed, the frame is requeued so
+/// another attempt answers it.
 async fn settle(
     publisher: &Publisher,
     exchange: &str,
@@ -469,13 +492,13 @@ async fn settle(
     reply: &Envelope,
     delivery: &Delivery,
     settle: Settle,
-) {
+) -> bool {
     let confirmed = match publisher.publish(exchange, routing_key, reply).await {
         Ok(confirm) => confirm.wait().await,
         Err(e) => Err(e),
     };
     let outcome = match (confirmed, settle) {
-        (Ok(()), Settle::Ack) => delivery.ack().await,
+        (Ok(()), Settle::Ack) => return true,
         (Ok(()), Settle::DeadLetter) => delivery.dead_letter().await,
         (Err(e), _) => {
             tracing::warn!(error = %e, "reply not confirmed; requeueing the frame");
@@ -485,6 +508,49 @@ async fn settle(
     if let Err(e) = outcome {
         // The channel is gone; the broker requeues the frame itself.
         tracing::debug!(error = %e, "could not settle delivery");
+    }
+    false
+}
+
+/// Acks, coalesced. Deliveries are tracked by tag from arrival; once every delivery up to some
+/// tag is settled, one `basic.ack` with `multiple` covers the confirmed ones among them. An ack
+/// never covers a frame whose reply is not confirmed yet, so "ack after confirm" holds.
+#[derive(Default)]
+struct Acks {
+    /// Tag → `None` while in flight, `Some(Some(delivery))` confirmed and waiting for the
+    /// ack, `Some(None)` settled otherwise (dead-lettered or requeued).
+    tags: std::collections::BTreeMap<u64, Option<Option<Delivery>>>,
+}
+
+impl Acks {
+    fn received(&mut self, tag: u64) {
+        self.tags.insert(tag, None);
+    }
+
+    fn done(&mut self, delivery: Delivery, ack: bool) {
+        let tag = delivery.tag();
+        self.tags
+            .insert(tag, Some(if ack { Some(delivery) } else { None }));
+    }
+
+    /// Ack everything that can be acked now, in one frame.
+    async fn flush(&mut self, metrics: &crate::metrics::WorkerMetrics) {
+        let mut last = None;
+        while let Some(entry) = self.tags.first_entry() {
+            if entry.get().is_none() {
+                break;
+            }
+            if let Some(Some(delivery)) = entry.remove() {
+                last = Some(delivery);
+            }
+        }
+        if let Some(delivery) = last {
+            metrics.acks.inc();
+            if let Err(e) = delivery.ack_up_to().await {
+                // The channel is gone; the broker requeues the frames itself.
+                tracing::debug!(error = %e, "could not ack");
+            }
+        }
     }
 }
 

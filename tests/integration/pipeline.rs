@@ -120,6 +120,16 @@ async fn three_clients_two_workers_one_answer_per_frame() {
     for (i, registry) in env.worker_registries.iter().enumerate() {
         let n = metric(registry, "vigil_worker_frames_analyzed_total", None);
         assert!(n > 0.0, "worker {i} analysed nothing");
+        // Acks are coalesced: one basic.ack covers every confirmed frame up to its tag. With a
+        // prefetch far below the frames each worker took, consumption only went on because
+        // acks did.
+        let consumed = metric(registry, "vigil_worker_frames_consumed_total", None);
+        let acks = metric(registry, "vigil_worker_acks_total", None);
+        println!("worker {i}: {consumed} frames consumed, {acks} ack frames");
+        assert!(
+            acks >= 1.0 && acks <= consumed,
+            "{acks} acks for {consumed} frames"
+        );
     }
     let delivered = metric(
         &env.edge_registries[0],
