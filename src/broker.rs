@@ -525,6 +525,14 @@ impl Consumer {
             .map_err(amqp("basic.cancel"))
     }
 
+    /// Ack the delivery `tag` and every earlier unacked one of this consumer, in one frame.
+    pub async fn ack_up_to(&self, tag: u64) -> Result<(), BrokerError> {
+        self.channel
+            .basic_ack(tag, BasicAckOptions { multiple: true })
+            .await
+            .map_err(amqp("basic.ack"))
+    }
+
     /// Close the channel; the broker requeues whatever is still unacked.
     pub async fn close(&self) {
         let _ = self.channel.close(200, "bye".into()).await;
@@ -558,16 +566,6 @@ impl Delivery {
     /// The channel's delivery tag: increasing in delivery order.
     pub fn tag(&self) -> u64 {
         self.inner.delivery_tag
-    }
-
-    /// Ack this delivery and every earlier unacked one on its channel, in one frame.
-    pub async fn ack_up_to(&self) -> Result<(), BrokerError> {
-        self.inner
-            .acker
-            .ack(BasicAckOptions { multiple: true })
-            .await
-            .map(|_| ())
-            .map_err(amqp("basic.ack"))
     }
 
     pub async fn ack(&self) -> Result<(), BrokerError> {

@@ -18,7 +18,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::analyzer::{self, AnalyzeError, Analyzed, Analyzer, FrameInput};
-use crate::broker::{Broker, BrokerError, Delivery, Publisher};
+use crate::broker::{Broker, BrokerError, Consumer, Delivery, Publisher};
 use crate::config::Config;
 use crate::metrics::{BrokerMetrics, WorkerMetrics};
 use crate::telemetry::{self, Health};
@@ -234,13 +234,13 @@ async fn consume(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
-            Some((delivery, ack)) = inflight.next(), if !inflight.is_empty() => {
-                acks.done(delivery, ack);
+            Some((tag, ack)) = inflight.next(), if !inflight.is_empty() => {
+                acks.done(tag, ack);
                 // Everything else that finished by now goes into the same ack.
-                while let Some(Some((delivery, ack))) = inflight.next().now_or_never() {
-                    acks.done(delivery, ack);
+                while let Some(Some((tag, ack))) = inflight.next().now_or_never() {
+                    acks.done(tag, ack);
                 }
-                acks.flush(&ctx.metrics).await;
+                acks.flush(&consumer, &ctx.metrics).await;
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
@@ -259,9 +259,9 @@ async fn consume(
         let _ = consumer.cancel().await;
         let grace = Duration::from_millis(cfg.worker.shutdown_grace_ms);
         let drained = tokio::time::timeout(grace, async {
-            while let Some((delivery, ack)) = inflight.next().await {
-                acks.done(delivery, ack);
-                acks.flush(&ctx.metrics).await;
+            while let Some((tag, ack)) = inflight.next().await {
+                acks.done(tag, ack);
+                acks.flush(&consumer, &ctx.metrics).await;
             }
         })
         .await;
@@ -279,14 +279,14 @@ async fn consume(
 
 /// Process one delivery to its end. Requeues and dead-letters are settled here; a frame whose
 /// reply is confirmed comes back marked for the (coalesced) ack.
-async fn handle(ctx: Arc<Ctx>, publisher: Arc<Publisher>, delivery: Delivery) -> (Delivery, bool) {
+async fn handle(ctx: Arc<Ctx>, publisher: Arc<Publisher>, delivery: Delivery) -> (u64, bool) {
     ctx.metrics.frames_consumed.inc();
     if delivery.redelivered() {
         ctx.metrics.redelivered.inc();
     }
     let ack = process(&ctx, &publisher, &delivery).await;
     ctx.metrics.inflight.dec();
-    (delivery, ack)
+    (delivery.tag(), ack)
 }
 
 /// True when the frame is answered and confirmed and wants its ack; false when it is settled
@@ -517,9 +517,9 @@ async fn settle(
 /// never covers a frame whose reply is not confirmed yet, so "ack after confirm" holds.
 #[derive(Default)]
 struct Acks {
-    /// Tag → `None` while in flight, `Some(Some(delivery))` confirmed and waiting for the
-    /// ack, `Some(None)` settled otherwise (dead-lettered or requeued).
-    tags: std::collections::BTreeMap<u64, Option<Option<Delivery>>>,
+    /// Tag → `None` while in flight, `Some(true)` confirmed and waiting for the ack,
+    /// `Some(false)` settled otherwise (dead-lettered or requeued).
+    tags: std::collections::BTreeMap<u64, Option<bool>>,
 }
 
 impl Acks {
@@ -527,26 +527,23 @@ impl Acks {
         self.tags.insert(tag, None);
     }
 
-    fn done(&mut self, delivery: Delivery, ack: bool) {
-        let tag = delivery.tag();
-        self.tags
-            .insert(tag, Some(if ack { Some(delivery) } else { None }));
+    fn done(&mut self, tag: u64, ack: bool) {
+        self.tags.insert(tag, Some(ack));
     }
 
     /// Ack everything that can be acked now, in one frame.
-    async fn flush(&mut self, metrics: &crate::metrics::WorkerMetrics) {
+    async fn flush(&mut self, consumer: &Consumer, metrics: &crate::metrics::WorkerMetrics) {
         let mut last = None;
         while let Some(entry) = self.tags.first_entry() {
-            if entry.get().is_none() {
-                break;
-            }
-            if let Some(Some(delivery)) = entry.remove() {
-                last = Some(delivery);
+            let Some(ack) = *entry.get() else { break };
+            let (tag, _) = entry.remove_entry();
+            if ack {
+                last = Some(tag);
             }
         }
-        if let Some(delivery) = last {
+        if let Some(tag) = last {
             metrics.acks.inc();
-            if let Err(e) = delivery.ack_up_to().await {
+            if let Err(e) = consumer.ack_up_to(tag).await {
                 // The channel is gone; the broker requeues the frames itself.
                 tracing::debug!(error = %e, "could not ack");
             }

@@ -638,13 +638,18 @@ impl PrivateBroker {
         wait_bounded(&mut child)
     }
 
-    /// Stop the node (its data stays).
-    pub fn stop(&self) {
+    /// `rabbitmqctl stop`, bounded; true when the node stopped.
+    fn ctl_stop(&self) -> bool {
         let mut cmd = std::process::Command::new(Self::CTL);
         cmd.args(["-n", &self.node, "stop"]);
         self.env(&mut cmd);
+        self.run(cmd).is_some_and(|s| s.success())
+    }
+
+    /// Stop the node (its data stays).
+    pub fn stop(&self) {
         assert!(
-            self.run(cmd).is_some_and(|s| s.success()),
+            self.ctl_stop(),
             "rabbitmqctl stop: {}",
             std::fs::read_to_string(self.dir.join("scripts.log")).unwrap_or_default()
         );
@@ -662,10 +667,7 @@ impl PrivateBroker {
 
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
-        let mut cmd = std::process::Command::new(Self::CTL);
-        cmd.args(["-n", &self.node, "stop"]);
-        self.env(&mut cmd);
-        if !self.run(cmd).is_some_and(|s| s.success()) {
+        if !self.ctl_stop() {
             // The node did not stop on request: end it by its pid file.
             if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
                 let _ = std::process::Command::new("kill")
