@@ -10,12 +10,12 @@ use hdrhistogram::Histogram;
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Publisher};
 use crate::config::Config;
 use crate::directory::{ClientRecord, ClientStore, FolderStore};
 use crate::edge::{self, client::Connection, client::Incoming};
 use crate::metrics::BrokerMetrics;
-use crate::topology::{QueueRole, QueueSpec, Topology};
+use crate::topology::{NodeKind, QueueRole, QueueSpec, Topology};
 use crate::wire::client::{Encoding, ServerMsg};
 use crate::{inference, worker};
 
@@ -39,11 +39,21 @@ pub struct TransportBench {
     pub only: Option<Side>,
 }
 
-/// The two halves of the transport benchmark.
+/// The paths the transport benchmark measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Side {
+    /// WebSocket clients → edge → RabbitMQ → `frame-info` worker → edge → clients.
     Vigil,
+    /// A bare lapin loop through the default exchange, with bare message properties: the
+    /// baseline the throughput target is set against.
     Bare,
+    /// The same bare loop through Vigil's own broker topology: frames into the `frames`
+    /// fanout exchange and its work queue (TTL, max length, dead-lettering), replies through
+    /// the `replies` topic exchange to a per-edge queue, and every message with an event's
+    /// properties (id, timestamp, type, expiration). What is left between this and `vigil`
+    /// is the cost of Vigil's own code; between this and `bare`, the broker's cost of the
+    /// topology.
+    BareRouted,
 }
 
 /// One side's figures.
@@ -185,60 +195,95 @@ pub struct TransportReport {
     pub frame_bytes: usize,
     pub vigil: Figures,
     pub bare: Figures,
-    /// Each round's (vigil, bare) frames/s.
-    pub rounds: Vec<(f64, f64)>,
-    /// The median of the rounds' ratios.
+    pub bare_routed: Figures,
+    /// Each round's frames/s of every side (0 for a side not run).
+    pub rounds: Vec<Round>,
+    /// Vigil over the bare loop: the median of the rounds' ratios.
     pub throughput_ratio: f64,
+    /// Vigil over the bare loop through Vigil's topology: the median of the rounds' ratios.
+    pub routed_ratio: f64,
+    /// Vigil's p50 minus the bare loop's.
     pub p50_delta_ms: f64,
+}
+
+/// One round's frames/s per side.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Round {
+    pub vigil: f64,
+    pub bare: f64,
+    pub bare_routed: f64,
+}
+
+/// The median of `f` over the rounds where both sides ran.
+fn median_ratio(rounds: &[Round], f: impl Fn(&Round) -> (f64, f64)) -> f64 {
+    let mut ratios: Vec<f64> = rounds
+        .iter()
+        .map(&f)
+        .filter(|(a, b)| *a > 0.0 && *b > 0.0)
+        .map(|(a, b)| a / b)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 impl TransportReport {
     pub fn render(&self) -> String {
-        format!(
-            "transport benchmark: {} clients, {} frames in flight, {}-byte frames, {} round(s)\n\
-             {}\
-             {:<34} {:>10} {:>10} {:>10} {:>8} {:>12} {:>12}\n\
-             {:<34} {:>10.0} {:>10.3} {:>10.3} {:>8} {:>12.1} {:>12}\n\
-             {:<34} {:>10.0} {:>10.3} {:>10.3} {:>8} {:>12.1} {:>12}\n\
-             throughput ratio (vigil / bare, median of rounds): {:.3}\n\
-             p50 difference (vigil - bare): {:+.3} ms\n",
+        use std::fmt::Write as _;
+        let mut out = format!(
+            "transport benchmark: {} clients, {} frames in flight, {}-byte frames, {} round(s)\n",
             self.clients,
             self.inflight_total,
             self.frame_bytes,
             self.rounds.len(),
-            self.rounds
-                .iter()
-                .enumerate()
-                .map(|(i, (v, b))| format!(
-                    "round {}: vigil {v:.0} frames/s, bare {b:.0} frames/s, ratio {:.3}\n",
-                    i + 1,
-                    v / b
-                ))
-                .collect::<String>(),
-            "path",
-            "frames/s",
-            "p50 ms",
-            "p99 ms",
-            "dropped",
-            "cpu us/frame",
-            "broker us/fr",
-            "vigil (ws → edge → mq → worker)",
-            self.vigil.frames_per_s,
-            self.vigil.p50_ms,
-            self.vigil.p99_ms,
-            self.vigil.dropped,
-            self.vigil.own_cpu_us_per_frame,
-            fmt_opt(self.vigil.broker_cpu_us_per_frame),
-            "bare lapin loop (mq → consumer)",
-            self.bare.frames_per_s,
-            self.bare.p50_ms,
-            self.bare.p99_ms,
-            self.bare.dropped,
-            self.bare.own_cpu_us_per_frame,
-            fmt_opt(self.bare.broker_cpu_us_per_frame),
-            self.throughput_ratio,
-            self.p50_delta_ms,
-        )
+        );
+        for (i, r) in self.rounds.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "round {}: vigil {:.0}, bare {:.0}, bare routed {:.0} frames/s",
+                i + 1,
+                r.vigil,
+                r.bare,
+                r.bare_routed
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{:<40} {:>9} {:>9} {:>9} {:>8} {:>12} {:>12}",
+            "path", "frames/s", "p50 ms", "p99 ms", "dropped", "cpu us/frame", "broker us/fr"
+        );
+        for (name, f) in [
+            ("vigil (ws → edge → mq → worker → ws)", &self.vigil),
+            ("bare lapin loop (default exchange)", &self.bare),
+            ("bare lapin loop (vigil's exchanges)", &self.bare_routed),
+        ] {
+            let _ = writeln!(
+                out,
+                "{:<40} {:>9.0} {:>9.3} {:>9.3} {:>8} {:>12.1} {:>12}",
+                name,
+                f.frames_per_s,
+                f.p50_ms,
+                f.p99_ms,
+                f.dropped,
+                f.own_cpu_us_per_frame,
+                fmt_opt(f.broker_cpu_us_per_frame),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "throughput ratio (vigil / bare, median of rounds): {:.3}",
+            self.throughput_ratio
+        );
+        let _ = writeln!(
+            out,
+            "throughput ratio (vigil / bare through vigil's exchanges): {:.3}",
+            self.routed_ratio
+        );
+        let _ = writeln!(
+            out,
+            "p50 difference (vigil - bare): {:+.3} ms",
+            self.p50_delta_ms
+        );
+        out
     }
 }
 
@@ -259,54 +304,51 @@ fn setup<E: std::fmt::Display>(e: E) -> BenchError {
 pub async fn transport(b: &TransportBench) -> Result<TransportReport, BenchError> {
     let jpeg = Arc::new(inference::synthetic_jpeg(320, 240, 42, b.frame_bytes));
     let inflight_total = b.clients * b.inflight_per_client;
-    let (mut vigil, mut bare) = (Vec::new(), Vec::new());
+    let (mut vigil, mut bare, mut routed) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rounds = Vec::new();
+    let order = [Side::Vigil, Side::Bare, Side::BareRouted];
     for round in 0..b.rounds.max(1) {
-        // Alternate which side goes first, so neither always runs on a warmer machine.
-        let sides = if round % 2 == 0 {
-            [Side::Vigil, Side::Bare]
-        } else {
-            [Side::Bare, Side::Vigil]
-        };
-        for side in sides {
+        // Rotate which side goes first, so none always runs on a warmer (or busier) machine.
+        let mut r = Round::default();
+        for i in 0..order.len() {
+            let side = order[(i + round) % order.len()];
             if b.only.is_some_and(|only| only != side) {
                 continue;
             }
-            match side {
-                Side::Vigil => vigil.push(vigil_side(b, jpeg.clone()).await?),
-                Side::Bare => bare.push(bare_side(b, jpeg.len(), inflight_total).await?),
-            }
+            let sample = match side {
+                Side::Vigil => vigil_side(b, jpeg.clone()).await?,
+                Side::Bare => bare_side(b, jpeg.len(), inflight_total, Route::Default).await?,
+                Side::BareRouted => bare_side(b, jpeg.len(), inflight_total, Route::Vigil).await?,
+            };
+            let (slot, samples) = match side {
+                Side::Vigil => (&mut r.vigil, &mut vigil),
+                Side::Bare => (&mut r.bare, &mut bare),
+                Side::BareRouted => (&mut r.bare_routed, &mut routed),
+            };
+            *slot = sample.frames_per_s();
+            samples.push(sample);
         }
+        rounds.push(r);
     }
-    let rounds: Vec<(f64, f64)> = (0..vigil.len().max(bare.len()))
-        .map(|i| {
-            let fps = |s: &[Sample]| s.get(i).map_or(0.0, Sample::frames_per_s);
-            (fps(&vigil), fps(&bare))
-        })
-        .collect();
-    let mut ratios: Vec<f64> = rounds.iter().map(|(v, b)| v / b).collect();
-    ratios.sort_by(f64::total_cmp);
-    let throughput_ratio = ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN);
-    let (vigil, bare) = (
-        if vigil.is_empty() {
+    let pooled = |s: &[Sample]| {
+        if s.is_empty() {
             Figures::empty()
         } else {
-            Sample::pool(&vigil)
-        },
-        if bare.is_empty() {
-            Figures::empty()
-        } else {
-            Sample::pool(&bare)
-        },
-    );
+            Sample::pool(s)
+        }
+    };
+    let (vigil, bare, bare_routed) = (pooled(&vigil), pooled(&bare), pooled(&routed));
     Ok(TransportReport {
         clients: b.clients,
         inflight_total,
         frame_bytes: jpeg.len(),
+        throughput_ratio: median_ratio(&rounds, |r| (r.vigil, r.bare)),
+        routed_ratio: median_ratio(&rounds, |r| (r.vigil, r.bare_routed)),
         rounds,
-        throughput_ratio,
         p50_delta_ms: vigil.p50_ms - bare.p50_ms,
         vigil,
         bare,
+        bare_routed,
     })
 }
 
@@ -460,17 +502,124 @@ async fn cleanup(url: &str, namespace: &str, cfg: &Config) {
     }
 }
 
-/// The baseline: a client publishes raw payloads (with confirms) to a queue; a consumer with
-/// the same prefetch publishes a reply (with confirms) and acks after the confirm; the client
+/// Where the bare loop's messages go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Straight to the queues through the default exchange, with bare properties.
+    Default,
+    /// Through Vigil's exchanges and queues (from the topology file, in a bench namespace),
+    /// with the properties Vigil's events carry.
+    Vigil,
+}
+
+/// The loop's queues and exchanges, and where each side publishes.
+struct BareRoutes {
+    /// What to declare (and delete afterwards).
+    shared: Topology,
+    /// Declared on the client's connection: the reply queue may be exclusive to it.
+    client_owned: Topology,
+    work_queue: String,
+    reply_queue: String,
+    /// (exchange, routing key) of requests and of replies.
+    request_to: (String, String),
+    reply_to: (String, String),
+    /// The expiration (ms) of requests and replies when they carry event properties.
+    event_props: Option<u64>,
+}
+
+impl BareRoutes {
+    fn new(b: &TransportBench, route: Route) -> Result<Self, BenchError> {
+        let ns = format!("bench-bare-{:08x}", rand::random::<u32>());
+        Ok(match route {
+            Route::Default => {
+                let queue = |name: &str| QueueSpec {
+                    name: name.into(),
+                    role: QueueRole::Durable,
+                    owner: None,
+                    durable: false,
+                    exclusive: false,
+                    auto_delete: false,
+                    message_ttl_ms: None,
+                    max_length: None,
+                    max_length_bytes: None,
+                    overflow: None,
+                    dead_letter_exchange: None,
+                    max_age: None,
+                };
+                let (work, reply) = (format!("{ns}.work"), format!("{ns}.reply"));
+                Self {
+                    shared: Topology {
+                        exchanges: vec![],
+                        queues: vec![queue(&work), queue(&reply)],
+                        bindings: vec![],
+                    },
+                    client_owned: Topology::default(),
+                    request_to: (String::new(), work.clone()),
+                    reply_to: (String::new(), reply.clone()),
+                    work_queue: work,
+                    reply_queue: reply,
+                    event_props: None,
+                }
+            }
+            Route::Vigil => {
+                let topo = Topology::load(b.base.topology_file.as_deref()).map_err(setup)?;
+                let node = "bench";
+                let reply_queue = format!(
+                    "{ns}.{}",
+                    crate::topology::EDGE_REPLY_QUEUE.replace("{node}", node)
+                );
+                let mut client_owned = topo.per_node(&ns, NodeKind::Edge, node);
+                client_owned.queues.retain(|q| q.name == reply_queue);
+                client_owned.bindings.retain(|bd| bd.queue == reply_queue);
+                Self {
+                    shared: topo.shared(&ns),
+                    client_owned,
+                    work_queue: format!("{ns}.{}", crate::topology::WORK_QUEUE),
+                    reply_queue,
+                    request_to: (
+                        format!("{ns}.{}", crate::topology::FRAMES_EXCHANGE),
+                        String::new(),
+                    ),
+                    // As a worker routes a result: `edge.<edge id>.<client id>`.
+                    reply_to: (
+                        format!("{ns}.{}", crate::topology::REPLIES_EXCHANGE),
+                        format!("edge.{node}.bench-0"),
+                    ),
+                    event_props: Some(b.base.edge.frame_deadline_ms),
+                }
+            }
+        })
+    }
+}
+
+/// Publish one message of the bare loop, with event properties when the route asks for them.
+async fn bare_publish(
+    publisher: &Publisher,
+    to: &(String, String),
+    body: &[u8],
+    kind: &str,
+    event_props: Option<u64>,
+) -> Result<crate::broker::Confirm, crate::broker::BrokerError> {
+    match event_props {
+        Some(ttl_ms) => {
+            publisher
+                .publish_raw_as_event(&to.0, &to.1, body, kind, ttl_ms)
+                .await
+        }
+        None => publisher.publish_raw(&to.0, &to.1, body).await,
+    }
+}
+
+/// The baseline: a client publishes raw payloads (with confirms); a consumer with the same
+/// prefetch publishes a reply (with confirms) and acks after the confirm; the client
 /// consumes replies. `inflight` messages are kept outstanding.
 async fn bare_side(
     b: &TransportBench,
     payload_len: usize,
     inflight: usize,
+    route: Route,
 ) -> Result<Sample, BenchError> {
-    let ns = format!("bench-bare-{:08x}", rand::random::<u32>());
-    let work = format!("{ns}.work");
-    let reply = format!("{ns}.reply");
+    let routes = Arc::new(BareRoutes::new(b, route)?);
     let metrics = BrokerMetrics::new(&Registry::new());
     let client = Broker::connect(&b.base.amqp_url, "bench-bare-client", metrics.clone())
         .await
@@ -478,39 +627,21 @@ async fn bare_side(
     let server = Broker::connect(&b.base.amqp_url, "bench-bare-server", metrics)
         .await
         .map_err(setup)?;
-    let queue = |name: &str| QueueSpec {
-        name: name.into(),
-        role: QueueRole::Durable,
-        owner: None,
-        durable: false,
-        exclusive: false,
-        auto_delete: false,
-        message_ttl_ms: None,
-        max_length: None,
-        max_length_bytes: None,
-        overflow: None,
-        dead_letter_exchange: None,
-        max_age: None,
-    };
-    let topo = Topology {
-        exchanges: vec![],
-        queues: vec![queue(&work), queue(&reply)],
-        bindings: vec![],
-    };
-    client.declare(&topo).await.map_err(setup)?;
+    client.declare(&routes.shared).await.map_err(setup)?;
+    client.declare(&routes.client_owned).await.map_err(setup)?;
 
     // Server: consume, reply, ack after the reply's confirm.
     let server_pub = Arc::new(server.publisher().await.map_err(setup)?);
     let mut server_consumer = server
         .consume(
-            &work,
+            &routes.work_queue,
             "bare-server",
             (inflight * 2).clamp(8, 1000) as u16,
             true,
         )
         .await
         .map_err(setup)?;
-    let reply_q = reply.clone();
+    let server_routes = routes.clone();
     let server_task = tokio::spawn(async move {
         let mut pending = futures_util::stream::FuturesUnordered::new();
         loop {
@@ -520,11 +651,15 @@ async fn bare_side(
                 d = server_consumer.next() => {
                     let Some(Ok(d)) = d else { break };
                     let publisher = server_pub.clone();
-                    let reply_q = reply_q.clone();
+                    let routes = server_routes.clone();
                     pending.push(async move {
                         // The reply carries the request's first 16 bytes (its id), like a result.
                         let body = d.data()[..16.min(d.data().len())].to_vec();
-                        if let Ok(c) = publisher.publish_raw("", &reply_q, &body).await {
+                        let to = &routes.reply_to;
+                        if let Ok(c) =
+                            bare_publish(&publisher, to, &body, "vigil.result", routes.event_props)
+                                .await
+                        {
                             let _ = c.wait().await;
                         }
                         let _ = d.ack().await;
@@ -536,7 +671,7 @@ async fn bare_side(
 
     let publisher = Arc::new(client.publisher().await.map_err(setup)?);
     let mut replies = client
-        .consume(&reply, "bare-client", 1000, false)
+        .consume(&routes.reply_queue, "bare-client", 1000, false)
         .await
         .map_err(setup)?;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
@@ -548,9 +683,12 @@ async fn bare_side(
         sent_at.insert(seq, Instant::now());
         let publisher = publisher.clone();
         let body = payload.clone();
-        let work = work.clone();
+        let routes = routes.clone();
         tokio::spawn(async move {
-            if let Ok(c) = publisher.publish_raw("", &work, &body).await {
+            let to = &routes.request_to;
+            if let Ok(c) =
+                bare_publish(&publisher, to, &body, "vigil.frame", routes.event_props).await
+            {
                 let _ = c.wait().await;
             }
         });
@@ -588,7 +726,8 @@ async fn bare_side(
     let seconds = measure_start.elapsed().as_secs_f64();
     let cpu = CpuClock::now().since(cpu_start);
     server_task.abort();
-    let _ = client.delete(&topo).await;
+    let _ = client.delete(&routes.client_owned).await;
+    let _ = client.delete(&routes.shared).await;
     client.close().await;
     server.close().await;
     Ok(Sample {

@@ -351,7 +351,7 @@ pub enum BenchCmd {
         seconds: u64,
         #[arg(long, default_value_t = 2)]
         warmup_seconds: u64,
-        /// Rounds of (vigil, bare), alternating which goes first; the ratio is the median.
+        /// Rounds of every side, rotating which goes first; ratios are medians of rounds.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
         /// Run only one side, for profiling.

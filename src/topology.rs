@@ -150,7 +150,7 @@ pub struct BindingSpec {
 }
 
 /// The topology: exchanges, queues and bindings, named with or without the namespace prefix.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Topology {
     #[serde(default, rename = "exchange")]

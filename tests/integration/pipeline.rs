@@ -180,3 +180,50 @@ async fn results_reach_only_their_own_edge() {
     }
     env.teardown().await;
 }
+
+/// `vigil bench transport` runs every path end to end (clients, edge, worker; the bare loop
+/// through the default exchange and through Vigil's exchanges) and reports each. Only that
+/// they ran is checked here: the numbers themselves are for the benchmark's reader.
+#[test]
+fn the_transport_benchmark_runs_every_path() {
+    let out = crate::support::output(
+        std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args([
+                "bench",
+                "transport",
+                "--clients",
+                "2",
+                "--inflight",
+                "2",
+                "--frame-bytes",
+                "20000",
+                "--seconds",
+                "1",
+                "--warmup-seconds",
+                "1",
+                "--rounds",
+                "1",
+                "--json",
+            ])
+            .env("VIGIL_AMQP_URL", crate::support::amqp_url())
+            .env("RUST_LOG", "warn"),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not a JSON report ({e}): {stderr}"));
+    for side in ["vigil", "bare", "bare_routed"] {
+        let f = &report[side];
+        assert!(
+            f["frames"].as_u64().unwrap() > 0,
+            "{side} moved no frames: {f}"
+        );
+        assert_eq!(f["dropped"].as_u64(), Some(0), "{side}: {f}");
+        assert!(f["p50_ms"].as_f64().unwrap() > 0.0, "{side}: {f}");
+    }
+    for ratio in ["throughput_ratio", "routed_ratio"] {
+        let r = report[ratio].as_f64().unwrap_or(f64::NAN);
+        assert!(r.is_finite() && r > 0.0, "{ratio} = {r}");
+    }
+    assert_eq!(report["rounds"].as_array().map(Vec::len), Some(1));
+}
