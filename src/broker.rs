@@ -540,10 +540,7 @@ impl Consumer {
     /// The next delivery; `None` when the consumer was cancelled or the channel closed.
     pub async fn next(&mut self) -> Option<Result<Delivery, BrokerError>> {
         let item = self.inner.next().await?;
-        Some(
-            item.map(|d| Delivery { inner: d })
-                .map_err(amqp("basic.deliver")),
-        )
+        Some(item.map(Delivery::new).map_err(amqp("basic.deliver")))
     }
 
     /// Stop deliveries; deliveries already received stay valid to ack.
@@ -568,14 +565,26 @@ impl Consumer {
     }
 }
 
-/// One message received from a queue.
+/// One message received from a queue. Its body is shared, so that decoding can hand out
+/// views into it (a frame's JPEG) instead of copies.
 pub struct Delivery {
     inner: lapin::message::Delivery,
+    body: bytes::Bytes,
 }
 
 impl Delivery {
+    fn new(mut inner: lapin::message::Delivery) -> Self {
+        let body = bytes::Bytes::from(std::mem::take(&mut inner.data));
+        Self { inner, body }
+    }
+
     pub fn data(&self) -> &[u8] {
-        &self.inner.data
+        &self.body
+    }
+
+    /// The body, shared.
+    pub fn body(&self) -> &bytes::Bytes {
+        &self.body
     }
 
     /// True when the broker delivered this message before (to this or another consumer).

@@ -292,7 +292,7 @@ async fn handle(ctx: Arc<Ctx>, publisher: Arc<Publisher>, delivery: Delivery) ->
 /// True when the frame is answered and confirmed and wants its ack; false when it is settled
 /// already (dead-lettered or requeued).
 async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool {
-    let env = match Envelope::decode(delivery.data()) {
+    let env = match Envelope::decode_shared(delivery.body()) {
         Ok(env) => env,
         Err(e) => {
             ctx.metrics

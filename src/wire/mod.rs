@@ -118,6 +118,7 @@ pub struct EvidenceFrame {
     pub seq: u64,
     pub frame_id: Uuid,
     pub received_at_ms: u64,
+    #[serde(deserialize_with = "shared_bytes::deserialize")]
     pub jpeg: bytes::Bytes,
     pub analysis: Analysis,
 }
@@ -145,7 +146,9 @@ pub struct Frame {
     /// When the client captured the frame (client clock, Unix ms), if it said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub captured_at_ms: Option<u64>,
-    /// The JPEG, shared rather than copied between the edge's socket and the encoder.
+    /// The JPEG, shared rather than copied between the edge's socket and the encoder, and
+    /// between a worker's delivery and its analyzer.
+    #[serde(deserialize_with = "shared_bytes::deserialize")]
     pub jpeg: bytes::Bytes,
     /// The client's enrolled reference embedding (little-endian `f32`s), so that any worker can
     /// verify any client without shared state.
@@ -378,9 +381,87 @@ impl Envelope {
         Ok(env)
     }
 
+    /// [`Envelope::decode`] from shared bytes: a frame's JPEG (and evidence JPEGs) become
+    /// views into `bytes` rather than copies of it.
+    pub fn decode_shared(bytes: &bytes::Bytes) -> Result<Self, WireError> {
+        shared_bytes::with_source(bytes, || Self::decode(bytes))
+    }
+
     /// Milliseconds left until the deadline, as of `now_ms` (0 when already past).
     pub fn remaining_ms(&self, now_ms: u64) -> u64 {
         self.deadline_ms.saturating_sub(now_ms)
+    }
+}
+
+/// Deserializing `Bytes` fields without copying: while [`with_source`] runs, a byte string
+/// that the decoder borrows from the source buffer becomes a view into it (same allocation,
+/// one more reference). Anything else (no source, or bytes from elsewhere) is copied, which
+/// is what `Bytes`' own `Deserialize` does.
+mod shared_bytes {
+    use std::cell::RefCell;
+
+    use bytes::Bytes;
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+
+    thread_local! {
+        static SOURCE: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+    }
+
+    /// Run `f` with `source` as the buffer that borrowed byte strings are sliced from.
+    pub(super) fn with_source<T>(source: &Bytes, f: impl FnOnce() -> T) -> T {
+        struct Reset(Option<Bytes>);
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                SOURCE.with(|s| *s.borrow_mut() = self.0.take());
+            }
+        }
+        let _reset = Reset(SOURCE.with(|s| s.borrow_mut().replace(source.clone())));
+        f()
+    }
+
+    fn share(v: &[u8]) -> Bytes {
+        SOURCE.with(|s| match &*s.borrow() {
+            Some(src)
+                if !v.is_empty()
+                    && src.as_ptr_range().start <= v.as_ptr()
+                    && v.as_ptr_range().end <= src.as_ptr_range().end =>
+            {
+                src.slice_ref(v)
+            }
+            _ => Bytes::copy_from_slice(v),
+        })
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Bytes;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+
+            fn visit_borrowed_bytes<E: Error>(self, v: &'de [u8]) -> Result<Bytes, E> {
+                Ok(share(v))
+            }
+
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Bytes, E> {
+                Ok(Bytes::copy_from_slice(v))
+            }
+
+            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+                Ok(Bytes::from(v))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(Bytes::from(out))
+            }
+        }
+        d.deserialize_bytes(V)
     }
 }
 
@@ -541,6 +622,38 @@ mod tests {
     fn round_trip() {
         let env = sample_frame(1000);
         assert_eq!(Envelope::decode(&env.encode().unwrap()).unwrap(), env);
+    }
+
+    #[test]
+    fn a_shared_decode_views_the_jpeg_in_place() {
+        let env = sample_frame(40_000);
+        let bytes = bytes::Bytes::from(env.encode().unwrap());
+        let shared = Envelope::decode_shared(&bytes).unwrap();
+        assert_eq!(shared, env);
+        let Payload::Frame(f) = &shared.payload else {
+            panic!("not a frame")
+        };
+        let (src, jpeg) = (bytes.as_ptr_range(), f.jpeg.as_ptr_range());
+        assert!(
+            src.start <= jpeg.start && jpeg.end <= src.end,
+            "the JPEG was copied"
+        );
+        // Outside a shared decode, and after one, the JPEG is an independent copy.
+        let Payload::Frame(copied) = Envelope::decode(&bytes).unwrap().payload else {
+            panic!("not a frame")
+        };
+        assert!(!src.contains(&copied.jpeg.as_ptr()));
+        assert_eq!(copied.jpeg, f.jpeg);
+        // Garbage is still a typed error, and leaves no source behind.
+        let bad = bytes.slice(..bytes.len() / 2);
+        assert!(matches!(
+            Envelope::decode_shared(&bad),
+            Err(WireError::Decode(_))
+        ));
+        let Payload::Frame(after) = Envelope::decode(&bytes).unwrap().payload else {
+            panic!("not a frame")
+        };
+        assert!(!src.contains(&after.jpeg.as_ptr()));
     }
 
     #[test]
