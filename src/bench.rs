@@ -1,6 +1,7 @@
 //! Benchmarks that print numbers: `vigil bench transport` runs clients through an edge, one
 //! `frame-info` worker and RabbitMQ, and in the same run a bare publish → consume → reply loop
-//! with the same payload size and frames in flight, then prints both and their ratio.
+//! with the same payload size and frames in flight, through the default exchange and through
+//! Vigil's own topology, then prints all three and the ratios.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -33,7 +34,7 @@ pub struct TransportBench {
     pub inflight_per_client: usize,
     pub duration: Duration,
     pub warmup: Duration,
-    /// Rounds of (vigil, bare), alternating, so drift on a shared machine hits both sides.
+    /// Rounds of every side, rotating which goes first, so drift on a shared machine hits all.
     pub rounds: usize,
     /// Run only one side (for profiling); the report then holds zeros for the other.
     pub only: Option<Side>,
@@ -523,8 +524,8 @@ struct BareRoutes {
     /// (exchange, routing key) of requests and of replies.
     request_to: (String, String),
     reply_to: (String, String),
-    /// The expiration (ms) of requests and replies when they carry event properties.
-    event_props: Option<u64>,
+    /// When messages carry an event's properties: their expiration (ms).
+    event_ttl_ms: Option<u64>,
 }
 
 impl BareRoutes {
@@ -558,7 +559,7 @@ impl BareRoutes {
                     reply_to: (String::new(), reply.clone()),
                     work_queue: work,
                     reply_queue: reply,
-                    event_props: None,
+                    event_ttl_ms: None,
                 }
             }
             Route::Vigil => {
@@ -585,7 +586,7 @@ impl BareRoutes {
                         format!("{ns}.{}", crate::topology::REPLIES_EXCHANGE),
                         format!("edge.{node}.bench-0"),
                     ),
-                    event_props: Some(b.base.edge.frame_deadline_ms),
+                    event_ttl_ms: Some(b.base.edge.frame_deadline_ms),
                 }
             }
         })
@@ -598,9 +599,9 @@ async fn bare_publish(
     to: &(String, String),
     body: &[u8],
     kind: &str,
-    event_props: Option<u64>,
+    event_ttl_ms: Option<u64>,
 ) -> Result<crate::broker::Confirm, crate::broker::BrokerError> {
-    match event_props {
+    match event_ttl_ms {
         Some(ttl_ms) => {
             publisher
                 .publish_raw_as_event(&to.0, &to.1, body, kind, ttl_ms)
@@ -657,7 +658,7 @@ async fn bare_side(
                         let body = d.data()[..16.min(d.data().len())].to_vec();
                         let to = &routes.reply_to;
                         if let Ok(c) =
-                            bare_publish(&publisher, to, &body, "vigil.result", routes.event_props)
+                            bare_publish(&publisher, to, &body, "vigil.result", routes.event_ttl_ms)
                                 .await
                         {
                             let _ = c.wait().await;
@@ -687,7 +688,7 @@ async fn bare_side(
         tokio::spawn(async move {
             let to = &routes.request_to;
             if let Ok(c) =
-                bare_publish(&publisher, to, &body, "vigil.frame", routes.event_props).await
+                bare_publish(&publisher, to, &body, "vigil.frame", routes.event_ttl_ms).await
             {
                 let _ = c.wait().await;
             }
