@@ -39,6 +39,8 @@ pub struct Config {
     pub inference: InferenceConfig,
     /// The action policy the edge runs per client.
     pub policy: crate::policy::PolicyConfig,
+    /// Liveness over the stream, fused by the edge into each frame's verdict.
+    pub liveness: crate::liveness::LivenessConfig,
     /// Folder of the evidence and the append-only audit log [VIGIL_EVIDENCE_DIR].
     pub evidence_dir: PathBuf,
     /// Keep the last minutes of frames in a RabbitMQ stream for `vigil record --from-stream`
@@ -79,12 +81,29 @@ pub struct Thresholds {
     /// Cosine similarity at or above which a face is the enrolled person (OpenCV's SFace
     /// threshold) [VIGIL_MATCH_COSINE].
     pub match_cosine: f32,
-    /// P(live) below which a face is a spoof (the vendor's threshold) [VIGIL_LIVE_MIN].
+    /// Single-frame P(live) below which a frame alone is a spoof [VIGIL_LIVE_MIN]. Off (0) by
+    /// default: on webcam video the model scores honest faces as low as printed photos (see
+    /// `models/models.toml`), so liveness is decided over the stream (`[liveness]`).
     pub live_min: f32,
     /// Minimum COCO-SSD "cell phone" score [VIGIL_PHONE_SCORE].
     pub phone_score: f32,
     /// NMS IoU for phones.
     pub phone_nms_iou: f32,
+    /// Quality gate: the face box's shorter side must be at least this many pixels
+    /// [VIGIL_FACE_MIN_PX].
+    pub face_min_px: f32,
+    /// Quality gate: least Laplacian variance of the aligned face [VIGIL_SHARPNESS_MIN].
+    pub sharpness_min: f32,
+    /// Quality gate: mean grey level of the aligned face, at least...
+    pub brightness_min: f32,
+    /// ...and at most.
+    pub brightness_max: f32,
+    /// Quality gate: largest horizontal turn, nose offset in eye distances.
+    pub yaw_max: f32,
+    /// Quality gate: the nose's place between eyes (0) and mouth (1), at least...
+    pub pitch_min: f32,
+    /// ...and at most.
+    pub pitch_max: f32,
 }
 
 impl Default for Thresholds {
@@ -93,9 +112,16 @@ impl Default for Thresholds {
             face_score: 0.6,
             face_nms_iou: 0.3,
             match_cosine: 0.363,
-            live_min: 0.3,
+            live_min: 0.0,
             phone_score: 0.5,
             phone_nms_iou: 0.5,
+            face_min_px: 40.0,
+            sharpness_min: 4.0,
+            brightness_min: 40.0,
+            brightness_max: 225.0,
+            yaw_max: 0.45,
+            pitch_min: 0.2,
+            pitch_max: 0.8,
         }
     }
 }
@@ -210,6 +236,7 @@ impl Default for Config {
             worker: WorkerConfig::default(),
             inference: InferenceConfig::default(),
             policy: crate::policy::PolicyConfig::default(),
+            liveness: crate::liveness::LivenessConfig::default(),
             evidence_dir: PathBuf::from("evidence"),
             capture_stream: false,
         }
@@ -434,6 +461,11 @@ impl Config {
         set(env, errors, "VIGIL_MATCH_COSINE", &mut t.match_cosine);
         set(env, errors, "VIGIL_LIVE_MIN", &mut t.live_min);
         set(env, errors, "VIGIL_PHONE_SCORE", &mut t.phone_score);
+        set(env, errors, "VIGIL_FACE_MIN_PX", &mut t.face_min_px);
+        set(env, errors, "VIGIL_SHARPNESS_MIN", &mut t.sharpness_min);
+        let l = &mut self.liveness;
+        set(env, errors, "VIGIL_LIVENESS_WINDOW_MS", &mut l.window_ms);
+        set(env, errors, "VIGIL_LIVENESS_STILL_RATIO", &mut l.still_ratio);
     }
 
     /// Every problem with the values, at once.
@@ -535,6 +567,22 @@ impl Config {
                 errors.push(format!("inference.{key} = {v} must be within 0..=1"));
             }
         }
+        if !(t.brightness_min < t.brightness_max && t.pitch_min < t.pitch_max) {
+            errors.push(
+                "inference.thresholds: brightness_min and pitch_min must be below their maxima"
+                    .into(),
+            );
+        }
+        for (key, v) in [
+            ("face_min_px", t.face_min_px),
+            ("sharpness_min", t.sharpness_min),
+            ("yaw_max", t.yaw_max),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                errors.push(format!("inference.thresholds.{key} = {v} must be 0 or more"));
+            }
+        }
+        errors.extend(self.liveness.validate());
         if !(-1.0..=1.0).contains(&t.match_cosine) {
             errors.push(format!(
                 "inference.thresholds.match_cosine = {} must be within -1..=1",
@@ -722,6 +770,7 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.worker), format!("{:?}", d.worker));
         assert_eq!(format!("{:?}", cfg.inference), format!("{:?}", d.inference));
         assert_eq!(cfg.policy, d.policy);
+        assert_eq!(cfg.liveness, d.liveness);
         assert_eq!(cfg.evidence_dir, d.evidence_dir);
         assert_eq!(cfg.namespace, d.namespace);
         assert_eq!(cfg.metrics_listen, d.metrics_listen);

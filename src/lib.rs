@@ -8,7 +8,8 @@
 //! - [`edge`]: the WebSocket edge node (`vigil-edge`), its admin API, and Vigil's own client.
 //! - [`worker`]: the frame worker (`vigil-worker`); [`analyzer`]: what it runs on a frame.
 //! - [`inference`]: pixels and models (`image`, `ort`); [`models`]: the model manifest and fetch.
-//! - [`policy`]: the per-client action policy; [`audit`]: the audit writer and its store.
+//! - [`policy`]: the per-client action policy; [`liveness`]: liveness over a client's
+//!   stream; [`audit`]: the audit writer and its store.
 //! - [`directory`]: the client directory; [`admin`]: client administration over the control plane.
 //! - [`capture`], [`recorder`], [`replay`], [`loadgen`]: capture files, recording, replay, load.
 //! - [`config`]: typed configuration with `VIGIL_*` overrides and full validation.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod directory;
 pub mod edge;
 pub mod inference;
+pub mod liveness;
 pub mod loadgen;
 pub mod metrics;
 pub mod models;

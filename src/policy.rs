@@ -81,6 +81,9 @@ impl Default for PolicyConfig {
                 Verdict::MultipleFaces,
                 rule(5, 8, &[Action::Warn, Action::LockScreen], 10_000),
             ),
+            // A face too poor to judge is the camera's or the light's fault far more often
+            // than a cheat's: it only ever warns ("face the camera", "more light").
+            (Verdict::LowQuality, rule(10, 15, &[Action::Warn], 30_000)),
         ]);
         Self {
             ok_to_allow: 5,
@@ -118,6 +121,11 @@ impl PolicyConfig {
                 errors.push(format!(
                     "policy.rules.{name}: steps must name warn, lock_screen or sign_out"
                 ));
+            }
+            if *verdict == Verdict::LowQuality && r.steps.iter().any(|s| *s != Action::Warn) {
+                errors.push(
+                    "policy.rules.low_quality: a face too poor to judge may only warn".into(),
+                );
             }
         }
         errors
@@ -237,7 +245,7 @@ mod tests {
     #[test]
     fn flapping_never_fires() {
         let cfg = PolicyConfig::default();
-        for bad in [NoFace, WrongPerson, Spoof, Phone, MultipleFaces] {
+        for bad in [NoFace, WrongPerson, Spoof, Phone, MultipleFaces, LowQuality] {
             let frames: Vec<Verdict> = (0..500)
                 .map(|i| if i % 2 == 0 { Ok } else { bad })
                 .collect();
@@ -289,6 +297,24 @@ mod tests {
                 Action::SignOut
             ]
         );
+    }
+
+    #[test]
+    fn poor_frames_only_warn_and_never_count_for_other_rules() {
+        let cfg = PolicyConfig::default();
+        // A minute of frames too poor to judge: warnings, 30 s apart, and nothing else.
+        let fired = run(&cfg, &[LowQuality; 300]);
+        let got: Vec<(usize, Action)> = fired.iter().map(|(i, d)| (*i, d.action)).collect();
+        assert_eq!(got, vec![(9, Action::Warn), (159, Action::Warn)]);
+        // Poor frames between wrong-person frames do not make up the wrong person's count.
+        let frames: Vec<Verdict> = (0..200)
+            .map(|i| if i % 3 == 0 { WrongPerson } else { LowQuality })
+            .collect();
+        assert!(run(&cfg, &frames).iter().all(|(_, d)| d.reason == LowQuality));
+        // And a config that tries to lock on them is refused.
+        let mut bad = PolicyConfig::default();
+        bad.rules.get_mut(&LowQuality).unwrap().steps = vec![Action::Warn, Action::LockScreen];
+        assert!(bad.validate().join("\n").contains("may only warn"));
     }
 
     #[test]

@@ -93,6 +93,7 @@ pub struct SessionInfo {
 pub(crate) struct Shared {
     pub cfg: EdgeConfig,
     pub policy: crate::policy::PolicyConfig,
+    pub liveness: crate::liveness::LivenessConfig,
     pub edge_id: String,
     pub frames_exchange: String,
     pub actions_exchange: String,
@@ -223,6 +224,7 @@ pub async fn start(
     let shared = Arc::new(Shared {
         cfg: cfg.edge.clone(),
         policy: cfg.policy.clone(),
+        liveness: cfg.liveness.clone(),
         edge_id: edge_id.clone(),
         frames_exchange: format!("{}.{}", cfg.namespace, topology::FRAMES_EXCHANGE),
         actions_exchange: format!("{}.{}", cfg.namespace, topology::ACTIONS_EXCHANGE),

@@ -24,6 +24,7 @@ use uuid::Uuid;
 use super::{SessionEntry, SessionEvent, SessionInfo, Shared};
 use crate::broker::BrokerError;
 use crate::directory::{self, AuthError, ClientRecord, ClientStatus, Connection, Presence};
+use crate::liveness::StreamLiveness;
 use crate::policy::ClientPolicy;
 use crate::wire::client::{
     self, ClientFrame, ClientMsg, Encoding, ErrorCode, ProtocolError, ServerMsg,
@@ -173,6 +174,7 @@ pub(super) async fn run(shared: Arc<Shared>, mut ws: Ws, permit: Option<OwnedSem
         bad_streak: 0,
         outbox,
         policy: ClientPolicy::new(),
+        liveness: StreamLiveness::new(),
         evidence: VecDeque::new(),
         last_ok: None,
         shared: shared.clone(),
@@ -398,6 +400,8 @@ struct Session {
     /// Messages for the client, written after each event.
     outbox: Vec<ServerMsg>,
     policy: ClientPolicy,
+    /// Liveness over this client's stream, fused into each verdict before the policy sees it.
+    liveness: StreamLiveness,
     /// The most recent analysed frames that were not `ok`, newest last (at most
     /// `policy.evidence_frames`), and the last `ok` one: the evidence for an action.
     evidence: VecDeque<EvidenceFrame>,
@@ -739,7 +743,13 @@ impl Session {
         tracing::debug_span!("result", trace_id = %trace_id, client = %self.client_id, seq)
             .in_scope(|| tracing::debug!(latency_ms = latency.as_secs_f64() * 1e3, "answered"));
         match env.payload {
-            Payload::Result(r) => {
+            Payload::Result(mut r) => {
+                // The stream's liveness evidence joins the frame's own, and the face
+                // signature stops here: it never reaches the client or the audit trail.
+                if let wire::Analysis::Identity(a) = &mut r.analysis {
+                    self.liveness
+                        .fuse(&self.shared.liveness, inflight.received_ms, a);
+                }
                 let m = &self.shared.metrics;
                 m.results_delivered.inc();
                 m.frame_latency_seconds.observe(latency.as_secs_f64());

@@ -1,15 +1,16 @@
 //! The `identity` analyzer: one face, the enrolled person, alive, and no phone in view.
 
-use std::path::Path;
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
 use image::RgbImage;
 
 use super::models::{CocoSsd, Face, Liveness, SFace, YuNet, cosine};
-use super::{InferenceError, imageops, runtime};
+use super::{InferenceError, imageops, quality, runtime};
 use crate::config::{InferenceConfig, Thresholds};
-use crate::wire::{FaceBox, IdentityAnalysis, IdentityScore, LivenessScore, PhoneBox, Verdict};
+use crate::wire::{
+    FaceBox, FaceQuality, IdentityAnalysis, IdentityScore, LivenessScore, PhoneBox, Verdict,
+};
 
 /// One set of sessions; `Session::run` needs `&mut`, so each analysis thread takes a set.
 struct ModelSet {
@@ -39,8 +40,45 @@ pub enum EnrollError {
     NoFace,
     #[error("the reference photo shows {0} faces; it must show exactly one")]
     MultipleFaces(usize),
+    #[error("the reference photo's face is too poor to enrol: {0}")]
+    LowQuality(&'static str),
+    #[error(
+        "reference photo {index} does not match the others (similarity {similarity:.3}, \
+         below {threshold}): are they all of one person?"
+    )]
+    Outlier {
+        index: usize,
+        similarity: f32,
+        threshold: f32,
+    },
+    #[error("no reference photo given")]
+    Empty,
+    #[error("reference photo {index}: {source}")]
+    Photo {
+        index: usize,
+        #[source]
+        source: Box<EnrollError>,
+    },
     #[error(transparent)]
     Inference(#[from] InferenceError),
+}
+
+/// A template made from one or more reference photos.
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    /// The normalised mean of the photos' embeddings.
+    pub embedding: Vec<f32>,
+    /// Each photo's similarity to the template.
+    pub similarities: Vec<f32>,
+    /// The enrolled person's own genuine margin: the lowest photo similarity to the template
+    /// minus the match threshold. A small margin means live frames may fall below it.
+    pub margin: f32,
+}
+
+/// One face, measured for judging.
+struct Judged {
+    quality: FaceQuality,
+    embedding: Vec<f32>,
 }
 
 impl IdentityStack {
@@ -168,6 +206,11 @@ impl IdentityStack {
             let main = faces
                 .iter()
                 .max_by(|a, b| (a.w * a.h).total_cmp(&(b.w * b.h)));
+            let judged = match main {
+                Some(face) => Some(self.judge(set, &img, face)?),
+                None => None,
+            };
+            lap("sface", &mut stages);
             let liveness = match main {
                 Some(face) => {
                     let p_live = set.liveness.p_live(&img, face)?;
@@ -175,15 +218,14 @@ impl IdentityStack {
                     Some(LivenessScore {
                         p_live,
                         live: p_live >= t.live_min,
+                        temporal: None,
                     })
                 }
                 None => None,
             };
-            let identity = match (main, reference) {
-                (Some(face), Some(reference)) => {
-                    let embedding = set.sface.embed(&img, face)?;
-                    lap("sface", &mut stages);
-                    let similarity = cosine(&embedding, reference);
+            let identity = match (&judged, reference) {
+                (Some(j), Some(reference)) => {
+                    let similarity = cosine(&j.embedding, reference);
                     Some(IdentityScore {
                         similarity,
                         matched: similarity >= t.match_cosine,
@@ -201,8 +243,13 @@ impl IdentityStack {
                 w: p.w * unscale,
                 h: p.h * unscale,
             });
+            let quality = judged.as_ref().map(|j| j.quality.clone());
+            let signature = judged
+                .as_ref()
+                .map(|j| crate::wire::pack_signature(&j.embedding).into());
             let verdict = verdict(
                 faces.len(),
+                quality.as_ref(),
                 liveness.as_ref(),
                 identity.as_ref(),
                 phone.as_ref(),
@@ -230,26 +277,99 @@ impl IdentityStack {
                         ("match_cosine", t.match_cosine),
                         ("live_min", t.live_min),
                         ("phone_score", t.phone_score),
+                        ("face_min_px", t.face_min_px),
+                        ("sharpness_min", t.sharpness_min),
                     ]
                     .into_iter()
                     .map(|(k, v)| (k.to_owned(), v))
                     .collect(),
+                    quality,
+                    signature,
                 },
                 stages,
             ))
         })
     }
 
-    /// The reference embedding of a photo that shows exactly one face.
+    /// Align `face`, measure its quality, and embed it.
+    fn judge(
+        &self,
+        set: &mut ModelSet,
+        img: &RgbImage,
+        face: &Face,
+    ) -> Result<Judged, InferenceError> {
+        let (aligned, m) = SFace::align(img, face)?;
+        let mut q = quality::measure(&aligned, face, &m);
+        q.failed = quality::failure(&q, &self.thresholds).map(str::to_owned);
+        Ok(Judged {
+            quality: q,
+            embedding: set.sface.embed_aligned(&aligned)?,
+        })
+    }
+
+    /// The reference embedding of a photo that shows exactly one face, good enough to judge.
     pub fn enroll(&self, jpeg: &[u8]) -> Result<Vec<f32>, EnrollError> {
         let (img, small, scale) = self.prepare(jpeg)?;
         self.with_set(|set| {
             let faces = self.faces(set, &small, scale)?;
             match faces.len() {
                 0 => Err(EnrollError::NoFace),
-                1 => Ok(set.sface.embed(&img, &faces[0])?),
+                1 => {
+                    let j = self.judge(set, &img, &faces[0])?;
+                    match quality::failure(&j.quality, &self.thresholds) {
+                        Some(reason) => Err(EnrollError::LowQuality(reason)),
+                        None => Ok(j.embedding),
+                    }
+                }
                 n => Err(EnrollError::MultipleFaces(n)),
             }
+        })
+    }
+
+    /// A template from several reference photos (or frames of a short capture): each must
+    /// pass [`IdentityStack::enroll`], and each must match the mean of the others, so that a
+    /// photo of someone else is refused rather than averaged in.
+    pub fn enroll_many(&self, photos: &[Vec<u8>]) -> Result<Enrollment, EnrollError> {
+        if photos.is_empty() {
+            return Err(EnrollError::Empty);
+        }
+        let embeddings = photos
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                self.enroll(p).map_err(|e| EnrollError::Photo {
+                    index: i + 1,
+                    source: Box::new(e),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let threshold = self.thresholds.match_cosine;
+        if embeddings.len() > 1 {
+            for (i, e) in embeddings.iter().enumerate() {
+                let others: Vec<&[f32]> = embeddings
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, o)| o.as_slice())
+                    .collect();
+                let similarity = cosine(e, &normalised_mean(&others));
+                if similarity < threshold {
+                    return Err(EnrollError::Outlier {
+                        index: i + 1,
+                        similarity,
+                        threshold,
+                    });
+                }
+            }
+        }
+        let all: Vec<&[f32]> = embeddings.iter().map(Vec::as_slice).collect();
+        let embedding = normalised_mean(&all);
+        let similarities: Vec<f32> = embeddings.iter().map(|e| cosine(e, &embedding)).collect();
+        let lowest = similarities.iter().copied().fold(f32::MAX, f32::min);
+        Ok(Enrollment {
+            embedding,
+            margin: lowest - threshold,
+            similarities,
         })
     }
 
@@ -259,10 +379,25 @@ impl IdentityStack {
     }
 }
 
-/// The first rule that applies: no face, several faces, a spoof, the wrong person (or nobody
-/// enrolled to compare with), a phone, otherwise ok.
+/// The L2-normalised mean of unit vectors.
+pub fn normalised_mean(vectors: &[&[f32]]) -> Vec<f32> {
+    let dim = vectors.first().map_or(0, |v| v.len());
+    let mut sum = vec![0f32; dim];
+    for v in vectors {
+        for (s, x) in sum.iter_mut().zip(v.iter()) {
+            *s += x;
+        }
+    }
+    let norm = sum.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::EPSILON);
+    sum.into_iter().map(|x| x / norm).collect()
+}
+
+/// The first rule that applies: no face, several faces, a face too poor to judge (unless a
+/// phone is in view: a phone is judged whatever the face), a spoof, the wrong person (or
+/// nobody enrolled to compare with), a phone, otherwise ok.
 pub fn verdict(
     faces: usize,
+    quality: Option<&FaceQuality>,
     liveness: Option<&LivenessScore>,
     identity: Option<&IdentityScore>,
     phone: Option<&PhoneBox>,
@@ -271,6 +406,12 @@ pub fn verdict(
         Verdict::NoFace
     } else if faces > 1 {
         Verdict::MultipleFaces
+    } else if quality.is_some_and(|q| q.failed.is_some()) {
+        if phone.is_some() {
+            Verdict::Phone
+        } else {
+            Verdict::LowQuality
+        }
     } else if liveness.is_some_and(|l| !l.live) {
         Verdict::Spoof
     } else if !identity.is_some_and(|i| i.matched) {
@@ -282,16 +423,6 @@ pub fn verdict(
     }
 }
 
-/// Load a stack for the CLI and tests: one set of sessions.
-pub fn load_single(cfg: &InferenceConfig) -> Result<IdentityStack, InferenceError> {
-    IdentityStack::load(cfg, 1)
-}
-
-/// Read a JPEG file.
-pub fn read_jpeg(path: &Path) -> Result<Vec<u8>, InferenceError> {
-    std::fs::read(path).map_err(|e| InferenceError::BadImage(format!("{}: {e}", path.display())))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,10 +432,24 @@ mod tests {
         let live = LivenessScore {
             p_live: 0.9,
             live: true,
+            temporal: None,
         };
         let dead = LivenessScore {
             p_live: 0.1,
             live: false,
+            temporal: None,
+        };
+        let good = FaceQuality {
+            face_px: 120.0,
+            sharpness: 200.0,
+            brightness: 120.0,
+            yaw: 0.0,
+            pitch: 0.5,
+            failed: None,
+        };
+        let poor = FaceQuality {
+            failed: Some("blurred".into()),
+            ..good.clone()
         };
         let me = IdentityScore {
             similarity: 0.8,
@@ -321,24 +466,32 @@ mod tests {
             w: 1.0,
             h: 1.0,
         };
-        assert_eq!(verdict(0, None, None, Some(&phone)), Verdict::NoFace);
+        assert_eq!(verdict(0, Some(&good), None, None, Some(&phone)), Verdict::NoFace);
         assert_eq!(
-            verdict(2, Some(&dead), Some(&other), None),
+            verdict(2, Some(&good), Some(&dead), Some(&other), None),
             Verdict::MultipleFaces
         );
         assert_eq!(
-            verdict(1, Some(&dead), Some(&other), Some(&phone)),
+            verdict(1, Some(&good), Some(&dead), Some(&other), Some(&phone)),
             Verdict::Spoof
         );
         assert_eq!(
-            verdict(1, Some(&live), Some(&other), Some(&phone)),
+            verdict(1, Some(&good), Some(&live), Some(&other), Some(&phone)),
             Verdict::WrongPerson
         );
-        assert_eq!(verdict(1, Some(&live), None, None), Verdict::WrongPerson);
+        assert_eq!(verdict(1, Some(&good), Some(&live), None, None), Verdict::WrongPerson);
         assert_eq!(
-            verdict(1, Some(&live), Some(&me), Some(&phone)),
+            verdict(1, Some(&good), Some(&live), Some(&me), Some(&phone)),
             Verdict::Phone
         );
-        assert_eq!(verdict(1, Some(&live), Some(&me), None), Verdict::Ok);
+        assert_eq!(verdict(1, Some(&good), Some(&live), Some(&me), None), Verdict::Ok);
+        assert_eq!(
+            verdict(1, Some(&poor), Some(&dead), Some(&other), None),
+            Verdict::LowQuality
+        );
+        assert_eq!(
+            verdict(1, Some(&poor), Some(&live), Some(&me), Some(&phone)),
+            Verdict::Phone
+        );
     }
 }

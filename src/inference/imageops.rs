@@ -5,11 +5,60 @@ use image::{RgbImage, imageops};
 
 use super::InferenceError;
 
-/// Decode a JPEG into RGB.
+/// Decode a JPEG into RGB, upright: the EXIF orientation (a phone photo taken sideways says
+/// so in its metadata) is applied, so faces are analysed the way a person sees the photo.
 pub fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, InferenceError> {
-    image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg)
-        .map(|img| img.into_rgb8())
-        .map_err(|e| InferenceError::BadImage(e.to_string()))
+    use image::ImageDecoder as _;
+    let bad = |e: image::ImageError| InferenceError::BadImage(e.to_string());
+    let mut decoder =
+        image::codecs::jpeg::JpegDecoder::new(std::io::Cursor::new(bytes)).map_err(bad)?;
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = image::DynamicImage::from_decoder(decoder).map_err(bad)?;
+    img.apply_orientation(orientation);
+    Ok(img.into_rgb8())
+}
+
+/// Grey levels (BT.601 luma) of an RGB image, row-major.
+pub fn luma(img: &RgbImage) -> Vec<f32> {
+    img.pixels()
+        .map(|p| 0.299 * p.0[0] as f32 + 0.587 * p.0[1] as f32 + 0.114 * p.0[2] as f32)
+        .collect()
+}
+
+/// Mean and Laplacian variance (4-neighbour) of the grey levels inside `x0..x1` x `y0..y1`.
+/// The Laplacian's variance is the usual focus measure: a blurred face has little of it.
+pub fn mean_and_laplacian_variance(
+    grey: &[f32],
+    width: usize,
+    (x0, x1): (usize, usize),
+    (y0, y1): (usize, usize),
+) -> (f32, f32) {
+    let (mut sum, mut n) = (0f64, 0f64);
+    let (mut lsum, mut lsq, mut ln) = (0f64, 0f64, 0f64);
+    for y in y0..y1 {
+        for x in x0..x1 {
+            let v = grey[y * width + x] as f64;
+            sum += v;
+            n += 1.0;
+            if x > x0 && y > y0 && x + 1 < x1 && y + 1 < y1 {
+                let lap = grey[(y - 1) * width + x] as f64
+                    + grey[(y + 1) * width + x] as f64
+                    + grey[y * width + x - 1] as f64
+                    + grey[y * width + x + 1] as f64
+                    - 4.0 * v;
+                lsum += lap;
+                lsq += lap * lap;
+                ln += 1.0;
+            }
+        }
+    }
+    if n == 0.0 || ln == 0.0 {
+        return (0.0, 0.0);
+    }
+    let lmean = lsum / ln;
+    ((sum / n) as f32, (lsq / ln - lmean * lmean) as f32)
 }
 
 /// Scale `img` so that it fits in `max` x `max` (never upscaling). Returns the image and the
@@ -214,6 +263,55 @@ mod tests {
         assert_eq!(t.len(), 48);
         assert_eq!((t[0], t[16], t[32]), (30.0, 20.0, 10.0));
         assert_eq!(t[2], 0.0); // padding
+    }
+
+    #[test]
+    fn laplacian_variance_falls_when_an_image_is_blurred() {
+        // A checkerboard is all edges; its box-blurred copy is nearly flat.
+        let sharp: Vec<f32> = (0..64 * 64)
+            .map(|i| if (i % 64 / 4 + i / 64 / 4) % 2 == 0 { 40.0 } else { 200.0 })
+            .collect();
+        let blurred: Vec<f32> = (0..64 * 64)
+            .map(|i| {
+                let (x, y) = ((i % 64) as i64, (i / 64) as i64);
+                let mut acc = 0.0;
+                for dy in -4..=4i64 {
+                    for dx in -4..=4i64 {
+                        let (sx, sy) = ((x + dx).clamp(0, 63), (y + dy).clamp(0, 63));
+                        acc += sharp[(sy * 64 + sx) as usize];
+                    }
+                }
+                acc / 81.0
+            })
+            .collect();
+        let (m1, v1) = mean_and_laplacian_variance(&sharp, 64, (0, 64), (0, 64));
+        let (m2, v2) = mean_and_laplacian_variance(&blurred, 64, (0, 64), (0, 64));
+        assert!((m1 - 120.0).abs() < 1.0 && (m2 - 120.0).abs() < 5.0, "{m1} {m2}");
+        assert!(v1 > 20.0 * v2, "sharp {v1} vs blurred {v2}");
+    }
+
+    #[test]
+    fn exif_orientation_is_applied() {
+        // A 4x2 JPEG that says "rotate 90 degrees clockwise" (orientation 6) decodes as 2x4.
+        let img = RgbImage::from_pixel(4, 2, image::Rgb([120, 130, 140]));
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new(&mut jpeg)
+            .encode_image(&img)
+            .unwrap();
+        // APP1 "Exif\0\0", little-endian TIFF with one IFD entry: 0x0112 SHORT 1 = 6.
+        let tiff: &[u8] = &[
+            b'I', b'I', 42, 0, 8, 0, 0, 0, 1, 0, 0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0, 0, 0,
+            0, 0,
+        ];
+        let mut app1 = vec![0xFF, 0xE1];
+        app1.extend_from_slice(&((2 + 6 + tiff.len()) as u16).to_be_bytes());
+        app1.extend_from_slice(b"Exif\0\0");
+        app1.extend_from_slice(tiff);
+        let mut rotated = jpeg[..2].to_vec();
+        rotated.extend_from_slice(&app1);
+        rotated.extend_from_slice(&jpeg[2..]);
+        assert_eq!(decode_jpeg(&jpeg).unwrap().dimensions(), (4, 2));
+        assert_eq!(decode_jpeg(&rotated).unwrap().dimensions(), (2, 4));
     }
 
     #[test]

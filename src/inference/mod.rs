@@ -5,6 +5,7 @@
 pub mod identity;
 pub mod imageops;
 pub mod models;
+pub mod quality;
 pub mod runtime;
 
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use image::codecs::jpeg::JpegEncoder;
 use image::{ImageBuffer, Rgb};
 use ort::value::Tensor;
 
-pub use identity::{EnrollError, IdentityStack};
+pub use identity::{EnrollError, Enrollment, IdentityStack};
 pub use runtime::Device;
 
 #[derive(Debug, Clone, thiserror::Error)]

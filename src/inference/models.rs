@@ -178,12 +178,27 @@ impl SFace {
         })
     }
 
+    /// The similarity that maps `face`'s landmarks onto the 112x112 template.
+    pub fn alignment(face: &Face) -> Result<Similarity, InferenceError> {
+        Similarity::estimate(&face.landmarks, &SFACE_TEMPLATE)
+            .ok_or_else(|| model_err("sface", "degenerate landmarks"))
+    }
+
+    /// `face` in `img`, aligned to the 112x112 template: the input the model was made for.
+    pub fn align(img: &RgbImage, face: &Face) -> Result<(RgbImage, Similarity), InferenceError> {
+        let m = Self::alignment(face)?;
+        Ok((imageops::warp(img, &m, 112), m))
+    }
+
     /// The L2-normalised embedding of `face` in `img`.
     pub fn embed(&mut self, img: &RgbImage, face: &Face) -> Result<Vec<f32>, InferenceError> {
-        let m = Similarity::estimate(&face.landmarks, &SFACE_TEMPLATE)
-            .ok_or_else(|| model_err("sface", "degenerate landmarks"))?;
-        let aligned = imageops::warp(img, &m, 112);
-        let tensor = Tensor::from_array(([1usize, 3, 112, 112], imageops::rgb_nchw(&aligned)))
+        let (aligned, _) = Self::align(img, face)?;
+        self.embed_aligned(&aligned)
+    }
+
+    /// The L2-normalised embedding of a face already aligned by [`SFace::align`].
+    pub fn embed_aligned(&mut self, aligned: &RgbImage) -> Result<Vec<f32>, InferenceError> {
+        let tensor = Tensor::from_array(([1usize, 3, 112, 112], imageops::rgb_nchw(aligned)))
             .map_err(|e| model_err("sface", e))?;
         let outputs = self
             .session

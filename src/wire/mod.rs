@@ -13,7 +13,14 @@ use uuid::Uuid;
 
 /// The schema version this build writes. Older versions that still decode are listed in
 /// `tests/golden/`.
-pub const SCHEMA: u16 = 1;
+///
+/// Schema 2 added the `low_quality` verdict, the face's quality measures, the face signature
+/// that temporal liveness compares across frames, and the fused temporal liveness. Every
+/// field it added is optional, so a schema-1 event decodes unchanged.
+pub const SCHEMA: u16 = 2;
+
+/// The oldest schema version this build still decodes.
+pub const SCHEMA_MIN: u16 = 1;
 
 /// MIME type set as the AMQP `content_type` of every event.
 pub const CONTENT_TYPE: &str = "application/msgpack";
@@ -25,7 +32,7 @@ pub enum WireError {
     Decode(#[from] rmp_serde::decode::Error),
     #[error("cannot encode event: {0}")]
     Encode(#[from] rmp_serde::encode::Error),
-    #[error("unsupported schema version {found} (this build reads {SCHEMA})")]
+    #[error("unsupported schema version {found} (this build reads {SCHEMA_MIN} to {SCHEMA})")]
     UnsupportedSchema { found: u16 },
 }
 
@@ -200,6 +207,8 @@ impl Analysis {
 pub enum Verdict {
     NoFace,
     MultipleFaces,
+    /// The face is too small, blurred, dark or turned to be judged (schema 2).
+    LowQuality,
     Spoof,
     WrongPerson,
     Phone,
@@ -207,9 +216,10 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 6] = [
+    pub const ALL: [Verdict; 7] = [
         Verdict::NoFace,
         Verdict::MultipleFaces,
+        Verdict::LowQuality,
         Verdict::Spoof,
         Verdict::WrongPerson,
         Verdict::Phone,
@@ -220,6 +230,7 @@ impl Verdict {
         match self {
             Verdict::NoFace => "no_face",
             Verdict::MultipleFaces => "multiple_faces",
+            Verdict::LowQuality => "low_quality",
             Verdict::Spoof => "spoof",
             Verdict::WrongPerson => "wrong_person",
             Verdict::Phone => "phone",
@@ -245,6 +256,33 @@ pub struct IdentityAnalysis {
     /// The thresholds the verdict was decided with.
     #[serde(default)]
     pub thresholds: BTreeMap<String, f32>,
+    /// How well the largest face can be judged (schema 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<FaceQuality>,
+    /// The largest face's signature for temporal liveness: its embedding quantised to 128
+    /// signed bytes (schema 2). It is a biometric template: the edge consumes it and strips it
+    /// before a result reaches a client or the audit trail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<serde_bytes::ByteBuf>,
+}
+
+/// Measures of how well a face can be judged, and the first one that failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaceQuality {
+    /// The face box's shorter side, in pixels.
+    pub face_px: f32,
+    /// Variance of the Laplacian of the aligned face (grey levels squared): higher is sharper.
+    pub sharpness: f32,
+    /// Mean grey level of the aligned face, 0..255.
+    pub brightness: f32,
+    /// Horizontal turn: the nose's offset from the eyes' midpoint, in eye distances.
+    pub yaw: f32,
+    /// Vertical turn: the nose's position between the eyes and the mouth, 0.5 when level.
+    pub pitch: f32,
+    /// Why the face is too poor to judge (`too_small`, `blurred`, `too_dark`, `too_bright`,
+    /// `turned`); absent when it passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -264,8 +302,31 @@ pub struct IdentityScore {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LivenessScore {
+    /// The single-frame model's P(live).
     pub p_live: f32,
+    /// False when the fused evidence says the face is not live.
     pub live: bool,
+    /// The stream's evidence, added by the edge that sees the client's frames in order
+    /// (schema 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temporal: Option<TemporalScore>,
+}
+
+/// Liveness evidence over a client's recent frames (see `crate::liveness`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemporalScore {
+    /// Faces in the window.
+    pub faces: u32,
+    /// Median signature distance between consecutive faces: the detector's jitter.
+    pub jitter: f32,
+    /// Median signature distance between faces at least the drift lag apart.
+    pub drift: f32,
+    /// Median single-frame P(live) over the window.
+    pub p_live_median: f32,
+    /// Which signal found a spoof: `still` (the face does not change beyond jitter: a photo or
+    /// a replayed frame) or `model` (the model is sure over the whole window); absent when live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spoof: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -290,6 +351,24 @@ pub fn unpack_embedding(bytes: &[u8]) -> Option<Vec<f32>> {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect()
     })
+}
+
+/// A face signature in its wire form: each value of the embedding scaled so that the largest
+/// is ±127, as signed bytes (128 bytes for SFace).
+pub fn pack_signature(embedding: &[f32]) -> Vec<u8> {
+    let max = embedding.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = if max > 0.0 { 127.0 / max } else { 0.0 };
+    embedding
+        .iter()
+        .map(|v| (v * scale).round().clamp(-127.0, 127.0) as i8 as u8)
+        .collect()
+}
+
+/// A signature from its wire form, L2-normalised; `None` when it is empty or all zero.
+pub fn unpack_signature(bytes: &[u8]) -> Option<Vec<f32>> {
+    let v: Vec<f32> = bytes.iter().map(|b| *b as i8 as f32).collect();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    (norm > 0.0).then(|| v.into_iter().map(|x| x / norm).collect())
 }
 
 /// A frame that was not analysed, and why.
@@ -375,7 +454,7 @@ impl Envelope {
     /// Decode an event, refusing schema versions this build does not read.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let env: Envelope = rmp_serde::from_slice(bytes)?;
-        if env.schema != SCHEMA {
+        if !(SCHEMA_MIN..=SCHEMA).contains(&env.schema) {
             return Err(WireError::UnsupportedSchema { found: env.schema });
         }
         Ok(env)
