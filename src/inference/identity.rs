@@ -307,6 +307,22 @@ impl IdentityStack {
         })
     }
 
+    /// The embedding of the largest face in a photo, whatever its quality (for measuring the
+    /// recogniser itself); `None` without a face.
+    pub fn embed_largest(&self, jpeg: &[u8]) -> Result<Option<Vec<f32>>, InferenceError> {
+        let (img, small, scale) = self.prepare(jpeg)?;
+        self.with_set(|set| {
+            let faces = self.faces(set, &small, scale)?;
+            match faces
+                .iter()
+                .max_by(|a, b| (a.w * a.h).total_cmp(&(b.w * b.h)))
+            {
+                Some(face) => Ok(Some(set.sface.embed(&img, face)?)),
+                None => Ok(None),
+            }
+        })
+    }
+
     /// The reference embedding of a photo that shows exactly one face, good enough to judge.
     pub fn enroll(&self, jpeg: &[u8]) -> Result<Vec<f32>, EnrollError> {
         let (img, small, scale) = self.prepare(jpeg)?;
@@ -388,7 +404,12 @@ pub fn normalised_mean(vectors: &[&[f32]]) -> Vec<f32> {
             *s += x;
         }
     }
-    let norm = sum.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::EPSILON);
+    let norm = sum
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::EPSILON);
     sum.into_iter().map(|x| x / norm).collect()
 }
 
@@ -466,7 +487,10 @@ mod tests {
             w: 1.0,
             h: 1.0,
         };
-        assert_eq!(verdict(0, Some(&good), None, None, Some(&phone)), Verdict::NoFace);
+        assert_eq!(
+            verdict(0, Some(&good), None, None, Some(&phone)),
+            Verdict::NoFace
+        );
         assert_eq!(
             verdict(2, Some(&good), Some(&dead), Some(&other), None),
             Verdict::MultipleFaces
@@ -479,12 +503,18 @@ mod tests {
             verdict(1, Some(&good), Some(&live), Some(&other), Some(&phone)),
             Verdict::WrongPerson
         );
-        assert_eq!(verdict(1, Some(&good), Some(&live), None, None), Verdict::WrongPerson);
+        assert_eq!(
+            verdict(1, Some(&good), Some(&live), None, None),
+            Verdict::WrongPerson
+        );
         assert_eq!(
             verdict(1, Some(&good), Some(&live), Some(&me), Some(&phone)),
             Verdict::Phone
         );
-        assert_eq!(verdict(1, Some(&good), Some(&live), Some(&me), None), Verdict::Ok);
+        assert_eq!(
+            verdict(1, Some(&good), Some(&live), Some(&me), None),
+            Verdict::Ok
+        );
         assert_eq!(
             verdict(1, Some(&poor), Some(&dead), Some(&other), None),
             Verdict::LowQuality

@@ -269,7 +269,13 @@ mod tests {
     fn laplacian_variance_falls_when_an_image_is_blurred() {
         // A checkerboard is all edges; its box-blurred copy is nearly flat.
         let sharp: Vec<f32> = (0..64 * 64)
-            .map(|i| if (i % 64 / 4 + i / 64 / 4) % 2 == 0 { 40.0 } else { 200.0 })
+            .map(|i| {
+                if (i % 64 / 4 + i / 64 / 4) % 2 == 0 {
+                    40.0
+                } else {
+                    200.0
+                }
+            })
             .collect();
         let blurred: Vec<f32> = (0..64 * 64)
             .map(|i| {
@@ -286,7 +292,10 @@ mod tests {
             .collect();
         let (m1, v1) = mean_and_laplacian_variance(&sharp, 64, (0, 64), (0, 64));
         let (m2, v2) = mean_and_laplacian_variance(&blurred, 64, (0, 64), (0, 64));
-        assert!((m1 - 120.0).abs() < 1.0 && (m2 - 120.0).abs() < 5.0, "{m1} {m2}");
+        assert!(
+            (m1 - 120.0).abs() < 1.0 && (m2 - 120.0).abs() < 5.0,
+            "{m1} {m2}"
+        );
         assert!(v1 > 20.0 * v2, "sharp {v1} vs blurred {v2}");
     }
 
@@ -300,8 +309,8 @@ mod tests {
             .unwrap();
         // APP1 "Exif\0\0", little-endian TIFF with one IFD entry: 0x0112 SHORT 1 = 6.
         let tiff: &[u8] = &[
-            b'I', b'I', 42, 0, 8, 0, 0, 0, 1, 0, 0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0, 0, 0,
-            0, 0,
+            b'I', b'I', 42, 0, 8, 0, 0, 0, 1, 0, 0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0,
+            0,
         ];
         let mut app1 = vec![0xFF, 0xE1];
         app1.extend_from_slice(&((2 + 6 + tiff.len()) as u16).to_be_bytes());

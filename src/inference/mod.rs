@@ -7,6 +7,7 @@ pub mod imageops;
 pub mod models;
 pub mod quality;
 pub mod runtime;
+pub mod synth;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

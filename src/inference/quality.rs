@@ -17,12 +17,8 @@ const REGION_Y: (usize, usize) = (36, 100);
 /// Measure `face`, given its aligned 112x112 crop and the alignment `m` that made it.
 pub fn measure(aligned: &RgbImage, face: &Face, m: &Similarity) -> FaceQuality {
     let grey = imageops::luma(aligned);
-    let (brightness, sharpness) = imageops::mean_and_laplacian_variance(
-        &grey,
-        aligned.width() as usize,
-        REGION_X,
-        REGION_Y,
-    );
+    let (brightness, sharpness) =
+        imageops::mean_and_laplacian_variance(&grey, aligned.width() as usize, REGION_X, REGION_Y);
     let l = face.landmarks.map(|p| m.apply(p));
     let eyes = ((l[0].0 + l[1].0) / 2.0, (l[0].1 + l[1].1) / 2.0);
     let mouth_y = (l[3].1 + l[4].1) / 2.0;
@@ -127,6 +123,9 @@ mod tests {
         let q = measure(&img, &face, &id);
         assert!(q.yaw.abs() < 0.01, "{q:?}");
         assert!((q.pitch - 0.494).abs() < 0.01, "{q:?}");
-        assert!((q.brightness - 100.0).abs() < 0.5 && q.sharpness < 1e-3, "{q:?}");
+        assert!(
+            (q.brightness - 100.0).abs() < 0.5 && q.sharpness < 1e-3,
+            "{q:?}"
+        );
     }
 }

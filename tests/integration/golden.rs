@@ -1,15 +1,18 @@
 //! Golden files pin the wire format: schema 1 events must keep decoding, and this build must
-//! keep writing exactly these bytes. Regenerate only on a deliberate schema change with
-//! VIGIL_BLESS=1 (and bump the schema version).
+//! keep writing exactly the schema-2 bytes. Regenerate only on a deliberate schema change with
+//! VIGIL_BLESS=1 (and bump the schema version); the schema-1 files are never rewritten.
 
 use std::path::PathBuf;
 
 use uuid::Uuid;
-use vigil::wire::{Analysis, DropReason, Dropped, Envelope, Frame, FrameResult, Payload, SCHEMA};
+use vigil::wire::{
+    Analysis, DropReason, Dropped, Envelope, FaceBox, FaceQuality, Frame, FrameResult,
+    IdentityAnalysis, IdentityScore, LivenessScore, Payload, SCHEMA, TemporalScore, Verdict,
+};
 
 fn envelope(payload: Payload) -> Envelope {
     Envelope {
-        schema: SCHEMA,
+        schema: 1,
         id: Uuid::from_u128(0x0193_4d2a_7c00_7000_8000_0000_0000_002a),
         source: "edge-1".into(),
         seq: 42,
@@ -62,23 +65,93 @@ fn cases() -> Vec<(&'static str, Envelope)> {
     ]
 }
 
+/// Schema 2: the same events as this build writes them, and an identity result with every
+/// field schema 2 added.
+fn cases_v2() -> Vec<(String, Envelope)> {
+    let mut out: Vec<(String, Envelope)> = cases()
+        .into_iter()
+        .map(|(file, mut env)| {
+            env.schema = SCHEMA;
+            (file.replace(".v1.", ".v2."), env)
+        })
+        .collect();
+    let mut env = envelope(Payload::Result(FrameResult {
+        session: 0x1234_5678_9abc_def0,
+        seq: 8,
+        frame_id: Uuid::from_u128(0x0193_4d2a_7c00_7000_8000_0000_0000_0002),
+        analyzer: "identity".into(),
+        analyze_us: 51_000,
+        analysis: Analysis::Identity(IdentityAnalysis {
+            verdict: Verdict::LowQuality,
+            faces: vec![FaceBox {
+                x: 10.0,
+                y: 20.0,
+                w: 30.0,
+                h: 40.0,
+                score: 0.9,
+            }],
+            identity: Some(IdentityScore {
+                similarity: 0.5,
+                matched: true,
+            }),
+            liveness: Some(LivenessScore {
+                p_live: 0.25,
+                live: true,
+                temporal: Some(TemporalScore {
+                    faces: 9,
+                    jitter: 0.03,
+                    drift: 0.12,
+                    p_live_median: 0.07,
+                    spoof: None,
+                }),
+            }),
+            phone: None,
+            models: vec!["yunet:2023mar".into()],
+            thresholds: [("match_cosine".to_owned(), 0.41)].into_iter().collect(),
+            quality: Some(FaceQuality {
+                face_px: 30.0,
+                sharpness: 120.0,
+                brightness: 110.0,
+                yaw: 0.05,
+                pitch: 0.5,
+                failed: Some("too_small".into()),
+            }),
+            signature: Some(vec![1u8, 255, 127, 129].into()),
+        }),
+    }));
+    env.schema = SCHEMA;
+    out.push(("identity.v2.msgpack".into(), env));
+    out
+}
+
 #[test]
-fn schema_1_golden_files() {
+fn schema_2_golden_files_are_what_this_build_writes() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let bless = std::env::var_os("VIGIL_BLESS").is_some();
-    for (file, expected) in cases() {
-        let path = dir.join(file);
+    for (file, expected) in cases_v2() {
+        let path = dir.join(&file);
         let encoded = expected.encode().unwrap();
         if bless {
             std::fs::write(&path, &encoded).unwrap();
         }
         let golden = std::fs::read(&path)
             .unwrap_or_else(|e| panic!("{}: {e} (run with VIGIL_BLESS=1 once)", path.display()));
+        assert_eq!(Envelope::decode(&golden).unwrap(), expected, "{file}");
+        assert_eq!(encoded, golden, "{file}: this build writes different bytes");
+    }
+}
+
+#[test]
+fn schema_1_golden_files_still_decode() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    for (file, expected) in cases() {
+        let golden = std::fs::read(dir.join(file)).unwrap();
         assert_eq!(
             Envelope::decode(&golden).unwrap(),
             expected,
             "{file} no longer decodes the same"
         );
-        assert_eq!(encoded, golden, "{file}: this build writes different bytes");
+        // A schema-1 writer's bytes are still exactly what schema 1 was.
+        assert_eq!(expected.encode().unwrap(), golden, "{file}");
     }
 }

@@ -11,6 +11,7 @@ mod faults;
 mod garbage;
 mod golden;
 mod identity;
+mod liveness;
 mod observability;
 mod pipeline;
 mod scaling;
