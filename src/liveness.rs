@@ -76,9 +76,8 @@ impl LivenessConfig {
                 self.min_faces, self.max_faces
             ));
         }
-        if !(self.still_ratio.is_finite() && self.still_ratio >= 0.0)
-            || !(self.still_floor.is_finite() && self.still_floor >= 0.0)
-        {
+        let non_negative = |v: f32| v.is_finite() && v >= 0.0;
+        if !non_negative(self.still_ratio) || !non_negative(self.still_floor) {
             errors.push("liveness.still_ratio and still_floor must be 0 or more".into());
         }
         if !(0.0..=1.0).contains(&self.p_live_window_min) {
@@ -305,6 +304,9 @@ mod tests {
         let back = unpack_signature(&crate::wire::pack_signature(&e)).unwrap();
         assert!(distance(&e, &back) < 1e-3);
         assert_eq!(unpack_signature(&[0; 128]), None);
+        // A signature of any other length (a hostile or foreign result) is ignored.
+        assert_eq!(unpack_signature(&[1; 127]), None);
+        assert_eq!(unpack_signature(&[1; 4096]), None);
     }
 
     fn analysis(verdict: Verdict, signature: &[f32]) -> IdentityAnalysis {

@@ -170,6 +170,9 @@ impl ErrorCode {
 
 /// A message from the edge to a client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+// Identity results are built once per frame and moved along, never stored in bulk; boxing
+// them would cost an allocation per frame to save stack bytes.
+#[allow(clippy::large_enum_variant)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMsg {
     Welcome {

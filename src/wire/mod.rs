@@ -178,6 +178,9 @@ pub struct FrameResult {
 }
 
 /// What an analyzer found in a frame.
+// Identity results are built once per frame and moved along, never stored in bulk; boxing
+// them would cost an allocation per frame to save stack bytes.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Analysis {
@@ -364,8 +367,15 @@ pub fn pack_signature(embedding: &[f32]) -> Vec<u8> {
         .collect()
 }
 
-/// A signature from its wire form, L2-normalised; `None` when it is empty or all zero.
+/// Bytes in a face signature (SFace's 128 dimensions).
+pub const SIGNATURE_BYTES: usize = 128;
+
+/// A signature from its wire form, L2-normalised; `None` unless it has exactly
+/// [`SIGNATURE_BYTES`] bytes, not all zero (a result from the broker is checked, not trusted).
 pub fn unpack_signature(bytes: &[u8]) -> Option<Vec<f32>> {
+    if bytes.len() != SIGNATURE_BYTES {
+        return None;
+    }
     let v: Vec<f32> = bytes.iter().map(|b| *b as i8 as f32).collect();
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     (norm > 0.0).then(|| v.into_iter().map(|x| x / norm).collect())
