@@ -1194,6 +1194,7 @@ async fn replay(
         tolerance,
         max_inflight: inflight,
         policy: cfg.policy.clone(),
+        liveness: cfg.liveness.clone(),
     };
     let report = crate::replay::replay(cfg, &capture, &opts, &mut |sent, answered| {
         bar.set_position(answered);

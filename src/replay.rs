@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::broker::Broker;
 use crate::capture::Capture;
 use crate::config::Config;
+use crate::liveness::{LivenessConfig, StreamLiveness};
 use crate::metrics::BrokerMetrics;
 use crate::policy::{ClientPolicy, PolicyConfig};
 use crate::topology::{self, NodeKind, Topology};
@@ -81,14 +82,26 @@ pub struct ReplayOptions {
     pub tolerance: f64,
     pub max_inflight: usize,
     pub policy: PolicyConfig,
+    /// The stream liveness the edges fuse into each verdict before the policy.
+    pub liveness: LivenessConfig,
 }
 
-/// A frame's outcome, comparable across runs: the verdict for identity analyses, the facts for
-/// frame-info, or the drop reason.
-fn outcome(env: &Envelope) -> Option<String> {
+/// A frame's outcome, comparable across runs: the verdict for identity analyses (after the
+/// client's stream liveness, as an edge fuses it at `arrived_ms`), the facts for frame-info,
+/// or the drop reason.
+fn outcome(
+    env: &Envelope,
+    liveness: &mut StreamLiveness,
+    cfg: &LivenessConfig,
+    arrived_ms: u64,
+) -> Option<String> {
     match &env.payload {
         Payload::Result(r) => Some(match &r.analysis {
-            Analysis::Identity(a) => a.verdict.as_str().to_owned(),
+            Analysis::Identity(a) => {
+                let mut a = a.clone();
+                liveness.fuse(cfg, arrived_ms, &mut a);
+                a.verdict.as_str().to_owned()
+            }
             Analysis::FrameInfo {
                 width,
                 height,
@@ -287,9 +300,14 @@ pub async fn replay(
     let mut results = 0;
     let mut diffs = Vec::new();
     let mut compared = 0;
+    // Each run's stream liveness, per client, fed in arrival order as the edge was.
+    let mut fusion: HashMap<String, (StreamLiveness, StreamLiveness)> = HashMap::new();
     for (arrived, env) in &frames {
         let Some(k) = key(env) else { continue };
-        let now = replayed.get(&k).and_then(outcome);
+        let (live_now, live_then) = fusion.entry(k.0.clone()).or_default();
+        let now = replayed
+            .get(&k)
+            .and_then(|e| outcome(e, live_now, &opts.liveness, *arrived));
         match replayed.get(&k).map(|e| &e.payload) {
             Some(Payload::Result(_)) => results += 1,
             Some(Payload::Dropped(d)) => {
@@ -297,7 +315,9 @@ pub async fn replay(
             }
             _ => {}
         }
-        let then = recorded.get(&k).and_then(outcome);
+        let then = recorded
+            .get(&k)
+            .and_then(|e| outcome(e, live_then, &opts.liveness, *arrived));
         if let (Some(a), Some(b)) = (&then, &now) {
             compared += 1;
             if a != b {

@@ -115,6 +115,7 @@ async fn recorded_traffic_replays_identically_and_a_stricter_threshold_is_caught
         tolerance: 0.0,
         max_inflight: 16,
         policy: env.cfg.policy.clone(),
+        liveness: env.cfg.liveness.clone(),
     };
     let report = vigil::replay::replay(&env.cfg, &capture, &opts, &mut |_, _| {})
         .await
@@ -312,6 +313,7 @@ async fn the_capture_stream_exports_and_replays_the_last_minutes() {
         tolerance: 0.0,
         max_inflight: 8,
         policy: env.cfg.policy.clone(),
+        liveness: env.cfg.liveness.clone(),
     };
     let report = vigil::replay::replay(&env.cfg, &capture, &opts, &mut |_, _| {})
         .await
