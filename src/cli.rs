@@ -1043,6 +1043,15 @@ fn eval(
     std::fs::write(&path, serde_json::to_vec_pretty(&report).map_err(fail)?).map_err(fail)?;
     print!("{}", crate::eval::summary(&report));
     println!("full report: {}", path.display());
+    match crate::plots::write_all(&report, out) {
+        Ok(files) => {
+            for f in files {
+                println!("plot: {}", f.display());
+            }
+        }
+        // The figures above and the JSON stand without the pictures.
+        Err(e) => eprintln!("vigil: plots not drawn: {e}"),
+    }
     Ok(())
 }
 

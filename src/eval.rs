@@ -365,7 +365,11 @@ pub struct StreamReport {
 /// Everything `vigil eval` measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// Frames per second of the videos and attack streams.
+    pub fps: f64,
     pub match_threshold: f32,
+    /// The stream liveness's `still_ratio`.
+    pub still_ratio: f32,
     pub impostor_pairs: usize,
     pub impostor_pairs_above_threshold: usize,
     pub false_match_rate: f64,
@@ -374,6 +378,9 @@ pub struct Report {
     pub rates: Vec<RatePoint>,
     pub impostor_scores: Distribution,
     pub genuine_scores: Distribution,
+    /// Every 16th impostor score (for the histogram), and every genuine score.
+    pub impostor_score_sample: Vec<f32>,
+    pub genuine_score_sample: Vec<f32>,
     pub photos: usize,
     pub single_face_photos: usize,
     pub photo_verdicts: BTreeMap<String, usize>,
@@ -644,7 +651,11 @@ pub fn run(
         .count();
     let spoofs = photo_verdicts.get("spoof").copied().unwrap_or(0);
     Ok(Report {
+        fps: opts.fps,
         match_threshold: t.match_cosine,
+        still_ratio: cfg.liveness.still_ratio,
+        impostor_score_sample: impostor_scores.iter().step_by(16).copied().collect(),
+        genuine_score_sample: genuine_scores.clone(),
         impostor_pairs: impostor_scores.len(),
         impostor_pairs_above_threshold: above,
         false_match_rate: above as f64 / impostor_scores.len().max(1) as f64,

@@ -15,7 +15,8 @@
 //! - [`config`]: typed configuration with `VIGIL_*` overrides and full validation.
 //! - [`metrics`]: every Prometheus metric; [`telemetry`]: logs, health, `/metrics`, the
 //!   services' `main`.
-//! - [`cli`]: the operator CLI (`vigil`), with [`bench`] for the benchmarks.
+//! - [`cli`]: the operator CLI (`vigil`), with [`bench`] for the benchmarks, [`eval`] for the
+//!   error rates on real data and [`plots`] for their pictures.
 
 pub mod admin;
 pub mod analyzer;
@@ -33,6 +34,7 @@ pub mod liveness;
 pub mod loadgen;
 pub mod metrics;
 pub mod models;
+pub mod plots;
 pub mod policy;
 pub mod recorder;
 pub mod replay;
