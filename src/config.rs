@@ -66,6 +66,9 @@ pub struct InferenceConfig {
     /// Frames are scaled to fit this many pixels on each side before the models run
     /// [VIGIL_MAX_SIDE].
     pub max_side: u32,
+    /// Most pixels an image may declare; larger ones are refused before decoding, and the
+    /// decoder runs with this limit [VIGIL_MAX_PIXELS].
+    pub max_pixels: u64,
     pub thresholds: Thresholds,
 }
 
@@ -134,6 +137,7 @@ impl Default for InferenceConfig {
             device: crate::inference::Device::Cpu,
             intra_threads: 1,
             max_side: 640,
+            max_pixels: 3840 * 2160,
             thresholds: Thresholds::default(),
         }
     }
@@ -155,6 +159,10 @@ pub struct EdgeConfig {
     pub id: Option<String>,
     /// Largest JPEG accepted, in bytes [VIGIL_EDGE_MAX_FRAME_BYTES].
     pub max_frame_bytes: usize,
+    /// Most pixels a frame may declare in its JPEG header (a few hundred bytes can declare
+    /// gigabytes of pixels); larger frames are dropped `frame_too_large` before they reach a
+    /// worker [VIGIL_EDGE_MAX_FRAME_PIXELS].
+    pub max_frame_pixels: u64,
     /// Frames per second per client; faster frames are dropped `rate_limited`
     /// [VIGIL_EDGE_MAX_FPS].
     pub max_fps: u32,
@@ -249,6 +257,7 @@ impl Default for EdgeConfig {
             listen: "127.0.0.1:8080".parse().expect("valid address"),
             id: None,
             max_frame_bytes: 512 * 1024,
+            max_frame_pixels: 3840 * 2160,
             max_fps: 30,
             flood_factor: 4,
             max_sessions: 10_000,
@@ -382,6 +391,12 @@ impl Config {
             "VIGIL_EDGE_MAX_FRAME_BYTES",
             &mut e.max_frame_bytes,
         );
+        set(
+            env,
+            errors,
+            "VIGIL_EDGE_MAX_FRAME_PIXELS",
+            &mut e.max_frame_pixels,
+        );
         set(env, errors, "VIGIL_EDGE_MAX_FPS", &mut e.max_fps);
         set(env, errors, "VIGIL_EDGE_FLOOD_FACTOR", &mut e.flood_factor);
         set(env, errors, "VIGIL_EDGE_MAX_SESSIONS", &mut e.max_sessions);
@@ -456,6 +471,7 @@ impl Config {
         set(env, errors, "VIGIL_DEVICE", &mut i.device);
         set(env, errors, "VIGIL_INTRA_THREADS", &mut i.intra_threads);
         set(env, errors, "VIGIL_MAX_SIDE", &mut i.max_side);
+        set(env, errors, "VIGIL_MAX_PIXELS", &mut i.max_pixels);
         let t = &mut i.thresholds;
         set(env, errors, "VIGIL_FACE_SCORE", &mut t.face_score);
         set(env, errors, "VIGIL_MATCH_COSINE", &mut t.match_cosine);
@@ -496,6 +512,7 @@ impl Config {
         }
         let positive = [
             ("edge.max_frame_bytes", e.max_frame_bytes as u64),
+            ("edge.max_frame_pixels", e.max_frame_pixels),
             ("edge.max_fps", e.max_fps.into()),
             ("edge.flood_factor", e.flood_factor.into()),
             ("edge.max_sessions", e.max_sessions as u64),
@@ -553,6 +570,12 @@ impl Config {
         let i = &self.inference;
         if i.intra_threads == 0 {
             errors.push("inference.intra_threads must be greater than 0".into());
+        }
+        if !(64 * 64..=100_000_000).contains(&i.max_pixels) {
+            errors.push(format!(
+                "inference.max_pixels = {} must be within 4096..=100000000",
+                i.max_pixels
+            ));
         }
         if !(64..=4096).contains(&i.max_side) {
             errors.push(format!(

@@ -125,6 +125,7 @@ pub async fn start_with(
         pool: Arc::new(Semaphore::new(threads)),
         metrics,
         seq: AtomicU64::new(0),
+        max_pixels: cfg.inference.max_pixels,
     });
     let work_queue = format!("{}.{}", cfg.namespace, topology::WORK_QUEUE);
     let span = tracing::info_span!("worker", worker = %id);
@@ -164,6 +165,8 @@ struct Ctx {
     pool: Arc<Semaphore>,
     metrics: WorkerMetrics,
     seq: AtomicU64,
+    /// Most pixels a frame may declare (`inference.max_pixels`), checked for every analyzer.
+    max_pixels: u64,
 }
 
 /// Consume until shutdown; when the broker connection is lost, reconnect with backoff and
@@ -363,7 +366,18 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool 
             .reference
             .as_ref()
             .and_then(|bytes| wire::unpack_embedding(bytes));
-        let outcome = analyze(ctx, &env.client_id, frame.jpeg, reference).await;
+        // A frame is checked, not trusted: anyone who can publish to the exchange can send one
+        // whose header declares gigabytes of pixels. It is refused before any analyzer runs.
+        let outcome = match wire::jpeg::info(&frame.jpeg) {
+            Ok(info) if info.pixels() > ctx.max_pixels => Err(AnalyzeError::BadJpeg(format!(
+                "{}x{} = {} pixels is over the {}-pixel limit",
+                info.width,
+                info.height,
+                info.pixels(),
+                ctx.max_pixels
+            ))),
+            _ => analyze(ctx, &env.client_id, frame.jpeg, reference).await,
+        };
         ctx.metrics.batch_size.observe(1.0);
         match outcome {
             Ok(Analyzed { analysis, stages }) => {

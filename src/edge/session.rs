@@ -626,13 +626,26 @@ impl Session {
             self.drop_frame(seq, DropReason::FrameTooLarge, detail);
             return;
         }
-        if !client::is_jpeg(&frame.jpeg) {
-            self.drop_frame(
-                seq,
-                DropReason::NotJpeg,
-                "a frame must be a JPEG (FF D8 ...)",
-            );
-            return;
+        // The markers up to the start-of-frame: a broken header never reaches a worker, and
+        // neither does a frame that declares more pixels than the limit (a few hundred bytes
+        // can declare gigabytes).
+        match wire::jpeg::info(&frame.jpeg) {
+            Err(detail) => {
+                self.drop_frame(seq, DropReason::NotJpeg, format!("not a JPEG: {detail}"));
+                return;
+            }
+            Ok(info) if info.pixels() > cfg.max_frame_pixels => {
+                let detail = format!(
+                    "{}x{} = {} pixels is over the {}-pixel limit",
+                    info.width,
+                    info.height,
+                    info.pixels(),
+                    cfg.max_frame_pixels
+                );
+                self.drop_frame(seq, DropReason::FrameTooLarge, detail);
+                return;
+            }
+            Ok(_) => {}
         }
         if self.inflight.contains_key(&seq) || self.pending.as_ref().is_some_and(|p| p.seq == seq) {
             self.drop_frame(seq, DropReason::DuplicateSeq, "this seq is still in flight");

@@ -29,6 +29,7 @@ pub struct IdentityStack {
     returned: Condvar,
     thresholds: Thresholds,
     max_side: u32,
+    max_pixels: u64,
     /// `name:version` of each model, in the order they run.
     pub models: Vec<String>,
 }
@@ -127,6 +128,7 @@ impl IdentityStack {
             returned: Condvar::new(),
             thresholds: cfg.thresholds.clone(),
             max_side: cfg.max_side,
+            max_pixels: cfg.max_pixels,
             models,
         })
     }
@@ -154,7 +156,7 @@ impl IdentityStack {
     /// Decode a frame and scale a copy to fit the detectors. Returns the original, the scaled
     /// copy, and the factor from original to scaled coordinates.
     fn prepare(&self, jpeg: &[u8]) -> Result<(RgbImage, RgbImage, f32), InferenceError> {
-        let img = imageops::decode_jpeg(jpeg)?;
+        let img = imageops::decode_jpeg_limited(jpeg, self.max_pixels)?;
         let (small, scale) = imageops::fit_within(&img, self.max_side.min(YuNet::INPUT));
         Ok((img, small, scale))
     }

@@ -5,13 +5,41 @@ use image::{RgbImage, imageops};
 
 use super::InferenceError;
 
+/// Most pixels [`decode_jpeg`] accepts: a 4K frame. Callers with their own limit use
+/// [`decode_jpeg_limited`].
+pub const DEFAULT_MAX_PIXELS: u64 = 3840 * 2160;
+
+/// [`decode_jpeg_limited`] with [`DEFAULT_MAX_PIXELS`].
+pub fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, InferenceError> {
+    decode_jpeg_limited(bytes, DEFAULT_MAX_PIXELS)
+}
+
 /// Decode a JPEG into RGB, upright: the EXIF orientation (a phone photo taken sideways says
 /// so in its metadata) is applied, so faces are analysed the way a person sees the photo.
-pub fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, InferenceError> {
+///
+/// A JPEG of a few hundred bytes can declare 23170x23170 pixels, gigabytes once decoded to
+/// RGB: the declared size is checked against `max_pixels` before anything is allocated, and
+/// the decoder itself runs with that limit.
+pub fn decode_jpeg_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, InferenceError> {
     use image::ImageDecoder as _;
     let bad = |e: image::ImageError| InferenceError::BadImage(e.to_string());
+    let info = crate::wire::jpeg::info(bytes).map_err(InferenceError::BadImage)?;
+    if info.pixels() > max_pixels {
+        return Err(InferenceError::BadImage(format!(
+            "the image declares {}x{} = {} pixels, over the limit of {max_pixels}",
+            info.width,
+            info.height,
+            info.pixels()
+        )));
+    }
     let mut decoder =
         image::codecs::jpeg::JpegDecoder::new(std::io::Cursor::new(bytes)).map_err(bad)?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(info.width as u32);
+    limits.max_image_height = Some(info.height as u32);
+    // The RGB image, and the decoder's own buffers (at most as large again).
+    limits.max_alloc = Some(max_pixels * 3 * 2);
+    decoder.set_limits(limits).map_err(bad)?;
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
@@ -297,6 +325,28 @@ mod tests {
             "{m1} {m2}"
         );
         assert!(v1 > 20.0 * v2, "sharp {v1} vs blurred {v2}");
+    }
+
+    #[test]
+    fn a_tiny_jpeg_that_declares_a_huge_image_is_refused_before_decoding() {
+        // SOI, SOF0 declaring 23170x23170 grey, EOI: 21 bytes that would be 1.6 GB in RGB.
+        let bomb: &[u8] = &[
+            0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x0B, 0x08, 0x5A, 0x82, 0x5A, 0x82, 0x01, 0x01, 0x11,
+            0x00, 0xFF, 0xD9,
+        ];
+        let err = decode_jpeg(bomb).unwrap_err().to_string();
+        assert!(
+            err.contains("23170x23170") && err.contains("over the limit"),
+            "{err}"
+        );
+        // A real frame under the limit still decodes, and one over a lower limit does not.
+        let img = RgbImage::from_pixel(64, 48, image::Rgb([1, 2, 3]));
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new(&mut jpeg)
+            .encode_image(&img)
+            .unwrap();
+        assert_eq!(decode_jpeg(&jpeg).unwrap().dimensions(), (64, 48));
+        assert!(decode_jpeg_limited(&jpeg, 64 * 47).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! through `serde_bytes`. Decoding never panics: bad bytes give a [`WireError`].
 
 pub mod client;
+pub mod jpeg;
 
 use std::collections::BTreeMap;
 

@@ -82,8 +82,7 @@ async fn garbage_is_refused_and_the_pipeline_keeps_serving() {
         }
         other => panic!("expected bad_request, got {other:?}"),
     }
-    // A JPEG header with broken markers gets past the edge; the worker refuses it, tells the
-    // client, and dead-letters it.
+    // A JPEG header with broken markers never reaches a worker: the edge walks the markers.
     conn.send_frame(4, 0, &[0xFF, 0xD8, 0xFF, 0xE0, 0xFF, 0xFF])
         .await
         .unwrap();
@@ -95,7 +94,24 @@ async fn garbage_is_refused_and_the_pipeline_keeps_serving() {
         }) => {
             assert!(detail.contains("runs past the end"), "{detail}");
         }
-        other => panic!("expected not_jpeg from the worker, got {other:?}"),
+        other => panic!("expected not_jpeg from the edge, got {other:?}"),
+    }
+    // Seventeen bytes that declare a 23170x23170 image (1.6 GB once decoded to RGB): refused
+    // by the edge from the header alone.
+    let bomb: &[u8] = &[
+        0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x0B, 0x08, 0x5A, 0x82, 0x5A, 0x82, 0x01, 0x01, 0x11, 0x00,
+        0xFF, 0xD9,
+    ];
+    conn.send_frame(7, 0, bomb).await.unwrap();
+    match next_msg(&mut conn).await {
+        Incoming::Msg(ServerMsg::Dropped {
+            seq: 7,
+            reason: DropReason::FrameTooLarge,
+            detail,
+        }) => {
+            assert!(detail.contains("23170x23170"), "{detail}");
+        }
+        other => panic!("expected frame_too_large for the bomb, got {other:?}"),
     }
     // Still serving.
     expect_result(&mut conn, 5, &good).await;
@@ -153,7 +169,34 @@ async fn garbage_is_refused_and_the_pipeline_keeps_serving() {
             .await
             .unwrap();
     }
-    // Three junk events plus the broken JPEG of seq 4.
+    // The same bomb published straight to the frames exchange, as a hostile publisher would,
+    // bypassing the edge: the worker checks the declared size before decoding, refuses the
+    // frame and dead-letters it (and stays up to serve the next frame).
+    let forged = vigil::wire::Envelope {
+        schema: vigil::wire::SCHEMA,
+        id: uuid::Uuid::now_v7(),
+        source: "forged-edge".into(),
+        seq: 1,
+        client_id: "c1".into(),
+        produced_at_ms: vigil::wire::now_ms(),
+        deadline_ms: vigil::wire::now_ms() + 30_000,
+        traceparent: vigil::wire::new_traceparent(),
+        payload: vigil::wire::Payload::Frame(vigil::wire::Frame {
+            session: 1,
+            seq: 1,
+            captured_at_ms: None,
+            jpeg: bomb.to_vec().into(),
+            reference: None,
+        }),
+    };
+    publisher
+        .publish_raw(&env.name("frames"), "", &forged.encode().unwrap())
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    // Three junk events plus the forged bomb.
     eventually("dead letters", Duration::from_secs(10), || {
         let broker = &broker;
         let dead = &dead;
@@ -197,7 +240,7 @@ async fn garbage_is_refused_and_the_pipeline_keeps_serving() {
             "vigil_edge_frames_dropped_total",
             Some(("reason", "frame_too_large"))
         ),
-        1.0
+        2.0
     );
     assert!(
         metric(
