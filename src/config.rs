@@ -175,6 +175,10 @@ pub struct EdgeConfig {
     /// Frames per client published and awaiting a result; one more waits, and a newer frame
     /// replaces the waiting one [VIGIL_EDGE_MAX_INFLIGHT].
     pub max_inflight: usize,
+    /// Every write to a client (a message, a flush, a close) must finish within this many ms;
+    /// a client that does not read is closed `slow_reader` (4408) and counted
+    /// [VIGIL_EDGE_WRITE_TIMEOUT_MS].
+    pub write_timeout_ms: u64,
     /// How long a new connection may take to send its hello, in ms [VIGIL_EDGE_HELLO_TIMEOUT_MS].
     pub hello_timeout_ms: u64,
     /// A frame's life from arrival to result, in ms; past it the frame is answered `expired`
@@ -258,6 +262,7 @@ impl Default for EdgeConfig {
             id: None,
             max_frame_bytes: 512 * 1024,
             max_frame_pixels: 3840 * 2160,
+            write_timeout_ms: 2_000,
             max_fps: 30,
             flood_factor: 4,
             max_sessions: 10_000,
@@ -398,6 +403,12 @@ impl Config {
             &mut e.max_frame_pixels,
         );
         set(env, errors, "VIGIL_EDGE_MAX_FPS", &mut e.max_fps);
+        set(
+            env,
+            errors,
+            "VIGIL_EDGE_WRITE_TIMEOUT_MS",
+            &mut e.write_timeout_ms,
+        );
         set(env, errors, "VIGIL_EDGE_FLOOD_FACTOR", &mut e.flood_factor);
         set(env, errors, "VIGIL_EDGE_MAX_SESSIONS", &mut e.max_sessions);
         set(env, errors, "VIGIL_EDGE_MAX_INFLIGHT", &mut e.max_inflight);
@@ -513,6 +524,7 @@ impl Config {
         let positive = [
             ("edge.max_frame_bytes", e.max_frame_bytes as u64),
             ("edge.max_frame_pixels", e.max_frame_pixels),
+            ("edge.write_timeout_ms", e.write_timeout_ms),
             ("edge.max_fps", e.max_fps.into()),
             ("edge.flood_factor", e.flood_factor.into()),
             ("edge.max_sessions", e.max_sessions as u64),

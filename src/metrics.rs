@@ -122,6 +122,7 @@ pub struct EdgeMetrics {
     pub system_full: IntGauge,
     pub work_backlog: IntGauge,
     pub throttles: IntCounter,
+    pub slow_readers: IntCounter,
 }
 
 impl EdgeMetrics {
@@ -218,6 +219,11 @@ impl EdgeMetrics {
                 registry,
                 "vigil_edge_throttles_total",
                 "Throttle messages sent to clients",
+            ),
+            slow_readers: counter(
+                registry,
+                "vigil_edge_slow_readers_total",
+                "Connections dropped because a write to them missed edge.write_timeout_ms",
             ),
         }
     }

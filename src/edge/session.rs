@@ -67,7 +67,14 @@ pub(super) async fn run(shared: Arc<Shared>, mut ws: Ws, permit: Option<OwnedSem
         } else {
             "this edge is at its session limit; retry later or elsewhere"
         };
-        refuse(&mut ws, Encoding::Json, ErrorCode::SystemFull, message).await;
+        refuse(
+            &shared,
+            &mut ws,
+            Encoding::Json,
+            ErrorCode::SystemFull,
+            message,
+        )
+        .await;
         return;
     };
     let Some((record, encoding)) = hello(&shared, &mut ws).await else {
@@ -182,7 +189,7 @@ pub(super) async fn run(shared: Arc<Shared>, mut ws: Ws, permit: Option<OwnedSem
     let end = session.run(&mut ws, rx, &closer).await;
     tracing::info!(client = %client_id, ?end, "session ended");
     let connection = match end {
-        End::ClientGone => Connection::ConnectionError,
+        End::ClientGone | End::SlowReader => Connection::ConnectionError,
         _ => Connection::Deactivated,
     };
     set_presence(&shared, &client_id, session_id, since_ms, connection).await;
@@ -250,7 +257,7 @@ async fn hello(shared: &Shared, ws: &mut Ws) -> Option<(ClientRecord, Encoding)>
             _ = &mut deadline => {
                 refused("hello_timeout");
                 let msg = format!("no hello within {} ms", timeout.as_millis());
-                refuse(ws, Encoding::Json, ErrorCode::HelloTimeout, &msg).await;
+                refuse(shared, ws, Encoding::Json, ErrorCode::HelloTimeout, &msg).await;
                 return None;
             }
             msg = ws.next() => match msg {
@@ -269,6 +276,7 @@ async fn hello(shared: &Shared, ws: &mut Ws) -> Option<(ClientRecord, Encoding)>
         Ok(ClientMsg::Frame(_)) => {
             refused("bad_hello");
             refuse(
+                shared,
                 ws,
                 encoding,
                 ErrorCode::BadRequest,
@@ -280,6 +288,7 @@ async fn hello(shared: &Shared, ws: &mut Ws) -> Option<(ClientRecord, Encoding)>
         Err(e) => {
             refused("bad_hello");
             refuse(
+                shared,
                 ws,
                 encoding,
                 ErrorCode::BadRequest,
@@ -299,6 +308,7 @@ async fn hello(shared: &Shared, ws: &mut Ws) -> Option<(ClientRecord, Encoding)>
         Err(AuthError::Unauthorized) => {
             refused("unauthorized");
             refuse(
+                shared,
                 ws,
                 encoding,
                 ErrorCode::Unauthorized,
@@ -309,24 +319,60 @@ async fn hello(shared: &Shared, ws: &mut Ws) -> Option<(ClientRecord, Encoding)>
         }
         Err(AuthError::Blocked) => {
             refused("blocked");
-            refuse(ws, encoding, ErrorCode::Blocked, "this client is blocked").await;
+            refuse(
+                shared,
+                ws,
+                encoding,
+                ErrorCode::Blocked,
+                "this client is blocked",
+            )
+            .await;
             None
         }
     }
 }
 
+/// Run one write to the client within `edge.write_timeout_ms`. A peer that stops reading
+/// fills its socket and would hold the write (and with it the session, its slot and its
+/// task) forever: past the deadline the write is abandoned and the peer counted as a slow
+/// reader. `Err` when the client is gone or too slow.
+async fn bounded<T, E>(
+    shared: &Shared,
+    write: impl Future<Output = Result<T, E>>,
+) -> Result<T, Gone> {
+    match tokio::time::timeout(Duration::from_millis(shared.cfg.write_timeout_ms), write).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(_)) => Err(Gone::Closed),
+        Err(_) => {
+            shared.metrics.slow_readers.inc();
+            Err(Gone::SlowReader)
+        }
+    }
+}
+
+/// Why a write to the client failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gone {
+    Closed,
+    SlowReader,
+}
+
 /// Send an error and close with its code.
-async fn refuse(ws: &mut Ws, encoding: Encoding, code: ErrorCode, message: &str) {
+async fn refuse(shared: &Shared, ws: &mut Ws, encoding: Encoding, code: ErrorCode, message: &str) {
     let msg = ServerMsg::Error {
         code,
         message: message.to_owned(),
     };
-    let _ = ws.send(to_message(&msg, encoding)).await;
-    close(ws, code.close_code(), message).await;
+    if bounded(shared, ws.send(to_message(&msg, encoding)))
+        .await
+        .is_ok()
+    {
+        close(shared, ws, code.close_code(), message).await;
+    }
 }
 
-/// Close with `code`, then wait briefly for the client's close reply.
-async fn close(ws: &mut Ws, code: u16, reason: &str) {
+/// Close with `code`, then wait briefly for the client's close reply. Both are bounded.
+async fn close(shared: &Shared, ws: &mut Ws, code: u16, reason: &str) {
     // Close reasons are limited to 123 bytes by the protocol.
     let mut cut = reason.len().min(123);
     while !reason.is_char_boundary(cut) {
@@ -336,7 +382,9 @@ async fn close(ws: &mut Ws, code: u16, reason: &str) {
         code: code.into(),
         reason: reason[..cut].into(),
     };
-    let _ = ws.close(Some(frame)).await;
+    if bounded(shared, ws.close(Some(frame))).await.is_err() {
+        return;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         while let Some(Ok(_)) = ws.next().await {}
     })
@@ -356,6 +404,8 @@ fn to_message(msg: &ServerMsg, encoding: Encoding) -> Message {
 enum End {
     ClientClosed,
     ClientGone,
+    /// The client stopped reading (closed 4408).
+    SlowReader,
     Replaced,
     Shutdown,
     TooManyBadMessages,
@@ -419,8 +469,20 @@ impl Session {
         let mut sweep = tokio::time::interval(Duration::from_millis(100));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if !self.flush(ws).await {
-                return End::ClientGone;
+            match self.flush(ws).await {
+                Ok(()) => {}
+                Err(Gone::Closed) => return End::ClientGone,
+                Err(Gone::SlowReader) => {
+                    self.drop_all(DropReason::ShuttingDown, "session closed");
+                    close(
+                        &self.shared,
+                        ws,
+                        ErrorCode::SlowReader.close_code(),
+                        "slow_reader",
+                    )
+                    .await;
+                    return End::SlowReader;
+                }
             }
             let end = tokio::select! {
                 biased;
@@ -433,13 +495,13 @@ impl Session {
                     self.drop_all(DropReason::ShuttingDown, "session closed");
                     self.outbox.push(ServerMsg::Error { code, message: message.clone() });
                     let _ = self.flush(ws).await;
-                    close(ws, code.close_code(), &message).await;
+                    close(&self.shared, ws, code.close_code(), &message).await;
                     Some(End::Replaced)
                 }
                 _ = shutdown.cancelled() => {
                     self.drop_all(DropReason::ShuttingDown, "edge shutting down");
                     let _ = self.flush(ws).await;
-                    close(ws, 1001, "edge shutting down").await;
+                    close(&self.shared, ws, 1001, "edge shutting down").await;
                     Some(End::Shutdown)
                 }
                 Some(event) = events.recv() => {
@@ -470,17 +532,23 @@ impl Session {
         }
     }
 
-    /// Write everything in the outbox. False when the client is gone.
-    async fn flush(&mut self, ws: &mut Ws) -> bool {
+    /// Write everything in the outbox, within the write deadline.
+    async fn flush(&mut self, ws: &mut Ws) -> Result<(), Gone> {
         if self.outbox.is_empty() {
-            return true;
+            return Ok(());
         }
-        for msg in self.outbox.drain(..) {
-            if ws.feed(to_message(&msg, self.encoding)).await.is_err() {
-                return false;
+        let messages: Vec<Message> = self
+            .outbox
+            .drain(..)
+            .map(|m| to_message(&m, self.encoding))
+            .collect();
+        bounded(&self.shared, async {
+            for m in messages {
+                ws.feed(m).await?;
             }
-        }
-        ws.flush().await.is_ok()
+            ws.flush().await
+        })
+        .await
     }
 
     fn drop_frame(&mut self, seq: u64, reason: DropReason, detail: impl Into<String>) {
@@ -519,7 +587,13 @@ impl Session {
                         .bad_messages
                         .with_label_values(&["oversize"])
                         .inc();
-                    close(ws, 1009, "message larger than the edge accepts").await;
+                    close(
+                        &self.shared,
+                        ws,
+                        1009,
+                        "message larger than the edge accepts",
+                    )
+                    .await;
                 }
                 return Some(End::ClientGone);
             }
@@ -558,7 +632,7 @@ impl Session {
             message: message.clone(),
         });
         let _ = self.flush(ws).await;
-        close(ws, code.close_code(), &message).await;
+        close(&self.shared, ws, code.close_code(), &message).await;
         Some(end)
     }
 

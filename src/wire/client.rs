@@ -149,6 +149,8 @@ pub enum ErrorCode {
     SystemFull,
     HelloTimeout,
     Kicked,
+    /// The client stopped reading: a write to it did not finish within the edge's deadline.
+    SlowReader,
     Internal,
 }
 
@@ -163,6 +165,7 @@ impl ErrorCode {
             ErrorCode::TooFast => 4429,
             ErrorCode::SystemFull => 4503,
             ErrorCode::Kicked => 4000,
+            ErrorCode::SlowReader => 4408,
             ErrorCode::Internal => 1011,
         }
     }

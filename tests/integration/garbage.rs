@@ -323,3 +323,149 @@ async fn limits_bite_and_are_counted() {
     conn.close().await;
     env.teardown().await;
 }
+
+/// A WebSocket client by hand that completes the handshake and then only writes: it never
+/// reads a byte of what the edge sends, as a hostile or wedged peer does.
+async fn deaf_client(url: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!(
+        "GET /v1/stream HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    // Read the 101 response, and nothing after it.
+    let mut response = Vec::new();
+    while !response.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tcp.read_exact(&mut byte).await.unwrap();
+        response.push(byte[0]);
+    }
+    assert!(response.starts_with(b"HTTP/1.1 101"));
+    tcp
+}
+
+/// A masked client frame (RFC 6455 5.3) with a payload under 64 KiB.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    let mut f = vec![0x80 | opcode];
+    if payload.len() < 126 {
+        f.push(0x80 | payload.len() as u8);
+    } else {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_cannot_hold_the_edge() {
+    use tokio::io::AsyncWriteExt;
+    let mut env = TestEnv::new("deaf");
+    env.cfg.edge.max_sessions = 2;
+    env.cfg.edge.hello_timeout_ms = 500;
+    env.cfg.edge.write_timeout_ms = 300;
+    let url = env.start_edge("e1").await;
+    env.start_worker("w1").await;
+    env.add_client("c1");
+    // Two connections take both slots, flood pings (each asks for a pong back), never say
+    // hello and never read.
+    let ping = client_frame(0x9, &[b'p'; 125]);
+    let burst: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 2000)
+        .collect();
+    let mut deaf = Vec::new();
+    for _ in 0..2 {
+        let mut tcp = deaf_client(&url).await;
+        for _ in 0..30 {
+            // The edge may stop reading them too; a bounded write keeps the test moving.
+            if tokio::time::timeout(Duration::from_millis(200), tcp.write_all(&burst))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        deaf.push(tcp);
+    }
+    // Within the hello timeout plus the write deadlines, both slots are free again: an honest
+    // client is welcomed, not refused 4503.
+    let registry = &env.edge_registries[0];
+    eventually("an honest client welcomed", Duration::from_secs(15), || {
+        let url = url.clone();
+        async move {
+            let connect = Connection::connect(&url, "c1", TOKEN, Encoding::Json);
+            let (_, welcome) = tokio::time::timeout(Duration::from_secs(2), connect)
+                .await
+                .ok()?
+                .ok()?;
+            Some(welcome)
+        }
+    })
+    .await;
+    assert!(
+        metric(
+            registry,
+            "vigil_edge_sessions_refused_total",
+            Some(("reason", "hello_timeout"))
+        ) >= 2.0
+    );
+    drop(deaf);
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authenticated_client_that_stops_reading_is_closed_as_a_slow_reader() {
+    let mut env = TestEnv::new("slowreader");
+    env.cfg.edge.max_sessions = 1;
+    env.cfg.edge.write_timeout_ms = 300;
+    env.cfg.edge.max_fps = 1000;
+    env.cfg.edge.flood_factor = 1000;
+    let url = env.start_edge("e1").await;
+    env.start_worker("w1").await;
+    env.add_client("c1");
+    // Vigil's own client, authenticated, that sends frames and never reads an answer.
+    let (mut conn, _) = Connection::connect(&url, "c1", TOKEN, Encoding::MsgPack)
+        .await
+        .unwrap();
+    let jpeg = synthetic_jpeg(64, 48, 9, 0);
+    let registry = &env.edge_registries[0];
+    let started = std::time::Instant::now();
+    let mut seq = 0;
+    while metric(registry, "vigil_edge_slow_readers_total", None) < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the edge never gave up on a client that does not read"
+        );
+        seq += 1;
+        // Once the edge stops reading too, this write waits: bound it and look again.
+        let _ =
+            tokio::time::timeout(Duration::from_millis(100), conn.send_frame(seq, 0, &jpeg)).await;
+    }
+    // Its slot is free: the same client connects again and is welcomed.
+    eventually("the client welcomed again", Duration::from_secs(10), || {
+        let url = url.clone();
+        async move {
+            let connect = Connection::connect(&url, "c1", TOKEN, Encoding::Json);
+            tokio::time::timeout(Duration::from_secs(2), connect)
+                .await
+                .ok()?
+                .ok()
+                .map(|(_, w)| w)
+        }
+    })
+    .await;
+    drop(conn);
+    env.teardown().await;
+}
