@@ -137,7 +137,7 @@ impl Default for InferenceConfig {
             device: crate::inference::Device::Cpu,
             intra_threads: 1,
             max_side: 640,
-            max_pixels: 3840 * 2160,
+            max_pixels: 16 * 1024 * 1024,
             thresholds: Thresholds::default(),
         }
     }
@@ -163,6 +163,8 @@ pub struct EdgeConfig {
     /// gigabytes of pixels); larger frames are dropped `frame_too_large` before they reach a
     /// worker [VIGIL_EDGE_MAX_FRAME_PIXELS].
     pub max_frame_pixels: u64,
+    /// Longest side a frame may declare, in pixels [VIGIL_EDGE_MAX_FRAME_SIDE].
+    pub max_frame_side: u32,
     /// Frames per second per client; faster frames are dropped `rate_limited`
     /// [VIGIL_EDGE_MAX_FPS].
     pub max_fps: u32,
@@ -261,7 +263,8 @@ impl Default for EdgeConfig {
             listen: "127.0.0.1:8080".parse().expect("valid address"),
             id: None,
             max_frame_bytes: 512 * 1024,
-            max_frame_pixels: 3840 * 2160,
+            max_frame_pixels: 16 * 1024 * 1024,
+            max_frame_side: 4096,
             write_timeout_ms: 2_000,
             max_fps: 30,
             flood_factor: 4,
@@ -402,6 +405,12 @@ impl Config {
             "VIGIL_EDGE_MAX_FRAME_PIXELS",
             &mut e.max_frame_pixels,
         );
+        set(
+            env,
+            errors,
+            "VIGIL_EDGE_MAX_FRAME_SIDE",
+            &mut e.max_frame_side,
+        );
         set(env, errors, "VIGIL_EDGE_MAX_FPS", &mut e.max_fps);
         set(
             env,
@@ -524,6 +533,7 @@ impl Config {
         let positive = [
             ("edge.max_frame_bytes", e.max_frame_bytes as u64),
             ("edge.max_frame_pixels", e.max_frame_pixels),
+            ("edge.max_frame_side", e.max_frame_side as u64),
             ("edge.write_timeout_ms", e.write_timeout_ms),
             ("edge.max_fps", e.max_fps.into()),
             ("edge.flood_factor", e.flood_factor.into()),

@@ -70,6 +70,18 @@ pub fn write_all(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, PlotError>
     Ok(files)
 }
 
+/// Draw a chart's legend, the same way on every plot.
+fn legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    chart
+        .configure_series_labels()
+        .label_font((FONT, 14))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()
+}
+
 /// False match and false non-match rates against the threshold (log scale), with the
 /// configured threshold marked.
 fn rates(r: &Report, file: &Path) -> Result<(), PlotError> {
@@ -129,13 +141,7 @@ fn rates(r: &Report, file: &Path) -> Result<(), PlotError> {
         .map_err(|x| e(&x))?
         .label(format!("configured threshold {t:.2}"))
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK));
-    chart
-        .configure_series_labels()
-        .label_font((FONT, 14))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|x| e(&x))?;
+    legend(&mut chart).map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))
 }
 
@@ -200,13 +206,7 @@ fn two_histograms(
         .map_err(|x| e(&x))?
         .label(marker.0.to_owned())
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK));
-    chart
-        .configure_series_labels()
-        .label_font((FONT, 14))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|x| e(&x))?;
+    legend(&mut chart).map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))
 }
 

@@ -708,12 +708,16 @@ impl Session {
                 self.drop_frame(seq, DropReason::NotJpeg, format!("not a JPEG: {detail}"));
                 return;
             }
-            Ok(info) if info.pixels() > cfg.max_frame_pixels => {
+            Ok(info)
+                if info.pixels() > cfg.max_frame_pixels
+                    || u32::from(info.width.max(info.height)) > cfg.max_frame_side =>
+            {
                 let detail = format!(
-                    "{}x{} = {} pixels is over the {}-pixel limit",
+                    "{}x{} = {} pixels is over the limits ({} a side, {} in all)",
                     info.width,
                     info.height,
                     info.pixels(),
+                    cfg.max_frame_side,
                     cfg.max_frame_pixels
                 );
                 self.drop_frame(seq, DropReason::FrameTooLarge, detail);

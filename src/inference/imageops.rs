@@ -5,9 +5,9 @@ use image::{RgbImage, imageops};
 
 use super::InferenceError;
 
-/// Most pixels [`decode_jpeg`] accepts: a 4K frame. Callers with their own limit use
+/// Most pixels [`decode_jpeg`] accepts (16 megapixels). Callers with their own limit use
 /// [`decode_jpeg_limited`].
-pub const DEFAULT_MAX_PIXELS: u64 = 3840 * 2160;
+pub const DEFAULT_MAX_PIXELS: u64 = 16 * 1024 * 1024;
 
 /// [`decode_jpeg_limited`] with [`DEFAULT_MAX_PIXELS`].
 pub fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, InferenceError> {

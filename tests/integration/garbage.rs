@@ -328,12 +328,7 @@ async fn limits_bite_and_are_counted() {
 /// reads a byte of what the edge sends, as a hostile or wedged peer does.
 async fn deaf_client(url: &str) -> tokio::net::TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = url
-        .trim_start_matches("ws://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let addr = crate::support::ws_addr(url);
     let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let request = format!(
         "GET /v1/stream HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -351,16 +346,11 @@ async fn deaf_client(url: &str) -> tokio::net::TcpStream {
     tcp
 }
 
-/// A masked client frame (RFC 6455 5.3) with a payload under 64 KiB.
+/// A masked client frame (RFC 6455 5.3) with a payload under 126 bytes.
 fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126, "short frames only");
     let mask = [0x37u8, 0xfa, 0x21, 0x3d];
-    let mut f = vec![0x80 | opcode];
-    if payload.len() < 126 {
-        f.push(0x80 | payload.len() as u8);
-    } else {
-        f.push(0x80 | 126);
-        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    }
+    let mut f = vec![0x80 | opcode, 0x80 | payload.len() as u8];
     f.extend_from_slice(&mask);
     f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     f

@@ -545,14 +545,18 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Wait until a WebSocket endpoint accepts connections.
-pub async fn await_listening(url: &str) {
-    let addr = url
-        .trim_start_matches("ws://")
+/// The `host:port` of a `ws://` URL.
+pub fn ws_addr(url: &str) -> String {
+    url.trim_start_matches("ws://")
         .split('/')
         .next()
-        .unwrap()
-        .to_owned();
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Wait until a WebSocket endpoint accepts connections.
+pub async fn await_listening(url: &str) {
+    let addr = ws_addr(url);
     eventually(&format!("{url} listening"), Duration::from_secs(20), || {
         let addr = addr.clone();
         async move { tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()) }
