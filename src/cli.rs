@@ -266,8 +266,10 @@ pub enum ClientsCmd {
     /// Add a client that authenticates with TOKEN.
     Add {
         id: String,
+        /// The client's token (8 characters or more). Without it, a 256-bit token is generated
+        /// and printed once.
         #[arg(long)]
-        token: String,
+        token: Option<String>,
         #[arg(long, default_value = "")]
         name: String,
     },
@@ -585,9 +587,15 @@ async fn clients(cfg: &Config, action: ClientsCmd) -> Result<(), CliError> {
             );
         }
         ClientsCmd::Add { id, token, name } => {
+            let generated = token.is_none();
+            let token = token.unwrap_or_else(crate::directory::generate_token);
             let record = ClientRecord::new(&id, &name, &token).map_err(fail)?;
             store.add(&record).map_err(fail)?;
             println!("client `{id}` added to {}", cfg.clients_dir.display());
+            if generated {
+                // Only its hash is stored: this is the one time it can be read.
+                println!("token (shown once, store it now): {token}");
+            }
         }
         ClientsCmd::Enroll { id, reference } => {
             let (record, e) = enroll_photos(cfg, &store, &id, &reference)?;

@@ -2,7 +2,7 @@
 //!
 //! [`ClientStore`] is the storage seam; [`FolderStore`] is the embedded default, one JSON file
 //! per client in a folder, written atomically (temporary file, fsync, rename). Tokens are
-//! stored as salted SHA-256 hashes, never in clear.
+//! stored as argon2id hashes, never in clear.
 
 use std::path::{Path, PathBuf};
 
@@ -19,6 +19,8 @@ pub enum DirectoryError {
     NotFound(String),
     #[error("token must be at least 8 characters")]
     WeakToken,
+    #[error("cannot hash the token: {0}")]
+    Hash(String),
     #[error("client directory {path}: {source}")]
     Io {
         path: String,
@@ -45,9 +47,11 @@ pub enum ClientStatus {
 pub struct ClientRecord {
     pub id: String,
     pub display_name: String,
-    /// Hex SHA-256 of `salt || token`.
+    /// The token's argon2id hash as a PHC string (`$argon2id$...`, salt included). Records
+    /// made before argon2 hold the hex SHA-256 of `salt || token`, still verified.
     pub token_hash: String,
-    /// Hex random salt.
+    /// Hex salt of a legacy SHA-256 hash; empty for argon2id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub token_salt: String,
     pub status: ClientStatus,
     pub created_at_ms: u64,
@@ -80,19 +84,18 @@ impl Reference {
 }
 
 impl ClientRecord {
-    /// A new active client with `token` hashed under a fresh salt.
+    /// A new active client with `token` hashed by argon2id under a fresh salt.
     pub fn new(id: &str, display_name: &str, token: &str) -> Result<Self, DirectoryError> {
         check_client_id(id)?;
         if token.len() < 8 {
             return Err(DirectoryError::WeakToken);
         }
-        let salt: [u8; 16] = rand::random();
         let now = crate::wire::now_ms();
         Ok(Self {
             id: id.to_owned(),
             display_name: display_name.to_owned(),
-            token_hash: hash_token(&salt, token),
-            token_salt: hex::encode(salt),
+            token_hash: hash_token(token)?,
+            token_salt: String::new(),
             status: ClientStatus::Active,
             created_at_ms: now,
             updated_at_ms: now,
@@ -100,26 +103,49 @@ impl ClientRecord {
         })
     }
 
-    /// Constant-time check of a presented token.
+    /// Check a presented token: argon2id (constant time inside `password-hash`), or the
+    /// legacy salted SHA-256, compared in constant time.
     pub fn verify_token(&self, token: &str) -> bool {
+        use argon2::password_hash::{PasswordHash, PasswordVerifier};
+        use subtle::ConstantTimeEq;
+        if self.token_hash.starts_with("$argon2") {
+            return PasswordHash::new(&self.token_hash).is_ok_and(|hash| {
+                argon2::Argon2::default()
+                    .verify_password(token.as_bytes(), &hash)
+                    .is_ok()
+            });
+        }
         let Ok(salt) = hex::decode(&self.token_salt) else {
             return false;
         };
-        let presented = hash_token(&salt, token);
-        presented.len() == self.token_hash.len()
-            && presented
-                .bytes()
-                .zip(self.token_hash.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        let mut h = Sha256::new();
+        h.update(&salt);
+        h.update(token.as_bytes());
+        let presented = hex::encode(h.finalize());
+        presented
+            .as_bytes()
+            .ct_eq(self.token_hash.as_bytes())
+            .into()
     }
 }
 
-fn hash_token(salt: &[u8], token: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(salt);
-    h.update(token.as_bytes());
-    hex::encode(h.finalize())
+/// The argon2id hash of `token` (default parameters, a fresh 16-byte salt) as a PHC string.
+fn hash_token(token: &str) -> Result<String, DirectoryError> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt_bytes: [u8; 16] = rand::random();
+    let salt =
+        SaltString::encode_b64(&salt_bytes).map_err(|e| DirectoryError::Hash(e.to_string()))?;
+    argon2::Argon2::default()
+        .hash_password(token.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| DirectoryError::Hash(e.to_string()))
+}
+
+/// A new client token: 256 random bits, URL-safe base64 (43 characters).
+pub fn generate_token() -> String {
+    use base64::Engine as _;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// Client ids become file names and log fields: keep them tame.
@@ -394,6 +420,33 @@ mod tests {
         assert_eq!(
             authenticate(&s, "bob", "correct-horse").unwrap_err(),
             AuthError::Blocked
+        );
+    }
+
+    #[test]
+    fn tokens_are_argon2id_and_legacy_hashes_still_verify() {
+        let r = ClientRecord::new("carol", "", "correct-horse").unwrap();
+        assert!(r.token_hash.starts_with("$argon2id$"), "{}", r.token_hash);
+        assert!(r.token_salt.is_empty());
+        assert!(r.verify_token("correct-horse") && !r.verify_token("correct-horsf"));
+        // Two records of one token never share a hash (fresh salts).
+        let again = ClientRecord::new("carol", "", "correct-horse").unwrap();
+        assert_ne!(r.token_hash, again.token_hash);
+        // A record written before argon2: hex SHA-256 of salt || token.
+        let mut legacy = r.clone();
+        legacy.token_salt = "00112233445566778899aabbccddeeff".into();
+        let mut h = Sha256::new();
+        h.update(hex::decode(&legacy.token_salt).unwrap());
+        h.update(b"old-token-123");
+        legacy.token_hash = hex::encode(h.finalize());
+        assert!(legacy.verify_token("old-token-123") && !legacy.verify_token("old-token-124"));
+        // Generated tokens: 256 bits, URL-safe, never the same twice.
+        let (a, b) = (generate_token(), generate_token());
+        assert_eq!(a.len(), 43);
+        assert!(
+            a != b
+                && a.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
         );
     }
 

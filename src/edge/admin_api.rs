@@ -2,7 +2,8 @@
 //! bearer token (`VIGIL_ADMIN_TOKEN`). Without the token configured the API is off.
 //!
 //! - `GET  /v1/admin/clients`, `GET /v1/admin/clients/{id}`
-//! - `POST /v1/admin/clients` with `{"id","token","name"}`
+//! - `POST /v1/admin/clients` with `{"id","token","name"}`; without `token`, a 256-bit one is
+//!   generated and returned once, as `token`, in the answer
 //! - `POST /v1/admin/clients/{id}/{pause|resume|block|unblock|kick|remove}`
 //! - `POST /v1/admin/clients/{id}/action` with `{"action":"sign_out"}`
 //! - `GET  /v1/admin/sessions`: this edge's live sessions
@@ -10,8 +11,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -56,6 +58,8 @@ pub(super) async fn serve(
         .route("/v1/admin/clients/{id}/action", post(force))
         .route("/v1/admin/clients/{id}/{op}", post(op))
         .route("/v1/admin/sessions", get(sessions))
+        // Authentication runs before any handler, so before a body is read or parsed.
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
@@ -74,18 +78,22 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// Constant-time comparison of the presented bearer token.
 fn authorized(api: &ApiState, headers: &HeaderMap) -> bool {
+    use subtle::ConstantTimeEq;
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    let want = api.token.as_bytes();
-    presented.len() == want.len()
-        && presented
-            .bytes()
-            .zip(want)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    presented.as_bytes().ct_eq(api.token.as_bytes()).into()
+}
+
+/// Refuse a request without the bearer token before its handler (and its body) runs.
+async fn require_token(State(api): State<Api>, request: Request, next: Next) -> Response {
+    if authorized(&api, request.headers()) {
+        next.run(request).await
+    } else {
+        unauthorized()
+    }
 }
 
 fn unauthorized() -> Response {
@@ -107,10 +115,7 @@ fn admin_error(e: AdminError) -> Response {
     }
 }
 
-async fn list(State(api): State<Api>, headers: HeaderMap) -> Response {
-    if !authorized(&api, &headers) {
-        return unauthorized();
-    }
+async fn list(State(api): State<Api>) -> Response {
     let store = api.admin.store.clone();
     match tokio::task::spawn_blocking(move || admin::list(&*store)).await {
         Ok(Ok(views)) => Json(views).into_response(),
@@ -119,10 +124,7 @@ async fn list(State(api): State<Api>, headers: HeaderMap) -> Response {
     }
 }
 
-async fn show(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if !authorized(&api, &headers) {
-        return unauthorized();
-    }
+async fn show(State(api): State<Api>, Path(id): Path<String>) -> Response {
     let store = api.admin.store.clone();
     match tokio::task::spawn_blocking(move || admin::show(&*store, &id)).await {
         Ok(Ok(view)) => Json(view).into_response(),
@@ -134,37 +136,40 @@ async fn show(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>
 #[derive(Deserialize)]
 struct NewClient {
     id: String,
-    token: String,
+    #[serde(default)]
+    token: Option<String>,
     #[serde(default)]
     name: String,
 }
 
-async fn add(State(api): State<Api>, headers: HeaderMap, Json(body): Json<NewClient>) -> Response {
-    if !authorized(&api, &headers) {
-        return unauthorized();
-    }
+async fn add(State(api): State<Api>, Json(body): Json<NewClient>) -> Response {
     let store = api.admin.store.clone();
     let result = tokio::task::spawn_blocking(move || -> Result<_, AdminError> {
-        let record = ClientRecord::new(&body.id, &body.name, &body.token)?;
+        let generated = body.token.is_none().then(crate::directory::generate_token);
+        let token = body
+            .token
+            .as_deref()
+            .or(generated.as_deref())
+            .unwrap_or_default();
+        let record = ClientRecord::new(&body.id, &body.name, token)?;
         store.add(&record)?;
-        admin::show(&*store, &body.id)
+        Ok((admin::show(&*store, &body.id)?, generated))
     })
     .await;
     match result {
-        Ok(Ok(view)) => (StatusCode::CREATED, Json(view)).into_response(),
+        Ok(Ok((view, None))) => (StatusCode::CREATED, Json(view)).into_response(),
+        Ok(Ok((view, Some(token)))) => {
+            // Shown this once: only its hash is stored.
+            let mut body = serde_json::to_value(view).unwrap_or_default();
+            body["token"] = serde_json::Value::String(token);
+            (StatusCode::CREATED, Json(body)).into_response()
+        }
         Ok(Err(e)) => admin_error(e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
-async fn op(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Path((id, op)): Path<(String, String)>,
-) -> Response {
-    if !authorized(&api, &headers) {
-        return unauthorized();
-    }
+async fn op(State(api): State<Api>, Path((id, op)): Path<(String, String)>) -> Response {
     let Some(op) = AdminOp::parse(&op) else {
         return error(
             StatusCode::NOT_FOUND,
@@ -185,13 +190,9 @@ struct Force {
 
 async fn force(
     State(api): State<Api>,
-    headers: HeaderMap,
     Path(id): Path<String>,
     Json(body): Json<Force>,
 ) -> Response {
-    if !authorized(&api, &headers) {
-        return unauthorized();
-    }
     match api.admin.force(&id, body.action).await {
         Ok(()) => (
             StatusCode::ACCEPTED,
@@ -202,10 +203,7 @@ async fn force(
     }
 }
 
-async fn sessions(State(api): State<Api>, headers: HeaderMap) -> Response {
-    if !authorized(&api, &headers) {
-        return unauthorized();
-    }
+async fn sessions(State(api): State<Api>) -> Response {
     let sessions = api
         .shared
         .sessions

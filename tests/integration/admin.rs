@@ -200,6 +200,13 @@ async fn the_admin_api_needs_its_token() {
             let (status, _) = http(admin, method, path, token, None).await;
             assert_eq!(status, 401, "{method} {path} with {token:?}");
         }
+        // Authentication comes before the body is read: garbage without the token is a 401,
+        // not a JSON error.
+        let (status, _) = http(admin, "POST", "/v1/admin/clients", token, Some("{not json")).await;
+        assert_eq!(
+            status, 401,
+            "a body parsed before authentication with {token:?}"
+        );
     }
     let (status, body) = http(admin, "GET", "/v1/admin/clients", Some(ADMIN_TOKEN), None).await;
     assert_eq!(status, 200);
@@ -216,6 +223,33 @@ async fn the_admin_api_needs_its_token() {
     )
     .await;
     assert_eq!(status, 201, "{body}");
+    assert!(
+        !body.contains("token-of-c2-000"),
+        "a chosen token is never echoed: {body}"
+    );
+    // Without a token, the API generates one (256 bits) and shows it this once; it works.
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients",
+        Some(ADMIN_TOKEN),
+        Some(r#"{"id":"c3","name":"Third"}"#),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let generated: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let token = generated["token"]
+        .as_str()
+        .expect("the generated token")
+        .to_owned();
+    assert_eq!(token.len(), 43);
+    let store = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
+    assert!(vigil::directory::authenticate(&store, "c3", &token).is_ok());
+    let stored = std::fs::read_to_string(env.clients_dir.join("c3.json")).unwrap();
+    assert!(
+        !stored.contains(&token) && stored.contains("$argon2id$"),
+        "{stored}"
+    );
     assert_eq!(
         http(
             admin,
