@@ -171,9 +171,17 @@ pub struct EdgeConfig {
     /// A client that sends more than this many times `max_fps` within one second is closed
     /// with 4429 [VIGIL_EDGE_FLOOD_FACTOR].
     pub flood_factor: u32,
-    /// Open sessions per edge; further connections are refused with 4503
-    /// [VIGIL_EDGE_MAX_SESSIONS].
+    /// Open sessions per edge, counted from authentication; further clients are refused with
+    /// 4503 [VIGIL_EDGE_MAX_SESSIONS].
     pub max_sessions: usize,
+    /// Connections that have not authenticated yet, per edge; more are closed at accept
+    /// [VIGIL_EDGE_MAX_UNAUTHENTICATED].
+    pub max_unauthenticated: usize,
+    /// ...and per source address [VIGIL_EDGE_MAX_UNAUTHENTICATED_PER_SOURCE].
+    pub max_unauthenticated_per_source: u32,
+    /// Failed hellos an address may make per minute; past that its hellos are refused (4429)
+    /// until the quota refills [VIGIL_EDGE_FAILED_HELLOS_PER_MINUTE].
+    pub failed_hellos_per_minute: u32,
     /// Frames per client published and awaiting a result; one more waits, and a newer frame
     /// replaces the waiting one [VIGIL_EDGE_MAX_INFLIGHT].
     pub max_inflight: usize,
@@ -269,6 +277,9 @@ impl Default for EdgeConfig {
             max_fps: 30,
             flood_factor: 4,
             max_sessions: 10_000,
+            max_unauthenticated: 1_024,
+            max_unauthenticated_per_source: 64,
+            failed_hellos_per_minute: 30,
             max_inflight: 2,
             hello_timeout_ms: 5_000,
             frame_deadline_ms: 3_000,
@@ -420,6 +431,24 @@ impl Config {
         );
         set(env, errors, "VIGIL_EDGE_FLOOD_FACTOR", &mut e.flood_factor);
         set(env, errors, "VIGIL_EDGE_MAX_SESSIONS", &mut e.max_sessions);
+        set(
+            env,
+            errors,
+            "VIGIL_EDGE_MAX_UNAUTHENTICATED",
+            &mut e.max_unauthenticated,
+        );
+        set(
+            env,
+            errors,
+            "VIGIL_EDGE_MAX_UNAUTHENTICATED_PER_SOURCE",
+            &mut e.max_unauthenticated_per_source,
+        );
+        set(
+            env,
+            errors,
+            "VIGIL_EDGE_FAILED_HELLOS_PER_MINUTE",
+            &mut e.failed_hellos_per_minute,
+        );
         set(env, errors, "VIGIL_EDGE_MAX_INFLIGHT", &mut e.max_inflight);
         set(
             env,
@@ -535,6 +564,15 @@ impl Config {
             ("edge.max_frame_pixels", e.max_frame_pixels),
             ("edge.max_frame_side", e.max_frame_side as u64),
             ("edge.write_timeout_ms", e.write_timeout_ms),
+            ("edge.max_unauthenticated", e.max_unauthenticated as u64),
+            (
+                "edge.max_unauthenticated_per_source",
+                e.max_unauthenticated_per_source as u64,
+            ),
+            (
+                "edge.failed_hellos_per_minute",
+                e.failed_hellos_per_minute as u64,
+            ),
             ("edge.max_fps", e.max_fps.into()),
             ("edge.flood_factor", e.flood_factor.into()),
             ("edge.max_sessions", e.max_sessions as u64),

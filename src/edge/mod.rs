@@ -9,6 +9,7 @@
 
 mod admin_api;
 pub mod client;
+mod gate;
 mod session;
 
 use std::collections::HashMap;
@@ -94,6 +95,10 @@ pub(crate) struct Shared {
     pub cfg: EdgeConfig,
     pub policy: crate::policy::PolicyConfig,
     pub liveness: crate::liveness::LivenessConfig,
+    /// Places for connections that have not authenticated yet, and the failed-hello throttle.
+    pub gate: gate::Gate,
+    /// Session slots (`max_sessions`), taken once a client has authenticated.
+    pub slots: Arc<Semaphore>,
     pub edge_id: String,
     pub frames_exchange: String,
     pub actions_exchange: String,
@@ -225,6 +230,12 @@ pub async fn start(
         cfg: cfg.edge.clone(),
         policy: cfg.policy.clone(),
         liveness: cfg.liveness.clone(),
+        gate: gate::Gate::new(
+            cfg.edge.max_unauthenticated,
+            cfg.edge.max_unauthenticated_per_source,
+            cfg.edge.failed_hellos_per_minute,
+        ),
+        slots: Arc::new(Semaphore::new(cfg.edge.max_sessions)),
         edge_id: edge_id.clone(),
         frames_exchange: format!("{}.{}", cfg.namespace, topology::FRAMES_EXCHANGE),
         actions_exchange: format!("{}.{}", cfg.namespace, topology::ACTIONS_EXCHANGE),
@@ -393,7 +404,6 @@ async fn serve(
     reconnect: Reconnect,
     shutdown: CancellationToken,
 ) -> Result<(), EdgeError> {
-    let slots = Arc::new(Semaphore::new(shared.cfg.max_sessions));
     let mut connections = JoinSet::new();
     let mut admission = tokio::time::interval(Duration::from_millis(shared.cfg.admission_poll_ms));
     admission.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -408,18 +418,31 @@ async fn serve(
             },
             _ = admission.tick() => {
                 check_admission(&shared, &links.broker, &work_queue).await;
+                shared.gate.prune();
                 false
             }
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let shared = shared.clone();
-                    let permit = slots.clone().try_acquire_owned().ok();
-                    connections.spawn(
-                        connection(shared, stream, permit)
-                            .instrument(tracing::debug_span!("conn", %peer)),
-                    );
+                    match shared.gate.admit(peer.ip()) {
+                        Ok(pending) => {
+                            let _ = stream.set_nodelay(true);
+                            let shared = shared.clone();
+                            connections.spawn(
+                                connection(shared, stream, peer, pending)
+                                    .instrument(tracing::debug_span!("conn", %peer)),
+                            );
+                        }
+                        Err(refusal) => {
+                            // Closed at once: no handshake, no task, nothing held.
+                            shared
+                                .metrics
+                                .sessions_refused
+                                .with_label_values(&[refusal.as_str()])
+                                .inc();
+                            drop(stream);
+                        }
+                    }
                     false
                 }
                 Err(e) => {
@@ -668,7 +691,8 @@ fn ws_config(cfg: &EdgeConfig) -> WebSocketConfig {
 async fn connection(
     shared: Arc<Shared>,
     stream: TcpStream,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    peer: std::net::SocketAddr,
+    pending: gate::Pending,
 ) {
     #[allow(clippy::result_large_err)] // the signature is tungstenite's callback contract
     let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
@@ -708,5 +732,5 @@ async fn connection(
             return;
         }
     };
-    session::run(shared, ws, permit).await;
+    session::run(shared, ws, peer, pending).await;
 }

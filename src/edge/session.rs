@@ -13,7 +13,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -54,19 +54,22 @@ impl Closer {
     }
 }
 
-pub(super) async fn run(shared: Arc<Shared>, mut ws: Ws, permit: Option<OwnedSemaphorePermit>) {
-    let full = shared.full.load(Ordering::Relaxed);
-    let Some(_permit) = permit.filter(|_| !full) else {
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    mut ws: Ws,
+    peer: std::net::SocketAddr,
+    pending: super::gate::Pending,
+) {
+    let refused = |reason: &str| {
         shared
             .metrics
             .sessions_refused
-            .with_label_values(&[if full { "system_full" } else { "full" }])
-            .inc();
-        let message = if full {
-            "the system is full; retry later"
-        } else {
-            "this edge is at its session limit; retry later or elsewhere"
-        };
+            .with_label_values(&[reason])
+            .inc()
+    };
+    if shared.full.load(Ordering::Relaxed) {
+        refused("system_full");
+        let message = "the system is full; retry later";
         refuse(
             &shared,
             &mut ws,
@@ -76,8 +79,31 @@ pub(super) async fn run(shared: Arc<Shared>, mut ws: Ws, permit: Option<OwnedSem
         )
         .await;
         return;
+    }
+    if shared.gate.throttled(peer.ip()) {
+        // Refused before the token is hashed: failed hellos cannot buy CPU.
+        refused("hello_throttled");
+        let message = "too many failed hellos from this address; retry later";
+        refuse(
+            &shared,
+            &mut ws,
+            Encoding::Json,
+            ErrorCode::TooFast,
+            message,
+        )
+        .await;
+        return;
+    }
+    let Some((record, encoding)) = hello(&shared, &mut ws, peer).await else {
+        return;
     };
-    let Some((record, encoding)) = hello(&shared, &mut ws).await else {
+    // Authenticated: the connection leaves the unauthenticated places and takes a session
+    // slot, which anonymous sockets can therefore never hold.
+    drop(pending);
+    let Ok(_permit) = shared.slots.clone().try_acquire_owned() else {
+        refused("full");
+        let message = "this edge is at its session limit; retry later or elsewhere";
+        refuse(&shared, &mut ws, encoding, ErrorCode::SystemFull, message).await;
         return;
     };
     let client_id = record.id.clone();
@@ -241,7 +267,11 @@ async fn set_presence(
 
 /// Wait for a valid hello and authenticate it. On failure the client has been told why and the
 /// socket is closed.
-async fn hello(shared: &Shared, ws: &mut Ws) -> Option<(ClientRecord, Encoding)> {
+async fn hello(
+    shared: &Shared,
+    ws: &mut Ws,
+    peer: std::net::SocketAddr,
+) -> Option<(ClientRecord, Encoding)> {
     let refused = |reason: &str| {
         shared
             .metrics
@@ -307,6 +337,9 @@ async fn hello(shared: &Shared, ws: &mut Ws) -> Option<(ClientRecord, Encoding)>
         Ok(record) => Some((record, encoding)),
         Err(AuthError::Unauthorized) => {
             refused("unauthorized");
+            let throttled = shared.gate.failed(peer.ip());
+            // Who tried, from where; never the token.
+            tracing::warn!(client = %client_id, %peer, throttled, "hello refused: unknown client or wrong token");
             refuse(
                 shared,
                 ws,

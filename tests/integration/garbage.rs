@@ -268,8 +268,10 @@ async fn limits_bite_and_are_counted() {
         .await
         .unwrap();
 
-    // Sessions per edge.
+    // Sessions per edge, counted from authentication: the second client is refused once it
+    // has said hello.
     let mut second = Connection::open(&url, Encoding::Json).await.unwrap();
+    second.send_hello("c2", TOKEN).await.unwrap();
     assert!(matches!(
         next_msg(&mut second).await,
         Incoming::Msg(ServerMsg::Error {
@@ -389,8 +391,8 @@ async fn clients_that_never_read_cannot_hold_the_edge() {
         }
         deaf.push(tcp);
     }
-    // Within the hello timeout plus the write deadlines, both slots are free again: an honest
-    // client is welcomed, not refused 4503.
+    // They hold no session slot (slots are taken after authentication): an honest client is
+    // welcomed while they are still there.
     let registry = &env.edge_registries[0];
     eventually("an honest client welcomed", Duration::from_secs(15), || {
         let url = url.clone();
@@ -404,13 +406,21 @@ async fn clients_that_never_read_cannot_hold_the_edge() {
         }
     })
     .await;
-    assert!(
-        metric(
-            registry,
-            "vigil_edge_sessions_refused_total",
-            Some(("reason", "hello_timeout"))
-        ) >= 2.0
-    );
+    // And each is closed within the hello timeout plus the write deadlines, however full its
+    // socket: nothing waits on a peer that does not read.
+    eventually(
+        "the deaf sockets closed",
+        Duration::from_secs(15),
+        || async {
+            (metric(
+                registry,
+                "vigil_edge_sessions_refused_total",
+                Some(("reason", "hello_timeout")),
+            ) >= 2.0)
+                .then_some(())
+        },
+    )
+    .await;
     drop(deaf);
     env.teardown().await;
 }
@@ -457,5 +467,42 @@ async fn an_authenticated_client_that_stops_reading_is_closed_as_a_slow_reader()
     })
     .await;
     drop(conn);
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_hellos_are_throttled_per_address() {
+    let mut env = TestEnv::new("hellothrottle");
+    env.cfg.edge.failed_hellos_per_minute = 2;
+    let url = env.start_edge("e1").await;
+    env.add_client("c1");
+    // Two wrong tokens are answered as such; the third uses up the address's quota.
+    for _ in 0..3 {
+        let refused = Connection::connect(&url, "c1", "wrong-token-000", Encoding::Json)
+            .await
+            .map(|(_, welcome)| welcome);
+        assert!(
+            matches!(&refused, Err(vigil::edge::client::ClientError::Refused { code, .. }) if code == "unauthorized"),
+            "{refused:?}"
+        );
+    }
+    // Now even the right token is refused from this address, before it is checked.
+    let throttled = Connection::connect(&url, "c1", TOKEN, Encoding::Json)
+        .await
+        .map(|(_, welcome)| welcome);
+    assert!(
+        matches!(&throttled, Err(vigil::edge::client::ClientError::Refused { code, message })
+            if code == "too_fast" && message.contains("failed hellos")),
+        "{throttled:?}"
+    );
+    let registry = &env.edge_registries[0];
+    assert_eq!(
+        metric(
+            registry,
+            "vigil_edge_sessions_refused_total",
+            Some(("reason", "hello_throttled"))
+        ),
+        1.0
+    );
     env.teardown().await;
 }
