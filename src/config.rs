@@ -191,6 +191,11 @@ pub struct EdgeConfig {
     pub write_timeout_ms: u64,
     /// How long a new connection may take to send its hello, in ms [VIGIL_EDGE_HELLO_TIMEOUT_MS].
     pub hello_timeout_ms: u64,
+    /// The edge pings each client this often, in ms [VIGIL_EDGE_PING_INTERVAL_MS].
+    pub ping_interval_ms: u64,
+    /// A client from which nothing (not even a pong) has arrived for this long is closed
+    /// `idle` (4410), in ms [VIGIL_EDGE_IDLE_TIMEOUT_MS].
+    pub idle_timeout_ms: u64,
     /// A frame's life from arrival to result, in ms; past it the frame is answered `expired`
     /// [VIGIL_EDGE_FRAME_DEADLINE_MS].
     pub frame_deadline_ms: u64,
@@ -282,6 +287,8 @@ impl Default for EdgeConfig {
             failed_hellos_per_minute: 30,
             max_inflight: 2,
             hello_timeout_ms: 5_000,
+            ping_interval_ms: 15_000,
+            idle_timeout_ms: 60_000,
             frame_deadline_ms: 3_000,
             max_bad_messages: 10,
             shutdown_grace_ms: 2_000,
@@ -426,6 +433,18 @@ impl Config {
         set(
             env,
             errors,
+            "VIGIL_EDGE_PING_INTERVAL_MS",
+            &mut e.ping_interval_ms,
+        );
+        set(
+            env,
+            errors,
+            "VIGIL_EDGE_IDLE_TIMEOUT_MS",
+            &mut e.idle_timeout_ms,
+        );
+        set(
+            env,
+            errors,
             "VIGIL_EDGE_WRITE_TIMEOUT_MS",
             &mut e.write_timeout_ms,
         );
@@ -564,6 +583,8 @@ impl Config {
             ("edge.max_frame_pixels", e.max_frame_pixels),
             ("edge.max_frame_side", e.max_frame_side as u64),
             ("edge.write_timeout_ms", e.write_timeout_ms),
+            ("edge.ping_interval_ms", e.ping_interval_ms),
+            ("edge.idle_timeout_ms", e.idle_timeout_ms),
             ("edge.max_unauthenticated", e.max_unauthenticated as u64),
             (
                 "edge.max_unauthenticated_per_source",

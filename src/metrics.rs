@@ -123,6 +123,7 @@ pub struct EdgeMetrics {
     pub work_backlog: IntGauge,
     pub throttles: IntCounter,
     pub slow_readers: IntCounter,
+    pub idle_closed: IntCounter,
 }
 
 impl EdgeMetrics {
@@ -224,6 +225,11 @@ impl EdgeMetrics {
                 registry,
                 "vigil_edge_slow_readers_total",
                 "Connections dropped because a write to them missed edge.write_timeout_ms",
+            ),
+            idle_closed: counter(
+                registry,
+                "vigil_edge_idle_closed_total",
+                "Sessions closed because nothing arrived within edge.idle_timeout_ms",
             ),
         }
     }

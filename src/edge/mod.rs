@@ -427,6 +427,12 @@ async fn serve(
                     match shared.gate.admit(peer.ip()) {
                         Ok(pending) => {
                             let _ = stream.set_nodelay(true);
+                            // The kernel notices a peer that vanished without a FIN, even
+                            // while the session has nothing to send.
+                            let keepalive = socket2::TcpKeepalive::new()
+                                .with_time(Duration::from_secs(30))
+                                .with_interval(Duration::from_secs(10));
+                            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
                             let shared = shared.clone();
                             connections.spawn(
                                 connection(shared, stream, peer, pending)

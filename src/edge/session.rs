@@ -208,6 +208,7 @@ pub(super) async fn run(
         outbox,
         policy: ClientPolicy::new(),
         liveness: StreamLiveness::new(),
+        last_seen: Instant::now(),
         evidence: VecDeque::new(),
         last_ok: None,
         shared: shared.clone(),
@@ -215,7 +216,7 @@ pub(super) async fn run(
     let end = session.run(&mut ws, rx, &closer).await;
     tracing::info!(client = %client_id, ?end, "session ended");
     let connection = match end {
-        End::ClientGone | End::SlowReader => Connection::ConnectionError,
+        End::ClientGone | End::SlowReader | End::Idle => Connection::ConnectionError,
         _ => Connection::Deactivated,
     };
     set_presence(&shared, &client_id, session_id, since_ms, connection).await;
@@ -439,6 +440,8 @@ enum End {
     ClientGone,
     /// The client stopped reading (closed 4408).
     SlowReader,
+    /// Nothing arrived from the client within the idle timeout (closed 4410).
+    Idle,
     Replaced,
     Shutdown,
     TooManyBadMessages,
@@ -485,6 +488,8 @@ struct Session {
     policy: ClientPolicy,
     /// Liveness over this client's stream, fused into each verdict before the policy sees it.
     liveness: StreamLiveness,
+    /// When anything (a message, a ping or pong) last arrived from the client.
+    last_seen: Instant,
     /// The most recent analysed frames that were not `ok`, newest last (at most
     /// `policy.evidence_frames`), and the last `ok` one: the evidence for an action.
     evidence: VecDeque<EvidenceFrame>,
@@ -499,6 +504,11 @@ impl Session {
         closer: &Closer,
     ) -> End {
         let shutdown = self.shared.shutdown.clone();
+        let ping_every = Duration::from_millis(self.shared.cfg.ping_interval_ms);
+        let idle_after = Duration::from_millis(self.shared.cfg.idle_timeout_ms);
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sweep = tokio::time::interval(Duration::from_millis(100));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -553,7 +563,25 @@ impl Session {
                     self.on_confirm(seq, id, result).await;
                     None
                 }
-                msg = ws.next() => self.on_client(ws, msg).await,
+                msg = ws.next() => {
+                    self.last_seen = Instant::now();
+                    self.on_client(ws, msg).await
+                }
+                _ = ping.tick() => {
+                    if self.last_seen.elapsed() > idle_after {
+                        self.shared.metrics.idle_closed.inc();
+                        self.drop_all(DropReason::ShuttingDown, "session closed");
+                        close(&self.shared, ws, ErrorCode::Idle.close_code(), "idle").await;
+                        Some(End::Idle)
+                    } else {
+                        match bounded(&self.shared, ws.send(Message::Ping(Default::default()))).await {
+                            Ok(()) => None,
+                            Err(Gone::Closed) => Some(End::ClientGone),
+                            // The next flush (at the top of the loop) finds it slow as well.
+                            Err(Gone::SlowReader) => Some(End::SlowReader),
+                        }
+                    }
+                }
                 _ = sweep.tick() => {
                     self.sweep().await;
                     None

@@ -151,6 +151,8 @@ pub enum ErrorCode {
     Kicked,
     /// The client stopped reading: a write to it did not finish within the edge's deadline.
     SlowReader,
+    /// Nothing, not even a pong, arrived from the client within the idle timeout.
+    Idle,
     Internal,
 }
 
@@ -166,6 +168,7 @@ impl ErrorCode {
             ErrorCode::SystemFull => 4503,
             ErrorCode::Kicked => 4000,
             ErrorCode::SlowReader => 4408,
+            ErrorCode::Idle => 4410,
             ErrorCode::Internal => 1011,
         }
     }

@@ -506,3 +506,49 @@ async fn failed_hellos_are_throttled_per_address() {
     );
     env.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_pings_and_closes_a_client_that_goes_silent() {
+    let mut env = TestEnv::new("idle");
+    env.cfg.edge.ping_interval_ms = 200;
+    env.cfg.edge.idle_timeout_ms = 800;
+    let url = env.start_edge("e1").await;
+    env.add_client("c1");
+    env.add_client("c2");
+    // A client that reads answers the pings (WebSocket clients do so by themselves) and stays.
+    let (mut alive, _) = Connection::connect(&url, "c1", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    // A client that goes silent: it neither sends nor reads, so it answers no ping.
+    let (mut silent, _) = Connection::connect(&url, "c2", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        match tokio::time::timeout_at(until, alive.recv()).await {
+            Err(_) => break,
+            Ok(Some(Ok(Incoming::Closed { code, reason }))) => {
+                panic!("a client that answers pings was closed {code} {reason}")
+            }
+            Ok(other) => assert!(matches!(other, Some(Ok(_))), "{other:?}"),
+        }
+    }
+    // The silent one's session was closed `idle`, and counted; the other is still open.
+    let registry = &env.edge_registries[0];
+    assert_eq!(metric(registry, "vigil_edge_idle_closed_total", None), 1.0);
+    assert_eq!(metric(registry, "vigil_edge_sessions_active", None), 1.0);
+    // Reading now, it finds the close (4410), unless its own replies to the queued pings hit
+    // the already closed socket first.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), silent.recv()).await {
+            Ok(Some(Ok(Incoming::Closed { code, .. }))) => {
+                assert_eq!(code, 4410);
+                break;
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_)) | None) => break,
+            Err(_) => panic!("the silent client's socket is still open"),
+        }
+    }
+    env.teardown().await;
+}
