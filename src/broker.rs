@@ -127,6 +127,12 @@ impl Broker {
         self.conn.status().connected()
     }
 
+    /// True while RabbitMQ blocks this connection's publishers (`connection.blocked`: a memory
+    /// or disk alarm). Publishes then wait until the alarm clears.
+    pub fn is_blocked(&self) -> bool {
+        self.conn.status().blocked()
+    }
+
     async fn channel(&self) -> Result<Channel, BrokerError> {
         self.conn
             .create_channel()

@@ -124,6 +124,7 @@ pub struct EdgeMetrics {
     pub throttles: IntCounter,
     pub slow_readers: IntCounter,
     pub idle_closed: IntCounter,
+    pub broker_blocked: IntGauge,
 }
 
 impl EdgeMetrics {
@@ -230,6 +231,11 @@ impl EdgeMetrics {
                 registry,
                 "vigil_edge_idle_closed_total",
                 "Sessions closed because nothing arrived within edge.idle_timeout_ms",
+            ),
+            broker_blocked: gauge(
+                registry,
+                "vigil_edge_broker_blocked",
+                "1 while RabbitMQ blocks this edge's publishers (a resource alarm)",
             ),
         }
     }

@@ -113,6 +113,9 @@ pub(crate) struct Shared {
     pub control_exchange: String,
     /// Set while the system is full: new sessions are refused, live ones throttled.
     pub full: AtomicBool,
+    /// True while the broker blocks this edge's publishers (a resource alarm): frames are
+    /// answered `broker_unavailable` at once instead of waiting.
+    pub broker_blocked: AtomicBool,
     /// Recent mean frame-to-result latency, in microseconds (an exponential average).
     pub latency_ewma_us: AtomicU64,
 }
@@ -247,6 +250,7 @@ pub async fn start(
         shutdown: shutdown.clone(),
         control_exchange: format!("{}.{}", cfg.namespace, topology::CONTROL_EXCHANGE),
         full: AtomicBool::new(false),
+        broker_blocked: AtomicBool::new(false),
         latency_ewma_us: AtomicU64::new(0),
     });
     let admin_addr = match (cfg.edge.admin_listen, cfg.edge.admin_token.clone()) {
@@ -417,7 +421,15 @@ async fn serve(
                 _ => true,
             },
             _ = admission.tick() => {
-                check_admission(&shared, &links.broker, &work_queue).await;
+                watch_blocked(&shared, &links.broker, &reconnect.health);
+                // A blocked broker may stop answering this connection: the poll is bounded,
+                // so it can never stall accepts, replies or control.
+                let poll = Duration::from_millis(shared.cfg.admission_poll_ms.max(100));
+                let _ = tokio::time::timeout(
+                    poll,
+                    check_admission(&shared, &links.broker, &work_queue),
+                )
+                .await;
                 shared.gate.prune();
                 false
             }
@@ -610,6 +622,17 @@ fn apply_control(shared: &Shared, data: &[u8]) {
 /// Decide whether the system is full: the shared work queue's backlog (the same for every
 /// edge, so the signal is cluster-wide) or this edge's recent frame latency. On a change, tell
 /// every live session its new frame rate.
+/// Follow the broker's `connection.blocked` state: while blocked, frames are refused at once
+/// and `/readyz` says the broker is not ready.
+fn watch_blocked(shared: &Shared, broker: &Broker, health: &Health) {
+    let blocked = broker.is_blocked();
+    if shared.broker_blocked.swap(blocked, Ordering::Relaxed) != blocked {
+        tracing::warn!(blocked, "broker publisher flow control changed");
+        shared.metrics.broker_blocked.set(i64::from(blocked));
+        health.set("broker", !blocked);
+    }
+}
+
 async fn check_admission(shared: &Shared, broker: &Broker, work_queue: &str) {
     let Ok(backlog) = broker.queue_len(work_queue).await else {
         return;

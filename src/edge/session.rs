@@ -814,6 +814,14 @@ impl Session {
             self.drop_frame(p.seq, DropReason::Expired, "deadline passed while waiting");
             return;
         }
+        if shared.broker_blocked.load(Ordering::Relaxed) {
+            self.drop_frame(
+                p.seq,
+                DropReason::BrokerUnavailable,
+                "the broker is refusing new messages (a resource alarm); retry shortly",
+            );
+            return;
+        }
         let env = Envelope {
             schema: wire::SCHEMA,
             id: Uuid::now_v7(),
@@ -837,11 +845,27 @@ impl Session {
             client = %self.client_id,
             seq = p.seq,
         );
-        let published = shared
-            .publisher()
-            .publish(&shared.frames_exchange, "", &env)
-            .instrument(span)
-            .await;
+        // Bounded: a publish into a broker that stopped reading must not hold the session.
+        let remaining = Duration::from_millis(deadline_ms.saturating_sub(wire::now_ms()));
+        let published = match tokio::time::timeout(
+            remaining,
+            shared
+                .publisher()
+                .publish(&shared.frames_exchange, "", &env)
+                .instrument(span),
+        )
+        .await
+        {
+            Ok(published) => published,
+            Err(_) => {
+                self.drop_frame(
+                    p.seq,
+                    DropReason::BrokerUnavailable,
+                    "the broker did not take the frame before its deadline",
+                );
+                return;
+            }
+        };
         match published {
             Ok(confirm) => {
                 let (seq, id) = (p.seq, env.id);

@@ -525,3 +525,80 @@ async fn a_broker_restart_is_survived_and_confirmed_actions_are_kept() {
     );
     env.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_alarm_answers_frames_at_once_and_traffic_resumes_when_it_clears() {
+    use crate::support::{PrivateBroker, http_get};
+    use vigil::edge::client::{Connection, Incoming};
+    use vigil::wire::DropReason;
+    use vigil::wire::client::{Encoding, ServerMsg};
+    let rabbit = PrivateBroker::start().await;
+    let mut env = TestEnv::new("alarm");
+    env.cfg.amqp_url = rabbit.url();
+    env.cfg.edge.admission_poll_ms = 100;
+    let url = env.start_edge("e1").await;
+    env.start_worker("w1").await;
+    env.add_client("c1");
+    let metrics = env.edges[0].metrics_addr;
+    let (mut conn, _) = Connection::connect(&url, "c1", crate::support::TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    let jpeg = vigil::inference::synthetic_jpeg(64, 48, 5, 0);
+    // One frame, and what came back for it.
+    let mut seq = 0;
+    let mut one = async |conn: &mut Connection| -> ServerMsg {
+        seq += 1;
+        conn.send_frame(seq, 0, &jpeg).await.unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), conn.recv()).await {
+                Ok(Some(Ok(Incoming::Msg(
+                    m @ (ServerMsg::Result { .. } | ServerMsg::Dropped { .. }),
+                )))) => {
+                    return m;
+                }
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("no answer to frame {seq}: {other:?}"),
+            }
+        }
+    };
+    assert!(matches!(one(&mut conn).await, ServerMsg::Result { .. }));
+
+    // A memory alarm: RabbitMQ blocks every publishing connection.
+    assert!(rabbit.ctl(&["set_vm_memory_high_watermark", "0.0000001"]));
+    let started = std::time::Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "frames were never answered broker_unavailable during the alarm"
+        );
+        if let ServerMsg::Dropped {
+            reason: DropReason::BrokerUnavailable,
+            ..
+        } = one(&mut conn).await
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = http_get(metrics, "/readyz").await.unwrap();
+    assert_eq!(status, 503, "readyz during the alarm: {body}");
+
+    // The alarm clears: results flow again, and the edge is ready.
+    assert!(rabbit.ctl(&["set_vm_memory_high_watermark", "0.4"]));
+    let started = std::time::Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "results never came back after the alarm cleared"
+        );
+        if let ServerMsg::Result { .. } = one(&mut conn).await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = http_get(metrics, "/readyz").await.unwrap();
+    assert_eq!(status, 200);
+    conn.close().await;
+    env.teardown().await;
+    rabbit.stop();
+}

@@ -650,6 +650,14 @@ impl PrivateBroker {
         self.run(cmd).is_some_and(|s| s.success())
     }
 
+    /// `rabbitmqctl -n NODE ARGS...`, bounded; true when it succeeded.
+    pub fn ctl(&self, args: &[&str]) -> bool {
+        let mut cmd = std::process::Command::new(Self::CTL);
+        cmd.args(["-n", &self.node]).args(args);
+        self.env(&mut cmd);
+        self.run(cmd).is_some_and(|s| s.success())
+    }
+
     /// Stop the node (its data stays).
     pub fn stop(&self) {
         assert!(
