@@ -211,6 +211,11 @@ pub struct EdgeConfig {
     /// Most bytes buffered for writing to one client before the session waits for it
     /// [VIGIL_EDGE_WS_MAX_WRITE_BUFFER_BYTES].
     pub ws_max_write_buffer_bytes: usize,
+    /// PEM certificate chain for `wss://` on the WebSocket listener; with `tls_key`, the edge
+    /// speaks TLS only. Reloaded when the file changes [VIGIL_EDGE_TLS_CERT].
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` [VIGIL_EDGE_TLS_KEY].
+    pub tls_key: Option<PathBuf>,
     /// Address of the admin HTTP API (`/v1/admin/...`); off when unset [VIGIL_ADMIN_LISTEN].
     pub admin_listen: Option<SocketAddr>,
     /// Bearer token the admin API requires; without one the API stays off
@@ -294,6 +299,8 @@ impl Default for EdgeConfig {
             shutdown_grace_ms: 2_000,
             ws_read_buffer_bytes: 16 * 1024,
             ws_max_write_buffer_bytes: 4 * 1024 * 1024,
+            tls_cert: None,
+            tls_key: None,
             admin_listen: None,
             admin_token: None,
             max_backlog: 1000,
@@ -507,6 +514,8 @@ impl Config {
         );
         set_opt(env, errors, "VIGIL_ADMIN_LISTEN", &mut e.admin_listen);
         set_opt(env, errors, "VIGIL_ADMIN_TOKEN", &mut e.admin_token);
+        set_opt(env, errors, "VIGIL_EDGE_TLS_CERT", &mut e.tls_cert);
+        set_opt(env, errors, "VIGIL_EDGE_TLS_KEY", &mut e.tls_key);
         set(env, errors, "VIGIL_MAX_BACKLOG", &mut e.max_backlog);
         set(env, errors, "VIGIL_MAX_LATENCY_MS", &mut e.max_latency_ms);
         set(
@@ -573,6 +582,9 @@ impl Config {
             errors.push("amqp_url: amqps:// (TLS) is not built into this binary".into());
         }
         let e = &self.edge;
+        if e.tls_cert.is_some() != e.tls_key.is_some() {
+            errors.push("edge.tls_cert and edge.tls_key go together: set both or neither".into());
+        }
         if let Some(id) = &e.id
             && let Err(msg) = check_identifier("edge.id", id)
         {

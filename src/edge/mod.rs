@@ -11,6 +11,7 @@ mod admin_api;
 pub mod client;
 mod gate;
 mod session;
+mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -55,6 +56,8 @@ pub enum EdgeError {
     Directory(#[from] DirectoryError),
     #[error("the broker ended this edge's reply consumer")]
     RepliesEnded,
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// A message for one session, from the reply consumer or from another session.
@@ -99,6 +102,8 @@ pub(crate) struct Shared {
     pub gate: gate::Gate,
     /// Session slots (`max_sessions`), taken once a client has authenticated.
     pub slots: Arc<Semaphore>,
+    /// TLS for `wss://`, when configured.
+    pub tls: Option<tls::Tls>,
     pub edge_id: String,
     pub frames_exchange: String,
     pub actions_exchange: String,
@@ -229,6 +234,10 @@ pub async fn start(
     health.set("topology", true);
     let publisher: PublisherRef = Arc::new(std::sync::RwLock::new(links.publisher.clone()));
 
+    let tls = match (&cfg.edge.tls_cert, &cfg.edge.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::Tls::load(cert, key).map_err(EdgeError::Tls)?),
+        _ => None,
+    };
     let shared = Arc::new(Shared {
         cfg: cfg.edge.clone(),
         policy: cfg.policy.clone(),
@@ -239,6 +248,7 @@ pub async fn start(
             cfg.edge.failed_hellos_per_minute,
         ),
         slots: Arc::new(Semaphore::new(cfg.edge.max_sessions)),
+        tls,
         edge_id: edge_id.clone(),
         frames_exchange: format!("{}.{}", cfg.namespace, topology::FRAMES_EXCHANGE),
         actions_exchange: format!("{}.{}", cfg.namespace, topology::ACTIONS_EXCHANGE),
@@ -736,11 +746,24 @@ async fn connection(
         }
     };
     let hello_timeout = Duration::from_millis(shared.cfg.hello_timeout_ms);
-    let handshake = tokio_tungstenite::accept_hdr_async_with_config(
-        stream,
-        check_path,
-        Some(ws_config(&shared.cfg)),
-    );
+    // The TLS handshake, when configured, is part of the same bounded wait.
+    let handshake = async {
+        let stream: tls::Stream = match &shared.tls {
+            Some(tls) => match tls.acceptor().accept(stream).await {
+                Ok(s) => tokio_util::either::Either::Right(s),
+                Err(e) => {
+                    return Err(tokio_tungstenite::tungstenite::Error::Io(e));
+                }
+            },
+            None => tokio_util::either::Either::Left(stream),
+        };
+        tokio_tungstenite::accept_hdr_async_with_config(
+            stream,
+            check_path,
+            Some(ws_config(&shared.cfg)),
+        )
+        .await
+    };
     let ws = match tokio::time::timeout(hello_timeout, handshake).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt as _, StreamExt as _};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -33,7 +32,7 @@ use crate::wire::{
     self, ActionEvent, ControlCommand, DropReason, Envelope, EvidenceFrame, Frame, Payload, Verdict,
 };
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<super::tls::Stream>;
 
 /// How long past a frame's deadline the edge waits for the worker's own answer before it
 /// answers `expired` itself.

@@ -15,3 +15,4 @@ mod liveness;
 mod observability;
 mod pipeline;
 mod scaling;
+mod tls;

@@ -1,0 +1,102 @@
+//! `wss://`: a whole session over TLS, with a certificate from the test's own CA, and a
+//! certificate swapped on disk while the edge runs.
+
+use std::time::Duration;
+
+use vigil::edge::client::{Connection, Incoming};
+use vigil::inference::synthetic_jpeg;
+use vigil::wire::client::{Encoding, ServerMsg};
+
+use crate::support::{TOKEN, TestEnv, eventually};
+
+/// A CA (its certificate as PEM) and a server certificate and key it signed for 127.0.0.1.
+fn ca_and_server() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+async fn session(url: &str, ca: &str) -> Result<ServerMsg, String> {
+    let mut conn = Connection::open_tls(url, Encoding::MsgPack, ca.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    conn.authenticate("c1", TOKEN)
+        .await
+        .map_err(|e| e.to_string())?;
+    conn.send_frame(1, 0, &synthetic_jpeg(64, 48, 2, 0))
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer = tokio::time::timeout(Duration::from_secs(10), conn.recv())
+        .await
+        .map_err(|_| "no answer".to_owned())?;
+    conn.close().await;
+    match answer {
+        Some(Ok(Incoming::Msg(m @ ServerMsg::Result { .. }))) => Ok(m),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_runs_over_wss_and_a_new_certificate_is_picked_up_without_a_restart() {
+    let mut env = TestEnv::new("tls");
+    let dir = std::env::temp_dir().join(format!("{}-tls", env.cfg.namespace));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_path, key_path) = (dir.join("edge.pem"), dir.join("edge.key"));
+    let (ca1, cert1, key1) = ca_and_server();
+    std::fs::write(&cert_path, &cert1).unwrap();
+    std::fs::write(&key_path, &key1).unwrap();
+    env.cfg.edge.tls_cert = Some(cert_path.clone());
+    env.cfg.edge.tls_key = Some(key_path.clone());
+    let url = env.start_edge("e1").await.replace("ws://", "wss://");
+    env.start_worker("w1").await;
+    env.add_client("c1");
+
+    // A whole session over TLS: hello, a frame, its result.
+    session(&url, &ca1).await.unwrap();
+    // Plain ws:// to a TLS edge gets nowhere.
+    let plain = url.replace("wss://", "ws://");
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        Connection::connect(&plain, "c1", TOKEN, Encoding::Json),
+    )
+    .await
+    .unwrap();
+    assert!(
+        refused.is_err(),
+        "a plain connection to the TLS listener worked"
+    );
+    // A client that does not trust the edge's CA refuses it.
+    let (other_ca, _, _) = ca_and_server();
+    assert!(session(&url, &other_ca).await.is_err());
+
+    // The certificate is renewed on disk (by a new CA, to tell them apart): new connections
+    // get it, with no restart.
+    let (ca2, cert2, key2) = ca_and_server();
+    std::fs::write(&key_path, &key2).unwrap();
+    std::fs::write(&cert_path, &cert2).unwrap();
+    eventually(
+        "the new certificate served",
+        Duration::from_secs(10),
+        || {
+            let (url, ca2) = (url.clone(), ca2.clone());
+            async move { session(&url, &ca2).await.ok() }
+        },
+    )
+    .await;
+    assert!(
+        session(&url, &ca1).await.is_err(),
+        "the old certificate is still served"
+    );
+    // A broken certificate file is refused and the good one kept.
+    std::fs::write(&cert_path, "not a certificate").unwrap();
+    session(&url, &ca2).await.unwrap();
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
