@@ -103,17 +103,12 @@ impl ClientRecord {
         })
     }
 
-    /// Check a presented token: argon2id (constant time inside `password-hash`), or the
-    /// legacy salted SHA-256, compared in constant time.
+    /// Check a presented token: argon2id (in [`verify_argon2`]), or the legacy salted
+    /// SHA-256, compared in constant time.
     pub fn verify_token(&self, token: &str) -> bool {
-        use argon2::password_hash::{PasswordHash, PasswordVerifier};
         use subtle::ConstantTimeEq;
         if self.token_hash.starts_with("$argon2") {
-            return PasswordHash::new(&self.token_hash).is_ok_and(|hash| {
-                argon2::Argon2::default()
-                    .verify_password(token.as_bytes(), &hash)
-                    .is_ok()
-            });
+            return verify_argon2(&self.token_hash, token);
         }
         let Ok(salt) = hex::decode(&self.token_salt) else {
             return false;
@@ -127,6 +122,85 @@ impl ClientRecord {
             .ct_eq(self.token_hash.as_bytes())
             .into()
     }
+}
+
+/// Most argon2 working memory one check may use, in KiB; a stored hash asking for more is
+/// refused rather than allocated.
+const MAX_ARGON2_KIB: u32 = 64 * 1024;
+
+/// Argon2's working memory (19 MiB with the default parameters), kept for reuse: one buffer
+/// per core, so that a burst of hellos costs `cores x 19 MiB` once, rather than an allocation
+/// per check that the allocator may keep per thread. A check waits for a free buffer.
+struct Argon2Memory {
+    free: std::sync::Mutex<Vec<Vec<argon2::Block>>>,
+    returned: std::sync::Condvar,
+}
+
+fn argon2_memory() -> &'static Argon2Memory {
+    static MEMORY: std::sync::OnceLock<Argon2Memory> = std::sync::OnceLock::new();
+    MEMORY.get_or_init(|| {
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Argon2Memory {
+            free: std::sync::Mutex::new((0..n).map(|_| Vec::new()).collect()),
+            returned: std::sync::Condvar::new(),
+        }
+    })
+}
+
+/// Verify `token` against an argon2 PHC string, in constant time, with pooled memory.
+fn verify_argon2(phc: &str, token: &str) -> bool {
+    use argon2::password_hash::PasswordHash;
+    use subtle::ConstantTimeEq;
+    let Ok(hash) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (hash.salt, hash.hash) else {
+        return false;
+    };
+    let (Ok(algorithm), Ok(params)) = (
+        argon2::Algorithm::try_from(hash.algorithm),
+        argon2::Params::try_from(&hash),
+    ) else {
+        return false;
+    };
+    if params.m_cost() > MAX_ARGON2_KIB {
+        return false;
+    }
+    let version = hash
+        .version
+        .map_or(Ok(argon2::Version::default()), argon2::Version::try_from);
+    let Ok(version) = version else {
+        return false;
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let blocks = params.block_count();
+    let argon = argon2::Argon2::new(algorithm, version, params);
+    let pool = argon2_memory();
+    let mut memory = {
+        let mut free = pool.free.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(m) = free.pop() {
+                break m;
+            }
+            free = pool.returned.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+    };
+    if memory.len() < blocks {
+        memory.resize(blocks, argon2::Block::default());
+    }
+    let mut out = vec![0u8; expected.len()];
+    let ok = argon
+        .hash_password_into_with_memory(token.as_bytes(), salt, &mut out, &mut memory[..blocks])
+        .is_ok();
+    pool.free
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(memory);
+    pool.returned.notify_one();
+    ok && bool::from(out.as_slice().ct_eq(expected.as_bytes()))
 }
 
 /// The argon2id hash of `token` (default parameters, a fresh 16-byte salt) as a PHC string.
