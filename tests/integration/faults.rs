@@ -9,6 +9,21 @@ use vigil::wire::client::{Encoding, ServerMsg};
 
 use crate::support::{Proxy, TOKEN, TestEnv, broker_host, metric};
 
+/// Send frame `seq` and return what the edge answered for it (a result or a `dropped`); the
+/// session must stay up to answer.
+async fn answer(conn: &mut Connection, seq: u64, jpeg: &[u8]) -> ServerMsg {
+    conn.send_frame(seq, 0, jpeg).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), conn.recv()).await {
+            Ok(Some(Ok(Incoming::Msg(
+                m @ (ServerMsg::Result { .. } | ServerMsg::Dropped { .. }),
+            )))) => return m,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no answer to frame {seq}; the session did not survive: {other:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_that_loses_the_broker_keeps_its_sessions_and_recovers() {
     let mut env = TestEnv::new("brokerloss");
@@ -25,16 +40,7 @@ async fn an_edge_that_loses_the_broker_keeps_its_sessions_and_recovers() {
     let mut seq = 0;
     let mut send = async |conn: &mut Connection| -> ServerMsg {
         seq += 1;
-        conn.send_frame(seq, 0, &jpeg).await.unwrap();
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), conn.recv()).await {
-                Ok(Some(Ok(Incoming::Msg(
-                    m @ (ServerMsg::Result { .. } | ServerMsg::Dropped { .. }),
-                )))) => return m,
-                Ok(Some(Ok(Incoming::Msg(_)))) => continue,
-                other => panic!("the session did not survive: {other:?}"),
-            }
-        }
+        answer(conn, seq, &jpeg).await
     };
     assert!(matches!(send(&mut conn).await, ServerMsg::Result { .. }));
 
@@ -529,9 +535,6 @@ async fn a_broker_restart_is_survived_and_confirmed_actions_are_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_alarm_answers_frames_at_once_and_traffic_resumes_when_it_clears() {
     use crate::support::{PrivateBroker, http_get};
-    use vigil::edge::client::{Connection, Incoming};
-    use vigil::wire::DropReason;
-    use vigil::wire::client::{Encoding, ServerMsg};
     let rabbit = PrivateBroker::start().await;
     let mut env = TestEnv::new("alarm");
     env.cfg.amqp_url = rabbit.url();
@@ -544,22 +547,10 @@ async fn a_broker_alarm_answers_frames_at_once_and_traffic_resumes_when_it_clear
         .await
         .unwrap();
     let jpeg = vigil::inference::synthetic_jpeg(64, 48, 5, 0);
-    // One frame, and what came back for it.
     let mut seq = 0;
     let mut one = async |conn: &mut Connection| -> ServerMsg {
         seq += 1;
-        conn.send_frame(seq, 0, &jpeg).await.unwrap();
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), conn.recv()).await {
-                Ok(Some(Ok(Incoming::Msg(
-                    m @ (ServerMsg::Result { .. } | ServerMsg::Dropped { .. }),
-                )))) => {
-                    return m;
-                }
-                Ok(Some(Ok(_))) => continue,
-                other => panic!("no answer to frame {seq}: {other:?}"),
-            }
-        }
+        answer(conn, seq, &jpeg).await
     };
     assert!(matches!(one(&mut conn).await, ServerMsg::Result { .. }));
 
