@@ -11,6 +11,7 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use uuid::Uuid;
 
@@ -27,6 +28,8 @@ pub enum BrokerError {
          (set connection_timeout=<ms> in the URL to change the limit)"
     )]
     HandshakeTimeout { url: String, after: Duration },
+    #[error("broker TLS settings in {url}: {reason}")]
+    Tls { url: String, reason: String },
     #[error("broker {op} failed: {source}")]
     Amqp {
         op: &'static str,
@@ -52,6 +55,29 @@ pub fn redact_url(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// The CA an `amqps://` URL names in its `cacertfile` query parameter (as in RabbitMQ's own
+/// URI scheme), read as PEM: `Ok(None)` when the URL names none, and server certificates are
+/// then checked against the system's roots.
+pub fn tls_ca(url: &str) -> Result<Option<String>, String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+    let Some((_, path)) = parsed.query_pairs().find(|(k, _)| k == "cacertfile") else {
+        return Ok(None);
+    };
+    if parsed.scheme() != "amqps" {
+        return Err("cacertfile is for amqps:// URLs only".into());
+    }
+    let pem = std::fs::read_to_string(path.as_ref())
+        .map_err(|e| format!("cacertfile {path}: {e}"))?;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("cacertfile {path}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("cacertfile {path}: no PEM certificate in it"));
+    }
+    Ok(Some(pem))
 }
 
 /// One connection to RabbitMQ.
@@ -85,7 +111,19 @@ impl Broker {
     ) -> Result<Self, BrokerError> {
         let props = ConnectionProperties::default().with_connection_name(node_name.into());
         let limit = handshake_timeout(url);
-        let conn = match tokio::time::timeout(limit, Connection::connect(url, props)).await {
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: tls_ca(url).map_err(|reason| BrokerError::Tls {
+                url: redact_url(url),
+                reason,
+            })?,
+        };
+        let runtime = lapin::runtime::default_runtime().map_err(|source| BrokerError::Connect {
+            url: redact_url(url),
+            source,
+        })?;
+        let connect = Connection::connect_with_config(url, props, tls, runtime);
+        let conn = match tokio::time::timeout(limit, connect).await {
             Ok(conn) => conn.map_err(|source| BrokerError::Connect {
                 url: redact_url(url),
                 source,

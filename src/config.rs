@@ -578,8 +578,8 @@ impl Config {
                 crate::broker::redact_url(&self.amqp_url)
             ));
         }
-        if self.amqp_url.starts_with("amqps://") {
-            errors.push("amqp_url: amqps:// (TLS) is not built into this binary".into());
+        if let Err(e) = crate::broker::tls_ca(&self.amqp_url) {
+            errors.push(format!("amqp_url: {e}"));
         }
         let e = &self.edge;
         if e.tls_cert.is_some() != e.tls_key.is_some() {

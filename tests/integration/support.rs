@@ -571,6 +571,8 @@ pub struct PrivateBroker {
     node: String,
     dir: PathBuf,
     dist_port: u16,
+    /// The `amqps://` port, when the node was started with a TLS listener.
+    tls_port: Option<u16>,
 }
 
 impl PrivateBroker {
@@ -578,18 +580,49 @@ impl PrivateBroker {
     const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
 
     pub async fn start() -> Self {
+        let b = Self::new();
+        std::fs::write(b.dir.join("rabbitmq.conf"), "").unwrap();
+        b.boot().await;
+        b
+    }
+
+    /// A node that also listens for `amqps://`, with this server certificate and key (PEM).
+    pub async fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        let mut b = Self::new();
+        let tls_port = free_port();
+        let (cert, key) = (b.dir.join("server.pem"), b.dir.join("server.key"));
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
+        std::fs::write(
+            b.dir.join("rabbitmq.conf"),
+            format!(
+                "listeners.ssl.default = {tls_port}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        b.tls_port = Some(tls_port);
+        b.boot().await;
+        b
+    }
+
+    fn new() -> Self {
         let tag = format!("{:08x}", rand::random::<u32>());
         let dir = std::env::temp_dir().join(format!("vigil-rmq-{tag}"));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("plugins"), "[].").unwrap();
-        let b = Self {
+        Self {
             port: free_port(),
             node: format!("vigil{tag}@localhost"),
             dir,
             dist_port: free_port(),
-        };
-        b.boot().await;
-        b
+            tls_port: None,
+        }
     }
 
     fn env(&self, cmd: &mut std::process::Command) {
@@ -601,7 +634,7 @@ impl PrivateBroker {
             .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.dir.join("plugins"))
             .env("RABBITMQ_PID_FILE", self.dir.join("pid"))
-            .env("RABBITMQ_CONFIG_FILE", self.dir.join("none"));
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq.conf"));
     }
 
     /// Start the node and wait until it accepts AMQP connections.
@@ -674,6 +707,32 @@ impl PrivateBroker {
             "amqp://guest:guest@127.0.0.1:{}/%2f?connection_timeout=2000",
             self.port
         )
+    }
+
+    /// The node's `amqps://` URL, trusting the CA in the PEM file `ca`.
+    pub fn tls_url(&self, ca: &std::path::Path) -> String {
+        let port = self.tls_port.expect("the node was started without TLS");
+        format!(
+            "amqps://guest:guest@127.0.0.1:{port}/%2f?connection_timeout=5000&cacertfile={}",
+            ca.display()
+        )
+    }
+
+    /// `rabbitmqctl -n NODE ARGS...`, bounded, with its standard output.
+    pub fn ctl_output(&self, args: &[&str]) -> String {
+        let mut cmd = std::process::Command::new("timeout");
+        cmd.args(["60", Self::CTL, "-n", &self.node]).args(args);
+        self.env(&mut cmd);
+        let out = cmd
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("rabbitmqctl");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 

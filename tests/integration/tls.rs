@@ -100,3 +100,79 @@ async fn a_session_runs_over_wss_and_a_new_certificate_is_picked_up_without_a_re
     env.teardown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_and_a_worker_talk_to_rabbitmq_over_amqps() {
+    use crate::support::PrivateBroker;
+    use prometheus::Registry;
+    use vigil::broker::Broker;
+    use vigil::metrics::BrokerMetrics;
+
+    let (ca, cert, key) = ca_and_server();
+    let rabbit = PrivateBroker::start_tls(&cert, &key).await;
+    let mut env = TestEnv::new("amqps");
+    let dir = std::env::temp_dir().join(format!("{}-amqps", env.cfg.namespace));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, &ca).unwrap();
+    env.cfg.amqp_url = rabbit.tls_url(&ca_path);
+    let url = env.start_edge("e1").await;
+    env.start_worker("w1").await;
+    env.add_client("c1");
+
+    // A whole session: its frame goes to the worker and its result comes back, over amqps://.
+    let (mut conn, _) = Connection::connect(&url, "c1", TOKEN, Encoding::MsgPack)
+        .await
+        .unwrap();
+    conn.send_frame(1, 0, &synthetic_jpeg(64, 48, 2, 0))
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), conn.recv()).await;
+    assert!(
+        matches!(answer, Ok(Some(Ok(Incoming::Msg(ServerMsg::Result { .. }))))),
+        "{answer:?}"
+    );
+    conn.close().await;
+
+    // RabbitMQ itself says every connection it holds is TLS: the edge's and the worker's.
+    let listed = rabbit.ctl_output(&["list_connections", "-q", "--no-table-headers", "client_properties", "ssl"]);
+    let rows: Vec<(&str, &str)> = listed
+        .lines()
+        .filter_map(|l| l.rsplit_once('\t'))
+        .collect();
+    assert!(rows.len() >= 2, "connections: {listed}");
+    assert!(rows.iter().all(|(_, ssl)| *ssl == "true"), "{listed}");
+    for who in ["e1", "w1"] {
+        assert!(
+            rows.iter().any(|(name, _)| name.contains(who)),
+            "no connection from {who}: {listed}"
+        );
+    }
+
+    // A client that trusts another CA refuses the node's certificate, with a clear error.
+    let (other_ca, _, _) = ca_and_server();
+    let other_path = dir.join("other-ca.pem");
+    std::fs::write(&other_path, &other_ca).unwrap();
+    let refused = Broker::connect(
+        &rabbit.tls_url(&other_path),
+        "untrusting",
+        BrokerMetrics::new(&Registry::new()),
+    )
+    .await;
+    assert!(refused.is_err(), "a certificate from an unknown CA was accepted");
+    // A CA file that is not there is named in the error.
+    let missing = dir.join("missing.pem");
+    let err = Broker::connect(
+        &rabbit.tls_url(&missing),
+        "no-ca",
+        BrokerMetrics::new(&Registry::new()),
+    )
+    .await
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("missing.pem"), "{err}");
+
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
