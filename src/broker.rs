@@ -10,8 +10,8 @@ use lapin::options::{
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::tcp::OwnedTLSConfig;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use uuid::Uuid;
 
@@ -68,8 +68,8 @@ pub fn tls_ca(url: &str) -> Result<Option<String>, String> {
     if parsed.scheme() != "amqps" {
         return Err("cacertfile is for amqps:// URLs only".into());
     }
-    let pem = std::fs::read_to_string(path.as_ref())
-        .map_err(|e| format!("cacertfile {path}: {e}"))?;
+    let pem =
+        std::fs::read_to_string(path.as_ref()).map_err(|e| format!("cacertfile {path}: {e}"))?;
     use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject as _};
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()

@@ -221,6 +221,12 @@ pub struct EdgeConfig {
     /// Bearer token the admin API requires; without one the API stays off
     /// [VIGIL_ADMIN_TOKEN].
     pub admin_token: Option<String>,
+    /// PEM certificate chain for HTTPS on the admin API; with `admin_tls_key` the admin API
+    /// speaks HTTPS only. When unset, the edge's `tls_cert`/`tls_key` serve the admin API too.
+    /// Reloaded when the file changes [VIGIL_ADMIN_TLS_CERT].
+    pub admin_tls_cert: Option<PathBuf>,
+    /// PEM private key of `admin_tls_cert` [VIGIL_ADMIN_TLS_KEY].
+    pub admin_tls_key: Option<PathBuf>,
     /// Work-queue backlog (ready frames) above which the system is full [VIGIL_MAX_BACKLOG].
     pub max_backlog: u32,
     /// Mean frame-to-result latency above which the system is full, in ms
@@ -303,6 +309,8 @@ impl Default for EdgeConfig {
             tls_key: None,
             admin_listen: None,
             admin_token: None,
+            admin_tls_cert: None,
+            admin_tls_key: None,
             max_backlog: 1000,
             max_latency_ms: 2000,
             admission_poll_ms: 500,
@@ -516,6 +524,8 @@ impl Config {
         set_opt(env, errors, "VIGIL_ADMIN_TOKEN", &mut e.admin_token);
         set_opt(env, errors, "VIGIL_EDGE_TLS_CERT", &mut e.tls_cert);
         set_opt(env, errors, "VIGIL_EDGE_TLS_KEY", &mut e.tls_key);
+        set_opt(env, errors, "VIGIL_ADMIN_TLS_CERT", &mut e.admin_tls_cert);
+        set_opt(env, errors, "VIGIL_ADMIN_TLS_KEY", &mut e.admin_tls_key);
         set(env, errors, "VIGIL_MAX_BACKLOG", &mut e.max_backlog);
         set(env, errors, "VIGIL_MAX_LATENCY_MS", &mut e.max_latency_ms);
         set(
@@ -584,6 +594,12 @@ impl Config {
         let e = &self.edge;
         if e.tls_cert.is_some() != e.tls_key.is_some() {
             errors.push("edge.tls_cert and edge.tls_key go together: set both or neither".into());
+        }
+        if e.admin_tls_cert.is_some() != e.admin_tls_key.is_some() {
+            errors.push(
+                "edge.admin_tls_cert and edge.admin_tls_key go together: set both or neither"
+                    .into(),
+            );
         }
         if let Some(id) = &e.id
             && let Err(msg) = check_identifier("edge.id", id)

@@ -125,6 +125,7 @@ pub struct EdgeMetrics {
     pub slow_readers: IntCounter,
     pub idle_closed: IntCounter,
     pub broker_blocked: IntGauge,
+    pub admin_tls_failed: IntCounter,
 }
 
 impl EdgeMetrics {
@@ -236,6 +237,11 @@ impl EdgeMetrics {
                 registry,
                 "vigil_edge_broker_blocked",
                 "1 while RabbitMQ blocks this edge's publishers (a resource alarm)",
+            ),
+            admin_tls_failed: counter(
+                registry,
+                "vigil_edge_admin_tls_failures_total",
+                "Admin API connections dropped because their TLS handshake failed or timed out",
             ),
         }
     }

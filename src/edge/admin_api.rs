@@ -33,15 +33,24 @@ struct ApiState {
 
 type Api = Arc<ApiState>;
 
+/// TLS handshakes the admin API runs at once; more connections wait in the kernel's backlog.
+const MAX_TLS_HANDSHAKES: usize = 256;
+
 /// Start the API; returns its address.
 pub(super) async fn serve(
     listen: SocketAddr,
     token: String,
+    tls: Option<Arc<super::tls::Tls>>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
+    let limits = super::tls::HandshakeLimits {
+        max_handshakes: MAX_TLS_HANDSHAKES,
+        handshake_timeout: std::time::Duration::from_millis(shared.cfg.hello_timeout_ms),
+        failed: shared.metrics.admin_tls_failed.clone(),
+    };
     let state = Arc::new(ApiState {
         token,
         admin: Admin {
@@ -61,6 +70,18 @@ pub(super) async fn serve(
         // Authentication runs before any handler, so before a body is read or parsed.
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state);
+    let Some(tls) = tls else {
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "admin API failed");
+            }
+        });
+        return Ok(addr);
+    };
+    let listener = super::tls::TlsListener::new(listener, tls, limits, shutdown.clone())?;
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -235,7 +235,9 @@ pub async fn start(
     let publisher: PublisherRef = Arc::new(std::sync::RwLock::new(links.publisher.clone()));
 
     let tls = match (&cfg.edge.tls_cert, &cfg.edge.tls_key) {
-        (Some(cert), Some(key)) => Some(tls::Tls::load(cert, key).map_err(EdgeError::Tls)?),
+        (Some(cert), Some(key)) => {
+            Some(tls::Tls::load("edge.tls", cert, key).map_err(EdgeError::Tls)?)
+        }
         _ => None,
     };
     let shared = Arc::new(Shared {
@@ -265,12 +267,30 @@ pub async fn start(
     });
     let admin_addr = match (cfg.edge.admin_listen, cfg.edge.admin_token.clone()) {
         (Some(listen), Some(token)) => {
-            let addr = admin_api::serve(listen, token, shared.clone(), shutdown.clone())
-                .await
-                .map_err(|source| EdgeError::Bind {
-                    addr: listen,
-                    source,
-                })?;
+            // The admin API's own certificate, else the edge's: HTTPS whenever TLS is configured.
+            let admin_tls = match (&cfg.edge.admin_tls_cert, &cfg.edge.admin_tls_key) {
+                (Some(cert), Some(key)) => {
+                    Some(tls::Tls::load("edge.admin_tls", cert, key).map_err(EdgeError::Tls)?)
+                }
+                _ => match (&cfg.edge.tls_cert, &cfg.edge.tls_key) {
+                    (Some(cert), Some(key)) => {
+                        Some(tls::Tls::load("edge.tls", cert, key).map_err(EdgeError::Tls)?)
+                    }
+                    _ => None,
+                },
+            };
+            let addr = admin_api::serve(
+                listen,
+                token,
+                admin_tls.map(Arc::new),
+                shared.clone(),
+                shutdown.clone(),
+            )
+            .await
+            .map_err(|source| EdgeError::Bind {
+                addr: listen,
+                source,
+            })?;
             tracing::info!(%addr, "admin API listening");
             Some(addr)
         }

@@ -1,12 +1,15 @@
-//! `wss://`: TLS on the edge's WebSocket listener, with rustls. The certificate and key are
-//! PEM files (`VIGIL_EDGE_TLS_CERT`, `VIGIL_EDGE_TLS_KEY`); when either file changes on disk the
-//! next connection gets the new certificate, so a renewed certificate needs no restart.
+//! TLS on the edge's listeners, with rustls: `wss://` on the WebSocket listener and HTTPS on
+//! the admin API. The certificate and key are PEM files (`VIGIL_EDGE_TLS_CERT`,
+//! `VIGIL_EDGE_TLS_KEY`, and `VIGIL_ADMIN_TLS_*` for the admin API); when either file changes
+//! on disk the next connection gets the new certificate, so a renewed certificate needs no
+//! restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -17,6 +20,8 @@ pub(crate) type Stream =
     tokio_util::either::Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
 
 pub(crate) struct Tls {
+    /// Which setting the files come from, for errors (`edge.tls`, `edge.admin_tls`).
+    label: &'static str,
     cert: PathBuf,
     key: PathBuf,
     current: RwLock<Loaded>,
@@ -32,34 +37,35 @@ fn modified(path: &Path) -> Option<SystemTime> {
 }
 
 /// A TLS acceptor for the PEM certificate chain and private key at these paths.
-fn build(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+fn build(label: &str, cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("edge.tls_cert {}: {e}", cert.display()))?;
+        .map_err(|e| format!("{label}_cert {}: {e}", cert.display()))?;
     if chain.is_empty() {
         return Err(format!(
-            "edge.tls_cert {}: no certificate in it",
+            "{label}_cert {}: no certificate in it",
             cert.display()
         ));
     }
     let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("edge.tls_key {}: {e}", key.display()))?;
+        .map_err(|e| format!("{label}_key {}: {e}", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| format!("edge TLS certificate and key: {e}"))?;
+        .map_err(|e| format!("{label}_cert and {label}_key: {e}"))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 impl Tls {
     /// Load the certificate and key, or say exactly what is wrong with them.
-    pub fn load(cert: &Path, key: &Path) -> Result<Self, String> {
-        let acceptor = build(cert, key)?;
+    pub fn load(label: &'static str, cert: &Path, key: &Path) -> Result<Self, String> {
+        let acceptor = build(label, cert, key)?;
         Ok(Self {
+            label,
             cert: cert.to_owned(),
             key: key.to_owned(),
             current: RwLock::new(Loaded {
@@ -82,7 +88,7 @@ impl Tls {
         }
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         if current.stamp != stamp {
-            match build(&self.cert, &self.key) {
+            match build(self.label, &self.cert, &self.key) {
                 Ok(acceptor) => {
                     tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
                     current.acceptor = acceptor;
@@ -94,5 +100,95 @@ impl Tls {
             current.stamp = stamp;
         }
         current.acceptor.clone()
+    }
+}
+
+/// A listener that hands out connections only once their TLS handshake is done, for
+/// `axum::serve`. Handshakes run in their own tasks, at most `max_handshakes` at once and each
+/// within `handshake_timeout`, so a client that opens a socket and stalls holds up no one.
+pub(crate) struct TlsListener {
+    ready: mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<TcpStream>,
+        std::net::SocketAddr,
+    )>,
+    local: std::net::SocketAddr,
+}
+
+/// What bounds [`TlsListener`]'s handshakes, and counts those that fail.
+pub(crate) struct HandshakeLimits {
+    pub max_handshakes: usize,
+    pub handshake_timeout: std::time::Duration,
+    pub failed: prometheus::IntCounter,
+}
+
+impl TlsListener {
+    pub fn new(
+        tcp: TcpListener,
+        tls: Arc<Tls>,
+        limits: HandshakeLimits,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> std::io::Result<Self> {
+        let local = tcp.local_addr()?;
+        let (tx, ready) = mpsc::channel(limits.max_handshakes.max(1));
+        let permits = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
+        tokio::spawn(async move {
+            loop {
+                let permit = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    p = permits.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                };
+                let (stream, peer) = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    accepted = tcp.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let (acceptor, tx) = (tls.acceptor(), tx.clone());
+                let (timeout, failed) = (limits.handshake_timeout, limits.failed.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => {
+                            // Bounded: the server takes connections as fast as they come.
+                            let _ = tokio::time::timeout(timeout, tx.send((s, peer))).await;
+                        }
+                        Ok(Err(e)) => {
+                            failed.inc();
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            failed.inc();
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self { ready, local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            // The accept loop ended (shutdown): wait for the server's own shutdown.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
     }
 }

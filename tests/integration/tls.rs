@@ -129,17 +129,23 @@ async fn an_edge_and_a_worker_talk_to_rabbitmq_over_amqps() {
         .unwrap();
     let answer = tokio::time::timeout(Duration::from_secs(10), conn.recv()).await;
     assert!(
-        matches!(answer, Ok(Some(Ok(Incoming::Msg(ServerMsg::Result { .. }))))),
+        matches!(
+            answer,
+            Ok(Some(Ok(Incoming::Msg(ServerMsg::Result { .. }))))
+        ),
         "{answer:?}"
     );
     conn.close().await;
 
     // RabbitMQ itself says every connection it holds is TLS: the edge's and the worker's.
-    let listed = rabbit.ctl_output(&["list_connections", "-q", "--no-table-headers", "client_properties", "ssl"]);
-    let rows: Vec<(&str, &str)> = listed
-        .lines()
-        .filter_map(|l| l.rsplit_once('\t'))
-        .collect();
+    let listed = rabbit.ctl_output(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "client_properties",
+        "ssl",
+    ]);
+    let rows: Vec<(&str, &str)> = listed.lines().filter_map(|l| l.rsplit_once('\t')).collect();
     assert!(rows.len() >= 2, "connections: {listed}");
     assert!(rows.iter().all(|(_, ssl)| *ssl == "true"), "{listed}");
     for who in ["e1", "w1"] {
@@ -159,7 +165,10 @@ async fn an_edge_and_a_worker_talk_to_rabbitmq_over_amqps() {
         BrokerMetrics::new(&Registry::new()),
     )
     .await;
-    assert!(refused.is_err(), "a certificate from an unknown CA was accepted");
+    assert!(
+        refused.is_err(),
+        "a certificate from an unknown CA was accepted"
+    );
     // A CA file that is not there is named in the error.
     let missing = dir.join("missing.pem");
     let err = Broker::connect(
@@ -173,6 +182,89 @@ async fn an_edge_and_a_worker_talk_to_rabbitmq_over_amqps() {
     .to_string();
     assert!(err.contains("missing.pem"), "{err}");
 
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_speaks_https_with_the_edge_certificate_and_stalled_handshakes_hold_no_one_up()
+ {
+    use crate::support::https;
+    const ADMIN: &str = "admin-secret-for-https";
+    let mut env = TestEnv::new("admintls");
+    let dir = std::env::temp_dir().join(format!("{}-admintls", env.cfg.namespace));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_path, key_path) = (dir.join("edge.pem"), dir.join("edge.key"));
+    let (ca1, cert1, key1) = ca_and_server();
+    std::fs::write(&cert_path, &cert1).unwrap();
+    std::fs::write(&key_path, &key1).unwrap();
+    env.cfg.edge.tls_cert = Some(cert_path.clone());
+    env.cfg.edge.tls_key = Some(key_path.clone());
+    env.cfg.edge.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    env.cfg.edge.admin_token = Some(ADMIN.into());
+    env.cfg.edge.hello_timeout_ms = 1000;
+    env.start_edge("e1").await;
+    env.add_client("c1");
+    let admin = env.edges[0].admin_addr.unwrap();
+
+    let (status, body) = https(admin, &ca1, "GET", "/v1/admin/clients", Some(ADMIN), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"c1\""), "{body}");
+    let (status, _) = https(admin, &ca1, "GET", "/v1/admin/clients", None, None)
+        .await
+        .unwrap();
+    assert_eq!(status, 401);
+    // Plain HTTP gets no answer from the HTTPS listener.
+    let plain = crate::support::http_get(admin, "/v1/admin/clients").await;
+    assert!(
+        plain.as_ref().is_ok_and(|(status, _)| *status == 0) || plain.is_err(),
+        "{plain:?}"
+    );
+
+    // 100 sockets (under the 256 concurrent handshakes) that open and never start a handshake:
+    // the API still answers, and each of them is dropped after the handshake timeout.
+    let mut stalled = Vec::new();
+    for _ in 0..100 {
+        stalled.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    let (status, _) = https(admin, &ca1, "GET", "/v1/admin/sessions", Some(ADMIN), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let metrics = env.edges[0].metrics_addr;
+    eventually(
+        "stalled handshakes dropped",
+        Duration::from_secs(20),
+        || async {
+            let (_, text) = crate::support::http_get(metrics, "/metrics").await.ok()?;
+            let failed = text
+                .lines()
+                .find_map(|l| l.strip_prefix("vigil_edge_admin_tls_failures_total "))?
+                .trim()
+                .parse::<u64>()
+                .ok()?;
+            (failed >= 100).then_some(())
+        },
+    )
+    .await;
+    drop(stalled);
+
+    // A renewed certificate is picked up without a restart.
+    let (ca2, cert2, key2) = ca_and_server();
+    std::fs::write(&key_path, &key2).unwrap();
+    std::fs::write(&cert_path, &cert2).unwrap();
+    eventually("the new admin certificate", Duration::from_secs(10), || {
+        let ca2 = ca2.clone();
+        async move {
+            https(admin, &ca2, "GET", "/v1/admin/sessions", Some(ADMIN), None)
+                .await
+                .ok()
+                .filter(|(s, _)| *s == 200)
+        }
+    })
+    .await;
     env.teardown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
