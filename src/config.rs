@@ -69,6 +69,9 @@ pub struct InferenceConfig {
     /// Most pixels an image may declare; larger ones are refused before decoding, and the
     /// decoder runs with this limit [VIGIL_MAX_PIXELS].
     pub max_pixels: u64,
+    /// Most scans a JPEG may hold: a progressive file can make the decoder pass over the whole
+    /// image once per scan, so the worker refuses more before decoding [VIGIL_MAX_JPEG_SCANS].
+    pub max_jpeg_scans: u32,
     pub thresholds: Thresholds,
 }
 
@@ -138,6 +141,7 @@ impl Default for InferenceConfig {
             intra_threads: 1,
             max_side: 640,
             max_pixels: 16 * 1024 * 1024,
+            max_jpeg_scans: 64,
             thresholds: Thresholds::default(),
         }
     }
@@ -559,6 +563,7 @@ impl Config {
         set(env, errors, "VIGIL_INTRA_THREADS", &mut i.intra_threads);
         set(env, errors, "VIGIL_MAX_SIDE", &mut i.max_side);
         set(env, errors, "VIGIL_MAX_PIXELS", &mut i.max_pixels);
+        set(env, errors, "VIGIL_MAX_JPEG_SCANS", &mut i.max_jpeg_scans);
         let t = &mut i.thresholds;
         set(env, errors, "VIGIL_FACE_SCORE", &mut t.face_score);
         set(env, errors, "VIGIL_MATCH_COSINE", &mut t.match_cosine);
@@ -684,6 +689,12 @@ impl Config {
             errors.push(format!(
                 "inference.max_pixels = {} must be within 4096..=100000000",
                 i.max_pixels
+            ));
+        }
+        if !(1..=1000).contains(&i.max_jpeg_scans) {
+            errors.push(format!(
+                "inference.max_jpeg_scans = {} must be within 1..=1000",
+                i.max_jpeg_scans
             ));
         }
         if !(64..=4096).contains(&i.max_side) {

@@ -325,7 +325,7 @@ impl WorkerMetrics {
             decode_errors: counter_vec(
                 registry,
                 "vigil_worker_decode_errors_total",
-                "Events that could not be decoded, by kind (envelope, jpeg)",
+                "Events that could not be decoded, by kind (envelope; for frames: malformed, truncated, unsupported, too_many_scans, too_large, jpeg when the decoder itself failed)",
                 &["kind"],
             ),
             dead_lettered: counter_vec(

@@ -126,6 +126,7 @@ pub async fn start_with(
         metrics,
         seq: AtomicU64::new(0),
         max_pixels: cfg.inference.max_pixels,
+        max_jpeg_scans: cfg.inference.max_jpeg_scans,
     });
     let work_queue = format!("{}.{}", cfg.namespace, topology::WORK_QUEUE);
     let span = tracing::info_span!("worker", worker = %id);
@@ -167,6 +168,8 @@ struct Ctx {
     seq: AtomicU64,
     /// Most pixels a frame may declare (`inference.max_pixels`), checked for every analyzer.
     max_pixels: u64,
+    /// Most scans a frame may hold (`inference.max_jpeg_scans`).
+    max_jpeg_scans: u32,
 }
 
 /// Consume until shutdown; when the broker connection is lost, reconnect with backoff and
@@ -368,15 +371,25 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool 
             .and_then(|bytes| wire::unpack_embedding(bytes));
         // A frame is checked, not trusted: anyone who can publish to the exchange can send one
         // whose header declares gigabytes of pixels. It is refused before any analyzer runs.
-        let outcome = match wire::jpeg::info(&frame.jpeg) {
-            Ok(info) if info.pixels() > ctx.max_pixels => Err(AnalyzeError::BadJpeg(format!(
-                "{}x{} = {} pixels is over the {}-pixel limit",
-                info.width,
-                info.height,
-                info.pixels(),
-                ctx.max_pixels
-            ))),
-            _ => analyze(ctx, &env.client_id, frame.jpeg, reference).await,
+        // The whole file is walked, without decoding, before any analyzer sees it: too many
+        // scans, a cut-off file and scan data too short for the declared size are refused.
+        let mut jpeg_problem = "jpeg";
+        let outcome = match wire::jpeg::survey(&frame.jpeg, ctx.max_jpeg_scans) {
+            Err(e) => {
+                jpeg_problem = e.kind();
+                Err(AnalyzeError::BadJpeg(e.to_string()))
+            }
+            Ok(s) if s.info.pixels() > ctx.max_pixels => {
+                jpeg_problem = "too_large";
+                Err(AnalyzeError::BadJpeg(format!(
+                    "{}x{} = {} pixels is over the {}-pixel limit",
+                    s.info.width,
+                    s.info.height,
+                    s.info.pixels(),
+                    ctx.max_pixels
+                )))
+            }
+            Ok(_) => analyze(ctx, &env.client_id, frame.jpeg, reference).await,
         };
         ctx.metrics.batch_size.observe(1.0);
         match outcome {
@@ -414,7 +427,10 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool 
             }
             Err(AnalyzeError::BadJpeg(detail)) => {
                 // Tell the client, and keep the frame in the dead letters for inspection.
-                ctx.metrics.decode_errors.with_label_values(&["jpeg"]).inc();
+                ctx.metrics
+                    .decode_errors
+                    .with_label_values(&[jpeg_problem])
+                    .inc();
                 ctx.metrics
                     .dead_lettered
                     .with_label_values(&["bad_jpeg"])

@@ -764,8 +764,12 @@ impl Session {
         // neither does a frame that declares more pixels than the limit (a few hundred bytes
         // can declare gigabytes).
         match wire::jpeg::info(&frame.jpeg) {
-            Err(detail) => {
-                self.drop_frame(seq, DropReason::NotJpeg, format!("not a JPEG: {detail}"));
+            Err(e) => {
+                let detail = match e {
+                    wire::jpeg::JpegError::Malformed(_) => format!("not a JPEG: {e}"),
+                    _ => e.to_string(),
+                };
+                self.drop_frame(seq, DropReason::NotJpeg, detail);
                 return;
             }
             Ok(info)
@@ -783,7 +787,12 @@ impl Session {
                 self.drop_frame(seq, DropReason::FrameTooLarge, detail);
                 return;
             }
-            Ok(_) => {}
+            Ok(info) => {
+                if let Err(e) = wire::jpeg::check_supported(&info) {
+                    self.drop_frame(seq, DropReason::NotJpeg, e.to_string());
+                    return;
+                }
+            }
         }
         if self.inflight.contains_key(&seq) || self.pending.as_ref().is_some_and(|p| p.seq == seq) {
             self.drop_frame(seq, DropReason::DuplicateSeq, "this seq is still in flight");

@@ -23,7 +23,10 @@ pub fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, InferenceError> {
 pub fn decode_jpeg_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, InferenceError> {
     use image::ImageDecoder as _;
     let bad = |e: image::ImageError| InferenceError::BadImage(e.to_string());
-    let info = crate::wire::jpeg::info(bytes).map_err(InferenceError::BadImage)?;
+    let info =
+        crate::wire::jpeg::info(bytes).map_err(|e| InferenceError::BadImage(e.to_string()))?;
+    crate::wire::jpeg::check_supported(&info)
+        .map_err(|e| InferenceError::BadImage(e.to_string()))?;
     if info.pixels() > max_pixels {
         return Err(InferenceError::BadImage(format!(
             "the image declares {}x{} = {} pixels, over the limit of {max_pixels}",
