@@ -127,6 +127,9 @@ pub enum Command {
     },
     /// Simulated clients streaming frames over WebSocket, with a latency report.
     Loadgen(LoadgenArgs),
+    /// The hostile suite against a running edge: sockets that never read, hostile JPEGs at
+    /// 30 fps; prints what they cost and checks it against budgets (exit 1 when one fails).
+    Attack(AttackArgs),
     /// Realistic load for a long while (10 minutes by default), reported window by window:
     /// errors, drops, latency percentiles, and the memory of the processes named by --pid.
     Soak {
@@ -188,6 +191,72 @@ pub struct LoadgenArgs {
     /// First add the clients to the directory at VIGIL_CLIENTS_DIR.
     #[arg(long)]
     pub create_clients: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AttackArgs {
+    /// The edge's stream endpoint (`ws://host:port/v1/stream`).
+    #[arg(long)]
+    pub url: String,
+    /// Legitimate clients are `<prefix>0..`, the JPEG client `<prefix>jpeg`.
+    #[arg(long, default_value = "attack-legit-")]
+    pub client_prefix: String,
+    /// Authenticated non-readers are `<prefix>0..`.
+    #[arg(long, default_value = "attack-hostile-")]
+    pub hostile_prefix: String,
+    /// The token of every client the attack authenticates as.
+    #[arg(long)]
+    pub token: String,
+    /// First add every client the attack uses to the directory at VIGIL_CLIENTS_DIR.
+    #[arg(long)]
+    pub create_clients: bool,
+    #[arg(long, default_value_t = 10)]
+    pub legit_clients: usize,
+    #[arg(long, default_value_t = 2.0)]
+    pub legit_fps: f64,
+    /// How long the legitimate clients stream alone, for the reference latency.
+    #[arg(long, default_value = "20s", value_parser = parse_age)]
+    pub unloaded: Duration,
+    /// Hostile sockets: a third authenticate and never read, the rest never say hello (half
+    /// of them flood pings).
+    #[arg(long, default_value_t = 2000)]
+    pub sockets: usize,
+    /// Spread hostile sockets over this many loopback addresses (127.0.0.2, ...) when the edge
+    /// is local; 0 connects from the default address.
+    #[arg(long, default_value_t = 32)]
+    pub sources: u8,
+    /// How long hostile sockets are held and watched; longer than the edge's idle timeout.
+    #[arg(long, default_value = "80s", value_parser = parse_age)]
+    pub hold: Duration,
+    #[arg(long, default_value_t = 30.0)]
+    pub jpeg_fps: f64,
+    #[arg(long, default_value = "60s", value_parser = parse_age)]
+    pub jpeg_duration: Duration,
+    /// The edge's process id, to watch its memory.
+    #[arg(long)]
+    pub edge_pid: Vec<u32>,
+    /// Workers' process ids, to watch their memory and notice restarts.
+    #[arg(long)]
+    pub worker_pid: Vec<u32>,
+    /// A JPEG the legitimate clients send (default: a synthetic 640x480 frame).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    #[arg(long, default_value_t = 2.0)]
+    pub p99_factor: f64,
+    #[arg(long, default_value_t = 256.0)]
+    pub edge_rss_budget_mib: f64,
+    #[arg(long, default_value_t = 200.0)]
+    pub worker_rss_rise_budget_mib: f64,
+    /// Bound on closing sockets that never authenticate (default: the hello timeout + 1 s).
+    #[arg(long, default_value_t = 6.0)]
+    pub unauthenticated_close_s: f64,
+    /// Bound on closing authenticated sockets that never read (default: idle timeout + ping
+    /// interval + 1 s).
+    #[arg(long, default_value_t = 76.0)]
+    pub authenticated_close_s: f64,
+    /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -472,6 +541,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             .await
         }
         Command::Loadgen(args) => loadgen(&cfg, args).await,
+        Command::Attack(args) => attack(&cfg, args).await,
         Command::Soak { load, window, pid } => soak(&cfg, load, window, &pid).await,
         Command::Analyze { images, reference } => analyze(&cfg, &images, reference.as_deref()),
         Command::Eval {
@@ -1238,19 +1308,6 @@ async fn replay(
     Ok(())
 }
 
-/// Resident memory of a process in MiB, from /proc.
-fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
-}
-
 async fn soak(
     cfg: &Config,
     mut args: LoadgenArgs,
@@ -1283,7 +1340,7 @@ async fn soak(
         let r = crate::loadgen::run(opts, |_, _| {}).await;
         let rss: Vec<String> = pids
             .iter()
-            .map(|p| rss_mib(*p).map_or("-".into(), |m| format!("{p}:{m:.1}")))
+            .map(|p| crate::attack::rss_mib(*p).map_or("-".into(), |m| format!("{p}:{m:.1}")))
             .collect();
         println!(
             "| {w} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
@@ -1330,14 +1387,99 @@ fn load_frames(cfg: &Config, args: &LoadgenArgs) -> Result<Vec<Vec<u8>>, CliErro
         return Err(fail("no frames to send"));
     }
     if args.create_clients {
-        let store = FolderStore::open(&cfg.clients_dir).map_err(fail)?;
-        for i in 0..args.clients {
-            let id = format!("{}{i}", args.client_prefix);
-            let record = ClientRecord::new(&id, &id, &args.token).map_err(fail)?;
-            store.put(&record).map_err(fail)?;
-        }
+        let ids: Vec<String> = (0..args.clients)
+            .map(|i| format!("{}{i}", args.client_prefix))
+            .collect();
+        add_clients(cfg, &ids, &args.token)?;
     }
     Ok(frames)
+}
+
+async fn attack(cfg: &Config, args: AttackArgs) -> Result<(), CliError> {
+    let frame = match &args.image {
+        Some(path) => std::fs::read(path).map_err(|e| fail(format!("{}: {e}", path.display())))?,
+        None => crate::inference::synthetic_jpeg(640, 480, 1, 40_000),
+    };
+    let json = args.json;
+    let opts = crate::attack::AttackOptions {
+        url: args.url,
+        client_prefix: args.client_prefix,
+        token: args.token,
+        legit_clients: args.legit_clients,
+        legit_fps: args.legit_fps,
+        unloaded: args.unloaded,
+        sockets: args.sockets,
+        sources: args.sources,
+        hostile_prefix: args.hostile_prefix,
+        hold: args.hold,
+        jpeg_fps: args.jpeg_fps,
+        jpeg_duration: args.jpeg_duration,
+        edge_pids: args.edge_pid,
+        worker_pids: args.worker_pid,
+        frame,
+        budgets: crate::attack::Budgets {
+            p99_factor: args.p99_factor,
+            edge_rss_mib: args.edge_rss_budget_mib,
+            worker_rss_rise_mib: args.worker_rss_rise_budget_mib,
+            unauthenticated_close_s: args.unauthenticated_close_s,
+            authenticated_close_s: args.authenticated_close_s,
+        },
+    };
+    if args.create_clients {
+        let ids = opts.client_ids();
+        eprintln!(
+            "adding {} clients to {}",
+            ids.len(),
+            cfg.clients_dir.display()
+        );
+        add_clients(cfg, &ids, &opts.token)?;
+    }
+    let report = crate::attack::run(opts, |phase| eprintln!("attack: {phase}"))
+        .await
+        .map_err(fail)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", report.render());
+    }
+    if report.passed() {
+        Ok(())
+    } else {
+        let failed = report.checks.iter().filter(|c| !c.pass).count();
+        Err(CliError {
+            code: 1,
+            message: format!("{failed} check(s) failed"),
+        })
+    }
+}
+
+/// Add clients sharing one token, hashing on every core (argon2 is deliberately slow).
+fn add_clients(cfg: &Config, ids: &[String], token: &str) -> Result<(), CliError> {
+    let store = FolderStore::open(&cfg.clients_dir).map_err(fail)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = ids.len().div_ceil(cores).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = ids
+            .chunks(chunk)
+            .map(|part| {
+                let store = &store;
+                scope.spawn(move || -> Result<(), CliError> {
+                    for id in part {
+                        let record = ClientRecord::new(id, id, token).map_err(fail)?;
+                        store.put(&record).map_err(fail)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .map_err(|_| fail("a client-adding thread panicked"))?
+        })
+    })
 }
 
 async fn loadgen(cfg: &Config, args: LoadgenArgs) -> Result<(), CliError> {

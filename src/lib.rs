@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod analyzer;
+pub mod attack;
 pub mod audit;
 pub mod bench;
 pub mod broker;

@@ -6,6 +6,7 @@ mod support;
 
 mod actions;
 mod admin;
+mod attack;
 mod capture;
 mod faults;
 mod garbage;
