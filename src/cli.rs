@@ -214,7 +214,9 @@ pub struct AttackArgs {
     pub create_clients: bool,
     #[arg(long, default_value_t = 10)]
     pub legit_clients: usize,
-    #[arg(long, default_value_t = 2.0)]
+    /// Frames per second per legitimate client: keep the total within what the workers
+    /// analyse, or the edge turns clients away as `system_full`.
+    #[arg(long, default_value_t = 0.5)]
     pub legit_fps: f64,
     /// How long the legitimate clients stream alone, for the reference latency.
     #[arg(long, default_value = "20s", value_parser = parse_age)]
@@ -228,7 +230,7 @@ pub struct AttackArgs {
     #[arg(long, default_value_t = 32)]
     pub sources: u8,
     /// How long hostile sockets are held and watched; longer than the edge's idle timeout.
-    #[arg(long, default_value = "80s", value_parser = parse_age)]
+    #[arg(long, default_value = "75s", value_parser = parse_age)]
     pub hold: Duration,
     #[arg(long, default_value_t = 30.0)]
     pub jpeg_fps: f64,
@@ -249,12 +251,14 @@ pub struct AttackArgs {
     pub edge_rss_budget_mib: f64,
     #[arg(long, default_value_t = 200.0)]
     pub worker_rss_rise_budget_mib: f64,
-    /// Bound on closing sockets that never authenticate (default: the hello timeout + 1 s).
-    #[arg(long, default_value_t = 6.0)]
+    /// Bound on closing sockets that never authenticate (default: the edge's defaults, hello
+    /// timeout 5 s + write timeout 2 s for the close itself + 1 s).
+    #[arg(long, default_value_t = 8.0)]
     pub unauthenticated_close_s: f64,
-    /// Bound on closing authenticated sockets that never read (default: idle timeout + ping
-    /// interval + 1 s).
-    #[arg(long, default_value_t = 76.0)]
+    /// Bound on closing authenticated sockets that never read, from their handshake (default:
+    /// hello timeout 5 s, within which the hello is verified, + idle timeout 60 s + write
+    /// timeout 2 s for the close + 1 s).
+    #[arg(long, default_value_t = 68.0)]
     pub authenticated_close_s: f64,
     /// Print the report as JSON.
     #[arg(long)]
@@ -265,8 +269,20 @@ pub struct AttackArgs {
 pub enum AuditCmd {
     /// Run the audit writer: store every action from the audit queue with its evidence.
     Serve,
-    /// Check the whole hash chain; exits non-zero and names the first broken entry.
-    Verify,
+    /// Check the whole log: every hash and link, every evidence file against its SHA-256, and
+    /// with --public-key every entry's signature. Exits non-zero and names the first broken
+    /// entry.
+    Verify {
+        /// The writer's public key (the `.pub` file `vigil audit keygen` wrote).
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
+    /// Make a new Ed25519 key pair for signing the audit log: the private key at OUT (for
+    /// VIGIL_AUDIT_KEY, kept outside the evidence folder) and the public key at OUT.pub.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Recent actions, oldest first.
     List {
         #[arg(long)]
@@ -1171,25 +1187,48 @@ async fn audit(cfg: Config, action: AuditCmd) -> Result<(), CliError> {
                 .await
                 .map_err(fail)
         }
-        AuditCmd::Verify => match audit::verify(&root).map_err(fail)? {
-            Verification::Intact { entries } => {
-                println!("audit log intact: {entries} entries, every hash and link holds");
-                Ok(())
+        AuditCmd::Keygen { out } => {
+            let public = audit::signing::generate(&out).map_err(fail)?;
+            eprintln!(
+                "private key: {} (set VIGIL_AUDIT_KEY to it; keep it outside the evidence folder)",
+                out.display()
+            );
+            print!("{public}");
+            Ok(())
+        }
+        AuditCmd::Verify { public_key } => {
+            let key = public_key
+                .as_deref()
+                .map(audit::signing::load_public)
+                .transpose()
+                .map_err(fail)?;
+            match audit::verify(&root, key.as_ref()).map_err(fail)? {
+                Verification::Intact { entries } => {
+                    println!(
+                        "audit log intact: {entries} entries, every hash, link and evidence file holds{}",
+                        if key.is_some() {
+                            ", every entry signed by the key"
+                        } else {
+                            " (signatures not checked: pass --public-key)"
+                        }
+                    );
+                    Ok(())
+                }
+                Verification::Broken {
+                    line,
+                    action_id,
+                    problem,
+                } => Err(CliError {
+                    code: 2,
+                    message: format!(
+                        "audit log broken at entry {line}{}: {problem}",
+                        action_id
+                            .map(|a| format!(" (action {a})"))
+                            .unwrap_or_default()
+                    ),
+                }),
             }
-            Verification::Broken {
-                line,
-                action_id,
-                problem,
-            } => Err(CliError {
-                code: 2,
-                message: format!(
-                    "audit log broken at entry {line}{}: {problem}",
-                    action_id
-                        .map(|a| format!(" (action {a})"))
-                        .unwrap_or_default()
-                ),
-            }),
-        },
+        }
         AuditCmd::List { client, since } => {
             let cutoff = since.map(|d| crate::wire::now_ms().saturating_sub(d.as_millis() as u64));
             println!(

@@ -43,6 +43,10 @@ pub struct Config {
     pub liveness: crate::liveness::LivenessConfig,
     /// Folder of the evidence and the append-only audit log [VIGIL_EVIDENCE_DIR].
     pub evidence_dir: PathBuf,
+    /// The Ed25519 private key (PKCS#8 PEM, from `vigil audit keygen`) the audit writer signs
+    /// entries with; outside the evidence folder. Unset: entries are not signed
+    /// [VIGIL_AUDIT_KEY].
+    pub audit_key: Option<PathBuf>,
     /// Keep the last minutes of frames in a RabbitMQ stream for `vigil record --from-stream`
     /// [VIGIL_CAPTURE_STREAM].
     pub capture_stream: bool,
@@ -280,6 +284,7 @@ impl Default for Config {
             policy: crate::policy::PolicyConfig::default(),
             liveness: crate::liveness::LivenessConfig::default(),
             evidence_dir: PathBuf::from("evidence"),
+            audit_key: None,
             capture_stream: false,
         }
     }
@@ -420,6 +425,7 @@ impl Config {
         set_opt(env, errors, "VIGIL_TOPOLOGY", &mut self.topology_file);
         set(env, errors, "VIGIL_CLIENTS_DIR", &mut self.clients_dir);
         set(env, errors, "VIGIL_EVIDENCE_DIR", &mut self.evidence_dir);
+        set_opt(env, errors, "VIGIL_AUDIT_KEY", &mut self.audit_key);
         set(
             env,
             errors,
@@ -592,6 +598,20 @@ impl Config {
                 "amqp_url `{}` must start with amqp:// or amqps://",
                 crate::broker::redact_url(&self.amqp_url)
             ));
+        }
+        if let Some(key) = &self.audit_key {
+            let inside = |dir: &std::path::Path| {
+                let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or(p.to_owned());
+                abs(key).starts_with(abs(dir))
+            };
+            if inside(&self.evidence_dir) {
+                errors.push(format!(
+                    "audit_key {} is inside the evidence folder {}: keep the signing key \
+                     where whoever can write the evidence cannot read it",
+                    key.display(),
+                    self.evidence_dir.display()
+                ));
+            }
         }
         if let Err(e) = crate::broker::tls_ca(&self.amqp_url) {
             errors.push(format!("amqp_url: {e}"));

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::edge::client::{Connection, Incoming};
+use crate::edge::client::{ClientError, Connection, Incoming};
+
+/// How long a client refused as busy (`system_full`) keeps retrying its connection.
+const CONNECT_RETRY_FOR: Duration = Duration::from_secs(30);
 use crate::wire::client::{Encoding, ServerMsg};
 
 pub struct LoadOptions {
@@ -25,6 +28,7 @@ pub struct LoadOptions {
 
 #[derive(Debug, Default)]
 struct Tally {
+    connect_retries: u64,
     sent: u64,
     results: u64,
     dropped: BTreeMap<String, u64>,
@@ -43,6 +47,8 @@ pub struct LoadReport {
     pub dropped_by_reason: BTreeMap<String, u64>,
     pub errors: u64,
     pub errors_by_kind: BTreeMap<String, u64>,
+    /// Connections refused as busy (`system_full`) and tried again.
+    pub connect_retries: u64,
     pub verdicts: BTreeMap<String, u64>,
     pub actions: BTreeMap<String, u64>,
     pub duration_s: f64,
@@ -74,6 +80,12 @@ impl LoadReport {
             self.max_ms
         );
         out += &format!("drops by reason: {:?}\n", self.dropped_by_reason);
+        if self.connect_retries > 0 {
+            out += &format!(
+                "connections refused as busy and retried: {}\n",
+                self.connect_retries
+            );
+        }
         if !self.errors_by_kind.is_empty() {
             out += &format!("errors: {:?}\n", self.errors_by_kind);
         }
@@ -115,13 +127,27 @@ pub async fn run(
             let count = |tally: &Mutex<Tally>, f: &dyn Fn(&mut Tally)| {
                 f(&mut tally.lock().expect("tally lock"))
             };
-            let conn = match Connection::connect(&url, &client, &token, encoding).await {
-                Ok((c, _)) => c,
-                Err(e) => {
-                    let kind =
-                        format!("connect: {}", e.to_string().split(':').next().unwrap_or(""));
-                    count(&tally, &|t| *t.errors.entry(kind.clone()).or_default() += 1);
-                    return;
+            // A client turned away because the edge is busy (4503) retries with backoff and
+            // jitter, as the protocol asks, for up to CONNECT_RETRY_FOR.
+            let give_up = Instant::now() + CONNECT_RETRY_FOR;
+            let mut backoff = Duration::from_millis(250);
+            let conn = loop {
+                match Connection::connect(&url, &client, &token, encoding).await {
+                    Ok((c, _)) => break c,
+                    Err(ClientError::Refused { code, .. })
+                        if code == "system_full" && Instant::now() + backoff < give_up =>
+                    {
+                        count(&tally, &|t| t.connect_retries += 1);
+                        let jitter = rand::random_range(0.5..1.5);
+                        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(4));
+                    }
+                    Err(e) => {
+                        let kind =
+                            format!("connect: {}", e.to_string().split(':').next().unwrap_or(""));
+                        count(&tally, &|t| *t.errors.entry(kind.clone()).or_default() += 1);
+                        return;
+                    }
                 }
             };
             let (mut tx, mut rx) = conn.split();
@@ -231,6 +257,7 @@ pub async fn run(
         dropped_by_reason: t.dropped.clone(),
         errors: t.errors.values().sum(),
         errors_by_kind: t.errors.clone(),
+        connect_retries: t.connect_retries,
         verdicts: t.verdicts.clone(),
         actions: t.actions.clone(),
         duration_s,

@@ -149,11 +149,18 @@ impl AttackReport {
         let mut out = String::new();
         let load = |name: &str, r: &LoadReport| {
             format!(
-                "| {name} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} |\n",
-                r.clients, r.frames_sent, r.results, r.errors, r.p50_ms, r.p99_ms, r.max_ms
+                "| {name} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} |\n",
+                r.clients,
+                r.connect_retries,
+                r.frames_sent,
+                r.results,
+                r.errors,
+                r.p50_ms,
+                r.p99_ms,
+                r.max_ms
             )
         };
-        out += "## Legitimate clients\n\n| phase | clients | frames | results | errors | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|---|---|\n";
+        out += "## Legitimate clients\n\n| phase | clients | connections retried (busy) | frames | results | errors | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|---|---|---|\n";
         out += &load("unloaded", &self.unloaded);
         out += &load("under attack", &self.under_attack);
         out += &format!(
@@ -411,9 +418,19 @@ const LOAD_ANSWERS: [&str; 4] = [
 async fn hostile_jpegs(opts: &AttackOptions) -> Result<JpegReport, String> {
     let set = Arc::new(jpegs::set());
     let client = format!("{}jpeg", opts.client_prefix);
-    let (conn, _) = Connection::connect(&opts.url, &client, &opts.token, Encoding::MsgPack)
-        .await
-        .map_err(|e| format!("the JPEG client {client} cannot connect: {e}"))?;
+    // The edge may still be refusing sessions while the previous phase's backlog drains
+    // (system_full): retry for a while.
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let conn = loop {
+        match Connection::connect(&opts.url, &client, &opts.token, Encoding::MsgPack).await {
+            Ok((conn, _)) => break conn,
+            Err(e) if Instant::now() < give_up => {
+                tracing::info!(error = %e, "the JPEG client retries");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(format!("the JPEG client {client} cannot connect: {e}")),
+        }
+    };
     let (mut tx, mut rx) = conn.split();
     let starts: Vec<Option<u64>> = opts.worker_pids.iter().map(|&p| start_time(p)).collect();
     let watch = MemoryWatch::start(&opts.worker_pids);

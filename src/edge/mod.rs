@@ -12,6 +12,7 @@ pub mod client;
 mod gate;
 mod session;
 mod tls;
+mod tokens;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -102,6 +103,9 @@ pub(crate) struct Shared {
     pub gate: gate::Gate,
     /// Session slots (`max_sessions`), taken once a client has authenticated.
     pub slots: Arc<Semaphore>,
+    /// Token checks, on their own low-priority threads (argon2 is deliberately costly). A
+    /// hello whose check cannot start before its hello deadline is refused.
+    pub tokens: tokens::TokenChecker,
     /// TLS for `wss://`, when configured.
     pub tls: Option<tls::Tls>,
     pub edge_id: String,
@@ -250,6 +254,10 @@ pub async fn start(
             cfg.edge.failed_hellos_per_minute,
         ),
         slots: Arc::new(Semaphore::new(cfg.edge.max_sessions)),
+        tokens: tokens::TokenChecker::start(
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            cfg.edge.max_unauthenticated,
+        ),
         tls,
         edge_id: edge_id.clone(),
         frames_exchange: format!("{}.{}", cfg.namespace, topology::FRAMES_EXCHANGE),

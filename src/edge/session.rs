@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::{SessionEntry, SessionEvent, SessionInfo, Shared};
 use crate::broker::BrokerError;
-use crate::directory::{self, AuthError, ClientRecord, ClientStatus, Connection, Presence};
+use crate::directory::{AuthError, ClientRecord, ClientStatus, Connection, Presence};
 use crate::liveness::StreamLiveness;
 use crate::policy::ClientPolicy;
 use crate::wire::client::{
@@ -328,11 +328,22 @@ async fn hello(
             return None;
         }
     };
-    let store = shared.store.clone();
-    let id = client_id.clone();
-    let auth = tokio::task::spawn_blocking(move || directory::authenticate(&*store, &id, &token))
-        .await
-        .unwrap_or(Err(AuthError::Unauthorized));
+    // The token check must start within the same hello deadline.
+    let checked = shared
+        .tokens
+        .check(
+            shared.store.clone(),
+            client_id.clone(),
+            token,
+            deadline.deadline().into_std(),
+        )
+        .await;
+    let Ok(auth) = checked else {
+        refused("auth_busy");
+        let msg = "the edge is busy checking other clients' tokens; retry shortly";
+        refuse(shared, ws, encoding, ErrorCode::SystemFull, msg).await;
+        return None;
+    };
     match auth {
         Ok(record) => Some((record, encoding)),
         Err(AuthError::Unauthorized) => {
@@ -567,23 +578,25 @@ impl Session {
                     self.on_client(ws, msg).await
                 }
                 _ = ping.tick() => {
+                    match bounded(&self.shared, ws.send(Message::Ping(Default::default()))).await {
+                        Ok(()) => None,
+                        Err(Gone::Closed) => Some(End::ClientGone),
+                        // The next flush (at the top of the loop) finds it slow as well.
+                        Err(Gone::SlowReader) => Some(End::SlowReader),
+                    }
+                }
+                _ = sweep.tick() => {
+                    // Idleness is checked on every sweep, so a silent client is closed within
+                    // 100 ms of idle_timeout_ms, whatever the ping interval.
                     if self.last_seen.elapsed() > idle_after {
                         self.shared.metrics.idle_closed.inc();
                         self.drop_all(DropReason::ShuttingDown, "session closed");
                         close(&self.shared, ws, ErrorCode::Idle.close_code(), "idle").await;
                         Some(End::Idle)
                     } else {
-                        match bounded(&self.shared, ws.send(Message::Ping(Default::default()))).await {
-                            Ok(()) => None,
-                            Err(Gone::Closed) => Some(End::ClientGone),
-                            // The next flush (at the top of the loop) finds it slow as well.
-                            Err(Gone::SlowReader) => Some(End::SlowReader),
-                        }
+                        self.sweep().await;
+                        None
                     }
-                }
-                _ = sweep.tick() => {
-                    self.sweep().await;
-                    None
                 }
             };
             if let Some(end) = end {

@@ -138,7 +138,7 @@ async fn a_different_person_is_locked_out_and_audited_once() {
     );
 
     assert_eq!(
-        audit::verify(&dir).unwrap(),
+        audit::verify(&dir, None).unwrap(),
         Verification::Intact { entries: 1 }
     );
     let (ok, text) = cli_verify(&dir);
@@ -263,7 +263,7 @@ async fn a_killed_audit_writer_loses_and_duplicates_nothing() {
     assert!(crate::support::exit_status(&mut writer).success());
 
     assert_eq!(
-        audit::verify(&dir).unwrap(),
+        audit::verify(&dir, None).unwrap(),
         Verification::Intact { entries: ACTIONS }
     );
     let mut logged: Vec<Uuid> = audit::records(&dir)

@@ -1,11 +1,14 @@
 //! The durable, tamper-evident audit trail of enforced actions.
 //!
 //! Layout under `VIGIL_EVIDENCE_DIR`:
-//! - `audit.log`: one JSON entry per line, `{"seq","prev","hash","record"}`, where `hash` is the
-//!   SHA-256 of `seq`, `prev` (the hash of the entry before, zeros for the first) and the exact
-//!   bytes of `record`. Editing any byte of an entry breaks its hash or the next entry's link.
-//! - `evidence/<YYYY-MM-DD>/<client>/<evidence id>/`: the triggering frames as JPEG files, and
-//!   `record.json`.
+//! - `audit.log`: one JSON entry per line, `{"seq","prev","hash","sig","record"}`, where `hash`
+//!   is the SHA-256 of `seq`, `prev` (the hash of the entry before, zeros for the first) and the
+//!   exact bytes of `record`, and `sig` the Ed25519 signature of `hash` with the key at
+//!   `VIGIL_AUDIT_KEY` ([`signing`]). Editing any byte of an entry breaks its hash or the next
+//!   entry's link; re-hashing the log without the key breaks the signatures.
+//! - `evidence/<YYYY-MM-DD>/<client>/<evidence id>/`: the triggering frames as JPEG files named
+//!   by frame id, whose SHA-256 the record holds, and `record.json`.
+//! - `audit.lock`: held (an exclusive file lock) by the one writer.
 //!
 //! The writer consumes the durable audit queue. Writes are idempotent by `action_id`: an action
 //! already in the log is acked without writing. A delivery is acked only after its evidence,
@@ -24,6 +27,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+pub mod signing;
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
 
 use crate::broker::{Broker, BrokerError, Delivery};
 use crate::config::Config;
@@ -49,6 +56,13 @@ pub enum AuditError {
         line: usize,
         problem: String,
     },
+    #[error("audit key {0}")]
+    Key(String),
+    #[error(
+        "another audit writer holds {path}: one writer per evidence folder (stop the other, or \
+         give this one its own VIGIL_EVIDENCE_DIR)"
+    )]
+    Locked { path: String },
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error(transparent)]
@@ -83,6 +97,9 @@ pub struct AuditRecord {
     pub thresholds: std::collections::BTreeMap<String, f32>,
     /// Evidence files, relative to the evidence folder's root.
     pub evidence_files: Vec<String>,
+    /// The SHA-256 (hex) of each evidence file, in the same order; `verify` checks the files.
+    #[serde(default)]
+    pub evidence_sha256: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -99,6 +116,8 @@ struct EntryOut<'a> {
     seq: u64,
     prev: &'a str,
     hash: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sig: Option<&'a str>,
     record: &'a serde_json::value::RawValue,
 }
 
@@ -107,6 +126,8 @@ struct EntryIn<'a> {
     seq: u64,
     prev: String,
     hash: String,
+    #[serde(default)]
+    sig: Option<String>,
     #[serde(borrow)]
     record: &'a serde_json::value::RawValue,
 }
@@ -155,18 +176,45 @@ pub struct AuditStore {
     root: PathBuf,
     log_path: PathBuf,
     log: File,
+    /// Held for the store's life: a second writer on the folder cannot open it.
+    _lock: File,
+    signer: Option<SigningKey>,
     last_hash: String,
     next_seq: u64,
     ids: HashSet<Uuid>,
 }
 
 impl AuditStore {
-    /// Open (or create) the store at `root`. The existing log must verify.
+    /// Open (or create) an unsigned store at `root`. The existing log must verify.
     pub fn open(root: &Path) -> Result<Self, AuditError> {
+        Self::open_with(root, None)
+    }
+
+    /// Open (or create) the store at `root`, signing new entries with `signer`. The existing log
+    /// must verify, its signatures included when there is a key: a log rewritten without the
+    /// key is refused, not extended.
+    pub fn open_with(root: &Path, signer: Option<SigningKey>) -> Result<Self, AuditError> {
         std::fs::create_dir_all(root.join("evidence")).map_err(io(root))?;
+        let lock_path = root.join("audit.lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(AuditError::Locked {
+                    path: lock_path.display().to_string(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+        }
         let log_path = root.join("audit.log");
         Self::drop_torn_tail(&log_path)?;
-        let (entries, last_hash, ids) = match Self::scan(&log_path)? {
+        let public = signer.as_ref().map(SigningKey::verifying_key);
+        let (entries, last_hash, ids) = match Self::scan(&log_path, public.as_ref())? {
             Scan::Ok {
                 entries,
                 last_hash,
@@ -190,6 +238,8 @@ impl AuditStore {
             root: root.to_owned(),
             log_path,
             log,
+            _lock: lock,
+            signer,
             last_hash,
             next_seq: entries + 1,
             ids,
@@ -240,11 +290,21 @@ impl AuditStore {
             .join(event.evidence_id.to_string());
         let dir = self.root.join(&rel);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        // New folders are durable only once their parents say so.
+        for folder in rel.ancestors().filter(|p| !p.as_os_str().is_empty()) {
+            let path = self.root.join(folder);
+            File::open(&path)
+                .and_then(|d| d.sync_all())
+                .map_err(io(&path))?;
+        }
         let mut files = Vec::new();
+        let mut hashes = Vec::new();
         for frame in &event.evidence {
-            let name = format!("frame-{}.jpg", frame.seq);
+            // Named by frame id: a client's own seq can repeat, a frame id cannot.
+            let name = format!("frame-{}.jpg", frame.frame_id);
             write_atomic(&dir.join(&name), &frame.jpeg).map_err(io(&dir))?;
             files.push(rel.join(name).display().to_string());
+            hashes.push(hex::encode(Sha256::digest(&frame.jpeg)));
         }
         let (models, thresholds) = event
             .evidence
@@ -279,6 +339,7 @@ impl AuditStore {
             models,
             thresholds,
             evidence_files: files,
+            evidence_sha256: hashes,
         };
         let record_json = serde_json::to_string(&record).expect("audit record encodes");
         let pretty = serde_json::to_vec_pretty(&record).expect("audit record encodes");
@@ -291,12 +352,14 @@ impl AuditStore {
     fn append(&mut self, record_json: &str) -> Result<(), AuditError> {
         let seq = self.next_seq;
         let hash = entry_hash(seq, &self.last_hash, record_json);
+        let sig = self.signer.as_ref().map(|k| signing::sign(k, &hash));
         let raw = serde_json::value::RawValue::from_string(record_json.to_owned())
             .expect("record is valid json");
         let mut line = serde_json::to_string(&EntryOut {
             seq,
             prev: &self.last_hash,
             hash: &hash,
+            sig: sig.as_deref(),
             record: &raw,
         })
         .expect("entry encodes");
@@ -310,7 +373,7 @@ impl AuditStore {
         Ok(())
     }
 
-    fn scan(path: &Path) -> Result<Scan, AuditError> {
+    fn scan(path: &Path, public: Option<&VerifyingKey>) -> Result<Scan, AuditError> {
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -361,6 +424,20 @@ impl AuditStore {
             if entry_hash(entry.seq, &entry.prev, entry.record.get()) != entry.hash {
                 return broken(id_text, "its content does not match its hash".into());
             }
+            if let Some(key) = public {
+                match &entry.sig {
+                    None => return broken(id_text, "it is not signed".into()),
+                    Some(sig) if !signing::verify(key, &entry.hash, sig) => {
+                        return broken(
+                            id_text,
+                            "its signature does not hold: the log was rewritten without the \
+                             key, or signed with another"
+                                .into(),
+                        );
+                    }
+                    Some(_) => {}
+                }
+            }
             let Some(action_id) = action_id else {
                 return broken(None, "its record is not an audit record".into());
             };
@@ -400,18 +477,55 @@ fn safe(name: &str) -> String {
         .to_owned()
 }
 
-/// Check the whole chain of the log at `root`.
-pub fn verify(root: &Path) -> Result<Verification, AuditError> {
-    Ok(match AuditStore::scan(&root.join("audit.log"))? {
-        Scan::Ok { entries, .. } => Verification::Intact { entries },
-        Scan::Broken(v) => v,
-    })
+/// Check the whole chain of the log at `root`: every hash and link; with `public`, every
+/// entry's signature; and every evidence file against the SHA-256 its entry holds.
+pub fn verify(root: &Path, public: Option<&VerifyingKey>) -> Result<Verification, AuditError> {
+    let path = root.join("audit.log");
+    let entries = match AuditStore::scan(&path, public)? {
+        Scan::Ok { entries, .. } => entries,
+        Scan::Broken(v) => return Ok(v),
+    };
+    let Ok(file) = File::open(&path) else {
+        return Ok(Verification::Intact { entries });
+    };
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(io(&path))?;
+        let Ok(entry) = serde_json::from_str::<EntryIn>(&line) else {
+            continue;
+        };
+        let Ok(record) = serde_json::from_str::<AuditRecord>(entry.record.get()) else {
+            continue;
+        };
+        let broken = |problem: String| Verification::Broken {
+            line: i + 1,
+            action_id: Some(record.action_id.to_string()),
+            problem,
+        };
+        for (n, file) in record.evidence_files.iter().enumerate() {
+            let Some(want) = record.evidence_sha256.get(n) else {
+                continue;
+            };
+            match std::fs::read(root.join(file)) {
+                Ok(bytes) if hex::encode(Sha256::digest(&bytes)) == *want => {}
+                Ok(_) => {
+                    return Ok(broken(format!(
+                        "evidence file {file} does not match its SHA-256"
+                    )));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(broken(format!("evidence file {file} is missing")));
+                }
+                Err(e) => return Err(io(&root.join(file))(e)),
+            }
+        }
+    }
+    Ok(Verification::Intact { entries })
 }
 
 /// Every record in the log, oldest first (the log must verify).
 pub fn records(root: &Path) -> Result<Vec<AuditRecord>, AuditError> {
     let path = root.join("audit.log");
-    if let Verification::Broken { line, problem, .. } = verify(root)? {
+    if let Verification::Broken { line, problem, .. } = verify(root, None)? {
         return Err(AuditError::Damaged {
             path: path.display().to_string(),
             line,
@@ -470,7 +584,15 @@ pub async fn start(
     .map_err(io(Path::new("metrics endpoint")))?;
     let metrics = AuditMetrics::new(&registry);
     let dir = cfg.evidence_dir.clone();
-    let store = tokio::task::spawn_blocking(move || AuditStore::open(&dir))
+    let signer = cfg
+        .audit_key
+        .as_deref()
+        .map(signing::load_private)
+        .transpose()?;
+    if signer.is_none() {
+        tracing::warn!("VIGIL_AUDIT_KEY is not set: audit entries are hash-chained but not signed");
+    }
+    let store = tokio::task::spawn_blocking(move || AuditStore::open_with(&dir, signer))
         .await
         .map_err(|e| io(Path::new("audit store"))(std::io::Error::other(e.to_string())))??;
     health.set("storage", true);
@@ -624,7 +746,10 @@ mod tests {
         let (env2, ev2) = event(Action::SignOut);
         assert!(store.store(&env2, &ev2).unwrap());
         drop(store);
-        assert_eq!(verify(&root).unwrap(), Verification::Intact { entries: 2 });
+        assert_eq!(
+            verify(&root, None).unwrap(),
+            Verification::Intact { entries: 2 }
+        );
         let store = AuditStore::open(&root).unwrap();
         assert!(store.contains(&ev.action_id) && store.len() == 2);
         let recs = records(&root).unwrap();
@@ -659,7 +784,7 @@ mod tests {
                 .unwrap();
         bytes[at] ^= 0x01;
         std::fs::write(&path, &bytes).unwrap();
-        match verify(&root).unwrap() {
+        match verify(&root, None).unwrap() {
             Verification::Broken {
                 line, action_id, ..
             } => {
@@ -687,7 +812,118 @@ mod tests {
         drop(f);
         let store = AuditStore::open(&root).unwrap();
         assert_eq!(store.len(), 1);
-        assert_eq!(verify(&root).unwrap(), Verification::Intact { entries: 1 });
+        assert_eq!(
+            verify(&root, None).unwrap(),
+            Verification::Intact { entries: 1 }
+        );
+    }
+
+    #[test]
+    fn signed_entries_catch_a_log_rehashed_without_the_key() {
+        let root = dir();
+        let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+        let public = key.verifying_key();
+        let mut store = AuditStore::open_with(&root, Some(key.clone())).unwrap();
+        for _ in 0..3 {
+            let (env, ev) = event(Action::Warn);
+            store.store(&env, &ev).unwrap();
+        }
+        drop(store);
+        assert_eq!(
+            verify(&root, Some(&public)).unwrap(),
+            Verification::Intact { entries: 3 }
+        );
+        // Whoever can write the log edits entry 2 and recomputes every hash after it: the
+        // chain holds again, the signatures do not.
+        let path = root.join("audit.log");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut prev = GENESIS.to_owned();
+        let mut rewritten = String::new();
+        for (i, line) in text.lines().enumerate() {
+            let entry: EntryIn = serde_json::from_str(line).unwrap();
+            let mut record = entry.record.get().to_owned();
+            if i == 1 {
+                record = record.replace("policy", "admin!");
+            }
+            let hash = entry_hash(entry.seq, &prev, &record);
+            let raw = serde_json::value::RawValue::from_string(record).unwrap();
+            rewritten += &serde_json::to_string(&EntryOut {
+                seq: entry.seq,
+                prev: &prev,
+                hash: &hash,
+                sig: entry.sig.as_deref(),
+                record: &raw,
+            })
+            .unwrap();
+            rewritten.push('\n');
+            prev = hash;
+        }
+        std::fs::write(&path, rewritten).unwrap();
+        assert!(
+            matches!(verify(&root, None).unwrap(), Verification::Intact { .. }),
+            "the re-hashed chain should hold without the key"
+        );
+        match verify(&root, Some(&public)).unwrap() {
+            Verification::Broken { line, problem, .. } => {
+                assert_eq!(line, 2, "{problem}");
+                assert!(problem.contains("signature"), "{problem}");
+            }
+            other => panic!("a re-hashed log verified with the key: {other:?}"),
+        }
+        // The writer refuses to extend it.
+        assert!(matches!(
+            AuditStore::open_with(&root, Some(key)),
+            Err(AuditError::Damaged { line: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn an_altered_or_deleted_evidence_file_is_named() {
+        let root = dir();
+        let mut store = AuditStore::open(&root).unwrap();
+        let (env, ev) = event(Action::LockScreen);
+        store.store(&env, &ev).unwrap();
+        let (env2, ev2) = event(Action::SignOut);
+        store.store(&env2, &ev2).unwrap();
+        drop(store);
+        let recs = records(&root).unwrap();
+        assert_eq!(recs[1].evidence_sha256.len(), 1);
+        let second = root.join(&recs[1].evidence_files[0]);
+        std::fs::write(&second, [0xFF, 0xD8, 0x00, 0xFF, 0xD9]).unwrap();
+        match verify(&root, None).unwrap() {
+            Verification::Broken {
+                line,
+                action_id,
+                problem,
+            } => {
+                assert_eq!(line, 2);
+                assert_eq!(action_id, Some(ev2.action_id.to_string()));
+                assert!(problem.contains("does not match"), "{problem}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let first = root.join(&recs[0].evidence_files[0]);
+        std::fs::remove_file(&first).unwrap();
+        match verify(&root, None).unwrap() {
+            Verification::Broken { line, problem, .. } => {
+                assert_eq!(line, 1);
+                assert!(problem.contains("missing"), "{problem}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_second_writer_on_the_same_folder_refuses_to_start() {
+        let root = dir();
+        let first = AuditStore::open(&root).unwrap();
+        let err = AuditStore::open(&root)
+            .err()
+            .expect("two writers opened one log");
+        assert!(matches!(err, AuditError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("another audit writer"), "{err}");
+        drop(first);
+        AuditStore::open(&root).expect("the folder is free once the first writer is gone");
     }
 
     #[test]
