@@ -221,7 +221,7 @@ impl Broker {
                     AMQPValue::LongString(v.as_str().into()),
                 );
             }
-            if q.role == topology::QueueRole::Stream {
+            if q.role.is_stream() {
                 put("x-queue-type", AMQPValue::LongString("stream".into()));
             }
             if let Some(v) = &q.max_age {
@@ -320,16 +320,46 @@ impl Broker {
         since_ms: u64,
         prefetch: u16,
     ) -> Result<Consumer, BrokerError> {
+        self.consume_stream_at(
+            queue,
+            consumer_tag,
+            AMQPValue::Timestamp(since_ms / 1000),
+            prefetch,
+        )
+        .await
+    }
+
+    /// Consume a stream from its last chunk (the newest messages), for reading the latest
+    /// state a stream records.
+    pub async fn consume_stream_last(
+        &self,
+        queue: &str,
+        consumer_tag: &str,
+        prefetch: u16,
+    ) -> Result<Consumer, BrokerError> {
+        self.consume_stream_at(
+            queue,
+            consumer_tag,
+            AMQPValue::LongString("last".into()),
+            prefetch,
+        )
+        .await
+    }
+
+    async fn consume_stream_at(
+        &self,
+        queue: &str,
+        consumer_tag: &str,
+        offset: AMQPValue,
+        prefetch: u16,
+    ) -> Result<Consumer, BrokerError> {
         let channel = self.channel().await?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(amqp("basic.qos"))?;
         let mut args = FieldTable::default();
-        args.insert(
-            "x-stream-offset".into(),
-            AMQPValue::Timestamp(since_ms / 1000),
-        );
+        args.insert("x-stream-offset".into(), offset);
         let inner = channel
             .basic_consume(
                 queue.into(),

@@ -276,6 +276,10 @@ pub enum AuditCmd {
         /// The writer's public key (the `.pub` file `vigil audit keygen` wrote).
         #[arg(long)]
         public_key: Option<PathBuf>,
+        /// Skip the comparison with the newest checkpoint on the broker (a deleted tail then
+        /// goes unnoticed).
+        #[arg(long)]
+        offline: bool,
     },
     /// Make a new Ed25519 key pair for signing the audit log: the private key at OUT (for
     /// VIGIL_AUDIT_KEY, kept outside the evidence folder) and the public key at OUT.pub.
@@ -1196,21 +1200,68 @@ async fn audit(cfg: Config, action: AuditCmd) -> Result<(), CliError> {
             print!("{public}");
             Ok(())
         }
-        AuditCmd::Verify { public_key } => {
+        AuditCmd::Verify {
+            public_key,
+            offline,
+        } => {
             let key = public_key
                 .as_deref()
                 .map(audit::signing::load_public)
                 .transpose()
                 .map_err(fail)?;
-            match audit::verify(&root, key.as_ref()).map_err(fail)? {
+            let checkpoint = if offline {
+                None
+            } else {
+                let broker = Broker::connect(
+                    &cfg.amqp_url,
+                    "audit-verify",
+                    BrokerMetrics::new(&Registry::new()),
+                )
+                .await
+                .map_err(|e| fail(format!("{e} (--offline skips the checkpoint)")))?;
+                let queue = format!("{}.{}", cfg.namespace, crate::topology::AUDIT_CHECKPOINTS);
+                // A passive declare: is there a checkpoint stream at all?
+                let newest = if broker.queue_len(&queue).await.is_err() {
+                    if key.is_some() {
+                        return Err(fail(format!(
+                            "no checkpoint stream {queue} on the broker: a signing writer keeps \
+                             one, so it was deleted or this is the wrong broker or namespace \
+                             (--offline skips the checkpoint)"
+                        )));
+                    }
+                    eprintln!("no checkpoint stream {queue} on the broker");
+                    None
+                } else {
+                    audit::newest_checkpoint(&broker, &queue, Duration::from_secs(5))
+                        .await
+                        .map_err(|e| fail(format!("{e} (--offline skips the checkpoint)")))?
+                };
+                broker.close().await;
+                newest
+            };
+            let verified = match &checkpoint {
+                Some(c) => audit::verify_with_checkpoint(&root, key.as_ref(), c),
+                None => audit::verify(&root, key.as_ref()),
+            };
+            if checkpoint.is_none() && !offline {
+                eprintln!("no checkpoint on the broker yet: the log's tail is not compared");
+            }
+            match verified.map_err(fail)? {
                 Verification::Intact { entries } => {
                     println!(
-                        "audit log intact: {entries} entries, every hash, link and evidence file holds{}",
+                        "audit log intact: {entries} entries, every hash, link and evidence file holds{}{}",
                         if key.is_some() {
                             ", every entry signed by the key"
                         } else {
                             " (signatures not checked: pass --public-key)"
-                        }
+                        },
+                        checkpoint
+                            .as_ref()
+                            .map(|c| format!(
+                                ", and it matches the newest checkpoint (entry {})",
+                                c.seq
+                            ))
+                            .unwrap_or_default()
                     );
                     Ok(())
                 }

@@ -254,6 +254,7 @@ pub struct AuditMetrics {
     pub duplicates: IntCounter,
     pub rejected: IntCounter,
     pub write_seconds: Histogram,
+    pub checkpoint_failures: IntCounter,
 }
 
 impl AuditMetrics {
@@ -279,6 +280,11 @@ impl AuditMetrics {
                 "vigil_audit_write_seconds",
                 "Time to store one action durably (evidence, record, log entry)",
                 LATENCY_BUCKETS,
+            ),
+            checkpoint_failures: counter(
+                registry,
+                "vigil_audit_checkpoint_failures_total",
+                "Checkpoints of the log's head the broker did not confirm within 5 s",
             ),
         }
     }

@@ -19,6 +19,7 @@ pub const WORK_QUEUE: &str = "frames.work";
 pub const DEAD_LETTER_QUEUE: &str = "dead.letters";
 pub const AUDIT_QUEUE: &str = "audit";
 pub const CAPTURE_STREAM: &str = "frames.stream";
+pub const AUDIT_CHECKPOINTS: &str = "audit.checkpoints";
 pub const EDGE_REPLY_QUEUE: &str = "replies.edge.{node}";
 pub const EDGE_CONTROL_QUEUE: &str = "control.edge.{node}";
 
@@ -80,6 +81,16 @@ pub enum QueueRole {
     PerNode,
     /// A RabbitMQ stream (`x-queue-type=stream`) kept for capture; declared only when enabled.
     Stream,
+    /// A RabbitMQ stream of the audit writer's signed checkpoints (the head of its log), a
+    /// second place that `vigil audit verify` compares the log with; declared by the writer.
+    Checkpoints,
+}
+
+impl QueueRole {
+    /// Whether the queue is a RabbitMQ stream (`x-queue-type=stream`).
+    pub fn is_stream(self) -> bool {
+        matches!(self, QueueRole::Stream | QueueRole::Checkpoints)
+    }
 }
 
 /// Which kind of node declares a per-node queue.
@@ -223,7 +234,7 @@ impl Topology {
                     q.name
                 ));
             }
-            if q.role == QueueRole::Stream && (!q.durable || q.exclusive || q.auto_delete) {
+            if q.role.is_stream() && (!q.durable || q.exclusive || q.auto_delete) {
                 errors.push(format!(
                     "stream `{}` must be durable, not exclusive, not auto_delete",
                     q.name
@@ -288,7 +299,7 @@ impl Topology {
     pub fn shared(&self, namespace: &str) -> Topology {
         self.resolve(
             namespace,
-            |q| !matches!(q.role, QueueRole::PerNode | QueueRole::Stream),
+            |q| !matches!(q.role, QueueRole::PerNode) && !q.role.is_stream(),
             "",
             true,
         )
@@ -297,6 +308,11 @@ impl Topology {
     /// The capture streams and their bindings (declared when stream capture is on).
     pub fn streams(&self, namespace: &str) -> Topology {
         self.resolve(namespace, |q| q.role == QueueRole::Stream, "", false)
+    }
+
+    /// The audit writer's checkpoint stream.
+    pub fn checkpoints(&self, namespace: &str) -> Topology {
+        self.resolve(namespace, |q| q.role == QueueRole::Checkpoints, "", false)
     }
 
     /// The per-node queues that `kind` declares for node `node`, with their bindings.

@@ -157,6 +157,18 @@ pub fn utc_date(ms: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// The head of the log as the writer last published it, to a second place (the checkpoint
+/// stream): `verify` finds a log that ends before its newest checkpoint, or differs from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub hash: String,
+    /// The writer's signature of `hash`, as on the entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
+    pub written_at_ms: u64,
+}
+
 /// The outcome of `verify`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verification {
@@ -264,6 +276,19 @@ impl AuditStore {
         f.set_len(keep as u64)
             .and_then(|_| f.sync_all())
             .map_err(io(path))
+    }
+
+    /// The newest entry's sequence number, hash and signature.
+    pub fn head(&self) -> Checkpoint {
+        Checkpoint {
+            seq: self.len(),
+            hash: self.last_hash.clone(),
+            sig: self
+                .signer
+                .as_ref()
+                .map(|k| signing::sign(k, &self.last_hash)),
+            written_at_ms: crate::wire::now_ms(),
+        }
     }
 
     pub fn contains(&self, action_id: &Uuid) -> bool {
@@ -522,6 +547,102 @@ pub fn verify(root: &Path, public: Option<&VerifyingKey>) -> Result<Verification
     Ok(Verification::Intact { entries })
 }
 
+/// [`verify`], then compare the log with the newest checkpoint: a log that ends before it lost
+/// its tail; an entry that differs from it was rewritten. With `public`, the checkpoint's own
+/// signature must hold too (anyone who can publish to the stream could forge an unsigned one).
+pub fn verify_with_checkpoint(
+    root: &Path,
+    public: Option<&VerifyingKey>,
+    checkpoint: &Checkpoint,
+) -> Result<Verification, AuditError> {
+    let entries = match verify(root, public)? {
+        Verification::Intact { entries } => entries,
+        broken => return Ok(broken),
+    };
+    if let Some(key) = public {
+        let signed = checkpoint
+            .sig
+            .as_deref()
+            .is_some_and(|sig| signing::verify(key, &checkpoint.hash, sig));
+        if !signed {
+            return Ok(Verification::Broken {
+                line: checkpoint.seq as usize,
+                action_id: None,
+                problem: "the newest checkpoint is not signed by the key (forged?)".into(),
+            });
+        }
+    }
+    if checkpoint.seq > entries {
+        return Ok(Verification::Broken {
+            line: entries as usize + 1,
+            action_id: None,
+            problem: format!(
+                "the log ends at entry {entries}, but the newest checkpoint is entry {}: \
+                 its last {} entries were removed",
+                checkpoint.seq,
+                checkpoint.seq - entries
+            ),
+        });
+    }
+    if checkpoint.seq > 0 {
+        let path = root.join("audit.log");
+        let file = File::open(&path).map_err(io(&path))?;
+        let line = BufReader::new(file)
+            .lines()
+            .nth(checkpoint.seq as usize - 1)
+            .transpose()
+            .map_err(io(&path))?
+            .unwrap_or_default();
+        let hash = serde_json::from_str::<EntryIn>(&line)
+            .map(|e| e.hash)
+            .unwrap_or_default();
+        if hash != checkpoint.hash {
+            return Ok(Verification::Broken {
+                line: checkpoint.seq as usize,
+                action_id: None,
+                problem: "this entry differs from its checkpoint: the log was rewritten".into(),
+            });
+        }
+    }
+    Ok(Verification::Intact { entries })
+}
+
+/// The newest checkpoint on the stream `queue`, waiting at most `wait` for it; `None` when the
+/// stream holds none (a writer that has not stored anything yet).
+pub async fn newest_checkpoint(
+    broker: &Broker,
+    queue: &str,
+    wait: Duration,
+) -> Result<Option<Checkpoint>, AuditError> {
+    let mut consumer = broker
+        .consume_stream_last(queue, &format!("verify-{}", Uuid::now_v7()), 100)
+        .await?;
+    let mut newest: Option<Checkpoint> = None;
+    let deadline = tokio::time::Instant::now() + wait;
+    // The last chunk may hold several checkpoints: read until the stream goes quiet.
+    let quiet = Duration::from_millis(500);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let limit = if newest.is_some() {
+            quiet.min(left)
+        } else {
+            left
+        };
+        let Ok(Some(Ok(d))) = tokio::time::timeout(limit, consumer.next()).await else {
+            break;
+        };
+        // A message on the stream is checked like any other: ignored unless it parses.
+        if let Ok(c) = serde_json::from_slice::<Checkpoint>(d.data())
+            && newest.as_ref().is_none_or(|n| c.seq >= n.seq)
+        {
+            newest = Some(c);
+        }
+        let _ = d.ack().await;
+    }
+    consumer.close().await;
+    Ok(newest)
+}
+
 /// Every record in the log, oldest first (the log must verify).
 pub fn records(root: &Path) -> Result<Vec<AuditRecord>, AuditError> {
     let path = root.join("audit.log");
@@ -606,13 +727,18 @@ pub async fn start(
     .await?;
     health.set("broker", true);
     broker.declare(&topo.shared(&cfg.namespace)).await?;
+    broker.declare(&topo.checkpoints(&cfg.namespace)).await?;
     health.set("topology", true);
     let queue = format!("{}.{}", cfg.namespace, topology::AUDIT_QUEUE);
+    let checkpoints = Checkpoints {
+        publisher: broker.publisher().await?,
+        queue: format!("{}.{}", cfg.namespace, topology::AUDIT_CHECKPOINTS),
+    };
     let consumer = broker.consume(&queue, "audit-writer", 16, true).await?;
     tracing::info!(%queue, dir = %cfg.evidence_dir.display(), entries = store.len(), "audit writer consuming");
     let store = Arc::new(Mutex::new(store));
     let task = tokio::spawn(async move {
-        let result = serve(consumer, store, metrics, shutdown).await;
+        let result = serve(consumer, store, checkpoints, metrics, shutdown).await;
         broker.close().await;
         result
     });
@@ -628,9 +754,42 @@ pub async fn run(
     start(cfg, registry, shutdown).await?.join().await
 }
 
+/// Where the writer publishes its checkpoints.
+struct Checkpoints {
+    publisher: crate::broker::Publisher,
+    queue: String,
+}
+
+impl Checkpoints {
+    /// Publish the head under a confirm, bounded. A failure is counted and logged: the next
+    /// entry's checkpoint covers this one.
+    async fn publish(&self, head: &Checkpoint, metrics: &AuditMetrics) {
+        let bytes = serde_json::to_vec(head).expect("a checkpoint encodes");
+        let confirmed = async {
+            self.publisher
+                .publish_raw("", &self.queue, &bytes)
+                .await?
+                .wait()
+                .await
+        };
+        match tokio::time::timeout(Duration::from_secs(5), confirmed).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                metrics.checkpoint_failures.inc();
+                tracing::warn!(error = %e, seq = head.seq, "audit checkpoint not published");
+            }
+            Err(_) => {
+                metrics.checkpoint_failures.inc();
+                tracing::warn!(seq = head.seq, "audit checkpoint not confirmed within 5 s");
+            }
+        }
+    }
+}
+
 async fn serve(
     mut consumer: crate::broker::Consumer,
     store: Arc<Mutex<AuditStore>>,
+    checkpoints: Checkpoints,
     metrics: AuditMetrics,
     shutdown: CancellationToken,
 ) -> Result<(), AuditError> {
@@ -643,7 +802,7 @@ async fn serve(
                 None => break,
             },
         };
-        handle(&delivery, &store, &metrics).await?;
+        handle(&delivery, &store, &checkpoints, &metrics).await?;
     }
     consumer.close().await;
     Ok(())
@@ -654,6 +813,7 @@ async fn serve(
 async fn handle(
     delivery: &Delivery,
     store: &Arc<Mutex<AuditStore>>,
+    checkpoints: &Checkpoints,
     metrics: &AuditMetrics,
 ) -> Result<(), AuditError> {
     let env = match Envelope::decode(delivery.data()) {
@@ -667,16 +827,17 @@ async fn handle(
     };
     let started = Instant::now();
     let store = store.clone();
-    let written = tokio::task::spawn_blocking(move || {
+    let (written, head) = tokio::task::spawn_blocking(move || {
         let Payload::Action(event) = &env.payload else {
             unreachable!("checked above")
         };
         let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
-        store.store(&env, event)
+        store.store(&env, event).map(|w| (w, store.head()))
     })
     .await
     .map_err(|e| io(Path::new("audit store"))(std::io::Error::other(e.to_string())))??;
     if written {
+        checkpoints.publish(&head, metrics).await;
         metrics.records.inc();
         metrics
             .write_seconds

@@ -282,3 +282,190 @@ async fn a_killed_audit_writer_loses_and_duplicates_nothing() {
     env.teardown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `vigil` with the test's namespace and broker, as an operator runs it: success and output.
+fn vigil(env: &TestEnv, args: &[&str], extra: &[(&str, &Path)]) -> (bool, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"));
+    cmd.args(args)
+        .env("RUST_LOG", "warn")
+        .env("VIGIL_NAMESPACE", &env.cfg.namespace)
+        .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
+        .env("VIGIL_METRICS_LISTEN", "127.0.0.1:0");
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let out = crate::support::output(&mut cmd);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_catches_tampering_a_deleted_tail_and_changed_evidence() {
+    const ACTIONS: u64 = 12;
+    let env = TestEnv::new("auditproof");
+    let dir = evidence_dir(&env);
+    let keys = dir.with_extension("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let key = keys.join("audit.key");
+    let public = keys.join("audit.key.pub");
+    let (ok, text) = vigil(
+        &env,
+        &["audit", "keygen", "--out", key.to_str().unwrap()],
+        &[],
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("BEGIN PUBLIC KEY"), "{text}");
+
+    let broker = env.broker().await;
+    broker
+        .declare(&Topology::load(None).unwrap().shared(&env.cfg.namespace))
+        .await
+        .unwrap();
+    let mut writer = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["audit", "serve"])
+        .env("RUST_LOG", "warn")
+        .env("VIGIL_NAMESPACE", &env.cfg.namespace)
+        .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
+        .env("VIGIL_METRICS_LISTEN", "127.0.0.1:0")
+        .env("VIGIL_EVIDENCE_DIR", &dir)
+        .env("VIGIL_AUDIT_KEY", &key)
+        .spawn()
+        .unwrap();
+    let publisher = broker.publisher().await.unwrap();
+    for i in 0..ACTIONS {
+        publisher
+            .publish(
+                &env.name("actions"),
+                "",
+                &action_envelope(&env.cfg.namespace, i),
+            )
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+    }
+    eventually("every action in the log", Duration::from_secs(30), || {
+        let dir = dir.clone();
+        async move { (log_lines(&dir) as u64 >= ACTIONS).then_some(()) }
+    })
+    .await;
+
+    // One writer per folder: a second one refuses to start, saying why.
+    let (ok, text) = vigil(&env, &["audit", "serve"], &[("VIGIL_EVIDENCE_DIR", &dir)]);
+    assert!(!ok, "a second writer started: {text}");
+    assert!(text.contains("another audit writer"), "{text}");
+    sigterm(&writer);
+    assert!(crate::support::exit_status(&mut writer).success());
+
+    let evidence = [("VIGIL_EVIDENCE_DIR", dir.as_path())];
+    let verify = |args: &[&str]| {
+        let mut all = vec!["audit", "verify", "--public-key", public.to_str().unwrap()];
+        all.extend_from_slice(args);
+        vigil(&env, &all, &evidence)
+    };
+    let (ok, text) = verify(&[]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("matches the newest checkpoint (entry {ACTIONS})")),
+        "{text}"
+    );
+
+    let log = dir.join("audit.log");
+    let original = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = original.lines().collect();
+    let keep = |n: usize| {
+        lines[..n]
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+    };
+    let broken = |text: &str, what: &str| {
+        assert!(text.contains("audit log broken"), "{what}: {text}");
+    };
+
+    // One flipped byte.
+    let flipped = original.replacen("multiple_faces", "multiple_facez", 1);
+    std::fs::write(&log, &flipped).unwrap();
+    let (ok, text) = verify(&[]);
+    assert!(!ok);
+    broken(&text, "flipped byte");
+    assert!(text.contains("entry 1"), "{text}");
+
+    // The last entry deleted, then the last ten: the chain still holds, the checkpoint does not.
+    for removed in [1, 10] {
+        std::fs::write(&log, keep(lines.len() - removed)).unwrap();
+        let (ok, text) = verify(&[]);
+        assert!(!ok, "{removed} entries removed went unnoticed: {text}");
+        broken(&text, "deleted tail");
+        assert!(
+            text.contains(&format!("its last {removed} entries were removed")),
+            "{text}"
+        );
+        // Offline, without the checkpoint, the shortened chain holds: the checkpoint is what
+        // catches it.
+        let (ok, _) = verify(&["--offline"]);
+        assert!(ok);
+    }
+
+    // The whole log re-hashed without the key: every hash and link holds, no signature does.
+    std::fs::write(&log, &original).unwrap();
+    let mut prev = "0".repeat(64);
+    let mut rehashed = String::new();
+    for line in original.lines() {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let record = serde_json::to_string(&v["record"]).unwrap();
+        let record = record.replace("\"warn\"", "\"allow\"");
+        let seq = v["seq"].as_u64().unwrap();
+        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            format!("{seq}\n{prev}\n{record}").as_bytes(),
+        ));
+        v["prev"] = prev.clone().into();
+        v["hash"] = hash.clone().into();
+        v["record"] = serde_json::from_str(&record).unwrap();
+        rehashed += &serde_json::to_string(&v).unwrap();
+        rehashed.push('\n');
+        prev = hash;
+    }
+    std::fs::write(&log, &rehashed).unwrap();
+    let (ok, _) = vigil(&env, &["audit", "verify", "--offline"], &evidence);
+    assert!(ok, "the re-hashed chain should hold without the key");
+    let (ok, text) = verify(&["--offline"]);
+    assert!(!ok);
+    assert!(text.contains("signature"), "{text}");
+
+    // An evidence file altered, then deleted.
+    std::fs::write(&log, &original).unwrap();
+    let records = audit::records(&dir).unwrap();
+    let file = dir.join(&records[4].evidence_files[0]);
+    let jpeg = std::fs::read(&file).unwrap();
+    let mut altered = jpeg.clone();
+    let mid = altered.len() / 2;
+    altered[mid] ^= 0x40;
+    std::fs::write(&file, &altered).unwrap();
+    let (ok, text) = verify(&[]);
+    assert!(!ok);
+    assert!(
+        text.contains("entry 5") && text.contains("does not match"),
+        "{text}"
+    );
+    std::fs::remove_file(&file).unwrap();
+    let (ok, text) = verify(&[]);
+    assert!(!ok);
+    assert!(
+        text.contains("entry 5") && text.contains("missing"),
+        "{text}"
+    );
+    std::fs::write(&file, &jpeg).unwrap();
+    let (ok, text) = verify(&[]);
+    assert!(ok, "{text}");
+
+    broker.close().await;
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&keys);
+}

@@ -127,6 +127,8 @@ impl TestEnv {
             .delete(&topo.shared(&self.cfg.namespace))
             .await
             .unwrap();
+        // The audit checkpoint stream, where a test's writer declared it.
+        let _ = broker.delete(&topo.checkpoints(&self.cfg.namespace)).await;
         broker.close().await;
         let _ = std::fs::remove_dir_all(&self.clients_dir);
     }
