@@ -32,7 +32,7 @@ use tracing::Instrument as _;
 
 use crate::broker::{Broker, BrokerError, Publisher};
 use crate::config::{Config, EdgeConfig};
-use crate::directory::{ClientStore, DirectoryError, FolderStore};
+use crate::directory::{ClientStatus, ClientStore, DirectoryError, FolderStore};
 use crate::metrics::{BrokerMetrics, EdgeMetrics};
 use crate::telemetry::{self, Health};
 use crate::topology::{self, NodeKind, Topology};
@@ -523,7 +523,13 @@ async fn serve(
             );
             // New connections wait in the listen backlog until the broker is back.
             match reconnect.run(&shared, &shutdown).await {
-                Some(fresh) => std::mem::replace(&mut links, fresh).close().await,
+                Some(fresh) => {
+                    std::mem::replace(&mut links, fresh).close().await;
+                    // Control events published while this edge was away are gone: the
+                    // directory says what they would have said.
+                    let shared = shared.clone();
+                    tokio::task::spawn_blocking(move || recheck_sessions(&shared));
+                }
                 None => break,
             }
         }
@@ -655,6 +661,69 @@ fn apply_control(shared: &Shared, data: &[u8]) {
         .control_applied
         .with_label_values(&[name])
         .inc();
+}
+
+/// Hold every live session against the directory: a client blocked or removed meanwhile is
+/// closed, a pause or resume is applied. Run after a broker reconnect, when control events
+/// published during the outage never reached this edge.
+fn recheck_sessions(shared: &Shared) {
+    let live: Vec<(String, bool)> = shared
+        .sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(id, e)| {
+            let paused = e.info.lock().unwrap_or_else(|e| e.into_inner()).paused;
+            (id.clone(), paused)
+        })
+        .collect();
+    for (client_id, paused) in live {
+        let record = match shared.store.get(&client_id) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(client = %client_id, error = %e, "cannot re-check a session");
+                continue;
+            }
+        };
+        let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = sessions.get(&client_id) else {
+            continue;
+        };
+        let name = match record.map(|r| r.status) {
+            None => {
+                entry
+                    .closer
+                    .close_with_error(ErrorCode::Kicked, "this client was removed");
+                "recheck_removed"
+            }
+            Some(ClientStatus::Blocked) => {
+                entry.closer.close_with_error(
+                    ErrorCode::Blocked,
+                    "this client was blocked by an administrator",
+                );
+                "recheck_block"
+            }
+            Some(ClientStatus::Paused) if !paused => {
+                let _ = entry
+                    .tx
+                    .try_send(SessionEvent::Control(ControlCommand::Pause));
+                "recheck_pause"
+            }
+            Some(ClientStatus::Active) if paused => {
+                let _ = entry
+                    .tx
+                    .try_send(SessionEvent::Control(ControlCommand::Resume));
+                "recheck_resume"
+            }
+            Some(_) => continue,
+        };
+        tracing::info!(client = %client_id, change = name, "session re-checked after a reconnect");
+        shared
+            .metrics
+            .control_applied
+            .with_label_values(&[name])
+            .inc();
+    }
 }
 
 /// Decide whether the system is full: the shared work queue's backlog (the same for every

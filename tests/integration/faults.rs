@@ -593,3 +593,57 @@ async fn a_broker_alarm_answers_frames_at_once_and_traffic_resumes_when_it_clear
     env.teardown().await;
     rabbit.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_while_the_broker_is_down_reach_live_sessions_when_it_is_back() {
+    use crate::support::PrivateBroker;
+    use vigil::directory::{ClientStatus, ClientStore, FolderStore};
+    let rabbit = PrivateBroker::start().await;
+    let mut env = TestEnv::new("recheck");
+    env.cfg.amqp_url = rabbit.url();
+    let url = env.start_edge("e1").await;
+    env.add_client("c1");
+    env.add_client("c2");
+    let (mut c1, _) = Connection::connect(&url, "c1", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    let (mut c2, _) = Connection::connect(&url, "c2", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+
+    // While the broker is down, an operator blocks c1 and pauses c2: the directory changes,
+    // and the control events that would carry the changes cannot be published.
+    rabbit.stop();
+    let store = FolderStore::open(&env.clients_dir).unwrap();
+    for (id, status) in [("c1", ClientStatus::Blocked), ("c2", ClientStatus::Paused)] {
+        let mut record = store.get(id).unwrap().unwrap();
+        record.status = status;
+        store.put(&record).unwrap();
+    }
+    rabbit.boot().await;
+
+    // Once the edge is back on the broker it re-checks its sessions against the directory.
+    let until = Instant::now() + Duration::from_secs(60);
+    let blocked = loop {
+        assert!(Instant::now() < until, "c1 was never closed as blocked");
+        match tokio::time::timeout(Duration::from_secs(5), c1.recv()).await {
+            Ok(Some(Ok(Incoming::Closed { code, .. }))) => break code,
+            Ok(None) | Ok(Some(Err(_))) => panic!("c1 ended without a close code"),
+            _ => {}
+        }
+    };
+    assert_eq!(blocked, 4403);
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < until, "c2 was never told it is paused");
+        match tokio::time::timeout(Duration::from_secs(5), c2.recv()).await {
+            Ok(Some(Ok(Incoming::Msg(ServerMsg::Status { state })))) if state == "paused" => break,
+            Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Incoming::Closed { .. }))) => {
+                panic!("c2 ended before it was paused")
+            }
+            _ => {}
+        }
+    }
+    c2.close().await;
+    env.teardown().await;
+}
