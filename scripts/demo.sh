@@ -27,6 +27,9 @@ export VIGIL_EDGE_MAX_FRAME_BYTES=2097152
 export VIGIL_EVIDENCE_DIR="$run/evidence"
 export RUST_LOG="${RUST_LOG:-info,ort=error}"
 
+# A fresh start: the evidence folder was wiped above, so the namespace's queues go too (the
+# audit checkpoints would otherwise remember the last run's log).
+"$bin/vigil" topology delete --yes >/dev/null
 "$bin/vigil" clients add demo-client --token demo-token-0001 --name "Demo client" >/dev/null
 "$bin/vigil" clients enroll demo-client --reference "$photos/Male_41_2_4_1.jpg"
 

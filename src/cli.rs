@@ -160,6 +160,14 @@ pub enum TopologyCmd {
     Print,
     /// Declare it on the broker (idempotent).
     Apply,
+    /// Delete the namespace's exchanges and queues from the broker, the capture stream and the
+    /// audit checkpoints included: everything queued in them is lost. For starting a namespace
+    /// over (its evidence folder wiped too), as the demo does.
+    Delete {
+        /// Say that you mean it.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -602,6 +610,31 @@ async fn topology(cfg: &Config, action: TopologyCmd) -> Result<(), CliError> {
                 .map_err(fail)?;
             broker.close().await;
             println!("topology `{}` declared", cfg.namespace);
+            Ok(())
+        }
+        TopologyCmd::Delete { yes } => {
+            if !yes {
+                return Err(fail(format!(
+                    "this deletes every queue of `{}` with what is in it; add --yes",
+                    cfg.namespace
+                )));
+            }
+            let broker = Broker::connect(
+                &cfg.amqp_url,
+                "vigil-cli",
+                BrokerMetrics::new(&Registry::new()),
+            )
+            .await
+            .map_err(fail)?;
+            for part in [
+                topo.shared(&cfg.namespace),
+                topo.streams(&cfg.namespace),
+                topo.checkpoints(&cfg.namespace),
+            ] {
+                broker.delete(&part).await.map_err(fail)?;
+            }
+            broker.close().await;
+            println!("topology `{}` deleted", cfg.namespace);
             Ok(())
         }
     }

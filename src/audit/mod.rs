@@ -559,21 +559,33 @@ pub fn verify_with_checkpoint(
         Verification::Intact { entries } => entries,
         broken => return Ok(broken),
     };
-    if let Some(key) = public {
-        let signed = checkpoint
-            .sig
-            .as_deref()
-            .is_some_and(|sig| signing::verify(key, &checkpoint.hash, sig));
-        if !signed {
-            return Ok(Verification::Broken {
-                line: checkpoint.seq as usize,
-                action_id: None,
-                problem: "the newest checkpoint is not signed by the key (forged?)".into(),
-            });
-        }
-    }
-    if checkpoint.seq > entries {
+    if let Some(key) = public
+        && !signed_by(checkpoint, key)
+    {
         return Ok(Verification::Broken {
+            line: checkpoint.seq as usize,
+            action_id: None,
+            problem: "the newest checkpoint is not signed by the key (forged?)".into(),
+        });
+    }
+    Ok(against_checkpoint(root, entries, checkpoint)?.unwrap_or(Verification::Intact { entries }))
+}
+
+fn signed_by(checkpoint: &Checkpoint, key: &VerifyingKey) -> bool {
+    checkpoint
+        .sig
+        .as_deref()
+        .is_some_and(|sig| signing::verify(key, &checkpoint.hash, sig))
+}
+
+/// How a log of `entries` entries (which verify) falls short of `checkpoint`, if it does.
+fn against_checkpoint(
+    root: &Path,
+    entries: u64,
+    checkpoint: &Checkpoint,
+) -> Result<Option<Verification>, AuditError> {
+    if checkpoint.seq > entries {
+        return Ok(Some(Verification::Broken {
             line: entries as usize + 1,
             action_id: None,
             problem: format!(
@@ -582,7 +594,7 @@ pub fn verify_with_checkpoint(
                 checkpoint.seq,
                 checkpoint.seq - entries
             ),
-        });
+        }));
     }
     if checkpoint.seq > 0 {
         let path = root.join("audit.log");
@@ -597,14 +609,14 @@ pub fn verify_with_checkpoint(
             .map(|e| e.hash)
             .unwrap_or_default();
         if hash != checkpoint.hash {
-            return Ok(Verification::Broken {
+            return Ok(Some(Verification::Broken {
                 line: checkpoint.seq as usize,
                 action_id: None,
                 problem: "this entry differs from its checkpoint: the log was rewritten".into(),
-            });
+            }));
         }
     }
-    Ok(Verification::Intact { entries })
+    Ok(None)
 }
 
 /// The newest checkpoint on the stream `queue`, waiting at most `wait` for it; `None` when the
@@ -734,6 +746,29 @@ pub async fn start(
         publisher: broker.publisher().await?,
         queue: format!("{}.{}", cfg.namespace, topology::AUDIT_CHECKPOINTS),
     };
+    // A log behind its own newest checkpoint lost its tail: extending it would hide that (the
+    // next checkpoint would match the shortened log), so the writer refuses to start.
+    if let Some(newest) =
+        newest_checkpoint(&broker, &checkpoints.queue, Duration::from_millis(500)).await?
+    {
+        let key = store.signer.as_ref().map(SigningKey::verifying_key);
+        if key.is_some_and(|k| !signed_by(&newest, &k)) {
+            tracing::warn!(
+                seq = newest.seq,
+                "ignoring a checkpoint not signed by this writer's key"
+            );
+        } else if let Some(Verification::Broken { line, problem, .. }) =
+            against_checkpoint(&cfg.evidence_dir, store.len(), &newest)?
+        {
+            return Err(AuditError::Damaged {
+                path: cfg.evidence_dir.join("audit.log").display().to_string(),
+                line,
+                problem: format!(
+                    "{problem}. Restore the log; `vigil topology delete` starts a namespace over"
+                ),
+            });
+        }
+    }
     let consumer = broker.consume(&queue, "audit-writer", 16, true).await?;
     tracing::info!(%queue, dir = %cfg.evidence_dir.display(), entries = store.len(), "audit writer consuming");
     let store = Arc::new(Mutex::new(store));

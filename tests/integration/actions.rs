@@ -228,6 +228,20 @@ async fn a_killed_audit_writer_loses_and_duplicates_nothing() {
         .await
         .unwrap();
     let mut writer = spawn_writer(&env, &dir);
+    // The writer is up (consuming) before the actions flow.
+    let audit_queue = env.name("audit");
+    eventually(
+        "the audit writer consuming",
+        Duration::from_secs(30),
+        || {
+            let (broker, queue) = (&broker, &audit_queue);
+            async move {
+                let (_, consumers) = broker.queue_counts(queue).await.ok()?;
+                (consumers == 1).then_some(())
+            }
+        },
+    )
+    .await;
 
     let publisher = broker.publisher().await.unwrap();
     let exchange = env.name("actions");
@@ -410,6 +424,15 @@ async fn audit_verify_catches_tampering_a_deleted_tail_and_changed_evidence() {
         // catches it.
         let (ok, _) = verify(&["--offline"]);
         assert!(ok);
+        // And the writer refuses to extend the shortened log: its next checkpoint would match
+        // it and hide the loss.
+        let (ok, text) = vigil(
+            &env,
+            &["audit", "serve"],
+            &[("VIGIL_EVIDENCE_DIR", &dir), ("VIGIL_AUDIT_KEY", &key)],
+        );
+        assert!(!ok, "a writer extended a log behind its checkpoint: {text}");
+        assert!(text.contains("were removed"), "{text}");
     }
 
     // The whole log re-hashed without the key: every hash and link holds, no signature does.
