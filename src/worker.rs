@@ -27,6 +27,8 @@ use crate::wire::{self, DropReason, Dropped, Envelope, FrameResult, Payload};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
+    #[error("the worker's main task panicked: {0}")]
+    Panicked(String),
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error(transparent)]
@@ -49,10 +51,15 @@ pub struct WorkerHandle {
 impl WorkerHandle {
     /// Wait until the worker has stopped (after shutdown, or on a fatal error).
     pub async fn join(self) -> Result<(), WorkerError> {
-        self.task.await.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "worker task panicked");
-            Ok(())
-        })
+        match self.task.await {
+            Ok(result) => result,
+            // A panic is a failure, and the process exits non-zero for it.
+            Err(e) if e.is_panic() => {
+                Err(WorkerError::Panicked(crate::telemetry::panic_message(e)))
+            }
+            // Aborted: stopped on purpose.
+            Err(_) => Ok(()),
+        }
     }
 }
 

@@ -58,6 +58,8 @@ pub enum AuditError {
     },
     #[error("audit key {0}")]
     Key(String),
+    #[error("the audit writer's task panicked: {0}")]
+    Panicked(String),
     #[error(
         "another audit writer holds {path}: one writer per evidence folder (stop the other, or \
          give this one its own VIGIL_EVIDENCE_DIR)"
@@ -691,7 +693,13 @@ pub struct AuditHandle {
 
 impl AuditHandle {
     pub async fn join(self) -> Result<(), AuditError> {
-        self.task.await.unwrap_or(Ok(()))
+        match self.task.await {
+            Ok(result) => result,
+            // A panic is a failure, and the process exits non-zero for it.
+            Err(e) if e.is_panic() => Err(AuditError::Panicked(crate::telemetry::panic_message(e))),
+            // Aborted (`abort`): stopped on purpose.
+            Err(_) => Ok(()),
+        }
     }
 
     /// Stop the writer at once, as a crash would (tests).
@@ -1120,6 +1128,25 @@ mod tests {
         assert!(err.to_string().contains("another audit writer"), "{err}");
         drop(first);
         AuditStore::open(&root).expect("the folder is free once the first writer is gone");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_writer_task_is_an_error_and_an_aborted_one_is_not() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let panicking = AuditHandle {
+            metrics_addr: addr,
+            task: tokio::spawn(async { panic!("disk on fire") }),
+        };
+        match panicking.join().await {
+            Err(AuditError::Panicked(message)) => assert_eq!(message, "disk on fire"),
+            other => panic!("{other:?}"),
+        }
+        let aborted = AuditHandle {
+            metrics_addr: addr,
+            task: tokio::spawn(std::future::pending()),
+        };
+        aborted.abort();
+        assert!(aborted.join().await.is_ok());
     }
 
     #[test]

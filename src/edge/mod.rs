@@ -59,6 +59,8 @@ pub enum EdgeError {
     RepliesEnded,
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("the edge's main task panicked: {0}")]
+    Panicked(String),
 }
 
 /// A message for one session, from the reply consumer or from another session.
@@ -180,10 +182,13 @@ impl EdgeHandle {
 
     /// Wait until the edge has stopped.
     pub async fn join(self) -> Result<(), EdgeError> {
-        self.task.await.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "edge task panicked");
-            Ok(())
-        })
+        match self.task.await {
+            Ok(result) => result,
+            // A panic is a failure, and the process exits non-zero for it.
+            Err(e) if e.is_panic() => Err(EdgeError::Panicked(crate::telemetry::panic_message(e))),
+            // Aborted: stopped on purpose.
+            Err(_) => Ok(()),
+        }
     }
 }
 
