@@ -191,6 +191,18 @@ where
     }
 }
 
+/// What a panicked task said, for the error that replaces its result.
+pub fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned()),
+        Err(e) => e.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,17 +216,5 @@ mod tests {
         h.set("topology", true);
         assert!(h.is_ready());
         assert!(h.report().contains("broker: ok"));
-    }
-}
-
-/// What a panicked task said, for the error that replaces its result.
-pub fn panic_message(e: tokio::task::JoinError) -> String {
-    match e.try_into_panic() {
-        Ok(payload) => payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".to_owned()),
-        Err(e) => e.to_string(),
     }
 }
