@@ -942,14 +942,7 @@ async fn bench(cfg: &Config, which: BenchCmd) -> Result<(), CliError> {
                 .await
                 .map_err(fail)?
                 .map_err(fail)?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                print!("{}", report.render());
-            }
+            print_report(json, &report, report.render());
             Ok(())
         }
         BenchCmd::Transport {
@@ -975,14 +968,7 @@ async fn bench(cfg: &Config, which: BenchCmd) -> Result<(), CliError> {
                 only,
             };
             let report = crate::bench::transport(&b).await.map_err(fail)?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                print!("{}", report.render());
-            }
+            print_report(json, &report, report.render());
             Ok(())
         }
     }
@@ -1518,6 +1504,18 @@ fn load_frames(cfg: &Config, args: &LoadgenArgs) -> Result<Vec<Vec<u8>>, CliErro
     Ok(frames)
 }
 
+/// A report as JSON on standard output (`--json`), or as the text a person reads.
+fn print_report(json: bool, report: &impl serde::Serialize, text: String) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        );
+    } else {
+        print!("{text}");
+    }
+}
+
 async fn attack(cfg: &Config, args: AttackArgs) -> Result<(), CliError> {
     let frame = match &args.image {
         Some(path) => std::fs::read(path).map_err(|e| fail(format!("{}: {e}", path.display())))?,
@@ -1560,14 +1558,7 @@ async fn attack(cfg: &Config, args: AttackArgs) -> Result<(), CliError> {
     let report = crate::attack::run(opts, |phase| eprintln!("attack: {phase}"))
         .await
         .map_err(fail)?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
-    } else {
-        print!("{}", report.render());
-    }
+    print_report(json, &report, report.render());
     if report.passed() {
         Ok(())
     } else {
@@ -1624,13 +1615,6 @@ async fn loadgen(cfg: &Config, args: LoadgenArgs) -> Result<(), CliError> {
         }
     })
     .await;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
-    } else {
-        print!("{}", report.render());
-    }
+    print_report(json, &report, report.render());
     Ok(())
 }

@@ -191,15 +191,24 @@ where
     }
 }
 
-/// What a panicked task said, for the error that replaces its result.
-pub fn panic_message(e: tokio::task::JoinError) -> String {
-    match e.try_into_panic() {
-        Ok(payload) => payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".to_owned()),
-        Err(e) => e.to_string(),
+/// Wait for a service's main task. A panic is a failure (`panicked` makes the service's error
+/// from its message), so the process exits non-zero; an aborted task stopped on purpose.
+pub async fn join_service<E>(
+    task: tokio::task::JoinHandle<Result<(), E>>,
+    panicked: impl FnOnce(String) -> E,
+) -> Result<(), E> {
+    match task.await {
+        Ok(result) => result,
+        Err(e) => match e.try_into_panic() {
+            Ok(payload) => Err(panicked(
+                payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".to_owned()),
+            )),
+            Err(_) => Ok(()),
+        },
     }
 }
 

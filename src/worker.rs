@@ -51,15 +51,7 @@ pub struct WorkerHandle {
 impl WorkerHandle {
     /// Wait until the worker has stopped (after shutdown, or on a fatal error).
     pub async fn join(self) -> Result<(), WorkerError> {
-        match self.task.await {
-            Ok(result) => result,
-            // A panic is a failure, and the process exits non-zero for it.
-            Err(e) if e.is_panic() => {
-                Err(WorkerError::Panicked(crate::telemetry::panic_message(e)))
-            }
-            // Aborted: stopped on purpose.
-            Err(_) => Ok(()),
-        }
+        crate::telemetry::join_service(self.task, WorkerError::Panicked).await
     }
 }
 

@@ -532,6 +532,17 @@ pub fn verify(root: &Path, public: Option<&VerifyingKey>) -> Result<Verification
             let Some(want) = record.evidence_sha256.get(n) else {
                 continue;
             };
+            // The log names the files, so a rewritten log could point anywhere (`/dev/zero`,
+            // `../../etc/shadow`): only paths inside the evidence folder are read.
+            let inside = Path::new(file).starts_with("evidence")
+                && Path::new(file)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !inside {
+                return Ok(broken(format!(
+                    "evidence path {file} leaves the evidence folder"
+                )));
+            }
             match std::fs::read(root.join(file)) {
                 Ok(bytes) if hex::encode(Sha256::digest(&bytes)) == *want => {}
                 Ok(_) => {
@@ -693,13 +704,7 @@ pub struct AuditHandle {
 
 impl AuditHandle {
     pub async fn join(self) -> Result<(), AuditError> {
-        match self.task.await {
-            Ok(result) => result,
-            // A panic is a failure, and the process exits non-zero for it.
-            Err(e) if e.is_panic() => Err(AuditError::Panicked(crate::telemetry::panic_message(e))),
-            // Aborted (`abort`): stopped on purpose.
-            Err(_) => Ok(()),
-        }
+        crate::telemetry::join_service(self.task, AuditError::Panicked).await
     }
 
     /// Stop the writer at once, as a crash would (tests).
@@ -1114,6 +1119,34 @@ mod tests {
                 assert!(problem.contains("missing"), "{problem}");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn evidence_paths_outside_the_evidence_folder_are_not_read() {
+        let template = dir();
+        let mut store = AuditStore::open(&template).unwrap();
+        let (env, ev) = event(Action::Warn);
+        store.store(&env, &ev).unwrap();
+        drop(store);
+        let record = records(&template).unwrap().remove(0);
+        for path in ["/dev/zero", "../outside.jpg", "evidence/../../outside.jpg"] {
+            // A log whose chain holds but whose record names a file outside the folder.
+            let mut forged = record.clone();
+            forged.evidence_files = vec![path.to_owned()];
+            let root = dir();
+            let mut store = AuditStore::open(&root).unwrap();
+            store
+                .append(&serde_json::to_string(&forged).unwrap())
+                .unwrap();
+            drop(store);
+            match verify(&root, None).unwrap() {
+                Verification::Broken { line, problem, .. } => {
+                    assert_eq!(line, 1);
+                    assert!(problem.contains("leaves the evidence folder"), "{problem}");
+                }
+                other => panic!("{path}: {other:?}"),
+            }
         }
     }
 

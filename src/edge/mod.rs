@@ -182,13 +182,7 @@ impl EdgeHandle {
 
     /// Wait until the edge has stopped.
     pub async fn join(self) -> Result<(), EdgeError> {
-        match self.task.await {
-            Ok(result) => result,
-            // A panic is a failure, and the process exits non-zero for it.
-            Err(e) if e.is_panic() => Err(EdgeError::Panicked(crate::telemetry::panic_message(e))),
-            // Aborted: stopped on purpose.
-            Err(_) => Ok(()),
-        }
+        crate::telemetry::join_service(self.task, EdgeError::Panicked).await
     }
 }
 

@@ -23,6 +23,27 @@ fn ca_and_server() -> (String, String, String) {
     (ca.pem(), cert.pem(), key.serialize_pem())
 }
 
+/// A certificate from a fresh CA written to files the edge is configured with: the folder,
+/// the certificate and key paths, and the CA's PEM.
+fn edge_certificate(
+    env: &mut TestEnv,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    String,
+) {
+    let dir = std::env::temp_dir().join(format!("{}-tls", env.cfg.namespace));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_path, key_path) = (dir.join("edge.pem"), dir.join("edge.key"));
+    let (ca, cert, key) = ca_and_server();
+    std::fs::write(&cert_path, &cert).unwrap();
+    std::fs::write(&key_path, &key).unwrap();
+    env.cfg.edge.tls_cert = Some(cert_path.clone());
+    env.cfg.edge.tls_key = Some(key_path.clone());
+    (dir, cert_path, key_path, ca)
+}
+
 async fn session(url: &str, ca: &str) -> Result<ServerMsg, String> {
     let mut conn = Connection::open_tls(url, Encoding::MsgPack, ca.as_bytes())
         .await
@@ -46,14 +67,7 @@ async fn session(url: &str, ca: &str) -> Result<ServerMsg, String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_runs_over_wss_and_a_new_certificate_is_picked_up_without_a_restart() {
     let mut env = TestEnv::new("tls");
-    let dir = std::env::temp_dir().join(format!("{}-tls", env.cfg.namespace));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert_path, key_path) = (dir.join("edge.pem"), dir.join("edge.key"));
-    let (ca1, cert1, key1) = ca_and_server();
-    std::fs::write(&cert_path, &cert1).unwrap();
-    std::fs::write(&key_path, &key1).unwrap();
-    env.cfg.edge.tls_cert = Some(cert_path.clone());
-    env.cfg.edge.tls_key = Some(key_path.clone());
+    let (dir, cert_path, key_path, ca1) = edge_certificate(&mut env);
     let url = env.start_edge("e1").await.replace("ws://", "wss://");
     env.start_worker("w1").await;
     env.add_client("c1");
@@ -192,14 +206,7 @@ async fn the_admin_api_speaks_https_with_the_edge_certificate_and_stalled_handsh
     use crate::support::https;
     const ADMIN: &str = "admin-secret-for-https";
     let mut env = TestEnv::new("admintls");
-    let dir = std::env::temp_dir().join(format!("{}-admintls", env.cfg.namespace));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert_path, key_path) = (dir.join("edge.pem"), dir.join("edge.key"));
-    let (ca1, cert1, key1) = ca_and_server();
-    std::fs::write(&cert_path, &cert1).unwrap();
-    std::fs::write(&key_path, &key1).unwrap();
-    env.cfg.edge.tls_cert = Some(cert_path.clone());
-    env.cfg.edge.tls_key = Some(key_path.clone());
+    let (dir, cert_path, key_path, ca1) = edge_certificate(&mut env);
     env.cfg.edge.admin_listen = Some("127.0.0.1:0".parse().unwrap());
     env.cfg.edge.admin_token = Some(ADMIN.into());
     env.cfg.edge.hello_timeout_ms = 1000;
