@@ -546,6 +546,7 @@ impl BareRoutes {
                     overflow: None,
                     dead_letter_exchange: None,
                     max_age: None,
+                    single_active_consumer: false,
                 };
                 let (work, reply) = (format!("{ns}.work"), format!("{ns}.reply"));
                 Self {

@@ -35,6 +35,11 @@ pub enum BrokerError {
         op: &'static str,
         source: lapin::Error,
     },
+    #[error(
+        "{what} `{name}` does not exist, and this role may not declare it: \
+         run `vigil topology apply` as the admin role first"
+    )]
+    Missing { what: &'static str, name: String },
     #[error("the broker refused (nacked) the message")]
     Nacked,
     #[error("cannot encode event: {0}")]
@@ -84,6 +89,8 @@ pub fn tls_ca(url: &str) -> Result<Option<String>, String> {
 pub struct Broker {
     conn: Connection,
     metrics: BrokerMetrics,
+    /// The user this connection authenticated as; every publish carries it as `user_id`.
+    user: String,
 }
 
 /// How long one connection attempt (TCP connect and AMQP handshake) may take when the URL
@@ -136,7 +143,82 @@ impl Broker {
                 });
             }
         };
-        Ok(Self { conn, metrics })
+        let user = url
+            .parse::<lapin::uri::AMQPUri>()
+            .map(|u| u.authority.userinfo.username)
+            .unwrap_or_else(|_| "guest".into());
+        Ok(Self {
+            conn,
+            metrics,
+            user,
+        })
+    }
+
+    /// The broker user this connection authenticated as.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// What this process trusts on the broker (see [`crate::roles`]).
+    pub fn trust(&self, mode: crate::roles::RoleMode, namespace: &str) -> crate::roles::Trust {
+        crate::roles::Trust::new(mode, namespace, &self.user, self.metrics.clone())
+    }
+
+    /// Declare `topo` (`shared` roles), or only check that it exists (`separate` roles: a
+    /// service's user may not configure shared resources, and a passive declare needs no
+    /// permission; `vigil topology apply` as the admin role declares them).
+    pub async fn prepare(
+        &self,
+        topo: &Topology,
+        mode: crate::roles::RoleMode,
+    ) -> Result<(), BrokerError> {
+        match mode {
+            crate::roles::RoleMode::Shared => self.declare(topo).await,
+            crate::roles::RoleMode::Separate => self.check(topo).await,
+        }
+    }
+
+    /// Check that every exchange and queue of `topo` exists (passive declares).
+    pub async fn check(&self, topo: &Topology) -> Result<(), BrokerError> {
+        let names = topo
+            .exchanges
+            .iter()
+            .map(|e| (true, &e.name))
+            .chain(topo.queues.iter().map(|q| (false, &q.name)));
+        for (exchange, name) in names {
+            // A failed passive declare closes its channel: one channel per check.
+            let ch = self.channel().await?;
+            let found = if exchange {
+                let opts = ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                ch.exchange_declare(
+                    name.as_str().into(),
+                    ExchangeKind::Fanout,
+                    opts,
+                    FieldTable::default(),
+                )
+                .await
+                .is_ok()
+            } else {
+                let opts = QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                ch.queue_declare(name.as_str().into(), opts, FieldTable::default())
+                    .await
+                    .is_ok()
+            };
+            if !found {
+                return Err(BrokerError::Missing {
+                    what: if exchange { "exchange" } else { "queue" },
+                    name: name.clone(),
+                });
+            }
+            let _ = ch.close(200, "checked".into()).await;
+        }
+        Ok(())
     }
 
     /// Connect, retrying with exponential backoff until `give_up` has passed.
@@ -224,6 +306,9 @@ impl Broker {
             if q.role.is_stream() {
                 put("x-queue-type", AMQPValue::LongString("stream".into()));
             }
+            if q.single_active_consumer {
+                put("x-single-active-consumer", AMQPValue::Boolean(true));
+            }
             if let Some(v) = &q.max_age {
                 put("x-max-age", AMQPValue::LongString(v.as_str().into()));
             }
@@ -279,6 +364,7 @@ impl Broker {
         Ok(Publisher {
             channel,
             metrics: self.metrics.clone(),
+            user_id: self.user.as_str().into(),
         })
     }
 
@@ -483,6 +569,9 @@ fn event_properties(
 pub struct Publisher {
     channel: Channel,
     metrics: BrokerMetrics,
+    /// Set on every message: RabbitMQ refuses a `user_id` that is not the connection's user,
+    /// so receivers can trust it to name the publisher (see [`crate::roles`]).
+    user_id: ShortString,
 }
 
 impl Publisher {
@@ -547,7 +636,7 @@ impl Publisher {
                 ShortString::from(routing_key),
                 BasicPublishOptions::default(),
                 bytes,
-                props,
+                props.with_user_id(self.user_id.clone()),
             )
             .await
             .map_err(|source| {
@@ -668,6 +757,12 @@ impl Delivery {
 
     pub fn routing_key(&self) -> &str {
         self.inner.routing_key.as_str()
+    }
+
+    /// The publisher's broker user, as RabbitMQ checked it (`None` when the publisher did not
+    /// say, which no Vigil publisher does).
+    pub fn user_id(&self) -> Option<&str> {
+        self.inner.properties.user_id().as_ref().map(|u| u.as_str())
     }
 
     /// The exchange the message was published to.

@@ -1,6 +1,7 @@
 //! The operator CLI (`vigil`): topology, clients, a streaming client, benchmarks.
 //! `bin/vigil.rs` parses arguments with [`Cli`] and calls [`run`].
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,11 @@ pub enum Command {
     Topology {
         #[command(subcommand)]
         action: TopologyCmd,
+    },
+    /// The broker's users: one per role, with the least permissions.
+    Broker {
+        #[command(subcommand)]
+        action: BrokerCmd,
     },
     /// The client directory at VIGIL_CLIENTS_DIR.
     Clients {
@@ -151,6 +157,25 @@ pub enum Command {
     Bench {
         #[command(subcommand)]
         which: BenchCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BrokerCmd {
+    /// Create (or rotate) the users `<namespace>-edge`, `-worker`, `-audit` and `-admin` with
+    /// `rabbitmqctl` on the broker's host, set each one's least permissions, then declare the
+    /// topology as the admin user. Prints each role's password and URL once; run the services
+    /// with VIGIL_BROKER_ROLES=separate and their role's URL.
+    Provision {
+        /// The `rabbitmqctl` to run.
+        #[arg(long, default_value = "rabbitmqctl")]
+        rabbitmqctl: PathBuf,
+        /// The node to provision (`rabbit@host`); rabbitmqctl's default when unset.
+        #[arg(long)]
+        node: Option<String>,
+        /// Print JSON to stdout.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -505,6 +530,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     })?;
     match cli.command {
         Command::Topology { action } => topology(&cfg, action).await,
+        Command::Broker { action } => broker_users(&cfg, action).await,
         Command::Clients { action } => clients(&cfg, action).await,
         Command::Models { action } => models(&cfg, action),
         Command::Audit { action } => audit(cfg, action).await,
@@ -597,18 +623,7 @@ async fn topology(cfg: &Config, action: TopologyCmd) -> Result<(), CliError> {
             Ok(())
         }
         TopologyCmd::Apply => {
-            let broker = Broker::connect(
-                &cfg.amqp_url,
-                "vigil-cli",
-                BrokerMetrics::new(&Registry::new()),
-            )
-            .await
-            .map_err(fail)?;
-            broker
-                .declare(&topo.shared(&cfg.namespace))
-                .await
-                .map_err(fail)?;
-            broker.close().await;
+            apply_topology(cfg, &cfg.amqp_url, &topo).await?;
             println!("topology `{}` declared", cfg.namespace);
             Ok(())
         }
@@ -635,6 +650,79 @@ async fn topology(cfg: &Config, action: TopologyCmd) -> Result<(), CliError> {
             }
             broker.close().await;
             println!("topology `{}` deleted", cfg.namespace);
+            Ok(())
+        }
+    }
+}
+
+/// Declare everything the services use: the shared topology, the audit checkpoint stream and,
+/// when capture is on, the capture stream.
+async fn apply_topology(cfg: &Config, url: &str, topo: &Topology) -> Result<(), CliError> {
+    let broker = Broker::connect(url, "vigil-cli", BrokerMetrics::new(&Registry::new()))
+        .await
+        .map_err(fail)?;
+    let mut parts = vec![
+        topo.shared(&cfg.namespace),
+        topo.checkpoints(&cfg.namespace),
+    ];
+    if cfg.capture_stream {
+        parts.push(topo.streams(&cfg.namespace));
+    }
+    for part in &parts {
+        broker.declare(part).await.map_err(fail)?;
+    }
+    broker.close().await;
+    Ok(())
+}
+
+async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
+    match action {
+        BrokerCmd::Provision {
+            rabbitmqctl,
+            node,
+            json,
+        } => {
+            let vhost = cfg
+                .amqp_url
+                .parse::<lapin::uri::AMQPUri>()
+                .map_err(|e| fail(format!("VIGIL_AMQP_URL: {e}")))?
+                .vhost;
+            let opts = crate::provision::ProvisionOptions {
+                rabbitmqctl,
+                node,
+                vhost,
+                namespace: cfg.namespace.clone(),
+                base_url: cfg.amqp_url.clone(),
+                timeout: Duration::from_secs(60),
+            };
+            let users = crate::provision::provision(&opts).await.map_err(fail)?;
+            let admin = users
+                .iter()
+                .find(|u| u.role == crate::roles::Role::Admin)
+                .expect("every role is provisioned");
+            let topo = Topology::load(cfg.topology_file.as_deref()).map_err(fail)?;
+            apply_topology(cfg, &admin.url, &topo).await?;
+            let mut text = format!(
+                "broker users for `{}` on vhost `{}` (passwords are shown once; \
+                 run the services with VIGIL_BROKER_ROLES=separate):\n",
+                cfg.namespace, opts.vhost
+            );
+            for u in &users {
+                let _ = writeln!(
+                    text,
+                    "  {:<7} {:<24} {}  VIGIL_AMQP_URL={}",
+                    u.role.as_str(),
+                    u.user,
+                    if u.created { "created" } else { "rotated" },
+                    u.url
+                );
+            }
+            let _ = writeln!(
+                text,
+                "topology `{}` declared as the admin user",
+                cfg.namespace
+            );
+            print_report(json, &users, text);
             Ok(())
         }
     }

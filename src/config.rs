@@ -25,6 +25,10 @@ pub struct Config {
     /// How long a binary keeps retrying its first broker connection, in ms
     /// [VIGIL_BROKER_CONNECT_TIMEOUT_MS].
     pub broker_connect_timeout_ms: u64,
+    /// `shared`: every role is this process's broker user. `separate`: each role is its own
+    /// user, `<namespace>-<role>` (made by `vigil broker provision`), and receivers accept each
+    /// kind of event only from its roles [VIGIL_BROKER_ROLES].
+    pub broker_roles: crate::roles::RoleMode,
     /// Address of the `/metrics`, `/healthz` and `/readyz` endpoints; port 0 picks a free port
     /// [VIGIL_METRICS_LISTEN].
     pub metrics_listen: SocketAddr,
@@ -274,6 +278,7 @@ impl Default for Config {
             namespace: "vigil".into(),
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             broker_connect_timeout_ms: 30_000,
+            broker_roles: crate::roles::RoleMode::Shared,
             metrics_listen: "127.0.0.1:9090".parse().expect("valid address"),
             topology_file: None,
             clients_dir: PathBuf::from("clients"),
@@ -410,6 +415,7 @@ impl Config {
         }
         set(env, errors, "VIGIL_NAMESPACE", &mut self.namespace);
         set(env, errors, "VIGIL_AMQP_URL", &mut self.amqp_url);
+        set(env, errors, "VIGIL_BROKER_ROLES", &mut self.broker_roles);
         set(
             env,
             errors,

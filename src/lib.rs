@@ -4,7 +4,8 @@
 //! - [`wire`]: the broker envelope and the client protocol; the only module that knows
 //!   MessagePack.
 //! - [`topology`]: `exchanges.toml` as typed, validated data.
-//! - [`broker`]: RabbitMQ through `lapin` (connect, declare, publish with confirms, consume).
+//! - [`broker`]: RabbitMQ through `lapin` (connect, declare, publish with confirms, consume);
+//!   [`roles`]: who may publish what, and each role's least permissions.
 //! - [`edge`]: the WebSocket edge node (`vigil-edge`), its admin API, and Vigil's own client.
 //! - [`worker`]: the frame worker (`vigil-worker`); [`analyzer`]: what it runs on a frame.
 //! - [`inference`]: pixels and models (`image`, `ort`); [`models`]: the model manifest and fetch.
@@ -37,8 +38,10 @@ pub mod metrics;
 pub mod models;
 pub mod plots;
 pub mod policy;
+pub mod provision;
 pub mod recorder;
 pub mod replay;
+pub mod roles;
 pub mod telemetry;
 pub mod topology;
 pub mod wire;

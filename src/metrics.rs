@@ -72,6 +72,7 @@ pub struct BrokerMetrics {
     pub reconnects: IntCounter,
     pub publish_failures: IntCounter,
     pub handshake_timeouts: IntCounter,
+    pub untrusted: IntCounterVec,
 }
 
 impl BrokerMetrics {
@@ -97,6 +98,12 @@ impl BrokerMetrics {
                 registry,
                 "vigil_broker_handshake_timeouts_total",
                 "Connection attempts abandoned because the broker did not finish the handshake in time",
+            ),
+            untrusted: counter_vec(
+                registry,
+                "vigil_broker_untrusted_messages_total",
+                "Messages dropped because their publisher's role may not send that kind",
+                &["kind"],
             ),
         }
     }

@@ -57,6 +57,7 @@ fn tap(name: &str, bindings: Vec<BindingSpec>) -> Topology {
             overflow: Some(topology::Overflow::DropHead),
             dead_letter_exchange: None,
             max_age: None,
+            single_active_consumer: false,
         }],
         bindings,
     }

@@ -149,6 +149,9 @@ pub struct QueueSpec {
     /// Stream retention by age, as RabbitMQ reads it (`10m`, `1h`, `7D`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_age: Option<String>,
+    /// At most one consumer gets deliveries; the others wait (`x-single-active-consumer`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub single_active_consumer: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

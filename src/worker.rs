@@ -104,7 +104,9 @@ pub async fn start_with(
     )
     .await?;
     health.set("broker", true);
-    broker.declare(&topo.shared(&cfg.namespace)).await?;
+    broker
+        .prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
+        .await?;
     health.set("topology", true);
 
     let threads = cfg.worker.effective_analysis_threads();
@@ -126,6 +128,7 @@ pub async fn start_with(
         seq: AtomicU64::new(0),
         max_pixels: cfg.inference.max_pixels,
         max_jpeg_scans: cfg.inference.max_jpeg_scans,
+        trust: broker.trust(cfg.broker_roles, &cfg.namespace),
     });
     let work_queue = format!("{}.{}", cfg.namespace, topology::WORK_QUEUE);
     let span = tracing::info_span!("worker", worker = %id);
@@ -169,6 +172,8 @@ struct Ctx {
     max_pixels: u64,
     /// Most scans a frame may hold (`inference.max_jpeg_scans`).
     max_jpeg_scans: u32,
+    /// Who may publish frames.
+    trust: crate::roles::Trust,
 }
 
 /// Consume until shutdown; when the broker connection is lost, reconnect with backoff and
@@ -203,7 +208,10 @@ async fn run_loop(
                 _ = tokio::time::sleep(delay) => {}
             }
             match Broker::connect(&cfg.amqp_url, &ctx.worker_id, broker_metrics.clone()).await {
-                Ok(b) => match b.declare(&topo.shared(&cfg.namespace)).await {
+                Ok(b) => match b
+                    .prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
+                    .await
+                {
                     Ok(()) => break b,
                     Err(e) => tracing::warn!(error = %e, "topology declaration failed"),
                 },
@@ -297,6 +305,15 @@ async fn handle(ctx: Arc<Ctx>, publisher: Arc<Publisher>, delivery: Delivery) ->
 /// True when the frame is answered and confirmed and wants its ack; false when it is settled
 /// already (dead-lettered or requeued).
 async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool {
+    // Before any decoding: only an edge (or an admin's tool) may hand a worker a frame, and
+    // the frame's `source` decides where the answer goes.
+    if !ctx
+        .trust
+        .admits(crate::roles::Kind::Frame, delivery.user_id())
+    {
+        dead_letter(ctx, delivery, "untrusted").await;
+        return false;
+    }
     let env = match Envelope::decode_shared(delivery.body()) {
         Ok(env) => env,
         Err(e) => {

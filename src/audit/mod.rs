@@ -751,18 +751,24 @@ pub async fn start(
     )
     .await?;
     health.set("broker", true);
-    broker.declare(&topo.shared(&cfg.namespace)).await?;
-    broker.declare(&topo.checkpoints(&cfg.namespace)).await?;
+    broker
+        .prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
+        .await?;
+    broker
+        .prepare(&topo.checkpoints(&cfg.namespace), cfg.broker_roles)
+        .await?;
+    let trust = broker.trust(cfg.broker_roles, &cfg.namespace);
     health.set("topology", true);
     let queue = format!("{}.{}", cfg.namespace, topology::AUDIT_QUEUE);
     let checkpoints = Checkpoints {
         publisher: broker.publisher().await?,
-        queue: format!("{}.{}", cfg.namespace, topology::AUDIT_CHECKPOINTS),
+        exchange: format!("{}.{}", cfg.namespace, topology::AUDIT_CHECKPOINTS),
     };
+    let checkpoint_queue = format!("{}.{}", cfg.namespace, topology::AUDIT_CHECKPOINTS);
     // A log behind its own newest checkpoint lost its tail: extending it would hide that (the
     // next checkpoint would match the shortened log), so the writer refuses to start.
     if let Some(newest) =
-        newest_checkpoint(&broker, &checkpoints.queue, Duration::from_millis(500)).await?
+        newest_checkpoint(&broker, &checkpoint_queue, Duration::from_millis(500)).await?
     {
         let key = store.signer.as_ref().map(SigningKey::verifying_key);
         if key.is_some_and(|k| !signed_by(&newest, &k)) {
@@ -786,7 +792,7 @@ pub async fn start(
     tracing::info!(%queue, dir = %cfg.evidence_dir.display(), entries = store.len(), "audit writer consuming");
     let store = Arc::new(Mutex::new(store));
     let task = tokio::spawn(async move {
-        let result = serve(consumer, store, checkpoints, metrics, shutdown).await;
+        let result = serve(consumer, store, checkpoints, trust, metrics, shutdown).await;
         broker.close().await;
         result
     });
@@ -805,7 +811,8 @@ pub async fn run(
 /// Where the writer publishes its checkpoints.
 struct Checkpoints {
     publisher: crate::broker::Publisher,
-    queue: String,
+    /// The exchange bound to the checkpoint stream (the same name).
+    exchange: String,
 }
 
 impl Checkpoints {
@@ -815,7 +822,7 @@ impl Checkpoints {
         let bytes = serde_json::to_vec(head).expect("a checkpoint encodes");
         let confirmed = async {
             self.publisher
-                .publish_raw("", &self.queue, &bytes)
+                .publish_raw(&self.exchange, "", &bytes)
                 .await?
                 .wait()
                 .await
@@ -838,6 +845,7 @@ async fn serve(
     mut consumer: crate::broker::Consumer,
     store: Arc<Mutex<AuditStore>>,
     checkpoints: Checkpoints,
+    trust: crate::roles::Trust,
     metrics: AuditMetrics,
     shutdown: CancellationToken,
 ) -> Result<(), AuditError> {
@@ -850,6 +858,12 @@ async fn serve(
                 None => break,
             },
         };
+        // Only edges and admins may put an entry in the trail.
+        if !trust.admits(crate::roles::Kind::Action, delivery.user_id()) {
+            metrics.rejected.inc();
+            let _ = delivery.dead_letter().await;
+            continue;
+        }
         handle(&delivery, &store, &checkpoints, &metrics).await?;
     }
     consumer.close().await;

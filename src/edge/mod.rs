@@ -34,6 +34,7 @@ use crate::broker::{Broker, BrokerError, Publisher};
 use crate::config::{Config, EdgeConfig};
 use crate::directory::{ClientStatus, ClientStore, DirectoryError, FolderStore};
 use crate::metrics::{BrokerMetrics, EdgeMetrics};
+use crate::roles::Kind;
 use crate::telemetry::{self, Health};
 use crate::topology::{self, NodeKind, Topology};
 use crate::wire::client::ErrorCode;
@@ -348,6 +349,8 @@ struct Links {
     replies: crate::broker::Consumer,
     control: crate::broker::Consumer,
     publisher: Arc<Publisher>,
+    /// Who may send results and control over this connection.
+    trust: crate::roles::Trust,
 }
 
 impl Links {
@@ -358,9 +361,13 @@ impl Links {
         topo: &Topology,
         edge_id: &str,
     ) -> Result<Self, EdgeError> {
-        broker.declare(&topo.shared(&cfg.namespace)).await?;
+        broker
+            .prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
+            .await?;
         if cfg.capture_stream {
-            broker.declare(&topo.streams(&cfg.namespace)).await?;
+            broker
+                .prepare(&topo.streams(&cfg.namespace), cfg.broker_roles)
+                .await?;
         }
         broker
             .declare(&topo.per_node(&cfg.namespace, NodeKind::Edge, edge_id))
@@ -381,7 +388,9 @@ impl Links {
             .consume(&own_queue(topology::EDGE_REPLY_QUEUE), edge_id, 1000, false)
             .await?;
         let publisher = Arc::new(broker.publisher().await?);
+        let trust = broker.trust(cfg.broker_roles, &cfg.namespace);
         Ok(Self {
+            trust,
             broker,
             replies,
             control,
@@ -452,7 +461,9 @@ async fn serve(
         let lost = tokio::select! {
             delivery = links.control.next() => match delivery {
                 Some(Ok(d)) => {
-                    apply_control(&shared, d.data());
+                    if links.trust.admits(Kind::Control, d.user_id()) {
+                        apply_control(&shared, d.data());
+                    }
                     false
                 }
                 _ => true,
@@ -509,7 +520,9 @@ async fn serve(
             },
             delivery = links.replies.next() => match delivery {
                 Some(Ok(d)) => {
-                    dispatch(&shared, d.data());
+                    if links.trust.admits(Kind::Result, d.user_id()) {
+                        dispatch(&shared, d.data());
+                    }
                     false
                 }
                 _ => true,

@@ -383,12 +383,22 @@ async fn poison_from_another_amqp_client_is_dead_lettered_and_nothing_crash_loop
         },
     )
     .await;
+    // It set no `user_id`, so the worker cannot tell who published it: dropped before any
+    // decoding, and counted.
     let worker = &env.worker_registries[0];
     assert_eq!(
         metric(
             worker,
             "vigil_worker_dead_lettered_total",
-            Some(("reason", "malformed"))
+            Some(("reason", "untrusted"))
+        ),
+        4.0
+    );
+    assert_eq!(
+        metric(
+            worker,
+            "vigil_broker_untrusted_messages_total",
+            Some(("kind", "frame"))
         ),
         4.0
     );

@@ -15,5 +15,6 @@ mod identity;
 mod liveness;
 mod observability;
 mod pipeline;
+mod roles;
 mod scaling;
 mod tls;

@@ -621,7 +621,7 @@ pub async fn await_listening(url: &str) {
 /// be stopped and started without touching the shared broker.
 pub struct PrivateBroker {
     pub port: u16,
-    node: String,
+    pub node: String,
     dir: PathBuf,
     dist_port: u16,
     /// The `amqps://` port, when the node was started with a TLS listener.
@@ -630,7 +630,7 @@ pub struct PrivateBroker {
 
 impl PrivateBroker {
     const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
-    const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
+    pub const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
 
     pub async fn start() -> Self {
         let b = Self::new();
@@ -678,7 +678,8 @@ impl PrivateBroker {
         }
     }
 
-    fn env(&self, cmd: &mut std::process::Command) {
+    /// The environment `rabbitmqctl` needs to reach this node (its cookie lives in `HOME`).
+    pub fn env(&self, cmd: &mut std::process::Command) {
         cmd.env("HOME", &self.dir)
             .env("RABBITMQ_NODENAME", &self.node)
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
