@@ -585,6 +585,19 @@ impl Config {
         set(env, errors, "VIGIL_SHARPNESS_MIN", &mut t.sharpness_min);
         let l = &mut self.liveness;
         set(env, errors, "VIGIL_LIVENESS_WINDOW_MS", &mut l.window_ms);
+        let p = &mut self.policy;
+        set(
+            env,
+            errors,
+            "VIGIL_POLICY_NO_FRAMES_MS",
+            &mut p.no_frames_ms,
+        );
+        set(
+            env,
+            errors,
+            "VIGIL_POLICY_CARRY_OVER_MS",
+            &mut p.carry_over_ms,
+        );
         set(
             env,
             errors,

@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::policy::SavedPolicy;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -279,6 +280,9 @@ pub trait ClientStore: Send + Sync {
     fn list(&self) -> Result<Vec<ClientRecord>, DirectoryError>;
     fn presence(&self, id: &str) -> Result<Option<Presence>, DirectoryError>;
     fn set_presence(&self, id: &str, presence: &Presence) -> Result<(), DirectoryError>;
+    /// The client's saved policy state (escalation, cooldowns, recent verdicts).
+    fn policy(&self, id: &str) -> Result<Option<SavedPolicy>, DirectoryError>;
+    fn put_policy(&self, id: &str, saved: &SavedPolicy) -> Result<(), DirectoryError>;
 
     /// Add a new client; refuses an id that exists.
     fn add(&self, record: &ClientRecord) -> Result<(), DirectoryError> {
@@ -373,6 +377,7 @@ impl ClientStore for FolderStore {
         check_client_id(id)?;
         let path = self.path(id);
         let _ = std::fs::remove_file(self.dir.join(format!("{id}.presence")));
+        let _ = std::fs::remove_file(self.dir.join(format!("{id}.policy")));
         let _ = std::fs::remove_file(self.dir.join(format!("{id}.reference.jpg")));
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -392,6 +397,18 @@ impl ClientStore for FolderStore {
         check_client_id(id)?;
         let path = self.dir.join(format!("{id}.presence"));
         let bytes = serde_json::to_vec_pretty(presence).expect("presence encodes");
+        write_atomic(&path, &bytes).map_err(|e| io(&path, e))
+    }
+
+    fn policy(&self, id: &str) -> Result<Option<SavedPolicy>, DirectoryError> {
+        check_client_id(id)?;
+        read_json(&self.dir.join(format!("{id}.policy")))
+    }
+
+    fn put_policy(&self, id: &str, saved: &SavedPolicy) -> Result<(), DirectoryError> {
+        check_client_id(id)?;
+        let path = self.dir.join(format!("{id}.policy"));
+        let bytes = serde_json::to_vec(saved).expect("policy state encodes");
         write_atomic(&path, &bytes).map_err(|e| io(&path, e))
     }
 

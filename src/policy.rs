@@ -55,6 +55,13 @@ pub struct PolicyConfig {
     pub ok_to_allow: usize,
     /// Frames kept per client as evidence for an action.
     pub evidence_frames: usize,
+    /// A client that sends no frame for this long gets a `no_frames` verdict, and again after
+    /// each further such period, in ms; 0 turns it off [VIGIL_POLICY_NO_FRAMES_MS].
+    pub no_frames_ms: u64,
+    /// A client's policy state (escalation, cooldowns, recent verdicts) is kept in the
+    /// directory, so reconnecting to this or another edge resumes it; state older than this is
+    /// forgotten, in ms [VIGIL_POLICY_CARRY_OVER_MS].
+    pub carry_over_ms: u64,
     pub rules: BTreeMap<Verdict, Rule>,
 }
 
@@ -84,10 +91,17 @@ impl Default for PolicyConfig {
             // A face too poor to judge is the camera's or the light's fault far more often
             // than a cheat's: it only ever warns ("face the camera", "more light").
             (Verdict::LowQuality, rule(10, 15, &[Action::Warn], 30_000)),
+            // Silence: first a warning (a camera that dropped out), then the screen locks.
+            (
+                Verdict::NoFrames,
+                rule(1, 1, &[Action::Warn, Action::LockScreen], 10_000),
+            ),
         ]);
         Self {
             ok_to_allow: 5,
             evidence_frames: 3,
+            no_frames_ms: 10_000,
+            carry_over_ms: 30 * 60 * 1000,
             rules,
         }
     }
@@ -102,6 +116,12 @@ impl PolicyConfig {
         }
         if self.evidence_frames == 0 || self.evidence_frames > 16 {
             errors.push("policy.evidence_frames must be within 1..=16".into());
+        }
+        if self.no_frames_ms != 0 && self.no_frames_ms < 1000 {
+            errors.push(format!(
+                "policy.no_frames_ms = {} must be 0 (off) or at least 1000",
+                self.no_frames_ms
+            ));
         }
         for (verdict, r) in &self.rules {
             let name = verdict.as_str();
@@ -137,6 +157,13 @@ impl PolicyConfig {
     }
 }
 
+/// A client's policy state as the directory keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedPolicy {
+    pub saved_at_ms: u64,
+    pub policy: ClientPolicy,
+}
+
 /// A fired action, with its reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
@@ -147,8 +174,9 @@ pub struct Decision {
     pub step: usize,
 }
 
-/// One client's policy state.
-#[derive(Debug, Clone)]
+/// One client's policy state. It is saved in the directory ([`SavedPolicy`]) so that it
+/// survives reconnecting.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClientPolicy {
     window: VecDeque<Verdict>,
     ok_streak: usize,
@@ -175,6 +203,22 @@ impl ClientPolicy {
     /// The action in force.
     pub fn state(&self) -> Action {
         self.state
+    }
+
+    /// Resume a saved state, unless it is older than `carry_over_ms` (then start afresh).
+    pub fn resume(cfg: &PolicyConfig, saved: Option<SavedPolicy>, now_ms: u64) -> Self {
+        match saved {
+            Some(s) if now_ms.saturating_sub(s.saved_at_ms) <= cfg.carry_over_ms => s.policy,
+            _ => Self::new(),
+        }
+    }
+
+    /// This state, to be saved at `now_ms`.
+    pub fn save(&self, now_ms: u64) -> SavedPolicy {
+        SavedPolicy {
+            saved_at_ms: now_ms,
+            policy: self.clone(),
+        }
     }
 
     /// Take one frame's verdict at `now_ms`; returns the action that fires, if any.
@@ -333,6 +377,77 @@ mod tests {
         assert_eq!(actions, vec![(3, Action::SignOut), (15, Action::Allow)]);
         // Allow is not repeated while already allowed.
         assert_eq!(run(&cfg, &[Ok; 50]), vec![]);
+    }
+
+    /// Each escalation step once, across a reconnect at `cut`: the second session resumes the
+    /// first one's saved state through JSON, as the directory keeps it.
+    fn run_with_reconnect(
+        cfg: &PolicyConfig,
+        verdicts: &[Verdict],
+        cut: usize,
+        gap_ms: u64,
+    ) -> Vec<(usize, Decision)> {
+        let mut p = ClientPolicy::new();
+        let mut fired = Vec::new();
+        for (i, v) in verdicts.iter().enumerate() {
+            let mut now = i as u64 * 200;
+            if i >= cut {
+                now += gap_ms;
+            }
+            if i == cut {
+                let saved = serde_json::to_string(&p.save(now - gap_ms)).unwrap();
+                p = ClientPolicy::resume(cfg, Some(serde_json::from_str(&saved).unwrap()), now);
+            }
+            fired.extend(p.observe(cfg, *v, now).map(|d| (i, d)));
+        }
+        fired
+    }
+
+    #[test]
+    fn escalation_survives_a_reconnect_but_not_a_long_absence() {
+        let cfg = PolicyConfig::default();
+        // Several faces for 12 s: warn at once, then lock after the 10 s cooldown. A reconnect
+        // after 4 s (and a 2 s gap) changes nothing.
+        let frames = vec![MultipleFaces; 60];
+        let whole = run(&cfg, &frames);
+        let cut = run_with_reconnect(&cfg, &frames, 20, 2_000);
+        let steps = |d: &[(usize, Decision)]| d.iter().map(|(_, d)| d.action).collect::<Vec<_>>();
+        assert_eq!(steps(&whole), [Action::Warn, Action::LockScreen]);
+        assert_eq!(steps(&cut), [Action::Warn, Action::LockScreen]);
+        // Back after longer than carry_over_ms: a fresh start warns again.
+        let late = run_with_reconnect(&cfg, &frames, 20, cfg.carry_over_ms + 1);
+        assert_eq!(steps(&late), [Action::Warn, Action::Warn]);
+    }
+
+    #[test]
+    fn the_window_survives_a_reconnect() {
+        let cfg = PolicyConfig::default();
+        // 4 wrong-person frames, reconnect, 1 more: 5 of 8 fire the lock on the fifth.
+        let frames = [WrongPerson; 5];
+        let fired = run_with_reconnect(&cfg, &frames, 4, 1_000);
+        assert_eq!(fired.len(), 1);
+        assert_eq!((fired[0].0, fired[0].1.action), (4, Action::LockScreen));
+    }
+
+    #[test]
+    fn silence_warns_then_locks_and_frames_lift_it() {
+        let cfg = PolicyConfig::default();
+        let mut p = ClientPolicy::new();
+        // `no_frames` arrives once per silent period (10 s).
+        let silent: Vec<_> = (1..=3)
+            .filter_map(|i| p.observe(&cfg, NoFrames, i * cfg.no_frames_ms))
+            .map(|d| d.action)
+            .collect();
+        assert_eq!(
+            silent,
+            [Action::Warn, Action::LockScreen, Action::LockScreen]
+        );
+        // The camera is back: ok frames bring the client back to allow.
+        let back: Vec<_> = (0..cfg.ok_to_allow as u64)
+            .filter_map(|i| p.observe(&cfg, Ok, 40_000 + i * 200))
+            .collect();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].action, Action::Allow);
     }
 
     #[test]

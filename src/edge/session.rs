@@ -113,6 +113,22 @@ pub(super) async fn run(
         .and_then(|r| r.embedding_bytes())
         .map(serde_bytes::ByteBuf::from);
 
+    // Escalation, cooldowns and recent verdicts carry over from the client's last session, on
+    // this edge or another.
+    let saved = {
+        let store = shared.store.clone();
+        let id = client_id.clone();
+        match tokio::task::spawn_blocking(move || store.policy(&id)).await {
+            Ok(Ok(saved)) => saved,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, client = %client_id, "policy state unreadable; starting afresh");
+                None
+            }
+            Err(_) => None,
+        }
+    };
+    let policy = ClientPolicy::resume(&shared.policy, saved, wire::now_ms());
+
     let session_id: u64 = rand::random();
     let (tx, rx) = mpsc::channel(shared.cfg.max_inflight * 4 + 16);
     let closer = Closer::default();
@@ -194,6 +210,8 @@ pub(super) async fn run(
         paused,
         info,
         last_frame_at: None,
+        silent_since: Instant::now(),
+        policy_dirty: false,
         id: session_id,
         client_id: client_id.clone(),
         reference,
@@ -205,7 +223,7 @@ pub(super) async fn run(
         last_seq: 0,
         bad_streak: 0,
         outbox,
-        policy: ClientPolicy::new(),
+        policy,
         liveness: StreamLiveness::new(),
         last_seen: Instant::now(),
         evidence: VecDeque::new(),
@@ -214,6 +232,10 @@ pub(super) async fn run(
     };
     let end = session.run(&mut ws, rx, &closer).await;
     tracing::info!(client = %client_id, ?end, "session ended");
+    // A replaced session leaves the state to its successor, which loaded it already.
+    if !matches!(end, End::Replaced) {
+        session.save_policy().await;
+    }
     let connection = match end {
         End::ClientGone | End::SlowReader | End::Idle => Connection::ConnectionError,
         _ => Connection::Deactivated,
@@ -482,6 +504,10 @@ struct Session {
     paused: bool,
     info: Arc<Mutex<SessionInfo>>,
     last_frame_at: Option<Instant>,
+    /// Since when no frame arrived (or since the last `no_frames` verdict).
+    silent_since: Instant,
+    /// The policy fired since its state was last saved.
+    policy_dirty: bool,
     id: u64,
     client_id: String,
     /// The enrolled reference embedding, attached to every frame.
@@ -522,6 +548,9 @@ impl Session {
         let mut sweep = tokio::time::interval(Duration::from_millis(100));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if self.policy_dirty {
+                self.save_policy().await;
+            }
             match self.flush(ws).await {
                 Ok(()) => {}
                 Err(Gone::Closed) => return End::ClientGone,
@@ -744,6 +773,7 @@ impl Session {
             }
         }
         self.last_frame_at = Some(now);
+        self.silent_since = now;
         if self.paused {
             self.drop_frame(seq, DropReason::Paused, "paused by an administrator");
             return;
@@ -971,7 +1001,7 @@ impl Session {
                         jpeg: inflight.jpeg,
                         analysis,
                     };
-                    self.judge(verdict, frame);
+                    self.judge(verdict, Some(frame));
                 }
             }
             Payload::Dropped(d) => self.drop_frame(seq, d.reason, d.detail),
@@ -985,6 +1015,8 @@ impl Session {
         match command {
             ControlCommand::Pause | ControlCommand::Resume => {
                 self.paused = command == ControlCommand::Pause;
+                // A paused client is not expected to send; its silence counts from the resume.
+                self.silent_since = Instant::now();
                 self.info.lock().unwrap_or_else(|e| e.into_inner()).paused = self.paused;
                 self.outbox.push(ServerMsg::Status {
                     state: if self.paused { "paused" } else { "active" }.into(),
@@ -1016,23 +1048,27 @@ impl Session {
 
     /// Run the policy on one verdict; when it fires, tell the client at once and send the
     /// action with its evidence to the audit trail.
-    fn judge(&mut self, verdict: Verdict, frame: EvidenceFrame) {
+    /// `frame` is the analysed frame behind the verdict (`None` for `no_frames`).
+    fn judge(&mut self, verdict: Verdict, frame: Option<EvidenceFrame>) {
         self.info
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .last_verdict = Some(verdict.as_str().into());
         let cfg = &self.shared.policy;
-        if verdict == Verdict::Ok {
-            self.last_ok = Some(frame);
-        } else {
-            self.evidence.push_back(frame);
-            while self.evidence.len() > cfg.evidence_frames {
-                self.evidence.pop_front();
+        match frame {
+            Some(frame) if verdict == Verdict::Ok => self.last_ok = Some(frame),
+            Some(frame) => {
+                self.evidence.push_back(frame);
+                while self.evidence.len() > cfg.evidence_frames {
+                    self.evidence.pop_front();
+                }
             }
+            None => {}
         }
         let Some(decision) = self.policy.observe(cfg, verdict, wire::now_ms()) else {
             return;
         };
+        self.policy_dirty = true;
         let evidence: Vec<EvidenceFrame> = if decision.reason == Verdict::Ok {
             self.last_ok.iter().cloned().collect()
         } else {
@@ -1116,9 +1152,35 @@ impl Session {
         }
     }
 
-    /// Answer `expired` for frames whose result is overdue.
+    /// Save the policy state in the directory, where the client's next session finds it.
+    async fn save_policy(&mut self) {
+        self.policy_dirty = false;
+        let store = self.shared.store.clone();
+        let id = self.client_id.clone();
+        let saved = self.policy.save(wire::now_ms());
+        match tokio::task::spawn_blocking(move || store.put_policy(&id, &saved)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, client = %self.client_id, "policy state not saved")
+            }
+            Err(e) => tracing::warn!(error = %e, "policy state save failed"),
+        }
+    }
+
+    /// Answer `expired` for frames whose result is overdue, and judge a silent stream.
     async fn sweep(&mut self) {
         let now = Instant::now();
+        let silence = Duration::from_millis(self.shared.policy.no_frames_ms);
+        if !silence.is_zero() && !self.paused && now.duration_since(self.silent_since) >= silence {
+            // Counted like any verdict; again after each further silent period.
+            self.silent_since = now;
+            self.shared
+                .metrics
+                .verdicts
+                .with_label_values(&[Verdict::NoFrames.as_str()])
+                .inc();
+            self.judge(Verdict::NoFrames, None);
+        }
         let mut overdue: Vec<u64> = self
             .inflight
             .iter()

@@ -217,9 +217,14 @@ pub enum Verdict {
     WrongPerson,
     Phone,
     Ok,
+    /// Not a frame's verdict but the stream's: no frame arrived for `policy.no_frames_ms`
+    /// (the camera was turned off, or the page stopped sending). The edge feeds it to the
+    /// policy; workers never give it.
+    NoFrames,
 }
 
 impl Verdict {
+    /// Every verdict a frame can get (not `no_frames`, which only the edge gives).
     pub const ALL: [Verdict; 7] = [
         Verdict::NoFace,
         Verdict::MultipleFaces,
@@ -239,6 +244,7 @@ impl Verdict {
             Verdict::WrongPerson => "wrong_person",
             Verdict::Phone => "phone",
             Verdict::Ok => "ok",
+            Verdict::NoFrames => "no_frames",
         }
     }
 }

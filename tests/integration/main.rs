@@ -8,6 +8,7 @@ mod actions;
 mod admin;
 mod attack;
 mod capture;
+mod enforcement;
 mod faults;
 mod garbage;
 mod golden;
