@@ -330,6 +330,18 @@ pub enum AuditCmd {
     },
     /// One action, with the paths of its evidence files.
     Show { action_id: String },
+    /// Remove the evidence files of actions decided longer ago than --older-than. The log
+    /// keeps every entry and hash, and a prune entry (signed with VIGIL_AUDIT_KEY) lists the
+    /// files, so `verify` stays green. Takes the writer's lock: with a writer running, set
+    /// VIGIL_AUDIT_RETENTION_DAYS for it instead.
+    Prune {
+        /// `30d`, `12h`.
+        #[arg(long, value_parser = parse_age)]
+        older_than: Duration,
+        /// Print JSON to stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_action(s: &str) -> Result<crate::policy::Action, String> {
@@ -1297,6 +1309,26 @@ async fn audit(cfg: Config, action: AuditCmd) -> Result<(), CliError> {
             audit::run(cfg, Registry::new(), shutdown)
                 .await
                 .map_err(fail)
+        }
+        AuditCmd::Prune { older_than, json } => {
+            let signer = cfg
+                .audit_key
+                .as_deref()
+                .map(audit::signing::load_private)
+                .transpose()
+                .map_err(fail)?;
+            let before_ms = since_ms(Some(older_than));
+            let report = audit::prune(&cfg.evidence_dir, signer, before_ms).map_err(fail)?;
+            let text = format!(
+                "pruned {} evidence files ({} bytes) of {} actions decided before {}; \
+                 their entries stay in the log\n",
+                report.files,
+                report.bytes,
+                report.actions,
+                audit::utc_date(before_ms)
+            );
+            print_report(json, &report, text);
+            Ok(())
         }
         AuditCmd::Keygen { out } => {
             let public = audit::signing::generate(&out).map_err(fail)?;

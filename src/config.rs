@@ -51,6 +51,10 @@ pub struct Config {
     /// entries with; outside the evidence folder. Unset: entries are not signed
     /// [VIGIL_AUDIT_KEY].
     pub audit_key: Option<PathBuf>,
+    /// The audit writer removes the evidence files of actions older than this many days, once
+    /// an hour (the log keeps their entries and hashes, and a prune entry lists the files); 0
+    /// keeps evidence forever [VIGIL_AUDIT_RETENTION_DAYS].
+    pub audit_retention_days: u32,
     /// Keep the last minutes of frames in a RabbitMQ stream for `vigil record --from-stream`
     /// [VIGIL_CAPTURE_STREAM].
     pub capture_stream: bool,
@@ -290,6 +294,7 @@ impl Default for Config {
             liveness: crate::liveness::LivenessConfig::default(),
             evidence_dir: PathBuf::from("evidence"),
             audit_key: None,
+            audit_retention_days: 0,
             capture_stream: false,
         }
     }
@@ -432,6 +437,12 @@ impl Config {
         set(env, errors, "VIGIL_CLIENTS_DIR", &mut self.clients_dir);
         set(env, errors, "VIGIL_EVIDENCE_DIR", &mut self.evidence_dir);
         set_opt(env, errors, "VIGIL_AUDIT_KEY", &mut self.audit_key);
+        set(
+            env,
+            errors,
+            "VIGIL_AUDIT_RETENTION_DAYS",
+            &mut self.audit_retention_days,
+        );
         set(
             env,
             errors,

@@ -262,6 +262,8 @@ pub struct AuditMetrics {
     pub rejected: IntCounter,
     pub write_seconds: Histogram,
     pub checkpoint_failures: IntCounter,
+    pub pruned_files: IntCounter,
+    pub notes: IntCounter,
 }
 
 impl AuditMetrics {
@@ -292,6 +294,16 @@ impl AuditMetrics {
                 registry,
                 "vigil_audit_checkpoint_failures_total",
                 "Checkpoints of the log's head the broker did not confirm within 5 s",
+            ),
+            pruned_files: counter(
+                registry,
+                "vigil_audit_pruned_files_total",
+                "Evidence files removed past VIGIL_AUDIT_RETENTION_DAYS (their entries stay)",
+            ),
+            notes: counter(
+                registry,
+                "vigil_audit_admin_operations_total",
+                "Administrators' operations written to the audit log",
             ),
         }
     }

@@ -10,6 +10,11 @@
 //!   by frame id, whose SHA-256 the record holds, and `record.json`.
 //! - `audit.lock`: held (an exclusive file lock) by the one writer.
 //!
+//! Most entries record an action ([`AuditRecord`]). The others are [`Note`]s: an
+//! administrator's operation on a client (with the operator), and a prune, which lists the
+//! evidence files it removed so that `verify` accepts them missing while their entries keep
+//! their hashes.
+//!
 //! The writer consumes the durable audit queue. Writes are idempotent by `action_id`: an action
 //! already in the log is acked without writing. A delivery is acked only after its evidence,
 //! record and log entry are on disk (fsync).
@@ -102,6 +107,51 @@ pub struct AuditRecord {
     /// The SHA-256 (hex) of each evidence file, in the same order; `verify` checks the files.
     #[serde(default)]
     pub evidence_sha256: Vec<String>,
+}
+
+/// An entry that is not an action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Note {
+    /// An administrator's operation on a client.
+    Admin {
+        entry_id: Uuid,
+        /// Who did it: the operator's name (admin API token, or the CLI's user).
+        operator: String,
+        /// `add`, `pause`, `resume`, `block`, `unblock`, `kick`, `remove`, `enroll`, or
+        /// `force:<action>`.
+        operation: String,
+        client_id: String,
+        /// The node that carried it out (an edge, or `cli`).
+        source: String,
+        at_ms: u64,
+        written_at_ms: u64,
+    },
+    /// Evidence files removed by `vigil audit prune` (their entries keep their hashes).
+    Prune {
+        entry_id: Uuid,
+        /// Evidence of actions decided before this Unix time (ms) was removed.
+        before_ms: u64,
+        files: Vec<String>,
+        written_at_ms: u64,
+    },
+}
+
+impl Note {
+    fn id(&self) -> Uuid {
+        match self {
+            Note::Admin { entry_id, .. } | Note::Prune { entry_id, .. } => *entry_id,
+        }
+    }
+}
+
+/// What `prune` did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PruneReport {
+    pub before_ms: u64,
+    pub actions: usize,
+    pub files: usize,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -230,9 +280,20 @@ impl AuditStore {
         let public = signer.as_ref().map(SigningKey::verifying_key);
         let (entries, last_hash, ids) = match Self::scan(&log_path, public.as_ref())? {
             Scan::Ok {
+                signed: true,
+                entries,
+                ..
+            } if public.is_none() => {
+                return Err(AuditError::Key(format!(
+                    "is needed: the log's {entries} entries are signed, and an unsigned entry \
+                     would break it (set VIGIL_AUDIT_KEY)"
+                )));
+            }
+            Scan::Ok {
                 entries,
                 last_hash,
                 ids,
+                ..
             } => (entries, last_hash, ids),
             Scan::Broken(Verification::Broken { line, problem, .. }) => {
                 return Err(AuditError::Damaged {
@@ -376,6 +437,67 @@ impl AuditStore {
         Ok(true)
     }
 
+    /// Append a note (an admin operation, a prune). Returns false when its id is logged already.
+    pub fn note(&mut self, note: &Note) -> Result<bool, AuditError> {
+        if self.contains(&note.id()) {
+            return Ok(false);
+        }
+        let json = serde_json::to_string(note).expect("audit note encodes");
+        self.append(&json)?;
+        self.ids.insert(note.id());
+        Ok(true)
+    }
+
+    /// Remove the evidence files of actions decided before `before_ms`. A prune entry listing
+    /// them goes into the log first (fsynced), then the files go: a crash in between leaves
+    /// files that still match their hashes, and `verify` accepts listed files missing.
+    pub fn prune(&mut self, before_ms: u64) -> Result<PruneReport, AuditError> {
+        let pruned = pruned_files(&self.log_path)?;
+        let mut actions = 0;
+        let mut files = Vec::new();
+        let mut bytes = 0;
+        for record in read_records::<AuditRecord>(&self.log_path)? {
+            if record.decided_at_ms >= before_ms {
+                continue;
+            }
+            let before = files.len();
+            for file in &record.evidence_files {
+                if pruned.contains(file) || !inside_evidence(file) {
+                    continue;
+                }
+                if let Ok(meta) = std::fs::metadata(self.root.join(file)) {
+                    bytes += meta.len();
+                    files.push(file.clone());
+                }
+            }
+            actions += usize::from(files.len() > before);
+        }
+        let report = PruneReport {
+            before_ms,
+            actions,
+            files: files.len(),
+            bytes,
+        };
+        if files.is_empty() {
+            return Ok(report);
+        }
+        self.note(&Note::Prune {
+            entry_id: Uuid::now_v7(),
+            before_ms,
+            files: files.clone(),
+            written_at_ms: crate::wire::now_ms(),
+        })?;
+        for file in &files {
+            let path = self.root.join(file);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path)(e)),
+            }
+        }
+        Ok(report)
+    }
+
     fn append(&mut self, record_json: &str) -> Result<(), AuditError> {
         let seq = self.next_seq;
         let hash = entry_hash(seq, &self.last_hash, record_json);
@@ -408,6 +530,7 @@ impl AuditStore {
                     entries: 0,
                     last_hash: GENESIS.into(),
                     ids: HashSet::new(),
+                    signed: false,
                 });
             }
             Err(e) => return Err(io(path)(e)),
@@ -415,6 +538,7 @@ impl AuditStore {
         let mut prev = GENESIS.to_owned();
         let mut ids = HashSet::new();
         let mut entries = 0;
+        let mut signed = false;
         for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
             let line = line.map_err(io(path))?;
             let lineno = i + 1;
@@ -434,7 +558,12 @@ impl AuditStore {
             };
             let action_id = serde_json::from_str::<AuditRecord>(entry.record.get())
                 .ok()
-                .map(|r| r.action_id);
+                .map(|r| r.action_id)
+                .or_else(|| {
+                    serde_json::from_str::<Note>(entry.record.get())
+                        .ok()
+                        .map(|n| n.id())
+                });
             // Name the action even when tampering broke the rest of the record.
             let id_text = serde_json::from_str::<serde_json::Value>(entry.record.get())
                 .ok()
@@ -469,6 +598,7 @@ impl AuditStore {
                 return broken(None, "its record is not an audit record".into());
             };
             ids.insert(action_id);
+            signed = entry.sig.is_some();
             prev = entry.hash;
             entries += 1;
         }
@@ -476,6 +606,7 @@ impl AuditStore {
             entries,
             last_hash: prev,
             ids,
+            signed,
         })
     }
 }
@@ -485,6 +616,8 @@ enum Scan {
         entries: u64,
         last_hash: String,
         ids: HashSet<Uuid>,
+        /// Whether the last entry is signed.
+        signed: bool,
     },
     Broken(Verification),
 }
@@ -515,6 +648,7 @@ pub fn verify(root: &Path, public: Option<&VerifyingKey>) -> Result<Verification
     let Ok(file) = File::open(&path) else {
         return Ok(Verification::Intact { entries });
     };
+    let pruned = pruned_files(&path)?;
     for (i, line) in BufReader::new(file).lines().enumerate() {
         let line = line.map_err(io(&path))?;
         let Ok(entry) = serde_json::from_str::<EntryIn>(&line) else {
@@ -534,11 +668,7 @@ pub fn verify(root: &Path, public: Option<&VerifyingKey>) -> Result<Verification
             };
             // The log names the files, so a rewritten log could point anywhere (`/dev/zero`,
             // `../../etc/shadow`): only paths inside the evidence folder are read.
-            let inside = Path::new(file).starts_with("evidence")
-                && Path::new(file)
-                    .components()
-                    .all(|c| matches!(c, std::path::Component::Normal(_)));
-            if !inside {
+            if !inside_evidence(file) {
                 return Ok(broken(format!(
                     "evidence path {file} leaves the evidence folder"
                 )));
@@ -551,13 +681,66 @@ pub fn verify(root: &Path, public: Option<&VerifyingKey>) -> Result<Verification
                     )));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Ok(broken(format!("evidence file {file} is missing")));
+                    if !pruned.contains(file) {
+                        return Ok(broken(format!("evidence file {file} is missing")));
+                    }
                 }
                 Err(e) => return Err(io(&root.join(file))(e)),
             }
         }
     }
     Ok(Verification::Intact { entries })
+}
+
+/// Whether a path the log names stays inside the evidence folder.
+fn inside_evidence(file: &str) -> bool {
+    Path::new(file).starts_with("evidence")
+        && Path::new(file)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
+/// Every record of type `T` in the log at `path` (entries of other kinds are skipped).
+fn read_records<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, AuditError> {
+    let Ok(file) = File::open(path) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for line in BufReader::new(file).lines() {
+        let line = line.map_err(io(path))?;
+        if let Ok(entry) = serde_json::from_str::<EntryIn>(&line)
+            && let Ok(r) = serde_json::from_str::<T>(entry.record.get())
+        {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// The evidence files the log's prune entries say were removed.
+fn pruned_files(path: &Path) -> Result<HashSet<String>, AuditError> {
+    Ok(read_records::<Note>(path)?
+        .into_iter()
+        .flat_map(|n| match n {
+            Note::Prune { files, .. } => files,
+            Note::Admin { .. } => Vec::new(),
+        })
+        .collect())
+}
+
+/// The log's notes (admin operations and prunes), oldest first.
+pub fn notes(root: &Path) -> Result<Vec<Note>, AuditError> {
+    read_records(&root.join("audit.log"))
+}
+
+/// Prune the evidence folder at `root` as its writer: takes the writer's lock (so it refuses
+/// while a writer runs) and signs the prune entry with `signer`.
+pub fn prune(
+    root: &Path,
+    signer: Option<SigningKey>,
+    before_ms: u64,
+) -> Result<PruneReport, AuditError> {
+    AuditStore::open_with(root, signer)?.prune(before_ms)
 }
 
 /// [`verify`], then compare the log with the newest checkpoint: a log that ends before it lost
@@ -792,7 +975,18 @@ pub async fn start(
     tracing::info!(%queue, dir = %cfg.evidence_dir.display(), entries = store.len(), "audit writer consuming");
     let store = Arc::new(Mutex::new(store));
     let task = tokio::spawn(async move {
-        let result = serve(consumer, store, checkpoints, trust, metrics, shutdown).await;
+        let retention = (cfg.audit_retention_days > 0)
+            .then(|| Duration::from_secs(u64::from(cfg.audit_retention_days) * 86_400));
+        let result = serve(
+            consumer,
+            store,
+            checkpoints,
+            trust,
+            retention,
+            metrics,
+            shutdown,
+        )
+        .await;
         broker.close().await;
         result
     });
@@ -846,12 +1040,33 @@ async fn serve(
     store: Arc<Mutex<AuditStore>>,
     checkpoints: Checkpoints,
     trust: crate::roles::Trust,
+    retention: Option<Duration>,
     metrics: AuditMetrics,
     shutdown: CancellationToken,
 ) -> Result<(), AuditError> {
+    let mut prune = tokio::time::interval(Duration::from_secs(3600));
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let delivery = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = prune.tick(), if retention.is_some() => {
+                let keep = retention.unwrap_or_default().as_millis() as u64;
+                let before_ms = crate::wire::now_ms().saturating_sub(keep);
+                let store = store.clone();
+                let pruned = tokio::task::spawn_blocking(move || {
+                    let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
+                    store.prune(before_ms).map(|r| (r, store.head()))
+                })
+                .await
+                .map_err(|e| io(Path::new("audit store"))(std::io::Error::other(e.to_string())))??;
+                let (report, head) = pruned;
+                if report.files > 0 {
+                    tracing::info!(files = report.files, actions = report.actions, bytes = report.bytes, "pruned old evidence");
+                    metrics.pruned_files.inc_by(report.files as u64);
+                    checkpoints.publish(&head, &metrics).await;
+                }
+                continue;
+            }
             d = consumer.next() => match d {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => return Err(e.into()),
@@ -1162,6 +1377,49 @@ mod tests {
                 other => panic!("{path}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn prune_removes_old_evidence_and_verify_stays_green() {
+        let root = dir();
+        let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+        let public = key.verifying_key();
+        let mut store = AuditStore::open_with(&root, Some(key.clone())).unwrap();
+        // Two old actions, one recent.
+        for decided_at_ms in [1_000, 2_000, 10_000] {
+            let (env, mut ev) = event(Action::Warn);
+            ev.decided_at_ms = decided_at_ms;
+            store.store(&env, &ev).unwrap();
+        }
+        let report = store.prune(5_000).unwrap();
+        assert_eq!((report.actions, report.files), (2, 2));
+        // Nothing older is left: a second prune changes nothing and logs nothing.
+        assert_eq!(store.prune(5_000).unwrap().files, 0);
+        assert_eq!(store.len(), 4);
+        drop(store);
+        assert_eq!(
+            verify(&root, Some(&public)).unwrap(),
+            Verification::Intact { entries: 4 }
+        );
+        let recs = records(&root).unwrap();
+        assert!(!root.join(&recs[0].evidence_files[0]).exists());
+        assert!(!root.join(&recs[1].evidence_files[0]).exists());
+        // The entries keep their hashes, and the prune entry names the files.
+        assert_eq!(recs[0].evidence_sha256.len(), 1);
+        assert!(
+            matches!(&notes(&root).unwrap()[..], [Note::Prune { files, .. }] if files.len() == 2)
+        );
+        // A file that was not pruned is still missed.
+        std::fs::remove_file(root.join(&recs[2].evidence_files[0])).unwrap();
+        assert!(matches!(
+            verify(&root, Some(&public)).unwrap(),
+            Verification::Broken { line: 3, .. }
+        ));
+        // Without the key, nothing can be appended to a signed log.
+        assert!(matches!(
+            prune(&root, None, 20_000),
+            Err(AuditError::Key(_))
+        ));
     }
 
     #[test]

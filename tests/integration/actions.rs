@@ -487,6 +487,22 @@ async fn audit_verify_catches_tampering_a_deleted_tail_and_changed_evidence() {
     let (ok, text) = verify(&[]);
     assert!(ok, "{text}");
 
+    // Pruning: refused without the key (the log is signed), then every file goes, the prune
+    // entry is signed, and verify stays green against the key and the checkpoint.
+    let (ok, text) = vigil(&env, &["audit", "prune", "--older-than", "0s"], &evidence);
+    assert!(!ok && text.contains("VIGIL_AUDIT_KEY"), "{text}");
+    let (ok, text) = vigil(
+        &env,
+        &["audit", "prune", "--older-than", "0s", "--json"],
+        &[("VIGIL_EVIDENCE_DIR", &dir), ("VIGIL_AUDIT_KEY", &key)],
+    );
+    assert!(ok, "{text}");
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(report["actions"], ACTIONS);
+    assert!(!file.exists());
+    let (ok, text) = verify(&[]);
+    assert!(ok, "after a prune: {text}");
+
     broker.close().await;
     env.teardown().await;
     let _ = std::fs::remove_dir_all(&dir);
