@@ -11,7 +11,7 @@ use crate::directory::{
     ClientRecord, ClientStatus, ClientStore, Connection, DirectoryError, Presence,
 };
 use crate::policy::Action;
-use crate::wire::{self, ControlCommand, ControlEvent, Envelope, Payload};
+use crate::wire::{self, AdminOpEvent, ControlCommand, ControlEvent, Envelope, Payload};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -21,6 +21,8 @@ pub enum AdminError {
     Broadcast(#[from] BrokerError),
     #[error("client `{0}` not found")]
     NotFound(String),
+    #[error("the change was made but could not reach the audit trail: {0}")]
+    Audit(String),
 }
 
 /// An operation on one client.
@@ -36,6 +38,17 @@ pub enum AdminOp {
 }
 
 impl AdminOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminOp::Pause => "pause",
+            AdminOp::Resume => "resume",
+            AdminOp::Block => "block",
+            AdminOp::Unblock => "unblock",
+            AdminOp::Kick => "kick",
+            AdminOp::Remove => "remove",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "pause" => AdminOp::Pause,
@@ -101,20 +114,28 @@ pub fn show(store: &dyn ClientStore, id: &str) -> Result<ClientView, AdminError>
     Ok(ClientView::of(&record, store.presence(id)?))
 }
 
-/// Administration over one directory and one control exchange.
+/// Administration over one directory, the control exchange and the audit trail.
 pub struct Admin {
     pub store: Arc<dyn ClientStore>,
     /// The publisher to broadcast with (swapped by its owner after a reconnect).
     pub publisher: Arc<std::sync::RwLock<Arc<Publisher>>>,
     pub control_exchange: String,
-    /// Who these changes are recorded as coming from.
-    pub issued_by: String,
+    /// Where operations go on their way to the audit trail.
+    pub actions_exchange: String,
+    /// The node the operations are made on: an edge id, or `cli`.
+    pub source: String,
 }
 
 impl Admin {
-    /// Apply `op` to client `id`: save the status (blocked and paused survive reconnects), then
-    /// broadcast the command. Returns the client as it is now (`None` once removed).
-    pub async fn apply(&self, id: &str, op: AdminOp) -> Result<Option<ClientView>, AdminError> {
+    /// Apply `op` to client `id` for `operator`: save the status (blocked and paused survive
+    /// reconnects), broadcast the command, and audit the operation. Returns the client as it
+    /// is now (`None` once removed).
+    pub async fn apply(
+        &self,
+        id: &str,
+        op: AdminOp,
+        operator: &str,
+    ) -> Result<Option<ClientView>, AdminError> {
         let store = self.store.clone();
         let owned = id.to_owned();
         let view =
@@ -148,34 +169,96 @@ impl Admin {
             AdminOp::Unblock => ControlCommand::Unblock,
             AdminOp::Kick | AdminOp::Remove => ControlCommand::Kick,
         };
-        self.broadcast(id, command).await?;
+        self.broadcast(id, command, operator).await?;
+        self.audit(id, op.as_str(), operator).await?;
         Ok(view)
     }
 
-    /// Force an action on a connected client; it takes the policy's path, audit included.
-    pub async fn force(&self, id: &str, action: Action) -> Result<(), AdminError> {
+    /// Add a client for `operator`, and audit it.
+    pub async fn add(
+        &self,
+        record: ClientRecord,
+        operator: &str,
+    ) -> Result<ClientView, AdminError> {
+        let store = self.store.clone();
+        let id = record.id.clone();
+        let view = tokio::task::spawn_blocking(move || -> Result<ClientView, AdminError> {
+            store.add(&record)?;
+            show(&*store, &record.id)
+        })
+        .await
+        .expect("directory task does not panic")?;
+        self.audit(&id, "add", operator).await?;
+        Ok(view)
+    }
+
+    /// Force an action on a connected client; it takes the policy's path, audit included (the
+    /// action's entry names the operator, and so does the operation's own entry).
+    pub async fn force(&self, id: &str, action: Action, operator: &str) -> Result<(), AdminError> {
         if self.store.get(id)?.is_none() {
             return Err(AdminError::NotFound(id.to_owned()));
         }
-        self.broadcast(id, ControlCommand::ForceAction { action })
+        self.broadcast(id, ControlCommand::ForceAction { action }, operator)
+            .await?;
+        self.audit(id, &format!("force:{}", action.as_str()), operator)
             .await
     }
 
-    pub async fn broadcast(&self, id: &str, command: ControlCommand) -> Result<(), AdminError> {
-        let publisher = self
-            .publisher
+    fn publisher(&self) -> Arc<Publisher> {
+        self.publisher
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
+            .clone()
+    }
+
+    pub async fn broadcast(
+        &self,
+        id: &str,
+        command: ControlCommand,
+        operator: &str,
+    ) -> Result<(), AdminError> {
         publish_control(
-            &publisher,
+            &self.publisher(),
             &self.control_exchange,
             id,
-            &self.issued_by,
+            operator,
             command,
         )
         .await?;
         Ok(())
+    }
+
+    /// Send the operation to the audit trail, under a bounded confirm.
+    async fn audit(&self, id: &str, operation: &str, operator: &str) -> Result<(), AdminError> {
+        let env = Envelope {
+            schema: wire::SCHEMA,
+            id: Uuid::now_v7(),
+            source: self.source.clone(),
+            seq: 0,
+            client_id: id.to_owned(),
+            produced_at_ms: wire::now_ms(),
+            deadline_ms: 0,
+            traceparent: wire::new_traceparent(),
+            payload: Payload::AdminOp(AdminOpEvent {
+                operation: operation.to_owned(),
+                operator: operator.to_owned(),
+                at_ms: wire::now_ms(),
+            }),
+        };
+        let confirmed = async {
+            self.publisher()
+                .publish(&self.actions_exchange, "", &env)
+                .await?
+                .wait()
+                .await
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(10), confirmed).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(AdminError::Audit(e.to_string())),
+            Err(_) => Err(AdminError::Audit(
+                "the broker did not confirm within 10 s".into(),
+            )),
+        }
     }
 }
 

@@ -540,7 +540,7 @@ fn properties(env: &Envelope, now_ms: u64) -> BasicProperties {
         env.payload.kind(),
         // Actions must survive a broker restart on their way to the audit trail; frames and
         // results are worthless after their deadline.
-        matches!(env.payload, Payload::Action(_)),
+        matches!(env.payload, Payload::Action(_) | Payload::AdminOp(_)),
         (env.deadline_ms > 0).then(|| env.remaining_ms(now_ms)),
     )
 }

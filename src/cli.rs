@@ -33,6 +33,12 @@ pub enum Command {
         #[command(subcommand)]
         action: TopologyCmd,
     },
+    /// Operators' own admin tokens, in VIGIL_ADMIN_TOKENS_FILE: every admin operation is
+    /// audited with the operator's name.
+    Operators {
+        #[command(subcommand)]
+        action: OperatorsCmd,
+    },
     /// The broker's users: one per role, with the least permissions.
     Broker {
         #[command(subcommand)]
@@ -158,6 +164,20 @@ pub enum Command {
         #[command(subcommand)]
         which: BenchCmd,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OperatorsCmd {
+    /// Add an operator; prints their token once (only its SHA-256 is kept).
+    Add { name: String },
+    /// The operators and when each was added.
+    List {
+        /// Print JSON to stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an operator: their token stops working at the edges' next request.
+    Remove { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -543,6 +563,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Topology { action } => topology(&cfg, action).await,
         Command::Broker { action } => broker_users(&cfg, action).await,
+        Command::Operators { action } => operators(&cfg, action),
         Command::Clients { action } => clients(&cfg, action).await,
         Command::Models { action } => models(&cfg, action),
         Command::Audit { action } => audit(cfg, action).await,
@@ -687,6 +708,44 @@ async fn apply_topology(cfg: &Config, url: &str, topo: &Topology) -> Result<(), 
     Ok(())
 }
 
+fn operators(cfg: &Config, action: OperatorsCmd) -> Result<(), CliError> {
+    use crate::operators;
+    let path = cfg
+        .edge
+        .admin_tokens_file
+        .as_deref()
+        .ok_or_else(|| fail("set VIGIL_ADMIN_TOKENS_FILE to the operators file"))?;
+    match action {
+        OperatorsCmd::Add { name } => {
+            let token = operators::add(path, &name).map_err(fail)?;
+            println!("operator `{name}` added to {}", path.display());
+            println!("admin token (shown once, give it to {name} now): {token}");
+        }
+        OperatorsCmd::List { json } => {
+            let entries = operators::read(path).map_err(fail)?;
+            let mut text = String::new();
+            for e in &entries {
+                let _ = writeln!(
+                    text,
+                    "{:<24} added {}",
+                    e.name,
+                    crate::audit::utc_date(e.created_at_ms)
+                );
+            }
+            let public: Vec<_> = entries
+                .iter()
+                .map(|e| serde_json::json!({"name": e.name, "created_at_ms": e.created_at_ms}))
+                .collect();
+            print_report(json, &public, text);
+        }
+        OperatorsCmd::Remove { name } => {
+            operators::remove(path, &name).map_err(fail)?;
+            println!("operator `{name}` removed; their token no longer works");
+        }
+    }
+    Ok(())
+}
+
 async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
     match action {
         BrokerCmd::Provision {
@@ -763,9 +822,18 @@ async fn admin_handle(
             broker.publisher().await.map_err(fail)?,
         ))),
         control_exchange: format!("{}.{}", cfg.namespace, crate::topology::CONTROL_EXCHANGE),
-        issued_by: "cli".into(),
+        actions_exchange: format!("{}.{}", cfg.namespace, crate::topology::ACTIONS_EXCHANGE),
+        source: "cli".into(),
     };
     Ok((admin, broker))
+}
+
+/// Who the CLI's operations are audited as: `VIGIL_OPERATOR`, else the login name.
+fn cli_operator() -> String {
+    ["VIGIL_OPERATOR", "USER", "LOGNAME"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| "cli".into())
 }
 
 async fn clients(cfg: &Config, action: ClientsCmd) -> Result<(), CliError> {
@@ -782,7 +850,7 @@ async fn clients(cfg: &Config, action: ClientsCmd) -> Result<(), CliError> {
     };
     if let Some((id, op)) = op {
         let (admin, broker) = admin_handle(cfg, store).await?;
-        let view = admin.apply(&id, op).await.map_err(fail)?;
+        let view = admin.apply(&id, op, &cli_operator()).await.map_err(fail)?;
         broker.close().await;
         match view {
             Some(v) => println!(
@@ -796,7 +864,10 @@ async fn clients(cfg: &Config, action: ClientsCmd) -> Result<(), CliError> {
     }
     if let ClientsCmd::Action { id, action } = &action {
         let (admin, broker) = admin_handle(cfg, store).await?;
-        admin.force(id, *action).await.map_err(fail)?;
+        admin
+            .force(id, *action, &cli_operator())
+            .await
+            .map_err(fail)?;
         broker.close().await;
         println!("{} sent to `{id}`", action.as_str());
         return Ok(());
@@ -813,7 +884,10 @@ async fn clients(cfg: &Config, action: ClientsCmd) -> Result<(), CliError> {
             let generated = token.is_none();
             let token = token.unwrap_or_else(crate::directory::generate_token);
             let record = ClientRecord::new(&id, &name, &token).map_err(fail)?;
-            store.add(&record).map_err(fail)?;
+            let (admin, broker) = admin_handle(cfg, store).await?;
+            let added = admin.add(record, &cli_operator()).await;
+            broker.close().await;
+            added.map_err(fail)?;
             println!("client `{id}` added to {}", cfg.clients_dir.display());
             if generated {
                 // Only its hash is stored: this is the one time it can be read.

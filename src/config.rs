@@ -237,6 +237,10 @@ pub struct EdgeConfig {
     /// Bearer token the admin API requires; without one the API stays off
     /// [VIGIL_ADMIN_TOKEN].
     pub admin_token: Option<String>,
+    /// Operators' own admin tokens (`vigil operators add NAME`), reloaded when the file
+    /// changes; every admin operation is audited with the operator's name
+    /// [VIGIL_ADMIN_TOKENS_FILE].
+    pub admin_tokens_file: Option<PathBuf>,
     /// PEM certificate chain for HTTPS on the admin API; with `admin_tls_key` the admin API
     /// speaks HTTPS only. When unset, the edge's `tls_cert`/`tls_key` serve the admin API too.
     /// Reloaded when the file changes [VIGIL_ADMIN_TLS_CERT].
@@ -328,6 +332,7 @@ impl Default for EdgeConfig {
             tls_key: None,
             admin_listen: None,
             admin_token: None,
+            admin_tokens_file: None,
             admin_tls_cert: None,
             admin_tls_key: None,
             max_backlog: 1000,
@@ -549,6 +554,12 @@ impl Config {
         );
         set_opt(env, errors, "VIGIL_ADMIN_LISTEN", &mut e.admin_listen);
         set_opt(env, errors, "VIGIL_ADMIN_TOKEN", &mut e.admin_token);
+        set_opt(
+            env,
+            errors,
+            "VIGIL_ADMIN_TOKENS_FILE",
+            &mut e.admin_tokens_file,
+        );
         set_opt(env, errors, "VIGIL_EDGE_TLS_CERT", &mut e.tls_cert);
         set_opt(env, errors, "VIGIL_EDGE_TLS_KEY", &mut e.tls_key);
         set_opt(env, errors, "VIGIL_ADMIN_TLS_CERT", &mut e.admin_tls_cert);

@@ -36,6 +36,7 @@ pub mod liveness;
 pub mod loadgen;
 pub mod metrics;
 pub mod models;
+pub mod operators;
 pub mod plots;
 pub mod policy;
 pub mod provision;

@@ -107,6 +107,9 @@ pub struct AuditRecord {
     /// The SHA-256 (hex) of each evidence file, in the same order; `verify` checks the files.
     #[serde(default)]
     pub evidence_sha256: Vec<String>,
+    /// For an action forced by an administrator: who.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
 }
 
 /// An entry that is not an action.
@@ -428,6 +431,7 @@ impl AuditStore {
             thresholds,
             evidence_files: files,
             evidence_sha256: hashes,
+            operator: event.operator.clone(),
         };
         let record_json = serde_json::to_string(&record).expect("audit record encodes");
         let pretty = serde_json::to_vec_pretty(&record).expect("audit record encodes");
@@ -1094,7 +1098,7 @@ async fn handle(
     metrics: &AuditMetrics,
 ) -> Result<(), AuditError> {
     let env = match Envelope::decode(delivery.data()) {
-        Ok(env) if matches!(env.payload, Payload::Action(_)) => env,
+        Ok(env) if matches!(env.payload, Payload::Action(_) | Payload::AdminOp(_)) => env,
         other => {
             tracing::warn!(error = ?other.err(), "not an action event; dead-lettering");
             metrics.rejected.inc();
@@ -1104,16 +1108,30 @@ async fn handle(
     };
     let started = Instant::now();
     let store = store.clone();
+    let admin_op = matches!(env.payload, Payload::AdminOp(_));
     let (written, head) = tokio::task::spawn_blocking(move || {
-        let Payload::Action(event) = &env.payload else {
-            unreachable!("checked above")
-        };
         let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
-        store.store(&env, event).map(|w| (w, store.head()))
+        let written = match &env.payload {
+            Payload::Action(event) => store.store(&env, event),
+            Payload::AdminOp(op) => store.note(&Note::Admin {
+                entry_id: env.id,
+                operator: op.operator.clone(),
+                operation: op.operation.clone(),
+                client_id: env.client_id.clone(),
+                source: env.source.clone(),
+                at_ms: op.at_ms,
+                written_at_ms: crate::wire::now_ms(),
+            }),
+            _ => unreachable!("checked above"),
+        };
+        written.map(|w| (w, store.head()))
     })
     .await
     .map_err(|e| io(Path::new("audit store"))(std::io::Error::other(e.to_string())))??;
-    if written {
+    if written && admin_op {
+        checkpoints.publish(&head, metrics).await;
+        metrics.notes.inc();
+    } else if written {
         checkpoints.publish(&head, metrics).await;
         metrics.records.inc();
         metrics
@@ -1152,6 +1170,7 @@ mod tests {
                     components: 3,
                 },
             }],
+            operator: None,
         };
         let env = Envelope {
             schema: SCHEMA,

@@ -58,6 +58,8 @@ pub enum EdgeError {
     Directory(#[from] DirectoryError),
     #[error("the broker ended this edge's reply consumer")]
     RepliesEnded,
+    #[error(transparent)]
+    Operators(#[from] crate::operators::OperatorError),
     #[error("TLS: {0}")]
     Tls(String),
     #[error("the edge's main task panicked: {0}")]
@@ -67,7 +69,8 @@ pub enum EdgeError {
 /// A message for one session, from the reply consumer or from another session.
 pub(crate) enum SessionEvent {
     Reply(Box<Envelope>),
-    Control(ControlCommand),
+    /// A command, and who issued it.
+    Control(ControlCommand, String),
     /// Keep to this frame rate (the system is full, or no longer).
     Throttle {
         max_fps: u32,
@@ -273,8 +276,13 @@ pub async fn start(
         broker_blocked: AtomicBool::new(false),
         latency_ewma_us: AtomicU64::new(0),
     });
-    let admin_addr = match (cfg.edge.admin_listen, cfg.edge.admin_token.clone()) {
-        (Some(listen), Some(token)) => {
+    let admin_tokens = cfg.edge.admin_token.is_some() || cfg.edge.admin_tokens_file.is_some();
+    let admin_addr = match cfg.edge.admin_listen {
+        Some(listen) if admin_tokens => {
+            let operators = admin_api::OperatorSource::new(
+                cfg.edge.admin_tokens_file.clone(),
+                cfg.edge.admin_token.clone(),
+            )?;
             // The admin API's own certificate, else the edge's: HTTPS whenever TLS is configured.
             let admin_tls = match (&cfg.edge.admin_tls_cert, &cfg.edge.admin_tls_key) {
                 (Some(cert), Some(key)) => {
@@ -289,7 +297,7 @@ pub async fn start(
             };
             let addr = admin_api::serve(
                 listen,
-                token,
+                operators,
                 admin_tls.map(Arc::new),
                 shared.clone(),
                 shutdown.clone(),
@@ -302,13 +310,14 @@ pub async fn start(
             tracing::info!(%addr, "admin API listening");
             Some(addr)
         }
-        (Some(_), None) => {
+        Some(_) => {
             tracing::warn!(
-                "VIGIL_ADMIN_LISTEN is set but VIGIL_ADMIN_TOKEN is not: the admin API stays off"
+                "VIGIL_ADMIN_LISTEN is set but neither VIGIL_ADMIN_TOKENS_FILE nor \
+                 VIGIL_ADMIN_TOKEN is: the admin API stays off"
             );
             None
         }
-        _ => None,
+        None => None,
     };
     let work_queue = format!("{}.{}", cfg.namespace, topology::WORK_QUEUE);
     let span = tracing::info_span!("edge", edge = %edge_id);
@@ -659,7 +668,7 @@ fn apply_control(shared: &Shared, data: &[u8]) {
             };
             if entry
                 .tx
-                .try_send(SessionEvent::Control(event.command))
+                .try_send(SessionEvent::Control(event.command, event.issued_by))
                 .is_err()
             {
                 tracing::warn!(client = %client_id, command = name, "session busy; control command not delivered");
@@ -716,15 +725,17 @@ fn recheck_sessions(shared: &Shared) {
                 "recheck_block"
             }
             Some(ClientStatus::Paused) if !paused => {
-                let _ = entry
-                    .tx
-                    .try_send(SessionEvent::Control(ControlCommand::Pause));
+                let _ = entry.tx.try_send(SessionEvent::Control(
+                    ControlCommand::Pause,
+                    "directory".into(),
+                ));
                 "recheck_pause"
             }
             Some(ClientStatus::Active) if paused => {
-                let _ = entry
-                    .tx
-                    .try_send(SessionEvent::Control(ControlCommand::Resume));
+                let _ = entry.tx.try_send(SessionEvent::Control(
+                    ControlCommand::Resume,
+                    "directory".into(),
+                ));
                 "recheck_resume"
             }
             Some(_) => continue,
@@ -796,7 +807,7 @@ fn dispatch(shared: &Shared, data: &[u8]) {
     let session = match &env.payload {
         Payload::Result(r) => r.session,
         Payload::Dropped(d) => d.session,
-        Payload::Frame(_) | Payload::Action(_) | Payload::Control(_) => {
+        Payload::Frame(_) | Payload::Action(_) | Payload::Control(_) | Payload::AdminOp(_) => {
             shared
                 .metrics
                 .bad_messages

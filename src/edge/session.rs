@@ -589,7 +589,7 @@ impl Session {
                 Some(event) = events.recv() => {
                     match event {
                         SessionEvent::Reply(env) => self.on_reply(*env).await,
-                        SessionEvent::Control(command) => self.on_control(command),
+                        SessionEvent::Control(command, issued_by) => self.on_control(command, issued_by),
                         SessionEvent::Throttle { max_fps } => {
                             self.rate.set_rate(max_fps);
                             self.shared.metrics.throttles.inc();
@@ -957,7 +957,9 @@ impl Session {
         let (seq, frame_id) = match &env.payload {
             Payload::Result(r) => (r.seq, r.frame_id),
             Payload::Dropped(d) => (d.seq, d.frame_id),
-            Payload::Frame(_) | Payload::Action(_) | Payload::Control(_) => return,
+            Payload::Frame(_) | Payload::Action(_) | Payload::Control(_) | Payload::AdminOp(_) => {
+                return;
+            }
         };
         let Some(inflight) = self.inflight.get(&seq).filter(|f| f.frame_id == frame_id) else {
             // Answered already (a redelivered frame analysed twice, or swept as expired).
@@ -1005,13 +1007,13 @@ impl Session {
                 }
             }
             Payload::Dropped(d) => self.drop_frame(seq, d.reason, d.detail),
-            Payload::Frame(_) | Payload::Action(_) | Payload::Control(_) => {}
+            Payload::Frame(_) | Payload::Action(_) | Payload::Control(_) | Payload::AdminOp(_) => {}
         }
         self.promote().await;
     }
 
     /// An administrator's command for this session.
-    fn on_control(&mut self, command: ControlCommand) {
+    fn on_control(&mut self, command: ControlCommand, issued_by: String) {
         match command {
             ControlCommand::Pause | ControlCommand::Resume => {
                 self.paused = command == ControlCommand::Pause;
@@ -1033,8 +1035,9 @@ impl Session {
                     origin: "admin".into(),
                     session: self.id,
                     decided_at_ms: wire::now_ms(),
-                    rule: "forced by an administrator".into(),
+                    rule: format!("forced by {issued_by}"),
                     evidence,
+                    operator: Some(issued_by),
                 };
                 self.enforce(event);
             }
@@ -1100,6 +1103,7 @@ impl Session {
             decided_at_ms: wire::now_ms(),
             rule,
             evidence,
+            operator: None,
         };
         self.enforce(event);
     }

@@ -70,6 +70,19 @@ pub enum Payload {
     Dropped(Dropped),
     Action(ActionEvent),
     Control(ControlEvent),
+    /// An administrator's operation on a client, on its way to the audit trail.
+    AdminOp(AdminOpEvent),
+}
+
+/// An administrator's operation on a client (the envelope names the client), audited with the
+/// operator who made it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdminOpEvent {
+    /// `add`, `pause`, `resume`, `block`, `unblock`, `kick`, `remove`, or `force:<action>`.
+    pub operation: String,
+    /// The operator's name (from their admin token, or the CLI's user).
+    pub operator: String,
+    pub at_ms: u64,
 }
 
 /// An admin change or a cluster coordination message, broadcast to every edge.
@@ -118,6 +131,9 @@ pub struct ActionEvent {
     pub rule: String,
     /// The frames behind the decision, newest last.
     pub evidence: Vec<EvidenceFrame>,
+    /// For an action forced by an administrator: who.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
 }
 
 /// One frame kept as evidence: the JPEG as received, and what the worker said about it.
@@ -140,6 +156,7 @@ impl Payload {
             Payload::Dropped(_) => "vigil.dropped",
             Payload::Action(_) => "vigil.action",
             Payload::Control(_) => "vigil.control",
+            Payload::AdminOp(_) => "vigil.admin_op",
         }
     }
 }

@@ -187,6 +187,7 @@ fn action_envelope(namespace: &str, i: u64) -> Envelope {
                 components: 3,
             },
         }],
+        operator: None,
     };
     Envelope {
         schema: wire::SCHEMA,

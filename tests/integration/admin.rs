@@ -462,3 +462,117 @@ async fn a_forced_action_reaches_the_client_and_the_audit_trail() {
     env.teardown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `vigil operators ...` on the tokens file; the token it printed, for `add`.
+fn operators_cli(file: &std::path::Path, args: &[&str]) -> String {
+    let out = crate::support::output(
+        std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .arg("operators")
+            .args(args)
+            .env("VIGIL_ADMIN_TOKENS_FILE", file),
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find_map(|l| l.split_once("now): ").map(|(_, t)| t.trim().to_owned()))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_operator_has_a_token_and_every_operation_is_audited_with_its_operator() {
+    let mut env = TestEnv::new("operators");
+    let file = env.clients_dir.with_extension("operators.json");
+    let alice = operators_cli(&file, &["add", "alice"]);
+    let bob = operators_cli(&file, &["add", "bob"]);
+    assert_eq!((alice.len(), bob.len()), (43, 43));
+    env.cfg.edge.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    env.cfg.edge.admin_tokens_file = Some(file.clone());
+    env.cfg.evidence_dir = env.clients_dir.join("evidence");
+    env.start_edge("e1").await;
+    let writer = vigil::audit::start(
+        env.cfg.clone(),
+        prometheus::Registry::new(),
+        env.shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let admin = env.edges[0].admin_addr.unwrap();
+
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients",
+        Some(&alice),
+        Some(r#"{"id":"c2","name":"Candidate two"}"#),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients/c2/block",
+        Some(&bob),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = http(admin, "GET", "/v1/admin/clients", Some("not-a-token"), None).await;
+    assert_eq!(status, 401);
+
+    // A removed operator's token stops working at the next request.
+    operators_cli(&file, &["remove", "bob"]);
+    let (status, _) = http(admin, "GET", "/v1/admin/clients", Some(&bob), None).await;
+    assert_eq!(status, 401);
+    let (status, _) = http(admin, "GET", "/v1/admin/clients", Some(&alice), None).await;
+    assert_eq!(status, 200);
+
+    let dir = env.cfg.evidence_dir.clone();
+    let notes = eventually(
+        "both operations in the trail",
+        Duration::from_secs(10),
+        || {
+            let dir = dir.clone();
+            async move { vigil::audit::notes(&dir).ok().filter(|n| n.len() >= 2) }
+        },
+    )
+    .await;
+    let seen: Vec<(String, String, String, String)> = notes
+        .iter()
+        .filter_map(|n| match n {
+            vigil::audit::Note::Admin {
+                operator,
+                operation,
+                client_id,
+                source,
+                ..
+            } => Some((
+                operator.clone(),
+                operation.clone(),
+                client_id.clone(),
+                source.clone(),
+            )),
+            vigil::audit::Note::Prune { .. } => None,
+        })
+        .collect();
+    let row = |o: &str, op: &str| {
+        (
+            o.to_owned(),
+            op.to_owned(),
+            "c2".to_owned(),
+            "e1".to_owned(),
+        )
+    };
+    assert_eq!(seen, [row("alice", "add"), row("bob", "block")]);
+    assert_eq!(
+        vigil::audit::verify(&dir, None).unwrap(),
+        vigil::audit::Verification::Intact { entries: 2 }
+    );
+    env.shutdown.cancel();
+    writer.join().await.unwrap();
+    env.teardown().await;
+    let _ = std::fs::remove_file(&file);
+}

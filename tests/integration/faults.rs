@@ -449,6 +449,7 @@ async fn a_broker_restart_is_survived_and_confirmed_actions_are_kept() {
                 decided_at_ms: vigil::wire::now_ms(),
                 rule: "test".into(),
                 evidence: vec![],
+                operator: None,
             }),
         };
         publisher

@@ -230,6 +230,7 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
             decided_at_ms: wire::now_ms(),
             rule: "forged".into(),
             evidence: Vec::new(),
+            operator: None,
         }),
     );
     publish(&guest, &format!("{ns}.actions"), "", &action)
@@ -253,9 +254,13 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
             admin.publisher().await.unwrap(),
         ))),
         control_exchange: format!("{ns}.control"),
-        issued_by: "operator".into(),
+        actions_exchange: format!("{ns}.actions"),
+        source: "cli".into(),
     };
-    admin_ops.force("c1", Action::Warn).await.unwrap();
+    admin_ops
+        .force("c1", Action::Warn, "operator")
+        .await
+        .unwrap();
     assert!(matches!(
         next_msg(&mut conn).await,
         ServerMsg::Action {
@@ -271,6 +276,18 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
     .await;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].action, Action::Warn);
+    assert_eq!(stored[0].operator.as_deref(), Some("operator"));
+    // The operation itself is in the trail too, with who made it.
+    let notes = eventually("the operation stored", Duration::from_secs(15), || {
+        let dir = dir.clone();
+        async move { vigil::audit::notes(&dir).ok().filter(|n| !n.is_empty()) }
+    })
+    .await;
+    assert!(
+        matches!(&notes[..], [vigil::audit::Note::Admin { operator, operation, .. }]
+            if operator == "operator" && operation == "force:warn"),
+        "{notes:?}"
+    );
 
     // 4. A forged `user_id`: a worker claiming to be the admin is refused by the broker.
     let raw = lapin::Connection::connect(&url("worker"), lapin::ConnectionProperties::default())
