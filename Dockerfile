@@ -11,6 +11,14 @@ COPY exchanges.toml vigil.example.toml ./
 COPY models/models.toml models/
 RUN cargo build --release --locked --bins
 
+# The candidate page and the browser SDK, from npm (pinned by web/package-lock.json).
+FROM node:20-bookworm-slim AS web
+WORKDIR /web
+COPY web/package.json web/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY web/ ./
+RUN npm run check && npm run build
+
 # ONNX Runtime comes from its PyPI wheel, not from a CDN.
 FROM python:3.11-slim-bookworm AS onnxruntime
 RUN pip download --no-deps --only-binary=:all: -d /wheels onnxruntime==1.31.1 \
@@ -35,8 +43,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
 COPY --from=build /src/target/release/vigil /src/target/release/vigil-edge /src/target/release/vigil-worker /usr/local/bin/
 COPY --from=onnxruntime /out/libonnxruntime.so.1.31.1 /opt/vigil/lib/
 COPY --from=models /models /opt/vigil/models
+COPY --from=web /web/dist /opt/vigil/web
 ENV VIGIL_ORT_DYLIB=/opt/vigil/lib/libonnxruntime.so.1.31.1 \
     VIGIL_MODELS_DIR=/opt/vigil/models \
+    VIGIL_WEB_DIR=/opt/vigil/web \
     VIGIL_EDGE_LISTEN=0.0.0.0:8080 \
     VIGIL_METRICS_LISTEN=0.0.0.0:9090 \
     VIGIL_CLIENTS_DIR=/var/lib/vigil/clients

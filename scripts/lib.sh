@@ -107,3 +107,30 @@ ensure_bench_python() {
     fi
     echo "$venv/bin/python"
 }
+
+# The browser pieces: web/'s npm packages (pinned by its lockfile) and its build in web/dist,
+# which the edge serves at `/` (VIGIL_WEB_DIR). Needs Node.js and npm.
+build_web() {
+    if ! command -v npm >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+        else
+            echo "the candidate page needs Node.js and npm: sudo apt-get install nodejs npm" >&2
+            return 1
+        fi
+    fi
+    (cd "$ROOT/web" && { [ -d node_modules ] && [ node_modules -nt package-lock.json ] || npm ci --no-audit --no-fund >&2; } \
+        && npm run --silent check >&2 && npm run --silent build >&2)
+}
+
+# Debian's Chromium, for the browser tests (playwright-core drives it; nothing is downloaded
+# by a test tool).
+ensure_chromium() {
+    command -v chromium >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "the browser tests need Chromium: sudo apt-get install chromium" >&2
+        return 1
+    fi
+}

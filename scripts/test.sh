@@ -16,6 +16,9 @@ if ! command -v amqp-publish >/dev/null 2>&1; then
     fi
 fi
 ensure_onnxruntime >/dev/null
+# The candidate page and the browser that tests it.
+build_web
+ensure_chromium
 VIGIL_TEST_PHOTOS="$(fetch_photos)"
 export VIGIL_TEST_PHOTOS
 cargo build --locked --bins

@@ -227,6 +227,10 @@ pub struct EdgeConfig {
     /// Most bytes buffered for writing to one client before the session waits for it
     /// [VIGIL_EDGE_WS_MAX_WRITE_BUFFER_BYTES].
     pub ws_max_write_buffer_bytes: usize,
+    /// The candidate page's files (`npm run build` in `web/`), served at `/` on the WebSocket
+    /// listener; read once at start. A folder that is not there serves no page
+    /// [VIGIL_WEB_DIR].
+    pub web_dir: PathBuf,
     /// PEM certificate chain for `wss://` on the WebSocket listener; with `tls_key`, the edge
     /// speaks TLS only. Reloaded when the file changes [VIGIL_EDGE_TLS_CERT].
     pub tls_cert: Option<PathBuf>,
@@ -329,6 +333,7 @@ impl Default for EdgeConfig {
             ws_read_buffer_bytes: 16 * 1024,
             ws_max_write_buffer_bytes: 4 * 1024 * 1024,
             tls_cert: None,
+            web_dir: PathBuf::from("web/dist"),
             tls_key: None,
             admin_listen: None,
             admin_token: None,
@@ -561,6 +566,7 @@ impl Config {
             &mut e.admin_tokens_file,
         );
         set_opt(env, errors, "VIGIL_EDGE_TLS_CERT", &mut e.tls_cert);
+        set(env, errors, "VIGIL_WEB_DIR", &mut e.web_dir);
         set_opt(env, errors, "VIGIL_EDGE_TLS_KEY", &mut e.tls_key);
         set_opt(env, errors, "VIGIL_ADMIN_TLS_CERT", &mut e.admin_tls_cert);
         set_opt(env, errors, "VIGIL_ADMIN_TLS_KEY", &mut e.admin_tls_key);

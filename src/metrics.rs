@@ -121,6 +121,7 @@ pub struct EdgeMetrics {
     pub results_orphaned: IntCounter,
     pub results_duplicate: IntCounter,
     pub bad_messages: IntCounterVec,
+    pub http_requests: IntCounterVec,
     pub frame_latency_seconds: Histogram,
     pub verdicts: IntCounterVec,
     pub actions: IntCounterVec,
@@ -179,6 +180,12 @@ impl EdgeMetrics {
                 registry,
                 "vigil_edge_results_duplicate_total",
                 "Results for a frame that was already answered, discarded",
+            ),
+            http_requests: counter_vec(
+                registry,
+                "vigil_edge_http_requests_total",
+                "Plain HTTP requests on the WebSocket listener (the candidate page), by status",
+                &["status"],
             ),
             bad_messages: counter_vec(
                 registry,

@@ -13,6 +13,7 @@ mod gate;
 mod session;
 mod tls;
 mod tokens;
+mod web;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,7 +38,7 @@ use crate::metrics::{BrokerMetrics, EdgeMetrics};
 use crate::roles::Kind;
 use crate::telemetry::{self, Health};
 use crate::topology::{self, NodeKind, Topology};
-use crate::wire::client::ErrorCode;
+use crate::wire::client::{Encoding, ErrorCode};
 use crate::wire::{ControlCommand, DropReason, Envelope, Payload};
 
 /// The WebSocket path clients connect to.
@@ -114,6 +115,8 @@ pub(crate) struct Shared {
     pub tokens: tokens::TokenChecker,
     /// TLS for `wss://`, when configured.
     pub tls: Option<tls::Tls>,
+    /// The candidate page, served at `/` on the same listener.
+    pub web: web::WebAssets,
     pub edge_id: String,
     pub frames_exchange: String,
     pub actions_exchange: String,
@@ -247,7 +250,15 @@ pub async fn start(
         }
         _ => None,
     };
+    let web = match web::WebAssets::load(&cfg.edge.web_dir) {
+        Ok(assets) => assets,
+        Err(e) => {
+            tracing::warn!(error = %e, "no candidate page is served (build it with `npm run build` in web/, or set VIGIL_WEB_DIR)");
+            web::WebAssets::default()
+        }
+    };
     let shared = Arc::new(Shared {
+        web,
         cfg: cfg.edge.clone(),
         policy: cfg.policy.clone(),
         liveness: cfg.liveness.clone(),
@@ -853,22 +864,52 @@ async fn connection(
     peer: std::net::SocketAddr,
     pending: gate::Pending,
 ) {
+    // The subprotocol the client and the edge agree on, if the client offered any.
+    let negotiated = Arc::new(std::sync::OnceLock::new());
+    let chosen = negotiated.clone();
     #[allow(clippy::result_large_err)] // the signature is tungstenite's callback contract
-    let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        if req.uri().path() == STREAM_PATH {
-            Ok(resp)
-        } else {
+    let check = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() != STREAM_PATH {
             let mut err = ErrorResponse::new(Some(format!(
                 "no such endpoint; connect to {STREAM_PATH}\n"
             )));
             *err.status_mut() = StatusCode::NOT_FOUND;
-            Err(err)
+            return Err(err);
+        }
+        let offered: Vec<&str> = req
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        if offered.is_empty() {
+            return Ok(resp);
+        }
+        match offered.iter().find_map(|p| Encoding::from_subprotocol(p)) {
+            Some(encoding) => {
+                let name = encoding.subprotocol();
+                let _ = chosen.set(encoding);
+                resp.headers_mut().insert(
+                    "sec-websocket-protocol",
+                    tokio_tungstenite::tungstenite::http::HeaderValue::from_static(name),
+                );
+                Ok(resp)
+            }
+            None => {
+                let mut err = ErrorResponse::new(Some(
+                    "unsupported subprotocol: offer vigil.v1.msgpack or vigil.v1.json\n".into(),
+                ));
+                *err.status_mut() = StatusCode::BAD_REQUEST;
+                Err(err)
+            }
         }
     };
     let hello_timeout = Duration::from_millis(shared.cfg.hello_timeout_ms);
-    // The TLS handshake, when configured, is part of the same bounded wait.
+    // The TLS handshake and the request head are part of the same bounded wait.
     let handshake = async {
-        let stream: tls::Stream = match &shared.tls {
+        let mut stream: tls::Stream = match &shared.tls {
             Some(tls) => match tls.acceptor().accept(stream).await {
                 Ok(s) => tokio_util::either::Either::Right(s),
                 Err(e) => {
@@ -877,15 +918,36 @@ async fn connection(
             },
             None => tokio_util::either::Either::Left(stream),
         };
+        let mut read = Vec::new();
+        let head = web::read_head(&mut stream, &mut read).await;
+        if !head.as_ref().is_ok_and(|h| h.websocket) {
+            // A page request (or not HTTP at all): answered, and the connection ends.
+            let status = web::respond(
+                &mut stream,
+                &shared.web,
+                head.as_ref(),
+                STREAM_PATH,
+                Duration::from_millis(shared.cfg.write_timeout_ms),
+            )
+            .await;
+            shared
+                .metrics
+                .http_requests
+                .with_label_values(&[&status.to_string()])
+                .inc();
+            return Ok(None);
+        }
         tokio_tungstenite::accept_hdr_async_with_config(
-            stream,
-            check_path,
+            web::Rewind::new(read, stream),
+            check,
             Some(ws_config(&shared.cfg)),
         )
         .await
+        .map(Some)
     };
     let ws = match tokio::time::timeout(hello_timeout, handshake).await {
-        Ok(Ok(ws)) => ws,
+        Ok(Ok(Some(ws))) => ws,
+        Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             shared
                 .metrics
@@ -904,5 +966,6 @@ async fn connection(
             return;
         }
     };
-    session::run(shared, ws, peer, pending).await;
+    let negotiated = negotiated.get().copied();
+    session::run(shared, ws, peer, pending, negotiated).await;
 }

@@ -32,7 +32,7 @@ use crate::wire::{
     self, ActionEvent, ControlCommand, DropReason, Envelope, EvidenceFrame, Frame, Payload, Verdict,
 };
 
-type Ws = WebSocketStream<super::tls::Stream>;
+type Ws = WebSocketStream<super::web::Rewind<super::tls::Stream>>;
 
 /// How long past a frame's deadline the edge waits for the worker's own answer before it
 /// answers `expired` itself.
@@ -58,7 +58,10 @@ pub(super) async fn run(
     mut ws: Ws,
     peer: std::net::SocketAddr,
     pending: super::gate::Pending,
+    negotiated: Option<Encoding>,
 ) {
+    // Before the hello, errors go out in the negotiated encoding, else in JSON.
+    let early = negotiated.unwrap_or(Encoding::Json);
     let refused = |reason: &str| {
         shared
             .metrics
@@ -69,31 +72,17 @@ pub(super) async fn run(
     if shared.full.load(Ordering::Relaxed) {
         refused("system_full");
         let message = "the system is full; retry later";
-        refuse(
-            &shared,
-            &mut ws,
-            Encoding::Json,
-            ErrorCode::SystemFull,
-            message,
-        )
-        .await;
+        refuse(&shared, &mut ws, early, ErrorCode::SystemFull, message).await;
         return;
     }
     if shared.gate.throttled(peer.ip()) {
         // Refused before the token is hashed: failed hellos cannot buy CPU.
         refused("hello_throttled");
         let message = "too many failed hellos from this address; retry later";
-        refuse(
-            &shared,
-            &mut ws,
-            Encoding::Json,
-            ErrorCode::TooFast,
-            message,
-        )
-        .await;
+        refuse(&shared, &mut ws, early, ErrorCode::TooFast, message).await;
         return;
     }
-    let Some((record, encoding)) = hello(&shared, &mut ws, peer).await else {
+    let Some((record, encoding)) = hello(&shared, &mut ws, peer, negotiated).await else {
         return;
     };
     // Authenticated: the connection leaves the unauthenticated places and takes a session
@@ -293,6 +282,7 @@ async fn hello(
     shared: &Shared,
     ws: &mut Ws,
     peer: std::net::SocketAddr,
+    negotiated: Option<Encoding>,
 ) -> Option<(ClientRecord, Encoding)> {
     let refused = |reason: &str| {
         shared
@@ -309,12 +299,14 @@ async fn hello(
             _ = &mut deadline => {
                 refused("hello_timeout");
                 let msg = format!("no hello within {} ms", timeout.as_millis());
-                refuse(shared, ws, Encoding::Json, ErrorCode::HelloTimeout, &msg).await;
+                refuse(shared, ws, negotiated.unwrap_or(Encoding::Json), ErrorCode::HelloTimeout, &msg).await;
                 return None;
             }
             msg = ws.next() => match msg {
-                Some(Ok(Message::Text(text))) => break (client::parse_text(&text), Encoding::Json),
-                Some(Ok(Message::Binary(bytes))) => break (client::parse_binary(&bytes), Encoding::MsgPack),
+                // A negotiated subprotocol decides the replies' encoding; without one, the
+                // hello's own does.
+                Some(Ok(Message::Text(text))) => break (client::parse_text(&text), negotiated.unwrap_or(Encoding::Json)),
+                Some(Ok(Message::Binary(bytes))) => break (client::parse_binary(&bytes), negotiated.unwrap_or(Encoding::MsgPack)),
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
                     refused("disconnected");
@@ -325,7 +317,7 @@ async fn hello(
     };
     let (client_id, token) = match parsed {
         Ok(ClientMsg::Hello { client_id, token }) => (client_id, token),
-        Ok(ClientMsg::Frame(_)) => {
+        Ok(ClientMsg::Frame(_) | ClientMsg::Ping { .. }) => {
             refused("bad_hello");
             refuse(
                 shared,
@@ -706,6 +698,11 @@ impl Session {
                 self.bad_streak = 0;
                 self.on_frame(frame).await;
                 self.rate.flooded.then_some(End::Flood)
+            }
+            Ok(ClientMsg::Ping { id }) => {
+                self.bad_streak = 0;
+                self.outbox.push(ServerMsg::Pong { id });
+                None
             }
             Ok(ClientMsg::Hello { .. }) => self.bad_message(ProtocolError::Json(
                 "hello was already accepted for this session".into(),

@@ -17,11 +17,37 @@ pub enum Encoding {
     MsgPack,
 }
 
+impl Encoding {
+    /// The WebSocket subprotocol that names this encoding.
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Encoding::Json => "vigil.v1.json",
+            Encoding::MsgPack => "vigil.v1.msgpack",
+        }
+    }
+
+    pub fn from_subprotocol(name: &str) -> Option<Self> {
+        match name {
+            "vigil.v1.json" => Some(Encoding::Json),
+            "vigil.v1.msgpack" => Some(Encoding::MsgPack),
+            _ => None,
+        }
+    }
+}
+
 /// A message from a client, after parsing.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientMsg {
-    Hello { client_id: String, token: String },
+    Hello {
+        client_id: String,
+        token: String,
+    },
     Frame(ClientFrame),
+    /// An application ping (browsers cannot send WebSocket pings); answered with a pong
+    /// carrying the same `id`.
+    Ping {
+        id: Option<u64>,
+    },
 }
 
 /// A frame as the client sent it. `seq` is `None` for a raw binary JPEG (the edge assigns one).
@@ -45,7 +71,7 @@ pub enum ProtocolError {
     Base64(String),
     #[error("missing field: {0}")]
     Missing(&'static str),
-    #[error("unknown message type `{0}` (expected hello or frame)")]
+    #[error("unknown message type `{0}` (expected hello, frame or ping)")]
     UnknownType(String),
 }
 
@@ -64,6 +90,8 @@ struct RawClientMsg<'a> {
     seq: Option<u64>,
     #[serde(default)]
     captured_at_ms: Option<u64>,
+    #[serde(default)]
+    id: Option<u64>,
     #[serde(default, borrow)]
     jpeg: Option<&'a serde_bytes::Bytes>,
     #[serde(default, borrow)]
@@ -121,6 +149,7 @@ impl RawClientMsg<'_> {
                     jpeg,
                 }))
             }
+            "ping" => Ok(ClientMsg::Ping { id: self.id }),
             other => Err(ProtocolError::UnknownType(other.chars().take(32).collect())),
         }
     }
@@ -223,6 +252,11 @@ pub enum ServerMsg {
         reason: String,
         action_id: String,
         evidence_id: String,
+    },
+    /// The answer to a client's `ping`.
+    Pong {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
     },
 }
 

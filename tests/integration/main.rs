@@ -7,6 +7,7 @@ mod support;
 mod actions;
 mod admin;
 mod attack;
+mod browser;
 mod capture;
 mod enforcement;
 mod faults;

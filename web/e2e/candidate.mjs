@@ -1,0 +1,92 @@
+// Drive the candidate page in real Chromium with a fake camera made from real footage, as a
+// candidate would use it. One scenario per run; prints one JSON line of what the page showed
+// and exits 0 when the page showed what the scenario expects.
+//
+//   node e2e/candidate.mjs ok|locked|blocked
+//
+// Environment: VIGIL_PAGE (the edge's page URL), VIGIL_CLIENT, VIGIL_TOKEN, VIGIL_Y4M (the fake
+// camera's footage), VIGIL_SHOTS (a folder for screenshots), and for `blocked` VIGIL_ADMIN (the
+// admin API's URL) and VIGIL_ADMIN_TOKEN.
+import { chromium } from "playwright-core";
+import { mkdirSync } from "node:fs";
+
+const scenario = process.argv[2];
+const env = (k) => {
+  const v = process.env[k];
+  if (!v) throw new Error(`${k} is not set`);
+  return v;
+};
+const shots = env("VIGIL_SHOTS");
+mkdirSync(shots, { recursive: true });
+const TIMEOUT = Number(process.env.VIGIL_E2E_TIMEOUT_MS ?? 90_000);
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  headless: true,
+  args: [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    `--use-file-for-fake-video-capture=${env("VIGIL_Y4M")}`,
+  ],
+});
+const seen = { scenario, verdicts: [], actions: [], states: [] };
+let ok = false;
+try {
+  const context = await browser.newContext({ viewport: { width: 1100, height: 700 } });
+  const page = await context.newPage();
+  page.on("console", (m) => {
+    if (m.type() === "error") seen.console = [...(seen.console ?? []), m.text()];
+  });
+  await page.goto(env("VIGIL_PAGE"));
+  await page.getByTestId("client-id").fill(env("VIGIL_CLIENT"));
+  await page.getByTestId("token").fill(env("VIGIL_TOKEN"));
+  await page.getByTestId("start").click();
+  // Record every verdict, action and connection state the page shows.
+  await page.exposeFunction("vigilSeen", (kind, text) => seen[kind].push(text));
+  await page.evaluate(() => {
+    for (const [id, kind] of [["verdict", "verdicts"], ["action", "actions"], ["status", "states"]]) {
+      const el = document.querySelector(`[data-testid=${id}]`);
+      new MutationObserver(() => window.vigilSeen(kind, el.textContent)).observe(el, {
+        childList: true,
+        characterData: true,
+        subtree: true,
+      });
+    }
+  });
+  const opts = { timeout: TIMEOUT };
+  if (scenario === "ok") {
+    await page.getByTestId("verdict").filter({ hasText: /^ok$/ }).waitFor(opts);
+    await page.screenshot({ path: `${shots}/candidate-ok.png` });
+    ok = await page.getByTestId("lock").isHidden();
+  } else if (scenario === "locked") {
+    await page.getByTestId("lock").waitFor({ state: "visible", ...opts });
+    await page.screenshot({ path: `${shots}/candidate-locked.png` });
+    ok = (await page.getByTestId("action").textContent()).startsWith("lock_screen");
+  } else if (scenario === "blocked") {
+    await page.getByTestId("verdict").filter({ hasNotText: /^—$/ }).waitFor(opts);
+    const client = env("VIGIL_CLIENT");
+    const res = await fetch(`${env("VIGIL_ADMIN")}/v1/admin/clients/${client}/block`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${env("VIGIL_ADMIN_TOKEN")}` },
+    });
+    seen.block = res.status;
+    await page.getByTestId("ended").waitFor({ state: "visible", ...opts });
+    await page.screenshot({ path: `${shots}/candidate-blocked.png` });
+    ok = res.status === 200 && (await page.getByTestId("status").getAttribute("data-state")) === "blocked";
+  } else {
+    throw new Error(`unknown scenario ${scenario}`);
+  }
+} catch (e) {
+  seen.error = String(e);
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify({ ...seen, ok }));
+process.exit(ok ? 0 : 1);

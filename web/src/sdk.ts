@@ -1,0 +1,440 @@
+// Vigil's browser SDK: open the camera, stream JPEG frames to an edge over one WebSocket, and
+// hand back typed results, actions and connection states. The protocol is docs/protocol.md.
+//
+// Flow control follows the edge: never more than `max_inflight` frames without an answer, the
+// rate the edge asks for (`welcome.max_fps`, then each `throttle`), and JPEGs under
+// `max_frame_bytes`. Reconnection follows the rules in `closeDecision` below.
+
+import { decode, encode } from "@msgpack/msgpack";
+
+export type Verdict =
+  | "ok"
+  | "no_face"
+  | "multiple_faces"
+  | "low_quality"
+  | "spoof"
+  | "wrong_person"
+  | "phone"
+  | "no_frames";
+export type ActionName = "allow" | "warn" | "lock_screen" | "sign_out";
+
+export interface Welcome {
+  type: "welcome";
+  session_id: string;
+  max_frame_bytes: number;
+  max_fps: number;
+  max_inflight: number;
+}
+export interface ResultMsg {
+  type: "result";
+  seq: number;
+  latency_ms: number;
+  frame_id: string;
+  analyzer: string;
+  analysis: { kind: string; verdict?: Verdict; [k: string]: unknown };
+}
+export interface DroppedMsg {
+  type: "dropped";
+  seq: number;
+  reason: string;
+  detail: string;
+}
+export interface ActionMsg {
+  type: "action";
+  action: ActionName;
+  reason: string;
+  action_id: string;
+  evidence_id: string;
+}
+export interface StatusMsg {
+  type: "status";
+  state: "paused" | "active";
+}
+export interface ThrottleMsg {
+  type: "throttle";
+  max_fps: number;
+}
+export interface ErrorMsg {
+  type: "error";
+  code: string;
+  message: string;
+}
+export interface PongMsg {
+  type: "pong";
+  id?: number;
+}
+export type ServerMsg =
+  | Welcome
+  | ResultMsg
+  | DroppedMsg
+  | ActionMsg
+  | StatusMsg
+  | ThrottleMsg
+  | ErrorMsg
+  | PongMsg;
+
+/** Where the connection stands. The last five are final: the client stops. */
+export type ConnectionState =
+  | "connecting"
+  | "streaming"
+  | "paused"
+  | "reconnecting"
+  | "stopped"
+  | "replaced"
+  | "blocked"
+  | "unauthorized"
+  | "kicked"
+  | "refused";
+
+export interface StateChange {
+  state: ConnectionState;
+  /** The close code or error code behind the change, when there is one. */
+  code?: number | string;
+  detail?: string;
+  /** For `reconnecting`: the wait before the next attempt, in ms. */
+  retryInMs?: number;
+}
+
+export interface VigilEvents {
+  welcome: Welcome;
+  result: ResultMsg;
+  dropped: DroppedMsg;
+  action: ActionMsg;
+  status: StatusMsg;
+  throttle: ThrottleMsg;
+  error: ErrorMsg;
+  state: StateChange;
+}
+
+export interface VigilOptions {
+  /** `ws(s)://host:port/v1/stream`. */
+  url: string;
+  clientId: string;
+  token: string;
+  /** Capture size and rate asked of the camera (the edge's `max_fps` caps the rate sent). */
+  width?: number;
+  height?: number;
+  fps?: number;
+  /** JPEG quality, 0..1. Lowered by itself when frames come out above `max_frame_bytes`. */
+  quality?: number;
+  encoding?: "msgpack" | "json";
+  /** Reconnect backoff: full jitter over `baseMs * 2^attempt`, capped at `maxMs`. */
+  reconnect?: { baseMs?: number; maxMs?: number; maxAttempts?: number };
+  /** The frame encoder's worker script (dist/encoder.js); without it, frames are encoded on the main thread. */
+  workerUrl?: string | URL;
+  /** An application ping every this many ms; no message for twice as long means the link is dead. */
+  pingIntervalMs?: number;
+  /** A `<video>` element to show the camera in. */
+  preview?: HTMLVideoElement;
+}
+
+export const SUBPROTOCOLS = { msgpack: "vigil.v1.msgpack", json: "vigil.v1.json" } as const;
+
+/**
+ * What a close means for the client (documented in docs/protocol.md, "Reconnecting"):
+ * - replaced by a newer session (4409): stop, and never fight back;
+ * - blocked (4403), unauthorized (4401), kicked (4000), a bad request (4400): stop;
+ * - anything else (network loss, 1001 shutdown, 4503 full, 4410 idle, 4408 slow, 4429 too
+ *   fast): reconnect after a jittered, growing delay.
+ */
+export function closeDecision(code: number): ConnectionState | "retry" {
+  switch (code) {
+    case 4409:
+      return "replaced";
+    case 4403:
+      return "blocked";
+    case 4401:
+      return "unauthorized";
+    case 4000:
+      return "kicked";
+    case 4400:
+      return "refused";
+    default:
+      return "retry";
+  }
+}
+
+/** Full jitter: a uniform wait in [0, min(max, base * 2^attempt)]. */
+export function backoffMs(attempt: number, baseMs: number, maxMs: number, random = Math.random): number {
+  const ceiling = Math.min(maxMs, baseMs * 2 ** Math.min(attempt, 20));
+  return Math.floor(random() * ceiling);
+}
+
+type Encoder = (frame: ImageBitmap, quality: number) => Promise<ArrayBuffer>;
+
+/** JPEG encoding off the main thread (OffscreenCanvas in a worker) when the browser allows. */
+function makeEncoder(workerUrl?: string | URL): Encoder {
+  const offscreen =
+    typeof OffscreenCanvas !== "undefined" && "convertToBlob" in OffscreenCanvas.prototype;
+  if (workerUrl && offscreen && typeof Worker !== "undefined") {
+    const worker = new Worker(workerUrl, { type: "module" });
+    let next = 0;
+    const waiting = new Map<number, (b: ArrayBuffer) => void>();
+    worker.onmessage = (e: MessageEvent<{ id: number; jpeg: ArrayBuffer }>) => {
+      waiting.get(e.data.id)?.(e.data.jpeg);
+      waiting.delete(e.data.id);
+    };
+    return (frame, quality) =>
+      new Promise((resolve) => {
+        const id = next++;
+        waiting.set(id, resolve);
+        worker.postMessage({ id, frame, quality }, [frame]);
+      });
+  }
+  const canvas = document.createElement("canvas");
+  return async (frame, quality) => {
+    canvas.width = frame.width;
+    canvas.height = frame.height;
+    const ctx = canvas.getContext("2d");
+    if (!ctx) throw new Error("no 2d canvas");
+    ctx.drawImage(frame, 0, 0);
+    frame.close();
+    const blob = await new Promise<Blob | null>((r) => canvas.toBlob(r, "image/jpeg", quality));
+    if (!blob) throw new Error("the browser could not encode a JPEG");
+    return blob.arrayBuffer();
+  };
+}
+
+function base64(bytes: Uint8Array): string {
+  let s = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(s);
+}
+
+export class VigilClient {
+  private readonly opts: Required<Omit<VigilOptions, "workerUrl" | "preview">> &
+    Pick<VigilOptions, "workerUrl" | "preview">;
+  private readonly target = new EventTarget();
+  private ws?: WebSocket;
+  private camera?: MediaStream;
+  private video?: HTMLVideoElement;
+  private encoder?: Encoder;
+  private welcome?: Welcome;
+  private inflight = new Set<number>();
+  private seq = 0;
+  private encoding = false;
+  private quality: number;
+  private fps: number;
+  private paused = false;
+  private stopped = false;
+  private attempt = 0;
+  private timer?: ReturnType<typeof setTimeout>;
+  private pingTimer?: ReturnType<typeof setInterval>;
+  private lastHeard = 0;
+  private retryTimer?: ReturnType<typeof setTimeout>;
+  state: ConnectionState = "stopped";
+
+  constructor(options: VigilOptions) {
+    this.opts = {
+      width: 640,
+      height: 480,
+      fps: 5,
+      quality: 0.8,
+      encoding: "msgpack",
+      reconnect: {},
+      pingIntervalMs: 10_000,
+      ...options,
+    };
+    this.quality = this.opts.quality;
+    this.fps = this.opts.fps;
+  }
+
+  /** Listen for one kind of event, typed. Returns a function that stops listening. */
+  on<K extends keyof VigilEvents>(type: K, handler: (e: VigilEvents[K]) => void): () => void {
+    const listener = (e: Event) => handler((e as CustomEvent<VigilEvents[K]>).detail);
+    this.target.addEventListener(type, listener);
+    return () => this.target.removeEventListener(type, listener);
+  }
+
+  private emit<K extends keyof VigilEvents>(type: K, detail: VigilEvents[K]) {
+    this.target.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  private setState(change: StateChange) {
+    this.state = change.state;
+    this.emit("state", change);
+  }
+
+  /** Open the camera, then connect and stream until `stop()` or a final close. */
+  async start(): Promise<void> {
+    this.stopped = false;
+    this.camera = await navigator.mediaDevices.getUserMedia({
+      audio: false,
+      video: {
+        width: { ideal: this.opts.width },
+        height: { ideal: this.opts.height },
+        frameRate: { ideal: this.opts.fps },
+      },
+    });
+    this.video = this.opts.preview ?? document.createElement("video");
+    this.video.muted = true;
+    this.video.playsInline = true;
+    this.video.srcObject = this.camera;
+    await this.video.play();
+    this.encoder = makeEncoder(this.opts.workerUrl);
+    this.connect();
+  }
+
+  /** Stop streaming, close the socket and release the camera. */
+  stop(state: ConnectionState = "stopped", code?: number | string, detail?: string) {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    clearTimeout(this.retryTimer);
+    clearInterval(this.pingTimer);
+    this.ws?.close(1000, "bye");
+    this.ws = undefined;
+    this.camera?.getTracks().forEach((t) => t.stop());
+    this.setState({ state, code, detail });
+  }
+
+  private connect() {
+    this.setState({ state: this.attempt === 0 ? "connecting" : "reconnecting" });
+    const protocols =
+      this.opts.encoding === "json"
+        ? [SUBPROTOCOLS.json, SUBPROTOCOLS.msgpack]
+        : [SUBPROTOCOLS.msgpack, SUBPROTOCOLS.json];
+    const ws = new WebSocket(this.opts.url, protocols);
+    ws.binaryType = "arraybuffer";
+    this.ws = ws;
+    this.inflight.clear();
+    this.welcome = undefined;
+    ws.onopen = () => {
+      this.lastHeard = Date.now();
+      this.send({ type: "hello", client_id: this.opts.clientId, token: this.opts.token });
+      this.pingTimer = setInterval(() => this.ping(), this.opts.pingIntervalMs);
+    };
+    ws.onmessage = (e) => this.onMessage(e.data);
+    ws.onclose = (e) => this.onClose(e.code, e.reason);
+  }
+
+  /** The negotiated encoding; an edge without subprotocols answers in the hello's. */
+  private get json(): boolean {
+    if (this.ws?.protocol === SUBPROTOCOLS.json) return true;
+    if (this.ws?.protocol === SUBPROTOCOLS.msgpack) return false;
+    return this.opts.encoding === "json";
+  }
+
+  private send(msg: Record<string, unknown>) {
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return;
+    if (this.json) {
+      this.ws.send(JSON.stringify(msg));
+    } else {
+      this.ws.send(encode(msg));
+    }
+  }
+
+  private ping() {
+    // Browsers cannot send WebSocket pings: an application ping tells a dead link apart.
+    if (Date.now() - this.lastHeard > 2 * this.opts.pingIntervalMs) {
+      this.ws?.close(4001, "no answer to pings");
+      return;
+    }
+    this.send({ type: "ping", id: Date.now() });
+  }
+
+  private onMessage(data: unknown) {
+    this.lastHeard = Date.now();
+    let msg: ServerMsg;
+    try {
+      msg = (typeof data === "string" ? JSON.parse(data) : decode(new Uint8Array(data as ArrayBuffer))) as ServerMsg;
+    } catch {
+      return;
+    }
+    switch (msg.type) {
+      case "welcome":
+        this.welcome = msg;
+        this.attempt = 0;
+        this.fps = Math.min(this.opts.fps, msg.max_fps);
+        this.emit("welcome", msg);
+        this.setState({ state: this.paused ? "paused" : "streaming" });
+        this.schedule();
+        break;
+      case "result":
+        this.inflight.delete(msg.seq);
+        this.emit("result", msg);
+        break;
+      case "dropped":
+        this.inflight.delete(msg.seq);
+        if (msg.reason === "frame_too_large") this.quality = Math.max(0.3, this.quality - 0.1);
+        this.emit("dropped", msg);
+        break;
+      case "action":
+        this.emit("action", msg);
+        break;
+      case "status":
+        this.paused = msg.state === "paused";
+        this.emit("status", msg);
+        this.setState({ state: this.paused ? "paused" : "streaming" });
+        break;
+      case "throttle":
+        this.fps = Math.min(this.opts.fps, msg.max_fps);
+        this.emit("throttle", msg);
+        break;
+      case "error":
+        this.emit("error", msg);
+        break;
+      case "pong":
+        break;
+    }
+  }
+
+  private onClose(code: number, reason: string) {
+    clearTimeout(this.timer);
+    clearInterval(this.pingTimer);
+    this.ws = undefined;
+    if (this.stopped) return;
+    const decision = closeDecision(code);
+    if (decision !== "retry") {
+      this.stop(decision, code, reason);
+      return;
+    }
+    const r = this.opts.reconnect;
+    if (r.maxAttempts !== undefined && this.attempt >= r.maxAttempts) {
+      this.stop("stopped", code, "gave up reconnecting");
+      return;
+    }
+    const wait = backoffMs(this.attempt, r.baseMs ?? 500, r.maxMs ?? 30_000);
+    this.attempt += 1;
+    this.setState({ state: "reconnecting", code, detail: reason, retryInMs: wait });
+    this.retryTimer = setTimeout(() => this.connect(), wait);
+  }
+
+  /** The next capture, at the current rate. */
+  private schedule() {
+    clearTimeout(this.timer);
+    if (this.stopped || !this.welcome) return;
+    this.timer = setTimeout(() => {
+      void this.capture().finally(() => this.schedule());
+    }, 1000 / Math.max(this.fps, 0.1));
+  }
+
+  private async capture() {
+    const welcome = this.welcome;
+    const video = this.video;
+    if (!welcome || !video || !this.encoder || this.paused || this.encoding) return;
+    // Never more frames in flight than the edge allows: skip this tick instead.
+    if (this.inflight.size >= welcome.max_inflight) return;
+    if (video.readyState < 2 || video.videoWidth === 0) return;
+    this.encoding = true;
+    try {
+      const bitmap = await createImageBitmap(video);
+      const jpeg = new Uint8Array(await this.encoder(bitmap, this.quality));
+      if (jpeg.byteLength > welcome.max_frame_bytes) {
+        this.quality = Math.max(0.3, this.quality - 0.1);
+        return;
+      }
+      const seq = ++this.seq;
+      this.inflight.add(seq);
+      const captured_at_ms = Date.now();
+      if (this.json) {
+        this.send({ type: "frame", seq, captured_at_ms, jpeg_b64: base64(jpeg) });
+      } else {
+        this.send({ type: "frame", seq, captured_at_ms, jpeg });
+      }
+    } finally {
+      this.encoding = false;
+    }
+  }
+}
