@@ -76,6 +76,14 @@ pub struct ClientView {
     pub enrolled: bool,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    /// While connected: the session's frame rate, last verdict and last action, as its edge
+    /// last reported them.
+    #[serde(default)]
+    pub fps: f64,
+    #[serde(default)]
+    pub last_verdict: Option<String>,
+    #[serde(default)]
+    pub last_action: Option<String>,
 }
 
 impl ClientView {
@@ -94,6 +102,15 @@ impl ClientView {
             enrolled: record.reference.is_some(),
             created_at_ms: record.created_at_ms,
             updated_at_ms: record.updated_at_ms,
+            fps: presence.as_ref().filter(|_| live).map_or(0.0, |p| p.fps),
+            last_verdict: presence
+                .as_ref()
+                .filter(|_| live)
+                .and_then(|p| p.last_verdict.clone()),
+            last_action: presence
+                .as_ref()
+                .filter(|_| live)
+                .and_then(|p| p.last_action.clone()),
         }
     }
 }

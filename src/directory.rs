@@ -270,6 +270,14 @@ pub struct Presence {
     /// When the session started.
     pub since_ms: u64,
     pub updated_ms: u64,
+    /// What the session saw lately, refreshed every few seconds while it is live, so that a
+    /// console on any edge shows every edge's sessions.
+    #[serde(default)]
+    pub fps: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verdict: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_action: Option<String>,
 }
 
 /// Where client records live. Implementations must make each `put` atomic.
@@ -283,6 +291,8 @@ pub trait ClientStore: Send + Sync {
     /// The client's saved policy state (escalation, cooldowns, recent verdicts).
     fn policy(&self, id: &str) -> Result<Option<SavedPolicy>, DirectoryError>;
     fn put_policy(&self, id: &str, saved: &SavedPolicy) -> Result<(), DirectoryError>;
+    /// The photo the client was enrolled from, when there is one.
+    fn reference_photo(&self, id: &str) -> Result<Option<Vec<u8>>, DirectoryError>;
 
     /// Add a new client; refuses an id that exists.
     fn add(&self, record: &ClientRecord) -> Result<(), DirectoryError> {
@@ -410,6 +420,28 @@ impl ClientStore for FolderStore {
         let path = self.dir.join(format!("{id}.policy"));
         let bytes = serde_json::to_vec(saved).expect("policy state encodes");
         write_atomic(&path, &bytes).map_err(|e| io(&path, e))
+    }
+
+    fn reference_photo(&self, id: &str) -> Result<Option<Vec<u8>>, DirectoryError> {
+        let Some(reference) = self.get(id)?.and_then(|r| r.reference) else {
+            return Ok(None);
+        };
+        // The record names the file: only a plain name inside this folder is read.
+        let name = std::path::Path::new(&reference.photo_file);
+        if name.components().count() != 1
+            || !matches!(
+                name.components().next(),
+                Some(std::path::Component::Normal(_))
+            )
+        {
+            return Ok(None);
+        }
+        let path = self.dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path, e)),
+        }
     }
 
     fn list(&self) -> Result<Vec<ClientRecord>, DirectoryError> {

@@ -17,7 +17,11 @@ await build({ ...common, entryPoints: ["src/candidate.ts"], outfile: "dist/candi
 await build({ ...common, entryPoints: ["src/encoder.worker.ts"], outfile: "dist/encoder.js", format: "esm" });
 // The SDK alone, for integrators' own pages.
 await build({ ...common, entryPoints: ["src/sdk.ts"], outfile: "dist/vigil-sdk.js", format: "esm" });
+// The operator console, served by the admin API at /console/.
+await build({ ...common, entryPoints: ["src/console.ts"], outfile: "dist/console/console.js", format: "esm" });
 cpSync("public", "dist", { recursive: true });
-for (const f of readdirSync("dist")) {
-  console.log(`dist/${f}  ${statSync(`dist/${f}`).size} bytes`);
+for (const dir of ["dist", "dist/console"]) {
+  for (const f of readdirSync(dir)) {
+    if (statSync(`${dir}/${f}`).isFile()) console.log(`${dir}/${f}  ${statSync(`${dir}/${f}`).size} bytes`);
+  }
 }

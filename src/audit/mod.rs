@@ -732,6 +732,18 @@ fn pruned_files(path: &Path) -> Result<HashSet<String>, AuditError> {
         .collect())
 }
 
+/// Every action record and every note in the log at `root`, oldest first, without verifying
+/// it (a reader beside a running writer: a torn last line is skipped).
+pub fn trail(root: &Path) -> Result<(Vec<AuditRecord>, Vec<Note>), AuditError> {
+    let path = root.join("audit.log");
+    Ok((read_records(&path)?, read_records(&path)?))
+}
+
+/// Whether an evidence path a record names may be read: inside the evidence folder.
+pub fn is_evidence_path(file: &str) -> bool {
+    inside_evidence(file)
+}
+
 /// The log's notes (admin operations and prunes), oldest first.
 pub fn notes(root: &Path) -> Result<Vec<Note>, AuditError> {
     read_records(&root.join("audit.log"))

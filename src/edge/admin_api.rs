@@ -9,6 +9,12 @@
 //! - `POST /v1/admin/clients/{id}/{pause|resume|block|unblock|kick|remove}`
 //! - `POST /v1/admin/clients/{id}/action` with `{"action":"sign_out"}`
 //! - `GET  /v1/admin/sessions`: this edge's live sessions
+//! - `GET  /v1/admin/clients/{id}/reference.jpg`: the photo the client was enrolled from
+//! - `GET  /v1/admin/audit/clients/{id}`: the client's audit trail (actions with their
+//!   evidence, and administrators' operations) and the chain's verification, read-only from
+//!   `VIGIL_EVIDENCE_DIR` (the audit writer's folder, on this host or a shared volume)
+//! - `GET  /v1/admin/audit/evidence/{path}`: one evidence frame
+//! - `GET  /console/`: the operator console (static; it signs in with an admin token)
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +38,10 @@ struct ApiState {
     operators: OperatorSource,
     admin: Admin,
     shared: Arc<Shared>,
+    /// The audit writer's folder, read-only.
+    evidence_dir: std::path::PathBuf,
+    /// The console's files.
+    console: super::web::WebAssets,
 }
 
 /// Who made a request (inserted by [`require_token`]).
@@ -91,6 +101,7 @@ const MAX_TLS_HANDSHAKES: usize = 256;
 pub(super) async fn serve(
     listen: SocketAddr,
     operators: OperatorSource,
+    evidence_dir: std::path::PathBuf,
     tls: Option<Arc<super::tls::Tls>>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -102,8 +113,15 @@ pub(super) async fn serve(
         handshake_timeout: std::time::Duration::from_millis(shared.cfg.hello_timeout_ms),
         failed: shared.metrics.admin_tls_failed.clone(),
     };
+    let console = super::web::WebAssets::load(&shared.cfg.web_dir.join("console"))
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no operator console is served (build it with `npm run build` in web/)");
+            super::web::WebAssets::default()
+        });
     let state = Arc::new(ApiState {
         operators,
+        evidence_dir,
+        console,
         admin: Admin {
             store: shared.store.clone(),
             publisher: shared.publisher.clone(),
@@ -119,8 +137,18 @@ pub(super) async fn serve(
         .route("/v1/admin/clients/{id}/action", post(force))
         .route("/v1/admin/clients/{id}/{op}", post(op))
         .route("/v1/admin/sessions", get(sessions))
+        .route("/v1/admin/clients/{id}/reference.jpg", get(reference))
+        .route("/v1/admin/audit/clients/{id}", get(audit_trail))
+        .route("/v1/admin/audit/evidence/{*path}", get(evidence))
         // Authentication runs before any handler, so before a body is read or parsed.
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        // The console's static files need no token; everything it asks for does.
+        .route(
+            "/console",
+            get(|| async { axum::response::Redirect::permanent("/console/") }),
+        )
+        .route("/console/", get(console_file))
+        .route("/console/{file}", get(console_file))
         .with_state(state);
     let Some(tls) = tls else {
         tokio::spawn(async move {
@@ -294,4 +322,147 @@ async fn sessions(State(api): State<Api>) -> Response {
         .map(|e| e.info.lock().unwrap_or_else(|e| e.into_inner()).clone())
         .collect();
     Json(list).into_response()
+}
+
+/// A file of the operator console, with the page's security headers.
+async fn console_file(State(api): State<Api>, request: Request) -> Response {
+    let path = request.uri().path().strip_prefix("/console").unwrap_or("/");
+    match api.console.file(if path.is_empty() { "/" } else { path }) {
+        Some((content_type, body)) => {
+            let mut response = (StatusCode::OK, body).into_response();
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(content_type),
+            );
+            for (name, value) in super::web::SECURITY_HEADERS {
+                headers.insert(*name, header::HeaderValue::from_static(value));
+            }
+            response
+        }
+        None => error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+fn jpeg(bytes: Vec<u8>) -> Response {
+    let mut response = (StatusCode::OK, bytes).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("image/jpeg"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("private, max-age=3600"),
+    );
+    headers.insert(
+        "x-content-type-options",
+        header::HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+async fn reference(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    let store = api.admin.store.clone();
+    match tokio::task::spawn_blocking(move || store.reference_photo(&id)).await {
+        Ok(Ok(Some(bytes))) => jpeg(bytes),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "no reference photo"),
+        Ok(Err(e)) => admin_error(AdminError::Directory(e)),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// One client's trail, newest first, and whether the whole chain holds.
+async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    use crate::audit::{self, Note, Verification};
+    let dir = api.evidence_dir.clone();
+    let store = api.admin.store.clone();
+    let client = id.clone();
+    let built = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
+        if !dir.join("audit.log").exists() {
+            return Err(format!(
+                "no audit log in {} (VIGIL_EVIDENCE_DIR must be the audit writer's folder)",
+                dir.display()
+            ));
+        }
+        let verification = match audit::verify(&dir, None).map_err(|e| e.to_string())? {
+            Verification::Intact { entries } => format!(
+                "intact: {entries} entries, hashes and evidence files checked \
+                 (signatures: `vigil audit verify --public-key`)"
+            ),
+            Verification::Broken { line, problem, .. } => {
+                format!("BROKEN at entry {line}: {problem}")
+            }
+        };
+        let (records, notes) = audit::trail(&dir).map_err(|e| e.to_string())?;
+        let mut entries: Vec<serde_json::Value> = records
+            .into_iter()
+            .filter(|r| r.client_id == client)
+            .map(|r| {
+                let evidence: Vec<serde_json::Value> = r
+                    .evidence_files
+                    .iter()
+                    .zip(&r.frames)
+                    .map(|(file, frame)| {
+                        serde_json::json!({
+                            "url": format!("/v1/admin/audit/{file}"),
+                            "verdict": frame.analysis.verdict().map_or("—", |v| v.as_str()),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "kind": "action", "at_ms": r.decided_at_ms, "action": r.action,
+                    "reason": r.reason, "origin": r.origin, "operator": r.operator,
+                    "rule": r.rule, "action_id": r.action_id, "evidence": evidence,
+                })
+            })
+            .collect();
+        entries.extend(notes.into_iter().filter_map(|n| match n {
+            Note::Admin {
+                operator,
+                operation,
+                client_id,
+                source,
+                at_ms,
+                ..
+            } if client_id == client => Some(serde_json::json!({
+                "kind": "admin", "at_ms": at_ms, "operator": operator,
+                "operation": operation, "source": source,
+            })),
+            _ => None,
+        }));
+        entries.sort_by_key(|e| std::cmp::Reverse(e["at_ms"].as_u64().unwrap_or(0)));
+        let reference = store
+            .get(&client)
+            .ok()
+            .flatten()
+            .and_then(|r| r.reference)
+            .map(|_| format!("/v1/admin/clients/{client}/reference.jpg"));
+        Ok(serde_json::json!({
+            "client": client, "verification": verification,
+            "reference": reference, "entries": entries,
+        }))
+    })
+    .await;
+    match built {
+        Ok(Ok(body)) => Json(body).into_response(),
+        Ok(Err(message)) => error(StatusCode::SERVICE_UNAVAILABLE, message),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// One evidence frame, by the path its record names (inside the evidence folder only).
+async fn evidence(State(api): State<Api>, Path(path): Path<String>) -> Response {
+    let file = format!("evidence/{path}");
+    if !crate::audit::is_evidence_path(&file) || !file.ends_with(".jpg") {
+        return error(StatusCode::NOT_FOUND, "not an evidence frame");
+    }
+    let full = api.evidence_dir.join(&file);
+    match tokio::fs::read(&full).await {
+        Ok(bytes) => jpeg(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            error(StatusCode::NOT_FOUND, "no such evidence frame (pruned?)")
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }

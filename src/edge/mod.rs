@@ -309,6 +309,7 @@ pub async fn start(
             let addr = admin_api::serve(
                 listen,
                 operators,
+                cfg.evidence_dir.clone(),
                 admin_tls.map(Arc::new),
                 shared.clone(),
                 shutdown.clone(),

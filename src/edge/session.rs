@@ -200,6 +200,8 @@ pub(super) async fn run(
         info,
         last_frame_at: None,
         silent_since: Instant::now(),
+        presence_at: Instant::now(),
+        presence_said: (0, None, None),
         policy_dirty: false,
         id: session_id,
         client_id: client_id.clone(),
@@ -252,17 +254,32 @@ async fn set_presence(
     since_ms: u64,
     connection: Connection,
 ) {
-    let store = shared.store.clone();
     let presence = Presence {
         connection,
         edge: shared.edge_id.clone(),
         session: format!("{session:016x}"),
         since_ms,
         updated_ms: wire::now_ms(),
+        fps: 0.0,
+        last_verdict: None,
+        last_action: None,
     };
+    // A session's start always takes the presence; its end and its refreshes only while no
+    // newer session has.
+    write_presence(
+        shared,
+        client_id,
+        presence,
+        connection != Connection::Active,
+    )
+    .await;
+}
+
+async fn write_presence(shared: &Shared, client_id: &str, presence: Presence, only_if_ours: bool) {
+    let store = shared.store.clone();
     let id = client_id.to_owned();
     let result = tokio::task::spawn_blocking(move || {
-        if connection != Connection::Active
+        if only_if_ours
             && let Ok(Some(current)) = store.presence(&id)
             && current.session != presence.session
         {
@@ -498,6 +515,9 @@ struct Session {
     last_frame_at: Option<Instant>,
     /// Since when no frame arrived (or since the last `no_frames` verdict).
     silent_since: Instant,
+    /// When the presence's live figures were last written, and what they said.
+    presence_at: Instant,
+    presence_said: (u64, Option<String>, Option<String>),
     /// The policy fired since its state was last saved.
     policy_dirty: bool,
     id: u64,
@@ -1168,8 +1188,39 @@ impl Session {
         }
     }
 
+    /// Every few seconds, write the session's live figures into its presence, when they
+    /// changed, so that a console on any edge shows them.
+    async fn refresh_presence(&mut self) {
+        if self.presence_at.elapsed() < PRESENCE_REFRESH {
+            return;
+        }
+        self.presence_at = Instant::now();
+        let info = self.info.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let said = (
+            info.frames,
+            info.last_verdict.clone(),
+            info.last_action.clone(),
+        );
+        if said == self.presence_said {
+            return;
+        }
+        self.presence_said = said;
+        let presence = Presence {
+            connection: Connection::Active,
+            edge: self.shared.edge_id.clone(),
+            session: format!("{:016x}", self.id),
+            since_ms: info.connected_since_ms,
+            updated_ms: wire::now_ms(),
+            fps: (info.fps * 10.0).round() / 10.0,
+            last_verdict: info.last_verdict,
+            last_action: info.last_action,
+        };
+        write_presence(&self.shared, &self.client_id, presence, true).await;
+    }
+
     /// Answer `expired` for frames whose result is overdue, and judge a silent stream.
     async fn sweep(&mut self) {
+        self.refresh_presence().await;
         let now = Instant::now();
         let silence = Duration::from_millis(self.shared.policy.no_frames_ms);
         if !silence.is_zero() && !self.paused && now.duration_since(self.silent_since) >= silence {
@@ -1206,6 +1257,9 @@ impl Session {
         }
     }
 }
+
+/// How often a live session's figures reach the directory (when they changed).
+const PRESENCE_REFRESH: Duration = Duration::from_secs(2);
 
 enum Admit {
     Yes,

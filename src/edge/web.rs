@@ -61,6 +61,11 @@ impl WebAssets {
         Ok(Self { files })
     }
 
+    /// A file's content type and body, by request path.
+    pub(crate) fn file(&self, path: &str) -> Option<(&'static str, Bytes)> {
+        self.get(path).map(|(t, b)| (*t, b.clone()))
+    }
+
     fn get(&self, path: &str) -> Option<&(&'static str, Bytes)> {
         let path = path.split('?').next().unwrap_or("/");
         self.files
@@ -83,6 +88,21 @@ fn content_type(name: &str) -> &'static str {
         _ => "application/octet-stream",
     }
 }
+
+/// The headers every page response carries: it talks only to its own origin, may use the
+/// camera, and nothing may frame it.
+pub(crate) const SECURITY_HEADERS: &[(&str, &str)] = &[
+    ("cache-control", "no-cache"),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+    ("permissions-policy", "camera=(self), microphone=()"),
+    (
+        "content-security-policy",
+        "default-src 'self'; connect-src 'self'; img-src 'self' blob: data:; \
+         media-src 'self' blob: mediastream:; worker-src 'self' blob:; object-src 'none'; \
+         base-uri 'none'; frame-ancestors 'none'",
+    ),
+];
 
 /// What the start of a request says.
 #[derive(Debug, PartialEq, Eq)]
@@ -186,21 +206,14 @@ pub(crate) async fn respond<S: AsyncWrite + Unpin>(
         },
     };
     let head_only = matches!(head, Ok(h) if h.method == "HEAD");
-    // The page talks only to its own origin, and may use the camera; nothing may frame it.
-    let response = format!(
-        "HTTP/1.1 {status} {reason}\r\n\
-         Content-Type: {content_type}\r\n\
-         Content-Length: {}\r\n\
-         Cache-Control: no-cache\r\n\
-         X-Content-Type-Options: nosniff\r\n\
-         Referrer-Policy: no-referrer\r\n\
-         Permissions-Policy: camera=(self), microphone=()\r\n\
-         Content-Security-Policy: default-src 'self'; connect-src 'self'; img-src 'self' blob: data:; \
-         media-src 'self' blob: mediastream:; worker-src 'self' blob:; object-src 'none'; \
-         base-uri 'none'; frame-ancestors 'none'\r\n\
-         Connection: close\r\n\r\n",
+    let mut response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n",
         body.len()
     );
+    for (name, value) in SECURITY_HEADERS {
+        response.push_str(&format!("{name}: {value}\r\n"));
+    }
+    response.push_str("Connection: close\r\n\r\n");
     let write = async {
         stream.write_all(response.as_bytes()).await?;
         if !head_only {

@@ -86,7 +86,16 @@ fn write_y4m(frames: &[PathBuf], out: &Path, width: u32) {
 
 /// An edge serving the page, an identity worker, and clients enrolled from real images.
 async fn cluster(name: &str, clients: &[(&str, &[u8])]) -> (TestEnv, String, String) {
+    cluster_with(name, clients, |_| {}).await
+}
+
+async fn cluster_with(
+    name: &str,
+    clients: &[(&str, &[u8])],
+    configure: impl FnOnce(&mut TestEnv),
+) -> (TestEnv, String, String) {
     let mut env = TestEnv::new(name);
+    configure(&mut env);
     env.cfg.worker.analyzer = "identity".into();
     env.cfg.worker.analysis_threads = 1;
     env.cfg.inference = inference_config();
@@ -187,6 +196,38 @@ async fn the_enrolled_person_is_ok_a_stranger_is_locked_out_and_a_block_is_shown
     env.teardown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_the_live_session_its_evidence_and_blocks_it() {
+    let frames = footage();
+    let y4m = std::env::temp_dir().join(format!("vigil-camera-{}.y4m", rand::random::<u32>()));
+    write_y4m(&frames[..60], &y4m, 640);
+    let him = photo("Male_41_2_4_1.jpg");
+    let (env, page, admin) = cluster_with("console", &[("stranger", &him)], |env| {
+        env.cfg.evidence_dir = env.clients_dir.join("evidence")
+    })
+    .await;
+    let writer = vigil::audit::start(
+        env.cfg.clone(),
+        prometheus::Registry::new(),
+        env.shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let seen = scenario("console", &page, "stranger", &y4m, &admin).await;
+    assert!(seen["console"]["evidence"].as_u64().unwrap() > 0, "{seen}");
+    assert!(
+        seen["console"]["chain"]
+            .as_str()
+            .unwrap()
+            .starts_with("intact"),
+        "{seen}"
+    );
+    let _ = std::fs::remove_file(&y4m);
+    env.shutdown.cancel();
+    writer.join().await.unwrap();
+    env.teardown().await;
+}
+
 /// The raw response to one HTTP request on the edge's listener: the head and the body.
 async fn raw_http(addr: &str, request: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -217,11 +258,12 @@ async fn the_page_and_the_stream_share_one_listener_and_subprotocols_pick_the_en
     // The page, with headers that keep it to its own origin.
     let (head, body) = raw_http(&addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let lower = head.to_lowercase();
     assert!(
-        head.contains("Content-Security-Policy: default-src 'self'"),
+        lower.contains("content-security-policy: default-src 'self'"),
         "{head}"
     );
-    assert!(head.contains("X-Content-Type-Options: nosniff"), "{head}");
+    assert!(lower.contains("x-content-type-options: nosniff"), "{head}");
     assert!(body.contains("data-testid=\"start\""), "{body}");
     let (head, _) = raw_http(&addr, "GET /candidate.js HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(head.contains("text/javascript"), "{head}");

@@ -2,8 +2,11 @@
 // candidate would use it. One scenario per run; prints one JSON line of what the page showed
 // and exits 0 when the page showed what the scenario expects.
 //
-//   node e2e/candidate.mjs ok|locked|blocked
+//   node e2e/candidate.mjs ok|locked|blocked|console
 //
+// `console` also opens the operator console (VIGIL_ADMIN/console/): it signs in, waits for the
+// candidate's live session, opens the audit view until the lock's evidence frames show beside
+// the reference, then blocks the candidate, and the candidate page must show it.
 // Environment: VIGIL_PAGE (the edge's page URL), VIGIL_CLIENT, VIGIL_TOKEN, VIGIL_Y4M (the fake
 // camera's footage), VIGIL_SHOTS (a folder for screenshots), and for `blocked` VIGIL_ADMIN (the
 // admin API's URL) and VIGIL_ADMIN_TOKEN.
@@ -38,6 +41,7 @@ const browser = await chromium.launch({
 });
 const seen = { scenario, verdicts: [], actions: [], states: [] };
 let ok = false;
+let operator;
 try {
   const context = await browser.newContext({ viewport: { width: 1100, height: 700 } });
   const page = await context.newPage();
@@ -80,13 +84,51 @@ try {
     await page.getByTestId("ended").waitFor({ state: "visible", ...opts });
     await page.screenshot({ path: `${shots}/candidate-blocked.png` });
     ok = res.status === 200 && (await page.getByTestId("status").getAttribute("data-state")) === "blocked";
+  } else if (scenario === "console") {
+    await page.getByTestId("lock").waitFor({ state: "visible", ...opts });
+    const client = env("VIGIL_CLIENT");
+    operator = await (await browser.newContext({ viewport: { width: 1300, height: 900 } })).newPage();
+    await operator.goto(`${env("VIGIL_ADMIN")}/console/`);
+    await operator.getByTestId("admin-token").fill(env("VIGIL_ADMIN_TOKEN"));
+    await operator.getByTestId("sign-in").click();
+    // The live session, with the verdict its edge reported.
+    await operator.getByTestId(`connection-${client}`).filter({ hasText: /^active$/ }).waitFor(opts);
+    await operator.getByTestId(`verdict-${client}`).filter({ hasText: "wrong_person" }).waitFor(opts);
+    seen.console = { verdict: await operator.getByTestId(`verdict-${client}`).textContent() };
+    await operator.screenshot({ path: `${shots}/console-live.png` });
+    // The audit view: the lock with its evidence frames beside the enrolled reference (the
+    // writer may still be storing it: look again until it is there).
+    const frame = operator.locator("[data-testid=audit-action] [data-testid=evidence-frame][data-loaded=true]");
+    const deadline = Date.now() + TIMEOUT;
+    while ((await frame.count()) === 0 && Date.now() < deadline) {
+      await operator.getByTestId(`audit-${client}`).click();
+      await operator.waitForTimeout(1000);
+    }
+    await operator.locator("[data-testid=reference][data-loaded=true]").waitFor(opts);
+    seen.console.evidence = await frame.count();
+    seen.console.chain = await operator.getByTestId("audit-chain").textContent();
+    await operator.getByTestId("audit-chain").scrollIntoViewIfNeeded();
+    await operator.screenshot({ path: `${shots}/console-audit.png`, fullPage: true });
+    // The operator blocks the candidate; the candidate's page says so.
+    await operator.getByTestId(`block-${client}`).click();
+    await page.getByTestId("ended").waitFor({ state: "visible", ...opts });
+    await operator.getByTestId(`status-${client}`).filter({ hasText: /^blocked$/ }).waitFor(opts);
+    await page.screenshot({ path: `${shots}/candidate-blocked-by-console.png` });
+    await operator.screenshot({ path: `${shots}/console-blocked.png` });
+    ok =
+      seen.console.evidence > 0 &&
+      seen.console.chain.startsWith("intact") &&
+      (await page.getByTestId("status").getAttribute("data-state")) === "blocked";
   } else {
     throw new Error(`unknown scenario ${scenario}`);
   }
 } catch (e) {
   seen.error = String(e);
+  await operator?.screenshot({ path: `${shots}/console-failure.png`, fullPage: true }).catch(() => {});
 } finally {
   await browser.close();
 }
+// The last few of each, to keep the report short.
+for (const k of ["verdicts", "actions", "states"]) seen[k] = seen[k].slice(-8);
 console.log(JSON.stringify({ ...seen, ok }));
 process.exit(ok ? 0 : 1);

@@ -1,0 +1,203 @@
+// The operator console: sign in with an admin token, watch every client across the cluster,
+// manage them, and read each client's audit trail. It talks only to the admin API of the edge
+// that serves it (same origin).
+
+const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
+
+interface ClientView {
+  id: string;
+  display_name: string;
+  status: "active" | "paused" | "blocked";
+  connection: "active" | "deactivated" | "connection_error";
+  edge: string | null;
+  connected_since_ms: number | null;
+  enrolled: boolean;
+  fps: number;
+  last_verdict: string | null;
+  last_action: string | null;
+}
+
+let token = sessionStorage.getItem("vigil-admin-token") ?? "";
+
+async function api(method: string, path: string, body?: unknown): Promise<Response> {
+  const res = await fetch(path, {
+    method,
+    headers: {
+      authorization: `Bearer ${token}`,
+      ...(body === undefined ? {} : { "content-type": "application/json" }),
+    },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (res.status === 401) signOut("That token is not accepted.");
+  return res;
+}
+
+function signOut(message = "") {
+  token = "";
+  sessionStorage.removeItem("vigil-admin-token");
+  $("signin").hidden = false;
+  $("app").hidden = true;
+  $("signin-error").textContent = message;
+}
+
+function el<K extends keyof HTMLElementTagNameMap>(
+  tag: K,
+  props: Partial<HTMLElementTagNameMap[K]> & { testid?: string } = {},
+  ...children: (Node | string)[]
+): HTMLElementTagNameMap[K] {
+  const { testid, ...rest } = props;
+  const node = Object.assign(document.createElement(tag), rest);
+  if (testid) node.dataset.testid = testid;
+  node.append(...children);
+  return node;
+}
+
+function since(ms: number | null): string {
+  if (!ms) return "—";
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  return s < 120 ? `${s} s` : `${Math.round(s / 60)} min`;
+}
+
+async function act(id: string, path: string, body?: unknown) {
+  const res = await api("POST", `/v1/admin/clients/${encodeURIComponent(id)}/${path}`, body);
+  $("notice").textContent = res.ok ? `${id}: ${path}${body ? ` ${JSON.stringify(body)}` : ""} done` : `${id}: ${path} failed (${res.status}) ${await res.text()}`;
+  await refresh();
+}
+
+function row(c: ClientView): HTMLTableRowElement {
+  const live = c.connection === "active";
+  const button = (label: string, testid: string, run: () => void) =>
+    el("button", { type: "button", testid: `${testid}-${c.id}`, textContent: label, onclick: run });
+  const controls = el(
+    "td",
+    { className: "controls" },
+    c.status === "paused"
+      ? button("Resume", "resume", () => act(c.id, "resume"))
+      : button("Pause", "pause", () => act(c.id, "pause")),
+    c.status === "blocked"
+      ? button("Unblock", "unblock", () => act(c.id, "unblock"))
+      : button("Block", "block", () => act(c.id, "block")),
+    button("Kick", "kick", () => act(c.id, "kick")),
+    button("Warn", "warn", () => act(c.id, "action", { action: "warn" })),
+    button("Lock", "lock", () => act(c.id, "action", { action: "lock_screen" })),
+    button("Sign out", "signout", () => act(c.id, "action", { action: "sign_out" })),
+    button("Audit", "audit", () => void showAudit(c.id)),
+  );
+  return el(
+    "tr",
+    { testid: `row-${c.id}`, className: live ? "live" : "" },
+    el("td", { textContent: c.id, title: c.display_name }),
+    el("td", { textContent: c.status, testid: `status-${c.id}`, className: `status-${c.status}` }),
+    el("td", { textContent: c.connection, testid: `connection-${c.id}` }),
+    el("td", { textContent: c.edge ?? "—" }),
+    el("td", { textContent: live ? c.fps.toFixed(1) : "—" }),
+    el("td", { textContent: c.last_verdict ?? "—", testid: `verdict-${c.id}` }),
+    el("td", { textContent: c.last_action ?? "—", testid: `action-${c.id}` }),
+    el("td", { textContent: live ? since(c.connected_since_ms) : "—" }),
+    controls,
+  );
+}
+
+async function refresh() {
+  if (!token) return;
+  const res = await api("GET", "/v1/admin/clients");
+  if (!res.ok) return;
+  const clients = (await res.json()) as ClientView[];
+  const live = clients.filter((c) => c.connection === "active").length;
+  $("summary").textContent = `${clients.length} clients, ${live} connected`;
+  $("clients").replaceChildren(...clients.map(row));
+}
+
+interface AuditEntry {
+  kind: "action" | "admin" | "prune";
+  at_ms: number;
+  [k: string]: unknown;
+}
+
+/** An image behind the admin token: fetched with it, shown from a blob. */
+function image(url: string, alt: string, testid: string): HTMLImageElement {
+  const img = el("img", { alt, testid });
+  void api("GET", url).then(async (res) => {
+    if (res.ok) {
+      img.src = URL.createObjectURL(await res.blob());
+      img.dataset.loaded = "true";
+    } else {
+      img.alt = `${alt} (${res.status})`;
+    }
+  });
+  return img;
+}
+
+async function showAudit(id: string) {
+  const view = $("audit");
+  view.hidden = false;
+  $("audit-client").textContent = id;
+  const res = await api("GET", `/v1/admin/audit/clients/${encodeURIComponent(id)}`);
+  const list = $("audit-entries");
+  if (!res.ok) {
+    list.replaceChildren(el("li", { textContent: `the audit trail is not available (${res.status}): ${await res.text()}` }));
+    return;
+  }
+  const body = (await res.json()) as { verification: string; reference: string | null; entries: AuditEntry[] };
+  const chain = $("audit-chain");
+  chain.textContent = body.verification;
+  chain.dataset.testid = "audit-chain";
+  const items = body.entries.map((e) => {
+    const when = new Date(e.at_ms).toLocaleString();
+    if (e.kind === "action") {
+      const frames = (e.evidence as { url: string; verdict: string }[]).map((f) =>
+        el("figure", {}, image(f.url, f.verdict, "evidence-frame"), el("figcaption", { textContent: f.verdict })),
+      );
+      const reference = body.reference
+        ? el("figure", { className: "reference" }, image(body.reference, "enrolled reference", "reference"), el("figcaption", { textContent: "enrolled" }))
+        : "";
+      return el(
+        "li",
+        { testid: "audit-action" },
+        el("strong", { textContent: `${e.action} (${e.reason})` }),
+        ` ${when}, ${e.origin}${e.operator ? ` by ${e.operator}` : ""}, rule: ${e.rule}`,
+        el("div", { className: "evidence" }, reference, ...frames),
+      );
+    }
+    if (e.kind === "admin") {
+      return el("li", { testid: "audit-admin" }, el("strong", { textContent: String(e.operation) }), ` ${when}, by ${e.operator} on ${e.source}`);
+    }
+    return el("li", {}, `evidence pruned ${when}`);
+  });
+  list.replaceChildren(...(items.length ? items : [el("li", { textContent: "nothing recorded" })]));
+}
+
+$<HTMLFormElement>("signin").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  token = $<HTMLInputElement>("admin-token").value.trim();
+  const res = await api("GET", "/v1/admin/clients");
+  if (!res.ok) return;
+  sessionStorage.setItem("vigil-admin-token", token);
+  start();
+});
+
+$<HTMLFormElement>("add").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const id = $<HTMLInputElement>("new-id").value.trim();
+  const name = $<HTMLInputElement>("new-name").value.trim();
+  const res = await api("POST", "/v1/admin/clients", { id, name });
+  const body = await res.json().catch(() => ({}));
+  $("new-token").textContent = res.ok
+    ? `${id} added. Token (shown once): ${body.token}`
+    : `not added: ${body.error ?? res.status}`;
+  await refresh();
+});
+
+$("sign-out").addEventListener("click", () => signOut());
+$("audit-close").addEventListener("click", () => ($("audit").hidden = true));
+
+let timer: ReturnType<typeof setInterval> | undefined;
+function start() {
+  $("signin").hidden = true;
+  $("app").hidden = false;
+  clearInterval(timer);
+  void refresh();
+  timer = setInterval(() => void refresh(), 1000);
+}
+
+if (token) start();
