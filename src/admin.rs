@@ -246,7 +246,7 @@ impl Admin {
     }
 
     /// Send the operation to the audit trail, under a bounded confirm.
-    async fn audit(&self, id: &str, operation: &str, operator: &str) -> Result<(), AdminError> {
+    pub async fn audit(&self, id: &str, operation: &str, operator: &str) -> Result<(), AdminError> {
         let env = Envelope {
             schema: wire::SCHEMA,
             id: Uuid::now_v7(),

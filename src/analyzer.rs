@@ -58,6 +58,12 @@ pub trait Analyzer: Send + Sync + 'static {
     fn is_blocking(&self) -> bool {
         true
     }
+
+    /// The model stack that can enrol clients, when this analyzer has one; a worker without
+    /// one does not take enrolment requests.
+    fn enroller(&self) -> Option<&IdentityStack> {
+        None
+    }
 }
 
 /// Build the analyzer a config names. The `identity` analyzer loads its models here, one set of
@@ -88,6 +94,10 @@ pub struct Identity {
 impl Analyzer for Identity {
     fn name(&self) -> &'static str {
         "identity"
+    }
+
+    fn enroller(&self) -> Option<&IdentityStack> {
+        Some(&self.stack)
     }
 
     fn analyze(&self, frame: &FrameInput<'_>) -> Result<Analyzed, AnalyzeError> {

@@ -1183,8 +1183,7 @@ pub fn enroll_photos(
         .enroll_many(&jpegs)
         .map_err(|e| fail(format!("enrolment refused: {e}")))?;
     let embedding = enrollment.embedding.clone();
-    let photo_file = format!("{id}.reference.jpg");
-    crate::directory::write_atomic(&cfg.clients_dir.join(&photo_file), &jpegs[0]).map_err(fail)?;
+    let photo_file = store.put_reference_photo(id, &jpegs[0]).map_err(fail)?;
     record.reference = Some(crate::directory::Reference {
         embedding_b64: base64::engine::general_purpose::STANDARD
             .encode(crate::wire::pack_embedding(&embedding)),

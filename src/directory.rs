@@ -293,6 +293,8 @@ pub trait ClientStore: Send + Sync {
     fn put_policy(&self, id: &str, saved: &SavedPolicy) -> Result<(), DirectoryError>;
     /// The photo the client was enrolled from, when there is one.
     fn reference_photo(&self, id: &str) -> Result<Option<Vec<u8>>, DirectoryError>;
+    /// Keep the photo a client is enrolled from; returns the name its reference records.
+    fn put_reference_photo(&self, id: &str, jpeg: &[u8]) -> Result<String, DirectoryError>;
 
     /// Add a new client; refuses an id that exists.
     fn add(&self, record: &ClientRecord) -> Result<(), DirectoryError> {
@@ -420,6 +422,14 @@ impl ClientStore for FolderStore {
         let path = self.dir.join(format!("{id}.policy"));
         let bytes = serde_json::to_vec(saved).expect("policy state encodes");
         write_atomic(&path, &bytes).map_err(|e| io(&path, e))
+    }
+
+    fn put_reference_photo(&self, id: &str, jpeg: &[u8]) -> Result<String, DirectoryError> {
+        check_client_id(id)?;
+        let name = format!("{id}.reference.jpg");
+        let path = self.dir.join(&name);
+        write_atomic(&path, jpeg).map_err(|e| io(&path, e))?;
+        Ok(name)
     }
 
     fn reference_photo(&self, id: &str) -> Result<Option<Vec<u8>>, DirectoryError> {

@@ -73,6 +73,8 @@ pub enum Kind {
     Control,
     /// Enforced actions and admin operations, taken by the audit writer.
     Action,
+    /// Enrolment requests, taken by workers.
+    Enroll,
 }
 
 impl Kind {
@@ -82,6 +84,7 @@ impl Kind {
             Kind::Result => "result",
             Kind::Control => "control",
             Kind::Action => "action",
+            Kind::Enroll => "enroll",
         }
     }
 
@@ -94,6 +97,7 @@ impl Kind {
             Kind::Result => &[Role::Worker],
             Kind::Control => &[Role::Edge, Role::Admin],
             Kind::Action => &[Role::Edge, Role::Admin],
+            Kind::Enroll => &[Role::Edge, Role::Admin],
         }
     }
 }
@@ -166,13 +170,13 @@ pub fn grant(namespace: &str, role: Role) -> Grant {
     match role {
         Role::Edge => Grant {
             configure: format!("^{own_edge_queues}$"),
-            write: format!(r"^({ns}\.(frames|actions|control)|{own_edge_queues})$"),
+            write: format!(r"^({ns}\.(frames|actions|control|enroll)|{own_edge_queues})$"),
             read: format!(r"^({ns}\.(replies|control)|{own_edge_queues})$"),
         },
         Role::Worker => Grant {
             configure: nothing,
             write: format!(r"^{ns}\.replies$"),
-            read: format!(r"^{ns}\.frames\.work$"),
+            read: format!(r"^{ns}\.(frames\.work|enroll\.requests)$"),
         },
         Role::Audit => Grant {
             configure: nothing,

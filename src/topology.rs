@@ -18,6 +18,8 @@ pub const DEAD_EXCHANGE: &str = "dead";
 pub const WORK_QUEUE: &str = "frames.work";
 pub const DEAD_LETTER_QUEUE: &str = "dead.letters";
 pub const AUDIT_QUEUE: &str = "audit";
+pub const ENROLL_EXCHANGE: &str = "enroll";
+pub const ENROLL_QUEUE: &str = "enroll.requests";
 pub const CAPTURE_STREAM: &str = "frames.stream";
 pub const AUDIT_CHECKPOINTS: &str = "audit.checkpoints";
 pub const EDGE_REPLY_QUEUE: &str = "replies.edge.{node}";
@@ -275,6 +277,7 @@ impl Topology {
             ("exchange", ACTIONS_EXCHANGE),
             ("exchange", CONTROL_EXCHANGE),
             ("exchange", DEAD_EXCHANGE),
+            ("exchange", ENROLL_EXCHANGE),
         ] {
             if !exchange(name) {
                 errors.push(format!("required {what} `{name}` is not declared"));
@@ -284,6 +287,7 @@ impl Topology {
             WORK_QUEUE,
             DEAD_LETTER_QUEUE,
             AUDIT_QUEUE,
+            ENROLL_QUEUE,
             EDGE_REPLY_QUEUE,
             EDGE_CONTROL_QUEUE,
         ] {

@@ -23,7 +23,9 @@ use crate::config::Config;
 use crate::metrics::{BrokerMetrics, WorkerMetrics};
 use crate::telemetry::{self, Health};
 use crate::topology::{self, Topology};
-use crate::wire::{self, DropReason, Dropped, Envelope, FrameResult, Payload};
+use crate::wire::{
+    self, DropReason, Dropped, EnrollOutcome, EnrollResult, Envelope, FrameResult, Payload,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -239,6 +241,16 @@ async fn consume(
     let mut consumer = broker
         .consume(work_queue, &ctx.worker_id, cfg.worker.prefetch, true)
         .await?;
+    // Enrolment requests, one at a time, for a worker whose analyzer can enrol.
+    let mut enroll = match ctx.analyzer.enroller() {
+        Some(_) => {
+            let queue = format!("{}.{}", cfg.namespace, topology::ENROLL_QUEUE);
+            let tag = format!("{}-enroll", ctx.worker_id);
+            Some(broker.consume(&queue, &tag, 1, true).await?)
+        }
+        None => None,
+    };
+    let mut enrolling = FuturesUnordered::new();
     // At most `prefetch` deliveries are unacked, so this set and `acks` are bounded by the
     // broker.
     let mut inflight = FuturesUnordered::new();
@@ -264,8 +276,26 @@ async fn consume(
                 Some(Err(e)) => break Err(e.into()),
                 None => break Err(WorkerError::ConsumerEnded),
             },
+            Some(()) = enrolling.next(), if !enrolling.is_empty() => {}
+            next = async {
+                match enroll.as_mut() {
+                    Some(c) => c.next().await,
+                    None => std::future::pending().await,
+                }
+            } => match next {
+                Some(Ok(delivery)) => {
+                    enrolling.push(enroll_one(ctx.clone(), publisher.clone(), delivery));
+                }
+                Some(Err(e)) => break Err(e.into()),
+                None => break Err(WorkerError::ConsumerEnded),
+            },
         }
     };
+    // An enrolment in progress is finished (it is one request, bounded by the pool).
+    while enrolling.next().await.is_some() {}
+    if let Some(c) = enroll {
+        c.close().await;
+    }
     if shutdown.is_cancelled() {
         // Graceful stop: no new deliveries, finish and ack what we hold, then close. Whatever
         // is still unacked after the grace period goes back to the queue with the channel.
@@ -594,6 +624,121 @@ impl Acks {
                 tracing::debug!(error = %e, "could not ack");
             }
         }
+    }
+}
+
+/// The most photos one enrolment may carry.
+pub const MAX_ENROLL_PHOTOS: usize = 5;
+
+/// Enrol from one request's photos with the model stack, answer the edge that asked, then
+/// settle the request (ack once the answer is confirmed; requeue once if it is not).
+async fn enroll_one(ctx: Arc<Ctx>, publisher: Arc<Publisher>, delivery: Delivery) {
+    if !ctx
+        .trust
+        .admits(crate::roles::Kind::Enroll, delivery.user_id())
+    {
+        dead_letter(&ctx, &delivery, "untrusted").await;
+        return;
+    }
+    let Ok(env) = Envelope::decode_shared(delivery.body()) else {
+        dead_letter(&ctx, &delivery, "malformed").await;
+        return;
+    };
+    let Payload::EnrollRequest(request) = &env.payload else {
+        dead_letter(&ctx, &delivery, "unexpected_payload").await;
+        return;
+    };
+    if wire::now_ms() > env.deadline_ms {
+        // Nobody waits for it any more.
+        ctx.metrics.frames_expired.inc();
+        let _ = delivery.ack().await;
+        return;
+    }
+    // Photos are checked like frames before any model sees them.
+    let mut refused = None;
+    if request.photos.is_empty() || request.photos.len() > MAX_ENROLL_PHOTOS {
+        refused = Some(format!(
+            "send 1 to {MAX_ENROLL_PHOTOS} photos, not {}",
+            request.photos.len()
+        ));
+    }
+    for (i, photo) in request.photos.iter().enumerate() {
+        match wire::jpeg::survey(photo, ctx.max_jpeg_scans) {
+            Err(e) => refused = refused.or(Some(format!("photo {}: {e}", i + 1))),
+            Ok(s) if s.info.pixels() > ctx.max_pixels => {
+                refused = refused.or(Some(format!(
+                    "photo {}: {} pixels is over the {}-pixel limit",
+                    i + 1,
+                    s.info.pixels(),
+                    ctx.max_pixels
+                )));
+            }
+            Ok(_) => {}
+        }
+    }
+    let outcome = match refused {
+        Some(reason) => EnrollOutcome::Refused { reason },
+        None => {
+            let photos: Vec<Vec<u8>> = request.photos.iter().map(|p| p.to_vec()).collect();
+            let permit = ctx.pool.clone().acquire_owned().await;
+            let c = ctx.clone();
+            let run = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let stack = c
+                    .analyzer
+                    .enroller()
+                    .expect("only enrollers consume requests");
+                match stack.enroll_many(&photos) {
+                    Ok(e) => EnrollOutcome::Enrolled {
+                        embedding: serde_bytes::ByteBuf::from(wire::pack_embedding(&e.embedding)),
+                        model: stack.recognition_model().to_owned(),
+                        similarities: e.similarities,
+                        margin: e.margin,
+                    },
+                    Err(e) => EnrollOutcome::Refused {
+                        reason: e.to_string(),
+                    },
+                }
+            });
+            match run.await {
+                Ok(outcome) => outcome,
+                Err(e) => EnrollOutcome::Refused {
+                    reason: format!("the enrolment failed: {e}"),
+                },
+            }
+        }
+    };
+    let reply = Envelope {
+        schema: wire::SCHEMA,
+        id: Uuid::now_v7(),
+        source: ctx.worker_id.clone(),
+        seq: ctx.seq.fetch_add(1, Ordering::Relaxed),
+        client_id: env.client_id.clone(),
+        produced_at_ms: wire::now_ms(),
+        deadline_ms: env.deadline_ms,
+        traceparent: wire::child_traceparent(&env.traceparent),
+        payload: Payload::EnrollResult(EnrollResult {
+            request_id: env.id,
+            outcome,
+        }),
+    };
+    let routing_key = format!("edge.{}.{}", env.source, env.client_id);
+    let confirmed = match publisher
+        .publish(&ctx.replies_exchange, &routing_key, &reply)
+        .await
+    {
+        Ok(confirm) => confirm.wait().await,
+        Err(e) => Err(e),
+    };
+    let settled = match confirmed {
+        Ok(()) => delivery.ack().await,
+        Err(e) => {
+            tracing::warn!(error = %e, "enrolment answer not confirmed; requeueing the request");
+            delivery.requeue().await
+        }
+    };
+    if let Err(e) = settled {
+        tracing::debug!(error = %e, "could not settle an enrolment request");
     }
 }
 

@@ -10,6 +10,10 @@
 //! - `POST /v1/admin/clients/{id}/action` with `{"action":"sign_out"}`
 //! - `GET  /v1/admin/sessions`: this edge's live sessions
 //! - `GET  /v1/admin/clients/{id}/reference.jpg`: the photo the client was enrolled from
+//! - `POST /v1/admin/clients/{id}/enroll` with `{"photos":["<base64 JPEG>",...]}` (1 to 5,
+//!   each within `max_frame_bytes`): the photos go through the broker to a worker with the
+//!   model stack, whose quality checks decide; the answer is the verdict (200 with the
+//!   similarities, or 422 with the reason)
 //! - `GET  /v1/admin/audit/clients/{id}`: the client's audit trail (actions with their
 //!   evidence, and administrators' operations) and the chain's verification, read-only from
 //!   `VIGIL_EVIDENCE_DIR` (the audit writer's folder, on this host or a shared volume)
@@ -131,6 +135,7 @@ pub(super) async fn serve(
         },
         shared,
     });
+    let shared_limit = state.shared.cfg.max_frame_bytes;
     let app = Router::new()
         .route("/v1/admin/clients", get(list).post(add))
         .route("/v1/admin/clients/{id}", get(show))
@@ -138,6 +143,12 @@ pub(super) async fn serve(
         .route("/v1/admin/clients/{id}/{op}", post(op))
         .route("/v1/admin/sessions", get(sessions))
         .route("/v1/admin/clients/{id}/reference.jpg", get(reference))
+        .route(
+            "/v1/admin/clients/{id}/enroll",
+            post(enroll).layer(axum::extract::DefaultBodyLimit::max(enroll_body_limit(
+                shared_limit,
+            ))),
+        )
         .route("/v1/admin/audit/clients/{id}", get(audit_trail))
         .route("/v1/admin/audit/evidence/{*path}", get(evidence))
         // Authentication runs before any handler, so before a body is read or parsed.
@@ -465,4 +476,183 @@ async fn evidence(State(api): State<Api>, Path(path): Path<String>) -> Response 
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// How long an enrolment may wait for a worker's answer.
+const ENROLL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The largest enrolment body: every photo at the frame limit, in base64, plus the JSON.
+fn enroll_body_limit(max_frame_bytes: usize) -> usize {
+    crate::worker::MAX_ENROLL_PHOTOS * max_frame_bytes.div_ceil(3) * 4 + 4096
+}
+
+#[derive(Deserialize)]
+struct EnrollBody {
+    photos: Vec<String>,
+}
+
+/// Enrol a client from photos: checked here like frames, judged by a worker's model stack
+/// (a request and its answer over the broker), saved in the directory, and audited.
+async fn enroll(
+    State(api): State<Api>,
+    Extension(Operator(operator)): Extension<Operator>,
+    Path(id): Path<String>,
+    Json(body): Json<EnrollBody>,
+) -> Response {
+    use base64::Engine as _;
+    let shared = &api.shared;
+    let max = crate::worker::MAX_ENROLL_PHOTOS;
+    if body.photos.is_empty() || body.photos.len() > max {
+        return error(StatusCode::BAD_REQUEST, format!("send 1 to {max} photos"));
+    }
+    let mut photos = Vec::new();
+    for (i, b64) in body.photos.iter().enumerate() {
+        let n = i + 1;
+        let text = b64.split_once(";base64,").map_or(b64.as_str(), |(_, b)| b);
+        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(text.trim()) else {
+            return error(StatusCode::BAD_REQUEST, format!("photo {n} is not base64"));
+        };
+        if bytes.len() > shared.cfg.max_frame_bytes {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("photo {n} is over {} bytes", shared.cfg.max_frame_bytes),
+            );
+        }
+        let checked = crate::wire::jpeg::info(&bytes).and_then(|info| {
+            crate::wire::jpeg::check_supported(&info)?;
+            Ok(info)
+        });
+        match checked {
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("photo {n}: {e}")),
+            Ok(info) if info.pixels() > shared.cfg.max_frame_pixels => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("photo {n}: {} pixels is over the limit", info.pixels()),
+                );
+            }
+            Ok(_) => photos.push(bytes),
+        }
+    }
+    match api.admin.store.get(&id) {
+        Ok(Some(_)) => {}
+        Ok(None) => return admin_error(AdminError::NotFound(id)),
+        Err(e) => return admin_error(AdminError::Directory(e)),
+    }
+    // The request, and a place for its answer (the reply consumer fills it).
+    let request_id = uuid::Uuid::now_v7();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let forget = || {
+        shared
+            .enrollments
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&request_id);
+    };
+    shared
+        .enrollments
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(request_id, tx);
+    let now = crate::wire::now_ms();
+    let env = crate::wire::Envelope {
+        schema: crate::wire::SCHEMA,
+        id: request_id,
+        source: shared.edge_id.clone(),
+        seq: shared
+            .seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        client_id: id.clone(),
+        produced_at_ms: now,
+        deadline_ms: now + ENROLL_TIMEOUT.as_millis() as u64,
+        traceparent: crate::wire::new_traceparent(),
+        payload: crate::wire::Payload::EnrollRequest(crate::wire::EnrollRequest {
+            photos: photos
+                .iter()
+                .map(|p| serde_bytes::ByteBuf::from(p.clone()))
+                .collect(),
+        }),
+    };
+    let published = async {
+        shared
+            .publisher()
+            .publish(&shared.enroll_exchange, "", &env)
+            .await?
+            .wait()
+            .await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(10), published).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            forget();
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the broker did not take the request: {e}"),
+            );
+        }
+        Err(_) => {
+            forget();
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the broker did not confirm the request within 10 s",
+            );
+        }
+    }
+    let outcome = match tokio::time::timeout(ENROLL_TIMEOUT, rx).await {
+        Ok(Ok(outcome)) => outcome,
+        _ => {
+            forget();
+            return error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "no worker with the model stack answered within {} s",
+                    ENROLL_TIMEOUT.as_secs()
+                ),
+            );
+        }
+    };
+    let (embedding, model, similarities, margin) = match outcome {
+        crate::wire::EnrollOutcome::Refused { reason } => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("enrolment refused: {reason}"),
+            );
+        }
+        crate::wire::EnrollOutcome::Enrolled {
+            embedding,
+            model,
+            similarities,
+            margin,
+        } => (embedding, model, similarities, margin),
+    };
+    let store = api.admin.store.clone();
+    let (client, first, model_name) = (id.clone(), photos.swap_remove(0), model.clone());
+    let saved = tokio::task::spawn_blocking(move || -> Result<(), AdminError> {
+        let mut record = store
+            .get(&client)?
+            .ok_or_else(|| AdminError::NotFound(client.clone()))?;
+        let photo_file = store.put_reference_photo(&client, &first)?;
+        record.reference = Some(crate::directory::Reference {
+            embedding_b64: base64::engine::general_purpose::STANDARD.encode(&embedding),
+            photo_file,
+            model: model_name,
+            enrolled_at_ms: crate::wire::now_ms(),
+        });
+        record.updated_at_ms = crate::wire::now_ms();
+        store.put(&record)?;
+        Ok(())
+    })
+    .await;
+    match saved {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return admin_error(e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+    if let Err(e) = api.admin.audit(&id, "enroll", &operator).await {
+        return admin_error(e);
+    }
+    Json(serde_json::json!({
+        "client": id, "model": model, "photos": similarities.len(),
+        "similarities": similarities, "margin": margin,
+    }))
+    .into_response()
 }

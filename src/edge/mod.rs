@@ -117,6 +117,10 @@ pub(crate) struct Shared {
     pub tls: Option<tls::Tls>,
     /// The candidate page, served at `/` on the same listener.
     pub web: web::WebAssets,
+    /// Enrolment requests waiting for a worker's answer, by request id.
+    pub enrollments:
+        Mutex<HashMap<uuid::Uuid, tokio::sync::oneshot::Sender<crate::wire::EnrollOutcome>>>,
+    pub enroll_exchange: String,
     pub edge_id: String,
     pub frames_exchange: String,
     pub actions_exchange: String,
@@ -259,6 +263,8 @@ pub async fn start(
     };
     let shared = Arc::new(Shared {
         web,
+        enrollments: Mutex::new(HashMap::new()),
+        enroll_exchange: format!("{}.{}", cfg.namespace, topology::ENROLL_EXCHANGE),
         cfg: cfg.edge.clone(),
         policy: cfg.policy.clone(),
         liveness: cfg.liveness.clone(),
@@ -816,10 +822,27 @@ fn dispatch(shared: &Shared, data: &[u8]) {
             return;
         }
     };
+    if let Payload::EnrollResult(r) = env.payload {
+        // The admin API request that asked waits on it (or gave up: then it is dropped).
+        let waiting = shared
+            .enrollments
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&r.request_id);
+        if let Some(tx) = waiting {
+            let _ = tx.send(r.outcome);
+        }
+        return;
+    }
     let session = match &env.payload {
         Payload::Result(r) => r.session,
         Payload::Dropped(d) => d.session,
-        Payload::Frame(_) | Payload::Action(_) | Payload::Control(_) | Payload::AdminOp(_) => {
+        Payload::Frame(_)
+        | Payload::Action(_)
+        | Payload::Control(_)
+        | Payload::AdminOp(_)
+        | Payload::EnrollRequest(_)
+        | Payload::EnrollResult(_) => {
             shared
                 .metrics
                 .bad_messages

@@ -974,7 +974,12 @@ impl Session {
         let (seq, frame_id) = match &env.payload {
             Payload::Result(r) => (r.seq, r.frame_id),
             Payload::Dropped(d) => (d.seq, d.frame_id),
-            Payload::Frame(_) | Payload::Action(_) | Payload::Control(_) | Payload::AdminOp(_) => {
+            Payload::Frame(_)
+            | Payload::Action(_)
+            | Payload::Control(_)
+            | Payload::AdminOp(_)
+            | Payload::EnrollRequest(_)
+            | Payload::EnrollResult(_) => {
                 return;
             }
         };
@@ -1024,7 +1029,12 @@ impl Session {
                 }
             }
             Payload::Dropped(d) => self.drop_frame(seq, d.reason, d.detail),
-            Payload::Frame(_) | Payload::Action(_) | Payload::Control(_) | Payload::AdminOp(_) => {}
+            Payload::Frame(_)
+            | Payload::Action(_)
+            | Payload::Control(_)
+            | Payload::AdminOp(_)
+            | Payload::EnrollRequest(_)
+            | Payload::EnrollResult(_) => {}
         }
         self.promote().await;
     }

@@ -72,6 +72,39 @@ pub enum Payload {
     Control(ControlEvent),
     /// An administrator's operation on a client, on its way to the audit trail.
     AdminOp(AdminOpEvent),
+    /// Photos to enrol the envelope's client from, for a worker with the model stack.
+    EnrollRequest(EnrollRequest),
+    /// A worker's answer to an [`EnrollRequest`], routed back to the edge that asked.
+    EnrollResult(EnrollResult),
+}
+
+/// Photos to enrol a client from (JPEG, checked by the edge like frames).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub photos: Vec<serde_bytes::ByteBuf>,
+}
+
+/// What a worker made of an enrolment request (`request_id` is the request envelope's id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollResult {
+    pub request_id: Uuid,
+    pub outcome: EnrollOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum EnrollOutcome {
+    /// The quality checks passed: the reference embedding (packed as frames carry it).
+    Enrolled {
+        embedding: serde_bytes::ByteBuf,
+        model: String,
+        /// Each photo's similarity to the template.
+        similarities: Vec<f32>,
+        /// The lowest similarity minus the match threshold.
+        margin: f32,
+    },
+    /// The photos failed the quality checks (no face, several faces, too small, ...).
+    Refused { reason: String },
 }
 
 /// An administrator's operation on a client (the envelope names the client), audited with the
@@ -157,6 +190,8 @@ impl Payload {
             Payload::Action(_) => "vigil.action",
             Payload::Control(_) => "vigil.control",
             Payload::AdminOp(_) => "vigil.admin_op",
+            Payload::EnrollRequest(_) => "vigil.enroll_request",
+            Payload::EnrollResult(_) => "vigil.enroll_result",
         }
     }
 }

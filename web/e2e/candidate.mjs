@@ -109,6 +109,17 @@ try {
     seen.console.chain = await operator.getByTestId("audit-chain").textContent();
     await operator.getByTestId("audit-chain").scrollIntoViewIfNeeded();
     await operator.screenshot({ path: `${shots}/console-audit.png`, fullPage: true });
+    // A new client, added and enrolled from a photo file through the console.
+    await operator.getByTestId("new-id").fill("newcomer");
+    await operator.getByTestId("new-name").fill("A newcomer");
+    await operator.getByTestId("add").click();
+    await operator.getByTestId("new-token").filter({ hasText: "Token (shown once)" }).waitFor(opts);
+    await operator.getByTestId("enroll-newcomer").click();
+    await operator.getByTestId("enroll-files").setInputFiles(env("VIGIL_ENROLL_PHOTO"));
+    await operator.getByTestId("enroll-submit").click();
+    await operator.locator("[data-testid=enroll-result][data-status]").waitFor(opts);
+    seen.console.enroll = await operator.getByTestId("enroll-result").textContent();
+    await operator.screenshot({ path: `${shots}/console-enrolled.png`, fullPage: true });
     // The operator blocks the candidate; the candidate's page says so.
     await operator.getByTestId(`block-${client}`).click();
     await page.getByTestId("ended").waitFor({ state: "visible", ...opts });
@@ -117,6 +128,7 @@ try {
     await operator.screenshot({ path: `${shots}/console-blocked.png` });
     ok =
       seen.console.evidence > 0 &&
+      seen.console.enroll.startsWith("newcomer enrolled") &&
       seen.console.chain.startsWith("intact") &&
       (await page.getByTestId("status").getAttribute("data-state")) === "blocked";
   } else {

@@ -82,6 +82,7 @@ function row(c: ClientView): HTMLTableRowElement {
     button("Lock", "lock", () => act(c.id, "action", { action: "lock_screen" })),
     button("Sign out", "signout", () => act(c.id, "action", { action: "sign_out" })),
     button("Audit", "audit", () => void showAudit(c.id)),
+    button(c.enrolled ? "Re-enrol" : "Enrol", "enroll", () => openEnroll(c.id)),
   );
   return el(
     "tr",
@@ -186,6 +187,74 @@ $<HTMLFormElement>("add").addEventListener("submit", async (e) => {
     ? `${id} added. Token (shown once): ${body.token}`
     : `not added: ${body.error ?? res.status}`;
   await refresh();
+});
+
+// Enrolment: photos from files or from the operator's camera, judged by a worker's model stack.
+let enrollFor = "";
+const captured: Blob[] = [];
+let camera: MediaStream | undefined;
+
+function openEnroll(id: string) {
+  enrollFor = id;
+  captured.length = 0;
+  $("enroll-client").textContent = id;
+  $("enroll-result").textContent = "";
+  $("enroll-captured").textContent = "";
+  $("enroll").hidden = false;
+}
+
+function closeCamera() {
+  camera?.getTracks().forEach((t) => t.stop());
+  camera = undefined;
+  $("enroll-video").hidden = true;
+}
+
+$("enroll-camera").addEventListener("click", async () => {
+  const video = $<HTMLVideoElement>("enroll-video");
+  if (!camera) {
+    camera = await navigator.mediaDevices.getUserMedia({ video: { width: { ideal: 640 } }, audio: false });
+    video.srcObject = camera;
+    video.hidden = false;
+    await video.play();
+    return;
+  }
+  const canvas = document.createElement("canvas");
+  canvas.width = video.videoWidth;
+  canvas.height = video.videoHeight;
+  canvas.getContext("2d")?.drawImage(video, 0, 0);
+  const blob = await new Promise<Blob | null>((r) => canvas.toBlob(r, "image/jpeg", 0.9));
+  if (blob) captured.push(blob);
+  $("enroll-captured").textContent = `${captured.length} photo(s) captured`;
+});
+
+async function toBase64(blob: Blob): Promise<string> {
+  const bytes = new Uint8Array(await blob.arrayBuffer());
+  let s = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(s);
+}
+
+$<HTMLFormElement>("enroll").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const files = [...($<HTMLInputElement>("enroll-files").files ?? [])];
+  const photos = await Promise.all([...files, ...captured].map(toBase64));
+  const result = $("enroll-result");
+  result.textContent = "checking with the model stack…";
+  const res = await api("POST", `/v1/admin/clients/${encodeURIComponent(enrollFor)}/enroll`, { photos });
+  const body = await res.json().catch(() => ({}));
+  result.dataset.status = String(res.status);
+  result.textContent = res.ok
+    ? `${enrollFor} enrolled from ${body.photos} photo(s) (${body.model}); similarities ${body.similarities
+        .map((x: number) => x.toFixed(3))
+        .join(", ")}; margin ${body.margin.toFixed(3)}`
+    : `not enrolled: ${body.error ?? res.status}`;
+  closeCamera();
+  await refresh();
+});
+
+$("enroll-close").addEventListener("click", () => {
+  closeCamera();
+  $("enroll").hidden = true;
 });
 
 $("sign-out").addEventListener("click", () => signOut());
