@@ -507,10 +507,15 @@ impl Broker {
         Ok(n)
     }
 
+    /// Close the connection, waiting at most [`CLOSE_LIMIT`] for the broker's answer.
     pub async fn close(&self) {
-        let _ = self.conn.close(200, "bye".into()).await;
+        let _ = tokio::time::timeout(CLOSE_LIMIT, self.conn.close(200, "bye".into())).await;
     }
 }
+
+/// The longest a close waits for the broker: a connection the broker no longer answers (it
+/// is restarting, or the link is half-dead) must not hold a process that is shutting down.
+pub const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
 fn first_death_reason(props: &BasicProperties) -> Option<String> {
     let headers = props.headers().as_ref()?;
@@ -657,10 +662,11 @@ impl Publisher {
         self.channel.status().connected()
     }
 
-    /// Close the channel after the confirms still pending have arrived.
+    /// Close the channel after the confirms still pending have arrived (each wait bounded by
+    /// [`CLOSE_LIMIT`]).
     pub async fn close(&self) {
-        let _ = self.channel.wait_for_confirms().await;
-        let _ = self.channel.close(200, "bye".into()).await;
+        let _ = tokio::time::timeout(CLOSE_LIMIT, self.channel.wait_for_confirms()).await;
+        let _ = tokio::time::timeout(CLOSE_LIMIT, self.channel.close(200, "bye".into())).await;
     }
 }
 
@@ -722,9 +728,10 @@ impl Consumer {
             .map_err(amqp("basic.ack"))
     }
 
-    /// Close the channel; the broker requeues whatever is still unacked.
+    /// Close the channel (bounded by [`CLOSE_LIMIT`]); the broker requeues whatever is still
+    /// unacked.
     pub async fn close(&self) {
-        let _ = self.channel.close(200, "bye".into()).await;
+        let _ = tokio::time::timeout(CLOSE_LIMIT, self.channel.close(200, "bye".into())).await;
     }
 }
 

