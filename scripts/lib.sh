@@ -120,7 +120,7 @@ build_web() {
         fi
     fi
     (cd "$ROOT/web" && { [ -d node_modules ] && [ node_modules -nt package-lock.json ] || npm ci --no-audit --no-fund >&2; } \
-        && npm run --silent check >&2 && npm run --silent build >&2)
+        && npm run --silent check >&2 && npm run --silent build >&2 && npm test >&2)
 }
 
 # Debian's Chromium, for the browser tests (playwright-core drives it; nothing is downloaded

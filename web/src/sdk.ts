@@ -263,6 +263,7 @@ export class VigilClient {
   private retryTimer?: ReturnType<typeof setTimeout>;
   state: ConnectionState = "stopped";
   private startedAt = 0;
+  private nextDue = 0;
   private counts = { sent: 0, results: 0, dropped: 0, heldBack: 0 };
   private encodeMs: number[] = [];
   private mainMs: number[] = [];
@@ -400,6 +401,7 @@ export class VigilClient {
         this.welcome = msg;
         this.attempt = 0;
         this.fps = Math.min(this.opts.fps, msg.max_fps);
+        this.nextDue = 0;
         this.emit("welcome", msg);
         this.setState({ state: this.paused ? "paused" : "streaming" });
         this.schedule();
@@ -456,13 +458,16 @@ export class VigilClient {
     this.retryTimer = setTimeout(() => this.connect(), wait);
   }
 
-  /** The next capture, at the current rate. */
+  /** The next capture, on a steady cadence at the current rate: due one interval after the
+   * last one was due (never in the past), so the time a capture takes does not slow the rate. */
   private schedule() {
     clearTimeout(this.timer);
     if (this.stopped || !this.welcome) return;
+    const now = performance.now();
+    this.nextDue = Math.max(this.nextDue + 1000 / Math.max(this.fps, 0.1), now);
     this.timer = setTimeout(() => {
       void this.capture().finally(() => this.schedule());
-    }, 1000 / Math.max(this.fps, 0.1));
+    }, this.nextDue - now);
   }
 
   private async capture() {
