@@ -6,7 +6,16 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = vigil::cli::Cli::parse();
-    vigil::telemetry::init_logging(vigil::config::LogFormat::Text);
+    // `vigil audit serve` is a service: it starts its logs from its config (VIGIL_LOG_FORMAT).
+    let service = matches!(
+        &cli.command,
+        vigil::cli::Command::Audit {
+            action: vigil::cli::AuditCmd::Serve
+        }
+    );
+    if !service {
+        vigil::telemetry::init_logging(vigil::config::LogFormat::Text);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

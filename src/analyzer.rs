@@ -49,11 +49,6 @@ pub trait Analyzer: Send + Sync + 'static {
     /// [`Analyzer::is_blocking`] says so.
     fn analyze(&self, frame: &FrameInput<'_>) -> Result<Analyzed, AnalyzeError>;
 
-    /// `name:version` of the models behind this analyzer.
-    fn models(&self) -> Vec<String> {
-        Vec::new()
-    }
-
     /// True when `analyze` does real CPU work (decode, models) and must leave the runtime.
     fn is_blocking(&self) -> bool {
         true
@@ -109,10 +104,6 @@ impl Analyzer for Identity {
             Err(InferenceError::BadImage(e)) => Err(AnalyzeError::BadJpeg(e)),
             Err(e) => Err(AnalyzeError::Internal(e.to_string())),
         }
-    }
-
-    fn models(&self) -> Vec<String> {
-        self.stack.models.clone()
     }
 }
 

@@ -243,10 +243,6 @@ impl Broker {
         }
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.conn.status().connected()
-    }
-
     /// True while RabbitMQ blocks this connection's publishers (`connection.blocked`: a memory
     /// or disk alarm). Publishes then wait until the alarm clears.
     pub fn is_blocked(&self) -> bool {
@@ -658,10 +654,6 @@ impl Publisher {
         })
     }
 
-    pub fn is_open(&self) -> bool {
-        self.channel.status().connected()
-    }
-
     /// Close the channel after the confirms still pending have arrived (each wait bounded by
     /// [`CLOSE_LIMIT`]).
     pub async fn close(&self) {
@@ -760,10 +752,6 @@ impl Delivery {
     /// True when the broker delivered this message before (to this or another consumer).
     pub fn redelivered(&self) -> bool {
         self.inner.redelivered
-    }
-
-    pub fn routing_key(&self) -> &str {
-        self.inner.routing_key.as_str()
     }
 
     /// The publisher's broker user, as RabbitMQ checked it (`None` when the publisher did not

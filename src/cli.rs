@@ -1482,7 +1482,7 @@ async fn audit(cfg: Config, action: AuditCmd) -> Result<(), CliError> {
                     action_id,
                     problem,
                 } => Err(CliError {
-                    code: 2,
+                    code: crate::config::EXIT_AUDIT_BROKEN,
                     message: format!(
                         "audit log broken at entry {line}{}: {problem}",
                         action_id

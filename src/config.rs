@@ -11,9 +11,12 @@ use serde::Deserialize;
 
 use crate::topology::check_identifier;
 
-/// Exit code for a bad configuration (EX_CONFIG from sysexits.h is 78; linkerd and most
-/// services use EX_USAGE, 64, and so do we).
-pub const EXIT_BAD_CONFIG: u8 = 64;
+/// Exit code for a bad configuration: `EX_CONFIG` from sysexits.h (clap's usage errors are 2).
+pub const EXIT_BAD_CONFIG: u8 = 78;
+
+/// Exit code of `vigil audit verify` on a broken chain: `EX_DATAERR` from sysexits.h, apart from
+/// clap's usage errors (2) and other failures (1).
+pub const EXIT_AUDIT_BROKEN: u8 = 65;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

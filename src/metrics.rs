@@ -325,7 +325,6 @@ pub struct WorkerMetrics {
     pub decode_errors: IntCounterVec,
     pub dead_lettered: IntCounterVec,
     pub inference_seconds: HistogramVec,
-    pub batch_size: Histogram,
     pub inflight: IntGauge,
     pub redelivered: IntCounter,
     pub acks: IntCounter,
@@ -372,12 +371,6 @@ impl WorkerMetrics {
                 "Time spent in each model (or analyzer stage) per frame",
                 &["model"],
                 LATENCY_BUCKETS,
-            ),
-            batch_size: histogram(
-                registry,
-                "vigil_worker_batch_size",
-                "Frames analysed together in one batch",
-                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
             ),
             inflight: gauge(
                 registry,

@@ -65,16 +65,6 @@ pub fn schedule(arrivals_ms: &[u64], speed: Speed) -> Vec<Duration> {
         .collect()
 }
 
-/// Call `send` for each item at its offset from now (tokio time, so it can be tested with
-/// paused time).
-pub async fn pace<T>(items: Vec<(Duration, T)>, mut send: impl FnMut(T)) {
-    let start = tokio::time::Instant::now();
-    for (offset, item) in items {
-        tokio::time::sleep_until(start + offset).await;
-        send(item);
-    }
-}
-
 pub struct ReplayOptions {
     pub speed: Speed,
     pub compare: bool,
@@ -479,25 +469,5 @@ mod tests {
         );
         assert_eq!(schedule(&at, Speed::Max), [Duration::ZERO; 3]);
         assert!("0".parse::<Speed>().is_err() && "max".parse::<Speed>() == Ok(Speed::Max));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn pacing_follows_the_schedule_in_virtual_time() {
-        let start = tokio::time::Instant::now();
-        let due = schedule(&[5_000, 5_100, 5_300, 6_000], Speed::Factor(2.0));
-        let mut sent = Vec::new();
-        pace(
-            due.into_iter().enumerate().map(|(i, d)| (d, i)).collect(),
-            |i| {
-                sent.push((i, start.elapsed()));
-            },
-        )
-        .await;
-        let want: Vec<(usize, Duration)> = [0, 50, 150, 500]
-            .iter()
-            .enumerate()
-            .map(|(i, ms)| (i, Duration::from_millis(*ms)))
-            .collect();
-        assert_eq!(sent, want);
     }
 }

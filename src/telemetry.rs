@@ -20,9 +20,13 @@ use crate::config::LogFormat;
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=error"));
+    // A log line that cannot be written (stderr closed) is lost, never a panic: by default the
+    // subscriber reports the failure with `eprintln!`, which panics on the same closed stderr
+    // and would take the task that logged with it (the signal handler, for one).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -128,10 +132,14 @@ pub fn shutdown_on_signals() -> CancellationToken {
             use tokio::signal::unix::{SignalKind, signal};
             match signal(SignalKind::terminate()) {
                 Ok(mut term) => {
-                    tokio::select! {
-                        _ = ctrl_c => tracing::info!("SIGINT received, shutting down"),
-                        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
-                    }
+                    let name = tokio::select! {
+                        _ = ctrl_c => "SIGINT",
+                        _ = term.recv() => "SIGTERM",
+                    };
+                    // Cancel first: nothing after the signal may stand in the way of shutdown.
+                    t.cancel();
+                    tracing::info!("{name} received, shutting down");
+                    return;
                 }
                 Err(_) => {
                     let _ = ctrl_c.await;
@@ -145,7 +153,7 @@ pub fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
-/// The `main` of a service binary: load the config (exit 64 on a bad one, listing every problem),
+/// The `main` of a service binary: load the config (exit 78, `EX_CONFIG`, on a bad one, listing every problem),
 /// start the logs, build the registry, run until SIGINT or SIGTERM, and map the outcome to an exit
 /// code.
 pub fn service_main<F, Fut, E>(

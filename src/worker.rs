@@ -437,7 +437,6 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool 
             }
             Ok(_) => analyze(ctx, &env.client_id, frame.jpeg, reference).await,
         };
-        ctx.metrics.batch_size.observe(1.0);
         match outcome {
             Ok(Analyzed { analysis, stages }) => {
                 if stages.is_empty() {

@@ -57,8 +57,6 @@ pub enum EdgeError {
     Topology(#[from] topology::TopologyError),
     #[error(transparent)]
     Directory(#[from] DirectoryError),
-    #[error("the broker ended this edge's reply consumer")]
-    RepliesEnded,
     #[error(transparent)]
     Operators(#[from] crate::operators::OperatorError),
     #[error("TLS: {0}")]

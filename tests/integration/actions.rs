@@ -509,3 +509,59 @@ async fn audit_verify_catches_tampering_a_deleted_tail_and_changed_evidence() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&keys);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_writer_logs_json_when_asked() {
+    use std::io::BufRead as _;
+    let env = TestEnv::new("auditjson");
+    let dir = evidence_dir(&env);
+    let mut writer = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["audit", "serve"])
+        .env("RUST_LOG", "info")
+        .env("VIGIL_LOG_FORMAT", "json")
+        .env("VIGIL_NAMESPACE", &env.cfg.namespace)
+        .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
+        .env("VIGIL_METRICS_LISTEN", "127.0.0.1:0")
+        .env("VIGIL_EVIDENCE_DIR", &dir)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = writer.stderr.take().unwrap();
+    // Read its log until it says it is consuming (on a thread: the read blocks).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let done = line.contains("audit writer consuming");
+            let _ = tx.send(line);
+            if done {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
+        let done = line.contains("audit writer consuming");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    sigterm(&writer);
+    assert!(crate::support::exit_status(&mut writer).success());
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.contains("audit writer consuming")),
+        "{lines:?}"
+    );
+    for line in &lines {
+        let parsed: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(parsed.get("level").is_some(), "{line}");
+    }
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

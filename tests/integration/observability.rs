@@ -63,7 +63,6 @@ async fn metrics_are_served_with_traffic_counts() {
         "vigil_worker_frames_consumed_total",
         "vigil_worker_frames_analyzed_total",
         "vigil_worker_inference_seconds_count",
-        "vigil_worker_batch_size_count",
         "vigil_broker_confirm_seconds_count",
     ] {
         assert!(
