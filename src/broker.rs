@@ -40,6 +40,8 @@ pub enum BrokerError {
          run `vigil topology apply` as the admin role first"
     )]
     Missing { what: &'static str, name: String },
+    #[error("the broker ended the consumer")]
+    ConsumerEnded,
     #[error("the broker refused (nacked) the message")]
     Nacked,
     #[error("cannot encode event: {0}")]

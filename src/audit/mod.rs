@@ -942,32 +942,23 @@ pub async fn start(
         .map_err(|e| io(Path::new("audit store"))(std::io::Error::other(e.to_string())))??;
     health.set("storage", true);
     let topo = Topology::load(cfg.topology_file.as_deref())?;
+    let broker_metrics = BrokerMetrics::new(&registry);
     let broker = Broker::connect_with_retry(
         &cfg.amqp_url,
         "audit-writer",
-        BrokerMetrics::new(&registry),
+        broker_metrics.clone(),
         Duration::from_millis(cfg.broker_connect_timeout_ms),
     )
     .await?;
     health.set("broker", true);
-    broker
-        .prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
-        .await?;
-    broker
-        .prepare(&topo.checkpoints(&cfg.namespace), cfg.broker_roles)
-        .await?;
     let trust = broker.trust(cfg.broker_roles, &cfg.namespace);
+    let link = Link::open(broker, &cfg, &topo).await?;
     health.set("topology", true);
-    let queue = format!("{}.{}", cfg.namespace, topology::AUDIT_QUEUE);
-    let checkpoints = Checkpoints {
-        publisher: broker.publisher().await?,
-        exchange: format!("{}.{}", cfg.namespace, topology::AUDIT_CHECKPOINTS),
-    };
     let checkpoint_queue = format!("{}.{}", cfg.namespace, topology::AUDIT_CHECKPOINTS);
     // A log behind its own newest checkpoint lost its tail: extending it would hide that (the
     // next checkpoint would match the shortened log), so the writer refuses to start.
     if let Some(newest) =
-        newest_checkpoint(&broker, &checkpoint_queue, Duration::from_millis(500)).await?
+        newest_checkpoint(&link.broker, &checkpoint_queue, Duration::from_millis(500)).await?
     {
         let key = store.signer.as_ref().map(SigningKey::verifying_key);
         if key.is_some_and(|k| !signed_by(&newest, &k)) {
@@ -987,24 +978,36 @@ pub async fn start(
             });
         }
     }
-    let consumer = broker.consume(&queue, "audit-writer", 16, true).await?;
-    tracing::info!(%queue, dir = %cfg.evidence_dir.display(), entries = store.len(), "audit writer consuming");
+    let mut link = link.consume().await?;
+    tracing::info!(queue = %link.queue, dir = %cfg.evidence_dir.display(), entries = store.len(), "audit writer consuming");
     let store = Arc::new(Mutex::new(store));
+    let retention = (cfg.audit_retention_days > 0)
+        .then(|| Duration::from_secs(u64::from(cfg.audit_retention_days) * 86_400));
     let task = tokio::spawn(async move {
-        let retention = (cfg.audit_retention_days > 0)
-            .then(|| Duration::from_secs(u64::from(cfg.audit_retention_days) * 86_400));
-        let result = serve(
-            consumer,
-            store,
-            checkpoints,
-            trust,
-            retention,
-            metrics,
-            shutdown,
-        )
-        .await;
-        broker.close().await;
-        result
+        loop {
+            let result = serve(&mut link, &store, &trust, retention, &metrics, &shutdown).await;
+            link.close().await;
+            match result {
+                Ok(()) => return Ok(()),
+                // The broker went away: reconnect and go on. Whatever was delivered and not
+                // acked comes again, and the log skips what it holds already.
+                Err(AuditError::Broker(e)) if !shutdown.is_cancelled() => {
+                    tracing::warn!(error = %e, "lost the broker; reconnecting");
+                    health.set("broker", false);
+                    match reconnect(&cfg, &topo, &broker_metrics, &shutdown).await {
+                        Some(fresh) => {
+                            broker_metrics.reconnects.inc();
+                            health.set("broker", true);
+                            tracing::info!("audit writer reconnected to the broker");
+                            link = fresh;
+                        }
+                        None => return Ok(()),
+                    }
+                }
+                Err(AuditError::Broker(_)) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
     });
     Ok(AuditHandle { metrics_addr, task })
 }
@@ -1016,6 +1019,81 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), AuditError> {
     start(cfg, registry, shutdown).await?.join().await
+}
+
+/// The writer's connection: the audit queue's consumer and the checkpoints' publisher.
+struct Link {
+    broker: Broker,
+    checkpoints: Checkpoints,
+    consumer: Option<crate::broker::Consumer>,
+    queue: String,
+}
+
+impl Link {
+    /// Check (or declare) what the writer needs, and make the checkpoints' publisher.
+    async fn open(broker: Broker, cfg: &Config, topo: &Topology) -> Result<Self, AuditError> {
+        broker
+            .prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
+            .await?;
+        broker
+            .prepare(&topo.checkpoints(&cfg.namespace), cfg.broker_roles)
+            .await?;
+        let checkpoints = Checkpoints {
+            publisher: broker.publisher().await?,
+            exchange: format!("{}.{}", cfg.namespace, topology::AUDIT_CHECKPOINTS),
+        };
+        Ok(Self {
+            broker,
+            checkpoints,
+            consumer: None,
+            queue: format!("{}.{}", cfg.namespace, topology::AUDIT_QUEUE),
+        })
+    }
+
+    /// Start consuming the audit queue.
+    async fn consume(mut self) -> Result<Self, AuditError> {
+        let consumer = self
+            .broker
+            .consume(&self.queue, "audit-writer", 16, true)
+            .await?;
+        self.consumer = Some(consumer);
+        Ok(self)
+    }
+
+    async fn close(&self) {
+        if let Some(c) = &self.consumer {
+            c.close().await;
+        }
+        self.checkpoints.publisher.close().await;
+        self.broker.close().await;
+    }
+}
+
+/// Connect again, with a growing, jittered delay (so that everything that lost the same broker
+/// does not come back in lockstep), until it works or `shutdown`.
+async fn reconnect(
+    cfg: &Config,
+    topo: &Topology,
+    metrics: &BrokerMetrics,
+    shutdown: &CancellationToken,
+) -> Option<Link> {
+    let mut ceiling = Duration::from_millis(200);
+    loop {
+        let wait = ceiling.mul_f64(rand::random::<f64>());
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let attempt = async {
+            let broker = Broker::connect(&cfg.amqp_url, "audit-writer", metrics.clone()).await?;
+            Link::open(broker, cfg, topo).await?.consume().await
+        };
+        match attempt.await {
+            Ok(link) => return Some(link),
+            Err(e) => tracing::debug!(error = %e, "broker still unreachable"),
+        }
+        ceiling = (ceiling * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// Where the writer publishes its checkpoints.
@@ -1051,15 +1129,23 @@ impl Checkpoints {
     }
 }
 
+/// Store what arrives until `shutdown` (Ok) or until the link fails (a broker error).
 async fn serve(
-    mut consumer: crate::broker::Consumer,
-    store: Arc<Mutex<AuditStore>>,
-    checkpoints: Checkpoints,
-    trust: crate::roles::Trust,
+    link: &mut Link,
+    store: &Arc<Mutex<AuditStore>>,
+    trust: &crate::roles::Trust,
     retention: Option<Duration>,
-    metrics: AuditMetrics,
-    shutdown: CancellationToken,
+    metrics: &AuditMetrics,
+    shutdown: &CancellationToken,
 ) -> Result<(), AuditError> {
+    let Link {
+        checkpoints,
+        consumer,
+        ..
+    } = link;
+    let Some(consumer) = consumer.as_mut() else {
+        return Ok(());
+    };
     let mut prune = tokio::time::interval(Duration::from_secs(3600));
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1079,14 +1165,15 @@ async fn serve(
                 if report.files > 0 {
                     tracing::info!(files = report.files, actions = report.actions, bytes = report.bytes, "pruned old evidence");
                     metrics.pruned_files.inc_by(report.files as u64);
-                    checkpoints.publish(&head, &metrics).await;
+                    checkpoints.publish(&head, metrics).await;
                 }
                 continue;
             }
             d = consumer.next() => match d {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => return Err(e.into()),
-                None => break,
+                // The broker ended the consumer (the channel or the connection closed).
+                None => return Err(AuditError::Broker(crate::broker::BrokerError::ConsumerEnded)),
             },
         };
         // Only edges and admins may put an entry in the trail.
@@ -1095,9 +1182,8 @@ async fn serve(
             let _ = delivery.dead_letter().await;
             continue;
         }
-        handle(&delivery, &store, &checkpoints, &metrics).await?;
+        handle(&delivery, store, checkpoints, metrics).await?;
     }
-    consumer.close().await;
     Ok(())
 }
 

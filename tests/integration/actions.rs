@@ -565,3 +565,78 @@ async fn the_audit_writer_logs_json_when_asked() {
     env.teardown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_writer_survives_a_broker_restart_and_loses_nothing() {
+    const BEFORE: u64 = 20;
+    const AFTER: u64 = 20;
+    let rabbit = crate::support::PrivateBroker::start().await;
+    let mut env = TestEnv::new("auditrestart");
+    env.cfg.amqp_url = rabbit.url();
+    let dir = evidence_dir(&env);
+    env.cfg.evidence_dir = dir.clone();
+    let registry = prometheus::Registry::new();
+    let writer = audit::start(env.cfg.clone(), registry.clone(), env.shutdown.clone())
+        .await
+        .unwrap();
+    let publish = |from: u64, to: u64| {
+        let (url, ns) = (env.cfg.amqp_url.clone(), env.cfg.namespace.clone());
+        async move {
+            let broker = vigil::broker::Broker::connect(
+                &url,
+                "test",
+                vigil::metrics::BrokerMetrics::new(&prometheus::Registry::new()),
+            )
+            .await
+            .unwrap();
+            let publisher = broker.publisher().await.unwrap();
+            let mut ids = Vec::new();
+            for i in from..to {
+                let envelope = action_envelope(&ns, i);
+                publisher
+                    .publish(&format!("{ns}.actions"), "", &envelope)
+                    .await
+                    .unwrap()
+                    .wait()
+                    .await
+                    .unwrap();
+                ids.push(envelope.id);
+            }
+            broker.close().await;
+            ids
+        }
+    };
+    let mut published = publish(0, BEFORE).await;
+    eventually("the first actions logged", Duration::from_secs(30), || {
+        let dir = dir.clone();
+        async move { (log_lines(&dir) as u64 >= BEFORE).then_some(()) }
+    })
+    .await;
+    rabbit.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    rabbit.boot().await;
+    // Actions confirmed after the restart reach the same, still running, writer.
+    published.extend(publish(BEFORE, BEFORE + AFTER).await);
+    eventually("every action logged", Duration::from_secs(60), || {
+        let dir = dir.clone();
+        async move { (log_lines(&dir) as u64 >= BEFORE + AFTER).then_some(()) }
+    })
+    .await;
+    assert!(
+        crate::support::metric(&registry, "vigil_broker_reconnects_total", None) >= 1.0,
+        "the writer reconnected"
+    );
+    let mut logged: Vec<Uuid> = audit::records(&dir)
+        .unwrap()
+        .iter()
+        .map(|r| r.action_id)
+        .collect();
+    logged.sort();
+    published.sort();
+    assert_eq!(logged, published, "each action exactly once, none lost");
+    env.shutdown.cancel();
+    writer.join().await.unwrap();
+    env.teardown().await;
+    rabbit.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
