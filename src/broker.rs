@@ -511,6 +511,35 @@ impl Broker {
     }
 }
 
+/// Retry `attempt` until it succeeds or `shutdown` (then `None`). Before each try, a random
+/// wait in `[0, ceiling]` (full jitter), the ceiling doubling from 200 ms up to `max`: every
+/// process that lost the same broker comes back spread out, not in lockstep. The one reconnect
+/// loop of the edge, the worker and the audit writer.
+pub async fn retry_jittered<T, E, F, Fut>(
+    shutdown: &tokio_util::sync::CancellationToken,
+    max: Duration,
+    mut attempt: F,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut ceiling = Duration::from_millis(200);
+    loop {
+        let wait = ceiling.mul_f64(rand::random::<f64>());
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match attempt().await {
+            Ok(value) => return Some(value),
+            Err(e) => tracing::debug!(error = %e, "broker still unreachable"),
+        }
+        ceiling = (ceiling * 2).min(max);
+    }
+}
+
 /// The longest a close waits for the broker: a connection the broker no longer answers (it
 /// is restarting, or the link is half-dead) must not hold a process that is shutting down.
 pub const CLOSE_LIMIT: Duration = Duration::from_secs(5);

@@ -203,24 +203,17 @@ async fn run_loop(
         }
         health.set("broker", false);
         health.set("topology", false);
-        let mut delay = Duration::from_millis(200);
-        broker = loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(delay) => {}
-            }
-            match Broker::connect(&cfg.amqp_url, &ctx.worker_id, broker_metrics.clone()).await {
-                Ok(b) => match b
-                    .prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
-                    .await
-                {
-                    Ok(()) => break b,
-                    Err(e) => tracing::warn!(error = %e, "topology declaration failed"),
-                },
-                Err(e) => tracing::debug!(error = %e, "broker still unreachable"),
-            }
-            delay = (delay * 2).min(Duration::from_secs(2));
+        let fresh = crate::broker::retry_jittered(&shutdown, Duration::from_secs(2), || async {
+            let b = Broker::connect(&cfg.amqp_url, &ctx.worker_id, broker_metrics.clone()).await?;
+            b.prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
+                .await?;
+            Ok::<_, crate::broker::BrokerError>(b)
+        })
+        .await;
+        let Some(fresh) = fresh else {
+            return Ok(());
         };
+        broker = fresh;
         broker_metrics.reconnects.inc();
         health.set("broker", true);
         health.set("topology", true);

@@ -1069,31 +1069,18 @@ impl Link {
     }
 }
 
-/// Connect again, with a growing, jittered delay (so that everything that lost the same broker
-/// does not come back in lockstep), until it works or `shutdown`.
+/// Connect again ([`crate::broker::retry_jittered`]) until it works or `shutdown`.
 async fn reconnect(
     cfg: &Config,
     topo: &Topology,
     metrics: &BrokerMetrics,
     shutdown: &CancellationToken,
 ) -> Option<Link> {
-    let mut ceiling = Duration::from_millis(200);
-    loop {
-        let wait = ceiling.mul_f64(rand::random::<f64>());
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        let attempt = async {
-            let broker = Broker::connect(&cfg.amqp_url, "audit-writer", metrics.clone()).await?;
-            Link::open(broker, cfg, topo).await?.consume().await
-        };
-        match attempt.await {
-            Ok(link) => return Some(link),
-            Err(e) => tracing::debug!(error = %e, "broker still unreachable"),
-        }
-        ceiling = (ceiling * 2).min(Duration::from_secs(5));
-    }
+    crate::broker::retry_jittered(shutdown, Duration::from_secs(5), || async {
+        let broker = Broker::connect(&cfg.amqp_url, "audit-writer", metrics.clone()).await?;
+        Link::open(broker, cfg, topo).await?.consume().await
+    })
+    .await
 }
 
 /// Where the writer publishes its checkpoints.

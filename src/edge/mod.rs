@@ -445,29 +445,18 @@ impl Reconnect {
     async fn run(&self, shared: &Shared, shutdown: &CancellationToken) -> Option<Links> {
         self.health.set("broker", false);
         self.health.set("topology", false);
-        let mut delay = Duration::from_millis(200);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return None,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            match Broker::connect(&self.cfg.amqp_url, &shared.edge_id, self.metrics.clone()).await {
-                Ok(b) => match Links::open(b, &self.cfg, &self.topo, &shared.edge_id).await {
-                    Ok(links) => {
-                        *shared.publisher.write().unwrap_or_else(|e| e.into_inner()) =
-                            links.publisher.clone();
-                        self.metrics.reconnects.inc();
-                        self.health.set("broker", true);
-                        self.health.set("topology", true);
-                        tracing::info!("reconnected to the broker");
-                        return Some(links);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "broker back, but the topology failed"),
-                },
-                Err(e) => tracing::debug!(error = %e, "broker still unreachable"),
-            }
-            delay = (delay * 2).min(Duration::from_secs(2));
-        }
+        let links = crate::broker::retry_jittered(shutdown, Duration::from_secs(2), || async {
+            let b =
+                Broker::connect(&self.cfg.amqp_url, &shared.edge_id, self.metrics.clone()).await?;
+            Links::open(b, &self.cfg, &self.topo, &shared.edge_id).await
+        })
+        .await?;
+        *shared.publisher.write().unwrap_or_else(|e| e.into_inner()) = links.publisher.clone();
+        self.metrics.reconnects.inc();
+        self.health.set("broker", true);
+        self.health.set("topology", true);
+        tracing::info!("reconnected to the broker");
+        Some(links)
     }
 }
 

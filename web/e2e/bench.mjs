@@ -3,7 +3,7 @@
 // candidate page to a live edge. Prints one JSON object.
 //
 // Environment: VIGIL_PAGE, VIGIL_CLIENT, VIGIL_TOKEN, VIGIL_Y4M; BENCH_FPS (30), BENCH_SECONDS (20).
-import { chromium } from "playwright-core";
+import { launch } from "./chromium.mjs";
 import { statSync } from "node:fs";
 
 const env = (k) => {
@@ -13,22 +13,7 @@ const env = (k) => {
 };
 const fps = Number(process.env.BENCH_FPS ?? 30);
 const seconds = Number(process.env.BENCH_SECONDS ?? 20);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    `--use-file-for-fake-video-capture=${env("VIGIL_Y4M")}`,
-  ],
-});
+const browser = await launch(env("VIGIL_Y4M"));
 try {
   const page = await (await browser.newContext()).newPage();
   await page.goto(`${env("VIGIL_PAGE")}?fps=${fps}`);

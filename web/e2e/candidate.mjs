@@ -10,7 +10,7 @@
 // Environment: VIGIL_PAGE (the edge's page URL), VIGIL_CLIENT, VIGIL_TOKEN, VIGIL_Y4M (the fake
 // camera's footage), VIGIL_SHOTS (a folder for screenshots), and for `blocked` VIGIL_ADMIN (the
 // admin API's URL) and VIGIL_ADMIN_TOKEN.
-import { chromium } from "playwright-core";
+import { launch } from "./chromium.mjs";
 import { mkdirSync } from "node:fs";
 
 const scenario = process.argv[2];
@@ -23,22 +23,7 @@ const shots = env("VIGIL_SHOTS");
 mkdirSync(shots, { recursive: true });
 const TIMEOUT = Number(process.env.VIGIL_E2E_TIMEOUT_MS ?? 90_000);
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    `--use-file-for-fake-video-capture=${env("VIGIL_Y4M")}`,
-  ],
-});
+const browser = await launch(env("VIGIL_Y4M"));
 const seen = { scenario, verdicts: [], actions: [], states: [] };
 let ok = false;
 let operator;
