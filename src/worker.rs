@@ -178,6 +178,29 @@ struct Ctx {
     trust: crate::roles::Trust,
 }
 
+impl Ctx {
+    /// This worker's answer to a client's event: same client and deadline, the trace carried on.
+    fn reply(
+        &self,
+        client_id: &str,
+        deadline_ms: u64,
+        traceparent: &str,
+        payload: Payload,
+    ) -> Envelope {
+        Envelope {
+            schema: wire::SCHEMA,
+            id: Uuid::now_v7(),
+            source: self.worker_id.clone(),
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            client_id: client_id.to_owned(),
+            produced_at_ms: wire::now_ms(),
+            deadline_ms,
+            traceparent: wire::child_traceparent(traceparent),
+            payload,
+        }
+    }
+}
+
 /// Consume until shutdown; when the broker connection is lost, reconnect with backoff and
 /// declare the topology again. Unacked frames of a lost connection are redelivered by the
 /// broker to whichever worker is connected.
@@ -364,17 +387,7 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool 
         seq = frame.seq,
     );
     async {
-        let reply = |payload| Envelope {
-            schema: wire::SCHEMA,
-            id: Uuid::now_v7(),
-            source: ctx.worker_id.clone(),
-            seq: ctx.seq.fetch_add(1, Ordering::Relaxed),
-            client_id: env.client_id.clone(),
-            produced_at_ms: wire::now_ms(),
-            deadline_ms: env.deadline_ms,
-            traceparent: wire::child_traceparent(&env.traceparent),
-            payload,
-        };
+        let reply = |payload| ctx.reply(&env.client_id, env.deadline_ms, &env.traceparent, payload);
         let dropped = |reason, detail: String| {
             Payload::Dropped(Dropped {
                 session: frame.session,
@@ -700,20 +713,15 @@ async fn enroll_one(ctx: Arc<Ctx>, publisher: Arc<Publisher>, delivery: Delivery
             }
         }
     };
-    let reply = Envelope {
-        schema: wire::SCHEMA,
-        id: Uuid::now_v7(),
-        source: ctx.worker_id.clone(),
-        seq: ctx.seq.fetch_add(1, Ordering::Relaxed),
-        client_id: env.client_id.clone(),
-        produced_at_ms: wire::now_ms(),
-        deadline_ms: env.deadline_ms,
-        traceparent: wire::child_traceparent(&env.traceparent),
-        payload: Payload::EnrollResult(EnrollResult {
+    let reply = ctx.reply(
+        &env.client_id,
+        env.deadline_ms,
+        &env.traceparent,
+        Payload::EnrollResult(EnrollResult {
             request_id: env.id,
             outcome,
         }),
-    };
+    );
     let routing_key = format!("edge.{}.{}", env.source, env.client_id);
     let confirmed = match publisher
         .publish(&ctx.replies_exchange, &routing_key, &reply)
