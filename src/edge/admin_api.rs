@@ -541,18 +541,17 @@ async fn enroll(
     // The request, and a place for its answer (the reply consumer fills it).
     let request_id = uuid::Uuid::now_v7();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let forget = || {
-        shared
-            .enrollments
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&request_id);
-    };
     shared
         .enrollments
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(request_id, tx);
+    // However this handler ends (answered, timed out, or dropped because the operator went
+    // away), the waiting place goes with it.
+    let _waiting = Waiting {
+        shared,
+        id: request_id,
+    };
     let now = crate::wire::now_ms();
     let env = crate::wire::Envelope {
         schema: crate::wire::SCHEMA,
@@ -583,14 +582,12 @@ async fn enroll(
     match tokio::time::timeout(std::time::Duration::from_secs(10), published).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            forget();
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("the broker did not take the request: {e}"),
             );
         }
         Err(_) => {
-            forget();
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the broker did not confirm the request within 10 s",
@@ -600,7 +597,6 @@ async fn enroll(
     let outcome = match tokio::time::timeout(ENROLL_TIMEOUT, rx).await {
         Ok(Ok(outcome)) => outcome,
         _ => {
-            forget();
             return error(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
@@ -655,4 +651,20 @@ async fn enroll(
         "similarities": similarities, "margin": margin,
     }))
     .into_response()
+}
+
+/// An enrolment's place in `Shared::enrollments`, removed when dropped.
+struct Waiting<'a> {
+    shared: &'a Shared,
+    id: uuid::Uuid,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .enrollments
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
 }
