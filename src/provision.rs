@@ -2,8 +2,9 @@
 //! [`crate::roles::grant`], made through `rabbitmqctl` on the broker's host.
 //!
 //! Each user gets a fresh random password (256 bits, URL-safe), printed once with the URL the
-//! role connects with. Running it again rotates the passwords. `rabbitmqctl` takes the
-//! password as an argument, so run this on the broker's host as the operator who owns the node.
+//! role connects with. Running it again rotates the passwords. Passwords reach `rabbitmqctl` on
+//! its standard input, never as arguments. Run this on the broker's host as the operator who
+//! owns the node (it needs the node's Erlang cookie).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -70,9 +71,9 @@ pub async fn provision(opts: &ProvisionOptions) -> Result<Vec<Provisioned>, Prov
         let password = crate::directory::generate_token();
         let created = !known.contains(&user.as_str());
         if created {
-            ctl(opts, &["add_user", &user, &password]).await?;
+            ctl_with_input(opts, &["add_user", &user], &password).await?;
         } else {
-            ctl(opts, &["change_password", &user, &password]).await?;
+            ctl_with_input(opts, &["change_password", &user], &password).await?;
         }
         // No management tags: these users speak AMQP only.
         ctl(opts, &["set_user_tags", &user]).await?;
@@ -119,16 +120,52 @@ pub fn with_credentials(url: &str, user: &str, password: &str) -> Result<String,
 
 /// Run `rabbitmqctl [-n NODE] ARGS...`, bounded; its standard output.
 async fn ctl(opts: &ProvisionOptions, args: &[&str]) -> Result<String, ProvisionError> {
+    run_ctl(opts, args, None).await
+}
+
+/// As [`ctl`], with `secret` written to the command's standard input. `add_user` and
+/// `change_password` read the password from there when it is not an argument: it never shows
+/// in the process list, and a password that starts with `-` is not taken for an option.
+async fn ctl_with_input(
+    opts: &ProvisionOptions,
+    args: &[&str],
+    secret: &str,
+) -> Result<String, ProvisionError> {
+    run_ctl(opts, args, Some(secret)).await
+}
+
+async fn run_ctl(
+    opts: &ProvisionOptions,
+    args: &[&str],
+    input: Option<&str>,
+) -> Result<String, ProvisionError> {
+    use std::process::Stdio;
+    use tokio::io::AsyncWriteExt;
     let mut cmd = tokio::process::Command::new(&opts.rabbitmqctl);
     if let Some(node) = &opts.node {
         cmd.args(["-n", node]);
     }
     cmd.args(args)
-        .stdin(std::process::Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true);
     // Never echo a password into an error.
     let command = args.first().copied().unwrap_or_default().to_owned();
-    let output = tokio::time::timeout(opts.timeout, cmd.output())
+    let run = async {
+        let mut child = cmd.spawn()?;
+        if let (Some(secret), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin.write_all(secret.as_bytes()).await?;
+            stdin.write_all(b"\n").await?;
+            // Dropping stdin closes it, so the command sees the end of its input.
+        }
+        child.wait_with_output().await
+    };
+    let output = tokio::time::timeout(opts.timeout, run)
         .await
         .map_err(|_| ProvisionError::Timeout {
             command: command.clone(),
