@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::broker::{BrokerError, Publisher};
 use crate::directory::{
-    ClientRecord, ClientStatus, ClientStore, Connection, DirectoryError, Presence,
+    ClientRecord, ClientStatus, ClientStore, Connection, DirectoryError, Presence, live_presence,
 };
 use crate::policy::Action;
 use crate::wire::{self, AdminOpEvent, ControlCommand, ControlEvent, Envelope, Payload};
@@ -117,10 +117,11 @@ impl ClientView {
 
 /// Every client, with its status and connection.
 pub fn list(store: &dyn ClientStore) -> Result<Vec<ClientView>, AdminError> {
+    let now = wire::now_ms();
     store
         .list()?
         .iter()
-        .map(|r| Ok(ClientView::of(r, store.presence(&r.id)?)))
+        .map(|r| Ok(ClientView::of(r, live_presence(store, &r.id, now)?)))
         .collect()
 }
 
@@ -128,7 +129,10 @@ pub fn show(store: &dyn ClientStore, id: &str) -> Result<ClientView, AdminError>
     let record = store
         .get(id)?
         .ok_or_else(|| AdminError::NotFound(id.to_owned()))?;
-    Ok(ClientView::of(&record, store.presence(id)?))
+    Ok(ClientView::of(
+        &record,
+        live_presence(store, id, wire::now_ms())?,
+    ))
 }
 
 /// Administration over one directory, the control exchange and the audit trail.
@@ -157,9 +161,6 @@ impl Admin {
         let owned = id.to_owned();
         let view =
             tokio::task::spawn_blocking(move || -> Result<Option<ClientView>, AdminError> {
-                let mut record = store
-                    .get(&owned)?
-                    .ok_or_else(|| AdminError::NotFound(owned.clone()))?;
                 let status = match op {
                     AdminOp::Pause => Some(ClientStatus::Paused),
                     AdminOp::Resume | AdminOp::Unblock => Some(ClientStatus::Active),
@@ -170,12 +171,16 @@ impl Admin {
                         return Ok(None);
                     }
                 };
-                if let Some(status) = status {
-                    record.status = status;
-                    record.updated_at_ms = wire::now_ms();
-                    store.put(&record)?;
-                }
-                Ok(Some(ClientView::of(&record, store.presence(&owned)?)))
+                // One atomic step: a concurrent enrolment or operator keeps its change.
+                let record = store.update(&owned, &mut |record| {
+                    if let Some(status) = status {
+                        record.status = status;
+                    }
+                })?;
+                Ok(Some(ClientView::of(
+                    &record,
+                    live_presence(&*store, &owned, wire::now_ms())?,
+                )))
             })
             .await
             .expect("directory task does not panic")?;

@@ -10,7 +10,7 @@ use prometheus::Registry;
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::directory::{ClientRecord, ClientStore, FolderStore};
+use crate::directory::{ClientRecord, ClientStore};
 use crate::edge::client::{Connection, Incoming};
 use crate::metrics::BrokerMetrics;
 use crate::topology::Topology;
@@ -48,6 +48,12 @@ pub enum Command {
     Clients {
         #[command(subcommand)]
         action: ClientsCmd,
+    },
+    /// The client directory's storage: VIGIL_DIRECTORY_URL (PostgreSQL), else the folder
+    /// VIGIL_CLIENTS_DIR.
+    Directory {
+        #[command(subcommand)]
+        action: DirectoryCmd,
     },
     /// Stream JPEG files to an edge as one client and print every reply.
     Stream(StreamArgs),
@@ -178,6 +184,30 @@ pub enum OperatorsCmd {
     },
     /// Remove an operator: their token stops working at the edges' next request.
     Remove { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DirectoryCmd {
+    /// Bring a PostgreSQL directory's schema up to date (services also do it at start-up).
+    Migrate,
+    /// Write every client (record, reference photo, policy state) as JSON lines.
+    Export {
+        /// The file to write; standard output when unset.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Read clients into the directory: from a file `export` wrote, or straight from a
+    /// directory folder. Clients that exist are kept unless --replace.
+    Import {
+        /// An export file, or a folder directory.
+        from: PathBuf,
+        /// Replace clients that exist.
+        #[arg(long)]
+        replace: bool,
+        /// Print JSON to stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -565,6 +595,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Broker { action } => broker_users(&cfg, action).await,
         Command::Operators { action } => operators(&cfg, action),
         Command::Clients { action } => clients(&cfg, action).await,
+        Command::Directory { action } => directory(&cfg, action),
         Command::Models { action } => models(&cfg, action),
         Command::Audit { action } => audit(cfg, action).await,
         Command::Record {
@@ -802,7 +833,7 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
 /// An admin handle that broadcasts on the broker named by `cfg`.
 async fn admin_handle(
     cfg: &Config,
-    store: FolderStore,
+    store: std::sync::Arc<dyn ClientStore>,
 ) -> Result<(crate::admin::Admin, Broker), CliError> {
     let broker = Broker::connect(
         &cfg.amqp_url,
@@ -817,7 +848,7 @@ async fn admin_handle(
         .await
         .map_err(fail)?;
     let admin = crate::admin::Admin {
-        store: std::sync::Arc::new(store),
+        store,
         publisher: std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(
             broker.publisher().await.map_err(fail)?,
         ))),
@@ -826,6 +857,100 @@ async fn admin_handle(
         source: "cli".into(),
     };
     Ok((admin, broker))
+}
+
+fn directory(cfg: &Config, action: DirectoryCmd) -> Result<(), CliError> {
+    use crate::directory::{self, Exported, Location};
+    match action {
+        DirectoryCmd::Migrate => match cfg.directory_location().map_err(fail)? {
+            Location::Postgres(url) => {
+                // Connecting migrates; a second run finds nothing left to apply.
+                let store =
+                    directory::PgStore::connect(&url, &cfg.directory_limits()).map_err(fail)?;
+                let applied = store.migrate().map_err(fail)?;
+                println!(
+                    "{} is up to date{}",
+                    directory_name(cfg),
+                    if applied.is_empty() {
+                        ""
+                    } else {
+                        " (migrated)"
+                    }
+                );
+                Ok(())
+            }
+            Location::Folder(dir) => {
+                println!("{} is a folder: it has no schema to migrate", dir.display());
+                Ok(())
+            }
+        },
+        DirectoryCmd::Export { out } => {
+            let store = cfg.open_directory().map_err(fail)?;
+            let n = match &out {
+                Some(path) => {
+                    let mut file = std::io::BufWriter::new(
+                        std::fs::File::create(path)
+                            .map_err(|e| fail(format!("{}: {e}", path.display())))?,
+                    );
+                    let n = directory::export(&*store, &mut file).map_err(fail)?;
+                    std::io::Write::flush(&mut file)
+                        .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+                    n
+                }
+                None => directory::export(&*store, &mut std::io::stdout().lock()).map_err(fail)?,
+            };
+            eprintln!("exported {n} client(s) from {}", directory_name(cfg));
+            Ok(())
+        }
+        DirectoryCmd::Import {
+            from,
+            replace,
+            json,
+        } => {
+            let clients: Vec<Exported> = if from.is_dir() {
+                let source = directory::FolderStore::open(&from).map_err(fail)?;
+                let mut buf = Vec::new();
+                directory::export(&source, &mut buf).map_err(fail)?;
+                parse_export(&buf, &from)?
+            } else {
+                let bytes =
+                    std::fs::read(&from).map_err(|e| fail(format!("{}: {e}", from.display())))?;
+                parse_export(&bytes, &from)?
+            };
+            let store = cfg.open_directory().map_err(fail)?;
+            let done = directory::import(&*store, clients, replace).map_err(fail)?;
+            let text = format!(
+                "imported into {}: {} added, {} replaced, {} kept as they were\n",
+                directory_name(cfg),
+                done.added,
+                done.replaced,
+                done.kept
+            );
+            print_report(json, &done, text);
+            Ok(())
+        }
+    }
+}
+
+/// The clients of an export file, one JSON line each; a bad line is named.
+fn parse_export(bytes: &[u8], from: &Path) -> Result<Vec<crate::directory::Exported>, CliError> {
+    bytes
+        .split(|b| *b == b'\n')
+        .enumerate()
+        .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace))
+        .map(|(i, line)| {
+            serde_json::from_slice(line)
+                .map_err(|e| fail(format!("{} line {}: {e}", from.display(), i + 1)))
+        })
+        .collect()
+}
+
+/// The directory's name for people: its folder, or its database URL without the password.
+fn directory_name(cfg: &Config) -> String {
+    match cfg.directory_location() {
+        Ok(crate::directory::Location::Postgres(url)) => crate::broker::redact_url(&url),
+        _ => cfg.clients_dir.display().to_string(),
+    }
 }
 
 /// Who the CLI's operations are audited as: `VIGIL_OPERATOR`, else the login name.
@@ -838,7 +963,7 @@ fn cli_operator() -> String {
 
 async fn clients(cfg: &Config, action: ClientsCmd) -> Result<(), CliError> {
     use crate::admin::AdminOp;
-    let store = FolderStore::open(&cfg.clients_dir).map_err(fail)?;
+    let store = cfg.open_directory().map_err(fail)?;
     let op = match &action {
         ClientsCmd::Pause { id } => Some((id.clone(), AdminOp::Pause)),
         ClientsCmd::Resume { id } => Some((id.clone(), AdminOp::Resume)),
@@ -874,7 +999,7 @@ async fn clients(cfg: &Config, action: ClientsCmd) -> Result<(), CliError> {
     }
     match action {
         ClientsCmd::Show { id } => {
-            let view = crate::admin::show(&store, &id).map_err(fail)?;
+            let view = crate::admin::show(&*store, &id).map_err(fail)?;
             println!(
                 "{}",
                 serde_json::to_string_pretty(&view).unwrap_or_default()
@@ -888,14 +1013,14 @@ async fn clients(cfg: &Config, action: ClientsCmd) -> Result<(), CliError> {
             let added = admin.add(record, &cli_operator()).await;
             broker.close().await;
             added.map_err(fail)?;
-            println!("client `{id}` added to {}", cfg.clients_dir.display());
+            println!("client `{id}` added to {}", directory_name(cfg));
             if generated {
                 // Only its hash is stored: this is the one time it can be read.
                 println!("token (shown once, store it now): {token}");
             }
         }
         ClientsCmd::Enroll { id, reference } => {
-            let (record, e) = enroll_photos(cfg, &store, &id, &reference)?;
+            let (record, e) = enroll_photos(cfg, &*store, &id, &reference)?;
             println!(
                 "client `{id}` enrolled from {} photo(s) ({})",
                 reference.len(),
@@ -925,7 +1050,7 @@ async fn clients(cfg: &Config, action: ClientsCmd) -> Result<(), CliError> {
                 "{:<28} {:<8} {:<17} {:<16} {:<8} NAME",
                 "ID", "STATUS", "CONNECTION", "EDGE", "ENROLLED"
             );
-            for c in crate::admin::list(&store).map_err(fail)? {
+            for c in crate::admin::list(&*store).map_err(fail)? {
                 let status = serde_json::to_value(c.status)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))
@@ -1152,7 +1277,7 @@ async fn bench(cfg: &Config, which: BenchCmd) -> Result<(), CliError> {
 /// the embedding in the directory.
 pub fn enroll(
     cfg: &Config,
-    store: &FolderStore,
+    store: &dyn ClientStore,
     id: &str,
     photo: &Path,
 ) -> Result<ClientRecord, CliError> {
@@ -1165,15 +1290,14 @@ pub fn enroll(
 /// [`IdentityStack::enroll_many`]: crate::inference::IdentityStack::enroll_many
 pub fn enroll_photos(
     cfg: &Config,
-    store: &FolderStore,
+    store: &dyn ClientStore,
     id: &str,
     photos: &[PathBuf],
 ) -> Result<(ClientRecord, crate::inference::Enrollment), CliError> {
     use base64::Engine as _;
-    let mut record = store
-        .get(id)
-        .map_err(fail)?
-        .ok_or_else(|| fail(format!("client `{id}` not found; add it first")))?;
+    if store.get(id).map_err(fail)?.is_none() {
+        return Err(fail(format!("client `{id}` not found; add it first")));
+    }
     let jpegs = photos
         .iter()
         .map(|p| std::fs::read(p).map_err(|e| fail(format!("{}: {e}", p.display()))))
@@ -1184,15 +1308,17 @@ pub fn enroll_photos(
         .map_err(|e| fail(format!("enrolment refused: {e}")))?;
     let embedding = enrollment.embedding.clone();
     let photo_file = store.put_reference_photo(id, &jpegs[0]).map_err(fail)?;
-    record.reference = Some(crate::directory::Reference {
+    let reference = crate::directory::Reference {
         embedding_b64: base64::engine::general_purpose::STANDARD
             .encode(crate::wire::pack_embedding(&embedding)),
         photo_file,
         model: stack.recognition_model().to_owned(),
         enrolled_at_ms: crate::wire::now_ms(),
-    });
-    record.updated_at_ms = crate::wire::now_ms();
-    store.put(&record).map_err(fail)?;
+    };
+    // Only the reference changes: a block made while the models ran stays.
+    let record = store
+        .update(id, &mut |record| record.reference = Some(reference.clone()))
+        .map_err(fail)?;
     Ok((record, enrollment))
 }
 
@@ -1741,11 +1867,7 @@ async fn attack(cfg: &Config, args: AttackArgs) -> Result<(), CliError> {
     };
     if args.create_clients {
         let ids = opts.client_ids();
-        eprintln!(
-            "adding {} clients to {}",
-            ids.len(),
-            cfg.clients_dir.display()
-        );
+        eprintln!("adding {} clients to {}", ids.len(), directory_name(cfg));
         add_clients(cfg, &ids, &opts.token)?;
     }
     let report = crate::attack::run(opts, |phase| eprintln!("attack: {phase}"))
@@ -1765,7 +1887,7 @@ async fn attack(cfg: &Config, args: AttackArgs) -> Result<(), CliError> {
 
 /// Add clients sharing one token, hashing on every core (argon2 is deliberately slow).
 fn add_clients(cfg: &Config, ids: &[String], token: &str) -> Result<(), CliError> {
-    let store = FolderStore::open(&cfg.clients_dir).map_err(fail)?;
+    let store = cfg.open_directory().map_err(fail)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = ids.len().div_ceil(cores).max(1);
     std::thread::scope(|scope| {

@@ -37,8 +37,17 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     /// Topology file; the built-in `exchanges.toml` when unset [VIGIL_TOPOLOGY].
     pub topology_file: Option<PathBuf>,
-    /// Folder of the client directory [VIGIL_CLIENTS_DIR].
+    /// Folder of the client directory, used when `directory_url` is unset
+    /// [VIGIL_CLIENTS_DIR].
     pub clients_dir: PathBuf,
+    /// The client directory in PostgreSQL (`postgres://user:pass@host/db`), shared by every
+    /// edge of a cluster; the folder `clients_dir` when unset [VIGIL_DIRECTORY_URL].
+    pub directory_url: Option<String>,
+    /// Most PostgreSQL connections one process holds [VIGIL_DIRECTORY_POOL].
+    pub directory_pool: u32,
+    /// Bound on a directory connection, statement or row-lock wait, in ms
+    /// [VIGIL_DIRECTORY_TIMEOUT_MS].
+    pub directory_timeout_ms: u64,
     /// `text` or `json` [VIGIL_LOG_FORMAT].
     pub log_format: LogFormat,
     pub edge: EdgeConfig,
@@ -215,6 +224,10 @@ pub struct EdgeConfig {
     /// A client from which nothing (not even a pong) has arrived for this long is closed
     /// `idle` (4410), in ms [VIGIL_EDGE_IDLE_TIMEOUT_MS].
     pub idle_timeout_ms: u64,
+    /// The edge's lease in the directory, renewed every third of it: once it runs out (the
+    /// edge died), the directory reports the edge's clients as no longer connected. In ms
+    /// [VIGIL_EDGE_LEASE_MS].
+    pub lease_ms: u64,
     /// A frame's life from arrival to result, in ms; past it the frame is answered `expired`
     /// [VIGIL_EDGE_FRAME_DEADLINE_MS].
     pub frame_deadline_ms: u64,
@@ -297,6 +310,9 @@ impl Default for Config {
             metrics_listen: "127.0.0.1:9090".parse().expect("valid address"),
             topology_file: None,
             clients_dir: PathBuf::from("clients"),
+            directory_url: None,
+            directory_pool: 8,
+            directory_timeout_ms: 5_000,
             log_format: LogFormat::Text,
             edge: EdgeConfig::default(),
             worker: WorkerConfig::default(),
@@ -330,6 +346,7 @@ impl Default for EdgeConfig {
             hello_timeout_ms: 5_000,
             ping_interval_ms: 15_000,
             idle_timeout_ms: 60_000,
+            lease_ms: 15_000,
             frame_deadline_ms: 3_000,
             max_bad_messages: 10,
             shutdown_grace_ms: 2_000,
@@ -448,6 +465,19 @@ impl Config {
         );
         set_opt(env, errors, "VIGIL_TOPOLOGY", &mut self.topology_file);
         set(env, errors, "VIGIL_CLIENTS_DIR", &mut self.clients_dir);
+        set_opt(env, errors, "VIGIL_DIRECTORY_URL", &mut self.directory_url);
+        set(
+            env,
+            errors,
+            "VIGIL_DIRECTORY_POOL",
+            &mut self.directory_pool,
+        );
+        set(
+            env,
+            errors,
+            "VIGIL_DIRECTORY_TIMEOUT_MS",
+            &mut self.directory_timeout_ms,
+        );
         set(env, errors, "VIGIL_EVIDENCE_DIR", &mut self.evidence_dir);
         set_opt(env, errors, "VIGIL_AUDIT_KEY", &mut self.audit_key);
         set(
@@ -497,6 +527,7 @@ impl Config {
             "VIGIL_EDGE_IDLE_TIMEOUT_MS",
             &mut e.idle_timeout_ms,
         );
+        set(env, errors, "VIGIL_EDGE_LEASE_MS", &mut e.lease_ms);
         set(
             env,
             errors,
@@ -647,6 +678,20 @@ impl Config {
             errors.push(format!(
                 "amqp_url `{}` must start with amqp:// or amqps://",
                 crate::broker::redact_url(&self.amqp_url)
+            ));
+        }
+        if let Err(e) =
+            crate::directory::Location::of(self.directory_url.as_deref(), &self.clients_dir)
+        {
+            errors.push(format!("directory_url: {e}"));
+        }
+        if self.directory_pool == 0 || self.directory_timeout_ms == 0 {
+            errors.push("directory_pool and directory_timeout_ms must be positive".into());
+        }
+        if self.edge.lease_ms < 3_000 {
+            errors.push(format!(
+                "edge.lease_ms = {} is too short: an edge renews its lease every third of it",
+                self.edge.lease_ms
             ));
         }
         if let Some(key) = &self.audit_key {
@@ -821,9 +866,38 @@ impl Config {
         }
     }
 
-    /// The edge id, or a random one made once per process.
+    /// The edge id, or one made once per process: the host's name plus a random suffix, so
+    /// that edges on one host, or replicas sharing a name, never collide.
     pub fn edge_id(&self) -> String {
-        self.edge.id.clone().unwrap_or_else(|| random_id("edge"))
+        self.edge
+            .id
+            .clone()
+            .unwrap_or_else(|| random_id(&host_name()))
+    }
+
+    /// Where the client directory lives (checked by `validate`).
+    pub fn directory_location(
+        &self,
+    ) -> Result<crate::directory::Location, crate::directory::DirectoryError> {
+        crate::directory::Location::of(self.directory_url.as_deref(), &self.clients_dir)
+    }
+
+    /// Open the client directory (a PostgreSQL one is migrated first).
+    pub fn open_directory(
+        &self,
+    ) -> Result<std::sync::Arc<dyn crate::directory::ClientStore>, crate::directory::DirectoryError>
+    {
+        crate::directory::open(&self.directory_location()?, &self.directory_limits())
+    }
+
+    /// The bounds a PostgreSQL directory runs under.
+    pub fn directory_limits(&self) -> crate::directory::PgLimits {
+        let bound = std::time::Duration::from_millis(self.directory_timeout_ms);
+        crate::directory::PgLimits {
+            pool: self.directory_pool,
+            connect_timeout: bound,
+            statement_timeout: bound,
+        }
     }
 
     pub fn worker_id(&self) -> String {
@@ -856,6 +930,27 @@ impl std::str::FromStr for LogFormat {
 }
 
 /// `<prefix>-<8 hex digits>`.
+/// This host's name, reduced to `[A-Za-z0-9-]` (it goes into routing keys, where `.` separates
+/// words) and at most 48 characters; `edge` when it has none.
+fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(48)
+        .collect();
+    let name = name.trim_matches('-');
+    if name.is_empty() {
+        "edge".into()
+    } else {
+        name.to_owned()
+    }
+}
+
 pub fn random_id(prefix: &str) -> String {
     format!("{prefix}-{:08x}", rand::random::<u32>())
 }

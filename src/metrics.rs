@@ -134,6 +134,7 @@ pub struct EdgeMetrics {
     pub idle_closed: IntCounter,
     pub broker_blocked: IntGauge,
     pub admin_tls_failed: IntCounter,
+    pub lease_failures: IntCounter,
 }
 
 impl EdgeMetrics {
@@ -256,6 +257,11 @@ impl EdgeMetrics {
                 registry,
                 "vigil_edge_admin_tls_failures_total",
                 "Admin API connections dropped because their TLS handshake failed or timed out",
+            ),
+            lease_failures: counter(
+                registry,
+                "vigil_edge_lease_failures_total",
+                "Renewals of this edge's directory lease that failed (the directory was unreachable)",
             ),
         }
     }

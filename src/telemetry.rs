@@ -18,8 +18,9 @@ use crate::config::LogFormat;
 
 /// Install the global `tracing` subscriber. `RUST_LOG` filters (default `info`).
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=error"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,ort=error,refinery_core=warn,postgres=warn")
+    });
     // A log line that cannot be written (stderr closed) is lost, never a panic: by default the
     // subscriber reports the failure with `eprintln!`, which panics on the same closed stderr
     // and would take the task that logged with it (the signal handler, for one).

@@ -623,18 +623,17 @@ async fn enroll(
     let store = api.admin.store.clone();
     let (client, first, model_name) = (id.clone(), photos.swap_remove(0), model.clone());
     let saved = tokio::task::spawn_blocking(move || -> Result<(), AdminError> {
-        let mut record = store
-            .get(&client)?
-            .ok_or_else(|| AdminError::NotFound(client.clone()))?;
         let photo_file = store.put_reference_photo(&client, &first)?;
-        record.reference = Some(crate::directory::Reference {
+        let reference = crate::directory::Reference {
             embedding_b64: base64::engine::general_purpose::STANDARD.encode(&embedding),
             photo_file,
             model: model_name,
             enrolled_at_ms: crate::wire::now_ms(),
-        });
-        record.updated_at_ms = crate::wire::now_ms();
-        store.put(&record)?;
+        };
+        // Only the reference changes: a block made while the worker enrolled stays.
+        store.update(&client, &mut |record| {
+            record.reference = Some(reference.clone());
+        })?;
         Ok(())
     })
     .await;

@@ -10,6 +10,7 @@
 mod admin_api;
 pub mod client;
 mod gate;
+mod lease;
 mod session;
 mod tls;
 mod tokens;
@@ -33,7 +34,7 @@ use tracing::Instrument as _;
 
 use crate::broker::{Broker, BrokerError, Publisher};
 use crate::config::{Config, EdgeConfig};
-use crate::directory::{ClientStatus, ClientStore, DirectoryError, FolderStore};
+use crate::directory::{ClientStatus, ClientStore, DirectoryError};
 use crate::metrics::{BrokerMetrics, EdgeMetrics};
 use crate::roles::Kind;
 use crate::telemetry::{self, Health};
@@ -203,7 +204,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<EdgeHandle, EdgeError> {
     let edge_id = cfg.edge_id();
-    let health = Health::new(&["broker", "topology"]);
+    let health = Health::new(&["broker", "topology", "directory"]);
     let metrics_addr = telemetry::serve_metrics(
         cfg.metrics_listen,
         registry.clone(),
@@ -221,7 +222,15 @@ pub async fn start(
     }
     let broker_metrics = BrokerMetrics::new(&registry);
     let topo = Topology::load(cfg.topology_file.as_deref())?;
-    let store: Arc<dyn ClientStore> = Arc::new(FolderStore::open(&cfg.clients_dir)?);
+    let store = cfg.open_directory()?;
+    tokio::spawn(lease::keep(
+        store.clone(),
+        edge_id.clone(),
+        Duration::from_millis(cfg.edge.lease_ms),
+        health.clone(),
+        metrics.lease_failures.clone(),
+        shutdown.clone(),
+    ));
 
     let listener = TcpListener::bind(cfg.edge.listen)
         .await

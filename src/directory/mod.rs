@@ -1,10 +1,23 @@
 //! The client directory: who may connect, with which token, and in what status.
 //!
-//! [`ClientStore`] is the storage seam; [`FolderStore`] is the embedded default, one JSON file
-//! per client in a folder, written atomically (temporary file, fsync, rename). Tokens are
-//! stored as argon2id hashes, never in clear.
+//! [`ClientStore`] is the storage seam, with two backends:
+//! - [`FolderStore`], the embedded default for one machine: one JSON file per client in a
+//!   folder, written atomically (temporary file, fsync, rename), read-modify-writes serialized
+//!   by a file lock;
+//! - [`PgStore`], for a cluster: PostgreSQL, selected by `VIGIL_DIRECTORY_URL=postgres://...`,
+//!   with its schema migrated at start-up and every read-modify-write in one transaction.
+//!
+//! Tokens are stored as argon2id hashes, never in clear. Presence (which edge holds a client)
+//! is kept apart from the record and is only as good as its edge's lease: see [`live_presence`].
 
-use std::path::{Path, PathBuf};
+mod folder;
+mod pg;
+
+use std::sync::Arc;
+
+pub use folder::FolderStore;
+pub(crate) use folder::write_atomic;
+pub use pg::PgStore;
 
 use crate::policy::SavedPolicy;
 use serde::{Deserialize, Serialize};
@@ -32,6 +45,16 @@ pub enum DirectoryError {
         path: String,
         source: serde_json::Error,
     },
+    #[error("edge id `{0}` must be 1..=128 characters of [A-Za-z0-9_.-], not starting with '.'")]
+    BadEdgeId(String),
+    #[error("the client directory is busy: {0}")]
+    Busy(String),
+    #[error("client directory database: {0}")]
+    Database(String),
+    #[error("client directory URL: {0}")]
+    Url(String),
+    #[error("import: {0}")]
+    Import(String),
 }
 
 /// Whether a client may stream.
@@ -57,6 +80,9 @@ pub struct ClientRecord {
     pub status: ClientStatus,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    /// Bumped by every [`ClientStore::update`]: two updates never see the same revision.
+    #[serde(default)]
+    pub revision: u64,
     /// The enrolled reference, once `vigil clients enroll` has run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<Reference>,
@@ -100,6 +126,7 @@ impl ClientRecord {
             status: ClientStatus::Active,
             created_at_ms: now,
             updated_at_ms: now,
+            revision: 0,
             reference: None,
         })
     }
@@ -280,12 +307,29 @@ pub struct Presence {
     pub last_action: Option<String>,
 }
 
-/// Where client records live. Implementations must make each `put` atomic.
+/// Where client records live. Every write is atomic; [`ClientStore::add`] and
+/// [`ClientStore::update`] are atomic read-modify-writes, so concurrent operators (or an
+/// enrolment racing a block) never lose each other's changes.
+///
+/// Calls block: call them from a blocking context (`spawn_blocking`, a plain thread), not
+/// from an async task.
 pub trait ClientStore: Send + Sync {
     fn get(&self, id: &str) -> Result<Option<ClientRecord>, DirectoryError>;
+    /// Write a whole record, replacing any (used by import; admin paths use `update`).
     fn put(&self, record: &ClientRecord) -> Result<(), DirectoryError>;
+    /// Add a new client; refuses an id that exists, atomically.
+    fn add(&self, record: &ClientRecord) -> Result<(), DirectoryError>;
+    /// Change a client in one atomic step: `change` sees the current record, and what it
+    /// leaves is saved with `revision` bumped and `updated_at_ms` set. Returns the saved record.
+    fn update(
+        &self,
+        id: &str,
+        change: &mut (dyn FnMut(&mut ClientRecord) + Send),
+    ) -> Result<ClientRecord, DirectoryError>;
+    /// Remove a client with its presence, policy state and reference photo.
     fn remove(&self, id: &str) -> Result<(), DirectoryError>;
     fn list(&self) -> Result<Vec<ClientRecord>, DirectoryError>;
+    /// The edge's last word on the client, as written (see [`live_presence`]).
     fn presence(&self, id: &str) -> Result<Option<Presence>, DirectoryError>;
     fn set_presence(&self, id: &str, presence: &Presence) -> Result<(), DirectoryError>;
     /// The client's saved policy state (escalation, cooldowns, recent verdicts).
@@ -295,184 +339,199 @@ pub trait ClientStore: Send + Sync {
     fn reference_photo(&self, id: &str) -> Result<Option<Vec<u8>>, DirectoryError>;
     /// Keep the photo a client is enrolled from; returns the name its reference records.
     fn put_reference_photo(&self, id: &str, jpeg: &[u8]) -> Result<String, DirectoryError>;
+    /// Extend `edge`'s lease until `until_ms` (Unix ms). An edge renews it while it lives.
+    fn renew_lease(&self, edge: &str, until_ms: u64) -> Result<(), DirectoryError>;
+    /// Until when `edge`'s lease runs, if it ever took one.
+    fn lease(&self, edge: &str) -> Result<Option<u64>, DirectoryError>;
+}
 
-    /// Add a new client; refuses an id that exists.
-    fn add(&self, record: &ClientRecord) -> Result<(), DirectoryError> {
-        if self.get(&record.id)?.is_some() {
-            return Err(DirectoryError::Exists(record.id.clone()));
+/// A client's presence as it stands at `now_ms`: an `active` presence whose edge's lease has
+/// run out (the edge died, or lost the directory) reads as `connection_error`, so a dead edge's
+/// clients are released within one lease.
+pub fn live_presence(
+    store: &dyn ClientStore,
+    id: &str,
+    now_ms: u64,
+) -> Result<Option<Presence>, DirectoryError> {
+    let Some(mut presence) = store.presence(id)? else {
+        return Ok(None);
+    };
+    if presence.connection == Connection::Active {
+        let lease = store.lease(&presence.edge)?;
+        if lease.is_none_or(|until| until < now_ms) {
+            presence.connection = Connection::ConnectionError;
         }
-        self.put(record)
+    }
+    Ok(Some(presence))
+}
+
+/// Edge ids name lease files and rows: keep them tame (a hostname plus a suffix fits).
+pub fn check_edge_id(id: &str) -> Result<(), DirectoryError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(DirectoryError::BadEdgeId(id.to_owned()))
     }
 }
 
-/// One `<id>.json` per client in a folder.
-#[derive(Debug, Clone)]
-pub struct FolderStore {
-    dir: PathBuf,
+/// Where the directory lives: a folder, or a PostgreSQL URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Folder(std::path::PathBuf),
+    Postgres(String),
 }
 
-impl FolderStore {
-    /// Open (and create) the folder.
-    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, DirectoryError> {
-        let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|source| io(&dir, source))?;
-        Ok(Self { dir })
-    }
-
-    fn path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.json"))
-    }
-}
-
-fn io(path: &Path, source: std::io::Error) -> DirectoryError {
-    DirectoryError::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
-/// A JSON file, or `None` when it does not exist.
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, DirectoryError> {
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| DirectoryError::Corrupt {
-                    path: path.display().to_string(),
-                    source,
-                })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io(path, e)),
-    }
-}
-
-/// Write `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.{:016x}.tmp",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("record"),
-        rand::random::<u64>()
-    ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        // Make the rename itself durable.
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-impl ClientStore for FolderStore {
-    fn get(&self, id: &str) -> Result<Option<ClientRecord>, DirectoryError> {
-        check_client_id(id)?;
-        read_json(&self.path(id))
-    }
-
-    fn put(&self, record: &ClientRecord) -> Result<(), DirectoryError> {
-        check_client_id(&record.id)?;
-        let path = self.path(&record.id);
-        let bytes = serde_json::to_vec_pretty(record).expect("client record encodes");
-        write_atomic(&path, &bytes).map_err(|e| io(&path, e))
-    }
-
-    fn remove(&self, id: &str) -> Result<(), DirectoryError> {
-        check_client_id(id)?;
-        let path = self.path(id);
-        let _ = std::fs::remove_file(self.dir.join(format!("{id}.presence")));
-        let _ = std::fs::remove_file(self.dir.join(format!("{id}.policy")));
-        let _ = std::fs::remove_file(self.dir.join(format!("{id}.reference.jpg")));
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(DirectoryError::NotFound(id.to_owned()))
+impl Location {
+    /// `VIGIL_DIRECTORY_URL` when set (`postgres://` or `postgresql://`), else the folder.
+    pub fn of(url: Option<&str>, folder: &std::path::Path) -> Result<Self, DirectoryError> {
+        match url.filter(|u| !u.is_empty()) {
+            None => Ok(Location::Folder(folder.to_path_buf())),
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+                Ok(Location::Postgres(u.to_owned()))
             }
-            Err(e) => Err(io(&path, e)),
+            Some(u) if u.starts_with("file://") => {
+                Ok(Location::Folder(u["file://".len()..].into()))
+            }
+            Some(_) => Err(DirectoryError::Url(
+                "expected postgres://..., postgresql://... or file://FOLDER".into(),
+            )),
         }
     }
+}
 
-    fn presence(&self, id: &str) -> Result<Option<Presence>, DirectoryError> {
-        check_client_id(id)?;
-        read_json(&self.dir.join(format!("{id}.presence")))
+/// Open the directory at `location`. A PostgreSQL directory is migrated first.
+pub fn open(
+    location: &Location,
+    limits: &PgLimits,
+) -> Result<Arc<dyn ClientStore>, DirectoryError> {
+    Ok(match location {
+        Location::Folder(dir) => Arc::new(FolderStore::open(dir)?),
+        Location::Postgres(url) => Arc::new(PgStore::connect(url, limits)?),
+    })
+}
+
+/// Bounds on a PostgreSQL directory's connections and statements.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PgLimits {
+    /// Most connections one process holds [VIGIL_DIRECTORY_POOL].
+    pub pool: u32,
+    /// Longest wait for a connection, new or pooled.
+    pub connect_timeout: std::time::Duration,
+    /// Longest any statement may run (PostgreSQL `statement_timeout`), and longest a
+    /// transaction may wait for a row lock (`lock_timeout`).
+    pub statement_timeout: std::time::Duration,
+}
+
+impl Default for PgLimits {
+    fn default() -> Self {
+        Self {
+            pool: 8,
+            connect_timeout: std::time::Duration::from_secs(5),
+            statement_timeout: std::time::Duration::from_secs(5),
+        }
     }
+}
 
-    fn set_presence(&self, id: &str, presence: &Presence) -> Result<(), DirectoryError> {
-        check_client_id(id)?;
-        let path = self.dir.join(format!("{id}.presence"));
-        let bytes = serde_json::to_vec_pretty(presence).expect("presence encodes");
-        write_atomic(&path, &bytes).map_err(|e| io(&path, e))
-    }
+/// One client as `vigil directory export` writes it: a JSON line with the record, the
+/// reference photo and the policy state (presence is live state and is not moved).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Exported {
+    pub record: ClientRecord,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_jpeg_b64: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<SavedPolicy>,
+}
 
-    fn policy(&self, id: &str) -> Result<Option<SavedPolicy>, DirectoryError> {
-        check_client_id(id)?;
-        read_json(&self.dir.join(format!("{id}.policy")))
-    }
-
-    fn put_policy(&self, id: &str, saved: &SavedPolicy) -> Result<(), DirectoryError> {
-        check_client_id(id)?;
-        let path = self.dir.join(format!("{id}.policy"));
-        let bytes = serde_json::to_vec(saved).expect("policy state encodes");
-        write_atomic(&path, &bytes).map_err(|e| io(&path, e))
-    }
-
-    fn put_reference_photo(&self, id: &str, jpeg: &[u8]) -> Result<String, DirectoryError> {
-        check_client_id(id)?;
-        let name = format!("{id}.reference.jpg");
-        let path = self.dir.join(&name);
-        write_atomic(&path, jpeg).map_err(|e| io(&path, e))?;
-        Ok(name)
-    }
-
-    fn reference_photo(&self, id: &str) -> Result<Option<Vec<u8>>, DirectoryError> {
-        let Some(reference) = self.get(id)?.and_then(|r| r.reference) else {
-            return Ok(None);
+/// Write every client of `store` to `out` as JSON lines; returns how many.
+pub fn export(
+    store: &dyn ClientStore,
+    out: &mut dyn std::io::Write,
+) -> Result<usize, DirectoryError> {
+    use base64::Engine as _;
+    let records = store.list()?;
+    for record in &records {
+        let line = Exported {
+            reference_jpeg_b64: store
+                .reference_photo(&record.id)?
+                .map(|jpeg| base64::engine::general_purpose::STANDARD.encode(jpeg)),
+            policy: store.policy(&record.id)?,
+            record: record.clone(),
         };
-        // The record names the file: only a plain name inside this folder is read.
-        let name = std::path::Path::new(&reference.photo_file);
-        if name.components().count() != 1
-            || !matches!(
-                name.components().next(),
-                Some(std::path::Component::Normal(_))
-            )
-        {
-            return Ok(None);
-        }
-        let path = self.dir.join(name);
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io(&path, e)),
-        }
+        let mut bytes = serde_json::to_vec(&line).expect("an exported client encodes");
+        bytes.push(b'\n');
+        out.write_all(&bytes).map_err(|source| DirectoryError::Io {
+            path: "export".into(),
+            source,
+        })?;
     }
+    Ok(records.len())
+}
 
-    fn list(&self) -> Result<Vec<ClientRecord>, DirectoryError> {
-        let mut out = Vec::new();
-        let entries = std::fs::read_dir(&self.dir).map_err(|e| io(&self.dir, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| io(&self.dir, e))?;
-            let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                continue;
-            };
-            if check_client_id(id).is_err() {
+/// What an import did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Imported {
+    pub added: usize,
+    /// Clients that existed and were replaced (with `replace`).
+    pub replaced: usize,
+    /// Clients that existed and were left as they are.
+    pub kept: usize,
+}
+
+/// Import clients into `store`: existing ids are kept unless `replace`.
+pub fn import(
+    store: &dyn ClientStore,
+    clients: impl IntoIterator<Item = Exported>,
+    replace: bool,
+) -> Result<Imported, DirectoryError> {
+    use base64::Engine as _;
+    let mut done = Imported::default();
+    for client in clients {
+        let id = client.record.id.clone();
+        check_client_id(&id)?;
+        match store.add(&client.record) {
+            Ok(()) => done.added += 1,
+            Err(DirectoryError::Exists(_)) if replace => {
+                store.put(&client.record)?;
+                done.replaced += 1;
+            }
+            Err(DirectoryError::Exists(_)) => {
+                done.kept += 1;
                 continue;
             }
-            if let Some(record) = self.get(id)? {
-                out.push(record);
+            Err(e) => return Err(e),
+        }
+        if let Some(b64) = &client.reference_jpeg_b64 {
+            let jpeg = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| {
+                    DirectoryError::Import(format!("client `{id}`: reference photo: {e}"))
+                })?;
+            let name = store.put_reference_photo(&id, &jpeg)?;
+            if client
+                .record
+                .reference
+                .as_ref()
+                .is_some_and(|r| r.photo_file != name)
+            {
+                store.update(&id, &mut |r| {
+                    if let Some(reference) = r.reference.as_mut() {
+                        reference.photo_file = name.clone();
+                    }
+                })?;
             }
         }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(out)
+        if let Some(policy) = &client.policy {
+            store.put_policy(&id, policy)?;
+        }
     }
+    Ok(done)
 }
 
 /// Why a hello was refused.
@@ -592,5 +651,120 @@ mod tests {
             ClientRecord::new("ok", "", "short"),
             Err(DirectoryError::WeakToken)
         ));
+    }
+
+    #[test]
+    fn updates_are_atomic_and_each_bumps_the_revision() {
+        let s = store();
+        s.add(&ClientRecord::new("dora", "", "correct-horse").unwrap())
+            .unwrap();
+        // Eight threads, 25 changes each, each setting a different field than a racing
+        // enrolment would: none is lost.
+        std::thread::scope(|scope| {
+            for t in 0..8 {
+                let s = &s;
+                scope.spawn(move || {
+                    for i in 0..25 {
+                        let status = if (t + i) % 2 == 0 {
+                            ClientStatus::Paused
+                        } else {
+                            ClientStatus::Active
+                        };
+                        s.update("dora", &mut |r| r.status = status).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(s.get("dora").unwrap().unwrap().revision, 200);
+        // A change keeps what it does not touch.
+        let blocked = s
+            .update("dora", &mut |r| r.status = ClientStatus::Blocked)
+            .unwrap();
+        let enrolled = s
+            .update("dora", &mut |r| r.display_name = "Dora".into())
+            .unwrap();
+        assert_eq!(enrolled.status, ClientStatus::Blocked);
+        assert_eq!(enrolled.revision, blocked.revision + 1);
+        assert!(matches!(
+            s.update("nobody", &mut |_| {}),
+            Err(DirectoryError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn presence_counts_only_while_its_edges_lease_runs() {
+        let s = store();
+        s.add(&ClientRecord::new("erin", "", "correct-horse").unwrap())
+            .unwrap();
+        let presence = Presence {
+            connection: Connection::Active,
+            edge: "host-a-1234".into(),
+            session: "s1".into(),
+            since_ms: 1_000,
+            updated_ms: 1_000,
+            fps: 5.0,
+            last_verdict: None,
+            last_action: None,
+        };
+        s.set_presence("erin", &presence).unwrap();
+        // No lease at all: the edge never said it was alive.
+        let seen = live_presence(&s, "erin", 2_000).unwrap().unwrap();
+        assert_eq!(seen.connection, Connection::ConnectionError);
+        s.renew_lease("host-a-1234", 10_000).unwrap();
+        assert_eq!(s.lease("host-a-1234").unwrap(), Some(10_000));
+        let seen = live_presence(&s, "erin", 9_999).unwrap().unwrap();
+        assert_eq!(seen, presence);
+        // The lease ran out: the edge is gone, and so is the session.
+        let seen = live_presence(&s, "erin", 10_001).unwrap().unwrap();
+        assert_eq!(seen.connection, Connection::ConnectionError);
+        assert!(s.renew_lease("../x", 1).is_err());
+    }
+
+    #[test]
+    fn export_then_import_moves_every_client_whole() {
+        let from = store();
+        let mut fred = ClientRecord::new("fred", "Fred", "correct-horse").unwrap();
+        from.add(&fred).unwrap();
+        let photo = from.put_reference_photo("fred", b"\xff\xd8jpeg").unwrap();
+        fred = from
+            .update("fred", &mut |r| {
+                r.reference = Some(Reference {
+                    embedding_b64: "AAAA".into(),
+                    photo_file: photo.clone(),
+                    model: "m:1".into(),
+                    enrolled_at_ms: 5,
+                })
+            })
+            .unwrap();
+        from.add(&ClientRecord::new("gail", "", "correct-horse").unwrap())
+            .unwrap();
+        let mut out = Vec::new();
+        assert_eq!(export(&from, &mut out).unwrap(), 2);
+        let lines: Vec<Exported> = out
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        let into = store();
+        into.add(&ClientRecord::new("gail", "kept", "correct-horse").unwrap())
+            .unwrap();
+        let done = import(&into, lines.clone(), false).unwrap();
+        assert_eq!(
+            done,
+            Imported {
+                added: 1,
+                replaced: 0,
+                kept: 1
+            }
+        );
+        assert_eq!(into.get("fred").unwrap().unwrap(), fred);
+        assert_eq!(
+            into.reference_photo("fred").unwrap().as_deref(),
+            Some(&b"\xff\xd8jpeg"[..])
+        );
+        assert_eq!(into.get("gail").unwrap().unwrap().display_name, "kept");
+        let done = import(&into, lines, true).unwrap();
+        assert_eq!(done.replaced, 2);
+        assert_eq!(into.get("gail").unwrap().unwrap().display_name, "");
     }
 }
