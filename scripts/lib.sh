@@ -125,6 +125,43 @@ build_web() {
 
 # Debian's Chromium, for the browser tests (playwright-core drives it; nothing is downloaded
 # by a test tool).
+# Install a Debian package when its command is missing (as root), else say how.
+ensure_apt() { # COMMAND PACKAGE WHY
+    command -v "$1" >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+    else
+        echo "$3 needs $1: sudo apt-get install $2" >&2
+        return 1
+    fi
+}
+
+# PostgreSQL for the directory tests: the machine's server on 127.0.0.1:5432, started (or
+# installed) when it is down.
+ensure_postgres() {
+    if command -v pg_isready >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432; then
+        return 0
+    fi
+    ensure_apt pg_ctlcluster postgresql "the directory tests" || return 1
+    if [ "$(id -u)" = 0 ]; then
+        local version
+        version="$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)"
+        if [ -z "$version" ]; then
+            echo "PostgreSQL is installed but has no cluster (pg_createcluster)" >&2
+            return 1
+        fi
+        pg_ctlcluster "$version" main start 2>/dev/null || service postgresql start
+        for _ in $(seq 1 30); do
+            pg_isready -q -h 127.0.0.1 -p 5432 && break
+            sleep 1
+        done
+    fi
+    pg_isready -q -h 127.0.0.1 -p 5432 || {
+        echo "PostgreSQL is not reachable on 127.0.0.1:5432" >&2
+        return 1
+    }
+}
+
 ensure_chromium() {
     command -v chromium >/dev/null 2>&1 && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -16,6 +16,9 @@ if ! command -v amqp-publish >/dev/null 2>&1; then
     fi
 fi
 ensure_onnxruntime >/dev/null
+# The cluster tests: the directory in PostgreSQL, and HAProxy in front of two edges.
+ensure_postgres
+ensure_apt haproxy haproxy "the cluster tests"
 # The candidate page and the browser that tests it.
 build_web
 ensure_chromium

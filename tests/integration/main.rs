@@ -9,6 +9,7 @@ mod admin;
 mod attack;
 mod browser;
 mod capture;
+mod cluster;
 mod enforcement;
 mod faults;
 mod garbage;

@@ -803,3 +803,110 @@ impl Drop for PrivateBroker {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The machine's PostgreSQL (VIGIL_TEST_DATABASE_URL, default
+/// postgres://postgres@127.0.0.1:5432/postgres).
+pub fn postgres_admin_url() -> String {
+    std::env::var("VIGIL_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database of the test's own on the machine's PostgreSQL, dropped when it goes.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    /// Create `vigil_t_<random>`. Blocks: call from a test body, not from inside a task.
+    pub fn create() -> Self {
+        let name = format!("vigil_t_{:08x}", rand::random::<u32>());
+        Self::admin(&format!("CREATE DATABASE {name}"));
+        let admin = postgres_admin_url();
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        Self {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+
+    /// Run one statement on the `postgres` database, off the async runtime.
+    fn admin(sql: &str) {
+        let sql = sql.to_owned();
+        std::thread::spawn(move || {
+            let mut client = postgres::Client::connect(&postgres_admin_url(), postgres::NoTls)
+                .expect("PostgreSQL reachable");
+            client.batch_execute(&sql).expect("admin statement runs");
+        })
+        .join()
+        .expect("admin thread");
+    }
+
+    /// Rows of one query on this database, off the async runtime.
+    pub fn query(&self, sql: &str) -> Vec<postgres::Row> {
+        let (url, sql) = (self.url.clone(), sql.to_owned());
+        std::thread::spawn(move || {
+            let mut client =
+                postgres::Client::connect(&url, postgres::NoTls).expect("database reachable");
+            client.query(&sql, &[]).expect("query runs")
+        })
+        .join()
+        .expect("query thread")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        Self::admin(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+/// A child process killed when the test ends, however it ends.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// HAProxy running `deploy/haproxy/haproxy.cfg` (the file compose.yaml runs) in front of two
+/// edges, each given as (WebSocket addr, admin addr, metrics port).
+pub struct Haproxy {
+    pub ws_url: String,
+    pub admin_addr: std::net::SocketAddr,
+    _process: KillOnDrop,
+}
+
+impl Haproxy {
+    pub async fn start(edges: [(&str, &str, u16); 2]) -> Self {
+        let (listen, admin) = (free_port(), free_port());
+        let config = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy/haproxy.cfg");
+        let mut cmd = std::process::Command::new("haproxy");
+        cmd.args(["-db", "-f", config])
+            .env("VIGIL_LB_LISTEN", format!("127.0.0.1:{listen}"))
+            .env("VIGIL_LB_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .stdin(std::process::Stdio::null());
+        for (i, (ws, admin, health)) in edges.iter().enumerate() {
+            let n = i + 1;
+            cmd.env(format!("VIGIL_EDGE_{n}"), ws)
+                .env(format!("VIGIL_EDGE_{n}_ADMIN"), admin)
+                .env(format!("VIGIL_EDGE_{n}_HEALTH_PORT"), health.to_string());
+        }
+        let process = KillOnDrop(
+            cmd.spawn()
+                .expect("haproxy runs (Debian package `haproxy`; scripts/test.sh installs it)"),
+        );
+        let ws_url = format!("ws://127.0.0.1:{listen}/v1/stream");
+        await_listening(&ws_url).await;
+        Self {
+            ws_url,
+            admin_addr: format!("127.0.0.1:{admin}").parse().unwrap(),
+            _process: process,
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! Vigil as a cluster: two `vigil-edge` processes sharing a client directory in PostgreSQL,
+//! behind HAProxy running `deploy/haproxy/haproxy.cfg`, with the machine's RabbitMQ.
+//!
+//! Figures (how long a block took to reach the other edge, how long clients of a killed edge
+//! took to be answered again) are printed, not asserted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use vigil::directory::{ClientRecord, ClientStore, PgLimits, PgStore};
+use vigil::edge::client::{Connection, Incoming};
+use vigil::inference::synthetic_jpeg;
+use vigil::wire::client::{Encoding, ErrorCode, ServerMsg};
+
+use crate::support::{
+    Haproxy, KillOnDrop, TOKEN, TestDatabase, TestEnv, eventually, free_port, http,
+    spawn_edge_process,
+};
+
+const ADMIN_TOKEN: &str = "cluster-admin-token-0123456789";
+
+/// One edge process of the cluster, with the addresses HAProxy needs.
+struct Edge {
+    id: String,
+    ws: String,
+    admin: std::net::SocketAddr,
+    metrics_port: u16,
+    process: KillOnDrop,
+}
+
+fn spawn_edge(env: &TestEnv, db: &TestDatabase, id: &str, lease_ms: &str) -> Edge {
+    let (admin_port, metrics_port) = (free_port(), free_port());
+    let admin = format!("127.0.0.1:{admin_port}");
+    let (child, url) = spawn_edge_process(
+        env,
+        id,
+        &[
+            ("VIGIL_DIRECTORY_URL", &db.url),
+            ("VIGIL_ADMIN_LISTEN", &admin),
+            ("VIGIL_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("VIGIL_METRICS_LISTEN", &format!("127.0.0.1:{metrics_port}")),
+            ("VIGIL_EDGE_LEASE_MS", lease_ms),
+        ],
+    );
+    Edge {
+        id: id.into(),
+        ws: crate::support::ws_addr(&url),
+        admin: admin.parse().unwrap(),
+        metrics_port,
+        process: KillOnDrop(child),
+    }
+}
+
+async fn ready(edge: &Edge) {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", edge.metrics_port).parse().unwrap();
+    eventually(
+        &format!("{} ready", edge.id),
+        Duration::from_secs(30),
+        || async move {
+            let (status, _) = crate::support::http_get(addr, "/readyz").await.ok()?;
+            (status == 200).then_some(())
+        },
+    )
+    .await;
+}
+
+fn directory(db: &TestDatabase) -> PgStore {
+    PgStore::connect(&db.url, &PgLimits::default()).expect("directory in PostgreSQL")
+}
+
+async fn clients_on(admin: std::net::SocketAddr) -> Vec<serde_json::Value> {
+    let (status, body) = http(admin, "GET", "/v1/admin/clients", Some(ADMIN_TOKEN), None).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_edges_share_a_postgres_directory_behind_haproxy() {
+    let db = TestDatabase::create();
+    let mut env = TestEnv::new("cluster");
+    env.start_worker("w1").await;
+    let store = directory(&db);
+    for id in ["c1", "busy"] {
+        store
+            .add(&ClientRecord::new(id, id, TOKEN).unwrap())
+            .unwrap();
+    }
+    let a = spawn_edge(&env, &db, "edge-a", "15000");
+    let b = spawn_edge(&env, &db, "edge-b", "15000");
+    ready(&a).await;
+    ready(&b).await;
+    let lb = Haproxy::start([
+        (&a.ws, &a.admin.to_string(), a.metrics_port),
+        (&b.ws, &b.admin.to_string(), b.metrics_port),
+    ])
+    .await;
+
+    // A client on edge B, blocked through edge A's admin API.
+    let (mut conn, _) = Connection::connect(
+        &format!("ws://{}/v1/stream", b.ws),
+        "c1",
+        TOKEN,
+        Encoding::MsgPack,
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let (status, body) = http(
+        a.admin,
+        "POST",
+        "/v1/admin/clients/c1/block",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(10), conn.recv()).await {
+            Ok(Some(Ok(Incoming::Closed { code, .. }))) => break code,
+            Ok(Some(Ok(Incoming::Msg(ServerMsg::Error { code, .. })))) => {
+                assert_eq!(code, ErrorCode::Blocked);
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected the block to close the session, got {other:?}"),
+        }
+    };
+    assert_eq!(closed, 4403);
+    println!(
+        "cluster: a block through edge A closed the session on edge B after {:.0} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    // The block is in the shared directory: edge B refuses the client's next hello.
+    let refused = Connection::connect(&lb.ws_url, "c1", TOKEN, Encoding::MsgPack).await;
+    assert!(
+        refused.is_err(),
+        "a blocked client is refused through the load balancer"
+    );
+
+    // 50 concurrent operations on one client, half through each edge (and so through two
+    // connection pools): each lands, and none overwrites another.
+    let before = store.get("busy").unwrap().unwrap().revision;
+    let ops = (0..50).map(|i| {
+        let admin = if i % 2 == 0 { a.admin } else { b.admin };
+        let op = if i % 4 < 2 { "pause" } else { "resume" };
+        async move {
+            http(
+                admin,
+                "POST",
+                &format!("/v1/admin/clients/busy/{op}"),
+                Some(ADMIN_TOKEN),
+                None,
+            )
+            .await
+        }
+    });
+    let answers = futures_util::future::join_all(ops).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+    }
+    let after = store.get("busy").unwrap().unwrap().revision;
+    assert_eq!(
+        after - before,
+        50,
+        "every one of 50 concurrent updates was kept"
+    );
+    let rows = db.query("SELECT revision FROM vigil_clients WHERE id = 'busy'");
+    assert_eq!(rows[0].get::<_, i64>(0) as u64, after);
+
+    // The console through HAProxy's admin port reads the same directory.
+    let listed = clients_on(lb.admin_addr).await;
+    assert!(
+        listed
+            .iter()
+            .any(|c| c["id"] == "c1" && c["status"] == "blocked")
+    );
+    drop(lb);
+    drop((a, b));
+    env.teardown().await;
+}
+
+/// One client streaming through the load balancer, one frame in flight, reconnecting whenever
+/// its socket ends; counts the answers it gets.
+fn stream_through(
+    url: String,
+    id: String,
+    answers: Arc<AtomicU64>,
+    last_answer: Arc<std::sync::Mutex<Instant>>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let jpeg = synthetic_jpeg(64, 48, 1, 0);
+        let mut seq = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((mut conn, _)) = Connection::connect(&url, &id, TOKEN, Encoding::MsgPack).await
+            else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                seq += 1;
+                if conn.send_frame(seq, 0, &jpeg).await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(Duration::from_secs(5), conn.recv()).await {
+                    Ok(Some(Ok(Incoming::Msg(ServerMsg::Result { .. })))) => {
+                        answers.fetch_add(1, Ordering::Relaxed);
+                        *last_answer.lock().unwrap() = Instant::now();
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Ok(Some(Ok(Incoming::Msg(_)))) => {}
+                    _ => break,
+                }
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_an_edge_killed_with_sigkill_continue_on_the_other() {
+    let db = TestDatabase::create();
+    let mut env = TestEnv::new("edgekill");
+    env.start_worker("w1").await;
+    let store = directory(&db);
+    let ids: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
+    for id in &ids {
+        store
+            .add(&ClientRecord::new(id, id, TOKEN).unwrap())
+            .unwrap();
+    }
+    let lease_ms = 3_000;
+    let mut a = spawn_edge(&env, &db, "edge-a", &lease_ms.to_string());
+    let b = spawn_edge(&env, &db, "edge-b", &lease_ms.to_string());
+    ready(&a).await;
+    ready(&b).await;
+    let lb = Haproxy::start([
+        (&a.ws, &a.admin.to_string(), a.metrics_port),
+        (&b.ws, &b.admin.to_string(), b.metrics_port),
+    ])
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut streams = Vec::new();
+    for id in &ids {
+        let answers = Arc::new(AtomicU64::new(0));
+        let last = Arc::new(std::sync::Mutex::new(Instant::now()));
+        let task = stream_through(
+            lb.ws_url.clone(),
+            id.clone(),
+            answers.clone(),
+            last.clone(),
+            stop.clone(),
+        );
+        streams.push((id.clone(), answers, last, task));
+    }
+    // Every client answered, spread over both edges (HAProxy balances by least connections).
+    let on_a: Vec<String> = eventually(
+        "every client live, some on each edge",
+        Duration::from_secs(30),
+        || async {
+            let rows = clients_on(b.admin).await;
+            let live = |edge: &str| -> Vec<String> {
+                rows.iter()
+                    .filter(|r| r["connection"] == "active" && r["edge"] == edge)
+                    .filter_map(|r| r["id"].as_str().map(str::to_owned))
+                    .collect()
+            };
+            let (on_a, on_b) = (live("edge-a"), live("edge-b"));
+            let answered = streams
+                .iter()
+                .all(|(_, n, _, _)| n.load(Ordering::Relaxed) > 0);
+            (answered && on_a.len() + on_b.len() == ids.len() && !on_a.is_empty()).then_some(on_a)
+        },
+    )
+    .await;
+
+    // SIGKILL edge A: no goodbye, no presence written, no lease given up.
+    let counts_at_kill: Vec<u64> = streams
+        .iter()
+        .map(|(_, n, _, _)| n.load(Ordering::Relaxed))
+        .collect();
+    let killed = Instant::now();
+    a.process.0.kill().unwrap();
+    let _ = a.process.0.wait();
+
+    // Every client of A is answered again, through HAProxy, by B.
+    let resumed = eventually(
+        "edge A's clients answered again",
+        Duration::from_secs(30),
+        || async {
+            streams
+                .iter()
+                .zip(&counts_at_kill)
+                .filter(|((id, _, _, _), _)| on_a.contains(id))
+                .all(|((_, n, last, _), before)| {
+                    n.load(Ordering::Relaxed) > *before + 2 && *last.lock().unwrap() > killed
+                })
+                .then_some(killed.elapsed())
+        },
+    )
+    .await;
+    println!(
+        "cluster: {} client(s) of the killed edge were answered again by the other after at \
+         most {:.0} ms",
+        on_a.len(),
+        resumed.as_secs_f64() * 1e3
+    );
+    // The directory shows them on B.
+    let moved = eventually(
+        "the directory shows every client on edge B",
+        Duration::from_secs(30),
+        || async {
+            let rows = clients_on(b.admin).await;
+            rows.iter()
+                .all(|r| r["connection"] == "active" && r["edge"] == "edge-b")
+                .then_some(killed.elapsed())
+        },
+    )
+    .await;
+    println!(
+        "cluster: the directory showed all {} clients on edge B {:.0} ms after the kill",
+        ids.len(),
+        moved.as_secs_f64() * 1e3
+    );
+    // Edge A's lease runs out: nothing in the directory still claims to be on it.
+    eventually(
+        "edge A's lease runs out",
+        Duration::from_millis(lease_ms * 3),
+        || async {
+            let lease = store.lease("edge-a").unwrap()?;
+            (lease < vigil::wire::now_ms()).then_some(())
+        },
+    )
+    .await;
+
+    stop.store(true, Ordering::Relaxed);
+    for (_, _, _, task) in streams {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    drop(lb);
+    drop(b);
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_directory_moves_into_postgres_with_the_cli() {
+    use vigil::directory::{ClientStatus, FolderStore};
+    let db = TestDatabase::create();
+    let folder = std::env::temp_dir().join(format!("vigil-move-{:08x}", rand::random::<u32>()));
+    let source = FolderStore::open(&folder).unwrap();
+    for id in ["m1", "m2", "m3"] {
+        source
+            .add(&ClientRecord::new(id, id, TOKEN).unwrap())
+            .unwrap();
+    }
+    let photo_file = source
+        .put_reference_photo("m2", b"\xff\xd8 a photo")
+        .unwrap();
+    source
+        .update("m2", &mut |r| {
+            r.reference = Some(vigil::directory::Reference {
+                embedding_b64: "AAAAAA==".into(),
+                photo_file: photo_file.clone(),
+                model: "sface:1".into(),
+                enrolled_at_ms: 1,
+            })
+        })
+        .unwrap();
+    source
+        .update("m3", &mut |r| r.status = ClientStatus::Blocked)
+        .unwrap();
+    let vigil = |args: &[&str]| {
+        let out = crate::support::output(
+            std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+                .args(args)
+                .env("VIGIL_DIRECTORY_URL", &db.url)
+                .env("RUST_LOG", "warn"),
+        );
+        assert!(
+            out.status.success(),
+            "vigil {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    vigil(&["directory", "migrate"]);
+    let report: serde_json::Value = serde_json::from_str(&vigil(&[
+        "directory",
+        "import",
+        folder.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(report["added"], 3, "{report}");
+    // Again: everything is there already and is kept.
+    let report: serde_json::Value = serde_json::from_str(&vigil(&[
+        "directory",
+        "import",
+        folder.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        (report["added"].clone(), report["kept"].clone()),
+        (0.into(), 3.into())
+    );
+
+    // What PostgreSQL now holds is what the folder held: records, photo, status, token.
+    let moved: Vec<vigil::directory::Exported> = vigil(&["directory", "export"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut held = Vec::new();
+    vigil::directory::export(&source, &mut held).unwrap();
+    let held: Vec<vigil::directory::Exported> = String::from_utf8(held)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(moved, held);
+    let store = directory(&db);
+    assert!(vigil::directory::authenticate(&store, "m1", TOKEN).is_ok());
+    assert_eq!(
+        vigil::directory::authenticate(&store, "m3", TOKEN).unwrap_err(),
+        vigil::directory::AuthError::Blocked
+    );
+    assert_eq!(
+        store.reference_photo("m2").unwrap().as_deref(),
+        Some(&b"\xff\xd8 a photo"[..])
+    );
+    let _ = std::fs::remove_dir_all(&folder);
+}
