@@ -39,7 +39,12 @@ RUN vigil models fetch && vigil models check
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --home /var/lib/vigil --create-home vigil
+ && useradd --system --home /var/lib/vigil --create-home vigil \
+ && mkdir -p /var/lib/vigil/clients /var/lib/vigil/evidence \
+ && chown -R vigil:vigil /var/lib/vigil
+# A named volume mounted on an empty folder of the image starts as a copy of it, owner
+# included: the folders above are why `audit serve` can create evidence/ and `clients add`
+# can write, as user vigil.
 COPY --from=build /src/target/release/vigil /src/target/release/vigil-edge /src/target/release/vigil-worker /usr/local/bin/
 COPY --from=onnxruntime /out/libonnxruntime.so.1.31.1 /opt/vigil/lib/
 COPY --from=models /models /opt/vigil/models

@@ -547,6 +547,7 @@ impl BareRoutes {
                     dead_letter_exchange: None,
                     max_age: None,
                     single_active_consumer: false,
+                    queue_type: crate::topology::QueueType::Classic,
                 };
                 let (work, reply) = (format!("{ns}.work"), format!("{ns}.reply"));
                 Self {

@@ -30,6 +30,8 @@ pub enum BrokerError {
     HandshakeTimeout { url: String, after: Duration },
     #[error("broker TLS settings in {url}: {reason}")]
     Tls { url: String, reason: String },
+    #[error("no broker URL is set")]
+    NoUrl,
     #[error("broker {op} failed: {source}")]
     Amqp {
         op: &'static str,
@@ -54,6 +56,13 @@ fn amqp(op: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
 
 /// Hide the password of an AMQP URL, for logs and errors.
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return broker_urls(url)
+            .into_iter()
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
@@ -108,12 +117,51 @@ pub fn handshake_timeout(url: &str) -> Duration {
         .map_or(DEFAULT_HANDSHAKE_TIMEOUT, Duration::from_millis)
 }
 
+/// The broker URLs of a setting: one URL, or several separated by commas (the nodes of one
+/// cluster), tried in turn.
+pub fn broker_urls(setting: &str) -> Vec<&str> {
+    setting
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
 impl Broker {
-    /// Connect, naming the connection after the node so the management UI shows who is who.
+    /// Connect to the first node of `urls` (one URL, or a comma-separated list of a cluster's
+    /// nodes) that answers, naming the connection after the node so the management UI shows
+    /// who is who. The nodes are tried from a random one on, so that a cluster's clients
+    /// spread over its nodes and a lost node's clients do not all land on the next one.
     ///
-    /// The attempt is bounded: a RabbitMQ node that is still booting can accept the socket
+    /// Each attempt is bounded: a RabbitMQ node that is still booting can accept the socket
     /// and then never finish the handshake, and an unbounded attempt would wait forever.
     pub async fn connect(
+        urls: &str,
+        node_name: &str,
+        metrics: BrokerMetrics,
+    ) -> Result<Self, BrokerError> {
+        let list = broker_urls(urls);
+        if list.is_empty() {
+            return Err(BrokerError::NoUrl);
+        }
+        let first = rand::random_range(0..list.len());
+        let mut last = None;
+        for i in 0..list.len() {
+            let url = list[(first + i) % list.len()];
+            match Self::connect_one(url, node_name, metrics.clone()).await {
+                Ok(broker) => return Ok(broker),
+                Err(e) => {
+                    if list.len() > 1 {
+                        tracing::warn!(error = %e, "broker node unreachable; trying the next");
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("at least one URL was tried"))
+    }
+
+    async fn connect_one(
         url: &str,
         node_name: &str,
         metrics: BrokerMetrics,
@@ -303,6 +351,8 @@ impl Broker {
             }
             if q.role.is_stream() {
                 put("x-queue-type", AMQPValue::LongString("stream".into()));
+            } else if q.queue_type == topology::QueueType::Quorum {
+                put("x-queue-type", AMQPValue::LongString("quorum".into()));
             }
             if q.single_active_consumer {
                 put("x-single-active-consumer", AMQPValue::Boolean(true));

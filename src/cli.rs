@@ -784,8 +784,11 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
             node,
             json,
         } => {
-            let vhost = cfg
-                .amqp_url
+            let first = crate::broker::broker_urls(&cfg.amqp_url)
+                .first()
+                .copied()
+                .unwrap_or_default();
+            let vhost = first
                 .parse::<lapin::uri::AMQPUri>()
                 .map_err(|e| fail(format!("VIGIL_AMQP_URL: {e}")))?
                 .vhost;

@@ -23,7 +23,8 @@ pub const EXIT_AUDIT_BROKEN: u8 = 65;
 pub struct Config {
     /// Prefix of every exchange and queue name [VIGIL_NAMESPACE].
     pub namespace: String,
-    /// AMQP URL of the broker [VIGIL_AMQP_URL].
+    /// AMQP URL of the broker, or the URLs of a cluster's nodes separated by commas: a
+    /// process connects to one of them and fails over to the others [VIGIL_AMQP_URL].
     pub amqp_url: String,
     /// How long a binary keeps retrying its first broker connection, in ms
     /// [VIGIL_BROKER_CONNECT_TIMEOUT_MS].
@@ -674,11 +675,18 @@ impl Config {
         if let Err(e) = check_identifier("namespace", &self.namespace) {
             errors.push(e);
         }
-        if !(self.amqp_url.starts_with("amqp://") || self.amqp_url.starts_with("amqps://")) {
-            errors.push(format!(
-                "amqp_url `{}` must start with amqp:// or amqps://",
-                crate::broker::redact_url(&self.amqp_url)
-            ));
+        let urls = crate::broker::broker_urls(&self.amqp_url);
+        if urls.is_empty() {
+            errors.push("amqp_url is empty".into());
+        }
+        for url in urls {
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                errors.push(format!(
+                    "amqp_url `{}` must start with amqp:// or amqps:// (several nodes: \
+                     separate their URLs with commas)",
+                    crate::broker::redact_url(url)
+                ));
+            }
         }
         if let Err(e) =
             crate::directory::Location::of(self.directory_url.as_deref(), &self.clients_dir)
@@ -708,8 +716,10 @@ impl Config {
                 ));
             }
         }
-        if let Err(e) = crate::broker::tls_ca(&self.amqp_url) {
-            errors.push(format!("amqp_url: {e}"));
+        for url in crate::broker::broker_urls(&self.amqp_url) {
+            if let Err(e) = crate::broker::tls_ca(url) {
+                errors.push(format!("amqp_url: {e}"));
+            }
         }
         let e = &self.edge;
         if e.tls_cert.is_some() != e.tls_key.is_some() {

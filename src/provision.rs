@@ -93,7 +93,12 @@ pub async fn provision(opts: &ProvisionOptions) -> Result<Vec<Provisioned>, Prov
         .await?;
         out.push(Provisioned {
             role,
-            url: with_credentials(&opts.base_url, &user, &password)?,
+            // Every node of a cluster, each with this role's credentials.
+            url: crate::broker::broker_urls(&opts.base_url)
+                .into_iter()
+                .map(|u| with_credentials(u, &user, &password))
+                .collect::<Result<Vec<_>, _>>()?
+                .join(","),
             user,
             password,
             created,

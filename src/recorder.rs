@@ -58,6 +58,7 @@ fn tap(name: &str, bindings: Vec<BindingSpec>) -> Topology {
             dead_letter_exchange: None,
             max_age: None,
             single_active_consumer: false,
+            queue_type: topology::QueueType::Classic,
         }],
         bindings,
     }

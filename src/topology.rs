@@ -154,6 +154,26 @@ pub struct QueueSpec {
     /// At most one consumer gets deliveries; the others wait (`x-single-active-consumer`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub single_active_consumer: bool,
+    /// `quorum`: replicated over a cluster's nodes (Raft), so the queue and what it holds
+    /// survive the loss of a minority of nodes. `classic` (the default) lives on one node.
+    /// Streams are streams by their role.
+    #[serde(default, skip_serializing_if = "QueueType::is_classic")]
+    pub queue_type: QueueType,
+}
+
+/// How RabbitMQ keeps a queue (`x-queue-type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueType {
+    #[default]
+    Classic,
+    Quorum,
+}
+
+impl QueueType {
+    pub fn is_classic(&self) -> bool {
+        *self == QueueType::Classic
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,6 +262,14 @@ impl Topology {
             if q.role.is_stream() && (!q.durable || q.exclusive || q.auto_delete) {
                 errors.push(format!(
                     "stream `{}` must be durable, not exclusive, not auto_delete",
+                    q.name
+                ));
+            }
+            if q.queue_type == QueueType::Quorum
+                && (!q.durable || q.exclusive || q.auto_delete || q.role.is_stream())
+            {
+                errors.push(format!(
+                    "quorum queue `{}` must be durable, not exclusive, not auto_delete, not a stream",
                     q.name
                 ));
             }
@@ -408,6 +436,9 @@ impl Topology {
             }
             if let Some(v) = &q.dead_letter_exchange {
                 args.push(format!("dlx={v}"));
+            }
+            if q.queue_type == QueueType::Quorum {
+                args.push("quorum".into());
             }
             let _ = writeln!(
                 out,

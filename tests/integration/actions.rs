@@ -166,7 +166,7 @@ async fn a_different_person_is_locked_out_and_audited_once() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn action_envelope(namespace: &str, i: u64) -> Envelope {
+pub(crate) fn action_envelope(namespace: &str, i: u64) -> Envelope {
     let event = ActionEvent {
         action_id: Uuid::now_v7(),
         evidence_id: Uuid::now_v7(),

@@ -10,12 +10,11 @@ use std::time::{Duration, Instant};
 
 use vigil::directory::{ClientRecord, ClientStore, PgLimits, PgStore};
 use vigil::edge::client::{Connection, Incoming};
-use vigil::inference::synthetic_jpeg;
 use vigil::wire::client::{Encoding, ErrorCode, ServerMsg};
 
 use crate::support::{
     Haproxy, KillOnDrop, TOKEN, TestDatabase, TestEnv, eventually, free_port, http,
-    spawn_edge_process,
+    spawn_edge_process, stream_through,
 };
 
 const ADMIN_TOKEN: &str = "cluster-admin-token-0123456789";
@@ -177,43 +176,6 @@ async fn two_edges_share_a_postgres_directory_behind_haproxy() {
     drop(lb);
     drop((a, b));
     env.teardown().await;
-}
-
-/// One client streaming through the load balancer, one frame in flight, reconnecting whenever
-/// its socket ends; counts the answers it gets.
-fn stream_through(
-    url: String,
-    id: String,
-    answers: Arc<AtomicU64>,
-    last_answer: Arc<std::sync::Mutex<Instant>>,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let jpeg = synthetic_jpeg(64, 48, 1, 0);
-        let mut seq = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let Ok((mut conn, _)) = Connection::connect(&url, &id, TOKEN, Encoding::MsgPack).await
-            else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            };
-            while !stop.load(Ordering::Relaxed) {
-                seq += 1;
-                if conn.send_frame(seq, 0, &jpeg).await.is_err() {
-                    break;
-                }
-                match tokio::time::timeout(Duration::from_secs(5), conn.recv()).await {
-                    Ok(Some(Ok(Incoming::Msg(ServerMsg::Result { .. })))) => {
-                        answers.fetch_add(1, Ordering::Relaxed);
-                        *last_answer.lock().unwrap() = Instant::now();
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Ok(Some(Ok(Incoming::Msg(_)))) => {}
-                    _ => break,
-                }
-            }
-        }
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

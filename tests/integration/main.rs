@@ -7,6 +7,7 @@ mod support;
 mod actions;
 mod admin;
 mod attack;
+mod broker_cluster;
 mod browser;
 mod capture;
 mod cluster;

@@ -664,6 +664,36 @@ impl PrivateBroker {
         b
     }
 
+    /// `n` nodes joined into one cluster with `rabbitmqctl join_cluster` (one Erlang cookie,
+    /// each node on its own ports and folder).
+    pub async fn start_cluster(n: usize) -> Vec<Self> {
+        let cookie = format!("vigiltestcookie{:016x}", rand::random::<u64>());
+        let nodes: Vec<Self> = (0..n).map(|_| Self::new()).collect();
+        for node in &nodes {
+            std::fs::write(node.dir.join("rabbitmq.conf"), "").unwrap();
+            let path = node.dir.join(".erlang.cookie");
+            std::fs::write(&path, &cookie).unwrap();
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+            node.boot().await;
+        }
+        for node in &nodes[1..] {
+            for args in [
+                &["stop_app"][..],
+                &["reset"][..],
+                &["join_cluster", &nodes[0].node][..],
+                &["start_app"][..],
+            ] {
+                assert!(
+                    node.ctl(args),
+                    "rabbitmqctl {args:?}: {}",
+                    std::fs::read_to_string(node.dir.join("scripts.log")).unwrap_or_default()
+                );
+            }
+        }
+        nodes
+    }
+
     fn new() -> Self {
         let tag = format!("{:08x}", rand::random::<u32>());
         let dir = std::env::temp_dir().join(format!("vigil-rmq-{tag}"));
@@ -884,12 +914,13 @@ pub struct Haproxy {
 
 impl Haproxy {
     pub async fn start(edges: [(&str, &str, u16); 2]) -> Self {
-        let (listen, admin) = (free_port(), free_port());
+        let (listen, admin, stats) = (free_port(), free_port(), free_port());
         let config = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy/haproxy.cfg");
         let mut cmd = std::process::Command::new("haproxy");
         cmd.args(["-db", "-f", config])
             .env("VIGIL_LB_LISTEN", format!("127.0.0.1:{listen}"))
             .env("VIGIL_LB_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env("VIGIL_LB_STATS_LISTEN", format!("127.0.0.1:{stats}"))
             .stdin(std::process::Stdio::null());
         for (i, (ws, admin, health)) in edges.iter().enumerate() {
             let n = i + 1;
@@ -909,4 +940,49 @@ impl Haproxy {
             _process: process,
         }
     }
+}
+
+/// One client streaming to `url`, one frame in flight, reconnecting whenever its socket ends
+/// (or an answer is 5 s late); counts the answers it gets and notes when it got the last.
+pub fn stream_through(
+    url: String,
+    id: String,
+    answers: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    last_answer: std::sync::Arc<std::sync::Mutex<Instant>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let jpeg = vigil::inference::synthetic_jpeg(64, 48, 1, 0);
+        let mut seq = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok((mut conn, _)) = vigil::edge::client::Connection::connect(
+                &url,
+                &id,
+                TOKEN,
+                vigil::wire::client::Encoding::MsgPack,
+            )
+            .await
+            else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                seq += 1;
+                if conn.send_frame(seq, 0, &jpeg).await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(Duration::from_secs(5), conn.recv()).await {
+                    Ok(Some(Ok(vigil::edge::client::Incoming::Msg(
+                        vigil::wire::client::ServerMsg::Result { .. },
+                    )))) => {
+                        answers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        *last_answer.lock().unwrap() = Instant::now();
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Ok(Some(Ok(vigil::edge::client::Incoming::Msg(_)))) => {}
+                    _ => break,
+                }
+            }
+        }
+    })
 }
