@@ -616,7 +616,7 @@ pub struct RawMessage {
 /// AMQP properties for an event: content type, id, timestamp, type, and an expiration that
 /// matches the event's deadline so the broker drops it when it is worthless.
 fn properties(env: &Envelope, now_ms: u64) -> BasicProperties {
-    event_properties(
+    let props = event_properties(
         &env.id,
         env.produced_at_ms,
         env.payload.kind(),
@@ -624,7 +624,19 @@ fn properties(env: &Envelope, now_ms: u64) -> BasicProperties {
         // results are worthless after their deadline.
         matches!(env.payload, Payload::Action(_) | Payload::AdminOp(_)),
         (env.deadline_ms > 0).then(|| env.remaining_ms(now_ms)),
-    )
+    );
+    // The W3C trace context in the AMQP headers too, where tools that do not read Vigil's
+    // MessagePack (tracing plugins, other consumers) find it.
+    if wire::trace_id(&env.traceparent).is_some() {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(env.traceparent.as_str().into()),
+        );
+        props.with_headers(headers)
+    } else {
+        props
+    }
 }
 
 fn event_properties(

@@ -18,20 +18,142 @@ use crate::config::LogFormat;
 
 /// Install the global `tracing` subscriber. `RUST_LOG` filters (default `info`).
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,ort=error,refinery_core=warn,postgres=warn")
-    });
+    let _ = install(format, None);
+}
+
+/// What the log filter is when `RUST_LOG` is unset.
+const DEFAULT_FILTER: &str = "info,ort=error,refinery_core=warn,postgres=warn";
+
+/// Install the subscriber: logs to stderr, and, with `otel`, spans to an OTLP exporter.
+fn install(
+    format: LogFormat,
+    otel: Option<opentelemetry_sdk::trace::Tracer>,
+) -> Result<(), tracing_subscriber::util::TryInitError> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
     // A log line that cannot be written (stderr closed) is lost, never a panic: by default the
     // subscriber reports the failure with `eprintln!`, which panics on the same closed stderr
     // and would take the task that logged with it (the signal handler, for one).
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .log_internal_errors(false);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+    let fmt = match format {
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Text => fmt.boxed(),
     };
+    // Spans go to the exporter from Vigil's own code at debug level (one per frame on each
+    // side), whatever the log filter says.
+    let spans = otel.map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("vigil", tracing::Level::DEBUG),
+            )
+    });
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(spans)
+        .try_init()
+}
+
+/// Spans exported over OTLP, flushed when this is dropped.
+pub struct Tracing {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for Tracing {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            // Bounded by the exporter's own timeout (OTEL_EXPORTER_OTLP_TIMEOUT, 10 s).
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Whether spans are exported: set once at start-up.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Logs as [`init_logging`], and spans over OTLP/HTTP (JSON) when `OTEL_EXPORTER_OTLP_ENDPOINT`
+/// (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, under service name `service`. Keep the
+/// returned value until the process ends: dropping it flushes the spans still buffered.
+pub fn init_tracing(service: &str, format: LogFormat) -> Tracing {
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())
+        .or_else(|| {
+            std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .ok()
+                .filter(|e| !e.is_empty())
+                .map(|base| format!("{}/v1/traces", base.trim_end_matches('/')))
+        });
+    let Some(endpoint) = endpoint else {
+        init_logging(format);
+        return Tracing { provider: None };
+    };
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpJson)
+        .with_endpoint(endpoint.clone())
+        .build();
+    let exporter = match exporter {
+        Ok(e) => e,
+        Err(e) => {
+            init_logging(format);
+            tracing::error!(error = %e, %endpoint, "spans are not exported: the OTLP exporter did not start");
+            return Tracing { provider: None };
+        }
+    };
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service.to_owned())
+                .build(),
+        )
+        .build();
+    let _ = install(format, Some(provider.tracer("vigil")));
+    EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(%endpoint, "exporting spans over OTLP");
+    Tracing {
+        provider: Some(provider),
+    }
+}
+
+/// Make `span` part of the trace a W3C `traceparent` names (a frame's, carried in its
+/// envelope and AMQP headers), so that the edge's and the worker's spans of one frame share
+/// one trace id at the exporter. Nothing when spans are not exported.
+pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !EXPORTING.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    let Some(trace) = crate::wire::trace_id(traceparent) else {
+        return;
+    };
+    // A well-formed header: `00-<trace:32>-<span:16>-<flags:2>`.
+    let (Ok(trace), Ok(parent)) = (
+        TraceId::from_hex(trace),
+        SpanId::from_hex(&traceparent[36..52]),
+    ) else {
+        return;
+    };
+    let remote = SpanContext::new(
+        trace,
+        parent,
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
 }
 
 /// Named readiness checks (`broker`, `topology`, `models`, ...). Ready when all are true.
@@ -178,7 +300,7 @@ where
             return ExitCode::from(crate::config::EXIT_BAD_CONFIG);
         }
     };
-    init_logging(cfg.log_format);
+    let _tracing = init_tracing(name, cfg.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -386,6 +386,7 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool 
         client = %env.client_id,
         seq = frame.seq,
     );
+    crate::telemetry::continue_trace(&span, &env.traceparent);
     async {
         let reply = |payload| ctx.reply(&env.client_id, env.deadline_ms, &env.traceparent, payload);
         let dropped = |reason, detail: String| {

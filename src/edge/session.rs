@@ -913,6 +913,7 @@ impl Session {
             client = %self.client_id,
             seq = p.seq,
         );
+        crate::telemetry::continue_trace(&span, &env.traceparent);
         // Bounded: a publish into a broker that stopped reading must not hold the session.
         let remaining = Duration::from_millis(deadline_ms.saturating_sub(wire::now_ms()));
         let published = match tokio::time::timeout(
@@ -991,8 +992,10 @@ impl Session {
         let latency = inflight.received.elapsed();
         let inflight = self.inflight.remove(&seq).expect("checked above");
         let trace_id = wire::trace_id(&env.traceparent).unwrap_or("").to_owned();
-        tracing::debug_span!("result", trace_id = %trace_id, client = %self.client_id, seq)
-            .in_scope(|| tracing::debug!(latency_ms = latency.as_secs_f64() * 1e3, "answered"));
+        let span =
+            tracing::debug_span!("result", trace_id = %trace_id, client = %self.client_id, seq);
+        crate::telemetry::continue_trace(&span, &env.traceparent);
+        span.in_scope(|| tracing::debug!(latency_ms = latency.as_secs_f64() * 1e3, "answered"));
         match env.payload {
             Payload::Result(mut r) => {
                 // The stream's liveness evidence joins the frame's own, and the face

@@ -217,3 +217,113 @@ async fn edge_and_worker_spans_share_the_trace_id() {
     conn.close().await;
     env.teardown().await;
 }
+
+/// A small OTLP/HTTP receiver (JSON encoding): every body posted to `/v1/traces`.
+async fn otlp_receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
+    use axum::routing::post;
+    let bodies: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let kept = bodies.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        post(move |body: axum::body::Bytes| {
+            let kept = kept.clone();
+            async move {
+                if let Ok(v) = serde_json::from_slice(&body) {
+                    kept.lock().unwrap().push(v);
+                }
+                "{}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), bodies)
+}
+
+/// (service name, trace id) of every span the receiver got.
+fn exported_spans(bodies: &[serde_json::Value]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for body in bodies {
+        for rs in body["resourceSpans"].as_array().into_iter().flatten() {
+            let service = rs["resource"]["attributes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| a["key"] == "service.name")
+                .and_then(|a| a["value"]["stringValue"].as_str())
+                .unwrap_or_default()
+                .to_owned();
+            for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                for span in ss["spans"].as_array().into_iter().flatten() {
+                    if let Some(trace) = span["traceId"].as_str() {
+                        out.push((service.clone(), trace.to_lowercase()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_frames_spans_reach_an_otlp_receiver_under_one_trace_id() {
+    let (endpoint, bodies) = otlp_receiver().await;
+    let env = TestEnv::new("otlp");
+    env.add_client("c1");
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+    ];
+    let (mut edge, url) = crate::support::spawn_edge_process(&env, "otlp-edge", &otel);
+    let mut worker_env = otel.to_vec();
+    worker_env.push(("VIGIL_ANALYZER", "frame-info"));
+    let mut worker = crate::support::spawn_worker_process(&env, "otlp-worker", &worker_env);
+    crate::support::await_listening(&url).await;
+    crate::support::await_consumers(&env, 1).await;
+    let (mut conn, _) = Connection::connect(&url, "c1", TOKEN, Encoding::MsgPack)
+        .await
+        .unwrap();
+    conn.send_frame(1, 0, &synthetic_jpeg(64, 48, 1, 0))
+        .await
+        .unwrap();
+    let trace_id = loop {
+        match tokio::time::timeout(Duration::from_secs(10), conn.recv()).await {
+            Ok(Some(Ok(Incoming::Msg(ServerMsg::Result { trace_id, .. })))) => break trace_id,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no result: {other:?}"),
+        }
+    };
+    conn.close().await;
+    // The processes flush what they hold when they stop.
+    crate::support::sigterm(&edge);
+    crate::support::sigterm(&worker);
+    crate::support::exit_status(&mut edge);
+    crate::support::exit_status(&mut worker);
+    let services = eventually(
+        "the edge's and the worker's spans of the frame",
+        Duration::from_secs(20),
+        || {
+            let bodies = bodies.clone();
+            let trace_id = trace_id.clone();
+            async move {
+                let spans = exported_spans(&bodies.lock().unwrap());
+                let of_frame: Vec<String> = spans
+                    .into_iter()
+                    .filter(|(_, t)| *t == trace_id)
+                    .map(|(s, _)| s)
+                    .collect();
+                (of_frame.iter().any(|s| s == "vigil-edge")
+                    && of_frame.iter().any(|s| s == "vigil-worker"))
+                .then_some(of_frame)
+            }
+        },
+    )
+    .await;
+    println!(
+        "otlp: {} spans of trace {trace_id} exported ({})",
+        services.len(),
+        services.join(", ")
+    );
+    env.teardown().await;
+}
