@@ -189,3 +189,22 @@ async fn a_three_node_cluster_loses_a_node_while_ten_clients_stream() {
         node.stop();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_serve_at_least_2_5_times_one_against_the_cluster() {
+    let nodes = PrivateBroker::start_cluster(3).await;
+    let mut env = TestEnv::new("clusterscale");
+    env.cfg.amqp_url = nodes
+        .iter()
+        .map(PrivateBroker::url)
+        .collect::<Vec<_>>()
+        .join(",");
+    let ratio = crate::scaling::one_then_three_workers(env).await;
+    assert!(
+        ratio >= 2.5,
+        "against the cluster, throughput rose only {ratio:.2}x from 1 to 3 workers"
+    );
+    for node in &nodes {
+        node.stop();
+    }
+}

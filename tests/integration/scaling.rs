@@ -14,7 +14,17 @@ const DELAY_WORKER: &[(&str, &str)] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_serve_at_least_2_5_times_one() {
-    let mut env = TestEnv::new("scale");
+    let env = TestEnv::new("scale");
+    let ratio = one_then_three_workers(env).await;
+    assert!(
+        ratio >= 2.5,
+        "throughput rose only {ratio:.2}x from 1 to 3 workers"
+    );
+}
+
+/// Closed-loop throughput through one edge with one `delay` worker, then three: the ratio.
+/// Every frame is answered exactly once either way.
+pub(crate) async fn one_then_three_workers(mut env: TestEnv) -> f64 {
     env.cfg.edge.max_inflight = 4;
     let url = env.start_edge("e1").await;
     for i in 0..6 {
@@ -45,10 +55,6 @@ async fn three_workers_serve_at_least_2_5_times_one() {
         assert!(report.dropped.is_empty(), "dropped: {:?}", report.dropped);
         assert_eq!(report.results, report.sent);
     }
-    assert!(
-        ratio >= 2.5,
-        "throughput rose only {ratio:.2}x from 1 to 3 workers"
-    );
     for w in &workers {
         sigterm(w);
     }
@@ -56,6 +62,7 @@ async fn three_workers_serve_at_least_2_5_times_one() {
         assert!(crate::support::exit_status(&mut w).success());
     }
     env.teardown().await;
+    ratio
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
