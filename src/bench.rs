@@ -496,7 +496,7 @@ async fn cleanup(url: &str, namespace: &str, cfg: &Config) {
     if let Ok(broker) =
         Broker::connect(url, "bench-cleanup", BrokerMetrics::new(&Registry::new())).await
     {
-        if let Ok(topo) = Topology::load(cfg.topology_file.as_deref()) {
+        if let Ok(topo) = cfg.topology() {
             let _ = broker.delete(&topo.shared(namespace)).await;
         }
         broker.close().await;
@@ -555,6 +555,7 @@ impl BareRoutes {
                         exchanges: vec![],
                         queues: vec![queue(&work), queue(&reply)],
                         bindings: vec![],
+                        tunables: crate::topology::Tunables::Arguments,
                     },
                     client_owned: Topology::default(),
                     request_to: (String::new(), work.clone()),
@@ -565,7 +566,7 @@ impl BareRoutes {
                 }
             }
             Route::Vigil => {
-                let topo = Topology::load(b.base.topology_file.as_deref()).map_err(setup)?;
+                let topo = b.base.topology().map_err(setup)?;
                 let node = "bench";
                 let reply_queue = format!(
                     "{ns}.{}",

@@ -675,7 +675,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 async fn topology(cfg: &Config, action: TopologyCmd) -> Result<(), CliError> {
-    let topo = Topology::load(cfg.topology_file.as_deref()).map_err(fail)?;
+    let topo = cfg.topology().map_err(fail)?;
     match action {
         TopologyCmd::Print => {
             print!("{}", topo.shared(&cfg.namespace).render());
@@ -732,7 +732,14 @@ async fn apply_topology(cfg: &Config, url: &str, topo: &Topology) -> Result<(), 
     if cfg.capture_stream {
         parts.push(topo.streams(&cfg.namespace));
     }
+    // The operator's CLI puts the policies whatever the services' roles: it acts as admin.
+    let management = cfg.management().map_err(fail)?;
     for part in &parts {
+        if let Some(m) = &management
+            && part.tunables == crate::topology::Tunables::Policies
+        {
+            m.put_policies(&part.policies()).await.map_err(fail)?;
+        }
         broker.declare(part).await.map_err(fail)?;
     }
     broker.close().await;
@@ -805,7 +812,7 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
                 .iter()
                 .find(|u| u.role == crate::roles::Role::Admin)
                 .expect("every role is provisioned");
-            let topo = Topology::load(cfg.topology_file.as_deref()).map_err(fail)?;
+            let topo = cfg.topology().map_err(fail)?;
             apply_topology(cfg, &admin.url, &topo).await?;
             let mut text = format!(
                 "broker users for `{}` on vhost `{}` (passwords are shown once; \
@@ -845,7 +852,7 @@ async fn admin_handle(
     )
     .await
     .map_err(fail)?;
-    let topo = Topology::load(cfg.topology_file.as_deref()).map_err(fail)?;
+    let topo = cfg.topology().map_err(fail)?;
     broker
         .declare(&topo.shared(&cfg.namespace))
         .await

@@ -33,6 +33,11 @@ pub struct Config {
     /// user, `<namespace>-<role>` (made by `vigil broker provision`), and receivers accept each
     /// kind of event only from its roles [VIGIL_BROKER_ROLES].
     pub broker_roles: crate::roles::RoleMode,
+    /// RabbitMQ's management API (`http://user:pass@host:15672`). When set, the shared queues'
+    /// tunables (TTL, lengths, overflow, dead-lettering) are RabbitMQ policies put through it,
+    /// not declare arguments, so changing them in the topology never breaks start-up
+    /// [VIGIL_BROKER_MANAGEMENT_URL].
+    pub broker_management_url: Option<String>,
     /// Address of the `/metrics`, `/healthz` and `/readyz` endpoints; port 0 picks a free port
     /// [VIGIL_METRICS_LISTEN].
     pub metrics_listen: SocketAddr,
@@ -308,6 +313,7 @@ impl Default for Config {
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             broker_connect_timeout_ms: 30_000,
             broker_roles: crate::roles::RoleMode::Shared,
+            broker_management_url: None,
             metrics_listen: "127.0.0.1:9090".parse().expect("valid address"),
             topology_file: None,
             clients_dir: PathBuf::from("clients"),
@@ -465,6 +471,12 @@ impl Config {
             &mut self.metrics_listen,
         );
         set_opt(env, errors, "VIGIL_TOPOLOGY", &mut self.topology_file);
+        set_opt(
+            env,
+            errors,
+            "VIGIL_BROKER_MANAGEMENT_URL",
+            &mut self.broker_management_url,
+        );
         set(env, errors, "VIGIL_CLIENTS_DIR", &mut self.clients_dir);
         set_opt(env, errors, "VIGIL_DIRECTORY_URL", &mut self.directory_url);
         set(
@@ -693,6 +705,9 @@ impl Config {
         {
             errors.push(format!("directory_url: {e}"));
         }
+        if let Err(e) = self.management() {
+            errors.push(e.to_string());
+        }
         if self.directory_pool == 0 || self.directory_timeout_ms == 0 {
             errors.push("directory_pool and directory_timeout_ms must be positive".into());
         }
@@ -883,6 +898,31 @@ impl Config {
             .id
             .clone()
             .unwrap_or_else(|| random_id(&host_name()))
+    }
+
+    /// The topology (`VIGIL_TOPOLOGY`, else the built-in one), its tunables carried by policies
+    /// when a management URL is set.
+    pub fn topology(&self) -> Result<crate::topology::Topology, crate::topology::TopologyError> {
+        let tunables = if self.broker_management_url.is_some() {
+            crate::topology::Tunables::Policies
+        } else {
+            crate::topology::Tunables::Arguments
+        };
+        Ok(crate::topology::Topology::load(self.topology_file.as_deref())?.with_tunables(tunables))
+    }
+
+    /// The management API client for the broker's virtual host, when a URL is set.
+    pub fn management(
+        &self,
+    ) -> Result<Option<crate::management::Management>, crate::management::ManagementError> {
+        let Some(url) = &self.broker_management_url else {
+            return Ok(None);
+        };
+        let vhost = crate::broker::broker_urls(&self.amqp_url)
+            .first()
+            .and_then(|u| u.parse::<lapin::uri::AMQPUri>().ok())
+            .map_or_else(|| "/".to_owned(), |u| u.vhost);
+        crate::management::Management::new(url, &vhost).map(Some)
     }
 
     /// Where the client directory lives (checked by `validate`).

@@ -5,13 +5,14 @@
 //!   MessagePack.
 //! - [`topology`]: `exchanges.toml` as typed, validated data.
 //! - [`broker`]: RabbitMQ through `lapin` (connect, declare, publish with confirms, consume);
-//!   [`roles`]: who may publish what, and each role's least permissions.
+//!   [`roles`]: who may publish what, and each role's least permissions; [`management`]:
+//!   RabbitMQ's management API, for the policies that carry queue tunables.
 //! - [`edge`]: the WebSocket edge node (`vigil-edge`), its admin API, and Vigil's own client.
 //! - [`worker`]: the frame worker (`vigil-worker`); [`analyzer`]: what it runs on a frame.
 //! - [`inference`]: pixels and models (`image`, `ort`); [`models`]: the model manifest and fetch.
 //! - [`policy`]: the per-client action policy; [`liveness`]: liveness over a client's
 //!   stream; [`audit`]: the audit writer and its store.
-//! - [`directory`]: the client directory; [`admin`]: client administration over the control plane.
+//! - [`directory`]: the client directory (a folder, or PostgreSQL); [`admin`]: client administration over the control plane.
 //! - [`capture`], [`recorder`], [`replay`], [`loadgen`]: capture files, recording, replay, load.
 //! - [`config`]: typed configuration with `VIGIL_*` overrides and full validation.
 //! - [`metrics`]: every Prometheus metric; [`telemetry`]: logs, health, `/metrics`, the
@@ -34,6 +35,7 @@ pub mod eval;
 pub mod inference;
 pub mod liveness;
 pub mod loadgen;
+pub mod management;
 pub mod metrics;
 pub mod models;
 pub mod operators;

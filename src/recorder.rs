@@ -61,6 +61,7 @@ fn tap(name: &str, bindings: Vec<BindingSpec>) -> Topology {
             queue_type: topology::QueueType::Classic,
         }],
         bindings,
+        tunables: topology::Tunables::Arguments,
     }
 }
 
@@ -79,9 +80,7 @@ pub async fn record(
         BrokerMetrics::new(&Registry::new()),
     )
     .await?;
-    broker
-        .declare(&Topology::load(cfg.topology_file.as_deref())?.shared(ns))
-        .await?;
+    broker.declare(&cfg.topology()?.shared(ns)).await?;
     let frames_exchange = format!("{ns}.{}", topology::FRAMES_EXCHANGE);
     let replies_exchange = format!("{ns}.{}", topology::REPLIES_EXCHANGE);
     let queue = format!("{ns}.record.{:08x}", rand::random::<u32>());
@@ -182,7 +181,7 @@ pub async fn from_stream(
         BrokerMetrics::new(&Registry::new()),
     )
     .await?;
-    let topo = Topology::load(cfg.topology_file.as_deref())?;
+    let topo = cfg.topology()?;
     broker.declare(&topo.shared(ns)).await?;
     broker.declare(&topo.streams(ns)).await?;
     let stream = format!("{ns}.{}", topology::CAPTURE_STREAM);

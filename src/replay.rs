@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::liveness::{LivenessConfig, StreamLiveness};
 use crate::metrics::BrokerMetrics;
 use crate::policy::{ClientPolicy, PolicyConfig};
-use crate::topology::{self, NodeKind, Topology};
+use crate::topology::{self, NodeKind};
 use crate::wire::{self, Analysis, Envelope, Payload};
 
 #[derive(Debug, thiserror::Error)]
@@ -198,7 +198,7 @@ pub async fn replay(
         BrokerMetrics::new(&Registry::new()),
     )
     .await?;
-    let topo = Topology::load(cfg.topology_file.as_deref())?;
+    let topo = cfg.topology()?;
     broker.declare(&topo.shared(ns)).await?;
     broker
         .declare(&topo.per_node(ns, NodeKind::Edge, &replay_id))

@@ -195,10 +195,82 @@ pub struct Topology {
     pub queues: Vec<QueueSpec>,
     #[serde(default, rename = "binding")]
     pub bindings: Vec<BindingSpec>,
+    /// How the shared queues' tunables reach the broker: set by the process's configuration
+    /// (see [`Tunables`]), never by the file.
+    #[serde(skip)]
+    pub tunables: Tunables,
+}
+
+/// Where a shared queue's tunables (TTL, max length, overflow, dead-lettering, stream age)
+/// live on the broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Tunables {
+    /// As declare arguments: fixed for the queue's life, so changing one makes every later
+    /// declare fail (`PRECONDITION_FAILED`) until the queue is deleted.
+    #[default]
+    Arguments,
+    /// As RabbitMQ policies, one per queue (put through the management API): declares carry
+    /// only what a policy cannot set (queue type, single active consumer), and a changed
+    /// tunable is a changed policy, applied to the live queue.
+    Policies,
+}
+
+/// One RabbitMQ policy: the tunables of the one queue its pattern matches.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PolicySpec {
+    pub name: String,
+    /// `^<queue name, regex-escaped>$`.
+    pub pattern: String,
+    pub definition: serde_json::Map<String, serde_json::Value>,
+}
+
+impl QueueSpec {
+    /// Whether this queue's tunables go in a policy when policies are on: every queue that
+    /// outlives its declarer. Exclusive and auto-delete queues are declared afresh each time,
+    /// so their arguments never conflict.
+    pub fn takes_policy(&self) -> bool {
+        self.durable && !self.exclusive && !self.auto_delete
+    }
+
+    /// The tunables as a policy definition (RabbitMQ's keys).
+    pub fn policy_definition(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut d = serde_json::Map::new();
+        if let Some(v) = self.message_ttl_ms {
+            d.insert("message-ttl".into(), v.into());
+        }
+        if let Some(v) = self.max_length {
+            d.insert("max-length".into(), v.into());
+        }
+        if let Some(v) = self.max_length_bytes {
+            d.insert("max-length-bytes".into(), v.into());
+        }
+        if let Some(v) = self.overflow {
+            d.insert("overflow".into(), v.as_str().into());
+        }
+        if let Some(v) = &self.dead_letter_exchange {
+            d.insert("dead-letter-exchange".into(), v.as_str().into());
+        }
+        if let Some(v) = &self.max_age {
+            d.insert("max-age".into(), v.as_str().into());
+        }
+        d
+    }
 }
 
 fn yes() -> bool {
     true
+}
+
+/// `name` with the characters a regular expression gives meaning to escaped.
+fn regex_escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 8);
+    for c in name.chars() {
+        if "\\.+*?()|[]{}^$-".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 impl Topology {
@@ -331,6 +403,29 @@ impl Topology {
     }
 
     /// The shared part (no per-node queues), with every name under `namespace.`.
+    /// The policies that carry this (resolved) topology's tunables, one per queue that takes
+    /// one and has any.
+    pub fn policies(&self) -> Vec<PolicySpec> {
+        self.queues
+            .iter()
+            .filter(|q| q.takes_policy())
+            .filter_map(|q| {
+                let definition = q.policy_definition();
+                (!definition.is_empty()).then(|| PolicySpec {
+                    name: q.name.clone(),
+                    pattern: format!("^{}$", regex_escape(&q.name)),
+                    definition,
+                })
+            })
+            .collect()
+    }
+
+    /// This topology with its tunables applied as `tunables` says.
+    pub fn with_tunables(mut self, tunables: Tunables) -> Self {
+        self.tunables = tunables;
+        self
+    }
+
     pub fn shared(&self, namespace: &str) -> Topology {
         self.resolve(
             namespace,
@@ -376,6 +471,7 @@ impl Topology {
         let name = |n: &str| format!("{namespace}.{}", n.replace("{node}", node));
         let kept: Vec<&QueueSpec> = self.queues.iter().filter(|q| keep(q)).collect();
         Topology {
+            tunables: self.tunables,
             exchanges: if !with_exchanges {
                 Vec::new()
             } else {
@@ -584,5 +680,29 @@ mod tests {
         assert!(check_identifier("namespace", "test-1_a").is_ok());
         assert!(check_identifier("namespace", "a.b").is_err());
         assert!(check_identifier("namespace", "").is_err());
+    }
+
+    #[test]
+    fn tunables_become_one_policy_per_durable_queue() {
+        let topo = Topology::load(None)
+            .unwrap()
+            .with_tunables(Tunables::Policies);
+        let shared = topo.shared("t-ns");
+        assert_eq!(shared.tunables, Tunables::Policies);
+        let policies = shared.policies();
+        let work = policies
+            .iter()
+            .find(|p| p.name == "t-ns.frames.work")
+            .expect("the work queue has a policy");
+        assert_eq!(work.pattern, "^t\\-ns\\.frames\\.work$");
+        assert_eq!(work.definition["message-ttl"], 5000);
+        assert_eq!(work.definition["overflow"], "drop-head");
+        assert_eq!(work.definition["dead-letter-exchange"], "t-ns.dead");
+        // The audit queue has no tunables: no policy, rather than an empty one.
+        assert!(policies.iter().all(|p| p.name != "t-ns.audit"));
+        // Queues declared afresh by their node keep their tunables as arguments.
+        let per_node = topo.per_node("t-ns", NodeKind::Edge, "e1");
+        assert!(per_node.queues.iter().all(|q| !q.takes_policy()));
+        assert!(per_node.policies().is_empty());
     }
 }

@@ -22,7 +22,7 @@ use crate::broker::{Broker, BrokerError, Consumer, Delivery, Publisher};
 use crate::config::Config;
 use crate::metrics::{BrokerMetrics, WorkerMetrics};
 use crate::telemetry::{self, Health};
-use crate::topology::{self, Topology};
+use crate::topology;
 use crate::wire::{
     self, DropReason, Dropped, EnrollOutcome, EnrollResult, Envelope, FrameResult, Payload,
 };
@@ -35,6 +35,8 @@ pub enum WorkerError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Topology(#[from] topology::TopologyError),
+    #[error(transparent)]
+    Management(#[from] crate::management::ManagementError),
     #[error("cannot start the analyzer: {0}")]
     Analyzer(String),
     #[error("the broker ended the work queue consumer")]
@@ -96,7 +98,7 @@ pub async fn start_with(
     .map_err(WorkerError::Metrics)?;
     let broker_metrics = BrokerMetrics::new(&registry);
     let metrics = WorkerMetrics::new(&registry);
-    let topo = Topology::load(cfg.topology_file.as_deref())?;
+    let topo = cfg.topology()?;
 
     let broker = Broker::connect_with_retry(
         &cfg.amqp_url,
@@ -106,6 +108,7 @@ pub async fn start_with(
     )
     .await?;
     health.set("broker", true);
+    crate::management::put_for(&cfg, &topo.shared(&cfg.namespace)).await?;
     broker
         .prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
         .await?;
@@ -213,7 +216,7 @@ async fn run_loop(
     health: Health,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let topo = Topology::load(cfg.topology_file.as_deref())?;
+    let topo = cfg.topology()?;
     loop {
         let outcome = consume(&cfg, &broker, &ctx, &work_queue, &shutdown).await;
         broker.close().await;

@@ -74,6 +74,8 @@ pub enum AuditError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Topology(#[from] topology::TopologyError),
+    #[error(transparent)]
+    Management(#[from] crate::management::ManagementError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
@@ -941,7 +943,7 @@ pub async fn start(
         .await
         .map_err(|e| io(Path::new("audit store"))(std::io::Error::other(e.to_string())))??;
     health.set("storage", true);
-    let topo = Topology::load(cfg.topology_file.as_deref())?;
+    let topo = cfg.topology()?;
     let broker_metrics = BrokerMetrics::new(&registry);
     let broker = Broker::connect_with_retry(
         &cfg.amqp_url,
@@ -1032,6 +1034,8 @@ struct Link {
 impl Link {
     /// Check (or declare) what the writer needs, and make the checkpoints' publisher.
     async fn open(broker: Broker, cfg: &Config, topo: &Topology) -> Result<Self, AuditError> {
+        crate::management::put_for(cfg, &topo.shared(&cfg.namespace)).await?;
+        crate::management::put_for(cfg, &topo.checkpoints(&cfg.namespace)).await?;
         broker
             .prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
             .await?;

@@ -57,6 +57,8 @@ pub enum EdgeError {
     #[error(transparent)]
     Topology(#[from] topology::TopologyError),
     #[error(transparent)]
+    Management(#[from] crate::management::ManagementError),
+    #[error(transparent)]
     Directory(#[from] DirectoryError),
     #[error(transparent)]
     Operators(#[from] crate::operators::OperatorError),
@@ -221,7 +223,7 @@ pub async fn start(
         metrics.frames_dropped.with_label_values(&[reason.as_str()]);
     }
     let broker_metrics = BrokerMetrics::new(&registry);
-    let topo = Topology::load(cfg.topology_file.as_deref())?;
+    let topo = cfg.topology()?;
     let store = cfg.open_directory()?;
     tokio::spawn(lease::keep(
         store.clone(),
@@ -395,10 +397,12 @@ impl Links {
         topo: &Topology,
         edge_id: &str,
     ) -> Result<Self, EdgeError> {
+        crate::management::put_for(cfg, &topo.shared(&cfg.namespace)).await?;
         broker
             .prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
             .await?;
         if cfg.capture_stream {
+            crate::management::put_for(cfg, &topo.streams(&cfg.namespace)).await?;
             broker
                 .prepare(&topo.streams(&cfg.namespace), cfg.broker_roles)
                 .await?;

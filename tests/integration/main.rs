@@ -19,6 +19,7 @@ mod identity;
 mod liveness;
 mod observability;
 mod pipeline;
+mod policies;
 mod roles;
 mod scaling;
 mod tls;

@@ -639,6 +639,33 @@ impl PrivateBroker {
         b
     }
 
+    /// A node with the management plugin, its HTTP API on `127.0.0.1:<port>`; returns the node
+    /// and the API's URL (with the node's guest credentials).
+    pub async fn start_with_management() -> (Self, String) {
+        let b = Self::new();
+        let port = free_port();
+        std::fs::write(b.dir.join("plugins"), "[rabbitmq_management].").unwrap();
+        std::fs::write(
+            b.dir.join("rabbitmq.conf"),
+            format!("management.tcp.port = {port}\nmanagement.tcp.ip = 127.0.0.1\n"),
+        )
+        .unwrap();
+        b.boot().await;
+        let url = format!("http://guest:guest@127.0.0.1:{port}");
+        eventually(
+            "the management API",
+            Duration::from_secs(60),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        (b, url)
+    }
+
     /// A node that also listens for `amqps://`, with this server certificate and key (PEM).
     pub async fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
         let mut b = Self::new();
