@@ -146,9 +146,7 @@ impl ClientStore for FolderStore {
             .get(id)?
             .ok_or_else(|| DirectoryError::NotFound(id.to_owned()))?;
         change(&mut record);
-        record.id = id.to_owned();
-        record.revision += 1;
-        record.updated_at_ms = crate::wire::now_ms();
+        super::stamp_update(&mut record, id);
         self.put(&record)?;
         Ok(record)
     }

@@ -252,17 +252,28 @@ pub fn generate_token() -> String {
 
 /// Client ids become file names and log fields: keep them tame.
 pub fn check_client_id(id: &str) -> Result<(), DirectoryError> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
+    if is_tame(id, 64) {
         Ok(())
     } else {
         Err(DirectoryError::BadId(id.to_owned()))
     }
+}
+
+/// 1..=`max` characters of `[A-Za-z0-9_.-]`, not starting with `.`: safe as a file name.
+fn is_tame(id: &str, max: usize) -> bool {
+    !id.is_empty()
+        && id.len() <= max
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// What every `update` does after its change: the id kept, the revision bumped, the time set.
+fn stamp_update(record: &mut ClientRecord, id: &str) {
+    record.id = id.to_owned();
+    record.revision += 1;
+    record.updated_at_ms = crate::wire::now_ms();
 }
 
 /// Whether a client is connected, as the edges last reported it.
@@ -367,13 +378,7 @@ pub fn live_presence(
 
 /// Edge ids name lease files and rows: keep them tame (a hostname plus a suffix fits).
 pub fn check_edge_id(id: &str) -> Result<(), DirectoryError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
+    if is_tame(id, 128) {
         Ok(())
     } else {
         Err(DirectoryError::BadEdgeId(id.to_owned()))

@@ -138,10 +138,37 @@ fn status_of(record: &ClientRecord) -> &'static str {
 }
 
 fn decode_record(id: &str, value: serde_json::Value) -> Result<ClientRecord, DirectoryError> {
+    decode("vigil_clients", id, value)
+}
+
+/// A JSON column's value as `T`; a value that does not decode names its table and row.
+fn decode<T: serde::de::DeserializeOwned>(
+    table: &str,
+    id: &str,
+    value: serde_json::Value,
+) -> Result<T, DirectoryError> {
     serde_json::from_value(value).map_err(|source| DirectoryError::Corrupt {
-        path: format!("vigil_clients/{id}"),
+        path: format!("{table}/{id}"),
         source,
     })
+}
+
+/// The one JSON column of the row of `table` whose `client_id` is `id`, decoded.
+fn json_of<T: serde::de::DeserializeOwned>(
+    c: &mut postgres::Client,
+    table: &str,
+    column: &str,
+    id: &str,
+) -> Result<Option<T>, DirectoryError> {
+    // `table` and `column` are this module's constants, never input.
+    let row = c
+        .query_opt(
+            &format!("SELECT {column} FROM {table} WHERE client_id = $1"),
+            &[&id],
+        )
+        .map_err(db)?;
+    row.map(|r| decode(table, id, r.get::<_, serde_json::Value>(0)))
+        .transpose()
 }
 
 fn is_unique_violation(e: &postgres::Error) -> bool {
@@ -215,9 +242,7 @@ impl ClientStore for PgStore {
                 .ok_or_else(|| DirectoryError::NotFound(id.to_owned()))?;
             let mut record = decode_record(id, row.get::<_, serde_json::Value>(0))?;
             change(&mut record);
-            record.id = id.to_owned();
-            record.revision += 1;
-            record.updated_at_ms = crate::wire::now_ms();
+            super::stamp_update(&mut record, id);
             tx.execute(
                 "UPDATE vigil_clients SET status = $2, revision = $3, record = $4, updated_at = now()
                  WHERE id = $1",
@@ -254,23 +279,7 @@ impl ClientStore for PgStore {
 
     fn presence(&self, id: &str) -> Result<Option<Presence>, DirectoryError> {
         check_client_id(id)?;
-        self.run(|c| {
-            let row = c
-                .query_opt(
-                    "SELECT presence FROM vigil_presence WHERE client_id = $1",
-                    &[&id],
-                )
-                .map_err(db)?;
-            row.map(|r| {
-                serde_json::from_value(r.get::<_, serde_json::Value>(0)).map_err(|source| {
-                    DirectoryError::Corrupt {
-                        path: format!("vigil_presence/{id}"),
-                        source,
-                    }
-                })
-            })
-            .transpose()
-        })
+        self.run(|c| json_of(c, "vigil_presence", "presence", id))
     }
 
     fn set_presence(&self, id: &str, presence: &Presence) -> Result<(), DirectoryError> {
@@ -290,23 +299,7 @@ impl ClientStore for PgStore {
 
     fn policy(&self, id: &str) -> Result<Option<SavedPolicy>, DirectoryError> {
         check_client_id(id)?;
-        self.run(|c| {
-            let row = c
-                .query_opt(
-                    "SELECT state FROM vigil_policy_state WHERE client_id = $1",
-                    &[&id],
-                )
-                .map_err(db)?;
-            row.map(|r| {
-                serde_json::from_value(r.get::<_, serde_json::Value>(0)).map_err(|source| {
-                    DirectoryError::Corrupt {
-                        path: format!("vigil_policy_state/{id}"),
-                        source,
-                    }
-                })
-            })
-            .transpose()
-        })
+        self.run(|c| json_of(c, "vigil_policy_state", "state", id))
     }
 
     fn put_policy(&self, id: &str, saved: &SavedPolicy) -> Result<(), DirectoryError> {

@@ -166,7 +166,7 @@ async fn a_different_person_is_locked_out_and_audited_once() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-pub(crate) fn action_envelope(namespace: &str, i: u64) -> Envelope {
+fn action_envelope(namespace: &str, i: u64) -> Envelope {
     let event = ActionEvent {
         action_id: Uuid::now_v7(),
         evidence_id: Uuid::now_v7(),
@@ -200,6 +200,49 @@ pub(crate) fn action_envelope(namespace: &str, i: u64) -> Envelope {
         traceparent: wire::new_traceparent(),
         payload: Payload::Action(event),
     }
+}
+
+/// Publish actions `from..to` to the namespace's actions exchange, each until its confirm
+/// arrives (a broker that loses a node may nack or drop the channel while its queues elect a
+/// new leader; the same envelope is sent again, and the writer keeps one per action id, as
+/// for an edge); the ids confirmed.
+pub(crate) async fn publish_actions(url: &str, namespace: &str, from: u64, to: u64) -> Vec<Uuid> {
+    let metrics = vigil::metrics::BrokerMetrics::new(&prometheus::Registry::new());
+    let connect = || async {
+        let broker = vigil::broker::Broker::connect(url, "test-actions", metrics.clone()).await?;
+        let publisher = broker.publisher().await?;
+        Ok::<_, vigil::broker::BrokerError>((broker, publisher))
+    };
+    let (mut broker, mut publisher) = connect().await.unwrap();
+    let mut ids = Vec::new();
+    for i in from..to {
+        let envelope = action_envelope(namespace, i);
+        let mut attempts = 0;
+        loop {
+            let confirmed = match publisher
+                .publish(&format!("{namespace}.actions"), "", &envelope)
+                .await
+            {
+                Ok(confirm) => confirm.wait().await,
+                Err(e) => Err(e),
+            };
+            match confirmed {
+                Ok(()) => break,
+                Err(e) => {
+                    attempts += 1;
+                    assert!(attempts < 30, "action {i} never confirmed: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    if let Ok(fresh) = connect().await {
+                        broker.close().await;
+                        (broker, publisher) = fresh;
+                    }
+                }
+            }
+        }
+        ids.push(envelope.id);
+    }
+    broker.close().await;
+    ids
 }
 
 fn spawn_writer(env: &TestEnv, dir: &Path) -> std::process::Child {
@@ -579,34 +622,7 @@ async fn the_audit_writer_survives_a_broker_restart_and_loses_nothing() {
     let writer = audit::start(env.cfg.clone(), registry.clone(), env.shutdown.clone())
         .await
         .unwrap();
-    let publish = |from: u64, to: u64| {
-        let (url, ns) = (env.cfg.amqp_url.clone(), env.cfg.namespace.clone());
-        async move {
-            let broker = vigil::broker::Broker::connect(
-                &url,
-                "test",
-                vigil::metrics::BrokerMetrics::new(&prometheus::Registry::new()),
-            )
-            .await
-            .unwrap();
-            let publisher = broker.publisher().await.unwrap();
-            let mut ids = Vec::new();
-            for i in from..to {
-                let envelope = action_envelope(&ns, i);
-                publisher
-                    .publish(&format!("{ns}.actions"), "", &envelope)
-                    .await
-                    .unwrap()
-                    .wait()
-                    .await
-                    .unwrap();
-                ids.push(envelope.id);
-            }
-            broker.close().await;
-            ids
-        }
-    };
-    let mut published = publish(0, BEFORE).await;
+    let mut published = publish_actions(&env.cfg.amqp_url, &env.cfg.namespace, 0, BEFORE).await;
     eventually("the first actions logged", Duration::from_secs(30), || {
         let dir = dir.clone();
         async move { (log_lines(&dir) as u64 >= BEFORE).then_some(()) }
@@ -616,7 +632,15 @@ async fn the_audit_writer_survives_a_broker_restart_and_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     rabbit.boot().await;
     // Actions confirmed after the restart reach the same, still running, writer.
-    published.extend(publish(BEFORE, BEFORE + AFTER).await);
+    published.extend(
+        publish_actions(
+            &env.cfg.amqp_url,
+            &env.cfg.namespace,
+            BEFORE,
+            BEFORE + AFTER,
+        )
+        .await,
+    );
     eventually("every action logged", Duration::from_secs(60), || {
         let dir = dir.clone();
         async move { (log_lines(&dir) as u64 >= BEFORE + AFTER).then_some(()) }

@@ -12,33 +12,8 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 use vigil::audit;
 
-use crate::actions::action_envelope;
+use crate::actions::publish_actions;
 use crate::support::{PrivateBroker, TestEnv, eventually, stream_through};
-
-async fn publish_actions(url: &str, namespace: &str, from: u64, to: u64) -> Vec<Uuid> {
-    let broker = vigil::broker::Broker::connect(
-        url,
-        "test-actions",
-        vigil::metrics::BrokerMetrics::new(&prometheus::Registry::new()),
-    )
-    .await
-    .unwrap();
-    let publisher = broker.publisher().await.unwrap();
-    let mut ids = Vec::new();
-    for i in from..to {
-        let envelope = action_envelope(namespace, i);
-        publisher
-            .publish(&format!("{namespace}.actions"), "", &envelope)
-            .await
-            .unwrap()
-            .wait()
-            .await
-            .unwrap();
-        ids.push(envelope.id);
-    }
-    broker.close().await;
-    ids
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_cluster_loses_a_node_while_ten_clients_stream() {

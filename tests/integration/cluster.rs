@@ -64,8 +64,33 @@ async fn ready(edge: &Edge) {
     .await;
 }
 
-fn directory(db: &TestDatabase) -> PgStore {
-    PgStore::connect(&db.url, &PgLimits::default()).expect("directory in PostgreSQL")
+/// The test's directory in PostgreSQL, with `clients` added.
+fn directory(db: &TestDatabase, clients: &[&str]) -> PgStore {
+    let store = PgStore::connect(&db.url, &PgLimits::default()).expect("directory in PostgreSQL");
+    for id in clients {
+        store
+            .add(&ClientRecord::new(id, id, TOKEN).unwrap())
+            .unwrap();
+    }
+    store
+}
+
+/// Edges `edge-a` and `edge-b` on the test's directory, ready, behind HAProxy.
+async fn two_edges_behind_haproxy(
+    env: &TestEnv,
+    db: &TestDatabase,
+    lease_ms: u64,
+) -> (Edge, Edge, Haproxy) {
+    let a = spawn_edge(env, db, "edge-a", &lease_ms.to_string());
+    let b = spawn_edge(env, db, "edge-b", &lease_ms.to_string());
+    ready(&a).await;
+    ready(&b).await;
+    let lb = Haproxy::start([
+        (&a.ws, &a.admin.to_string(), a.metrics_port),
+        (&b.ws, &b.admin.to_string(), b.metrics_port),
+    ])
+    .await;
+    (a, b, lb)
 }
 
 async fn clients_on(admin: std::net::SocketAddr) -> Vec<serde_json::Value> {
@@ -79,21 +104,8 @@ async fn two_edges_share_a_postgres_directory_behind_haproxy() {
     let db = TestDatabase::create();
     let mut env = TestEnv::new("cluster");
     env.start_worker("w1").await;
-    let store = directory(&db);
-    for id in ["c1", "busy"] {
-        store
-            .add(&ClientRecord::new(id, id, TOKEN).unwrap())
-            .unwrap();
-    }
-    let a = spawn_edge(&env, &db, "edge-a", "15000");
-    let b = spawn_edge(&env, &db, "edge-b", "15000");
-    ready(&a).await;
-    ready(&b).await;
-    let lb = Haproxy::start([
-        (&a.ws, &a.admin.to_string(), a.metrics_port),
-        (&b.ws, &b.admin.to_string(), b.metrics_port),
-    ])
-    .await;
+    let store = directory(&db, &["c1", "busy"]);
+    let (a, b, lb) = two_edges_behind_haproxy(&env, &db, 15_000).await;
 
     // A client on edge B, blocked through edge A's admin API.
     let (mut conn, _) = Connection::connect(
@@ -183,23 +195,10 @@ async fn clients_of_an_edge_killed_with_sigkill_continue_on_the_other() {
     let db = TestDatabase::create();
     let mut env = TestEnv::new("edgekill");
     env.start_worker("w1").await;
-    let store = directory(&db);
     let ids: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
-    for id in &ids {
-        store
-            .add(&ClientRecord::new(id, id, TOKEN).unwrap())
-            .unwrap();
-    }
+    let store = directory(&db, &ids.iter().map(String::as_str).collect::<Vec<_>>());
     let lease_ms = 3_000;
-    let mut a = spawn_edge(&env, &db, "edge-a", &lease_ms.to_string());
-    let b = spawn_edge(&env, &db, "edge-b", &lease_ms.to_string());
-    ready(&a).await;
-    ready(&b).await;
-    let lb = Haproxy::start([
-        (&a.ws, &a.admin.to_string(), a.metrics_port),
-        (&b.ws, &b.admin.to_string(), b.metrics_port),
-    ])
-    .await;
+    let (mut a, b, lb) = two_edges_behind_haproxy(&env, &db, lease_ms).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut streams = Vec::new();
@@ -380,7 +379,7 @@ async fn a_folder_directory_moves_into_postgres_with_the_cli() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(moved, held);
-    let store = directory(&db);
+    let store = directory(&db, &[]);
     assert!(vigil::directory::authenticate(&store, "m1", TOKEN).is_ok());
     assert_eq!(
         vigil::directory::authenticate(&store, "m3", TOKEN).unwrap_err(),
