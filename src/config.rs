@@ -89,7 +89,7 @@ pub struct InferenceConfig {
     pub ort_dylib: Option<PathBuf>,
     /// `cpu`, or `cuda` (needs the `cuda` feature and onnxruntime-gpu; falls back to CPU with a
     /// warning) [VIGIL_DEVICE].
-    pub device: crate::inference::Device,
+    pub device: crate::domain::Device,
     /// ONNX Runtime intra-op threads per model run. With `worker.analysis_threads`, keep
     /// `analysis_threads x intra_threads` at or below the cores [VIGIL_INTRA_THREADS].
     pub intra_threads: usize,
@@ -167,7 +167,7 @@ impl Default for InferenceConfig {
         Self {
             models_dir: PathBuf::from("models"),
             ort_dylib: None,
-            device: crate::inference::Device::Cpu,
+            device: crate::domain::Device::Cpu,
             intra_threads: 1,
             max_side: 640,
             max_pixels: 16 * 1024 * 1024,
@@ -1090,7 +1090,7 @@ mod tests {
         let i = &cfg.inference;
         assert_eq!(i.models_dir, PathBuf::from("/opt/m"));
         assert_eq!(i.ort_dylib.as_deref(), Some(Path::new("/opt/ort.so")));
-        assert_eq!(i.device, crate::inference::Device::Cuda);
+        assert_eq!(i.device, crate::domain::Device::Cuda);
         assert_eq!((i.intra_threads, i.thresholds.live_min), (2, 0.2));
         assert_eq!(i.thresholds.match_cosine, 0.5);
         let errors = load(None, &[("VIGIL_LIVE_MIN", "1.5"), ("VIGIL_DEVICE", "tpu")]).unwrap_err();

@@ -1,6 +1,8 @@
 //! Vigil: continuous identity verification on live camera frames, built around RabbitMQ.
 //!
 //! # Layout
+//! - [`domain`]: the shared words (verdict, action, device), so that the modules below
+//!   depend on it rather than on each other.
 //! - [`wire`]: the broker envelope and the client protocol; the only module that knows
 //!   MessagePack.
 //! - [`topology`]: `exchanges.toml` as typed, validated data.
@@ -30,6 +32,7 @@ pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod directory;
+pub mod domain;
 pub mod edge;
 pub mod eval;
 pub mod inference;

@@ -10,28 +10,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::wire::Verdict;
-
-/// What the client must do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Action {
-    Allow,
-    Warn,
-    LockScreen,
-    SignOut,
-}
-
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Allow => "allow",
-            Action::Warn => "warn",
-            Action::LockScreen => "lock_screen",
-            Action::SignOut => "sign_out",
-        }
-    }
-}
+pub use crate::domain::Action;
+use crate::domain::Verdict;
 
 /// One verdict's rule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

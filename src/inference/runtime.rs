@@ -70,24 +70,7 @@ pub fn environment(path: &Path) -> Result<&'static Environment, InferenceError> 
         .map_err(|e| InferenceError::Runtime(e.clone()))
 }
 
-/// Execution provider choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Device {
-    Cpu,
-    Cuda,
-}
-
-impl std::str::FromStr for Device {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda),
-            other => Err(format!("unknown device `{other}` (cpu or cuda)")),
-        }
-    }
-}
+pub use crate::domain::Device;
 
 /// Build a session for one model file with `intra_threads` threads.
 pub fn session(

@@ -247,7 +247,7 @@ pub enum ServerMsg {
     },
     /// An enforced action: the client must allow, warn, lock the screen or sign out.
     Action {
-        action: crate::policy::Action,
+        action: crate::domain::Action,
         /// The verdict that fired it, `ok` for a return to allow, or `admin`.
         reason: String,
         action_id: String,

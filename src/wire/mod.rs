@@ -12,6 +12,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+/// A frame's verdict travels in results; it is one of the shared words.
+pub use crate::domain::Verdict;
+
 /// The schema version this build writes. Older versions that still decode are listed in
 /// `tests/golden/`.
 ///
@@ -136,7 +139,7 @@ pub enum ControlCommand {
     Kick,
     /// Enforce an action now, through the same path as the policy's (audit included).
     ForceAction {
-        action: crate::policy::Action,
+        action: crate::domain::Action,
     },
     /// A session started for the client on `edge` at `since_ms`: any older session of it ends
     /// (newer wins; ties go to the larger session number).
@@ -153,7 +156,7 @@ pub struct ActionEvent {
     pub action_id: Uuid,
     /// Names the evidence folder of this action.
     pub evidence_id: Uuid,
-    pub action: crate::policy::Action,
+    pub action: crate::domain::Action,
     /// The verdict that fired it, `ok` for a return to allow, or `admin`.
     pub reason: String,
     /// `policy` or `admin`.
@@ -253,50 +256,6 @@ impl Analysis {
         match self {
             Analysis::Identity(a) => Some(a.verdict),
             Analysis::FrameInfo { .. } => None,
-        }
-    }
-}
-
-/// The per-frame verdict: the first rule that applies, in this order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Verdict {
-    NoFace,
-    MultipleFaces,
-    /// The face is too small, blurred, dark or turned to be judged (schema 2).
-    LowQuality,
-    Spoof,
-    WrongPerson,
-    Phone,
-    Ok,
-    /// Not a frame's verdict but the stream's: no frame arrived for `policy.no_frames_ms`
-    /// (the camera was turned off, or the page stopped sending). The edge feeds it to the
-    /// policy; workers never give it.
-    NoFrames,
-}
-
-impl Verdict {
-    /// Every verdict a frame can get (not `no_frames`, which only the edge gives).
-    pub const ALL: [Verdict; 7] = [
-        Verdict::NoFace,
-        Verdict::MultipleFaces,
-        Verdict::LowQuality,
-        Verdict::Spoof,
-        Verdict::WrongPerson,
-        Verdict::Phone,
-        Verdict::Ok,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::NoFace => "no_face",
-            Verdict::MultipleFaces => "multiple_faces",
-            Verdict::LowQuality => "low_quality",
-            Verdict::Spoof => "spoof",
-            Verdict::WrongPerson => "wrong_person",
-            Verdict::Phone => "phone",
-            Verdict::Ok => "ok",
-            Verdict::NoFrames => "no_frames",
         }
     }
 }
