@@ -242,6 +242,13 @@ pub struct EdgeConfig {
     pub max_bad_messages: u32,
     /// Grace period for closing sessions on shutdown, in ms [VIGIL_EDGE_SHUTDOWN_GRACE_MS].
     pub shutdown_grace_ms: u64,
+    /// Actions on their way to the audit trail (each publish waits for its confirm, with
+    /// retries); past this many, a new action is counted unaudited rather than queued
+    /// [VIGIL_EDGE_MAX_PENDING_AUDITS].
+    pub max_pending_audits: usize,
+    /// On shutdown, after the sessions have closed, how long the actions still on their way
+    /// to the audit trail may take, in ms [VIGIL_EDGE_AUDIT_DRAIN_MS].
+    pub audit_drain_ms: u64,
     /// Bytes read from a client socket at a time. The WebSocket library zeroes this much on
     /// every read attempt, so it is kept small; larger frames take a few reads
     /// [VIGIL_EDGE_WS_READ_BUFFER_BYTES].
@@ -357,6 +364,8 @@ impl Default for EdgeConfig {
             frame_deadline_ms: 3_000,
             max_bad_messages: 10,
             shutdown_grace_ms: 2_000,
+            max_pending_audits: 1024,
+            audit_drain_ms: 5_000,
             ws_read_buffer_bytes: 16 * 1024,
             ws_max_write_buffer_bytes: 4 * 1024 * 1024,
             tls_cert: None,
@@ -595,6 +604,18 @@ impl Config {
         set(
             env,
             errors,
+            "VIGIL_EDGE_MAX_PENDING_AUDITS",
+            &mut e.max_pending_audits,
+        );
+        set(
+            env,
+            errors,
+            "VIGIL_EDGE_AUDIT_DRAIN_MS",
+            &mut e.audit_drain_ms,
+        );
+        set(
+            env,
+            errors,
             "VIGIL_EDGE_WS_READ_BUFFER_BYTES",
             &mut e.ws_read_buffer_bytes,
         );
@@ -758,6 +779,7 @@ impl Config {
             ("edge.write_timeout_ms", e.write_timeout_ms),
             ("edge.ping_interval_ms", e.ping_interval_ms),
             ("edge.idle_timeout_ms", e.idle_timeout_ms),
+            ("edge.max_pending_audits", e.max_pending_audits as u64),
             ("edge.max_unauthenticated", e.max_unauthenticated as u64),
             (
                 "edge.max_unauthenticated_per_source",

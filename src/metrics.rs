@@ -135,6 +135,7 @@ pub struct EdgeMetrics {
     pub broker_blocked: IntGauge,
     pub admin_tls_failed: IntCounter,
     pub lease_failures: IntCounter,
+    pub audits_pending: IntGauge,
 }
 
 impl EdgeMetrics {
@@ -262,6 +263,11 @@ impl EdgeMetrics {
                 registry,
                 "vigil_edge_lease_failures_total",
                 "Renewals of this edge's directory lease that failed (the directory was unreachable)",
+            ),
+            audits_pending: gauge(
+                registry,
+                "vigil_edge_audits_pending",
+                "Actions on their way to the audit trail (published, waiting for the broker's confirm)",
             ),
         }
     }

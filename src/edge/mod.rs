@@ -141,6 +141,8 @@ pub(crate) struct Shared {
     pub broker_blocked: AtomicBool,
     /// Recent mean frame-to-result latency, in microseconds (an exponential average).
     pub latency_ewma_us: AtomicU64,
+    /// Actions on their way to the audit trail: tracked, so that shutdown waits for them.
+    pub audits: tokio_util::task::TaskTracker,
 }
 
 impl Shared {
@@ -301,6 +303,7 @@ pub async fn start(
         full: AtomicBool::new(false),
         broker_blocked: AtomicBool::new(false),
         latency_ewma_us: AtomicU64::new(0),
+        audits: tokio_util::task::TaskTracker::new(),
     });
     let admin_tokens = cfg.edge.admin_token.is_some() || cfg.edge.admin_tokens_file.is_some();
     let admin_addr = match cfg.edge.admin_listen {
@@ -589,9 +592,40 @@ async fn serve(
         );
         connections.abort_all();
     }
+    // Actions fired up to the last moment (a forced sign-out, a lock as a session closed)
+    // still reach the audit trail, within a bound.
+    shared.audits.close();
+    let drain = Duration::from_millis(shared.cfg.audit_drain_ms);
+    if tokio::time::timeout(drain, shared.audits.wait())
+        .await
+        .is_err()
+    {
+        let left = shared.audits.len();
+        shared.metrics.actions_unaudited.inc_by(left as u64);
+        tracing::error!(
+            left,
+            "actions still unconfirmed by the audit queue at shutdown"
+        );
+    }
     links.close().await;
     tracing::info!("edge stopped");
     Ok(())
+}
+
+/// Send an action on its way to the audit trail, tracked so that shutdown waits for it, and
+/// bounded: past `max_pending_audits`, it is counted unaudited and logged instead.
+pub(crate) fn submit_audit(shared: &Arc<Shared>, env: Envelope) {
+    if shared.audits.len() >= shared.cfg.max_pending_audits {
+        shared.metrics.actions_unaudited.inc();
+        tracing::error!(action_id = %env.id, client = %env.client_id, pending = shared.audits.len(), "too many actions waiting for the audit queue; this one is not audited");
+        return;
+    }
+    let shared2 = shared.clone();
+    shared.metrics.audits_pending.inc();
+    shared.audits.spawn(async move {
+        audit_action(&shared2, &env).await;
+        shared2.metrics.audits_pending.dec();
+    });
 }
 
 /// Publish an action to the audit exchange under confirms, retrying a few times; an action that

@@ -1174,7 +1174,7 @@ impl Session {
             traceparent: wire::new_traceparent(),
             payload: Payload::Action(event),
         };
-        tokio::spawn(async move { super::audit_action(&shared, &env).await });
+        super::submit_audit(&shared, env);
     }
 
     /// Publish the waiting frame when a slot is free.

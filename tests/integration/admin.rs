@@ -631,3 +631,72 @@ async fn the_console_sees_the_sessions_of_every_edge() {
     }
     env.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_fired_as_the_edge_gets_sigterm_reaches_the_audit_queue() {
+    let env = TestEnv::new("termaction");
+    env.add_client("c1");
+    let admin_port = crate::support::free_port();
+    let admin_listen = format!("127.0.0.1:{admin_port}");
+    let (mut edge, url) = crate::support::spawn_edge_process(
+        &env,
+        "term-edge",
+        &[
+            ("VIGIL_ADMIN_LISTEN", admin_listen.as_str()),
+            ("VIGIL_ADMIN_TOKEN", ADMIN_TOKEN),
+        ],
+    );
+    crate::support::await_listening(&url).await;
+    let (mut conn, _) = Connection::connect(&url, "c1", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    let admin: std::net::SocketAddr = admin_listen.parse().unwrap();
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients/c1/action",
+        Some(ADMIN_TOKEN),
+        Some(r#"{"action":"lock_screen"}"#),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    // The moment the client has its action, the edge is told to stop: the action's way to
+    // the audit queue (a publish and its confirm) is still under way.
+    let action_id = match next(&mut conn).await {
+        Incoming::Msg(ServerMsg::Action { action_id, .. }) => action_id,
+        other => panic!("expected the forced action, got {other:?}"),
+    };
+    crate::support::sigterm(&edge);
+    assert!(crate::support::exit_status(&mut edge).success());
+
+    // No audit writer ran meanwhile: what the edge handed over waited in the audit queue, and
+    // a writer started now logs it.
+    let mut cfg = env.cfg.clone();
+    cfg.evidence_dir = env.clients_dir.join("evidence");
+    let writer = vigil::audit::start(
+        cfg.clone(),
+        prometheus::Registry::new(),
+        env.shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let dir = cfg.evidence_dir.clone();
+    eventually(
+        "the action fired at shutdown, audited",
+        Duration::from_secs(20),
+        || {
+            let (dir, action_id) = (dir.clone(), action_id.clone());
+            async move {
+                let records = vigil::audit::records(&dir).ok()?;
+                records
+                    .iter()
+                    .any(|r| r.action_id.to_string() == action_id)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    env.shutdown.cancel();
+    writer.join().await.unwrap();
+    env.teardown().await;
+}
