@@ -357,4 +357,23 @@ mod tests {
         assert!(h.is_ready());
         assert!(h.report().contains("broker: ok"));
     }
+
+    #[tokio::test]
+    async fn a_panicked_service_task_is_an_error_and_an_aborted_one_is_not() {
+        let panicked = tokio::spawn(async {
+            if std::hint::black_box(true) {
+                panic!("the model file vanished");
+            }
+            Ok::<(), String>(())
+        });
+        let outcome = join_service(panicked, |message| format!("panicked: {message}")).await;
+        assert_eq!(outcome, Err("panicked: the model file vanished".to_owned()));
+
+        let aborted = tokio::spawn(async {
+            std::future::pending::<()>().await;
+            Ok::<(), String>(())
+        });
+        aborted.abort();
+        assert_eq!(join_service(aborted, |m| m).await, Ok(()));
+    }
 }
