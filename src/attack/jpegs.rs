@@ -95,7 +95,10 @@ fn header_only(w: u16, h: u16) -> Vec<u8> {
     let small = encode(8, 8, ColorType::Luma, |_| {});
     let mut jpeg = declaring(small, w, h);
     // Cut the scan data: keep the scan header, then end the image.
-    let sos = jpeg.windows(2).rposition(|w| w == [0xFF, 0xDA]).unwrap();
+    let sos = jpeg
+        .windows(2)
+        .rposition(|w| w == [0xFF, 0xDA])
+        .expect("an encoded JPEG has a start-of-scan marker");
     let len = usize::from(u16::from_be_bytes([jpeg[sos + 2], jpeg[sos + 3]]));
     jpeg.truncate(sos + 2 + len);
     jpeg.extend_from_slice(&[0xFF, 0xD9]);

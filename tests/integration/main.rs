@@ -2,6 +2,9 @@
 //! amqp://guest:guest@127.0.0.1:5672/%2f), the real edge and worker `start` functions, and the
 //! real WebSocket protocol. Every test uses its own namespace, so runs never interfere.
 
+// Test code: an unwrap that fails is the test failing, with its message.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 mod actions;
