@@ -331,22 +331,7 @@ impl Broker {
             let mut put = |k: &str, v: AMQPValue| {
                 args.insert(k.into(), v);
             };
-            // Tunables that a policy carries are not arguments: a changed policy is applied to
-            // the live queue, where a changed argument would fail every later declare.
-            let by_policy = topo.tunables == topology::Tunables::Policies && q.takes_policy();
-            let q = &if by_policy {
-                topology::QueueSpec {
-                    message_ttl_ms: None,
-                    max_length: None,
-                    max_length_bytes: None,
-                    overflow: None,
-                    dead_letter_exchange: None,
-                    max_age: None,
-                    ..q.clone()
-                }
-            } else {
-                q.clone()
-            };
+            let q = q.as_declared(topo.tunables);
             if let Some(v) = q.message_ttl_ms {
                 put("x-message-ttl", AMQPValue::LongLongInt(v.into()));
             }

@@ -232,6 +232,24 @@ impl QueueSpec {
         self.durable && !self.exclusive && !self.auto_delete
     }
 
+    /// This queue as it is declared: without the tunables a policy carries (a changed policy
+    /// is applied to the live queue, where a changed argument would fail every later declare).
+    pub fn as_declared(&self, tunables: Tunables) -> std::borrow::Cow<'_, QueueSpec> {
+        if tunables == Tunables::Policies && self.takes_policy() {
+            std::borrow::Cow::Owned(QueueSpec {
+                message_ttl_ms: None,
+                max_length: None,
+                max_length_bytes: None,
+                overflow: None,
+                dead_letter_exchange: None,
+                max_age: None,
+                ..self.clone()
+            })
+        } else {
+            std::borrow::Cow::Borrowed(self)
+        }
+    }
+
     /// The tunables as a policy definition (RabbitMQ's keys).
     pub fn policy_definition(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut d = serde_json::Map::new();
@@ -698,6 +716,23 @@ mod tests {
         assert_eq!(work.definition["message-ttl"], 5000);
         assert_eq!(work.definition["overflow"], "drop-head");
         assert_eq!(work.definition["dead-letter-exchange"], "t-ns.dead");
+        // Declared, the work queue carries none of what its policy does; without policies,
+        // all of it.
+        let spec = shared
+            .queues
+            .iter()
+            .find(|q| q.name == "t-ns.frames.work")
+            .unwrap();
+        let declared = spec.as_declared(Tunables::Policies);
+        assert_eq!(
+            (
+                declared.message_ttl_ms,
+                declared.overflow,
+                declared.queue_type
+            ),
+            (None, None, QueueType::Quorum)
+        );
+        assert_eq!(*spec.as_declared(Tunables::Arguments), *spec);
         // The audit queue has no tunables: no policy, rather than an empty one.
         assert!(policies.iter().all(|p| p.name != "t-ns.audit"));
         // Queues declared afresh by their node keep their tunables as arguments.
