@@ -9,12 +9,14 @@
 
 mod admin_api;
 pub mod client;
+mod enforcement;
 mod gate;
 mod lease;
 mod session;
 mod tls;
 mod tokens;
 mod web;
+mod window;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

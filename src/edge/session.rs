@@ -4,7 +4,6 @@
 //! may wait, and a newer frame replaces the waiting one (the client is told which seq was
 //! dropped). Every frame the session accepts gets exactly one `result` or `dropped`.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -20,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use super::enforcement::Enforcement;
+use super::window::{Offer, Pending, Window};
 use super::{SessionEntry, SessionEvent, SessionInfo, Shared};
 use crate::broker::BrokerError;
 use crate::directory::{AuthError, ClientRecord, ClientStatus, Connection, Presence};
@@ -202,23 +203,22 @@ pub(super) async fn run(
         silent_since: Instant::now(),
         presence_at: Instant::now(),
         presence_said: (0, None, None),
-        policy_dirty: false,
         id: session_id,
         client_id: client_id.clone(),
         reference,
         encoding,
-        inflight: HashMap::new(),
-        pending: None,
+        window: Window::new(
+            shared.cfg.max_inflight,
+            Duration::from_millis(shared.cfg.frame_deadline_ms),
+        ),
         confirms: FuturesUnordered::new(),
         rate: RateLimit::new(shared.current_max_fps(), shared.cfg.flood_factor),
         last_seq: 0,
         bad_streak: 0,
         outbox,
-        policy,
+        enforcement: Enforcement::new(policy, session_id),
         liveness: StreamLiveness::new(),
         last_seen: Instant::now(),
-        evidence: VecDeque::new(),
-        last_ok: None,
         shared: shared.clone(),
     };
     let end = session.run(&mut ws, rx, &closer).await;
@@ -489,22 +489,6 @@ enum End {
     Flood,
 }
 
-struct Inflight {
-    frame_id: Uuid,
-    received: Instant,
-    received_ms: u64,
-    deadline: Instant,
-    /// Kept (shared, not copied) in case the result makes it evidence.
-    jpeg: bytes::Bytes,
-}
-
-struct Pending {
-    seq: u64,
-    frame: ClientFrame,
-    received: Instant,
-    received_ms: u64,
-}
-
 type ConfirmFuture = BoxFuture<'static, (u64, Uuid, Result<(), BrokerError>)>;
 
 struct Session {
@@ -518,30 +502,25 @@ struct Session {
     /// When the presence's live figures were last written, and what they said.
     presence_at: Instant,
     presence_said: (u64, Option<String>, Option<String>),
-    /// The policy fired since its state was last saved.
-    policy_dirty: bool,
     id: u64,
     client_id: String,
     /// The enrolled reference embedding, attached to every frame.
     reference: Option<serde_bytes::ByteBuf>,
     encoding: Encoding,
-    inflight: HashMap<u64, Inflight>,
-    pending: Option<Pending>,
+    /// The frames published and awaiting an answer, and the one waiting for a slot.
+    window: Window,
     confirms: FuturesUnordered<ConfirmFuture>,
     rate: RateLimit,
     last_seq: u64,
     bad_streak: u32,
     /// Messages for the client, written after each event.
     outbox: Vec<ServerMsg>,
-    policy: ClientPolicy,
+    /// The client's policy and the frames kept as evidence.
+    enforcement: Enforcement,
     /// Liveness over this client's stream, fused into each verdict before the policy sees it.
     liveness: StreamLiveness,
     /// When anything (a message, a ping or pong) last arrived from the client.
     last_seen: Instant,
-    /// The most recent analysed frames that were not `ok`, newest last (at most
-    /// `policy.evidence_frames`), and the last `ok` one: the evidence for an action.
-    evidence: VecDeque<EvidenceFrame>,
-    last_ok: Option<EvidenceFrame>,
 }
 
 impl Session {
@@ -560,9 +539,7 @@ impl Session {
         let mut sweep = tokio::time::interval(Duration::from_millis(100));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if self.policy_dirty {
-                self.save_policy().await;
-            }
+            self.save_policy().await;
             match self.flush(ws).await {
                 Ok(()) => {}
                 Err(Gone::Closed) => return End::ClientGone,
@@ -675,10 +652,7 @@ impl Session {
     }
 
     fn drop_all(&mut self, reason: DropReason, detail: &str) {
-        let mut seqs: Vec<u64> = self.inflight.drain().map(|(seq, _)| seq).collect();
-        seqs.extend(self.pending.take().map(|p| p.seq));
-        seqs.sort_unstable();
-        for seq in seqs {
+        for seq in self.window.drain() {
             self.drop_frame(seq, reason, detail);
         }
     }
@@ -854,24 +828,26 @@ impl Session {
                 }
             }
         }
-        if self.inflight.contains_key(&seq) || self.pending.as_ref().is_some_and(|p| p.seq == seq) {
-            self.drop_frame(seq, DropReason::DuplicateSeq, "this seq is still in flight");
-            return;
-        }
         let pending = Pending {
             seq,
             frame,
             received: now,
             received_ms: wire::now_ms(),
         };
-        if self.inflight.len() < cfg.max_inflight {
-            self.publish(pending).await;
-        } else if let Some(older) = self.pending.replace(pending) {
-            self.drop_frame(
-                older.seq,
-                DropReason::Superseded,
-                "a newer frame arrived while this one waited",
-            );
+        match self.window.offer(pending) {
+            Offer::Publish(pending) => self.publish(pending).await,
+            Offer::Queued { superseded } => {
+                if let Some(older) = superseded {
+                    self.drop_frame(
+                        older,
+                        DropReason::Superseded,
+                        "a newer frame arrived while this one waited",
+                    );
+                }
+            }
+            Offer::Duplicate => {
+                self.drop_frame(seq, DropReason::DuplicateSeq, "this seq is still in flight")
+            }
         }
     }
 
@@ -938,16 +914,7 @@ impl Session {
         match published {
             Ok(confirm) => {
                 let (seq, id) = (p.seq, env.id);
-                self.inflight.insert(
-                    seq,
-                    Inflight {
-                        frame_id: id,
-                        received: p.received,
-                        received_ms: p.received_ms,
-                        deadline: p.received + Duration::from_millis(shared.cfg.frame_deadline_ms),
-                        jpeg: p.frame.jpeg,
-                    },
-                );
+                self.window.published(p, id);
                 self.confirms
                     .push(Box::pin(async move { (seq, id, confirm.wait().await) }));
             }
@@ -962,8 +929,7 @@ impl Session {
         match result {
             Ok(()) => self.shared.metrics.frames_published.inc(),
             Err(e) => {
-                if self.inflight.get(&seq).is_some_and(|f| f.frame_id == id) {
-                    self.inflight.remove(&seq);
+                if self.window.fail(seq, id) {
                     self.drop_frame(seq, DropReason::BrokerUnavailable, e.to_string());
                     self.promote().await;
                 }
@@ -984,13 +950,12 @@ impl Session {
                 return;
             }
         };
-        let Some(inflight) = self.inflight.get(&seq).filter(|f| f.frame_id == frame_id) else {
+        let Some(inflight) = self.window.answer(seq, frame_id) else {
             // Answered already (a redelivered frame analysed twice, or swept as expired).
             self.shared.metrics.results_duplicate.inc();
             return;
         };
         let latency = inflight.received.elapsed();
-        let inflight = self.inflight.remove(&seq).expect("checked above");
         let trace_id = wire::trace_id(&env.traceparent).unwrap_or("").to_owned();
         let span =
             tracing::debug_span!("result", trace_id = %trace_id, client = %self.client_id, seq);
@@ -1055,20 +1020,7 @@ impl Session {
                 });
             }
             ControlCommand::ForceAction { action } => {
-                let mut evidence: Vec<EvidenceFrame> = self.evidence.iter().cloned().collect();
-                evidence.extend(self.last_ok.iter().cloned());
-                let event = ActionEvent {
-                    action_id: Uuid::now_v7(),
-                    evidence_id: Uuid::now_v7(),
-                    action,
-                    reason: "admin".into(),
-                    origin: "admin".into(),
-                    session: self.id,
-                    decided_at_ms: wire::now_ms(),
-                    rule: format!("forced by {issued_by}"),
-                    evidence,
-                    operator: Some(issued_by),
-                };
+                let event = self.enforcement.force(action, issued_by, wire::now_ms());
                 self.enforce(event);
             }
             // Handled by the edge itself (closing the session).
@@ -1087,55 +1039,13 @@ impl Session {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .last_verdict = Some(verdict.as_str().into());
-        let cfg = &self.shared.policy;
-        match frame {
-            Some(frame) if verdict == Verdict::Ok => self.last_ok = Some(frame),
-            Some(frame) => {
-                self.evidence.push_back(frame);
-                while self.evidence.len() > cfg.evidence_frames {
-                    self.evidence.pop_front();
-                }
-            }
-            None => {}
+        let policy = &self.shared.policy;
+        if let Some(event) = self
+            .enforcement
+            .judge(policy, verdict, frame, wire::now_ms())
+        {
+            self.enforce(event);
         }
-        let Some(decision) = self.policy.observe(cfg, verdict, wire::now_ms()) else {
-            return;
-        };
-        self.policy_dirty = true;
-        let evidence: Vec<EvidenceFrame> = if decision.reason == Verdict::Ok {
-            self.last_ok.iter().cloned().collect()
-        } else {
-            self.evidence
-                .iter()
-                .filter(|f| f.analysis.verdict() == Some(decision.reason))
-                .cloned()
-                .collect()
-        };
-        let rule = cfg.rules.get(&decision.reason).map_or_else(
-            || format!("{} consecutive ok frames", cfg.ok_to_allow),
-            |r| {
-                format!(
-                    "{} of the last {} frames, step {}, cooldown {} ms",
-                    r.k,
-                    r.n,
-                    decision.step + 1,
-                    r.cooldown_ms
-                )
-            },
-        );
-        let event = ActionEvent {
-            action_id: Uuid::now_v7(),
-            evidence_id: Uuid::now_v7(),
-            action: decision.action,
-            reason: decision.reason.as_str().into(),
-            origin: "policy".into(),
-            session: self.id,
-            decided_at_ms: wire::now_ms(),
-            rule,
-            evidence,
-            operator: None,
-        };
-        self.enforce(event);
     }
 
     /// Send an action to the client and, in the background, to the audit exchange.
@@ -1179,19 +1089,18 @@ impl Session {
 
     /// Publish the waiting frame when a slot is free.
     async fn promote(&mut self) {
-        if self.inflight.len() < self.shared.cfg.max_inflight
-            && let Some(p) = self.pending.take()
-        {
+        if let Some(p) = self.window.next_to_publish() {
             self.publish(p).await;
         }
     }
 
     /// Save the policy state in the directory, where the client's next session finds it.
     async fn save_policy(&mut self) {
-        self.policy_dirty = false;
+        let Some(saved) = self.enforcement.take_unsaved(wire::now_ms()) else {
+            return;
+        };
         let store = self.shared.store.clone();
         let id = self.client_id.clone();
-        let saved = self.policy.save(wire::now_ms());
         match tokio::task::spawn_blocking(move || store.put_policy(&id, &saved)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -1246,26 +1155,18 @@ impl Session {
                 .inc();
             self.judge(Verdict::NoFrames, None);
         }
-        let mut overdue: Vec<u64> = self
-            .inflight
-            .iter()
-            .filter(|(_, f)| now > f.deadline + SWEEP_GRACE)
-            .map(|(seq, _)| *seq)
-            .collect();
-        overdue.sort_unstable();
-        for seq in &overdue {
-            self.inflight.remove(seq);
+        let overdue = self.window.overdue(now, SWEEP_GRACE);
+        for seq in &overdue.published {
             self.drop_frame(
                 *seq,
                 DropReason::Expired,
                 "no result within the frame deadline",
             );
         }
-        let deadline = Duration::from_millis(self.shared.cfg.frame_deadline_ms);
-        if let Some(p) = self.pending.take_if(|p| now > p.received + deadline) {
-            self.drop_frame(p.seq, DropReason::Expired, "deadline passed while waiting");
+        if let Some(seq) = overdue.waiting {
+            self.drop_frame(seq, DropReason::Expired, "deadline passed while waiting");
         }
-        if !overdue.is_empty() {
+        if !overdue.published.is_empty() {
             self.promote().await;
         }
     }
