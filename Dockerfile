@@ -1,4 +1,4 @@
-# One image for every Vigil binary: vigil-edge, vigil-worker and the vigil CLI.
+# One image for every Vigil binary: vigil-edge, vigil-worker, vigil-audit and the vigil CLI.
 #   docker build -t vigil .
 
 FROM rust:1.95-bookworm AS build
@@ -45,7 +45,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
 # A named volume mounted on an empty folder of the image starts as a copy of it, owner
 # included: the folders above are why `audit serve` can create evidence/ and `clients add`
 # can write, as user vigil.
-COPY --from=build /src/target/release/vigil /src/target/release/vigil-edge /src/target/release/vigil-worker /usr/local/bin/
+COPY --from=build /src/target/release/vigil /src/target/release/vigil-edge /src/target/release/vigil-worker /src/target/release/vigil-audit /usr/local/bin/
 COPY --from=onnxruntime /out/libonnxruntime.so.1.31.1 /opt/vigil/lib/
 COPY --from=models /models /opt/vigil/models
 COPY --from=web /web/dist /opt/vigil/web

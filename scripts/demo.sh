@@ -51,7 +51,7 @@ VIGIL_METRICS_LISTEN=127.0.0.1:0 "$bin/vigil-worker" 2>"$run/worker.log" &
 pids+=($!)
 VIGIL_METRICS_LISTEN=127.0.0.1:0 "$bin/vigil-edge" 2>"$run/edge.log" &
 pids+=($!)
-VIGIL_METRICS_LISTEN=127.0.0.1:0 "$bin/vigil" audit serve 2>"$run/audit.log" &
+VIGIL_METRICS_LISTEN=127.0.0.1:0 "$bin/vigil-audit" 2>"$run/audit.log" &
 pids+=($!)
 for _ in $(seq 1 100); do
     port_open 127.0.0.1 "$port" && break

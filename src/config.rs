@@ -947,6 +947,24 @@ impl Config {
         crate::management::Management::new(url, &vhost).map(Some)
     }
 
+    /// Put the policies `topo` needs: when its tunables are policies and this process's role
+    /// may configure the broker (shared roles; with separate roles `vigil topology apply`, run
+    /// as the admin role, puts them). Nothing otherwise.
+    pub async fn put_policies(
+        &self,
+        topo: &crate::topology::Topology,
+    ) -> Result<(), crate::management::ManagementError> {
+        if topo.tunables != crate::topology::Tunables::Policies
+            || self.broker_roles != crate::roles::RoleMode::Shared
+        {
+            return Ok(());
+        }
+        match self.management()? {
+            Some(management) => management.put_policies(&topo.policies()).await,
+            None => Ok(()),
+        }
+    }
+
     /// Where the client directory lives (checked by `validate`).
     pub fn directory_location(
         &self,

@@ -187,21 +187,3 @@ impl Management {
         Err(unreachable.expect("at least one node was tried"))
     }
 }
-
-/// Put the policies `topo` needs: when its tunables are policies and this process's role may
-/// configure the broker (shared roles; with separate roles `vigil topology apply`, run as the
-/// admin role, puts them). Nothing otherwise.
-pub async fn put_for(
-    cfg: &crate::config::Config,
-    topo: &crate::topology::Topology,
-) -> Result<(), ManagementError> {
-    if topo.tunables != crate::topology::Tunables::Policies
-        || cfg.broker_roles != crate::roles::RoleMode::Shared
-    {
-        return Ok(());
-    }
-    match cfg.management()? {
-        Some(management) => management.put_policies(&topo.policies()).await,
-        None => Ok(()),
-    }
-}

@@ -108,7 +108,7 @@ pub async fn start_with(
     )
     .await?;
     health.set("broker", true);
-    crate::management::put_for(&cfg, &topo.shared(&cfg.namespace)).await?;
+    cfg.put_policies(&topo.shared(&cfg.namespace)).await?;
     broker
         .prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
         .await?;

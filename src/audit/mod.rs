@@ -1034,8 +1034,8 @@ struct Link {
 impl Link {
     /// Check (or declare) what the writer needs, and make the checkpoints' publisher.
     async fn open(broker: Broker, cfg: &Config, topo: &Topology) -> Result<Self, AuditError> {
-        crate::management::put_for(cfg, &topo.shared(&cfg.namespace)).await?;
-        crate::management::put_for(cfg, &topo.checkpoints(&cfg.namespace)).await?;
+        cfg.put_policies(&topo.shared(&cfg.namespace)).await?;
+        cfg.put_policies(&topo.checkpoints(&cfg.namespace)).await?;
         broker
             .prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
             .await?;

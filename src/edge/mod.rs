@@ -402,12 +402,12 @@ impl Links {
         topo: &Topology,
         edge_id: &str,
     ) -> Result<Self, EdgeError> {
-        crate::management::put_for(cfg, &topo.shared(&cfg.namespace)).await?;
+        cfg.put_policies(&topo.shared(&cfg.namespace)).await?;
         broker
             .prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
             .await?;
         if cfg.capture_stream {
-            crate::management::put_for(cfg, &topo.streams(&cfg.namespace)).await?;
+            cfg.put_policies(&topo.streams(&cfg.namespace)).await?;
             broker
                 .prepare(&topo.streams(&cfg.namespace), cfg.broker_roles)
                 .await?;

@@ -85,7 +85,7 @@ struct Judged {
 impl IdentityStack {
     /// Load `sets` copies of the four models from `cfg.models_dir`.
     pub fn load(cfg: &InferenceConfig, sets: usize) -> Result<Self, InferenceError> {
-        let manifest = crate::models::Manifest::embedded()
+        let manifest = crate::inference::manifest::Manifest::embedded()
             .map_err(|e| InferenceError::Runtime(e.to_string()))?;
         let lib = runtime::locate(cfg.ort_dylib.as_deref())?;
         let env = runtime::environment(&lib)?;

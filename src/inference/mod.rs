@@ -4,6 +4,7 @@
 
 pub mod identity;
 pub mod imageops;
+pub mod manifest;
 pub mod models;
 pub mod quality;
 pub mod runtime;

@@ -49,7 +49,7 @@ async fn a_different_person_is_locked_out_and_audited_once() {
     let reference = std::env::var_os("VIGIL_TEST_PHOTOS")
         .map(|d| PathBuf::from(d).join("Male_41_2_4_1.jpg"))
         .unwrap_or(reference);
-    vigil::cli::enroll(&env.cfg, &store, "candidate", &reference).unwrap();
+    vigil::tools::cli::enroll(&env.cfg, &store, "candidate", &reference).unwrap();
     let url = env.start_edge("e1").await;
     env.start_worker("w1").await;
     let writer = audit::start(
@@ -246,8 +246,7 @@ pub(crate) async fn publish_actions(url: &str, namespace: &str, from: u64, to: u
 }
 
 fn spawn_writer(env: &TestEnv, dir: &Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(["audit", "serve"])
+    std::process::Command::new(env!("CARGO_BIN_EXE_vigil-audit"))
         .env("RUST_LOG", "warn")
         .env("VIGIL_NAMESPACE", &env.cfg.namespace)
         .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
@@ -383,8 +382,7 @@ async fn audit_verify_catches_tampering_a_deleted_tail_and_changed_evidence() {
         .declare(&Topology::load(None).unwrap().shared(&env.cfg.namespace))
         .await
         .unwrap();
-    let mut writer = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(["audit", "serve"])
+    let mut writer = std::process::Command::new(env!("CARGO_BIN_EXE_vigil-audit"))
         .env("RUST_LOG", "warn")
         .env("VIGIL_NAMESPACE", &env.cfg.namespace)
         .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
@@ -557,56 +555,63 @@ async fn audit_verify_catches_tampering_a_deleted_tail_and_changed_evidence() {
 async fn the_audit_writer_logs_json_when_asked() {
     use std::io::BufRead as _;
     let env = TestEnv::new("auditjson");
-    let dir = evidence_dir(&env);
-    let mut writer = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(["audit", "serve"])
-        .env("RUST_LOG", "info")
-        .env("VIGIL_LOG_FORMAT", "json")
-        .env("VIGIL_NAMESPACE", &env.cfg.namespace)
-        .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
-        .env("VIGIL_METRICS_LISTEN", "127.0.0.1:0")
-        .env("VIGIL_EVIDENCE_DIR", &dir)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = writer.stderr.take().unwrap();
-    // Read its log until it says it is consuming (on a thread: the read blocks).
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
+    // The service binary, and the CLI's alias for it, start the same way.
+    let commands: [(&str, &[&str]); 2] = [
+        (env!("CARGO_BIN_EXE_vigil-audit"), &[]),
+        (env!("CARGO_BIN_EXE_vigil"), &["audit", "serve"]),
+    ];
+    for (program, args) in commands {
+        let dir = evidence_dir(&env);
+        let mut writer = std::process::Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("VIGIL_LOG_FORMAT", "json")
+            .env("VIGIL_NAMESPACE", &env.cfg.namespace)
+            .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
+            .env("VIGIL_METRICS_LISTEN", "127.0.0.1:0")
+            .env("VIGIL_EVIDENCE_DIR", &dir)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = writer.stderr.take().unwrap();
+        // Read its log until it says it is consuming (on a thread: the read blocks).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let done = line.contains("audit writer consuming");
+                let _ = tx.send(line);
+                if done {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
             let done = line.contains("audit writer consuming");
-            let _ = tx.send(line);
+            lines.push(line);
             if done {
                 break;
             }
         }
-    });
-    let mut lines = Vec::new();
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
-        let done = line.contains("audit writer consuming");
-        lines.push(line);
-        if done {
-            break;
+        sigterm(&writer);
+        assert!(crate::support::exit_status(&mut writer).success());
+        assert!(
+            lines
+                .last()
+                .is_some_and(|l| l.contains("audit writer consuming")),
+            "{program} {args:?}: {lines:?}"
+        );
+        for line in &lines {
+            let parsed: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{program}: not a JSON log line ({e}): {line}"));
+            assert!(parsed.get("level").is_some(), "{line}");
         }
-    }
-    sigterm(&writer);
-    assert!(crate::support::exit_status(&mut writer).success());
-    assert!(
-        lines
-            .last()
-            .is_some_and(|l| l.contains("audit writer consuming")),
-        "{lines:?}"
-    );
-    for line in &lines {
-        let parsed: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
-        assert!(parsed.get("level").is_some(), "{line}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
     env.teardown().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

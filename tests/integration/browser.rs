@@ -23,7 +23,7 @@ fn footage() -> Vec<PathBuf> {
 /// by `vigil eval --fetch-only`). Chromium plays it in a loop.
 pub fn camera_y4m(out: &Path, seconds: u32, fps: u32) {
     let data = eval_data();
-    let ffmpeg = vigil::eval::ffmpeg_binary(&data).unwrap_or_else(|| {
+    let ffmpeg = vigil::tools::eval::ffmpeg_binary(&data).unwrap_or_else(|| {
         panic!(
             "no ffmpeg under {}; scripts/test.sh fetches it",
             data.display()
@@ -69,7 +69,7 @@ async fn cluster_with(
         env.add_client(id);
         let path = std::env::temp_dir().join(format!("{}-{id}.jpg", env.cfg.namespace));
         std::fs::write(&path, reference).unwrap();
-        vigil::cli::enroll(&env.cfg, &store, id, &path).unwrap();
+        vigil::tools::cli::enroll(&env.cfg, &store, id, &path).unwrap();
     }
     let url = env.start_edge("e1").await;
     env.start_worker("w1").await;

@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use vigil::capture::{
+use vigil::edge::client::{Connection, Incoming};
+use vigil::tools::capture::{
     Capture, CaptureHeader, CaptureRecord, CaptureWriter, FORMAT_VERSION, RecordKind,
 };
-use vigil::edge::client::{Connection, Incoming};
-use vigil::replay::{ReplayOptions, Speed};
+use vigil::tools::replay::{ReplayOptions, Speed};
 use vigil::wire::client::{Encoding, ServerMsg};
 
 use crate::identity::{inference_config, photo};
@@ -44,7 +44,7 @@ async fn recorded_traffic_replays_identically_and_a_stricter_threshold_is_caught
     let reference = std::env::temp_dir().join(format!("{}-ref.jpg", env.cfg.namespace));
     std::fs::write(&reference, photo("Male_41_2_4_1.jpg")).unwrap();
     env.cfg.inference = inference_config();
-    vigil::cli::enroll(&env.cfg, &store, "candidate", &reference).unwrap();
+    vigil::tools::cli::enroll(&env.cfg, &store, "candidate", &reference).unwrap();
     let url = env.start_edge("e1").await;
     let mut w = worker(&env, "models-1", "0.363");
     await_consumers(&env, 1).await;
@@ -54,12 +54,12 @@ async fn recorded_traffic_replays_identically_and_a_stricter_threshold_is_caught
     let recorder = {
         let (cfg, file) = (env.cfg.clone(), file.clone());
         tokio::spawn(async move {
-            let opts = vigil::recorder::RecordOptions {
+            let opts = vigil::tools::recorder::RecordOptions {
                 results: true,
                 duration: None,
                 max_frames: Some(100),
             };
-            vigil::recorder::record(
+            vigil::tools::recorder::record(
                 &cfg,
                 &file,
                 &opts,
@@ -117,7 +117,7 @@ async fn recorded_traffic_replays_identically_and_a_stricter_threshold_is_caught
         policy: env.cfg.policy.clone(),
         liveness: env.cfg.liveness.clone(),
     };
-    let report = vigil::replay::replay(&env.cfg, &capture, &opts, &mut |_, _| {})
+    let report = vigil::tools::replay::replay(&env.cfg, &capture, &opts, &mut |_, _| {})
         .await
         .unwrap();
     assert_eq!(
@@ -296,7 +296,9 @@ async fn the_capture_stream_exports_and_replays_the_last_minutes() {
         ));
     }
     // No recording was planned: the stream kept the frames.
-    let capture = vigil::recorder::from_stream(&env.cfg, since).await.unwrap();
+    let capture = vigil::tools::recorder::from_stream(&env.cfg, since)
+        .await
+        .unwrap();
     let info = capture.info();
     assert_eq!(
         (info.frames, info.clients.len()),
@@ -305,7 +307,7 @@ async fn the_capture_stream_exports_and_replays_the_last_minutes() {
         info.render()
     );
     let file = std::env::temp_dir().join(format!("{}.vcap", env.cfg.namespace));
-    vigil::recorder::write_capture(&capture, &file).unwrap();
+    vigil::tools::recorder::write_capture(&capture, &file).unwrap();
     assert_eq!(Capture::read_file(&file).unwrap().records.len(), 20);
     let opts = ReplayOptions {
         speed: Speed::Max,
@@ -315,7 +317,7 @@ async fn the_capture_stream_exports_and_replays_the_last_minutes() {
         policy: env.cfg.policy.clone(),
         liveness: env.cfg.liveness.clone(),
     };
-    let report = vigil::replay::replay(&env.cfg, &capture, &opts, &mut |_, _| {})
+    let report = vigil::tools::replay::replay(&env.cfg, &capture, &opts, &mut |_, _| {})
         .await
         .unwrap();
     assert_eq!(

