@@ -933,6 +933,11 @@ impl Config {
         Ok(crate::topology::Topology::load(self.topology_file.as_deref())?.with_tunables(tunables))
     }
 
+    /// Every exchange, queue and routing key of this namespace.
+    pub fn names(&self) -> crate::topology::Names {
+        crate::topology::Names::new(self.namespace.as_str())
+    }
+
     /// The management API client for the broker's virtual host, when a URL is set.
     pub fn management(
         &self,

@@ -25,6 +25,108 @@ pub const AUDIT_CHECKPOINTS: &str = "audit.checkpoints";
 pub const EDGE_REPLY_QUEUE: &str = "replies.edge.{node}";
 pub const EDGE_CONTROL_QUEUE: &str = "control.edge.{node}";
 
+/// The routing key of a worker's answer (a result, a drop, an enrolment's outcome) for
+/// `client` on the edge `edge`. Validation checks that the reply queue's binding routes it.
+const REPLY_KEY: &str = "edge.{node}.{client}";
+
+/// Every exchange, queue and routing key of one namespace, made in one place: the services and
+/// the tools ask it for names instead of building them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    namespace: String,
+}
+
+impl Names {
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// A logical name from `exchanges.toml` under this namespace, `{node}` replaced by `node`.
+    pub fn resolve(&self, logical: &str, node: &str) -> String {
+        format!("{}.{}", self.namespace, logical.replace("{node}", node))
+    }
+
+    fn shared(&self, logical: &str) -> String {
+        format!("{}.{logical}", self.namespace)
+    }
+
+    pub fn frames_exchange(&self) -> String {
+        self.shared(FRAMES_EXCHANGE)
+    }
+
+    pub fn replies_exchange(&self) -> String {
+        self.shared(REPLIES_EXCHANGE)
+    }
+
+    pub fn actions_exchange(&self) -> String {
+        self.shared(ACTIONS_EXCHANGE)
+    }
+
+    pub fn control_exchange(&self) -> String {
+        self.shared(CONTROL_EXCHANGE)
+    }
+
+    pub fn enroll_exchange(&self) -> String {
+        self.shared(ENROLL_EXCHANGE)
+    }
+
+    pub fn work_queue(&self) -> String {
+        self.shared(WORK_QUEUE)
+    }
+
+    pub fn enroll_queue(&self) -> String {
+        self.shared(ENROLL_QUEUE)
+    }
+
+    pub fn audit_queue(&self) -> String {
+        self.shared(AUDIT_QUEUE)
+    }
+
+    pub fn capture_stream(&self) -> String {
+        self.shared(CAPTURE_STREAM)
+    }
+
+    /// The stream of the audit writer's signed checkpoints (an exchange and a queue).
+    pub fn audit_checkpoints(&self) -> String {
+        self.shared(AUDIT_CHECKPOINTS)
+    }
+
+    /// The edge `node`'s own control queue.
+    pub fn edge_control_queue(&self, node: &str) -> String {
+        self.resolve(EDGE_CONTROL_QUEUE, node)
+    }
+
+    /// The routing key of a worker's answer for `client`, held by the edge `edge`.
+    pub fn reply_key(edge: &str, client: &str) -> String {
+        REPLY_KEY
+            .replace("{node}", edge)
+            .replace("{client}", client)
+    }
+}
+
+/// Does an AMQP topic binding `pattern` route `key`? Words are separated by `.`; `*` matches
+/// one word and `#` zero or more.
+fn topic_matches(pattern: &str, key: &str) -> bool {
+    fn go(p: &[&str], k: &[&str]) -> bool {
+        match (p.first(), k.first()) {
+            (None, None) => true,
+            (Some(&"#"), _) => go(&p[1..], k) || (!k.is_empty() && go(p, &k[1..])),
+            (Some(&"*"), Some(_)) => go(&p[1..], &k[1..]),
+            (Some(w), Some(x)) if w == x => go(&p[1..], &k[1..]),
+            _ => false,
+        }
+    }
+    let p: Vec<&str> = pattern.split('.').collect();
+    let k: Vec<&str> = key.split('.').collect();
+    go(&p, &k)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
     #[error("cannot read topology file {path}: {source}")]
@@ -413,6 +515,35 @@ impl Topology {
                 errors.push(format!("required queue `{name}` is not declared"));
             }
         }
+        // The key a worker answers with must reach the edge that holds the client, and only
+        // that edge.
+        let key = Names::reply_key("edge-a", "client-1");
+        let routes_to = |node: &str| {
+            self.bindings.iter().any(|b| {
+                b.exchange == REPLIES_EXCHANGE
+                    && b.queue == EDGE_REPLY_QUEUE
+                    && topic_matches(&b.routing_key.replace("{node}", node), &key)
+            })
+        };
+        if !routes_to("edge-a") {
+            errors.push(format!(
+                "no binding of `{REPLY_KEY}` (the workers' reply key) from `{REPLIES_EXCHANGE}` to `{EDGE_REPLY_QUEUE}`"
+            ));
+        }
+        if routes_to("edge-b") {
+            errors.push(format!(
+                "the binding from `{REPLIES_EXCHANGE}` to `{EDGE_REPLY_QUEUE}` routes one edge's replies to every edge"
+            ));
+        }
+        if self
+            .exchanges
+            .iter()
+            .any(|e| e.name == REPLIES_EXCHANGE && e.kind != ExchangeKind::Topic)
+        {
+            errors.push(format!(
+                "exchange `{REPLIES_EXCHANGE}` must be a topic exchange"
+            ));
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -420,7 +551,6 @@ impl Topology {
         }
     }
 
-    /// The shared part (no per-node queues), with every name under `namespace.`.
     /// The policies that carry this (resolved) topology's tunables, one per queue that takes
     /// one and has any.
     pub fn policies(&self) -> Vec<PolicySpec> {
@@ -444,6 +574,7 @@ impl Topology {
         self
     }
 
+    /// The shared part (no per-node queues), with every name under `namespace.`.
     pub fn shared(&self, namespace: &str) -> Topology {
         self.resolve(
             namespace,
@@ -486,7 +617,8 @@ impl Topology {
         node: &str,
         with_exchanges: bool,
     ) -> Topology {
-        let name = |n: &str| format!("{namespace}.{}", n.replace("{node}", node));
+        let names = Names::new(namespace);
+        let name = |n: &str| names.resolve(n, node);
         let kept: Vec<&QueueSpec> = self.queues.iter().filter(|q| keep(q)).collect();
         Topology {
             tunables: self.tunables,
@@ -609,6 +741,51 @@ pub fn check_identifier(what: &str, value: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_patterns_match_as_rabbitmq_does() {
+        assert!(topic_matches("edge.n1.#", "edge.n1.c1"));
+        assert!(topic_matches("edge.n1.#", "edge.n1"));
+        assert!(topic_matches("edge.*.c1", "edge.n1.c1"));
+        assert!(topic_matches("#", "a.b.c"));
+        assert!(!topic_matches("edge.n1.#", "edge.n2.c1"));
+        assert!(!topic_matches("edge.*", "edge.n1.c1"));
+        assert!(!topic_matches("edge.n1.*", "edge.n1"));
+    }
+
+    #[test]
+    fn names_are_made_in_one_place() {
+        let names = Names::new("ns");
+        assert_eq!(names.work_queue(), "ns.frames.work");
+        assert_eq!(names.edge_control_queue("e1"), "ns.control.edge.e1");
+        assert_eq!(Names::reply_key("e1", "c1"), "edge.e1.c1");
+        let topo = Topology::load(None)
+            .unwrap()
+            .per_node("ns", NodeKind::Edge, "e1");
+        assert!(
+            topo.queues
+                .iter()
+                .any(|q| q.name == names.resolve(EDGE_REPLY_QUEUE, "e1"))
+        );
+    }
+
+    #[test]
+    fn a_reply_binding_that_misses_the_workers_key_is_refused() {
+        // The binding's key no longer matches what workers publish: replies would vanish.
+        let text = EMBEDDED.replace(
+            "routing_key = \"edge.{node}.#\"",
+            "routing_key = \"reply.{node}.#\"",
+        );
+        let errors = Topology::parse(&text).unwrap_err().to_string();
+        assert!(errors.contains("the workers' reply key"), "{errors}");
+        // One that routes every edge's replies to every edge is refused too.
+        let text = EMBEDDED.replace(
+            "routing_key = \"edge.{node}.#\"",
+            "routing_key = \"edge.*.#\"",
+        );
+        let errors = Topology::parse(&text).unwrap_err().to_string();
+        assert!(errors.contains("to every edge"), "{errors}");
+    }
 
     #[test]
     fn embedded_topology_is_valid() {

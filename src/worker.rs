@@ -126,7 +126,7 @@ pub async fn start_with(
     }
     let ctx = Arc::new(Ctx {
         worker_id: id.clone(),
-        replies_exchange: format!("{}.{}", cfg.namespace, topology::REPLIES_EXCHANGE),
+        replies_exchange: cfg.names().replies_exchange(),
         analyzer,
         pool: Arc::new(Semaphore::new(threads)),
         metrics,
@@ -135,7 +135,7 @@ pub async fn start_with(
         max_jpeg_scans: cfg.inference.max_jpeg_scans,
         trust: broker.trust(cfg.broker_roles, &cfg.namespace),
     });
-    let work_queue = format!("{}.{}", cfg.namespace, topology::WORK_QUEUE);
+    let work_queue = cfg.names().work_queue();
     let span = tracing::info_span!("worker", worker = %id);
     tracing::info!(parent: &span, analyzer = ctx.analyzer.name(), threads, prefetch = cfg.worker.prefetch, "worker consuming {work_queue}");
     let task = tokio::spawn(
@@ -263,7 +263,7 @@ async fn consume(
     // Enrolment requests, one at a time, for a worker whose analyzer can enrol.
     let mut enroll = match ctx.analyzer.enroller() {
         Some(_) => {
-            let queue = format!("{}.{}", cfg.namespace, topology::ENROLL_QUEUE);
+            let queue = cfg.names().enroll_queue();
             let tag = format!("{}-enroll", ctx.worker_id);
             Some(broker.consume(&queue, &tag, 1, true).await?)
         }
@@ -401,7 +401,7 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool 
                 detail,
             })
         };
-        let routing_key = format!("edge.{}.{}", env.source, env.client_id);
+        let routing_key = crate::topology::Names::reply_key(&env.source, &env.client_id);
 
         if wire::now_ms() > env.deadline_ms {
             ctx.metrics.frames_expired.inc();
@@ -726,7 +726,7 @@ async fn enroll_one(ctx: Arc<Ctx>, publisher: Arc<Publisher>, delivery: Delivery
             outcome,
         }),
     );
-    let routing_key = format!("edge.{}.{}", env.source, env.client_id);
+    let routing_key = crate::topology::Names::reply_key(&env.source, &env.client_id);
     let confirmed = match publisher
         .publish(&ctx.replies_exchange, &routing_key, &reply)
         .await

@@ -956,7 +956,7 @@ pub async fn start(
     let trust = broker.trust(cfg.broker_roles, &cfg.namespace);
     let link = Link::open(broker, &cfg, &topo).await?;
     health.set("topology", true);
-    let checkpoint_queue = format!("{}.{}", cfg.namespace, topology::AUDIT_CHECKPOINTS);
+    let checkpoint_queue = cfg.names().audit_checkpoints();
     // A log behind its own newest checkpoint lost its tail: extending it would hide that (the
     // next checkpoint would match the shortened log), so the writer refuses to start.
     if let Some(newest) =
@@ -1044,13 +1044,13 @@ impl Link {
             .await?;
         let checkpoints = Checkpoints {
             publisher: broker.publisher().await?,
-            exchange: format!("{}.{}", cfg.namespace, topology::AUDIT_CHECKPOINTS),
+            exchange: cfg.names().audit_checkpoints(),
         };
         Ok(Self {
             broker,
             checkpoints,
             consumer: None,
-            queue: format!("{}.{}", cfg.namespace, topology::AUDIT_QUEUE),
+            queue: cfg.names().audit_queue(),
         })
     }
 

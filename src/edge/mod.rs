@@ -277,7 +277,7 @@ pub async fn start(
     let shared = Arc::new(Shared {
         web,
         enrollments: Mutex::new(HashMap::new()),
-        enroll_exchange: format!("{}.{}", cfg.namespace, topology::ENROLL_EXCHANGE),
+        enroll_exchange: cfg.names().enroll_exchange(),
         cfg: cfg.edge.clone(),
         policy: cfg.policy.clone(),
         liveness: cfg.liveness.clone(),
@@ -293,15 +293,15 @@ pub async fn start(
         ),
         tls,
         edge_id: edge_id.clone(),
-        frames_exchange: format!("{}.{}", cfg.namespace, topology::FRAMES_EXCHANGE),
-        actions_exchange: format!("{}.{}", cfg.namespace, topology::ACTIONS_EXCHANGE),
+        frames_exchange: cfg.names().frames_exchange(),
+        actions_exchange: cfg.names().actions_exchange(),
         metrics,
         store,
         publisher: publisher.clone(),
         sessions: Mutex::new(HashMap::new()),
         seq: AtomicU64::new(0),
         shutdown: shutdown.clone(),
-        control_exchange: format!("{}.{}", cfg.namespace, topology::CONTROL_EXCHANGE),
+        control_exchange: cfg.names().control_exchange(),
         full: AtomicBool::new(false),
         broker_blocked: AtomicBool::new(false),
         latency_ewma_us: AtomicU64::new(0),
@@ -351,7 +351,7 @@ pub async fn start(
         }
         None => None,
     };
-    let work_queue = format!("{}.{}", cfg.namespace, topology::WORK_QUEUE);
+    let work_queue = cfg.names().work_queue();
     let span = tracing::info_span!("edge", edge = %edge_id);
     tracing::info!(parent: &span, %ws_addr, %metrics_addr, "edge listening");
     let reconnect = Reconnect {
@@ -415,8 +415,8 @@ impl Links {
         broker
             .declare(&topo.per_node(&cfg.namespace, NodeKind::Edge, edge_id))
             .await?;
-        let own_queue =
-            |logical: &str| format!("{}.{}", cfg.namespace, logical.replace("{node}", edge_id));
+        let names = cfg.names();
+        let own_queue = |logical: &str| names.resolve(logical, edge_id);
         let control = broker
             .consume(
                 &own_queue(topology::EDGE_CONTROL_QUEUE),

@@ -568,26 +568,21 @@ impl BareRoutes {
             Route::Vigil => {
                 let topo = b.base.topology().map_err(setup)?;
                 let node = "bench";
-                let reply_queue = format!(
-                    "{ns}.{}",
-                    crate::topology::EDGE_REPLY_QUEUE.replace("{node}", node)
-                );
+                let names = crate::topology::Names::new(ns.as_str());
+                let reply_queue = names.resolve(crate::topology::EDGE_REPLY_QUEUE, node);
                 let mut client_owned = topo.per_node(&ns, NodeKind::Edge, node);
                 client_owned.queues.retain(|q| q.name == reply_queue);
                 client_owned.bindings.retain(|bd| bd.queue == reply_queue);
                 Self {
                     shared: topo.shared(&ns),
                     client_owned,
-                    work_queue: format!("{ns}.{}", crate::topology::WORK_QUEUE),
+                    work_queue: names.work_queue(),
                     reply_queue,
-                    request_to: (
-                        format!("{ns}.{}", crate::topology::FRAMES_EXCHANGE),
-                        String::new(),
-                    ),
-                    // As a worker routes a result: `edge.<edge id>.<client id>`.
+                    request_to: (names.frames_exchange(), String::new()),
+                    // As a worker routes a result.
                     reply_to: (
-                        format!("{ns}.{}", crate::topology::REPLIES_EXCHANGE),
-                        format!("edge.{node}.bench-0"),
+                        names.replies_exchange(),
+                        crate::topology::Names::reply_key(node, "bench-0"),
                     ),
                     event_ttl_ms: Some(b.base.edge.frame_deadline_ms),
                 }

@@ -895,8 +895,8 @@ async fn admin_handle(
         publisher: std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(
             broker.publisher().await.map_err(fail)?,
         ))),
-        control_exchange: format!("{}.{}", cfg.namespace, crate::topology::CONTROL_EXCHANGE),
-        actions_exchange: format!("{}.{}", cfg.namespace, crate::topology::ACTIONS_EXCHANGE),
+        control_exchange: cfg.names().control_exchange(),
+        actions_exchange: cfg.names().actions_exchange(),
         source: "cli".into(),
     };
     Ok((admin, broker))
@@ -1598,7 +1598,7 @@ async fn audit(cfg: Config, action: AuditCmd) -> Result<(), CliError> {
                 )
                 .await
                 .map_err(|e| fail(format!("{e} (--offline skips the checkpoint)")))?;
-                let queue = format!("{}.{}", cfg.namespace, crate::topology::AUDIT_CHECKPOINTS);
+                let queue = cfg.names().audit_checkpoints();
                 // A passive declare: is there a checkpoint stream at all?
                 let newest = if broker.queue_len(&queue).await.is_err() {
                     if key.is_some() {

@@ -81,9 +81,12 @@ pub async fn record(
     )
     .await?;
     broker.declare(&cfg.topology()?.shared(ns)).await?;
-    let frames_exchange = format!("{ns}.{}", topology::FRAMES_EXCHANGE);
-    let replies_exchange = format!("{ns}.{}", topology::REPLIES_EXCHANGE);
-    let queue = format!("{ns}.record.{:08x}", rand::random::<u32>());
+    let frames_exchange = cfg.names().frames_exchange();
+    let replies_exchange = cfg.names().replies_exchange();
+    // A private queue, bound to the frames and replies exchanges for as long as it records.
+    let queue = cfg
+        .names()
+        .resolve("record.{node}", &format!("{:08x}", rand::random::<u32>()));
     let mut bindings = vec![BindingSpec {
         exchange: frames_exchange.clone(),
         queue: queue.clone(),
@@ -184,7 +187,7 @@ pub async fn from_stream(
     let topo = cfg.topology()?;
     broker.declare(&topo.shared(ns)).await?;
     broker.declare(&topo.streams(ns)).await?;
-    let stream = format!("{ns}.{}", topology::CAPTURE_STREAM);
+    let stream = cfg.names().capture_stream();
     let mut consumer = broker
         .consume_stream(&stream, "vigil-record-stream", since_ms, 500)
         .await?;

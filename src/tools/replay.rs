@@ -203,15 +203,12 @@ pub async fn replay(
     broker
         .declare(&topo.per_node(ns, NodeKind::Edge, &replay_id))
         .await?;
-    let reply_queue = format!(
-        "{ns}.{}",
-        topology::EDGE_REPLY_QUEUE.replace("{node}", &replay_id)
-    );
+    let reply_queue = cfg.names().resolve(topology::EDGE_REPLY_QUEUE, &replay_id);
     let mut replies = broker
         .consume(&reply_queue, &replay_id, 1000, false)
         .await?;
     let publisher = broker.publisher().await?;
-    let exchange = format!("{ns}.{}", topology::FRAMES_EXCHANGE);
+    let exchange = cfg.names().frames_exchange();
 
     let arrivals: Vec<u64> = frames.iter().map(|(t, _)| *t).collect();
     let due = schedule(&arrivals, opts.speed);
