@@ -426,21 +426,36 @@ impl Broker {
         prefetch: u16,
         ack: bool,
     ) -> Result<Consumer, BrokerError> {
+        let options = BasicConsumeOptions {
+            no_ack: !ack,
+            ..Default::default()
+        };
+        self.consume_with(
+            queue,
+            consumer_tag,
+            prefetch,
+            options,
+            FieldTable::default(),
+        )
+        .await
+    }
+
+    /// A consumer on its own channel, with `prefetch`, these options and arguments.
+    async fn consume_with(
+        &self,
+        queue: &str,
+        consumer_tag: &str,
+        prefetch: u16,
+        options: BasicConsumeOptions,
+        args: FieldTable,
+    ) -> Result<Consumer, BrokerError> {
         let channel = self.channel().await?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(amqp("basic.qos"))?;
         let inner = channel
-            .basic_consume(
-                queue.into(),
-                consumer_tag.into(),
-                BasicConsumeOptions {
-                    no_ack: !ack,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+            .basic_consume(queue.into(), consumer_tag.into(), options, args)
             .await
             .map_err(amqp("basic.consume"))?;
         Ok(Consumer { channel, inner })
@@ -488,23 +503,11 @@ impl Broker {
         offset: AMQPValue,
         prefetch: u16,
     ) -> Result<Consumer, BrokerError> {
-        let channel = self.channel().await?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(amqp("basic.qos"))?;
         let mut args = FieldTable::default();
         args.insert("x-stream-offset".into(), offset);
-        let inner = channel
-            .basic_consume(
-                queue.into(),
-                consumer_tag.into(),
-                BasicConsumeOptions::default(),
-                args,
-            )
+        let options = BasicConsumeOptions::default();
+        self.consume_with(queue, consumer_tag, prefetch, options, args)
             .await
-            .map_err(amqp("basic.consume"))?;
-        Ok(Consumer { channel, inner })
     }
 
     /// Number of ready messages in a queue (a passive declare).

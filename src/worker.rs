@@ -447,7 +447,7 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool 
             }
             Ok(_) => analyze(ctx, &env.client_id, frame.jpeg, reference).await,
         };
-        match outcome {
+        let (out, how) = match outcome {
             Ok(Analyzed { analysis, stages }) => {
                 if stages.is_empty() {
                     ctx.metrics
@@ -470,15 +470,7 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool 
                     analyze_us: started.elapsed().as_micros() as u64,
                     analysis,
                 }));
-                settle(
-                    publisher,
-                    &ctx.replies_exchange,
-                    &routing_key,
-                    &out,
-                    delivery,
-                    Settle::Ack,
-                )
-                .await
+                (out, Settle::Ack)
             }
             Err(AnalyzeError::BadJpeg(detail)) => {
                 // Tell the client, and keep the frame in the dead letters for inspection.
@@ -490,21 +482,15 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool 
                     .dead_lettered
                     .with_label_values(&["bad_jpeg"])
                     .inc();
-                let out = reply(dropped(DropReason::NotJpeg, detail));
-                settle(
-                    publisher,
-                    &ctx.replies_exchange,
-                    &routing_key,
-                    &out,
-                    delivery,
+                (
+                    reply(dropped(DropReason::NotJpeg, detail)),
                     Settle::DeadLetter,
                 )
-                .await
             }
             Err(AnalyzeError::Internal(detail)) if !delivery.redelivered() => {
                 tracing::warn!(%detail, "analysis failed; requeueing once");
                 let _ = delivery.requeue().await;
-                false
+                return false;
             }
             Err(AnalyzeError::Internal(detail)) => {
                 tracing::error!(%detail, "analysis failed twice; dead-lettering");
@@ -513,17 +499,18 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool 
                     .with_label_values(&["analyzer_failed"])
                     .inc();
                 let out = reply(dropped(DropReason::AnalyzerFailed, detail));
-                settle(
-                    publisher,
-                    &ctx.replies_exchange,
-                    &routing_key,
-                    &out,
-                    delivery,
-                    Settle::DeadLetter,
-                )
-                .await
+                (out, Settle::DeadLetter)
             }
-        }
+        };
+        settle(
+            publisher,
+            &ctx.replies_exchange,
+            &routing_key,
+            &out,
+            delivery,
+            how,
+        )
+        .await
     }
     .instrument(span)
     .await

@@ -109,13 +109,8 @@ impl Connection {
     }
 
     async fn send_encoded(&mut self, bytes: Vec<u8>) -> Result<(), ClientError> {
-        match self.encoding {
-            Encoding::Json => {
-                let text = String::from_utf8(bytes).expect("json encoder writes utf-8");
-                self.send_text(text).await
-            }
-            Encoding::MsgPack => self.send_binary(bytes).await,
-        }
+        self.ws.send(message(bytes, self.encoding)).await?;
+        Ok(())
     }
 
     pub async fn send_hello(&mut self, client_id: &str, token: &str) -> Result<(), ClientError> {
@@ -203,6 +198,18 @@ impl Connection {
     }
 }
 
+/// An encoded client message as a WebSocket message: text for JSON, binary for MessagePack.
+fn message(bytes: Vec<u8>, encoding: Encoding) -> Message {
+    match encoding {
+        Encoding::Json => Message::Text(
+            String::from_utf8(bytes)
+                .expect("json encoder writes utf-8")
+                .into(),
+        ),
+        Encoding::MsgPack => Message::Binary(bytes.into()),
+    }
+}
+
 async fn next_incoming<S>(stream: &mut S) -> Option<Result<Incoming, ClientError>>
 where
     S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
@@ -241,11 +248,7 @@ impl Sender {
         jpeg: &[u8],
     ) -> Result<(), ClientError> {
         let bytes = client::encode_frame(seq, captured_at_ms, jpeg, self.encoding);
-        let msg = match self.encoding {
-            Encoding::Json => Message::Text(String::from_utf8(bytes).expect("utf-8").into()),
-            Encoding::MsgPack => Message::Binary(bytes.into()),
-        };
-        self.sink.send(msg).await?;
+        self.sink.send(message(bytes, self.encoding)).await?;
         Ok(())
     }
 

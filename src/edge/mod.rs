@@ -156,6 +156,14 @@ impl Shared {
             .clone()
     }
 
+    /// Count a session refused, and why.
+    pub fn refused(&self, reason: &str) {
+        self.metrics
+            .sessions_refused
+            .with_label_values(&[reason])
+            .inc();
+    }
+
     /// Fold one frame-to-result latency into the running average.
     pub fn observe_latency(&self, latency: Duration) {
         let us = latency.as_micros() as u64;
@@ -870,22 +878,13 @@ fn dispatch(shared: &Shared, data: &[u8]) {
         }
         return;
     }
-    let session = match &env.payload {
-        Payload::Result(r) => r.session,
-        Payload::Dropped(d) => d.session,
-        Payload::Frame(_)
-        | Payload::Action(_)
-        | Payload::Control(_)
-        | Payload::AdminOp(_)
-        | Payload::EnrollRequest(_)
-        | Payload::EnrollResult(_) => {
-            shared
-                .metrics
-                .bad_messages
-                .with_label_values(&["reply"])
-                .inc();
-            return;
-        }
+    let Some((session, _, _)) = env.payload.answers() else {
+        shared
+            .metrics
+            .bad_messages
+            .with_label_values(&["reply"])
+            .inc();
+        return;
     };
     let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
     match sessions.get(&env.client_id) {

@@ -63,22 +63,15 @@ pub(super) async fn run(
 ) {
     // Before the hello, errors go out in the negotiated encoding, else in JSON.
     let early = negotiated.unwrap_or(Encoding::Json);
-    let refused = |reason: &str| {
-        shared
-            .metrics
-            .sessions_refused
-            .with_label_values(&[reason])
-            .inc()
-    };
     if shared.full.load(Ordering::Relaxed) {
-        refused("system_full");
+        shared.refused("system_full");
         let message = "the system is full; retry later";
         refuse(&shared, &mut ws, early, ErrorCode::SystemFull, message).await;
         return;
     }
     if shared.gate.throttled(peer.ip()) {
         // Refused before the token is hashed: failed hellos cannot buy CPU.
-        refused("hello_throttled");
+        shared.refused("hello_throttled");
         let message = "too many failed hellos from this address; retry later";
         refuse(&shared, &mut ws, early, ErrorCode::TooFast, message).await;
         return;
@@ -90,7 +83,7 @@ pub(super) async fn run(
     // slot, which anonymous sockets can therefore never hold.
     drop(pending);
     let Ok(_permit) = shared.slots.clone().try_acquire_owned() else {
-        refused("full");
+        shared.refused("full");
         let message = "this edge is at its session limit; retry later or elsewhere";
         refuse(&shared, &mut ws, encoding, ErrorCode::SystemFull, message).await;
         return;
@@ -301,20 +294,13 @@ async fn hello(
     peer: std::net::SocketAddr,
     negotiated: Option<Encoding>,
 ) -> Option<(ClientRecord, Encoding)> {
-    let refused = |reason: &str| {
-        shared
-            .metrics
-            .sessions_refused
-            .with_label_values(&[reason])
-            .inc()
-    };
     let timeout = Duration::from_millis(shared.cfg.hello_timeout_ms);
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     let (parsed, encoding) = loop {
         tokio::select! {
             _ = &mut deadline => {
-                refused("hello_timeout");
+                shared.refused("hello_timeout");
                 let msg = format!("no hello within {} ms", timeout.as_millis());
                 refuse(shared, ws, negotiated.unwrap_or(Encoding::Json), ErrorCode::HelloTimeout, &msg).await;
                 return None;
@@ -326,7 +312,7 @@ async fn hello(
                 Some(Ok(Message::Binary(bytes))) => break (client::parse_binary(&bytes), negotiated.unwrap_or(Encoding::MsgPack)),
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
-                    refused("disconnected");
+                    shared.refused("disconnected");
                     return None;
                 }
             },
@@ -335,7 +321,7 @@ async fn hello(
     let (client_id, token) = match parsed {
         Ok(ClientMsg::Hello { client_id, token }) => (client_id, token),
         Ok(ClientMsg::Frame(_) | ClientMsg::Ping { .. }) => {
-            refused("bad_hello");
+            shared.refused("bad_hello");
             refuse(
                 shared,
                 ws,
@@ -347,7 +333,7 @@ async fn hello(
             return None;
         }
         Err(e) => {
-            refused("bad_hello");
+            shared.refused("bad_hello");
             refuse(
                 shared,
                 ws,
@@ -370,7 +356,7 @@ async fn hello(
         )
         .await;
     let Ok(auth) = checked else {
-        refused("auth_busy");
+        shared.refused("auth_busy");
         let msg = "the edge is busy checking other clients' tokens; retry shortly";
         refuse(shared, ws, encoding, ErrorCode::SystemFull, msg).await;
         return None;
@@ -378,7 +364,7 @@ async fn hello(
     match auth {
         Ok(record) => Some((record, encoding)),
         Err(AuthError::Unauthorized) => {
-            refused("unauthorized");
+            shared.refused("unauthorized");
             let throttled = shared.gate.failed(peer.ip());
             // Who tried, from where; never the token.
             tracing::warn!(client = %client_id, %peer, throttled, "hello refused: unknown client or wrong token");
@@ -393,7 +379,7 @@ async fn hello(
             None
         }
         Err(AuthError::Blocked) => {
-            refused("blocked");
+            shared.refused("blocked");
             refuse(
                 shared,
                 ws,
@@ -938,17 +924,8 @@ impl Session {
     }
 
     async fn on_reply(&mut self, env: Envelope) {
-        let (seq, frame_id) = match &env.payload {
-            Payload::Result(r) => (r.seq, r.frame_id),
-            Payload::Dropped(d) => (d.seq, d.frame_id),
-            Payload::Frame(_)
-            | Payload::Action(_)
-            | Payload::Control(_)
-            | Payload::AdminOp(_)
-            | Payload::EnrollRequest(_)
-            | Payload::EnrollResult(_) => {
-                return;
-            }
+        let Some((_, seq, frame_id)) = env.payload.answers() else {
+            return;
         };
         let Some(inflight) = self.window.answer(seq, frame_id) else {
             // Answered already (a redelivered frame analysed twice, or swept as expired).

@@ -185,6 +185,21 @@ pub struct EvidenceFrame {
 
 impl Payload {
     /// The AMQP `type` property for this payload.
+    /// The frame a worker's answer is for: (session, seq, frame id). `None` for any other
+    /// payload.
+    pub fn answers(&self) -> Option<(u64, u64, Uuid)> {
+        match self {
+            Payload::Result(r) => Some((r.session, r.seq, r.frame_id)),
+            Payload::Dropped(d) => Some((d.session, d.seq, d.frame_id)),
+            Payload::Frame(_)
+            | Payload::Action(_)
+            | Payload::Control(_)
+            | Payload::AdminOp(_)
+            | Payload::EnrollRequest(_)
+            | Payload::EnrollResult(_) => None,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Payload::Frame(_) => "vigil.frame",
