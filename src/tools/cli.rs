@@ -139,9 +139,12 @@ pub enum Command {
         /// Frames in flight at once.
         #[arg(long, default_value_t = 32)]
         inflight: usize,
-        /// Write the report as JSON to this file (`-` for standard output).
+        /// Print the report as JSON on standard output instead of text.
         #[arg(long)]
-        json: Option<PathBuf>,
+        json: bool,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Simulated clients streaming frames over WebSocket, with a latency report.
     Loadgen(LoadgenArgs),
@@ -377,6 +380,9 @@ pub enum AuditCmd {
         /// Only actions decided within this long (`90s`, `10m`, `2h`, `7d`).
         #[arg(long, value_parser = parse_age)]
         since: Option<Duration>,
+        /// Print JSON to stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// One action, with the paths of its evidence files.
     Show { action_id: String },
@@ -458,7 +464,11 @@ pub enum ClientsCmd {
         name: String,
     },
     /// List clients.
-    List,
+    List {
+        /// Print JSON to stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// A client's status, connection and enrolment (JSON).
     Show {
         id: String,
@@ -668,6 +678,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             tolerance,
             inflight,
             json,
+            out,
         } => {
             let capture = match (file, from_stream) {
                 (_, true) => crate::tools::recorder::from_stream(&cfg, since_ms(since))
@@ -678,16 +689,15 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 }
                 (None, false) => return Err(fail("name a capture file or use --from-stream")),
             };
-            replay(
-                &cfg,
-                capture,
+            let opts = crate::tools::replay::ReplayOptions {
                 speed,
                 compare,
                 tolerance,
-                inflight,
-                json.as_deref(),
-            )
-            .await
+                max_inflight: inflight,
+                policy: cfg.policy.clone(),
+                liveness: cfg.liveness.clone(),
+            };
+            replay(&cfg, capture, &opts, json, out.as_deref()).await
         }
         Command::Loadgen(args) => loadgen(&cfg, args).await,
         Command::Attack(args) => attack(&cfg, args).await,
@@ -729,13 +739,7 @@ async fn topology(cfg: &Config, action: TopologyCmd) -> Result<(), CliError> {
                     cfg.namespace
                 )));
             }
-            let broker = Broker::connect(
-                &cfg.amqp_url,
-                "vigil-cli",
-                BrokerMetrics::new(&Registry::new()),
-            )
-            .await
-            .map_err(fail)?;
+            let broker = cli_broker(&cfg.amqp_url).await?;
             for part in [
                 topo.shared(&cfg.namespace),
                 topo.streams(&cfg.namespace),
@@ -753,9 +757,7 @@ async fn topology(cfg: &Config, action: TopologyCmd) -> Result<(), CliError> {
 /// Declare everything the services use: the shared topology, the audit checkpoint stream and,
 /// when capture is on, the capture stream.
 async fn apply_topology(cfg: &Config, url: &str, topo: &Topology) -> Result<(), CliError> {
-    let broker = Broker::connect(url, "vigil-cli", BrokerMetrics::new(&Registry::new()))
-        .await
-        .map_err(fail)?;
+    let broker = cli_broker(url).await?;
     let mut parts = vec![
         topo.shared(&cfg.namespace),
         topo.checkpoints(&cfg.namespace),
@@ -874,17 +876,18 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
 }
 
 /// An admin handle that broadcasts on the broker named by `cfg`.
+/// The CLI's own broker connection (its metrics are not served).
+async fn cli_broker(url: &str) -> Result<Broker, CliError> {
+    Broker::connect(url, "vigil-cli", BrokerMetrics::new(&Registry::new()))
+        .await
+        .map_err(fail)
+}
+
 async fn admin_handle(
     cfg: &Config,
     store: std::sync::Arc<dyn ClientStore>,
 ) -> Result<(crate::admin::Admin, Broker), CliError> {
-    let broker = Broker::connect(
-        &cfg.amqp_url,
-        "vigil-cli",
-        BrokerMetrics::new(&Registry::new()),
-    )
-    .await
-    .map_err(fail)?;
+    let broker = cli_broker(&cfg.amqp_url).await?;
     let topo = cfg.topology().map_err(fail)?;
     broker
         .declare(&topo.shared(&cfg.namespace))
@@ -1088,17 +1091,19 @@ async fn clients(cfg: &Config, action: ClientsCmd) -> Result<(), CliError> {
                 );
             }
         }
-        ClientsCmd::List => {
-            println!(
-                "{:<28} {:<8} {:<17} {:<16} {:<8} NAME",
+        ClientsCmd::List { json } => {
+            let clients = crate::admin::list(&*store).map_err(fail)?;
+            let mut text = format!(
+                "{:<28} {:<8} {:<17} {:<16} {:<8} NAME\n",
                 "ID", "STATUS", "CONNECTION", "EDGE", "ENROLLED"
             );
-            for c in crate::admin::list(&*store).map_err(fail)? {
+            for c in &clients {
                 let status = serde_json::to_value(c.status)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))
                     .unwrap_or_default();
-                println!(
+                let _ = writeln!(
+                    text,
                     "{:<28} {:<8} {:<17} {:<16} {:<8} {}",
                     c.id,
                     status,
@@ -1108,6 +1113,7 @@ async fn clients(cfg: &Config, action: ClientsCmd) -> Result<(), CliError> {
                     c.display_name
                 );
             }
+            print_report(json, &clients, text);
         }
         _ => unreachable!("handled above"),
     }
@@ -1659,19 +1665,27 @@ async fn audit(cfg: Config, action: AuditCmd) -> Result<(), CliError> {
                 }),
             }
         }
-        AuditCmd::List { client, since } => {
+        AuditCmd::List {
+            client,
+            since,
+            json,
+        } => {
             let cutoff = since.map(|d| crate::wire::now_ms().saturating_sub(d.as_millis() as u64));
-            println!(
-                "{:<36} {:<19} {:<12} {:<15} {:<24} EDGE",
+            let records: Vec<audit::AuditRecord> = audit::records(&root)
+                .map_err(fail)?
+                .into_iter()
+                .filter(|r| {
+                    client.as_ref().is_none_or(|c| *c == r.client_id)
+                        && cutoff.is_none_or(|c| r.decided_at_ms >= c)
+                })
+                .collect();
+            let mut text = format!(
+                "{:<36} {:<19} {:<12} {:<15} {:<24} EDGE\n",
                 "ACTION ID", "DECIDED (UTC DAY)", "ACTION", "REASON", "CLIENT"
             );
-            for r in audit::records(&root).map_err(fail)? {
-                if client.as_ref().is_some_and(|c| *c != r.client_id)
-                    || cutoff.is_some_and(|c| r.decided_at_ms < c)
-                {
-                    continue;
-                }
-                println!(
+            for r in &records {
+                let _ = writeln!(
+                    text,
                     "{:<36} {:<19} {:<12} {:<15} {:<24} {}",
                     r.action_id,
                     audit::utc_date(r.decided_at_ms),
@@ -1681,6 +1695,7 @@ async fn audit(cfg: Config, action: AuditCmd) -> Result<(), CliError> {
                     r.edge
                 );
             }
+            print_report(json, &records, text);
             Ok(())
         }
         AuditCmd::Show { action_id } => {
@@ -1734,40 +1749,26 @@ async fn record(
 async fn replay(
     cfg: &Config,
     capture: crate::tools::capture::Capture,
-    speed: crate::tools::replay::Speed,
-    compare: bool,
-    tolerance: f64,
-    inflight: usize,
-    json: Option<&Path>,
+    opts: &crate::tools::replay::ReplayOptions,
+    json: bool,
+    out: Option<&Path>,
 ) -> Result<(), CliError> {
-    if compare && !capture.header.results {
+    if opts.compare && !capture.header.results {
         return Err(fail("--compare needs a capture recorded with --results"));
     }
     let bar = indicatif::ProgressBar::new(capture.frames().len() as u64);
-    let opts = crate::tools::replay::ReplayOptions {
-        speed,
-        compare,
-        tolerance,
-        max_inflight: inflight,
-        policy: cfg.policy.clone(),
-        liveness: cfg.liveness.clone(),
-    };
-    let report = crate::tools::replay::replay(cfg, &capture, &opts, &mut |sent, answered| {
+    let report = crate::tools::replay::replay(cfg, &capture, opts, &mut |sent, answered| {
         bar.set_position(answered);
         bar.set_message(format!("{sent} sent"));
     })
     .await
     .map_err(fail)?;
     bar.finish_and_clear();
-    print!("{}", report.render());
-    if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
-        if path == Path::new("-") {
-            println!("{text}");
-        } else {
-            std::fs::write(path, text).map_err(fail)?;
-        }
+    if let Some(path) = out {
+        let text = serde_json::to_string_pretty(&report).map_err(fail)?;
+        std::fs::write(path, text).map_err(|e| fail(format!("{}: {e}", path.display())))?;
     }
+    print_report(json, &report, report.render());
     if report.comparison.as_ref().is_some_and(|c| c.exceeded) {
         return Err(CliError {
             code: 3,

@@ -426,6 +426,12 @@ async fn audit_verify_catches_tampering_a_deleted_tail_and_changed_evidence() {
     };
     let (ok, text) = verify(&[]);
     assert!(ok, "{text}");
+    let (ok, listed) = vigil(&env, &["audit", "list", "--json"], &evidence);
+    assert!(ok, "{listed}");
+    // The JSON array (stdout), apart from any log line (stderr).
+    let array = &listed[listed.find('[').unwrap()..=listed.rfind(']').unwrap()];
+    let listed: Vec<serde_json::Value> = serde_json::from_str(array).unwrap();
+    assert_eq!(listed.len() as u64, ACTIONS, "audit list --json");
     assert!(
         text.contains(&format!("matches the newest checkpoint (entry {ACTIONS})")),
         "{text}"

@@ -349,22 +349,40 @@ async fn a_full_system_refuses_new_sessions_and_throttles_live_ones() {
     env.teardown().await;
 }
 
-/// `vigil clients list` as an operator runs it: (id, connection) pairs.
+/// `vigil clients list` as an operator runs it: (id, connection) pairs, read from the table a
+/// person reads, and checked against the same list as JSON (`--json`).
 fn cli_list(env: &TestEnv) -> Vec<(String, String)> {
-    let out = crate::support::output(
-        std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
-            .args(["clients", "list"])
-            .env("VIGIL_CLIENTS_DIR", &env.clients_dir),
-    );
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
+    let list = |json: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"));
+        cmd.args(["clients", "list"])
+            .env("VIGIL_CLIENTS_DIR", &env.clients_dir);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = crate::support::output(&mut cmd);
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table: Vec<(String, String)> = list(false)
         .lines()
         .skip(1)
         .filter_map(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
             Some((cols.first()?.to_string(), cols.get(2)?.to_string()))
         })
-        .collect()
+        .collect();
+    let json: Vec<serde_json::Value> = serde_json::from_str(&list(true)).unwrap();
+    let from_json: Vec<(String, String)> = json
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap().to_owned(),
+                c["connection"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(table, from_json, "the table and --json disagree");
+    table
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
