@@ -118,10 +118,18 @@ async fn a_client_that_stops_sending_frames_is_acted_on() {
     ));
     // Then nothing but the socket's own pings: a warning after one silent second, the lock
     // after the next.
+    let silent_since = std::time::Instant::now();
     let mut acted = Vec::new();
     while acted.len() < 2 {
         match next_msg(&mut conn).await {
-            ServerMsg::Action { action, reason, .. } => acted.push((action, reason)),
+            ServerMsg::Action { action, reason, .. } => {
+                println!(
+                    "silence: {} after {} ms (no_frames_ms = 1000)",
+                    action.as_str(),
+                    silent_since.elapsed().as_millis()
+                );
+                acted.push((action, reason));
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
