@@ -139,7 +139,7 @@ pub fn show(store: &dyn ClientStore, id: &str) -> Result<ClientView, AdminError>
 pub struct Admin {
     pub store: Arc<dyn ClientStore>,
     /// The publisher to broadcast with (swapped by its owner after a reconnect).
-    pub publisher: Arc<std::sync::RwLock<Arc<Publisher>>>,
+    pub publisher: crate::broker::PublisherSlot,
     pub control_exchange: String,
     /// Where operations go on their way to the audit trail.
     pub actions_exchange: String,
@@ -227,10 +227,7 @@ impl Admin {
     }
 
     fn publisher(&self) -> Arc<Publisher> {
-        self.publisher
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.publisher.get()
     }
 
     pub async fn broadcast(

@@ -2,6 +2,7 @@
 //! and consuming with prefetch. This module alone imports `lapin`; the rest of Vigil sees
 //! [`Broker`], [`Publisher`], [`Consumer`] and [`Delivery`].
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
@@ -661,6 +662,28 @@ fn event_properties(
         props = props.with_expiration(remaining.max(1).to_string().into());
     }
     props
+}
+
+/// The publisher of whatever connection is current: a handle that outlives connections. Whoever
+/// reconnects puts the new publisher in ([`PublisherSlot::swap`]); every publish takes the
+/// current one ([`PublisherSlot::get`]).
+#[derive(Clone)]
+pub struct PublisherSlot(Arc<std::sync::RwLock<Arc<Publisher>>>);
+
+impl PublisherSlot {
+    pub fn new(publisher: Arc<Publisher>) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(publisher)))
+    }
+
+    /// The current publisher.
+    pub fn get(&self) -> Arc<Publisher> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Put the publisher of a new connection in; publishes from now on use it.
+    pub fn swap(&self, publisher: Arc<Publisher>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = publisher;
+    }
 }
 
 /// Publishes on one confirm-mode channel. Cheap to share behind an `Arc`.

@@ -34,7 +34,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::broker::{Broker, BrokerError, Publisher};
+use crate::broker::{Broker, BrokerError, Publisher, PublisherSlot};
 use crate::config::{Config, EdgeConfig};
 use crate::directory::{ClientStatus, ClientStore, DirectoryError};
 use crate::metrics::{BrokerMetrics, EdgeMetrics};
@@ -129,7 +129,7 @@ pub(crate) struct Shared {
     pub actions_exchange: String,
     pub metrics: EdgeMetrics,
     pub store: Arc<dyn ClientStore>,
-    pub publisher: PublisherRef,
+    pub publisher: PublisherSlot,
     /// Live sessions by client id.
     pub sessions: Mutex<HashMap<String, SessionEntry>>,
     /// Per-edge event sequence (the envelope's `seq`).
@@ -150,10 +150,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// The publisher of the current broker connection.
     pub fn publisher(&self) -> Arc<Publisher> {
-        self.publisher
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.publisher.get()
     }
 
     /// Count a session refused, and why.
@@ -267,7 +264,7 @@ pub async fn start(
     health.set("broker", true);
     let links = Links::open(broker, &cfg, &topo, &edge_id).await?;
     health.set("topology", true);
-    let publisher: PublisherRef = Arc::new(std::sync::RwLock::new(links.publisher.clone()));
+    let publisher = PublisherSlot::new(links.publisher.clone());
 
     let tls = match (&cfg.edge.tls_cert, &cfg.edge.tls_key) {
         (Some(cert), Some(key)) => {
@@ -389,9 +386,6 @@ pub async fn run(
     start(cfg, registry, shutdown).await?.join().await
 }
 
-/// The publisher in use, swapped when the edge reconnects to the broker.
-pub type PublisherRef = Arc<std::sync::RwLock<Arc<Publisher>>>;
-
 /// Everything this edge holds on one broker connection.
 struct Links {
     broker: Broker,
@@ -477,7 +471,7 @@ impl Reconnect {
             Links::open(b, &self.cfg, &self.topo, &shared.edge_id).await
         })
         .await?;
-        *shared.publisher.write().unwrap_or_else(|e| e.into_inner()) = links.publisher.clone();
+        shared.publisher.swap(links.publisher.clone());
         self.metrics.reconnects.inc();
         self.health.set("broker", true);
         self.health.set("topology", true);

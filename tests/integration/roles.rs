@@ -250,9 +250,9 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
     // writer stores the edge's action.
     let admin_ops = vigil::admin::Admin {
         store: std::sync::Arc::new(vigil::directory::FolderStore::open(&env.clients_dir).unwrap()),
-        publisher: std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(
+        publisher: vigil::broker::PublisherSlot::new(std::sync::Arc::new(
             admin.publisher().await.unwrap(),
-        ))),
+        )),
         control_exchange: format!("{ns}.control"),
         actions_exchange: format!("{ns}.actions"),
         source: "cli".into(),
