@@ -18,5 +18,9 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    vigil::telemetry::service_main("vigil-audit", args.config.as_deref(), vigil::audit::run)
+    vigil::telemetry::service_main(
+        vigil::config::Role::Audit,
+        args.config.as_deref(),
+        vigil::audit::run,
+    )
 }

@@ -17,5 +17,9 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    vigil::telemetry::service_main("vigil-edge", args.config.as_deref(), vigil::edge::run)
+    vigil::telemetry::service_main(
+        vigil::config::Role::Edge,
+        args.config.as_deref(),
+        vigil::edge::run,
+    )
 }

@@ -17,5 +17,9 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    vigil::telemetry::service_main("vigil-worker", args.config.as_deref(), vigil::worker::run)
+    vigil::telemetry::service_main(
+        vigil::config::Role::Worker,
+        args.config.as_deref(),
+        vigil::worker::run,
+    )
 }

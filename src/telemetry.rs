@@ -276,11 +276,12 @@ pub fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
-/// The `main` of a service binary: load the config (exit 78, `EX_CONFIG`, on a bad one, listing every problem),
-/// start the logs, build the registry, run until SIGINT or SIGTERM, and map the outcome to an exit
-/// code.
+/// The `main` of a service binary: load the config and validate what `role` reads (exit 78,
+/// `EX_CONFIG`, on a bad one, listing every problem), start the logs, build the registry, run
+/// until SIGINT or SIGTERM, and map the outcome to an exit code (a panicked main task is a
+/// failure).
 pub fn service_main<F, Fut, E>(
-    name: &str,
+    role: crate::config::Role,
     config: Option<&std::path::Path>,
     run: F,
 ) -> std::process::ExitCode
@@ -290,7 +291,8 @@ where
     E: std::fmt::Display,
 {
     use std::process::ExitCode;
-    let cfg = match crate::config::Config::from_env(config) {
+    let name = role.binary();
+    let cfg = match crate::config::Config::from_env_for(role, config) {
         Ok(cfg) => cfg,
         Err(errors) => {
             eprintln!(

@@ -11,6 +11,9 @@ use serde::Deserialize;
 
 use crate::topology::check_identifier;
 
+pub mod vars;
+pub use vars::Role;
+
 /// Exit code for a bad configuration: `EX_CONFIG` from sysexits.h (clap's usage errors are 2).
 pub const EXIT_BAD_CONFIG: u8 = 78;
 
@@ -407,6 +410,15 @@ impl Config {
         path: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, Vec<String>> {
+        Self::load_for(None, path, env)
+    }
+
+    /// [`Config::load`], validating only what `role` reads (everything for `None`).
+    pub fn load_for(
+        role: Option<Role>,
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, Vec<String>> {
         let mut cfg = match path {
             None => Config::default(),
             Some(path) => {
@@ -418,7 +430,7 @@ impl Config {
         };
         let mut errors = Vec::new();
         cfg.apply_env(&env, &mut errors);
-        if let Err(more) = cfg.validate() {
+        if let Err(more) = cfg.validate_for(role) {
             errors.extend(more);
         }
         if errors.is_empty() {
@@ -433,277 +445,30 @@ impl Config {
         Self::load(path, |k| std::env::var(k).ok())
     }
 
-    fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>, errors: &mut Vec<String>) {
-        fn set<T: std::str::FromStr>(
-            env: &impl Fn(&str) -> Option<String>,
-            errors: &mut Vec<String>,
-            key: &str,
-            slot: &mut T,
-        ) where
-            T::Err: std::fmt::Display,
-        {
-            if let Some(raw) = env(key) {
-                match raw.trim().parse() {
-                    Ok(v) => *slot = v,
-                    Err(e) => errors.push(format!("{key}={raw:?}: {e}")),
-                }
-            }
-        }
-        fn set_opt<T: std::str::FromStr>(
-            env: &impl Fn(&str) -> Option<String>,
-            errors: &mut Vec<String>,
-            key: &str,
-            slot: &mut Option<T>,
-        ) where
-            T::Err: std::fmt::Display,
-        {
-            if let Some(raw) = env(key) {
-                match raw.trim().parse() {
-                    Ok(v) => *slot = Some(v),
-                    Err(e) => errors.push(format!("{key}={raw:?}: {e}")),
-                }
-            }
-        }
-        set(env, errors, "VIGIL_NAMESPACE", &mut self.namespace);
-        set(env, errors, "VIGIL_AMQP_URL", &mut self.amqp_url);
-        set(env, errors, "VIGIL_BROKER_ROLES", &mut self.broker_roles);
-        set(
-            env,
-            errors,
-            "VIGIL_BROKER_CONNECT_TIMEOUT_MS",
-            &mut self.broker_connect_timeout_ms,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_METRICS_LISTEN",
-            &mut self.metrics_listen,
-        );
-        set_opt(env, errors, "VIGIL_TOPOLOGY", &mut self.topology_file);
-        set_opt(
-            env,
-            errors,
-            "VIGIL_BROKER_MANAGEMENT_URL",
-            &mut self.broker_management_url,
-        );
-        set(env, errors, "VIGIL_CLIENTS_DIR", &mut self.clients_dir);
-        set_opt(env, errors, "VIGIL_DIRECTORY_URL", &mut self.directory_url);
-        set(
-            env,
-            errors,
-            "VIGIL_DIRECTORY_POOL",
-            &mut self.directory_pool,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_DIRECTORY_TIMEOUT_MS",
-            &mut self.directory_timeout_ms,
-        );
-        set(env, errors, "VIGIL_EVIDENCE_DIR", &mut self.evidence_dir);
-        set_opt(env, errors, "VIGIL_AUDIT_KEY", &mut self.audit_key);
-        set(
-            env,
-            errors,
-            "VIGIL_AUDIT_RETENTION_DAYS",
-            &mut self.audit_retention_days,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_CAPTURE_STREAM",
-            &mut self.capture_stream,
-        );
-        set(env, errors, "VIGIL_LOG_FORMAT", &mut self.log_format);
-        let e = &mut self.edge;
-        set(env, errors, "VIGIL_EDGE_LISTEN", &mut e.listen);
-        set_opt(env, errors, "VIGIL_EDGE_ID", &mut e.id);
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_MAX_FRAME_BYTES",
-            &mut e.max_frame_bytes,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_MAX_FRAME_PIXELS",
-            &mut e.max_frame_pixels,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_MAX_FRAME_SIDE",
-            &mut e.max_frame_side,
-        );
-        set(env, errors, "VIGIL_EDGE_MAX_FPS", &mut e.max_fps);
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_PING_INTERVAL_MS",
-            &mut e.ping_interval_ms,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_IDLE_TIMEOUT_MS",
-            &mut e.idle_timeout_ms,
-        );
-        set(env, errors, "VIGIL_EDGE_LEASE_MS", &mut e.lease_ms);
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_WRITE_TIMEOUT_MS",
-            &mut e.write_timeout_ms,
-        );
-        set(env, errors, "VIGIL_EDGE_FLOOD_FACTOR", &mut e.flood_factor);
-        set(env, errors, "VIGIL_EDGE_MAX_SESSIONS", &mut e.max_sessions);
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_MAX_UNAUTHENTICATED",
-            &mut e.max_unauthenticated,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_MAX_UNAUTHENTICATED_PER_SOURCE",
-            &mut e.max_unauthenticated_per_source,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_FAILED_HELLOS_PER_MINUTE",
-            &mut e.failed_hellos_per_minute,
-        );
-        set(env, errors, "VIGIL_EDGE_MAX_INFLIGHT", &mut e.max_inflight);
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_HELLO_TIMEOUT_MS",
-            &mut e.hello_timeout_ms,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_FRAME_DEADLINE_MS",
-            &mut e.frame_deadline_ms,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_MAX_BAD_MESSAGES",
-            &mut e.max_bad_messages,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_SHUTDOWN_GRACE_MS",
-            &mut e.shutdown_grace_ms,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_MAX_PENDING_AUDITS",
-            &mut e.max_pending_audits,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_AUDIT_DRAIN_MS",
-            &mut e.audit_drain_ms,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_WS_READ_BUFFER_BYTES",
-            &mut e.ws_read_buffer_bytes,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_EDGE_WS_MAX_WRITE_BUFFER_BYTES",
-            &mut e.ws_max_write_buffer_bytes,
-        );
-        set_opt(env, errors, "VIGIL_ADMIN_LISTEN", &mut e.admin_listen);
-        set_opt(env, errors, "VIGIL_ADMIN_TOKEN", &mut e.admin_token);
-        set_opt(
-            env,
-            errors,
-            "VIGIL_ADMIN_TOKENS_FILE",
-            &mut e.admin_tokens_file,
-        );
-        set_opt(env, errors, "VIGIL_EDGE_TLS_CERT", &mut e.tls_cert);
-        set(env, errors, "VIGIL_WEB_DIR", &mut e.web_dir);
-        set_opt(env, errors, "VIGIL_EDGE_TLS_KEY", &mut e.tls_key);
-        set_opt(env, errors, "VIGIL_ADMIN_TLS_CERT", &mut e.admin_tls_cert);
-        set_opt(env, errors, "VIGIL_ADMIN_TLS_KEY", &mut e.admin_tls_key);
-        set(env, errors, "VIGIL_MAX_BACKLOG", &mut e.max_backlog);
-        set(env, errors, "VIGIL_MAX_LATENCY_MS", &mut e.max_latency_ms);
-        set(
-            env,
-            errors,
-            "VIGIL_ADMISSION_POLL_MS",
-            &mut e.admission_poll_ms,
-        );
-        set(env, errors, "VIGIL_THROTTLE_FPS", &mut e.throttle_fps);
-        let w = &mut self.worker;
-        set_opt(env, errors, "VIGIL_WORKER_ID", &mut w.id);
-        set(env, errors, "VIGIL_ANALYZER", &mut w.analyzer);
-        set(env, errors, "VIGIL_DELAY_MS", &mut w.delay_ms);
-        set(env, errors, "VIGIL_WORKER_PREFETCH", &mut w.prefetch);
-        set(
-            env,
-            errors,
-            "VIGIL_WORKER_ANALYSIS_THREADS",
-            &mut w.analysis_threads,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_WORKER_SHUTDOWN_GRACE_MS",
-            &mut w.shutdown_grace_ms,
-        );
-        let i = &mut self.inference;
-        set(env, errors, "VIGIL_MODELS_DIR", &mut i.models_dir);
-        set_opt(env, errors, "VIGIL_ORT_DYLIB", &mut i.ort_dylib);
-        set(env, errors, "VIGIL_DEVICE", &mut i.device);
-        set(env, errors, "VIGIL_INTRA_THREADS", &mut i.intra_threads);
-        set(env, errors, "VIGIL_MAX_SIDE", &mut i.max_side);
-        set(env, errors, "VIGIL_MAX_PIXELS", &mut i.max_pixels);
-        set(env, errors, "VIGIL_MAX_JPEG_SCANS", &mut i.max_jpeg_scans);
-        let t = &mut i.thresholds;
-        set(env, errors, "VIGIL_FACE_SCORE", &mut t.face_score);
-        set(env, errors, "VIGIL_MATCH_COSINE", &mut t.match_cosine);
-        set(env, errors, "VIGIL_LIVE_MIN", &mut t.live_min);
-        set(env, errors, "VIGIL_PHONE_SCORE", &mut t.phone_score);
-        set(env, errors, "VIGIL_FACE_MIN_PX", &mut t.face_min_px);
-        set(env, errors, "VIGIL_SHARPNESS_MIN", &mut t.sharpness_min);
-        let l = &mut self.liveness;
-        set(env, errors, "VIGIL_LIVENESS_WINDOW_MS", &mut l.window_ms);
-        let p = &mut self.policy;
-        set(
-            env,
-            errors,
-            "VIGIL_POLICY_NO_FRAMES_MS",
-            &mut p.no_frames_ms,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_POLICY_CARRY_OVER_MS",
-            &mut p.carry_over_ms,
-        );
-        set(
-            env,
-            errors,
-            "VIGIL_LIVENESS_STILL_RATIO",
-            &mut l.still_ratio,
-        );
+    /// Load from the process environment for the service `role`.
+    pub fn from_env_for(role: Role, path: Option<&Path>) -> Result<Self, Vec<String>> {
+        Self::load_for(Some(role), path, |k| std::env::var(k).ok())
     }
 
-    /// Every problem with the values, at once.
+    fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>, errors: &mut Vec<String>) {
+        for var in vars::VARS {
+            if let Some(raw) = env(var.name)
+                && let Err(e) = var.apply(self, &raw)
+            {
+                errors.push(format!("{}={raw:?}: {e}", var.name));
+            }
+        }
+    }
+
+    /// Every problem with every setting, at once (what the `vigil` CLI checks).
     pub fn validate(&self) -> Result<(), Vec<String>> {
+        self.validate_for(None)
+    }
+
+    /// Every problem with the settings `role` reads (every setting for `None`), at once: a
+    /// worker does not refuse to start over the edge's admin token.
+    pub fn validate_for(&self, role: Option<Role>) -> Result<(), Vec<String>> {
+        let reads = |r: Role| role.is_none_or(|x| x == r);
         let mut errors = Vec::new();
         if let Err(e) = check_identifier("namespace", &self.namespace) {
             errors.push(e);
@@ -721,24 +486,107 @@ impl Config {
                 ));
             }
         }
-        if let Err(e) =
-            crate::directory::Location::of(self.directory_url.as_deref(), &self.clients_dir)
-        {
-            errors.push(format!("directory_url: {e}"));
-        }
         if let Err(e) = self.management() {
             errors.push(e.to_string());
         }
-        if self.directory_pool == 0 || self.directory_timeout_ms == 0 {
-            errors.push("directory_pool and directory_timeout_ms must be positive".into());
+        for url in crate::broker::broker_urls(&self.amqp_url) {
+            if let Err(e) = crate::broker::tls_ca(url) {
+                errors.push(format!("amqp_url: {e}"));
+            }
         }
-        if self.edge.lease_ms < 3_000 {
-            errors.push(format!(
-                "edge.lease_ms = {} is too short: an edge renews its lease every third of it",
-                self.edge.lease_ms
-            ));
+        if reads(Role::Edge) {
+            if let Err(e) =
+                crate::directory::Location::of(self.directory_url.as_deref(), &self.clients_dir)
+            {
+                errors.push(format!("directory_url: {e}"));
+            }
+            if self.directory_pool == 0 || self.directory_timeout_ms == 0 {
+                errors.push("directory_pool and directory_timeout_ms must be positive".into());
+            }
+            if self.edge.lease_ms < 3_000 {
+                errors.push(format!(
+                    "edge.lease_ms = {} is too short: an edge renews its lease every third of it",
+                    self.edge.lease_ms
+                ));
+            }
+            let e = &self.edge;
+            if e.tls_cert.is_some() != e.tls_key.is_some() {
+                errors
+                    .push("edge.tls_cert and edge.tls_key go together: set both or neither".into());
+            }
+            if e.admin_tls_cert.is_some() != e.admin_tls_key.is_some() {
+                errors.push(
+                    "edge.admin_tls_cert and edge.admin_tls_key go together: set both or neither"
+                        .into(),
+                );
+            }
+            if let Some(id) = &e.id
+                && let Err(msg) = check_identifier("edge.id", id)
+            {
+                errors.push(msg);
+            }
+            let positive = [
+                ("edge.max_frame_bytes", e.max_frame_bytes as u64),
+                ("edge.max_frame_pixels", e.max_frame_pixels),
+                ("edge.max_frame_side", e.max_frame_side as u64),
+                ("edge.write_timeout_ms", e.write_timeout_ms),
+                ("edge.ping_interval_ms", e.ping_interval_ms),
+                ("edge.idle_timeout_ms", e.idle_timeout_ms),
+                ("edge.max_pending_audits", e.max_pending_audits as u64),
+                ("edge.max_unauthenticated", e.max_unauthenticated as u64),
+                (
+                    "edge.max_unauthenticated_per_source",
+                    e.max_unauthenticated_per_source as u64,
+                ),
+                (
+                    "edge.failed_hellos_per_minute",
+                    e.failed_hellos_per_minute as u64,
+                ),
+                ("edge.max_fps", e.max_fps.into()),
+                ("edge.flood_factor", e.flood_factor.into()),
+                ("edge.max_sessions", e.max_sessions as u64),
+                ("edge.max_inflight", e.max_inflight as u64),
+                ("edge.hello_timeout_ms", e.hello_timeout_ms),
+                ("edge.frame_deadline_ms", e.frame_deadline_ms),
+                ("edge.max_bad_messages", e.max_bad_messages.into()),
+                ("edge.ws_read_buffer_bytes", e.ws_read_buffer_bytes as u64),
+                ("edge.admission_poll_ms", e.admission_poll_ms),
+                ("edge.throttle_fps", e.throttle_fps.into()),
+            ];
+            for (key, value) in positive {
+                if value == 0 {
+                    errors.push(format!("{key} must be greater than 0"));
+                }
+            }
+            if e.max_frame_bytes > 16 * 1024 * 1024 {
+                errors.push(format!(
+                    "edge.max_frame_bytes = {} is above the 16 MiB ceiling",
+                    e.max_frame_bytes
+                ));
+            }
+            if let Some(token) = &e.admin_token
+                && token.len() < 16
+            {
+                errors.push("edge.admin_token must be at least 16 characters".into());
+            }
+            if e.ws_max_write_buffer_bytes < 64 * 1024 {
+                errors.push(format!(
+                    "edge.ws_max_write_buffer_bytes = {} is below 64 KiB",
+                    e.ws_max_write_buffer_bytes
+                ));
+            }
+            if e.max_inflight > 64 {
+                errors.push(format!(
+                    "edge.max_inflight = {} is above 64",
+                    e.max_inflight
+                ));
+            }
+            errors.extend(self.policy.validate());
+            errors.extend(self.liveness.validate());
         }
-        if let Some(key) = &self.audit_key {
+        if reads(Role::Audit)
+            && let Some(key) = &self.audit_key
+        {
             let inside = |dir: &std::path::Path| {
                 let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or(p.to_owned());
                 abs(key).starts_with(abs(dir))
@@ -752,154 +600,80 @@ impl Config {
                 ));
             }
         }
-        for url in crate::broker::broker_urls(&self.amqp_url) {
-            if let Err(e) = crate::broker::tls_ca(url) {
-                errors.push(format!("amqp_url: {e}"));
+        if reads(Role::Worker) {
+            let w = &self.worker;
+            if let Some(id) = &w.id
+                && let Err(msg) = check_identifier("worker.id", id)
+            {
+                errors.push(msg);
             }
-        }
-        let e = &self.edge;
-        if e.tls_cert.is_some() != e.tls_key.is_some() {
-            errors.push("edge.tls_cert and edge.tls_key go together: set both or neither".into());
-        }
-        if e.admin_tls_cert.is_some() != e.admin_tls_key.is_some() {
-            errors.push(
-                "edge.admin_tls_cert and edge.admin_tls_key go together: set both or neither"
-                    .into(),
-            );
-        }
-        if let Some(id) = &e.id
-            && let Err(msg) = check_identifier("edge.id", id)
-        {
-            errors.push(msg);
-        }
-        let positive = [
-            ("edge.max_frame_bytes", e.max_frame_bytes as u64),
-            ("edge.max_frame_pixels", e.max_frame_pixels),
-            ("edge.max_frame_side", e.max_frame_side as u64),
-            ("edge.write_timeout_ms", e.write_timeout_ms),
-            ("edge.ping_interval_ms", e.ping_interval_ms),
-            ("edge.idle_timeout_ms", e.idle_timeout_ms),
-            ("edge.max_pending_audits", e.max_pending_audits as u64),
-            ("edge.max_unauthenticated", e.max_unauthenticated as u64),
-            (
-                "edge.max_unauthenticated_per_source",
-                e.max_unauthenticated_per_source as u64,
-            ),
-            (
-                "edge.failed_hellos_per_minute",
-                e.failed_hellos_per_minute as u64,
-            ),
-            ("edge.max_fps", e.max_fps.into()),
-            ("edge.flood_factor", e.flood_factor.into()),
-            ("edge.max_sessions", e.max_sessions as u64),
-            ("edge.max_inflight", e.max_inflight as u64),
-            ("edge.hello_timeout_ms", e.hello_timeout_ms),
-            ("edge.frame_deadline_ms", e.frame_deadline_ms),
-            ("edge.max_bad_messages", e.max_bad_messages.into()),
-            ("edge.ws_read_buffer_bytes", e.ws_read_buffer_bytes as u64),
-            ("edge.admission_poll_ms", e.admission_poll_ms),
-            ("edge.throttle_fps", e.throttle_fps.into()),
-            ("worker.prefetch", self.worker.prefetch.into()),
-        ];
-        for (key, value) in positive {
-            if value == 0 {
-                errors.push(format!("{key} must be greater than 0"));
-            }
-        }
-        if e.max_frame_bytes > 16 * 1024 * 1024 {
-            errors.push(format!(
-                "edge.max_frame_bytes = {} is above the 16 MiB ceiling",
-                e.max_frame_bytes
-            ));
-        }
-        if let Some(token) = &e.admin_token
-            && token.len() < 16
-        {
-            errors.push("edge.admin_token must be at least 16 characters".into());
-        }
-        if e.ws_max_write_buffer_bytes < 64 * 1024 {
-            errors.push(format!(
-                "edge.ws_max_write_buffer_bytes = {} is below 64 KiB",
-                e.ws_max_write_buffer_bytes
-            ));
-        }
-        if e.max_inflight > 64 {
-            errors.push(format!(
-                "edge.max_inflight = {} is above 64",
-                e.max_inflight
-            ));
-        }
-        let w = &self.worker;
-        if let Some(id) = &w.id
-            && let Err(msg) = check_identifier("worker.id", id)
-        {
-            errors.push(msg);
-        }
-        if !ANALYZERS.contains(&w.analyzer.as_str()) {
-            errors.push(format!(
-                "worker.analyzer `{}` is unknown; choose one of: {}",
-                w.analyzer,
-                ANALYZERS.join(", ")
-            ));
-        }
-        errors.extend(self.policy.validate());
-        let i = &self.inference;
-        if i.intra_threads == 0 {
-            errors.push("inference.intra_threads must be greater than 0".into());
-        }
-        if !(64 * 64..=100_000_000).contains(&i.max_pixels) {
-            errors.push(format!(
-                "inference.max_pixels = {} must be within 4096..=100000000",
-                i.max_pixels
-            ));
-        }
-        if !(1..=1000).contains(&i.max_jpeg_scans) {
-            errors.push(format!(
-                "inference.max_jpeg_scans = {} must be within 1..=1000",
-                i.max_jpeg_scans
-            ));
-        }
-        if !(64..=4096).contains(&i.max_side) {
-            errors.push(format!(
-                "inference.max_side = {} must be within 64..=4096",
-                i.max_side
-            ));
-        }
-        let t = &i.thresholds;
-        for (key, v) in [
-            ("thresholds.face_score", t.face_score),
-            ("thresholds.face_nms_iou", t.face_nms_iou),
-            ("thresholds.live_min", t.live_min),
-            ("thresholds.phone_score", t.phone_score),
-            ("thresholds.phone_nms_iou", t.phone_nms_iou),
-        ] {
-            if !(0.0..=1.0).contains(&v) {
-                errors.push(format!("inference.{key} = {v} must be within 0..=1"));
-            }
-        }
-        if !(t.brightness_min < t.brightness_max && t.pitch_min < t.pitch_max) {
-            errors.push(
-                "inference.thresholds: brightness_min and pitch_min must be below their maxima"
-                    .into(),
-            );
-        }
-        for (key, v) in [
-            ("face_min_px", t.face_min_px),
-            ("sharpness_min", t.sharpness_min),
-            ("yaw_max", t.yaw_max),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
+            if !ANALYZERS.contains(&w.analyzer.as_str()) {
                 errors.push(format!(
-                    "inference.thresholds.{key} = {v} must be 0 or more"
+                    "worker.analyzer `{}` is unknown; choose one of: {}",
+                    w.analyzer,
+                    ANALYZERS.join(", ")
                 ));
             }
-        }
-        errors.extend(self.liveness.validate());
-        if !(-1.0..=1.0).contains(&t.match_cosine) {
-            errors.push(format!(
-                "inference.thresholds.match_cosine = {} must be within -1..=1",
-                t.match_cosine
-            ));
+            if w.prefetch == 0 {
+                errors.push("worker.prefetch must be greater than 0".into());
+            }
+            let i = &self.inference;
+            if i.intra_threads == 0 {
+                errors.push("inference.intra_threads must be greater than 0".into());
+            }
+            if !(64 * 64..=100_000_000).contains(&i.max_pixels) {
+                errors.push(format!(
+                    "inference.max_pixels = {} must be within 4096..=100000000",
+                    i.max_pixels
+                ));
+            }
+            if !(1..=1000).contains(&i.max_jpeg_scans) {
+                errors.push(format!(
+                    "inference.max_jpeg_scans = {} must be within 1..=1000",
+                    i.max_jpeg_scans
+                ));
+            }
+            if !(64..=4096).contains(&i.max_side) {
+                errors.push(format!(
+                    "inference.max_side = {} must be within 64..=4096",
+                    i.max_side
+                ));
+            }
+            let t = &i.thresholds;
+            for (key, v) in [
+                ("thresholds.face_score", t.face_score),
+                ("thresholds.face_nms_iou", t.face_nms_iou),
+                ("thresholds.live_min", t.live_min),
+                ("thresholds.phone_score", t.phone_score),
+                ("thresholds.phone_nms_iou", t.phone_nms_iou),
+            ] {
+                if !(0.0..=1.0).contains(&v) {
+                    errors.push(format!("inference.{key} = {v} must be within 0..=1"));
+                }
+            }
+            if !(t.brightness_min < t.brightness_max && t.pitch_min < t.pitch_max) {
+                errors.push(
+                    "inference.thresholds: brightness_min and pitch_min must be below their maxima"
+                        .into(),
+                );
+            }
+            for (key, v) in [
+                ("face_min_px", t.face_min_px),
+                ("sharpness_min", t.sharpness_min),
+                ("yaw_max", t.yaw_max),
+            ] {
+                if !(v.is_finite() && v >= 0.0) {
+                    errors.push(format!(
+                        "inference.thresholds.{key} = {v} must be 0 or more"
+                    ));
+                }
+            }
+            if !(-1.0..=1.0).contains(&i.thresholds.match_cosine) {
+                errors.push(format!(
+                    "inference.thresholds.match_cosine = {} must be within -1..=1",
+                    i.thresholds.match_cosine
+                ));
+            }
         }
         if let Some(path) = &self.topology_file
             && let Err(e) = crate::topology::Topology::load(Some(path))
@@ -1024,7 +798,6 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
-/// `<prefix>-<8 hex digits>`.
 /// This host's name, reduced to `[A-Za-z0-9-]` (it goes into routing keys, where `.` separates
 /// words) and at most 48 characters; `edge` when it has none.
 fn host_name() -> String {
@@ -1046,6 +819,7 @@ fn host_name() -> String {
     }
 }
 
+/// `<prefix>-<8 hex digits>`.
 pub fn random_id(prefix: &str) -> String {
     format!("{prefix}-{:08x}", rand::random::<u32>())
 }
@@ -1070,6 +844,15 @@ mod tests {
         Config::load(path.as_deref(), |k| env.get(k).cloned())
     }
 
+    /// An environment of these variables only.
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| vars.get(k).cloned()
+    }
+
     #[test]
     fn defaults_are_valid() {
         let cfg = load(None, &[]).unwrap();
@@ -1089,13 +872,26 @@ mod tests {
         assert_eq!(cfg.edge.id.as_deref(), Some("e1"));
     }
 
-    /// Every variable the field docs name is read: set to "7", it changes the configuration
-    /// or is refused.
+    /// Every variable in the table is read (set to "7", it changes the configuration or is
+    /// refused), and every variable a field's doc names is in the table.
     #[test]
-    fn every_documented_variable_is_read() {
-        let source = include_str!("config.rs");
+    fn every_variable_in_the_table_is_read_and_every_documented_one_is_listed() {
         let default = format!("{:?}", load(None, &[]).unwrap());
-        let mut documented: Vec<&str> = source
+        assert!(vars::VARS.len() > 70);
+        for var in vars::VARS {
+            assert!(!var.roles.is_empty(), "{} is read by no service", var.name);
+            // The defaults are valid, so a refusal can only come from the variable.
+            if let Ok(cfg) = load(None, &[(var.name, "7")]) {
+                assert_ne!(
+                    format!("{cfg:?}"),
+                    default,
+                    "{} is listed but not read",
+                    var.name
+                );
+            }
+        }
+        let source = include_str!("mod.rs");
+        let documented = source
             .split('[')
             .skip(1)
             .filter_map(|s| s.split(']').next())
@@ -1103,20 +899,44 @@ mod tests {
                 s.starts_with("VIGIL_")
                     && s.bytes()
                         .all(|b| b == b'_' || b.is_ascii_uppercase() || b.is_ascii_digit())
-            })
-            .collect();
-        documented.sort_unstable();
-        documented.dedup();
-        assert!(documented.len() > 20, "{documented:?}");
-        for var in documented {
-            // The defaults are valid, so a refusal can only come from the variable.
-            if let Ok(cfg) = load(None, &[(var, "7")]) {
-                assert_ne!(
-                    format!("{cfg:?}"),
-                    default,
-                    "{var} is documented but not read"
-                );
-            }
+            });
+        for name in documented {
+            assert!(
+                vars::VARS.iter().any(|v| v.name == name),
+                "{name} is documented on a field but not in config::vars::VARS"
+            );
+        }
+    }
+
+    /// The README's table of variables is the one the code makes (`vigil config vars`).
+    #[test]
+    fn the_readme_table_is_generated_from_the_code() {
+        let readme = include_str!("../../README.md");
+        let table = vars::markdown();
+        assert!(
+            readme.contains(&table),
+            "README.md's table of variables differs from `vigil config vars`; paste its output \
+             in place of the table:\n{table}"
+        );
+    }
+
+    /// A service validates the settings it reads, and only those.
+    #[test]
+    fn each_service_validates_only_its_own_settings() {
+        let short_token = [("VIGIL_ADMIN_TOKEN", "short")];
+        let for_role = |role| Config::load_for(role, None, env(&short_token));
+        assert!(for_role(Some(Role::Worker)).is_ok());
+        assert!(for_role(Some(Role::Audit)).is_ok());
+        let errors = for_role(Some(Role::Edge)).unwrap_err().join("\n");
+        assert!(errors.contains("admin_token"), "{errors}");
+        assert!(for_role(None).is_err(), "the CLI checks everything");
+        let bad_analyzer = [("VIGIL_ANALYZER", "nope")];
+        assert!(Config::load_for(Some(Role::Edge), None, env(&bad_analyzer)).is_ok());
+        assert!(Config::load_for(Some(Role::Worker), None, env(&bad_analyzer)).is_err());
+        // Settings every service reads are checked by each.
+        let bad_namespace = [("VIGIL_NAMESPACE", "no spaces")];
+        for role in [Role::Edge, Role::Worker, Role::Audit] {
+            assert!(Config::load_for(Some(role), None, env(&bad_namespace)).is_err());
         }
     }
 
@@ -1173,7 +993,7 @@ mod tests {
 
     #[test]
     fn example_file_matches_the_defaults() {
-        let text = include_str!("../vigil.example.toml");
+        let text = include_str!("../../vigil.example.toml");
         let cfg = load(Some(text), &[]).unwrap();
         let d = Config::default();
         assert_eq!(format!("{:?}", cfg.edge), format!("{:?}", d.edge));

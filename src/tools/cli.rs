@@ -28,6 +28,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The configuration: every VIGIL_* variable.
+    Config {
+        #[command(subcommand)]
+        action: ConfigCmd,
+    },
     /// The broker topology from exchanges.toml.
     Topology {
         #[command(subcommand)]
@@ -226,6 +231,17 @@ pub enum BrokerCmd {
         /// The node to provision (`rabbit@host`); rabbitmqctl's default when unset.
         #[arg(long)]
         node: Option<String>,
+        /// Print JSON to stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Every VIGIL_* variable: the services that read it, its default and its meaning (the
+    /// README's table).
+    Vars {
         /// Print JSON to stdout.
         #[arg(long)]
         json: bool,
@@ -605,7 +621,11 @@ pub fn main() -> std::process::ExitCode {
     } = &cli.command
     {
         let config = cli.config.as_deref();
-        return crate::telemetry::service_main("vigil-audit", config, crate::audit::run);
+        return crate::telemetry::service_main(
+            crate::config::Role::Audit,
+            config,
+            crate::audit::run,
+        );
     }
     crate::telemetry::init_logging(crate::config::LogFormat::Text);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -630,6 +650,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         message: format!("invalid configuration:\n  - {}", errors.join("\n  - ")),
     })?;
     match cli.command {
+        Command::Config {
+            action: ConfigCmd::Vars { json },
+        } => {
+            let vars = crate::config::vars::VARS;
+            print_report(json, &vars, crate::config::vars::markdown());
+            Ok(())
+        }
         Command::Topology { action } => topology(&cfg, action).await,
         Command::Broker { action } => broker_users(&cfg, action).await,
         Command::Operators { action } => operators(&cfg, action),
@@ -895,9 +922,9 @@ async fn admin_handle(
         .map_err(fail)?;
     let admin = crate::admin::Admin {
         store,
-        publisher: std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(
+        publisher: crate::broker::PublisherSlot::new(std::sync::Arc::new(
             broker.publisher().await.map_err(fail)?,
-        ))),
+        )),
         control_exchange: cfg.names().control_exchange(),
         actions_exchange: cfg.names().actions_exchange(),
         source: "cli".into(),

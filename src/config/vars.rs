@@ -1,0 +1,627 @@
+//! Every `VIGIL_*` variable, listed once: its name, the services that read it, its default as
+//! a person reads it, what it means, and the [`Config`] field it sets. `Config::load` applies
+//! them in this order; the README's table is generated from them (`vigil config vars`), and a
+//! test keeps the two equal.
+
+use std::fmt::Write as _;
+
+use super::Config;
+
+/// A service that reads a setting. Each service validates only its own settings; the `vigil`
+/// CLI reads and validates them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Edge,
+    Worker,
+    Audit,
+}
+
+impl Role {
+    /// The service's binary.
+    pub fn binary(self) -> &'static str {
+        match self {
+            Role::Edge => "vigil-edge",
+            Role::Worker => "vigil-worker",
+            Role::Audit => "vigil-audit",
+        }
+    }
+}
+
+/// One environment variable.
+#[derive(serde::Serialize)]
+pub struct Var {
+    pub name: &'static str,
+    pub roles: &'static [Role],
+    pub default: &'static str,
+    pub meaning: &'static str,
+    #[serde(skip)]
+    apply: fn(&mut Config, &str) -> Result<(), String>,
+}
+
+impl Var {
+    /// Set this variable's field from its raw value.
+    pub(super) fn apply(&self, cfg: &mut Config, raw: &str) -> Result<(), String> {
+        (self.apply)(cfg, raw)
+    }
+}
+
+fn parse<T: std::str::FromStr>(raw: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    raw.trim().parse().map_err(|e: T::Err| e.to_string())
+}
+
+macro_rules! var {
+    ($name:literal, [$($role:ident),+], opt $($field:ident).+, $default:literal, $meaning:literal) => {
+        Var {
+            name: $name,
+            roles: &[$(Role::$role),+],
+            default: $default,
+            meaning: $meaning,
+            apply: |cfg, raw| {
+                cfg.$($field).+ = Some(parse(raw)?);
+                Ok(())
+            },
+        }
+    };
+    ($name:literal, [$($role:ident),+], $($field:ident).+, $default:literal, $meaning:literal) => {
+        Var {
+            name: $name,
+            roles: &[$(Role::$role),+],
+            default: $default,
+            meaning: $meaning,
+            apply: |cfg, raw| {
+                cfg.$($field).+ = parse(raw)?;
+                Ok(())
+            },
+        }
+    };
+}
+
+/// Every variable, in the order they are applied and listed.
+pub static VARS: &[Var] = &[
+    var!(
+        "VIGIL_NAMESPACE",
+        [Edge, Worker, Audit],
+        namespace,
+        r#"`vigil`"#,
+        r#"prefix of every exchange and queue"#
+    ),
+    var!(
+        "VIGIL_AMQP_URL",
+        [Edge, Worker, Audit],
+        amqp_url,
+        r#"`amqp://guest:guest@127.0.0.1:5672/%2f`"#,
+        r#"the broker; `?connection_timeout=<ms>` bounds one connection attempt, handshake included (default 10000). `amqps://…?cacertfile=/path/ca.pem` speaks TLS (rustls) and trusts that CA besides the system's roots. Several URLs separated by commas are a cluster's nodes: a process connects to one and fails over to the others"#
+    ),
+    var!(
+        "VIGIL_BROKER_ROLES",
+        [Edge, Worker, Audit],
+        broker_roles,
+        r#"`shared`"#,
+        r#"`shared`: every role is this process's broker user. `separate`: each role is the user `<namespace>-<role>` from `vigil broker provision`, and receivers accept each kind of event only from its roles (see docs/security.md)"#
+    ),
+    var!(
+        "VIGIL_BROKER_CONNECT_TIMEOUT_MS",
+        [Edge, Worker, Audit],
+        broker_connect_timeout_ms,
+        r#"30000"#,
+        r#"how long a process keeps retrying its first broker connection, in ms"#
+    ),
+    var!(
+        "VIGIL_METRICS_LISTEN",
+        [Edge, Worker, Audit],
+        metrics_listen,
+        r#"`127.0.0.1:9090`"#,
+        r#"metrics and health (port 0 picks one)"#
+    ),
+    var!(
+        "VIGIL_TOPOLOGY",
+        [Edge, Worker, Audit],
+        opt topology_file,
+        r#"built-in `exchanges.toml`"#,
+        r#"topology file"#
+    ),
+    var!(
+        "VIGIL_BROKER_MANAGEMENT_URL",
+        [Edge, Worker, Audit],
+        opt broker_management_url,
+        r#"none"#,
+        r#"RabbitMQ's management API (`http://user:pass@host:15672`, several separated by commas). When set, the shared queues' tunables (TTL, lengths, overflow, dead-lettering, stream age) are RabbitMQ policies put through it at start-up (and by `vigil topology apply`), not declare arguments: changing one in the topology changes the live queue instead of failing every later start with `PRECONDITION_FAILED`. Queues declared before with arguments must be deleted once"#
+    ),
+    var!(
+        "VIGIL_CLIENTS_DIR",
+        [Edge],
+        clients_dir,
+        r#"`clients`"#,
+        r#"client directory folder (when `VIGIL_DIRECTORY_URL` is unset)"#
+    ),
+    var!(
+        "VIGIL_DIRECTORY_URL",
+        [Edge],
+        opt directory_url,
+        r#"none"#,
+        r#"the client directory in PostgreSQL (`postgres://user:pass@host/db`), shared by every edge; migrated at connect"#
+    ),
+    var!(
+        "VIGIL_DIRECTORY_POOL",
+        [Edge],
+        directory_pool,
+        r#"8"#,
+        r#"most PostgreSQL connections one process holds"#
+    ),
+    var!(
+        "VIGIL_DIRECTORY_TIMEOUT_MS",
+        [Edge],
+        directory_timeout_ms,
+        r#"5000"#,
+        r#"bound on a directory connection, statement and row-lock wait"#
+    ),
+    var!(
+        "VIGIL_EVIDENCE_DIR",
+        [Edge, Audit],
+        evidence_dir,
+        r#"`evidence`"#,
+        r#"evidence folder and audit log"#
+    ),
+    var!(
+        "VIGIL_AUDIT_KEY",
+        [Audit],
+        opt audit_key,
+        r#"none"#,
+        r#"Ed25519 private key (PKCS#8 PEM, `vigil audit keygen`) the audit writer signs entries with; must be outside the evidence folder"#
+    ),
+    var!(
+        "VIGIL_AUDIT_RETENTION_DAYS",
+        [Audit],
+        audit_retention_days,
+        r#"0"#,
+        r#"the audit writer removes evidence files of actions older than this, hourly (entries stay, a prune entry lists the files); 0 keeps them"#
+    ),
+    var!(
+        "VIGIL_CAPTURE_STREAM",
+        [Edge],
+        capture_stream,
+        r#"false"#,
+        r#"keep recent frames in a stream queue for export and replay"#
+    ),
+    var!(
+        "VIGIL_LOG_FORMAT",
+        [Edge, Worker, Audit],
+        log_format,
+        r#"`text`"#,
+        r#"`text` or `json` log lines"#
+    ),
+    var!(
+        "VIGIL_EDGE_LISTEN",
+        [Edge],
+        edge.listen,
+        r#"`127.0.0.1:8080`"#,
+        r#"WebSocket address"#
+    ),
+    var!(
+        "VIGIL_EDGE_ID",
+        [Edge],
+        opt edge.id,
+        r#"host name + random suffix"#,
+        r#"this edge's id (reply routing, presence)"#
+    ),
+    var!(
+        "VIGIL_EDGE_MAX_FRAME_BYTES",
+        [Edge],
+        edge.max_frame_bytes,
+        r#"524288"#,
+        r#"largest JPEG accepted"#
+    ),
+    var!(
+        "VIGIL_EDGE_MAX_FRAME_PIXELS",
+        [Edge],
+        edge.max_frame_pixels,
+        r#"16777216"#,
+        r#"most pixels a frame's JPEG header may declare (16 MP)"#
+    ),
+    var!(
+        "VIGIL_EDGE_MAX_FRAME_SIDE",
+        [Edge],
+        edge.max_frame_side,
+        r#"4096"#,
+        r#"longest side a frame's JPEG header may declare"#
+    ),
+    var!(
+        "VIGIL_EDGE_MAX_FPS",
+        [Edge],
+        edge.max_fps,
+        r#"30"#,
+        r#"frames per second per client"#
+    ),
+    var!(
+        "VIGIL_EDGE_PING_INTERVAL_MS",
+        [Edge],
+        edge.ping_interval_ms,
+        r#"15000"#,
+        r#"the edge pings each client this often"#
+    ),
+    var!(
+        "VIGIL_EDGE_IDLE_TIMEOUT_MS",
+        [Edge],
+        edge.idle_timeout_ms,
+        r#"60000"#,
+        r#"a client silent this long (not even a pong) is closed `idle` (4410)"#
+    ),
+    var!(
+        "VIGIL_EDGE_LEASE_MS",
+        [Edge],
+        edge.lease_ms,
+        r#"15000"#,
+        r#"the edge's lease in the directory, renewed every third of it; a dead edge's clients read as disconnected once it runs out"#
+    ),
+    var!(
+        "VIGIL_EDGE_WRITE_TIMEOUT_MS",
+        [Edge],
+        edge.write_timeout_ms,
+        r#"2000"#,
+        r#"every write to a client finishes within this, or the client is closed `slow_reader` (4408)"#
+    ),
+    var!(
+        "VIGIL_EDGE_FLOOD_FACTOR",
+        [Edge],
+        edge.flood_factor,
+        r#"4"#,
+        r#"`max_fps` × this in one second closes with 4429"#
+    ),
+    var!(
+        "VIGIL_EDGE_MAX_SESSIONS",
+        [Edge],
+        edge.max_sessions,
+        r#"10000"#,
+        r#"authenticated sessions per edge (4503 beyond)"#
+    ),
+    var!(
+        "VIGIL_EDGE_MAX_UNAUTHENTICATED",
+        [Edge],
+        edge.max_unauthenticated,
+        r#"1024"#,
+        r#"connections still before their hello, per edge (closed at accept beyond)"#
+    ),
+    var!(
+        "VIGIL_EDGE_MAX_UNAUTHENTICATED_PER_SOURCE",
+        [Edge],
+        edge.max_unauthenticated_per_source,
+        r#"64"#,
+        r#"the same, per source address"#
+    ),
+    var!(
+        "VIGIL_EDGE_FAILED_HELLOS_PER_MINUTE",
+        [Edge],
+        edge.failed_hellos_per_minute,
+        r#"30"#,
+        r#"failed hellos per address per minute before its hellos are refused (4429)"#
+    ),
+    var!(
+        "VIGIL_EDGE_MAX_INFLIGHT",
+        [Edge],
+        edge.max_inflight,
+        r#"2"#,
+        r#"frames per client awaiting a result"#
+    ),
+    var!(
+        "VIGIL_EDGE_HELLO_TIMEOUT_MS",
+        [Edge],
+        edge.hello_timeout_ms,
+        r#"5000"#,
+        r#"time to send hello"#
+    ),
+    var!(
+        "VIGIL_EDGE_FRAME_DEADLINE_MS",
+        [Edge],
+        edge.frame_deadline_ms,
+        r#"3000"#,
+        r#"a frame's life from arrival to result"#
+    ),
+    var!(
+        "VIGIL_EDGE_MAX_BAD_MESSAGES",
+        [Edge],
+        edge.max_bad_messages,
+        r#"10"#,
+        r#"consecutive unparseable messages tolerated before a session is closed with 4400"#
+    ),
+    var!(
+        "VIGIL_EDGE_SHUTDOWN_GRACE_MS",
+        [Edge],
+        edge.shutdown_grace_ms,
+        r#"2000"#,
+        r#"grace for closing sessions on shutdown, in ms"#
+    ),
+    var!(
+        "VIGIL_EDGE_MAX_PENDING_AUDITS",
+        [Edge],
+        edge.max_pending_audits,
+        r#"1024"#,
+        r#"actions waiting for the audit queue's confirm; past it a new action is counted in `vigil_edge_actions_unaudited_total` instead"#
+    ),
+    var!(
+        "VIGIL_EDGE_AUDIT_DRAIN_MS",
+        [Edge],
+        edge.audit_drain_ms,
+        r#"5000"#,
+        r#"on shutdown, after the sessions close, how long actions still on their way to the audit queue may take"#
+    ),
+    var!(
+        "VIGIL_EDGE_WS_READ_BUFFER_BYTES",
+        [Edge],
+        edge.ws_read_buffer_bytes,
+        r#"16384"#,
+        r#"bytes read from a client socket at a time"#
+    ),
+    var!(
+        "VIGIL_EDGE_WS_MAX_WRITE_BUFFER_BYTES",
+        [Edge],
+        edge.ws_max_write_buffer_bytes,
+        r#"4194304"#,
+        r#"bytes buffered for one slow client before its session waits"#
+    ),
+    var!(
+        "VIGIL_ADMIN_LISTEN",
+        [Edge],
+        opt edge.admin_listen,
+        r#"off"#,
+        r#"admin API address"#
+    ),
+    var!(
+        "VIGIL_ADMIN_TOKEN",
+        [Edge],
+        opt edge.admin_token,
+        r#"none"#,
+        r#"a shared admin API bearer token, audited as operator `admin`"#
+    ),
+    var!(
+        "VIGIL_ADMIN_TOKENS_FILE",
+        [Edge],
+        opt edge.admin_tokens_file,
+        r#"none"#,
+        r#"operators' own admin tokens (`vigil operators add NAME`), reloaded when the file changes; the API is off with neither this nor `VIGIL_ADMIN_TOKEN`"#
+    ),
+    var!(
+        "VIGIL_EDGE_TLS_CERT",
+        [Edge],
+        opt edge.tls_cert,
+        r#"none"#,
+        r#"PEM certificate chain: with `VIGIL_EDGE_TLS_KEY`, the listener speaks `wss://` only (rustls); a changed file is picked up by the next connection, no restart"#
+    ),
+    var!(
+        "VIGIL_WEB_DIR",
+        [Edge],
+        edge.web_dir,
+        r#"`web/dist`"#,
+        r#"the candidate page's files (`npm run build` in `web/`), served at `/` on the edge's listener; read once at start; none served when missing"#
+    ),
+    var!(
+        "VIGIL_EDGE_TLS_KEY",
+        [Edge],
+        opt edge.tls_key,
+        r#"none"#,
+        r#"PEM private key of that certificate"#
+    ),
+    var!(
+        "VIGIL_ADMIN_TLS_CERT",
+        [Edge],
+        opt edge.admin_tls_cert,
+        r#"the edge's"#,
+        r#"PEM certificate chain for HTTPS on the admin API (with `VIGIL_ADMIN_TLS_KEY`); without it the edge's `VIGIL_EDGE_TLS_CERT`/`KEY` serve it, so the admin API is HTTPS whenever the edge is `wss://`; reloaded on change. At most 256 handshakes at once, each within `VIGIL_EDGE_HELLO_TIMEOUT_MS` (failures: `vigil_edge_admin_tls_failures_total`)"#
+    ),
+    var!(
+        "VIGIL_ADMIN_TLS_KEY",
+        [Edge],
+        opt edge.admin_tls_key,
+        r#"the edge's"#,
+        r#"PEM private key of that certificate"#
+    ),
+    var!(
+        "VIGIL_MAX_BACKLOG",
+        [Edge],
+        edge.max_backlog,
+        r#"1000"#,
+        r#"work backlog that makes the system full"#
+    ),
+    var!(
+        "VIGIL_MAX_LATENCY_MS",
+        [Edge],
+        edge.max_latency_ms,
+        r#"2000"#,
+        r#"frame latency that makes the system full"#
+    ),
+    var!(
+        "VIGIL_ADMISSION_POLL_MS",
+        [Edge],
+        edge.admission_poll_ms,
+        r#"500"#,
+        r#"how often the edge checks the backlog, in ms"#
+    ),
+    var!(
+        "VIGIL_THROTTLE_FPS",
+        [Edge],
+        edge.throttle_fps,
+        r#"5"#,
+        r#"frame rate while full"#
+    ),
+    var!(
+        "VIGIL_WORKER_ID",
+        [Worker],
+        opt worker.id,
+        r#"random"#,
+        r#"the worker's id"#
+    ),
+    var!(
+        "VIGIL_ANALYZER",
+        [Worker],
+        worker.analyzer,
+        r#"`identity`"#,
+        r#"`identity`, `frame-info` (JPEG markers only) or `delay` (benchmarks)"#
+    ),
+    var!(
+        "VIGIL_DELAY_MS",
+        [Worker],
+        worker.delay_ms,
+        r#"20"#,
+        r#"service time of the `delay` analyzer (benchmarks), in ms"#
+    ),
+    var!(
+        "VIGIL_WORKER_PREFETCH",
+        [Worker],
+        worker.prefetch,
+        r#"16"#,
+        r#"unacked frames per worker"#
+    ),
+    var!(
+        "VIGIL_WORKER_ANALYSIS_THREADS",
+        [Worker],
+        worker.analysis_threads,
+        r#"cores"#,
+        r#"CPU-bound analysis threads"#
+    ),
+    var!(
+        "VIGIL_WORKER_SHUTDOWN_GRACE_MS",
+        [Worker],
+        worker.shutdown_grace_ms,
+        r#"5000"#,
+        r#"time to finish and ack in-flight frames on shutdown, in ms"#
+    ),
+    var!(
+        "VIGIL_MODELS_DIR",
+        [Worker],
+        inference.models_dir,
+        r#"`models`"#,
+        r#"model files"#
+    ),
+    var!(
+        "VIGIL_ORT_DYLIB",
+        [Worker],
+        opt inference.ort_dylib,
+        r#"searched"#,
+        r#"`libonnxruntime.so.1.31.1`"#
+    ),
+    var!(
+        "VIGIL_DEVICE",
+        [Worker],
+        inference.device,
+        r#"`cpu`"#,
+        r#"`cpu` or `cuda`"#
+    ),
+    var!(
+        "VIGIL_INTRA_THREADS",
+        [Worker],
+        inference.intra_threads,
+        r#"1"#,
+        r#"ONNX Runtime threads per model run"#
+    ),
+    var!(
+        "VIGIL_MAX_SIDE",
+        [Worker],
+        inference.max_side,
+        r#"640"#,
+        r#"frames are scaled to fit this many pixels a side before the models run"#
+    ),
+    var!(
+        "VIGIL_MAX_PIXELS",
+        [Worker],
+        inference.max_pixels,
+        r#"16777216"#,
+        r#"most pixels an image may declare; checked before decoding, and the decoder's limit"#
+    ),
+    var!(
+        "VIGIL_MAX_JPEG_SCANS",
+        [Worker],
+        inference.max_jpeg_scans,
+        r#"64"#,
+        r#"most scans a frame may hold (progressive files cost a pass per scan); the worker walks the file and refuses more before decoding"#
+    ),
+    var!(
+        "VIGIL_FACE_SCORE",
+        [Worker],
+        inference.thresholds.face_score,
+        r#"0.6"#,
+        r#"minimum YuNet face score"#
+    ),
+    var!(
+        "VIGIL_MATCH_COSINE",
+        [Worker],
+        inference.thresholds.match_cosine,
+        r#"0.41"#,
+        r#"same person at or above this similarity"#
+    ),
+    var!(
+        "VIGIL_LIVE_MIN",
+        [Worker],
+        inference.thresholds.live_min,
+        r#"0"#,
+        r#"single-frame P(live) below which one frame alone is a spoof (off)"#
+    ),
+    var!(
+        "VIGIL_PHONE_SCORE",
+        [Worker],
+        inference.thresholds.phone_score,
+        r#"0.5"#,
+        r#"minimum COCO-SSD "cell phone" score"#
+    ),
+    var!(
+        "VIGIL_FACE_MIN_PX",
+        [Worker],
+        inference.thresholds.face_min_px,
+        r#"32"#,
+        r#"quality gate: smallest face side in pixels"#
+    ),
+    var!(
+        "VIGIL_SHARPNESS_MIN",
+        [Worker],
+        inference.thresholds.sharpness_min,
+        r#"4"#,
+        r#"quality gate: least Laplacian variance of the aligned face"#
+    ),
+    var!(
+        "VIGIL_LIVENESS_WINDOW_MS",
+        [Edge],
+        liveness.window_ms,
+        r#"4000"#,
+        r#"how far back the stream liveness looks"#
+    ),
+    var!(
+        "VIGIL_POLICY_NO_FRAMES_MS",
+        [Edge],
+        policy.no_frames_ms,
+        r#"10000"#,
+        r#"a session that sends no frame for this long gets a `no_frames` verdict (again after each further period); 0 turns it off"#
+    ),
+    var!(
+        "VIGIL_POLICY_CARRY_OVER_MS",
+        [Edge],
+        policy.carry_over_ms,
+        r#"1800000"#,
+        r#"how long a client's saved policy state is resumed by its next session"#
+    ),
+    var!(
+        "VIGIL_LIVENESS_STILL_RATIO",
+        [Edge],
+        liveness.still_ratio,
+        r#"2.0"#,
+        r#"still (a spoof) when drift is at most this many times jitter"#
+    ),
+];
+
+/// The README's table of variables.
+pub fn markdown() -> String {
+    let mut out = String::from("| variable | read by | default | meaning |\n|---|---|---|---|\n");
+    for v in VARS {
+        let roles: Vec<&str> = v.roles.iter().map(|r| r.binary()).collect();
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} | {} |",
+            v.name,
+            roles.join(", "),
+            v.default,
+            v.meaning
+        );
+    }
+    out
+}
