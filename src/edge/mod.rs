@@ -388,7 +388,8 @@ pub async fn run(
 
 /// Everything this edge holds on one broker connection.
 struct Links {
-    broker: Broker,
+    /// Shared with the admission task, which polls through it.
+    broker: Arc<Broker>,
     replies: crate::broker::Consumer,
     control: crate::broker::Consumer,
     publisher: Arc<Publisher>,
@@ -436,7 +437,7 @@ impl Links {
         let trust = broker.trust(cfg.broker_roles, &cfg.namespace);
         Ok(Self {
             trust,
-            broker,
+            broker: Arc::new(broker),
             replies,
             control,
             publisher,
@@ -480,6 +481,32 @@ impl Reconnect {
     }
 }
 
+/// Admission control, every `admission_poll_ms`: the broker's flow control, the work backlog
+/// and the frame latency decide whether the system is full; and the unauthenticated places are
+/// pruned.
+async fn admission(
+    shared: Arc<Shared>,
+    broker: tokio::sync::watch::Receiver<Arc<Broker>>,
+    work_queue: String,
+    health: Health,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(shared.cfg.admission_poll_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A blocked broker may stop answering this connection: each poll is bounded.
+    let poll = Duration::from_millis(shared.cfg.admission_poll_ms.max(100));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let current = broker.borrow().clone();
+        watch_blocked(&shared, &current, &health);
+        let _ = tokio::time::timeout(poll, check_admission(&shared, &current, &work_queue)).await;
+        shared.gate.prune();
+    }
+}
+
 async fn serve(
     shared: Arc<Shared>,
     mut links: Links,
@@ -489,8 +516,16 @@ async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), EdgeError> {
     let mut connections = JoinSet::new();
-    let mut admission = tokio::time::interval(Duration::from_millis(shared.cfg.admission_poll_ms));
-    admission.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Admission runs on its own task: its broker round trip never delays accepts, replies or
+    // control. It follows the current connection through `broker`.
+    let (broker, watched) = tokio::sync::watch::channel(links.broker.clone());
+    let admission = tokio::spawn(admission(
+        shared.clone(),
+        watched,
+        work_queue,
+        reconnect.health.clone(),
+        shutdown.clone(),
+    ));
     loop {
         let lost = tokio::select! {
             delivery = links.control.next() => match delivery {
@@ -502,19 +537,6 @@ async fn serve(
                 }
                 _ => true,
             },
-            _ = admission.tick() => {
-                watch_blocked(&shared, &links.broker, &reconnect.health);
-                // A blocked broker may stop answering this connection: the poll is bounded,
-                // so it can never stall accepts, replies or control.
-                let poll = Duration::from_millis(shared.cfg.admission_poll_ms.max(100));
-                let _ = tokio::time::timeout(
-                    poll,
-                    check_admission(&shared, &links.broker, &work_queue),
-                )
-                .await;
-                shared.gate.prune();
-                false
-            }
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
@@ -570,6 +592,7 @@ async fn serve(
             // New connections wait in the listen backlog until the broker is back.
             match reconnect.run(&shared, &shutdown).await {
                 Some(fresh) => {
+                    broker.send_replace(fresh.broker.clone());
                     std::mem::replace(&mut links, fresh).close().await;
                     // Control events published while this edge was away are gone: the
                     // directory says what they would have said.
@@ -583,6 +606,7 @@ async fn serve(
     // Stop accepting; sessions see the same token and close with 1001.
     drop(listener);
     shutdown.cancel();
+    let _ = admission.await;
     let grace = Duration::from_millis(shared.cfg.shutdown_grace_ms);
     if tokio::time::timeout(grace, async {
         while connections.join_next().await.is_some() {}
