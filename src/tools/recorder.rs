@@ -171,8 +171,14 @@ pub async fn record(
     Ok(counts)
 }
 
+/// How long an export from the capture stream waits for its first delivery.
+const FIRST_DELIVERY: Duration = Duration::from_secs(10);
+/// A gap this long after the last delivery is the stream's tail.
+const QUIET_GAP: Duration = Duration::from_secs(1);
+
 /// Export the capture stream from `since_ms` on into a capture (no planned recording needed).
-/// Reading stops once the stream has nothing newer for a second.
+/// Reading stops once the stream has nothing newer for a second (after up to ten for the
+/// first delivery).
 pub async fn from_stream(
     cfg: &Config,
     since_ms: u64,
@@ -192,8 +198,11 @@ pub async fn from_stream(
         .consume_stream(&stream, "vigil-record-stream", since_ms, 500)
         .await?;
     let mut records = Vec::new();
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await
-    {
+    // A busy broker can take a while to start a stream consumer, so the first delivery gets
+    // longer than the gaps after it; the read ends at the first quiet gap (the stream's tail).
+    let mut wait = FIRST_DELIVERY;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(wait, consumer.next()).await {
+        wait = QUIET_GAP;
         let _ = d.ack().await;
         // The stream keeps whole segments: skip what predates the asked window.
         let Ok(env) = crate::wire::Envelope::decode(d.data()) else {
