@@ -570,6 +570,34 @@ impl Broker {
 /// wait in `[0, ceiling]` (full jitter), the ceiling doubling from 200 ms up to `max`: every
 /// process that lost the same broker comes back spread out, not in lockstep. The one reconnect
 /// loop of the edge, the worker and the audit writer.
+/// How long the reconnect loop waits at most between two attempts.
+pub const RECONNECT_MAX_WAIT: Duration = Duration::from_secs(2);
+
+/// (Re)connect a service: connect as `name` and open what it needs on the broker (`open`:
+/// declare, consume, make publishers), retrying with jitter ([`retry_jittered`]) until it
+/// works, or `None` once `shutdown`. The edge, the worker and the audit writer all come back
+/// through here, and each comeback is counted in `vigil_broker_reconnects_total`.
+pub async fn relink<T, E, F, Fut>(
+    url: &str,
+    name: &str,
+    metrics: &BrokerMetrics,
+    shutdown: &tokio_util::sync::CancellationToken,
+    open: F,
+) -> Option<T>
+where
+    E: std::fmt::Display + From<BrokerError>,
+    F: Fn(Broker) -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let linked = retry_jittered(shutdown, RECONNECT_MAX_WAIT, || async {
+        let broker = Broker::connect(url, name, metrics.clone()).await?;
+        open(broker).await
+    })
+    .await?;
+    metrics.reconnects.inc();
+    Some(linked)
+}
+
 pub async fn retry_jittered<T, E, F, Fut>(
     shutdown: &tokio_util::sync::CancellationToken,
     max: Duration,

@@ -229,18 +229,22 @@ async fn run_loop(
         }
         health.set("broker", false);
         health.set("topology", false);
-        let fresh = crate::broker::retry_jittered(&shutdown, Duration::from_secs(2), || async {
-            let b = Broker::connect(&cfg.amqp_url, &ctx.worker_id, broker_metrics.clone()).await?;
-            b.prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
-                .await?;
-            Ok::<_, crate::broker::BrokerError>(b)
-        })
+        let (shared, roles) = (&topo.shared(&cfg.namespace), cfg.broker_roles);
+        let fresh = crate::broker::relink(
+            &cfg.amqp_url,
+            &ctx.worker_id,
+            &broker_metrics,
+            &shutdown,
+            |b| async move {
+                b.prepare(shared, roles).await?;
+                Ok::<_, crate::broker::BrokerError>(b)
+            },
+        )
         .await;
         let Some(fresh) = fresh else {
             return Ok(());
         };
         broker = fresh;
-        broker_metrics.reconnects.inc();
         health.set("broker", true);
         health.set("topology", true);
         tracing::info!("reconnected to the broker");

@@ -998,7 +998,6 @@ pub async fn start(
                     health.set("broker", false);
                     match reconnect(&cfg, &topo, &broker_metrics, &shutdown).await {
                         Some(fresh) => {
-                            broker_metrics.reconnects.inc();
                             health.set("broker", true);
                             tracing::info!("audit writer reconnected to the broker");
                             link = fresh;
@@ -1073,17 +1072,20 @@ impl Link {
     }
 }
 
-/// Connect again ([`crate::broker::retry_jittered`]) until it works or `shutdown`.
+/// Connect again ([`crate::broker::relink`]) until it works or `shutdown`.
 async fn reconnect(
     cfg: &Config,
     topo: &Topology,
     metrics: &BrokerMetrics,
     shutdown: &CancellationToken,
 ) -> Option<Link> {
-    crate::broker::retry_jittered(shutdown, Duration::from_secs(5), || async {
-        let broker = Broker::connect(&cfg.amqp_url, "audit-writer", metrics.clone()).await?;
-        Link::open(broker, cfg, topo).await?.consume().await
-    })
+    crate::broker::relink(
+        &cfg.amqp_url,
+        "audit-writer",
+        metrics,
+        shutdown,
+        |b| async move { Link::open(b, cfg, topo).await?.consume().await },
+    )
     .await
 }
 

@@ -34,7 +34,7 @@ pub(crate) enum Refusal {
 }
 
 impl Refusal {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Refusal::Total => "unauthenticated_limit",
             Refusal::PerSource => "unauthenticated_per_source",
@@ -65,7 +65,11 @@ impl Drop for Pending {
 impl Gate {
     /// `failed_hellos_per_minute` failures per address are allowed (as a burst, refilling
     /// over the minute); past them the address is refused until the quota refills.
-    pub fn new(max_total: usize, max_per_source: u32, failed_hellos_per_minute: u32) -> Self {
+    pub(crate) fn new(
+        max_total: usize,
+        max_per_source: u32,
+        failed_hellos_per_minute: u32,
+    ) -> Self {
         let per_minute = NonZeroU32::new(failed_hellos_per_minute.max(1)).expect("max(1) > 0");
         Self {
             total: Arc::new(Semaphore::new(max_total)),
@@ -77,7 +81,7 @@ impl Gate {
     }
 
     /// A place for a new connection from `source`, or why there is none.
-    pub fn admit(&self, source: IpAddr) -> Result<Pending, Refusal> {
+    pub(crate) fn admit(&self, source: IpAddr) -> Result<Pending, Refusal> {
         let permit = self
             .total
             .clone()
@@ -100,7 +104,7 @@ impl Gate {
     }
 
     /// True while `source` is over its failed-hello quota.
-    pub fn throttled(&self, source: IpAddr) -> bool {
+    pub(crate) fn throttled(&self, source: IpAddr) -> bool {
         let mut map = self.penalized.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(&source) {
             Some(until) if *until > Instant::now() => true,
@@ -113,7 +117,7 @@ impl Gate {
     }
 
     /// Record a failed hello from `source`; true when it has now used up its quota.
-    pub fn failed(&self, source: IpAddr) -> bool {
+    pub(crate) fn failed(&self, source: IpAddr) -> bool {
         let Err(not_until) = self.failures.check_key(&source) else {
             return false;
         };
@@ -132,7 +136,7 @@ impl Gate {
     }
 
     /// Forget the failure counts of addresses that have been quiet (a memory bound).
-    pub fn prune(&self) {
+    pub(crate) fn prune(&self) {
         self.failures.retain_recent();
         let now = Instant::now();
         self.penalized

@@ -149,12 +149,12 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// The publisher of the current broker connection.
-    pub fn publisher(&self) -> Arc<Publisher> {
+    pub(crate) fn publisher(&self) -> Arc<Publisher> {
         self.publisher.get()
     }
 
     /// Count a session refused, and why.
-    pub fn refused(&self, reason: &str) {
+    pub(crate) fn refused(&self, reason: &str) {
         self.metrics
             .sessions_refused
             .with_label_values(&[reason])
@@ -162,7 +162,7 @@ impl Shared {
     }
 
     /// Fold one frame-to-result latency into the running average.
-    pub fn observe_latency(&self, latency: Duration) {
+    pub(crate) fn observe_latency(&self, latency: Duration) {
         let us = latency.as_micros() as u64;
         let old = self.latency_ewma_us.load(Ordering::Relaxed);
         let new = if old == 0 { us } else { (old * 15 + us) / 16 };
@@ -170,7 +170,7 @@ impl Shared {
     }
 
     /// The frame rate sessions should keep now.
-    pub fn current_max_fps(&self) -> u32 {
+    pub(crate) fn current_max_fps(&self) -> u32 {
         if self.full.load(Ordering::Relaxed) {
             self.cfg.throttle_fps.min(self.cfg.max_fps)
         } else {
@@ -178,7 +178,7 @@ impl Shared {
         }
     }
 
-    pub fn drop_reason_counter(&self, reason: DropReason) -> prometheus::IntCounter {
+    pub(crate) fn drop_reason_counter(&self, reason: DropReason) -> prometheus::IntCounter {
         self.metrics
             .frames_dropped
             .with_label_values(&[reason.as_str()])
@@ -444,12 +444,84 @@ impl Links {
         })
     }
 
-    async fn close(self) {
-        self.replies.close().await;
-        self.control.close().await;
+    /// Hand the replies and control consumers each to a task of its own, which feeds the
+    /// session registry until the connection is lost (`Running::lost`) or it is closed.
+    fn start(self, shared: &Arc<Shared>) -> Running {
+        let stop = CancellationToken::new();
+        let lost = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let feeds = [
+            (self.replies, Kind::Result, dispatch as fn(&Shared, &[u8])),
+            (self.control, Kind::Control, apply_control),
+        ];
+        for (consumer, kind, handle) in feeds {
+            tasks.spawn(feed(
+                consumer,
+                self.trust.clone(),
+                kind,
+                handle,
+                shared.clone(),
+                stop.clone(),
+                lost.clone(),
+            ));
+        }
+        Running {
+            broker: self.broker,
+            publisher: self.publisher,
+            stop,
+            lost,
+            tasks,
+        }
+    }
+}
+
+/// An edge's live broker connection: its consumers run on their own tasks.
+struct Running {
+    broker: Arc<Broker>,
+    publisher: Arc<Publisher>,
+    stop: CancellationToken,
+    /// Cancelled by a consumer task when its consumer ends: the connection is gone.
+    lost: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    async fn close(mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
         self.publisher.close().await;
         self.broker.close().await;
     }
+}
+
+/// Feed one consumer's deliveries, those from a trusted role, to `handle` (which never waits),
+/// until the consumer ends (then `lost` is cancelled) or `stop`.
+async fn feed(
+    mut consumer: crate::broker::Consumer,
+    trust: crate::roles::Trust,
+    kind: Kind,
+    handle: fn(&Shared, &[u8]),
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    lost: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            delivery = consumer.next() => match delivery {
+                Some(Ok(d)) => {
+                    if trust.admits(kind, d.user_id()) {
+                        handle(&shared, d.data());
+                    }
+                }
+                _ => {
+                    lost.cancel();
+                    break;
+                }
+            },
+        }
+    }
+    consumer.close().await;
 }
 
 /// What the edge needs to reconnect.
@@ -466,14 +538,13 @@ impl Reconnect {
     async fn run(&self, shared: &Shared, shutdown: &CancellationToken) -> Option<Links> {
         self.health.set("broker", false);
         self.health.set("topology", false);
-        let links = crate::broker::retry_jittered(shutdown, Duration::from_secs(2), || async {
-            let b =
-                Broker::connect(&self.cfg.amqp_url, &shared.edge_id, self.metrics.clone()).await?;
-            Links::open(b, &self.cfg, &self.topo, &shared.edge_id).await
-        })
-        .await?;
+        let edge_id = &shared.edge_id;
+        let links =
+            crate::broker::relink(&self.cfg.amqp_url, edge_id, &self.metrics, shutdown, |b| {
+                Links::open(b, &self.cfg, &self.topo, edge_id)
+            })
+            .await?;
         shared.publisher.swap(links.publisher.clone());
-        self.metrics.reconnects.inc();
         self.health.set("broker", true);
         self.health.set("topology", true);
         tracing::info!("reconnected to the broker");
@@ -509,7 +580,7 @@ async fn admission(
 
 async fn serve(
     shared: Arc<Shared>,
-    mut links: Links,
+    links: Links,
     listener: TcpListener,
     work_queue: String,
     reconnect: Reconnect,
@@ -519,6 +590,8 @@ async fn serve(
     // Admission runs on its own task: its broker round trip never delays accepts, replies or
     // control. It follows the current connection through `broker`.
     let (broker, watched) = tokio::sync::watch::channel(links.broker.clone());
+    // Replies and control run on their own tasks too, feeding the session registry.
+    let mut running = links.start(&shared);
     let admission = tokio::spawn(admission(
         shared.clone(),
         watched,
@@ -528,16 +601,8 @@ async fn serve(
     ));
     loop {
         let lost = tokio::select! {
-            delivery = links.control.next() => match delivery {
-                Some(Ok(d)) => {
-                    if links.trust.admits(Kind::Control, d.user_id()) {
-                        apply_control(&shared, d.data());
-                    }
-                    false
-                }
-                _ => true,
-            },
             _ = shutdown.cancelled() => break,
+            _ = running.lost.cancelled() => true,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     match shared.gate.admit(peer.ip()) {
@@ -574,15 +639,6 @@ async fn serve(
                     false
                 }
             },
-            delivery = links.replies.next() => match delivery {
-                Some(Ok(d)) => {
-                    if links.trust.admits(Kind::Result, d.user_id()) {
-                        dispatch(&shared, d.data());
-                    }
-                    false
-                }
-                _ => true,
-            },
             Some(_) = connections.join_next(), if !connections.is_empty() => false,
         };
         if lost && !shutdown.is_cancelled() {
@@ -593,7 +649,9 @@ async fn serve(
             match reconnect.run(&shared, &shutdown).await {
                 Some(fresh) => {
                     broker.send_replace(fresh.broker.clone());
-                    std::mem::replace(&mut links, fresh).close().await;
+                    std::mem::replace(&mut running, fresh.start(&shared))
+                        .close()
+                        .await;
                     // Control events published while this edge was away are gone: the
                     // directory says what they would have said.
                     let shared = shared.clone();
@@ -635,7 +693,7 @@ async fn serve(
             "actions still unconfirmed by the audit queue at shutdown"
         );
     }
-    links.close().await;
+    running.close().await;
     tracing::info!("edge stopped");
     Ok(())
 }

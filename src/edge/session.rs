@@ -48,7 +48,7 @@ pub(crate) struct Closer {
 
 impl Closer {
     /// Tell the client `code` and `message`, then close with the code's close code.
-    pub fn close_with_error(&self, code: ErrorCode, message: impl Into<String>) {
+    pub(crate) fn close_with_error(&self, code: ErrorCode, message: impl Into<String>) {
         let _ = self.reason.set((code, message.into()));
         self.token.cancel();
     }

@@ -62,7 +62,7 @@ fn build(label: &str, cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
 
 impl Tls {
     /// Load the certificate and key, or say exactly what is wrong with them.
-    pub fn load(label: &'static str, cert: &Path, key: &Path) -> Result<Self, String> {
+    pub(crate) fn load(label: &'static str, cert: &Path, key: &Path) -> Result<Self, String> {
         let acceptor = build(label, cert, key)?;
         Ok(Self {
             label,
@@ -78,7 +78,7 @@ impl Tls {
     /// The acceptor for a new connection: rebuilt first when a file changed on disk. A bad new
     /// certificate is logged and the one in use kept, so a botched renewal never takes the
     /// edge down.
-    pub fn acceptor(&self) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         let stamp = (modified(&self.cert), modified(&self.key));
         {
             let current = self.current.read().unwrap_or_else(|e| e.into_inner());
@@ -122,7 +122,7 @@ pub(crate) struct HandshakeLimits {
 }
 
 impl TlsListener {
-    pub fn new(
+    pub(super) fn new(
         tcp: TcpListener,
         tls: Arc<Tls>,
         limits: HandshakeLimits,

@@ -44,7 +44,7 @@ fn lower_priority() {
 
 impl TokenChecker {
     /// `threads` checker threads, and room for `queue` hellos waiting for one.
-    pub fn start(threads: usize, queue: usize) -> Self {
+    pub(crate) fn start(threads: usize, queue: usize) -> Self {
         let (jobs, rx) = sync_channel::<Job>(queue.max(1));
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads.max(1) {
@@ -74,7 +74,7 @@ impl TokenChecker {
     }
 
     /// Check a hello's token; `Err(Busy)` when the check could not start by `deadline`.
-    pub async fn check(
+    pub(crate) async fn check(
         &self,
         store: Arc<dyn ClientStore>,
         client_id: String,

@@ -627,7 +627,7 @@ mod packed_traceparent {
     use serde::de::{self, Visitor};
     use serde::{Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(value: &str, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(value: &str, s: S) -> Result<S::Ok, S::Error> {
         match pack(value) {
             Some(bytes) => s.serialize_bytes(&bytes),
             None => s.serialize_str(value),
@@ -642,7 +642,7 @@ mod packed_traceparent {
         Some(out)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         struct V;
         impl Visitor<'_> for V {
             type Value = String;

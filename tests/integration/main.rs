@@ -4,6 +4,8 @@
 
 // Test code: an unwrap that fails is the test failing, with its message.
 #![allow(clippy::unwrap_used)]
+// A test binary exports nothing: `pub` here only shares helpers between its modules.
+#![allow(unreachable_pub)]
 
 mod support;
 
