@@ -63,7 +63,7 @@ pub trait Analyzer: Send + Sync + 'static {
 
 /// Build the analyzer a config names. The `identity` analyzer loads its models here, one set of
 /// sessions per analysis thread.
-pub fn from_config(cfg: &Config) -> Result<Box<dyn Analyzer>, AnalyzeError> {
+pub(crate) fn from_config(cfg: &Config) -> Result<Box<dyn Analyzer>, AnalyzeError> {
     match cfg.worker.analyzer.as_str() {
         "frame-info" => Ok(Box::new(FrameInfo)),
         "delay" => Ok(Box::new(Delay {
@@ -82,7 +82,7 @@ pub fn from_config(cfg: &Config) -> Result<Box<dyn Analyzer>, AnalyzeError> {
 }
 
 /// The model stack: face detection, recognition against the reference, liveness, phones.
-pub struct Identity {
+pub(crate) struct Identity {
     pub stack: IdentityStack,
 }
 
@@ -111,7 +111,7 @@ impl Analyzer for Identity {
 /// on an analysis thread as a model would. It makes worker capacity predictable
 /// (`analysis_threads / service_time` frames per second per worker), so scaling by replica count
 /// can be measured on a small machine.
-pub struct Delay {
+pub(crate) struct Delay {
     pub service_time: Duration,
 }
 
@@ -127,7 +127,7 @@ impl Analyzer for Delay {
 }
 
 /// Reads width, height and component count from the JPEG's start-of-frame marker.
-pub struct FrameInfo;
+pub(crate) struct FrameInfo;
 
 impl Analyzer for FrameInfo {
     fn name(&self) -> &'static str {
@@ -150,10 +150,10 @@ impl Analyzer for FrameInfo {
     }
 }
 
-pub use crate::wire::jpeg::JpegInfo;
+pub(crate) use crate::wire::jpeg::JpegInfo;
 
 /// [`crate::wire::jpeg::info`], as an analysis error.
-pub fn jpeg_info(data: &[u8]) -> Result<JpegInfo, AnalyzeError> {
+pub(crate) fn jpeg_info(data: &[u8]) -> Result<JpegInfo, AnalyzeError> {
     crate::wire::jpeg::info(data).map_err(|e| AnalyzeError::BadJpeg(e.to_string()))
 }
 

@@ -24,18 +24,18 @@
 //!   record and replay, evaluation on real data, model fetching and broker provisioning.
 
 pub mod admin;
-pub mod analyzer;
+pub(crate) mod analyzer;
 pub mod audit;
 pub mod broker;
 pub mod config;
 pub mod directory;
-pub mod domain;
+pub(crate) mod domain;
 pub mod edge;
 pub mod inference;
-pub mod liveness;
-pub mod management;
+pub(crate) mod liveness;
+pub(crate) mod management;
 pub mod metrics;
-pub mod operators;
+pub(crate) mod operators;
 pub mod policy;
 pub mod roles;
 pub mod telemetry;

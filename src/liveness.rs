@@ -101,7 +101,7 @@ struct Seen {
 
 /// One client's liveness evidence.
 #[derive(Debug, Clone, Default)]
-pub struct StreamLiveness {
+pub(crate) struct StreamLiveness {
     faces: VecDeque<Seen>,
 }
 
@@ -123,12 +123,12 @@ fn median(mut v: Vec<f32>) -> Option<f32> {
 }
 
 impl StreamLiveness {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Add one face seen at `now_ms` and judge the window.
-    pub fn observe(
+    pub(crate) fn observe(
         &mut self,
         cfg: &LivenessConfig,
         now_ms: u64,
@@ -188,7 +188,12 @@ impl StreamLiveness {
     /// it (it never travels further), add the window's score to its liveness, and turn the
     /// verdict into `spoof` when the window says so and no earlier rule applies. Faces that
     /// failed the quality gate neither enter the window nor are judged by it.
-    pub fn fuse(&mut self, cfg: &LivenessConfig, now_ms: u64, analysis: &mut IdentityAnalysis) {
+    pub(crate) fn fuse(
+        &mut self,
+        cfg: &LivenessConfig,
+        now_ms: u64,
+        analysis: &mut IdentityAnalysis,
+    ) {
         let signature = analysis.signature.take();
         let judged = matches!(
             analysis.verdict,

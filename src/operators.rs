@@ -33,7 +33,7 @@ pub enum OperatorError {
 
 /// One operator as the file keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OperatorEntry {
+pub(crate) struct OperatorEntry {
     pub name: String,
     /// SHA-256 (hex) of the token.
     pub sha256: String,
@@ -42,12 +42,12 @@ pub struct OperatorEntry {
 
 /// The operators an admin API accepts.
 #[derive(Debug, Clone, Default)]
-pub struct Operators {
+pub(crate) struct Operators {
     entries: Vec<(String, [u8; 32])>,
 }
 
 /// The name the shared `VIGIL_ADMIN_TOKEN` is known by.
-pub const SHARED_TOKEN_OPERATOR: &str = "admin";
+pub(crate) const SHARED_TOKEN_OPERATOR: &str = "admin";
 
 fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
@@ -56,7 +56,10 @@ fn digest(token: &str) -> [u8; 32] {
 impl Operators {
     /// The operators of `file` (none when it is missing), plus `shared_token` as
     /// [`SHARED_TOKEN_OPERATOR`] when set.
-    pub fn load(file: Option<&Path>, shared_token: Option<&str>) -> Result<Self, OperatorError> {
+    pub(crate) fn load(
+        file: Option<&Path>,
+        shared_token: Option<&str>,
+    ) -> Result<Self, OperatorError> {
         let mut entries = Vec::new();
         if let Some(path) = file {
             for e in read(path)? {
@@ -77,13 +80,9 @@ impl Operators {
         Ok(Self { entries })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// The operator whose token `presented` is, if any. Every entry is compared, in constant
     /// time, whatever matches.
-    pub fn identify(&self, presented: &str) -> Option<&str> {
+    pub(crate) fn identify(&self, presented: &str) -> Option<&str> {
         use subtle::ConstantTimeEq;
         let hash = digest(presented);
         let mut found = None;
@@ -97,7 +96,7 @@ impl Operators {
 }
 
 /// The entries of an operators file (empty when it does not exist).
-pub fn read(path: &Path) -> Result<Vec<OperatorEntry>, OperatorError> {
+pub(crate) fn read(path: &Path) -> Result<Vec<OperatorEntry>, OperatorError> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| OperatorError::Parse {
             path: path.to_owned(),
@@ -111,6 +110,7 @@ pub fn read(path: &Path) -> Result<Vec<OperatorEntry>, OperatorError> {
     }
 }
 
+#[cfg(feature = "tools")] // `vigil operators add|remove`
 fn write(path: &Path, entries: &[OperatorEntry]) -> Result<(), OperatorError> {
     let bytes = serde_json::to_vec_pretty(entries).expect("operators encode");
     crate::directory::write_atomic(path, &bytes).map_err(|source| OperatorError::Io {
@@ -125,8 +125,9 @@ fn write(path: &Path, entries: &[OperatorEntry]) -> Result<(), OperatorError> {
     Ok(())
 }
 
+#[cfg(feature = "tools")] // `vigil operators add|remove`
 /// Add operator `name` with a fresh token; returns the token (shown once).
-pub fn add(path: &Path, name: &str) -> Result<String, OperatorError> {
+pub(crate) fn add(path: &Path, name: &str) -> Result<String, OperatorError> {
     crate::topology::check_identifier("operator name", name).map_err(OperatorError::Name)?;
     if name == SHARED_TOKEN_OPERATOR {
         return Err(OperatorError::Name(format!(
@@ -147,8 +148,9 @@ pub fn add(path: &Path, name: &str) -> Result<String, OperatorError> {
     Ok(token)
 }
 
+#[cfg(feature = "tools")] // `vigil operators add|remove`
 /// Remove operator `name`: its token stops working at the next request.
-pub fn remove(path: &Path, name: &str) -> Result<(), OperatorError> {
+pub(crate) fn remove(path: &Path, name: &str) -> Result<(), OperatorError> {
     let mut entries = read(path)?;
     let before = entries.len();
     entries.retain(|e| e.name != name);
