@@ -482,6 +482,18 @@ impl Broker {
 
     /// Consume a stream from its last chunk (the newest messages), for reading the latest
     /// state a stream records.
+    /// Read a stream from its first retained message on.
+    pub async fn consume_stream_first(
+        &self,
+        queue: &str,
+        consumer_tag: &str,
+        prefetch: u16,
+    ) -> Result<Consumer, BrokerError> {
+        let first = AMQPValue::LongString("first".into());
+        self.consume_stream_at(queue, consumer_tag, first, prefetch)
+            .await
+    }
+
     pub async fn consume_stream_last(
         &self,
         queue: &str,

@@ -175,10 +175,19 @@ pub async fn record(
 const FIRST_DELIVERY: Duration = Duration::from_secs(10);
 /// A gap this long after the last delivery is the stream's tail.
 const QUIET_GAP: Duration = Duration::from_secs(1);
+/// How far before the asked start an export first enters the stream (by the broker's clock).
+const FIRST_LOOK_BACK: Duration = Duration::from_secs(60);
+/// Past this look-back, an export reads the stream from its first retained message.
+const WHOLE_STREAM: Duration = Duration::from_secs(15 * 60);
 
 /// Export the capture stream from `since_ms` on into a capture (no planned recording needed).
-/// Reading stops once the stream has nothing newer for a second (after up to ten for the
-/// first delivery).
+///
+/// The stream is entered by the broker's clock (its chunks' timestamps), but frames are kept by
+/// their producer's (`produced_at_ms`), and the two clocks may disagree. So the read starts a
+/// minute early and skips older frames; when the first frame it sees is already inside the
+/// window, the window's start may have been missed, and it starts over four times further
+/// back, up to the whole retained stream. Each read stops once the stream has nothing newer
+/// for a second (after up to ten for the first delivery).
 pub async fn from_stream(
     cfg: &Config,
     since_ms: u64,
@@ -194,30 +203,26 @@ pub async fn from_stream(
     broker.declare(&topo.shared(ns)).await?;
     broker.declare(&topo.streams(ns)).await?;
     let stream = cfg.names().capture_stream();
-    let mut consumer = broker
-        .consume_stream(&stream, "vigil-record-stream", since_ms, 500)
-        .await?;
-    let mut records = Vec::new();
-    // A busy broker can take a while to start a stream consumer, so the first delivery gets
-    // longer than the gaps after it; the read ends at the first quiet gap (the stream's tail).
-    let mut wait = FIRST_DELIVERY;
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(wait, consumer.next()).await {
-        wait = QUIET_GAP;
-        let _ = d.ack().await;
-        // The stream keeps whole segments: skip what predates the asked window.
-        let Ok(env) = crate::wire::Envelope::decode(d.data()) else {
-            continue;
+    let mut back = FIRST_LOOK_BACK;
+    let records = loop {
+        let whole = back > WHOLE_STREAM;
+        let mut consumer = if whole {
+            broker
+                .consume_stream_first(&stream, "vigil-record-stream", 500)
+                .await?
+        } else {
+            let from = since_ms.saturating_sub(back.as_millis() as u64);
+            broker
+                .consume_stream(&stream, "vigil-record-stream", from, 500)
+                .await?
         };
-        if env.produced_at_ms < since_ms {
-            continue;
+        let (records, saw_before) = read_window(&mut consumer, since_ms).await;
+        consumer.close().await;
+        if saw_before || whole {
+            break records;
         }
-        records.push(CaptureRecord {
-            arrived_at_ms: env.produced_at_ms,
-            kind: RecordKind::Frame,
-            event: d.data().to_vec(),
-        });
-    }
-    consumer.close().await;
+        back *= 4;
+    };
     broker.close().await;
     Ok(crate::tools::capture::Capture {
         header: CaptureHeader {
@@ -231,6 +236,38 @@ pub async fn from_stream(
         records,
         truncated: false,
     })
+}
+
+/// Read a stream consumer to its tail, keeping the frames produced from `since_ms` on. Also
+/// says whether a frame from before `since_ms` came first (then the window was entered in
+/// time, and nothing in it was missed).
+async fn read_window(
+    consumer: &mut crate::broker::Consumer,
+    since_ms: u64,
+) -> (Vec<CaptureRecord>, bool) {
+    let mut records = Vec::new();
+    let mut saw_before = false;
+    // A busy broker can take a while to start a stream consumer, so the first delivery gets
+    // longer than the gaps after it; the read ends at the first quiet gap (the stream's tail).
+    let mut wait = FIRST_DELIVERY;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(wait, consumer.next()).await {
+        wait = QUIET_GAP;
+        let _ = d.ack().await;
+        let Ok(env) = crate::wire::Envelope::decode(d.data()) else {
+            continue;
+        };
+        if env.produced_at_ms < since_ms {
+            // The stream keeps whole chunks: older frames come first, and are skipped.
+            saw_before |= records.is_empty();
+            continue;
+        }
+        records.push(CaptureRecord {
+            arrived_at_ms: env.produced_at_ms,
+            kind: RecordKind::Frame,
+            event: d.data().to_vec(),
+        });
+    }
+    (records, saw_before)
 }
 
 /// Write a capture read back (or exported) to a file.
