@@ -276,6 +276,37 @@ pub fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+/// What every service binary takes on its command line. Every setting can also come from
+/// `VIGIL_*` environment variables (see README.md).
+#[derive(clap::Parser)]
+struct ServiceArgs {
+    /// Configuration file (TOML).
+    #[arg(long, env = "VIGIL_CONFIG")]
+    config: Option<std::path::PathBuf>,
+}
+
+/// A service binary's whole `main`: its command line (`--config`, `--help` saying `about`,
+/// `--version`), then [`service_main`].
+pub fn run_service<F, Fut, E>(
+    role: crate::config::Role,
+    about: &'static str,
+    run: F,
+) -> std::process::ExitCode
+where
+    F: FnOnce(crate::config::Config, Registry, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let matches = ServiceArgs::command()
+        .name(role.binary())
+        .about(about)
+        .version(env!("CARGO_PKG_VERSION"))
+        .get_matches();
+    let args = ServiceArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    service_main(role, args.config.as_deref(), run)
+}
+
 /// The `main` of a service binary: load the config and validate what `role` reads (exit 78,
 /// `EX_CONFIG`, on a bad one, listing every problem), start the logs, build the registry, run
 /// until SIGINT or SIGTERM, and map the outcome to an exit code (a panicked main task is a
