@@ -3,7 +3,7 @@
 //! publishes, reads the time and tells the client, and this module decides.
 //!
 //! **Invariant: every frame the window accepts leaves it exactly once** — through
-//! [`Window::answer`], [`Window::fail`], [`Window::superseded`] (returned by `offer`),
+//! [`Window::answer`], [`Window::fail`], as the frame `offer` says it superseded,
 //! [`Window::overdue`] or [`Window::drain`] — and the session answers the client once for each
 //! (`result` or `dropped`). A second answer for a frame that already left is refused, so a
 //! redelivered frame analysed twice, or a result that arrives after the sweep, is not sent
