@@ -35,6 +35,10 @@ pub enum AdminOp {
     Unblock,
     Kick,
     Remove,
+    /// Ask the client's live session for a liveness challenge.
+    Challenge,
+    /// Let a signed-out client start sessions again, with a fresh policy state.
+    Readmit,
 }
 
 impl AdminOp {
@@ -46,6 +50,8 @@ impl AdminOp {
             AdminOp::Unblock => "unblock",
             AdminOp::Kick => "kick",
             AdminOp::Remove => "remove",
+            AdminOp::Challenge => "challenge",
+            AdminOp::Readmit => "readmit",
         }
     }
 
@@ -57,6 +63,8 @@ impl AdminOp {
             "unblock" => AdminOp::Unblock,
             "kick" => AdminOp::Kick,
             "remove" => AdminOp::Remove,
+            "challenge" => AdminOp::Challenge,
+            "readmit" => AdminOp::Readmit,
             _ => return None,
         })
     }
@@ -165,7 +173,16 @@ impl Admin {
                     AdminOp::Pause => Some(ClientStatus::Paused),
                     AdminOp::Resume | AdminOp::Unblock => Some(ClientStatus::Active),
                     AdminOp::Block => Some(ClientStatus::Blocked),
-                    AdminOp::Kick => None,
+                    AdminOp::Kick | AdminOp::Challenge => None,
+                    AdminOp::Readmit => {
+                        // A fresh start: the signed-out escalation is not carried into the
+                        // sessions the operator allowed.
+                        store.put_policy(
+                            &owned,
+                            &crate::policy::ClientPolicy::new().save(wire::now_ms()),
+                        )?;
+                        None
+                    }
                     AdminOp::Remove => {
                         store.remove(&owned)?;
                         return Ok(None);
@@ -175,6 +192,9 @@ impl Admin {
                 let record = store.update(&owned, &mut |record| {
                     if let Some(status) = status {
                         record.status = status;
+                    }
+                    if op == AdminOp::Readmit && record.status == ClientStatus::SignedOut {
+                        record.status = ClientStatus::Active;
                     }
                 })?;
                 Ok(Some(ClientView::of(
@@ -190,6 +210,9 @@ impl Admin {
             AdminOp::Block => ControlCommand::Block,
             AdminOp::Unblock => ControlCommand::Unblock,
             AdminOp::Kick | AdminOp::Remove => ControlCommand::Kick,
+            AdminOp::Challenge => ControlCommand::Challenge,
+            // Nothing live to tell: a signed-out client has no session.
+            AdminOp::Readmit => ControlCommand::Unblock,
         };
         self.broadcast(id, command, operator).await?;
         self.audit(id, op.as_str(), operator).await?;

@@ -21,6 +21,10 @@ pub enum Verdict {
     /// (the camera was turned off, or the page stopped sending). The edge feeds it to the
     /// policy; workers never give it.
     NoFrames,
+    /// Not a frame's verdict but the edge's: the client sent something that is not a usable
+    /// JPEG (refused by the edge's header check, or by the worker's decoder). It is not
+    /// presence, and the policy counts it.
+    InvalidFrame,
 }
 
 impl Verdict {
@@ -45,6 +49,7 @@ impl Verdict {
             Verdict::Phone => "phone",
             Verdict::Ok => "ok",
             Verdict::NoFrames => "no_frames",
+            Verdict::InvalidFrame => "invalid_frame",
         }
     }
 }
@@ -85,6 +90,26 @@ impl std::str::FromStr for Device {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda),
             other => Err(format!("unknown device `{other}` (cpu or cuda)")),
+        }
+    }
+}
+
+/// One step of a liveness challenge: what the candidate is asked to do. Directions are the
+/// candidate's own (`turn_left`: the candidate turns their head to their left).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    TurnLeft,
+    TurnRight,
+}
+
+impl StepKind {
+    pub const ALL: [StepKind; 2] = [StepKind::TurnLeft, StepKind::TurnRight];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepKind::TurnLeft => "turn_left",
+            StepKind::TurnRight => "turn_right",
         }
     }
 }

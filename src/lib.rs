@@ -13,8 +13,9 @@
 //! - [`edge`]: the WebSocket edge node (`vigil-edge`), its admin API, and Vigil's own client.
 //! - [`worker`]: the frame worker (`vigil-worker`); [`analyzer`]: what it runs on a frame.
 //! - [`inference`]: pixels, models (`image`, `ort`) and the model manifest.
-//! - [`policy`]: the per-client action policy; [`liveness`]: liveness over a client's
-//!   stream; [`audit`]: the audit writer (`vigil-audit`) and its store.
+//! - [`policy`]: the per-client action policy; [`liveness`]: passive liveness over a client's
+//!   stream, which raises suspicions; [`challenge`]: the active challenge that decides them;
+//!   [`audit`]: the audit writer (`vigil-audit`) and its store.
 //! - [`directory`]: the client directory (a folder, or PostgreSQL); [`admin`]: client
 //!   administration over the control plane; [`operators`]: the operators' named tokens.
 //! - [`config`]: typed configuration with `VIGIL_*` overrides and full validation.
@@ -27,6 +28,7 @@ pub mod admin;
 pub(crate) mod analyzer;
 pub mod audit;
 pub mod broker;
+pub mod challenge;
 pub mod config;
 pub mod directory;
 pub(crate) mod domain;

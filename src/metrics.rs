@@ -127,6 +127,8 @@ pub struct EdgeMetrics {
     pub actions: IntCounterVec,
     pub actions_unaudited: IntCounter,
     pub control_applied: IntCounterVec,
+    pub challenges: IntCounterVec,
+    pub suspicions: IntCounterVec,
     pub system_full: IntGauge,
     pub work_backlog: IntGauge,
     pub throttles: IntCounter,
@@ -223,6 +225,18 @@ impl EdgeMetrics {
                 "vigil_edge_control_applied_total",
                 "Control commands applied to a live session on this edge, by command",
                 &["command"],
+            ),
+            challenges: counter_vec(
+                registry,
+                "vigil_edge_challenges_total",
+                "Liveness challenges, by outcome (issued, passed, failed) and trigger",
+                &["outcome", "trigger"],
+            ),
+            suspicions: counter_vec(
+                registry,
+                "vigil_edge_suspicions_total",
+                "Suspicions raised by the passive liveness signals, by signal",
+                &["signal"],
             ),
             system_full: gauge(
                 registry,

@@ -3,8 +3,12 @@
 //! Pure and deterministic: [`ClientPolicy::observe`] takes a verdict and the time, and says
 //! whether an action fires. A rule fires when `k` of the last `n` frames share its verdict and
 //! the rule is not cooling down; each firing of a rule takes the next step of its escalation
-//! (for example warn, then lock_screen); `ok_to_allow` consecutive `ok` frames bring the client
-//! back to `allow`. The edge session runs one per client, where results arrive in order.
+//! (for example warn, then lock_screen). The joint `not_ok` rule counts any mix of the verdicts
+//! it names, so alternating one violation with another (or with blank frames) is still caught.
+//! `ok_to_allow` consecutive `ok` frames bring the client back to `allow`, unless the return is
+//! held (a failed liveness challenge is lifted only by passing the next one).
+//! [`ClientPolicy::fire`] takes a rule's next step directly: a failed challenge is the `spoof`
+//! rule's step. The edge session runs one per client, where results arrive in order.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -43,12 +47,28 @@ pub struct PolicyConfig {
     /// forgotten, in ms [VIGIL_POLICY_CARRY_OVER_MS].
     pub carry_over_ms: u64,
     pub rules: BTreeMap<Verdict, Rule>,
+    /// The joint rule: `k` of the last `n` frames had any of `verdicts` (`[policy.not_ok]`).
+    pub not_ok: Option<JointRule>,
+    /// After `sign_out` the edge ends the session, and the client cannot start another until
+    /// an operator re-admits it [VIGIL_POLICY_SIGN_OUT_ENDS_SESSION].
+    pub sign_out_ends_session: bool,
+}
+
+/// A rule over several verdicts at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JointRule {
+    pub verdicts: Vec<Verdict>,
+    #[serde(flatten)]
+    pub rule: Rule,
 }
 
 impl Default for PolicyConfig {
-    /// The old system's meaning: no face and the wrong person lock the screen, a spoof or a
-    /// phone signs out, several faces warn and then lock. Every `k` is above half of its `n`,
-    /// so a verdict that merely alternates with `ok` never fires.
+    /// No face and the wrong person lock the screen, a phone signs out, several faces warn and
+    /// then lock, any mix of those locks, frames that are not images warn and then lock. A
+    /// `spoof` comes only from a failed liveness challenge (passive signals never act): the
+    /// first locks, the next signs out. Every frame rule's `k` is above half of its `n`, so a
+    /// verdict that merely alternates with `ok` never fires.
     fn default() -> Self {
         let rule = |k, n, steps: &[Action], cooldown_ms| Rule {
             k,
@@ -62,7 +82,11 @@ impl Default for PolicyConfig {
                 Verdict::WrongPerson,
                 rule(5, 8, &[Action::LockScreen], 10_000),
             ),
-            (Verdict::Spoof, rule(4, 6, &[Action::SignOut], 30_000)),
+            // Fed only by failed challenges, one verdict each.
+            (
+                Verdict::Spoof,
+                rule(1, 1, &[Action::LockScreen, Action::SignOut], 0),
+            ),
             (Verdict::Phone, rule(4, 6, &[Action::SignOut], 30_000)),
             (
                 Verdict::MultipleFaces,
@@ -71,6 +95,11 @@ impl Default for PolicyConfig {
             // A face too poor to judge is the camera's or the light's fault far more often
             // than a cheat's: it only ever warns ("face the camera", "more light").
             (Verdict::LowQuality, rule(10, 15, &[Action::Warn], 30_000)),
+            // Frames that could not be decoded: not presence, and not for long.
+            (
+                Verdict::InvalidFrame,
+                rule(6, 10, &[Action::Warn, Action::LockScreen], 10_000),
+            ),
             // Silence: first a warning (a camera that dropped out), then the screen locks.
             (
                 Verdict::NoFrames,
@@ -83,6 +112,18 @@ impl Default for PolicyConfig {
             no_frames_ms: 10_000,
             carry_over_ms: 30 * 60 * 1000,
             rules,
+            not_ok: Some(JointRule {
+                verdicts: vec![
+                    Verdict::WrongPerson,
+                    Verdict::NoFace,
+                    Verdict::MultipleFaces,
+                    Verdict::Phone,
+                    Verdict::Spoof,
+                    Verdict::InvalidFrame,
+                ],
+                rule: rule(6, 10, &[Action::LockScreen], 10_000),
+            }),
+            sign_out_ends_session: true,
         }
     }
 }
@@ -103,25 +144,42 @@ impl PolicyConfig {
                 self.no_frames_ms
             ));
         }
+        let check = |name: String, r: &Rule, errors: &mut Vec<String>| {
+            if r.k == 0 || r.k > r.n {
+                errors.push(format!(
+                    "policy.{name}: k = {} must be within 1..=n ({})",
+                    r.k, r.n
+                ));
+            }
+            if r.n > 1000 {
+                errors.push(format!("policy.{name}: n = {} is above 1000", r.n));
+            }
+            if r.steps.is_empty() || r.steps.contains(&Action::Allow) {
+                errors.push(format!(
+                    "policy.{name}: steps must name warn, lock_screen or sign_out"
+                ));
+            }
+        };
+        if let Some(j) = &self.not_ok {
+            check("not_ok".into(), &j.rule, &mut errors);
+            if j.verdicts.is_empty() {
+                errors.push("policy.not_ok.verdicts must name at least one verdict".into());
+            }
+            for v in [Verdict::Ok, Verdict::LowQuality, Verdict::NoFrames] {
+                if j.verdicts.contains(&v) {
+                    errors.push(format!(
+                        "policy.not_ok.verdicts: `{}` cannot count as a violation",
+                        v.as_str()
+                    ));
+                }
+            }
+        }
         for (verdict, r) in &self.rules {
             let name = verdict.as_str();
             if *verdict == Verdict::Ok {
                 errors.push("policy.rules.ok: `ok` cannot have a rule".into());
             }
-            if r.k == 0 || r.k > r.n {
-                errors.push(format!(
-                    "policy.rules.{name}: k = {} must be within 1..=n ({})",
-                    r.k, r.n
-                ));
-            }
-            if r.n > 1000 {
-                errors.push(format!("policy.rules.{name}: n = {} is above 1000", r.n));
-            }
-            if r.steps.is_empty() || r.steps.contains(&Action::Allow) {
-                errors.push(format!(
-                    "policy.rules.{name}: steps must name warn, lock_screen or sign_out"
-                ));
-            }
+            check(format!("rules.{name}"), r, &mut errors);
             if *verdict == Verdict::LowQuality && r.steps.iter().any(|s| *s != Action::Warn) {
                 errors.push(
                     "policy.rules.low_quality: a face too poor to judge may only warn".into(),
@@ -133,15 +191,26 @@ impl PolicyConfig {
 
     /// The longest window any rule needs.
     fn window(&self) -> usize {
-        self.rules.values().map(|r| r.n).max().unwrap_or(1)
+        self.rules
+            .values()
+            .chain(self.not_ok.as_ref().map(|j| &j.rule))
+            .map(|r| r.n)
+            .max()
+            .unwrap_or(1)
     }
 }
 
-/// A client's policy state as the directory keeps it.
+/// A client's policy state as the directory keeps it, with its liveness challenge in
+/// progress, so that neither a reconnect nor another edge escapes or restarts it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SavedPolicy {
     pub saved_at_ms: u64,
     pub policy: ClientPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub challenge: Option<crate::challenge::Challenge>,
+    /// When the client last passed a challenge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passed_at_ms: Option<u64>,
 }
 
 /// A fired action, with its reason.
@@ -152,6 +221,8 @@ pub struct Decision {
     pub reason: Verdict,
     /// How many times this rule had fired before (0 for the first).
     pub step: usize,
+    /// Fired by the joint `not_ok` rule (over `reason` and the other verdicts it names).
+    pub joint: bool,
 }
 
 /// One client's policy state. It is saved in the directory ([`SavedPolicy`]) so that it
@@ -162,6 +233,12 @@ pub struct ClientPolicy {
     ok_streak: usize,
     state: Action,
     fired: BTreeMap<Verdict, (usize, u64)>,
+    /// The joint rule's firings and when it last fired.
+    #[serde(default)]
+    joint_fired: (usize, u64),
+    /// The return to `allow` is held (until [`ClientPolicy::release`]).
+    #[serde(default)]
+    held: bool,
 }
 
 impl Default for ClientPolicy {
@@ -177,7 +254,56 @@ impl ClientPolicy {
             ok_streak: 0,
             state: Action::Allow,
             fired: BTreeMap::new(),
+            joint_fired: (0, 0),
+            held: false,
         }
+    }
+
+    /// Hold the return to `allow`: ok frames no longer lift the action in force.
+    pub fn hold(&mut self) {
+        self.held = true;
+    }
+
+    /// Whether the return to `allow` is held.
+    pub fn held(&self) -> bool {
+        self.held
+    }
+
+    /// End a hold; when an action other than `allow` is in force, the client is allowed back
+    /// now (`reason` `Ok`).
+    pub fn release(&mut self) -> Option<Decision> {
+        self.held = false;
+        self.ok_streak = 0;
+        (self.state != Action::Allow).then(|| {
+            self.state = Action::Allow;
+            Decision {
+                action: Action::Allow,
+                reason: Verdict::Ok,
+                step: 0,
+                joint: false,
+            }
+        })
+    }
+
+    /// Take the next step of `verdict`'s rule now, whatever its window and cooldown (a failed
+    /// liveness challenge is one `spoof`). `None` when no rule is configured for it.
+    pub fn fire(&mut self, cfg: &PolicyConfig, verdict: Verdict, now_ms: u64) -> Option<Decision> {
+        let rule = cfg.rules.get(&verdict)?;
+        self.window.push_back(verdict);
+        while self.window.len() > cfg.window() {
+            self.window.pop_front();
+        }
+        self.ok_streak = 0;
+        let (times, _) = self.fired.get(&verdict).copied().unwrap_or((0, 0));
+        let action = rule.steps[times.min(rule.steps.len() - 1)];
+        self.fired.insert(verdict, (times + 1, now_ms));
+        self.state = action;
+        Some(Decision {
+            action,
+            reason: verdict,
+            step: times,
+            joint: false,
+        })
     }
 
     /// The action in force.
@@ -198,6 +324,8 @@ impl ClientPolicy {
         SavedPolicy {
             saved_at_ms: now_ms,
             policy: self.clone(),
+            challenge: None,
+            passed_at_ms: None,
         }
     }
 
@@ -214,39 +342,67 @@ impl ClientPolicy {
         }
         if verdict == Verdict::Ok {
             self.ok_streak += 1;
-            if self.ok_streak >= cfg.ok_to_allow && self.state != Action::Allow {
+            if self.ok_streak >= cfg.ok_to_allow && self.state != Action::Allow && !self.held {
                 self.state = Action::Allow;
                 return Some(Decision {
                     action: Action::Allow,
                     reason: Verdict::Ok,
                     step: 0,
+                    joint: false,
                 });
             }
             return None;
         }
         self.ok_streak = 0;
-        let rule = cfg.rules.get(&verdict)?;
-        let seen = self
-            .window
-            .iter()
-            .rev()
-            .take(rule.n)
-            .filter(|v| **v == verdict)
-            .count();
-        if seen < rule.k {
+        let count = |n: usize, counts: &dyn Fn(Verdict) -> bool| {
+            self.window
+                .iter()
+                .rev()
+                .take(n)
+                .filter(|v| counts(**v))
+                .count()
+        };
+        // A verdict that reaches its own rule is that rule's (firing or cooling down); the
+        // joint rule is for mixes no single rule sees.
+        if let Some(rule) = cfg.rules.get(&verdict)
+            && count(rule.n, &|v| v == verdict) >= rule.k
+        {
+            let (times, last) = self.fired.get(&verdict).copied().unwrap_or((0, 0));
+            if times == 0 || now_ms >= last + rule.cooldown_ms {
+                let action = rule.steps[times.min(rule.steps.len() - 1)];
+                self.fired.insert(verdict, (times + 1, now_ms));
+                self.state = action;
+                return Some(Decision {
+                    action,
+                    reason: verdict,
+                    step: times,
+                    joint: false,
+                });
+            }
             return None;
         }
-        let (times, last) = self.fired.get(&verdict).copied().unwrap_or((0, 0));
-        if times > 0 && now_ms < last + rule.cooldown_ms {
+        let joint = cfg.not_ok.as_ref()?;
+        if !joint.verdicts.contains(&verdict)
+            || count(joint.rule.n, &|v| joint.verdicts.contains(&v)) < joint.rule.k
+        {
             return None;
         }
-        let action = rule.steps[times.min(rule.steps.len() - 1)];
-        self.fired.insert(verdict, (times + 1, now_ms));
+        let (times, last) = self.joint_fired;
+        if times > 0 && now_ms < last + joint.rule.cooldown_ms {
+            return None;
+        }
+        // The joint rule never lowers an action a single rule put in force.
+        let action = joint.rule.steps[times.min(joint.rule.steps.len() - 1)];
+        if action < self.state {
+            return None;
+        }
+        self.joint_fired = (times + 1, now_ms);
         self.state = action;
         Some(Decision {
             action,
             reason: verdict,
             step: times,
+            joint: true,
         })
     }
 }
@@ -269,7 +425,15 @@ mod tests {
     #[test]
     fn flapping_never_fires() {
         let cfg = PolicyConfig::default();
-        for bad in [NoFace, WrongPerson, Spoof, Phone, MultipleFaces, LowQuality] {
+        // (`spoof` is not a frame's verdict: only a failed challenge gives it, one at a time.)
+        for bad in [
+            NoFace,
+            WrongPerson,
+            Phone,
+            MultipleFaces,
+            LowQuality,
+            InvalidFrame,
+        ] {
             let frames: Vec<Verdict> = (0..500)
                 .map(|i| if i % 2 == 0 { Ok } else { bad })
                 .collect();
@@ -293,6 +457,49 @@ mod tests {
                 .iter()
                 .all(|(_, d)| d.action == Action::LockScreen && d.reason == WrongPerson)
         );
+    }
+
+    #[test]
+    fn any_mix_of_violations_is_caught_by_the_joint_rule() {
+        let cfg = PolicyConfig::default();
+        // An impostor alternating with blank frames, or with garbage: no single rule fires,
+        // the joint one locks.
+        for other in [NoFace, InvalidFrame, MultipleFaces] {
+            let frames: Vec<Verdict> = (0..40)
+                .map(|i| if i % 2 == 0 { WrongPerson } else { other })
+                .collect();
+            let fired = run(&cfg, &frames);
+            assert_eq!(fired[0].0, 5, "{other:?}: {fired:?}");
+            assert!(fired[0].1.joint && fired[0].1.action == Action::LockScreen);
+        }
+        // A sustained single violation stays its own rule's, ladder included.
+        let fired = run(&cfg, &[MultipleFaces; 40]);
+        assert!(fired.iter().all(|(_, d)| !d.joint), "{fired:?}");
+        // Low quality never counts, nor does a violation that merely alternates with ok.
+        let frames: Vec<Verdict> = (0..100)
+            .map(|i| [WrongPerson, LowQuality, Ok][i % 3])
+            .collect();
+        assert_eq!(run(&cfg, &frames), vec![]);
+    }
+
+    #[test]
+    fn a_failed_challenge_locks_then_signs_out_and_a_held_lock_waits_for_a_pass() {
+        let cfg = PolicyConfig::default();
+        let mut p = ClientPolicy::new();
+        let first = p.fire(&cfg, Spoof, 1_000).unwrap();
+        assert_eq!((first.action, first.reason), (Action::LockScreen, Spoof));
+        p.hold();
+        // Ok frames do not lift a held lock...
+        assert!((0..20).all(|i| p.observe(&cfg, Ok, 2_000 + i * 200).is_none()));
+        // ...passing does.
+        assert_eq!(p.release().unwrap().action, Action::Allow);
+        assert!(p.release().is_none(), "already allowed");
+        // The next failure signs out.
+        assert_eq!(p.fire(&cfg, Spoof, 9_000).unwrap().action, Action::SignOut);
+        // Without a `spoof` rule, a failure fires nothing.
+        let mut bare = cfg.clone();
+        bare.rules.remove(&Spoof);
+        assert!(ClientPolicy::new().fire(&bare, Spoof, 0).is_none());
     }
 
     #[test]
@@ -348,9 +555,9 @@ mod tests {
     #[test]
     fn recovery_returns_to_allow() {
         let cfg = PolicyConfig::default();
-        let mut frames = vec![Spoof; 6];
+        let mut frames = vec![Phone; 6];
         frames.extend([Ok; 4]);
-        frames.push(Spoof); // breaks the streak
+        frames.push(Phone); // breaks the streak
         frames.extend([Ok; 5]);
         let fired = run(&cfg, &frames);
         let actions: Vec<(usize, Action)> = fired.iter().map(|(i, d)| (*i, d.action)).collect();

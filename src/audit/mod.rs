@@ -112,6 +112,9 @@ pub struct AuditRecord {
     /// For an action forced by an administrator: who.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operator: Option<String>,
+    /// For a liveness challenge's entry: which, and how it went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub challenge: Option<crate::wire::ChallengeNote>,
 }
 
 /// An entry that is not an action.
@@ -434,6 +437,7 @@ impl AuditStore {
             evidence_files: files,
             evidence_sha256: hashes,
             operator: event.operator.clone(),
+            challenge: event.challenge.clone(),
         };
         let record_json = serde_json::to_string(&record).expect("audit record encodes");
         let pretty = serde_json::to_vec_pretty(&record).expect("audit record encodes");
@@ -1262,6 +1266,7 @@ mod tests {
                 },
             }],
             operator: None,
+            challenge: None,
         };
         let env = Envelope {
             schema: SCHEMA,

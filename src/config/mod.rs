@@ -64,8 +64,11 @@ pub struct Config {
     pub inference: InferenceConfig,
     /// The action policy the edge runs per client.
     pub policy: crate::policy::PolicyConfig,
-    /// Liveness over the stream, fused by the edge into each frame's verdict.
+    /// Passive liveness over the stream: the signals that raise a suspicion in the edge.
     pub liveness: crate::liveness::LivenessConfig,
+    /// Active liveness: the challenges the edge issues (at the start of a session, on a
+    /// suspicion, at random) and how they are checked.
+    pub challenge: crate::challenge::ChallengeConfig,
     /// Folder of the evidence and the append-only audit log [VIGIL_EVIDENCE_DIR].
     pub evidence_dir: PathBuf,
     /// The Ed25519 private key (PKCS#8 PEM, from `vigil audit keygen`) the audit writer signs
@@ -139,6 +142,10 @@ pub struct Thresholds {
     pub brightness_max: f32,
     /// Quality gate: largest horizontal turn, nose offset in eye distances.
     pub yaw_max: f32,
+    /// A face too turned to judge fully is still the wrong person when its similarity to the
+    /// reference is below this (a turned face of the enrolled person scores lower than a
+    /// frontal one, someone else's far lower); see `docs/liveness.md`.
+    pub turned_match_cosine: f32,
     /// Quality gate: the nose's place between eyes (0) and mouth (1), at least...
     pub pitch_min: f32,
     /// ...and at most.
@@ -159,6 +166,7 @@ impl Default for Thresholds {
             brightness_min: 25.0,
             brightness_max: 240.0,
             yaw_max: 0.6,
+            turned_match_cosine: 0.2,
             pitch_min: 0.2,
             pitch_max: 0.8,
         }
@@ -336,6 +344,7 @@ impl Default for Config {
             inference: InferenceConfig::default(),
             policy: crate::policy::PolicyConfig::default(),
             liveness: crate::liveness::LivenessConfig::default(),
+            challenge: crate::challenge::ChallengeConfig::default(),
             evidence_dir: PathBuf::from("evidence"),
             audit_key: None,
             audit_retention_days: 0,
@@ -583,6 +592,7 @@ impl Config {
             }
             errors.extend(self.policy.validate());
             errors.extend(self.liveness.validate());
+            errors.extend(self.challenge.validate());
         }
         if reads(Role::Audit)
             && let Some(key) = &self.audit_key

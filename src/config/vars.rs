@@ -604,8 +604,43 @@ pub static VARS: &[Var] = &[
         "VIGIL_LIVENESS_STILL_RATIO",
         [Edge],
         liveness.still_ratio,
-        r#"2.0"#,
-        r#"still (a spoof) when drift is at most this many times jitter"#
+        r#"1.2"#,
+        r#"the still test holds when drift is at most this many times jitter (a suspicion once it holds for `still_faces` faces in a row)"#
+    ),
+    var!(
+        "VIGIL_LIVENESS_PAD_WINDOW_MIN",
+        [Edge],
+        liveness.pad_window_min,
+        r#"0"#,
+        r#"a suspicion when the window's median presentation-attack P(real) is below this; 0 turns it off"#
+    ),
+    var!(
+        "VIGIL_POLICY_SIGN_OUT_ENDS_SESSION",
+        [Edge],
+        policy.sign_out_ends_session,
+        r#"true"#,
+        r#"after `sign_out` the edge ends the session (close 4423) and refuses the client until an operator re-admits it"#
+    ),
+    var!(
+        "VIGIL_CHALLENGE_ON_START",
+        [Edge],
+        challenge.on_start,
+        r#"true"#,
+        r#"every session starts with a liveness challenge"#
+    ),
+    var!(
+        "VIGIL_CHALLENGE_EVERY_MS",
+        [Edge],
+        challenge.every_ms,
+        r#"0"#,
+        r#"also challenge at random intervals of about this many ms; 0 turns it off"#
+    ),
+    var!(
+        "VIGIL_CHALLENGE_DEADLINE_MS",
+        [Edge],
+        challenge.deadline_ms,
+        r#"12000"#,
+        r#"time to finish a challenge's steps; a timeout is the `spoof` rule's next step"#
     ),
 ];
 

@@ -64,6 +64,8 @@ pub enum ClientStatus {
     Active,
     Paused,
     Blocked,
+    /// The policy signed the client out: no session until an operator re-admits it.
+    SignedOut,
 }
 
 /// One enrolled client.
@@ -545,6 +547,8 @@ pub enum AuthError {
     /// Unknown client or wrong token (deliberately not told apart).
     Unauthorized,
     Blocked,
+    /// Signed out by the policy, not yet re-admitted.
+    SignedOut,
 }
 
 /// Check a hello against the directory.
@@ -564,8 +568,10 @@ pub fn authenticate(
     if !record.verify_token(token) {
         return Err(AuthError::Unauthorized);
     }
-    if record.status == ClientStatus::Blocked {
-        return Err(AuthError::Blocked);
+    match record.status {
+        ClientStatus::Blocked => return Err(AuthError::Blocked),
+        ClientStatus::SignedOut => return Err(AuthError::SignedOut),
+        ClientStatus::Active | ClientStatus::Paused => {}
     }
     Ok(record)
 }

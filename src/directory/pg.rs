@@ -134,6 +134,7 @@ fn status_of(record: &ClientRecord) -> &'static str {
         super::ClientStatus::Active => "active",
         super::ClientStatus::Paused => "paused",
         super::ClientStatus::Blocked => "blocked",
+        super::ClientStatus::SignedOut => "signed_out",
     }
 }
 

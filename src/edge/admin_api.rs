@@ -291,7 +291,9 @@ async fn op(
     let Some(op) = AdminOp::parse(&op) else {
         return error(
             StatusCode::NOT_FOUND,
-            format!("unknown operation `{op}` (pause, resume, block, unblock, kick, remove)"),
+            format!(
+                "unknown operation `{op}` (pause, resume, block, unblock, kick, remove, challenge, readmit)"
+            ),
         );
     };
     match api.admin.apply(&id, op, &operator).await {

@@ -1,27 +1,54 @@
-//! A session's enforcement, as pure state: the client's policy, the frames kept as evidence,
-//! and the action events they make. No I/O and no clock; the session tells the client, audits
-//! the event and saves the policy state.
+//! A session's enforcement, as pure state: the client's policy, its liveness challenge, the
+//! frames kept as evidence, and the events they make. No I/O and no clock; the session tells
+//! the client, audits the events and saves the state.
 //!
 //! Evidence is assembled in one place ([`Enforcement::evidence`]):
 //! - a policy action carries the kept frames whose verdict fired it (at most
-//!   `policy.evidence_frames`, newest last);
+//!   `policy.evidence_frames`, newest last; for the joint rule, every verdict it counts);
 //! - a return to `allow` carries the last `ok` frame;
-//! - an action forced by an operator carries every kept frame and the last `ok` one.
+//! - an action forced by an operator carries every kept frame and the last `ok` one;
+//! - a challenge's entries carry the frames that moved it on (passed) or the last frames seen
+//!   while it waited (failed).
+//!
+//! Challenges: a suspicion, the start of a session, an operator or a timer issues one
+//! ([`Enforcement::issue`]) unless one is already waiting; analysed frames answer it
+//! ([`Enforcement::answer`]); [`Enforcement::tick`] fails it at its deadline. A failure is the
+//! `spoof` rule's next step (lock, then sign out); after a lock the return to `allow` is held
+//! and a retry is issued at once, and only passing it lifts the lock.
 
 use std::collections::VecDeque;
 
 use uuid::Uuid;
 
+use crate::challenge::{Challenge, ChallengeConfig, Pose, Progress, Trigger};
 use crate::domain::{Action, Verdict};
-use crate::policy::{ClientPolicy, PolicyConfig, SavedPolicy};
-use crate::wire::{ActionEvent, EvidenceFrame};
+use crate::policy::{ClientPolicy, Decision, PolicyConfig, SavedPolicy};
+use crate::wire::client::{ChallengeStep, ServerMsg};
+use crate::wire::{ActionEvent, Analysis, ChallengeNote, EvidenceFrame};
 
 /// Which kept frames an action carries.
 enum Evidence {
     /// The frames with this verdict (for `ok`, the last `ok` frame).
     Of(Verdict),
+    /// The frames with any of the joint rule's verdicts.
+    Joint,
     /// Every kept frame and the last `ok` one.
     All,
+    /// The challenge's own frames.
+    Challenge,
+    /// None.
+    Nothing,
+}
+
+/// What the session must do for the client and the audit trail.
+#[derive(Debug)]
+pub(crate) enum Effect {
+    /// Tell the client (a challenge, its progress, its result).
+    Tell(ServerMsg),
+    /// An action: tell the client and audit it.
+    Act(ActionEvent),
+    /// An entry for the audit trail only (a challenge issued or passed).
+    Audit(ActionEvent),
 }
 
 #[derive(Debug)]
@@ -31,7 +58,16 @@ pub(crate) struct Enforcement {
     /// The most recent analysed frames that were not `ok`, newest last.
     kept: VecDeque<EvidenceFrame>,
     last_ok: Option<EvidenceFrame>,
-    /// The policy fired since its state was last taken for saving.
+    /// The challenge waiting for an answer, if any.
+    challenge: Option<Challenge>,
+    /// Why the waiting challenge was issued, as its audit entries say it.
+    trigger_detail: String,
+    /// The frames that moved the waiting challenge on, and the last frames seen while it
+    /// waited (both bounded by `challenge.evidence_frames`).
+    moments: Vec<EvidenceFrame>,
+    recent: VecDeque<EvidenceFrame>,
+    passed_at_ms: Option<u64>,
+    /// The state changed since it was last taken for saving.
     dirty: bool,
 }
 
@@ -42,12 +78,45 @@ impl Enforcement {
             session,
             kept: VecDeque::new(),
             last_ok: None,
+            challenge: None,
+            trigger_detail: String::new(),
+            moments: Vec::new(),
+            recent: VecDeque::new(),
+            passed_at_ms: None,
             dirty: false,
         }
     }
 
+    /// Resume a saved state (policy, waiting challenge, last pass), unless it is older than
+    /// `carry_over_ms`.
+    pub(crate) fn resume(
+        cfg: &PolicyConfig,
+        saved: Option<SavedPolicy>,
+        now_ms: u64,
+        session: u64,
+    ) -> Self {
+        let saved = saved.filter(|s| now_ms.saturating_sub(s.saved_at_ms) <= cfg.carry_over_ms);
+        let (challenge, passed_at_ms) = saved
+            .as_ref()
+            .map(|s| (s.challenge.clone(), s.passed_at_ms))
+            .unwrap_or_default();
+        let mut e = Self::new(ClientPolicy::resume(cfg, saved, now_ms), session);
+        if let Some(c) = &challenge {
+            e.trigger_detail = c.trigger.as_str().into();
+        }
+        e.challenge = challenge;
+        e.passed_at_ms = passed_at_ms;
+        e
+    }
+
+    /// A challenge is waiting for an answer.
+    pub(crate) fn challenging(&self) -> bool {
+        self.challenge.is_some()
+    }
+
     /// Run the policy on one verdict at `now_ms`. `frame` is the analysed frame behind it
-    /// (`None` for `no_frames`). Returns the action event when the policy fires.
+    /// (`None` for `no_frames` and `invalid_frame`). Returns the action event when the policy
+    /// fires.
     pub(crate) fn judge(
         &mut self,
         cfg: &PolicyConfig,
@@ -66,27 +135,58 @@ impl Enforcement {
             None => {}
         }
         let decision = self.policy.observe(cfg, verdict, now_ms)?;
+        Some(self.decided(cfg, decision, None, now_ms))
+    }
+
+    /// The event for a policy decision.
+    fn decided(
+        &mut self,
+        cfg: &PolicyConfig,
+        d: Decision,
+        challenge: Option<(ChallengeNote, String)>,
+        now_ms: u64,
+    ) -> ActionEvent {
         self.dirty = true;
-        let rule = cfg.rules.get(&decision.reason).map_or_else(
-            || format!("{} consecutive ok frames", cfg.ok_to_allow),
-            |r| {
+        let rule =
+            if d.joint {
+                cfg.not_ok.as_ref().map_or_else(String::new, |j| {
                 format!(
-                    "{} of the last {} frames, step {}, cooldown {} ms",
-                    r.k,
-                    r.n,
-                    decision.step + 1,
-                    r.cooldown_ms
+                    "not_ok: {} of the last {} frames were any of [{}], step {}, cooldown {} ms",
+                    j.rule.k,
+                    j.rule.n,
+                    j.verdicts.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", "),
+                    d.step + 1,
+                    j.rule.cooldown_ms
                 )
-            },
-        );
-        Some(self.event(
-            decision.action,
-            decision.reason.as_str(),
-            rule,
-            Evidence::Of(decision.reason),
-            None,
-            now_ms,
-        ))
+            })
+            } else {
+                cfg.rules.get(&d.reason).map_or_else(
+                    || format!("{} consecutive ok frames", cfg.ok_to_allow),
+                    |r| {
+                        format!(
+                            "{} of the last {} frames, step {}, cooldown {} ms",
+                            r.k,
+                            r.n,
+                            d.step + 1,
+                            r.cooldown_ms
+                        )
+                    },
+                )
+            };
+        let (reason, evidence) = if d.joint {
+            ("not_ok".to_owned(), Evidence::Joint)
+        } else {
+            (d.reason.as_str().to_owned(), Evidence::Of(d.reason))
+        };
+        match challenge {
+            Some((note, why)) => {
+                let rule = format!("{why}; {rule}");
+                let mut ev = self.event(d.action, &reason, rule, Evidence::Challenge, None, now_ms);
+                ev.challenge = Some(note);
+                ev
+            }
+            None => self.event_with(d.action, &reason, rule, evidence, cfg, now_ms),
+        }
     }
 
     /// An action an operator forced at `now_ms`.
@@ -95,12 +195,212 @@ impl Enforcement {
         self.event(action, "admin", rule, Evidence::All, Some(operator), now_ms)
     }
 
-    /// The policy state to save, when the policy fired since it was last taken.
-    pub(crate) fn take_unsaved(&mut self, now_ms: u64) -> Option<SavedPolicy> {
-        std::mem::take(&mut self.dirty).then(|| self.policy.save(now_ms))
+    /// Issue a challenge at `now_ms` for `trigger` (`detail` says more, such as the signal of
+    /// a suspicion), unless one is already waiting, or a suspicion comes within the grace
+    /// period of a pass. `draw(n)` picks each step.
+    pub(crate) fn issue(
+        &mut self,
+        cfg: &ChallengeConfig,
+        trigger: Trigger,
+        detail: Option<&str>,
+        now_ms: u64,
+        draw: impl FnMut(usize) -> usize,
+    ) -> Vec<Effect> {
+        if self.challenge.is_some() {
+            return Vec::new();
+        }
+        if trigger == Trigger::Suspicion
+            && self
+                .passed_at_ms
+                .is_some_and(|at| now_ms < at + cfg.grace_ms)
+        {
+            return Vec::new();
+        }
+        let c = Challenge::new(cfg, trigger, now_ms, draw);
+        self.trigger_detail = match detail {
+            Some(d) => format!("{}:{d}", trigger.as_str()),
+            None => trigger.as_str().to_owned(),
+        };
+        self.moments.clear();
+        self.recent.clear();
+        self.challenge = Some(c);
+        self.dirty = true;
+        let tell = self.tell(now_ms).expect("a challenge was just issued");
+        let entry = self.challenge_entry("issued", "challenge_issued", Evidence::Nothing, now_ms);
+        vec![Effect::Tell(tell), Effect::Audit(entry)]
     }
 
-    fn evidence(&self, which: Evidence) -> Vec<EvidenceFrame> {
+    /// The waiting challenge as the client is told it at `now_ms` (again after a reconnect,
+    /// with the time left).
+    pub(crate) fn tell(&self, now_ms: u64) -> Option<ServerMsg> {
+        let c = self.challenge.as_ref()?;
+        Some(ServerMsg::Challenge {
+            id: c.id.to_string(),
+            steps: c.steps.iter().map(|k| ChallengeStep { kind: *k }).collect(),
+            deadline_ms: c.deadline_at_ms.saturating_sub(now_ms),
+            reason: c.trigger.as_str().into(),
+        })
+    }
+
+    /// One analysed frame, arrived at `at_ms`, as an answer to the waiting challenge.
+    pub(crate) fn answer(
+        &mut self,
+        cfg: &ChallengeConfig,
+        frame: &EvidenceFrame,
+        now_ms: u64,
+    ) -> Vec<Effect> {
+        let Some(c) = self.challenge.as_mut() else {
+            return Vec::new();
+        };
+        let Analysis::Identity(a) = &frame.analysis else {
+            return Vec::new();
+        };
+        self.recent.push_back(frame.clone());
+        while self.recent.len() > cfg.evidence_frames {
+            self.recent.pop_front();
+        }
+        let before = c.moments.len();
+        let progress = c.observe(cfg, Pose::of(a), frame.seq, frame.received_at_ms);
+        if c.moments.len() != before || progress != Progress::Nothing {
+            self.moments.push(frame.clone());
+            if self.moments.len() > cfg.evidence_frames {
+                self.moments.remove(0);
+            }
+        }
+        let id = c.id.to_string();
+        match progress {
+            Progress::Nothing => Vec::new(),
+            Progress::Step { done } => {
+                self.dirty = true;
+                vec![Effect::Tell(ServerMsg::ChallengeProgress { id, done })]
+            }
+            Progress::Passed => {
+                let mut out = vec![Effect::Tell(ServerMsg::ChallengeResult {
+                    id,
+                    passed: true,
+                    reason: "passed".into(),
+                })];
+                let entry =
+                    self.challenge_entry("passed", "challenge_passed", Evidence::Challenge, now_ms);
+                out.push(Effect::Audit(entry));
+                self.challenge = None;
+                self.passed_at_ms = Some(now_ms);
+                self.dirty = true;
+                if self.policy.held()
+                    && let Some(d) = self.policy.release()
+                {
+                    let mut ev = self.event(
+                        d.action,
+                        "challenge",
+                        "a liveness challenge passed".into(),
+                        Evidence::Challenge,
+                        None,
+                        now_ms,
+                    );
+                    ev.origin = "policy".into();
+                    out.push(Effect::Act(ev));
+                }
+                out
+            }
+        }
+    }
+
+    /// At `now_ms`: a challenge past its deadline fails, which is the `spoof` rule's next step;
+    /// unless that signed the client out, a retry is issued at once and the lock holds until
+    /// it is passed.
+    pub(crate) fn tick(
+        &mut self,
+        pcfg: &PolicyConfig,
+        cfg: &ChallengeConfig,
+        now_ms: u64,
+        draw: impl FnMut(usize) -> usize,
+    ) -> Vec<Effect> {
+        let Some(c) = self.challenge.as_ref().filter(|c| c.expired(now_ms)) else {
+            return Vec::new();
+        };
+        let why = format!("failed: timeout, {}", c.describe());
+        let mut out = vec![Effect::Tell(ServerMsg::ChallengeResult {
+            id: c.id.to_string(),
+            passed: false,
+            reason: "timeout".into(),
+        })];
+        let note = self.note("failed", why.clone());
+        // The evidence of a failure: what the camera showed while the challenge waited.
+        self.moments = self.recent.iter().cloned().collect();
+        match self.policy.fire(pcfg, Verdict::Spoof, now_ms) {
+            Some(d) => {
+                let ev = self.decided(pcfg, d, Some((note, why)), now_ms);
+                let signed_out = ev.action == Action::SignOut;
+                out.push(Effect::Act(ev));
+                self.challenge = None;
+                if !signed_out {
+                    self.policy.hold();
+                    out.extend(self.issue(cfg, Trigger::Retry, None, now_ms, draw));
+                }
+            }
+            None => {
+                // No `spoof` rule configured: the failure is recorded, nothing is enforced.
+                let mut ev = self.event(
+                    self.policy.state(),
+                    "challenge_failed",
+                    why,
+                    Evidence::Challenge,
+                    None,
+                    now_ms,
+                );
+                ev.origin = "challenge".into();
+                ev.challenge = Some(note);
+                out.push(Effect::Audit(ev));
+                self.challenge = None;
+            }
+        }
+        self.dirty = true;
+        out
+    }
+
+    fn note(&self, outcome: &str, detail: String) -> ChallengeNote {
+        let c = self.challenge.as_ref().expect("a challenge is waiting");
+        ChallengeNote {
+            id: c.id,
+            trigger: self.trigger_detail.clone(),
+            steps: c.steps.clone(),
+            outcome: outcome.into(),
+            detail,
+        }
+    }
+
+    /// An audit entry that records the waiting challenge (it acts on nothing: its `action`
+    /// is the action in force).
+    fn challenge_entry(
+        &self,
+        outcome: &str,
+        reason: &str,
+        evidence: Evidence,
+        now_ms: u64,
+    ) -> ActionEvent {
+        let detail = self
+            .challenge
+            .as_ref()
+            .map(|c| c.describe())
+            .unwrap_or_default();
+        let note = self.note(outcome, detail.clone());
+        let mut ev = self.event(self.policy.state(), reason, detail, evidence, None, now_ms);
+        ev.origin = "challenge".into();
+        ev.challenge = Some(note);
+        ev
+    }
+
+    /// The state to save, when it changed since it was last taken.
+    pub(crate) fn take_unsaved(&mut self, now_ms: u64) -> Option<SavedPolicy> {
+        std::mem::take(&mut self.dirty).then(|| {
+            let mut saved = self.policy.save(now_ms);
+            saved.challenge = self.challenge.clone();
+            saved.passed_at_ms = self.passed_at_ms;
+            saved
+        })
+    }
+
+    fn evidence(&self, which: Evidence, cfg: Option<&PolicyConfig>) -> Vec<EvidenceFrame> {
         match which {
             Evidence::Of(Verdict::Ok) => self.last_ok.iter().cloned().collect(),
             Evidence::Of(reason) => self
@@ -109,8 +409,38 @@ impl Enforcement {
                 .filter(|f| f.analysis.verdict() == Some(reason))
                 .cloned()
                 .collect(),
+            Evidence::Joint => {
+                let counted = cfg.and_then(|c| c.not_ok.as_ref());
+                self.kept
+                    .iter()
+                    .filter(|f| {
+                        counted.is_some_and(|j| {
+                            f.analysis
+                                .verdict()
+                                .is_some_and(|v| j.verdicts.contains(&v))
+                        })
+                    })
+                    .cloned()
+                    .collect()
+            }
             Evidence::All => self.kept.iter().chain(&self.last_ok).cloned().collect(),
+            Evidence::Challenge => self.moments.clone(),
+            Evidence::Nothing => Vec::new(),
         }
+    }
+
+    fn event_with(
+        &self,
+        action: Action,
+        reason: &str,
+        rule: String,
+        evidence: Evidence,
+        cfg: &PolicyConfig,
+        now_ms: u64,
+    ) -> ActionEvent {
+        let mut ev = self.event(action, reason, rule, Evidence::Nothing, None, now_ms);
+        ev.evidence = self.evidence(evidence, Some(cfg));
+        ev
     }
 
     fn event(
@@ -136,8 +466,9 @@ impl Enforcement {
             session: self.session,
             decided_at_ms: now_ms,
             rule,
-            evidence: self.evidence(evidence),
+            evidence: self.evidence(evidence, None),
             operator,
+            challenge: None,
         }
     }
 }
@@ -217,13 +548,13 @@ mod tests {
             ..PolicyConfig::default()
         };
         let mut e = Enforcement::new(ClientPolicy::new(), 1);
-        // Spoof fires sign-out at its fourth frame; the phone frame between is kept but is
-        // not evidence for the spoof.
-        let fired = run(&cfg, &mut e, &[Spoof, Phone, Spoof, Spoof, Spoof]);
+        // A phone fires sign-out at its fourth frame; the face-less frame between is kept but
+        // is not evidence for the phone.
+        let fired = run(&cfg, &mut e, &[Phone, NoFace, Phone, Phone, Phone]);
         let (at, action, reason, seqs) = &fired[0];
         assert_eq!(
             (*at, *action, reason.as_str()),
-            (4, Action::SignOut, "spoof")
+            (4, Action::SignOut, "phone")
         );
         assert_eq!(seqs, &vec![0, 2, 3, 4]);
     }
@@ -232,7 +563,7 @@ mod tests {
     fn a_return_to_allow_carries_the_last_ok_frame() {
         let cfg = PolicyConfig::default();
         let mut e = Enforcement::new(ClientPolicy::new(), 1);
-        let mut verdicts = vec![Spoof; 4];
+        let mut verdicts = vec![Phone; 4];
         verdicts.extend([Ok; 10]);
         let fired = run(&cfg, &mut e, &verdicts);
         let allow = fired.iter().find(|f| f.1 == Action::Allow).unwrap();

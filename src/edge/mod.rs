@@ -109,6 +109,7 @@ pub(crate) struct Shared {
     pub cfg: EdgeConfig,
     pub policy: crate::policy::PolicyConfig,
     pub liveness: crate::liveness::LivenessConfig,
+    pub challenge: crate::challenge::ChallengeConfig,
     /// Places for connections that have not authenticated yet, and the failed-hello throttle.
     pub gate: gate::Gate,
     /// Session slots (`max_sessions`), taken once a client has authenticated.
@@ -286,6 +287,7 @@ pub async fn start(
         cfg: cfg.edge.clone(),
         policy: cfg.policy.clone(),
         liveness: cfg.liveness.clone(),
+        challenge: cfg.challenge.clone(),
         gate: gate::Gate::new(
             cfg.edge.max_unauthenticated,
             cfg.edge.max_unauthenticated_per_source,
@@ -798,10 +800,14 @@ fn apply_control(shared: &Shared, data: &[u8]) {
             "session_started"
         }
         ControlCommand::Unblock => return,
-        ControlCommand::Pause | ControlCommand::Resume | ControlCommand::ForceAction { .. } => {
+        ControlCommand::Pause
+        | ControlCommand::Resume
+        | ControlCommand::ForceAction { .. }
+        | ControlCommand::Challenge => {
             let name = match event.command {
                 ControlCommand::Pause => "pause",
                 ControlCommand::Resume => "resume",
+                ControlCommand::Challenge => "challenge",
                 _ => "force_action",
             };
             if entry
@@ -861,6 +867,12 @@ fn recheck_sessions(shared: &Shared) {
                     "this client was blocked by an administrator",
                 );
                 "recheck_block"
+            }
+            Some(ClientStatus::SignedOut) => {
+                entry
+                    .closer
+                    .close_with_error(ErrorCode::SignedOut, "this client was signed out");
+                "recheck_signed_out"
             }
             Some(ClientStatus::Paused) if !paused => {
                 let _ = entry.tx.try_send(SessionEvent::Control(

@@ -19,13 +19,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use super::enforcement::Enforcement;
+use super::enforcement::{Effect, Enforcement};
 use super::window::{Offer, Pending, Window};
 use super::{SessionEntry, SessionEvent, SessionInfo, Shared};
 use crate::broker::BrokerError;
+use crate::challenge::Trigger;
 use crate::directory::{AuthError, ClientRecord, ClientStatus, Connection, Presence};
+use crate::domain::Action;
 use crate::liveness::StreamLiveness;
-use crate::policy::ClientPolicy;
 use crate::wire::client::{
     self, ClientFrame, ClientMsg, Encoding, ErrorCode, ProtocolError, ServerMsg,
 };
@@ -110,9 +111,9 @@ pub(super) async fn run(
             Err(_) => None,
         }
     };
-    let policy = ClientPolicy::resume(&shared.policy, saved, wire::now_ms());
 
     let session_id: u64 = rand::random();
+    let enforcement = Enforcement::resume(&shared.policy, saved, wire::now_ms(), session_id);
     let (tx, rx) = mpsc::channel(shared.cfg.max_inflight * 4 + 16);
     let closer = Closer::default();
     let since_ms = wire::now_ms();
@@ -209,11 +210,21 @@ pub(super) async fn run(
         last_seq: 0,
         bad_streak: 0,
         outbox,
-        enforcement: Enforcement::new(policy, session_id),
+        enforcement,
         liveness: StreamLiveness::new(),
         last_seen: Instant::now(),
+        next_random_ms: random_after(&shared.challenge, wire::now_ms()),
+        ending: None,
         shared: shared.clone(),
     };
+    // A challenge still waiting from the client's last session goes on, with the time it has
+    // left; otherwise every session starts with one.
+    let now = wire::now_ms();
+    if let Some(waiting) = session.enforcement.tell(now) {
+        session.outbox.push(waiting);
+    } else if shared.challenge.on_start {
+        session.challenge(Trigger::Start, None);
+    }
     let end = session.run(&mut ws, rx, &closer).await;
     tracing::info!(client = %client_id, ?end, "session ended");
     // A replaced session leaves the state to its successor, which loaded it already.
@@ -378,6 +389,18 @@ async fn hello(
             .await;
             None
         }
+        Err(AuthError::SignedOut) => {
+            shared.refused("signed_out");
+            refuse(
+                shared,
+                ws,
+                encoding,
+                ErrorCode::SignedOut,
+                "this client was signed out; an operator must re-admit it",
+            )
+            .await;
+            None
+        }
         Err(AuthError::Blocked) => {
             shared.refused("blocked");
             refuse(
@@ -473,6 +496,8 @@ enum End {
     Shutdown,
     TooManyBadMessages,
     Flood,
+    /// The policy signed the client out (closed 4423).
+    SignedOut,
 }
 
 type ConfirmFuture = BoxFuture<'static, (u64, Uuid, Result<(), BrokerError>)>;
@@ -507,6 +532,21 @@ struct Session {
     liveness: StreamLiveness,
     /// When anything (a message, a ping or pong) last arrived from the client.
     last_seen: Instant,
+    /// When the next random challenge is due (`challenge.every_ms`).
+    next_random_ms: Option<u64>,
+    /// The session must end, once the outbox is written (a sign-out).
+    ending: Option<(ErrorCode, String)>,
+}
+
+/// When a random challenge is next due after `now_ms`: uniform in half to one and a half of
+/// `every_ms`; never when it is 0.
+fn random_after(cfg: &crate::challenge::ChallengeConfig, now_ms: u64) -> Option<u64> {
+    (cfg.every_ms > 0).then(|| now_ms + cfg.every_ms / 2 + rand::random_range(0..=cfg.every_ms))
+}
+
+/// Picks a challenge's steps.
+fn draw(n: usize) -> usize {
+    rand::random_range(0..n)
 }
 
 impl Session {
@@ -527,6 +567,20 @@ impl Session {
         loop {
             self.save_policy().await;
             match self.flush(ws).await {
+                Ok(()) if self.ending.is_some() => {
+                    let (code, message) = self
+                        .ending
+                        .take()
+                        .unwrap_or((ErrorCode::Internal, String::new()));
+                    self.drop_all(DropReason::ShuttingDown, "session closed");
+                    self.outbox.push(ServerMsg::Error {
+                        code,
+                        message: message.clone(),
+                    });
+                    let _ = self.flush(ws).await;
+                    close(&self.shared, ws, code.close_code(), &message).await;
+                    return End::SignedOut;
+                }
                 Ok(()) => {}
                 Err(Gone::Closed) => return End::ClientGone,
                 Err(Gone::SlowReader) => {
@@ -630,6 +684,26 @@ impl Session {
 
     fn drop_frame(&mut self, seq: u64, reason: DropReason, detail: impl Into<String>) {
         self.shared.drop_reason_counter(reason).inc();
+        match reason {
+            // Not an image: not presence, and counted by the policy.
+            DropReason::NotJpeg => {
+                self.shared
+                    .metrics
+                    .verdicts
+                    .with_label_values(&[Verdict::InvalidFrame.as_str()])
+                    .inc();
+                self.judge(Verdict::InvalidFrame, None);
+            }
+            // Dropped for the system's reasons: the client did send, so it counts as presence.
+            DropReason::Expired
+            | DropReason::Superseded
+            | DropReason::BrokerUnavailable
+            | DropReason::ShuttingDown
+            | DropReason::AnalyzerFailed
+            | DropReason::Paused => self.silent_since = Instant::now(),
+            // The client's own excess: neither presence nor a verdict.
+            DropReason::RateLimited | DropReason::FrameTooLarge | DropReason::DuplicateSeq => {}
+        }
         self.outbox.push(ServerMsg::Dropped {
             seq,
             reason,
@@ -750,7 +824,8 @@ impl Session {
             }
         }
         self.last_frame_at = Some(now);
-        self.silent_since = now;
+        // Presence is a frame analysed (or one the system dropped), not any message: see
+        // `on_reply` and `drop_frame`.
         if self.paused {
             self.drop_frame(seq, DropReason::Paused, "paused by an administrator");
             return;
@@ -942,9 +1017,16 @@ impl Session {
             Payload::Result(mut r) => {
                 // The stream's liveness evidence joins the frame's own, and the face
                 // signature stops here: it never reaches the client or the audit trail.
+                let mut suspicion = None;
                 if let wire::Analysis::Identity(a) = &mut r.analysis {
-                    self.liveness
-                        .fuse(&self.shared.liveness, inflight.received_ms, a);
+                    suspicion = self
+                        .liveness
+                        .fuse(&self.shared.liveness, inflight.received_ms, a)
+                        .map(|s| s.as_str());
+                    // A spoof verdict from a worker is a single frame's passive signal too.
+                    if a.verdict == Verdict::Spoof {
+                        suspicion = suspicion.or(Some("frame"));
+                    }
                 }
                 let m = &self.shared.metrics;
                 m.results_delivered.inc();
@@ -963,6 +1045,8 @@ impl Session {
                 });
                 if let (Some(verdict), Some(analysis)) = (verdict, analysis) {
                     m.verdicts.with_label_values(&[verdict.as_str()]).inc();
+                    // An analysed frame is presence.
+                    self.silent_since = Instant::now();
                     let frame = EvidenceFrame {
                         seq,
                         frame_id: r.frame_id,
@@ -970,7 +1054,24 @@ impl Session {
                         jpeg: inflight.jpeg,
                         analysis,
                     };
-                    self.judge(verdict, Some(frame));
+                    if self.enforcement.challenging() {
+                        let effects =
+                            self.enforcement
+                                .answer(&self.shared.challenge, &frame, wire::now_ms());
+                        self.apply(effects);
+                    }
+                    // Passive liveness never acts: a spoof verdict is not the policy's.
+                    if verdict != Verdict::Spoof {
+                        self.judge(verdict, Some(frame));
+                    }
+                    if let Some(signal) = suspicion {
+                        self.shared
+                            .metrics
+                            .suspicions
+                            .with_label_values(&[signal])
+                            .inc();
+                        self.challenge(Trigger::Suspicion, Some(signal));
+                    }
                 }
             }
             Payload::Dropped(d) => self.drop_frame(seq, d.reason, d.detail),
@@ -1000,6 +1101,7 @@ impl Session {
                 let event = self.enforcement.force(action, issued_by, wire::now_ms());
                 self.enforce(event);
             }
+            ControlCommand::Challenge => self.challenge(Trigger::Operator, None),
             // Handled by the edge itself (closing the session).
             ControlCommand::Block
             | ControlCommand::Unblock
@@ -1025,7 +1127,43 @@ impl Session {
         }
     }
 
-    /// Send an action to the client and, in the background, to the audit exchange.
+    /// Issue a challenge (unless one is waiting, or a suspicion comes within the grace of a
+    /// pass).
+    fn challenge(&mut self, trigger: Trigger, detail: Option<&str>) {
+        let effects = self.enforcement.issue(
+            &self.shared.challenge,
+            trigger,
+            detail,
+            wire::now_ms(),
+            draw,
+        );
+        self.apply(effects);
+    }
+
+    /// Carry out what enforcement decided.
+    fn apply(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Tell(msg) => self.outbox.push(msg),
+                Effect::Act(event) => self.enforce(event),
+                Effect::Audit(event) => {
+                    if let Some(note) = &event.challenge {
+                        let trigger = note.trigger.split(':').next().unwrap_or("");
+                        self.shared
+                            .metrics
+                            .challenges
+                            .with_label_values(&[note.outcome.as_str(), trigger])
+                            .inc();
+                    }
+                    self.audit(event);
+                }
+            }
+        }
+    }
+
+    /// Send an action to the client and, in the background, to the audit exchange. A
+    /// sign-out ends the session and, when configured, keeps the client out until an
+    /// operator re-admits it.
     fn enforce(&mut self, event: ActionEvent) {
         let shared = self.shared.clone();
         shared
@@ -1050,6 +1188,45 @@ impl Session {
             action_id: event.action_id.to_string(),
             evidence_id: event.evidence_id.to_string(),
         });
+        if let Some(note) = &event.challenge {
+            let trigger = note.trigger.split(':').next().unwrap_or("");
+            shared
+                .metrics
+                .challenges
+                .with_label_values(&[note.outcome.as_str(), trigger])
+                .inc();
+        }
+        if event.action == Action::SignOut && shared.policy.sign_out_ends_session {
+            self.sign_out();
+        }
+        self.audit(event);
+    }
+
+    /// Keep the client out until re-admitted (saved first, so that a reconnect racing this
+    /// close is refused), and end the session once the action is written.
+    fn sign_out(&mut self) {
+        let store = self.shared.store.clone();
+        let id = self.client_id.clone();
+        // The directory write runs beside the session: the close must not wait on it. A
+        // reconnect that wins the race is still judged by the saved policy state.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.update(&id, &mut |r| {
+                if r.status != ClientStatus::Blocked {
+                    r.status = ClientStatus::SignedOut;
+                }
+            }) {
+                tracing::warn!(error = %e, client = %id, "signed-out status not saved");
+            }
+        });
+        self.ending = Some((
+            ErrorCode::SignedOut,
+            "signed out; an operator must re-admit this client".into(),
+        ));
+    }
+
+    /// Send an event to the audit exchange, in the background.
+    fn audit(&mut self, event: ActionEvent) {
+        let shared = self.shared.clone();
         let env = Envelope {
             schema: wire::SCHEMA,
             id: event.action_id,
@@ -1117,9 +1294,19 @@ impl Session {
         write_presence(&self.shared, &self.client_id, presence, true).await;
     }
 
-    /// Answer `expired` for frames whose result is overdue, and judge a silent stream.
+    /// Answer `expired` for frames whose result is overdue, judge a silent stream, fail a
+    /// challenge past its deadline, and issue a random one when due.
     async fn sweep(&mut self) {
         self.refresh_presence().await;
+        let now_ms = wire::now_ms();
+        let effects =
+            self.enforcement
+                .tick(&self.shared.policy, &self.shared.challenge, now_ms, draw);
+        self.apply(effects);
+        if self.next_random_ms.is_some_and(|at| now_ms >= at) && !self.paused {
+            self.next_random_ms = random_after(&self.shared.challenge, now_ms);
+            self.challenge(Trigger::Random, None);
+        }
         let now = Instant::now();
         let silence = Duration::from_millis(self.shared.policy.no_frames_ms);
         if !silence.is_zero() && !self.paused && now.duration_since(self.silent_since) >= silence {

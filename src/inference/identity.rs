@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use image::RgbImage;
 
-use super::models::{CocoSsd, Face, Liveness, SFace, YuNet, cosine};
+use super::manifest::{PAD_ROLE, REQUIRED_ROLES};
+use super::models::{CocoSsd, Face, Liveness, Pad, SFace, YuNet, cosine};
 use super::{InferenceError, imageops, quality, runtime};
 use crate::config::{InferenceConfig, Thresholds};
 use crate::wire::{
@@ -18,6 +19,8 @@ struct ModelSet {
     sface: SFace,
     liveness: Liveness,
     coco: CocoSsd,
+    /// The presentation-attack model, when its file is there (it is optional).
+    pad: Option<Pad>,
 }
 
 /// Seconds spent in each stage of one analysis.
@@ -30,6 +33,7 @@ pub struct IdentityStack {
     thresholds: Thresholds,
     max_side: u32,
     max_pixels: u64,
+    has_pad: bool,
     /// `name:version` of each model, in the order they run.
     pub models: Vec<String>,
 }
@@ -83,19 +87,15 @@ struct Judged {
 }
 
 impl IdentityStack {
-    /// Load `sets` copies of the four models from `cfg.models_dir`.
+    /// Load `sets` copies of the models from `cfg.models_dir`: the four required ones, and the
+    /// presentation-attack model when its file is there.
     pub fn load(cfg: &InferenceConfig, sets: usize) -> Result<Self, InferenceError> {
         let manifest = crate::inference::manifest::Manifest::embedded()
             .map_err(|e| InferenceError::Runtime(e.to_string()))?;
         let lib = runtime::locate(cfg.ort_dylib.as_deref())?;
         let env = runtime::environment(&lib)?;
         let path = |role: &str| cfg.models_dir.join(&manifest.by_role(role).file);
-        for role in [
-            "face_detection",
-            "face_recognition",
-            "liveness",
-            "phone_detection",
-        ] {
+        for role in REQUIRED_ROLES {
             let p = path(role);
             if !p.is_file() {
                 return Err(InferenceError::Runtime(format!(
@@ -104,6 +104,28 @@ impl IdentityStack {
                 )));
             }
         }
+        // The PAD model is a score only: without its file the stack runs and reports no `pad`,
+        // unless the manifest marks it required. A file that is there but fails to load is an
+        // error either way.
+        let pad_model = manifest.find_role(PAD_ROLE).and_then(|m| {
+            let p = cfg.models_dir.join(&m.file);
+            if p.is_file() {
+                Some(Ok((m, p)))
+            } else if m.required {
+                Some(Err(InferenceError::Runtime(format!(
+                    "model file {} is missing; run `vigil models fetch`",
+                    p.display()
+                ))))
+            } else {
+                tracing::warn!(
+                    model = %m.tag(),
+                    path = %p.display(),
+                    "presentation-attack model missing; frames get no `pad` score (run `vigil models fetch`)"
+                );
+                None
+            }
+        });
+        let pad_model = pad_model.transpose()?;
         let (t, d) = (cfg.intra_threads, cfg.device);
         let mut pool = Vec::new();
         for _ in 0..sets.max(1) {
@@ -112,23 +134,28 @@ impl IdentityStack {
                 sface: SFace::load(env, &path("face_recognition"), t, d)?,
                 liveness: Liveness::load(env, &path("liveness"), t, d)?,
                 coco: CocoSsd::load(env, &path("phone_detection"), t, d)?,
+                pad: match &pad_model {
+                    Some((_, p)) => Some(Pad::load(env, p, t, d)?),
+                    None => None,
+                },
             });
         }
-        let models = [
-            "face_detection",
-            "face_recognition",
-            "liveness",
-            "phone_detection",
-        ]
-        .iter()
-        .map(|r| manifest.by_role(r).tag())
-        .collect();
+        // The order the models run in; the PAD model, when loaded, comes last.
+        let mut models: Vec<String> = REQUIRED_ROLES
+            .iter()
+            .map(|r| manifest.by_role(r).tag())
+            .collect();
+        if let Some((m, p)) = &pad_model {
+            tracing::info!(model = %m.tag(), path = %p.display(), "presentation-attack model loaded (a score only)");
+            models.push(m.tag());
+        }
         Ok(Self {
             sets: Mutex::new(pool),
             returned: Condvar::new(),
             thresholds: cfg.thresholds.clone(),
             max_side: cfg.max_side,
             max_pixels: cfg.max_pixels,
+            has_pad: pad_model.is_some(),
             models,
         })
     }
@@ -217,8 +244,19 @@ impl IdentityStack {
                 Some(face) => {
                     let p_live = set.liveness.p_live(&img, face)?;
                     lap("fr_liveness", &mut stages);
+                    // P(real) from the PAD model: reported for the edge's suspicion, never
+                    // read by `verdict` below.
+                    let pad = match set.pad.as_mut() {
+                        Some(model) => {
+                            let p = model.p_real(&img, face)?;
+                            lap("minifasnet", &mut stages);
+                            Some(p)
+                        }
+                        None => None,
+                    };
                     Some(LivenessScore {
                         p_live,
+                        pad,
                         live: p_live >= t.live_min,
                         temporal: None,
                     })
@@ -252,9 +290,9 @@ impl IdentityStack {
             let verdict = verdict(
                 faces.len(),
                 quality.as_ref(),
-                liveness.as_ref(),
                 identity.as_ref(),
                 phone.as_ref(),
+                t,
             );
             let faces = faces
                 .iter()
@@ -391,6 +429,11 @@ impl IdentityStack {
         })
     }
 
+    /// Whether the presentation-attack model is loaded (frames then carry `pad`).
+    pub fn has_pad(&self) -> bool {
+        self.has_pad
+    }
+
     /// The recognition model's tag, recorded with each reference.
     pub fn recognition_model(&self) -> &str {
         &self.models[1]
@@ -416,27 +459,32 @@ pub fn normalised_mean(vectors: &[&[f32]]) -> Vec<f32> {
 }
 
 /// The first rule that applies: no face, several faces, a face too poor to judge (unless a
-/// phone is in view: a phone is judged whatever the face), a spoof, the wrong person (or
-/// nobody enrolled to compare with), a phone, otherwise ok.
+/// phone is in view: a phone is judged whatever the face; and unless the face is only turned
+/// and its identity still clearly someone else's: the wrong person outranks a turned face),
+/// the wrong person (or nobody enrolled to compare with), a phone, otherwise ok.
+///
+/// Liveness is not a frame's verdict: a single frame's P(live) and the stream's signals only
+/// raise a suspicion in the edge, which an active challenge decides (`crate::challenge`).
 pub fn verdict(
     faces: usize,
     quality: Option<&FaceQuality>,
-    liveness: Option<&LivenessScore>,
     identity: Option<&IdentityScore>,
     phone: Option<&PhoneBox>,
+    t: &Thresholds,
 ) -> Verdict {
+    let failed = quality.and_then(|q| q.failed.as_deref());
     if faces == 0 {
         Verdict::NoFace
     } else if faces > 1 {
         Verdict::MultipleFaces
-    } else if quality.is_some_and(|q| q.failed.is_some()) {
-        if phone.is_some() {
-            Verdict::Phone
-        } else {
-            Verdict::LowQuality
-        }
-    } else if liveness.is_some_and(|l| !l.live) {
-        Verdict::Spoof
+    } else if phone.is_some() && failed.is_some() {
+        Verdict::Phone
+    } else if failed == Some("turned")
+        && identity.is_some_and(|i| i.similarity < t.turned_match_cosine)
+    {
+        Verdict::WrongPerson
+    } else if failed.is_some() {
+        Verdict::LowQuality
     } else if !identity.is_some_and(|i| i.matched) {
         Verdict::WrongPerson
     } else if phone.is_some() {
@@ -452,16 +500,7 @@ mod tests {
 
     #[test]
     fn verdict_takes_the_first_rule_that_applies() {
-        let live = LivenessScore {
-            p_live: 0.9,
-            live: true,
-            temporal: None,
-        };
-        let dead = LivenessScore {
-            p_live: 0.1,
-            live: false,
-            temporal: None,
-        };
+        let t = Thresholds::default();
         let good = FaceQuality {
             face_px: 120.0,
             sharpness: 200.0,
@@ -474,9 +513,18 @@ mod tests {
             failed: Some("blurred".into()),
             ..good.clone()
         };
+        let turned = FaceQuality {
+            yaw: 0.8,
+            failed: Some("turned".into()),
+            ..good.clone()
+        };
         let me = IdentityScore {
             similarity: 0.8,
             matched: true,
+        };
+        let me_turned = IdentityScore {
+            similarity: 0.3,
+            matched: false,
         };
         let other = IdentityScore {
             similarity: 0.1,
@@ -489,41 +537,25 @@ mod tests {
             w: 1.0,
             h: 1.0,
         };
+        let v = |faces, q: &FaceQuality, i: Option<&IdentityScore>, p: Option<&PhoneBox>| {
+            verdict(faces, Some(q), i, p, &t)
+        };
+        assert_eq!(v(0, &good, None, Some(&phone)), Verdict::NoFace);
+        assert_eq!(v(2, &good, Some(&other), None), Verdict::MultipleFaces);
         assert_eq!(
-            verdict(0, Some(&good), None, None, Some(&phone)),
-            Verdict::NoFace
-        );
-        assert_eq!(
-            verdict(2, Some(&good), Some(&dead), Some(&other), None),
-            Verdict::MultipleFaces
-        );
-        assert_eq!(
-            verdict(1, Some(&good), Some(&dead), Some(&other), Some(&phone)),
-            Verdict::Spoof
-        );
-        assert_eq!(
-            verdict(1, Some(&good), Some(&live), Some(&other), Some(&phone)),
+            v(1, &good, Some(&other), Some(&phone)),
             Verdict::WrongPerson
         );
-        assert_eq!(
-            verdict(1, Some(&good), Some(&live), None, None),
-            Verdict::WrongPerson
-        );
-        assert_eq!(
-            verdict(1, Some(&good), Some(&live), Some(&me), Some(&phone)),
-            Verdict::Phone
-        );
-        assert_eq!(
-            verdict(1, Some(&good), Some(&live), Some(&me), None),
-            Verdict::Ok
-        );
-        assert_eq!(
-            verdict(1, Some(&poor), Some(&dead), Some(&other), None),
-            Verdict::LowQuality
-        );
-        assert_eq!(
-            verdict(1, Some(&poor), Some(&live), Some(&me), Some(&phone)),
-            Verdict::Phone
-        );
+        assert_eq!(v(1, &good, None, None), Verdict::WrongPerson);
+        assert_eq!(v(1, &good, Some(&me), Some(&phone)), Verdict::Phone);
+        assert_eq!(v(1, &good, Some(&me), None), Verdict::Ok);
+        // A face too poor to judge is not judged...
+        assert_eq!(v(1, &poor, Some(&other), None), Verdict::LowQuality);
+        assert_eq!(v(1, &poor, Some(&me), Some(&phone)), Verdict::Phone);
+        // ...but a turned face that is clearly someone else's is the wrong person, while the
+        // enrolled person turned away is only low quality.
+        assert_eq!(v(1, &turned, Some(&other), None), Verdict::WrongPerson);
+        assert_eq!(v(1, &turned, Some(&me_turned), None), Verdict::LowQuality);
+        assert_eq!(v(1, &turned, None, None), Verdict::LowQuality);
     }
 }

@@ -178,6 +178,9 @@ pub enum ErrorCode {
     SystemFull,
     HelloTimeout,
     Kicked,
+    /// The policy signed the client out; it may not start a session until an operator
+    /// re-admits it (`vigil clients readmit`). Final: a client must not reconnect.
+    SignedOut,
     /// The client stopped reading: a write to it did not finish within the edge's deadline.
     SlowReader,
     /// Nothing, not even a pong, arrived from the client within the idle timeout.
@@ -196,6 +199,7 @@ impl ErrorCode {
             ErrorCode::TooFast => 4429,
             ErrorCode::SystemFull => 4503,
             ErrorCode::Kicked => 4000,
+            ErrorCode::SignedOut => 4423,
             ErrorCode::SlowReader => 4408,
             ErrorCode::Idle => 4410,
             ErrorCode::Internal => 1011,
@@ -253,6 +257,28 @@ pub enum ServerMsg {
         action_id: String,
         evidence_id: String,
     },
+    /// Prove liveness: do each step in order, each ending back facing the camera, within
+    /// `deadline_ms` from now. Until it is passed the session is under suspicion; a failure
+    /// or a timeout takes the `spoof` rule's next step (see `docs/protocol.md#challenges`).
+    Challenge {
+        id: String,
+        steps: Vec<ChallengeStep>,
+        /// Time left to finish every step, in ms from when this message is sent.
+        deadline_ms: u64,
+        /// Why it was issued: `start`, `suspicion`, `operator`, `random` or `retry`.
+        reason: String,
+    },
+    /// The candidate finished `done` of the challenge's steps (the next one is `steps[done]`).
+    ChallengeProgress {
+        id: String,
+        done: usize,
+    },
+    /// The challenge ended: passed, or failed with why (`timeout`).
+    ChallengeResult {
+        id: String,
+        passed: bool,
+        reason: String,
+    },
     /// The answer to a client's `ping`.
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -283,6 +309,12 @@ impl ServerMsg {
             }
         }
     }
+}
+
+/// One step of a challenge on the wire: `{"kind":"turn_left"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChallengeStep {
+    pub kind: crate::domain::StepKind,
 }
 
 /// Encode a hello for a client that speaks `encoding`.

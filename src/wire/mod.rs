@@ -137,6 +137,8 @@ pub enum ControlCommand {
     Pause,
     Resume,
     Kick,
+    /// Ask the client's live session for a liveness challenge now.
+    Challenge,
     /// Enforce an action now, through the same path as the policy's (audit included).
     ForceAction {
         action: crate::domain::Action,
@@ -170,6 +172,25 @@ pub struct ActionEvent {
     /// For an action forced by an administrator: who.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operator: Option<String>,
+    /// For a liveness challenge's entry (issued, passed, failed): which, and how it went.
+    /// An entry that only records a challenge (`origin` `challenge`) repeats the action in
+    /// force as its `action`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub challenge: Option<ChallengeNote>,
+}
+
+/// A liveness challenge, as the audit trail keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChallengeNote {
+    pub id: Uuid,
+    /// `start`, `suspicion`, `operator`, `random` or `retry`; for a suspicion, the signal
+    /// follows (`suspicion:still`).
+    pub trigger: String,
+    pub steps: Vec<crate::domain::StepKind>,
+    /// `issued`, `passed` or `failed`.
+    pub outcome: String,
+    /// How far it got.
+    pub detail: String,
 }
 
 /// One frame kept as evidence: the JPEG as received, and what the worker said about it.
@@ -340,6 +361,11 @@ pub struct IdentityScore {
 pub struct LivenessScore {
     /// The single-frame model's P(live).
     pub p_live: f32,
+    /// The presentation-attack model's P(real) for the same face, when the worker runs one
+    /// (schema 2; see `docs/liveness.md`). A passive signal: it can raise a suspicion, never
+    /// an action.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad: Option<f32>,
     /// False when the fused evidence says the face is not live.
     pub live: bool,
     /// The stream's evidence, added by the edge that sees the client's frames in order
@@ -359,8 +385,13 @@ pub struct TemporalScore {
     pub drift: f32,
     /// Median single-frame P(live) over the window.
     pub p_live_median: f32,
-    /// Which signal found a spoof: `still` (the face does not change beyond jitter: a photo or
-    /// a replayed frame) or `model` (the model is sure over the whole window); absent when live.
+    /// Median presentation-attack P(real) over the window, when the worker gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_median: Option<f32>,
+    /// Which passive signal raised a suspicion: `still` (the face has not changed beyond
+    /// jitter for a while: a photo or a replayed frame), `model` (the single-frame model is
+    /// sure over the whole window) or `pad` (the presentation-attack model is); absent when
+    /// none did. A suspicion asks for a challenge; it never acts by itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spoof: Option<String>,
 }

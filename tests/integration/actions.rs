@@ -188,6 +188,7 @@ fn action_envelope(namespace: &str, i: u64) -> Envelope {
             },
         }],
         operator: None,
+        challenge: None,
     };
     Envelope {
         schema: wire::SCHEMA,

@@ -450,6 +450,7 @@ async fn a_broker_restart_is_survived_and_confirmed_actions_are_kept() {
                 rule: "test".into(),
                 evidence: vec![],
                 operator: None,
+                challenge: None,
             }),
         };
         publisher

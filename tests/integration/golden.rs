@@ -96,12 +96,14 @@ fn cases_v2() -> Vec<(String, Envelope)> {
             }),
             liveness: Some(LivenessScore {
                 p_live: 0.25,
+                pad: None,
                 live: true,
                 temporal: Some(TemporalScore {
                     faces: 9,
                     jitter: 0.03,
                     drift: 0.12,
                     p_live_median: 0.07,
+                    pad_median: None,
                     spoof: None,
                 }),
             }),

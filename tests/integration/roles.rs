@@ -231,6 +231,7 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
             rule: "forged".into(),
             evidence: Vec::new(),
             operator: None,
+            challenge: None,
         }),
     );
     publish(&guest, &format!("{ns}.actions"), "", &action)
