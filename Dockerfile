@@ -34,6 +34,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends npm ca-certific
 COPY --from=build /src/target/release/vigil /usr/local/bin/vigil
 COPY --from=onnxruntime /out/libonnxruntime.so.1.31.1 /opt/vigil/lib/
 ENV VIGIL_ORT_DYLIB=/opt/vigil/lib/libonnxruntime.so.1.31.1 VIGIL_MODELS_DIR=/models VIGIL_CACHE=/tmp/vigil
+# The presentation-attack model is committed with its licence (models/minifasnet).
+COPY models/minifasnet /models/minifasnet
 RUN vigil models fetch && vigil models check
 
 FROM debian:bookworm-slim

@@ -31,6 +31,10 @@ ensure_models "$ROOT/target/debug/vigil"
 VIGIL_EVAL_DATA="${VIGIL_EVAL_DATA:-$ROOT/.cache/eval}"
 export VIGIL_EVAL_DATA
 "$ROOT/target/debug/vigil" eval --fetch-only --data "$VIGIL_EVAL_DATA" >&2
+# Three more honest clips (two very still people, one talking), pinned and verified, at 5 fps.
+VIGIL_FOOTAGE="${VIGIL_FOOTAGE:-$ROOT/.cache/footage}"
+export VIGIL_FOOTAGE
+scripts/footage.sh "$VIGIL_FOOTAGE" 5 >&2
 # One test at a time: several integration tests measure throughput, latency and memory, and
 # would measure each other on a small machine.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-1}"

