@@ -364,3 +364,78 @@ async fn enrolment_travels_through_the_broker_to_a_worker_and_back() {
     assert_eq!(status, 404);
     env.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_session_starts_with_a_challenge_the_page_shows_large_and_announced() {
+    let frames = footage();
+    let y4m = std::env::temp_dir().join(format!("vigil-camera-{}.y4m", rand::random::<u32>()));
+    camera_y4m(&y4m, 12, 5);
+    let her = std::fs::read(&frames[0]).unwrap();
+    let (env, page, admin) = cluster_with("challenge", &[("candidate", &her)], |env| {
+        env.cfg.challenge.on_start = true;
+    })
+    .await;
+
+    // The edge challenges every session as it starts; the page shows the step to do, the way
+    // to turn (an arrow on the mirrored preview) and the time left, in an assertive live region.
+    let seen = scenario("challenge", &page, "candidate", &y4m, &admin).await;
+    let challenge = &seen["challenge"];
+    let text = challenge["text"].as_str().unwrap_or_default();
+    assert!(
+        text.ends_with("your left") || text.ends_with("your right"),
+        "{seen}"
+    );
+    assert!(
+        challenge["direction"] == "left" || challenge["direction"] == "right",
+        "{seen}"
+    );
+    assert!(
+        challenge["aria_live"] == "assertive"
+            || challenge["role"] == "alert"
+            || challenge["role"] == "status",
+        "{seen}"
+    );
+    assert_eq!(challenge["reason"], "start", "{seen}");
+    assert_eq!(challenge["mirrored"], true, "{seen}");
+    let seconds: u64 = challenge["countdown"]
+        .as_str()
+        .and_then(|c| c.strip_suffix(" s"))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no countdown: {seen}"));
+    assert!(seconds > 0, "{seen}");
+    assert!(
+        challenge["step"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("Step 1 of ")),
+        "{seen}"
+    );
+    let _ = std::fs::remove_file(&y4m);
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_failing_the_challenge_twice_is_signed_out_until_the_console_readmits_them() {
+    let y4m = std::env::temp_dir().join(format!("vigil-camera-{}.y4m", rand::random::<u32>()));
+    camera_y4m(&y4m, 12, 5);
+    // Someone else is enrolled as `stranger`: her footage can never pass their challenge.
+    let him = photo("Male_41_2_4_1.jpg");
+    let (env, page, admin) = cluster_with("signed-out", &[("stranger", &him)], |env| {
+        env.cfg.challenge.on_start = true;
+        env.cfg.challenge.deadline_ms = 5_000;
+    })
+    .await;
+
+    let seen = scenario("signed_out", &page, "stranger", &y4m, &admin).await;
+    // The page stopped for good (4423) and said why; the console showed `signed_out` and its
+    // Re-admit button made the client active again.
+    assert_eq!(seen["signed_out"]["state"], "signed_out", "{seen}");
+    assert_eq!(seen["signed_out"]["readmitted"], "active", "{seen}");
+    use vigil::directory::ClientStore as _;
+    let store = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
+    assert_eq!(
+        store.get("stranger").unwrap().unwrap().status,
+        vigil::directory::ClientStatus::Active
+    );
+    let _ = std::fs::remove_file(&y4m);
+    env.teardown().await;
+}

@@ -2,8 +2,12 @@
 // candidate would use it. One scenario per run; prints one JSON line of what the page showed
 // and exits 0 when the page showed what the scenario expects.
 //
-//   node e2e/candidate.mjs ok|locked|blocked|console
+//   node e2e/candidate.mjs ok|locked|blocked|console|challenge|signed_out
 //
+// `challenge` waits for the liveness challenge every session starts with and reports what the
+// page showed of it (instruction, step, countdown, arrow, live-region attributes).
+// `signed_out` waits until the edge signs the candidate out (a stranger fails the challenge and
+// its retry), then has an operator re-admit them from the console.
 // `console` also opens the operator console (VIGIL_ADMIN/console/): it signs in, waits for the
 // candidate's live session, opens the audit view until the lock's evidence frames show beside
 // the reference, then blocks the candidate, and the candidate page must show it.
@@ -24,7 +28,7 @@ mkdirSync(shots, { recursive: true });
 const TIMEOUT = Number(process.env.VIGIL_E2E_TIMEOUT_MS ?? 90_000);
 
 const browser = await launch(env("VIGIL_Y4M"));
-const seen = { scenario, verdicts: [], actions: [], states: [] };
+const seen = { scenario, verdicts: [], actions: [], states: [], challenges: [] };
 let ok = false;
 let operator;
 try {
@@ -40,7 +44,7 @@ try {
   // Record every verdict, action and connection state the page shows.
   await page.exposeFunction("vigilSeen", (kind, text) => seen[kind].push(text));
   await page.evaluate(() => {
-    for (const [id, kind] of [["verdict", "verdicts"], ["action", "actions"], ["status", "states"]]) {
+    for (const [id, kind] of [["verdict", "verdicts"], ["action", "actions"], ["status", "states"], ["challenge-text", "challenges"]]) {
       const el = document.querySelector(`[data-testid=${id}]`);
       new MutationObserver(() => window.vigilSeen(kind, el.textContent)).observe(el, {
         childList: true,
@@ -116,6 +120,50 @@ try {
       seen.console.enroll.startsWith("newcomer enrolled") &&
       seen.console.chain.startsWith("intact") &&
       (await page.getByTestId("status").getAttribute("data-state")) === "blocked";
+  } else if (scenario === "challenge") {
+    const challenge = page.locator("[data-testid=challenge][data-state=active]");
+    await challenge.waitFor({ state: "visible", ...opts });
+    await page.getByTestId("challenge-countdown").filter({ hasText: /^\d+ s$/ }).waitFor(opts);
+    await page.screenshot({ path: `${shots}/candidate-challenge.png` });
+    const text = (id) => page.getByTestId(id).textContent();
+    seen.challenge = {
+      text: await text("challenge-text"),
+      step: await text("challenge-step"),
+      countdown: await text("challenge-countdown"),
+      direction: await challenge.getAttribute("data-direction"),
+      reason: await challenge.getAttribute("data-reason"),
+      aria_live: await challenge.getAttribute("aria-live"),
+      role: await challenge.getAttribute("role"),
+      mirrored: await page.locator("#preview").evaluate((v) => getComputedStyle(v).transform === "matrix(-1, 0, 0, 1, 0, 0)"),
+    };
+    const c = seen.challenge;
+    ok =
+      /your (left|right)$/.test(c.text) &&
+      c.text.endsWith(c.direction) &&
+      /^\d+ s$/.test(c.countdown) &&
+      /^Step \d+ of \d+$/.test(c.step) &&
+      (c.aria_live === "assertive" || ["alert", "status"].includes(c.role));
+  } else if (scenario === "signed_out") {
+    await page.getByTestId("signed-out").waitFor({ state: "visible", ...opts });
+    await page.screenshot({ path: `${shots}/candidate-signed-out.png` });
+    seen.signed_out = {
+      text: await page.getByTestId("signed-out").textContent(),
+      state: await page.getByTestId("status").getAttribute("data-state"),
+    };
+    const client = env("VIGIL_CLIENT");
+    operator = await (await browser.newContext({ viewport: { width: 1300, height: 900 } })).newPage();
+    await operator.goto(`${env("VIGIL_ADMIN")}/console/`);
+    await operator.getByTestId("admin-token").fill(env("VIGIL_ADMIN_TOKEN"));
+    await operator.getByTestId("sign-in").click();
+    await operator.getByTestId(`status-${client}`).filter({ hasText: /^signed_out$/ }).waitFor(opts);
+    await operator.screenshot({ path: `${shots}/console-signed-out.png` });
+    await operator.getByTestId(`readmit-${client}`).click();
+    await operator.getByTestId(`status-${client}`).filter({ hasText: /^active$/ }).waitFor(opts);
+    seen.signed_out.readmitted = await operator.getByTestId(`status-${client}`).textContent();
+    ok =
+      seen.signed_out.state === "signed_out" &&
+      seen.signed_out.text.includes("Ask your proctor to re-admit you") &&
+      seen.signed_out.readmitted === "active";
   } else {
     throw new Error(`unknown scenario ${scenario}`);
   }
@@ -126,6 +174,6 @@ try {
   await browser.close();
 }
 // The last few of each, to keep the report short.
-for (const k of ["verdicts", "actions", "states"]) seen[k] = seen[k].slice(-8);
+for (const k of ["verdicts", "actions", "states", "challenges"]) seen[k] = seen[k].slice(-8);
 console.log(JSON.stringify({ ...seen, ok }));
 process.exit(ok ? 0 : 1);

@@ -1,5 +1,6 @@
-// Debian's Chromium, headless, with a fake camera playing `y4m` (real footage) and camera
-// permission granted, for the e2e scenarios and the benchmark. Nothing is downloaded.
+// Debian's Chromium, headless, with a fake camera playing `y4m` (real footage; without one,
+// Chromium's own test pattern) and camera permission granted, for the e2e scenarios and the
+// benchmark. Nothing is downloaded.
 import { chromium } from "playwright-core";
 
 export function launch(y4m) {
@@ -16,7 +17,7 @@ export function launch(y4m) {
       "--disable-sync",
       "--use-fake-ui-for-media-stream",
       "--use-fake-device-for-media-stream",
-      `--use-file-for-fake-video-capture=${y4m}`,
+      ...(y4m ? [`--use-file-for-fake-video-capture=${y4m}`] : []),
     ],
   });
 }

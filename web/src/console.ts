@@ -7,7 +7,8 @@ const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as 
 interface ClientView {
   id: string;
   display_name: string;
-  status: "active" | "paused" | "blocked";
+  /** `signed_out`: the policy signed the client out; it stays out until re-admitted. */
+  status: "active" | "paused" | "blocked" | "signed_out";
   connection: "active" | "deactivated" | "connection_error";
   edge: string | null;
   connected_since_ms: number | null;
@@ -77,7 +78,12 @@ function row(c: ClientView): HTMLTableRowElement {
     c.status === "blocked"
       ? button("Unblock", "unblock", () => act(c.id, "unblock"))
       : button("Block", "block", () => act(c.id, "block")),
+    c.status === "signed_out" ? button("Re-admit", "readmit", () => act(c.id, "readmit")) : "",
     button("Kick", "kick", () => act(c.id, "kick")),
+    Object.assign(button("Challenge", "challenge", () => act(c.id, "challenge")), {
+      disabled: !live,
+      title: live ? "Ask the candidate for a liveness check now" : "Only a connected client can be challenged",
+    }),
     button("Warn", "warn", () => act(c.id, "action", { action: "warn" })),
     button("Lock", "lock", () => act(c.id, "action", { action: "lock_screen" })),
     button("Sign out", "signout", () => act(c.id, "action", { action: "sign_out" })),
@@ -110,9 +116,15 @@ async function refresh() {
 }
 
 interface AuditEntry {
-  kind: "action" | "admin" | "prune";
-  at_ms: number;
+  /** `action`, `admin`, `prune`, or a kind this console does not know yet (shown as it is). */
+  kind: string;
+  at_ms?: number;
   [k: string]: unknown;
+}
+
+/** A value of an entry, as text: scalars as they are, anything else as JSON. */
+function text(v: unknown): string {
+  return v === null || typeof v !== "object" ? String(v) : JSON.stringify(v);
 }
 
 /** An image behind the admin token: fetched with it, shown from a blob. */
@@ -144,9 +156,10 @@ async function showAudit(id: string) {
   chain.textContent = body.verification;
   chain.dataset.testid = "audit-chain";
   const items = body.entries.map((e) => {
-    const when = new Date(e.at_ms).toLocaleString();
+    const when = e.at_ms ? new Date(e.at_ms).toLocaleString() : "";
     if (e.kind === "action") {
-      const frames = (e.evidence as { url: string; verdict: string }[]).map((f) =>
+      const evidence = Array.isArray(e.evidence) ? (e.evidence as { url: string; verdict: string }[]) : [];
+      const frames = evidence.map((f) =>
         el("figure", {}, image(f.url, f.verdict, "evidence-frame"), el("figcaption", { textContent: f.verdict })),
       );
       const reference = body.reference
@@ -156,14 +169,27 @@ async function showAudit(id: string) {
         "li",
         { testid: "audit-action" },
         el("strong", { textContent: `${e.action} (${e.reason})` }),
-        ` ${when}, ${e.origin}${e.operator ? ` by ${e.operator}` : ""}, rule: ${e.rule}`,
+        ` ${when}${e.origin ? `, ${e.origin}` : ""}${e.operator ? ` by ${e.operator}` : ""}${e.rule ? `, rule: ${e.rule}` : ""}`,
         el("div", { className: "evidence" }, reference, ...frames),
       );
     }
     if (e.kind === "admin") {
       return el("li", { testid: "audit-admin" }, el("strong", { textContent: String(e.operation) }), ` ${when}, by ${e.operator} on ${e.source}`);
     }
-    return el("li", {}, `evidence pruned ${when}`);
+    if (e.kind === "prune") return el("li", {}, `evidence pruned ${when}`);
+    // A kind this console does not know (a challenge, …): its name and its fields, as text.
+    const { kind, at_ms: _, ...rest } = e;
+    const headline = [rest.reason ?? rest.operation ?? rest.result].filter((x) => x !== undefined).map(text);
+    const fields = Object.entries(rest)
+      .filter(([, v]) => v !== undefined && v !== null && v !== "")
+      .map(([k, v]) => `${k}: ${text(v)}`)
+      .join(", ");
+    return el(
+      "li",
+      { testid: "audit-note" },
+      el("strong", { textContent: `${String(kind).replace(/_/g, " ")}${headline.length ? ` (${headline.join(", ")})` : ""}` }),
+      ` ${when}${fields ? `, ${fields}` : ""}`,
+    );
   });
   list.replaceChildren(...(items.length ? items : [el("li", { textContent: "nothing recorded" })]));
 }

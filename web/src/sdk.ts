@@ -1,5 +1,6 @@
 // Vigil's browser SDK: open the camera, stream JPEG frames to an edge over one WebSocket, and
-// hand back typed results, actions and connection states. The protocol is docs/protocol.md.
+// hand back typed results, actions, liveness challenges and connection states. The protocol is
+// docs/protocol.md.
 //
 // Flow control follows the edge: never more than `max_inflight` frames without an answer, the
 // rate the edge asks for (`welcome.max_fps`, then each `throttle`), and JPEGs under
@@ -63,6 +64,40 @@ export interface PongMsg {
   type: "pong";
   id?: number;
 }
+/** One step of a challenge. Directions are the candidate's own: `turn_left` is a turn of the
+ * head to the candidate's left (the screen's left in a mirrored preview), then back. */
+export type ChallengeStepKind = "turn_left" | "turn_right";
+export interface ChallengeStep {
+  kind: ChallengeStepKind;
+}
+/** Why a challenge was issued. */
+export type ChallengeReason = "start" | "suspicion" | "operator" | "random" | "retry";
+/** An active liveness check: do `steps` in order within `deadline_ms` of its arrival. A new
+ * one replaces any earlier one; after a reconnect the same `id` may come again with less time. */
+export interface ChallengeMsg {
+  type: "challenge";
+  id: string;
+  steps: ChallengeStep[];
+  deadline_ms: number;
+  reason: ChallengeReason;
+}
+/** `done` steps are complete: the next one is `steps[done]`. */
+export interface ChallengeProgressMsg {
+  type: "challenge_progress";
+  id: string;
+  done: number;
+}
+/** The challenge ended; `reason` says why it failed (`timeout`, …), `passed` when it did not. */
+export interface ChallengeResultMsg {
+  type: "challenge_result";
+  id: string;
+  passed: boolean;
+  reason: string;
+}
+/** The `challenge` event: the message, and when its deadline runs out (`Date.now()` clock). */
+export interface ChallengeEvent extends ChallengeMsg {
+  expiresAt: number;
+}
 export type ServerMsg =
   | Welcome
   | ResultMsg
@@ -71,9 +106,12 @@ export type ServerMsg =
   | StatusMsg
   | ThrottleMsg
   | ErrorMsg
-  | PongMsg;
+  | PongMsg
+  | ChallengeMsg
+  | ChallengeProgressMsg
+  | ChallengeResultMsg;
 
-/** Where the connection stands. The last five are final: the client stops. */
+/** Where the connection stands. The last six are final: the client stops. */
 export type ConnectionState =
   | "connecting"
   | "streaming"
@@ -84,7 +122,8 @@ export type ConnectionState =
   | "blocked"
   | "unauthorized"
   | "kicked"
-  | "refused";
+  | "refused"
+  | "signed_out";
 
 export interface StateChange {
   state: ConnectionState;
@@ -103,6 +142,9 @@ export interface VigilEvents {
   status: StatusMsg;
   throttle: ThrottleMsg;
   error: ErrorMsg;
+  challenge: ChallengeEvent;
+  challenge_progress: ChallengeProgressMsg;
+  challenge_result: ChallengeResultMsg;
   state: StateChange;
 }
 
@@ -134,6 +176,7 @@ export const SUBPROTOCOLS = { msgpack: "vigil.v1.msgpack", json: "vigil.v1.json"
  * What a close means for the client (documented in docs/protocol.md, "Reconnecting"):
  * - replaced by a newer session (4409): stop, and never fight back;
  * - blocked (4403), unauthorized (4401), kicked (4000), a bad request (4400): stop;
+ * - signed out (4423): stop until an operator re-admits the client;
  * - anything else (network loss, 1001 shutdown, 4503 full, 4410 idle, 4408 slow, 4429 too
  *   fast): reconnect after a jittered, growing delay.
  */
@@ -149,6 +192,8 @@ export function closeDecision(code: number): ConnectionState | "retry" {
       return "kicked";
     case 4400:
       return "refused";
+    case 4423:
+      return "signed_out";
     default:
       return "retry";
   }
@@ -261,6 +306,8 @@ export class VigilClient {
   private pingTimer?: ReturnType<typeof setInterval>;
   private lastHeard = 0;
   private retryTimer?: ReturnType<typeof setTimeout>;
+  /** Set by a `signed_out` error: whatever close follows is final. */
+  private signedOut = false;
   state: ConnectionState = "stopped";
   private startedAt = 0;
   private nextDue = 0;
@@ -313,6 +360,7 @@ export class VigilClient {
   /** Open the camera, then connect and stream until `stop()` or a final close. */
   async start(): Promise<void> {
     this.stopped = false;
+    this.signedOut = false;
     this.camera = await navigator.mediaDevices.getUserMedia({
       audio: false,
       video: {
@@ -430,7 +478,17 @@ export class VigilClient {
         this.emit("throttle", msg);
         break;
       case "error":
+        if (msg.code === "signed_out") this.signedOut = true;
         this.emit("error", msg);
+        break;
+      case "challenge":
+        this.emit("challenge", { ...msg, expiresAt: Date.now() + msg.deadline_ms });
+        break;
+      case "challenge_progress":
+        this.emit("challenge_progress", msg);
+        break;
+      case "challenge_result":
+        this.emit("challenge_result", msg);
         break;
       case "pong":
         break;
@@ -442,7 +500,8 @@ export class VigilClient {
     clearInterval(this.pingTimer);
     this.ws = undefined;
     if (this.stopped) return;
-    const decision = closeDecision(code);
+    // A `signed_out` error is final even if its 4423 close got lost on the way.
+    const decision = this.signedOut ? "signed_out" : closeDecision(code);
     if (decision !== "retry") {
       this.stop(decision, code, reason);
       return;
