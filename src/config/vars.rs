@@ -611,7 +611,7 @@ pub static VARS: &[Var] = &[
         "VIGIL_LIVENESS_PAD_WINDOW_MIN",
         [Edge],
         liveness.pad_window_min,
-        r#"0"#,
+        r#"0.47"#,
         r#"a suspicion when the window's median presentation-attack P(real) is below this; 0 turns it off"#
     ),
     var!(

@@ -476,7 +476,7 @@ impl Enforcement {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{Analysis, IdentityAnalysis};
+    use crate::wire::IdentityAnalysis;
     use Verdict::*;
 
     fn frame(seq: u64, verdict: Verdict) -> EvidenceFrame {
@@ -632,6 +632,123 @@ mod tests {
             fired.first(),
             Some(&Action::Warn),
             "resumed past the warning: {fired:?}"
+        );
+    }
+
+    fn posed(seq: u64, at_ms: u64, yaw: f32, similarity: f32) -> EvidenceFrame {
+        let mut f = frame(seq, Ok);
+        f.received_at_ms = at_ms;
+        if let Analysis::Identity(a) = &mut f.analysis {
+            a.faces = vec![crate::wire::FaceBox {
+                x: 0.0,
+                y: 0.0,
+                w: 100.0,
+                h: 100.0,
+                score: 0.9,
+            }];
+            a.quality = Some(crate::wire::FaceQuality {
+                face_px: 100.0,
+                sharpness: 100.0,
+                brightness: 100.0,
+                yaw,
+                pitch: 0.5,
+                failed: None,
+            });
+            a.identity = Some(crate::wire::IdentityScore {
+                similarity,
+                matched: similarity >= 0.41,
+            });
+            a.thresholds.insert("match_cosine".into(), 0.41);
+        }
+        f
+    }
+
+    fn acts(effects: &[Effect]) -> Vec<(Action, String)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Act(ev) => Some((ev.action, ev.reason.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_unanswered_challenge_locks_then_retries_then_signs_out() {
+        let (pcfg, ccfg) = (PolicyConfig::default(), ChallengeConfig::default());
+        let mut e = Enforcement::new(ClientPolicy::new(), 1);
+        let issued = e.issue(&ccfg, Trigger::Start, None, 0, |_| 0);
+        assert!(matches!(
+            &issued[0],
+            Effect::Tell(ServerMsg::Challenge {
+                deadline_ms: 12_000,
+                ..
+            })
+        ));
+        assert!(matches!(&issued[1], Effect::Audit(ev) if ev.reason == "challenge_issued"));
+        // A second one is not issued while it waits.
+        assert!(
+            e.issue(&ccfg, Trigger::Suspicion, Some("still"), 10, |_| 0)
+                .is_empty()
+        );
+        assert!(e.tick(&pcfg, &ccfg, 11_999, |_| 0).is_empty());
+        let failed = e.tick(&pcfg, &ccfg, 12_000, |_| 0);
+        assert_eq!(acts(&failed), [(Action::LockScreen, "spoof".to_owned())]);
+        assert!(failed.iter().any(
+            |e| matches!(e, Effect::Tell(ServerMsg::Challenge { reason, .. }) if reason == "retry")
+        ));
+        // Ok frames do not lift the lock while the retry waits...
+        for i in 0..10 {
+            assert!(
+                e.judge(&pcfg, Ok, Some(frame(i, Ok)), 12_100 + i * 200)
+                    .is_none()
+            );
+        }
+        // ...and the retry's timeout signs out, with no further retry.
+        let out = e.tick(&pcfg, &ccfg, 24_000, |_| 0);
+        assert_eq!(acts(&out), [(Action::SignOut, "spoof".to_owned())]);
+        assert!(!e.challenging());
+    }
+
+    #[test]
+    fn passing_the_retry_lifts_the_lock_and_the_challenge_follows_a_reconnect() {
+        let (pcfg, ccfg) = (PolicyConfig::default(), ChallengeConfig::default());
+        let mut e = Enforcement::new(ClientPolicy::new(), 1);
+        e.issue(&ccfg, Trigger::Start, None, 0, |_| 0);
+        e.tick(&pcfg, &ccfg, 12_000, |_| 0);
+        // A reconnect: the next session resumes the waiting retry and its deadline.
+        let saved = e.take_unsaved(12_500).expect("changed");
+        let mut e = Enforcement::resume(&pcfg, Some(saved), 13_000, 2);
+        assert!(matches!(
+            e.tell(13_000),
+            Some(ServerMsg::Challenge {
+                deadline_ms: 11_000,
+                ..
+            })
+        ));
+        // Two left turns (step kind 0), each from facing and back.
+        let mut effects = Vec::new();
+        let yaws = [0.0, 0.3, 0.0, 0.3, 0.0];
+        for (i, yaw) in yaws.iter().enumerate() {
+            let f = posed(i as u64, 13_100 + i as u64 * 200, *yaw, 0.8);
+            effects.extend(e.answer(&ccfg, &f, 13_100 + i as u64 * 200));
+        }
+        assert_eq!(acts(&effects), [(Action::Allow, "challenge".to_owned())]);
+        assert!(effects.iter().any(|e| matches!(e, Effect::Audit(ev) if ev.reason == "challenge_passed" && !ev.evidence.is_empty())));
+        // Within the grace period a suspicion asks nothing.
+        assert!(
+            e.issue(&ccfg, Trigger::Suspicion, Some("still"), 20_000, |_| 0)
+                .is_empty()
+        );
+        assert!(
+            !e.issue(
+                &ccfg,
+                Trigger::Suspicion,
+                Some("still"),
+                14_000 + ccfg.grace_ms,
+                |_| 0
+            )
+            .is_empty()
         );
     }
 }

@@ -9,7 +9,7 @@
 
 mod admin_api;
 pub mod client;
-mod enforcement;
+pub(crate) mod enforcement;
 mod gate;
 mod lease;
 mod session;

@@ -1015,6 +1015,8 @@ impl Session {
         span.in_scope(|| tracing::debug!(latency_ms = latency.as_secs_f64() * 1e3, "answered"));
         match env.payload {
             Payload::Result(mut r) => {
+                // An analysed frame is presence.
+                self.silent_since = Instant::now();
                 // The stream's liveness evidence joins the frame's own, and the face
                 // signature stops here: it never reaches the client or the audit trail.
                 let mut suspicion = None;
@@ -1045,8 +1047,6 @@ impl Session {
                 });
                 if let (Some(verdict), Some(analysis)) = (verdict, analysis) {
                     m.verdicts.with_label_values(&[verdict.as_str()]).inc();
-                    // An analysed frame is presence.
-                    self.silent_since = Instant::now();
                     let frame = EvidenceFrame {
                         seq,
                         frame_id: r.frame_id,

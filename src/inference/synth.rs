@@ -111,6 +111,33 @@ pub fn held_up_photo(
         .collect()
 }
 
+/// A printed photo turned in the hand about its vertical axis by `degrees` (positive: its
+/// right edge away from the camera), seen by a pinhole camera `distance` photo-widths away:
+/// the projection of a plane, fitted to 640 and re-encoded. What a photo "turning its head"
+/// looks like to the camera.
+pub fn photo_turned_in_hand(
+    jpeg: &[u8],
+    degrees: f32,
+    distance: f32,
+) -> Result<Vec<u8>, InferenceError> {
+    let (img, _) = ops::fit_within(&ops::decode_jpeg(jpeg)?, 640);
+    let (w, h) = (img.width() as f32, img.height() as f32);
+    let (sin, cos) = degrees.to_radians().sin_cos();
+    let f = distance * w;
+    // A corner at (x, y) on the photo, centred, turned about the vertical axis, projected.
+    let project = |x: f32, y: f32| {
+        let (cx, cy) = (x - w / 2.0, y - h / 2.0);
+        let (xr, zr) = (cx * cos, cx * sin);
+        let k = f / (f + zr);
+        (w / 2.0 + xr * k, h / 2.0 + cy * k)
+    };
+    let corners = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)];
+    let seen = corners.map(|(x, y)| project(x, y));
+    let hm = homography(&seen, &corners)
+        .ok_or_else(|| InferenceError::BadImage("degenerate turn".into()))?;
+    encode(&warp_perspective(&img, &hm), 90)
+}
+
 /// Ways a webcam degrades a face.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Degradation {

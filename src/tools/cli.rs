@@ -89,9 +89,13 @@ pub enum Command {
         /// Frames per second the videos are sampled and streamed at.
         #[arg(long, default_value_t = 5.0)]
         fps: f64,
-        /// Frames per replayed-photo attack stream.
-        #[arg(long, default_value_t = 50)]
+        /// Frames per replayed-photo attack stream (long enough for two challenges to time
+        /// out at the default deadline).
+        #[arg(long, default_value_t = 150)]
         attack_frames: usize,
+        /// Where `scripts/footage.sh` decoded its three clips (skipped when absent).
+        #[arg(long, default_value = ".cache/footage")]
+        footage: PathBuf,
         /// Only fetch the data.
         #[arg(long)]
         fetch_only: bool,
@@ -511,6 +515,14 @@ pub enum ClientsCmd {
     Remove {
         id: String,
     },
+    /// Ask the client's live session for a liveness challenge now (audited).
+    Challenge {
+        id: String,
+    },
+    /// Let a client the policy signed out start sessions again, with a fresh policy state.
+    Readmit {
+        id: String,
+    },
     /// Force an action on a connected client (audited like the policy's).
     Action {
         id: String,
@@ -549,6 +561,13 @@ pub struct StreamArgs {
     /// Speak MessagePack instead of JSON.
     #[arg(long)]
     pub msgpack: bool,
+    /// Answer liveness challenges with frames from this folder (real footage of the enrolled
+    /// person, in filmed order), picked by the model stack's own pose against --reference.
+    #[arg(long, requires = "reference")]
+    pub answer_from: Option<PathBuf>,
+    /// The enrolled person's reference photo, for --answer-from.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -735,9 +754,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             out,
             fps,
             attack_frames,
+            footage,
             fetch_only,
-        } => eval(&cfg, data, &out, fps, attack_frames, fetch_only),
-        Command::Stream(args) => stream(args).await,
+        } => eval(&cfg, data, &out, fps, attack_frames, footage, fetch_only),
+        Command::Stream(args) => stream(&cfg, args).await,
         Command::Bench { which } => bench(&cfg, which).await,
     }
 }
@@ -1044,6 +1064,8 @@ async fn clients(cfg: &Config, action: ClientsCmd) -> Result<(), CliError> {
         ClientsCmd::Unblock { id } => Some((id.clone(), AdminOp::Unblock)),
         ClientsCmd::Kick { id } => Some((id.clone(), AdminOp::Kick)),
         ClientsCmd::Remove { id } => Some((id.clone(), AdminOp::Remove)),
+        ClientsCmd::Challenge { id } => Some((id.clone(), AdminOp::Challenge)),
+        ClientsCmd::Readmit { id } => Some((id.clone(), AdminOp::Readmit)),
         _ => None,
     };
     if let Some((id, op)) = op {
@@ -1182,11 +1204,36 @@ pub fn load_images(path: &Path) -> Result<Vec<(String, Vec<u8>)>, CliError> {
         .collect()
 }
 
-async fn stream(args: StreamArgs) -> Result<(), CliError> {
+async fn stream(cfg: &Config, args: StreamArgs) -> Result<(), CliError> {
     let mut images = Vec::new();
     for path in &args.images {
         images.extend(load_images(path)?);
     }
+    let answers = match (&args.answer_from, &args.reference) {
+        (Some(dir), Some(reference)) => {
+            let stack = crate::inference::IdentityStack::load(&cfg.inference, 1).map_err(fail)?;
+            let jpeg = std::fs::read(reference)
+                .map_err(|e| fail(format!("{}: {e}", reference.display())))?;
+            let reference = stack
+                .enroll(&jpeg)
+                .map_err(|e| fail(format!("reference: {e}")))?;
+            let frames: Vec<Vec<u8>> = load_images(dir)?.into_iter().map(|(_, b)| b).collect();
+            let answers =
+                crate::tools::answers::Answers::pick(&stack, &reference, &frames, &cfg.challenge)
+                    .map_err(fail)?;
+            let kinds: Vec<&str> = answers.kinds().iter().map(|k| k.as_str()).collect();
+            println!(
+                "answers challenges from {}: {} facing frames, turns: [{}]",
+                dir.display(),
+                answers.facing.len(),
+                kinds.join(", ")
+            );
+            Some(answers)
+        }
+        _ => None,
+    };
+    // The receiver hands the sender the frames that answer a challenge; they go first.
+    let (answer_tx, mut answer_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(256);
     let encoding = if args.msgpack {
         Encoding::MsgPack
     } else {
@@ -1212,10 +1259,17 @@ async fn stream(args: StreamArgs) -> Result<(), CliError> {
     let names: Vec<String> = images.iter().map(|(n, _)| n.clone()).collect();
     let sender = tokio::spawn(async move {
         let mut next = Instant::now();
+        let mut regular = 0usize;
         for seq in 1..=total {
-            let (_, jpeg) = &images[(seq as usize - 1) % images.len()];
+            let jpeg = match answer_rx.try_recv() {
+                Ok(answer) => answer,
+                Err(_) => {
+                    regular += 1;
+                    images[(regular - 1) % images.len()].1.clone()
+                }
+            };
             if tx
-                .send_frame(seq, crate::wire::now_ms(), jpeg)
+                .send_frame(seq, crate::wire::now_ms(), &jpeg)
                 .await
                 .is_err()
             {
@@ -1274,6 +1328,49 @@ async fn stream(args: StreamArgs) -> Result<(), CliError> {
             } => println!(
                 ">>> ACTION {} (reason: {reason}) action_id={action_id}",
                 action.as_str()
+            ),
+            ServerMsg::Challenge {
+                steps,
+                deadline_ms,
+                reason,
+                ..
+            } => {
+                let kinds: Vec<&str> = steps.iter().map(|s| s.kind.as_str()).collect();
+                println!(
+                    ">>> CHALLENGE ({reason}): {} within {:.0} s",
+                    kinds.join(", then "),
+                    deadline_ms as f64 / 1e3
+                );
+                match &answers {
+                    Some(a) => {
+                        for step in &steps {
+                            match a.step(step.kind) {
+                                Some(frames) => {
+                                    println!(
+                                        "    answering {} with {} real frames",
+                                        step.kind.as_str(),
+                                        frames.len()
+                                    );
+                                    for f in frames {
+                                        let _ = answer_tx.try_send(f);
+                                    }
+                                }
+                                None => println!(
+                                    "    the footage shows no {}: not answered",
+                                    step.kind.as_str()
+                                ),
+                            }
+                        }
+                    }
+                    None => println!("    (not answered: no --answer-from)"),
+                }
+            }
+            ServerMsg::ChallengeProgress { done, .. } => {
+                println!(">>> CHALLENGE step {done} done")
+            }
+            ServerMsg::ChallengeResult { passed, reason, .. } => println!(
+                ">>> CHALLENGE {} ({reason})",
+                if passed { "PASSED" } else { "FAILED" }
             ),
             other => println!("{}", serde_json::to_string(&other).unwrap_or_default()),
         }
@@ -1510,6 +1607,7 @@ fn eval(
     out: &Path,
     fps: f64,
     attack_frames: usize,
+    footage: PathBuf,
     fetch_only: bool,
 ) -> Result<(), CliError> {
     if !(fps > 0.0 && fps <= 30.0) || attack_frames < 2 {
@@ -1526,6 +1624,7 @@ fn eval(
         data,
         fps,
         attack_frames,
+        footage: footage.is_dir().then_some(footage),
     };
     let report =
         crate::tools::eval::run(cfg, &opts, &mut |step| eprintln!("eval: {step}")).map_err(fail)?;

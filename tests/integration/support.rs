@@ -50,6 +50,9 @@ impl TestEnv {
         cfg.worker.analysis_threads = 2;
         // Transport tests need no models; identity tests opt in.
         cfg.worker.analyzer = "frame-info".into();
+        // Nor liveness challenges, which only an identity analysis can answer; the liveness
+        // tests opt in.
+        cfg.challenge.on_start = false;
         Self {
             cfg,
             clients_dir,
@@ -576,7 +579,11 @@ pub fn spawn_edge_process(
         .env("VIGIL_METRICS_LISTEN", "127.0.0.1:0")
         .env("VIGIL_EDGE_LISTEN", format!("127.0.0.1:{port}"))
         .env("VIGIL_EDGE_ID", id)
-        .env("VIGIL_CLIENTS_DIR", &env.clients_dir);
+        .env("VIGIL_CLIENTS_DIR", &env.clients_dir)
+        .env(
+            "VIGIL_CHALLENGE_ON_START",
+            env.cfg.challenge.on_start.to_string(),
+        );
     for (k, v) in extra {
         cmd.env(k, v);
     }
