@@ -1232,8 +1232,9 @@ async fn stream(cfg: &Config, args: StreamArgs) -> Result<(), CliError> {
         }
         _ => None,
     };
-    // The receiver hands the sender the frames that answer a challenge; they go first.
-    let (answer_tx, mut answer_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(256);
+    // The receiver hands the sender the frames that answer a challenge (named by the step they
+    // answer); they go first.
+    let (answer_tx, mut answer_rx) = tokio::sync::mpsc::channel::<(String, Vec<u8>)>(256);
     let encoding = if args.msgpack {
         Encoding::MsgPack
     } else {
@@ -1256,18 +1257,27 @@ async fn stream(cfg: &Config, args: StreamArgs) -> Result<(), CliError> {
     let (mut tx, mut rx) = conn.split();
     let period = Duration::from_secs_f64(1.0 / args.fps.max(0.01));
     let total = args.frames;
-    let names: Vec<String> = images.iter().map(|(n, _)| n.clone()).collect();
+    // What was sent under each seq, for the printout (answers take regular frames' places).
+    let names = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        u64,
+        String,
+    >::new()));
+    let sent_names = names.clone();
     let sender = tokio::spawn(async move {
         let mut next = Instant::now();
         let mut regular = 0usize;
         for seq in 1..=total {
-            let jpeg = match answer_rx.try_recv() {
+            let (name, jpeg) = match answer_rx.try_recv() {
                 Ok(answer) => answer,
                 Err(_) => {
                     regular += 1;
-                    images[(regular - 1) % images.len()].1.clone()
+                    images[(regular - 1) % images.len()].clone()
                 }
             };
+            sent_names
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(seq, name);
             if tx
                 .send_frame(seq, crate::wire::now_ms(), &jpeg)
                 .await
@@ -1292,7 +1302,13 @@ async fn stream(cfg: &Config, args: StreamArgs) -> Result<(), CliError> {
             }
             Ok(Some(Ok(Incoming::Msg(m)))) => m,
         };
-        let name = |seq: u64| names[(seq as usize - 1) % names.len()].clone();
+        let name = |seq: u64| {
+            names
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&seq)
+                .unwrap_or_default()
+        };
         match msg {
             ServerMsg::Result {
                 seq,
@@ -1351,8 +1367,9 @@ async fn stream(cfg: &Config, args: StreamArgs) -> Result<(), CliError> {
                                         step.kind.as_str(),
                                         frames.len()
                                     );
+                                    let label = format!("(answer: {})", step.kind.as_str());
                                     for f in frames {
-                                        let _ = answer_tx.try_send(f);
+                                        let _ = answer_tx.try_send((label.clone(), f));
                                     }
                                 }
                                 None => println!(
@@ -1656,6 +1673,9 @@ fn describe_analysis(analyzer: &str, analysis: &crate::wire::Analysis) -> String
             ];
             if let Some(i) = &a.identity {
                 parts.push(format!("similarity={:.2}", i.similarity));
+            }
+            if let Some(q) = &a.quality {
+                parts.push(format!("yaw={:+.2}", q.yaw));
             }
             if let Some(l) = &a.liveness {
                 parts.push(format!("p_live={:.2}", l.p_live));

