@@ -119,7 +119,11 @@ async fn a_different_person_is_locked_out_and_audited_once() {
         ),
         (Action::LockScreen, "wrong_person", "candidate", "e1")
     );
-    assert_eq!(r.models.len(), 4);
+    assert_eq!(
+        r.models.len(),
+        5,
+        "every model that ran, the presentation-attack one included"
+    );
     assert!(r.thresholds.contains_key("match_cosine"));
     assert!(!r.evidence_files.is_empty() && r.frames.iter().all(|f| matches!(&f.analysis, Analysis::Identity(a) if a.verdict == Verdict::WrongPerson)));
     for f in &r.evidence_files {

@@ -93,7 +93,13 @@ async fn recorded_traffic_replays_identically_and_a_stricter_threshold_is_caught
                 Ok(Some(Ok(Incoming::Msg(
                     ServerMsg::Result { .. } | ServerMsg::Dropped { .. },
                 )))) => break,
-                Ok(Some(Ok(Incoming::Msg(ServerMsg::Action { .. })))) => continue,
+                // A photo sent over and over is still: a suspicion asks for a challenge.
+                Ok(Some(Ok(Incoming::Msg(
+                    ServerMsg::Action { .. }
+                    | ServerMsg::Challenge { .. }
+                    | ServerMsg::ChallengeProgress { .. }
+                    | ServerMsg::ChallengeResult { .. },
+                )))) => continue,
                 other => panic!("unexpected {other:?}"),
             }
         }
