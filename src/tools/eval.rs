@@ -614,9 +614,11 @@ fn record_stream_frame(report: &mut StreamReport, a: &IdentityAnalysis) {
     report.timeline.push(a.verdict.as_str().into());
     if let Some(l) = &a.liveness {
         report.p_live.push(l.p_live);
-        // A window of the same frame replayed has no drift and no jitter: ratio 0, still.
+                // A window of the same frame replayed has no drift and no jitter: ratio 0, still. A
+        // window with jitter but no drift has no pair of faces far enough apart yet.
         if let Some(t) = &l.temporal
             && t.faces as usize >= 8
+            && (t.drift > 0.0 || t.jitter == 0.0)
         {
             report.still_ratios.push(t.drift / t.jitter.max(1e-6));
         }
