@@ -974,7 +974,14 @@ pub fn summary(r: &Report) -> String {
         honest.iter().map(|s| s.false_actions).sum::<usize>()
     ));
     line("== the still test, leaving one honest clip out (suspicion level = the others' lowest sustained ratio / 1.5)".into());
-    for l in &r.still_leave_one_out {
+        for l in &r.still_leave_one_out {
+        if !l.held_out_level.is_finite() {
+            line(format!(
+                "{:<28} too short to hold still_faces windows: no constraint, never suspected",
+                l.held_out
+            ));
+            continue;
+        }
         line(format!(
             "{:<28} its lowest sustained ratio {:>5.2}; level from the others {:>5.2}: {}; attack streams at or under it {} of {}",
             l.held_out,
