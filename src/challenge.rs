@@ -319,8 +319,16 @@ impl Challenge {
             && (yaw - self.start_yaw) * want >= cfg.turn_delta
             && similarity >= cfg.turn_match_cosine;
         let wrong_way = -yaw * want >= cfg.turn_yaw;
-        if similarity < cfg.turn_match_cosine || wrong_way {
+        if wrong_way {
             self.phase = Phase::Facing;
+            return Progress::Nothing;
+        }
+        if similarity < cfg.turn_match_cosine {
+            // A face barely turned yet someone else's starts the step over; a deep turn scores
+            // low for the enrolled person too, so it is only skipped (it cannot count).
+            if yaw.abs() < cfg.turn_yaw {
+                self.phase = Phase::Facing;
+            }
             return Progress::Nothing;
         }
         match self.phase {
@@ -475,6 +483,20 @@ mod tests {
             pose(-0.183, 0.7),
             pose(-0.190, 0.69),
             pose(-0.018, 0.75),
+        ];
+        assert_eq!(feed(&mut c, 1_200, &poses)[5], Progress::Passed);
+    }
+
+    #[test]
+    fn a_deep_turn_that_scores_low_is_skipped_not_held_against_the_step() {
+        let mut c = challenge(&[TurnLeft]);
+        let poses = [
+            pose(0.0, 0.8),
+            pose(0.3, 0.68),
+            pose(0.6, 0.21),
+            pose(0.77, 0.29),
+            pose(0.3, 0.68),
+            pose(0.0, 0.8),
         ];
         assert_eq!(feed(&mut c, 1_200, &poses)[5], Progress::Passed);
     }

@@ -259,6 +259,12 @@ impl ClientPolicy {
         }
     }
 
+    /// Forget `verdict`'s firings: its ladder starts again at its first step (a passed
+    /// challenge forgives the failures before it).
+    pub fn forgive(&mut self, verdict: Verdict) {
+        self.fired.remove(&verdict);
+    }
+
     /// Hold the return to `allow`: ok frames no longer lift the action in force.
     pub fn hold(&mut self) {
         self.held = true;

@@ -593,6 +593,13 @@ impl Config {
             errors.extend(self.policy.validate());
             errors.extend(self.liveness.validate());
             errors.extend(self.challenge.validate());
+            // A waiting challenge follows the client only as long as its saved state does.
+            if self.policy.carry_over_ms < self.challenge.deadline_ms {
+                errors.push(format!(
+                    "policy.carry_over_ms = {} must be at least challenge.deadline_ms = {}: a reconnect would escape the challenge",
+                    self.policy.carry_over_ms, self.challenge.deadline_ms
+                ));
+            }
         }
         if reads(Role::Audit)
             && let Some(key) = &self.audit_key

@@ -67,6 +67,9 @@ pub(crate) struct Enforcement {
     moments: Vec<EvidenceFrame>,
     recent: VecDeque<EvidenceFrame>,
     passed_at_ms: Option<u64>,
+    /// Frames analysed since the waiting challenge was issued: a deadline that passes with
+    /// none (the system could not analyse them) is not the candidate's failure.
+    analysed: usize,
     /// The state changed since it was last taken for saving.
     dirty: bool,
 }
@@ -83,6 +86,7 @@ impl Enforcement {
             moments: Vec::new(),
             recent: VecDeque::new(),
             passed_at_ms: None,
+            analysed: 0,
             dirty: false,
         }
     }
@@ -112,6 +116,26 @@ impl Enforcement {
     /// A challenge is waiting for an answer.
     pub(crate) fn challenging(&self) -> bool {
         self.challenge.is_some()
+    }
+
+    /// The client was signed out, and not re-admitted since (a re-admission saves a fresh
+    /// state).
+    pub(crate) fn signed_out(&self) -> bool {
+        self.policy.state() == Action::SignOut
+    }
+
+    /// Move the waiting challenge's deadline on by `ms` (the time the client was paused: a
+    /// paused client sends nothing to answer with).
+    pub(crate) fn postpone(&mut self, ms: u64) {
+        if let Some(c) = self.challenge.as_mut() {
+            c.deadline_at_ms = c.deadline_at_ms.saturating_add(ms);
+            self.dirty = true;
+        }
+    }
+
+    /// Mark the state for saving, so that its age counts from now (a session that ends).
+    pub(crate) fn touch(&mut self) {
+        self.dirty = true;
     }
 
     /// Run the policy on one verdict at `now_ms`. `frame` is the analysed frame behind it
@@ -189,8 +213,15 @@ impl Enforcement {
         }
     }
 
-    /// An action an operator forced at `now_ms`.
-    pub(crate) fn force(&self, action: Action, operator: String, now_ms: u64) -> ActionEvent {
+    /// An action an operator forced at `now_ms`. A forced `allow` is the operator's word on
+    /// liveness too: it lifts a held lock and drops the waiting challenge.
+    pub(crate) fn force(&mut self, action: Action, operator: String, now_ms: u64) -> ActionEvent {
+        if action == Action::Allow {
+            self.policy.release();
+            self.policy.forgive(Verdict::Spoof);
+            self.challenge = None;
+            self.dirty = true;
+        }
         let rule = format!("forced by {operator}");
         self.event(action, "admin", rule, Evidence::All, Some(operator), now_ms)
     }
@@ -223,6 +254,7 @@ impl Enforcement {
         };
         self.moments.clear();
         self.recent.clear();
+        self.analysed = 0;
         self.challenge = Some(c);
         self.dirty = true;
         let tell = self.tell(now_ms).expect("a challenge was just issued");
@@ -259,6 +291,7 @@ impl Enforcement {
         while self.recent.len() > cfg.evidence_frames {
             self.recent.pop_front();
         }
+        self.analysed += 1;
         let before = c.moments.len();
         let progress = c.observe(cfg, Pose::of(a), frame.seq, frame.received_at_ms);
         if c.moments.len() != before || progress != Progress::Nothing {
@@ -285,6 +318,8 @@ impl Enforcement {
                 out.push(Effect::Audit(entry));
                 self.challenge = None;
                 self.passed_at_ms = Some(now_ms);
+                // A pass forgives the failures before it: only failures in a row escalate.
+                self.policy.forgive(Verdict::Spoof);
                 self.dirty = true;
                 if self.policy.held()
                     && let Some(d) = self.policy.release()
@@ -318,6 +353,20 @@ impl Enforcement {
         let Some(c) = self.challenge.as_ref().filter(|c| c.expired(now_ms)) else {
             return Vec::new();
         };
+        if self.analysed == 0 {
+            // Not one frame could be analysed while it waited (the system was down, or the
+            // client sent nothing usable, which the `no_frames` and `invalid_frame` rules
+            // judge): not the candidate's failure. It is issued again.
+            let trigger = c.trigger;
+            let mut out = vec![Effect::Tell(ServerMsg::ChallengeResult {
+                id: c.id.to_string(),
+                passed: false,
+                reason: "no_frames_analysed".into(),
+            })];
+            self.challenge = None;
+            out.extend(self.issue(cfg, trigger, Some("again"), now_ms, draw));
+            return out;
+        }
         let why = format!("failed: timeout, {}", c.describe());
         let mut out = vec![Effect::Tell(ServerMsg::ChallengeResult {
             id: c.id.to_string(),
@@ -692,7 +741,7 @@ mod tests {
                 .is_empty()
         );
         assert!(e.tick(&pcfg, &ccfg, 11_999, |_| 0).is_empty());
-        let failed = e.tick(&pcfg, &ccfg, 12_000, |_| 0);
+        let failed = fail(&mut e, &pcfg, &ccfg, 12_000);
         assert_eq!(acts(&failed), [(Action::LockScreen, "spoof".to_owned())]);
         assert!(failed.iter().any(
             |e| matches!(e, Effect::Tell(ServerMsg::Challenge { reason, .. }) if reason == "retry")
@@ -705,7 +754,7 @@ mod tests {
             );
         }
         // ...and the retry's timeout signs out, with no further retry.
-        let out = e.tick(&pcfg, &ccfg, 24_000, |_| 0);
+        let out = fail(&mut e, &pcfg, &ccfg, 24_000);
         assert_eq!(acts(&out), [(Action::SignOut, "spoof".to_owned())]);
         assert!(!e.challenging());
     }
@@ -715,7 +764,7 @@ mod tests {
         let (pcfg, ccfg) = (PolicyConfig::default(), ChallengeConfig::default());
         let mut e = Enforcement::new(ClientPolicy::new(), 1);
         e.issue(&ccfg, Trigger::Start, None, 0, |_| 0);
-        e.tick(&pcfg, &ccfg, 12_000, |_| 0);
+        fail(&mut e, &pcfg, &ccfg, 12_000);
         // A reconnect: the next session resumes the waiting retry and its deadline.
         let saved = e.take_unsaved(12_500).expect("changed");
         let mut e = Enforcement::resume(&pcfg, Some(saved), 13_000, 2);
@@ -750,5 +799,94 @@ mod tests {
             )
             .is_empty()
         );
+    }
+
+    /// Fail a waiting challenge at `at_ms`, after one analysed frame.
+    fn fail(
+        e: &mut Enforcement,
+        pcfg: &PolicyConfig,
+        ccfg: &ChallengeConfig,
+        at_ms: u64,
+    ) -> Vec<Effect> {
+        e.answer(ccfg, &posed(0, at_ms - 1, 0.0, 0.8), at_ms - 1);
+        e.tick(pcfg, ccfg, at_ms, |_| 0)
+    }
+
+    /// Pass a waiting left-left challenge from `at_ms`.
+    fn pass(e: &mut Enforcement, ccfg: &ChallengeConfig, at_ms: u64) -> Vec<Effect> {
+        [0.0, 0.3, 0.0, 0.3, 0.0]
+            .iter()
+            .enumerate()
+            .flat_map(|(i, yaw)| {
+                let t = at_ms + i as u64 * 200;
+                e.answer(ccfg, &posed(i as u64, t, *yaw, 0.8), t)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_pass_forgives_the_failure_before_it() {
+        let (pcfg, ccfg) = (PolicyConfig::default(), ChallengeConfig::default());
+        let mut e = Enforcement::new(ClientPolicy::new(), 1);
+        e.issue(&ccfg, Trigger::Start, None, 0, |_| 0);
+        assert_eq!(
+            acts(&fail(&mut e, &pcfg, &ccfg, 12_000))[0].0,
+            Action::LockScreen
+        );
+        assert_eq!(acts(&pass(&mut e, &ccfg, 12_100))[0].0, Action::Allow);
+        // A later miss locks again (and retries); it does not sign out.
+        e.issue(&ccfg, Trigger::Operator, None, 100_000, |_| 0);
+        let again = fail(&mut e, &pcfg, &ccfg, 112_000);
+        assert_eq!(acts(&again), [(Action::LockScreen, "spoof".to_owned())]);
+    }
+
+    #[test]
+    fn a_deadline_with_no_frame_analysed_is_not_a_failure() {
+        let (pcfg, ccfg) = (PolicyConfig::default(), ChallengeConfig::default());
+        let mut e = Enforcement::new(ClientPolicy::new(), 1);
+        e.issue(&ccfg, Trigger::Start, None, 0, |_| 0);
+        let out = e.tick(&pcfg, &ccfg, 12_000, |_| 0);
+        assert!(
+            acts(&out).is_empty(),
+            "the system analysed nothing: no spoof"
+        );
+        assert!(out.iter().any(|e| matches!(e, Effect::Tell(ServerMsg::ChallengeResult { reason, .. }) if reason == "no_frames_analysed")));
+        assert!(e.challenging(), "issued again");
+        assert!(matches!(
+            e.tell(12_000),
+            Some(ServerMsg::Challenge {
+                deadline_ms: 12_000,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_forced_allow_lifts_a_held_lock_and_drops_the_challenge_and_pause_stops_the_clock() {
+        let (pcfg, ccfg) = (PolicyConfig::default(), ChallengeConfig::default());
+        let mut e = Enforcement::new(ClientPolicy::new(), 1);
+        e.issue(&ccfg, Trigger::Start, None, 0, |_| 0);
+        fail(&mut e, &pcfg, &ccfg, 12_000);
+        assert!(e.challenging(), "a retry waits");
+        e.force(Action::Allow, "alice".into(), 13_000);
+        assert!(!e.challenging());
+        assert!(e.tick(&pcfg, &ccfg, 30_000, |_| 0).is_empty());
+        // Paused for 20 s: the deadline moves on by as much.
+        e.issue(&ccfg, Trigger::Operator, None, 40_000, |_| 0);
+        e.postpone(20_000);
+        assert!(
+            !e.challenging()
+                || !e
+                    .tick(&pcfg, &ccfg, 52_000, |_| 0)
+                    .iter()
+                    .any(|x| matches!(x, Effect::Act(_)))
+        );
+        assert!(matches!(
+            e.tell(52_000),
+            Some(ServerMsg::Challenge {
+                deadline_ms: 20_000,
+                ..
+            })
+        ));
     }
 }

@@ -114,6 +114,25 @@ pub(super) async fn run(
 
     let session_id: u64 = rand::random();
     let enforcement = Enforcement::resume(&shared.policy, saved, wire::now_ms(), session_id);
+    // Signed out, and not re-admitted: the record read before the token check may predate a
+    // sign-out that raced this hello, so the status is read again, and the saved state says
+    // it too (a re-admission saves a fresh one).
+    if shared.policy.sign_out_ends_session {
+        let store = shared.store.clone();
+        let id = client_id.clone();
+        let status = tokio::task::spawn_blocking(move || store.get(&id))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
+            .map(|r| r.status);
+        if enforcement.signed_out() || status == Some(ClientStatus::SignedOut) {
+            shared.refused("signed_out");
+            let message = "this client was signed out; an operator must re-admit it";
+            refuse(&shared, &mut ws, encoding, ErrorCode::SignedOut, message).await;
+            return;
+        }
+    }
     let (tx, rx) = mpsc::channel(shared.cfg.max_inflight * 4 + 16);
     let closer = Closer::default();
     let since_ms = wire::now_ms();
@@ -215,6 +234,8 @@ pub(super) async fn run(
         last_seen: Instant::now(),
         next_random_ms: random_after(&shared.challenge, wire::now_ms()),
         ending: None,
+        start_due: false,
+        paused_at_ms: paused.then(wire::now_ms),
         shared: shared.clone(),
     };
     // A challenge still waiting from the client's last session goes on, with the time it has
@@ -223,12 +244,20 @@ pub(super) async fn run(
     if let Some(waiting) = session.enforcement.tell(now) {
         session.outbox.push(waiting);
     } else if shared.challenge.on_start {
-        session.challenge(Trigger::Start, None);
+        // A paused client sends nothing to answer with: its start challenge waits for the
+        // resume.
+        session.start_due = true;
+        if !paused {
+            session.start_due = false;
+            session.challenge(Trigger::Start, None);
+        }
     }
     let end = session.run(&mut ws, rx, &closer).await;
     tracing::info!(client = %client_id, ?end, "session ended");
     // A replaced session leaves the state to its successor, which loaded it already.
     if !matches!(end, End::Replaced) {
+        // Saved whatever changed, so that the carry-over counts from the end of the session.
+        session.enforcement.touch();
         session.save_policy().await;
     }
     let connection = match end {
@@ -536,12 +565,22 @@ struct Session {
     next_random_ms: Option<u64>,
     /// The session must end, once the outbox is written (a sign-out).
     ending: Option<(ErrorCode, String)>,
+    /// The start challenge is owed (the session started paused).
+    start_due: bool,
+    /// Since when the session is paused.
+    paused_at_ms: Option<u64>,
 }
 
 /// When a random challenge is next due after `now_ms`: uniform in half to one and a half of
 /// `every_ms`; never when it is 0.
 fn random_after(cfg: &crate::challenge::ChallengeConfig, now_ms: u64) -> Option<u64> {
     (cfg.every_ms > 0).then(|| now_ms + cfg.every_ms / 2 + rand::random_range(0..=cfg.every_ms))
+}
+
+/// Whether the frame's face is turned at least `turn_yaw` either way.
+fn turned(frame: &EvidenceFrame, turn_yaw: f32) -> bool {
+    matches!(&frame.analysis, wire::Analysis::Identity(a)
+        if a.quality.as_ref().is_some_and(|q| q.yaw.abs() >= turn_yaw))
 }
 
 /// Picks a challenge's steps.
@@ -565,6 +604,9 @@ impl Session {
         let mut sweep = tokio::time::interval(Duration::from_millis(100));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if self.ending.is_some() {
+                self.keep_out().await;
+            }
             self.save_policy().await;
             match self.flush(ws).await {
                 Ok(()) if self.ending.is_some() => {
@@ -1060,17 +1102,21 @@ impl Session {
                                 .answer(&self.shared.challenge, &frame, wire::now_ms());
                         self.apply(effects);
                     }
-                    // Passive liveness never acts: a spoof verdict is not the policy's.
-                    if verdict != Verdict::Spoof {
+                    // Passive liveness never acts: a spoof verdict is not the policy's. Nor is a
+                    // face turned to answer a waiting challenge (a turned face scores lower).
+                    let answering = self.enforcement.challenging()
+                        && turned(&frame, self.shared.challenge.turn_yaw);
+                    if verdict != Verdict::Spoof && !answering {
                         self.judge(verdict, Some(frame));
                     }
-                    if let Some(signal) = suspicion {
+                    if let Some(signal) = suspicion
+                        && self.challenge(Trigger::Suspicion, Some(signal))
+                    {
                         self.shared
                             .metrics
                             .suspicions
                             .with_label_values(&[signal])
                             .inc();
-                        self.challenge(Trigger::Suspicion, Some(signal));
                     }
                 }
             }
@@ -1089,7 +1135,21 @@ impl Session {
     fn on_control(&mut self, command: ControlCommand, issued_by: String) {
         match command {
             ControlCommand::Pause | ControlCommand::Resume => {
+                let was_paused = self.paused;
                 self.paused = command == ControlCommand::Pause;
+                let now_ms = wire::now_ms();
+                match (was_paused, self.paused) {
+                    (false, true) => self.paused_at_ms = Some(now_ms),
+                    (true, false) => {
+                        // The waiting challenge's clock did not run while paused.
+                        let since = self.paused_at_ms.take().unwrap_or(now_ms);
+                        self.enforcement.postpone(now_ms.saturating_sub(since));
+                        if std::mem::take(&mut self.start_due) {
+                            self.challenge(Trigger::Start, None);
+                        }
+                    }
+                    _ => {}
+                }
                 // A paused client is not expected to send; its silence counts from the resume.
                 self.silent_since = Instant::now();
                 self.info.lock().unwrap_or_else(|e| e.into_inner()).paused = self.paused;
@@ -1101,7 +1161,9 @@ impl Session {
                 let event = self.enforcement.force(action, issued_by, wire::now_ms());
                 self.enforce(event);
             }
-            ControlCommand::Challenge => self.challenge(Trigger::Operator, None),
+            ControlCommand::Challenge => {
+                self.challenge(Trigger::Operator, None);
+            }
             // Handled by the edge itself (closing the session).
             ControlCommand::Block
             | ControlCommand::Unblock
@@ -1129,7 +1191,10 @@ impl Session {
 
     /// Issue a challenge (unless one is waiting, or a suspicion comes within the grace of a
     /// pass).
-    fn challenge(&mut self, trigger: Trigger, detail: Option<&str>) {
+    fn challenge(&mut self, trigger: Trigger, detail: Option<&str>) -> bool {
+        if self.paused {
+            return false;
+        }
         let effects = self.enforcement.issue(
             &self.shared.challenge,
             trigger,
@@ -1137,7 +1202,9 @@ impl Session {
             wire::now_ms(),
             draw,
         );
+        let issued = !effects.is_empty();
         self.apply(effects);
+        issued
     }
 
     /// Carry out what enforcement decided.
@@ -1205,23 +1272,33 @@ impl Session {
     /// Keep the client out until re-admitted (saved first, so that a reconnect racing this
     /// close is refused), and end the session once the action is written.
     fn sign_out(&mut self) {
-        let store = self.shared.store.clone();
-        let id = self.client_id.clone();
-        // The directory write runs beside the session: the close must not wait on it. A
-        // reconnect that wins the race is still judged by the saved policy state.
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.update(&id, &mut |r| {
-                if r.status != ClientStatus::Blocked {
-                    r.status = ClientStatus::SignedOut;
-                }
-            }) {
-                tracing::warn!(error = %e, client = %id, "signed-out status not saved");
-            }
-        });
         self.ending = Some((
             ErrorCode::SignedOut,
             "signed out; an operator must re-admit this client".into(),
         ));
+    }
+
+    /// Keep a signed-out client out: its status is written (and the policy state saved, by
+    /// the loop) before the session tells the client and closes, so that a reconnect racing
+    /// the close is refused by either.
+    async fn keep_out(&mut self) {
+        let store = self.shared.store.clone();
+        let id = self.client_id.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            store.update(&id, &mut |r| {
+                if r.status != ClientStatus::Blocked {
+                    r.status = ClientStatus::SignedOut;
+                }
+            })
+        })
+        .await;
+        match written {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, client = %self.client_id, "signed-out status not saved; the saved policy state still refuses the client")
+            }
+            Err(e) => tracing::error!(error = %e, "signed-out status write failed"),
+        }
     }
 
     /// Send an event to the audit exchange, in the background.
@@ -1299,10 +1376,12 @@ impl Session {
     async fn sweep(&mut self) {
         self.refresh_presence().await;
         let now_ms = wire::now_ms();
-        let effects =
-            self.enforcement
-                .tick(&self.shared.policy, &self.shared.challenge, now_ms, draw);
-        self.apply(effects);
+        if !self.paused {
+            let effects =
+                self.enforcement
+                    .tick(&self.shared.policy, &self.shared.challenge, now_ms, draw);
+            self.apply(effects);
+        }
         if self.next_random_ms.is_some_and(|at| now_ms >= at) && !self.paused {
             self.next_random_ms = random_after(&self.shared.challenge, now_ms);
             self.challenge(Trigger::Random, None);

@@ -614,7 +614,7 @@ fn record_stream_frame(report: &mut StreamReport, a: &IdentityAnalysis) {
     report.timeline.push(a.verdict.as_str().into());
     if let Some(l) = &a.liveness {
         report.p_live.push(l.p_live);
-                // A window of the same frame replayed has no drift and no jitter: ratio 0, still. A
+        // A window of the same frame replayed has no drift and no jitter: ratio 0, still. A
         // window with jitter but no drift has no pair of faces far enough apart yet.
         if let Some(t) = &l.temporal
             && t.faces as usize >= 8
@@ -974,7 +974,7 @@ pub fn summary(r: &Report) -> String {
         honest.iter().map(|s| s.false_actions).sum::<usize>()
     ));
     line("== the still test, leaving one honest clip out (suspicion level = the others' lowest sustained ratio / 1.5)".into());
-        for l in &r.still_leave_one_out {
+    for l in &r.still_leave_one_out {
         if !l.held_out_level.is_finite() {
             line(format!(
                 "{:<28} too short to hold still_faces windows: no constraint, never suspected",
