@@ -363,11 +363,20 @@ async fn a_still_photo_fails_the_start_challenge_is_locked_then_signed_out_and_k
         store.get("candidate").unwrap().unwrap().status,
         vigil::directory::ClientStatus::SignedOut
     );
-    store
-        .update("candidate", &mut |r| {
-            r.status = vigil::directory::ClientStatus::Active
-        })
-        .unwrap();
+        // An operator re-admits it (`vigil clients readmit`, audited): the status and a fresh
+    // policy state.
+    let out = crate::support::output(
+        std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args(["clients", "readmit", "candidate"])
+            .env("VIGIL_NAMESPACE", &env.cfg.namespace)
+            .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
+            .env("VIGIL_CLIENTS_DIR", &env.clients_dir),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        store.get("candidate").unwrap().unwrap().status,
+        vigil::directory::ClientStatus::Active
+    );
     let (conn, _) = Connection::connect(&url, "candidate", TOKEN, Encoding::MsgPack)
         .await
         .expect("re-admitted");
