@@ -25,6 +25,9 @@
 //!   `pad_window_min`.
 //! - **away**: frames keep coming with a face, but none good enough to judge, for `away_ms`
 //!   (a face kept turned away, or hidden in the dark).
+//! - **disagree**: the presentation-attack model is sure of both within one window: at least
+//!   `disagree_faces` faces below `pad_low` and as many above `pad_high` (live frames mixed
+//!   with a screen or a print, which a median hides).
 //!
 //! The still test must hold for `still_faces` faces in a row before it is a suspicion.
 
@@ -60,6 +63,11 @@ pub struct LivenessConfig {
     pub still_faces: usize,
     /// A suspicion when faces keep arriving but none could be judged for this long, in ms.
     pub away_ms: u64,
+    /// The window's frames disagree when at least `disagree_faces` score P(real) below
+    /// `pad_low` and as many above `pad_high`; 0 turns it off.
+    pub disagree_faces: usize,
+    pub pad_low: f32,
+    pub pad_high: f32,
 }
 
 impl Default for LivenessConfig {
@@ -78,6 +86,9 @@ impl Default for LivenessConfig {
             pad_window_min: 0.47,
             still_faces: 15,
             away_ms: 15_000,
+            disagree_faces: 3,
+            pad_low: 0.2,
+            pad_high: 0.9,
         }
     }
 }
@@ -101,6 +112,15 @@ impl LivenessConfig {
         let non_negative = |v: f32| v.is_finite() && v >= 0.0;
         if !non_negative(self.still_ratio) || !non_negative(self.still_floor) {
             errors.push("liveness.still_ratio and still_floor must be 0 or more".into());
+        }
+        if !(0.0..=1.0).contains(&self.pad_low)
+            || !(0.0..=1.0).contains(&self.pad_high)
+            || self.pad_low >= self.pad_high
+        {
+            errors.push(format!(
+                "liveness.pad_low = {} and pad_high = {} must satisfy 0 <= low < high <= 1",
+                self.pad_low, self.pad_high
+            ));
         }
         if !(0.0..=1.0).contains(&self.pad_window_min) {
             errors.push(format!(
@@ -147,6 +167,7 @@ pub(crate) enum Suspicion {
     Model,
     Pad,
     Away,
+    Disagree,
 }
 
 impl Suspicion {
@@ -156,6 +177,7 @@ impl Suspicion {
             Suspicion::Model => "model",
             Suspicion::Pad => "pad",
             Suspicion::Away => "away",
+            Suspicion::Disagree => "disagree",
         }
     }
 }
@@ -245,6 +267,17 @@ impl StreamLiveness {
             Some(Suspicion::Model)
         } else if enough && pad_median.is_some_and(|p| p < cfg.pad_window_min) {
             Some(Suspicion::Pad)
+        } else if cfg.disagree_faces > 0
+            && f.iter()
+                .filter(|s| s.pad.is_some_and(|p| p < cfg.pad_low))
+                .count()
+                >= cfg.disagree_faces
+            && f.iter()
+                .filter(|s| s.pad.is_some_and(|p| p > cfg.pad_high))
+                .count()
+                >= cfg.disagree_faces
+        {
+            Some(Suspicion::Disagree)
         } else {
             None
         };
@@ -407,6 +440,29 @@ mod tests {
             .collect();
         assert_eq!(got[19], Some(Suspicion::Pad));
         assert!(got[..c.min_faces - 1].iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn live_frames_mixed_with_frames_the_pad_model_is_sure_of_disagree() {
+        let c = cfg();
+        let mut s = StreamLiveness::new();
+        // A live face every other frame, a screen between: the median stays high.
+        let got: Vec<_> = (0..12)
+            .map(|i| {
+                let pad = if i % 2 == 0 { 0.99 } else { 0.05 };
+                s.observe(&c, i * 200, sig(0, 1, 0.03 * i as f32), 0.5, Some(pad))
+                    .1
+            })
+            .collect();
+        assert_eq!(got[5], Some(Suspicion::Disagree), "{got:?}");
+        // Honest frames (every one above 0.82 on the data here) never disagree.
+        let mut s = StreamLiveness::new();
+        assert!((0..40).all(|i| {
+            let pad = 0.82 + 0.17 * ((i % 5) as f32 / 4.0);
+            s.observe(&c, i * 200, sig(0, 1, 0.03 * i as f32), 0.5, Some(pad))
+                .1
+                .is_none()
+        }));
     }
 
     #[test]

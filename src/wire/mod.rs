@@ -390,8 +390,8 @@ pub struct TemporalScore {
     pub pad_median: Option<f32>,
     /// Which passive signal raised a suspicion: `still` (the face has not changed beyond
     /// jitter for a while: a photo or a replayed frame), `model` (the single-frame model is
-    /// sure over the whole window) or `pad` (the presentation-attack model is); absent when
-    /// none did. A suspicion asks for a challenge; it never acts by itself.
+    /// sure over the whole window), `pad` (the presentation-attack model is) or `disagree`
+    /// (that model is sure of both, live and attack, within the window); absent when none did. A suspicion asks for a challenge; it never acts by itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spoof: Option<String>,
 }

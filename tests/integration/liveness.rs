@@ -363,7 +363,7 @@ async fn a_still_photo_fails_the_start_challenge_is_locked_then_signed_out_and_k
         store.get("candidate").unwrap().unwrap().status,
         vigil::directory::ClientStatus::SignedOut
     );
-        // An operator re-admits it (`vigil clients readmit`, audited): the status and a fresh
+    // An operator re-admits it (`vigil clients readmit`, audited): the status and a fresh
     // policy state.
     let out = crate::support::output(
         std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
@@ -372,7 +372,11 @@ async fn a_still_photo_fails_the_start_challenge_is_locked_then_signed_out_and_k
             .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
             .env("VIGIL_CLIENTS_DIR", &env.clients_dir),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         store.get("candidate").unwrap().unwrap().status,
         vigil::directory::ClientStatus::Active
