@@ -614,13 +614,7 @@ impl Session {
                         .ending
                         .take()
                         .unwrap_or((ErrorCode::Internal, String::new()));
-                    self.drop_all(DropReason::ShuttingDown, "session closed");
-                    self.outbox.push(ServerMsg::Error {
-                        code,
-                        message: message.clone(),
-                    });
-                    let _ = self.flush(ws).await;
-                    close(&self.shared, ws, code.close_code(), &message).await;
+                    self.end_with(ws, code, &message).await;
                     return End::SignedOut;
                 }
                 Ok(()) => {}
@@ -645,10 +639,7 @@ impl Session {
                         .get()
                         .cloned()
                         .unwrap_or((ErrorCode::Internal, String::new()));
-                    self.drop_all(DropReason::ShuttingDown, "session closed");
-                    self.outbox.push(ServerMsg::Error { code, message: message.clone() });
-                    let _ = self.flush(ws).await;
-                    close(&self.shared, ws, code.close_code(), &message).await;
+                                        self.end_with(ws, code, &message).await;
                     Some(End::Replaced)
                 }
                 _ = shutdown.cancelled() => {
@@ -821,14 +812,20 @@ impl Session {
                 ),
             ),
         };
+        self.end_with(ws, code, &message).await;
+        Some(end)
+    }
+
+    /// End the session: answer every frame still in flight, tell the client `code` and
+    /// `message`, and close with the code's close code.
+    async fn end_with(&mut self, ws: &mut Ws, code: ErrorCode, message: &str) {
         self.drop_all(DropReason::ShuttingDown, "session closed");
         self.outbox.push(ServerMsg::Error {
             code,
-            message: message.clone(),
+            message: message.to_owned(),
         });
         let _ = self.flush(ws).await;
-        close(&self.shared, ws, code.close_code(), &message).await;
-        Some(end)
+        close(&self.shared, ws, code.close_code(), message).await;
     }
 
     fn bad_message(&mut self, e: ProtocolError) -> Option<End> {
