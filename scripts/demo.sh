@@ -33,6 +33,8 @@ export VIGIL_CLIENTS_DIR="$run/clients"
 export VIGIL_EDGE_LISTEN="127.0.0.1:$port"
 export VIGIL_EDGE_ID=demo-edge
 export VIGIL_EDGE_MAX_FRAME_BYTES=2097152
+# The demo prints the scores behind each verdict; a real deployment keeps them from clients.
+export VIGIL_EDGE_CLIENT_SCORES=true
 export VIGIL_EVIDENCE_DIR="$run/evidence"
 export VIGIL_WEB_DIR="$ROOT/web/dist"
 admin_port=$((port + 1))

@@ -251,6 +251,12 @@ pub struct EdgeConfig {
     /// Consecutive unparseable messages tolerated before the session is closed with 4400
     /// [VIGIL_EDGE_MAX_BAD_MESSAGES].
     pub max_bad_messages: u32,
+    /// Send clients the scores behind each verdict (similarity, liveness and presentation-attack
+    /// scores, pose, thresholds). Off, a client learns its verdicts and face boxes only: the
+    /// numbers would let an attacker tune a photo or a mask against the models, frame by frame,
+    /// until it passes. Operators see them in the audit evidence either way
+    /// [VIGIL_EDGE_CLIENT_SCORES].
+    pub client_scores: bool,
     /// Grace period for closing sessions on shutdown, in ms [VIGIL_EDGE_SHUTDOWN_GRACE_MS].
     pub shutdown_grace_ms: u64,
     /// Actions on their way to the audit trail (each publish waits for its confirm, with
@@ -375,6 +381,7 @@ impl Default for EdgeConfig {
             lease_ms: 15_000,
             frame_deadline_ms: 3_000,
             max_bad_messages: 10,
+            client_scores: false,
             shutdown_grace_ms: 2_000,
             max_pending_audits: 1024,
             audit_drain_ms: 5_000,

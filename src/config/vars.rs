@@ -328,6 +328,13 @@ pub static VARS: &[Var] = &[
         r#"consecutive unparseable messages tolerated before a session is closed with 4400"#
     ),
     var!(
+        "VIGIL_EDGE_CLIENT_SCORES",
+        [Edge],
+        edge.client_scores,
+        r#"false"#,
+        r#"send clients the scores behind each verdict (off: verdicts and face boxes only)"#
+    ),
+    var!(
         "VIGIL_EDGE_SHUTDOWN_GRACE_MS",
         [Edge],
         edge.shutdown_grace_ms,

@@ -1076,6 +1076,12 @@ impl Session {
                 let verdict = r.analysis.verdict();
                 // Only analyses with a verdict feed the policy (and may become evidence).
                 let analysis = verdict.map(|_| r.analysis.clone());
+                // The client learns its verdict, not the scores behind it (unless configured).
+                if !self.shared.cfg.client_scores
+                    && let wire::Analysis::Identity(a) = &mut r.analysis
+                {
+                    a.strip_scores();
+                }
                 self.outbox.push(ServerMsg::Result {
                     seq,
                     latency_ms: latency.as_secs_f64() * 1000.0,

@@ -323,6 +323,21 @@ pub struct IdentityAnalysis {
     pub signature: Option<serde_bytes::ByteBuf>,
 }
 
+impl IdentityAnalysis {
+    /// Keep only what a candidate needs (the verdict, the face boxes to draw and which models ran) and
+    /// drop every score behind it: similarity, liveness and presentation-attack scores, pose,
+    /// the phone detector's box and the thresholds. A client that sees the numbers can tune a
+    /// photo or a mask against them frame by frame.
+    pub fn strip_scores(&mut self) {
+        self.identity = None;
+        self.liveness = None;
+        self.phone = None;
+        self.thresholds.clear();
+        self.quality = None;
+        self.signature = None;
+    }
+}
+
 /// Measures of how well a face can be judged, and the first one that failed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FaceQuality {

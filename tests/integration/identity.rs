@@ -273,6 +273,20 @@ async fn the_pipeline_tells_the_enrolled_person_from_another() {
             "{:?}",
             a.models
         );
+        // The client learns the verdict and where its face is, not the scores behind it
+        // (`edge.client_scores` is off by default).
+        assert_eq!(a.faces.len(), 1, "{a:?}");
+        assert!(
+            a.identity.is_none()
+                && a.liveness.is_none()
+                && a.quality.is_none()
+                && a.phone.is_none()
+                && a.thresholds.is_empty()
+                && a.signature.is_none(),
+            "scores reached the client: {a:?}"
+        );
+    } else {
+        panic!("{results:?}");
     }
     let worker = &env.worker_registries[0];
     assert!(crate::support::metric(worker, "vigil_worker_inference_seconds", None) >= 0.0);
