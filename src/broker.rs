@@ -351,6 +351,12 @@ impl Broker {
                     AMQPValue::LongString(v.as_str().into()),
                 );
             }
+            if let Some(v) = &q.dead_letter_routing_key {
+                put(
+                    "x-dead-letter-routing-key",
+                    AMQPValue::LongString(v.as_str().into()),
+                );
+            }
             if q.role.is_stream() {
                 put("x-queue-type", AMQPValue::LongString("stream".into()));
             } else if q.queue_type == topology::QueueType::Quorum {
@@ -561,6 +567,92 @@ impl Broker {
         }))
     }
 
+    /// Up to `max` ready messages of `queue`, left where they are: each is taken unacked and
+    /// goes back, in its place, when the channel closes (`vigil webhooks list`).
+    pub async fn peek(&self, queue: &str, max: usize) -> Result<Vec<RawMessage>, BrokerError> {
+        let ch = self.channel().await?;
+        let mut out = Vec::new();
+        while out.len() < max {
+            let got = ch
+                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+                .await
+                .map_err(amqp("basic.get"))?;
+            let Some(m) = got else { break };
+            out.push(RawMessage {
+                data: m.delivery.data,
+                kind: m.delivery.properties.kind().as_ref().map(|s| s.to_string()),
+                death_reason: first_death_reason(&m.delivery.properties),
+            });
+        }
+        let _ = tokio::time::timeout(CLOSE_LIMIT, ch.close(200, "peeked".into())).await;
+        Ok(out)
+    }
+
+    /// Move up to `max` messages from `queue` to `exchange` with `routing_key`, each as
+    /// `rewrite` makes it: republished persistent under a confirm, and only then acked, so a
+    /// failure leaves it where it was. A message `rewrite` turns down (`None`) stays in
+    /// `queue`. Returns how many moved (`vigil webhooks retry`).
+    pub async fn move_messages(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        max: usize,
+        mut rewrite: impl FnMut(&[u8]) -> Option<Vec<u8>>,
+    ) -> Result<usize, BrokerError> {
+        let ch = self.channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(amqp("confirm.select"))?;
+        let mut moved = 0;
+        let mut seen = 0;
+        while seen < max {
+            let got = ch
+                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+                .await
+                .map_err(amqp("basic.get"))?;
+            let Some(m) = got else { break };
+            seen += 1;
+            // Left unacked, it goes back to the queue when the channel closes.
+            let Some(bytes) = rewrite(&m.delivery.data) else {
+                continue;
+            };
+            let props = m
+                .delivery
+                .properties
+                .clone()
+                .with_delivery_mode(2)
+                .with_user_id(self.user.as_str().into());
+            let confirm = ch
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    &bytes,
+                    props,
+                )
+                .await
+                .map_err(amqp("basic.publish"))?;
+            match tokio::time::timeout(CLOSE_LIMIT, confirm).await {
+                Ok(Ok(c)) if c.is_ack() => {}
+                Ok(Ok(_)) => return Err(BrokerError::Nacked),
+                Ok(Err(source)) => {
+                    return Err(BrokerError::Amqp {
+                        op: "publisher confirm",
+                        source,
+                    });
+                }
+                Err(_) => return Err(BrokerError::Nacked),
+            }
+            ch.basic_ack(m.delivery.delivery_tag, BasicAckOptions::default())
+                .await
+                .map_err(amqp("basic.ack"))?;
+            moved += 1;
+        }
+        let _ = tokio::time::timeout(CLOSE_LIMIT, ch.close(200, "moved".into())).await;
+        Ok(moved)
+    }
+
     /// Remove every ready message from a queue.
     pub async fn purge(&self, queue: &str) -> Result<u32, BrokerError> {
         let ch = self.channel().await?;
@@ -761,6 +853,29 @@ impl Publisher {
         bytes: &[u8],
     ) -> Result<Confirm, BrokerError> {
         let props = BasicProperties::default().with_content_type(wire::CONTENT_TYPE.into());
+        self.publish_bytes(exchange, routing_key, bytes, props)
+            .await
+    }
+
+    /// Publish a JSON document that must survive a broker restart (a webhook's delivery job),
+    /// with its id, and an expiration when it waits in a delay queue for its next try.
+    pub async fn publish_durable_json(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        bytes: &[u8],
+        message_id: &str,
+        expiration_ms: Option<u64>,
+    ) -> Result<Confirm, BrokerError> {
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(message_id.into())
+            .with_timestamp(wire::now_ms() / 1000)
+            .with_type("vigil.webhook".into())
+            .with_delivery_mode(2);
+        if let Some(ms) = expiration_ms {
+            props = props.with_expiration(ms.max(1).to_string().into());
+        }
         self.publish_bytes(exchange, routing_key, bytes, props)
             .await
     }

@@ -15,7 +15,8 @@
 //! - [`inference`]: pixels, models (`image`, `ort`) and the model manifest.
 //! - [`policy`]: the per-client action policy; [`liveness`]: passive liveness over a client's
 //!   stream, which raises suspicions; [`challenge`]: the active challenge that decides them;
-//!   [`audit`]: the audit writer (`vigil-audit`) and its store.
+//!   [`audit`]: the audit writer (`vigil-audit`) and its store; [`webhooks`]: the signed
+//!   webhooks it sends the exam platform for every entry (`reqwest`).
 //! - [`directory`]: the client directory (a folder, or PostgreSQL); [`admin`]: client
 //!   administration over the control plane; [`operators`]: the operators' named tokens.
 //! - [`config`]: typed configuration with `VIGIL_*` overrides and full validation.
@@ -44,5 +45,6 @@ pub mod telemetry;
 #[cfg(feature = "tools")]
 pub mod tools;
 pub mod topology;
+pub mod webhooks;
 pub mod wire;
 pub mod worker;

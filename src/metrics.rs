@@ -287,6 +287,42 @@ impl EdgeMetrics {
     }
 }
 
+/// The webhook deliveries of the audit writer.
+#[derive(Clone)]
+pub struct WebhookMetrics {
+    /// Tries by outcome: `delivered`, `retried` (failed, waiting for the next try), `failed`
+    /// (given up on, in `webhooks.failed`), `rejected` (not a job, or from an untrusted
+    /// publisher).
+    pub outcomes: IntCounterVec,
+    pub request_seconds: Histogram,
+    /// Jobs published for written entries.
+    pub published: IntCounter,
+}
+
+impl WebhookMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        Self {
+            outcomes: counter_vec(
+                registry,
+                "vigil_audit_webhooks_total",
+                "Webhook tries by outcome: delivered, retried, failed (given up on), rejected",
+                &["outcome"],
+            ),
+            request_seconds: histogram(
+                registry,
+                "vigil_audit_webhook_request_seconds",
+                "Time of one webhook request, answer or timeout",
+                LATENCY_BUCKETS,
+            ),
+            published: counter(
+                registry,
+                "vigil_audit_webhook_jobs_total",
+                "Webhook jobs published for written entries (one per entry and endpoint)",
+            ),
+        }
+    }
+}
+
 /// Metrics of the audit writer.
 #[derive(Clone)]
 pub struct AuditMetrics {
@@ -297,6 +333,7 @@ pub struct AuditMetrics {
     pub checkpoint_failures: IntCounter,
     pub pruned_files: IntCounter,
     pub notes: IntCounter,
+    pub webhooks: WebhookMetrics,
 }
 
 impl AuditMetrics {
@@ -338,6 +375,7 @@ impl AuditMetrics {
                 "vigil_audit_admin_operations_total",
                 "Administrators' operations written to the audit log",
             ),
+            webhooks: WebhookMetrics::new(registry),
         }
     }
 }

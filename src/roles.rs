@@ -75,6 +75,8 @@ pub enum Kind {
     Action,
     /// Enrolment requests, taken by workers.
     Enroll,
+    /// Webhook deliveries, taken by the audit writer: its own, or an admin's re-sent failures.
+    Webhook,
 }
 
 impl Kind {
@@ -85,6 +87,7 @@ impl Kind {
             Kind::Control => "control",
             Kind::Action => "action",
             Kind::Enroll => "enroll",
+            Kind::Webhook => "webhook",
         }
     }
 
@@ -98,6 +101,7 @@ impl Kind {
             Kind::Control => &[Role::Edge, Role::Admin],
             Kind::Action => &[Role::Edge, Role::Admin],
             Kind::Enroll => &[Role::Edge, Role::Admin],
+            Kind::Webhook => &[Role::Audit, Role::Admin],
         }
     }
 }
@@ -180,8 +184,8 @@ pub fn grant(namespace: &str, role: Role) -> Grant {
         },
         Role::Audit => Grant {
             configure: nothing,
-            write: format!(r"^{ns}\.audit\.checkpoints$"),
-            read: format!(r"^{ns}\.audit(\.checkpoints)?$"),
+            write: format!(r"^{ns}\.(audit\.checkpoints|webhooks)$"),
+            read: format!(r"^{ns}\.(audit|audit\.checkpoints|webhooks)$"),
         },
         Role::Admin => {
             let all = format!(r"^{ns}\..+$");
@@ -255,6 +259,10 @@ mod tests {
         assert!(re(&audit.read).is_match("v.audit"));
         assert!(!re(&audit.read).is_match("v.frames.work"));
         assert!(!re(&audit.write).is_match("v.actions"));
+        assert!(re(&audit.write).is_match("v.webhooks"));
+        assert!(re(&audit.read).is_match("v.webhooks"));
+        assert!(!re(&audit.read).is_match("v.webhooks.failed"));
+        assert!(!re(&edge.write).is_match("v.webhooks"));
         // Another namespace's resources are out of reach.
         assert!(!re(&grant("v", Role::Admin).write).is_match("w.frames"));
     }

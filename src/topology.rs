@@ -22,6 +22,11 @@ pub const ENROLL_EXCHANGE: &str = "enroll";
 pub const ENROLL_QUEUE: &str = "enroll.requests";
 pub const CAPTURE_STREAM: &str = "frames.stream";
 pub const AUDIT_CHECKPOINTS: &str = "audit.checkpoints";
+pub const WEBHOOKS_EXCHANGE: &str = "webhooks";
+pub const WEBHOOKS_QUEUE: &str = "webhooks";
+pub const WEBHOOKS_FAILED_QUEUE: &str = "webhooks.failed";
+/// The back-off's steps: `webhooks.retry.1` to `webhooks.retry.<this>`, routed `retry.<n>`.
+pub const WEBHOOK_RETRY_STEPS: usize = 4;
 pub const EDGE_REPLY_QUEUE: &str = "replies.edge.{node}";
 pub const EDGE_CONTROL_QUEUE: &str = "control.edge.{node}";
 
@@ -90,6 +95,18 @@ impl Names {
 
     pub fn capture_stream(&self) -> String {
         self.shared(CAPTURE_STREAM)
+    }
+
+    pub fn webhooks_exchange(&self) -> String {
+        self.shared(WEBHOOKS_EXCHANGE)
+    }
+
+    pub fn webhooks_queue(&self) -> String {
+        self.shared(WEBHOOKS_QUEUE)
+    }
+
+    pub fn webhooks_failed_queue(&self) -> String {
+        self.shared(WEBHOOKS_FAILED_QUEUE)
     }
 
     /// The stream of the audit writer's signed checkpoints (an exchange and a queue).
@@ -250,6 +267,10 @@ pub struct QueueSpec {
     pub overflow: Option<Overflow>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_exchange: Option<String>,
+    /// The routing key a dead-lettered message is given (else it keeps its own): how a delay
+    /// queue hands an expired message back to the queue it waited for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_routing_key: Option<String>,
     /// Stream retention by age, as RabbitMQ reads it (`10m`, `1h`, `7D`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_age: Option<String>,
@@ -344,6 +365,7 @@ impl QueueSpec {
                 max_length_bytes: None,
                 overflow: None,
                 dead_letter_exchange: None,
+                dead_letter_routing_key: None,
                 max_age: None,
                 ..self.clone()
             })
@@ -369,6 +391,9 @@ impl QueueSpec {
         }
         if let Some(v) = &self.dead_letter_exchange {
             d.insert("dead-letter-exchange".into(), v.as_str().into());
+        }
+        if let Some(v) = &self.dead_letter_routing_key {
+            d.insert("dead-letter-routing-key".into(), v.as_str().into());
         }
         if let Some(v) = &self.max_age {
             d.insert("max-age".into(), v.as_str().into());
@@ -498,6 +523,7 @@ impl Topology {
             ("exchange", CONTROL_EXCHANGE),
             ("exchange", DEAD_EXCHANGE),
             ("exchange", ENROLL_EXCHANGE),
+            ("exchange", WEBHOOKS_EXCHANGE),
         ] {
             if !exchange(name) {
                 errors.push(format!("required {what} `{name}` is not declared"));
@@ -510,9 +536,29 @@ impl Topology {
             ENROLL_QUEUE,
             EDGE_REPLY_QUEUE,
             EDGE_CONTROL_QUEUE,
+            WEBHOOKS_QUEUE,
+            WEBHOOKS_FAILED_QUEUE,
         ] {
             if queue(name).is_none() {
                 errors.push(format!("required queue `{name}` is not declared"));
+            }
+        }
+        // Each back-off step waits in its own queue and goes back to the delivery queue.
+        for step in 1..=WEBHOOK_RETRY_STEPS {
+            let name = format!("{WEBHOOKS_QUEUE}.retry.{step}");
+            let back = queue(&name).is_some_and(|q| {
+                q.dead_letter_exchange.as_deref() == Some(WEBHOOKS_EXCHANGE)
+                    && q.dead_letter_routing_key.as_deref() == Some("deliver")
+            });
+            let bound = self.bindings.iter().any(|b| {
+                b.exchange == WEBHOOKS_EXCHANGE
+                    && b.queue == name
+                    && b.routing_key == format!("retry.{step}")
+            });
+            if !back || !bound {
+                errors.push(format!(
+                    "queue `{name}` must be bound from `{WEBHOOKS_EXCHANGE}` with `retry.{step}` and dead-letter to `{WEBHOOKS_EXCHANGE}` with routing key `deliver`"
+                ));
             }
         }
         // The key a worker answers with must reach the edge that holds the client, and only
@@ -682,6 +728,9 @@ impl Topology {
             }
             if let Some(v) = &q.dead_letter_exchange {
                 args.push(format!("dlx={v}"));
+            }
+            if let Some(v) = &q.dead_letter_routing_key {
+                args.push(format!("dlrk={v}"));
             }
             if q.queue_type == QueueType::Quorum {
                 args.push("quorum".into());

@@ -19,7 +19,7 @@
 //! already in the log is acked without writing. A delivery is acked only after its evidence,
 //! record and log entry are on disk (fsync).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -63,6 +63,8 @@ pub enum AuditError {
     },
     #[error("audit key {0}")]
     Key(String),
+    #[error("webhooks: {0}")]
+    Webhooks(String),
     #[error("the audit writer's task panicked: {0}")]
     Panicked(String),
     #[error(
@@ -253,7 +255,8 @@ pub struct AuditStore {
     signer: Option<SigningKey>,
     last_hash: String,
     next_seq: u64,
-    ids: HashSet<Uuid>,
+    /// Every entry's id, with its place and hash in the chain.
+    ids: HashMap<Uuid, (u64, String)>,
 }
 
 impl AuditStore {
@@ -363,7 +366,7 @@ impl AuditStore {
     }
 
     pub fn contains(&self, action_id: &Uuid) -> bool {
-        self.ids.contains(action_id)
+        self.ids.contains_key(action_id)
     }
 
     pub fn len(&self) -> u64 {
@@ -442,8 +445,8 @@ impl AuditStore {
         let record_json = serde_json::to_string(&record).expect("audit record encodes");
         let pretty = serde_json::to_vec_pretty(&record).expect("audit record encodes");
         write_atomic(&dir.join("record.json"), &pretty).map_err(io(&dir))?;
-        self.append(&record_json)?;
-        self.ids.insert(event.action_id);
+        let entry = self.append(&record_json)?;
+        self.ids.insert(event.action_id, entry);
         Ok(true)
     }
 
@@ -453,8 +456,8 @@ impl AuditStore {
             return Ok(false);
         }
         let json = serde_json::to_string(note).expect("audit note encodes");
-        self.append(&json)?;
-        self.ids.insert(note.id());
+        let entry = self.append(&json)?;
+        self.ids.insert(note.id(), entry);
         Ok(true)
     }
 
@@ -508,7 +511,19 @@ impl AuditStore {
         Ok(report)
     }
 
-    fn append(&mut self, record_json: &str) -> Result<(), AuditError> {
+    /// Where the entry `id` sits in the log, if it is there.
+    pub fn entry(&self, id: &Uuid) -> Option<crate::webhooks::EntryRef> {
+        self.ids
+            .get(id)
+            .map(|(seq, hash)| crate::webhooks::EntryRef {
+                id: *id,
+                seq: *seq,
+                hash: hash.clone(),
+            })
+    }
+
+    /// Append one entry, durably; its place and hash.
+    fn append(&mut self, record_json: &str) -> Result<(u64, String), AuditError> {
         let seq = self.next_seq;
         let hash = entry_hash(seq, &self.last_hash, record_json);
         let sig = self.signer.as_ref().map(|k| signing::sign(k, &hash));
@@ -527,9 +542,9 @@ impl AuditStore {
             .write_all(line.as_bytes())
             .and_then(|_| self.log.sync_data())
             .map_err(io(&self.log_path))?;
-        self.last_hash = hash;
+        self.last_hash = hash.clone();
         self.next_seq += 1;
-        Ok(())
+        Ok((seq, hash))
     }
 
     fn scan(path: &Path, public: Option<&VerifyingKey>) -> Result<Scan, AuditError> {
@@ -539,14 +554,14 @@ impl AuditStore {
                 return Ok(Scan::Ok {
                     entries: 0,
                     last_hash: GENESIS.into(),
-                    ids: HashSet::new(),
+                    ids: HashMap::new(),
                     signed: false,
                 });
             }
             Err(e) => return Err(io(path)(e)),
         };
         let mut prev = GENESIS.to_owned();
-        let mut ids = HashSet::new();
+        let mut ids = HashMap::new();
         let mut entries = 0;
         let mut signed = false;
         for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
@@ -607,7 +622,7 @@ impl AuditStore {
             let Some(action_id) = action_id else {
                 return broken(None, "its record is not an audit record".into());
             };
-            ids.insert(action_id);
+            ids.insert(action_id, (entry.seq, entry.hash.clone()));
             signed = entry.sig.is_some();
             prev = entry.hash;
             entries += 1;
@@ -625,7 +640,7 @@ enum Scan {
     Ok {
         entries: u64,
         last_hash: String,
-        ids: HashSet<Uuid>,
+        ids: HashMap<Uuid, (u64, String)>,
         /// Whether the last entry is signed.
         signed: bool,
     },
@@ -905,16 +920,30 @@ pub fn records(root: &Path) -> Result<Vec<AuditRecord>, AuditError> {
 pub struct AuditHandle {
     pub metrics_addr: SocketAddr,
     task: tokio::task::JoinHandle<Result<(), AuditError>>,
+    webhooks: Option<tokio::task::JoinHandle<Result<(), String>>>,
 }
 
 impl AuditHandle {
     pub async fn join(self) -> Result<(), AuditError> {
-        crate::telemetry::join_service(self.task, AuditError::Panicked).await
+        let written = crate::telemetry::join_service(self.task, AuditError::Panicked).await;
+        if let Some(hooks) = self.webhooks {
+            // The writer is done; the deliveries in flight end within their own bounds.
+            match hooks.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "webhook delivery ended"),
+                Err(e) if e.is_cancelled() => {}
+                Err(e) => tracing::warn!(error = %e, "webhook delivery panicked"),
+            }
+        }
+        written
     }
 
     /// Stop the writer at once, as a crash would (tests).
     pub fn abort(&self) {
         self.task.abort();
+        if let Some(h) = &self.webhooks {
+            h.abort();
+        }
     }
 }
 
@@ -984,6 +1013,27 @@ pub async fn start(
             });
         }
     }
+    // Webhooks are delivered beside the writer, on their own connection: a slow receiver never
+    // holds up the trail. A secret or CA file that cannot be read stops the start.
+    let webhooks = if cfg.webhooks.enabled() {
+        cfg.webhooks.load_secret().map_err(AuditError::Webhooks)?;
+        crate::webhooks::http_client(&cfg.webhooks).map_err(AuditError::Webhooks)?;
+        let task = crate::webhooks::deliver(
+            cfg.clone(),
+            metrics.webhooks.clone(),
+            broker_metrics.clone(),
+            shutdown.clone(),
+        );
+        Some(tokio::spawn(async move {
+            let ended = task.await;
+            if let Err(e) = &ended {
+                tracing::error!(error = %e, "webhook delivery stopped");
+            }
+            ended
+        }))
+    } else {
+        None
+    };
     let mut link = link.consume().await?;
     tracing::info!(queue = %link.queue, dir = %cfg.evidence_dir.display(), entries = store.len(), "audit writer consuming");
     let store = Arc::new(Mutex::new(store));
@@ -1014,7 +1064,11 @@ pub async fn start(
             }
         }
     });
-    Ok(AuditHandle { metrics_addr, task })
+    Ok(AuditHandle {
+        metrics_addr,
+        task,
+        webhooks,
+    })
 }
 
 /// Run until `shutdown`.
@@ -1030,6 +1084,8 @@ pub async fn run(
 struct Link {
     broker: Broker,
     checkpoints: Checkpoints,
+    /// Publishes the webhook jobs of each written entry, when webhooks are on.
+    webhooks: Option<Hooks>,
     consumer: Option<crate::broker::Consumer>,
     queue: String,
 }
@@ -1049,9 +1105,19 @@ impl Link {
             publisher: broker.publisher().await?,
             exchange: cfg.names().audit_checkpoints(),
         };
+        let webhooks = if cfg.webhooks.enabled() {
+            Some(Hooks {
+                publisher: broker.publisher().await?,
+                cfg: cfg.webhooks.clone(),
+                names: cfg.names(),
+            })
+        } else {
+            None
+        };
         Ok(Self {
             broker,
             checkpoints,
+            webhooks,
             consumer: None,
             queue: cfg.names().audit_queue(),
         })
@@ -1072,6 +1138,9 @@ impl Link {
             c.close().await;
         }
         self.checkpoints.publisher.close().await;
+        if let Some(h) = &self.webhooks {
+            h.publisher.close().await;
+        }
         self.broker.close().await;
     }
 }
@@ -1091,6 +1160,35 @@ async fn reconnect(
         |b| async move { Link::open(b, cfg, topo).await?.consume().await },
     )
     .await
+}
+
+/// Where the writer publishes each written entry's webhook jobs.
+struct Hooks {
+    publisher: crate::broker::Publisher,
+    cfg: crate::webhooks::WebhookConfig,
+    names: crate::topology::Names,
+}
+
+impl Hooks {
+    /// Publish the webhooks of the entry the envelope holds (written now, or before: a
+    /// redelivered entry's jobs go out again, and receivers dedupe by `webhook-id`).
+    async fn publish(
+        &self,
+        env: &Envelope,
+        entry: crate::webhooks::EntryRef,
+        metrics: &crate::metrics::WebhookMetrics,
+    ) -> Result<(), AuditError> {
+        use crate::webhooks::{Event, Job};
+        let event = match &env.payload {
+            Payload::Action(a) => Event::of_action(env, a, entry),
+            Payload::AdminOp(op) => Event::of_admin(env, op, entry),
+            _ => return Ok(()),
+        };
+        let jobs = Job::for_event(&self.cfg, &event);
+        crate::webhooks::publish_jobs(&self.publisher, &self.names, &jobs).await?;
+        metrics.published.inc_by(jobs.len() as u64);
+        Ok(())
+    }
 }
 
 /// Where the writer publishes its checkpoints.
@@ -1138,6 +1236,7 @@ async fn serve(
     let Link {
         checkpoints,
         consumer,
+        webhooks,
         ..
     } = link;
     let Some(consumer) = consumer.as_mut() else {
@@ -1179,7 +1278,7 @@ async fn serve(
             let _ = delivery.dead_letter().await;
             continue;
         }
-        handle(&delivery, store, checkpoints, metrics).await?;
+        handle(&delivery, store, checkpoints, webhooks.as_ref(), metrics).await?;
     }
     Ok(())
 }
@@ -1190,6 +1289,7 @@ async fn handle(
     delivery: &Delivery,
     store: &Arc<Mutex<AuditStore>>,
     checkpoints: &Checkpoints,
+    hooks: Option<&Hooks>,
     metrics: &AuditMetrics,
 ) -> Result<(), AuditError> {
     let env = match Envelope::decode(delivery.data()) {
@@ -1204,7 +1304,7 @@ async fn handle(
     let started = Instant::now();
     let store = store.clone();
     let admin_op = matches!(env.payload, Payload::AdminOp(_));
-    let (written, head) = tokio::task::spawn_blocking(move || {
+    let (written, head, entry, env) = tokio::task::spawn_blocking(move || {
         let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
         let written = match &env.payload {
             Payload::Action(event) => store.store(&env, event),
@@ -1219,7 +1319,12 @@ async fn handle(
             }),
             _ => unreachable!("checked above"),
         };
-        written.map(|w| (w, store.head()))
+        let id = match &env.payload {
+            Payload::Action(a) => a.action_id,
+            _ => env.id,
+        };
+        let entry = store.entry(&id);
+        written.map(|w| (w, store.head(), entry, env))
     })
     .await
     .map_err(|e| io(Path::new("audit store"))(std::io::Error::other(e.to_string())))??;
@@ -1234,6 +1339,11 @@ async fn handle(
             .observe(started.elapsed().as_secs_f64());
     } else {
         metrics.duplicates.inc();
+    }
+    // The webhooks go out before the entry's message is acked: if publishing them fails, the
+    // writer reconnects and the entry comes again, and so do they.
+    if let (Some(hooks), Some(entry)) = (hooks, entry) {
+        hooks.publish(&env, entry, &metrics.webhooks).await?;
     }
     delivery.ack().await?;
     Ok(())
@@ -1556,6 +1666,7 @@ mod tests {
         let panicking = AuditHandle {
             metrics_addr: addr,
             task: tokio::spawn(async { panic!("disk on fire") }),
+            webhooks: None,
         };
         match panicking.join().await {
             Err(AuditError::Panicked(message)) => assert_eq!(message, "disk on fire"),
@@ -1564,6 +1675,7 @@ mod tests {
         let aborted = AuditHandle {
             metrics_addr: addr,
             task: tokio::spawn(std::future::pending()),
+            webhooks: Some(tokio::spawn(std::future::pending())),
         };
         aborted.abort();
         assert!(aborted.join().await.is_ok());

@@ -79,6 +79,8 @@ pub struct Config {
     /// an hour (the log keeps their entries and hashes, and a prune entry lists the files); 0
     /// keeps evidence forever [VIGIL_AUDIT_RETENTION_DAYS].
     pub audit_retention_days: u32,
+    /// Signed webhooks to the exam platform: every audited entry, POSTed by the audit writer.
+    pub webhooks: crate::webhooks::WebhookConfig,
     /// Keep the last minutes of frames in a RabbitMQ stream for `vigil record --from-stream`
     /// [VIGIL_CAPTURE_STREAM].
     pub capture_stream: bool,
@@ -354,6 +356,7 @@ impl Default for Config {
             evidence_dir: PathBuf::from("evidence"),
             audit_key: None,
             audit_retention_days: 0,
+            webhooks: crate::webhooks::WebhookConfig::default(),
             capture_stream: false,
         }
     }
@@ -607,6 +610,9 @@ impl Config {
                     self.policy.carry_over_ms, self.challenge.deadline_ms
                 ));
             }
+        }
+        if reads(Role::Audit) {
+            errors.extend(self.webhooks.validate());
         }
         if reads(Role::Audit)
             && let Some(key) = &self.audit_key

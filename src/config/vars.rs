@@ -181,6 +181,55 @@ pub static VARS: &[Var] = &[
         r#"the audit writer removes evidence files of actions older than this, hourly (entries stay, a prune entry lists the files); 0 keeps them"#
     ),
     var!(
+        "VIGIL_WEBHOOK_URLS",
+        [Audit],
+        webhooks.urls,
+        r#"none"#,
+        r#"endpoints every audited entry is POSTed to as a signed webhook, comma-separated (see docs/webhooks.md)"#
+    ),
+    var!(
+        "VIGIL_WEBHOOK_SECRET",
+        [Audit],
+        opt webhooks.secret,
+        r#"none"#,
+        r#"the webhooks' signing secret, `whsec_` and base64 (`vigil webhooks secret` makes one)"#
+    ),
+    var!(
+        "VIGIL_WEBHOOK_SECRET_FILE",
+        [Audit],
+        opt webhooks.secret_file,
+        r#"none"#,
+        r#"...or a file holding it"#
+    ),
+    var!(
+        "VIGIL_WEBHOOK_CA_FILE",
+        [Audit],
+        opt webhooks.ca_file,
+        r#"none"#,
+        r#"PEM certificates trusted for `https://` endpoints besides the system's roots"#
+    ),
+    var!(
+        "VIGIL_WEBHOOK_TIMEOUT_MS",
+        [Audit],
+        webhooks.timeout_ms,
+        r#"10000"#,
+        r#"one webhook request (connect, send, answer) may take this long"#
+    ),
+    var!(
+        "VIGIL_WEBHOOK_MAX_ATTEMPTS",
+        [Audit],
+        webhooks.max_attempts,
+        r#"8"#,
+        r#"tries per entry and endpoint (waits of 5 s, 30 s, 5 min, then 30 min, jittered) before it goes to `webhooks.failed`"#
+    ),
+    var!(
+        "VIGIL_WEBHOOK_CONCURRENCY",
+        [Audit],
+        webhooks.concurrency,
+        r#"16"#,
+        r#"webhook requests in flight at once"#
+    ),
+    var!(
         "VIGIL_CAPTURE_STREAM",
         [Edge],
         capture_stream,

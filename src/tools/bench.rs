@@ -545,6 +545,7 @@ impl BareRoutes {
                     max_length_bytes: None,
                     overflow: None,
                     dead_letter_exchange: None,
+                    dead_letter_routing_key: None,
                     max_age: None,
                     single_active_consumer: false,
                     queue_type: crate::topology::QueueType::Classic,

@@ -44,6 +44,12 @@ pub enum Command {
         #[command(subcommand)]
         action: OperatorsCmd,
     },
+    /// Signed webhooks to the exam platform (VIGIL_WEBHOOK_URLS): the deliveries given up on,
+    /// re-sending them, and a fresh signing secret.
+    Webhooks {
+        #[command(subcommand)]
+        action: WebhooksCmd,
+    },
     /// The broker's users: one per role, with the least permissions.
     Broker {
         #[command(subcommand)]
@@ -239,6 +245,34 @@ pub enum BrokerCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCmd {
+    /// The deliveries given up on after their last try (`webhooks.failed`), oldest first:
+    /// entry id, endpoint, tries and the last error. They stay where they are.
+    List {
+        /// Show at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print JSON lines to stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send failed deliveries again, from their first try: every one, or those of one entry.
+    Retry {
+        /// Only the deliveries of this entry id.
+        #[arg(long, conflicts_with = "all")]
+        id: Option<String>,
+        /// Every failed delivery.
+        #[arg(long)]
+        all: bool,
+        /// Move at most this many.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+    },
+    /// Print a new random signing secret (`whsec_...`) for VIGIL_WEBHOOK_SECRET.
+    Secret,
 }
 
 #[derive(Debug, Subcommand)]
@@ -678,6 +712,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Topology { action } => topology(&cfg, action).await,
         Command::Broker { action } => broker_users(&cfg, action).await,
+        Command::Webhooks { action } => webhooks(&cfg, action).await,
         Command::Operators { action } => operators(&cfg, action),
         Command::Clients { action } => clients(&cfg, action).await,
         Command::Directory { action } => directory(&cfg, action),
@@ -796,6 +831,82 @@ async fn topology(cfg: &Config, action: TopologyCmd) -> Result<(), CliError> {
             }
             broker.close().await;
             println!("topology `{}` deleted", cfg.namespace);
+            Ok(())
+        }
+    }
+}
+
+async fn webhooks(cfg: &Config, action: WebhooksCmd) -> Result<(), CliError> {
+    use crate::webhooks::{Job, Secret, redact};
+    let names = cfg.names();
+    match action {
+        WebhooksCmd::Secret => {
+            println!("{}", Secret::generate());
+            Ok(())
+        }
+        WebhooksCmd::List { limit, json } => {
+            let broker = cli_broker(&cfg.amqp_url).await?;
+            let failed = broker
+                .peek(&names.webhooks_failed_queue(), limit)
+                .await
+                .map_err(fail);
+            broker.close().await;
+            let failed = failed?;
+            if !json {
+                println!("{} failed deliveries", failed.len());
+            }
+            for m in failed {
+                match Job::decode(&m.data) {
+                    Ok(job) if json => println!(
+                        "{}",
+                        serde_json::json!({
+                            "id": job.id,
+                            "endpoint": redact(&job.endpoint),
+                            "attempts": job.attempts,
+                            "last_error": job.last_error,
+                            "last_try_at_ms": job.last_try_at_ms,
+                            "created_at_ms": job.created_at_ms,
+                        })
+                    ),
+                    Ok(job) => println!(
+                        "{}  {}  {} tries  {}",
+                        job.id,
+                        redact(&job.endpoint),
+                        job.attempts,
+                        job.last_error.as_deref().unwrap_or("")
+                    ),
+                    Err(e) => println!("(not a webhook job: {e})"),
+                }
+            }
+            Ok(())
+        }
+        WebhooksCmd::Retry { id, all, limit } => {
+            if id.is_none() && !all {
+                return Err(fail(
+                    "name an entry with --id, or re-send every one with --all",
+                ));
+            }
+            let broker = cli_broker(&cfg.amqp_url).await?;
+            let moved = broker
+                .move_messages(
+                    &names.webhooks_failed_queue(),
+                    &names.webhooks_exchange(),
+                    "deliver",
+                    limit,
+                    |bytes| {
+                        let mut job = Job::decode(bytes).ok()?;
+                        if id.as_ref().is_some_and(|id| *id != job.id) {
+                            return None;
+                        }
+                        // From the first try again; the last error stays until a new one.
+                        job.attempts = 0;
+                        Some(job.encode())
+                    },
+                )
+                .await
+                .map_err(fail);
+            broker.close().await;
+            println!("{} deliveries sent back to the webhooks queue", moved?);
             Ok(())
         }
     }

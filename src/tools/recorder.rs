@@ -56,6 +56,7 @@ fn tap(name: &str, bindings: Vec<BindingSpec>) -> Topology {
             max_length_bytes: Some(512 << 20),
             overflow: Some(topology::Overflow::DropHead),
             dead_letter_exchange: None,
+            dead_letter_routing_key: None,
             max_age: None,
             single_active_consumer: false,
             queue_type: topology::QueueType::Classic,

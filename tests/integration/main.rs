@@ -28,3 +28,4 @@ mod policies;
 mod roles;
 mod scaling;
 mod tls;
+mod webhooks;

@@ -10,7 +10,7 @@ use vigil::wire::client::{Encoding, ServerMsg};
 use crate::support::{TOKEN, TestEnv, eventually};
 
 /// A CA (its certificate as PEM) and a server certificate and key it signed for 127.0.0.1.
-fn ca_and_server() -> (String, String, String) {
+pub(crate) fn ca_and_server() -> (String, String, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);

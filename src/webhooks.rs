@@ -1,0 +1,876 @@
+//! Webhooks: every audited entry (an action, a challenge's outcome, an operator's operation),
+//! POSTed as JSON to the exam platform's endpoints, signed as the Standard Webhooks
+//! specification says (<https://www.standardwebhooks.com/>).
+//!
+//! The audit writer owns them. Once an entry is durably in the log, the writer publishes one
+//! delivery job per endpoint to the `webhooks` queue under a confirm, and only then acks the
+//! entry's message: a crash in between redelivers the entry, and the job goes out again (at
+//! least once; receivers dedupe by `webhook-id`, the entry's id). A separate task of the writer,
+//! on its own connection, delivers the jobs, so a slow or dead receiver never delays the audit
+//! trail. A failed try goes to a delay queue (`webhooks.retry.<step>`) with a jittered
+//! expiration, then back to the `webhooks` queue; after `max_attempts` tries the job goes to
+//! `webhooks.failed`, which `vigil webhooks list` shows and `vigil webhooks retry` re-sends.
+//!
+//! Each request carries `webhook-id` (the entry id), `webhook-timestamp` (Unix seconds of this
+//! try) and `webhook-signature` (`v1,` and the base64 HMAC-SHA256 of `id.timestamp.body` under
+//! the secret). `docs/webhooks.md` says how a receiver checks them.
+//!
+//! The pure parts (the secret, the signature, the body of an entry, the back-off) are here with
+//! their tests; the delivery loop is at the bottom.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, BrokerError, Delivery, Publisher};
+use crate::metrics::WebhookMetrics;
+use crate::topology::{Names, WEBHOOK_RETRY_STEPS};
+use crate::wire::{ActionEvent, AdminOpEvent, Envelope};
+
+/// `[webhooks]` in the config file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// Endpoints every audited entry is POSTed to, comma-separated (`https://`, or `http://`
+    /// for a receiver on the same host or network); none turns webhooks off
+    /// [VIGIL_WEBHOOK_URLS].
+    pub urls: Endpoints,
+    /// The signing secret, `whsec_` and the base64 of 24 to 64 random bytes
+    /// (`vigil webhooks secret` makes one) [VIGIL_WEBHOOK_SECRET].
+    pub secret: Option<String>,
+    /// ...or a file holding it [VIGIL_WEBHOOK_SECRET_FILE].
+    pub secret_file: Option<PathBuf>,
+    /// PEM certificates trusted for `https://` endpoints besides the system's roots
+    /// [VIGIL_WEBHOOK_CA_FILE].
+    pub ca_file: Option<PathBuf>,
+    /// One request (connect, send, answer) may take this long, in ms
+    /// [VIGIL_WEBHOOK_TIMEOUT_MS].
+    pub timeout_ms: u64,
+    /// Tries per entry and endpoint before it goes to `webhooks.failed`
+    /// [VIGIL_WEBHOOK_MAX_ATTEMPTS].
+    pub max_attempts: u32,
+    /// The waits before the 2nd, 3rd, ... try, in ms; the last repeats. Each is jittered by
+    /// ±20 %. At most as many as the topology has retry queues (4).
+    pub backoff_ms: Vec<u64>,
+    /// Requests in flight at once [VIGIL_WEBHOOK_CONCURRENCY].
+    pub concurrency: u16,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            urls: Endpoints::default(),
+            secret: None,
+            secret_file: None,
+            ca_file: None,
+            timeout_ms: 10_000,
+            max_attempts: 8,
+            // 5 s, 30 s, 5 min, then every 30 min: eight tries span about two and a half hours.
+            backoff_ms: vec![5_000, 30_000, 300_000, 1_800_000],
+            concurrency: 16,
+        }
+    }
+}
+
+/// Webhook endpoints: a list in the config file, comma-separated in the environment.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(transparent)]
+pub struct Endpoints(pub Vec<String>);
+
+impl std::str::FromStr for Endpoints {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(
+            s.split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        ))
+    }
+}
+
+impl WebhookConfig {
+    /// Whether any endpoint is configured.
+    pub fn enabled(&self) -> bool {
+        !self.urls.0.is_empty()
+    }
+
+    /// Every problem at once (the secret file is read when the writer starts).
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for u in &self.urls.0 {
+            match url::Url::parse(u) {
+                Ok(url) if !matches!(url.scheme(), "http" | "https") => errors.push(format!(
+                    "webhooks.urls: `{u}` is not an http:// or https:// URL"
+                )),
+                Ok(url) if !url.username().is_empty() || url.password().is_some() => {
+                    errors.push(format!(
+                        "webhooks.urls: `{}` carries credentials; receivers authenticate Vigil by the signature",
+                        redact(u)
+                    ))
+                }
+                Ok(url) if url.host_str().is_none() => {
+                    errors.push(format!("webhooks.urls: `{u}` has no host"))
+                }
+                Ok(_) => {}
+                Err(e) => errors.push(format!("webhooks.urls: `{u}`: {e}")),
+            }
+        }
+        if self.enabled() && self.secret.is_none() && self.secret_file.is_none() {
+            errors.push(
+                "webhooks.urls is set but there is no signing secret (VIGIL_WEBHOOK_SECRET or VIGIL_WEBHOOK_SECRET_FILE; `vigil webhooks secret` makes one)".into(),
+            );
+        }
+        if self.enabled()
+            && let Some(s) = &self.secret
+            && let Err(e) = Secret::parse(s)
+        {
+            errors.push(format!("webhooks.secret: {e}"));
+        }
+        if !(100..=120_000).contains(&self.timeout_ms) {
+            errors.push(format!(
+                "webhooks.timeout_ms = {} must be within 100..=120000",
+                self.timeout_ms
+            ));
+        }
+        if !(1..=100).contains(&self.max_attempts) {
+            errors.push(format!(
+                "webhooks.max_attempts = {} must be within 1..=100",
+                self.max_attempts
+            ));
+        }
+        if self.backoff_ms.is_empty() || self.backoff_ms.len() > WEBHOOK_RETRY_STEPS {
+            errors.push(format!(
+                "webhooks.backoff_ms must have 1 to {WEBHOOK_RETRY_STEPS} waits (one per retry queue)"
+            ));
+        }
+        if self
+            .backoff_ms
+            .iter()
+            .any(|ms| !(100..=86_400_000).contains(ms))
+        {
+            errors.push("webhooks.backoff_ms: each wait must be within 100..=86400000 ms".into());
+        }
+        if !(1..=1024).contains(&self.concurrency) {
+            errors.push(format!(
+                "webhooks.concurrency = {} must be within 1..=1024",
+                self.concurrency
+            ));
+        }
+        errors
+    }
+
+    /// The secret, from the setting or its file.
+    pub fn load_secret(&self) -> Result<Secret, String> {
+        match (&self.secret, &self.secret_file) {
+            (Some(s), _) => Secret::parse(s),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("reading {}: {e}", path.display()))?;
+                Secret::parse(text.trim())
+            }
+            (None, None) => Err("no webhook signing secret is configured".into()),
+        }
+    }
+}
+
+/// A URL with any credentials or query string cut off, for logs and listings.
+pub fn redact(u: &str) -> String {
+    match url::Url::parse(u) {
+        Ok(mut url) => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.set_query(None);
+            url.to_string()
+        }
+        Err(_) => "(not a URL)".into(),
+    }
+}
+
+/// The signing key, as the specification encodes it: `whsec_` and base64.
+#[derive(Clone)]
+pub struct Secret(Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Secret {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let b64 = text
+            .strip_prefix("whsec_")
+            .ok_or("must start with `whsec_` (`vigil webhooks secret` makes one)")?;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| format!("is not base64 after `whsec_`: {e}"))?;
+        if !(24..=64).contains(&key.len()) {
+            return Err(format!(
+                "holds {} bytes; it must hold 24 to 64 random bytes",
+                key.len()
+            ));
+        }
+        Ok(Self(key))
+    }
+
+    /// A fresh random secret of 32 bytes, encoded.
+    pub fn generate() -> String {
+        let key: [u8; 32] = rand::random();
+        format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode(key)
+        )
+    }
+
+    /// `webhook-signature`: `v1,` and the base64 of HMAC-SHA256(`id.timestamp.body`).
+    pub fn sign(&self, id: &str, timestamp: u64, body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(id.as_bytes());
+        mac.update(b".");
+        mac.update(timestamp.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        )
+    }
+}
+
+/// Where an entry sits in the log: what a webhook names so a receiver can ask for it and check
+/// it against `vigil audit verify`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntryRef {
+    /// The entry's id: the action's id, or the operation's.
+    pub id: uuid::Uuid,
+    /// Its 1-based place in the log.
+    pub seq: u64,
+    /// Its hash in the chain.
+    pub hash: String,
+}
+
+/// The JSON body of one webhook (`type`, `timestamp`, `data`, as the specification suggests).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// `action.<action>` (`action.lock_screen`, `action.sign_out`, ...),
+    /// `challenge.<outcome>` (`challenge.issued`, `challenge.passed`, `challenge.failed`), or
+    /// `admin.<operation>` (`admin.block`, `admin.readmit`, `admin.force.sign_out`, ...).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// When it was decided (RFC 3339, UTC).
+    pub timestamp: String,
+    pub data: EventData,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventData {
+    pub entry: EntryRef,
+    pub client_id: String,
+    /// The enforced action (`allow`, `warn`, `lock_screen`, `sign_out`), for an action or a
+    /// challenge's outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<crate::domain::Action>,
+    /// The verdict or cause that fired it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The rule that fired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The session it happened in (the edge's session number, hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// The operation, for an operator's entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    /// Who, for an operator's entry or a forced action.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+    /// The challenge, for a challenge's entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub challenge: Option<crate::wire::ChallengeNote>,
+    /// The node that decided it (an edge, or `cli`).
+    pub source: String,
+    /// When it was decided, Unix ms.
+    pub at_ms: u64,
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// Keep a type's parts to what a receiver can route on: lower-case letters, digits, `_`, `.`.
+fn type_part(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' | '_' => c,
+            'A'..='Z' => c.to_ascii_lowercase(),
+            _ => '.',
+        })
+        .collect()
+}
+
+impl Event {
+    /// The webhook of an action (or a challenge's entry) written as `entry`.
+    pub fn of_action(env: &Envelope, event: &ActionEvent, entry: EntryRef) -> Self {
+        let kind = match &event.challenge {
+            Some(c) => format!("challenge.{}", type_part(&c.outcome)),
+            None => format!("action.{}", event.action.as_str()),
+        };
+        Self {
+            kind,
+            timestamp: rfc3339(event.decided_at_ms),
+            data: EventData {
+                entry,
+                client_id: env.client_id.clone(),
+                action: Some(event.action),
+                reason: Some(event.reason.clone()),
+                rule: Some(event.rule.clone()),
+                session: Some(format!("{:016x}", event.session)),
+                operation: None,
+                operator: event.operator.clone(),
+                challenge: event.challenge.clone(),
+                source: env.source.clone(),
+                at_ms: event.decided_at_ms,
+            },
+        }
+    }
+
+    /// The webhook of an operator's operation written as `entry`.
+    pub fn of_admin(env: &Envelope, op: &AdminOpEvent, entry: EntryRef) -> Self {
+        Self {
+            kind: format!("admin.{}", type_part(&op.operation)),
+            timestamp: rfc3339(op.at_ms),
+            data: EventData {
+                entry,
+                client_id: env.client_id.clone(),
+                action: None,
+                reason: None,
+                rule: None,
+                session: None,
+                operation: Some(op.operation.clone()),
+                operator: Some(op.operator.clone()),
+                challenge: None,
+                source: env.source.clone(),
+                at_ms: op.at_ms,
+            },
+        }
+    }
+}
+
+/// One delivery of one entry to one endpoint: the body of a message on the `webhooks` queues.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// `webhook-id`: the entry's id, the receiver's idempotency key.
+    pub id: String,
+    pub endpoint: String,
+    /// The exact bytes sent and signed (the [`Event`] as JSON), the same on every try.
+    pub body: String,
+    /// Tries so far.
+    pub attempts: u32,
+    pub created_at_ms: u64,
+    /// How the last try went, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_try_at_ms: Option<u64>,
+}
+
+impl Job {
+    /// The jobs of one written entry: one per endpoint.
+    pub fn for_event(cfg: &WebhookConfig, event: &Event) -> Vec<Job> {
+        let body = serde_json::to_string(event).expect("an event encodes");
+        let now = crate::wire::now_ms();
+        cfg.urls
+            .0
+            .iter()
+            .map(|endpoint| Job {
+                id: event.data.entry.id.to_string(),
+                endpoint: endpoint.clone(),
+                body: body.clone(),
+                attempts: 0,
+                created_at_ms: now,
+                last_error: None,
+                last_try_at_ms: None,
+            })
+            .collect()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a job encodes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+    }
+}
+
+/// What to do with a job after a failed try.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Wait in `webhooks.retry.<step>` for `wait_ms`, then try again.
+    Retry { step: usize, wait_ms: u64 },
+    /// Give up: to `webhooks.failed`.
+    GiveUp,
+}
+
+/// After `attempts` failed tries: wait (the back-off's `attempts`-th step, the last one
+/// repeating, jittered by `jitter` in -1..=1 times 20 %), or give up.
+pub fn next_after(cfg: &WebhookConfig, attempts: u32, jitter: f64) -> Next {
+    if attempts >= cfg.max_attempts || cfg.backoff_ms.is_empty() {
+        return Next::GiveUp;
+    }
+    let i = (attempts.max(1) as usize - 1).min(cfg.backoff_ms.len() - 1);
+    let base = cfg.backoff_ms[i] as f64;
+    let wait_ms = (base * (1.0 + 0.2 * jitter.clamp(-1.0, 1.0)))
+        .round()
+        .max(1.0) as u64;
+    Next::Retry {
+        step: i + 1,
+        wait_ms,
+    }
+}
+
+/// Publish the jobs of one entry, each under a confirm (bounded). The writer acks the entry's
+/// message only after this succeeds.
+pub async fn publish_jobs(
+    publisher: &Publisher,
+    names: &Names,
+    jobs: &[Job],
+) -> Result<(), BrokerError> {
+    for job in jobs {
+        let confirm = publisher
+            .publish_durable_json(
+                &names.webhooks_exchange(),
+                "deliver",
+                &job.encode(),
+                &job.id,
+                None,
+            )
+            .await?;
+        tokio::time::timeout(crate::broker::CLOSE_LIMIT, confirm.wait())
+            .await
+            .map_err(|_| BrokerError::Nacked)??;
+    }
+    Ok(())
+}
+
+/// The HTTP client for the endpoints: rustls with the system's roots and `ca_file`, bounded
+/// time per request, no redirects (a signed request goes where it was configured to, or
+/// fails).
+pub fn http_client(cfg: &WebhookConfig) -> Result<reqwest::Client, String> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        // A system certificate rustls cannot read is skipped, as browsers do.
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = &cfg.ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let mut n = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(format!("{} holds no PEM certificate", path.display()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let limit = Duration::from_millis(cfg.timeout_ms);
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .connect_timeout(limit)
+        .timeout(limit)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("vigil-webhooks/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// How one try went.
+#[derive(Debug)]
+enum Tried {
+    Delivered,
+    Failed(String),
+}
+
+/// The delivery side, shared by the tasks that each carry one job.
+struct Sender {
+    cfg: WebhookConfig,
+    secret: Secret,
+    client: reqwest::Client,
+    names: Names,
+    metrics: WebhookMetrics,
+}
+
+impl Sender {
+    /// POST the job's body to its endpoint, signed for this try.
+    async fn try_once(&self, job: &Job) -> Tried {
+        let timestamp = crate::wire::now_ms() / 1000;
+        let signature = self.secret.sign(&job.id, timestamp, job.body.as_bytes());
+        let started = Instant::now();
+        let sent = self
+            .client
+            .post(&job.endpoint)
+            .header("content-type", "application/json")
+            .header("webhook-id", &job.id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(job.body.clone())
+            .send()
+            .await;
+        self.metrics
+            .request_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match sent {
+            Ok(r) if r.status().is_success() => Tried::Delivered,
+            Ok(r) => Tried::Failed(format!("HTTP {}", r.status().as_u16())),
+            Err(e) if e.is_timeout() => {
+                Tried::Failed(format!("no answer within {} ms", self.cfg.timeout_ms))
+            }
+            Err(e) if e.is_connect() => Tried::Failed(format!("could not connect: {e}")),
+            Err(e) => Tried::Failed(e.to_string()),
+        }
+    }
+
+    /// Carry one delivery: try it, then ack it, or put it on its next wait (or with the
+    /// failures) first and ack it then. A broker failure leaves it unacked: it comes again.
+    async fn carry(&self, publisher: &Publisher, delivery: Delivery, mut job: Job) {
+        let outcome = if self.cfg.urls.0.contains(&job.endpoint) {
+            self.try_once(&job).await
+        } else {
+            // Only configured endpoints get a request: a job naming another (an endpoint
+            // removed since, or a forged job) is kept with the failures, never sent.
+            Tried::Failed("the endpoint is no longer configured".into())
+        };
+        let settled = match outcome {
+            Tried::Delivered => {
+                self.metrics
+                    .outcomes
+                    .with_label_values(&["delivered"])
+                    .inc();
+                Ok(())
+            }
+            Tried::Failed(why) => {
+                let endpoint_kept = self.cfg.urls.0.contains(&job.endpoint);
+                job.attempts += 1;
+                job.last_error = Some(why.clone());
+                job.last_try_at_ms = Some(crate::wire::now_ms());
+                let next = if endpoint_kept {
+                    next_after(&self.cfg, job.attempts, rand::random::<f64>() * 2.0 - 1.0)
+                } else {
+                    Next::GiveUp
+                };
+                let (key, wait) = match next {
+                    Next::Retry { step, wait_ms } => (format!("retry.{step}"), Some(wait_ms)),
+                    Next::GiveUp => ("failed".to_owned(), None),
+                };
+                tracing::warn!(
+                    id = %job.id,
+                    endpoint = %redact(&job.endpoint),
+                    attempts = job.attempts,
+                    error = %why,
+                    next = %key,
+                    "webhook not delivered"
+                );
+                let label = if wait.is_some() { "retried" } else { "failed" };
+                let published = async {
+                    publisher
+                        .publish_durable_json(
+                            &self.names.webhooks_exchange(),
+                            &key,
+                            &job.encode(),
+                            &job.id,
+                            wait,
+                        )
+                        .await?
+                        .wait()
+                        .await
+                };
+                match tokio::time::timeout(crate::broker::CLOSE_LIMIT, published).await {
+                    Ok(Ok(())) => {
+                        self.metrics.outcomes.with_label_values(&[label]).inc();
+                        Ok(())
+                    }
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("no publisher confirm within 5 s".to_owned()),
+                }
+            }
+        };
+        match settled {
+            Ok(()) => {
+                if let Err(e) = delivery.ack().await {
+                    tracing::warn!(error = %e, "webhook job not acked; it comes again");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, id = %job.id, "webhook job not re-queued; it comes again");
+                let _ = delivery.requeue().await;
+            }
+        }
+    }
+}
+
+/// Deliver the `webhooks` queue's jobs until `shutdown`, reconnecting when the broker goes
+/// away. Runs beside the audit writer, on its own connection.
+pub async fn deliver(
+    cfg: crate::config::Config,
+    metrics: WebhookMetrics,
+    broker_metrics: crate::metrics::BrokerMetrics,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let secret = cfg.webhooks.load_secret()?;
+    let client = http_client(&cfg.webhooks)?;
+    let sender = Arc::new(Sender {
+        cfg: cfg.webhooks.clone(),
+        secret,
+        client,
+        names: cfg.names(),
+        metrics,
+    });
+    let queue = cfg.names().webhooks_queue();
+    let prefetch = cfg.webhooks.concurrency;
+    let (roles, namespace) = (cfg.broker_roles, cfg.namespace.clone());
+    let open = |b: Broker| {
+        let (queue, namespace) = (queue.clone(), namespace.clone());
+        async move {
+            let publisher = Arc::new(b.publisher().await?);
+            let consumer = b.consume(&queue, "webhooks", prefetch, true).await?;
+            let trust = b.trust(roles, &namespace);
+            Ok::<_, BrokerError>((b, publisher, consumer, trust))
+        }
+    };
+    let first = Broker::connect_with_retry(
+        &cfg.amqp_url,
+        "webhooks",
+        broker_metrics.clone(),
+        Duration::from_millis(cfg.broker_connect_timeout_ms),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut link = open(first).await.map_err(|e| e.to_string())?;
+    tracing::info!(
+        endpoints = cfg.webhooks.urls.0.len(),
+        queue = %queue,
+        "delivering webhooks"
+    );
+    loop {
+        let (broker, publisher, mut consumer, trust) = link;
+        let mut tasks = tokio::task::JoinSet::new();
+        let ended = loop {
+            // Reap finished deliveries as they end.
+            while tasks.try_join_next().is_some() {}
+            let delivery = tokio::select! {
+                _ = shutdown.cancelled() => break None,
+                d = consumer.next() => d,
+            };
+            match delivery {
+                Some(Ok(d)) => {
+                    if !trust.admits(crate::roles::Kind::Webhook, d.user_id()) {
+                        sender
+                            .metrics
+                            .outcomes
+                            .with_label_values(&["rejected"])
+                            .inc();
+                        let _ = d.dead_letter().await;
+                        continue;
+                    }
+                    match Job::decode(d.data()) {
+                        Ok(job) => {
+                            let (sender, publisher) = (sender.clone(), publisher.clone());
+                            tasks.spawn(async move { sender.carry(&publisher, d, job).await });
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "not a webhook job; dropping it");
+                            sender
+                                .metrics
+                                .outcomes
+                                .with_label_values(&["rejected"])
+                                .inc();
+                            let _ = d.dead_letter().await;
+                        }
+                    }
+                }
+                Some(Err(e)) => break Some(e.to_string()),
+                None => break Some("the consumer ended".to_owned()),
+            }
+        };
+        // Each request is bounded by its timeout, each publish by its confirm's.
+        let grace = Duration::from_millis(cfg.webhooks.timeout_ms) + crate::broker::CLOSE_LIMIT * 2;
+        let _ =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        consumer.close().await;
+        publisher.close().await;
+        broker.close().await;
+        let Some(why) = ended else {
+            return Ok(());
+        };
+        tracing::warn!(error = %why, "webhooks lost the broker; reconnecting");
+        let relinked =
+            crate::broker::relink(&cfg.amqp_url, "webhooks", &broker_metrics, &shutdown, open)
+                .await;
+        match relinked {
+            Some(l) => link = l,
+            None => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The specification's own example (standard-webhooks, libraries' test suites).
+    #[test]
+    fn signs_the_specifications_example() {
+        let secret = Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        assert_eq!(
+            secret.sign(
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                1614265330,
+                br#"{"test": 2432232314}"#
+            ),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+    }
+
+    #[test]
+    fn secrets_are_checked() {
+        assert!(Secret::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
+        assert!(Secret::parse("whsec_not*base64").is_err());
+        assert!(Secret::parse("whsec_c2hvcnQ=").is_err(), "5 bytes");
+        let fresh = Secret::generate();
+        assert!(Secret::parse(&fresh).is_ok(), "{fresh}");
+        assert_ne!(fresh, Secret::generate());
+    }
+
+    #[test]
+    fn the_back_off_steps_repeat_the_last_and_give_up_at_the_limit() {
+        let cfg = WebhookConfig {
+            max_attempts: 6,
+            backoff_ms: vec![1_000, 10_000, 60_000],
+            ..WebhookConfig::default()
+        };
+        let waits: Vec<Next> = (1..=6).map(|n| next_after(&cfg, n, 0.0)).collect();
+        assert_eq!(
+            waits,
+            [
+                Next::Retry {
+                    step: 1,
+                    wait_ms: 1_000
+                },
+                Next::Retry {
+                    step: 2,
+                    wait_ms: 10_000
+                },
+                Next::Retry {
+                    step: 3,
+                    wait_ms: 60_000
+                },
+                Next::Retry {
+                    step: 3,
+                    wait_ms: 60_000
+                },
+                Next::Retry {
+                    step: 3,
+                    wait_ms: 60_000
+                },
+                Next::GiveUp,
+            ]
+        );
+        // Jitter stays within ±20 %.
+        assert_eq!(
+            next_after(&cfg, 1, 1.0),
+            Next::Retry {
+                step: 1,
+                wait_ms: 1_200
+            }
+        );
+        assert_eq!(
+            next_after(&cfg, 1, -5.0),
+            Next::Retry {
+                step: 1,
+                wait_ms: 800
+            }
+        );
+    }
+
+    #[test]
+    fn config_problems_are_named() {
+        let cfg = WebhookConfig {
+            urls: "https://exam.example/hooks, ftp://x/y, https://u:p@exam.example/"
+                .parse()
+                .unwrap(),
+            backoff_ms: vec![1, 2, 3, 4, 5],
+            ..WebhookConfig::default()
+        };
+        let errors = cfg.validate().join("\n");
+        assert!(errors.contains("ftp://x/y"), "{errors}");
+        assert!(errors.contains("carries credentials"), "{errors}");
+        assert!(!errors.contains(":p@"), "a password in an error: {errors}");
+        assert!(errors.contains("no signing secret"), "{errors}");
+        assert!(errors.contains("1 to 4 waits"), "{errors}");
+        assert!(WebhookConfig::default().validate().is_empty());
+    }
+
+    #[test]
+    fn an_events_type_and_body_name_the_entry() {
+        let op = AdminOpEvent {
+            operator: "ops".into(),
+            operation: "force:sign_out".into(),
+            at_ms: 1_700_000_000_123,
+        };
+        let env = Envelope {
+            schema: crate::wire::SCHEMA,
+            id: uuid::Uuid::now_v7(),
+            source: "e1".into(),
+            seq: 0,
+            client_id: "alice".into(),
+            produced_at_ms: 0,
+            deadline_ms: 0,
+            traceparent: String::new(),
+            payload: crate::wire::Payload::AdminOp(op.clone()),
+        };
+        let op = &op;
+        let entry = EntryRef {
+            id: env.id,
+            seq: 7,
+            hash: "ab".repeat(32),
+        };
+        let event = Event::of_admin(&env, op, entry.clone());
+        assert_eq!(event.kind, "admin.force.sign_out");
+        assert_eq!(event.timestamp, "2023-11-14T22:13:20.123Z");
+        let cfg = WebhookConfig {
+            urls: "http://a.test/h,http://b.test/h".parse().unwrap(),
+            ..WebhookConfig::default()
+        };
+        let jobs = Job::for_event(&cfg, &event);
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(jobs[0].id, env.id.to_string());
+        let body: serde_json::Value = serde_json::from_str(&jobs[1].body).unwrap();
+        assert_eq!(body["data"]["entry"]["seq"], 7);
+        assert_eq!(body["data"]["client_id"], "alice");
+        assert_eq!(body["type"], "admin.force.sign_out");
+        assert_eq!(Job::decode(&jobs[1].encode()).unwrap(), jobs[1]);
+    }
+}

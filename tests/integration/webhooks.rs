@@ -1,0 +1,480 @@
+//! Webhooks to the exam platform: every audited entry, POSTed by the real audit writer through
+//! the real broker to a real HTTP(S) receiver, signed as Standard Webhooks says, retried from
+//! the broker's delay queues, given up on into `webhooks.failed`, and re-sent with
+//! `vigil webhooks retry`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use vigil::edge::client::{Connection, Incoming};
+use vigil::wire::client::{Encoding, ServerMsg};
+
+use crate::support::{TOKEN, TestEnv, eventually, http, output};
+
+const ADMIN_TOKEN: &str = "admin-token-0123456789";
+
+/// One request the receiver took, and what it answered.
+#[derive(Debug, Clone)]
+struct Hit {
+    headers: HashMap<String, String>,
+    body: String,
+    status: u16,
+}
+
+/// An exam platform's webhook endpoint: records every request; with `flaky`, answers 503 to
+/// the first try of each webhook id; answers 500 to all while `down`.
+#[derive(Clone)]
+struct Receiver {
+    url: String,
+    hits: Arc<Mutex<Vec<Hit>>>,
+    flaky: Arc<AtomicBool>,
+    down: Arc<AtomicBool>,
+}
+
+impl Receiver {
+    /// Listen on 127.0.0.1; HTTPS with `tls` (certificate and key PEM).
+    async fn start(tls: Option<(String, String)>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let me = Self {
+            url: format!("{scheme}://127.0.0.1:{}/hooks/vigil", addr.port()),
+            hits: Arc::default(),
+            flaky: Arc::default(),
+            down: Arc::default(),
+        };
+        let acceptor = tls.map(|(cert, key)| {
+            use tokio_rustls::rustls;
+            use tokio_rustls::rustls::pki_types::pem::PemObject;
+            use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+            let certs: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .map(|c| c.unwrap())
+                    .collect();
+            let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+            let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        });
+        let server = me.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (server, acceptor) = (server.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(s) = a.accept(stream).await {
+                                server.serve(s).await;
+                            }
+                        }
+                        None => server.serve(stream).await,
+                    }
+                });
+            }
+        });
+        me
+    }
+
+    /// Read one HTTP/1.1 request, record it, answer, close.
+    async fn serve(&self, mut stream: impl AsyncRead + AsyncWrite + Unpin) {
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        let (headers, body_at, length) = loop {
+            let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
+            else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            raw.extend_from_slice(&buf[..n]);
+            let mut parsed = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut parsed);
+            if let Ok(httparse::Status::Complete(at)) = req.parse(&raw) {
+                let headers: HashMap<String, String> = req
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                let length = headers
+                    .get("content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0usize);
+                break (headers, at, length);
+            }
+        };
+        while raw.len() < body_at + length {
+            let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
+            else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            raw.extend_from_slice(&buf[..n]);
+        }
+        let status = {
+            let mut hits = self.hits.lock().unwrap();
+            let id = headers.get("webhook-id").cloned().unwrap_or_default();
+            let status = if self.down.load(Ordering::SeqCst) {
+                500
+            } else if self.flaky.load(Ordering::SeqCst)
+                && !hits
+                    .iter()
+                    .any(|h| h.headers.get("webhook-id") == Some(&id))
+            {
+                503
+            } else {
+                200
+            };
+            hits.push(Hit {
+                headers,
+                body: String::from_utf8_lossy(&raw[body_at..body_at + length]).into_owned(),
+                status,
+            });
+            status
+        };
+        let answer =
+            format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    }
+
+    fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+}
+
+/// The receiver's side of the signature check, as docs/webhooks.md tells an integrator to do
+/// it: HMAC-SHA256 over `id.timestamp.body` with the secret's bytes, compared with each `v1,`
+/// signature in the header.
+fn signed(secret: &str, hit: &Hit) -> bool {
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.strip_prefix("whsec_").unwrap())
+        .unwrap();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    let signed = format!(
+        "{}.{}.{}",
+        hit.headers["webhook-id"], hit.headers["webhook-timestamp"], hit.body
+    );
+    mac.update(signed.as_bytes());
+    let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    hit.headers["webhook-signature"]
+        .split(' ')
+        .any(|s| s.strip_prefix("v1,") == Some(expected.as_str()))
+}
+
+fn with_webhooks(env: &mut TestEnv, url: &str) -> String {
+    let secret = vigil::webhooks::Secret::generate();
+    env.cfg.webhooks.urls = url.parse().unwrap();
+    env.cfg.webhooks.secret = Some(secret.clone());
+    env.cfg.webhooks.timeout_ms = 3_000;
+    env.cfg.evidence_dir = env.clients_dir.join("evidence");
+    secret
+}
+
+/// The `seq` and `hash` of the log entry whose record has `id` (an action's or a note's).
+fn log_entry(dir: &std::path::Path, id: &str) -> Option<(u64, String)> {
+    let log = std::fs::read_to_string(dir.join("audit.log")).ok()?;
+    log.lines().find_map(|line| {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        let r = &v["record"];
+        (r["action_id"] == id || r["entry_id"] == id).then(|| {
+            (
+                v["seq"].as_u64().unwrap(),
+                v["hash"].as_str().unwrap().to_owned(),
+            )
+        })
+    })
+}
+
+fn cli(env: &TestEnv, args: &[&str]) -> String {
+    let out = output(
+        std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .arg("webhooks")
+            .args(args)
+            .env("VIGIL_NAMESPACE", &env.cfg.namespace)
+            .env("VIGIL_AMQP_URL", &env.cfg.amqp_url),
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "vigil webhooks {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enforced_action_reaches_the_exam_platform_signed_over_https_after_a_failed_try() {
+    let (ca, cert, key) = crate::tls::ca_and_server();
+    let receiver = Receiver::start(Some((cert, key))).await;
+    // The platform is flaky: each webhook's first try gets a 503, the next one goes through.
+    receiver.flaky.store(true, Ordering::SeqCst);
+    let mut env = TestEnv::new("webhooks");
+    let secret = with_webhooks(&mut env, &receiver.url);
+    env.cfg.webhooks.backoff_ms = vec![300];
+    // The receiver's certificate is from the test's own CA, trusted through the CA file.
+    let ca_file = env.clients_dir.with_extension("ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    env.cfg.webhooks.ca_file = Some(ca_file.clone());
+    env.cfg.edge.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    env.cfg.edge.admin_token = Some(ADMIN_TOKEN.into());
+    let url = env.start_edge("e1").await;
+    env.add_client("c1");
+    let registry = prometheus::Registry::new();
+    let writer = vigil::audit::start(env.cfg.clone(), registry.clone(), env.shutdown.clone())
+        .await
+        .unwrap();
+    let (mut conn, _) = Connection::connect(&url, "c1", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    let admin = env.edges[0].admin_addr.unwrap();
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients/c1/action",
+        Some(ADMIN_TOKEN),
+        Some(r#"{"action":"sign_out"}"#),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let action_id = loop {
+        match tokio::time::timeout(Duration::from_secs(10), conn.recv()).await {
+            Ok(Some(Ok(Incoming::Msg(ServerMsg::Action { action_id, .. })))) => break action_id,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected the forced action, got {other:?}"),
+        }
+    };
+
+    let r = receiver.clone();
+    let id = action_id.clone();
+    let delivered = eventually(
+        "the action's webhook delivered",
+        Duration::from_secs(20),
+        || {
+            let (r, id) = (r.clone(), id.clone());
+            async move {
+                r.hits()
+                    .into_iter()
+                    .find(|h| h.status == 200 && h.headers["webhook-id"] == id)
+            }
+        },
+    )
+    .await;
+    let tries: Vec<Hit> = receiver
+        .hits()
+        .into_iter()
+        .filter(|h| h.headers["webhook-id"] == action_id)
+        .collect();
+    assert_eq!(
+        tries.iter().map(|h| h.status).collect::<Vec<_>>(),
+        [503, 200],
+        "one failed try, then the retry from the delay queue"
+    );
+    for hit in &tries {
+        assert!(signed(&secret, hit), "a bad signature: {hit:?}");
+        assert_eq!(hit.headers["content-type"], "application/json");
+    }
+    // Signed with another secret, the same request does not verify.
+    assert!(!signed(&vigil::webhooks::Secret::generate(), &delivered));
+    let stamp: u64 = delivered.headers["webhook-timestamp"].parse().unwrap();
+    let now = vigil::wire::now_ms() / 1000;
+    assert!(
+        stamp <= now && now - stamp < 60,
+        "timestamp {stamp}, now {now}"
+    );
+
+    // The body names the audited entry: its place and hash in the log.
+    let event: serde_json::Value = serde_json::from_str(&delivered.body).unwrap();
+    assert_eq!(event["type"], "action.sign_out", "{event}");
+    assert_eq!(event["data"]["client_id"], "c1");
+    assert_eq!(event["data"]["reason"], "admin");
+    let (seq, hash) = log_entry(&env.cfg.evidence_dir, &action_id).expect("the entry is logged");
+    assert_eq!(event["data"]["entry"]["id"], action_id.as_str());
+    assert_eq!(event["data"]["entry"]["seq"], seq);
+    assert_eq!(event["data"]["entry"]["hash"], hash.as_str());
+    assert!(
+        crate::support::metric(
+            &registry,
+            "vigil_audit_webhooks_total",
+            Some(("outcome", "retried"))
+        ) >= 1.0
+    );
+    assert!(
+        crate::support::metric(
+            &registry,
+            "vigil_audit_webhooks_total",
+            Some(("outcome", "delivered"))
+        ) >= 1.0
+    );
+    conn.close().await;
+    env.shutdown.cancel();
+    writer.join().await.unwrap();
+    let dir = env.clients_dir.clone();
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_file(ca_file);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_fills_the_failed_queue_and_retry_sends_it_again() {
+    let receiver = Receiver::start(None).await;
+    receiver.down.store(true, Ordering::SeqCst);
+    // Another address, never configured: a job naming it must never be sent there.
+    let elsewhere = Receiver::start(None).await;
+    let mut env = TestEnv::new("webhooks-dead");
+    let secret = with_webhooks(&mut env, &receiver.url);
+    env.cfg.webhooks.max_attempts = 2;
+    env.cfg.webhooks.backoff_ms = vec![200];
+    let registry = prometheus::Registry::new();
+    let writer = vigil::audit::start(env.cfg.clone(), registry.clone(), env.shutdown.clone())
+        .await
+        .unwrap();
+    // An operator's operation, as an edge's admin API publishes it.
+    let names = env.cfg.names();
+    let broker = env.broker().await;
+    let publisher = broker.publisher().await.unwrap();
+    let op = vigil::wire::Envelope {
+        schema: vigil::wire::SCHEMA,
+        id: uuid::Uuid::now_v7(),
+        source: "e1".into(),
+        seq: 1,
+        client_id: "c1".into(),
+        produced_at_ms: vigil::wire::now_ms(),
+        deadline_ms: 0,
+        traceparent: vigil::wire::new_traceparent(),
+        payload: vigil::wire::Payload::AdminOp(vigil::wire::AdminOpEvent {
+            operation: "block".into(),
+            operator: "alice".into(),
+            at_ms: vigil::wire::now_ms(),
+        }),
+    };
+    publisher
+        .publish(&names.actions_exchange(), "", &op)
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    // A job forged onto the queue, naming an endpoint that is not configured.
+    let forged = vigil::webhooks::Job {
+        id: "forged".into(),
+        endpoint: elsewhere.url.clone(),
+        body: "{}".into(),
+        attempts: 0,
+        created_at_ms: 0,
+        last_error: None,
+        last_try_at_ms: None,
+    };
+    publisher
+        .publish_durable_json(
+            &names.webhooks_exchange(),
+            "deliver",
+            &forged.encode(),
+            "forged",
+            None,
+        )
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+
+    let id = op.id.to_string();
+    let env_ref = &env;
+    let listed = eventually(
+        "both deliveries given up on",
+        Duration::from_secs(20),
+        || async move {
+            let text = cli(env_ref, &["list", "--json"]);
+            let rows: Vec<serde_json::Value> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            (rows.len() == 2).then_some(rows)
+        },
+    )
+    .await;
+    let ours = listed
+        .iter()
+        .find(|r| r["id"] == id.as_str())
+        .expect("the operation's delivery");
+    assert_eq!(ours["attempts"], 2, "{ours}");
+    assert_eq!(ours["last_error"], "HTTP 500", "{ours}");
+    let theirs = listed
+        .iter()
+        .find(|r| r["id"] == "forged")
+        .expect("the forged job");
+    assert_eq!(theirs["last_error"], "the endpoint is no longer configured");
+    assert!(
+        elsewhere.hits().is_empty(),
+        "a forged job reached {}",
+        elsewhere.url
+    );
+    assert_eq!(
+        receiver
+            .hits()
+            .iter()
+            .filter(|h| h.headers["webhook-id"] == id)
+            .count(),
+        2,
+        "max_attempts tries"
+    );
+    // Listing leaves them where they are.
+    assert_eq!(cli(&env, &["list", "--json"]).lines().count(), 2);
+
+    // The platform is back; the operator re-sends that entry's delivery.
+    receiver.down.store(false, Ordering::SeqCst);
+    let moved = cli(&env, &["retry", "--id", &id]);
+    assert!(moved.starts_with("1 deliveries"), "{moved}");
+    let r = receiver.clone();
+    let delivered = eventually("the re-sent webhook", Duration::from_secs(15), || {
+        let (r, id) = (r.clone(), id.clone());
+        async move {
+            r.hits()
+                .into_iter()
+                .find(|h| h.status == 200 && h.headers["webhook-id"] == id)
+        }
+    })
+    .await;
+    assert!(signed(&secret, &delivered));
+    let event: serde_json::Value = serde_json::from_str(&delivered.body).unwrap();
+    assert_eq!(event["type"], "admin.block");
+    assert_eq!(event["data"]["operator"], "alice");
+    let (seq, _) = log_entry(&env.cfg.evidence_dir, &id).expect("the note is logged");
+    assert_eq!(event["data"]["entry"]["seq"], seq);
+    let left = cli(&env, &["list", "--json"]);
+    assert_eq!(left.lines().count(), 1, "{left}");
+    assert!(left.contains("forged"));
+    assert!(elsewhere.hits().is_empty());
+
+    publisher.close().await;
+    broker.close().await;
+    env.shutdown.cancel();
+    writer.join().await.unwrap();
+    let dir = env.clients_dir.clone();
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
