@@ -18,7 +18,8 @@
 //!   [`audit`]: the audit writer (`vigil-audit`) and its store; [`webhooks`]: the signed
 //!   webhooks it sends the exam platform for every entry (`reqwest`).
 //! - [`directory`]: the client directory (a folder, or PostgreSQL); [`admin`]: client
-//!   administration over the control plane; [`operators`]: the operators' named tokens.
+//!   administration over the control plane; [`operators`]: the operators' named tokens;
+//!   [`session_tokens`]: short-lived, signed session tokens (`jsonwebtoken`).
 //! - [`config`]: typed configuration with `VIGIL_*` overrides and full validation.
 //! - [`metrics`]: every Prometheus metric; [`telemetry`]: logs, health, `/metrics`, the
 //!   services' `main`.
@@ -41,6 +42,7 @@ pub mod metrics;
 pub(crate) mod operators;
 pub mod policy;
 pub mod roles;
+pub mod session_tokens;
 pub mod telemetry;
 #[cfg(feature = "tools")]
 pub mod tools;

@@ -114,6 +114,8 @@ impl BrokerMetrics {
 pub struct EdgeMetrics {
     pub sessions_active: IntGauge,
     pub sessions_refused: IntCounterVec,
+    pub session_tokens_refused: IntCounter,
+    pub session_tokens_minted: IntCounter,
     pub frames_received: IntCounter,
     pub frames_published: IntCounter,
     pub frames_dropped: IntCounterVec,
@@ -153,6 +155,16 @@ impl EdgeMetrics {
                 "vigil_edge_sessions_refused_total",
                 "Connections refused or closed before a session started, by reason",
                 &["reason"],
+            ),
+            session_tokens_refused: counter(
+                registry,
+                "vigil_edge_session_tokens_refused_total",
+                "Hellos with a session token that is forged, expired, for another client or deployment",
+            ),
+            session_tokens_minted: counter(
+                registry,
+                "vigil_edge_session_tokens_minted_total",
+                "Session tokens minted by the admin API",
             ),
             frames_received: counter(
                 registry,

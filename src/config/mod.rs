@@ -79,6 +79,9 @@ pub struct Config {
     /// an hour (the log keeps their entries and hashes, and a prune entry lists the files); 0
     /// keeps evidence forever [VIGIL_AUDIT_RETENTION_DAYS].
     pub audit_retention_days: u32,
+    /// Short-lived session tokens, minted per exam session in place of a client's permanent
+    /// token.
+    pub sessions: crate::session_tokens::SessionConfig,
     /// Signed webhooks to the exam platform: every audited entry, POSTed by the audit writer.
     pub webhooks: crate::webhooks::WebhookConfig,
     /// Keep the last minutes of frames in a RabbitMQ stream for `vigil record --from-stream`
@@ -357,6 +360,7 @@ impl Default for Config {
             audit_key: None,
             audit_retention_days: 0,
             webhooks: crate::webhooks::WebhookConfig::default(),
+            sessions: crate::session_tokens::SessionConfig::default(),
             capture_stream: false,
         }
     }
@@ -603,6 +607,7 @@ impl Config {
             errors.extend(self.policy.validate());
             errors.extend(self.liveness.validate());
             errors.extend(self.challenge.validate());
+            errors.extend(self.sessions.validate());
             // A waiting challenge follows the client only as long as its saved state does.
             if self.policy.carry_over_ms < self.challenge.deadline_ms {
                 errors.push(format!(

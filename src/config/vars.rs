@@ -384,6 +384,27 @@ pub static VARS: &[Var] = &[
         r#"send clients the scores behind each verdict (off: verdicts and face boxes only)"#
     ),
     var!(
+        "VIGIL_SESSION_KEY",
+        [Edge],
+        opt sessions.key,
+        r#"none"#,
+        r#"Ed25519 private key (from `vigil sessions keygen`) the admin API mints short-lived session tokens with (`POST /v1/admin/sessions`)"#
+    ),
+    var!(
+        "VIGIL_SESSION_PUBLIC_KEY",
+        [Edge],
+        opt sessions.public_key,
+        r#"none"#,
+        r#"its public key, which edges verify session tokens with (taken from the private key when unset); with neither, hellos take only permanent tokens"#
+    ),
+    var!(
+        "VIGIL_SESSION_MAX_TTL_S",
+        [Edge],
+        sessions.max_ttl_s,
+        r#"21600"#,
+        r#"the longest life of a minted session token, in seconds"#
+    ),
+    var!(
         "VIGIL_EDGE_SHUTDOWN_GRACE_MS",
         [Edge],
         edge.shutdown_grace_ms,

@@ -133,6 +133,16 @@ impl ClientRecord {
         })
     }
 
+    /// What binds a session token to this client's permanent token: a digest of the token's
+    /// stored hash (never the token itself), so rotating the permanent token revokes every
+    /// session token minted before.
+    pub fn session_binding(&self) -> String {
+        use sha2::Digest as _;
+        let digest =
+            sha2::Sha256::digest(format!("vigil-session-binding\n{}", self.token_hash).as_bytes());
+        hex::encode(&digest[..16])
+    }
+
     /// Check a presented token: argon2id (in [`verify_argon2`]), or the legacy salted
     /// SHA-256, compared in constant time.
     pub fn verify_token(&self, token: &str) -> bool {
@@ -551,11 +561,31 @@ pub enum AuthError {
     SignedOut,
 }
 
+/// What a hello presents.
+#[derive(Clone)]
+pub enum Credential {
+    /// The client's permanent token.
+    Token(String),
+    /// A session token already verified by its signature: its binding to the client's
+    /// permanent token ([`ClientRecord::session_binding`]).
+    Session { binding: String },
+}
+
+impl std::fmt::Debug for Credential {
+    // Never a token in a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Token(_) => f.write_str("Token(..)"),
+            Credential::Session { .. } => f.write_str("Session(..)"),
+        }
+    }
+}
+
 /// Check a hello against the directory.
 pub fn authenticate(
     store: &dyn ClientStore,
     client_id: &str,
-    token: &str,
+    credential: &Credential,
 ) -> Result<ClientRecord, AuthError> {
     let record = match store.get(client_id) {
         Ok(Some(r)) => r,
@@ -565,7 +595,19 @@ pub fn authenticate(
             return Err(AuthError::Unauthorized);
         }
     };
-    if !record.verify_token(token) {
+    let genuine = match credential {
+        Credential::Token(token) => record.verify_token(token),
+        Credential::Session { binding } => {
+            use subtle::ConstantTimeEq as _;
+            bool::from(
+                record
+                    .session_binding()
+                    .as_bytes()
+                    .ct_eq(binding.as_bytes()),
+            )
+        }
+    };
+    if !genuine {
         return Err(AuthError::Unauthorized);
     }
     match record.status {
@@ -605,23 +647,23 @@ mod tests {
         let s = store();
         let mut r = ClientRecord::new("bob", "", "correct-horse").unwrap();
         s.add(&r).unwrap();
-        assert!(authenticate(&s, "bob", "correct-horse").is_ok());
+        assert!(authenticate(&s, "bob", &Credential::Token("correct-horse".into())).is_ok());
         assert_eq!(
-            authenticate(&s, "bob", "wrong-horse").unwrap_err(),
+            authenticate(&s, "bob", &Credential::Token("wrong-horse".into())).unwrap_err(),
             AuthError::Unauthorized
         );
         assert_eq!(
-            authenticate(&s, "nobody", "x").unwrap_err(),
+            authenticate(&s, "nobody", &Credential::Token("x".into())).unwrap_err(),
             AuthError::Unauthorized
         );
         assert_eq!(
-            authenticate(&s, "../etc/passwd", "x").unwrap_err(),
+            authenticate(&s, "../etc/passwd", &Credential::Token("x".into())).unwrap_err(),
             AuthError::Unauthorized
         );
         r.status = ClientStatus::Blocked;
         s.put(&r).unwrap();
         assert_eq!(
-            authenticate(&s, "bob", "correct-horse").unwrap_err(),
+            authenticate(&s, "bob", &Credential::Token("correct-horse".into())).unwrap_err(),
             AuthError::Blocked
         );
     }

@@ -141,7 +141,7 @@ pub(super) async fn serve(
         .route("/v1/admin/clients/{id}", get(show))
         .route("/v1/admin/clients/{id}/action", post(force))
         .route("/v1/admin/clients/{id}/{op}", post(op))
-        .route("/v1/admin/sessions", get(sessions))
+        .route("/v1/admin/sessions", get(sessions).post(mint_session))
         .route("/v1/admin/clients/{id}/reference.jpg", get(reference))
         .route(
             "/v1/admin/clients/{id}/enroll",
@@ -322,6 +322,79 @@ async fn force(
             .into_response(),
         Err(e) => admin_error(e),
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewSession {
+    client_id: String,
+    /// Seconds; `sessions.max_ttl_s` at most. One hour when unset.
+    #[serde(default)]
+    ttl_s: Option<u64>,
+}
+
+/// Mint a short-lived session token for one client, for its exam platform's back end to hand to
+/// the candidate's page. The client must exist and be allowed in (not blocked or signed out).
+/// Audited with the operator; the token itself is never logged or stored.
+async fn mint_session(
+    State(api): State<Api>,
+    Extension(Operator(operator)): Extension<Operator>,
+    Json(body): Json<NewSession>,
+) -> Response {
+    let Some(minter) = api.shared.session_minter.as_ref() else {
+        return error(
+            StatusCode::NOT_IMPLEMENTED,
+            "session tokens are off on this edge: set VIGIL_SESSION_KEY (`vigil sessions keygen`)",
+        );
+    };
+    let store = api.admin.store.clone();
+    let id = body.client_id.clone();
+    let record = match tokio::task::spawn_blocking(move || store.get(&id)).await {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) | Ok(Err(DirectoryError::BadId(_))) => {
+            return admin_error(AdminError::NotFound(body.client_id));
+        }
+        Ok(Err(e)) => return admin_error(AdminError::Directory(e)),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    if matches!(
+        record.status,
+        crate::directory::ClientStatus::Blocked | crate::directory::ClientStatus::SignedOut
+    ) {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "client `{}` is blocked or signed out: unblock or re-admit it first",
+                record.id
+            ),
+        );
+    }
+    let now_s = crate::wire::now_ms() / 1000;
+    let ttl_s = body.ttl_s.unwrap_or(3600);
+    let (token, expires_at) = match minter.mint(&record.id, &record.session_binding(), ttl_s, now_s)
+    {
+        Ok(minted) => minted,
+        Err(e @ crate::session_tokens::SessionTokenError::Ttl { .. }) => {
+            return error(StatusCode::BAD_REQUEST, e.to_string());
+        }
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    if let Err(e) = api.admin.audit(&record.id, "mint_session", &operator).await {
+        // An unaudited token is not handed out.
+        return admin_error(e);
+    }
+    api.shared.metrics.session_tokens_minted.inc();
+    let expires = std::time::UNIX_EPOCH + std::time::Duration::from_secs(expires_at);
+    (
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "client_id": record.id,
+            "token": token,
+            "expires_at": humantime::format_rfc3339_seconds(expires).to_string(),
+            "expires_at_s": expires_at,
+        })),
+    )
+        .into_response()
 }
 
 async fn sessions(State(api): State<Api>) -> Response {

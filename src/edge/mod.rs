@@ -66,6 +66,8 @@ pub enum EdgeError {
     Operators(#[from] crate::operators::OperatorError),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error(transparent)]
+    SessionTokens(#[from] crate::session_tokens::SessionTokenError),
     #[error("the edge's main task panicked: {0}")]
     Panicked(String),
 }
@@ -117,6 +119,11 @@ pub(crate) struct Shared {
     /// Token checks, on their own low-priority threads (argon2 is deliberately costly). A
     /// hello whose check cannot start before its hello deadline is refused.
     pub tokens: tokens::TokenChecker,
+    /// Verifies short-lived session tokens by their signature, when a session key is
+    /// configured.
+    pub session_tokens: Option<crate::session_tokens::Verifier>,
+    /// Mints them for the admin API, when the private key is configured.
+    pub session_minter: Option<crate::session_tokens::Minter>,
     /// TLS for `wss://`, when configured.
     pub tls: Option<tls::Tls>,
     /// The candidate page, served at `/` on the same listener.
@@ -280,7 +287,11 @@ pub async fn start(
             web::WebAssets::default()
         }
     };
+    let session_tokens = crate::session_tokens::Verifier::load(&cfg.sessions, &cfg.namespace)?;
+    let session_minter = crate::session_tokens::Minter::load(&cfg.sessions, &cfg.namespace)?;
     let shared = Arc::new(Shared {
+        session_tokens,
+        session_minter,
         web,
         enrollments: Mutex::new(HashMap::new()),
         enroll_exchange: cfg.names().enroll_exchange(),

@@ -24,7 +24,7 @@ use super::window::{Offer, Pending, Window};
 use super::{SessionEntry, SessionEvent, SessionInfo, Shared};
 use crate::broker::BrokerError;
 use crate::challenge::Trigger;
-use crate::directory::{AuthError, ClientRecord, ClientStatus, Connection, Presence};
+use crate::directory::{AuthError, ClientRecord, ClientStatus, Connection, Credential, Presence};
 use crate::domain::Action;
 use crate::liveness::StreamLiveness;
 use crate::wire::client::{
@@ -385,13 +385,44 @@ async fn hello(
             return None;
         }
     };
+    // A session token is checked by its signature here, at once; the record is still read
+    // below, where a blocked, signed-out, removed or re-keyed client revokes it.
+    let credential = if crate::session_tokens::looks_like_jwt(&token) {
+        let verified = match &shared.session_tokens {
+            Some(verifier) => verifier
+                .verify(&token, &client_id)
+                .map_err(|e| e.to_string()),
+            None => Err("session tokens are not configured on this edge".to_owned()),
+        };
+        match verified {
+            Ok(claims) => Credential::Session {
+                binding: claims.tkb,
+            },
+            Err(why) => {
+                shared.refused("unauthorized");
+                shared.metrics.session_tokens_refused.inc();
+                let throttled = shared.gate.failed(peer.ip());
+                // Who tried, from where, and why; never the token.
+                tracing::warn!(client = %client_id, %peer, throttled, reason = %why, "hello refused: bad session token");
+                let msg = if why.ends_with("expired") {
+                    "session token expired"
+                } else {
+                    "unknown client or wrong token"
+                };
+                refuse(shared, ws, encoding, ErrorCode::Unauthorized, msg).await;
+                return None;
+            }
+        }
+    } else {
+        Credential::Token(token)
+    };
     // The token check must start within the same hello deadline.
     let checked = shared
         .tokens
         .check(
             shared.store.clone(),
             client_id.clone(),
-            token,
+            credential,
             deadline.deadline().into_std(),
         )
         .await;

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use crate::directory::{self, AuthError, ClientRecord, ClientStore};
+use crate::directory::{self, AuthError, ClientRecord, ClientStore, Credential};
 
 /// Why a hello was not checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +22,7 @@ pub(crate) enum NotChecked {
 struct Job {
     store: Arc<dyn ClientStore>,
     client_id: String,
-    token: String,
+    credential: Credential,
     deadline: Instant,
     reply: oneshot::Sender<Result<Result<ClientRecord, AuthError>, NotChecked>>,
 }
@@ -64,7 +64,7 @@ impl TokenChecker {
                             continue;
                         }
                         let outcome =
-                            directory::authenticate(&*job.store, &job.client_id, &job.token);
+                            directory::authenticate(&*job.store, &job.client_id, &job.credential);
                         let _ = job.reply.send(Ok(outcome));
                     }
                 })
@@ -73,19 +73,19 @@ impl TokenChecker {
         Self { jobs }
     }
 
-    /// Check a hello's token; `Err(Busy)` when the check could not start by `deadline`.
+    /// Check a hello's credential; `Err(Busy)` when the check could not start by `deadline`.
     pub(crate) async fn check(
         &self,
         store: Arc<dyn ClientStore>,
         client_id: String,
-        token: String,
+        credential: Credential,
         deadline: Instant,
     ) -> Result<Result<ClientRecord, AuthError>, NotChecked> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             store,
             client_id,
-            token,
+            credential,
             deadline,
             reply,
         };
@@ -123,13 +123,18 @@ mod tests {
             .check(
                 store.clone(),
                 "alice".into(),
-                "alice-token-123".into(),
+                Credential::Token("alice-token-123".into()),
                 soon,
             )
             .await;
         assert!(matches!(ok, Ok(Ok(r)) if r.id == "alice"));
         let wrong = checker
-            .check(store.clone(), "alice".into(), "wrong-token".into(), soon)
+            .check(
+                store.clone(),
+                "alice".into(),
+                Credential::Token("wrong-token".into()),
+                soon,
+            )
             .await;
         assert!(matches!(wrong, Ok(Err(AuthError::Unauthorized))));
         // A hello whose deadline has passed is not checked at all.
@@ -137,7 +142,7 @@ mod tests {
             .check(
                 store.clone(),
                 "alice".into(),
-                "alice-token-123".into(),
+                Credential::Token("alice-token-123".into()),
                 Instant::now(),
             )
             .await;
@@ -155,7 +160,12 @@ mod tests {
                 let (checker, store) = (checker.clone(), store.clone());
                 tokio::spawn(async move {
                     checker
-                        .check(store, "alice".into(), "alice-token-123".into(), soon)
+                        .check(
+                            store,
+                            "alice".into(),
+                            Credential::Token("alice-token-123".into()),
+                            soon,
+                        )
                         .await
                 })
             })

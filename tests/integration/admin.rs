@@ -244,7 +244,14 @@ async fn the_admin_api_needs_its_token() {
         .to_owned();
     assert_eq!(token.len(), 43);
     let store = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
-    assert!(vigil::directory::authenticate(&store, "c3", &token).is_ok());
+    assert!(
+        vigil::directory::authenticate(
+            &store,
+            "c3",
+            &vigil::directory::Credential::Token(token.clone())
+        )
+        .is_ok()
+    );
     let stored = std::fs::read_to_string(env.clients_dir.join("c3.json")).unwrap();
     assert!(
         !stored.contains(&token) && stored.contains("$argon2id$"),

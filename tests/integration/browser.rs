@@ -96,8 +96,23 @@ async fn scenario(
     y4m: &Path,
     admin: &str,
 ) -> serde_json::Value {
+    scenario_with(name, page, client, y4m, admin, None).await
+}
+
+/// ...with the page opened as an exam platform opens it, a session token in its fragment.
+async fn scenario_with(
+    name: &str,
+    page: &str,
+    client: &str,
+    y4m: &Path,
+    admin: &str,
+    session_token: Option<&str>,
+) -> serde_json::Value {
     let web = root().join("web");
     let mut cmd = tokio::process::Command::new("node");
+    if let Some(token) = session_token {
+        cmd.env("VIGIL_SESSION_TOKEN", token);
+    }
     cmd.arg("e2e/candidate.mjs")
         .arg(name)
         .current_dir(&web)
@@ -140,12 +155,42 @@ async fn the_enrolled_person_is_ok_a_stranger_is_locked_out_and_a_block_is_shown
     let her = std::fs::read(&frames[0]).unwrap();
     // Someone else is enrolled as `stranger`: her footage is not them.
     let him = photo("Male_41_2_4_1.jpg");
-    let (env, page, admin) = cluster("browser", &[("candidate", &her), ("stranger", &him)]).await;
+    let keys = std::env::temp_dir().join(format!("vigil-browser-keys-{}", rand::random::<u32>()));
+    std::fs::create_dir_all(&keys).unwrap();
+    vigil::audit::signing::generate(&keys.join("session.key")).unwrap();
+    let key = keys.join("session.key");
+    let (env, page, admin) = cluster_with(
+        "browser",
+        &[("candidate", &her), ("stranger", &him)],
+        |env| env.cfg.sessions.key = Some(key),
+    )
+    .await;
 
-    let ok = scenario("ok", &page, "candidate", &y4m, &admin).await;
+    // The exam platform's back end mints a session token and opens the page with it in the
+    // fragment: the candidate's browser never sees the permanent token.
+    let (status, minted) = crate::support::http(
+        env.edges[0].admin_addr.unwrap(),
+        "POST",
+        "/v1/admin/sessions",
+        Some(ADMIN_TOKEN),
+        Some(r#"{"client_id":"candidate","ttl_s":600}"#),
+    )
+    .await;
+    assert_eq!(status, 201, "{minted}");
+    let minted: serde_json::Value = serde_json::from_str(&minted).unwrap();
+    let session = minted["token"].as_str().unwrap();
+    let ok = scenario_with("ok", &page, "candidate", &y4m, &admin, Some(session)).await;
     assert!(
         ok["verdicts"].as_array().unwrap().iter().any(|v| v == "ok"),
         "{ok}"
+    );
+    assert_eq!(
+        (&ok["token_from_fragment"], &ok["fragment_left"]),
+        (
+            &serde_json::Value::Bool(true),
+            &serde_json::Value::String(String::new())
+        ),
+        "the page takes the token from its fragment and clears it: {ok}"
     );
     let locked = scenario("locked", &page, "stranger", &y4m, &admin).await;
     assert!(
@@ -163,6 +208,7 @@ async fn the_enrolled_person_is_ok_a_stranger_is_locked_out_and_a_block_is_shown
         vigil::directory::ClientStatus::Blocked
     );
     let _ = std::fs::remove_file(&y4m);
+    let _ = std::fs::remove_dir_all(&keys);
     env.teardown().await;
 }
 

@@ -380,9 +380,21 @@ async fn a_folder_directory_moves_into_postgres_with_the_cli() {
         .collect();
     assert_eq!(moved, held);
     let store = directory(&db, &[]);
-    assert!(vigil::directory::authenticate(&store, "m1", TOKEN).is_ok());
+    assert!(
+        vigil::directory::authenticate(
+            &store,
+            "m1",
+            &vigil::directory::Credential::Token(TOKEN.into())
+        )
+        .is_ok()
+    );
     assert_eq!(
-        vigil::directory::authenticate(&store, "m3", TOKEN).unwrap_err(),
+        vigil::directory::authenticate(
+            &store,
+            "m3",
+            &vigil::directory::Credential::Token(TOKEN.into())
+        )
+        .unwrap_err(),
         vigil::directory::AuthError::Blocked
     );
     assert_eq!(

@@ -27,5 +27,6 @@ mod pipeline;
 mod policies;
 mod roles;
 mod scaling;
+mod sessions;
 mod tls;
 mod webhooks;

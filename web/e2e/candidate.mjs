@@ -11,6 +11,8 @@
 // `console` also opens the operator console (VIGIL_ADMIN/console/): it signs in, waits for the
 // candidate's live session, opens the audit view until the lock's evidence frames show beside
 // the reference, then blocks the candidate, and the candidate page must show it.
+// With VIGIL_SESSION_TOKEN the page is opened as an exam platform opens it, the short-lived token
+// in its fragment (`#client=...&token=...`), and the report says whether the page took it.
 // Environment: VIGIL_PAGE (the edge's page URL), VIGIL_CLIENT, VIGIL_TOKEN, VIGIL_Y4M (the fake
 // camera's footage), VIGIL_SHOTS (a folder for screenshots), and for `blocked` VIGIL_ADMIN (the
 // admin API's URL) and VIGIL_ADMIN_TOKEN.
@@ -37,9 +39,19 @@ try {
   page.on("console", (m) => {
     if (m.type() === "error") seen.console = [...(seen.console ?? []), m.text()];
   });
-  await page.goto(env("VIGIL_PAGE"));
-  await page.getByTestId("client-id").fill(env("VIGIL_CLIENT"));
-  await page.getByTestId("token").fill(env("VIGIL_TOKEN"));
+  const session = process.env.VIGIL_SESSION_TOKEN;
+  if (session) {
+    // As an exam platform opens it: a session token in the fragment, never the permanent one.
+    const client = encodeURIComponent(env("VIGIL_CLIENT"));
+    await page.goto(`${env("VIGIL_PAGE")}#client=${client}&token=${encodeURIComponent(session)}`);
+    seen.token_from_fragment = (await page.getByTestId("token").inputValue()) === session
+      && (await page.getByTestId("client-id").inputValue()) === env("VIGIL_CLIENT");
+    seen.fragment_left = await page.evaluate(() => location.hash);
+  } else {
+    await page.goto(env("VIGIL_PAGE"));
+    await page.getByTestId("client-id").fill(env("VIGIL_CLIENT"));
+    await page.getByTestId("token").fill(env("VIGIL_TOKEN"));
+  }
   await page.getByTestId("start").click();
   // Record every verdict, action and connection state the page shows.
   await page.exposeFunction("vigilSeen", (kind, text) => seen[kind].push(text));

@@ -38,6 +38,17 @@ const challengeBar = $("challenge-bar");
 
 const params = new URLSearchParams(location.search);
 clientId.value = params.get("client") ?? "";
+// An exam platform opens this page with a short-lived session token in the URL fragment
+// (`#client=ID&token=...`, minted by its back end with POST /v1/admin/sessions), so the
+// client's permanent token never reaches the browser. A fragment is not sent to any server nor
+// in a Referer header; it leaves the address bar and the history at once.
+const fragment = new URLSearchParams(location.hash.slice(1));
+const handedToken = fragment.get("token");
+if (handedToken) {
+  token.value = handedToken;
+  clientId.value = fragment.get("client") ?? clientId.value;
+  history.replaceState(null, "", location.pathname + location.search);
+}
 
 const REASONS: Record<string, string> = {
   ok: "you are verified",

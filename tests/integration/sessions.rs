@@ -1,0 +1,216 @@
+//! Short-lived session tokens through the real edge: minted by the admin API, opening a session
+//! in place of the client's permanent token, and refused when expired, for another client,
+//! forged, or revoked with the client.
+
+use std::time::Duration;
+
+use vigil::edge::client::{ClientError, Connection};
+use vigil::session_tokens::{Minter, SessionConfig};
+use vigil::wire::client::{Encoding, ServerMsg};
+
+use crate::support::{TOKEN, TestEnv, http};
+
+const ADMIN_TOKEN: &str = "admin-token-0123456789";
+
+/// A key pair in the test's folder; the session config that uses it.
+fn keys(dir: &std::path::Path, name: &str) -> SessionConfig {
+    std::fs::create_dir_all(dir).unwrap();
+    let key = dir.join(name);
+    vigil::audit::signing::generate(&key).unwrap();
+    SessionConfig {
+        key: Some(key),
+        ..SessionConfig::default()
+    }
+}
+
+/// Open a session as `client` with `token`: the welcome, or the refusal's code.
+async fn hello(url: &str, client: &str, token: &str) -> Result<(), String> {
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(10),
+        Connection::connect(url, client, token, Encoding::Json),
+    )
+    .await
+    .map_err(|_| "no answer to the hello".to_owned())?;
+    match attempt {
+        Ok((conn, ServerMsg::Welcome { .. })) => {
+            conn.close().await;
+            Ok(())
+        }
+        Ok((_, other)) => Err(format!("not a welcome: {other:?}")),
+        Err(ClientError::Refused { code, message }) => Err(format!("{code}: {message}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn mint(admin: std::net::SocketAddr, body: &str) -> (u16, serde_json::Value) {
+    let (status, text) = http(
+        admin,
+        "POST",
+        "/v1/admin/sessions",
+        Some(ADMIN_TOKEN),
+        Some(body),
+    )
+    .await;
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minted_session_token_opens_only_its_clients_session_until_it_expires_or_is_revoked() {
+    let mut env = TestEnv::new("sessions");
+    let dir = env.clients_dir.with_extension("keys");
+    env.cfg.sessions = keys(&dir, "session.key");
+    env.cfg.edge.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    env.cfg.edge.admin_token = Some(ADMIN_TOKEN.into());
+    env.add_client("c1");
+    env.add_client("c2");
+    let url = env.start_edge("e1").await;
+    let admin = env.edges[0].admin_addr.unwrap();
+
+    let (status, minted) = mint(admin, r#"{"client_id":"c1","ttl_s":120}"#).await;
+    assert_eq!(status, 201, "{minted}");
+    let token = minted["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("eyJ") && token != TOKEN);
+    let expires = minted["expires_at_s"].as_u64().unwrap();
+    let now = vigil::wire::now_ms() / 1000;
+    assert!((now + 110..=now + 125).contains(&expires), "{minted}");
+
+    // It opens c1's session, and only c1's.
+    hello(&url, "c1", &token).await.unwrap();
+    let other = hello(&url, "c2", &token).await.unwrap_err();
+    assert!(other.starts_with("unauthorized"), "{other}");
+    // The permanent token still works beside it.
+    hello(&url, "c1", TOKEN).await.unwrap();
+
+    // Expired: signed with the same key, an hour and more ago.
+    let record = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
+    let record = vigil::directory::ClientStore::get(&record, "c1")
+        .unwrap()
+        .unwrap();
+    let minter = Minter::load(&env.cfg.sessions, &env.cfg.namespace)
+        .unwrap()
+        .unwrap();
+    let (old, _) = minter
+        .mint("c1", &record.session_binding(), 600, now - 4000)
+        .unwrap();
+    let expired = hello(&url, "c1", &old).await.unwrap_err();
+    assert_eq!(expired, "unauthorized: session token expired");
+    // Forged: a well-formed token signed by another key.
+    let forger_cfg = keys(&dir, "forger.key");
+    let forger = Minter::load(&forger_cfg, &env.cfg.namespace)
+        .unwrap()
+        .unwrap();
+    let (forged, _) = forger
+        .mint("c1", &record.session_binding(), 600, now)
+        .unwrap();
+    let refused = hello(&url, "c1", &forged).await.unwrap_err();
+    assert!(refused.starts_with("unauthorized"), "{refused}");
+    // Another deployment's token (another namespace's audience), same key.
+    let elsewhere = Minter::load(&env.cfg.sessions, "another-namespace")
+        .unwrap()
+        .unwrap();
+    let (foreign, _) = elsewhere
+        .mint("c1", &record.session_binding(), 600, now)
+        .unwrap();
+    assert!(
+        hello(&url, "c1", &foreign)
+            .await
+            .unwrap_err()
+            .starts_with("unauthorized")
+    );
+
+    // Revoked with the client: blocked, it is refused; unblocked, it works again.
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients/c1/block",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert!(status < 300, "{status} {body}");
+    let blocked = hello(&url, "c1", &token).await.unwrap_err();
+    assert!(blocked.starts_with("blocked"), "{blocked}");
+    let (status, minted_blocked) = mint(admin, r#"{"client_id":"c1"}"#).await;
+    assert_eq!(
+        status, 409,
+        "no token for a blocked client: {minted_blocked}"
+    );
+    let (status, _) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients/c1/unblock",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert!(status < 300);
+    hello(&url, "c1", &token).await.unwrap();
+    // A client whose permanent token changed: every session token minted before is revoked.
+    let store = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
+    let rekeyed =
+        vigil::directory::ClientRecord::new("c1", "c1", "a-new-permanent-token-456").unwrap();
+    vigil::directory::ClientStore::put(&store, &rekeyed).unwrap();
+    let stale = hello(&url, "c1", &token).await.unwrap_err();
+    assert!(stale.starts_with("unauthorized"), "{stale}");
+
+    // Bad requests get clear errors.
+    let (status, _) = mint(admin, r#"{"client_id":"nobody"}"#).await;
+    assert_eq!(status, 404);
+    let (status, body) = mint(admin, r#"{"client_id":"c2","ttl_s":99999999}"#).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = http(
+        admin,
+        "POST",
+        "/v1/admin/sessions",
+        Some("wrong"),
+        Some(r#"{"client_id":"c2"}"#),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        crate::support::metric(
+            &env.edge_registries[0],
+            "vigil_edge_session_tokens_minted_total",
+            None
+        ),
+        1.0
+    );
+    assert!(
+        crate::support::metric(
+            &env.edge_registries[0],
+            "vigil_edge_session_tokens_refused_total",
+            None
+        ) >= 4.0
+    );
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_without_a_session_key_refuses_session_tokens() {
+    let mut env = TestEnv::new("sessions-off");
+    env.add_client("c1");
+    let url = env.start_edge("e1").await;
+    let dir = env.clients_dir.with_extension("keys");
+    let cfg = keys(&dir, "session.key");
+    let minter = Minter::load(&cfg, &env.cfg.namespace).unwrap().unwrap();
+    let store = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
+    let record = vigil::directory::ClientStore::get(&store, "c1")
+        .unwrap()
+        .unwrap();
+    let (token, _) = minter
+        .mint(
+            "c1",
+            &record.session_binding(),
+            600,
+            vigil::wire::now_ms() / 1000,
+        )
+        .unwrap();
+    let refused = hello(&url, "c1", &token).await.unwrap_err();
+    assert!(refused.starts_with("unauthorized"), "{refused}");
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
