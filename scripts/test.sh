@@ -35,6 +35,15 @@ export VIGIL_EVAL_DATA
 VIGIL_FOOTAGE="${VIGIL_FOOTAGE:-$ROOT/.cache/footage}"
 export VIGIL_FOOTAGE
 scripts/footage.sh "$VIGIL_FOOTAGE" 5 >&2
+# The Standard Webhooks reference implementation (its Python package, pinned), which the
+# webhook tests verify Vigil's signatures with.
+VIGIL_WEBHOOK_VERIFIER="${VIGIL_WEBHOOK_VERIFIER:-$ROOT/.cache/standardwebhooks/bin/python}"
+if ! "$VIGIL_WEBHOOK_VERIFIER" -c "import standardwebhooks" 2>/dev/null; then
+    python3 -m venv "$ROOT/.cache/standardwebhooks"
+    "$ROOT/.cache/standardwebhooks/bin/pip" install -q standardwebhooks==1.3.0
+    VIGIL_WEBHOOK_VERIFIER="$ROOT/.cache/standardwebhooks/bin/python"
+fi
+export VIGIL_WEBHOOK_VERIFIER
 # One test at a time: several integration tests measure throughput, latency and memory, and
 # would measure each other on a small machine.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-1}"

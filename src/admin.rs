@@ -193,6 +193,11 @@ impl Admin {
                     if let Some(status) = status {
                         record.status = status;
                     }
+                    // A block ends the session tokens handed out so far: unblocking does not
+                    // bring them back.
+                    if op == AdminOp::Block {
+                        record.sessions_not_before_ms = wire::now_ms();
+                    }
                     if op == AdminOp::Readmit && record.status == ClientStatus::SignedOut {
                         record.status = ClientStatus::Active;
                     }

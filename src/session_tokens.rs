@@ -19,6 +19,10 @@ use serde::{Deserialize, Serialize};
 /// Who issues every session token.
 pub const ISSUER: &str = "vigil";
 
+/// The longest session token decoded; a minted one is about 450 bytes. Longer ones are refused
+/// before any decoding, so a hello cannot make the edge parse megabytes.
+pub const MAX_TOKEN_BYTES: usize = 4096;
+
 /// `[sessions]` in the config file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -85,6 +89,10 @@ pub struct Claims {
     /// The client it opens a session for.
     pub sub: String,
     pub iat: u64,
+    /// `iat` to the millisecond, which a block or a sign-out is compared with
+    /// ([`crate::directory::ClientRecord::sessions_not_before_ms`]).
+    #[serde(default)]
+    pub iat_ms: u64,
     pub exp: u64,
     /// Its own id.
     pub jti: String,
@@ -128,15 +136,16 @@ impl Minter {
         }))
     }
 
-    /// A token for `client_id` (with its record's `binding`), valid `ttl_s` from `now_s`; the
+    /// A token for `client_id` (with its record's `binding`), valid `ttl_s` from `now_ms`; the
     /// token and its expiry (Unix seconds).
     pub fn mint(
         &self,
         client_id: &str,
         binding: &str,
         ttl_s: u64,
-        now_s: u64,
+        now_ms: u64,
     ) -> Result<(String, u64), SessionTokenError> {
+        let now_s = now_ms / 1000;
         if ttl_s == 0 || ttl_s > self.max_ttl_s {
             return Err(SessionTokenError::Ttl {
                 max: self.max_ttl_s,
@@ -147,6 +156,7 @@ impl Minter {
             aud: self.audience.clone(),
             sub: client_id.to_owned(),
             iat: now_s,
+            iat_ms: now_ms,
             exp: now_s + ttl_s,
             jti: uuid::Uuid::now_v7().to_string(),
             tkb: binding.to_owned(),
@@ -157,6 +167,13 @@ impl Minter {
                 reason: e.to_string(),
             })?;
         Ok((token, claims.exp))
+    }
+}
+
+impl Claims {
+    /// When it was issued, in Unix ms (`iat_ms`, or `iat` for a token without it).
+    pub fn issued_at_ms(&self) -> u64 {
+        self.iat_ms.max(self.iat.saturating_mul(1000))
     }
 }
 
@@ -205,6 +222,9 @@ impl Verifier {
     /// not expired, and for this client.
     pub fn verify(&self, token: &str, client_id: &str) -> Result<Claims, SessionTokenError> {
         use jsonwebtoken::errors::ErrorKind;
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(SessionTokenError::Refused("too long"));
+        }
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
                 SessionTokenError::Refused(match e.kind() {
@@ -255,7 +275,7 @@ mod tests {
     }
 
     fn now() -> u64 {
-        crate::wire::now_ms() / 1000
+        crate::wire::now_ms()
     }
 
     #[test]
@@ -265,7 +285,7 @@ mod tests {
         let verifier = Verifier::load(&cfg, "prod").unwrap().unwrap();
         let (token, exp) = minter.mint("alice", "b1", 600, now()).unwrap();
         assert!(looks_like_jwt(&token));
-        assert!(exp >= now() + 599);
+        assert!(exp >= now() / 1000 + 599);
         let claims = verifier.verify(&token, "alice").unwrap();
         assert_eq!(claims.tkb, "b1");
         assert_eq!(
@@ -273,7 +293,7 @@ mod tests {
             "session token refused: for another client"
         );
         // Expired an hour ago.
-        let (old, _) = minter.mint("alice", "b1", 600, now() - 4200).unwrap();
+        let (old, _) = minter.mint("alice", "b1", 600, now() - 4_200_000).unwrap();
         assert!(
             verifier
                 .verify(&old, "alice")
@@ -340,6 +360,12 @@ mod tests {
         .unwrap();
         assert!(verifier.verify(&hs, "mallory").is_err());
         assert!(minter.mint("alice", "h", 0, now()).is_err());
+        assert!(token.len() < 600, "{}", token.len());
+        let huge = format!("eyJ{}.x.y", "A".repeat(MAX_TOKEN_BYTES));
+        assert_eq!(
+            verifier.verify(&huge, "alice").unwrap_err().to_string(),
+            "session token refused: too long"
+        );
         assert!(minter.mint("alice", "h", cfg.max_ttl_s + 1, now()).is_err());
         let _ = std::fs::remove_dir_all(dir);
         let _ = std::fs::remove_dir_all(other_dir);

@@ -512,7 +512,34 @@ pub fn http_client(cfg: &WebhookConfig) -> Result<reqwest::Client, String> {
 enum Tried {
     Delivered,
     Failed(String),
+    /// Not tried: the endpoint's circuit is open (it failed `BREAKER_FAILURES` times in a row),
+    /// so the job waits without spending a try or a request slot.
+    Paused {
+        until_ms: u64,
+    },
+    /// Never sent: the job names an endpoint that is not configured, or no audited entry.
+    Refused(String),
 }
+
+/// Consecutive failures after which an endpoint's circuit opens...
+const BREAKER_FAILURES: u32 = 3;
+/// ...for this long; then one request tries it again.
+const BREAKER_OPEN: Duration = Duration::from_secs(30);
+/// Tries a job may claim to have had: more is not a job this writer made.
+const MAX_CLAIMED_ATTEMPTS: u32 = 1_000;
+/// After the broker refused to take a job back (its queue full), wait this long before giving
+/// it back to the queue it came from.
+const REFUSED_PAUSE: Duration = Duration::from_secs(5);
+
+/// Where an endpoint stands: its consecutive failures, and until when its circuit is open.
+#[derive(Debug, Default, Clone, Copy)]
+struct Circuit {
+    failures: u32,
+    open_until_ms: u64,
+}
+
+/// Where an entry sits in the audit log, by its id: how a job is checked against the trail.
+pub type EntryLookup = Arc<dyn Fn(&uuid::Uuid) -> Option<EntryRef> + Send + Sync>;
 
 /// The delivery side, shared by the tasks that each carry one job.
 struct Sender {
@@ -521,6 +548,8 @@ struct Sender {
     client: reqwest::Client,
     names: Names,
     metrics: WebhookMetrics,
+    circuits: std::sync::Mutex<std::collections::HashMap<String, Circuit>>,
+    lookup: EntryLookup,
 }
 
 impl Sender {
@@ -548,39 +577,111 @@ impl Sender {
             Err(e) if e.is_timeout() => {
                 Tried::Failed(format!("no answer within {} ms", self.cfg.timeout_ms))
             }
-            Err(e) if e.is_connect() => Tried::Failed(format!("could not connect: {e}")),
-            Err(e) => Tried::Failed(e.to_string()),
+            // Without the URL: its query may hold a receiver's secret.
+            Err(e) if e.is_connect() => {
+                Tried::Failed(format!("could not connect: {}", e.without_url()))
+            }
+            Err(e) => Tried::Failed(e.without_url().to_string()),
         }
+    }
+
+    /// Whether the job names an entry of the audit trail as it is (its id, place and hash):
+    /// only then is its body signed and sent.
+    async fn audited(&self, job: &Job) -> bool {
+        let Ok(event) = serde_json::from_str::<Event>(&job.body) else {
+            return false;
+        };
+        if event.data.entry.id.to_string() != job.id {
+            return false;
+        }
+        let lookup = self.lookup.clone();
+        let id = event.data.entry.id;
+        let logged = tokio::task::spawn_blocking(move || lookup(&id))
+            .await
+            .ok()
+            .flatten();
+        logged.as_ref() == Some(&event.data.entry)
+    }
+
+    /// The circuit of `endpoint`, as a try would find it at `now_ms`.
+    fn open_until(&self, endpoint: &str, now_ms: u64) -> Option<u64> {
+        let circuits = self.circuits.lock().unwrap_or_else(|e| e.into_inner());
+        circuits
+            .get(endpoint)
+            .filter(|c| c.open_until_ms > now_ms)
+            .map(|c| c.open_until_ms)
+    }
+
+    /// Count a try's outcome for its endpoint's circuit.
+    fn record(&self, endpoint: &str, delivered: bool, now_ms: u64) {
+        let mut circuits = self.circuits.lock().unwrap_or_else(|e| e.into_inner());
+        let c = circuits.entry(endpoint.to_owned()).or_default();
+        if delivered {
+            *c = Circuit::default();
+        } else {
+            c.failures = c.failures.saturating_add(1);
+            if c.failures >= BREAKER_FAILURES {
+                c.open_until_ms = now_ms + BREAKER_OPEN.as_millis() as u64;
+                c.failures = 0;
+            }
+        }
+    }
+
+    async fn outcome(&self, job: &Job) -> Tried {
+        if !self.cfg.urls.0.contains(&job.endpoint) {
+            // Only configured endpoints get a request: a job naming another (an endpoint
+            // removed since, or a forged job) is kept with the failures, never sent.
+            return Tried::Refused("the endpoint is no longer configured".into());
+        }
+        if !self.audited(job).await {
+            return Tried::Refused("it names no entry of the audit trail".into());
+        }
+        let now = crate::wire::now_ms();
+        if let Some(until_ms) = self.open_until(&job.endpoint, now) {
+            return Tried::Paused { until_ms };
+        }
+        let tried = self.try_once(job).await;
+        self.record(
+            &job.endpoint,
+            matches!(tried, Tried::Delivered),
+            crate::wire::now_ms(),
+        );
+        tried
     }
 
     /// Carry one delivery: try it, then ack it, or put it on its next wait (or with the
     /// failures) first and ack it then. A broker failure leaves it unacked: it comes again.
-    async fn carry(&self, publisher: &Publisher, delivery: Delivery, mut job: Job) {
-        let outcome = if self.cfg.urls.0.contains(&job.endpoint) {
-            self.try_once(&job).await
-        } else {
-            // Only configured endpoints get a request: a job naming another (an endpoint
-            // removed since, or a forged job) is kept with the failures, never sent.
-            Tried::Failed("the endpoint is no longer configured".into())
-        };
-        let settled = match outcome {
+    async fn carry(&self, publisher: &Publisher, delivery: &Delivery, mut job: Job) {
+        let outcome = self.outcome(&job).await;
+        let now = crate::wire::now_ms();
+        let (key, wait, label) = match outcome {
             Tried::Delivered => {
                 self.metrics
                     .outcomes
                     .with_label_values(&["delivered"])
                     .inc();
-                Ok(())
+                if let Err(e) = delivery.ack().await {
+                    tracing::warn!(error = %e, "webhook job not acked; it comes again");
+                }
+                return;
+            }
+            Tried::Paused { until_ms } => {
+                // Not a try: it waits for the circuit, in the back-off's first step.
+                let wait = until_ms.saturating_sub(now) + rand::random::<u64>() % 1_000;
+                job.last_error = Some("the endpoint keeps failing; paused".into());
+                ("retry.1".to_owned(), Some(wait), "paused")
+            }
+            Tried::Refused(why) => {
+                tracing::warn!(id = %job.id, endpoint = %redact(&job.endpoint), error = %why, "webhook job not sent");
+                job.last_error = Some(why);
+                job.last_try_at_ms = Some(now);
+                ("failed".to_owned(), None, "rejected")
             }
             Tried::Failed(why) => {
-                let endpoint_kept = self.cfg.urls.0.contains(&job.endpoint);
-                job.attempts += 1;
+                job.attempts = job.attempts.saturating_add(1);
                 job.last_error = Some(why.clone());
-                job.last_try_at_ms = Some(crate::wire::now_ms());
-                let next = if endpoint_kept {
-                    next_after(&self.cfg, job.attempts, rand::random::<f64>() * 2.0 - 1.0)
-                } else {
-                    Next::GiveUp
-                };
+                job.last_try_at_ms = Some(now);
+                let next = next_after(&self.cfg, job.attempts, rand::random::<f64>() * 2.0 - 1.0);
                 let (key, wait) = match next {
                     Next::Retry { step, wait_ms } => (format!("retry.{step}"), Some(wait_ms)),
                     Next::GiveUp => ("failed".to_owned(), None),
@@ -594,37 +695,39 @@ impl Sender {
                     "webhook not delivered"
                 );
                 let label = if wait.is_some() { "retried" } else { "failed" };
-                let published = async {
-                    publisher
-                        .publish_durable_json(
-                            &self.names.webhooks_exchange(),
-                            &key,
-                            &job.encode(),
-                            &job.id,
-                            wait,
-                        )
-                        .await?
-                        .wait()
-                        .await
-                };
-                match tokio::time::timeout(crate::broker::CLOSE_LIMIT, published).await {
-                    Ok(Ok(())) => {
-                        self.metrics.outcomes.with_label_values(&[label]).inc();
-                        Ok(())
-                    }
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("no publisher confirm within 5 s".to_owned()),
-                }
+                (key, wait, label)
             }
         };
-        match settled {
-            Ok(()) => {
+        let published = async {
+            publisher
+                .publish_durable_json(
+                    &self.names.webhooks_exchange(),
+                    &key,
+                    &job.encode(),
+                    &job.id,
+                    wait,
+                )
+                .await?
+                .wait()
+                .await
+        };
+        match tokio::time::timeout(crate::broker::CLOSE_LIMIT, published).await {
+            Ok(Ok(())) => {
+                self.metrics.outcomes.with_label_values(&[label]).inc();
                 if let Err(e) = delivery.ack().await {
                     tracing::warn!(error = %e, "webhook job not acked; it comes again");
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, id = %job.id, "webhook job not re-queued; it comes again");
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "no publisher confirm within 5 s".to_owned(),
+                };
+                // The broker would not take it (a full `webhooks.failed`, say): it goes back
+                // where it was, after a pause, so a refusal never becomes a busy loop.
+                self.metrics.outcomes.with_label_values(&["stuck"]).inc();
+                tracing::warn!(error = %why, id = %job.id, next = %key, "webhook job not moved on; it comes again");
+                tokio::time::sleep(REFUSED_PAUSE).await;
                 let _ = delivery.requeue().await;
             }
         }
@@ -632,13 +735,16 @@ impl Sender {
 }
 
 /// Deliver the `webhooks` queue's jobs until `shutdown`, reconnecting when the broker goes
-/// away. Runs beside the audit writer, on its own connection.
+/// away. Runs beside the audit writer, on its own connection; `lookup` finds an entry in the
+/// writer's log, which every job is checked against before it is signed.
 pub async fn deliver(
     cfg: crate::config::Config,
     metrics: WebhookMetrics,
     broker_metrics: crate::metrics::BrokerMetrics,
+    lookup: EntryLookup,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
+    use futures_util::FutureExt as _;
     let secret = cfg.webhooks.load_secret()?;
     let client = http_client(&cfg.webhooks)?;
     let sender = Arc::new(Sender {
@@ -647,6 +753,8 @@ pub async fn deliver(
         client,
         names: cfg.names(),
         metrics,
+        circuits: std::sync::Mutex::default(),
+        lookup,
     });
     let queue = cfg.names().webhooks_queue();
     let prefetch = cfg.webhooks.concurrency;
@@ -674,6 +782,13 @@ pub async fn deliver(
         queue = %queue,
         "delivering webhooks"
     );
+    let reject = |sender: &Sender| {
+        sender
+            .metrics
+            .outcomes
+            .with_label_values(&["rejected"])
+            .inc()
+    };
     loop {
         let (broker, publisher, mut consumer, trust) = link;
         let mut tasks = tokio::task::JoinSet::new();
@@ -687,26 +802,31 @@ pub async fn deliver(
             match delivery {
                 Some(Ok(d)) => {
                     if !trust.admits(crate::roles::Kind::Webhook, d.user_id()) {
-                        sender
-                            .metrics
-                            .outcomes
-                            .with_label_values(&["rejected"])
-                            .inc();
+                        reject(&sender);
                         let _ = d.dead_letter().await;
                         continue;
                     }
                     match Job::decode(d.data()) {
-                        Ok(job) => {
+                        Ok(job) if job.attempts <= MAX_CLAIMED_ATTEMPTS => {
                             let (sender, publisher) = (sender.clone(), publisher.clone());
-                            tasks.spawn(async move { sender.carry(&publisher, d, job).await });
+                            tasks.spawn(async move {
+                                // Whatever goes wrong in carrying it, the delivery is settled:
+                                // a job that cannot be carried is dropped, not left unacked
+                                // holding a slot of the prefetch.
+                                let carried =
+                                    std::panic::AssertUnwindSafe(sender.carry(&publisher, &d, job))
+                                        .catch_unwind()
+                                        .await;
+                                if carried.is_err() {
+                                    tracing::error!("carrying a webhook job panicked; dropping it");
+                                    reject(&sender);
+                                    let _ = d.dead_letter().await;
+                                }
+                            });
                         }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "not a webhook job; dropping it");
-                            sender
-                                .metrics
-                                .outcomes
-                                .with_label_values(&["rejected"])
-                                .inc();
+                        other => {
+                            tracing::warn!(error = ?other.err(), "not a webhook job; dropping it");
+                            reject(&sender);
                             let _ = d.dead_letter().await;
                         }
                     }
@@ -716,7 +836,9 @@ pub async fn deliver(
             }
         };
         // Each request is bounded by its timeout, each publish by its confirm's.
-        let grace = Duration::from_millis(cfg.webhooks.timeout_ms) + crate::broker::CLOSE_LIMIT * 2;
+        let grace = Duration::from_millis(cfg.webhooks.timeout_ms)
+            + crate::broker::CLOSE_LIMIT * 2
+            + REFUSED_PAUSE;
         let _ =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         consumer.close().await;
@@ -813,6 +935,86 @@ mod tests {
                 wait_ms: 800
             }
         );
+    }
+
+    fn sender(lookup: EntryLookup) -> Sender {
+        let cfg = WebhookConfig {
+            urls: "http://a.test/h".parse().unwrap(),
+            ..WebhookConfig::default()
+        };
+        Sender {
+            client: http_client(&cfg).unwrap(),
+            secret: Secret::parse(&Secret::generate()).unwrap(),
+            names: Names::new("t"),
+            metrics: WebhookMetrics::new(&prometheus::Registry::new()),
+            circuits: std::sync::Mutex::default(),
+            lookup,
+            cfg,
+        }
+    }
+
+    #[test]
+    fn an_endpoint_that_keeps_failing_is_paused_then_tried_again() {
+        let s = sender(Arc::new(|_| None));
+        let e = "http://a.test/h";
+        s.record(e, false, 1_000);
+        s.record(e, false, 1_100);
+        assert_eq!(s.open_until(e, 1_200), None, "two failures leave it closed");
+        s.record(e, false, 1_200);
+        let until = 1_200 + BREAKER_OPEN.as_millis() as u64;
+        assert_eq!(s.open_until(e, 1_300), Some(until));
+        assert_eq!(s.open_until("http://b.test/h", 1_300), None, "per endpoint");
+        assert_eq!(s.open_until(e, until), None, "then one request tries it");
+        s.record(e, true, until + 10);
+        s.record(e, false, until + 20);
+        assert_eq!(
+            s.open_until(e, until + 30),
+            None,
+            "a success starts the count over"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_job_is_sent_only_for_an_entry_of_the_trail_as_logged() {
+        let entry = EntryRef {
+            id: uuid::Uuid::now_v7(),
+            seq: 3,
+            hash: "cd".repeat(32),
+        };
+        let logged = entry.clone();
+        let s = sender(Arc::new(move |id| {
+            (*id == logged.id).then(|| logged.clone())
+        }));
+        let event = |entry: EntryRef| Event {
+            kind: "admin.readmit".into(),
+            timestamp: rfc3339(0),
+            data: EventData {
+                entry,
+                client_id: "c".into(),
+                action: None,
+                reason: None,
+                rule: None,
+                session: None,
+                operation: Some("readmit".into()),
+                operator: Some("x".into()),
+                challenge: None,
+                source: "cli".into(),
+                at_ms: 0,
+            },
+        };
+        let job = |e: Event| Job::for_event(&s.cfg, &e).remove(0);
+        assert!(s.audited(&job(event(entry.clone()))).await);
+        let mut other_hash = entry.clone();
+        other_hash.hash = "ab".repeat(32);
+        assert!(!s.audited(&job(event(other_hash))).await);
+        let unknown = EntryRef {
+            id: uuid::Uuid::now_v7(),
+            ..entry.clone()
+        };
+        assert!(!s.audited(&job(event(unknown))).await);
+        let mut renamed = job(event(entry));
+        renamed.id = "someone-else".into();
+        assert!(!s.audited(&renamed).await);
     }
 
     #[test]

@@ -1013,15 +1013,22 @@ pub async fn start(
             });
         }
     }
+    let mut link = link.consume().await?;
+    tracing::info!(queue = %link.queue, dir = %cfg.evidence_dir.display(), entries = store.len(), "audit writer consuming");
+    let store = Arc::new(Mutex::new(store));
     // Webhooks are delivered beside the writer, on their own connection: a slow receiver never
     // holds up the trail. A secret or CA file that cannot be read stops the start.
     let webhooks = if cfg.webhooks.enabled() {
         cfg.webhooks.load_secret().map_err(AuditError::Webhooks)?;
         crate::webhooks::http_client(&cfg.webhooks).map_err(AuditError::Webhooks)?;
+        let log = store.clone();
+        let lookup: crate::webhooks::EntryLookup =
+            Arc::new(move |id| log.lock().unwrap_or_else(|e| e.into_inner()).entry(id));
         let task = crate::webhooks::deliver(
             cfg.clone(),
             metrics.webhooks.clone(),
             broker_metrics.clone(),
+            lookup,
             shutdown.clone(),
         );
         Some(tokio::spawn(async move {
@@ -1034,9 +1041,6 @@ pub async fn start(
     } else {
         None
     };
-    let mut link = link.consume().await?;
-    tracing::info!(queue = %link.queue, dir = %cfg.evidence_dir.display(), entries = store.len(), "audit writer consuming");
-    let store = Arc::new(Mutex::new(store));
     let retention = (cfg.audit_retention_days > 0)
         .then(|| Duration::from_secs(u64::from(cfg.audit_retention_days) * 86_400));
     let task = tokio::spawn(async move {

@@ -229,6 +229,11 @@ pub struct EdgeConfig {
     pub max_unauthenticated: usize,
     /// ...and per source address [VIGIL_EDGE_MAX_UNAUTHENTICATED_PER_SOURCE].
     pub max_unauthenticated_per_source: u32,
+    /// Load balancers whose PROXY protocol v2 header (HAProxy's `send-proxy-v2`) gives the
+    /// client's real address, as CIDRs or addresses, comma-separated. Every per-address limit,
+    /// log line and audit entry then uses the client's address. A PROXY header from any other
+    /// peer is refused. Empty: no peer is trusted [VIGIL_EDGE_TRUSTED_PROXIES].
+    pub trusted_proxies: crate::edge::proxy::TrustedProxies,
     /// Failed hellos an address may make per minute; past that its hellos are refused (4429)
     /// until the quota refills [VIGIL_EDGE_FAILED_HELLOS_PER_MINUTE].
     pub failed_hellos_per_minute: u32,
@@ -389,6 +394,7 @@ impl Default for EdgeConfig {
             frame_deadline_ms: 3_000,
             max_bad_messages: 10,
             client_scores: false,
+            trusted_proxies: crate::edge::proxy::TrustedProxies::default(),
             shutdown_grace_ms: 2_000,
             max_pending_audits: 1024,
             audit_drain_ms: 5_000,

@@ -342,6 +342,13 @@ pub static VARS: &[Var] = &[
         r#"the same, per source address"#
     ),
     var!(
+        "VIGIL_EDGE_TRUSTED_PROXIES",
+        [Edge],
+        edge.trusted_proxies,
+        r#"none"#,
+        r#"load balancers (CIDRs or addresses, comma-separated) whose PROXY protocol v2 header gives the client's real address; a PROXY header from any other peer is refused"#
+    ),
+    var!(
         "VIGIL_EDGE_FAILED_HELLOS_PER_MINUTE",
         [Edge],
         edge.failed_hellos_per_minute,

@@ -88,6 +88,15 @@ pub struct ClientRecord {
     /// The enrolled reference, once `vigil clients enroll` has run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<Reference>,
+    /// Session tokens issued before this (Unix ms) are refused: set when the client is blocked
+    /// or signed out, so that unblocking or re-admitting it does not bring back the tokens
+    /// handed out before.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sessions_not_before_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// An enrolled reference photo and its embedding.
@@ -130,6 +139,7 @@ impl ClientRecord {
             updated_at_ms: now,
             revision: 0,
             reference: None,
+            sessions_not_before_ms: 0,
         })
     }
 
@@ -567,8 +577,8 @@ pub enum Credential {
     /// The client's permanent token.
     Token(String),
     /// A session token already verified by its signature: its binding to the client's
-    /// permanent token ([`ClientRecord::session_binding`]).
-    Session { binding: String },
+    /// permanent token ([`ClientRecord::session_binding`]) and when it was issued (Unix ms).
+    Session { binding: String, issued_at_ms: u64 },
 }
 
 impl std::fmt::Debug for Credential {
@@ -597,14 +607,17 @@ pub fn authenticate(
     };
     let genuine = match credential {
         Credential::Token(token) => record.verify_token(token),
-        Credential::Session { binding } => {
+        Credential::Session {
+            binding,
+            issued_at_ms,
+        } => {
             use subtle::ConstantTimeEq as _;
             bool::from(
                 record
                     .session_binding()
                     .as_bytes()
                     .ct_eq(binding.as_bytes()),
-            )
+            ) && *issued_at_ms >= record.sessions_not_before_ms
         }
     };
     if !genuine {

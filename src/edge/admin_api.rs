@@ -369,16 +369,16 @@ async fn mint_session(
             ),
         );
     }
-    let now_s = crate::wire::now_ms() / 1000;
     let ttl_s = body.ttl_s.unwrap_or(3600);
-    let (token, expires_at) = match minter.mint(&record.id, &record.session_binding(), ttl_s, now_s)
-    {
-        Ok(minted) => minted,
-        Err(e @ crate::session_tokens::SessionTokenError::Ttl { .. }) => {
-            return error(StatusCode::BAD_REQUEST, e.to_string());
-        }
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
+    let now_ms = crate::wire::now_ms();
+    let (token, expires_at) =
+        match minter.mint(&record.id, &record.session_binding(), ttl_s, now_ms) {
+            Ok(minted) => minted,
+            Err(e @ crate::session_tokens::SessionTokenError::Ttl { .. }) => {
+                return error(StatusCode::BAD_REQUEST, e.to_string());
+            }
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
     if let Err(e) = api.admin.audit(&record.id, "mint_session", &operator).await {
         // An unaudited token is not handed out.
         return admin_error(e);

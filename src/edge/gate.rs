@@ -43,22 +43,37 @@ impl Refusal {
 }
 
 /// Held by a connection until it authenticates (or ends): one of the overall places and one
-/// of its address's.
+/// of its address's (once its address is known: behind a trusted proxy, after the PROXY
+/// header).
 pub(crate) struct Pending {
     _permit: OwnedSemaphorePermit,
-    source: IpAddr,
+    source: Option<IpAddr>,
     per_source: Arc<Mutex<HashMap<IpAddr, u32>>>,
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
+        let Some(source) = self.source else { return };
         let mut map = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.source) {
+        if let Some(n) = map.get_mut(&source) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.source);
+                map.remove(&source);
             }
         }
+    }
+}
+
+/// The key an address is limited under: an IPv4 address (also IPv4-mapped), or an IPv6
+/// address's /64, which one subscriber usually holds whole: counting each of its addresses
+/// apart would give one client 2^64 quotas.
+pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
+    match super::proxy::canonical(ip) {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -82,11 +97,30 @@ impl Gate {
 
     /// A place for a new connection from `source`, or why there is none.
     pub(crate) fn admit(&self, source: IpAddr) -> Result<Pending, Refusal> {
+        self.place(self.admit_unplaced()?, source)
+    }
+
+    /// One of the overall places only, for a connection from a trusted proxy whose client's
+    /// address comes in its PROXY header; [`Gate::place`] counts it then.
+    pub(crate) fn admit_unplaced(&self) -> Result<Pending, Refusal> {
         let permit = self
             .total
             .clone()
             .try_acquire_owned()
             .map_err(|_| Refusal::Total)?;
+        Ok(Pending {
+            _permit: permit,
+            source: None,
+            per_source: self.per_source.clone(),
+        })
+    }
+
+    /// Count `pending` against `source`'s places (once; a placed connection stays placed).
+    pub(crate) fn place(&self, mut pending: Pending, source: IpAddr) -> Result<Pending, Refusal> {
+        if pending.source.is_some() {
+            return Ok(pending);
+        }
+        let source = source_key(source);
         let mut map = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(source).or_insert(0);
         if *n >= self.max_per_source {
@@ -96,15 +130,13 @@ impl Gate {
             return Err(Refusal::PerSource);
         }
         *n += 1;
-        Ok(Pending {
-            _permit: permit,
-            source,
-            per_source: self.per_source.clone(),
-        })
+        pending.source = Some(source);
+        Ok(pending)
     }
 
     /// True while `source` is over its failed-hello quota.
     pub(crate) fn throttled(&self, source: IpAddr) -> bool {
+        let source = source_key(source);
         let mut map = self.penalized.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(&source) {
             Some(until) if *until > Instant::now() => true,
@@ -118,6 +150,7 @@ impl Gate {
 
     /// Record a failed hello from `source`; true when it has now used up its quota.
     pub(crate) fn failed(&self, source: IpAddr) -> bool {
+        let source = source_key(source);
         let Err(not_until) = self.failures.check_key(&source) else {
             return false;
         };
@@ -166,6 +199,34 @@ mod tests {
         // The freed place serves another address, and the first address can come back.
         let _a3 = gate.admit(ip(1)).unwrap();
         assert_eq!(gate.admit(ip(4)).err(), Some(Refusal::Total));
+    }
+
+    #[test]
+    fn an_ipv6_slash_64_is_one_source_and_a_proxied_connection_is_placed_by_its_client() {
+        let gate = Gate::new(10, 2, 3);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _a = gate.admit(a).unwrap();
+        let _b = gate.admit(b).unwrap();
+        assert_eq!(gate.admit(a).err(), Some(Refusal::PerSource), "same /64");
+        let _o = gate.admit(other).unwrap();
+        for _ in 0..4 {
+            gate.failed(a);
+        }
+        assert!(gate.throttled(b), "the /64 shares one failed-hello quota");
+        assert!(!gate.throttled(other));
+        // Behind a proxy: counted by the client's address, not the proxy's.
+        let client = ip(7);
+        let p1 = gate.place(gate.admit_unplaced().unwrap(), client).unwrap();
+        let _p2 = gate.place(gate.admit_unplaced().unwrap(), client).unwrap();
+        assert_eq!(
+            gate.place(gate.admit_unplaced().unwrap(), client).err(),
+            Some(Refusal::PerSource)
+        );
+        drop(p1);
+        assert!(gate.place(gate.admit_unplaced().unwrap(), client).is_ok());
+        assert_eq!(source_key("::ffff:10.0.0.7".parse().unwrap()), client);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod client;
 pub(crate) mod enforcement;
 mod gate;
 mod lease;
+pub mod proxy;
 mod session;
 mod tls;
 mod tokens;
@@ -618,7 +619,14 @@ async fn serve(
             _ = running.lost.cancelled() => true,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    match shared.gate.admit(peer.ip()) {
+                    // Behind a trusted proxy the client's address comes in the PROXY header:
+                    // its per-address place is taken once that is read.
+                    let admitted = if shared.cfg.trusted_proxies.trusts(peer.ip()) {
+                        shared.gate.admit_unplaced()
+                    } else {
+                        shared.gate.admit(peer.ip())
+                    };
+                    match admitted {
                         Ok(pending) => {
                             let _ = stream.set_nodelay(true);
                             // The kernel notices a peer that vanished without a FIN, even
@@ -1018,10 +1026,44 @@ fn ws_config(cfg: &EdgeConfig) -> WebSocketConfig {
 
 async fn connection(
     shared: Arc<Shared>,
-    stream: TcpStream,
-    peer: std::net::SocketAddr,
-    pending: gate::Pending,
+    mut stream: TcpStream,
+    mut peer: std::net::SocketAddr,
+    mut pending: gate::Pending,
 ) {
+    // The PROXY header of a trusted load balancer names the client; anyone else's is refused.
+    let trusted = shared.cfg.trusted_proxies.trusts(peer.ip());
+    let first_bytes = Duration::from_millis(shared.cfg.hello_timeout_ms);
+    match proxy::read_preamble(&mut stream, trusted, first_bytes).await {
+        Ok(proxy::Preamble::Client(client)) => {
+            tracing::debug!(proxy = %peer, %client, "client address from the PROXY header");
+            peer = client;
+        }
+        Ok(proxy::Preamble::None | proxy::Preamble::Local) => {}
+        Err(e) => {
+            shared
+                .metrics
+                .sessions_refused
+                .with_label_values(&[e.reason()])
+                .inc();
+            if e != proxy::ProxyError::Closed {
+                tracing::warn!(%peer, error = %e, "connection refused");
+            }
+            return;
+        }
+    }
+    if trusted {
+        pending = match shared.gate.place(pending, peer.ip()) {
+            Ok(placed) => placed,
+            Err(refusal) => {
+                shared
+                    .metrics
+                    .sessions_refused
+                    .with_label_values(&[refusal.as_str()])
+                    .inc();
+                return;
+            }
+        };
+    }
     // The subprotocol the client and the edge agree on, if the client offered any.
     let negotiated = Arc::new(std::sync::OnceLock::new());
     let chosen = negotiated.clone();

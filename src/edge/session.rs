@@ -396,6 +396,7 @@ async fn hello(
         };
         match verified {
             Ok(claims) => Credential::Session {
+                issued_at_ms: claims.issued_at_ms(),
                 binding: claims.tkb,
             },
             Err(why) => {
@@ -1323,6 +1324,8 @@ impl Session {
                 if r.status != ClientStatus::Blocked {
                     r.status = ClientStatus::SignedOut;
                 }
+                // The session tokens handed out so far end with the sign-out.
+                r.sessions_not_before_ms = wire::now_ms();
             })
         })
         .await;

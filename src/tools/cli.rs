@@ -891,9 +891,13 @@ async fn sessions(cfg: &Config, action: SessionsCmd) -> Result<(), CliError> {
                     "client `{client}` is blocked or signed out: unblock or re-admit it first"
                 )));
             }
-            let now_s = crate::wire::now_ms() / 1000;
             let (token, expires_at) = minter
-                .mint(&record.id, &record.session_binding(), ttl, now_s)
+                .mint(
+                    &record.id,
+                    &record.session_binding(),
+                    ttl,
+                    crate::wire::now_ms(),
+                )
                 .map_err(fail)?;
             let (admin, broker) = admin_handle(cfg, store.clone()).await?;
             let audited = admin.audit(&client, "mint_session", &cli_operator()).await;
@@ -961,12 +965,18 @@ async fn webhooks(cfg: &Config, action: WebhooksCmd) -> Result<(), CliError> {
                 ));
             }
             let broker = cli_broker(&cfg.amqp_url).await?;
+            // At most what is there now: a job that fails again while this runs lands back in
+            // the queue, and must not be moved twice.
+            let (waiting, _) = broker
+                .queue_counts(&names.webhooks_failed_queue())
+                .await
+                .map_err(fail)?;
             let moved = broker
                 .move_messages(
                     &names.webhooks_failed_queue(),
                     &names.webhooks_exchange(),
                     "deliver",
-                    limit,
+                    limit.min(waiting as usize),
                     |bytes| {
                         let mut job = Job::decode(bytes).ok()?;
                         if id.as_ref().is_some_and(|id| *id != job.id) {

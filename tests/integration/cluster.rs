@@ -40,6 +40,9 @@ fn spawn_edge(env: &TestEnv, db: &TestDatabase, id: &str, lease_ms: &str) -> Edg
             ("VIGIL_ADMIN_TOKEN", ADMIN_TOKEN),
             ("VIGIL_METRICS_LISTEN", &format!("127.0.0.1:{metrics_port}")),
             ("VIGIL_EDGE_LEASE_MS", lease_ms),
+            // HAProxy connects from 127.0.0.1 and names each client in a PROXY v2 header.
+            ("VIGIL_EDGE_TRUSTED_PROXIES", "127.0.0.1"),
+            ("VIGIL_EDGE_FAILED_HELLOS_PER_MINUTE", "5"),
         ],
     );
     Edge {
@@ -300,6 +303,130 @@ async fn clients_of_an_edge_killed_with_sigkill_continue_on_the_other() {
     }
     drop(lb);
     drop(b);
+    env.teardown().await;
+}
+
+/// A hello sent from the local address `source` to the WebSocket at `url`, the connection
+/// first carrying `preamble` (a PROXY header) when given: the reply's `type` and `code`.
+async fn hello_from(source: &str, url: &str, client: &str, token: &str, preamble: &[u8]) -> String {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio::io::AsyncWriteExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    let addr: std::net::SocketAddr = crate::support::ws_addr(url).parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream.write_all(preamble).await.unwrap();
+    let attempt = async {
+        let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+            .await
+            .map_err(|e| format!("no websocket: {e}"))?;
+        let hello = serde_json::json!({"type": "hello", "client_id": client, "token": token});
+        ws.send(Message::Text(hello.to_string().into()))
+            .await
+            .map_err(|e| e.to_string())?;
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                Ok(format!(
+                    "{} {}",
+                    v["type"].as_str().unwrap_or(""),
+                    v["code"].as_str().unwrap_or("")
+                )
+                .trim()
+                .to_owned())
+            }
+            other => Err(format!("no answer: {other:?}")),
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => e,
+        Err(_) => "timeout".into(),
+    }
+}
+
+/// Behind HAProxy with PROXY protocol v2, each edge limits candidates by their own addresses:
+/// one address that keeps failing its hellos is throttled, and a candidate at another address
+/// still gets in. A PROXY header from a peer that is not the trusted proxy is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_haproxy_each_candidate_is_limited_by_its_own_address() {
+    let db = TestDatabase::create();
+    let env = TestEnv::new("realaddr");
+    let _store = directory(&db, &["c1"]);
+    let (a, b, lb) = two_edges_behind_haproxy(&env, &db, 15_000).await;
+
+    // 127.0.0.2 guesses tokens until both edges throttle it (5 failures a minute each).
+    let mut answers = Vec::new();
+    for _ in 0..40 {
+        answers.push(hello_from("127.0.0.2", &lb.ws_url, "c1", "a-guessed-token", b"").await);
+        if answers
+            .iter()
+            .rev()
+            .take(4)
+            .filter(|a| *a == "error too_fast")
+            .count()
+            == 4
+        {
+            break;
+        }
+    }
+    assert!(
+        answers.iter().any(|a| a == "error unauthorized"),
+        "{answers:?}"
+    );
+    assert!(
+        answers.ends_with(&["error too_fast".to_owned(), "error too_fast".to_owned()]),
+        "{answers:?}"
+    );
+    // Now even its right token is turned away, before any hashing...
+    assert_eq!(
+        hello_from("127.0.0.2", &lb.ws_url, "c1", TOKEN, b"").await,
+        "error too_fast"
+    );
+    // ...while a candidate at another address gets in, on either edge.
+    for _ in 0..4 {
+        assert_eq!(
+            hello_from("127.0.0.3", &lb.ws_url, "c1", TOKEN, b"").await,
+            "welcome"
+        );
+    }
+
+    // Straight to an edge from an address that is not the trusted proxy, claiming to be
+    // someone else in a PROXY header: refused before any HTTP.
+    let forged = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (
+            "198.51.100.9:4000".parse::<std::net::SocketAddr>().unwrap(),
+            "127.0.0.1:80".parse::<std::net::SocketAddr>().unwrap(),
+        ),
+    )
+    .build()
+    .unwrap();
+    let direct = format!("ws://{}/v1/stream", a.ws);
+    let refused = hello_from("127.0.0.4", &direct, "c1", TOKEN, &forged).await;
+    assert!(refused.starts_with("no websocket"), "{refused}");
+    // The same address without a header is an ordinary client.
+    assert_eq!(
+        hello_from("127.0.0.4", &direct, "c1", TOKEN, b"").await,
+        "welcome"
+    );
+    let metrics_addr: std::net::SocketAddr =
+        format!("127.0.0.1:{}", a.metrics_port).parse().unwrap();
+    let (_, metrics) = crate::support::http_get(metrics_addr, "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"vigil_edge_sessions_refused_total{reason="proxy_untrusted"} 1"#),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("refused"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    drop((a, b, lb));
     env.teardown().await;
 }
 

@@ -74,8 +74,11 @@ async fn a_minted_session_token_opens_only_its_clients_session_until_it_expires_
     let token = minted["token"].as_str().unwrap().to_owned();
     assert!(token.starts_with("eyJ") && token != TOKEN);
     let expires = minted["expires_at_s"].as_u64().unwrap();
-    let now = vigil::wire::now_ms() / 1000;
-    assert!((now + 110..=now + 125).contains(&expires), "{minted}");
+    let now = vigil::wire::now_ms();
+    assert!(
+        (now / 1000 + 110..=now / 1000 + 125).contains(&expires),
+        "{minted}"
+    );
 
     // It opens c1's session, and only c1's.
     hello(&url, "c1", &token).await.unwrap();
@@ -93,7 +96,7 @@ async fn a_minted_session_token_opens_only_its_clients_session_until_it_expires_
         .unwrap()
         .unwrap();
     let (old, _) = minter
-        .mint("c1", &record.session_binding(), 600, now - 4000)
+        .mint("c1", &record.session_binding(), 600, now - 4_000_000)
         .unwrap();
     let expired = hello(&url, "c1", &old).await.unwrap_err();
     assert_eq!(expired, "unauthorized: session token expired");
@@ -121,7 +124,8 @@ async fn a_minted_session_token_opens_only_its_clients_session_until_it_expires_
             .starts_with("unauthorized")
     );
 
-    // Revoked with the client: blocked, it is refused; unblocked, it works again.
+    // Revoked with the client: blocked, it is refused, and unblocking does not bring it back;
+    // a token minted after the unblock works.
     let (status, body) = http(
         admin,
         "POST",
@@ -131,7 +135,9 @@ async fn a_minted_session_token_opens_only_its_clients_session_until_it_expires_
     )
     .await;
     assert!(status < 300, "{status} {body}");
-    let blocked = hello(&url, "c1", &token).await.unwrap_err();
+    let revoked = hello(&url, "c1", &token).await.unwrap_err();
+    assert!(revoked.starts_with("unauthorized"), "{revoked}");
+    let blocked = hello(&url, "c1", TOKEN).await.unwrap_err();
     assert!(blocked.starts_with("blocked"), "{blocked}");
     let (status, minted_blocked) = mint(admin, r#"{"client_id":"c1"}"#).await;
     assert_eq!(
@@ -147,6 +153,11 @@ async fn a_minted_session_token_opens_only_its_clients_session_until_it_expires_
     )
     .await;
     assert!(status < 300);
+    let still = hello(&url, "c1", &token).await.unwrap_err();
+    assert!(still.starts_with("unauthorized"), "{still}");
+    let (status, fresh) = mint(admin, r#"{"client_id":"c1","ttl_s":120}"#).await;
+    assert_eq!(status, 201, "{fresh}");
+    let token = fresh["token"].as_str().unwrap().to_owned();
     hello(&url, "c1", &token).await.unwrap();
     // A client whose permanent token changed: every session token minted before is revoked.
     let store = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
@@ -176,7 +187,7 @@ async fn a_minted_session_token_opens_only_its_clients_session_until_it_expires_
             "vigil_edge_session_tokens_minted_total",
             None
         ),
-        1.0
+        2.0
     );
     assert!(
         crate::support::metric(

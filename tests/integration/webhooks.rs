@@ -185,6 +185,36 @@ fn signed(secret: &str, hit: &Hit) -> bool {
         .any(|s| s.strip_prefix("v1,") == Some(expected.as_str()))
 }
 
+/// The same check by the Standard Webhooks reference implementation, its Python package
+/// (`standardwebhooks`, installed by scripts/test.sh): true when it accepts the request.
+fn reference_verifies(secret: &str, hit: &Hit) -> bool {
+    use std::io::Write as _;
+    let python = std::env::var("VIGIL_WEBHOOK_VERIFIER").unwrap_or_else(|_| {
+        panic!("VIGIL_WEBHOOK_VERIFIER is not set: scripts/test.sh installs standardwebhooks")
+    });
+    let script = "import json, sys\n\
+                  from standardwebhooks import Webhook\n\
+                  req = json.load(sys.stdin)\n\
+                  Webhook(req['secret']).verify(req['body'].encode(), req['headers'])\n\
+                  print('verified')\n";
+    let mut child = std::process::Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the verifier's python runs");
+    let request = serde_json::json!({"secret": secret, "body": hit.body, "headers": hit.headers});
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(request.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "verified"
+}
+
 fn with_webhooks(env: &mut TestEnv, url: &str) -> String {
     let secret = vigil::webhooks::Secret::generate();
     env.cfg.webhooks.urls = url.parse().unwrap();
@@ -295,10 +325,16 @@ async fn an_enforced_action_reaches_the_exam_platform_signed_over_https_after_a_
     );
     for hit in &tries {
         assert!(signed(&secret, hit), "a bad signature: {hit:?}");
+        assert!(
+            reference_verifies(&secret, hit),
+            "standardwebhooks refused {hit:?}"
+        );
         assert_eq!(hit.headers["content-type"], "application/json");
     }
     // Signed with another secret, the same request does not verify.
-    assert!(!signed(&vigil::webhooks::Secret::generate(), &delivered));
+    let other = vigil::webhooks::Secret::generate();
+    assert!(!signed(&other, &delivered));
+    assert!(!reference_verifies(&other, &delivered));
     let stamp: u64 = delivered.headers["webhook-timestamp"].parse().unwrap();
     let now = vigil::wire::now_ms() / 1000;
     assert!(
@@ -402,6 +438,34 @@ async fn a_dead_endpoint_fills_the_failed_queue_and_retry_sends_it_again() {
         .await
         .unwrap();
 
+    // A job forged for the configured endpoint, its body naming no audited entry: never
+    // signed, never sent.
+    let fake_id = uuid::Uuid::now_v7().to_string();
+    let made_up = vigil::webhooks::Job {
+        id: fake_id.clone(),
+        endpoint: receiver.url.clone(),
+        body: format!(
+            r#"{{"type":"admin.readmit","timestamp":"2026-01-01T00:00:00.000Z","data":{{"entry":{{"id":"{fake_id}","seq":1,"hash":"00"}},"client_id":"c1","source":"cli","at_ms":0}}}}"#
+        ),
+        attempts: 0,
+        created_at_ms: 0,
+        last_error: None,
+        last_try_at_ms: None,
+    };
+    publisher
+        .publish_durable_json(
+            &names.webhooks_exchange(),
+            "deliver",
+            &made_up.encode(),
+            &fake_id,
+            None,
+        )
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+
     let id = op.id.to_string();
     let env_ref = &env;
     let listed = eventually(
@@ -413,7 +477,7 @@ async fn a_dead_endpoint_fills_the_failed_queue_and_retry_sends_it_again() {
                 .lines()
                 .filter_map(|l| serde_json::from_str(l).ok())
                 .collect();
-            (rows.len() == 2).then_some(rows)
+            (rows.len() == 3).then_some(rows)
         },
     )
     .await;
@@ -433,6 +497,21 @@ async fn a_dead_endpoint_fills_the_failed_queue_and_retry_sends_it_again() {
         "a forged job reached {}",
         elsewhere.url
     );
+    let unaudited = listed
+        .iter()
+        .find(|r| r["id"] == fake_id.as_str())
+        .expect("the made-up job");
+    assert_eq!(
+        unaudited["last_error"],
+        "it names no entry of the audit trail"
+    );
+    assert!(
+        receiver
+            .hits()
+            .iter()
+            .all(|h| h.headers["webhook-id"] != fake_id),
+        "a made-up entry was signed and sent"
+    );
     assert_eq!(
         receiver
             .hits()
@@ -443,7 +522,7 @@ async fn a_dead_endpoint_fills_the_failed_queue_and_retry_sends_it_again() {
         "max_attempts tries"
     );
     // Listing leaves them where they are.
-    assert_eq!(cli(&env, &["list", "--json"]).lines().count(), 2);
+    assert_eq!(cli(&env, &["list", "--json"]).lines().count(), 3);
 
     // The platform is back; the operator re-sends that entry's delivery.
     receiver.down.store(false, Ordering::SeqCst);
@@ -466,8 +545,8 @@ async fn a_dead_endpoint_fills_the_failed_queue_and_retry_sends_it_again() {
     let (seq, _) = log_entry(&env.cfg.evidence_dir, &id).expect("the note is logged");
     assert_eq!(event["data"]["entry"]["seq"], seq);
     let left = cli(&env, &["list", "--json"]);
-    assert_eq!(left.lines().count(), 1, "{left}");
-    assert!(left.contains("forged"));
+    assert_eq!(left.lines().count(), 2, "{left}");
+    assert!(left.contains("forged") && left.contains(&fake_id));
     assert!(elsewhere.hits().is_empty());
 
     publisher.close().await;

@@ -46,6 +46,8 @@ const fragment = new URLSearchParams(location.hash.slice(1));
 const handedToken = fragment.get("token");
 if (handedToken) {
   token.value = handedToken;
+  // A session token is not a password to remember.
+  token.autocomplete = "off";
   clientId.value = fragment.get("client") ?? clientId.value;
   history.replaceState(null, "", location.pathname + location.search);
 }
