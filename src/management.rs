@@ -80,6 +80,7 @@ impl Management {
                 reason: "no management URL".into(),
             });
         };
+        crate::telemetry::install_crypto_provider();
         let client = reqwest::Client::builder()
             .connect_timeout(REQUEST_LIMIT)
             .timeout(REQUEST_LIMIT)

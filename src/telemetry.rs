@@ -96,6 +96,7 @@ pub fn init_tracing(service: &str, format: LogFormat) -> Tracing {
     };
     use opentelemetry::trace::TracerProvider as _;
     use opentelemetry_otlp::WithExportConfig as _;
+    install_crypto_provider();
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(opentelemetry_otlp::Protocol::HttpJson)
@@ -374,6 +375,13 @@ pub async fn join_service<E>(
             Err(_) => Ok(()),
         },
     }
+}
+
+/// rustls's process-wide crypto provider, ring, as everywhere in Vigil. The HTTP clients that
+/// do not take a TLS configuration of Vigil's own (the OTLP exporter's, the RabbitMQ management
+/// API's) need one installed before they are built. Installing it twice is harmless.
+pub fn install_crypto_provider() {
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
 }
 
 #[cfg(test)]

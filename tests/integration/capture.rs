@@ -45,6 +45,10 @@ async fn recorded_traffic_replays_identically_and_a_stricter_threshold_is_caught
     std::fs::write(&reference, photo("Male_41_2_4_1.jpg")).unwrap();
     env.cfg.inference = inference_config();
     vigil::tools::cli::enroll(&env.cfg, &store, "candidate", &reference).unwrap();
+    // The photo sent over and over is still, and the challenge that asks for goes unanswered:
+    // on a slow machine its deadline and its retry's could run out before the recording ends
+    // and sign the client out. This test is about recording and replay, not liveness.
+    env.cfg.challenge.deadline_ms = 120_000;
     let url = env.start_edge("e1").await;
     let mut w = worker(&env, "models-1", "0.363");
     await_consumers(&env, 1).await;
