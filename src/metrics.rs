@@ -115,6 +115,7 @@ pub struct EdgeMetrics {
     pub sessions_active: IntGauge,
     pub sessions_refused: IntCounterVec,
     pub session_tokens_refused: IntCounter,
+    pub capture_reports: IntCounterVec,
     pub session_tokens_minted: IntCounter,
     pub frames_received: IntCounter,
     pub frames_published: IntCounter,
@@ -155,6 +156,12 @@ impl EdgeMetrics {
                 "vigil_edge_sessions_refused_total",
                 "Connections refused or closed before a session started, by reason",
                 &["reason"],
+            ),
+            capture_reports: counter_vec(
+                registry,
+                "vigil_edge_capture_reports_total",
+                "Clients' reports of their capture: camera_lost, encoder_failed, hidden, ok",
+                &["state"],
             ),
             session_tokens_refused: counter(
                 registry,

@@ -28,7 +28,7 @@ use crate::directory::{AuthError, ClientRecord, ClientStatus, Connection, Creden
 use crate::domain::Action;
 use crate::liveness::StreamLiveness;
 use crate::wire::client::{
-    self, ClientFrame, ClientMsg, Encoding, ErrorCode, ProtocolError, ServerMsg,
+    self, CaptureState, ClientFrame, ClientMsg, Encoding, ErrorCode, ProtocolError, ServerMsg,
 };
 use crate::wire::{
     self, ActionEvent, ControlCommand, DropReason, Envelope, EvidenceFrame, Frame, Payload, Verdict,
@@ -214,6 +214,7 @@ pub(super) async fn run(
         info,
         last_frame_at: None,
         silent_since: Instant::now(),
+        capture: CaptureState::Ok,
         presence_at: Instant::now(),
         presence_said: (0, None, None),
         id: session_id,
@@ -360,7 +361,7 @@ async fn hello(
     };
     let (client_id, token) = match parsed {
         Ok(ClientMsg::Hello { client_id, token }) => (client_id, token),
-        Ok(ClientMsg::Frame(_) | ClientMsg::Ping { .. }) => {
+        Ok(ClientMsg::Frame(_) | ClientMsg::Ping { .. } | ClientMsg::Presence { .. }) => {
             shared.refused("bad_hello");
             refuse(
                 shared,
@@ -571,6 +572,8 @@ struct Session {
     last_frame_at: Option<Instant>,
     /// Since when no frame arrived (or since the last `no_frames` verdict).
     silent_since: Instant,
+    /// What the client last said of its capture.
+    capture: CaptureState,
     /// When the presence's live figures were last written, and what they said.
     presence_at: Instant,
     presence_said: (u64, Option<String>, Option<String>),
@@ -821,6 +824,11 @@ impl Session {
             Ok(ClientMsg::Ping { id }) => {
                 self.bad_streak = 0;
                 self.outbox.push(ServerMsg::Pong { id });
+                None
+            }
+            Ok(ClientMsg::Presence { state }) => {
+                self.bad_streak = 0;
+                self.capture_report(state);
                 None
             }
             Ok(ClientMsg::Hello { .. }) => self.bad_message(ProtocolError::Json(
@@ -1210,6 +1218,32 @@ impl Session {
     /// Run the policy on one verdict; when it fires, tell the client at once and send the
     /// action with its evidence to the audit trail.
     /// `frame` is the analysed frame behind the verdict (`None` for `no_frames`).
+    /// The client's own word that it cannot capture (camera lost, encoder failed, tab hidden):
+    /// the candidate is away now, not after `no_frames_ms` of silence, so it is judged
+    /// `no_frames` at once, once per change. Its word that it captures again changes nothing:
+    /// only analysed frames are presence.
+    fn capture_report(&mut self, state: CaptureState) {
+        if self.capture == state {
+            return;
+        }
+        self.capture = state;
+        self.shared
+            .metrics
+            .capture_reports
+            .with_label_values(&[state.as_str()])
+            .inc();
+        tracing::info!(client = %self.client_id, state = state.as_str(), "the client reports its capture");
+        if state != CaptureState::Ok && !self.paused {
+            self.silent_since = Instant::now();
+            self.shared
+                .metrics
+                .verdicts
+                .with_label_values(&[Verdict::NoFrames.as_str()])
+                .inc();
+            self.judge(Verdict::NoFrames, None);
+        }
+    }
+
     fn judge(&mut self, verdict: Verdict, frame: Option<EvidenceFrame>) {
         self.info
             .lock()

@@ -48,6 +48,47 @@ pub enum ClientMsg {
     Ping {
         id: Option<u64>,
     },
+    /// What the client says stops it capturing (or that it captures again): its own word on
+    /// the candidate's presence.
+    Presence {
+        state: CaptureState,
+    },
+}
+
+/// A client's account of its capture: `{"type":"presence","state":...}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptureState {
+    /// Frames flow again.
+    Ok,
+    /// The camera's track ended (unplugged, taken by another application, permission revoked).
+    CameraLost,
+    /// The browser could not encode the camera's picture.
+    EncoderFailed,
+    /// The page is in a background tab.
+    Hidden,
+}
+
+impl CaptureState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureState::Ok => "ok",
+            CaptureState::CameraLost => "camera_lost",
+            CaptureState::EncoderFailed => "encoder_failed",
+            CaptureState::Hidden => "hidden",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [
+            CaptureState::Ok,
+            CaptureState::CameraLost,
+            CaptureState::EncoderFailed,
+            CaptureState::Hidden,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
 }
 
 /// A frame as the client sent it. `seq` is `None` for a raw binary JPEG (the edge assigns one).
@@ -71,7 +112,7 @@ pub enum ProtocolError {
     Base64(String),
     #[error("missing field: {0}")]
     Missing(&'static str),
-    #[error("unknown message type `{0}` (expected hello, frame or ping)")]
+    #[error("unknown message type `{0}` (expected hello, frame, ping or presence)")]
     UnknownType(String),
 }
 
@@ -92,6 +133,8 @@ struct RawClientMsg<'a> {
     captured_at_ms: Option<u64>,
     #[serde(default)]
     id: Option<u64>,
+    #[serde(default, borrow)]
+    state: Option<std::borrow::Cow<'a, str>>,
     #[serde(default, borrow)]
     jpeg: Option<&'a serde_bytes::Bytes>,
     #[serde(default, borrow)]
@@ -150,6 +193,14 @@ impl RawClientMsg<'_> {
                 }))
             }
             "ping" => Ok(ClientMsg::Ping { id: self.id }),
+            "presence" => self
+                .state
+                .as_deref()
+                .and_then(CaptureState::parse)
+                .map(|state| ClientMsg::Presence { state })
+                .ok_or(ProtocolError::Missing(
+                    "presence needs `state`: ok, camera_lost, encoder_failed or hidden",
+                )),
             other => Err(ProtocolError::UnknownType(other.chars().take(32).collect())),
         }
     }
@@ -385,6 +436,93 @@ mod tests {
                 }
             );
         }
+    }
+
+    /// The string literals of the TypeScript union `export type {name} = ...;` in `src`.
+    fn ts_union(src: &str, name: &str) -> std::collections::BTreeSet<String> {
+        let start = src
+            .find(&format!("export type {name} ="))
+            .unwrap_or_else(|| panic!("no `export type {name}` in the SDK"));
+        let body = &src[start..];
+        let body = &body[..body.find(';').expect("a union ends with ;")];
+        body.split('"')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The SDK's wire types (web/src/sdk.ts, shipped as `@vigil/sdk`) name exactly what the
+    /// edge sends and takes.
+    #[test]
+    fn the_sdks_types_match_the_protocol() {
+        use crate::domain::{Action, StepKind, Verdict};
+        let sdk = include_str!("../../web/src/sdk.ts");
+        let set = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect();
+        let verdicts: Vec<&str> = Verdict::ALL
+            .iter()
+            .chain(&[Verdict::NoFrames, Verdict::InvalidFrame])
+            .map(|v| v.as_str())
+            .collect();
+        assert_eq!(ts_union(sdk, "Verdict"), set(&verdicts));
+        let actions = [
+            Action::Allow,
+            Action::Warn,
+            Action::LockScreen,
+            Action::SignOut,
+        ];
+        assert_eq!(
+            ts_union(sdk, "ActionName"),
+            set(&actions.map(|a| a.as_str()))
+        );
+        let steps: Vec<&str> = StepKind::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(ts_union(sdk, "ChallengeStepKind"), set(&steps));
+        let triggers: Vec<&str> = [
+            crate::challenge::Trigger::Start,
+            crate::challenge::Trigger::Suspicion,
+            crate::challenge::Trigger::Operator,
+            crate::challenge::Trigger::Random,
+            crate::challenge::Trigger::Retry,
+        ]
+        .iter()
+        .map(|t| t.as_str())
+        .collect();
+        assert_eq!(ts_union(sdk, "ChallengeReason"), set(&triggers));
+        let problems = [
+            CaptureState::CameraLost,
+            CaptureState::EncoderFailed,
+            CaptureState::Hidden,
+        ];
+        assert_eq!(
+            ts_union(sdk, "CaptureProblem"),
+            set(&problems.map(|c| c.as_str()))
+        );
+        // Every problem the SDK reports parses at the edge.
+        for p in ts_union(sdk, "CaptureProblem") {
+            let msg = format!(r#"{{"type":"presence","state":"{p}"}}"#);
+            assert!(parse_text(&msg).is_ok(), "{msg}");
+        }
+    }
+
+    #[test]
+    fn presence_says_what_stops_capturing() {
+        assert_eq!(
+            parse_text(r#"{"type":"presence","state":"hidden"}"#).unwrap(),
+            ClientMsg::Presence {
+                state: CaptureState::Hidden
+            }
+        );
+        let packed =
+            rmp_serde::to_vec_named(&serde_json::json!({"type":"presence","state":"camera_lost"}))
+                .unwrap();
+        assert_eq!(
+            parse_binary(&Bytes::from(packed)).unwrap(),
+            ClientMsg::Presence {
+                state: CaptureState::CameraLost
+            }
+        );
+        assert!(parse_text(r#"{"type":"presence","state":"asleep"}"#).is_err());
+        assert!(parse_text(r#"{"type":"presence"}"#).is_err());
     }
 
     #[test]

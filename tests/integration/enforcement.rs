@@ -143,3 +143,73 @@ async fn a_client_that_stops_sending_frames_is_acted_on() {
     conn.close().await;
     env.teardown().await;
 }
+
+/// A client that says its camera is gone (the SDK does, when the camera's track ends) is judged
+/// absent at once, not after `no_frames_ms` of silence; saying it is back changes nothing by
+/// itself, and repeating a report does not count twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reports_its_camera_lost_is_judged_absent_at_once() {
+    let mut env = TestEnv::new("camlost");
+    // Silence alone would take a minute: anything sooner is the report's doing.
+    env.cfg.policy.no_frames_ms = 60_000;
+    env.cfg.policy.rules.insert(
+        Verdict::NoFrames,
+        Rule {
+            k: 1,
+            n: 1,
+            steps: vec![Action::Warn, Action::LockScreen],
+            cooldown_ms: 0,
+        },
+    );
+    env.add_client("c1");
+    let url = env.start_edge("e1").await;
+    env.start_worker("w1").await;
+    let (mut conn, _) = Connection::connect(&url, "c1", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    conn.send_frame(1, 0, &vigil::inference::synthetic_jpeg(64, 48, 1, 0))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_msg(&mut conn).await,
+        ServerMsg::Result { seq: 1, .. }
+    ));
+    let reported = std::time::Instant::now();
+    for _ in 0..3 {
+        conn.send_text(r#"{"type":"presence","state":"camera_lost"}"#)
+            .await
+            .unwrap();
+    }
+    match next_msg(&mut conn).await {
+        ServerMsg::Action { action, reason, .. } => {
+            println!(
+                "camera lost: {} after {} ms",
+                action.as_str(),
+                reported.elapsed().as_millis()
+            );
+            assert_eq!((action, reason.as_str()), (Action::Warn, "no_frames"));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Back, then hidden: a change, so judged again (the rule's next step).
+    conn.send_text(r#"{"type":"presence","state":"ok"}"#)
+        .await
+        .unwrap();
+    conn.send_text(r#"{"type":"presence","state":"hidden"}"#)
+        .await
+        .unwrap();
+    match next_msg(&mut conn).await {
+        ServerMsg::Action { action, reason, .. } => {
+            assert_eq!((action, reason.as_str()), (Action::LockScreen, "no_frames"));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let reports = crate::support::metric(
+        &env.edge_registries[0],
+        "vigil_edge_capture_reports_total",
+        Some(("state", "camera_lost")),
+    );
+    assert_eq!(reports, 1.0, "a repeated report counts once");
+    conn.close().await;
+    env.teardown().await;
+}

@@ -61,6 +61,7 @@ const REASONS: Record<string, string> = {
   wrong_person: "this is not the enrolled person",
   phone: "a phone is in view",
   no_frames: "the camera stopped sending",
+  invalid_frame: "the camera's pictures cannot be read",
   admin: "an administrator",
 };
 
@@ -194,11 +195,18 @@ function end(title: string, detail: string) {
   ended.hidden = false;
 }
 
+const CAPTURE: Record<string, string> = {
+  camera_lost: "the camera stopped; plug it back in or close the app that took it",
+  encoder_failed: "this browser could not encode the camera's picture",
+  hidden: "bring this tab back to the front",
+};
+
 function showState(s: StateChange) {
   const words: Record<string, string> = {
     connecting: "connecting",
     streaming: "streaming",
     paused: "paused by an administrator",
+    interrupted: `not capturing: ${CAPTURE[s.detail ?? ""] ?? s.detail ?? ""}`,
     reconnecting: `reconnecting${s.retryInMs !== undefined ? ` in ${(s.retryInMs / 1000).toFixed(1)} s` : ""}`,
     stopped: "stopped",
     replaced: "replaced by a newer session",
@@ -214,7 +222,7 @@ function showState(s: StateChange) {
   if (s.state === "replaced") end("Session moved", "This client was opened somewhere else.");
   if (s.state === "unauthorized") form.hidden = false;
   if (s.state === "signed_out") showSignedOut();
-  else if (!["connecting", "streaming", "paused", "reconnecting"].includes(s.state)) hideChallenge();
+  else if (!["connecting", "streaming", "paused", "interrupted", "reconnecting"].includes(s.state)) hideChallenge();
 }
 
 $("signed-out-again").addEventListener("click", () => {
@@ -240,9 +248,10 @@ form.addEventListener("submit", async (e) => {
     workerUrl: new URL("encoder.js", location.href),
   });
   client.on("result", (r) => {
-    verdict.textContent = r.analysis.verdict ?? r.analysis.kind;
-    verdict.dataset.verdict = r.analysis.verdict ?? "";
-    verdictWhy.textContent = r.analysis.verdict ? `(${REASONS[r.analysis.verdict] ?? ""})` : "";
+    const v = r.analysis.kind === "identity" ? r.analysis.verdict : undefined;
+    verdict.textContent = v ?? r.analysis.kind;
+    verdict.dataset.verdict = v ?? "";
+    verdictWhy.textContent = v ? `(${REASONS[v] ?? ""})` : "";
   });
   client.on("action", showAction);
   client.on("challenge", showChallenge);

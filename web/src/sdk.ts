@@ -16,7 +16,8 @@ export type Verdict =
   | "spoof"
   | "wrong_person"
   | "phone"
-  | "no_frames";
+  | "no_frames"
+  | "invalid_frame";
 export type ActionName = "allow" | "warn" | "lock_screen" | "sign_out";
 
 export interface Welcome {
@@ -26,13 +27,47 @@ export interface Welcome {
   max_fps: number;
   max_inflight: number;
 }
+/** A face found in the frame, in the frame's pixels. */
+export interface FaceBox {
+  x: number;
+  y: number;
+  w: number;
+  h: number;
+  score: number;
+}
+/**
+ * The model stack's answer for one frame. A client gets the verdict, the face boxes and the
+ * model versions; the scores behind them come only when the edge is configured to send them
+ * (`VIGIL_EDGE_CLIENT_SCORES`, for development), hence optional.
+ */
+export interface IdentityAnalysis {
+  kind: "identity";
+  verdict: Verdict;
+  faces: FaceBox[];
+  /** `name:version` of each model that ran. */
+  models: string[];
+  identity?: { similarity: number; matched: boolean } | null;
+  liveness?: { p_live: number; pad?: number; live: boolean; [k: string]: unknown } | null;
+  phone?: ({ score: number } & Omit<FaceBox, "score">) | null;
+  thresholds?: Record<string, number>;
+  quality?: { face_px: number; sharpness: number; brightness: number; yaw: number; pitch: number; failed?: string } | null;
+}
+/** Transport facts from the JPEG markers (the `frame-info` analyzer). */
+export interface FrameInfoAnalysis {
+  kind: "frame_info";
+  width: number;
+  height: number;
+  components: number;
+}
+export type Analysis = IdentityAnalysis | FrameInfoAnalysis;
 export interface ResultMsg {
   type: "result";
   seq: number;
   latency_ms: number;
   frame_id: string;
+  trace_id?: string;
   analyzer: string;
-  analysis: { kind: string; verdict?: Verdict; [k: string]: unknown };
+  analysis: Analysis;
 }
 export interface DroppedMsg {
   type: "dropped";
@@ -111,11 +146,13 @@ export type ServerMsg =
   | ChallengeProgressMsg
   | ChallengeResultMsg;
 
-/** Where the connection stands. The last six are final: the client stops. */
+/** Where the connection stands. The last six are final: the client stops. `interrupted`: the
+ * connection is up but no frame can be captured (see the `capture` event for why). */
 export type ConnectionState =
   | "connecting"
   | "streaming"
   | "paused"
+  | "interrupted"
   | "reconnecting"
   | "stopped"
   | "replaced"
@@ -134,6 +171,19 @@ export interface StateChange {
   retryInMs?: number;
 }
 
+/**
+ * What stands in the way of capturing, as the client sees it: `camera_lost` (the camera's track
+ * ended: unplugged, taken by another app, permission revoked), `encoder_failed` (the browser
+ * could not encode a frame), `hidden` (the page is in a background tab, where browsers starve
+ * timers); `ok` once frames flow again. Each is also told to the edge, which audits the
+ * candidate's absence from its own word rather than waiting for the silence.
+ */
+export type CaptureProblem = "camera_lost" | "encoder_failed" | "hidden";
+export interface CaptureEvent {
+  state: CaptureProblem | "ok";
+  detail?: string;
+}
+
 export interface VigilEvents {
   welcome: Welcome;
   result: ResultMsg;
@@ -145,6 +195,7 @@ export interface VigilEvents {
   challenge: ChallengeEvent;
   challenge_progress: ChallengeProgressMsg;
   challenge_result: ChallengeResultMsg;
+  capture: CaptureEvent;
   state: StateChange;
 }
 
@@ -241,26 +292,11 @@ type Encoder = ((frame: ImageBitmap, quality: number) => Promise<{ jpeg: ArrayBu
   offMainThread: boolean;
 };
 
-/** JPEG encoding off the main thread (OffscreenCanvas in a worker) when the browser allows. */
-function makeEncoder(workerUrl?: string | URL): Encoder {
-  const offscreen =
-    typeof OffscreenCanvas !== "undefined" && "convertToBlob" in OffscreenCanvas.prototype;
-  if (workerUrl && offscreen && typeof Worker !== "undefined") {
-    const worker = new Worker(workerUrl, { type: "module" });
-    let next = 0;
-    const waiting = new Map<number, (r: { jpeg: ArrayBuffer; ms: number }) => void>();
-    worker.onmessage = (e: MessageEvent<{ id: number; jpeg: ArrayBuffer; ms: number }>) => {
-      waiting.get(e.data.id)?.(e.data);
-      waiting.delete(e.data.id);
-    };
-    const encode = (frame: ImageBitmap, quality: number) =>
-      new Promise<{ jpeg: ArrayBuffer; ms: number }>((resolve) => {
-        const id = next++;
-        waiting.set(id, resolve);
-        worker.postMessage({ id, frame, quality }, [frame]);
-      });
-    return Object.assign(encode, { offMainThread: true });
-  }
+/** The longest a frame's encoding may take before it counts as failed. */
+const ENCODE_TIMEOUT_MS = 5_000;
+
+/** Encode on the main thread with a canvas. */
+function canvasEncoder(): Encoder {
   const canvas = document.createElement("canvas");
   const encode = async (frame: ImageBitmap, quality: number) => {
     const started = performance.now();
@@ -275,6 +311,48 @@ function makeEncoder(workerUrl?: string | URL): Encoder {
     return { jpeg: await blob.arrayBuffer(), ms: performance.now() - started };
   };
   return Object.assign(encode, { offMainThread: false });
+}
+
+/** JPEG encoding off the main thread (OffscreenCanvas in a worker) when the browser allows.
+ * Every encoding ends: with the JPEG, or an error when the worker fails, reports an error, or
+ * takes longer than `ENCODE_TIMEOUT_MS`. */
+function makeEncoder(workerUrl?: string | URL): Encoder {
+  const offscreen =
+    typeof OffscreenCanvas !== "undefined" && "convertToBlob" in OffscreenCanvas.prototype;
+  if (workerUrl && offscreen && typeof Worker !== "undefined") {
+    const worker = new Worker(workerUrl, { type: "module" });
+    let next = 0;
+    type Waiting = { resolve: (r: { jpeg: ArrayBuffer; ms: number }) => void; reject: (e: Error) => void };
+    const waiting = new Map<number, Waiting>();
+    const failAll = (why: string) => {
+      for (const w of waiting.values()) w.reject(new Error(why));
+      waiting.clear();
+    };
+    worker.onmessage = (e: MessageEvent<{ id: number; jpeg?: ArrayBuffer; ms?: number; error?: string }>) => {
+      const w = waiting.get(e.data.id);
+      waiting.delete(e.data.id);
+      if (!w) return;
+      if (e.data.jpeg && e.data.ms !== undefined) w.resolve({ jpeg: e.data.jpeg, ms: e.data.ms });
+      else w.reject(new Error(e.data.error ?? "the encoder worker sent no JPEG"));
+    };
+    worker.onerror = (e) => failAll(`the encoder worker failed: ${e.message || "unknown error"}`);
+    worker.onmessageerror = () => failAll("the encoder worker's answer could not be read");
+    const encode = (frame: ImageBitmap, quality: number) =>
+      new Promise<{ jpeg: ArrayBuffer; ms: number }>((resolve, reject) => {
+        const id = next++;
+        const timer = setTimeout(() => {
+          waiting.delete(id);
+          reject(new Error(`the encoder worker did not answer within ${ENCODE_TIMEOUT_MS} ms`));
+        }, ENCODE_TIMEOUT_MS);
+        waiting.set(id, {
+          resolve: (r) => (clearTimeout(timer), resolve(r)),
+          reject: (e) => (clearTimeout(timer), reject(e)),
+        });
+        worker.postMessage({ id, frame, quality }, [frame]);
+      });
+    return Object.assign(encode, { offMainThread: true });
+  }
+  return canvasEncoder();
 }
 
 function base64(bytes: Uint8Array): string {
@@ -308,6 +386,10 @@ export class VigilClient {
   private retryTimer?: ReturnType<typeof setTimeout>;
   /** Set by a `signed_out` error: whatever close follows is final. */
   private signedOut = false;
+  /** What stops capturing now, if anything (`capture` events, and the edge, hear of it). */
+  private problem?: CaptureProblem;
+  private onVisibility?: () => void;
+  private onDeviceChange?: () => void;
   state: ConnectionState = "stopped";
   private startedAt = 0;
   private nextDue = 0;
@@ -357,10 +439,33 @@ export class VigilClient {
     this.emit("state", change);
   }
 
-  /** Open the camera, then connect and stream until `stop()` or a final close. */
+  /** Open the camera, then connect and stream until `stop()` or a final close. Throws when the
+   * page cannot use a camera at all: `navigator.mediaDevices` exists only on `https://` pages
+   * (and `http://localhost`). */
   async start(): Promise<void> {
+    if (!navigator.mediaDevices?.getUserMedia) {
+      throw new Error(
+        "this page cannot use a camera: browsers allow it only on https:// pages (and on http://localhost)",
+      );
+    }
     this.stopped = false;
     this.signedOut = false;
+    await this.openCamera();
+    this.encoder = makeEncoder(this.opts.workerUrl);
+    this.startedAt = performance.now();
+    this.onVisibility = () =>
+      document.visibilityState === "hidden" ? this.report("hidden") : this.clear("hidden");
+    this.onDeviceChange = () => {
+      // A camera plugged back in (or another one) after the one in use was lost.
+      if (this.problem === "camera_lost") void this.openCamera().then(() => this.clear("camera_lost"), () => {});
+    };
+    document.addEventListener("visibilitychange", this.onVisibility);
+    navigator.mediaDevices.addEventListener?.("devicechange", this.onDeviceChange);
+    this.connect();
+  }
+
+  private async openCamera() {
+    this.camera?.getTracks().forEach((t) => t.stop());
     this.camera = await navigator.mediaDevices.getUserMedia({
       audio: false,
       video: {
@@ -369,14 +474,35 @@ export class VigilClient {
         frameRate: { ideal: this.opts.fps },
       },
     });
-    this.video = this.opts.preview ?? document.createElement("video");
+    for (const track of this.camera.getVideoTracks()) {
+      // Unplugged, taken by another application, or permission revoked.
+      track.addEventListener("ended", () => {
+        if (!this.stopped) this.report("camera_lost", track.label);
+      });
+    }
+    this.video = this.opts.preview ?? this.video ?? document.createElement("video");
     this.video.muted = true;
     this.video.playsInline = true;
     this.video.srcObject = this.camera;
     await this.video.play();
-    this.encoder = makeEncoder(this.opts.workerUrl);
-    this.startedAt = performance.now();
-    this.connect();
+  }
+
+  /** Something now stops capturing: tell the page and the edge, once. */
+  private report(problem: CaptureProblem, detail?: string) {
+    if (this.problem === problem) return;
+    this.problem = problem;
+    this.emit("capture", { state: problem, detail });
+    this.send({ type: "presence", state: problem });
+    if (this.welcome && !this.paused) this.setState({ state: "interrupted", detail: problem });
+  }
+
+  /** `problem` is over: frames can flow again. */
+  private clear(problem: CaptureProblem) {
+    if (this.problem !== problem) return;
+    this.problem = undefined;
+    this.emit("capture", { state: "ok" });
+    this.send({ type: "presence", state: "ok" });
+    if (this.welcome) this.setState({ state: this.paused ? "paused" : "streaming" });
   }
 
   /** Stop streaming, close the socket and release the camera. */
@@ -388,6 +514,8 @@ export class VigilClient {
     this.ws?.close(1000, "bye");
     this.ws = undefined;
     this.camera?.getTracks().forEach((t) => t.stop());
+    if (this.onVisibility) document.removeEventListener("visibilitychange", this.onVisibility);
+    if (this.onDeviceChange) navigator.mediaDevices.removeEventListener?.("devicechange", this.onDeviceChange);
     this.setState({ state, code, detail });
   }
 
@@ -451,7 +579,13 @@ export class VigilClient {
         this.fps = Math.min(this.opts.fps, msg.max_fps);
         this.nextDue = 0;
         this.emit("welcome", msg);
-        this.setState({ state: this.paused ? "paused" : "streaming" });
+        if (this.problem) {
+          // A new session hears of what still stops capturing.
+          this.send({ type: "presence", state: this.problem });
+          this.setState({ state: "interrupted", detail: this.problem });
+        } else {
+          this.setState({ state: this.paused ? "paused" : "streaming" });
+        }
         this.schedule();
         break;
       case "result":
@@ -546,7 +680,21 @@ export class VigilClient {
       const pending = createImageBitmap(video);
       let main = performance.now() - t;
       const bitmap = await pending;
-      const encoded = await this.encoder(bitmap, this.quality);
+      let encoded: { jpeg: ArrayBuffer; ms: number };
+      try {
+        encoded = await this.encoder(bitmap, this.quality);
+      } catch (err) {
+        const why = err instanceof Error ? err.message : String(err);
+        if (this.encoder.offMainThread) {
+          // The worker failed: go on with the main thread's canvas.
+          this.encoder = canvasEncoder();
+          this.emit("capture", { state: "encoder_failed", detail: `${why}; encoding on the main thread now` });
+        } else {
+          this.report("encoder_failed", why);
+        }
+        return;
+      }
+      if (this.problem === "encoder_failed") this.clear("encoder_failed");
       const jpeg = new Uint8Array(encoded.jpeg);
       if (jpeg.byteLength > welcome.max_frame_bytes) {
         this.quality = Math.max(0.3, this.quality - 0.1);
