@@ -50,6 +50,12 @@ pub enum Command {
         #[command(subcommand)]
         action: WebhooksCmd,
     },
+    /// Certificates for HTTPS where no public CA issues one: browsers give a page the camera
+    /// only over https:// (and on localhost).
+    Certs {
+        #[command(subcommand)]
+        action: CertsCmd,
+    },
     /// Short-lived session tokens: a key pair for them, and minting one by hand (the admin API's
     /// `POST /v1/admin/sessions` is the exam platform's way).
     Sessions {
@@ -250,6 +256,30 @@ pub enum BrokerCmd {
         /// Print JSON to stdout.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCmd {
+    /// A one-off CA (its key thrown away) and a server certificate it signed for the hosts:
+    /// OUT/ca.pem to trust, OUT/server.pem and OUT/server.key for the edge's own TLS, and
+    /// OUT/haproxy.pem (chain and key) for HAProxy.
+    Dev {
+        #[arg(long)]
+        out: PathBuf,
+        /// Host names and addresses the certificate is for (repeat the flag); localhost,
+        /// 127.0.0.1 and ::1 when none is given.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Days it stays valid.
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+        /// Replace certificates already in OUT.
+        #[arg(long, conflicts_with = "if_missing")]
+        force: bool,
+        /// Keep a complete set already in OUT (a first start makes one, later starts keep it).
+        #[arg(long)]
+        if_missing: bool,
     },
 }
 
@@ -739,6 +769,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Broker { action } => broker_users(&cfg, action).await,
         Command::Webhooks { action } => webhooks(&cfg, action).await,
         Command::Sessions { action } => sessions(&cfg, action).await,
+        Command::Certs { action } => certs(action),
         Command::Operators { action } => operators(&cfg, action),
         Command::Clients { action } => clients(&cfg, action).await,
         Command::Directory { action } => directory(&cfg, action),
@@ -857,6 +888,46 @@ async fn topology(cfg: &Config, action: TopologyCmd) -> Result<(), CliError> {
             }
             broker.close().await;
             println!("topology `{}` deleted", cfg.namespace);
+            Ok(())
+        }
+    }
+}
+
+fn certs(action: CertsCmd) -> Result<(), CliError> {
+    match action {
+        CertsCmd::Dev {
+            out,
+            hosts,
+            days,
+            force,
+            if_missing,
+        } => {
+            let hosts = if hosts.is_empty() {
+                vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
+            } else {
+                hosts
+            };
+            match crate::tools::certs::dev(&out, &hosts, days, force, if_missing).map_err(fail)? {
+                None => println!("certificates in {} kept", out.display()),
+                Some(made) => {
+                    println!(
+                        "certificate for {} (valid {days} days) in {}",
+                        made.hosts.join(", "),
+                        out.display()
+                    );
+                    println!(
+                        "  trust {} in the browsers (or the system's store) of the machines that open the page",
+                        made.ca.display()
+                    );
+                    println!(
+                        "  HAProxy: {}; the edge itself: {} and {}",
+                        made.combined.display(),
+                        made.cert.display(),
+                        made.key.display()
+                    );
+                    println!("  server key's SPKI SHA-256: {}", made.spki_sha256);
+                }
+            }
             Ok(())
         }
     }

@@ -14,6 +14,7 @@ pub mod answers;
 pub mod attack;
 pub mod bench;
 pub mod capture;
+pub mod certs;
 pub mod cli;
 pub mod eval;
 pub mod loadgen;

@@ -108,10 +108,26 @@ async fn scenario_with(
     admin: &str,
     session_token: Option<&str>,
 ) -> serde_json::Value {
+    let env: Vec<(&str, &str)> = session_token
+        .map(|t| ("VIGIL_SESSION_TOKEN", t))
+        .into_iter()
+        .collect();
+    scenario_env(name, page, client, y4m, admin, &env).await
+}
+
+/// ...with more of web/e2e's environment (`VIGIL_SESSION_TOKEN`, `VIGIL_TRUST_SPKI`).
+async fn scenario_env(
+    name: &str,
+    page: &str,
+    client: &str,
+    y4m: &Path,
+    admin: &str,
+    extra: &[(&str, &str)],
+) -> serde_json::Value {
     let web = root().join("web");
     let mut cmd = tokio::process::Command::new("node");
-    if let Some(token) = session_token {
-        cmd.env("VIGIL_SESSION_TOKEN", token);
+    for (k, v) in extra {
+        cmd.env(k, v);
     }
     cmd.arg("e2e/candidate.mjs")
         .arg(name)
@@ -209,6 +225,55 @@ async fn the_enrolled_person_is_ok_a_stranger_is_locked_out_and_a_block_is_shown
     );
     let _ = std::fs::remove_file(&y4m);
     let _ = std::fs::remove_dir_all(&keys);
+    env.teardown().await;
+}
+
+/// Out of the box, candidates reach the page over HTTPS: HAProxy terminates TLS with a
+/// certificate from `vigil certs dev` (deploy/haproxy/haproxy.cfg, as compose runs it), names each
+/// candidate to the edge in a PROXY v2 header, and Chromium, trusting that certificate's key,
+/// gets the camera (a secure context) and streams to a verdict over `wss://`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_candidate_page_streams_over_https_through_haproxy() {
+    let frames = footage();
+    let y4m = std::env::temp_dir().join(format!("vigil-camera-{}.y4m", rand::random::<u32>()));
+    camera_y4m(&y4m, 12, 5);
+    let her = std::fs::read(&frames[0]).unwrap();
+    let (env, _, admin) = cluster_with("https", &[("candidate", &her)], |env| {
+        env.cfg.edge.trusted_proxies = "127.0.0.1".parse().unwrap();
+    })
+    .await;
+    let edge = &env.edges[0];
+    let ws = crate::support::ws_addr(&edge.url());
+    let edge_admin = edge.admin_addr.unwrap().to_string();
+    let health = edge.metrics_addr.port();
+    let lb =
+        crate::support::Haproxy::start([(&ws, &edge_admin, health), (&ws, &edge_admin, health)])
+            .await;
+    let page = format!("https://{}/", lb.https_addr);
+    // The page itself, fetched with the test's CA: served through HAProxy over TLS.
+    let (status, body) = crate::support::https(lb.https_addr, &lb.ca_pem, "GET", "/", None, None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let seen = scenario_env(
+        "ok",
+        &page,
+        "candidate",
+        &y4m,
+        &admin,
+        &[("VIGIL_TRUST_SPKI", &lb.spki_sha256)],
+    )
+    .await;
+    assert!(
+        seen["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == "ok"),
+        "{seen}"
+    );
+    let _ = std::fs::remove_file(&y4m);
+    drop(lb);
     env.teardown().await;
 }
 

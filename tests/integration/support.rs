@@ -943,18 +943,45 @@ impl Drop for KillOnDrop {
 pub struct Haproxy {
     pub ws_url: String,
     pub admin_addr: std::net::SocketAddr,
+    /// The candidates' HTTPS address, with a certificate from `vigil certs dev` for 127.0.0.1.
+    pub https_addr: std::net::SocketAddr,
+    /// That certificate's CA, and its key's SPKI SHA-256 (what Chromium pins).
+    pub ca_pem: String,
+    pub spki_sha256: String,
+    _certs: TempDir,
     _process: KillOnDrop,
+}
+
+/// A folder removed when the test ends.
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Haproxy {
     pub async fn start(edges: [(&str, &str, u16); 2]) -> Self {
         let (listen, admin, stats) = (free_port(), free_port(), free_port());
+        let (tls, admin_tls) = (free_port(), free_port());
+        let certs =
+            TempDir(std::env::temp_dir().join(format!("vigil-lb-{:08x}", rand::random::<u32>())));
+        let made = vigil::tools::certs::dev(&certs.0, &["127.0.0.1".to_owned()], 1, false, false)
+            .unwrap()
+            .unwrap();
         let config = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy/haproxy.cfg");
         let mut cmd = std::process::Command::new("haproxy");
         cmd.args(["-db", "-f", config])
             .env("VIGIL_LB_LISTEN", format!("127.0.0.1:{listen}"))
             .env("VIGIL_LB_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
             .env("VIGIL_LB_STATS_LISTEN", format!("127.0.0.1:{stats}"))
+            .env("VIGIL_LB_TLS_LISTEN", format!("127.0.0.1:{tls}"))
+            .env(
+                "VIGIL_LB_ADMIN_TLS_LISTEN",
+                format!("127.0.0.1:{admin_tls}"),
+            )
+            .env("VIGIL_LB_CERT", &made.combined)
             .stdin(std::process::Stdio::null());
         for (i, (ws, admin, health)) in edges.iter().enumerate() {
             let n = i + 1;
@@ -971,6 +998,10 @@ impl Haproxy {
         Self {
             ws_url,
             admin_addr: format!("127.0.0.1:{admin}").parse().unwrap(),
+            https_addr: format!("127.0.0.1:{tls}").parse().unwrap(),
+            ca_pem: std::fs::read_to_string(&made.ca).unwrap(),
+            spki_sha256: made.spki_sha256,
+            _certs: certs,
             _process: process,
         }
     }

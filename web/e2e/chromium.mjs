@@ -18,6 +18,9 @@ export function launch(y4m) {
       "--use-fake-ui-for-media-stream",
       "--use-fake-device-for-media-stream",
       ...(y4m ? [`--use-file-for-fake-video-capture=${y4m}`] : []),
+      // A server key to trust (base64 SHA-256 of its SPKI): a test's own certificate, for
+      // https:// pages, where browsers give the camera.
+      ...(process.env.VIGIL_TRUST_SPKI ? [`--ignore-certificate-errors-spki-list=${process.env.VIGIL_TRUST_SPKI}`] : []),
     ],
   });
 }
