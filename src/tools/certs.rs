@@ -161,8 +161,8 @@ mod tests {
         }
         // rustls, trusting only ca.pem, accepts the chain for the host names.
         use tokio_rustls::rustls;
-        use tokio_rustls::rustls::pki_types::pem::PemObject as _;
         use tokio_rustls::rustls::client::danger::ServerCertVerifier as _;
+        use tokio_rustls::rustls::pki_types::pem::PemObject as _;
         use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
         let mut roots = rustls::RootCertStore::empty();
         roots
