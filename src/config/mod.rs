@@ -229,10 +229,11 @@ pub struct EdgeConfig {
     pub max_unauthenticated: usize,
     /// ...and per source address [VIGIL_EDGE_MAX_UNAUTHENTICATED_PER_SOURCE].
     pub max_unauthenticated_per_source: u32,
-    /// Load balancers whose PROXY protocol v2 header (HAProxy's `send-proxy-v2`) gives the
-    /// client's real address, as CIDRs or addresses, comma-separated. Every per-address limit,
-    /// log line and audit entry then uses the client's address. A PROXY header from any other
-    /// peer is refused. Empty: no peer is trusted [VIGIL_EDGE_TRUSTED_PROXIES].
+    /// Load balancers whose PROXY protocol v2 header (HAProxy's `send-proxy-v2`), or else the
+    /// last `X-Forwarded-For` address (an HTTP ingress), gives the client's real address, as
+    /// CIDRs or addresses, comma-separated. Every per-address limit, log line and audit entry
+    /// then uses the client's address. A PROXY header from any other peer is refused, and its
+    /// `X-Forwarded-For` ignored. Empty: no peer is trusted [VIGIL_EDGE_TRUSTED_PROXIES].
     pub trusted_proxies: crate::edge::proxy::TrustedProxies,
     /// Failed hellos an address may make per minute; past that its hellos are refused (4429)
     /// until the quota refills [VIGIL_EDGE_FAILED_HELLOS_PER_MINUTE].

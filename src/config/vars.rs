@@ -346,7 +346,7 @@ pub static VARS: &[Var] = &[
         [Edge],
         edge.trusted_proxies,
         r#"none"#,
-        r#"load balancers (CIDRs or addresses, comma-separated) whose PROXY protocol v2 header gives the client's real address; a PROXY header from any other peer is refused"#
+        r#"load balancers (CIDRs or addresses, comma-separated) whose PROXY protocol v2 header, or else last `X-Forwarded-For` address, gives the client's real address; a PROXY header from any other peer is refused, its `X-Forwarded-For` ignored"#
     ),
     var!(
         "VIGIL_EDGE_FAILED_HELLOS_PER_MINUTE",

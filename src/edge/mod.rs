@@ -1032,6 +1032,7 @@ async fn connection(
 ) {
     // The PROXY header of a trusted load balancer names the client; anyone else's is refused.
     let trusted = shared.cfg.trusted_proxies.trusts(peer.ip());
+    let proxy_peer = peer;
     let first_bytes = Duration::from_millis(shared.cfg.hello_timeout_ms);
     match proxy::read_preamble(&mut stream, trusted, first_bytes).await {
         Ok(proxy::Preamble::Client(client)) => {
@@ -1051,19 +1052,7 @@ async fn connection(
             return;
         }
     }
-    if trusted {
-        pending = match shared.gate.place(pending, peer.ip()) {
-            Ok(placed) => placed,
-            Err(refusal) => {
-                shared
-                    .metrics
-                    .sessions_refused
-                    .with_label_values(&[refusal.as_str()])
-                    .inc();
-                return;
-            }
-        };
-    }
+    let proxied = peer != proxy_peer;
     // The subprotocol the client and the edge agree on, if the client offered any.
     let negotiated = Arc::new(std::sync::OnceLock::new());
     let chosen = negotiated.clone();
@@ -1120,6 +1109,7 @@ async fn connection(
         };
         let mut read = Vec::new();
         let head = web::read_head(&mut stream, &mut read).await;
+        let forwarded_for = head.as_ref().ok().and_then(|h| h.forwarded_for);
         if !head.as_ref().is_ok_and(|h| h.websocket) {
             // A page request (or not HTTP at all): answered, and the connection ends.
             let status = web::respond(
@@ -1143,10 +1133,20 @@ async fn connection(
             Some(ws_config(&shared.cfg)),
         )
         .await
-        .map(Some)
+        .map(|ws| Some((ws, forwarded_for)))
     };
     let ws = match tokio::time::timeout(hello_timeout, handshake).await {
-        Ok(Ok(Some(ws))) => ws,
+        Ok(Ok(Some((ws, forwarded_for)))) => {
+            // A trusted proxy that names no client in a PROXY header (an HTTP ingress) names
+            // it in X-Forwarded-For; from anyone else the header means nothing.
+            if trusted
+                && !proxied
+                && let Some(client) = forwarded_for
+            {
+                peer = std::net::SocketAddr::new(client, 0);
+            }
+            ws
+        }
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             shared
@@ -1166,6 +1166,21 @@ async fn connection(
             return;
         }
     };
+    // Behind a trusted proxy the connection's per-address place is taken now, by the client's
+    // own address.
+    if trusted {
+        pending = match shared.gate.place(pending, peer.ip()) {
+            Ok(placed) => placed,
+            Err(refusal) => {
+                shared
+                    .metrics
+                    .sessions_refused
+                    .with_label_values(&[refusal.as_str()])
+                    .inc();
+                return;
+            }
+        };
+    }
     let negotiated = negotiated.get().copied();
     session::run(shared, ws, peer, pending, negotiated).await;
 }

@@ -170,10 +170,13 @@ async fn read(stream: &mut TcpStream, trusted: bool) -> Result<Preamble, ProxyEr
             Start::Other => return Ok(Preamble::None),
             Start::V1 if trusted => return Err(ProxyError::Version1),
             Start::V1 | Start::V2 if !trusted => return Err(ProxyError::Untrusted),
+            // From anyone else, one look is all: a header cut short is not valid HTTP either,
+            // and the handshake refuses it. No untrusted peer makes the edge poll.
+            Start::Unsure if !trusted => return Ok(Preamble::None),
             Start::V2 => break,
-            // A header cut across segments: the rest is on its way (the caller bounds the
-            // wait).
-            Start::V1 | Start::Unsure => tokio::time::sleep(Duration::from_millis(5)).await,
+            // A trusted proxy's header cut across segments: the rest is on its way (the
+            // caller bounds the wait).
+            Start::V1 | Start::Unsure => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
     let len = usize::from(u16::from_be_bytes([head[14], head[15]]));

@@ -215,6 +215,7 @@ pub(super) async fn run(
         last_frame_at: None,
         silent_since: Instant::now(),
         capture: CaptureState::Ok,
+        capture_judged: None,
         presence_at: Instant::now(),
         presence_said: (0, None, None),
         id: session_id,
@@ -572,8 +573,9 @@ struct Session {
     last_frame_at: Option<Instant>,
     /// Since when no frame arrived (or since the last `no_frames` verdict).
     silent_since: Instant,
-    /// What the client last said of its capture.
+    /// What the client last said of its capture, and when a report of it was last judged.
     capture: CaptureState,
+    capture_judged: Option<Instant>,
     /// When the presence's live figures were last written, and what they said.
     presence_at: Instant,
     presence_said: (u64, Option<String>, Option<String>),
@@ -1220,28 +1222,42 @@ impl Session {
     /// `frame` is the analysed frame behind the verdict (`None` for `no_frames`).
     /// The client's own word that it cannot capture (camera lost, encoder failed, tab hidden):
     /// the candidate is away now, not after `no_frames_ms` of silence, so it is judged
-    /// `no_frames` at once, once per change. Its word that it captures again changes nothing:
-    /// only analysed frames are presence.
+    /// `no_frames` at once. Only a change from capturing to not capturing is judged, and at
+    /// most once per `no_frames_ms`: a client cannot flood the policy's window with reports
+    /// (to crowd out other verdicts) any faster than silence would. Its word that it captures
+    /// again changes nothing: only analysed frames are presence.
     fn capture_report(&mut self, state: CaptureState) {
         if self.capture == state {
             return;
         }
+        let was_capturing = self.capture == CaptureState::Ok;
         self.capture = state;
         self.shared
             .metrics
             .capture_reports
             .with_label_values(&[state.as_str()])
             .inc();
-        tracing::info!(client = %self.client_id, state = state.as_str(), "the client reports its capture");
-        if state != CaptureState::Ok && !self.paused {
-            self.silent_since = Instant::now();
-            self.shared
-                .metrics
-                .verdicts
-                .with_label_values(&[Verdict::NoFrames.as_str()])
-                .inc();
-            self.judge(Verdict::NoFrames, None);
+        if state == CaptureState::Ok || !was_capturing || self.paused {
+            tracing::debug!(client = %self.client_id, state = state.as_str(), "the client reports its capture");
+            return;
         }
+        let period = Duration::from_millis(self.shared.policy.no_frames_ms.max(1_000));
+        let now = Instant::now();
+        if self
+            .capture_judged
+            .is_some_and(|at| now.duration_since(at) < period)
+        {
+            return;
+        }
+        self.capture_judged = Some(now);
+        tracing::info!(client = %self.client_id, state = state.as_str(), "the client reports it cannot capture");
+        self.silent_since = now;
+        self.shared
+            .metrics
+            .verdicts
+            .with_label_values(&[Verdict::NoFrames.as_str()])
+            .inc();
+        self.judge(Verdict::NoFrames, None);
     }
 
     fn judge(&mut self, verdict: Verdict, frame: Option<EvidenceFrame>) {

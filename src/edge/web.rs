@@ -111,6 +111,9 @@ pub(crate) struct Head {
     pub path: String,
     /// `Upgrade: websocket`.
     pub websocket: bool,
+    /// The last address of the last `X-Forwarded-For` header: the one the nearest proxy
+    /// appended. Worth anything only from a trusted proxy.
+    pub forwarded_for: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -138,10 +141,18 @@ pub(crate) async fn read_head<S: AsyncRead + Unpin>(
                         && std::str::from_utf8(h.value)
                             .is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
                 });
+                let forwarded_for = req
+                    .headers
+                    .iter()
+                    .rfind(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .and_then(|v| v.rsplit(',').next())
+                    .and_then(|last| last.trim().parse().ok());
                 return Ok(Head {
                     method: req.method.unwrap_or_default().to_owned(),
                     path: req.path.unwrap_or_default().to_owned(),
                     websocket,
+                    forwarded_for,
                 });
             }
             Ok(httparse::Status::Partial) => {}
@@ -295,13 +306,25 @@ mod tests {
             Head {
                 method: "GET".into(),
                 path: "/v1/stream".into(),
-                websocket: true
+                websocket: true,
+                forwarded_for: None,
             }
         );
         // Everything read is kept, to be replayed.
         assert_eq!(buf, upgrade);
         let (head, _) = head_of(b"GET /?client=a HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(!head.unwrap().websocket);
+        // The address the nearest proxy appended: the last of the last header.
+        let (head, _) = head_of(
+            b"GET / HTTP/1.1\r\nX-Forwarded-For: 10.9.9.9\r\nx-forwarded-for: 198.51.100.1, 203.0.113.7\r\n\r\n",
+        )
+        .await;
+        assert_eq!(
+            head.unwrap().forwarded_for,
+            Some("203.0.113.7".parse().unwrap())
+        );
+        let (head, _) = head_of(b"GET / HTTP/1.1\r\nX-Forwarded-For: nonsense\r\n\r\n").await;
+        assert_eq!(head.unwrap().forwarded_for, None);
         assert_eq!(
             head_of(b"\x16\x03\x01 tls").await.0,
             Err(HeadError::Malformed)

@@ -49,6 +49,19 @@ pub fn dev(
     force: bool,
     if_missing: bool,
 ) -> Result<Option<DevCertificate>, CertsError> {
+    dev_owned(out, hosts, days, force, if_missing, None)
+}
+
+/// [`dev`], with the files handed to `owner` (uid, gid): the user of the process that reads the
+/// key (HAProxy's, in its own container).
+pub fn dev_owned(
+    out: &Path,
+    hosts: &[String],
+    days: u32,
+    force: bool,
+    if_missing: bool,
+    owner: Option<(u32, u32)>,
+) -> Result<Option<DevCertificate>, CertsError> {
     if hosts.is_empty() {
         return Err(CertsError::NoHosts);
     }
@@ -64,7 +77,8 @@ pub fn dev(
         out.join("haproxy.pem"),
     ];
     if let Some(existing) = paths.iter().find(|p| p.exists()) {
-        if if_missing && paths.iter().all(|p| p.exists()) {
+        // A complete set, or an operator's own chain and key in haproxy.pem, is kept.
+        if if_missing && (paths.iter().all(|p| p.exists()) || paths[3].exists()) {
             return Ok(None);
         }
         if !force {
@@ -100,6 +114,14 @@ pub fn dev(
     write(&paths[1], chain.as_bytes(), 0o644).map_err(io(&paths[1]))?;
     write(&paths[2], key_pem.as_bytes(), 0o600).map_err(io(&paths[2]))?;
     write(&paths[3], format!("{chain}{key_pem}").as_bytes(), 0o600).map_err(io(&paths[3]))?;
+    #[cfg(unix)]
+    if let Some((uid, gid)) = owner {
+        for p in &paths {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(io(p))?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = owner;
     use base64::Engine as _;
     use rcgen::PublicKeyData as _;
     let spki = sha2::Sha256::digest(key.subject_public_key_info());
@@ -119,11 +141,13 @@ fn time_now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc() - time::Duration::minutes(1)
 }
 
-/// Write a file readable as `mode` says (private keys: the owner only).
+/// Write a file readable as `mode` says (private keys: the owner only), through a fresh
+/// temporary file of its own (never one left over, nor a link someone put there).
 fn write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
@@ -202,7 +226,9 @@ mod tests {
                 .is_err()
         );
         assert_eq!(made.spki_sha256.len(), 44);
-        // Kept, refused, or replaced.
+        // Kept, refused, or replaced; an operator's own haproxy.pem alone is kept too.
+        assert!(dev(&dir, &hosts, 30, false, true).unwrap().is_none());
+        std::fs::remove_file(&made.ca).unwrap();
         assert!(dev(&dir, &hosts, 30, false, true).unwrap().is_none());
         assert!(matches!(
             dev(&dir, &hosts, 30, false, false),

@@ -277,10 +277,23 @@ pub enum CertsCmd {
         /// Replace certificates already in OUT.
         #[arg(long, conflicts_with = "if_missing")]
         force: bool,
-        /// Keep a complete set already in OUT (a first start makes one, later starts keep it).
+        /// Keep a complete set already in OUT, or a haproxy.pem of the operator's own (a first
+        /// start makes one, later starts keep it).
         #[arg(long)]
         if_missing: bool,
+        /// Hand the files to this user, UID:GID: the process that reads the key (HAProxy's
+        /// user in its official image is 99:99).
+        #[arg(long, value_parser = parse_owner)]
+        owner: Option<(u32, u32)>,
     },
+}
+
+fn parse_owner(s: &str) -> Result<(u32, u32), String> {
+    let (u, g) = s.split_once(':').ok_or("expected UID:GID")?;
+    Ok((
+        u.parse().map_err(|e| format!("uid: {e}"))?,
+        g.parse().map_err(|e| format!("gid: {e}"))?,
+    ))
 }
 
 #[derive(Debug, Subcommand)]
@@ -901,13 +914,16 @@ fn certs(action: CertsCmd) -> Result<(), CliError> {
             days,
             force,
             if_missing,
+            owner,
         } => {
             let hosts = if hosts.is_empty() {
                 vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
             } else {
                 hosts
             };
-            match crate::tools::certs::dev(&out, &hosts, days, force, if_missing).map_err(fail)? {
+            match crate::tools::certs::dev_owned(&out, &hosts, days, force, if_missing, owner)
+                .map_err(fail)?
+            {
                 None => println!("certificates in {} kept", out.display()),
                 Some(made) => {
                     println!(

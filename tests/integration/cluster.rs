@@ -309,6 +309,18 @@ async fn clients_of_an_edge_killed_with_sigkill_continue_on_the_other() {
 /// A hello sent from the local address `source` to the WebSocket at `url`, the connection
 /// first carrying `preamble` (a PROXY header) when given: the reply's `type` and `code`.
 async fn hello_from(source: &str, url: &str, client: &str, token: &str, preamble: &[u8]) -> String {
+    hello_with(source, url, client, token, preamble, None).await
+}
+
+/// ...with an `X-Forwarded-For` header on the WebSocket request, when given.
+async fn hello_with(
+    source: &str,
+    url: &str,
+    client: &str,
+    token: &str,
+    preamble: &[u8],
+    forwarded_for: Option<&str>,
+) -> String {
     use futures_util::{SinkExt as _, StreamExt as _};
     use tokio::io::AsyncWriteExt as _;
     use tokio_tungstenite::tungstenite::Message;
@@ -318,7 +330,14 @@ async fn hello_from(source: &str, url: &str, client: &str, token: &str, preamble
     let mut stream = socket.connect(addr).await.unwrap();
     stream.write_all(preamble).await.unwrap();
     let attempt = async {
-        let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+        if let Some(xff) = forwarded_for {
+            request
+                .headers_mut()
+                .insert("x-forwarded-for", xff.parse().unwrap());
+        }
+        let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
             .await
             .map_err(|e| format!("no websocket: {e}"))?;
         let hello = serde_json::json!({"type": "hello", "client_id": client, "token": token});
@@ -425,6 +444,52 @@ async fn behind_haproxy_each_candidate_is_limited_by_its_own_address() {
             .filter(|l| l.contains("refused"))
             .collect::<Vec<_>>()
             .join("\n")
+    );
+    // Behind an HTTP ingress there is no PROXY header: from the trusted proxy's address, the
+    // last X-Forwarded-For address is the client, throttled on its own.
+    let mut answers = Vec::new();
+    for _ in 0..12 {
+        answers.push(
+            hello_with(
+                "127.0.0.1",
+                &direct,
+                "c1",
+                "a-guessed-token",
+                b"",
+                Some("10.1.1.1, 198.51.100.77"),
+            )
+            .await,
+        );
+    }
+    assert_eq!(
+        answers.last().map(String::as_str),
+        Some("error too_fast"),
+        "{answers:?}"
+    );
+    assert_eq!(
+        hello_with(
+            "127.0.0.1",
+            &direct,
+            "c1",
+            TOKEN,
+            b"",
+            Some("198.51.100.78")
+        )
+        .await,
+        "welcome"
+    );
+    // From an untrusted peer the header means nothing: 127.0.0.4 is itself, and not throttled.
+    assert_eq!(
+        hello_with(
+            "127.0.0.4",
+            &direct,
+            "c1",
+            TOKEN,
+            b"",
+            Some("198.51.100.77")
+        )
+        .await,
+        "welcome"
     );
     drop((a, b, lb));
     env.teardown().await;

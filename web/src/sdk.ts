@@ -387,7 +387,7 @@ export class VigilClient {
   /** Set by a `signed_out` error: whatever close follows is final. */
   private signedOut = false;
   /** What stops capturing now, if anything (`capture` events, and the edge, hear of it). */
-  private problem?: CaptureProblem;
+  private problems = new Set<CaptureProblem>();
   private onVisibility?: () => void;
   private onDeviceChange?: () => void;
   state: ConnectionState = "stopped";
@@ -451,13 +451,18 @@ export class VigilClient {
     this.stopped = false;
     this.signedOut = false;
     await this.openCamera();
+    // Stopped while the camera was being opened (a permission prompt can take long): nothing
+    // more starts.
+    if (this.stopped) return;
     this.encoder = makeEncoder(this.opts.workerUrl);
     this.startedAt = performance.now();
     this.onVisibility = () =>
       document.visibilityState === "hidden" ? this.report("hidden") : this.clear("hidden");
     this.onDeviceChange = () => {
       // A camera plugged back in (or another one) after the one in use was lost.
-      if (this.problem === "camera_lost") void this.openCamera().then(() => this.clear("camera_lost"), () => {});
+      if (this.problems.has("camera_lost") && !this.stopped) {
+        void this.openCamera().then(() => this.clear("camera_lost"), () => {});
+      }
     };
     document.addEventListener("visibilitychange", this.onVisibility);
     navigator.mediaDevices.addEventListener?.("devicechange", this.onDeviceChange);
@@ -466,7 +471,7 @@ export class VigilClient {
 
   private async openCamera() {
     this.camera?.getTracks().forEach((t) => t.stop());
-    this.camera = await navigator.mediaDevices.getUserMedia({
+    const camera = await navigator.mediaDevices.getUserMedia({
       audio: false,
       video: {
         width: { ideal: this.opts.width },
@@ -474,6 +479,12 @@ export class VigilClient {
         frameRate: { ideal: this.opts.fps },
       },
     });
+    if (this.stopped) {
+      // `stop()` came while the camera opened: release it at once.
+      camera.getTracks().forEach((t) => t.stop());
+      return;
+    }
+    this.camera = camera;
     for (const track of this.camera.getVideoTracks()) {
       // Unplugged, taken by another application, or permission revoked.
       track.addEventListener("ended", () => {
@@ -487,22 +498,29 @@ export class VigilClient {
     await this.video.play();
   }
 
+  /** The problem to show and tell now: the latest of those still standing. */
+  private get problem(): CaptureProblem | undefined {
+    return [...this.problems].pop();
+  }
+
   /** Something now stops capturing: tell the page and the edge, once. */
   private report(problem: CaptureProblem, detail?: string) {
-    if (this.problem === problem) return;
-    this.problem = problem;
+    if (this.problems.has(problem)) return;
+    this.problems.add(problem);
     this.emit("capture", { state: problem, detail });
     this.send({ type: "presence", state: problem });
     if (this.welcome && !this.paused) this.setState({ state: "interrupted", detail: problem });
   }
 
-  /** `problem` is over: frames can flow again. */
+  /** `problem` is over. Frames flow again only when no other problem stands. */
   private clear(problem: CaptureProblem) {
-    if (this.problem !== problem) return;
-    this.problem = undefined;
-    this.emit("capture", { state: "ok" });
-    this.send({ type: "presence", state: "ok" });
-    if (this.welcome) this.setState({ state: this.paused ? "paused" : "streaming" });
+    if (!this.problems.delete(problem)) return;
+    const still = this.problem;
+    this.emit("capture", { state: still ?? "ok" });
+    this.send({ type: "presence", state: still ?? "ok" });
+    if (!this.welcome) return;
+    if (still) this.setState({ state: "interrupted", detail: still });
+    else this.setState({ state: this.paused ? "paused" : "streaming" });
   }
 
   /** Stop streaming, close the socket and release the camera. */
@@ -520,6 +538,7 @@ export class VigilClient {
   }
 
   private connect() {
+    if (this.stopped) return;
     this.setState({ state: this.attempt === 0 ? "connecting" : "reconnecting" });
     const protocols =
       this.opts.encoding === "json"
@@ -694,7 +713,7 @@ export class VigilClient {
         }
         return;
       }
-      if (this.problem === "encoder_failed") this.clear("encoder_failed");
+      this.clear("encoder_failed");
       const jpeg = new Uint8Array(encoded.jpeg);
       if (jpeg.byteLength > welcome.max_frame_bytes) {
         this.quality = Math.max(0.3, this.quality - 0.1);
