@@ -1041,11 +1041,7 @@ async fn connection(
         }
         Ok(proxy::Preamble::None | proxy::Preamble::Local) => {}
         Err(e) => {
-            shared
-                .metrics
-                .sessions_refused
-                .with_label_values(&[e.reason()])
-                .inc();
+            shared.refused(e.reason());
             if e != proxy::ProxyError::Closed {
                 tracing::warn!(%peer, error = %e, "connection refused");
             }
@@ -1172,11 +1168,7 @@ async fn connection(
         pending = match shared.gate.place(pending, peer.ip()) {
             Ok(placed) => placed,
             Err(refusal) => {
-                shared
-                    .metrics
-                    .sessions_refused
-                    .with_label_values(&[refusal.as_str()])
-                    .inc();
+                shared.refused(refusal.as_str());
                 return;
             }
         };

@@ -1251,6 +1251,12 @@ impl Session {
         }
         self.capture_judged = Some(now);
         tracing::info!(client = %self.client_id, state = state.as_str(), "the client reports it cannot capture");
+        self.absent(now);
+    }
+
+    /// The candidate is away (silence, or the client's own report): a `no_frames` verdict,
+    /// counted like any verdict, and the silence clock starts over.
+    fn absent(&mut self, now: Instant) {
         self.silent_since = now;
         self.shared
             .metrics
@@ -1476,14 +1482,8 @@ impl Session {
         let now = Instant::now();
         let silence = Duration::from_millis(self.shared.policy.no_frames_ms);
         if !silence.is_zero() && !self.paused && now.duration_since(self.silent_since) >= silence {
-            // Counted like any verdict; again after each further silent period.
-            self.silent_since = now;
-            self.shared
-                .metrics
-                .verdicts
-                .with_label_values(&[Verdict::NoFrames.as_str()])
-                .inc();
-            self.judge(Verdict::NoFrames, None);
+            // Again after each further silent period.
+            self.absent(now);
         }
         let overdue = self.window.overdue(now, SWEEP_GRACE);
         for seq in &overdue.published {
