@@ -34,7 +34,7 @@ if [ ! -f "$tgz" ]; then
     (cd "$human" && npm pack --silent @vladmandic/human@3.3.6 >/dev/null)
 fi
 echo "425e9c51dbbca0c8934362b170cb0d54c2529c11c654b3c03092b16e9d6ad3f7  $tgz" | sha256sum -c --quiet -
-tfvenv="$ROOT/.cache/models-work/venv-tfjs-coco-ssd"   # the same pins as [recipe.tfjs-coco-ssd]
+tfvenv="$ROOT/.cache/models-work/venv-tfjs-coco-ssd"   # the Python 3.9-3.11 pins of [recipe.tfjs-coco-ssd]
 if [ ! -f "$out/human_antispoof.onnx" ] || [ ! -f "$out/human_liveness.onnx" ]; then
     tar -xzf "$tgz" -C "$human" package/models/antispoof.json package/models/antispoof.bin \
         package/models/liveness.json package/models/liveness.bin

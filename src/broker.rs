@@ -759,7 +759,10 @@ fn properties(env: &Envelope, now_ms: u64) -> BasicProperties {
         env.payload.kind(),
         // Actions must survive a broker restart on their way to the audit trail; frames and
         // results are worthless after their deadline.
-        matches!(env.payload, Payload::Action(_) | Payload::AdminOp(_)),
+        matches!(
+            env.payload,
+            Payload::Action(_) | Payload::AdminOp(_) | Payload::Session(_)
+        ),
         (env.deadline_ms > 0).then(|| env.remaining_ms(now_ms)),
     );
     // The W3C trace context in the AMQP headers too, where tools that do not read Vigil's

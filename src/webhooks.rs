@@ -60,6 +60,12 @@ pub struct WebhookConfig {
     pub backoff_ms: Vec<u64>,
     /// Requests in flight at once [VIGIL_WEBHOOK_CONCURRENCY].
     pub concurrency: u16,
+    /// Failed tries in a row after which an endpoint is paused (its circuit opens), so a dead
+    /// receiver cannot hold every request slot [VIGIL_WEBHOOK_BREAKER_FAILURES].
+    pub breaker_failures: u32,
+    /// How long such a pause lasts, in ms; then one request tries the endpoint again
+    /// [VIGIL_WEBHOOK_BREAKER_OPEN_MS].
+    pub breaker_open_ms: u64,
 }
 
 impl Default for WebhookConfig {
@@ -74,6 +80,8 @@ impl Default for WebhookConfig {
             // 5 s, 30 s, 5 min, then every 30 min: eight tries span about two and a half hours.
             backoff_ms: vec![5_000, 30_000, 300_000, 1_800_000],
             concurrency: 16,
+            breaker_failures: 5,
+            breaker_open_ms: 30_000,
         }
     }
 }
@@ -158,6 +166,18 @@ impl WebhookConfig {
             .any(|ms| !(100..=86_400_000).contains(ms))
         {
             errors.push("webhooks.backoff_ms: each wait must be within 100..=86400000 ms".into());
+        }
+        if !(1..=10_000).contains(&self.breaker_failures) {
+            errors.push(format!(
+                "webhooks.breaker_failures = {} must be within 1..=10000",
+                self.breaker_failures
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.breaker_open_ms) {
+            errors.push(format!(
+                "webhooks.breaker_open_ms = {} must be within 100..=3600000",
+                self.breaker_open_ms
+            ));
         }
         if !(1..=1024).contains(&self.concurrency) {
             errors.push(format!(
@@ -344,6 +364,27 @@ impl Event {
         }
     }
 
+    /// The webhook of a session's start or end written as `entry`.
+    pub fn of_session(env: &Envelope, s: &crate::wire::SessionChange, entry: EntryRef) -> Self {
+        Self {
+            kind: format!("session.{}", type_part(&s.event)),
+            timestamp: rfc3339(s.at_ms),
+            data: EventData {
+                entry,
+                client_id: env.client_id.clone(),
+                action: None,
+                reason: (!s.reason.is_empty()).then(|| s.reason.clone()),
+                rule: None,
+                session: Some(format!("{:016x}", s.session)),
+                operation: None,
+                operator: None,
+                challenge: None,
+                source: env.source.clone(),
+                at_ms: s.at_ms,
+            },
+        }
+    }
+
     /// The webhook of an operator's operation written as `entry`.
     pub fn of_admin(env: &Envelope, op: &AdminOpEvent, entry: EntryRef) -> Self {
         Self {
@@ -512,7 +553,7 @@ pub fn http_client(cfg: &WebhookConfig) -> Result<reqwest::Client, String> {
 enum Tried {
     Delivered,
     Failed(String),
-    /// Not tried: the endpoint's circuit is open (it failed `BREAKER_FAILURES` times in a row),
+    /// Not tried: the endpoint's circuit is open (it failed `breaker_failures` times in a row),
     /// so the job waits without spending a try or a request slot.
     Paused {
         until_ms: u64,
@@ -521,10 +562,6 @@ enum Tried {
     Refused(String),
 }
 
-/// Consecutive failures after which an endpoint's circuit opens...
-const BREAKER_FAILURES: u32 = 3;
-/// ...for this long; then one request tries it again.
-const BREAKER_OPEN: Duration = Duration::from_secs(30);
 /// Tries a job may claim to have had: more is not a job this writer made.
 const MAX_CLAIMED_ATTEMPTS: u32 = 1_000;
 /// After the broker refused to take a job back (its queue full), wait this long before giving
@@ -620,8 +657,8 @@ impl Sender {
             *c = Circuit::default();
         } else {
             c.failures = c.failures.saturating_add(1);
-            if c.failures >= BREAKER_FAILURES {
-                c.open_until_ms = now_ms + BREAKER_OPEN.as_millis() as u64;
+            if c.failures >= self.cfg.breaker_failures {
+                c.open_until_ms = now_ms + self.cfg.breaker_open_ms;
                 c.failures = 0;
             }
         }
@@ -957,11 +994,16 @@ mod tests {
     fn an_endpoint_that_keeps_failing_is_paused_then_tried_again() {
         let s = sender(Arc::new(|_| None));
         let e = "http://a.test/h";
-        s.record(e, false, 1_000);
-        s.record(e, false, 1_100);
-        assert_eq!(s.open_until(e, 1_200), None, "two failures leave it closed");
+        for i in 1..s.cfg.breaker_failures {
+            s.record(e, false, 1_000 + u64::from(i));
+        }
+        assert_eq!(
+            s.open_until(e, 1_200),
+            None,
+            "fewer failures leave it closed"
+        );
         s.record(e, false, 1_200);
-        let until = 1_200 + BREAKER_OPEN.as_millis() as u64;
+        let until = 1_200 + s.cfg.breaker_open_ms;
         assert_eq!(s.open_until(e, 1_300), Some(until));
         assert_eq!(s.open_until("http://b.test/h", 1_300), None, "per endpoint");
         assert_eq!(s.open_until(e, until), None, "then one request tries it");

@@ -137,6 +137,22 @@ pub enum Note {
         at_ms: u64,
         written_at_ms: u64,
     },
+    /// A candidate's session started or ended on an edge.
+    Session {
+        entry_id: Uuid,
+        client_id: String,
+        /// The edge that held it.
+        source: String,
+        /// The edge's session number, hex.
+        session: String,
+        /// `started` or `ended`.
+        event: String,
+        /// For an end, why (`closed`, `replaced`, `blocked`, `signed_out`, ...).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+        at_ms: u64,
+        written_at_ms: u64,
+    },
     /// Evidence files removed by `vigil audit prune` (their entries keep their hashes).
     Prune {
         entry_id: Uuid,
@@ -150,7 +166,9 @@ pub enum Note {
 impl Note {
     fn id(&self) -> Uuid {
         match self {
-            Note::Admin { entry_id, .. } | Note::Prune { entry_id, .. } => *entry_id,
+            Note::Admin { entry_id, .. }
+            | Note::Session { entry_id, .. }
+            | Note::Prune { entry_id, .. } => *entry_id,
         }
     }
 }
@@ -748,7 +766,7 @@ fn pruned_files(path: &Path) -> Result<HashSet<String>, AuditError> {
         .into_iter()
         .flat_map(|n| match n {
             Note::Prune { files, .. } => files,
-            Note::Admin { .. } => Vec::new(),
+            Note::Admin { .. } | Note::Session { .. } => Vec::new(),
         })
         .collect())
 }
@@ -1186,6 +1204,7 @@ impl Hooks {
         let event = match &env.payload {
             Payload::Action(a) => Event::of_action(env, a, entry),
             Payload::AdminOp(op) => Event::of_admin(env, op, entry),
+            Payload::Session(s) => Event::of_session(env, s, entry),
             _ => return Ok(()),
         };
         let jobs = Job::for_event(&self.cfg, &event);
@@ -1297,7 +1316,14 @@ async fn handle(
     metrics: &AuditMetrics,
 ) -> Result<(), AuditError> {
     let env = match Envelope::decode(delivery.data()) {
-        Ok(env) if matches!(env.payload, Payload::Action(_) | Payload::AdminOp(_)) => env,
+        Ok(env)
+            if matches!(
+                env.payload,
+                Payload::Action(_) | Payload::AdminOp(_) | Payload::Session(_)
+            ) =>
+        {
+            env
+        }
         other => {
             tracing::warn!(error = ?other.err(), "not an action event; dead-lettering");
             metrics.rejected.inc();
@@ -1307,7 +1333,7 @@ async fn handle(
     };
     let started = Instant::now();
     let store = store.clone();
-    let admin_op = matches!(env.payload, Payload::AdminOp(_));
+    let admin_op = matches!(env.payload, Payload::AdminOp(_) | Payload::Session(_));
     let (written, head, entry, env) = tokio::task::spawn_blocking(move || {
         let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
         let written = match &env.payload {
@@ -1319,6 +1345,16 @@ async fn handle(
                 client_id: env.client_id.clone(),
                 source: env.source.clone(),
                 at_ms: op.at_ms,
+                written_at_ms: crate::wire::now_ms(),
+            }),
+            Payload::Session(s) => store.note(&Note::Session {
+                entry_id: env.id,
+                client_id: env.client_id.clone(),
+                source: env.source.clone(),
+                session: format!("{:016x}", s.session),
+                event: s.event.clone(),
+                reason: s.reason.clone(),
+                at_ms: s.at_ms,
                 written_at_ms: crate::wire::now_ms(),
             }),
             _ => unreachable!("checked above"),

@@ -223,6 +223,20 @@ pub static VARS: &[Var] = &[
         r#"tries per entry and endpoint (waits of 5 s, 30 s, 5 min, then 30 min, jittered) before it goes to `webhooks.failed`"#
     ),
     var!(
+        "VIGIL_WEBHOOK_BREAKER_FAILURES",
+        [Audit],
+        webhooks.breaker_failures,
+        r#"5"#,
+        r#"failed webhook tries in a row after which an endpoint is paused"#
+    ),
+    var!(
+        "VIGIL_WEBHOOK_BREAKER_OPEN_MS",
+        [Audit],
+        webhooks.breaker_open_ms,
+        r#"30000"#,
+        r#"how long such a pause lasts; then one request tries the endpoint again"#
+    ),
+    var!(
         "VIGIL_WEBHOOK_CONCURRENCY",
         [Audit],
         webhooks.concurrency,

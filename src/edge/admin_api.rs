@@ -515,6 +515,18 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
                 "kind": "admin", "at_ms": at_ms, "operator": operator,
                 "operation": operation, "source": source,
             })),
+            Note::Session {
+                client_id,
+                source,
+                session,
+                event,
+                reason,
+                at_ms,
+                ..
+            } if client_id == client => Some(serde_json::json!({
+                "kind": "session", "at_ms": at_ms, "event": event,
+                "reason": reason, "session": session, "source": source,
+            })),
             _ => None,
         }));
         entries.sort_by_key(|e| std::cmp::Reverse(e["at_ms"].as_u64().unwrap_or(0)));

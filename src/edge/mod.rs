@@ -719,6 +719,34 @@ async fn serve(
     Ok(())
 }
 
+/// Record a session's start or end in the audit trail (and so in the webhooks).
+pub(crate) fn audit_session(
+    shared: &Arc<Shared>,
+    client_id: &str,
+    session: u64,
+    event: &str,
+    reason: &str,
+) {
+    let at_ms = crate::wire::now_ms();
+    let env = Envelope {
+        schema: crate::wire::SCHEMA,
+        id: uuid::Uuid::now_v7(),
+        source: shared.edge_id.clone(),
+        seq: shared.seq.fetch_add(1, Ordering::Relaxed),
+        client_id: client_id.to_owned(),
+        produced_at_ms: at_ms,
+        deadline_ms: 0,
+        traceparent: crate::wire::new_traceparent(),
+        payload: Payload::Session(crate::wire::SessionChange {
+            session,
+            event: event.to_owned(),
+            reason: reason.to_owned(),
+            at_ms,
+        }),
+    };
+    submit_audit(shared, env);
+}
+
 /// Send an action on its way to the audit trail, tracked so that shutdown waits for it, and
 /// bounded: past `max_pending_audits`, it is counted unaudited and logged instead.
 pub(crate) fn submit_audit(shared: &Arc<Shared>, env: Envelope) {

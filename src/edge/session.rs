@@ -165,6 +165,7 @@ pub(super) async fn run(
     }
     shared.metrics.sessions_active.inc();
     tracing::info!(client = %client_id, session = format_args!("{session_id:016x}"), "session started");
+    super::audit_session(&shared, &client_id, session_id, "started", "");
     set_presence(
         &shared,
         &client_id,
@@ -256,6 +257,14 @@ pub(super) async fn run(
     }
     let end = session.run(&mut ws, rx, &closer).await;
     tracing::info!(client = %client_id, ?end, "session ended");
+    let reason = match (&end, closer.reason.get()) {
+        // Ended from outside: by a newer session, a block or a kick.
+        (End::Replaced, Some((ErrorCode::Blocked, _))) => "blocked",
+        (End::Replaced, Some((ErrorCode::Kicked, _))) => "kicked",
+        (End::Replaced, Some((ErrorCode::SignedOut, _))) => "signed_out",
+        _ => end.reason(),
+    };
+    super::audit_session(&shared, &client_id, session_id, "ended", reason);
     // A replaced session leaves the state to its successor, which loaded it already.
     if !matches!(end, End::Replaced) {
         // Saved whatever changed, so that the carry-over counts from the end of the session.
@@ -561,6 +570,23 @@ enum End {
     Flood,
     /// The policy signed the client out (closed 4423).
     SignedOut,
+}
+
+impl End {
+    /// How the audit trail names it.
+    fn reason(&self) -> &'static str {
+        match self {
+            End::ClientClosed => "closed",
+            End::ClientGone => "connection_lost",
+            End::SlowReader => "slow_reader",
+            End::Idle => "idle",
+            End::Replaced => "replaced",
+            End::Shutdown => "shutdown",
+            End::TooManyBadMessages => "bad_messages",
+            End::Flood => "flood",
+            End::SignedOut => "signed_out",
+        }
+    }
 }
 
 type ConfirmFuture = BoxFuture<'static, (u64, Uuid, Result<(), BrokerError>)>;
@@ -1171,7 +1197,8 @@ impl Session {
             | Payload::Control(_)
             | Payload::AdminOp(_)
             | Payload::EnrollRequest(_)
-            | Payload::EnrollResult(_) => {}
+            | Payload::EnrollResult(_)
+            | Payload::Session(_) => {}
         }
         self.promote().await;
     }

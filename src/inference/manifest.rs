@@ -129,7 +129,20 @@ pub enum Source {
 pub struct Recipe {
     pub npm: String,
     pub path: String,
-    pub python: Vec<String>,
+    /// Pinned tool chains, each for the Python versions it installs on; the first whose
+    /// versions include an available Python's is used.
+    pub toolchain: Vec<Toolchain>,
+}
+
+/// One pinned set of conversion tools and the command that runs them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Toolchain {
+    /// The Python versions (`"3.12"`) these pins install on.
+    pub pythons: Vec<String>,
+    /// What `pip install` gets, every package pinned.
+    pub packages: Vec<String>,
+    /// The arguments to that Python; `{input}` and `{output}` are replaced.
     pub command: Vec<String>,
 }
 
@@ -157,6 +170,18 @@ impl Manifest {
             }
             if model.sha256.len() != 64 {
                 errors.push(format!("model `{}` has a malformed sha256", model.name));
+            }
+        }
+        for (name, recipe) in &m.recipe {
+            if recipe.toolchain.is_empty() {
+                errors.push(format!("recipe `{name}` has no toolchain"));
+            }
+            for t in &recipe.toolchain {
+                if t.pythons.is_empty() || t.packages.iter().any(|p| !p.contains("==")) {
+                    errors.push(format!(
+                        "recipe `{name}`: every toolchain names its Pythons and pins every package"
+                    ));
+                }
             }
         }
         for role in REQUIRED_ROLES {

@@ -568,6 +568,10 @@ pub enum ModelsCmd {
         /// A folder of already fetched model files to copy from when they verify.
         #[arg(long)]
         cache: Option<PathBuf>,
+        /// The Python that runs model conversions. Without it, the first of python3,
+        /// python3.13 ... python3.9 that a conversion's pinned tools install on.
+        #[arg(long)]
+        python: Option<PathBuf>,
     },
     /// Load every model and print its signature and one timed run.
     Check,
@@ -1797,7 +1801,7 @@ pub fn enroll_photos(
 fn models(cfg: &Config, action: ModelsCmd) -> Result<(), CliError> {
     let manifest = crate::inference::manifest::Manifest::embedded().map_err(fail)?;
     match action {
-        ModelsCmd::Fetch { cache } => {
+        ModelsCmd::Fetch { cache, python } => {
             let bar = indicatif::ProgressBar::new(manifest.models.len() as u64);
             bar.set_style(
                 indicatif::ProgressStyle::with_template("{spinner} [{pos}/{len}] {wide_msg}")
@@ -1813,6 +1817,7 @@ fn models(cfg: &Config, action: ModelsCmd) -> Result<(), CliError> {
                 cache: cache.as_deref(),
                 work_dir,
                 ort: cfg.inference.ort_dylib.as_deref(),
+                python: python.as_deref(),
             };
             let mut seen = std::collections::HashSet::new();
             let done = crate::tools::models::fetch(&manifest, &opts, &mut |step: &str| {

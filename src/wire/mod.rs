@@ -79,6 +79,21 @@ pub enum Payload {
     EnrollRequest(EnrollRequest),
     /// A worker's answer to an [`EnrollRequest`], routed back to the edge that asked.
     EnrollResult(EnrollResult),
+    /// A candidate's session started or ended on an edge, on its way to the audit trail.
+    Session(SessionChange),
+}
+
+/// A session's start or end (the envelope names the client and the edge).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionChange {
+    /// The edge's session number.
+    pub session: u64,
+    /// `started` or `ended`.
+    pub event: String,
+    /// For an end, why: `closed` (by the client), `replaced`, `blocked`, `signed_out`,
+    /// `kicked`, `timeout`, `shutdown`, ...; empty for a start.
+    pub reason: String,
+    pub at_ms: u64,
 }
 
 /// Photos to enrol a client from (JPEG, checked by the edge like frames).
@@ -217,7 +232,8 @@ impl Payload {
             | Payload::Control(_)
             | Payload::AdminOp(_)
             | Payload::EnrollRequest(_)
-            | Payload::EnrollResult(_) => None,
+            | Payload::EnrollResult(_)
+            | Payload::Session(_) => None,
         }
     }
 
@@ -231,6 +247,7 @@ impl Payload {
             Payload::AdminOp(_) => "vigil.admin_op",
             Payload::EnrollRequest(_) => "vigil.enroll_request",
             Payload::EnrollResult(_) => "vigil.enroll_result",
+            Payload::Session(_) => "vigil.session",
         }
     }
 }

@@ -351,6 +351,42 @@ async fn an_enforced_action_reaches_the_exam_platform_signed_over_https_after_a_
     assert_eq!(event["data"]["entry"]["id"], action_id.as_str());
     assert_eq!(event["data"]["entry"]["seq"], seq);
     assert_eq!(event["data"]["entry"]["hash"], hash.as_str());
+
+    // The session's start and its end (the sign-out closed it) reach the platform too, each an
+    // audited entry of its own.
+    let r = receiver.clone();
+    let (started, ended) = eventually(
+        "the session's start and end delivered",
+        Duration::from_secs(20),
+        || {
+            let r = r.clone();
+            async move {
+                let kinds: Vec<(Hit, serde_json::Value)> = r
+                    .hits()
+                    .into_iter()
+                    .filter(|h| h.status == 200)
+                    .filter_map(|h| {
+                        let v = serde_json::from_str(&h.body).ok()?;
+                        Some((h, v))
+                    })
+                    .collect();
+                let find = |t: &str| kinds.iter().find(|(_, v)| v["type"] == t).cloned();
+                Some((find("session.started")?, find("session.ended")?))
+            }
+        },
+    )
+    .await;
+    for (hit, event) in [&started, &ended] {
+        assert!(reference_verifies(&secret, hit), "{hit:?}");
+        assert_eq!(event["data"]["client_id"], "c1");
+        let id = event["data"]["entry"]["id"].as_str().unwrap();
+        let (seq, hash) = log_entry(&env.cfg.evidence_dir, id).expect("the entry is logged");
+        assert_eq!(event["data"]["entry"]["seq"], seq);
+        assert_eq!(event["data"]["entry"]["hash"], hash.as_str());
+    }
+    assert_eq!(started.1["data"]["session"], ended.1["data"]["session"]);
+    assert_eq!(ended.1["data"]["reason"], "signed_out", "{}", ended.1);
+    assert!(started.1["data"]["reason"].is_null());
     assert!(
         crate::support::metric(
             &registry,

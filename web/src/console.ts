@@ -116,7 +116,7 @@ async function refresh() {
 }
 
 interface AuditEntry {
-  /** `action`, `admin`, `prune`, or a kind this console does not know yet (shown as it is). */
+  /** `action`, `admin`, `session`, `prune`, or a kind this console does not know yet (shown as it is). */
   kind: string;
   at_ms?: number;
   [k: string]: unknown;
@@ -175,6 +175,10 @@ async function showAudit(id: string) {
     }
     if (e.kind === "admin") {
       return el("li", { testid: "audit-admin" }, el("strong", { textContent: String(e.operation) }), ` ${when}, by ${e.operator} on ${e.source}`);
+    }
+    if (e.kind === "session") {
+      const why = e.event === "ended" && e.reason ? ` (${e.reason})` : "";
+      return el("li", { testid: "audit-session" }, el("strong", { textContent: `session ${e.event}${why}` }), ` ${when} on ${e.source}`);
     }
     if (e.kind === "prune") return el("li", {}, `evidence pruned ${when}`);
     // A kind this console does not know (a challenge, …): its name and its fields, as text.
