@@ -357,6 +357,12 @@ impl Broker {
                     AMQPValue::LongString(v.as_str().into()),
                 );
             }
+            if let Some(v) = &q.dead_letter_strategy {
+                put(
+                    "x-dead-letter-strategy",
+                    AMQPValue::LongString(v.as_str().into()),
+                );
+            }
             if q.role.is_stream() {
                 put("x-queue-type", AMQPValue::LongString("stream".into()));
             } else if q.queue_type == topology::QueueType::Quorum {

@@ -271,6 +271,12 @@ pub struct QueueSpec {
     /// queue hands an expired message back to the queue it waited for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_routing_key: Option<String>,
+    /// `at-least-once`: a quorum queue hands what it dead-letters over under publisher
+    /// confirms, keeping it until the target queue has it (RabbitMQ drops a message
+    /// dead-lettered at most once, the default, when the target cannot take it, as while a
+    /// node restarts). Needs `overflow = "reject-publish"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_strategy: Option<String>,
     /// Stream retention by age, as RabbitMQ reads it (`10m`, `1h`, `7D`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_age: Option<String>,
@@ -366,6 +372,7 @@ impl QueueSpec {
                 overflow: None,
                 dead_letter_exchange: None,
                 dead_letter_routing_key: None,
+                dead_letter_strategy: None,
                 max_age: None,
                 ..self.clone()
             })
@@ -394,6 +401,9 @@ impl QueueSpec {
         }
         if let Some(v) = &self.dead_letter_routing_key {
             d.insert("dead-letter-routing-key".into(), v.as_str().into());
+        }
+        if let Some(v) = &self.dead_letter_strategy {
+            d.insert("dead-letter-strategy".into(), v.as_str().into());
         }
         if let Some(v) = &self.max_age {
             d.insert("max-age".into(), v.as_str().into());
@@ -465,6 +475,17 @@ impl Topology {
             if q.role == QueueRole::Work && q.dead_letter_exchange.is_none() {
                 errors.push(format!(
                     "work queue `{}` has no dead_letter_exchange",
+                    q.name
+                ));
+            }
+            if let Some(s) = &q.dead_letter_strategy
+                && (s != "at-least-once"
+                    || q.queue_type != QueueType::Quorum
+                    || q.overflow != Some(Overflow::RejectPublish)
+                    || q.dead_letter_exchange.is_none())
+            {
+                errors.push(format!(
+                    "queue `{}`: dead_letter_strategy `{s}` needs `at-least-once` on a quorum queue with overflow `reject-publish` and a dead_letter_exchange",
                     q.name
                 ));
             }

@@ -546,6 +546,7 @@ impl BareRoutes {
                     overflow: None,
                     dead_letter_exchange: None,
                     dead_letter_routing_key: None,
+                    dead_letter_strategy: None,
                     max_age: None,
                     single_active_consumer: false,
                     queue_type: crate::topology::QueueType::Classic,

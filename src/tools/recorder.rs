@@ -57,6 +57,7 @@ fn tap(name: &str, bindings: Vec<BindingSpec>) -> Topology {
             overflow: Some(topology::Overflow::DropHead),
             dead_letter_exchange: None,
             dead_letter_routing_key: None,
+            dead_letter_strategy: None,
             max_age: None,
             single_active_consumer: false,
             queue_type: topology::QueueType::Classic,

@@ -4,7 +4,7 @@
 //! `vigil webhooks retry`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,13 +27,19 @@ struct Hit {
 }
 
 /// An exam platform's webhook endpoint: records every request; with `flaky`, answers 503 to
-/// the first try of each webhook id; answers 500 to all while `down`.
+/// the first try of each webhook id; with `fail_every` N > 0, answers 500 to every Nth
+/// request; answers 500 to all while `down`. `stop` closes its port, `restart` opens it again;
+/// what it recorded stays, as a platform keeps its store across a restart.
 #[derive(Clone)]
 struct Receiver {
     url: String,
+    addr: std::net::SocketAddr,
     hits: Arc<Mutex<Vec<Hit>>>,
     flaky: Arc<AtomicBool>,
     down: Arc<AtomicBool>,
+    fail_every: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
+    listening: Arc<Mutex<tokio_util::sync::CancellationToken>>,
 }
 
 impl Receiver {
@@ -44,9 +50,13 @@ impl Receiver {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let me = Self {
             url: format!("{scheme}://127.0.0.1:{}/hooks/vigil", addr.port()),
+            addr,
             hits: Arc::default(),
             flaky: Arc::default(),
             down: Arc::default(),
+            fail_every: Arc::default(),
+            requests: Arc::default(),
+            listening: Arc::default(),
         };
         let acceptor = tls.map(|(cert, key)| {
             use tokio_rustls::rustls;
@@ -67,10 +77,36 @@ impl Receiver {
             .unwrap();
             tokio_rustls::TlsAcceptor::from(Arc::new(config))
         });
-        let server = me.clone();
+        me.listen(listener, acceptor);
+        me
+    }
+
+    /// Plain HTTP only: stop accepting (the port is closed; requests are refused).
+    fn stop(&self) {
+        self.listening.lock().unwrap().cancel();
+    }
+
+    /// Plain HTTP only: listen on the same port again.
+    async fn restart(&self) {
+        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        *self.listening.lock().unwrap() = tokio_util::sync::CancellationToken::new();
+        self.listen(listener, None);
+    }
+
+    fn listen(
+        &self,
+        listener: tokio::net::TcpListener,
+        acceptor: Option<tokio_rustls::TlsAcceptor>,
+    ) {
+        let server = self.clone();
+        let stop = self.listening.lock().unwrap().clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = stop.cancelled() => return,
+                };
+                let Ok((stream, _)) = accepted else {
                     return;
                 };
                 let (server, acceptor) = (server.clone(), acceptor.clone());
@@ -86,7 +122,6 @@ impl Receiver {
                 });
             }
         });
-        me
     }
 
     /// Read one HTTP/1.1 request, record it, answer, close.
@@ -137,17 +172,20 @@ impl Receiver {
         let status = {
             let mut hits = self.hits.lock().unwrap();
             let id = headers.get("webhook-id").cloned().unwrap_or_default();
-            let status = if self.down.load(Ordering::SeqCst) {
-                500
-            } else if self.flaky.load(Ordering::SeqCst)
-                && !hits
-                    .iter()
-                    .any(|h| h.headers.get("webhook-id") == Some(&id))
-            {
-                503
-            } else {
-                200
-            };
+            let n = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
+            let every = self.fail_every.load(Ordering::SeqCst);
+            let status =
+                if self.down.load(Ordering::SeqCst) || (every > 0 && n.is_multiple_of(every)) {
+                    500
+                } else if self.flaky.load(Ordering::SeqCst)
+                    && !hits
+                        .iter()
+                        .any(|h| h.headers.get("webhook-id") == Some(&id))
+                {
+                    503
+                } else {
+                    200
+                };
             hits.push(Hit {
                 headers,
                 body: String::from_utf8_lossy(&raw[body_at..body_at + length]).into_owned(),
@@ -592,4 +630,261 @@ async fn a_dead_endpoint_fills_the_failed_queue_and_retry_sends_it_again() {
     let dir = env.clients_dir.clone();
     env.teardown().await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// How many of `hits` the Standard Webhooks reference implementation accepts, in one Python
+/// run.
+fn reference_verifies_all(secret: &str, hits: &[Hit]) -> usize {
+    use std::io::Write as _;
+    let python = std::env::var("VIGIL_WEBHOOK_VERIFIER").unwrap_or_else(|_| {
+        panic!("VIGIL_WEBHOOK_VERIFIER is not set: scripts/test.sh installs standardwebhooks")
+    });
+    let script = "import json, sys\n\
+                  from standardwebhooks import Webhook\n\
+                  req = json.load(sys.stdin)\n\
+                  wh = Webhook(req['secret'])\n\
+                  n = 0\n\
+                  for h in req['hits']:\n\
+                  \x20   try:\n\
+                  \x20       wh.verify(h['body'].encode(), h['headers'])\n\
+                  \x20       n += 1\n\
+                  \x20   except Exception as e:\n\
+                  \x20       print(e, file=sys.stderr)\n\
+                  print(n)\n";
+    let mut child = std::process::Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("the verifier's python runs");
+    let list: Vec<serde_json::Value> = hits
+        .iter()
+        .map(|h| serde_json::json!({"body": h.body, "headers": h.headers}))
+        .collect();
+    let request = serde_json::json!({"secret": secret, "hits": list});
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(request.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Every entry id of the audit log (an action's `action_id`, a note's `entry_id`).
+fn log_ids(dir: &std::path::Path) -> Vec<String> {
+    let log = std::fs::read_to_string(dir.join("audit.log")).unwrap_or_default();
+    log.lines()
+        .filter_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            let r = &v["record"];
+            r["action_id"]
+                .as_str()
+                .or(r["entry_id"].as_str())
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// A soak of the whole path: ten candidates' sessions and a stream of actions for
+/// `VIGIL_SOAK_SECS` (300 unless set), to a platform that fails every third request and is
+/// restarted once, through a broker restart. Every audited entry reaches it (by id, with the
+/// same body on every try, each signature accepted by the reference implementation), and it
+/// receives nothing that is not audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_clients_for_five_minutes_reach_a_failing_restarted_receiver_through_a_broker_restart()
+{
+    use crate::support::PrivateBroker;
+    use std::collections::{BTreeMap, BTreeSet};
+    let secs: u64 = std::env::var("VIGIL_SOAK_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let run = Duration::from_secs(secs);
+    let rabbit = PrivateBroker::start().await;
+    let receiver = Receiver::start(None).await;
+    receiver.fail_every.store(3, Ordering::SeqCst);
+    let mut env = TestEnv::new("webhook-soak");
+    env.cfg.amqp_url = rabbit.url();
+    let secret = with_webhooks(&mut env, &receiver.url);
+    // Short waits, and tries enough to outlast both restarts.
+    env.cfg.webhooks.backoff_ms = vec![500, 1_000, 2_000];
+    env.cfg.webhooks.max_attempts = 60;
+    env.cfg.webhooks.breaker_open_ms = 2_000;
+    env.cfg.edge.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    env.cfg.edge.admin_token = Some(ADMIN_TOKEN.into());
+    let url = env.start_edge("e1").await;
+    let admin = env.edges[0].admin_addr.unwrap();
+    let registry = prometheus::Registry::new();
+    let writer = vigil::audit::start(env.cfg.clone(), registry.clone(), env.shutdown.clone())
+        .await
+        .unwrap();
+
+    // Ten candidates, each reading everything the edge sends until told to stop.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        let id = format!("c{i}");
+        env.add_client(&id);
+        let (mut conn, _) = Connection::connect(&url, &id, TOKEN, Encoding::Json)
+            .await
+            .unwrap();
+        let stop = stop.clone();
+        clients.push(tokio::spawn(async move {
+            let mut actions = 0u64;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    m = conn.recv() => match m {
+                        Some(Ok(Incoming::Msg(ServerMsg::Action { .. }))) => actions += 1,
+                        Some(Ok(_)) => {}
+                        _ => break,
+                    },
+                }
+            }
+            conn.close().await;
+            actions
+        }));
+    }
+
+    // The platform restarts at a third of the run, the broker at two thirds, while actions go
+    // on: forced through the admin API in turn (the policy's own path to the audit trail), one
+    // every 250 ms.
+    let rabbit = Arc::new(rabbit);
+    let chaos = {
+        let (receiver, rabbit) = (receiver.clone(), rabbit.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(run / 3).await;
+            receiver.stop();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            receiver.restart().await;
+            tokio::time::sleep(run / 3).await;
+            rabbit.stop();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            rabbit.boot().await;
+        })
+    };
+    let started = std::time::Instant::now();
+    let (mut forced, mut refused) = (0u64, 0u64);
+    let mut n = 0u64;
+    while started.elapsed() < run || !chaos.is_finished() {
+        let client = format!("c{}", n % 10);
+        let action = if (n / 10).is_multiple_of(2) {
+            "warn"
+        } else {
+            "allow"
+        };
+        let path = format!("/v1/admin/clients/{client}/action");
+        let body = format!(r#"{{"action":"{action}"}}"#);
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            http(admin, "POST", &path, Some(ADMIN_TOKEN), Some(&body)),
+        )
+        .await
+        {
+            Ok((202, _)) => forced += 1,
+            _ => refused += 1,
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    chaos.await.unwrap();
+    stop.cancel();
+    let mut received = 0;
+    for c in clients {
+        received += c.await.unwrap();
+    }
+
+    // Actions the edge could not hand to the broker while it was down are counted, not logged.
+    let metrics = eventually("the edge's metrics", Duration::from_secs(10), || {
+        let addr = env.edges[0].metrics_addr;
+        async move { crate::support::http_get(addr, "/metrics").await.ok() }
+    })
+    .await
+    .1;
+    let unaudited: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vigil_edge_actions_unaudited_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64;
+    // Every entry of the trail (actions, and the sessions' starts and ends) delivered.
+    let dir = env.cfg.evidence_dir.clone();
+    let r = receiver.clone();
+    let ids = eventually(
+        "every audited entry delivered",
+        Duration::from_secs(120),
+        || {
+            let (dir, r) = (dir.clone(), r.clone());
+            async move {
+                let ids: BTreeSet<String> = log_ids(&dir).into_iter().collect();
+                let delivered: BTreeSet<String> = r
+                    .hits()
+                    .into_iter()
+                    .filter(|h| h.status == 200)
+                    .map(|h| h.headers["webhook-id"].clone())
+                    .collect();
+                let ends = ids.len() as u64 + unaudited >= forced + 20;
+                (ends && ids.is_subset(&delivered)).then_some(ids)
+            }
+        },
+    )
+    .await;
+    // Nothing is still on its way.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let hits = receiver.hits();
+    let mut by_id: BTreeMap<&str, Vec<&Hit>> = BTreeMap::new();
+    for h in &hits {
+        by_id.entry(&h.headers["webhook-id"]).or_default().push(h);
+    }
+    let delivered: BTreeSet<String> = by_id.keys().map(|k| (*k).to_owned()).collect();
+    assert_eq!(
+        delivered, ids,
+        "the platform got exactly the audited entries"
+    );
+    for (id, tries) in &by_id {
+        assert!(
+            tries.iter().all(|h| h.body == tries[0].body),
+            "{id}: every try of an entry sends the same body"
+        );
+    }
+    let ok: Vec<Hit> = hits.iter().filter(|h| h.status == 200).cloned().collect();
+    let twice = by_id
+        .values()
+        .filter(|t| t.iter().filter(|h| h.status == 200).count() > 1)
+        .count();
+    let failed = hits.iter().filter(|h| h.status == 500).count();
+    assert!(failed > 0, "the platform failed every third request");
+    let verified = reference_verifies_all(&secret, &hits);
+    assert_eq!(
+        verified,
+        hits.len(),
+        "standardwebhooks accepts every request"
+    );
+    let kinds: BTreeMap<String, usize> = ok.iter().fold(BTreeMap::new(), |mut m, h| {
+        let v: serde_json::Value = serde_json::from_str(&h.body).unwrap();
+        *m.entry(v["type"].as_str().unwrap_or("?").to_owned())
+            .or_default() += 1;
+        m
+    });
+    assert!(
+        kinds.get("session.started").copied().unwrap_or(0) >= 10,
+        "{kinds:?}"
+    );
+    println!(
+        "webhook soak: {secs} s, 10 clients; {forced} actions forced ({refused} refused while the broker was down), {received} seen by the clients, {unaudited} unaudited; {} audited entries {kinds:?}; {} requests: {failed} failed (every third, and the receiver's restart), {} accepted, {twice} entries accepted twice (at least once; receivers dedupe by webhook-id); {verified} signatures verified by standardwebhooks",
+        ids.len(),
+        hits.len(),
+        ok.len(),
+    );
+
+    env.shutdown.cancel();
+    writer.join().await.unwrap();
+    let clients_dir = env.clients_dir.clone();
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(clients_dir);
 }
