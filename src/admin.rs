@@ -71,7 +71,7 @@ impl AdminOp {
 }
 
 /// What `list`, `show` and the API show of a client.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClientView {
     pub id: String,
     pub display_name: String,
@@ -131,6 +131,43 @@ pub fn list(store: &dyn ClientStore) -> Result<Vec<ClientView>, AdminError> {
         .iter()
         .map(|r| Ok(ClientView::of(r, live_presence(store, &r.id, now)?)))
         .collect()
+}
+
+/// One page of clients in id order: those after `after`, of `status` when given; the presence
+/// (one directory read each) is looked up for the page's clients only.
+#[derive(Debug)]
+pub struct Page {
+    pub clients: Vec<ClientView>,
+    /// How many clients match, on every page.
+    pub total: usize,
+    /// The id to ask for the next page after, when there is one.
+    pub next: Option<String>,
+}
+
+pub fn list_page(
+    store: &dyn ClientStore,
+    after: Option<&str>,
+    limit: usize,
+    status: Option<ClientStatus>,
+) -> Result<Page, AdminError> {
+    let now = wire::now_ms();
+    let mut records = store.list()?;
+    records.retain(|r| status.is_none_or(|s| r.status == s));
+    records.sort_by(|a, b| a.id.cmp(&b.id));
+    let total = records.len();
+    let start = after.map_or(0, |a| records.partition_point(|r| r.id.as_str() <= a));
+    let page = &records[start.min(total)..];
+    let next = (page.len() > limit).then(|| page[limit - 1].id.clone());
+    let clients = page
+        .iter()
+        .take(limit)
+        .map(|r| Ok(ClientView::of(r, live_presence(store, &r.id, now)?)))
+        .collect::<Result<_, AdminError>>()?;
+    Ok(Page {
+        clients,
+        total,
+        next,
+    })
 }
 
 pub fn show(store: &dyn ClientStore, id: &str) -> Result<ClientView, AdminError> {

@@ -58,7 +58,7 @@ pub enum DirectoryError {
 }
 
 /// Whether a client may stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientStatus {
     Active,
@@ -66,6 +66,17 @@ pub enum ClientStatus {
     Blocked,
     /// The policy signed the client out: no session until an operator re-admits it.
     SignedOut,
+}
+
+impl ClientStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientStatus::Active => "active",
+            ClientStatus::Paused => "paused",
+            ClientStatus::Blocked => "blocked",
+            ClientStatus::SignedOut => "signed_out",
+        }
+    }
 }
 
 /// One enrolled client.
@@ -299,7 +310,7 @@ fn stamp_update(record: &mut ClientRecord, id: &str) {
 }
 
 /// Whether a client is connected, as the edges last reported it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Connection {
     /// Connected to an edge.

@@ -3,7 +3,10 @@
 //! reloaded when the file changes), or the shared `VIGIL_ADMIN_TOKEN` (operator `admin`).
 //! Every operation is audited with the operator's name. Without any token the API is off.
 //!
-//! - `GET  /v1/admin/clients`, `GET /v1/admin/clients/{id}`
+//! - `GET  /v1/admin/openapi.json`: this list as OpenAPI 3.1, generated from the handlers (no
+//!   token needed)
+//! - `GET  /v1/admin/clients?limit=&after=&status=` (a page in id order; `Link: rel="next"`,
+//!   `X-Total-Count`), `GET /v1/admin/clients/{id}`
 //! - `POST /v1/admin/clients` with `{"id","token","name"}`; without `token`, a 256-bit one is
 //!   generated and returned once, as `token`, in the answer
 //! - `POST /v1/admin/clients/{id}/{pause|resume|block|unblock|kick|remove}`
@@ -98,6 +101,62 @@ fn modified(path: &std::path::Path) -> Option<std::time::SystemTime> {
 
 type Api = Arc<ApiState>;
 
+/// The API's description, generated from the handlers: `GET /v1/admin/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Vigil admin API",
+        description = "Operators' API of every Vigil edge: clients, their sessions and tokens, and the audit trail. Every call but this document needs an operator's bearer token, and every change is audited with the operator's name."
+    ),
+    paths(list, show, add, op, force, mint_session, sessions, reference, enroll, audit_trail, evidence),
+    components(schemas(ErrorBody)),
+    modifiers(&BearerToken),
+    tags(
+        (name = "clients", description = "the directory of clients, and operations on them"),
+        (name = "sessions", description = "live sessions and short-lived session tokens"),
+        (name = "audit", description = "the audit trail, read-only"),
+    )
+)]
+struct ApiDoc;
+
+/// The operators' bearer token, as a security scheme.
+struct BearerToken;
+
+impl utoipa::Modify for BearerToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "operator",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some(
+                            "an operator's token (`vigil operators add`) or VIGIL_ADMIN_TOKEN",
+                        ))
+                        .build(),
+                ),
+            );
+    }
+}
+
+/// The document, rendered once.
+fn openapi_json() -> &'static str {
+    static JSON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    JSON.get_or_init(|| {
+        use utoipa::OpenApi as _;
+        ApiDoc::openapi()
+            .to_pretty_json()
+            .expect("the API description renders")
+    })
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
+}
+
 /// TLS handshakes the admin API runs at once; more connections wait in the kernel's backlog.
 const MAX_TLS_HANDSHAKES: usize = 256;
 
@@ -153,7 +212,9 @@ pub(super) async fn serve(
         .route("/v1/admin/audit/evidence/{*path}", get(evidence))
         // Authentication runs before any handler, so before a body is read or parsed.
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
-        // The console's static files need no token; everything it asks for does.
+        // The API's description and the console's static files need no token; everything
+        // the console asks for does.
+        .route("/v1/admin/openapi.json", get(openapi))
         .route(
             "/console",
             get(|| async { axum::response::Redirect::permanent("/console/") }),
@@ -185,7 +246,13 @@ pub(super) async fn serve(
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({"error": message.into()}))).into_response()
+    (
+        status,
+        Json(ErrorBody {
+            error: message.into(),
+        }),
+    )
+        .into_response()
 }
 
 /// The operator whose bearer token the request carries (compared in constant time).
@@ -227,15 +294,109 @@ fn admin_error(e: AdminError) -> Response {
     }
 }
 
-async fn list(State(api): State<Api>) -> Response {
+/// Clients on a page of the list, when the request does not say.
+const DEFAULT_PAGE: usize = 100;
+/// The most a request may ask for at once.
+const MAX_PAGE: usize = 1000;
+
+/// `GET /v1/admin/clients`'s query.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct ListQuery {
+    /// Clients per page: 1 to 1000, 100 when unset.
+    limit: Option<usize>,
+    /// Start after this client id (the `next` of the `Link` header).
+    after: Option<String>,
+    /// Only clients of this status.
+    status: Option<crate::directory::ClientStatus>,
+}
+
+/// An error's answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct ErrorBody {
+    error: String,
+}
+
+/// A page of clients, in id order, each with its presence. The `Link` header names the next
+/// page (`rel="next"`) when there is one; `X-Total-Count` counts every matching client.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/clients",
+    tag = "clients",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "a page of clients", body = [crate::admin::ClientView],
+         headers(("link" = String, description = "`<...>; rel=\"next\"` when more follow"),
+                 ("x-total-count" = usize, description = "clients matching, on every page"))),
+        (status = 400, description = "a bad query", body = ErrorBody),
+        (status = 401, description = "no or a wrong bearer token", body = ErrorBody),
+    ),
+    security(("operator" = []))
+)]
+async fn list(
+    State(api): State<Api>,
+    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(axum::extract::Query(q)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "query: limit (1 to 1000), after (a client id), status (active, paused, blocked, signed_out)",
+        );
+    };
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be within 1..={MAX_PAGE}"),
+        );
+    }
+    if let Some(after) = &q.after
+        && crate::directory::check_client_id(after).is_err()
+    {
+        return error(StatusCode::BAD_REQUEST, "after must be a client id");
+    }
     let store = api.admin.store.clone();
-    match tokio::task::spawn_blocking(move || admin::list(&*store)).await {
-        Ok(Ok(views)) => Json(views).into_response(),
+    let (after, status) = (q.after.clone(), q.status);
+    let page = tokio::task::spawn_blocking(move || {
+        admin::list_page(&*store, after.as_deref(), limit, status)
+    })
+    .await;
+    match page {
+        Ok(Ok(page)) => {
+            let mut response = Json(page.clients).into_response();
+            let headers = response.headers_mut();
+            headers.insert("x-total-count", page.total.into());
+            if let Some(next) = page.next {
+                let status = q
+                    .status
+                    .map(|s| format!("&status={}", s.as_str()))
+                    .unwrap_or_default();
+                let link =
+                    format!("</v1/admin/clients?limit={limit}&after={next}{status}>; rel=\"next\"");
+                if let Ok(v) = header::HeaderValue::from_str(&link) {
+                    headers.insert(header::LINK, v);
+                }
+            }
+            response
+        }
         Ok(Err(e)) => admin_error(e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
+/// One client, with its presence.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/clients/{id}",
+    tag = "clients",
+    params(("id" = String, Path, description = "the client's id")),
+    responses(
+        (status = 200, description = "the client", body = crate::admin::ClientView),
+        (status = 404, description = "no such client", body = ErrorBody),
+    ),
+    security(("operator" = []))
+)]
 async fn show(State(api): State<Api>, Path(id): Path<String>) -> Response {
     let store = api.admin.store.clone();
     match tokio::task::spawn_blocking(move || admin::show(&*store, &id)).await {
@@ -245,7 +406,8 @@ async fn show(State(api): State<Api>, Path(id): Path<String>) -> Response {
     }
 }
 
-#[derive(Deserialize)]
+/// A client to add.
+#[derive(Deserialize, utoipa::ToSchema)]
 struct NewClient {
     id: String,
     #[serde(default)]
@@ -254,6 +416,20 @@ struct NewClient {
     name: String,
 }
 
+/// Add a client (audited). Without `token`, a 256-bit one is generated and returned once, as
+/// `token`, in the answer.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/clients",
+    tag = "clients",
+    request_body = NewClient,
+    responses(
+        (status = 201, description = "added", body = crate::admin::ClientView),
+        (status = 400, description = "a bad id or a weak token", body = ErrorBody),
+        (status = 409, description = "the id is taken", body = ErrorBody),
+    ),
+    security(("operator" = []))
+)]
 async fn add(
     State(api): State<Api>,
     Extension(Operator(operator)): Extension<Operator>,
@@ -283,6 +459,21 @@ async fn add(
     }
 }
 
+/// An operation on a client (audited): `pause`, `resume`, `block`, `unblock`, `kick`,
+/// `remove`, `challenge` (a liveness challenge now), `readmit` (after a sign-out).
+#[utoipa::path(
+    post,
+    path = "/v1/admin/clients/{id}/{op}",
+    tag = "clients",
+    params(("id" = String, Path, description = "the client's id"),
+           ("op" = String, Path, description = "pause, resume, block, unblock, kick, remove, challenge or readmit")),
+    responses(
+        (status = 200, description = "done; the client as it is now", body = crate::admin::ClientView),
+        (status = 204, description = "done (remove, kick, challenge)"),
+        (status = 404, description = "no such client or operation", body = ErrorBody),
+    ),
+    security(("operator" = []))
+)]
 async fn op(
     State(api): State<Api>,
     Extension(Operator(operator)): Extension<Operator>,
@@ -303,11 +494,33 @@ async fn op(
     }
 }
 
-#[derive(Deserialize)]
+/// An action to enforce now.
+#[derive(Deserialize, serde::Serialize, utoipa::ToSchema)]
 struct Force {
     action: Action,
 }
 
+/// A forced action, accepted.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Forced {
+    client: String,
+    action: Action,
+}
+
+/// Enforce an action on a client now, through the policy's own path (audited, webhooks
+/// included).
+#[utoipa::path(
+    post,
+    path = "/v1/admin/clients/{id}/action",
+    tag = "clients",
+    params(("id" = String, Path, description = "the client's id")),
+    request_body = Force,
+    responses(
+        (status = 202, description = "accepted", body = Forced),
+        (status = 404, description = "no such client", body = ErrorBody),
+    ),
+    security(("operator" = []))
+)]
 async fn force(
     State(api): State<Api>,
     Extension(Operator(operator)): Extension<Operator>,
@@ -317,14 +530,18 @@ async fn force(
     match api.admin.force(&id, body.action, &operator).await {
         Ok(()) => (
             StatusCode::ACCEPTED,
-            Json(serde_json::json!({"client": id, "action": body.action})),
+            Json(Forced {
+                client: id,
+                action: body.action,
+            }),
         )
             .into_response(),
         Err(e) => admin_error(e),
     }
 }
 
-#[derive(Deserialize)]
+/// A session token to mint.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewSession {
     client_id: String,
@@ -333,9 +550,35 @@ struct NewSession {
     ttl_s: Option<u64>,
 }
 
+/// A minted session token.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Minted {
+    client_id: String,
+    /// An EdDSA JWT: the hello's `token`. Never logged or stored.
+    token: String,
+    /// RFC 3339.
+    expires_at: String,
+    /// Unix seconds.
+    expires_at_s: u64,
+}
+
 /// Mint a short-lived session token for one client, for its exam platform's back end to hand to
 /// the candidate's page. The client must exist and be allowed in (not blocked or signed out).
 /// Audited with the operator; the token itself is never logged or stored.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/sessions",
+    tag = "sessions",
+    request_body = NewSession,
+    responses(
+        (status = 201, description = "minted", body = Minted),
+        (status = 400, description = "a ttl_s over the maximum", body = ErrorBody),
+        (status = 404, description = "no such client", body = ErrorBody),
+        (status = 409, description = "the client is blocked or signed out", body = ErrorBody),
+        (status = 501, description = "session tokens are off on this edge", body = ErrorBody),
+    ),
+    security(("operator" = []))
+)]
 async fn mint_session(
     State(api): State<Api>,
     Extension(Operator(operator)): Extension<Operator>,
@@ -387,16 +630,24 @@ async fn mint_session(
     let expires = std::time::UNIX_EPOCH + std::time::Duration::from_secs(expires_at);
     (
         StatusCode::CREATED,
-        Json(serde_json::json!({
-            "client_id": record.id,
-            "token": token,
-            "expires_at": humantime::format_rfc3339_seconds(expires).to_string(),
-            "expires_at_s": expires_at,
-        })),
+        Json(Minted {
+            client_id: record.id,
+            token,
+            expires_at: humantime::format_rfc3339_seconds(expires).to_string(),
+            expires_at_s: expires_at,
+        }),
     )
         .into_response()
 }
 
+/// This edge's live sessions.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/sessions",
+    tag = "sessions",
+    responses((status = 200, description = "the sessions this edge holds", body = [super::SessionInfo])),
+    security(("operator" = []))
+)]
 async fn sessions(State(api): State<Api>) -> Response {
     let sessions = api
         .shared
@@ -448,6 +699,18 @@ fn jpeg(bytes: Vec<u8>) -> Response {
     response
 }
 
+/// The photo the client was enrolled from.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/clients/{id}/reference.jpg",
+    tag = "clients",
+    params(("id" = String, Path, description = "the client's id")),
+    responses(
+        (status = 200, description = "the JPEG", content_type = "image/jpeg", body = Vec<u8>),
+        (status = 404, description = "no reference photo", body = ErrorBody),
+    ),
+    security(("operator" = []))
+)]
 async fn reference(State(api): State<Api>, Path(id): Path<String>) -> Response {
     let store = api.admin.store.clone();
     match tokio::task::spawn_blocking(move || store.reference_photo(&id)).await {
@@ -459,6 +722,17 @@ async fn reference(State(api): State<Api>, Path(id): Path<String>) -> Response {
 }
 
 /// One client's trail, newest first, and whether the whole chain holds.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/audit/clients/{id}",
+    tag = "audit",
+    params(("id" = String, Path, description = "the client's id")),
+    responses(
+        (status = 200, description = "`{client, chain, reference, entries}`: entries of kind `action`, `admin`, `session`, `prune`, newest first", body = Object),
+        (status = 503, description = "no audit log in VIGIL_EVIDENCE_DIR", body = ErrorBody),
+    ),
+    security(("operator" = []))
+)]
 async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response {
     use crate::audit::{self, Note, Verification};
     let dir = api.evidence_dir.clone();
@@ -550,6 +824,18 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
 }
 
 /// One evidence frame, by the path its record names (inside the evidence folder only).
+/// One evidence frame of the audit trail.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/audit/evidence/{path}",
+    tag = "audit",
+    params(("path" = String, Path, description = "the frame's path, as the trail names it")),
+    responses(
+        (status = 200, description = "the JPEG", content_type = "image/jpeg", body = Vec<u8>),
+        (status = 404, description = "no such frame", body = ErrorBody),
+    ),
+    security(("operator" = []))
+)]
 async fn evidence(State(api): State<Api>, Path(path): Path<String>) -> Response {
     let file = format!("evidence/{path}");
     if !crate::audit::is_evidence_path(&file) || !file.ends_with(".jpg") {
@@ -573,13 +859,30 @@ fn enroll_body_limit(max_frame_bytes: usize) -> usize {
     crate::worker::MAX_ENROLL_PHOTOS * max_frame_bytes.div_ceil(3) * 4 + 4096
 }
 
-#[derive(Deserialize)]
+/// Photos to enrol from.
+#[derive(Deserialize, utoipa::ToSchema)]
 struct EnrollBody {
+    /// 1 to 5 JPEGs, base64 (a `data:` URL prefix is allowed), each within the frame limits.
     photos: Vec<String>,
 }
 
 /// Enrol a client from photos: checked here like frames, judged by a worker's model stack
 /// (a request and its answer over the broker), saved in the directory, and audited.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/clients/{id}/enroll",
+    tag = "clients",
+    params(("id" = String, Path, description = "the client's id")),
+    request_body = EnrollBody,
+    responses(
+        (status = 200, description = "enrolled: each photo's similarity to the template", body = Object),
+        (status = 400, description = "not 1 to 5 JPEGs", body = ErrorBody),
+        (status = 413, description = "a photo over the frame limits", body = ErrorBody),
+        (status = 422, description = "refused by the quality checks, with the reason", body = ErrorBody),
+        (status = 504, description = "no worker answered in time", body = ErrorBody),
+    ),
+    security(("operator" = []))
+)]
 async fn enroll(
     State(api): State<Api>,
     Extension(Operator(operator)): Extension<Operator>,
@@ -752,5 +1055,60 @@ impl Drop for Waiting<'_> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `/v1/admin/` route this file gives the router, in OpenAPI's spelling.
+    fn routed() -> std::collections::BTreeSet<String> {
+        let source = include_str!("admin_api.rs");
+        let mut paths = std::collections::BTreeSet::new();
+        for part in source.split(".route(").skip(1) {
+            let Some(path) = part
+                .trim_start()
+                .strip_prefix('"')
+                .and_then(|p| p.split('"').next())
+            else {
+                continue;
+            };
+            if path.starts_with("/v1/admin/") && path != "/v1/admin/openapi.json" {
+                paths.insert(path.replace("{*", "{"));
+            }
+        }
+        paths
+    }
+
+    #[test]
+    fn the_openapi_document_is_3_1_and_describes_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(openapi_json()).unwrap();
+        assert!(
+            doc["openapi"].as_str().unwrap().starts_with("3.1"),
+            "{}",
+            doc["openapi"]
+        );
+        let described: std::collections::BTreeSet<String> =
+            doc["paths"].as_object().unwrap().keys().cloned().collect();
+        let routed = routed();
+        assert!(routed.len() >= 9, "{routed:?}");
+        assert_eq!(described, routed, "every route described, nothing else");
+        // Every operation but the document itself needs the operator's token.
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                assert_eq!(
+                    op["security"][0]["operator"],
+                    serde_json::json!([]),
+                    "{method} {path}"
+                );
+            }
+        }
+        assert_eq!(
+            doc["components"]["securitySchemes"]["operator"]["scheme"],
+            "bearer"
+        );
+        let view = &doc["components"]["schemas"]["ClientView"]["properties"];
+        assert!(view["status"].is_object() && view["connection"].is_object());
     }
 }

@@ -93,7 +93,7 @@ pub(crate) struct SessionEntry {
 }
 
 /// A live session as `GET /v1/admin/sessions` lists it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct SessionInfo {
     pub client_id: String,
     pub session_id: String,

@@ -732,3 +732,117 @@ async fn an_action_fired_as_the_edge_gets_sigterm_reaches_the_audit_queue() {
     writer.join().await.unwrap();
     env.teardown().await;
 }
+
+/// The client list comes in pages (following `Link: rel="next"`), filtered by status, with
+/// the presence looked up for the page only; and the API describes itself as OpenAPI 3.1,
+/// without a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_list_comes_in_pages_and_the_api_describes_itself() {
+    let mut env = TestEnv::new("pages");
+    with_admin_api(&mut env);
+    let _url = env.start_edge("e1").await;
+    for i in 0..7 {
+        env.add_client(&format!("p{i}"));
+    }
+    let admin = env.edges[0].admin_addr.unwrap();
+    let (status, _) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients/p3/block",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    vigil::telemetry::install_crypto_provider();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let base = format!("http://{admin}");
+    let get = |path: String| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            client
+                .get(format!("{base}{path}"))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+
+    // Pages of three, in id order, to the end.
+    let mut seen = Vec::new();
+    let mut path = "/v1/admin/clients?limit=3".to_owned();
+    let mut pages = 0;
+    loop {
+        let res = get(path.clone()).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-total-count"], "7");
+        let link = res
+            .headers()
+            .get("link")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let page: Vec<serde_json::Value> = res.json().await.unwrap();
+        assert!(page.len() <= 3);
+        seen.extend(page.iter().map(|c| c["id"].as_str().unwrap().to_owned()));
+        pages += 1;
+        match link {
+            Some(l) => {
+                assert!(l.ends_with(r#">; rel="next""#), "{l}");
+                path = l[1..l.find('>').unwrap()].to_owned();
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, (0..7).map(|i| format!("p{i}")).collect::<Vec<_>>());
+
+    // Filtered by status.
+    let res = get("/v1/admin/clients?status=blocked".into()).await;
+    assert_eq!(res.headers()["x-total-count"], "1");
+    let blocked: Vec<serde_json::Value> = res.json().await.unwrap();
+    assert_eq!(blocked.len(), 1);
+    assert_eq!(blocked[0]["id"], "p3");
+
+    // Bad queries are refused, with a reason.
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "limit=x",
+        "status=gone",
+        "after=../x",
+        "other=1",
+    ] {
+        let res = get(format!("/v1/admin/clients?{bad}")).await;
+        assert_eq!(res.status(), 400, "{bad}");
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert!(body["error"].is_string(), "{bad}: {body}");
+    }
+
+    // The description: no token needed, OpenAPI 3.1, the list's parameters in it.
+    let res = client
+        .get(format!("{base}/v1/admin/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let doc: serde_json::Value = res.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    let params: Vec<&str> = doc["paths"]["/v1/admin/clients"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(params, ["limit", "after", "status"]);
+    // ...and everything else still needs one.
+    let res = client
+        .get(format!("{base}/v1/admin/clients"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    env.teardown().await;
+}

@@ -105,15 +105,40 @@ function row(c: ClientView): HTMLTableRowElement {
   );
 }
 
+/** Clients per page: the console asks for the page it shows, and nothing while hidden. */
+const PAGE = 50;
+/** The `after` of each page visited, the shown one last ("" for the first). */
+const pages: string[] = [""];
+let nextAfter: string | null = null;
+
 async function refresh() {
-  if (!token) return;
-  const res = await api("GET", "/v1/admin/clients");
+  if (!token || document.hidden) return;
+  const after = pages[pages.length - 1];
+  const res = await api("GET", `/v1/admin/clients?limit=${PAGE}${after ? `&after=${encodeURIComponent(after)}` : ""}`);
   if (!res.ok) return;
   const clients = (await res.json()) as ClientView[];
+  const total = Number(res.headers.get("x-total-count") ?? clients.length);
+  nextAfter = /[?&]after=([^&>]+)/.exec(res.headers.get("link") ?? "")?.[1] ?? null;
   const live = clients.filter((c) => c.connection === "active").length;
-  $("summary").textContent = `${clients.length} clients, ${live} connected`;
+  const first = (pages.length - 1) * PAGE + 1;
+  $("summary").textContent =
+    total > clients.length
+      ? `${total} clients; ${first}–${first + clients.length - 1} shown, ${live} of them connected`
+      : `${total} clients, ${live} connected`;
+  $<HTMLButtonElement>("page-prev").disabled = pages.length === 1;
+  $<HTMLButtonElement>("page-next").disabled = nextAfter === null;
   $("clients").replaceChildren(...clients.map(row));
 }
+
+$("page-next").addEventListener("click", () => {
+  if (nextAfter !== null) pages.push(decodeURIComponent(nextAfter));
+  void refresh();
+});
+$("page-prev").addEventListener("click", () => {
+  if (pages.length > 1) pages.pop();
+  void refresh();
+});
+document.addEventListener("visibilitychange", () => void refresh());
 
 interface AuditEntry {
   /** `action`, `admin`, `session`, `prune`, or a kind this console does not know yet (shown as it is). */
@@ -201,7 +226,7 @@ async function showAudit(id: string) {
 $<HTMLFormElement>("signin").addEventListener("submit", async (e) => {
   e.preventDefault();
   token = $<HTMLInputElement>("admin-token").value.trim();
-  const res = await api("GET", "/v1/admin/clients");
+  const res = await api("GET", "/v1/admin/clients?limit=1");
   if (!res.ok) return;
   sessionStorage.setItem("vigil-admin-token", token);
   start();
