@@ -225,3 +225,142 @@ async fn an_edge_without_a_session_key_refuses_session_tokens() {
     env.teardown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The integration example an exam platform copies (`web/examples/exam-backend.mjs`, run by
+/// Node.js): it mints a session token through the admin API, sends the candidate to the page
+/// with it, and receives the signed webhooks of what happens in that session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_integration_example_mints_a_token_opens_the_page_and_receives_the_webhooks() {
+    let mut env = TestEnv::new("example");
+    let dir = env.clients_dir.with_extension("keys");
+    env.cfg.sessions = keys(&dir, "session.key");
+    env.cfg.edge.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    env.cfg.edge.admin_token = Some(ADMIN_TOKEN.into());
+    let port = crate::support::free_port();
+    let secret = vigil::webhooks::Secret::generate();
+    env.cfg.webhooks.urls = format!("http://127.0.0.1:{port}/webhooks/vigil")
+        .parse()
+        .unwrap();
+    env.cfg.webhooks.secret = Some(secret.clone());
+    env.cfg.evidence_dir = env.clients_dir.join("evidence");
+    env.add_client("c1");
+    let url = env.start_edge("e1").await;
+    let admin = env.edges[0].admin_addr.unwrap();
+    let writer = vigil::audit::start(
+        env.cfg.clone(),
+        prometheus::Registry::new(),
+        env.shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let page = format!("http://{}/", env.edges[0].ws_addr);
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/web/examples/exam-backend.mjs");
+    let mut node = tokio::process::Command::new("node")
+        .arg(example)
+        .env("VIGIL_ADMIN_URL", format!("http://{admin}"))
+        .env("VIGIL_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("VIGIL_PAGE_URL", &page)
+        .env("VIGIL_WEBHOOK_SECRET", &secret)
+        .env("PORT", port.to_string())
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("node runs the example");
+    crate::support::eventually("the example listening", Duration::from_secs(20), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    vigil::telemetry::install_crypto_provider();
+    let platform = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+
+    // The candidate starts the exam: sent to Vigil's page with a fresh token in the fragment.
+    let res = platform
+        .get(format!("{base}/exam/start?candidate=c1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 302);
+    let location = res.headers()["location"].to_str().unwrap().to_owned();
+    let fragment = location
+        .strip_prefix(&format!("{page}#client=c1&token="))
+        .unwrap_or_else(|| panic!("{location}"));
+    let token = fragment.to_owned();
+    assert!(token.starts_with("eyJ"), "{location}");
+    // An unknown candidate gets Vigil's refusal, not a page.
+    let res = platform
+        .get(format!("{base}/exam/start?candidate=nobody"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 502);
+
+    // The page opens the session with it; an operator warns the candidate.
+    let (conn, welcome) = Connection::connect(&url, "c1", &token, Encoding::Json)
+        .await
+        .unwrap();
+    assert!(matches!(welcome, ServerMsg::Welcome { .. }));
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients/c1/action",
+        Some(ADMIN_TOKEN),
+        Some(r#"{"action":"warn"}"#),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+
+    // The platform hears of the session's start, the minting and the warning, each verified.
+    let events =
+        crate::support::eventually("the example's webhooks", Duration::from_secs(30), || {
+            let (platform, base) = (platform.clone(), base.clone());
+            async move {
+                let events: Vec<serde_json::Value> = platform
+                    .get(format!("{base}/exam/events"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                let has = |t: &str| events.iter().any(|e| e["type"] == t);
+                (has("session.started") && has("action.warn") && has("admin.mint_session"))
+                    .then_some(events)
+            }
+        })
+        .await;
+    assert!(
+        events.iter().all(|e| e["data"]["client_id"] == "c1"),
+        "{events:?}"
+    );
+    // A request it cannot verify is refused.
+    let res = platform
+        .post(format!("{base}/webhooks/vigil"))
+        .header("webhook-id", "forged")
+        .header(
+            "webhook-timestamp",
+            (vigil::wire::now_ms() / 1000).to_string(),
+        )
+        .header("webhook-signature", "v1,AAAA")
+        .body(r#"{"type":"action.allow","data":{"client_id":"c1"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+
+    conn.close().await;
+    let _ = node.kill().await;
+    env.shutdown.cancel();
+    writer.join().await.unwrap();
+    let clients_dir = env.clients_dir.clone();
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(clients_dir);
+    let _ = std::fs::remove_dir_all(dir);
+}
