@@ -129,6 +129,7 @@ pub struct EdgeMetrics {
     pub verdicts: IntCounterVec,
     pub actions: IntCounterVec,
     pub actions_unaudited: IntCounter,
+    pub session_events_unaudited: IntCounter,
     pub control_applied: IntCounterVec,
     pub challenges: IntCounterVec,
     pub suspicions: IntCounterVec,
@@ -238,6 +239,11 @@ impl EdgeMetrics {
                 registry,
                 "vigil_edge_actions_unaudited_total",
                 "Actions that could not be handed to the audit exchange after retries",
+            ),
+            session_events_unaudited: counter(
+                registry,
+                "vigil_edge_session_events_unaudited_total",
+                "Sessions' starts and ends left out of the audit trail because half the pending-audit budget was in use (actions keep the other half)",
             ),
             control_applied: counter_vec(
                 registry,

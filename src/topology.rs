@@ -25,7 +25,7 @@ pub const AUDIT_CHECKPOINTS: &str = "audit.checkpoints";
 pub const WEBHOOKS_EXCHANGE: &str = "webhooks";
 pub const WEBHOOKS_QUEUE: &str = "webhooks";
 pub const WEBHOOKS_FAILED_QUEUE: &str = "webhooks.failed";
-/// The back-off's steps: `webhooks.retry.1` to `webhooks.retry.<this>`, routed `retry.<n>`.
+/// The back-off's steps: `webhooks.wait.1` to `webhooks.wait.<this>`, routed `wait.<n>`.
 pub const WEBHOOK_RETRY_STEPS: usize = 4;
 pub const EDGE_REPLY_QUEUE: &str = "replies.edge.{node}";
 pub const EDGE_CONTROL_QUEUE: &str = "control.edge.{node}";
@@ -566,7 +566,7 @@ impl Topology {
         }
         // Each back-off step waits in its own queue and goes back to the delivery queue.
         for step in 1..=WEBHOOK_RETRY_STEPS {
-            let name = format!("{WEBHOOKS_QUEUE}.retry.{step}");
+            let name = format!("{WEBHOOKS_QUEUE}.wait.{step}");
             let back = queue(&name).is_some_and(|q| {
                 q.dead_letter_exchange.as_deref() == Some(WEBHOOKS_EXCHANGE)
                     && q.dead_letter_routing_key.as_deref() == Some("deliver")
@@ -574,11 +574,11 @@ impl Topology {
             let bound = self.bindings.iter().any(|b| {
                 b.exchange == WEBHOOKS_EXCHANGE
                     && b.queue == name
-                    && b.routing_key == format!("retry.{step}")
+                    && b.routing_key == format!("wait.{step}")
             });
             if !back || !bound {
                 errors.push(format!(
-                    "queue `{name}` must be bound from `{WEBHOOKS_EXCHANGE}` with `retry.{step}` and dead-letter to `{WEBHOOKS_EXCHANGE}` with routing key `deliver`"
+                    "queue `{name}` must be bound from `{WEBHOOKS_EXCHANGE}` with `wait.{step}` and dead-letter to `{WEBHOOKS_EXCHANGE}` with routing key `deliver`"
                 ));
             }
         }

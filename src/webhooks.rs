@@ -7,7 +7,7 @@
 //! entry's message: a crash in between redelivers the entry, and the job goes out again (at
 //! least once; receivers dedupe by `webhook-id`, the entry's id). A separate task of the writer,
 //! on its own connection, delivers the jobs, so a slow or dead receiver never delays the audit
-//! trail. A failed try goes to a delay queue (`webhooks.retry.<step>`) with a jittered
+//! trail. A failed try goes to a delay queue (`webhooks.wait.<step>`) with a jittered
 //! expiration, then back to the `webhooks` queue; after `max_attempts` tries the job goes to
 //! `webhooks.failed`, which `vigil webhooks list` shows and `vigil webhooks retry` re-sends.
 //!
@@ -323,8 +323,17 @@ pub struct EventData {
     pub at_ms: u64,
 }
 
+/// RFC 3339, for any `ms` a message may carry: past 9999-12-31 (which RFC 3339 cannot write,
+/// and humantime's formatter refuses) it says that last instant instead of failing.
 fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    const LAST_MS: u64 = 253_402_300_799_999;
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.min(LAST_MS));
+    let mut out = String::new();
+    use std::fmt::Write as _;
+    match write!(out, "{}", humantime::format_rfc3339_millis(t)) {
+        Ok(()) => out,
+        Err(_) => "9999-12-31T23:59:59.999Z".to_owned(),
+    }
 }
 
 /// Keep a type's parts to what a receiver can route on: lower-case letters, digits, `_`, `.`.
@@ -457,7 +466,7 @@ impl Job {
 /// What to do with a job after a failed try.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
-    /// Wait in `webhooks.retry.<step>` for `wait_ms`, then try again.
+    /// Wait in `webhooks.wait.<step>` for `wait_ms`, then try again.
     Retry { step: usize, wait_ms: u64 },
     /// Give up: to `webhooks.failed`.
     GiveUp,
@@ -706,7 +715,7 @@ impl Sender {
                 // Not a try: it waits for the circuit, in the back-off's first step.
                 let wait = until_ms.saturating_sub(now) + rand::random::<u64>() % 1_000;
                 job.last_error = Some("the endpoint keeps failing; paused".into());
-                ("retry.1".to_owned(), Some(wait), "paused")
+                ("wait.1".to_owned(), Some(wait), "paused")
             }
             Tried::Refused(why) => {
                 tracing::warn!(id = %job.id, endpoint = %redact(&job.endpoint), error = %why, "webhook job not sent");
@@ -720,7 +729,7 @@ impl Sender {
                 job.last_try_at_ms = Some(now);
                 let next = next_after(&self.cfg, job.attempts, rand::random::<f64>() * 2.0 - 1.0);
                 let (key, wait) = match next {
-                    Next::Retry { step, wait_ms } => (format!("retry.{step}"), Some(wait_ms)),
+                    Next::Retry { step, wait_ms } => (format!("wait.{step}"), Some(wait_ms)),
                     Next::GiveUp => ("failed".to_owned(), None),
                 };
                 tracing::warn!(
@@ -898,6 +907,14 @@ pub async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_time_a_message_carries_formats_without_panicking() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_765_012_345_120), "2025-12-06T09:12:25.120Z");
+        assert_eq!(rfc3339(u64::MAX), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(253_402_300_800_000), "9999-12-31T23:59:59.999Z");
+    }
 
     /// The specification's own example (standard-webhooks, libraries' test suites).
     #[test]

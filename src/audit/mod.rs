@@ -150,6 +150,9 @@ pub enum Note {
         /// For an end, why (`closed`, `replaced`, `blocked`, `signed_out`, ...).
         #[serde(default, skip_serializing_if = "String::is_empty")]
         reason: String,
+        /// The candidate's address, as the edge saw it.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        address: String,
         at_ms: u64,
         written_at_ms: u64,
     },
@@ -1306,6 +1309,43 @@ async fn serve(
     Ok(())
 }
 
+/// How an edge may end a session, as `SessionChange::reason` names it.
+pub(crate) const SESSION_END_REASONS: [&str; 11] = [
+    "closed",
+    "connection_lost",
+    "slow_reader",
+    "idle",
+    "replaced",
+    "shutdown",
+    "bad_messages",
+    "flood",
+    "signed_out",
+    "blocked",
+    "kicked",
+];
+
+/// What is wrong with a session's start or end, as the broker brought it: only what an edge
+/// sends is written (a known event and reason, a tame client id, an address, a time that is
+/// not in the future).
+fn session_problem(env: &Envelope, s: &crate::wire::SessionChange, now_ms: u64) -> Option<String> {
+    const DAY_MS: u64 = 86_400_000;
+    if crate::directory::check_client_id(&env.client_id).is_err() {
+        return Some("a malformed client id".into());
+    }
+    match (s.event.as_str(), s.reason.as_str()) {
+        ("started", "") => {}
+        ("ended", r) if SESSION_END_REASONS.contains(&r) => {}
+        _ => return Some("an unknown event or reason".into()),
+    }
+    if !s.address.is_empty() && s.address.parse::<std::net::IpAddr>().is_err() {
+        return Some("a malformed address".into());
+    }
+    if s.at_ms > now_ms + DAY_MS || env.source.len() > 128 {
+        return Some("a time in the future or an oversized source".into());
+    }
+    None
+}
+
 /// Store one delivery, then settle it. Storage failures stop the writer (the delivery stays
 /// unacked and is redelivered to the next writer).
 async fn handle(
@@ -1331,6 +1371,14 @@ async fn handle(
             return Ok(());
         }
     };
+    if let Payload::Session(s) = &env.payload
+        && let Some(why) = session_problem(&env, s, crate::wire::now_ms())
+    {
+        tracing::warn!(client = %env.client_id.escape_debug(), source = %env.source.escape_debug(), %why, "a session event refused; dead-lettering");
+        metrics.rejected.inc();
+        let _ = delivery.dead_letter().await;
+        return Ok(());
+    }
     let started = Instant::now();
     let store = store.clone();
     let admin_op = matches!(env.payload, Payload::AdminOp(_) | Payload::Session(_));
@@ -1354,6 +1402,7 @@ async fn handle(
                 session: format!("{:016x}", s.session),
                 event: s.event.clone(),
                 reason: s.reason.clone(),
+                address: s.address.clone(),
                 at_ms: s.at_ms,
                 written_at_ms: crate::wire::now_ms(),
             }),
@@ -1392,6 +1441,45 @@ async fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_session_events_an_edge_sends_are_written() {
+        let now = 1_765_000_000_000;
+        let env = |client: &str, event: &str, reason: &str, address: &str, at_ms: u64| {
+            let s = crate::wire::SessionChange {
+                session: 7,
+                event: event.into(),
+                reason: reason.into(),
+                at_ms,
+                address: address.into(),
+            };
+            let e = Envelope {
+                schema: crate::wire::SCHEMA,
+                id: Uuid::now_v7(),
+                source: "edge-1".into(),
+                seq: 1,
+                client_id: client.into(),
+                produced_at_ms: at_ms,
+                deadline_ms: 0,
+                traceparent: String::new(),
+                payload: Payload::Session(s.clone()),
+            };
+            session_problem(&e, &s, now)
+        };
+        assert_eq!(env("c1", "started", "", "203.0.113.9", now), None);
+        assert_eq!(env("c1", "ended", "signed_out", "2001:db8::1", now), None);
+        assert_eq!(env("c1", "ended", "closed", "", now - 3_600_000), None);
+        for bad in [
+            env("../c1", "started", "", "", now),
+            env("c1", "hijacked", "", "", now),
+            env("c1", "started", "closed", "", now),
+            env("c1", "ended", "anything", "", now),
+            env("c1", "ended", "closed", "not an address", now),
+            env("c1", "started", "", "", u64::MAX),
+        ] {
+            assert!(bad.is_some());
+        }
+    }
     use crate::wire::{EvidenceFrame, SCHEMA};
 
     fn event(action: Action) -> (Envelope, ActionEvent) {

@@ -274,6 +274,9 @@ pub struct EdgeConfig {
     /// retries); past this many, a new action is counted unaudited rather than queued
     /// [VIGIL_EDGE_MAX_PENDING_AUDITS].
     pub max_pending_audits: usize,
+    /// How long an action keeps trying to reach the audit exchange (through a broker restart
+    /// or failover) before it is counted unaudited, in ms [VIGIL_EDGE_AUDIT_RETRY_MS].
+    pub audit_retry_ms: u64,
     /// On shutdown, after the sessions have closed, how long the actions still on their way
     /// to the audit trail may take, in ms [VIGIL_EDGE_AUDIT_DRAIN_MS].
     pub audit_drain_ms: u64,
@@ -398,6 +401,7 @@ impl Default for EdgeConfig {
             trusted_proxies: crate::edge::proxy::TrustedProxies::default(),
             shutdown_grace_ms: 2_000,
             max_pending_audits: 1024,
+            audit_retry_ms: 60_000,
             audit_drain_ms: 5_000,
             ws_read_buffer_bytes: 16 * 1024,
             ws_max_write_buffer_bytes: 4 * 1024 * 1024,
@@ -563,6 +567,7 @@ impl Config {
                 ("edge.ping_interval_ms", e.ping_interval_ms),
                 ("edge.idle_timeout_ms", e.idle_timeout_ms),
                 ("edge.max_pending_audits", e.max_pending_audits as u64),
+                ("edge.audit_retry_ms", e.audit_retry_ms),
                 ("edge.max_unauthenticated", e.max_unauthenticated as u64),
                 (
                     "edge.max_unauthenticated_per_source",

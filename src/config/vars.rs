@@ -440,6 +440,13 @@ pub static VARS: &[Var] = &[
         r#"actions waiting for the audit queue's confirm; past it a new action is counted in `vigil_edge_actions_unaudited_total` instead"#
     ),
     var!(
+        "VIGIL_EDGE_AUDIT_RETRY_MS",
+        [Edge],
+        edge.audit_retry_ms,
+        r#"60000"#,
+        r#"how long an action keeps trying to reach the audit exchange (a broker restart, a failover) before it is counted unaudited"#
+    ),
+    var!(
         "VIGIL_EDGE_AUDIT_DRAIN_MS",
         [Edge],
         edge.audit_drain_ms,

@@ -795,11 +795,13 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
                 session,
                 event,
                 reason,
+                address,
                 at_ms,
                 ..
             } if client_id == client => Some(serde_json::json!({
                 "kind": "session", "at_ms": at_ms, "event": event,
                 "reason": reason, "session": session, "source": source,
+                "address": address,
             })),
             _ => None,
         }));

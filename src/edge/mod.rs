@@ -726,7 +726,15 @@ pub(crate) fn audit_session(
     session: u64,
     event: &str,
     reason: &str,
+    address: std::net::IpAddr,
 ) {
+    // Starts and ends give way to actions: past half the budget (a broker outage, a storm of
+    // reconnects), they are counted and left out, so the actions keep their half.
+    if shared.audits.len() >= shared.cfg.max_pending_audits / 2 {
+        shared.metrics.session_events_unaudited.inc();
+        tracing::warn!(client = %client_id, event, "too many audits pending; a session's {event} is not audited");
+        return;
+    }
     let at_ms = crate::wire::now_ms();
     let env = Envelope {
         schema: crate::wire::SCHEMA,
@@ -742,6 +750,7 @@ pub(crate) fn audit_session(
             event: event.to_owned(),
             reason: reason.to_owned(),
             at_ms,
+            address: address.to_string(),
         }),
     };
     submit_audit(shared, env);
@@ -763,11 +772,15 @@ pub(crate) fn submit_audit(shared: &Arc<Shared>, env: Envelope) {
     });
 }
 
-/// Publish an action to the audit exchange under confirms, retrying a few times; an action that
-/// still cannot be handed over is logged and counted (the client has it already).
+/// Publish an action to the audit exchange under confirms, retrying (backing off to 2 s) for
+/// `audit_retry_ms`, long enough for a broker restart; an action that still cannot be handed
+/// over is logged and counted (the client has it already).
 pub(crate) async fn audit_action(shared: &Shared, env: &Envelope) {
     let mut delay = Duration::from_millis(200);
-    for attempt in 1..=5 {
+    let give_up = std::time::Instant::now() + Duration::from_millis(shared.cfg.audit_retry_ms);
+    let mut attempt = 0u32;
+    while std::time::Instant::now() < give_up {
+        attempt += 1;
         let published = match shared
             .publisher()
             .publish(&shared.actions_exchange, "", env)
@@ -781,7 +794,7 @@ pub(crate) async fn audit_action(shared: &Shared, env: &Envelope) {
             Err(e) => {
                 tracing::warn!(error = %e, attempt, action_id = %env.id, "action not confirmed by the broker");
                 tokio::time::sleep(delay).await;
-                delay *= 2;
+                delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
     }

@@ -165,7 +165,7 @@ pub(super) async fn run(
     }
     shared.metrics.sessions_active.inc();
     tracing::info!(client = %client_id, session = format_args!("{session_id:016x}"), "session started");
-    super::audit_session(&shared, &client_id, session_id, "started", "");
+    super::audit_session(&shared, &client_id, session_id, "started", "", peer.ip());
     set_presence(
         &shared,
         &client_id,
@@ -264,7 +264,7 @@ pub(super) async fn run(
         (End::Replaced, Some((ErrorCode::SignedOut, _))) => "signed_out",
         _ => end.reason(),
     };
-    super::audit_session(&shared, &client_id, session_id, "ended", reason);
+    super::audit_session(&shared, &client_id, session_id, "ended", reason, peer.ip());
     // A replaced session leaves the state to its successor, which loaded it already.
     if !matches!(end, End::Replaced) {
         // Saved whatever changed, so that the carry-over counts from the end of the session.
@@ -1595,6 +1595,29 @@ impl RateLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_way_a_session_ends_is_one_the_audit_writer_takes() {
+        for end in [
+            End::ClientClosed,
+            End::ClientGone,
+            End::SlowReader,
+            End::Idle,
+            End::Replaced,
+            End::Shutdown,
+            End::TooManyBadMessages,
+            End::Flood,
+            End::SignedOut,
+        ] {
+            assert!(
+                crate::audit::SESSION_END_REASONS.contains(&end.reason()),
+                "{end:?}"
+            );
+        }
+        for outside in ["blocked", "kicked", "signed_out"] {
+            assert!(crate::audit::SESSION_END_REASONS.contains(&outside));
+        }
+    }
 
     #[test]
     fn rate_limit_admits_max_fps_then_limits() {

@@ -242,8 +242,6 @@ fn obtain(
     }
 }
 
-/// A file committed in this repository: from the working directory (a checkout), else from the
-/// checkout this binary was built in.
 /// The Pythons looked for when none is named, in this order: the default one first.
 const PYTHONS: [&str; 6] = [
     "python3",
@@ -321,6 +319,8 @@ fn pick_toolchain<'r>(
     ))
 }
 
+/// A file committed in this repository: from the working directory (a checkout), else from the
+/// checkout this binary was built in.
 fn repo_file(repo: &str) -> Result<PathBuf, String> {
     let built_in = Path::new(env!("CARGO_MANIFEST_DIR")).join(repo);
     [PathBuf::from(repo), built_in.clone()]

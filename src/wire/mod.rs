@@ -90,10 +90,14 @@ pub struct SessionChange {
     pub session: u64,
     /// `started` or `ended`.
     pub event: String,
-    /// For an end, why: `closed` (by the client), `replaced`, `blocked`, `signed_out`,
-    /// `kicked`, `timeout`, `shutdown`, ...; empty for a start.
+    /// For an end, why: `closed` (by the client), `connection_lost`, `replaced`, `blocked`,
+    /// `signed_out`, `kicked`, `idle`, `shutdown`, ...; empty for a start.
     pub reason: String,
     pub at_ms: u64,
+    /// The candidate's address as the edge saw it (behind a trusted proxy, the one the proxy
+    /// reported).
+    #[serde(default)]
+    pub address: String,
 }
 
 /// Photos to enrol a client from (JPEG, checked by the edge like frames).

@@ -203,7 +203,7 @@ async function showAudit(id: string) {
     }
     if (e.kind === "session") {
       const why = e.event === "ended" && e.reason ? ` (${e.reason})` : "";
-      return el("li", { testid: "audit-session" }, el("strong", { textContent: `session ${e.event}${why}` }), ` ${when} on ${e.source}`);
+      return el("li", { testid: "audit-session" }, el("strong", { textContent: `session ${e.event}${why}` }), ` ${when} on ${e.source}${e.address ? ` from ${e.address}` : ""}`);
     }
     if (e.kind === "prune") return el("li", {}, `evidence pruned ${when}`);
     // A kind this console does not know (a challenge, …): its name and its fields, as text.
