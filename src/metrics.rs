@@ -140,6 +140,7 @@ pub struct EdgeMetrics {
     pub idle_closed: IntCounter,
     pub broker_blocked: IntGauge,
     pub admin_tls_failed: IntCounter,
+    pub admin_connections_refused: IntCounter,
     pub lease_failures: IntCounter,
     pub audits_pending: IntGauge,
 }
@@ -297,6 +298,11 @@ impl EdgeMetrics {
                 registry,
                 "vigil_edge_admin_tls_failures_total",
                 "Admin API connections dropped because their TLS handshake failed or timed out",
+            ),
+            admin_connections_refused: counter(
+                registry,
+                "vigil_edge_admin_connections_refused_total",
+                "Admin API connections closed at accept: the listener had VIGIL_HTTP_MAX_CONNECTIONS",
             ),
             lease_failures: counter(
                 registry,

@@ -90,6 +90,7 @@ pub async fn start_with(
     health.set("models", true);
     let metrics_addr = telemetry::serve_metrics(
         cfg.metrics_listen,
+        telemetry::HttpLimits::of(&cfg),
         registry.clone(),
         health.clone(),
         shutdown.clone(),

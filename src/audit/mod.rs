@@ -977,6 +977,7 @@ pub async fn start(
     let health = Health::new(&["broker", "topology", "storage"]);
     let metrics_addr = telemetry::serve_metrics(
         cfg.metrics_listen,
+        telemetry::HttpLimits::of(&cfg),
         registry.clone(),
         health.clone(),
         shutdown.clone(),

@@ -44,6 +44,12 @@ pub struct Config {
     /// Address of the `/metrics`, `/healthz` and `/readyz` endpoints; port 0 picks a free port
     /// [VIGIL_METRICS_LISTEN].
     pub metrics_listen: SocketAddr,
+    /// Connections an HTTP listener (the admin API, `/metrics`) serves at once; more are
+    /// closed as they are accepted [VIGIL_HTTP_MAX_CONNECTIONS].
+    pub http_max_connections: usize,
+    /// How long an HTTP connection may go without sending or taking a byte (no headers, no
+    /// next request) before it is closed, in ms [VIGIL_HTTP_IDLE_TIMEOUT_MS].
+    pub http_idle_timeout_ms: u64,
     /// Topology file; the built-in `exchanges.toml` when unset [VIGIL_TOPOLOGY].
     pub topology_file: Option<PathBuf>,
     /// Folder of the client directory, used when `directory_url` is unset
@@ -353,6 +359,8 @@ impl Default for Config {
             broker_roles: crate::roles::RoleMode::Shared,
             broker_management_url: None,
             metrics_listen: "127.0.0.1:9090".parse().expect("valid address"),
+            http_max_connections: 256,
+            http_idle_timeout_ms: 60_000,
             topology_file: None,
             clients_dir: PathBuf::from("clients"),
             directory_url: None,
@@ -522,6 +530,18 @@ impl Config {
         }
         if let Err(e) = self.management() {
             errors.push(e.to_string());
+        }
+        if !(1..=65_536).contains(&self.http_max_connections) {
+            errors.push(format!(
+                "http_max_connections = {} must be within 1..=65536",
+                self.http_max_connections
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.http_idle_timeout_ms) {
+            errors.push(format!(
+                "http_idle_timeout_ms = {} must be within 100..=3600000",
+                self.http_idle_timeout_ms
+            ));
         }
         for url in crate::broker::broker_urls(&self.amqp_url) {
             if let Err(e) = crate::broker::tls_ca(url) {

@@ -118,6 +118,20 @@ pub static VARS: &[Var] = &[
         r#"metrics and health (port 0 picks one)"#
     ),
     var!(
+        "VIGIL_HTTP_MAX_CONNECTIONS",
+        [Edge, Worker, Audit],
+        http_max_connections,
+        r#"256"#,
+        r#"connections an HTTP listener (the admin API, `/metrics`) serves at once; more are closed as they are accepted and counted (`vigil_edge_admin_connections_refused_total`, `vigil_metrics_connections_refused_total`)"#
+    ),
+    var!(
+        "VIGIL_HTTP_IDLE_TIMEOUT_MS",
+        [Edge, Worker, Audit],
+        http_idle_timeout_ms,
+        r#"60000"#,
+        r#"an HTTP connection that sends or takes nothing this long (no headers, no next request) is closed; keep it above the longest request (an enrolment waits up to 30 s for a worker)"#
+    ),
+    var!(
         "VIGIL_TOPOLOGY",
         [Edge, Worker, Audit],
         opt topology_file,

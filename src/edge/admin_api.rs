@@ -163,6 +163,7 @@ const MAX_TLS_HANDSHAKES: usize = 256;
 /// Start the API; returns its address.
 pub(super) async fn serve(
     listen: SocketAddr,
+    limits: crate::telemetry::HttpLimits,
     operators: OperatorSource,
     evidence_dir: std::path::PathBuf,
     tls: Option<Arc<super::tls::Tls>>,
@@ -171,7 +172,7 @@ pub(super) async fn serve(
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let limits = super::tls::HandshakeLimits {
+    let handshakes = super::tls::HandshakeLimits {
         max_handshakes: MAX_TLS_HANDSHAKES,
         handshake_timeout: std::time::Duration::from_millis(shared.cfg.hello_timeout_ms),
         failed: shared.metrics.admin_tls_failed.clone(),
@@ -195,6 +196,7 @@ pub(super) async fn serve(
         shared,
     });
     let shared_limit = state.shared.cfg.max_frame_bytes;
+    let refused = state.shared.metrics.admin_connections_refused.clone();
     let app = Router::new()
         .route("/v1/admin/clients", get(list).post(add))
         .route("/v1/admin/clients/{id}", get(show))
@@ -223,6 +225,7 @@ pub(super) async fn serve(
         .route("/console/{file}", get(console_file))
         .with_state(state);
     let Some(tls) = tls else {
+        let listener = crate::telemetry::Guarded::new(listener, limits, refused);
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -233,7 +236,8 @@ pub(super) async fn serve(
         });
         return Ok(addr);
     };
-    let listener = super::tls::TlsListener::new(listener, tls, limits, shutdown.clone())?;
+    let listener = super::tls::TlsListener::new(listener, tls, handshakes, shutdown.clone())?;
+    let listener = crate::telemetry::Guarded::new(listener, limits, refused);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -227,6 +227,7 @@ pub async fn start(
     let health = Health::new(&["broker", "topology", "directory"]);
     let metrics_addr = telemetry::serve_metrics(
         cfg.metrics_listen,
+        telemetry::HttpLimits::of(&cfg),
         registry.clone(),
         health.clone(),
         shutdown.clone(),
@@ -347,6 +348,7 @@ pub async fn start(
             };
             let addr = admin_api::serve(
                 listen,
+                telemetry::HttpLimits::of(&cfg),
                 operators,
                 cfg.evidence_dir.clone(),
                 admin_tls.map(Arc::new),

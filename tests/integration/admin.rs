@@ -861,3 +861,64 @@ async fn the_client_list_comes_in_pages_and_the_api_describes_itself() {
     assert_eq!(operations, 11, "the document's operations");
     env.teardown().await;
 }
+
+/// Idle sockets cannot hold the admin API or use up the edge's file descriptors: past
+/// `http_max_connections` a connection is closed as it is accepted (and counted), and one that
+/// sends nothing, or half a request, is closed after `http_idle_timeout_ms`; the console's
+/// requests get through again once they are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_cannot_hold_the_admin_api() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut env = TestEnv::new("idle-admin");
+    with_admin_api(&mut env);
+    env.cfg.http_max_connections = 4;
+    env.cfg.http_idle_timeout_ms = 1_000;
+    let _url = env.start_edge("e1").await;
+    let admin = env.edges[0].admin_addr.unwrap();
+    /// Whether the server closed `s` within `wait`.
+    async fn closed(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(wait, s.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+    let mut idle = Vec::new();
+    for i in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+        if i == 0 {
+            // Half a request, then nothing.
+            s.write_all(b"GET /v1/admin/clients HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+        }
+        idle.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The listener is full: the next connection is closed at once, long before the timeout.
+    let mut extra = tokio::net::TcpStream::connect(admin).await.unwrap();
+    assert!(
+        closed(&mut extra, Duration::from_millis(800)).await,
+        "a connection past the cap is closed at accept"
+    );
+    // The idle ones are closed after the idle timeout.
+    for s in &mut idle {
+        assert!(
+            closed(s, Duration::from_secs(5)).await,
+            "an idle socket closed"
+        );
+    }
+    // Room again: the console's request is served.
+    let (status, _) = http(admin, "GET", "/v1/admin/clients", Some(ADMIN_TOKEN), None).await;
+    assert_eq!(status, 200);
+    let (_, metrics) = crate::support::http_get(env.edges[0].metrics_addr, "/metrics")
+        .await
+        .unwrap();
+    let refused: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vigil_edge_admin_connections_refused_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(refused >= 1.0, "counted: {refused}");
+    env.teardown().await;
+}
