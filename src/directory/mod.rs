@@ -209,7 +209,25 @@ fn argon2_memory() -> &'static Argon2Memory {
 }
 
 /// Verify `token` against an argon2 PHC string, in constant time, with pooled memory.
+/// A hash of a random token, made as a client's is, for unknown ids to be checked against.
+fn decoy_hash() -> &'static str {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| {
+        ClientRecord::new("decoy", "", &generate_token())
+            .map(|r| r.token_hash)
+            .unwrap_or_default()
+    })
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Argon2 checks run on this thread, for tests.
+    static CHECKS_HERE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 fn verify_argon2(phc: &str, token: &str) -> bool {
+    #[cfg(test)]
+    CHECKS_HERE.with(|c| c.set(c.get() + 1));
     use argon2::password_hash::PasswordHash;
     use subtle::ConstantTimeEq;
     let Ok(hash) = PasswordHash::new(phc) else {
@@ -580,6 +598,8 @@ pub enum AuthError {
     Blocked,
     /// Signed out by the policy, not yet re-admitted.
     SignedOut,
+    /// The directory could not be read: no fault of the client's, so not a failed hello.
+    Unavailable,
 }
 
 /// What a hello presents.
@@ -610,10 +630,17 @@ pub fn authenticate(
 ) -> Result<ClientRecord, AuthError> {
     let record = match store.get(client_id) {
         Ok(Some(r)) => r,
-        Ok(None) | Err(DirectoryError::BadId(_)) => return Err(AuthError::Unauthorized),
+        Ok(None) | Err(DirectoryError::BadId(_)) => {
+            // An unknown id costs the argon2 check a known one does, so that how long the
+            // refusal takes does not tell which ids exist.
+            if let Credential::Token(token) = credential {
+                let _ = verify_argon2(decoy_hash(), token);
+            }
+            return Err(AuthError::Unauthorized);
+        }
         Err(e) => {
             tracing::error!(error = %e, "client directory unreadable");
-            return Err(AuthError::Unauthorized);
+            return Err(AuthError::Unavailable);
         }
     };
     let genuine = match credential {
@@ -645,6 +672,90 @@ pub fn authenticate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory that cannot be read (a database down, a disk gone).
+    struct Down;
+
+    fn down<T>() -> Result<T, DirectoryError> {
+        Err(DirectoryError::Busy("down".into()))
+    }
+
+    impl ClientStore for Down {
+        fn get(&self, _: &str) -> Result<Option<ClientRecord>, DirectoryError> {
+            down()
+        }
+        fn put(&self, _: &ClientRecord) -> Result<(), DirectoryError> {
+            down()
+        }
+        fn add(&self, _: &ClientRecord) -> Result<(), DirectoryError> {
+            down()
+        }
+        fn update(
+            &self,
+            _: &str,
+            _: &mut (dyn FnMut(&mut ClientRecord) + Send),
+        ) -> Result<ClientRecord, DirectoryError> {
+            down()
+        }
+        fn remove(&self, _: &str) -> Result<(), DirectoryError> {
+            down()
+        }
+        fn list(&self) -> Result<Vec<ClientRecord>, DirectoryError> {
+            down()
+        }
+        fn presence(&self, _: &str) -> Result<Option<Presence>, DirectoryError> {
+            down()
+        }
+        fn set_presence(&self, _: &str, _: &Presence) -> Result<(), DirectoryError> {
+            down()
+        }
+        fn policy(&self, _: &str) -> Result<Option<SavedPolicy>, DirectoryError> {
+            down()
+        }
+        fn put_policy(&self, _: &str, _: &SavedPolicy) -> Result<(), DirectoryError> {
+            down()
+        }
+        fn reference_photo(&self, _: &str) -> Result<Option<Vec<u8>>, DirectoryError> {
+            down()
+        }
+        fn put_reference_photo(&self, _: &str, _: &[u8]) -> Result<String, DirectoryError> {
+            down()
+        }
+        fn renew_lease(&self, _: &str, _: u64) -> Result<(), DirectoryError> {
+            down()
+        }
+        fn lease(&self, _: &str) -> Result<Option<u64>, DirectoryError> {
+            down()
+        }
+    }
+
+    #[test]
+    fn a_directory_that_cannot_be_read_is_not_the_clients_fault() {
+        let refused = authenticate(&Down, "c1", &Credential::Token("a-token-123".into()));
+        assert!(
+            matches!(refused, Err(AuthError::Unavailable)),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_id_costs_the_same_argon2_check_as_a_known_one() {
+        let s = store();
+        s.add(&ClientRecord::new("known", "", "right-token-123").unwrap())
+            .unwrap();
+        let checks = || CHECKS_HERE.with(std::cell::Cell::get);
+        let before = checks();
+        let wrong = authenticate(&s, "known", &Credential::Token("wrong-token-1".into()));
+        assert!(matches!(wrong, Err(AuthError::Unauthorized)));
+        assert_eq!(checks(), before + 1);
+        let unknown = authenticate(&s, "nobody", &Credential::Token("wrong-token-1".into()));
+        assert!(matches!(unknown, Err(AuthError::Unauthorized)));
+        assert_eq!(
+            checks(),
+            before + 2,
+            "the unknown id was checked against a decoy"
+        );
+    }
 
     fn store() -> FolderStore {
         FolderStore::open(std::env::temp_dir().join(format!("vigil-dir-{}", rand::random::<u64>())))

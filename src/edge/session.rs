@@ -461,6 +461,19 @@ async fn hello(
             .await;
             None
         }
+        Err(AuthError::Unavailable) => {
+            // The directory's fault, not the client's: not counted against its address.
+            shared.refused("directory_unavailable");
+            refuse(
+                shared,
+                ws,
+                encoding,
+                ErrorCode::SystemFull,
+                "the client directory is unavailable; retry shortly",
+            )
+            .await;
+            None
+        }
         Err(AuthError::SignedOut) => {
             shared.refused("signed_out");
             refuse(
