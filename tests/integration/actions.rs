@@ -142,9 +142,18 @@ async fn a_different_person_is_locked_out_and_audited_once() {
             .is_file()
     );
 
+    // The session's start, then the action.
+    let lines: Vec<String> = std::fs::read_to_string(dir.join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].contains(r#""kind":"session""#) && lines[0].contains(r#""event":"started""#));
+    assert!(lines[1].contains(action_id.as_str()));
     assert_eq!(
         audit::verify(&dir, None).unwrap(),
-        Verification::Intact { entries: 1 }
+        Verification::Intact { entries: 2 }
     );
     let (ok, text) = cli_verify(&dir);
     assert!(ok, "{text}");
@@ -160,7 +169,7 @@ async fn a_different_person_is_locked_out_and_audited_once() {
     let (ok, text) = cli_verify(&dir);
     assert!(!ok, "verify passed a tampered log: {text}");
     assert!(
-        text.contains("entry 1") && text.contains(action_id.as_str()),
+        text.contains("entry 2") && text.contains(action_id.as_str()),
         "{text}"
     );
 
