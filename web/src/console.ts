@@ -121,10 +121,11 @@ async function refresh() {
   nextAfter = /[?&]after=([^&>]+)/.exec(res.headers.get("link") ?? "")?.[1] ?? null;
   const live = clients.filter((c) => c.connection === "active").length;
   const first = (pages.length - 1) * PAGE + 1;
+  const noun = total === 1 ? "client" : "clients";
   $("summary").textContent =
     total > clients.length
-      ? `${total} clients; ${first}–${first + clients.length - 1} shown, ${live} of them connected`
-      : `${total} clients, ${live} connected`;
+      ? `${total} ${noun}; ${first}–${first + clients.length - 1} shown, ${live} of them connected`
+      : `${total} ${noun}, ${live} connected`;
   $<HTMLButtonElement>("page-prev").disabled = pages.length === 1;
   $<HTMLButtonElement>("page-next").disabled = nextAfter === null;
   $("clients").replaceChildren(...clients.map(row));
