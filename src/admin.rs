@@ -123,14 +123,9 @@ impl ClientView {
     }
 }
 
-/// Every client, with its status and connection.
+/// Every client, with its status and connection, in id order.
 pub fn list(store: &dyn ClientStore) -> Result<Vec<ClientView>, AdminError> {
-    let now = wire::now_ms();
-    store
-        .list()?
-        .iter()
-        .map(|r| Ok(ClientView::of(r, live_presence(store, &r.id, now)?)))
-        .collect()
+    Ok(list_page(store, None, usize::MAX, None)?.clients)
 }
 
 /// One page of clients in id order: those after `after`, of `status` when given; the presence

@@ -327,13 +327,8 @@ pub struct EventData {
 /// and humantime's formatter refuses) it says that last instant instead of failing.
 fn rfc3339(ms: u64) -> String {
     const LAST_MS: u64 = 253_402_300_799_999;
-    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.min(LAST_MS));
-    let mut out = String::new();
-    use std::fmt::Write as _;
-    match write!(out, "{}", humantime::format_rfc3339_millis(t)) {
-        Ok(()) => out,
-        Err(_) => "9999-12-31T23:59:59.999Z".to_owned(),
-    }
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms.min(LAST_MS)))
+        .to_string()
 }
 
 /// Keep a type's parts to what a receiver can route on: lower-case letters, digits, `_`, `.`.

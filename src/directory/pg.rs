@@ -130,12 +130,7 @@ fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 }
 
 fn status_of(record: &ClientRecord) -> &'static str {
-    match record.status {
-        super::ClientStatus::Active => "active",
-        super::ClientStatus::Paused => "paused",
-        super::ClientStatus::Blocked => "blocked",
-        super::ClientStatus::SignedOut => "signed_out",
-    }
+    record.status.as_str()
 }
 
 fn decode_record(id: &str, value: serde_json::Value) -> Result<ClientRecord, DirectoryError> {
