@@ -492,8 +492,6 @@ impl Broker {
         .await
     }
 
-    /// Consume a stream from its last chunk (the newest messages), for reading the latest
-    /// state a stream records.
     /// Read a stream from its first retained message on.
     pub async fn consume_stream_first(
         &self,

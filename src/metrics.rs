@@ -362,6 +362,7 @@ pub struct AuditMetrics {
     pub rejected: IntCounter,
     pub write_seconds: Histogram,
     pub checkpoint_failures: IntCounter,
+    pub checkpoint_conflicts: IntCounter,
     pub pruned_files: IntCounter,
     pub notes: IntCounter,
     pub webhooks: WebhookMetrics,
@@ -395,6 +396,11 @@ impl AuditMetrics {
                 registry,
                 "vigil_audit_checkpoint_failures_total",
                 "Checkpoints of the log's head the broker did not confirm within 5 s",
+            ),
+            checkpoint_conflicts: counter(
+                registry,
+                "vigil_audit_checkpoint_conflicts_total",
+                "Starts at which the log fell short of, or differed from, its newest valid checkpoint",
             ),
             pruned_files: counter(
                 registry,

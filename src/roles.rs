@@ -77,6 +77,8 @@ pub enum Kind {
     Enroll,
     /// Webhook deliveries, taken by the audit writer: its own, or an admin's re-sent failures.
     Webhook,
+    /// The audit writer's checkpoints, read by `verify` and by the writer when it starts.
+    Checkpoint,
 }
 
 impl Kind {
@@ -88,6 +90,7 @@ impl Kind {
             Kind::Action => "action",
             Kind::Enroll => "enroll",
             Kind::Webhook => "webhook",
+            Kind::Checkpoint => "checkpoint",
         }
     }
 
@@ -102,6 +105,7 @@ impl Kind {
             Kind::Action => &[Role::Edge, Role::Admin],
             Kind::Enroll => &[Role::Edge, Role::Admin],
             Kind::Webhook => &[Role::Audit, Role::Admin],
+            Kind::Checkpoint => &[Role::Audit],
         }
     }
 }

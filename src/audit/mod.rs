@@ -156,6 +156,20 @@ pub enum Note {
         at_ms: u64,
         written_at_ms: u64,
     },
+    /// Signing was turned on for a log whose entries so far were unsigned. This entry is the
+    /// first signed one: it vouches, under the key, for the unsigned head before it. `verify`
+    /// with the key accepts those entries only through it, and says that the key proves nothing
+    /// about them beyond their hash chain.
+    Signing {
+        entry_id: Uuid,
+        /// How many unsigned entries come before this one.
+        unsigned_entries: u64,
+        /// The hash of the last of them.
+        unsigned_head: String,
+        /// The fingerprint of the key that signs from here on ([`signing::fingerprint`]).
+        key: String,
+        written_at_ms: u64,
+    },
     /// Evidence files removed by `vigil audit prune` (their entries keep their hashes).
     Prune {
         entry_id: Uuid,
@@ -171,6 +185,7 @@ impl Note {
         match self {
             Note::Admin { entry_id, .. }
             | Note::Session { entry_id, .. }
+            | Note::Signing { entry_id, .. }
             | Note::Prune { entry_id, .. } => *entry_id,
         }
     }
@@ -246,10 +261,20 @@ pub fn utc_date(ms: u64) -> String {
 pub struct Checkpoint {
     pub seq: u64,
     pub hash: String,
-    /// The writer's signature of `hash`, as on the entry.
+    /// The writer's signature of `seq`, `hash` and `written_at_ms`
+    /// ([`signing::sign_checkpoint`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sig: Option<String>,
     pub written_at_ms: u64,
+}
+
+impl Checkpoint {
+    /// Whether `key` signed this checkpoint, its sequence number and time included.
+    pub fn signed_by(&self, key: &VerifyingKey) -> bool {
+        self.sig.as_deref().is_some_and(|sig| {
+            signing::verify_checkpoint(key, self.seq, &self.hash, self.written_at_ms, sig)
+        })
+    }
 }
 
 /// The outcome of `verify`.
@@ -310,7 +335,24 @@ impl AuditStore {
         let log_path = root.join("audit.log");
         Self::drop_torn_tail(&log_path)?;
         let public = signer.as_ref().map(SigningKey::verifying_key);
-        let (entries, last_hash, ids) = match Self::scan(&log_path, public.as_ref())? {
+        let mut scan = Self::scan(&log_path, public.as_ref())?;
+        // Signing turned on for a log that was never signed: its entries are taken on their
+        // hash chain, and a signed entry vouching for their head opens the signed part.
+        let mut vouch_for_unsigned = false;
+        if public.is_some() && matches!(scan, Scan::Broken(_)) {
+            let plain = Self::scan(&log_path, None)?;
+            if let Scan::Ok {
+                entries,
+                any_signed: false,
+                ..
+            } = plain
+                && entries > 0
+            {
+                scan = plain;
+                vouch_for_unsigned = true;
+            }
+        }
+        let (entries, last_hash, ids) = match scan {
             Scan::Ok {
                 signed: true,
                 entries,
@@ -341,7 +383,7 @@ impl AuditStore {
             .append(true)
             .open(&log_path)
             .map_err(io(&log_path))?;
-        Ok(Self {
+        let mut store = Self {
             root: root.to_owned(),
             log_path,
             log,
@@ -350,7 +392,22 @@ impl AuditStore {
             last_hash,
             next_seq: entries + 1,
             ids,
-        })
+        };
+        if vouch_for_unsigned && let Some(key) = public {
+            tracing::warn!(
+                unsigned_entries = entries,
+                "signing an audit log whose entries so far are unsigned: a signed entry vouches \
+                 for their head, and the key proves nothing more about them"
+            );
+            store.note(&Note::Signing {
+                entry_id: Uuid::now_v7(),
+                unsigned_entries: entries,
+                unsigned_head: store.last_hash.clone(),
+                key: signing::fingerprint(&key),
+                written_at_ms: crate::wire::now_ms(),
+            })?;
+        }
+        Ok(store)
     }
 
     /// A crash during an append can leave a last line without its newline. That entry was never
@@ -375,14 +432,15 @@ impl AuditStore {
 
     /// The newest entry's sequence number, hash and signature.
     pub fn head(&self) -> Checkpoint {
+        let (seq, written_at_ms) = (self.len(), crate::wire::now_ms());
         Checkpoint {
-            seq: self.len(),
+            seq,
             hash: self.last_hash.clone(),
             sig: self
                 .signer
                 .as_ref()
-                .map(|k| signing::sign(k, &self.last_hash)),
-            written_at_ms: crate::wire::now_ms(),
+                .map(|k| signing::sign_checkpoint(k, seq, &self.last_hash, written_at_ms)),
+            written_at_ms,
         }
     }
 
@@ -577,6 +635,7 @@ impl AuditStore {
                     last_hash: GENESIS.into(),
                     ids: HashMap::new(),
                     signed: false,
+                    any_signed: false,
                 });
             }
             Err(e) => return Err(io(path)(e)),
@@ -585,6 +644,10 @@ impl AuditStore {
         let mut ids = HashMap::new();
         let mut entries = 0;
         let mut signed = false;
+        let mut any_signed = false;
+        // With a key: the first signed entry's line, and the first unsigned one's.
+        let mut signed_from: Option<u64> = None;
+        let mut first_unsigned: Option<(usize, Option<String>)> = None;
         for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
             let line = line.map_err(io(path))?;
             let lineno = i + 1;
@@ -628,6 +691,11 @@ impl AuditStore {
             }
             if let Some(key) = public {
                 match &entry.sig {
+                    // Unsigned entries may only open the log, before the entry that turned
+                    // signing on; the end of the scan checks that one came.
+                    None if signed_from.is_none() => {
+                        first_unsigned.get_or_insert((lineno, id_text.clone()));
+                    }
                     None => return broken(id_text, "it is not signed".into()),
                     Some(sig) if !signing::verify(key, &entry.hash, sig) => {
                         return broken(
@@ -637,6 +705,26 @@ impl AuditStore {
                                 .into(),
                         );
                     }
+                    Some(_) if signed_from.is_none() => {
+                        let unsigned = entries;
+                        if unsigned > 0 {
+                            let vouches = matches!(
+                                serde_json::from_str::<Note>(entry.record.get()),
+                                Ok(Note::Signing { unsigned_entries, unsigned_head, .. })
+                                    if unsigned_entries == unsigned && unsigned_head == prev
+                            );
+                            if !vouches {
+                                return broken(
+                                    id_text,
+                                    format!(
+                                        "the first signed entry follows {unsigned} unsigned \
+                                         ones without vouching for them (a signing entry)"
+                                    ),
+                                );
+                            }
+                        }
+                        signed_from = Some(lineno as u64);
+                    }
                     Some(_) => {}
                 }
             }
@@ -645,14 +733,25 @@ impl AuditStore {
             };
             ids.insert(action_id, (entry.seq, entry.hash.clone()));
             signed = entry.sig.is_some();
+            any_signed |= signed;
             prev = entry.hash;
             entries += 1;
+        }
+        if signed_from.is_none()
+            && let Some((line, action_id)) = first_unsigned
+        {
+            return Ok(Scan::Broken(Verification::Broken {
+                line,
+                action_id,
+                problem: "it is not signed".into(),
+            }));
         }
         Ok(Scan::Ok {
             entries,
             last_hash: prev,
             ids,
             signed,
+            any_signed,
         })
     }
 }
@@ -664,6 +763,8 @@ enum Scan {
         ids: HashMap<Uuid, (u64, String)>,
         /// Whether the last entry is signed.
         signed: bool,
+        /// Whether any entry is.
+        any_signed: bool,
     },
     Broken(Verification),
 }
@@ -769,9 +870,23 @@ fn pruned_files(path: &Path) -> Result<HashSet<String>, AuditError> {
         .into_iter()
         .flat_map(|n| match n {
             Note::Prune { files, .. } => files,
-            Note::Admin { .. } | Note::Session { .. } => Vec::new(),
+            Note::Admin { .. } | Note::Session { .. } | Note::Signing { .. } => Vec::new(),
         })
         .collect())
+}
+
+/// How many entries open the log unsigned, before the entry that turned signing on (0 when
+/// there is none).
+pub fn unsigned_entries(root: &Path) -> Result<u64, AuditError> {
+    Ok(notes(root)?
+        .into_iter()
+        .find_map(|n| match n {
+            Note::Signing {
+                unsigned_entries, ..
+            } => Some(unsigned_entries),
+            _ => None,
+        })
+        .unwrap_or(0))
 }
 
 /// Every action record and every note in the log at `root`, oldest first, without verifying
@@ -814,7 +929,7 @@ pub fn verify_with_checkpoint(
         broken => return Ok(broken),
     };
     if let Some(key) = public
-        && !signed_by(checkpoint, key)
+        && !checkpoint.signed_by(key)
     {
         return Ok(Verification::Broken {
             line: checkpoint.seq as usize,
@@ -823,13 +938,6 @@ pub fn verify_with_checkpoint(
         });
     }
     Ok(against_checkpoint(root, entries, checkpoint)?.unwrap_or(Verification::Intact { entries }))
-}
-
-fn signed_by(checkpoint: &Checkpoint, key: &VerifyingKey) -> bool {
-    checkpoint
-        .sig
-        .as_deref()
-        .is_some_and(|sig| signing::verify(key, &checkpoint.hash, sig))
 }
 
 /// How a log of `entries` entries (which verify) falls short of `checkpoint`, if it does.
@@ -873,40 +981,73 @@ fn against_checkpoint(
     Ok(None)
 }
 
-/// The newest checkpoint on the stream `queue`, waiting at most `wait` for it; `None` when the
-/// stream holds none (a writer that has not stored anything yet).
+/// What a read of the checkpoint stream found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CheckpointScan {
+    /// The valid checkpoint with the highest sequence number.
+    pub newest: Option<Checkpoint>,
+    /// Messages read.
+    pub read: u64,
+    /// Messages ignored: from a publisher other than the audit writer's role, not a checkpoint,
+    /// or (with a key) not signed by it.
+    pub ignored: u64,
+    /// Whether the stream was read to its end within the time allowed.
+    pub complete: bool,
+}
+
+/// The newest valid checkpoint on the stream `queue`, reading it from its first retained
+/// message to its end (it is idle for `quiet`), within `wait` in all.
+///
+/// A message is a valid checkpoint only when the broker says the audit writer's role published
+/// it (`user_id`, [`crate::roles::Kind::Checkpoint`]) and, with `key`, when its signature covers
+/// its sequence number. Of the valid ones the highest sequence number wins, wherever it sits
+/// in the stream: junk or a replayed older checkpoint published after it cannot hide it, and
+/// a replayed signature cannot claim a sequence number it was not made for.
 pub async fn newest_checkpoint(
     broker: &Broker,
     queue: &str,
+    trust: &crate::roles::Trust,
+    key: Option<&VerifyingKey>,
     wait: Duration,
-) -> Result<Option<Checkpoint>, AuditError> {
+    quiet: Duration,
+) -> Result<CheckpointScan, AuditError> {
     let mut consumer = broker
-        .consume_stream_last(queue, &format!("verify-{}", Uuid::now_v7()), 100)
+        .consume_stream_first(queue, &format!("verify-{}", Uuid::now_v7()), 1000)
         .await?;
-    let mut newest: Option<Checkpoint> = None;
+    let mut scan = CheckpointScan::default();
     let deadline = tokio::time::Instant::now() + wait;
-    // The last chunk may hold several checkpoints: read until the stream goes quiet.
-    let quiet = Duration::from_millis(500);
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let limit = if newest.is_some() {
-            quiet.min(left)
-        } else {
-            left
-        };
-        let Ok(Some(Ok(d))) = tokio::time::timeout(limit, consumer.next()).await else {
+        if left.is_zero() {
             break;
+        }
+        let d = match tokio::time::timeout(quiet.min(left), consumer.next()).await {
+            Ok(Some(Ok(d))) => d,
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(None) => break,
+            // Idle for `quiet`: the end of the stream (unless the time was up first).
+            Err(_) => {
+                scan.complete = quiet <= left;
+                break;
+            }
         };
-        // A message on the stream is checked like any other: ignored unless it parses.
-        if let Ok(c) = serde_json::from_slice::<Checkpoint>(d.data())
-            && newest.as_ref().is_none_or(|n| c.seq >= n.seq)
-        {
-            newest = Some(c);
+        scan.read += 1;
+        let valid = trust.admits(crate::roles::Kind::Checkpoint, d.user_id())
+            .then(|| serde_json::from_slice::<Checkpoint>(d.data()).ok())
+            .flatten()
+            .filter(|c| key.is_none_or(|k| c.signed_by(k)));
+        match valid {
+            Some(c) => {
+                if scan.newest.as_ref().is_none_or(|n| c.seq >= n.seq) {
+                    scan.newest = Some(c);
+                }
+            }
+            None => scan.ignored += 1,
         }
         let _ = d.ack().await;
     }
     consumer.close().await;
-    Ok(newest)
+    Ok(scan)
 }
 
 /// Every record in the log, oldest first (the log must verify).
@@ -1011,29 +1152,46 @@ pub async fn start(
     let trust = broker.trust(cfg.broker_roles, &cfg.namespace);
     let link = Link::open(broker, &cfg, &topo).await?;
     health.set("topology", true);
-    let checkpoint_queue = cfg.names().audit_checkpoints();
-    // A log behind its own newest checkpoint lost its tail: extending it would hide that (the
-    // next checkpoint would match the shortened log), so the writer refuses to start.
-    if let Some(newest) =
-        newest_checkpoint(&link.broker, &checkpoint_queue, Duration::from_millis(500)).await?
+    // The newest valid checkpoint says how long the log was. A log behind it, or differing
+    // from it, lost entries: that is reported (and stays visible to `verify`, which finds the
+    // same checkpoint), but never keeps the writer from starting: a checkpoint is evidence
+    // about the log, not a lock on it.
+    let key = store.signer.as_ref().map(SigningKey::verifying_key);
+    let scan = newest_checkpoint(
+        &link.broker,
+        &cfg.names().audit_checkpoints(),
+        &trust,
+        key.as_ref(),
+        Duration::from_millis(cfg.audit_checkpoint_scan_ms),
+        Duration::from_millis(500),
+    )
+    .await?;
+    if scan.ignored > 0 {
+        tracing::warn!(
+            ignored = scan.ignored,
+            read = scan.read,
+            "the checkpoint stream holds messages that are not this writer's valid checkpoints"
+        );
+    }
+    if !scan.complete {
+        tracing::warn!(
+            read = scan.read,
+            "the checkpoint stream was not read to its end within VIGIL_AUDIT_CHECKPOINT_SCAN_MS"
+        );
+    }
+    if let Some(newest) = &scan.newest
+        && let Some(Verification::Broken { line, problem, .. }) =
+            against_checkpoint(&cfg.evidence_dir, store.len(), newest)?
     {
-        let key = store.signer.as_ref().map(SigningKey::verifying_key);
-        if key.is_some_and(|k| !signed_by(&newest, &k)) {
-            tracing::warn!(
-                seq = newest.seq,
-                "ignoring a checkpoint not signed by this writer's key"
-            );
-        } else if let Some(Verification::Broken { line, problem, .. }) =
-            against_checkpoint(&cfg.evidence_dir, store.len(), &newest)?
-        {
-            return Err(AuditError::Damaged {
-                path: cfg.evidence_dir.join("audit.log").display().to_string(),
-                line,
-                problem: format!(
-                    "{problem}. Restore the log; `vigil topology delete` starts a namespace over"
-                ),
-            });
-        }
+        metrics.checkpoint_conflicts.inc();
+        tracing::error!(
+            line,
+            checkpoint = newest.seq,
+            entries = store.len(),
+            signed = key.is_some(),
+            "the audit log does not match its newest checkpoint: {problem}. `vigil audit verify` \
+             reports it until the log is restored"
+        );
     }
     let mut link = link.consume().await?;
     tracing::info!(queue = %link.queue, dir = %cfg.evidence_dir.display(), entries = store.len(), "audit writer consuming");
@@ -1667,6 +1825,130 @@ mod tests {
             AuditStore::open_with(&root, Some(key)),
             Err(AuditError::Damaged { line: 2, .. })
         ));
+    }
+
+    /// Rewrite the log as whoever can write it would: `edit` may change each record (by its
+    /// 0-based line), then every hash and link is recomputed; signatures are kept as they were
+    /// unless `unsign` drops them.
+    fn rechain(root: &Path, edit: impl Fn(usize, String) -> String, unsign: bool) {
+        let path = root.join("audit.log");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut prev = GENESIS.to_owned();
+        let mut rewritten = String::new();
+        for (i, line) in text.lines().enumerate() {
+            let entry: EntryIn = serde_json::from_str(line).unwrap();
+            let record = edit(i, entry.record.get().to_owned());
+            let hash = entry_hash(entry.seq, &prev, &record);
+            let raw = serde_json::value::RawValue::from_string(record).unwrap();
+            rewritten += &serde_json::to_string(&EntryOut {
+                seq: entry.seq,
+                prev: &prev,
+                hash: &hash,
+                sig: entry.sig.as_deref().filter(|_| !unsign),
+                record: &raw,
+            })
+            .unwrap();
+            rewritten.push('\n');
+            prev = hash;
+        }
+        std::fs::write(&path, rewritten).unwrap();
+    }
+
+    #[test]
+    fn signing_turned_on_for_an_old_log_vouches_for_its_head_and_nothing_after_is_unsigned() {
+        let root = dir();
+        let mut store = AuditStore::open(&root).unwrap();
+        for _ in 0..2 {
+            let (env, ev) = event(Action::SignOut);
+            store.store(&env, &ev).unwrap();
+        }
+        drop(store);
+        let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+        let public = key.verifying_key();
+        // Unsigned entries under a key: refused until a signed entry vouches for them.
+        assert!(matches!(
+            verify(&root, Some(&public)).unwrap(),
+            Verification::Broken { line: 1, ref problem, .. } if problem.contains("not signed")
+        ));
+        // The writer with a key starts: its first entry is the signed statement of the head.
+        let mut store = AuditStore::open_with(&root, Some(key.clone())).unwrap();
+        assert_eq!(store.len(), 3);
+        let (env, ev) = event(Action::Warn);
+        store.store(&env, &ev).unwrap();
+        drop(store);
+        assert_eq!(
+            verify(&root, Some(&public)).unwrap(),
+            Verification::Intact { entries: 4 }
+        );
+        assert_eq!(unsigned_entries(&root).unwrap(), 2);
+        match &notes(&root).unwrap()[..] {
+            [Note::Signing { unsigned_entries: 2, key: fp, .. }] => {
+                assert_eq!(*fp, signing::fingerprint(&public));
+            }
+            other => panic!("no signing entry: {other:?}"),
+        }
+        // Reopening a signed log adds no second statement.
+        assert_eq!(AuditStore::open_with(&root, Some(key.clone())).unwrap().len(), 4);
+        // A sign_out in the unsigned part rewritten to an allow, and the chain redone: the
+        // signed statement no longer matches what it vouched for.
+        let clean = std::fs::read_to_string(root.join("audit.log")).unwrap();
+        rechain(&root, |i, r| if i == 0 { r.replace("sign_out", "allow") } else { r }, false);
+        assert!(matches!(verify(&root, None).unwrap(), Verification::Intact { .. }));
+        assert!(matches!(
+            verify(&root, Some(&public)).unwrap(),
+            Verification::Broken { line: 3, ref problem, .. } if problem.contains("signature")
+        ));
+        // A prune note appended without the key, to delete evidence: refused under the key.
+        std::fs::write(root.join("audit.log"), &clean).unwrap();
+        let mut unsigned = AuditStore::open_with(&root, None);
+        assert!(matches!(unsigned, Err(AuditError::Key(_))), "an unsigned writer extended a signed log");
+        rechain(&root, |_, r| r, true);
+        unsigned = AuditStore::open_with(&root, None);
+        unsigned
+            .unwrap()
+            .note(&Note::Prune {
+                entry_id: Uuid::now_v7(),
+                before_ms: u64::MAX,
+                files: Vec::new(),
+                written_at_ms: 0,
+            })
+            .unwrap();
+        assert!(matches!(verify(&root, None).unwrap(), Verification::Intact { entries: 5 }));
+        assert!(matches!(
+            verify(&root, Some(&public)).unwrap(),
+            Verification::Broken { line: 1, ref problem, .. } if problem.contains("not signed")
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_checkpoint_signature_holds_for_its_own_sequence_number_only() {
+        let root = dir();
+        let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+        let public = key.verifying_key();
+        let mut store = AuditStore::open_with(&root, Some(key)).unwrap();
+        let (env, ev) = event(Action::Warn);
+        store.store(&env, &ev).unwrap();
+        let head = store.head();
+        assert!(head.signed_by(&public));
+        // Replayed with a sequence number far ahead, as if the log had lost its tail.
+        let replayed = Checkpoint {
+            seq: u64::MAX,
+            ..head.clone()
+        };
+        assert!(!replayed.signed_by(&public));
+        assert!(!Checkpoint { sig: None, ..head.clone() }.signed_by(&public));
+        // Verified with the key, a forged checkpoint is named as such.
+        drop(store);
+        assert!(matches!(
+            verify_with_checkpoint(&root, Some(&public), &replayed).unwrap(),
+            Verification::Broken { ref problem, .. } if problem.contains("not signed")
+        ));
+        assert_eq!(
+            verify_with_checkpoint(&root, Some(&public), &head).unwrap(),
+            Verification::Intact { entries: 1 }
+        );
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

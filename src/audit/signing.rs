@@ -19,6 +19,13 @@ fn message(hash: &str) -> Vec<u8> {
     m
 }
 
+/// What is signed for a checkpoint: a domain tag (so an entry's signature is never a
+/// checkpoint's), its sequence number, the head hash and the time. A signature from one
+/// checkpoint cannot be moved to another sequence number.
+fn checkpoint_message(seq: u64, hash: &str, written_at_ms: u64) -> Vec<u8> {
+    format!("vigil-audit-checkpoint-v2\n{seq}\n{hash}\n{written_at_ms}").into_bytes()
+}
+
 fn bad_key(path: &Path, e: impl std::fmt::Display) -> AuditError {
     AuditError::Key(format!("{}: {e}", path.display()))
 }
@@ -37,6 +44,48 @@ pub fn verify(key: &VerifyingKey, hash: &str, sig: &str) -> bool {
         return false;
     };
     key.verify(&message(hash), &sig).is_ok()
+}
+
+/// The hex signature of a checkpoint.
+pub fn sign_checkpoint(key: &SigningKey, seq: u64, hash: &str, written_at_ms: u64) -> String {
+    hex::encode(
+        key.sign(&checkpoint_message(seq, hash, written_at_ms))
+            .to_bytes(),
+    )
+}
+
+/// Whether `sig` (hex) is `key`'s signature of this checkpoint.
+pub fn verify_checkpoint(
+    key: &VerifyingKey,
+    seq: u64,
+    hash: &str,
+    written_at_ms: u64,
+    sig: &str,
+) -> bool {
+    let Ok(bytes) = hex::decode(sig) else {
+        return false;
+    };
+    let Ok(sig) = Signature::from_slice(&bytes) else {
+        return false;
+    };
+    key.verify(&checkpoint_message(seq, hash, written_at_ms), &sig)
+        .is_ok()
+}
+
+/// The public key as PEM, as `vigil audit keygen` writes it.
+pub fn public_pem(key: &VerifyingKey) -> String {
+    key.to_public_key_pem(LineEnding::LF)
+        .expect("an Ed25519 public key encodes")
+}
+
+/// A short fingerprint of the public key: the first 16 bytes of the SHA-256 of its DER form,
+/// hex, for pinning and for people to compare.
+pub fn fingerprint(key: &VerifyingKey) -> String {
+    use sha2::{Digest, Sha256};
+    let der = key
+        .to_public_key_der()
+        .expect("an Ed25519 public key encodes");
+    hex::encode(&Sha256::digest(der.as_bytes())[..16])
 }
 
 pub fn load_private(path: &Path) -> Result<SigningKey, AuditError> {
@@ -97,6 +146,18 @@ mod tests {
         let other = SigningKey::from_bytes(&[7; 32]);
         assert!(!verify(&other.verifying_key(), "abc", &sig));
         assert!(!verify(&public, "abc", "not hex"));
+        // A checkpoint's signature covers its sequence number and time, and is not an entry's.
+        let cp = sign_checkpoint(&key, 7, "abc", 1000);
+        assert!(verify_checkpoint(&public, 7, "abc", 1000, &cp));
+        assert!(!verify_checkpoint(&public, u64::MAX, "abc", 1000, &cp));
+        assert!(!verify_checkpoint(&public, 7, "abc", 1001, &cp));
+        assert!(!verify_checkpoint(&public, 7, "abc", 1000, &sig));
+        assert!(!verify(&public, "abc", &cp));
+        assert_eq!(fingerprint(&public).len(), 32);
+        assert_eq!(
+            load_public(&dir.join("audit.key.pub")).unwrap(),
+            VerifyingKey::from_public_key_pem(&public_pem(&public)).unwrap()
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

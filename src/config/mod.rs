@@ -81,6 +81,12 @@ pub struct Config {
     /// entries with; outside the evidence folder. Unset: entries are not signed
     /// [VIGIL_AUDIT_KEY].
     pub audit_key: Option<PathBuf>,
+    /// The audit writer's public key (PEM): the admin API serves it and verifies the trail
+    /// with it; `vigil audit verify` uses it by default [VIGIL_AUDIT_PUBLIC_KEY].
+    pub audit_public_key: Option<PathBuf>,
+    /// The most time a read of the checkpoint stream may take, in ms
+    /// [VIGIL_AUDIT_CHECKPOINT_SCAN_MS].
+    pub audit_checkpoint_scan_ms: u64,
     /// The audit writer removes the evidence files of actions older than this many days, once
     /// an hour (the log keeps their entries and hashes, and a prune entry lists the files); 0
     /// keeps evidence forever [VIGIL_AUDIT_RETENTION_DAYS].
@@ -375,6 +381,8 @@ impl Default for Config {
             challenge: crate::challenge::ChallengeConfig::default(),
             evidence_dir: PathBuf::from("evidence"),
             audit_key: None,
+            audit_public_key: None,
+            audit_checkpoint_scan_ms: 30_000,
             audit_retention_days: 0,
             webhooks: crate::webhooks::WebhookConfig::default(),
             sessions: crate::session_tokens::SessionConfig::default(),
@@ -650,6 +658,13 @@ impl Config {
         }
         if reads(Role::Audit) {
             errors.extend(self.webhooks.validate());
+            if self.audit_checkpoint_scan_ms < 1_000 {
+                errors.push(format!(
+                    "audit_checkpoint_scan_ms = {} must be at least 1000: a shorter read ends \
+                     before the stream does",
+                    self.audit_checkpoint_scan_ms
+                ));
+            }
         }
         if reads(Role::Audit)
             && let Some(key) = &self.audit_key

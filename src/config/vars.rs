@@ -188,6 +188,20 @@ pub static VARS: &[Var] = &[
         r#"Ed25519 private key (PKCS#8 PEM, `vigil audit keygen`) the audit writer signs entries with; must be outside the evidence folder"#
     ),
     var!(
+        "VIGIL_AUDIT_PUBLIC_KEY",
+        [Edge, Audit],
+        opt audit_public_key,
+        r#"none"#,
+        r#"the audit writer's public key (the `.pub` of `vigil audit keygen`): the admin API serves it and verifies the trail with it, and `vigil audit verify` uses it when given no --public-key"#
+    ),
+    var!(
+        "VIGIL_AUDIT_CHECKPOINT_SCAN_MS",
+        [Audit],
+        audit_checkpoint_scan_ms,
+        r#"30000"#,
+        r#"the most time reading the checkpoint stream may take (the writer's start, `vigil audit verify`); a stream not read to its end is reported"#
+    ),
+    var!(
         "VIGIL_AUDIT_RETENTION_DAYS",
         [Audit],
         audit_retention_days,

@@ -47,6 +47,9 @@ struct ApiState {
     shared: Arc<Shared>,
     /// The audit writer's folder, read-only.
     evidence_dir: std::path::PathBuf,
+    /// The audit writer's public key (`VIGIL_AUDIT_PUBLIC_KEY`): served, and the trail is
+    /// verified with it.
+    audit_key: Option<ed25519_dalek::VerifyingKey>,
     /// The console's files.
     console: super::web::WebAssets,
 }
@@ -108,7 +111,7 @@ type Api = Arc<ApiState>;
         title = "Vigil admin API",
         description = "Operators' API of every Vigil edge: clients, their sessions and tokens, and the audit trail. Every call but this document needs an operator's bearer token, and every change is audited with the operator's name."
     ),
-    paths(list, show, add, op, force, mint_session, sessions, reference, enroll, audit_trail, evidence),
+    paths(list, show, add, op, force, mint_session, sessions, reference, enroll, audit_trail, evidence, public_key),
     components(schemas(ErrorBody)),
     modifiers(&BearerToken),
     tags(
@@ -166,6 +169,7 @@ pub(super) async fn serve(
     limits: crate::telemetry::HttpLimits,
     operators: OperatorSource,
     evidence_dir: std::path::PathBuf,
+    audit_key: Option<ed25519_dalek::VerifyingKey>,
     tls: Option<Arc<super::tls::Tls>>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -185,6 +189,7 @@ pub(super) async fn serve(
     let state = Arc::new(ApiState {
         operators,
         evidence_dir,
+        audit_key,
         console,
         admin: Admin {
             store: shared.store.clone(),
@@ -210,6 +215,7 @@ pub(super) async fn serve(
                 shared_limit,
             ))),
         )
+        .route("/v1/admin/audit/key", get(public_key))
         .route("/v1/admin/audit/clients/{id}", get(audit_trail))
         .route("/v1/admin/audit/evidence/{*path}", get(evidence))
         // Authentication runs before any handler, so before a body is read or parsed.
@@ -740,6 +746,7 @@ async fn reference(State(api): State<Api>, Path(id): Path<String>) -> Response {
 async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response {
     use crate::audit::{self, Note, Verification};
     let dir = api.evidence_dir.clone();
+    let key = api.audit_key;
     let store = api.admin.store.clone();
     let client = id.clone();
     let built = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
@@ -749,10 +756,15 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
                 dir.display()
             ));
         }
-        let verification = match audit::verify(&dir, None).map_err(|e| e.to_string())? {
+        let verification = match audit::verify(&dir, key.as_ref()).map_err(|e| e.to_string())? {
+            Verification::Intact { entries } if key.is_some() => format!(
+                "intact: {entries} entries, every hash, evidence file and signature checked \
+                 under the writer's key"
+            ),
             Verification::Intact { entries } => format!(
-                "intact: {entries} entries, hashes and evidence files checked \
-                 (signatures: `vigil audit verify --public-key`)"
+                "UNSIGNED CHECK: {entries} entries whose hashes and evidence files agree with \
+                 each other; without the writer's public key (VIGIL_AUDIT_PUBLIC_KEY) a \
+                 rewritten log passes this too"
             ),
             Verification::Broken { line, problem, .. } => {
                 format!("BROKEN at entry {line}: {problem}")
@@ -818,6 +830,7 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
             .map(|_| format!("/v1/admin/clients/{client}/reference.jpg"));
         Ok(serde_json::json!({
             "client": client, "verification": verification,
+            "key": key.as_ref().map(audit::signing::fingerprint),
             "reference": reference, "entries": entries,
         }))
     })
@@ -829,8 +842,33 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
     }
 }
 
-/// One evidence frame, by the path its record names (inside the evidence folder only).
-/// One evidence frame of the audit trail.
+/// The audit writer's public key, for verifying the trail elsewhere and for pinning.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/audit/key",
+    tag = "audit",
+    responses(
+        (status = 200, description = "`{public_key, fingerprint}`: the PEM of `vigil audit keygen`'s `.pub`, and the SHA-256 of its DER form, first 16 bytes, hex", body = Object),
+        (status = 404, description = "this edge has no VIGIL_AUDIT_PUBLIC_KEY", body = ErrorBody),
+    ),
+    security(("operator" = []))
+)]
+async fn public_key(State(api): State<Api>) -> Response {
+    match &api.audit_key {
+        Some(key) => Json(serde_json::json!({
+            "public_key": crate::audit::signing::public_pem(key),
+            "fingerprint": crate::audit::signing::fingerprint(key),
+        }))
+        .into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "this edge has no VIGIL_AUDIT_PUBLIC_KEY: the trail it shows is checked without the \
+             writer's key",
+        ),
+    }
+}
+
+/// One evidence frame of the audit trail (inside the evidence folder only).
 #[utoipa::path(
     get,
     path = "/v1/admin/audit/evidence/{path}",

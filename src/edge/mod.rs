@@ -69,6 +69,8 @@ pub enum EdgeError {
     Tls(String),
     #[error(transparent)]
     SessionTokens(#[from] crate::session_tokens::SessionTokenError),
+    #[error(transparent)]
+    AuditKey(#[from] crate::audit::AuditError),
     #[error("the edge's main task panicked: {0}")]
     Panicked(String),
 }
@@ -346,11 +348,17 @@ pub async fn start(
                     _ => None,
                 },
             };
+            let audit_key = cfg
+                .audit_public_key
+                .as_deref()
+                .map(crate::audit::signing::load_public)
+                .transpose()?;
             let addr = admin_api::serve(
                 listen,
                 telemetry::HttpLimits::of(&cfg),
                 operators,
                 cfg.evidence_dir.clone(),
+                audit_key,
                 admin_tls.map(Arc::new),
                 shared.clone(),
                 shutdown.clone(),

@@ -2024,9 +2024,19 @@ async fn audit(cfg: Config, action: AuditCmd) -> Result<(), CliError> {
         } => {
             let key = public_key
                 .as_deref()
+                .or(cfg.audit_public_key.as_deref())
                 .map(audit::signing::load_public)
                 .transpose()
                 .map_err(fail)?;
+            if key.is_none() {
+                eprintln!(
+                    "WARNING: no public key (--public-key or VIGIL_AUDIT_PUBLIC_KEY), so this \
+                     proves only that the log is consistent with itself. Whoever can write \
+                     audit.log can rewrite any entry (a sign_out into an allow), append a prune \
+                     note that deletes evidence, re-chain every hash after it and pass this \
+                     check, and forge the checkpoint it is compared with."
+                );
+            }
             let checkpoint = if offline {
                 None
             } else {
@@ -2050,9 +2060,35 @@ async fn audit(cfg: Config, action: AuditCmd) -> Result<(), CliError> {
                     eprintln!("no checkpoint stream {queue} on the broker");
                     None
                 } else {
-                    audit::newest_checkpoint(&broker, &queue, Duration::from_secs(5))
-                        .await
-                        .map_err(|e| fail(format!("{e} (--offline skips the checkpoint)")))?
+                    let trust = broker.trust(cfg.broker_roles, &cfg.namespace);
+                    let scan = audit::newest_checkpoint(
+                        &broker,
+                        &queue,
+                        &trust,
+                        key.as_ref(),
+                        Duration::from_millis(cfg.audit_checkpoint_scan_ms),
+                        Duration::from_millis(500),
+                    )
+                    .await
+                    .map_err(|e| fail(format!("{e} (--offline skips the checkpoint)")))?;
+                    if scan.ignored > 0 {
+                        eprintln!(
+                            "ignored {} of the stream's {} messages: not valid checkpoints of the \
+                             audit writer{}",
+                            scan.ignored,
+                            scan.read,
+                            if key.is_some() { " under the key" } else { "" }
+                        );
+                    }
+                    if !scan.complete {
+                        return Err(fail(format!(
+                            "the checkpoint stream {queue} was not read to its end within \
+                             VIGIL_AUDIT_CHECKPOINT_SCAN_MS ({} ms; {} messages read): raise it, \
+                             or --offline skips the checkpoint",
+                            cfg.audit_checkpoint_scan_ms, scan.read
+                        )));
+                    }
+                    scan.newest
                 };
                 broker.close().await;
                 newest
@@ -2066,12 +2102,20 @@ async fn audit(cfg: Config, action: AuditCmd) -> Result<(), CliError> {
             }
             match verified.map_err(fail)? {
                 Verification::Intact { entries } => {
+                    let unsigned = audit::unsigned_entries(&root).map_err(fail)?;
                     println!(
                         "audit log intact: {entries} entries, every hash, link and evidence file holds{}{}",
-                        if key.is_some() {
-                            ", every entry signed by the key"
-                        } else {
-                            " (signatures not checked: pass --public-key)"
+                        match (&key, unsigned) {
+                            (Some(k), 0) => format!(
+                                ", every entry signed by the key {}",
+                                audit::signing::fingerprint(k)
+                            ),
+                            (Some(k), n) => format!(
+                                ", every entry after the first {n} signed by the key {} (the \
+                                 first {n} predate signing: the key vouches only for their head)",
+                                audit::signing::fingerprint(k)
+                            ),
+                            (None, _) => " (UNSIGNED CHECK: see the warning above)".into(),
                         },
                         checkpoint
                             .as_ref()

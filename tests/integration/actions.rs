@@ -375,6 +375,44 @@ fn vigil(env: &TestEnv, args: &[&str], extra: &[(&str, &Path)]) -> (bool, String
     (out.status.success(), text)
 }
 
+/// Start a signing audit writer on `dir`, read its log until it consumes (30 s at most), stop
+/// it, and return what it logged.
+fn writer_start_log(env: &TestEnv, dir: &Path, key: &Path) -> String {
+    use std::io::BufRead as _;
+    let mut writer = std::process::Command::new(env!("CARGO_BIN_EXE_vigil-audit"))
+        .env("RUST_LOG", "warn,vigil::audit=info")
+        .env("VIGIL_NAMESPACE", &env.cfg.namespace)
+        .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
+        .env("VIGIL_METRICS_LISTEN", "127.0.0.1:0")
+        .env("VIGIL_EVIDENCE_DIR", dir)
+        .env("VIGIL_AUDIT_KEY", key)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = writer.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut text = String::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
+        text += &line;
+        text.push('\n');
+        if line.contains("audit writer consuming") {
+            break;
+        }
+    }
+    assert!(text.contains("audit writer consuming"), "the writer did not start: {text}");
+    sigterm(&writer);
+    assert!(crate::support::exit_status(&mut writer).success());
+    text
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_verify_catches_tampering_a_deleted_tail_and_changed_evidence() {
     const ACTIONS: u64 = 12;
@@ -487,16 +525,56 @@ async fn audit_verify_catches_tampering_a_deleted_tail_and_changed_evidence() {
         // catches it.
         let (ok, _) = verify(&["--offline"]);
         assert!(ok);
-        // And the writer refuses to extend the shortened log: its next checkpoint would match
-        // it and hide the loss.
-        let (ok, text) = vigil(
-            &env,
-            &["audit", "serve"],
-            &[("VIGIL_EVIDENCE_DIR", &dir), ("VIGIL_AUDIT_KEY", &key)],
+        // A writer started on the shortened log reports it and runs: a checkpoint is evidence
+        // about the log, never a lock on it.
+        let started = writer_start_log(&env, &dir, &key);
+        assert!(
+            started.contains("does not match its newest checkpoint")
+                && started.contains("were removed"),
+            "{started}"
         );
-        assert!(!ok, "a writer extended a log behind its checkpoint: {text}");
-        assert!(text.contains("were removed"), "{text}");
     }
+    // After the writers ran on it, the shortened log is still reported.
+    std::fs::write(&log, keep(lines.len() - 1)).unwrap();
+    let (ok, text) = verify(&[]);
+    assert!(!ok && text.contains("its last 1 entries were removed"), "{text}");
+
+    // Whoever can publish to the checkpoint exchange adds junk, a genuine checkpoint replayed,
+    // and that checkpoint's signature claiming the highest sequence number there is: none
+    // hides the cut-off tail, and none keeps a writer from starting.
+    let stream = env.name("audit.checkpoints");
+    let mut first = broker
+        .consume_stream_first(&stream, "replay", 1)
+        .await
+        .unwrap();
+    let genuine = tokio::time::timeout(Duration::from_secs(10), first.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .data()
+        .to_vec();
+    first.close().await;
+    let mut far: serde_json::Value = serde_json::from_slice(&genuine).unwrap();
+    far["seq"] = u64::MAX.into();
+    for bytes in [
+        b"not a checkpoint".to_vec(),
+        genuine.clone(),
+        serde_json::to_vec(&far).unwrap(),
+    ] {
+        publisher
+            .publish_raw(&stream, "", &bytes)
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+    }
+    let (ok, text) = verify(&[]);
+    assert!(!ok && text.contains("its last 1 entries were removed"), "{text}");
+    assert!(text.contains("ignored 2 of the stream's"), "{text}");
+    let started = writer_start_log(&env, &dir, &key);
+    assert!(started.contains("were removed"), "{started}");
 
     // The whole log re-hashed without the key: every hash and link holds, no signature does.
     std::fs::write(&log, &original).unwrap();

@@ -858,7 +858,7 @@ async fn the_client_list_comes_in_pages_and_the_api_describes_itself() {
             operations += 1;
         }
     }
-    assert_eq!(operations, 11, "the document's operations");
+    assert_eq!(operations, 12, "the document's operations");
     env.teardown().await;
 }
 

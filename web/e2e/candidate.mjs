@@ -108,6 +108,7 @@ try {
     await operator.locator("[data-testid=reference][data-loaded=true]").waitFor(opts);
     seen.console.evidence = await frame.count();
     seen.console.chain = await operator.getByTestId("audit-chain").textContent();
+    seen.console.key = await operator.getByTestId("audit-key").getAttribute("data-state");
     await operator.getByTestId("audit-chain").scrollIntoViewIfNeeded();
     await operator.screenshot({ path: `${shots}/console-audit.png`, fullPage: true });
     // A new client, added and enrolled from a photo file through the console.
@@ -131,6 +132,7 @@ try {
       seen.console.evidence > 0 &&
       seen.console.enroll.startsWith("newcomer enrolled") &&
       seen.console.chain.startsWith("intact") &&
+      seen.console.key === "pinned" &&
       (await page.getByTestId("status").getAttribute("data-state")) === "blocked";
   } else if (scenario === "challenge") {
     const challenge = page.locator("[data-testid=challenge][data-state=active]");

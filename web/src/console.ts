@@ -167,6 +167,43 @@ function image(url: string, alt: string, testid: string): HTMLImageElement {
   return img;
 }
 
+/** Where the console pins the audit writer's key: the first fingerprint it is shown. */
+const PINNED_KEY = "vigil.console.audit-key";
+
+/**
+ * The key the edge verified the trail with, against the one this console pinned. A different
+ * key, or none after one was pinned, is shown as an alarm: a verification under a key the
+ * operator never accepted proves nothing.
+ */
+function showKey(key: string | null) {
+  const box = $("audit-key");
+  box.dataset.testid = "audit-key";
+  const pinned = localStorage.getItem(PINNED_KEY);
+  if (key && !pinned) localStorage.setItem(PINNED_KEY, key);
+  const accept = el("button", { type: "button", textContent: "Pin this key instead", testid: "audit-key-accept" });
+  accept.addEventListener("click", () => {
+    if (key) localStorage.setItem(PINNED_KEY, key);
+    showKey(key);
+  });
+  if (key && (!pinned || pinned === key)) {
+    box.className = "";
+    box.dataset.state = "pinned";
+    box.replaceChildren(`writer's key ${key} (pinned in this browser)`);
+  } else if (key) {
+    box.className = "alarm";
+    box.dataset.state = "changed";
+    box.replaceChildren(`KEY CHANGED: the trail was verified with ${key}, but this console pinned ${pinned}. `, accept);
+  } else {
+    box.className = "alarm";
+    box.dataset.state = pinned ? "missing" : "none";
+    box.replaceChildren(
+      pinned
+        ? `NO KEY: this edge verifies without the writer's key; this console pinned ${pinned}.`
+        : "NO KEY: this edge has no VIGIL_AUDIT_PUBLIC_KEY, so the trail's signatures are not checked.",
+    );
+  }
+}
+
 async function showAudit(id: string) {
   const view = $("audit");
   view.hidden = false;
@@ -177,10 +214,16 @@ async function showAudit(id: string) {
     list.replaceChildren(el("li", { textContent: `the audit trail is not available (${res.status}): ${await res.text()}` }));
     return;
   }
-  const body = (await res.json()) as { verification: string; reference: string | null; entries: AuditEntry[] };
+  const body = (await res.json()) as {
+    verification: string;
+    key: string | null;
+    reference: string | null;
+    entries: AuditEntry[];
+  };
   const chain = $("audit-chain");
   chain.textContent = body.verification;
   chain.dataset.testid = "audit-chain";
+  showKey(body.key);
   const items = body.entries.map((e) => {
     const when = e.at_ms ? new Date(e.at_ms).toLocaleString() : "";
     if (e.kind === "action") {
