@@ -1032,7 +1032,8 @@ pub async fn newest_checkpoint(
             }
         };
         scan.read += 1;
-        let valid = trust.admits(crate::roles::Kind::Checkpoint, d.user_id())
+        let valid = trust
+            .admits(crate::roles::Kind::Checkpoint, d.user_id())
             .then(|| serde_json::from_slice::<Checkpoint>(d.data()).ok())
             .flatten()
             .filter(|c| key.is_none_or(|k| c.signed_by(k)));
@@ -1882,18 +1883,42 @@ mod tests {
         );
         assert_eq!(unsigned_entries(&root).unwrap(), 2);
         match &notes(&root).unwrap()[..] {
-            [Note::Signing { unsigned_entries: 2, key: fp, .. }] => {
+            [
+                Note::Signing {
+                    unsigned_entries: 2,
+                    key: fp,
+                    ..
+                },
+            ] => {
                 assert_eq!(*fp, signing::fingerprint(&public));
             }
             other => panic!("no signing entry: {other:?}"),
         }
         // Reopening a signed log adds no second statement.
-        assert_eq!(AuditStore::open_with(&root, Some(key.clone())).unwrap().len(), 4);
+        assert_eq!(
+            AuditStore::open_with(&root, Some(key.clone()))
+                .unwrap()
+                .len(),
+            4
+        );
         // A sign_out in the unsigned part rewritten to an allow, and the chain redone: the
         // signed statement no longer matches what it vouched for.
         let clean = std::fs::read_to_string(root.join("audit.log")).unwrap();
-        rechain(&root, |i, r| if i == 0 { r.replace("sign_out", "allow") } else { r }, false);
-        assert!(matches!(verify(&root, None).unwrap(), Verification::Intact { .. }));
+        rechain(
+            &root,
+            |i, r| {
+                if i == 0 {
+                    r.replace("sign_out", "allow")
+                } else {
+                    r
+                }
+            },
+            false,
+        );
+        assert!(matches!(
+            verify(&root, None).unwrap(),
+            Verification::Intact { .. }
+        ));
         assert!(matches!(
             verify(&root, Some(&public)).unwrap(),
             Verification::Broken { line: 3, ref problem, .. } if problem.contains("signature")
@@ -1901,7 +1926,10 @@ mod tests {
         // A prune note appended without the key, to delete evidence: refused under the key.
         std::fs::write(root.join("audit.log"), &clean).unwrap();
         let mut unsigned = AuditStore::open_with(&root, None);
-        assert!(matches!(unsigned, Err(AuditError::Key(_))), "an unsigned writer extended a signed log");
+        assert!(
+            matches!(unsigned, Err(AuditError::Key(_))),
+            "an unsigned writer extended a signed log"
+        );
         rechain(&root, |_, r| r, true);
         unsigned = AuditStore::open_with(&root, None);
         unsigned
@@ -1913,7 +1941,10 @@ mod tests {
                 written_at_ms: 0,
             })
             .unwrap();
-        assert!(matches!(verify(&root, None).unwrap(), Verification::Intact { entries: 5 }));
+        assert!(matches!(
+            verify(&root, None).unwrap(),
+            Verification::Intact { entries: 5 }
+        ));
         assert!(matches!(
             verify(&root, Some(&public)).unwrap(),
             Verification::Broken { line: 1, ref problem, .. } if problem.contains("not signed")
@@ -1937,7 +1968,13 @@ mod tests {
             ..head.clone()
         };
         assert!(!replayed.signed_by(&public));
-        assert!(!Checkpoint { sig: None, ..head.clone() }.signed_by(&public));
+        assert!(
+            !Checkpoint {
+                sig: None,
+                ..head.clone()
+            }
+            .signed_by(&public)
+        );
         // Verified with the key, a forged checkpoint is named as such.
         drop(store);
         assert!(matches!(

@@ -250,6 +250,18 @@ pub struct EdgeConfig {
     /// Failed hellos an address may make per minute; past that its hellos are refused (4429)
     /// until the quota refills [VIGIL_EDGE_FAILED_HELLOS_PER_MINUTE].
     pub failed_hellos_per_minute: u32,
+    /// Failed token hellos in a row a client id may have; past that its token hellos are
+    /// refused (4429), before any hashing, for `id_lockout_base_ms` doubled with each further
+    /// failure [VIGIL_EDGE_FAILED_HELLOS_PER_ID].
+    pub failed_hellos_per_id: u32,
+    /// The largest message accepted before the hello, in bytes; a larger one is refused and
+    /// counts as a failed hello. (The WebSocket layer reads a message up to
+    /// `max_frame_bytes` before this check sees it) [VIGIL_EDGE_MAX_HELLO_BYTES].
+    pub max_hello_bytes: usize,
+    /// A client id's first lockout, in ms [VIGIL_EDGE_ID_LOCKOUT_BASE_MS].
+    pub id_lockout_base_ms: u64,
+    /// A client id's longest lockout, in ms [VIGIL_EDGE_ID_LOCKOUT_MAX_MS].
+    pub id_lockout_max_ms: u64,
     /// Frames per client published and awaiting a result; one more waits, and a newer frame
     /// replaces the waiting one [VIGIL_EDGE_MAX_INFLIGHT].
     pub max_inflight: usize,
@@ -406,6 +418,10 @@ impl Default for EdgeConfig {
             max_unauthenticated: 1_024,
             max_unauthenticated_per_source: 64,
             failed_hellos_per_minute: 30,
+            failed_hellos_per_id: 5,
+            max_hello_bytes: 16_384,
+            id_lockout_base_ms: 1_000,
+            id_lockout_max_ms: 900_000,
             max_inflight: 2,
             hello_timeout_ms: 5_000,
             ping_interval_ms: 15_000,
@@ -605,6 +621,10 @@ impl Config {
                     "edge.failed_hellos_per_minute",
                     e.failed_hellos_per_minute as u64,
                 ),
+                ("edge.failed_hellos_per_id", e.failed_hellos_per_id.into()),
+                ("edge.max_hello_bytes", e.max_hello_bytes as u64),
+                ("edge.id_lockout_base_ms", e.id_lockout_base_ms),
+                ("edge.id_lockout_max_ms", e.id_lockout_max_ms),
                 ("edge.max_fps", e.max_fps.into()),
                 ("edge.flood_factor", e.flood_factor.into()),
                 ("edge.max_sessions", e.max_sessions as u64),

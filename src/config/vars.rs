@@ -398,6 +398,34 @@ pub static VARS: &[Var] = &[
         r#"failed hellos per address per minute before its hellos are refused (4429)"#
     ),
     var!(
+        "VIGIL_EDGE_FAILED_HELLOS_PER_ID",
+        [Edge],
+        edge.failed_hellos_per_id,
+        r#"5"#,
+        r#"failed token hellos in a row for one client id, from any address, before that id's token hellos are refused (4429) without hashing; session tokens still get in"#
+    ),
+    var!(
+        "VIGIL_EDGE_MAX_HELLO_BYTES",
+        [Edge],
+        edge.max_hello_bytes,
+        r#"16384"#,
+        r#"the largest message accepted before the hello; a larger one is refused and counts as a failed hello"#
+    ),
+    var!(
+        "VIGIL_EDGE_ID_LOCKOUT_BASE_MS",
+        [Edge],
+        edge.id_lockout_base_ms,
+        r#"1000"#,
+        r#"a client id's first lockout; each further failure doubles it"#
+    ),
+    var!(
+        "VIGIL_EDGE_ID_LOCKOUT_MAX_MS",
+        [Edge],
+        edge.id_lockout_max_ms,
+        r#"900000"#,
+        r#"a client id's longest lockout"#
+    ),
+    var!(
         "VIGIL_EDGE_MAX_INFLIGHT",
         [Edge],
         edge.max_inflight,

@@ -163,13 +163,18 @@ async fn openapi() -> Response {
 /// TLS handshakes the admin API runs at once; more connections wait in the kernel's backlog.
 const MAX_TLS_HANDSHAKES: usize = 256;
 
+/// The audit trail the API shows: the writer's folder (read-only) and its public key.
+pub(super) struct AuditTrail {
+    pub dir: std::path::PathBuf,
+    pub key: Option<ed25519_dalek::VerifyingKey>,
+}
+
 /// Start the API; returns its address.
 pub(super) async fn serve(
     listen: SocketAddr,
     limits: crate::telemetry::HttpLimits,
     operators: OperatorSource,
-    evidence_dir: std::path::PathBuf,
-    audit_key: Option<ed25519_dalek::VerifyingKey>,
+    trail: AuditTrail,
     tls: Option<Arc<super::tls::Tls>>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -188,8 +193,8 @@ pub(super) async fn serve(
         });
     let state = Arc::new(ApiState {
         operators,
-        evidence_dir,
-        audit_key,
+        evidence_dir: trail.dir,
+        audit_key: trail.key,
         console,
         admin: Admin {
             store: shared.store.clone(),

@@ -179,6 +179,107 @@ impl Gate {
     }
 }
 
+/// Most client ids with failures remembered at once (the map's memory bound).
+const MAX_IDS: usize = 65_536;
+
+/// Failures within this long of the last one make an id a suspect.
+const SUSPECT_FOR: Duration = Duration::from_secs(900);
+
+/// Failed hellos per client id, beside the per-address throttle: many addresses guessing one
+/// id's token are stopped by the id's own budget. Past `allowed` failures in a row, the id's
+/// token hellos are refused, before any hashing, for `base` doubled with each further failure
+/// up to `max`; a success forgets its failures. Unknown ids are counted the same way, so the
+/// budget does not tell which ids exist. Session tokens are not held up by it: a candidate
+/// whose id is under attack still gets in with one from the exam platform.
+pub(crate) struct IdBudget {
+    allowed: u32,
+    base: Duration,
+    max: Duration,
+    ids: Mutex<HashMap<String, IdFailures>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct IdFailures {
+    count: u32,
+    last: Instant,
+    locked_until: Option<Instant>,
+}
+
+impl IdBudget {
+    pub(crate) fn new(allowed: u32, base: Duration, max: Duration) -> Self {
+        Self {
+            allowed: allowed.max(1),
+            base,
+            max: max.max(base),
+            ids: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, IdFailures>> {
+        self.ids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How much longer `id` is locked out, if it is.
+    pub(crate) fn locked(&self, id: &str) -> Option<Duration> {
+        let now = Instant::now();
+        self.map()
+            .get(id)
+            .and_then(|f| f.locked_until)
+            .and_then(|until| until.checked_duration_since(now))
+            .filter(|left| !left.is_zero())
+    }
+
+    /// Whether `id` failed recently: its hellos wait behind those of ids that did not.
+    pub(crate) fn suspect(&self, id: &str) -> bool {
+        self.map()
+            .get(id)
+            .is_some_and(|f| f.last.elapsed() < SUSPECT_FOR)
+    }
+
+    /// Record a failed hello for `id`; how long it is now locked out, if it is.
+    pub(crate) fn failed(&self, id: &str) -> Option<Duration> {
+        let now = Instant::now();
+        let mut map = self.map();
+        if !map.contains_key(id) && map.len() >= MAX_IDS {
+            map.retain(|_, f| f.last.elapsed() < SUSPECT_FOR || f.locked_until > Some(now));
+            if map.len() >= MAX_IDS {
+                // Full of ids failing now: this one is left to the per-address throttle.
+                return None;
+            }
+        }
+        let f = map.entry(id.to_owned()).or_insert(IdFailures {
+            count: 0,
+            last: now,
+            locked_until: None,
+        });
+        // A budget used up long ago starts over.
+        if f.last.elapsed() >= SUSPECT_FOR && f.locked_until.is_none_or(|u| u <= now) {
+            f.count = 0;
+        }
+        f.count = f.count.saturating_add(1);
+        f.last = now;
+        if f.count < self.allowed {
+            return None;
+        }
+        let doublings = (f.count - self.allowed).min(31);
+        let lock = self.base.saturating_mul(1 << doublings).min(self.max);
+        f.locked_until = Some(now + lock);
+        Some(lock)
+    }
+
+    /// A hello for `id` succeeded: its failures are forgotten.
+    pub(crate) fn succeeded(&self, id: &str) {
+        self.map().remove(id);
+    }
+
+    /// Forget ids that have been quiet and are not locked (a memory bound).
+    pub(crate) fn prune(&self) {
+        let now = Instant::now();
+        self.map()
+            .retain(|_, f| f.last.elapsed() < SUSPECT_FOR || f.locked_until > Some(now));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,5 +340,47 @@ mod tests {
         assert!(!gate.throttled(ip(2)));
         gate.prune();
         assert!(gate.throttled(ip(1)), "still within its penalty");
+    }
+}
+
+#[cfg(test)]
+mod id_budget_tests {
+    use super::*;
+
+    #[test]
+    fn an_id_is_locked_out_exponentially_after_its_budget_and_a_success_forgets() {
+        let budget = IdBudget::new(3, Duration::from_secs(1), Duration::from_secs(8));
+        assert!(!budget.suspect("alice"));
+        assert_eq!(budget.failed("alice"), None);
+        assert!(budget.suspect("alice"), "one failure makes a suspect");
+        assert_eq!(budget.locked("alice"), None);
+        assert_eq!(budget.failed("alice"), None);
+        // The third failure locks it for the base, each one after doubles it, up to the cap.
+        assert_eq!(budget.failed("alice"), Some(Duration::from_secs(1)));
+        assert!(budget.locked("alice").is_some());
+        assert_eq!(budget.failed("alice"), Some(Duration::from_secs(2)));
+        assert_eq!(budget.failed("alice"), Some(Duration::from_secs(4)));
+        assert_eq!(budget.failed("alice"), Some(Duration::from_secs(8)));
+        for _ in 0..100 {
+            assert_eq!(budget.failed("alice"), Some(Duration::from_secs(8)));
+        }
+        // Other ids, known or not, are untouched.
+        assert_eq!(budget.locked("bob"), None);
+        assert!(!budget.suspect("bob"));
+        budget.succeeded("alice");
+        assert_eq!(budget.locked("alice"), None);
+        assert!(!budget.suspect("alice"));
+    }
+
+    #[test]
+    fn the_map_of_ids_is_bounded() {
+        let budget = IdBudget::new(2, Duration::from_secs(1), Duration::from_secs(2));
+        for i in 0..MAX_IDS + 10 {
+            budget.failed(&format!("id-{i}"));
+        }
+        assert_eq!(budget.map().len(), MAX_IDS);
+        // Ids already known still count.
+        budget.failed("id-0");
+        assert!(budget.locked("id-0").is_some());
     }
 }

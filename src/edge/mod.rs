@@ -117,6 +117,8 @@ pub(crate) struct Shared {
     pub challenge: crate::challenge::ChallengeConfig,
     /// Places for connections that have not authenticated yet, and the failed-hello throttle.
     pub gate: gate::Gate,
+    /// Failed hellos per client id.
+    pub id_budget: gate::IdBudget,
     /// Session slots (`max_sessions`), taken once a client has authenticated.
     pub slots: Arc<Semaphore>,
     /// Token checks, on their own low-priority threads (argon2 is deliberately costly). A
@@ -308,6 +310,11 @@ pub async fn start(
             cfg.edge.max_unauthenticated_per_source,
             cfg.edge.failed_hellos_per_minute,
         ),
+        id_budget: gate::IdBudget::new(
+            cfg.edge.failed_hellos_per_id,
+            Duration::from_millis(cfg.edge.id_lockout_base_ms),
+            Duration::from_millis(cfg.edge.id_lockout_max_ms),
+        ),
         slots: Arc::new(Semaphore::new(cfg.edge.max_sessions)),
         tokens: tokens::TokenChecker::start(
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
@@ -357,8 +364,10 @@ pub async fn start(
                 listen,
                 telemetry::HttpLimits::of(&cfg),
                 operators,
-                cfg.evidence_dir.clone(),
-                audit_key,
+                admin_api::AuditTrail {
+                    dir: cfg.evidence_dir.clone(),
+                    key: audit_key,
+                },
                 admin_tls.map(Arc::new),
                 shared.clone(),
                 shutdown.clone(),
@@ -599,6 +608,7 @@ async fn admission(
         watch_blocked(&shared, &current, &health);
         let _ = tokio::time::timeout(poll, check_admission(&shared, &current, &work_queue)).await;
         shared.gate.prune();
+        shared.id_budget.prune();
     }
 }
 

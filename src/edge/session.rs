@@ -337,6 +337,23 @@ async fn write_presence(shared: &Shared, client_id: &str, presence: Presence, on
     }
 }
 
+/// A client id as a log line may show it: whatever a client sent, escaped (no newlines or
+/// control characters reach the log) and cut to 64 characters.
+pub(crate) struct LogId<'a>(pub &'a str);
+
+impl std::fmt::Display for LogId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const MAX: usize = 64;
+        for c in self.0.chars().take(MAX) {
+            write!(f, "{}", c.escape_debug())?;
+        }
+        if self.0.chars().nth(MAX).is_some() {
+            write!(f, "…({} bytes)", self.0.len())?;
+        }
+        Ok(())
+    }
+}
+
 /// Wait for a valid hello and authenticate it. On failure the client has been told why and the
 /// socket is closed.
 async fn hello(
@@ -359,8 +376,17 @@ async fn hello(
             msg = ws.next() => match msg {
                 // A negotiated subprotocol decides the replies' encoding; without one, the
                 // hello's own does.
-                Some(Ok(Message::Text(text))) => break (client::parse_text(&text), negotiated.unwrap_or(Encoding::Json)),
-                Some(Ok(Message::Binary(bytes))) => break (client::parse_binary(&bytes), negotiated.unwrap_or(Encoding::MsgPack)),
+                Some(Ok(Message::Text(text))) if text.len() <= shared.cfg.max_hello_bytes => break (client::parse_text(&text), negotiated.unwrap_or(Encoding::Json)),
+                Some(Ok(Message::Binary(bytes))) if bytes.len() <= shared.cfg.max_hello_bytes => break (client::parse_binary(&bytes), negotiated.unwrap_or(Encoding::MsgPack)),
+                // A hello is small; a big message before it is refused, and counts against the
+                // address like a failed hello.
+                Some(Ok(Message::Text(_) | Message::Binary(_))) => {
+                    shared.refused("hello_too_large");
+                    shared.gate.failed(peer.ip());
+                    let msg = format!("a message before the hello may be at most {} bytes", shared.cfg.max_hello_bytes);
+                    refuse(shared, ws, negotiated.unwrap_or(Encoding::Json), ErrorCode::BadRequest, &msg).await;
+                    return None;
+                }
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
                     shared.refused("disconnected");
@@ -370,6 +396,18 @@ async fn hello(
         }
     };
     let (client_id, token) = match parsed {
+        // Ids are names of files and log fields: anything else is refused before any lookup.
+        Ok(ClientMsg::Hello { client_id, .. })
+            if crate::directory::check_client_id(&client_id).is_err() =>
+        {
+            shared.refused("bad_hello");
+            shared.gate.failed(peer.ip());
+            tracing::warn!(client = %LogId(&client_id), %peer, "hello refused: not a client id");
+            let msg =
+                "client_id must be 1 to 64 characters of A-Z a-z 0-9 _ . - (not starting with .)";
+            refuse(shared, ws, encoding, ErrorCode::BadRequest, msg).await;
+            return None;
+        }
         Ok(ClientMsg::Hello { client_id, token }) => (client_id, token),
         Ok(ClientMsg::Frame(_) | ClientMsg::Ping { .. } | ClientMsg::Presence { .. }) => {
             shared.refused("bad_hello");
@@ -415,7 +453,7 @@ async fn hello(
                 shared.metrics.session_tokens_refused.inc();
                 let throttled = shared.gate.failed(peer.ip());
                 // Who tried, from where, and why; never the token.
-                tracing::warn!(client = %client_id, %peer, throttled, reason = %why, "hello refused: bad session token");
+                tracing::warn!(client = %LogId(&client_id), %peer, throttled, reason = %why, "hello refused: bad session token");
                 let msg = if why.ends_with("expired") {
                     "session token expired"
                 } else {
@@ -428,6 +466,27 @@ async fn hello(
     } else {
         Credential::Token(token)
     };
+    // A permanent token for an id over its failure budget is refused before it is hashed; the
+    // refusal counts against the address too. Session tokens, checked by signature above,
+    // are not held up.
+    let permanent = matches!(credential, Credential::Token(_));
+    if permanent && let Some(left) = shared.id_budget.locked(&client_id) {
+        shared.refused("id_locked");
+        let throttled = shared.gate.failed(peer.ip());
+        tracing::warn!(client = %LogId(&client_id), %peer, throttled, "hello refused: this client id is locked out after failed hellos");
+        let msg = format!(
+            "too many failed hellos for this client; retry in {} s",
+            left.as_secs().max(1)
+        );
+        refuse(shared, ws, encoding, ErrorCode::TooFast, &msg).await;
+        return None;
+    }
+    // Ids that failed recently wait behind those that did not.
+    let priority = if shared.id_budget.suspect(&client_id) {
+        super::tokens::Priority::Suspect
+    } else {
+        super::tokens::Priority::Honest
+    };
     // The token check must start within the same hello deadline.
     let checked = shared
         .tokens
@@ -436,6 +495,7 @@ async fn hello(
             client_id.clone(),
             credential,
             deadline.deadline().into_std(),
+            priority,
         )
         .await;
     let Ok(auth) = checked else {
@@ -445,12 +505,20 @@ async fn hello(
         return None;
     };
     match auth {
-        Ok(record) => Some((record, encoding)),
+        Ok(record) => {
+            if permanent {
+                shared.id_budget.succeeded(&client_id);
+            }
+            Some((record, encoding))
+        }
         Err(AuthError::Unauthorized) => {
             shared.refused("unauthorized");
             let throttled = shared.gate.failed(peer.ip());
+            let locked = permanent
+                .then(|| shared.id_budget.failed(&client_id))
+                .flatten();
             // Who tried, from where; never the token.
-            tracing::warn!(client = %client_id, %peer, throttled, "hello refused: unknown client or wrong token");
+            tracing::warn!(client = %LogId(&client_id), %peer, throttled, locked_for = ?locked, "hello refused: unknown client or wrong token");
             refuse(
                 shared,
                 ws,

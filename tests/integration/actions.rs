@@ -407,7 +407,10 @@ fn writer_start_log(env: &TestEnv, dir: &Path, key: &Path) -> String {
             break;
         }
     }
-    assert!(text.contains("audit writer consuming"), "the writer did not start: {text}");
+    assert!(
+        text.contains("audit writer consuming"),
+        "the writer did not start: {text}"
+    );
     sigterm(&writer);
     assert!(crate::support::exit_status(&mut writer).success());
     text
@@ -537,7 +540,10 @@ async fn audit_verify_catches_tampering_a_deleted_tail_and_changed_evidence() {
     // After the writers ran on it, the shortened log is still reported.
     std::fs::write(&log, keep(lines.len() - 1)).unwrap();
     let (ok, text) = verify(&[]);
-    assert!(!ok && text.contains("its last 1 entries were removed"), "{text}");
+    assert!(
+        !ok && text.contains("its last 1 entries were removed"),
+        "{text}"
+    );
 
     // Whoever can publish to the checkpoint exchange adds junk, a genuine checkpoint replayed,
     // and that checkpoint's signature claiming the highest sequence number there is: none
@@ -571,7 +577,10 @@ async fn audit_verify_catches_tampering_a_deleted_tail_and_changed_evidence() {
             .unwrap();
     }
     let (ok, text) = verify(&[]);
-    assert!(!ok && text.contains("its last 1 entries were removed"), "{text}");
+    assert!(
+        !ok && text.contains("its last 1 entries were removed"),
+        "{text}"
+    );
     assert!(text.contains("ignored 2 of the stream's"), "{text}");
     let started = writer_start_log(&env, &dir, &key);
     assert!(started.contains("were removed"), "{started}");

@@ -552,3 +552,53 @@ async fn the_edge_pings_and_closes_a_client_that_goes_silent() {
     }
     env.teardown().await;
 }
+
+/// Before the hello, a client gets little: a message larger than a hello is refused, and so is
+/// a client id that is not one (it would reach file names and log lines); both count against
+/// the address like a failed hello.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_pre_hello_messages_and_bad_ids_are_refused() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut env = TestEnv::new("prehello");
+    env.cfg.edge.max_hello_bytes = 4096;
+    let url = env.start_edge("e1").await;
+    env.add_client("c1");
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    ws.send(Message::Text("x".repeat(5000).into()))
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => {
+            assert!(
+                t.contains("bad_request") && t.contains("at most 4096 bytes"),
+                "{t}"
+            );
+        }
+        other => panic!("no refusal: {other:?}"),
+    }
+    for bad in ["c1\nFAKE LOG LINE", &"c".repeat(65), "../c1", ""] {
+        let refused = Connection::connect(&url, bad, TOKEN, Encoding::Json)
+            .await
+            .map(|(_, welcome)| welcome);
+        assert!(
+            matches!(&refused, Err(vigil::edge::client::ClientError::Refused { code, message })
+                if code == "bad_request" && message.contains("client_id")),
+            "{bad:?}: {refused:?}"
+        );
+    }
+    let registry = &env.edge_registries[0];
+    assert_eq!(
+        metric(
+            registry,
+            "vigil_edge_sessions_refused_total",
+            Some(("reason", "hello_too_large"))
+        ),
+        1.0
+    );
+    // The right client still gets in.
+    Connection::connect(&url, "c1", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    env.teardown().await;
+}

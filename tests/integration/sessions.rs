@@ -364,3 +364,152 @@ async fn the_integration_example_mints_a_token_opens_the_page_and_receives_the_w
     let _ = std::fs::remove_dir_all(clients_dir);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// One wrong-token hello as `client` from the local address `source`: the answer's type and
+/// code (`error unauthorized`, `error too_fast`, ...), or why there was none.
+async fn hello_from(url: &str, source: std::net::IpAddr, client: &str, token: &str) -> String {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let addr: std::net::SocketAddr = crate::support::ws_addr(url).parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::new(source, 0)).unwrap();
+    let attempt = async {
+        let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
+        let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+            .await
+            .map_err(|e| format!("no websocket: {e}"))?;
+        let hello = serde_json::json!({"type": "hello", "client_id": client, "token": token});
+        // A refusal before the hello may close the socket first: the answer is still read.
+        let _ = ws.send(Message::Text(hello.to_string().into())).await;
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                Ok(format!(
+                    "{} {}",
+                    v["type"].as_str().unwrap_or(""),
+                    v["code"].as_str().unwrap_or("")
+                ))
+            }
+            other => Err(format!("no answer: {other:?}")),
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(30), attempt).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => e,
+        Err(_) => "timeout".into(),
+    }
+}
+
+/// 10,000 wrong-token hellos for one client id, from 64 addresses at once, while 10 honest
+/// clients connect: the id's own failure budget locks it out after a few, so the token threads
+/// hash a handful of them, and every honest client is welcomed. The attacked id's permanent
+/// token is refused while it is locked, and a session token still opens its session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_tokens_for_one_id_from_64_addresses_leave_honest_clients_in() {
+    const HELLOS: usize = 10_000;
+    const ADDRESSES: usize = 64;
+    let mut env = TestEnv::new("loginflood");
+    let dir = env.clients_dir.with_extension("keys");
+    env.cfg.sessions = keys(&dir, "session.key");
+    let url = env.start_edge("e1").await;
+    env.add_client("victim");
+    let honest: Vec<String> = (0..10).map(|i| format!("honest-{i}")).collect();
+    for id in &honest {
+        env.add_client(id);
+    }
+    let started = std::time::Instant::now();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let attackers: Vec<_> = (0..ADDRESSES)
+        .map(|a| {
+            let (url, sent) = (url.clone(), sent.clone());
+            let source = std::net::IpAddr::from([127, 0, 1, a as u8 + 1]);
+            tokio::spawn(async move {
+                let mut answers = std::collections::BTreeMap::<String, usize>::new();
+                for _ in 0..HELLOS / ADDRESSES + usize::from(a < HELLOS % ADDRESSES) {
+                    let answer = hello_from(&url, source, "victim", "wrong-token-0123456789").await;
+                    *answers.entry(answer).or_default() += 1;
+                    sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                answers
+            })
+        })
+        .collect();
+    // The honest clients come while the flood runs.
+    while sent.load(std::sync::atomic::Ordering::Relaxed) < HELLOS / 10 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = sent.load(std::sync::atomic::Ordering::Relaxed);
+    let clients: Vec<_> = honest
+        .iter()
+        .map(|id| {
+            let (url, id) = (url.clone(), id.clone());
+            tokio::spawn(async move {
+                let t = std::time::Instant::now();
+                hello(&url, &id, TOKEN)
+                    .await
+                    .unwrap_or_else(|e| panic!("{id} was refused during the flood: {e}"));
+                t.elapsed()
+            })
+        })
+        .collect();
+    let mut welcomed = Vec::new();
+    for c in clients {
+        welcomed.push(c.await.unwrap());
+    }
+    let after = sent.load(std::sync::atomic::Ordering::Relaxed);
+    let mut answers = std::collections::BTreeMap::<String, usize>::new();
+    for a in attackers {
+        for (answer, n) in a.await.unwrap() {
+            *answers.entry(answer).or_default() += n;
+        }
+    }
+    let took = started.elapsed();
+    assert_eq!(answers.values().sum::<usize>(), HELLOS);
+    // Every attempt was refused, and none was welcomed.
+    assert!(
+        answers.keys().all(|a| a.starts_with("error ")),
+        "{answers:?}"
+    );
+    let registry = &env.edge_registries[0];
+    let refused = |reason| {
+        crate::support::metric(
+            registry,
+            "vigil_edge_sessions_refused_total",
+            Some(("reason", reason)),
+        )
+    };
+    assert!(refused("id_locked") > 0.0);
+    // The victim's own token waits out the lockout; a session token gets in now.
+    let locked = hello(&url, "victim", TOKEN).await.unwrap_err();
+    assert!(locked.starts_with("too_fast"), "{locked}");
+    let record = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
+    let record = vigil::directory::ClientStore::get(&record, "victim")
+        .unwrap()
+        .unwrap();
+    let minter = Minter::load(&env.cfg.sessions, &env.cfg.namespace)
+        .unwrap()
+        .unwrap();
+    let (session, _) = minter
+        .mint(
+            "victim",
+            &record.session_binding(),
+            600,
+            vigil::wire::now_ms(),
+        )
+        .unwrap();
+    hello(&url, "victim", &session).await.unwrap();
+    welcomed.sort();
+    println!(
+        "{HELLOS} wrong-token hellos for one id from {ADDRESSES} addresses in {:.1} s; answers \
+         {answers:?}; tokens hashed for them (unauthorized) {}, refused as locked {}, refused \
+         as throttled addresses {}; 10 honest clients welcomed at once while the flood went from {before} to {after}, \
+         slowest hello {:?}, median {:?}",
+        took.as_secs_f64(),
+        refused("unauthorized"),
+        refused("id_locked"),
+        refused("hello_throttled"),
+        welcomed[9],
+        welcomed[5],
+    );
+    env.teardown().await;
+}
