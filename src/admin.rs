@@ -21,7 +21,7 @@ pub enum AdminError {
     Broadcast(#[from] BrokerError),
     #[error("client `{0}` not found")]
     NotFound(String),
-    #[error("the change was made but could not reach the audit trail: {0}")]
+    #[error("the audit trail did not take the operation: {0}")]
     Audit(String),
 }
 
@@ -197,9 +197,16 @@ impl Admin {
         op: AdminOp,
         operator: &str,
     ) -> Result<Option<ClientView>, AdminError> {
+        // The trail first: a change the broker cannot take into the trail is not made. Once
+        // confirmed, the entry stands even if the change then fails, and a second entry says
+        // so.
+        if self.store.get(id)?.is_none() {
+            return Err(AdminError::NotFound(id.to_owned()));
+        }
+        self.audit(id, op.as_str(), operator).await?;
         let store = self.store.clone();
         let owned = id.to_owned();
-        let view =
+        let changed =
             tokio::task::spawn_blocking(move || -> Result<Option<ClientView>, AdminError> {
                 let status = match op {
                     AdminOp::Pause => Some(ClientStatus::Paused),
@@ -240,7 +247,17 @@ impl Admin {
                 )))
             })
             .await
-            .expect("directory task does not panic")?;
+            .expect("directory task does not panic");
+        let view = match changed {
+            Ok(view) => view,
+            Err(e) => {
+                let failed = format!("{}:failed", op.as_str());
+                if let Err(a) = self.audit_with(id, &failed, operator, e.to_string()).await {
+                    tracing::warn!(error = %a, client = %id, "the failed operation's entry was not audited");
+                }
+                return Err(e);
+            }
+        };
         let command = match op {
             AdminOp::Pause => ControlCommand::Pause,
             AdminOp::Resume => ControlCommand::Resume,
@@ -252,7 +269,6 @@ impl Admin {
             AdminOp::Readmit => ControlCommand::Unblock,
         };
         self.broadcast(id, command, operator).await?;
-        self.audit(id, op.as_str(), operator).await?;
         Ok(view)
     }
 
@@ -264,14 +280,25 @@ impl Admin {
     ) -> Result<ClientView, AdminError> {
         let store = self.store.clone();
         let id = record.id.clone();
+        crate::directory::check_client_id(&id)?;
+        if store.get(&id)?.is_some() {
+            return Err(DirectoryError::Exists(id).into());
+        }
+        self.audit(&id, "add", operator).await?;
         let view = tokio::task::spawn_blocking(move || -> Result<ClientView, AdminError> {
             store.add(&record)?;
             show(&*store, &record.id)
         })
         .await
-        .expect("directory task does not panic")?;
-        self.audit(&id, "add", operator).await?;
-        Ok(view)
+        .expect("directory task does not panic");
+        if let Err(e) = &view
+            && let Err(a) = self
+                .audit_with(&id, "add:failed", operator, e.to_string())
+                .await
+        {
+            tracing::warn!(error = %a, client = %id, "the failed operation's entry was not audited");
+        }
+        view
     }
 
     /// Force an action on a connected client; it takes the policy's path, audit included (the
@@ -280,9 +307,9 @@ impl Admin {
         if self.store.get(id)?.is_none() {
             return Err(AdminError::NotFound(id.to_owned()));
         }
-        self.broadcast(id, ControlCommand::ForceAction { action }, operator)
-            .await?;
         self.audit(id, &format!("force:{}", action.as_str()), operator)
+            .await?;
+        self.broadcast(id, ControlCommand::ForceAction { action }, operator)
             .await
     }
 
@@ -309,6 +336,18 @@ impl Admin {
 
     /// Send the operation to the audit trail, under a bounded confirm.
     pub async fn audit(&self, id: &str, operation: &str, operator: &str) -> Result<(), AdminError> {
+        self.audit_with(id, operation, operator, String::new())
+            .await
+    }
+
+    /// [`Admin::audit`], with what the operation changed or read.
+    pub async fn audit_with(
+        &self,
+        id: &str,
+        operation: &str,
+        operator: &str,
+        detail: String,
+    ) -> Result<(), AdminError> {
         let env = Envelope {
             schema: wire::SCHEMA,
             id: Uuid::now_v7(),
@@ -322,6 +361,7 @@ impl Admin {
                 operation: operation.to_owned(),
                 operator: operator.to_owned(),
                 at_ms: wire::now_ms(),
+                detail,
             }),
         };
         let confirmed = async {
@@ -339,6 +379,20 @@ impl Admin {
             )),
         }
     }
+}
+
+/// What an enrolment's trail entry records: the SHA-256 of each photo, and of the template it
+/// replaced and the one it made (as the directory keeps them, base64), so that a later look
+/// can tell which photos made which template.
+pub fn enrollment_detail(photos: &[Vec<u8>], old: Option<&str>, new: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let sha = |b: &[u8]| hex::encode(Sha256::digest(b));
+    format!(
+        "photos={} template_old={} template_new={}",
+        photos.iter().map(|p| sha(p)).collect::<Vec<_>>().join(","),
+        old.map_or_else(|| "none".to_owned(), |t| sha(t.as_bytes())),
+        sha(new.as_bytes())
+    )
 }
 
 /// Publish one control event under confirms.

@@ -141,6 +141,7 @@ pub struct EdgeMetrics {
     pub broker_blocked: IntGauge,
     pub admin_tls_failed: IntCounter,
     pub admin_connections_refused: IntCounter,
+    pub admin_forbidden: IntCounterVec,
     pub lease_failures: IntCounter,
     pub audits_pending: IntGauge,
 }
@@ -303,6 +304,12 @@ impl EdgeMetrics {
                 registry,
                 "vigil_edge_admin_connections_refused_total",
                 "Admin API connections closed at accept: the listener had VIGIL_HTTP_MAX_CONNECTIONS",
+            ),
+            admin_forbidden: counter_vec(
+                registry,
+                "vigil_edge_admin_forbidden_total",
+                "Admin API requests refused (403) because the operator's role is too low, by role",
+                &["role"],
             ),
             lease_failures: counter(
                 registry,

@@ -1,7 +1,9 @@
-//! Named admin tokens: one per operator, so that every admin operation says who made it.
+//! Named admin tokens: one per operator, so that every admin operation says who made it, and
+//! each with a role ([`Role`]) that bounds what it may do.
 //!
 //! The file (`VIGIL_ADMIN_TOKENS_FILE`, written by `vigil operators add`) is a JSON array of
-//! `{"name","sha256","created_at_ms"}`. A token is 256 random bits, shown once; only its
+//! `{"name","role","sha256","created_at_ms"}`; an entry written before roles existed has none
+//! and is an `admin`, as it was. A token is 256 random bits, shown once; only its
 //! SHA-256 is kept. A slow password hash would add nothing for a secret that cannot be guessed,
 //! and would let every unauthenticated request burn CPU. Presented tokens are compared in
 //! constant time against every entry.
@@ -31,10 +33,51 @@ pub enum OperatorError {
     NotFound(String),
 }
 
+/// What an operator may do. Each role may do what the ones before it may.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads the client list, the sessions and the audit trail; sees no biometric data and
+    /// changes nothing.
+    Viewer,
+    /// A viewer who also sees reference photos and evidence frames (each read audited), and
+    /// acts on candidates: pause, resume, block, unblock, kick, challenge, re-admit, forced
+    /// actions, session tokens.
+    Proctor,
+    /// A proctor who also adds, removes and enrols clients. Entries without a role, and the
+    /// shared `VIGIL_ADMIN_TOKEN`, are admins.
+    #[default]
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Proctor => "proctor",
+            Role::Admin => "admin",
+        }
+    }
+}
+
 /// One operator as the file keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct OperatorEntry {
     pub name: String,
+    #[serde(default)]
+    pub role: Role,
     /// SHA-256 (hex) of the token.
     pub sha256: String,
     pub created_at_ms: u64,
@@ -43,7 +86,7 @@ pub(crate) struct OperatorEntry {
 /// The operators an admin API accepts.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Operators {
-    entries: Vec<(String, [u8; 32])>,
+    entries: Vec<(String, Role, [u8; 32])>,
 }
 
 /// The name the shared `VIGIL_ADMIN_TOKEN` is known by.
@@ -71,24 +114,24 @@ impl Operators {
                         path.display()
                     )));
                 }
-                entries.push((e.name, hash));
+                entries.push((e.name, e.role, hash));
             }
         }
         if let Some(token) = shared_token {
-            entries.push((SHARED_TOKEN_OPERATOR.to_owned(), digest(token)));
+            entries.push((SHARED_TOKEN_OPERATOR.to_owned(), Role::Admin, digest(token)));
         }
         Ok(Self { entries })
     }
 
     /// The operator whose token `presented` is, if any. Every entry is compared, in constant
     /// time, whatever matches.
-    pub(crate) fn identify(&self, presented: &str) -> Option<&str> {
+    pub(crate) fn identify(&self, presented: &str) -> Option<(&str, Role)> {
         use subtle::ConstantTimeEq;
         let hash = digest(presented);
         let mut found = None;
-        for (name, want) in &self.entries {
+        for (name, role, want) in &self.entries {
             if bool::from(hash.ct_eq(want)) {
-                found = Some(name.as_str());
+                found = Some((name.as_str(), *role));
             }
         }
         found
@@ -127,7 +170,7 @@ fn write(path: &Path, entries: &[OperatorEntry]) -> Result<(), OperatorError> {
 
 #[cfg(feature = "tools")] // `vigil operators add|remove`
 /// Add operator `name` with a fresh token; returns the token (shown once).
-pub(crate) fn add(path: &Path, name: &str) -> Result<String, OperatorError> {
+pub(crate) fn add(path: &Path, name: &str, role: Role) -> Result<String, OperatorError> {
     crate::topology::check_identifier("operator name", name).map_err(OperatorError::Name)?;
     if name == SHARED_TOKEN_OPERATOR {
         return Err(OperatorError::Name(format!(
@@ -141,6 +184,7 @@ pub(crate) fn add(path: &Path, name: &str) -> Result<String, OperatorError> {
     let token = crate::directory::generate_token();
     entries.push(OperatorEntry {
         name: name.to_owned(),
+        role,
         sha256: hex::encode(digest(&token)),
         created_at_ms: crate::wire::now_ms(),
     });
@@ -167,15 +211,21 @@ mod tests {
     #[test]
     fn tokens_name_their_operator_and_removed_ones_stop_working() {
         let path = std::env::temp_dir().join(format!("vigil-ops-{}.json", rand::random::<u64>()));
-        let alice = add(&path, "alice").unwrap();
-        let bob = add(&path, "bob").unwrap();
-        assert!(matches!(add(&path, "alice"), Err(OperatorError::Exists(_))));
-        assert!(add(&path, "../evil").is_err());
-        assert!(add(&path, SHARED_TOKEN_OPERATOR).is_err());
+        let alice = add(&path, "alice", Role::Admin).unwrap();
+        let bob = add(&path, "bob", Role::Viewer).unwrap();
+        assert!(matches!(
+            add(&path, "alice", Role::Admin),
+            Err(OperatorError::Exists(_))
+        ));
+        assert!(add(&path, "../evil", Role::Admin).is_err());
+        assert!(add(&path, SHARED_TOKEN_OPERATOR, Role::Admin).is_err());
         let ops = Operators::load(Some(&path), Some("a-shared-token-of-16+")).unwrap();
-        assert_eq!(ops.identify(&alice), Some("alice"));
-        assert_eq!(ops.identify(&bob), Some("bob"));
-        assert_eq!(ops.identify("a-shared-token-of-16+"), Some("admin"));
+        assert_eq!(ops.identify(&alice), Some(("alice", Role::Admin)));
+        assert_eq!(ops.identify(&bob), Some(("bob", Role::Viewer)));
+        assert_eq!(
+            ops.identify("a-shared-token-of-16+"),
+            Some(("admin", Role::Admin))
+        );
         assert_eq!(ops.identify("guess"), None);
         assert_eq!(ops.identify(""), None);
         // Only hashes are on disk.
@@ -184,7 +234,12 @@ mod tests {
         remove(&path, "alice").unwrap();
         let ops = Operators::load(Some(&path), None).unwrap();
         assert_eq!(ops.identify(&alice), None);
-        assert_eq!(ops.identify(&bob), Some("bob"));
+        assert_eq!(ops.identify(&bob), Some(("bob", Role::Viewer)));
+        // An entry written before roles is an admin, as it was.
+        let old: Vec<OperatorEntry> =
+            serde_json::from_str(r#"[{"name":"carol","sha256":"00","created_at_ms":1}]"#).unwrap();
+        assert_eq!(old[0].role, Role::Admin);
+        assert!(Role::Viewer < Role::Proctor && Role::Proctor < Role::Admin);
         assert!(matches!(
             remove(&path, "alice"),
             Err(OperatorError::NotFound(_))

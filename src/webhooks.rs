@@ -1092,6 +1092,7 @@ mod tests {
     #[test]
     fn an_events_type_and_body_name_the_entry() {
         let op = AdminOpEvent {
+            detail: String::new(),
             operator: "ops".into(),
             operation: "force:sign_out".into(),
             at_ms: 1_700_000_000_123,

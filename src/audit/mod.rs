@@ -134,6 +134,9 @@ pub enum Note {
         client_id: String,
         /// The node that carried it out (an edge, or `cli`).
         source: String,
+        /// What it changed or read (see [`crate::wire::AdminOpEvent::detail`]).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        detail: String,
         at_ms: u64,
         written_at_ms: u64,
     },
@@ -1552,6 +1555,7 @@ async fn handle(
                 operation: op.operation.clone(),
                 client_id: env.client_id.clone(),
                 source: env.source.clone(),
+                detail: op.detail.clone(),
                 at_ms: op.at_ms,
                 written_at_ms: crate::wire::now_ms(),
             }),

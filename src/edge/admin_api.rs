@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use crate::admin::{self, Admin, AdminError, AdminOp};
 use crate::directory::{ClientRecord, DirectoryError};
-use crate::operators::Operators;
+use crate::operators::{Operators, Role};
 use crate::policy::Action;
 
 struct ApiState {
@@ -54,9 +54,27 @@ struct ApiState {
     console: super::web::WebAssets,
 }
 
-/// Who made a request (inserted by [`require_token`]).
+/// Who made a request, and their role (inserted by [`require_token`]).
 #[derive(Clone)]
-struct Operator(String);
+struct Operator(String, Role);
+
+/// The role a request needs, by its method and path: reading the list, the sessions and the
+/// trail needs a viewer; biometric images and acting on candidates a proctor; adding,
+/// removing and enrolling clients an admin. Anything unlisted needs an admin.
+fn needed_role(method: &axum::http::Method, path: &str) -> Role {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let get = method == axum::http::Method::GET;
+    match parts.as_slice() {
+        ["v1", "admin", "clients", _, "reference.jpg"] if get => Role::Proctor,
+        ["v1", "admin", "audit", "evidence", ..] if get => Role::Proctor,
+        _ if get => Role::Viewer,
+        ["v1", "admin", "clients"] => Role::Admin,
+        ["v1", "admin", "clients", _, "enroll" | "remove"] => Role::Admin,
+        ["v1", "admin", "clients", _, _] => Role::Proctor,
+        ["v1", "admin", "sessions"] => Role::Proctor,
+        _ => Role::Admin,
+    }
+}
 
 /// The accepted tokens, reloaded when the operators file changes.
 pub(super) struct OperatorSource {
@@ -79,7 +97,7 @@ impl OperatorSource {
         })
     }
 
-    fn identify(&self, presented: &str) -> Option<String> {
+    fn identify(&self, presented: &str) -> Option<(String, Role)> {
         if let Some(file) = &self.file {
             let now = modified(file);
             let stale = self.current.read().unwrap_or_else(|e| e.into_inner()).0 != now;
@@ -94,7 +112,10 @@ impl OperatorSource {
             }
         }
         let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-        current.1.identify(presented).map(str::to_owned)
+        current
+            .1
+            .identify(presented)
+            .map(|(name, role)| (name.to_owned(), role))
     }
 }
 
@@ -111,7 +132,7 @@ type Api = Arc<ApiState>;
         title = "Vigil admin API",
         description = "Operators' API of every Vigil edge: clients, their sessions and tokens, and the audit trail. Every call but this document needs an operator's bearer token, and every change is audited with the operator's name."
     ),
-    paths(list, show, add, op, force, mint_session, sessions, reference, enroll, audit_trail, evidence, public_key),
+    paths(list, show, add, op, force, mint_session, sessions, reference, enroll, audit_trail, evidence, public_key, me),
     components(schemas(ErrorBody)),
     modifiers(&BearerToken),
     tags(
@@ -221,6 +242,7 @@ pub(super) async fn serve(
             ))),
         )
         .route("/v1/admin/audit/key", get(public_key))
+        .route("/v1/admin/me", get(me))
         .route("/v1/admin/audit/clients/{id}", get(audit_trail))
         .route("/v1/admin/audit/evidence/{*path}", get(evidence))
         // Authentication runs before any handler, so before a body is read or parsed.
@@ -271,7 +293,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// The operator whose bearer token the request carries (compared in constant time).
-fn authorized(api: &ApiState, headers: &HeaderMap) -> Option<String> {
+fn authorized(api: &ApiState, headers: &HeaderMap) -> Option<(String, Role)> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -282,8 +304,24 @@ fn authorized(api: &ApiState, headers: &HeaderMap) -> Option<String> {
 /// Refuse a request without a known bearer token before its handler (and its body) runs.
 async fn require_token(State(api): State<Api>, mut request: Request, next: Next) -> Response {
     match authorized(&api, request.headers()) {
-        Some(operator) => {
-            request.extensions_mut().insert(Operator(operator));
+        Some((operator, role)) => {
+            let needed = needed_role(request.method(), request.uri().path());
+            if role < needed {
+                api.shared
+                    .metrics
+                    .admin_forbidden
+                    .with_label_values(&[role.as_str()])
+                    .inc();
+                return error(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "operator `{operator}` is a {}; this needs a {} or more",
+                        role.as_str(),
+                        needed.as_str()
+                    ),
+                );
+            }
+            request.extensions_mut().insert(Operator(operator, role));
             next.run(request).await
         }
         None => unauthorized(),
@@ -305,6 +343,10 @@ fn admin_error(e: AdminError) -> Response {
         AdminError::Directory(e @ DirectoryError::Exists(_)) => {
             error(StatusCode::CONFLICT, e.to_string())
         }
+        AdminError::Audit(why) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the audit trail could not take the operation, so it was not made: {why}"),
+        ),
         other => error(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
     }
 }
@@ -447,7 +489,7 @@ struct NewClient {
 )]
 async fn add(
     State(api): State<Api>,
-    Extension(Operator(operator)): Extension<Operator>,
+    Extension(Operator(operator, _)): Extension<Operator>,
     Json(body): Json<NewClient>,
 ) -> Response {
     let generated = body.token.is_none().then(crate::directory::generate_token);
@@ -491,7 +533,7 @@ async fn add(
 )]
 async fn op(
     State(api): State<Api>,
-    Extension(Operator(operator)): Extension<Operator>,
+    Extension(Operator(operator, _)): Extension<Operator>,
     Path((id, op)): Path<(String, String)>,
 ) -> Response {
     let Some(op) = AdminOp::parse(&op) else {
@@ -538,7 +580,7 @@ struct Forced {
 )]
 async fn force(
     State(api): State<Api>,
-    Extension(Operator(operator)): Extension<Operator>,
+    Extension(Operator(operator, _)): Extension<Operator>,
     Path(id): Path<String>,
     Json(body): Json<Force>,
 ) -> Response {
@@ -596,7 +638,7 @@ struct Minted {
 )]
 async fn mint_session(
     State(api): State<Api>,
-    Extension(Operator(operator)): Extension<Operator>,
+    Extension(Operator(operator, _)): Extension<Operator>,
     Json(body): Json<NewSession>,
 ) -> Response {
     let Some(minter) = api.shared.session_minter.as_ref() else {
@@ -726,10 +768,20 @@ fn jpeg(bytes: Vec<u8>) -> Response {
     ),
     security(("operator" = []))
 )]
-async fn reference(State(api): State<Api>, Path(id): Path<String>) -> Response {
+async fn reference(
+    State(api): State<Api>,
+    Extension(Operator(operator, _)): Extension<Operator>,
+    Path(id): Path<String>,
+) -> Response {
     let store = api.admin.store.clone();
+    let client = id.clone();
     match tokio::task::spawn_blocking(move || store.reference_photo(&id)).await {
-        Ok(Ok(Some(bytes))) => jpeg(bytes),
+        Ok(Ok(Some(bytes))) => {
+            match read_audited(&api, &client, "read:reference", &operator, String::new()).await {
+                Ok(()) => jpeg(bytes),
+                Err(refused) => refused,
+            }
+        }
         Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "no reference photo"),
         Ok(Err(e)) => admin_error(AdminError::Directory(e)),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -847,6 +899,40 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
     }
 }
 
+/// Biometric data is shown only once its reading is in the trail: with no broker to take the
+/// entry, the read is refused (503).
+async fn read_audited(
+    api: &ApiState,
+    client: &str,
+    operation: &str,
+    operator: &str,
+    detail: String,
+) -> Result<(), Response> {
+    api.admin
+        .audit_with(client, operation, operator, detail)
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the read could not be audited, so it is refused: {e}"),
+            )
+        })
+}
+
+/// Who the caller is and what their role allows: the console shows it.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/me",
+    tag = "clients",
+    responses(
+        (status = 200, description = "`{operator, role}`: the role is `viewer`, `proctor` or `admin`", body = Object),
+    ),
+    security(("operator" = []))
+)]
+async fn me(Extension(Operator(operator, role)): Extension<Operator>) -> Response {
+    Json(serde_json::json!({"operator": operator, "role": role})).into_response()
+}
+
 /// The audit writer's public key, for verifying the trail elsewhere and for pinning.
 #[utoipa::path(
     get,
@@ -885,14 +971,23 @@ async fn public_key(State(api): State<Api>) -> Response {
     ),
     security(("operator" = []))
 )]
-async fn evidence(State(api): State<Api>, Path(path): Path<String>) -> Response {
+async fn evidence(
+    State(api): State<Api>,
+    Extension(Operator(operator, _)): Extension<Operator>,
+    Path(path): Path<String>,
+) -> Response {
     let file = format!("evidence/{path}");
     if !crate::audit::is_evidence_path(&file) || !file.ends_with(".jpg") {
         return error(StatusCode::NOT_FOUND, "not an evidence frame");
     }
     let full = api.evidence_dir.join(&file);
+    // evidence/<day>/<client>/<evidence id>/frame-<id>.jpg
+    let client = path.split('/').nth(1).unwrap_or_default().to_owned();
     match tokio::fs::read(&full).await {
-        Ok(bytes) => jpeg(bytes),
+        Ok(bytes) => match read_audited(&api, &client, "read:evidence", &operator, file).await {
+            Ok(()) => jpeg(bytes),
+            Err(refused) => refused,
+        },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             error(StatusCode::NOT_FOUND, "no such evidence frame (pruned?)")
         }
@@ -934,7 +1029,7 @@ struct EnrollBody {
 )]
 async fn enroll(
     State(api): State<Api>,
-    Extension(Operator(operator)): Extension<Operator>,
+    Extension(Operator(operator, _)): Extension<Operator>,
     Path(id): Path<String>,
     Json(body): Json<EnrollBody>,
 ) -> Response {
@@ -972,11 +1067,11 @@ async fn enroll(
             Ok(_) => photos.push(bytes),
         }
     }
-    match api.admin.store.get(&id) {
-        Ok(Some(_)) => {}
+    let old_template = match api.admin.store.get(&id) {
+        Ok(Some(record)) => record.reference.map(|r| r.embedding_b64),
         Ok(None) => return admin_error(AdminError::NotFound(id)),
         Err(e) => return admin_error(AdminError::Directory(e)),
-    }
+    };
     // The request, and a place for its answer (the reply consumer fills it).
     let request_id = uuid::Uuid::now_v7();
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1059,12 +1154,19 @@ async fn enroll(
             margin,
         } => (embedding, model, similarities, margin),
     };
+    // The trail's entry, with the photos' and templates' hashes, before the reference is
+    // replaced: with no broker to take it, nothing changes.
+    let embedding_b64 = base64::engine::general_purpose::STANDARD.encode(&embedding);
+    let detail = crate::admin::enrollment_detail(&photos, old_template.as_deref(), &embedding_b64);
+    if let Err(e) = api.admin.audit_with(&id, "enroll", &operator, detail).await {
+        return admin_error(e);
+    }
     let store = api.admin.store.clone();
     let (client, first, model_name) = (id.clone(), photos.swap_remove(0), model.clone());
     let saved = tokio::task::spawn_blocking(move || -> Result<(), AdminError> {
         let photo_file = store.put_reference_photo(&client, &first)?;
         let reference = crate::directory::Reference {
-            embedding_b64: base64::engine::general_purpose::STANDARD.encode(&embedding),
+            embedding_b64,
             photo_file,
             model: model_name,
             enrolled_at_ms: crate::wire::now_ms(),
@@ -1076,13 +1178,19 @@ async fn enroll(
         Ok(())
     })
     .await;
-    match saved {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return admin_error(e),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
-    if let Err(e) = api.admin.audit(&id, "enroll", &operator).await {
-        return admin_error(e);
+    let failed = match saved {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(admin_error(e)),
+        Err(e) => Some(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    };
+    if let Some(response) = failed {
+        let note = api
+            .admin
+            .audit_with(&id, "enroll:failed", &operator, String::new());
+        if let Err(e) = note.await {
+            tracing::warn!(error = %e, client = %id, "the failed enrolment's entry was not audited");
+        }
+        return response;
     }
     Json(serde_json::json!({
         "client": id, "model": model, "photos": similarities.len(),

