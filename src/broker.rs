@@ -504,6 +504,19 @@ impl Broker {
             .await
     }
 
+    /// Read a stream from `offset` on.
+    pub async fn consume_stream_from_offset(
+        &self,
+        queue: &str,
+        consumer_tag: &str,
+        offset: u64,
+        prefetch: u16,
+    ) -> Result<Consumer, BrokerError> {
+        let at = AMQPValue::LongLongInt(i64::try_from(offset).unwrap_or(i64::MAX));
+        self.consume_stream_at(queue, consumer_tag, at, prefetch)
+            .await
+    }
+
     pub async fn consume_stream_last(
         &self,
         queue: &str,
@@ -1040,6 +1053,18 @@ impl Delivery {
     /// say, which no Vigil publisher does).
     pub fn user_id(&self) -> Option<&str> {
         self.inner.properties.user_id().as_ref().map(|u| u.as_str())
+    }
+
+    /// A stream message's offset (the `x-stream-offset` header RabbitMQ adds).
+    pub fn stream_offset(&self) -> Option<u64> {
+        let headers = self.inner.properties.headers().as_ref()?;
+        match headers.inner().get("x-stream-offset")? {
+            AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+            AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+            AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+            AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
+            _ => None,
+        }
     }
 
     /// The exchange the message was published to.

@@ -39,7 +39,7 @@ pub mod inference;
 pub(crate) mod liveness;
 pub(crate) mod management;
 pub mod metrics;
-pub(crate) mod operators;
+pub mod operators;
 pub mod policy;
 pub mod roles;
 pub mod session_tokens;

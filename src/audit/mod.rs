@@ -173,6 +173,19 @@ pub enum Note {
         key: String,
         written_at_ms: u64,
     },
+    /// A signing writer started on a log that falls short of, or differs from, its newest
+    /// signed checkpoint: entries were lost. The note keeps that in the log for good, so
+    /// that entries appended after it cannot hide it; `verify` reports it.
+    Gap {
+        entry_id: Uuid,
+        /// The log's entries when the writer found it.
+        entries: u64,
+        /// The checkpoint it fell short of.
+        checkpoint_seq: u64,
+        checkpoint_hash: String,
+        problem: String,
+        written_at_ms: u64,
+    },
     /// Evidence files removed by `vigil audit prune` (their entries keep their hashes).
     Prune {
         entry_id: Uuid,
@@ -189,6 +202,7 @@ impl Note {
             Note::Admin { entry_id, .. }
             | Note::Session { entry_id, .. }
             | Note::Signing { entry_id, .. }
+            | Note::Gap { entry_id, .. }
             | Note::Prune { entry_id, .. } => *entry_id,
         }
     }
@@ -338,22 +352,25 @@ impl AuditStore {
         let log_path = root.join("audit.log");
         Self::drop_torn_tail(&log_path)?;
         let public = signer.as_ref().map(SigningKey::verifying_key);
-        let mut scan = Self::scan(&log_path, public.as_ref())?;
-        // Signing turned on for a log that was never signed: its entries are taken on their
-        // hash chain, and a signed entry vouching for their head opens the signed part.
-        let mut vouch_for_unsigned = false;
-        if public.is_some() && matches!(scan, Scan::Broken(_)) {
-            let plain = Self::scan(&log_path, None)?;
-            if let Scan::Ok {
+        let scan = Self::scan(&log_path, public.as_ref())?;
+        // A key for a log that was never signed: an operator vouches for its head first
+        // (`vigil audit adopt`), never the writer by itself, which cannot tell an old unsigned
+        // log from a signed one stripped of its signatures.
+        if public.is_some()
+            && matches!(scan, Scan::Broken(_))
+            && let Scan::Ok {
                 entries,
                 any_signed: false,
+                last_hash,
                 ..
-            } = plain
-                && entries > 0
-            {
-                scan = plain;
-                vouch_for_unsigned = true;
-            }
+            } = Self::scan(&log_path, None)?
+            && entries > 0
+        {
+            return Err(AuditError::Key(format!(
+                "is set, but the log's {entries} entries are not signed. Check them (`vigil audit \
+                 verify --offline`), then vouch for their head with `vigil audit adopt --head \
+                 {last_hash}`, which signs from there on"
+            )));
         }
         let (entries, last_hash, ids) = match scan {
             Scan::Ok {
@@ -386,7 +403,7 @@ impl AuditStore {
             .append(true)
             .open(&log_path)
             .map_err(io(&log_path))?;
-        let mut store = Self {
+        Ok(Self {
             root: root.to_owned(),
             log_path,
             log,
@@ -395,22 +412,7 @@ impl AuditStore {
             last_hash,
             next_seq: entries + 1,
             ids,
-        };
-        if vouch_for_unsigned && let Some(key) = public {
-            tracing::warn!(
-                unsigned_entries = entries,
-                "signing an audit log whose entries so far are unsigned: a signed entry vouches \
-                 for their head, and the key proves nothing more about them"
-            );
-            store.note(&Note::Signing {
-                entry_id: Uuid::now_v7(),
-                unsigned_entries: entries,
-                unsigned_head: store.last_hash.clone(),
-                key: signing::fingerprint(&key),
-                written_at_ms: crate::wire::now_ms(),
-            })?;
-        }
-        Ok(store)
+        })
     }
 
     /// A crash during an append can leave a last line without its newline. That entry was never
@@ -639,6 +641,7 @@ impl AuditStore {
                     ids: HashMap::new(),
                     signed: false,
                     any_signed: false,
+                    signed_from: None,
                 });
             }
             Err(e) => return Err(io(path)(e)),
@@ -755,6 +758,7 @@ impl AuditStore {
             ids,
             signed,
             any_signed,
+            signed_from,
         })
     }
 }
@@ -768,6 +772,8 @@ enum Scan {
         signed: bool,
         /// Whether any entry is.
         any_signed: bool,
+        /// With a key: the first signed entry (the rest of the log is signed from it on).
+        signed_from: Option<u64>,
     },
     Broken(Verification),
 }
@@ -804,6 +810,22 @@ pub fn verify(root: &Path, public: Option<&VerifyingKey>) -> Result<Verification
         let Ok(entry) = serde_json::from_str::<EntryIn>(&line) else {
             continue;
         };
+        if let Ok(Note::Gap {
+            entries,
+            checkpoint_seq,
+            problem,
+            ..
+        }) = serde_json::from_str::<Note>(entry.record.get())
+        {
+            return Ok(Verification::Broken {
+                line: i + 1,
+                action_id: None,
+                problem: format!(
+                    "entries were lost: the writer found {entries} entries here, short of (or \
+                     differing from) its signed checkpoint of entry {checkpoint_seq} ({problem})"
+                ),
+            });
+        }
         let Ok(record) = serde_json::from_str::<AuditRecord>(entry.record.get()) else {
             continue;
         };
@@ -873,23 +895,63 @@ fn pruned_files(path: &Path) -> Result<HashSet<String>, AuditError> {
         .into_iter()
         .flat_map(|n| match n {
             Note::Prune { files, .. } => files,
-            Note::Admin { .. } | Note::Session { .. } | Note::Signing { .. } => Vec::new(),
+            Note::Admin { .. } | Note::Session { .. } | Note::Signing { .. } | Note::Gap { .. } => {
+                Vec::new()
+            }
         })
         .collect())
 }
 
-/// How many entries open the log unsigned, before the entry that turned signing on (0 when
-/// there is none).
-pub fn unsigned_entries(root: &Path) -> Result<u64, AuditError> {
-    Ok(notes(root)?
-        .into_iter()
-        .find_map(|n| match n {
-            Note::Signing {
-                unsigned_entries, ..
-            } => Some(unsigned_entries),
-            _ => None,
-        })
-        .unwrap_or(0))
+/// How many entries open the log unsigned, before the signed entry that vouched for them
+/// ([`adopt`]), as a scan under `key` finds them (0 when every entry is signed).
+pub fn unsigned_entries(root: &Path, key: &VerifyingKey) -> Result<u64, AuditError> {
+    Ok(
+        match AuditStore::scan(&root.join("audit.log"), Some(key))? {
+            Scan::Ok { signed_from, .. } => signed_from.map_or(0, |first| first - 1),
+            Scan::Broken(_) => 0,
+        },
+    )
+}
+
+/// Start signing a log whose entries so far are unsigned: an operator who has checked them
+/// vouches for their head (`expected_head`, the last entry's hash), and the first signed entry
+/// ([`Note::Signing`]) says so. Refused for a log with any signed entry, for an empty one, and
+/// when the head is not the one the operator checked. Returns the number of entries vouched for.
+pub fn adopt(root: &Path, signer: SigningKey, expected_head: &str) -> Result<u64, AuditError> {
+    let mut store = AuditStore::open_with(root, None)?;
+    if let Scan::Ok {
+        any_signed: true, ..
+    } = AuditStore::scan(&store.log_path, None)?
+    {
+        return Err(AuditError::Key(
+            "adopts only a log with no signed entry: this one has some (were signatures \
+             removed?)"
+                .into(),
+        ));
+    }
+    let entries = store.len();
+    if entries == 0 {
+        return Err(AuditError::Key(
+            "adopts a log with entries: an empty one is signed from its first entry".into(),
+        ));
+    }
+    if store.last_hash != expected_head {
+        return Err(AuditError::Key(format!(
+            "the log's head (entry {entries}) is {}, not {expected_head}: it changed since it \
+             was checked",
+            store.last_hash
+        )));
+    }
+    let key = signer.verifying_key();
+    store.signer = Some(signer);
+    store.note(&Note::Signing {
+        entry_id: Uuid::now_v7(),
+        unsigned_entries: entries,
+        unsigned_head: store.last_hash.clone(),
+        key: signing::fingerprint(&key),
+        written_at_ms: crate::wire::now_ms(),
+    })?;
+    Ok(entries)
 }
 
 /// Every action record and every note in the log at `root`, oldest first, without verifying
@@ -998,60 +1060,115 @@ pub struct CheckpointScan {
     pub complete: bool,
 }
 
-/// The newest valid checkpoint on the stream `queue`, reading it from its first retained
-/// message to its end (it is idle for `quiet`), within `wait` in all.
+/// Messages a first look back from the stream's end reads; each further look reads twice as
+/// many before the last.
+const CHECKPOINT_WINDOW: u64 = 1024;
+
+/// The newest valid checkpoint on the stream `queue`, within `wait` in all.
 ///
 /// A message is a valid checkpoint only when the broker says the audit writer's role published
 /// it (`user_id`, [`crate::roles::Kind::Checkpoint`]) and, with `key`, when its signature covers
-/// its sequence number. Of the valid ones the highest sequence number wins, wherever it sits
-/// in the stream: junk or a replayed older checkpoint published after it cannot hide it, and
-/// a replayed signature cannot claim a sequence number it was not made for.
+/// its sequence number. Of the valid ones the highest sequence number wins, wherever it sits:
+/// junk after it cannot hide it, and a replayed signature cannot claim a sequence number it was
+/// not made for.
+///
+/// The read ends at the stream's end as the scan found it (the last chunk's highest offset), so
+/// a busy stream is read to a fixed point. With `whole_stream` (when roles share one broker user,
+/// anyone could replay an older checkpoint after the newest) every retained message is read;
+/// otherwise only the writer publishes there, in order, and the scan looks back from the end
+/// in doubling windows until one holds a valid checkpoint.
 pub async fn newest_checkpoint(
     broker: &Broker,
     queue: &str,
     trust: &crate::roles::Trust,
     key: Option<&VerifyingKey>,
+    whole_stream: bool,
     wait: Duration,
-    quiet: Duration,
 ) -> Result<CheckpointScan, AuditError> {
-    let mut consumer = broker
-        .consume_stream_first(queue, &format!("verify-{}", Uuid::now_v7()), 1000)
-        .await?;
-    let mut scan = CheckpointScan::default();
     let deadline = tokio::time::Instant::now() + wait;
-    loop {
+    let mut scan = CheckpointScan::default();
+    let tag = || format!("verify-{}", Uuid::now_v7());
+    // The end: the highest offset of the last chunk (delivered at once), the newest messages.
+    let mut last = broker.consume_stream_last(queue, &tag(), 100).await?;
+    let mut end: Option<u64> = None;
+    let quiet = Duration::from_millis(300);
+    for _ in 0..10_000 {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
+        let Ok(Some(d)) = tokio::time::timeout(quiet.min(left), last.next()).await else {
             break;
-        }
-        let d = match tokio::time::timeout(quiet.min(left), consumer.next()).await {
-            Ok(Some(Ok(d))) => d,
-            Ok(Some(Err(e))) => return Err(e.into()),
-            Ok(None) => break,
-            // Idle for `quiet`: the end of the stream (unless the time was up first).
-            Err(_) => {
-                scan.complete = quiet <= left;
-                break;
-            }
         };
-        scan.read += 1;
-        let valid = trust
-            .admits(crate::roles::Kind::Checkpoint, d.user_id())
-            .then(|| serde_json::from_slice::<Checkpoint>(d.data()).ok())
-            .flatten()
-            .filter(|c| key.is_none_or(|k| c.signed_by(k)));
-        match valid {
-            Some(c) => {
-                if scan.newest.as_ref().is_none_or(|n| c.seq >= n.seq) {
-                    scan.newest = Some(c);
-                }
-            }
-            None => scan.ignored += 1,
-        }
+        let d = d?;
+        end = end.max(d.stream_offset());
         let _ = d.ack().await;
     }
-    consumer.close().await;
-    Ok(scan)
+    last.close().await;
+    let Some(end) = end else {
+        // An empty stream.
+        scan.complete = true;
+        return Ok(scan);
+    };
+    let (mut from, mut to) = if whole_stream {
+        (0, end)
+    } else {
+        (end.saturating_sub(CHECKPOINT_WINDOW - 1), end)
+    };
+    loop {
+        let mut consumer = broker
+            .consume_stream_from_offset(queue, &tag(), from, 100)
+            .await?;
+        let mut first_seen: Option<u64> = None;
+        let mut reached = false;
+        while !reached {
+            let Ok(next) = tokio::time::timeout_at(deadline, consumer.next()).await else {
+                consumer.close().await;
+                return Ok(scan);
+            };
+            let Some(d) = next else { break };
+            let d = d?;
+            let Some(offset) = d.stream_offset() else {
+                let _ = d.ack().await;
+                continue;
+            };
+            first_seen.get_or_insert(offset);
+            reached = offset >= to;
+            if offset <= to {
+                scan.read += 1;
+                consider(&mut scan, &d, trust, key);
+            }
+            let _ = d.ack().await;
+        }
+        consumer.close().await;
+        // Done when a window holds a valid checkpoint, or the window began at or before the
+        // stream's first retained message.
+        let at_start = from == 0 || first_seen.is_some_and(|f| f > from);
+        if scan.newest.is_some() || at_start {
+            scan.complete = true;
+            return Ok(scan);
+        }
+        let width = (to - from + 1).saturating_mul(2);
+        to = from - 1;
+        from = to.saturating_sub(width - 1);
+    }
+}
+
+/// Count one message of the checkpoint stream, and keep it when it is the newest valid one.
+/// Its signature is checked only when it would be the newest (a message with a sequence number
+/// at or below the best so far cannot change the answer).
+fn consider(
+    scan: &mut CheckpointScan,
+    d: &Delivery,
+    trust: &crate::roles::Trust,
+    key: Option<&VerifyingKey>,
+) {
+    let candidate = trust
+        .admits(crate::roles::Kind::Checkpoint, d.user_id())
+        .then(|| serde_json::from_slice::<Checkpoint>(d.data()).ok())
+        .flatten();
+    match candidate {
+        Some(c) if scan.newest.as_ref().is_some_and(|n| c.seq <= n.seq) => {}
+        Some(c) if key.is_none_or(|k| c.signed_by(k)) => scan.newest = Some(c),
+        _ => scan.ignored += 1,
+    }
 }
 
 /// Every record in the log, oldest first (the log must verify).
@@ -1166,8 +1283,8 @@ pub async fn start(
         &cfg.names().audit_checkpoints(),
         &trust,
         key.as_ref(),
+        cfg.broker_roles == crate::roles::RoleMode::Shared,
         Duration::from_millis(cfg.audit_checkpoint_scan_ms),
-        Duration::from_millis(500),
     )
     .await?;
     if scan.ignored > 0 {
@@ -1183,11 +1300,28 @@ pub async fn start(
             "the checkpoint stream was not read to its end within VIGIL_AUDIT_CHECKPOINT_SCAN_MS"
         );
     }
+    let mut store = store;
     if let Some(newest) = &scan.newest
         && let Some(Verification::Broken { line, problem, .. }) =
             against_checkpoint(&cfg.evidence_dir, store.len(), newest)?
     {
         metrics.checkpoint_conflicts.inc();
+        // Signed, the checkpoint is the writer's own word: the loss goes into the log, where
+        // entries appended later cannot hide it. Unsigned, anyone could have published it.
+        let noted = notes(&cfg.evidence_dir)?.iter().any(|n| {
+            matches!(n, Note::Gap { checkpoint_seq, checkpoint_hash, .. }
+                if *checkpoint_seq == newest.seq && *checkpoint_hash == newest.hash)
+        });
+        if key.is_some() && !noted {
+            store.note(&Note::Gap {
+                entry_id: Uuid::now_v7(),
+                entries: store.len(),
+                checkpoint_seq: newest.seq,
+                checkpoint_hash: newest.hash.clone(),
+                problem: problem.clone(),
+                written_at_ms: crate::wire::now_ms(),
+            })?;
+        }
         tracing::error!(
             line,
             checkpoint = newest.seq,
@@ -1860,13 +1994,14 @@ mod tests {
     }
 
     #[test]
-    fn signing_turned_on_for_an_old_log_vouches_for_its_head_and_nothing_after_is_unsigned() {
+    fn signing_an_old_log_takes_an_operators_word_for_its_head_and_nothing_after_is_unsigned() {
         let root = dir();
         let mut store = AuditStore::open(&root).unwrap();
         for _ in 0..2 {
             let (env, ev) = event(Action::SignOut);
             store.store(&env, &ev).unwrap();
         }
+        let head = store.head().hash;
         drop(store);
         let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
         let public = key.verifying_key();
@@ -1875,7 +2010,19 @@ mod tests {
             verify(&root, Some(&public)).unwrap(),
             Verification::Broken { line: 1, ref problem, .. } if problem.contains("not signed")
         ));
-        // The writer with a key starts: its first entry is the signed statement of the head.
+        // The writer does not vouch by itself: it names the command and the head.
+        match AuditStore::open_with(&root, Some(key.clone())) {
+            Err(AuditError::Key(why)) => {
+                assert!(why.contains(&format!("adopt --head {head}")), "{why}")
+            }
+            other => panic!("a keyed writer took an unsigned log: {:?}", other.err()),
+        }
+        // An operator vouches for the head they checked, and only that one.
+        assert!(matches!(
+            adopt(&root, key.clone(), "not-the-head"),
+            Err(AuditError::Key(_))
+        ));
+        assert_eq!(adopt(&root, key.clone(), &head).unwrap(), 2);
         let mut store = AuditStore::open_with(&root, Some(key.clone())).unwrap();
         assert_eq!(store.len(), 3);
         let (env, ev) = event(Action::Warn);
@@ -1885,7 +2032,7 @@ mod tests {
             verify(&root, Some(&public)).unwrap(),
             Verification::Intact { entries: 4 }
         );
-        assert_eq!(unsigned_entries(&root).unwrap(), 2);
+        assert_eq!(unsigned_entries(&root, &public).unwrap(), 2);
         match &notes(&root).unwrap()[..] {
             [
                 Note::Signing {
@@ -1898,13 +2045,11 @@ mod tests {
             }
             other => panic!("no signing entry: {other:?}"),
         }
-        // Reopening a signed log adds no second statement.
-        assert_eq!(
-            AuditStore::open_with(&root, Some(key.clone()))
-                .unwrap()
-                .len(),
-            4
-        );
+        // A signed log is not adopted again.
+        assert!(matches!(
+            adopt(&root, key.clone(), &head),
+            Err(AuditError::Key(_))
+        ));
         // A sign_out in the unsigned part rewritten to an allow, and the chain redone: the
         // signed statement no longer matches what it vouched for.
         let clean = std::fs::read_to_string(root.join("audit.log")).unwrap();
@@ -1927,16 +2072,30 @@ mod tests {
             verify(&root, Some(&public)).unwrap(),
             Verification::Broken { line: 3, ref problem, .. } if problem.contains("signature")
         ));
-        // A prune note appended without the key, to delete evidence: refused under the key.
+        // Every signature stripped and the chain redone, to pass as an old unsigned log: the
+        // keyed writer refuses it (and `vigil audit adopt` finds the signed checkpoints).
         std::fs::write(root.join("audit.log"), &clean).unwrap();
-        let mut unsigned = AuditStore::open_with(&root, None);
         assert!(
-            matches!(unsigned, Err(AuditError::Key(_))),
+            matches!(AuditStore::open_with(&root, None), Err(AuditError::Key(_))),
             "an unsigned writer extended a signed log"
         );
-        rechain(&root, |_, r| r, true);
-        unsigned = AuditStore::open_with(&root, None);
-        unsigned
+        rechain(
+            &root,
+            |i, r| {
+                if i == 1 {
+                    r.replace("sign_out", "allow")
+                } else {
+                    r
+                }
+            },
+            true,
+        );
+        assert!(matches!(
+            AuditStore::open_with(&root, Some(key.clone())),
+            Err(AuditError::Key(_))
+        ));
+        // A prune note appended without the key, to delete evidence: refused under the key.
+        AuditStore::open_with(&root, None)
             .unwrap()
             .note(&Note::Prune {
                 entry_id: Uuid::now_v7(),

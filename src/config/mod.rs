@@ -603,6 +603,13 @@ impl Config {
             {
                 errors.push(msg);
             }
+            if e.id_lockout_max_ms > 86_400_000 || e.id_lockout_base_ms > e.id_lockout_max_ms {
+                errors.push(format!(
+                    "edge.id_lockout_base_ms = {} and edge.id_lockout_max_ms = {}: the base must \
+                     be at most the maximum, and the maximum at most a day (86400000)",
+                    e.id_lockout_base_ms, e.id_lockout_max_ms
+                ));
+            }
             let positive = [
                 ("edge.max_frame_bytes", e.max_frame_bytes as u64),
                 ("edge.max_frame_pixels", e.max_frame_pixels),

@@ -814,10 +814,22 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
             ));
         }
         let verification = match audit::verify(&dir, key.as_ref()).map_err(|e| e.to_string())? {
-            Verification::Intact { entries } if key.is_some() => format!(
-                "intact: {entries} entries, every hash, evidence file and signature checked \
-                 under the writer's key"
-            ),
+            Verification::Intact { entries } if let Some(k) = &key => {
+                let unsigned = audit::unsigned_entries(&dir, k).map_err(|e| e.to_string())?;
+                format!(
+                    "intact: {entries} entries, every hash and evidence file checked, and every \
+                     signature under the writer's key{} (a cut-off tail shows only against the \
+                     checkpoints: `vigil audit verify`)",
+                    if unsigned > 0 {
+                        format!(
+                            " from entry {} on (the first {unsigned} predate signing)",
+                            unsigned + 1
+                        )
+                    } else {
+                        String::new()
+                    }
+                )
+            }
             Verification::Intact { entries } => format!(
                 "UNSIGNED CHECK: {entries} entries whose hashes and evidence files agree with \
                  each other; without the writer's public key (VIGIL_AUDIT_PUBLIC_KEY) a \

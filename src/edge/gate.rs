@@ -179,7 +179,8 @@ impl Gate {
     }
 }
 
-/// Most client ids with failures remembered at once (the map's memory bound).
+/// Most client ids with failures (or checks in flight) remembered at once (the map's memory
+/// bound).
 const MAX_IDS: usize = 65_536;
 
 /// Failures within this long of the last one make an id a suspect.
@@ -188,14 +189,22 @@ const SUSPECT_FOR: Duration = Duration::from_secs(900);
 /// Failed hellos per client id, beside the per-address throttle: many addresses guessing one
 /// id's token are stopped by the id's own budget. Past `allowed` failures in a row, the id's
 /// token hellos are refused, before any hashing, for `base` doubled with each further failure
-/// up to `max`; a success forgets its failures. Unknown ids are counted the same way, so the
-/// budget does not tell which ids exist. Session tokens are not held up by it: a candidate
-/// whose id is under attack still gets in with one from the exam platform.
+/// up to `max`; a success forgets its failures. Checks in flight count too: an id may have at
+/// most its remaining budget (at least one) being hashed at once, so a burst of hellos sent
+/// together cannot all slip past the lock before the first fails. Unknown ids are counted the
+/// same way, so the budget does not tell which ids exist. Session tokens are not held up by
+/// it: a candidate whose id is under attack still gets in with one from the exam platform.
 pub(crate) struct IdBudget {
     allowed: u32,
     base: Duration,
     max: Duration,
-    ids: Mutex<HashMap<String, IdFailures>>,
+    state: Mutex<IdMap>,
+}
+
+struct IdMap {
+    ids: HashMap<String, IdFailures>,
+    /// When a full map was last swept of quiet ids (at most once a second).
+    swept: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -203,6 +212,36 @@ struct IdFailures {
     count: u32,
     last: Instant,
     locked_until: Option<Instant>,
+    /// Checks of this id's hellos in flight.
+    pending: u32,
+}
+
+impl IdFailures {
+    fn quiet(&self, now: Instant) -> bool {
+        self.pending == 0
+            && self.last.elapsed() >= SUSPECT_FOR
+            && self.locked_until.is_none_or(|u| u <= now)
+    }
+}
+
+/// A token check of one id's hello in flight ([`IdBudget::begin`]); ends when dropped.
+pub(crate) struct IdAttempt<'a> {
+    budget: &'a IdBudget,
+    /// `None` when the map was full and the attempt is not tracked.
+    id: Option<String>,
+}
+
+impl Drop for IdAttempt<'_> {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else { return };
+        let mut state = self.budget.lock();
+        if let Some(f) = state.ids.get_mut(&id) {
+            f.pending = f.pending.saturating_sub(1);
+            if f.pending == 0 && f.count == 0 {
+                state.ids.remove(&id);
+            }
+        }
+    }
 }
 
 impl IdBudget {
@@ -211,46 +250,87 @@ impl IdBudget {
             allowed: allowed.max(1),
             base,
             max: max.max(base),
-            ids: Mutex::new(HashMap::new()),
+            state: Mutex::new(IdMap {
+                ids: HashMap::new(),
+                swept: Instant::now(),
+            }),
         }
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, IdFailures>> {
-        self.ids.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdMap> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// How much longer `id` is locked out, if it is.
-    pub(crate) fn locked(&self, id: &str) -> Option<Duration> {
+    /// Room in a full map for one more id: quiet ids are swept out, at most once a second.
+    fn room(state: &mut IdMap, now: Instant) -> bool {
+        if state.ids.len() < MAX_IDS {
+            return true;
+        }
+        if state.swept.elapsed() >= Duration::from_secs(1) {
+            state.swept = now;
+            state.ids.retain(|_, f| !f.quiet(now));
+        }
+        state.ids.len() < MAX_IDS
+    }
+
+    /// Start checking a token hello for `id`: `Err` with the time left when the id is locked
+    /// out, or has as many checks in flight as its remaining budget.
+    pub(crate) fn begin(&self, id: &str) -> Result<IdAttempt<'_>, Duration> {
         let now = Instant::now();
-        self.map()
-            .get(id)
-            .and_then(|f| f.locked_until)
+        let mut state = self.lock();
+        if !state.ids.contains_key(id) && !Self::room(&mut state, now) {
+            // Full of ids failing now: this one goes untracked (and counts as a suspect).
+            return Ok(IdAttempt {
+                budget: self,
+                id: None,
+            });
+        }
+        let f = state.ids.entry(id.to_owned()).or_insert(IdFailures {
+            count: 0,
+            last: now,
+            locked_until: None,
+            pending: 0,
+        });
+        if let Some(left) = f
+            .locked_until
             .and_then(|until| until.checked_duration_since(now))
             .filter(|left| !left.is_zero())
+        {
+            return Err(left);
+        }
+        let in_flight = self.allowed.saturating_sub(f.count).max(1);
+        if f.pending >= in_flight {
+            return Err(self.base);
+        }
+        f.pending += 1;
+        Ok(IdAttempt {
+            budget: self,
+            id: Some(id.to_owned()),
+        })
     }
 
-    /// Whether `id` failed recently: its hellos wait behind those of ids that did not.
+    /// Whether `id` failed recently (or cannot be tracked): its hellos wait behind those of
+    /// ids that did not.
     pub(crate) fn suspect(&self, id: &str) -> bool {
-        self.map()
-            .get(id)
-            .is_some_and(|f| f.last.elapsed() < SUSPECT_FOR)
+        let state = self.lock();
+        match state.ids.get(id) {
+            Some(f) => f.count > 0 && f.last.elapsed() < SUSPECT_FOR,
+            None => state.ids.len() >= MAX_IDS,
+        }
     }
 
     /// Record a failed hello for `id`; how long it is now locked out, if it is.
     pub(crate) fn failed(&self, id: &str) -> Option<Duration> {
         let now = Instant::now();
-        let mut map = self.map();
-        if !map.contains_key(id) && map.len() >= MAX_IDS {
-            map.retain(|_, f| f.last.elapsed() < SUSPECT_FOR || f.locked_until > Some(now));
-            if map.len() >= MAX_IDS {
-                // Full of ids failing now: this one is left to the per-address throttle.
-                return None;
-            }
+        let mut state = self.lock();
+        if !state.ids.contains_key(id) && !Self::room(&mut state, now) {
+            return None;
         }
-        let f = map.entry(id.to_owned()).or_insert(IdFailures {
+        let f = state.ids.entry(id.to_owned()).or_insert(IdFailures {
             count: 0,
             last: now,
             locked_until: None,
+            pending: 0,
         });
         // A budget used up long ago starts over.
         if f.last.elapsed() >= SUSPECT_FOR && f.locked_until.is_none_or(|u| u <= now) {
@@ -269,14 +349,28 @@ impl IdBudget {
 
     /// A hello for `id` succeeded: its failures are forgotten.
     pub(crate) fn succeeded(&self, id: &str) {
-        self.map().remove(id);
+        if let Some(f) = self.lock().ids.get_mut(id) {
+            f.count = 0;
+            f.locked_until = None;
+        }
     }
 
     /// Forget ids that have been quiet and are not locked (a memory bound).
     pub(crate) fn prune(&self) {
         let now = Instant::now();
-        self.map()
-            .retain(|_, f| f.last.elapsed() < SUSPECT_FOR || f.locked_until > Some(now));
+        self.lock().ids.retain(|_, f| !f.quiet(now));
+    }
+
+    /// How long `id` is still locked out, if it is (tests).
+    #[cfg(test)]
+    fn locked(&self, id: &str) -> Option<Duration> {
+        let now = Instant::now();
+        self.lock()
+            .ids
+            .get(id)
+            .and_then(|f| f.locked_until)
+            .and_then(|until| until.checked_duration_since(now))
+            .filter(|left| !left.is_zero())
     }
 }
 
@@ -357,7 +451,7 @@ mod id_budget_tests {
         assert_eq!(budget.failed("alice"), None);
         // The third failure locks it for the base, each one after doubles it, up to the cap.
         assert_eq!(budget.failed("alice"), Some(Duration::from_secs(1)));
-        assert!(budget.locked("alice").is_some());
+        assert!(budget.begin("alice").is_err(), "a locked id is checked");
         assert_eq!(budget.failed("alice"), Some(Duration::from_secs(2)));
         assert_eq!(budget.failed("alice"), Some(Duration::from_secs(4)));
         assert_eq!(budget.failed("alice"), Some(Duration::from_secs(8)));
@@ -365,20 +459,42 @@ mod id_budget_tests {
             assert_eq!(budget.failed("alice"), Some(Duration::from_secs(8)));
         }
         // Other ids, known or not, are untouched.
-        assert_eq!(budget.locked("bob"), None);
+        assert!(budget.begin("bob").is_ok());
         assert!(!budget.suspect("bob"));
         budget.succeeded("alice");
         assert_eq!(budget.locked("alice"), None);
         assert!(!budget.suspect("alice"));
+        assert!(budget.begin("alice").is_ok());
     }
 
     #[test]
-    fn the_map_of_ids_is_bounded() {
+    fn checks_in_flight_are_bounded_by_the_remaining_budget() {
+        let budget = IdBudget::new(3, Duration::from_secs(1), Duration::from_secs(8));
+        // An honest id: up to its whole budget at once.
+        let held: Vec<_> = (0..3).map(|_| budget.begin("alice").unwrap()).collect();
+        assert!(budget.begin("alice").is_err());
+        drop(held);
+        // After two failures one check at a time: a burst sent together cannot all be hashed
+        // before the lock falls.
+        budget.failed("alice");
+        budget.failed("alice");
+        let one = budget.begin("alice").unwrap();
+        assert!(budget.begin("alice").is_err());
+        drop(one);
+        assert!(budget.begin("alice").is_ok());
+    }
+
+    #[test]
+    fn a_full_map_makes_new_ids_suspects_and_keeps_counting_known_ones() {
         let budget = IdBudget::new(2, Duration::from_secs(1), Duration::from_secs(2));
         for i in 0..MAX_IDS + 10 {
             budget.failed(&format!("id-{i}"));
         }
-        assert_eq!(budget.map().len(), MAX_IDS);
+        assert_eq!(budget.lock().ids.len(), MAX_IDS);
+        assert!(
+            budget.suspect("a-new-id"),
+            "an untracked id is not treated as honest"
+        );
         // Ids already known still count.
         budget.failed("id-0");
         assert!(budget.locked("id-0").is_some());

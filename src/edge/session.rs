@@ -470,7 +470,12 @@ async fn hello(
     // refusal counts against the address too. Session tokens, checked by signature above,
     // are not held up.
     let permanent = matches!(credential, Credential::Token(_));
-    if permanent && let Some(left) = shared.id_budget.locked(&client_id) {
+    let attempt = if permanent {
+        Some(shared.id_budget.begin(&client_id))
+    } else {
+        None
+    };
+    if let Some(Err(left)) = attempt {
         shared.refused("id_locked");
         let throttled = shared.gate.failed(peer.ip());
         tracing::warn!(client = %LogId(&client_id), %peer, throttled, "hello refused: this client id is locked out after failed hellos");

@@ -496,6 +496,16 @@ pub enum AuditCmd {
         #[arg(long)]
         offline: bool,
     },
+    /// Start signing a log whose entries so far are unsigned (with VIGIL_AUDIT_KEY): vouch for
+    /// the head you checked (`vigil audit verify --offline` prints nothing to copy; the writer's
+    /// refusal names it). Refused when the log has a signed entry, or when the checkpoint
+    /// stream holds a checkpoint signed by the key (then the log was signed before, and its
+    /// signatures were removed).
+    Adopt {
+        /// The hash of the log's last entry, as checked.
+        #[arg(long)]
+        head: String,
+    },
     /// Make a new Ed25519 key pair for signing the audit log: the private key at OUT (for
     /// VIGIL_AUDIT_KEY, kept outside the evidence folder) and the public key at OUT.pub.
     Keygen {
@@ -2079,6 +2089,52 @@ async fn audit(cfg: Config, action: AuditCmd) -> Result<(), CliError> {
             print_report(json, &report, text);
             Ok(())
         }
+        AuditCmd::Adopt { head } => {
+            let path = cfg
+                .audit_key
+                .as_deref()
+                .ok_or_else(|| fail("set VIGIL_AUDIT_KEY to the private key to sign with"))?;
+            let signer = audit::signing::load_private(path).map_err(fail)?;
+            // A log signed before, stripped of its signatures, must not be vouched for anew.
+            let broker = Broker::connect(
+                &cfg.amqp_url,
+                "audit-adopt",
+                BrokerMetrics::new(&Registry::new()),
+            )
+            .await
+            .map_err(fail)?;
+            let queue = cfg.names().audit_checkpoints();
+            let signed_before = if broker.queue_len(&queue).await.is_ok() {
+                let trust = broker.trust(cfg.broker_roles, &cfg.namespace);
+                audit::newest_checkpoint(
+                    &broker,
+                    &queue,
+                    &trust,
+                    Some(&signer.verifying_key()),
+                    true,
+                    Duration::from_millis(cfg.audit_checkpoint_scan_ms),
+                )
+                .await
+                .map_err(fail)?
+                .newest
+            } else {
+                None
+            };
+            broker.close().await;
+            if let Some(c) = signed_before {
+                return Err(fail(format!(
+                    "the checkpoint stream holds entry {}'s checkpoint signed by this key: the \
+                     log was signed before, and its signatures are gone. Restore it",
+                    c.seq
+                )));
+            }
+            let n = audit::adopt(&root, signer, &head).map_err(fail)?;
+            println!(
+                "signing from entry {}: the first {n} entries are vouched for by their head {head}",
+                n + 1
+            );
+            Ok(())
+        }
         AuditCmd::Keygen { out } => {
             let public = audit::signing::generate(&out).map_err(fail)?;
             eprintln!(
@@ -2136,8 +2192,8 @@ async fn audit(cfg: Config, action: AuditCmd) -> Result<(), CliError> {
                         &queue,
                         &trust,
                         key.as_ref(),
+                        cfg.broker_roles == crate::roles::RoleMode::Shared,
                         Duration::from_millis(cfg.audit_checkpoint_scan_ms),
-                        Duration::from_millis(500),
                     )
                     .await
                     .map_err(|e| fail(format!("{e} (--offline skips the checkpoint)")))?;
@@ -2172,7 +2228,23 @@ async fn audit(cfg: Config, action: AuditCmd) -> Result<(), CliError> {
             }
             match verified.map_err(fail)? {
                 Verification::Intact { entries } => {
-                    let unsigned = audit::unsigned_entries(&root).map_err(fail)?;
+                    let unsigned = match &key {
+                        Some(k) => audit::unsigned_entries(&root, k).map_err(fail)?,
+                        None => entries,
+                    };
+                    // Signed entries always come with signed checkpoints: none valid means
+                    // the stream was emptied, or aged out under junk.
+                    if key.is_some() && !offline && checkpoint.is_none() && entries > unsigned {
+                        return Err(CliError {
+                            code: crate::config::EXIT_AUDIT_BROKEN,
+                            message: format!(
+                                "the log has {} signed entries, but the checkpoint stream holds \
+                                 no valid checkpoint of them: it was emptied or flooded, so a \
+                                 cut-off tail cannot be ruled out (--offline skips the checkpoint)",
+                                entries - unsigned
+                            ),
+                        });
+                    }
                     println!(
                         "audit log intact: {entries} entries, every hash, link and evidence file holds{}{}",
                         match (&key, unsigned) {

@@ -536,6 +536,13 @@ async fn audit_verify_catches_tampering_a_deleted_tail_and_changed_evidence() {
                 && started.contains("were removed"),
             "{started}"
         );
+        // It wrote the loss into the log, where entries appended after it cannot hide it.
+        let (ok, text) = verify(&[]);
+        assert!(!ok && text.contains("entries were lost"), "{text}");
+        assert!(
+            text.contains(&format!("entry {}", lines.len() - removed + 1)),
+            "{text}"
+        );
     }
     // After the writers ran on it, the shortened log is still reported.
     std::fs::write(&log, keep(lines.len() - 1)).unwrap();

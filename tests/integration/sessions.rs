@@ -409,6 +409,8 @@ async fn wrong_tokens_for_one_id_from_64_addresses_leave_honest_clients_in() {
     const HELLOS: usize = 10_000;
     const ADDRESSES: usize = 64;
     let mut env = TestEnv::new("loginflood");
+    // The per-address throttle out of the way: the id's own budget alone must hold.
+    env.cfg.edge.failed_hellos_per_minute = 1_000_000;
     let dir = env.clients_dir.with_extension("keys");
     env.cfg.sessions = keys(&dir, "session.key");
     let url = env.start_edge("e1").await;
@@ -479,6 +481,15 @@ async fn wrong_tokens_for_one_id_from_64_addresses_leave_honest_clients_in() {
         )
     };
     assert!(refused("id_locked") > 0.0);
+    // Tokens hashed for the attacked id: the budget (5) before the first lockout, then one per
+    // lockout that runs out, each twice as long as the one before from 1 s: 20 more would
+    // take the flood twelve days.
+    assert!(
+        refused("unauthorized") <= 25.0,
+        "{}",
+        refused("unauthorized")
+    );
+    assert_eq!(refused("hello_throttled"), 0.0);
     // The victim's own token waits out the lockout; a session token gets in now.
     let locked = hello(&url, "victim", TOKEN).await.unwrap_err();
     assert!(locked.starts_with("too_fast"), "{locked}");
