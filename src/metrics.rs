@@ -142,6 +142,7 @@ pub struct EdgeMetrics {
     pub admin_tls_failed: IntCounter,
     pub admin_connections_refused: IntCounter,
     pub admin_forbidden: IntCounterVec,
+    pub audit_views_refused: IntCounter,
     pub lease_failures: IntCounter,
     pub audits_pending: IntGauge,
 }
@@ -310,6 +311,11 @@ impl EdgeMetrics {
                 "vigil_edge_admin_forbidden_total",
                 "Admin API requests refused (403) because the operator's role is too low, by role",
                 &["role"],
+            ),
+            audit_views_refused: counter(
+                registry,
+                "vigil_edge_audit_views_refused_total",
+                "Audit-trail views refused (503) after waiting VIGIL_ADMIN_AUDIT_VIEW_WAIT_MS for a turn",
             ),
             lease_failures: counter(
                 registry,

@@ -33,6 +33,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+pub mod follow;
 pub mod signing;
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -632,134 +633,189 @@ impl AuditStore {
     }
 
     fn scan(path: &Path, public: Option<&VerifyingKey>) -> Result<Scan, AuditError> {
+        let mut chain = Chain::default();
+        let mut ids = HashMap::new();
         let file = match File::open(path) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Scan::Ok {
-                    entries: 0,
-                    last_hash: GENESIS.into(),
-                    ids: HashMap::new(),
-                    signed: false,
-                    any_signed: false,
-                    signed_from: None,
-                });
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(chain.ok(ids)),
             Err(e) => return Err(io(path)(e)),
         };
-        let mut prev = GENESIS.to_owned();
-        let mut ids = HashMap::new();
-        let mut entries = 0;
-        let mut signed = false;
-        let mut any_signed = false;
-        // With a key: the first signed entry's line, and the first unsigned one's.
-        let mut signed_from: Option<u64> = None;
-        let mut first_unsigned: Option<(usize, Option<String>)> = None;
-        for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
+        for line in BufReader::new(file).split(b'\n') {
             let line = line.map_err(io(path))?;
-            let lineno = i + 1;
-            let broken = |action_id: Option<String>, problem: String| {
-                Ok(Scan::Broken(Verification::Broken {
-                    line: lineno,
-                    action_id,
-                    problem,
-                }))
-            };
-            let Ok(text) = std::str::from_utf8(&line) else {
-                return broken(None, "not UTF-8".into());
-            };
-            let entry: EntryIn = match serde_json::from_str(text) {
-                Ok(e) => e,
-                Err(e) => return broken(None, format!("not a log entry: {e}")),
-            };
-            let action_id = serde_json::from_str::<AuditRecord>(entry.record.get())
-                .ok()
-                .map(|r| r.action_id)
-                .or_else(|| {
-                    serde_json::from_str::<Note>(entry.record.get())
-                        .ok()
-                        .map(|n| n.id())
-                });
-            // Name the action even when tampering broke the rest of the record.
-            let id_text = serde_json::from_str::<serde_json::Value>(entry.record.get())
-                .ok()
-                .and_then(|v| v.get("action_id")?.as_str().map(str::to_owned));
-            if entry.seq != lineno as u64 {
-                return broken(
-                    id_text,
-                    format!("sequence {} where {lineno} belongs", entry.seq),
-                );
-            }
-            if entry.prev != prev {
-                return broken(id_text, "does not link to the entry before it".into());
-            }
-            if entry_hash(entry.seq, &entry.prev, entry.record.get()) != entry.hash {
-                return broken(id_text, "its content does not match its hash".into());
-            }
-            if let Some(key) = public {
-                match &entry.sig {
-                    // Unsigned entries may only open the log, before the entry that turned
-                    // signing on; the end of the scan checks that one came.
-                    None if signed_from.is_none() => {
-                        first_unsigned.get_or_insert((lineno, id_text.clone()));
-                    }
-                    None => return broken(id_text, "it is not signed".into()),
-                    Some(sig) if !signing::verify(key, &entry.hash, sig) => {
-                        return broken(
-                            id_text,
-                            "its signature does not hold: the log was rewritten without the \
-                             key, or signed with another"
-                                .into(),
-                        );
-                    }
-                    Some(_) if signed_from.is_none() => {
-                        let unsigned = entries;
-                        if unsigned > 0 {
-                            let vouches = matches!(
-                                serde_json::from_str::<Note>(entry.record.get()),
-                                Ok(Note::Signing { unsigned_entries, unsigned_head, .. })
-                                    if unsigned_entries == unsigned && unsigned_head == prev
-                            );
-                            if !vouches {
-                                return broken(
-                                    id_text,
-                                    format!(
-                                        "the first signed entry follows {unsigned} unsigned \
-                                         ones without vouching for them (a signing entry)"
-                                    ),
-                                );
-                            }
-                        }
-                        signed_from = Some(lineno as u64);
-                    }
-                    Some(_) => {}
+            match chain.check(&line, public) {
+                Ok(entry) => {
+                    ids.insert(entry.id, (entry.seq, entry.hash));
                 }
+                Err(broken) => return Ok(Scan::Broken(broken)),
             }
-            let Some(action_id) = action_id else {
-                return broken(None, "its record is not an audit record".into());
-            };
-            ids.insert(action_id, (entry.seq, entry.hash.clone()));
-            signed = entry.sig.is_some();
-            any_signed |= signed;
-            prev = entry.hash;
-            entries += 1;
         }
-        if signed_from.is_none()
-            && let Some((line, action_id)) = first_unsigned
-        {
-            return Ok(Scan::Broken(Verification::Broken {
-                line,
-                action_id,
-                problem: "it is not signed".into(),
-            }));
+        if let Some(broken) = chain.unfinished() {
+            return Ok(Scan::Broken(broken));
         }
-        Ok(Scan::Ok {
-            entries,
-            last_hash: prev,
-            ids,
-            signed,
-            any_signed,
-            signed_from,
+        Ok(chain.ok(ids))
+    }
+}
+
+/// The hash chain as far as it was checked: what the next entry must link to, and, with a
+/// key, where signing began.
+#[derive(Debug, Clone)]
+struct Chain {
+    prev: String,
+    entries: u64,
+    /// Whether the last entry is signed, and whether any is.
+    signed: bool,
+    any_signed: bool,
+    /// With a key: the first signed entry's line, and the first unsigned one's.
+    signed_from: Option<u64>,
+    first_unsigned: Option<(usize, Option<String>)>,
+}
+
+impl Default for Chain {
+    fn default() -> Self {
+        Self {
+            prev: GENESIS.to_owned(),
+            entries: 0,
+            signed: false,
+            any_signed: false,
+            signed_from: None,
+            first_unsigned: None,
+        }
+    }
+}
+
+/// One entry that holds, as [`Chain::check`] read it.
+struct Checked {
+    id: Uuid,
+    seq: u64,
+    hash: String,
+}
+
+impl Chain {
+    /// Check the next line of the log: its sequence number, link and hash, and with `public`
+    /// its signature (unsigned entries may only open the log, before the signed entry that
+    /// vouches for them).
+    fn check(
+        &mut self,
+        line: &[u8],
+        public: Option<&VerifyingKey>,
+    ) -> Result<Checked, Verification> {
+        let lineno = self.entries as usize + 1;
+        let broken = |action_id: Option<String>, problem: String| Verification::Broken {
+            line: lineno,
+            action_id,
+            problem,
+        };
+        let Ok(text) = std::str::from_utf8(line) else {
+            return Err(broken(None, "not UTF-8".into()));
+        };
+        let entry: EntryIn = match serde_json::from_str(text) {
+            Ok(e) => e,
+            Err(e) => return Err(broken(None, format!("not a log entry: {e}"))),
+        };
+        let action_id = serde_json::from_str::<AuditRecord>(entry.record.get())
+            .ok()
+            .map(|r| r.action_id)
+            .or_else(|| {
+                serde_json::from_str::<Note>(entry.record.get())
+                    .ok()
+                    .map(|n| n.id())
+            });
+        // Name the action even when tampering broke the rest of the record.
+        let id_text = serde_json::from_str::<serde_json::Value>(entry.record.get())
+            .ok()
+            .and_then(|v| v.get("action_id")?.as_str().map(str::to_owned));
+        if entry.seq != lineno as u64 {
+            return Err(broken(
+                id_text,
+                format!("sequence {} where {lineno} belongs", entry.seq),
+            ));
+        }
+        if entry.prev != self.prev {
+            return Err(broken(
+                id_text,
+                "does not link to the entry before it".into(),
+            ));
+        }
+        if entry_hash(entry.seq, &entry.prev, entry.record.get()) != entry.hash {
+            return Err(broken(
+                id_text,
+                "its content does not match its hash".into(),
+            ));
+        }
+        if let Some(key) = public {
+            match &entry.sig {
+                // Unsigned entries may only open the log, before the entry that turned
+                // signing on; [`Chain::unfinished`] checks that one came.
+                None if self.signed_from.is_none() => {
+                    self.first_unsigned.get_or_insert((lineno, id_text.clone()));
+                }
+                None => return Err(broken(id_text, "it is not signed".into())),
+                Some(sig) if !signing::verify(key, &entry.hash, sig) => {
+                    return Err(broken(
+                        id_text,
+                        "its signature does not hold: the log was rewritten without the key, \
+                         or signed with another"
+                            .into(),
+                    ));
+                }
+                Some(_) if self.signed_from.is_none() => {
+                    let unsigned = self.entries;
+                    if unsigned > 0 {
+                        let vouches = matches!(
+                            serde_json::from_str::<Note>(entry.record.get()),
+                            Ok(Note::Signing { unsigned_entries, unsigned_head, .. })
+                                if unsigned_entries == unsigned && unsigned_head == self.prev
+                        );
+                        if !vouches {
+                            return Err(broken(
+                                id_text,
+                                format!(
+                                    "the first signed entry follows {unsigned} unsigned ones \
+                                     without vouching for them (a signing entry)"
+                                ),
+                            ));
+                        }
+                    }
+                    self.signed_from = Some(lineno as u64);
+                }
+                Some(_) => {}
+            }
+        }
+        let Some(id) = action_id else {
+            return Err(broken(None, "its record is not an audit record".into()));
+        };
+        self.signed = entry.sig.is_some();
+        self.any_signed |= self.signed;
+        self.prev = entry.hash.clone();
+        self.entries += 1;
+        Ok(Checked {
+            id,
+            seq: entry.seq,
+            hash: entry.hash,
         })
+    }
+
+    /// With a key, unsigned entries that no signed entry vouched for.
+    fn unfinished(&self) -> Option<Verification> {
+        match (&self.signed_from, &self.first_unsigned) {
+            (None, Some((line, action_id))) => Some(Verification::Broken {
+                line: *line,
+                action_id: action_id.clone(),
+                problem: "it is not signed".into(),
+            }),
+            _ => None,
+        }
+    }
+
+    fn ok(&self, ids: HashMap<Uuid, (u64, String)>) -> Scan {
+        Scan::Ok {
+            entries: self.entries,
+            last_hash: self.prev.clone(),
+            ids,
+            signed: self.signed,
+            any_signed: self.any_signed,
+            signed_from: self.signed_from,
+        }
     }
 }
 
@@ -810,58 +866,69 @@ pub fn verify(root: &Path, public: Option<&VerifyingKey>) -> Result<Verification
         let Ok(entry) = serde_json::from_str::<EntryIn>(&line) else {
             continue;
         };
-        if let Ok(Note::Gap {
-            entries,
-            checkpoint_seq,
-            problem,
-            ..
-        }) = serde_json::from_str::<Note>(entry.record.get())
-        {
-            return Ok(Verification::Broken {
-                line: i + 1,
-                action_id: None,
-                problem: format!(
-                    "entries were lost: the writer found {entries} entries here, short of (or \
-                     differing from) its signed checkpoint of entry {checkpoint_seq} ({problem})"
-                ),
-            });
-        }
-        let Ok(record) = serde_json::from_str::<AuditRecord>(entry.record.get()) else {
-            continue;
-        };
-        let broken = |problem: String| Verification::Broken {
-            line: i + 1,
-            action_id: Some(record.action_id.to_string()),
-            problem,
-        };
-        for (n, file) in record.evidence_files.iter().enumerate() {
-            let Some(want) = record.evidence_sha256.get(n) else {
-                continue;
-            };
-            // The log names the files, so a rewritten log could point anywhere (`/dev/zero`,
-            // `../../etc/shadow`): only paths inside the evidence folder are read.
-            if !inside_evidence(file) {
-                return Ok(broken(format!(
-                    "evidence path {file} leaves the evidence folder"
-                )));
-            }
-            match std::fs::read(root.join(file)) {
-                Ok(bytes) if hex::encode(Sha256::digest(&bytes)) == *want => {}
-                Ok(_) => {
-                    return Ok(broken(format!(
-                        "evidence file {file} does not match its SHA-256"
-                    )));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    if !pruned.contains(file) {
-                        return Ok(broken(format!("evidence file {file} is missing")));
-                    }
-                }
-                Err(e) => return Err(io(&root.join(file))(e)),
-            }
+        if let Some(broken) = entry_problem(root, i + 1, entry.record.get(), &pruned)? {
+            return Ok(broken);
         }
     }
     Ok(Verification::Intact { entries })
+}
+
+/// What an entry whose chain holds may still say is wrong: a gap the writer recorded, or an
+/// evidence file that is missing (and not pruned), altered, or named outside the evidence
+/// folder.
+fn entry_problem(
+    root: &Path,
+    line: usize,
+    record: &str,
+    pruned: &HashSet<String>,
+) -> Result<Option<Verification>, AuditError> {
+    if let Ok(Note::Gap {
+        entries,
+        checkpoint_seq,
+        problem,
+        ..
+    }) = serde_json::from_str::<Note>(record)
+    {
+        return Ok(Some(Verification::Broken {
+            line,
+            action_id: None,
+            problem: format!(
+                "entries were lost: the writer found {entries} entries here, short of (or \
+                 differing from) its signed checkpoint of entry {checkpoint_seq} ({problem})"
+            ),
+        }));
+    }
+    let Ok(record) = serde_json::from_str::<AuditRecord>(record) else {
+        return Ok(None);
+    };
+    let broken = |problem: String| {
+        Ok(Some(Verification::Broken {
+            line,
+            action_id: Some(record.action_id.to_string()),
+            problem,
+        }))
+    };
+    for (n, file) in record.evidence_files.iter().enumerate() {
+        let Some(want) = record.evidence_sha256.get(n) else {
+            continue;
+        };
+        // The log names the files, so a rewritten log could point anywhere (`/dev/zero`,
+        // `../../etc/shadow`): only paths inside the evidence folder are read.
+        if !inside_evidence(file) {
+            return broken(format!("evidence path {file} leaves the evidence folder"));
+        }
+        match std::fs::read(root.join(file)) {
+            Ok(bytes) if hex::encode(Sha256::digest(&bytes)) == *want => {}
+            Ok(_) => return broken(format!("evidence file {file} does not match its SHA-256")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !pruned.contains(file) {
+                    return broken(format!("evidence file {file} is missing"));
+                }
+            }
+            Err(e) => return Err(io(&root.join(file))(e)),
+        }
+    }
+    Ok(None)
 }
 
 /// Whether a path the log names stays inside the evidence folder.
@@ -1737,7 +1804,7 @@ async fn handle(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -1780,7 +1847,7 @@ mod tests {
     }
     use crate::wire::{EvidenceFrame, SCHEMA};
 
-    fn event(action: Action) -> (Envelope, ActionEvent) {
+    pub(crate) fn event(action: Action) -> (Envelope, ActionEvent) {
         let ev = ActionEvent {
             action_id: Uuid::now_v7(),
             evidence_id: Uuid::now_v7(),
@@ -1818,7 +1885,7 @@ mod tests {
         (env, ev)
     }
 
-    fn dir() -> PathBuf {
+    pub(crate) fn dir() -> PathBuf {
         std::env::temp_dir().join(format!("vigil-audit-{:08x}", rand::random::<u32>()))
     }
 

@@ -258,6 +258,11 @@ pub struct EdgeConfig {
     /// counts as a failed hello. (The WebSocket layer reads a message up to
     /// `max_frame_bytes` before this check sees it) [VIGIL_EDGE_MAX_HELLO_BYTES].
     pub max_hello_bytes: usize,
+    /// Audit views the admin API builds at once [VIGIL_ADMIN_AUDIT_VIEWS].
+    pub audit_views: usize,
+    /// How long an audit view may wait for its turn before a 503, in ms
+    /// [VIGIL_ADMIN_AUDIT_VIEW_WAIT_MS].
+    pub audit_view_wait_ms: u64,
     /// A client id's first lockout, in ms [VIGIL_EDGE_ID_LOCKOUT_BASE_MS].
     pub id_lockout_base_ms: u64,
     /// A client id's longest lockout, in ms [VIGIL_EDGE_ID_LOCKOUT_MAX_MS].
@@ -420,6 +425,8 @@ impl Default for EdgeConfig {
             failed_hellos_per_minute: 30,
             failed_hellos_per_id: 5,
             max_hello_bytes: 16_384,
+            audit_views: 2,
+            audit_view_wait_ms: 30_000,
             id_lockout_base_ms: 1_000,
             id_lockout_max_ms: 900_000,
             max_inflight: 2,
@@ -630,6 +637,8 @@ impl Config {
                 ),
                 ("edge.failed_hellos_per_id", e.failed_hellos_per_id.into()),
                 ("edge.max_hello_bytes", e.max_hello_bytes as u64),
+                ("edge.audit_views", e.audit_views as u64),
+                ("edge.audit_view_wait_ms", e.audit_view_wait_ms),
                 ("edge.id_lockout_base_ms", e.id_lockout_base_ms),
                 ("edge.id_lockout_max_ms", e.id_lockout_max_ms),
                 ("edge.max_fps", e.max_fps.into()),

@@ -412,6 +412,20 @@ pub static VARS: &[Var] = &[
         r#"the largest message accepted before the hello; a larger one is refused and counts as a failed hello"#
     ),
     var!(
+        "VIGIL_ADMIN_AUDIT_VIEWS",
+        [Edge],
+        edge.audit_views,
+        r#"2"#,
+        r#"audit-trail views the admin API builds at once; more wait their turn"#
+    ),
+    var!(
+        "VIGIL_ADMIN_AUDIT_VIEW_WAIT_MS",
+        [Edge],
+        edge.audit_view_wait_ms,
+        r#"30000"#,
+        r#"how long an audit-trail view waits for its turn before a 503 (counted)"#
+    ),
+    var!(
         "VIGIL_EDGE_ID_LOCKOUT_BASE_MS",
         [Edge],
         edge.id_lockout_base_ms,

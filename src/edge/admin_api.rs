@@ -50,6 +50,10 @@ struct ApiState {
     /// The audit writer's public key (`VIGIL_AUDIT_PUBLIC_KEY`): served, and the trail is
     /// verified with it.
     audit_key: Option<ed25519_dalek::VerifyingKey>,
+    /// The trail as checked so far, shared by every view.
+    follower: Arc<std::sync::Mutex<crate::audit::follow::Follower>>,
+    /// Audit views built at once (`VIGIL_ADMIN_AUDIT_VIEWS`).
+    audit_views: Arc<tokio::sync::Semaphore>,
     /// The console's files.
     console: super::web::WebAssets,
 }
@@ -214,6 +218,10 @@ pub(super) async fn serve(
         });
     let state = Arc::new(ApiState {
         operators,
+        follower: Arc::new(std::sync::Mutex::new(crate::audit::follow::Follower::new(
+            &trail.dir, trail.key,
+        ))),
+        audit_views: Arc::new(tokio::sync::Semaphore::new(shared.cfg.audit_views.max(1))),
         evidence_dir: trail.dir,
         audit_key: trail.key,
         console,
@@ -801,9 +809,20 @@ async fn reference(
     security(("operator" = []))
 )]
 async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response {
-    use crate::audit::{self, Note, Verification};
+    use crate::audit::{self, AuditRecord, Note, Verification};
+    // A few views are built at once; the others wait their turn, within a bound.
+    let wait = std::time::Duration::from_millis(api.shared.cfg.audit_view_wait_ms);
+    let Ok(Ok(_turn)) = tokio::time::timeout(wait, api.audit_views.clone().acquire_owned()).await
+    else {
+        api.shared.metrics.audit_views_refused.inc();
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many audit views at once; retry shortly",
+        );
+    };
     let dir = api.evidence_dir.clone();
     let key = api.audit_key;
+    let follower = api.follower.clone();
     let store = api.admin.store.clone();
     let client = id.clone();
     let built = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
@@ -813,9 +832,15 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
                 dir.display()
             ));
         }
-        let verification = match audit::verify(&dir, key.as_ref()).map_err(|e| e.to_string())? {
-            Verification::Intact { entries } if let Some(k) = &key => {
-                let unsigned = audit::unsigned_entries(&dir, k).map_err(|e| e.to_string())?;
+        // Only what was appended since the last view is checked; the client's entries are
+        // found through the follower's index.
+        let mut follower = follower.lock().unwrap_or_else(|e| e.into_inner());
+        let checked = follower.update().map_err(|e| e.to_string())?;
+        let unsigned = follower.unsigned();
+        let found = follower.records_of(&client).map_err(|e| e.to_string())?;
+        drop(follower);
+        let verification = match checked {
+            Verification::Intact { entries } if key.is_some() => {
                 format!(
                     "intact: {entries} entries, every hash and evidence file checked, and every \
                      signature under the writer's key{} (a cut-off tail shows only against the \
@@ -839,10 +864,13 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
                 format!("BROKEN at entry {line}: {problem}")
             }
         };
-        let (records, notes) = audit::trail(&dir).map_err(|e| e.to_string())?;
+        let records = found
+            .iter()
+            .filter_map(|r| serde_json::from_str::<AuditRecord>(r).ok());
+        let notes = found
+            .iter()
+            .filter_map(|r| serde_json::from_str::<Note>(r).ok());
         let mut entries: Vec<serde_json::Value> = records
-            .into_iter()
-            .filter(|r| r.client_id == client)
             .map(|r| {
                 let evidence: Vec<serde_json::Value> = r
                     .evidence_files
@@ -862,7 +890,7 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
                 })
             })
             .collect();
-        entries.extend(notes.into_iter().filter_map(|n| match n {
+        entries.extend(notes.filter_map(|n| match n {
             Note::Admin {
                 operator,
                 operation,

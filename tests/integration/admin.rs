@@ -1008,3 +1008,103 @@ async fn idle_sockets_cannot_hold_the_admin_api() {
     assert!(refused >= 1.0, "counted: {refused}");
     env.teardown().await;
 }
+
+/// A log of `n` operations on clients `c0`..`c99`, hash-chained as the writer chains them.
+fn long_log(dir: &std::path::Path, n: u64) {
+    use sha2::Digest as _;
+    std::fs::create_dir_all(dir.join("evidence")).unwrap();
+    let mut prev = "0".repeat(64);
+    let mut out = String::with_capacity(n as usize * 400);
+    for seq in 1..=n {
+        let record = serde_json::json!({
+            "kind": "admin", "entry_id": uuid::Uuid::now_v7(), "operator": "alice",
+            "operation": "block", "client_id": format!("c{}", seq % 100), "source": "e1",
+            "at_ms": 1_765_000_000_000u64 + seq, "written_at_ms": 1_765_000_000_000u64 + seq,
+        })
+        .to_string();
+        let hash = hex::encode(sha2::Sha256::digest(format!("{seq}\n{prev}\n{record}")));
+        out += &format!(r#"{{"seq":{seq},"prev":"{prev}","hash":"{hash}","record":{record}}}"#);
+        out.push('\n');
+        prev = hash;
+    }
+    std::fs::write(dir.join("audit.log"), out).unwrap();
+}
+
+/// 50 operators open the audit view of a 100,000-entry log at once: the log is checked once
+/// and indexed, each view then reads its client's entries, and the edge stays within a stated
+/// memory; an entry appended later is all the next view checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_parallel_audit_views_of_a_100k_entry_log() {
+    const ENTRIES: u64 = 100_000;
+    let mut env = TestEnv::new("auditviews");
+    with_admin_api(&mut env);
+    env.cfg.evidence_dir = env.clients_dir.with_extension("evidence");
+    long_log(&env.cfg.evidence_dir, ENTRIES);
+    env.start_edge("e1").await;
+    let admin = env.edges[0].admin_addr.unwrap();
+    let rss_before = crate::support::rss_kib(std::process::id());
+    let started = std::time::Instant::now();
+    let views: Vec<_> = (0..50)
+        .map(|i| {
+            tokio::spawn(async move {
+                let path = format!("/v1/admin/audit/clients/c{}", i % 100);
+                let t = std::time::Instant::now();
+                let (status, body) = http(admin, "GET", &path, Some(ADMIN_TOKEN), None).await;
+                (status, body, t.elapsed())
+            })
+        })
+        .collect();
+    let mut slowest = Duration::ZERO;
+    for v in views {
+        let (status, body, took) = v.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            view["verification"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("{ENTRIES} entries")),
+            "{view}"
+        );
+        assert_eq!(view["entries"].as_array().unwrap().len(), 1000);
+        slowest = slowest.max(took);
+    }
+    let all = started.elapsed();
+    let rss_after = crate::support::rss_kib(std::process::id());
+    // One more entry: the next view checks it alone.
+    let mut log = std::fs::read_to_string(env.cfg.evidence_dir.join("audit.log")).unwrap();
+    let tail: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    let prev = tail["hash"].as_str().unwrap().to_owned();
+    let record = r#"{"kind":"admin","entry_id":"0192f0c4-0000-7000-8000-000000000001","operator":"bob","operation":"kick","client_id":"c7","source":"e1","at_ms":1,"written_at_ms":1}"#;
+    let seq = ENTRIES + 1;
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(format!(
+        "{seq}\n{prev}\n{record}"
+    )));
+    log += &format!(r#"{{"seq":{seq},"prev":"{prev}","hash":"{hash}","record":{record}}}"#);
+    log.push('\n');
+    std::fs::write(env.cfg.evidence_dir.join("audit.log"), log).unwrap();
+    let t = std::time::Instant::now();
+    let (status, body) = http(
+        admin,
+        "GET",
+        "/v1/admin/audit/clients/c7",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    let next = t.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&format!("{seq} entries")), "{body}");
+    assert!(body.contains(r#""operator":"bob""#), "{body}");
+    println!(
+        "50 parallel audit views of a {ENTRIES}-entry log: all answered in {:.2} s (slowest \
+         view {:.2} s); the test process grew by {} MiB; a view after one more entry took {:.0} ms",
+        all.as_secs_f64(),
+        slowest.as_secs_f64(),
+        rss_after.saturating_sub(rss_before) / 1024,
+        next.as_secs_f64() * 1000.0
+    );
+    let dir = env.cfg.evidence_dir.clone();
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,279 @@
+//! The log as a reader beside the writer follows it: the admin API's audit views. Each view
+//! checks only what was appended since the last one (the chain, signatures, gaps and evidence
+//! files of the new entries), and finds a client's entries through an index of where they sit,
+//! so a view of a long log costs what was appended, not the whole log.
+//!
+//! What was checked is not checked again: an evidence file altered after its entry was
+//! verified here shows in `vigil audit verify`, which reads everything.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::VerifyingKey;
+
+use super::{AuditError, AuditRecord, Chain, EntryIn, Note, Verification, entry_problem, io};
+
+pub struct Follower {
+    root: PathBuf,
+    key: Option<VerifyingKey>,
+    /// Bytes of the log checked so far (whole lines only).
+    bytes: u64,
+    chain: Chain,
+    /// The log only grows: once broken, it stays broken.
+    broken: Option<Verification>,
+    pruned: HashSet<String>,
+    /// Each client's entries: their offsets and lengths in the log, oldest first.
+    by_client: HashMap<String, Vec<(u64, u32)>>,
+}
+
+impl Follower {
+    pub fn new(root: &Path, key: Option<VerifyingKey>) -> Self {
+        Self {
+            root: root.to_owned(),
+            key,
+            bytes: 0,
+            chain: Chain::default(),
+            broken: None,
+            pruned: HashSet::new(),
+            by_client: HashMap::new(),
+        }
+    }
+
+    /// Entries checked so far.
+    pub fn entries(&self) -> u64 {
+        self.chain.entries
+    }
+
+    /// With a key: how many entries open the log unsigned, vouched for by the first signed one.
+    pub fn unsigned(&self) -> u64 {
+        self.chain.signed_from.map_or(0, |first| first - 1)
+    }
+
+    /// Check what was appended since the last call, and say how the whole log stands.
+    pub fn update(&mut self) -> Result<Verification, AuditError> {
+        let path = self.root.join("audit.log");
+        let len = match std::fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io(&path)(e)),
+        };
+        if len < self.bytes {
+            // Shorter than what was checked: replaced or restored. Start over.
+            *self = Self::new(&self.root, self.key);
+        }
+        if self.broken.is_none() && len > self.bytes {
+            self.follow(&path, len)?;
+        }
+        if let Some(broken) = &self.broken {
+            return Ok(broken.clone());
+        }
+        Ok(self.chain.unfinished().unwrap_or(Verification::Intact {
+            entries: self.chain.entries,
+        }))
+    }
+
+    /// The new bytes up to `len`, in two reads: the chain, prune lists and the index first
+    /// (a prune entry comes after the entries whose files it removed), then each new entry's
+    /// evidence.
+    fn follow(&mut self, path: &Path, len: u64) -> Result<(), AuditError> {
+        let start = self.bytes;
+        let first_line = self.chain.entries as usize + 1;
+        let mut end = start;
+        for_lines(path, start, len, |offset, line| {
+            if let Err(broken) = self.chain.check(line, self.key.as_ref()) {
+                self.broken = Some(broken);
+                return false;
+            }
+            let entry: EntryIn = serde_json::from_slice(line).expect("a checked entry parses");
+            let record = entry.record.get();
+            let client = match serde_json::from_str::<AuditRecord>(record) {
+                Ok(r) => Some(r.client_id),
+                Err(_) => match serde_json::from_str::<Note>(record) {
+                    Ok(Note::Admin { client_id, .. } | Note::Session { client_id, .. }) => {
+                        Some(client_id)
+                    }
+                    Ok(Note::Prune { files, .. }) => {
+                        self.pruned.extend(files);
+                        None
+                    }
+                    _ => None,
+                },
+            };
+            if let Some(client) = client {
+                self.by_client
+                    .entry(client)
+                    .or_default()
+                    .push((offset, line.len() as u32));
+            }
+            end = offset + line.len() as u64 + 1;
+            true
+        })?;
+        let mut lineno = first_line;
+        let mut problem = None;
+        for_lines(path, start, end, |_, line| {
+            if let Ok(entry) = serde_json::from_slice::<EntryIn>(line) {
+                match entry_problem(&self.root, lineno, entry.record.get(), &self.pruned) {
+                    Ok(None) => {}
+                    Ok(Some(broken)) => {
+                        problem = Some(Ok(broken));
+                        return false;
+                    }
+                    Err(e) => {
+                        problem = Some(Err(e));
+                        return false;
+                    }
+                }
+            }
+            lineno += 1;
+            true
+        })?;
+        match problem {
+            Some(Ok(broken)) => self.broken = Some(broken),
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+        self.bytes = end;
+        Ok(())
+    }
+
+    /// The record of each of `client`'s entries (actions, operations, sessions), oldest first.
+    pub fn records_of(&self, client: &str) -> Result<Vec<String>, AuditError> {
+        let Some(places) = self.by_client.get(client) else {
+            return Ok(Vec::new());
+        };
+        let path = self.root.join("audit.log");
+        let mut file = File::open(&path).map_err(io(&path))?;
+        let mut out = Vec::with_capacity(places.len());
+        let mut buf = Vec::new();
+        for (offset, len) in places {
+            buf.resize(*len as usize, 0);
+            file.seek(SeekFrom::Start(*offset))
+                .and_then(|_| file.read_exact(&mut buf))
+                .map_err(io(&path))?;
+            if let Ok(entry) = serde_json::from_slice::<EntryIn>(&buf) {
+                out.push(entry.record.get().to_owned());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Call `each` with the offset and bytes (without the newline) of every whole line of the
+/// file between `start` and `end`, until it returns false. A last line without its newline
+/// (the writer is appending it) is left for the next time.
+fn for_lines(
+    path: &Path,
+    start: u64,
+    end: u64,
+    mut each: impl FnMut(u64, &[u8]) -> bool,
+) -> Result<(), AuditError> {
+    let mut file = File::open(path).map_err(io(path))?;
+    file.seek(SeekFrom::Start(start)).map_err(io(path))?;
+    let mut reader = BufReader::new(file).take(end - start);
+    let mut offset = start;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line).map_err(io(path))?;
+        if n == 0 || !line.ends_with(b"\n") {
+            return Ok(());
+        }
+        if !each(offset, &line[..n - 1]) {
+            return Ok(());
+        }
+        offset += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditStore;
+    use crate::audit::tests::{dir, event};
+    use crate::policy::Action;
+
+    fn event_of(client: &str) -> (crate::wire::Envelope, crate::wire::ActionEvent) {
+        let (mut env, ev) = event(Action::Warn);
+        env.client_id = client.into();
+        (env, ev)
+    }
+
+    #[test]
+    fn a_follower_checks_only_what_was_appended_and_agrees_with_verify() {
+        let root = dir();
+        let key = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+        let public = key.verifying_key();
+        let mut store = AuditStore::open_with(&root, Some(key)).unwrap();
+        let mut follower = Follower::new(&root, Some(public));
+        assert_eq!(
+            follower.update().unwrap(),
+            Verification::Intact { entries: 0 }
+        );
+        for _ in 0..3 {
+            let (env, ev) = event_of("alice");
+            store.store(&env, &ev).unwrap();
+        }
+        let (env, ev) = event_of("bob");
+        store.store(&env, &ev).unwrap();
+        assert_eq!(
+            follower.update().unwrap(),
+            Verification::Intact { entries: 4 }
+        );
+        assert_eq!(follower.records_of("alice").unwrap().len(), 3);
+        assert_eq!(follower.records_of("bob").unwrap().len(), 1);
+        assert!(follower.records_of("carol").unwrap().is_empty());
+        // A torn last line is left for later; the whole one is then taken.
+        let (env, ev) = event_of("bob");
+        store.store(&env, &ev).unwrap();
+        drop(store);
+        let log = root.join("audit.log");
+        let full = std::fs::read(&log).unwrap();
+        std::fs::write(&log, &full[..full.len() - 10]).unwrap();
+        assert_eq!(
+            follower.update().unwrap(),
+            Verification::Intact { entries: 4 }
+        );
+        std::fs::write(&log, &full).unwrap();
+        assert_eq!(
+            follower.update().unwrap(),
+            Verification::Intact { entries: 5 }
+        );
+        // An entry appended without the key breaks it, as `verify` says.
+        let mut unsigned = full.clone();
+        let last: serde_json::Value = serde_json::from_slice(
+            full[..full.len() - 1]
+                .rsplit(|b| *b == b'\n')
+                .next()
+                .unwrap(),
+        )
+        .unwrap();
+        let forged = serde_json::json!({
+            "seq": 6, "prev": last["hash"], "hash": super::super::entry_hash(6, last["hash"].as_str().unwrap(), "{}"),
+            "record": {},
+        });
+        unsigned.extend_from_slice(format!("{forged}\n").as_bytes());
+        std::fs::write(&log, &unsigned).unwrap();
+        let broken = follower.update().unwrap();
+        assert!(
+            matches!(broken, Verification::Broken { line: 6, .. }),
+            "{broken:?}"
+        );
+        assert_eq!(
+            broken,
+            crate::audit::verify(&root, Some(&public)).unwrap(),
+            "the follower and verify disagree"
+        );
+        // Restored shorter, the log is followed from the start again.
+        std::fs::write(&log, &full[..full.len() - 1]).unwrap();
+        assert_eq!(
+            follower.update().unwrap(),
+            Verification::Intact { entries: 4 }
+        );
+        let mut fresh = Follower::new(&root, Some(public));
+        std::fs::write(&log, &full).unwrap();
+        assert_eq!(fresh.update().unwrap(), Verification::Intact { entries: 5 });
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
