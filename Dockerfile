@@ -42,8 +42,8 @@ FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --home /var/lib/vigil --create-home vigil \
- && mkdir -p /var/lib/vigil/clients /var/lib/vigil/evidence \
- && chown -R vigil:vigil /var/lib/vigil
+ && mkdir -p /var/lib/vigil/clients /var/lib/vigil/evidence /var/lib/vigil/operators \
+ && chown -R vigil:vigil /var/lib/vigil && chmod 0700 /var/lib/vigil/clients /var/lib/vigil/evidence /var/lib/vigil/operators
 # A named volume mounted on an empty folder of the image starts as a copy of it, owner
 # included: the folders above are why `audit serve` can create evidence/ and `clients add`
 # can write, as user vigil.

@@ -1,31 +1,55 @@
-//! RabbitMQ's management HTTP API: the only HTTP client code. Vigil uses it for one thing,
+//! RabbitMQ's management HTTP API: the only HTTP client code. Vigil uses it for two things:
 //! putting the policies that carry the shared queues' tunables (see
 //! [`crate::topology::Tunables`]), so that changing a TTL or a length limit in
-//! `exchanges.toml` changes the live queue instead of failing every later declare.
+//! `exchanges.toml` changes the live queue instead of failing every later declare; and
+//! provisioning the role users of [`crate::roles`] where `rabbitmqctl` cannot be run (a hosted
+//! broker), see [`Management::provision_roles`].
 //!
 //! Every request is bounded (connect and whole-request timeouts), and the URL's credentials
-//! never appear in an error.
+//! never appear in an error; an error names the request (method and URL) and, when the API
+//! answered, its HTTP status. `https://` URLs are verified with rustls against the system's
+//! roots and, optionally, a private CA's PEM file ([`Management::with_ca_file`]).
 
+use std::path::Path;
 use std::time::Duration;
 
+use reqwest::Method;
+
+use crate::roles::{self, Grant, Role};
 use crate::topology::PolicySpec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagementError {
     #[error("management URL {url}: {reason}")]
     Url { url: String, reason: String },
-    #[error("management API {url}: {source}")]
+    #[error("management CA file {path}: {reason}")]
+    CaFile { path: String, reason: String },
+    #[error("management API {method} {url}: {source}")]
     Http {
+        method: Method,
         url: String,
         #[source]
         source: reqwest::Error,
     },
-    #[error("management API {url} answered {status}: {body}")]
+    #[error("management API {method} {url} answered {status}: {body}")]
     Refused {
+        method: Method,
         url: String,
         status: u16,
         body: String,
     },
+}
+
+/// One role's user as [`Management::provision_roles`] left it.
+#[derive(Debug, Clone)]
+pub struct RoleUser {
+    pub role: Role,
+    pub user: String,
+    /// Fresh; the caller shows it once.
+    pub password: String,
+    /// True when the user was new, false when its password was rotated.
+    pub created: bool,
+    pub permissions: Grant,
 }
 
 /// A client of a cluster's management API (one or several nodes), for one virtual host.
@@ -47,6 +71,16 @@ impl Management {
     /// cluster's nodes, tried in turn; the credentials are the first URL's); `vhost` is the
     /// AMQP URL's virtual host.
     pub fn new(urls: &str, vhost: &str) -> Result<Self, ManagementError> {
+        Self::with_ca_file(urls, vhost, None)
+    }
+
+    /// As [`Management::new`], trusting for `https://` URLs the PEM certificates of `ca_file`
+    /// (a private CA) besides the system's roots.
+    pub fn with_ca_file(
+        urls: &str,
+        vhost: &str,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, ManagementError> {
         let mut bases = Vec::new();
         let mut credentials = None;
         for url in crate::broker::broker_urls(urls) {
@@ -80,10 +114,12 @@ impl Management {
                 reason: "no management URL".into(),
             });
         };
-        crate::telemetry::install_crypto_provider();
         let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls_config(ca_file)?)
             .connect_timeout(REQUEST_LIMIT)
             .timeout(REQUEST_LIMIT)
+            // Credentials go with every request: never to wherever a redirect points.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ManagementError::Url {
                 url: String::new(),
@@ -100,7 +136,7 @@ impl Management {
 
     /// The virtual host as a path segment (`/` is `%2F`).
     fn vhost_segment(&self) -> String {
-        url::form_urlencoded::byte_serialize(self.vhost.as_bytes()).collect()
+        segment(&self.vhost)
     }
 
     /// Put each policy (create or replace: idempotent).
@@ -115,7 +151,7 @@ impl Management {
                 // Above an operator's catch-all policies, below any they aim at one queue.
                 "priority": 10,
             });
-            self.send(&path, |c, url| c.put(url).json(&body)).await?;
+            self.send(Method::PUT, &path, Some(&body)).await?;
         }
         Ok(())
     }
@@ -125,7 +161,7 @@ impl Management {
         for n in names {
             let name: String = url::form_urlencoded::byte_serialize(n.as_bytes()).collect();
             let path = format!("policies/{}/{name}", self.vhost_segment());
-            match self.send(&path, |c, url| c.delete(url)).await {
+            match self.send(Method::DELETE, &path, None).await {
                 Ok(_) | Err(ManagementError::Refused { status: 404, .. }) => {}
                 Err(e) => return Err(e),
             }
@@ -138,9 +174,111 @@ impl Management {
     pub async fn queue(&self, name: &str) -> Result<serde_json::Value, ManagementError> {
         let name: String = url::form_urlencoded::byte_serialize(name.as_bytes()).collect();
         let path = format!("queues/{}/{name}", self.vhost_segment());
-        let body = self.send(&path, |c, url| c.get(url)).await?;
+        self.get_json(&path).await
+    }
+
+    /// Create (or rotate) the user of each role of `namespace` ([`roles::user_of`]) with a
+    /// fresh random password and no tags (the users speak AMQP only), and set its permissions
+    /// on the virtual host to [`roles::grant`]: what `rabbitmqctl` does in
+    /// `vigil broker provision`. No topic permissions are set, as there. Needs an
+    /// `administrator` user in the URL.
+    pub async fn provision_roles(&self, namespace: &str) -> Result<Vec<RoleUser>, ManagementError> {
+        let mut out = Vec::new();
+        for role in Role::ALL {
+            let user = roles::user_of(namespace, role);
+            let password = crate::directory::generate_token();
+            let created = !self.user_exists(&user).await?;
+            self.put_user(&user, &password, &[]).await?;
+            let grant = roles::grant(namespace, role);
+            self.put_permissions(&user, &grant).await?;
+            out.push(RoleUser {
+                role,
+                user,
+                password,
+                created,
+                permissions: grant,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether `user` exists.
+    pub async fn user_exists(&self, user: &str) -> Result<bool, ManagementError> {
+        match self
+            .send(Method::GET, &format!("users/{}", segment(user)), None)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(ManagementError::Refused { status: 404, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A user as the management API shows it (`name`, `tags`, ...).
+    pub async fn user(&self, user: &str) -> Result<serde_json::Value, ManagementError> {
+        self.get_json(&format!("users/{}", segment(user))).await
+    }
+
+    /// Create `user`, or replace its password and tags.
+    pub async fn put_user(
+        &self,
+        user: &str,
+        password: &str,
+        tags: &[&str],
+    ) -> Result<(), ManagementError> {
+        let body = serde_json::json!({ "password": password, "tags": tags.join(",") });
+        self.send(
+            Method::PUT,
+            &format!("users/{}", segment(user)),
+            Some(&body),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Delete users; a missing one is not an error.
+    pub async fn delete_users(&self, users: &[String]) -> Result<(), ManagementError> {
+        for u in users {
+            match self
+                .send(Method::DELETE, &format!("users/{}", segment(u)), None)
+                .await
+            {
+                Ok(_) | Err(ManagementError::Refused { status: 404, .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Set `user`'s permissions on the virtual host.
+    pub async fn put_permissions(&self, user: &str, grant: &Grant) -> Result<(), ManagementError> {
+        let path = format!("permissions/{}/{}", self.vhost_segment(), segment(user));
+        let body = serde_json::json!({
+            "configure": grant.configure,
+            "write": grant.write,
+            "read": grant.read,
+        });
+        self.send(Method::PUT, &path, Some(&body)).await.map(drop)
+    }
+
+    /// `user`'s permissions on the virtual host, as the broker holds them.
+    pub async fn permissions(&self, user: &str) -> Result<Grant, ManagementError> {
+        let path = format!("permissions/{}/{}", self.vhost_segment(), segment(user));
+        let v = self.get_json(&path).await?;
+        let field = |name: &str| v[name].as_str().unwrap_or_default().to_owned();
+        Ok(Grant {
+            configure: field("configure"),
+            write: field("write"),
+            read: field("read"),
+        })
+    }
+
+    /// `GET /api/<path>`, parsed.
+    async fn get_json(&self, path: &str) -> Result<serde_json::Value, ManagementError> {
+        let body = self.send(Method::GET, path, None).await?;
         serde_json::from_str(&body).map_err(|e| ManagementError::Refused {
-            url: path,
+            method: Method::GET,
+            url: path.to_owned(),
             status: 200,
             body: format!("not JSON: {e}"),
         })
@@ -150,21 +288,26 @@ impl Management {
     /// skipped, an answer (of any status) is final.
     async fn send(
         &self,
+        method: Method,
         path: &str,
-        request: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+        body: Option<&serde_json::Value>,
     ) -> Result<String, ManagementError> {
         let mut unreachable = None;
         for base in &self.bases {
             let url = format!("{base}/api/{path}");
             let http = |source| ManagementError::Http {
+                method: method.clone(),
                 url: url.clone(),
                 source,
             };
-            let response = match request(&self.client, &url)
-                .basic_auth(&self.user, Some(&self.password))
-                .send()
-                .await
-            {
+            let mut request = self
+                .client
+                .request(method.clone(), &url)
+                .basic_auth(&self.user, Some(&self.password));
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let response = match request.send().await {
                 Ok(r) => r,
                 Err(e) if e.is_connect() || e.is_timeout() => {
                     tracing::warn!(error = %e, "management API node unreachable; trying the next");
@@ -179,6 +322,7 @@ impl Management {
                 Ok(body)
             } else {
                 Err(ManagementError::Refused {
+                    method,
                     url,
                     status: status.as_u16(),
                     body: body.chars().take(300).collect(),
@@ -186,5 +330,156 @@ impl Management {
             };
         }
         Err(unreachable.expect("at least one node was tried"))
+    }
+}
+
+/// A name as one path segment of the API.
+fn segment(name: &str) -> String {
+    url::form_urlencoded::byte_serialize(name.as_bytes()).collect()
+}
+
+/// rustls (ring, as everywhere in Vigil) with the system's roots and `ca_file`'s certificates.
+fn tls_config(
+    ca_file: Option<&Path>,
+) -> Result<tokio_rustls::rustls::ClientConfig, ManagementError> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // A system certificate rustls cannot read is skipped, as browsers do.
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let bad = |reason: String| ManagementError::CaFile {
+            path: path.display().to_string(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let mut n = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            roots
+                .add(cert.map_err(|e| bad(e.to_string()))?)
+                .map_err(|e| bad(e.to_string()))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(bad("holds no PEM certificate".into()));
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ManagementError::Url {
+            url: String::new(),
+            reason: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    /// A private CA's PEM, and an HTTPS server on 127.0.0.1 with a certificate it signed that
+    /// answers `GET /api/users/known` with a user and anything else with 404; its port.
+    async fn https_server() -> (String, u16) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from_pem_slice(cert.pem().as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut buf = vec![0; 4096];
+                    let n = tls.read(&mut buf).await.unwrap_or(0);
+                    let request = String::from_utf8_lossy(&buf[..n]);
+                    let (status, body) = if request.starts_with("GET /api/users/known ") {
+                        ("200 OK", r#"{"name":"known","tags":[]}"#)
+                    } else {
+                        ("404 Not Found", r#"{"error":"Object Not Found"}"#)
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = tls.write_all(answer.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        (ca.pem(), port)
+    }
+
+    #[tokio::test]
+    async fn https_is_verified_against_the_system_roots_and_the_ca_file() {
+        let (ca_pem, port) = https_server().await;
+        let dir = std::env::temp_dir().join(format!("vigil-mgmt-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, ca_pem).unwrap();
+        let url = format!("https://admin:secret@127.0.0.1:{port}");
+
+        // The private CA trusted: the answer is read, and a refusal names the call and status.
+        let api = Management::with_ca_file(&url, "/", Some(&ca_file)).unwrap();
+        assert_eq!(api.user("known").await.unwrap()["name"], "known");
+        assert!(!api.user_exists("missing").await.unwrap());
+        let refused = api.user("missing").await.unwrap_err().to_string();
+        assert!(
+            refused.starts_with(&format!(
+                "management API GET https://127.0.0.1:{port}/api/users/missing answered 404"
+            )),
+            "{refused}"
+        );
+        assert!(!refused.contains("secret"), "{refused}");
+
+        // Not trusted: the certificate is refused, and the error says which call failed.
+        let api = Management::new(&url, "/").unwrap();
+        let untrusted = api.user("known").await.unwrap_err();
+        assert!(
+            matches!(untrusted, ManagementError::Http { .. }),
+            "{untrusted}"
+        );
+        let text = format!("{untrusted} {:?}", std::error::Error::source(&untrusted));
+        assert!(text.contains("GET https://127.0.0.1"), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+
+        // A CA file with no certificate is an error of its own.
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        assert!(matches!(
+            Management::with_ca_file(&url, "/", Some(&empty)),
+            Err(ManagementError::CaFile { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

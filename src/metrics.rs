@@ -376,6 +376,7 @@ pub struct AuditMetrics {
     pub write_seconds: Histogram,
     pub checkpoint_failures: IntCounter,
     pub checkpoint_conflicts: IntCounter,
+    pub evidence_withheld: IntCounter,
     pub pruned_files: IntCounter,
     pub notes: IntCounter,
     pub webhooks: WebhookMetrics,
@@ -414,6 +415,11 @@ impl AuditMetrics {
                 registry,
                 "vigil_audit_checkpoint_conflicts_total",
                 "Starts at which the log fell short of, or differed from, its newest valid checkpoint",
+            ),
+            evidence_withheld: counter(
+                registry,
+                "vigil_audit_evidence_withheld_total",
+                "Evidence frames not kept: their client was over VIGIL_AUDIT_EVIDENCE_MB_PER_CLIENT_DAY",
             ),
             pruned_files: counter(
                 registry,

@@ -74,28 +74,41 @@ impl Follower {
         }))
     }
 
-    /// The new bytes up to `len`, in two reads: the chain, prune lists and the index first
-    /// (a prune entry comes after the entries whose files it removed), then each new entry's
-    /// evidence.
+    /// The new bytes up to `len`, in one read: the chain, the index, prune lists and gaps as
+    /// each entry comes; the evidence of new actions once the read is done (a prune entry
+    /// comes after the entries whose files it removed).
     fn follow(&mut self, path: &Path, len: u64) -> Result<(), AuditError> {
         let start = self.bytes;
-        let first_line = self.chain.entries as usize + 1;
         let mut end = start;
+        let mut with_evidence: Vec<(usize, String)> = Vec::new();
+        let mut problem = None;
         for_lines(path, start, len, |offset, line| {
-            if let Err(broken) = self.chain.check(line, self.key.as_ref()) {
-                self.broken = Some(broken);
-                return false;
-            }
-            let entry: EntryIn = serde_json::from_slice(line).expect("a checked entry parses");
-            let record = entry.record.get();
-            let client = match serde_json::from_str::<AuditRecord>(record) {
-                Ok(r) => Some(r.client_id),
-                Err(_) => match serde_json::from_str::<Note>(record) {
+            let lineno = self.chain.entries as usize + 1;
+            let checked = match self.chain.check(line, self.key.as_ref()) {
+                Ok(checked) => checked,
+                Err(broken) => {
+                    self.broken = Some(broken);
+                    return false;
+                }
+            };
+            let record = checked.record;
+            let client = match serde_json::from_str::<AuditRecord>(&record) {
+                Ok(r) => {
+                    if !r.evidence_files.is_empty() {
+                        with_evidence.push((lineno, record.clone()));
+                    }
+                    Some(r.client_id)
+                }
+                Err(_) => match serde_json::from_str::<Note>(&record) {
                     Ok(Note::Admin { client_id, .. } | Note::Session { client_id, .. }) => {
                         Some(client_id)
                     }
                     Ok(Note::Prune { files, .. }) => {
                         self.pruned.extend(files);
+                        None
+                    }
+                    Ok(Note::Gap { .. }) => {
+                        problem = Some((lineno, record.clone()));
                         None
                     }
                     _ => None,
@@ -108,33 +121,19 @@ impl Follower {
                     .push((offset, line.len() as u32));
             }
             end = offset + line.len() as u64 + 1;
-            true
+            problem.is_none()
         })?;
-        let mut lineno = first_line;
-        let mut problem = None;
-        for_lines(path, start, end, |_, line| {
-            if let Ok(entry) = serde_json::from_slice::<EntryIn>(line) {
-                match entry_problem(&self.root, lineno, entry.record.get(), &self.pruned) {
-                    Ok(None) => {}
-                    Ok(Some(broken)) => {
-                        problem = Some(Ok(broken));
-                        return false;
-                    }
-                    Err(e) => {
-                        problem = Some(Err(e));
-                        return false;
-                    }
-                }
-            }
-            lineno += 1;
-            true
-        })?;
-        match problem {
-            Some(Ok(broken)) => self.broken = Some(broken),
-            Some(Err(e)) => return Err(e),
-            None => {}
-        }
         self.bytes = end;
+        if let Some((line, record)) = problem {
+            self.broken = entry_problem(&self.root, line, &record, &self.pruned)?;
+            return Ok(());
+        }
+        for (line, record) in with_evidence {
+            if let Some(broken) = entry_problem(&self.root, line, &record, &self.pruned)? {
+                self.broken = Some(broken);
+                return Ok(());
+            }
+        }
         Ok(())
     }
 

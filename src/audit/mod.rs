@@ -118,6 +118,14 @@ pub struct AuditRecord {
     /// For a liveness challenge's entry: which, and how it went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub challenge: Option<crate::wire::ChallengeNote>,
+    /// Evidence frames whose JPEGs were not kept: the client was over its daily evidence
+    /// budget (`VIGIL_AUDIT_EVIDENCE_MB_PER_CLIENT_DAY`). Their verdicts are in `frames`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub evidence_withheld: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// An entry that is not an action.
@@ -321,6 +329,12 @@ pub struct AuditStore {
     next_seq: u64,
     /// Every entry's id, with its place and hash in the chain.
     ids: HashMap<Uuid, (u64, String)>,
+    /// Evidence bytes one client may fill per UTC day ([`AuditStore::limit_evidence`]).
+    evidence_budget: Option<u64>,
+    /// Evidence bytes kept per (day, client folder), read from the folder at first use.
+    evidence_spent: HashMap<(String, String), u64>,
+    /// Frames withheld over the budget (`vigil_audit_evidence_withheld_total`).
+    withheld_frames: Option<prometheus::IntCounter>,
 }
 
 impl AuditStore {
@@ -333,7 +347,7 @@ impl AuditStore {
     /// must verify, its signatures included when there is a key: a log rewritten without the
     /// key is refused, not extended.
     pub fn open_with(root: &Path, signer: Option<SigningKey>) -> Result<Self, AuditError> {
-        std::fs::create_dir_all(root.join("evidence")).map_err(io(root))?;
+        crate::directory::private_dir(&root.join("evidence")).map_err(io(root))?;
         let lock_path = root.join("audit.lock");
         let lock = OpenOptions::new()
             .create(true)
@@ -413,6 +427,39 @@ impl AuditStore {
             last_hash,
             next_seq: entries + 1,
             ids,
+            evidence_budget: None,
+            evidence_spent: HashMap::new(),
+            withheld_frames: None,
+        })
+    }
+
+    /// Keep at most `bytes` of evidence frames per client and UTC day: past it, an action's
+    /// entry still records every frame's verdict and scores, but its JPEGs are withheld (and
+    /// counted in the record), so that one candidate cannot fill the disk.
+    pub fn limit_evidence(&mut self, bytes: Option<u64>, withheld: Option<prometheus::IntCounter>) {
+        self.evidence_budget = bytes;
+        self.withheld_frames = withheld;
+    }
+
+    /// Evidence bytes already kept for `client_dir` (under `evidence/<day>/`) on `day`.
+    fn evidence_spent(&mut self, day: &str, client_dir: &str) -> &mut u64 {
+        let key = (day.to_owned(), client_dir.to_owned());
+        let root = self.root.clone();
+        self.evidence_spent.entry(key).or_insert_with(|| {
+            let dir = root.join("evidence").join(day).join(client_dir);
+            let mut total = 0;
+            for action in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                for file in std::fs::read_dir(action.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    if file.file_name().to_string_lossy().ends_with(".jpg") {
+                        total += file.metadata().map_or(0, |m| m.len());
+                    }
+                }
+            }
+            total
         })
     }
 
@@ -473,7 +520,7 @@ impl AuditStore {
             .join(safe(&env.client_id))
             .join(event.evidence_id.to_string());
         let dir = self.root.join(&rel);
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        crate::directory::private_dir(&dir).map_err(io(&dir))?;
         // New folders are durable only once their parents say so.
         for folder in rel.ancestors().filter(|p| !p.as_os_str().is_empty()) {
             let path = self.root.join(folder);
@@ -483,7 +530,18 @@ impl AuditStore {
         }
         let mut files = Vec::new();
         let mut hashes = Vec::new();
+        let mut withheld = 0u32;
+        let day = utc_date(event.decided_at_ms);
+        let client_dir = safe(&env.client_id);
         for frame in &event.evidence {
+            if let Some(budget) = self.evidence_budget {
+                let spent = self.evidence_spent(&day, &client_dir);
+                if *spent + frame.jpeg.len() as u64 > budget {
+                    withheld += 1;
+                    continue;
+                }
+                *spent += frame.jpeg.len() as u64;
+            }
             // Named by frame id: a client's own seq can repeat, a frame id cannot.
             let name = format!("frame-{}.jpg", frame.frame_id);
             write_atomic(&dir.join(&name), &frame.jpeg).map_err(io(&dir))?;
@@ -526,7 +584,14 @@ impl AuditStore {
             evidence_sha256: hashes,
             operator: event.operator.clone(),
             challenge: event.challenge.clone(),
+            evidence_withheld: withheld,
         };
+        if withheld > 0 {
+            if let Some(counter) = &self.withheld_frames {
+                counter.inc_by(u64::from(withheld));
+            }
+            tracing::warn!(client = %env.client_id.escape_debug(), withheld, "evidence over the client's daily budget: frames withheld");
+        }
         let record_json = serde_json::to_string(&record).expect("audit record encodes");
         let pretty = serde_json::to_vec_pretty(&record).expect("audit record encodes");
         write_atomic(&dir.join("record.json"), &pretty).map_err(io(&dir))?;
@@ -688,6 +753,8 @@ struct Checked {
     id: Uuid,
     seq: u64,
     hash: String,
+    /// Its record, as written.
+    record: String,
 }
 
 impl Chain {
@@ -720,25 +787,28 @@ impl Chain {
                     .ok()
                     .map(|n| n.id())
             });
-        // Name the action even when tampering broke the rest of the record.
-        let id_text = serde_json::from_str::<serde_json::Value>(entry.record.get())
-            .ok()
-            .and_then(|v| v.get("action_id")?.as_str().map(str::to_owned));
+        // Name the action even when tampering broke the rest of the record (read only when
+        // something is wrong).
+        let id_text = || {
+            serde_json::from_str::<serde_json::Value>(entry.record.get())
+                .ok()
+                .and_then(|v| v.get("action_id")?.as_str().map(str::to_owned))
+        };
         if entry.seq != lineno as u64 {
             return Err(broken(
-                id_text,
+                id_text(),
                 format!("sequence {} where {lineno} belongs", entry.seq),
             ));
         }
         if entry.prev != self.prev {
             return Err(broken(
-                id_text,
+                id_text(),
                 "does not link to the entry before it".into(),
             ));
         }
         if entry_hash(entry.seq, &entry.prev, entry.record.get()) != entry.hash {
             return Err(broken(
-                id_text,
+                id_text(),
                 "its content does not match its hash".into(),
             ));
         }
@@ -747,12 +817,13 @@ impl Chain {
                 // Unsigned entries may only open the log, before the entry that turned
                 // signing on; [`Chain::unfinished`] checks that one came.
                 None if self.signed_from.is_none() => {
-                    self.first_unsigned.get_or_insert((lineno, id_text.clone()));
+                    self.first_unsigned
+                        .get_or_insert_with(|| (lineno, id_text()));
                 }
-                None => return Err(broken(id_text, "it is not signed".into())),
+                None => return Err(broken(id_text(), "it is not signed".into())),
                 Some(sig) if !signing::verify(key, &entry.hash, sig) => {
                     return Err(broken(
-                        id_text,
+                        id_text(),
                         "its signature does not hold: the log was rewritten without the key, \
                          or signed with another"
                             .into(),
@@ -768,7 +839,7 @@ impl Chain {
                         );
                         if !vouches {
                             return Err(broken(
-                                id_text,
+                                id_text(),
                                 format!(
                                     "the first signed entry follows {unsigned} unsigned ones \
                                      without vouching for them (a signing entry)"
@@ -792,6 +863,7 @@ impl Chain {
             id,
             seq: entry.seq,
             hash: entry.hash,
+            record: entry.record.get().to_owned(),
         })
     }
 
@@ -1323,9 +1395,14 @@ pub async fn start(
     if signer.is_none() {
         tracing::warn!("VIGIL_AUDIT_KEY is not set: audit entries are hash-chained but not signed");
     }
-    let store = tokio::task::spawn_blocking(move || AuditStore::open_with(&dir, signer))
+    let mut store = tokio::task::spawn_blocking(move || AuditStore::open_with(&dir, signer))
         .await
         .map_err(|e| io(Path::new("audit store"))(std::io::Error::other(e.to_string())))??;
+    store.limit_evidence(
+        (cfg.audit_evidence_mb_per_client_day > 0)
+            .then(|| cfg.audit_evidence_mb_per_client_day.saturating_mul(1 << 20)),
+        Some(metrics.evidence_withheld.clone()),
+    );
     health.set("storage", true);
     let topo = cfg.topology()?;
     let broker_metrics = BrokerMetrics::new(&registry);
@@ -1367,7 +1444,6 @@ pub async fn start(
             "the checkpoint stream was not read to its end within VIGIL_AUDIT_CHECKPOINT_SCAN_MS"
         );
     }
-    let mut store = store;
     if let Some(newest) = &scan.newest
         && let Some(Verification::Broken { line, problem, .. }) =
             against_checkpoint(&cfg.evidence_dir, store.len(), newest)?
@@ -2214,6 +2290,52 @@ pub(crate) mod tests {
         assert_eq!(
             verify_with_checkpoint(&root, Some(&public), &head).unwrap(),
             Verification::Intact { entries: 1 }
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_client_over_its_daily_evidence_budget_keeps_verdicts_not_images() {
+        let root = dir();
+        let counter = prometheus::IntCounter::new("withheld", "frames withheld").unwrap();
+        let open = || {
+            let mut store = AuditStore::open(&root).unwrap();
+            // Each test frame is 4 bytes: room for one a day.
+            store.limit_evidence(Some(6), Some(counter.clone()));
+            store
+        };
+        let mut store = open();
+        let store_for = |store: &mut AuditStore, client: &str| {
+            let (mut env, ev) = event(Action::Warn);
+            env.client_id = client.into();
+            store.store(&env, &ev).unwrap();
+        };
+        store_for(&mut store, "alice");
+        store_for(&mut store, "alice");
+        store_for(&mut store, "bob");
+        drop(store);
+        // A restarted writer counts what the folder holds already.
+        let mut store = open();
+        store_for(&mut store, "alice");
+        drop(store);
+        let kept: Vec<(String, usize, u32)> = records(&root)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.client_id, r.evidence_files.len(), r.evidence_withheld))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("alice".to_owned(), 1, 0),
+                ("alice".to_owned(), 0, 1),
+                ("bob".to_owned(), 1, 0),
+                ("alice".to_owned(), 0, 1),
+            ]
+        );
+        assert_eq!(counter.get(), 2);
+        assert_eq!(
+            verify(&root, None).unwrap(),
+            Verification::Intact { entries: 4 }
         );
         let _ = std::fs::remove_dir_all(&root);
     }

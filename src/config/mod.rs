@@ -41,6 +41,9 @@ pub struct Config {
     /// not declare arguments, so changing them in the topology never breaks start-up
     /// [VIGIL_BROKER_MANAGEMENT_URL].
     pub broker_management_url: Option<String>,
+    /// PEM certificates trusted for an `https://` management URL besides the system's roots
+    /// [VIGIL_BROKER_MANAGEMENT_CA_FILE].
+    pub broker_management_ca_file: Option<PathBuf>,
     /// Address of the `/metrics`, `/healthz` and `/readyz` endpoints; port 0 picks a free port
     /// [VIGIL_METRICS_LISTEN].
     pub metrics_listen: SocketAddr,
@@ -87,6 +90,10 @@ pub struct Config {
     /// The most time a read of the checkpoint stream may take, in ms
     /// [VIGIL_AUDIT_CHECKPOINT_SCAN_MS].
     pub audit_checkpoint_scan_ms: u64,
+    /// Evidence JPEGs kept per client and UTC day, in MiB; past it an entry records its
+    /// frames' verdicts without their images; 0: no limit
+    /// [VIGIL_AUDIT_EVIDENCE_MB_PER_CLIENT_DAY].
+    pub audit_evidence_mb_per_client_day: u64,
     /// The audit writer removes the evidence files of actions older than this many days, once
     /// an hour (the log keeps their entries and hashes, and a prune entry lists the files); 0
     /// keeps evidence forever [VIGIL_AUDIT_RETENTION_DAYS].
@@ -381,6 +388,7 @@ impl Default for Config {
             broker_connect_timeout_ms: 30_000,
             broker_roles: crate::roles::RoleMode::Shared,
             broker_management_url: None,
+            broker_management_ca_file: None,
             metrics_listen: "127.0.0.1:9090".parse().expect("valid address"),
             http_max_connections: 256,
             http_idle_timeout_ms: 60_000,
@@ -400,6 +408,7 @@ impl Default for Config {
             audit_key: None,
             audit_public_key: None,
             audit_checkpoint_scan_ms: 30_000,
+            audit_evidence_mb_per_client_day: 512,
             audit_retention_days: 0,
             webhooks: crate::webhooks::WebhookConfig::default(),
             sessions: crate::session_tokens::SessionConfig::default(),
@@ -609,6 +618,20 @@ impl Config {
                 && let Err(msg) = check_identifier("edge.id", id)
             {
                 errors.push(msg);
+            }
+            // A client named `operators` would be the tokens file in the folder directory.
+            if self.directory_url.is_none()
+                && let Some(tokens) = &e.admin_tokens_file
+            {
+                let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or(p.to_owned());
+                if abs(tokens).starts_with(abs(&self.clients_dir)) {
+                    errors.push(format!(
+                        "admin_tokens_file {} is inside the clients folder {}: keep it outside, \
+                         where no client's file can take its name",
+                        tokens.display(),
+                        self.clients_dir.display()
+                    ));
+                }
             }
             if e.id_lockout_max_ms > 86_400_000 || e.id_lockout_base_ms > e.id_lockout_max_ms {
                 errors.push(format!(
@@ -841,7 +864,12 @@ impl Config {
             .first()
             .and_then(|u| u.parse::<lapin::uri::AMQPUri>().ok())
             .map_or_else(|| "/".to_owned(), |u| u.vhost);
-        crate::management::Management::new(url, &vhost).map(Some)
+        crate::management::Management::with_ca_file(
+            url,
+            &vhost,
+            self.broker_management_ca_file.as_deref(),
+        )
+        .map(Some)
     }
 
     /// Put the policies `topo` needs: when its tunables are policies and this process's role

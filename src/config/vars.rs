@@ -146,6 +146,13 @@ pub static VARS: &[Var] = &[
         r#"RabbitMQ's management API (`http://user:pass@host:15672`, several separated by commas). When set, the shared queues' tunables (TTL, lengths, overflow, dead-lettering, stream age) are RabbitMQ policies put through it at start-up (and by `vigil topology apply`), not declare arguments: changing one in the topology changes the live queue instead of failing every later start with `PRECONDITION_FAILED`. Queues declared before with arguments must be deleted once"#
     ),
     var!(
+        "VIGIL_BROKER_MANAGEMENT_CA_FILE",
+        [Edge, Worker, Audit],
+        opt broker_management_ca_file,
+        r#"none"#,
+        r#"PEM certificates trusted for an `https://` management URL besides the system's roots"#
+    ),
+    var!(
         "VIGIL_CLIENTS_DIR",
         [Edge],
         clients_dir,
@@ -157,7 +164,7 @@ pub static VARS: &[Var] = &[
         [Edge],
         opt directory_url,
         r#"none"#,
-        r#"the client directory in PostgreSQL (`postgres://user:pass@host/db`), shared by every edge; migrated at connect"#
+        r#"the client directory in PostgreSQL (`postgres://user:pass@host/db`), shared by every edge; migrated at connect. TLS by `sslmode` as libpq: `?sslmode=verify-full&sslrootcert=/path/ca.pem` (chain and host name checked; recommended), `verify-ca` (chain only), `require` (encrypted, certificate unchecked), `disable` or none (plain); `prefer` and `allow` are refused"#
     ),
     var!(
         "VIGIL_DIRECTORY_POOL",
@@ -200,6 +207,13 @@ pub static VARS: &[Var] = &[
         audit_checkpoint_scan_ms,
         r#"30000"#,
         r#"the most time reading the checkpoint stream may take (the writer's start, `vigil audit verify`); a stream not read to its end is reported"#
+    ),
+    var!(
+        "VIGIL_AUDIT_EVIDENCE_MB_PER_CLIENT_DAY",
+        [Audit],
+        audit_evidence_mb_per_client_day,
+        r#"512"#,
+        r#"evidence JPEGs kept per client and UTC day, in MiB; past it an entry keeps its frames' verdicts without their images (counted); 0: no limit"#
     ),
     var!(
         "VIGIL_AUDIT_RETENTION_DAYS",

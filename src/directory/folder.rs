@@ -15,7 +15,7 @@ impl FolderStore {
     /// Open (and create) the folder.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, DirectoryError> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|source| io(&dir, source))?;
+        private_dir(&dir).map_err(|source| io(&dir, source))?;
         Ok(Self { dir })
     }
 
@@ -89,8 +89,25 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, D
 }
 
 /// Write `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename.
+/// Create `dir` and its missing parents, readable by their owner only (0700).
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
+    // Records, reference photos and evidence are for their owner only.
+    let create = |tmp: &Path| {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options.open(tmp)
+    };
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.{:016x}.tmp",
@@ -100,7 +117,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         rand::random::<u64>()
     ));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -154,7 +171,7 @@ impl ClientStore for FolderStore {
     fn renew_lease(&self, edge: &str, until_ms: u64) -> Result<(), DirectoryError> {
         check_edge_id(edge)?;
         let dir = self.dir.join(LEASES);
-        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        private_dir(&dir).map_err(|e| io(&dir, e))?;
         let path = dir.join(format!("{edge}.lease"));
         let bytes = serde_json::to_vec(&Lease { until_ms }).expect("a lease encodes");
         write_atomic(&path, &bytes).map_err(|e| io(&path, e))
@@ -254,5 +271,31 @@ impl ClientStore for FolderStore {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use crate::directory::ClientRecord;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn records_and_photos_are_their_owners_only() {
+        let dir = std::env::temp_dir()
+            .join(format!("vigil-folder-{:08x}", rand::random::<u32>()))
+            .join("clients");
+        let store = FolderStore::open(&dir).unwrap();
+        store
+            .put(&ClientRecord::new("alice", "", "correct-horse").unwrap())
+            .unwrap();
+        let photo = store
+            .put_reference_photo("alice", &[0xFF, 0xD8, 0xFF, 0xD9])
+            .unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&store.path("alice")), 0o600);
+        assert_eq!(mode(&dir.join(photo)), 0o600);
+        let _ = std::fs::remove_dir_all(dir.parent().unwrap());
     }
 }

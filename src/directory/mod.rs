@@ -16,7 +16,7 @@ mod pg;
 use std::sync::Arc;
 
 pub use folder::FolderStore;
-pub(crate) use folder::write_atomic;
+pub(crate) use folder::{private_dir, write_atomic};
 pub use pg::PgStore;
 
 use crate::policy::SavedPolicy;
@@ -188,6 +188,34 @@ impl ClientRecord {
 /// Most argon2 working memory one check may use, in KiB; a stored hash asking for more is
 /// refused rather than allocated.
 const MAX_ARGON2_KIB: u32 = 64 * 1024;
+/// Most argon2 passes (`t`) and lanes (`p`) a stored hash may ask for: more is refused, on
+/// import and at every check, so a planted hash cannot make each hello cost seconds.
+const MAX_ARGON2_PASSES: u32 = 10;
+const MAX_ARGON2_LANES: u32 = 8;
+
+/// Whether a stored token hash asks for argon2 work within the caps (legacy SHA-256 hashes ask
+/// for none).
+pub fn token_hash_within_limits(phc: &str) -> Result<(), String> {
+    if !phc.starts_with("$argon2") {
+        return Ok(());
+    }
+    let hash = argon2::password_hash::PasswordHash::new(phc)
+        .map_err(|e| format!("not an argon2 hash: {e}"))?;
+    let params = argon2::Params::try_from(&hash).map_err(|e| format!("argon2 parameters: {e}"))?;
+    if params.m_cost() > MAX_ARGON2_KIB
+        || params.t_cost() > MAX_ARGON2_PASSES
+        || params.p_cost() > MAX_ARGON2_LANES
+    {
+        return Err(format!(
+            "argon2 m={} t={} p={} is over the limits m={MAX_ARGON2_KIB} t={MAX_ARGON2_PASSES} \
+             p={MAX_ARGON2_LANES}",
+            params.m_cost(),
+            params.t_cost(),
+            params.p_cost()
+        ));
+    }
+    Ok(())
+}
 
 /// Argon2's working memory (19 MiB with the default parameters), kept for reuse: one buffer
 /// per core, so that a burst of hellos costs `cores x 19 MiB` once, rather than an allocation
@@ -242,7 +270,10 @@ fn verify_argon2(phc: &str, token: &str) -> bool {
     ) else {
         return false;
     };
-    if params.m_cost() > MAX_ARGON2_KIB {
+    if params.m_cost() > MAX_ARGON2_KIB
+        || params.t_cost() > MAX_ARGON2_PASSES
+        || params.p_cost() > MAX_ARGON2_LANES
+    {
         return false;
     }
     let version = hash
@@ -551,6 +582,8 @@ pub fn import(
     for client in clients {
         let id = client.record.id.clone();
         check_client_id(&id)?;
+        token_hash_within_limits(&client.record.token_hash)
+            .map_err(|e| DirectoryError::Import(format!("client `{id}`: token hash: {e}")))?;
         match store.add(&client.record) {
             Ok(()) => done.added += 1,
             Err(DirectoryError::Exists(_)) if replace => {
@@ -828,6 +861,45 @@ mod tests {
                 && a.bytes()
                     .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
         );
+    }
+
+    #[test]
+    fn stored_hashes_asking_for_too_much_work_are_refused_on_import_and_at_checks() {
+        use argon2::password_hash::{PasswordHasher as _, SaltString};
+        let heavy = |t: u32, p: u32| {
+            let params = argon2::Params::new(8 * p, t, p, None).unwrap();
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+                .hash_password(
+                    b"correct-horse",
+                    &SaltString::generate(&mut argon2::password_hash::rand_core::OsRng),
+                )
+                .unwrap()
+                .to_string()
+        };
+        let mut r = ClientRecord::new("erin", "", "correct-horse").unwrap();
+        assert!(token_hash_within_limits(&r.token_hash).is_ok());
+        for (t, p) in [(MAX_ARGON2_PASSES + 1, 1), (1, MAX_ARGON2_LANES + 1)] {
+            r.token_hash = heavy(t, p);
+            assert!(!r.verify_token("correct-horse"), "t={t} p={p} was checked");
+            assert!(token_hash_within_limits(&r.token_hash).is_err());
+            let s = store();
+            let refused = import(
+                &s,
+                [Exported {
+                    record: r.clone(),
+                    reference_jpeg_b64: None,
+                    policy: None,
+                }],
+                true,
+            );
+            assert!(
+                matches!(refused, Err(DirectoryError::Import(ref m)) if m.contains("over the limits")),
+                "{refused:?}"
+            );
+            assert!(s.get("erin").unwrap().is_none());
+        }
+        r.token_hash = heavy(2, 1);
+        assert!(r.verify_token("correct-horse"));
     }
 
     #[test]

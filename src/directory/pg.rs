@@ -9,11 +9,19 @@
 //! The `postgres` client is synchronous and runs its own small runtime, which must never run
 //! (nor be dropped) on an async task: calls made from inside a Tokio runtime hop to a plain
 //! thread, and the pool is dropped on one.
+//!
+//! TLS (rustls) is chosen by libpq's `sslmode` in the URL, with `sslrootcert` naming the CA
+//! (see [`PgStore::client_config`]); `prefer` and `allow` are refused, since they fall back to
+//! plain text whenever TLS fails.
+
+use std::sync::Arc;
 
 use postgres::types::Json;
 use r2d2_postgres::PostgresConnectionManager;
-use r2d2_postgres::postgres::{self, NoTls};
+use r2d2_postgres::postgres;
 use r2d2_postgres::r2d2;
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_rustls::rustls;
 
 use super::{
     ClientRecord, ClientStore, DirectoryError, PgLimits, Presence, check_client_id, check_edge_id,
@@ -27,7 +35,7 @@ mod embedded {
 /// Any number will do, as long as nothing else on the database uses it for a lock.
 const MIGRATION_LOCK: i64 = 0x7669_6769_6c5f_6d69; // "vigil_mi"
 
-type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+type Pool = r2d2::Pool<PostgresConnectionManager<MakeRustlsConnect>>;
 
 /// A client directory in PostgreSQL.
 pub struct PgStore {
@@ -49,9 +57,7 @@ impl PgStore {
     /// Connect to `url` and bring its schema up to date.
     pub fn connect(url: &str, limits: &PgLimits) -> Result<Self, DirectoryError> {
         let store = off_runtime(|| -> Result<Self, DirectoryError> {
-            let mut config: postgres::Config = url
-                .parse()
-                .map_err(|e| DirectoryError::Url(format!("{e}")))?;
+            let (mut config, tls, mode) = configure(url)?;
             config.connect_timeout(limits.connect_timeout);
             if config.get_application_name().is_none() {
                 config.application_name("vigil");
@@ -62,16 +68,52 @@ impl PgStore {
                 config.get_options().unwrap_or_default()
             );
             config.options(options.trim());
+            if mode != SslMode::Disable {
+                // One connection now, so that a server without TLS or with a certificate that
+                // does not verify is said at once, not as a pool timing out.
+                let probe = config.connect(tls.clone()).map_err(|e| {
+                    DirectoryError::Database(format!(
+                        "connecting with sslmode={}: {}",
+                        mode.name(),
+                        with_causes(&e)
+                    ))
+                })?;
+                drop(probe);
+            }
             let pool = r2d2::Pool::builder()
                 .max_size(limits.pool.max(1))
                 .min_idle(Some(0))
                 .connection_timeout(limits.connect_timeout)
-                .build(PostgresConnectionManager::new(config, NoTls))
+                .build(PostgresConnectionManager::new(config, tls))
                 .map_err(db)?;
             Ok(Self { pool: Some(pool) })
         })?;
         store.migrate()?;
         Ok(store)
+    }
+
+    /// The client settings and TLS connector for the directory URL `url`, as [`PgStore::connect`]
+    /// uses them (it adds its timeouts); `config.connect(tls)` opens a plain client.
+    ///
+    /// `url` is `postgres://` or `postgresql://`; its `sslmode` and `sslrootcert` parameters
+    /// are read here with libpq's meaning, and removed before the rest is parsed:
+    ///
+    /// - absent or `disable`: no TLS;
+    /// - `require`: TLS, but the server's certificate is not verified, which stops only passive
+    ///   eavesdropping (anyone able to intercept the connection can impersonate the server);
+    ///   with `sslrootcert`, the chain is verified as under `verify-ca`;
+    /// - `verify-ca`: TLS, the chain verified against `sslrootcert` (a PEM file of CA
+    ///   certificates; the system's roots when absent or `system`), the host name not checked;
+    /// - `verify-full`: as `verify-ca`, and the certificate must name the host of the URL;
+    /// - `prefer` and `allow` are refused: they fall back to plain text when TLS fails, a
+    ///   downgrade anyone on the path can force.
+    ///
+    /// Under `require`, `verify-ca` and `verify-full`, a server that does not speak TLS is an
+    /// error, never a plain-text connection.
+    pub fn client_config(
+        url: &str,
+    ) -> Result<(postgres::Config, MakeRustlsConnect), DirectoryError> {
+        configure(url).map(|(config, tls, _)| (config, tls))
     }
 
     /// Apply the migrations this build knows that the database lacks; returns their names.
@@ -113,6 +155,280 @@ impl Drop for PgStore {
         if let Some(pool) = self.pool.take() {
             off_runtime(move || drop(pool));
         }
+    }
+}
+
+/// `e` and its causes, `: `-separated (the client's errors name only their kind).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
+}
+
+/// [`PgStore::client_config`], and the `sslmode` it chose.
+fn configure(url: &str) -> Result<(postgres::Config, MakeRustlsConnect, SslMode), DirectoryError> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(DirectoryError::Url(
+            "expected postgres://... or postgresql://...".into(),
+        ));
+    }
+    let params = TlsParams::split(url)?;
+    let mut config: postgres::Config = params
+        .url
+        .parse()
+        .map_err(|e| DirectoryError::Url(format!("{e}")))?;
+    // Set either way: the client's own default, `prefer`, would try TLS and fall back.
+    config.ssl_mode(match params.mode {
+        SslMode::Disable => postgres::config::SslMode::Disable,
+        _ => postgres::config::SslMode::Require,
+    });
+    // Under `disable` the connector is never used.
+    let tls = tls_config(params.mode, params.root_cert.as_deref())?;
+    Ok((config, MakeRustlsConnect::new(tls), params.mode))
+}
+
+/// libpq's `sslmode`, as far as Vigil accepts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SslMode {
+    Disable,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// A directory URL split into what `postgres::Config` parses and the TLS parameters it does
+/// not know.
+#[derive(Debug, PartialEq, Eq)]
+struct TlsParams {
+    /// The URL without `sslmode` and `sslrootcert`.
+    url: String,
+    mode: SslMode,
+    root_cert: Option<String>,
+}
+
+impl TlsParams {
+    fn split(url: &str) -> Result<Self, DirectoryError> {
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let (mut mode, mut root_cert, mut kept) = (None, None, Vec::new());
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match percent_decode(key)?.as_str() {
+                "sslmode" => mode = Some(percent_decode(value)?),
+                "sslrootcert" => root_cert = Some(percent_decode(value)?),
+                _ => kept.push(pair),
+            }
+        }
+        let mode = match mode.as_deref() {
+            None if root_cert.is_some() => {
+                return Err(DirectoryError::Url(
+                    "sslrootcert is given without sslmode: add sslmode=verify-full (or \
+                     verify-ca, require)"
+                        .into(),
+                ));
+            }
+            None | Some("disable") => SslMode::Disable,
+            Some("require") => SslMode::Require,
+            Some("verify-ca") => SslMode::VerifyCa,
+            Some("verify-full") => SslMode::VerifyFull,
+            Some(m @ ("prefer" | "allow")) => {
+                return Err(DirectoryError::Url(format!(
+                    "sslmode={m} is refused: it falls back to an unencrypted connection \
+                     whenever TLS fails, a downgrade anyone on the network path can force; use \
+                     sslmode=verify-full (or require) to encrypt, or sslmode=disable on a \
+                     trusted network"
+                )));
+            }
+            Some(other) => {
+                return Err(DirectoryError::Url(format!(
+                    "unknown sslmode `{other}`: use disable, require, verify-ca or verify-full"
+                )));
+            }
+        };
+        let url = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        Ok(Self {
+            url,
+            mode,
+            root_cert,
+        })
+    }
+}
+
+/// `%XX` sequences decoded, as in a URL's query.
+fn percent_decode(s: &str) -> Result<String, DirectoryError> {
+    let bad = || DirectoryError::Url(format!("bad percent-encoding in `{s}`"));
+    let (bytes, mut out) = (s.as_bytes(), Vec::with_capacity(s.len()));
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+                .ok_or_else(bad)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+/// The trust anchors of `sslrootcert`: a PEM file, or the system's roots when absent or
+/// `system`.
+fn root_store(root_cert: Option<&str>) -> Result<rustls::RootCertStore, DirectoryError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match root_cert {
+        None | Some("system") => {
+            let native = rustls_native_certs::load_native_certs();
+            // A system certificate rustls cannot read is skipped, as browsers do.
+            roots.add_parsable_certificates(native.certs);
+            if roots.is_empty() {
+                return Err(DirectoryError::Url(
+                    "no system root certificate found for sslmode verification: give \
+                     sslrootcert=/path/ca.pem"
+                        .into(),
+                ));
+            }
+        }
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| DirectoryError::Url(format!("sslrootcert {path}: {e}")))?;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| {
+                    DirectoryError::Url(format!("sslrootcert {path}: not a PEM certificate: {e}"))
+                })?;
+                roots
+                    .add(cert)
+                    .map_err(|e| DirectoryError::Url(format!("sslrootcert {path}: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(DirectoryError::Url(format!(
+                    "sslrootcert {path} holds no PEM certificate"
+                )));
+            }
+        }
+    }
+    Ok(roots)
+}
+
+/// The rustls client configuration for `mode` (ring, TLS 1.2 and 1.3).
+fn tls_config(
+    mode: SslMode,
+    root_cert: Option<&str>,
+) -> Result<rustls::ClientConfig, DirectoryError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| DirectoryError::Url(format!("TLS: {e}")))?;
+    let verifier = |roots| {
+        Arc::new(PgVerifier {
+            roots,
+            provider: provider.clone(),
+        })
+    };
+    Ok(match (mode, root_cert) {
+        (SslMode::Disable, _) => builder
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        (SslMode::VerifyFull, _) => builder
+            .with_root_certificates(root_store(root_cert)?)
+            .with_no_client_auth(),
+        (SslMode::VerifyCa, _) | (SslMode::Require, Some(_)) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier(Some(Arc::new(root_store(root_cert)?))))
+            .with_no_client_auth(),
+        (SslMode::Require, None) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier(None))
+            .with_no_client_auth(),
+    })
+}
+
+/// The server's certificate checked as libpq's `verify-ca` does (chain to `roots`, any host
+/// name), or not at all (`require` without `sslrootcert`) when `roots` is `None`. Either way the
+/// handshake's signatures are checked against the certificate presented.
+#[derive(Debug)]
+struct PgVerifier {
+    roots: Option<Arc<rustls::RootCertStore>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PgVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if let Some(roots) = &self.roots {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -369,5 +685,66 @@ impl ClientStore for PgStore {
                 .map_err(db)?;
             Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(url: &str) -> Result<TlsParams, DirectoryError> {
+        TlsParams::split(url)
+    }
+
+    #[test]
+    fn sslmode_and_sslrootcert_are_taken_out_of_the_url() {
+        let p = split("postgres://u@h:5432/db?application_name=x&sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&connect_timeout=3").unwrap();
+        assert_eq!(
+            p.url,
+            "postgres://u@h:5432/db?application_name=x&connect_timeout=3"
+        );
+        assert_eq!(p.mode, SslMode::VerifyFull);
+        assert_eq!(p.root_cert.as_deref(), Some("/etc/ca.pem"));
+        let p = split("postgresql://u@h/db?sslmode=require").unwrap();
+        assert_eq!(
+            (p.url.as_str(), p.mode),
+            ("postgresql://u@h/db", SslMode::Require)
+        );
+        assert_eq!(split("postgres://h/db").unwrap().mode, SslMode::Disable);
+        assert!(split("postgres://h/db?sslrootcert=%+1&sslmode=require").is_err());
+        assert_eq!(
+            split("postgres://h/db?sslmode=disable").unwrap().mode,
+            SslMode::Disable
+        );
+        assert_eq!(
+            split("postgres://h/db?sslmode=verify-ca").unwrap().mode,
+            SslMode::VerifyCa
+        );
+    }
+
+    #[test]
+    fn downgradable_unknown_or_incomplete_tls_settings_are_refused() {
+        for mode in ["prefer", "allow"] {
+            let e = split(&format!("postgres://h/db?sslmode={mode}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("refused") && e.contains("verify-full"), "{e}");
+        }
+        let e = split("postgres://h/db?sslmode=verify_full")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown sslmode `verify_full`"), "{e}");
+        let e = split("postgres://h/db?sslrootcert=/ca.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("without sslmode"), "{e}");
+        let Err(e) = PgStore::client_config(
+            "postgres://h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+        ) else {
+            panic!("an unreadable sslrootcert was accepted");
+        };
+        let e = e.to_string();
+        assert!(e.contains("sslrootcert /nonexistent/ca.pem"), "{e}");
+        assert!(PgStore::client_config("host=h sslmode=require").is_err());
     }
 }

@@ -249,11 +249,17 @@ pub enum DirectoryCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum BrokerCmd {
-    /// Create (or rotate) the users `<namespace>-edge`, `-worker`, `-audit` and `-admin` with
-    /// `rabbitmqctl` on the broker's host, set each one's least permissions, then declare the
-    /// topology as the admin user. Prints each role's password and URL once; run the services
-    /// with VIGIL_BROKER_ROLES=separate and their role's URL.
+    /// Create (or rotate) the users `<namespace>-edge`, `-worker`, `-audit` and `-admin`, set
+    /// each one's least permissions, then declare the topology as the admin user. Prints each
+    /// role's password and URL once; run the services with VIGIL_BROKER_ROLES=separate and
+    /// their role's URL. The users are made with `rabbitmqctl` on the broker's host when it is
+    /// found, else through the management HTTP API of VIGIL_BROKER_MANAGEMENT_URL (a hosted
+    /// broker); `--via` chooses.
     Provision {
+        /// How to make the users: `auto` runs `rabbitmqctl` when it is found and otherwise uses
+        /// the management API (VIGIL_BROKER_MANAGEMENT_URL, as an administrator).
+        #[arg(long, value_enum, default_value_t = ProvisionVia::Auto)]
+        via: ProvisionVia,
         /// The `rabbitmqctl` to run.
         #[arg(long, default_value = "rabbitmqctl")]
         rabbitmqctl: PathBuf,
@@ -264,6 +270,17 @@ pub enum BrokerCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How `vigil broker provision` makes the users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProvisionVia {
+    /// `rabbitmqctl` when it is found, else the management API.
+    Auto,
+    /// `rabbitmqctl` on the broker's host (it needs the node's Erlang cookie).
+    Rabbitmqctl,
+    /// The management HTTP API of VIGIL_BROKER_MANAGEMENT_URL.
+    Management,
 }
 
 #[derive(Debug, Subcommand)]
@@ -1211,6 +1228,7 @@ async fn operators(cfg: &Config, action: OperatorsCmd) -> Result<(), CliError> {
 async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
     match action {
         BrokerCmd::Provision {
+            via,
             rabbitmqctl,
             node,
             json,
@@ -1231,9 +1249,12 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
                 base_url: cfg.amqp_url.clone(),
                 timeout: Duration::from_secs(60),
             };
-            let users = crate::tools::provision::provision(&opts)
-                .await
-                .map_err(fail)?;
+            let users = match provision_via(cfg, via, &opts.rabbitmqctl)? {
+                ProvisionVia::Management => provision_by_api(cfg, &opts).await?,
+                _ => crate::tools::provision::provision(&opts)
+                    .await
+                    .map_err(fail)?,
+            };
             let admin = users
                 .iter()
                 .find(|u| u.role == crate::roles::Role::Admin)
@@ -1264,6 +1285,70 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// Which way `vigil broker provision` goes: `auto` is `rabbitmqctl` when the program is found,
+/// else the management API when VIGIL_BROKER_MANAGEMENT_URL is set, else an error naming both.
+fn provision_via(cfg: &Config, via: ProvisionVia, ctl: &Path) -> Result<ProvisionVia, CliError> {
+    let has_api = cfg.broker_management_url.is_some();
+    match via {
+        ProvisionVia::Management if !has_api => Err(fail(
+            "--via management needs VIGIL_BROKER_MANAGEMENT_URL (an administrator's \
+             http(s)://user:pass@host:15672)",
+        )),
+        ProvisionVia::Auto if program_found(ctl) => Ok(ProvisionVia::Rabbitmqctl),
+        ProvisionVia::Auto if has_api => Ok(ProvisionVia::Management),
+        ProvisionVia::Auto => Err(fail(format!(
+            "`{}` is not found and VIGIL_BROKER_MANAGEMENT_URL is not set: run this on the \
+             broker's host, or set the management API's URL to provision through it",
+            ctl.display()
+        ))),
+        other => Ok(other),
+    }
+}
+
+/// Whether `program` (a path, or a name looked up on PATH) is a file.
+fn program_found(program: &Path) -> bool {
+    if program.components().count() > 1 {
+        return program.is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+/// `vigil broker provision` through the management API.
+async fn provision_by_api(
+    cfg: &Config,
+    opts: &crate::tools::provision::ProvisionOptions,
+) -> Result<Vec<crate::tools::provision::Provisioned>, CliError> {
+    let management = cfg
+        .management()
+        .map_err(fail)?
+        .ok_or_else(|| fail("VIGIL_BROKER_MANAGEMENT_URL is not set"))?;
+    let users = management
+        .provision_roles(&opts.namespace)
+        .await
+        .map_err(fail)?;
+    users
+        .into_iter()
+        .map(|u| {
+            // Every node of a cluster, each with this role's credentials.
+            let url = crate::broker::broker_urls(&opts.base_url)
+                .into_iter()
+                .map(|b| crate::tools::provision::with_credentials(b, &u.user, &u.password))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(fail)?
+                .join(",");
+            Ok(crate::tools::provision::Provisioned {
+                role: u.role,
+                user: u.user,
+                password: u.password,
+                url,
+                created: u.created,
+                permissions: u.permissions,
+            })
+        })
+        .collect()
 }
 
 /// An admin handle that broadcasts on the broker named by `cfg`.

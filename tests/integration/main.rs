@@ -25,6 +25,7 @@ mod liveness;
 mod observability;
 mod pipeline;
 mod policies;
+mod postgres_tls;
 mod roles;
 mod scaling;
 mod sessions;

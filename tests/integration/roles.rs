@@ -337,3 +337,125 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
     writer.join().await.unwrap();
     env.teardown().await;
 }
+
+/// Runs its closure when dropped, a panic included.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// `vigil broker provision` where `rabbitmqctl` cannot be run: through the management HTTP
+/// API. Each role's user connects with the password printed, its permissions are exactly
+/// `roles::grant`, and a second run rotates the passwords.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provision_through_the_management_api_without_rabbitmqctl() {
+    use vigil::roles::{Role, grant, user_of};
+    let (rabbit, api_url) = PrivateBroker::start_with_management().await;
+    let ns = format!("t-mgmt-{:08x}", rand::random::<u32>());
+    let cfg = vigil::config::Config {
+        broker_management_url: Some(api_url.clone()),
+        amqp_url: rabbit.url(),
+        ..Default::default()
+    };
+    let api = cfg.management().unwrap().expect("a management URL");
+    // The users go at the end, a panic included (before the node: declared after it).
+    let _cleanup = {
+        let (api, users) = (api.clone(), Role::ALL.map(|r| user_of(&ns, r)).to_vec());
+        OnDrop(move || {
+            let (api, users) = (api.clone(), users.clone());
+            // A runtime of its own: this may run while the test's runtime unwinds.
+            let done = std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(api.delete_users(&users))
+            })
+            .join();
+            if let Ok(Err(e)) = done {
+                eprintln!("could not delete the provisioned users: {e}");
+            }
+        })
+    };
+    let guest_url = rabbit.url();
+    let provision = || {
+        // `auto`, with no rabbitmqctl to find: the management API is used.
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"));
+        cmd.args([
+            "broker",
+            "provision",
+            "--rabbitmqctl",
+            "/nonexistent/rabbitmqctl",
+            "--json",
+        ])
+        .env("VIGIL_NAMESPACE", &ns)
+        .env("VIGIL_AMQP_URL", &guest_url)
+        .env("VIGIL_BROKER_MANAGEMENT_URL", &api_url);
+        let out = crate::support::output(&mut cmd);
+        assert!(
+            out.status.success(),
+            "provision: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+    };
+    let can_connect = |url: String| async move {
+        let conn = tokio::time::timeout(
+            Duration::from_secs(15),
+            lapin::Connection::connect(&url, lapin::ConnectionProperties::default()),
+        )
+        .await
+        .expect("the broker answers");
+        match conn {
+            Ok(c) => {
+                let _ = c.close(200, "bye".into()).await;
+                true
+            }
+            Err(_) => false,
+        }
+    };
+
+    let first = provision();
+    assert_eq!(first.len(), Role::ALL.len(), "{first:?}");
+    for role in Role::ALL {
+        let user = user_of(&ns, role);
+        let entry = first
+            .iter()
+            .find(|u| u["role"] == role.as_str())
+            .unwrap_or_else(|| panic!("no {role:?} user in {first:?}"));
+        assert_eq!(entry["user"], user.as_str());
+        assert_eq!(entry["created"], true, "{entry}");
+        let url = entry["url"].as_str().unwrap().to_owned();
+        assert!(can_connect(url).await, "{user} connects with its password");
+        assert_eq!(api.permissions(&user).await.unwrap(), grant(&ns, role));
+        let shown = api.user(&user).await.unwrap();
+        assert_eq!(shown["tags"], serde_json::json!([]), "{shown}");
+    }
+    // The topology was declared as the admin user.
+    let admin = first.iter().find(|u| u["role"] == "admin").unwrap();
+    let admin_broker = connect(admin["url"].as_str().unwrap()).await;
+    admin_broker.close().await;
+
+    // Again: the same users, new passwords; the old ones no longer work.
+    let second = provision();
+    for role in Role::ALL {
+        let pick = |all: &[serde_json::Value]| {
+            all.iter()
+                .find(|u| u["role"] == role.as_str())
+                .unwrap()
+                .clone()
+        };
+        let (old, new) = (pick(&first), pick(&second));
+        assert_eq!(new["created"], false, "{new}");
+        assert_ne!(old["password"], new["password"]);
+        assert!(can_connect(new["url"].as_str().unwrap().to_owned()).await);
+        assert!(!can_connect(old["url"].as_str().unwrap().to_owned()).await);
+        assert_eq!(
+            api.permissions(&user_of(&ns, role)).await.unwrap(),
+            grant(&ns, role)
+        );
+    }
+}

@@ -486,13 +486,13 @@ async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     );
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await;
+    let read = tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut raw)).await;
     match read {
         Ok(Ok(_)) => {}
         // A TLS peer that closes without close_notify has still sent the whole answer.
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
         Ok(Err(e)) => return Err(e),
-        Err(_) => return Err(std::io::Error::other("no answer within 10 s")),
+        Err(_) => return Err(std::io::Error::other("no answer within 60 s")),
     }
     let text = String::from_utf8_lossy(&raw).into_owned();
     let status = text
