@@ -153,11 +153,13 @@ pub fn list_page(
     let start = after.map_or(0, |a| records.partition_point(|r| r.id.as_str() <= a));
     let page = &records[start.min(total)..];
     let next = (page.len() > limit).then(|| page[limit - 1].id.clone());
+    let ids: Vec<String> = page.iter().take(limit).map(|r| r.id.clone()).collect();
+    let mut presences = store.live_presences(&ids, now)?;
     let clients = page
         .iter()
         .take(limit)
-        .map(|r| Ok(ClientView::of(r, live_presence(store, &r.id, now)?)))
-        .collect::<Result<_, AdminError>>()?;
+        .map(|r| ClientView::of(r, presences.remove(&r.id)))
+        .collect();
     Ok(Page {
         clients,
         total,

@@ -436,6 +436,29 @@ pub trait ClientStore: Send + Sync {
     fn renew_lease(&self, edge: &str, until_ms: u64) -> Result<(), DirectoryError>;
     /// Until when `edge`'s lease runs, if it ever took one.
     fn lease(&self, edge: &str) -> Result<Option<u64>, DirectoryError>;
+    /// The presence of each of `ids` that has one, as it stands at `now_ms` (see
+    /// [`live_presence`]): one read where the store can (the console asks every second).
+    fn live_presences(
+        &self,
+        ids: &[String],
+        now_ms: u64,
+    ) -> Result<std::collections::HashMap<String, Presence>, DirectoryError> {
+        let mut out = std::collections::HashMap::new();
+        for id in ids {
+            let Some(mut presence) = self.presence(id)? else {
+                continue;
+            };
+            if presence.connection == Connection::Active
+                && self
+                    .lease(&presence.edge)?
+                    .is_none_or(|until| until < now_ms)
+            {
+                presence.connection = Connection::ConnectionError;
+            }
+            out.insert(id.clone(), presence);
+        }
+        Ok(out)
+    }
 }
 
 /// A client's presence as it stands at `now_ms`: an `active` presence whose edge's lease has
@@ -978,6 +1001,13 @@ mod tests {
         let seen = live_presence(&s, "erin", 10_001).unwrap().unwrap();
         assert_eq!(seen.connection, Connection::ConnectionError);
         assert!(s.renew_lease("../x", 1).is_err());
+        // Read for a page at once, presences say the same.
+        let ids = ["erin".to_owned(), "nobody".to_owned()];
+        let page = s.live_presences(&ids, 9_999).unwrap();
+        assert_eq!(page.len(), 1);
+        assert_eq!(page["erin"], presence);
+        let page = s.live_presences(&ids, 10_001).unwrap();
+        assert_eq!(page["erin"].connection, Connection::ConnectionError);
     }
 
     #[test]

@@ -41,6 +41,9 @@ type Pool = r2d2::Pool<PostgresConnectionManager<MakeRustlsConnect>>;
 pub struct PgStore {
     /// Always `Some` until dropped (see `Drop`).
     pool: Option<Pool>,
+    /// The console's presence reads, on connections of their own: a console polling every
+    /// second never takes the connections hellos need.
+    presence_pool: Option<Pool>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -80,13 +83,22 @@ impl PgStore {
                 })?;
                 drop(probe);
             }
+            let presence_pool = r2d2::Pool::builder()
+                .max_size(PRESENCE_CONNECTIONS)
+                .min_idle(Some(0))
+                .connection_timeout(limits.connect_timeout)
+                .build(PostgresConnectionManager::new(config.clone(), tls.clone()))
+                .map_err(db)?;
             let pool = r2d2::Pool::builder()
                 .max_size(limits.pool.max(1))
                 .min_idle(Some(0))
                 .connection_timeout(limits.connect_timeout)
                 .build(PostgresConnectionManager::new(config, tls))
                 .map_err(db)?;
-            Ok(Self { pool: Some(pool) })
+            Ok(Self {
+                pool: Some(pool),
+                presence_pool: Some(presence_pool),
+            })
         })?;
         store.migrate()?;
         Ok(store)
@@ -152,11 +164,13 @@ impl PgStore {
 impl Drop for PgStore {
     fn drop(&mut self) {
         // Dropping a connection runs the client's runtime: never on an async task.
-        if let Some(pool) = self.pool.take() {
-            off_runtime(move || drop(pool));
-        }
+        let pools = (self.pool.take(), self.presence_pool.take());
+        off_runtime(move || drop(pools));
     }
 }
+
+/// Connections of the presence reads' own pool.
+const PRESENCE_CONNECTIONS: u32 = 2;
 
 /// `e` and its causes, `: `-separated (the client's errors name only their kind).
 fn with_causes(e: &dyn std::error::Error) -> String {
@@ -592,6 +606,42 @@ impl ClientStore for PgStore {
     fn presence(&self, id: &str) -> Result<Option<Presence>, DirectoryError> {
         check_client_id(id)?;
         self.run(|c| json_of(c, "vigil_presence", "presence", id))
+    }
+
+    fn live_presences(
+        &self,
+        ids: &[String],
+        now_ms: u64,
+    ) -> Result<std::collections::HashMap<String, Presence>, DirectoryError> {
+        let pool = self
+            .presence_pool
+            .as_ref()
+            .expect("the pool lives until drop");
+        let rows = off_runtime(|| {
+            let mut conn = pool
+                .get()
+                .map_err(|e| DirectoryError::Busy(format!("no database connection: {e}")))?;
+            conn.query(
+                "SELECT p.client_id, p.presence, l.lease_until_ms FROM vigil_presence p
+                 LEFT JOIN vigil_edge_leases l ON l.edge = p.edge
+                 WHERE p.client_id = ANY($1)",
+                &[&ids],
+            )
+            .map_err(db)
+        })?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let id: String = row.get(0);
+            let Json(mut presence): Json<Presence> = row.get(1);
+            let lease: Option<i64> = row.get(2);
+            if presence.connection == crate::directory::Connection::Active
+                && lease.is_none_or(|until| until < now_ms as i64)
+            {
+                presence.connection = crate::directory::Connection::ConnectionError;
+            }
+            out.insert(id, presence);
+        }
+        Ok(out)
     }
 
     fn set_presence(&self, id: &str, presence: &Presence) -> Result<(), DirectoryError> {

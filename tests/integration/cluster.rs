@@ -43,6 +43,9 @@ fn spawn_edge(env: &TestEnv, db: &TestDatabase, id: &str, lease_ms: &str) -> Edg
             // HAProxy connects from 127.0.0.1 and names each client in a PROXY v2 header.
             ("VIGIL_EDGE_TRUSTED_PROXIES", "127.0.0.1"),
             ("VIGIL_EDGE_FAILED_HELLOS_PER_MINUTE", "5"),
+            // These tests show the per-address limit; a client id's own budget, which would
+            // lock `c1` out for every address, is shown in `sessions::wrong_tokens_…`.
+            ("VIGIL_EDGE_FAILED_HELLOS_PER_ID", "1000"),
         ],
     );
     Edge {
