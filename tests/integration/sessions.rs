@@ -373,6 +373,9 @@ async fn hello_from(url: &str, source: std::net::IpAddr, client: &str, token: &s
     let addr: std::net::SocketAddr = crate::support::ws_addr(url).parse().unwrap();
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(std::net::SocketAddr::new(source, 0)).unwrap();
+    // Closed with a reset, not left in TIME_WAIT: ten thousand of those would hold their
+    // ports for a minute, and a wildcard bind (a later test's broker) could find one taken.
+    socket.set_zero_linger().unwrap();
     let attempt = async {
         let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
         let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
