@@ -64,9 +64,19 @@ struct Operator(String, Role);
 
 /// The role a request needs, by its method and path: reading the list, the sessions and the
 /// trail needs a viewer; biometric images and acting on candidates a proctor; adding,
-/// removing and enrolling clients an admin. Anything unlisted needs an admin.
+/// removing and enrolling clients an admin. Anything unlisted needs an admin. Segments are
+/// percent-decoded first, as the router's path parameters are: `…/c1/%72emove` is a removal.
 fn needed_role(method: &axum::http::Method, path: &str) -> Role {
-    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let decoded: Vec<String> = path
+        .trim_start_matches('/')
+        .split('/')
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    let parts: Vec<&str> = decoded.iter().map(String::as_str).collect();
     let get = method == axum::http::Method::GET;
     match parts.as_slice() {
         ["v1", "admin", "clients", _, "reference.jpg"] if get => Role::Proctor,
@@ -1276,6 +1286,57 @@ mod tests {
             }
         }
         paths
+    }
+
+    #[test]
+    fn each_route_needs_its_role_however_its_path_is_spelled() {
+        use axum::http::Method;
+        let (get, post) = (Method::GET, Method::POST);
+        assert_eq!(needed_role(&get, "/v1/admin/clients"), Role::Viewer);
+        assert_eq!(
+            needed_role(&get, "/v1/admin/audit/clients/c1"),
+            Role::Viewer
+        );
+        assert_eq!(
+            needed_role(&get, "/v1/admin/clients/c1/reference.jpg"),
+            Role::Proctor
+        );
+        assert_eq!(
+            needed_role(&get, "/v1/admin/audit/evidence/d/c1/e/f.jpg"),
+            Role::Proctor
+        );
+        assert_eq!(
+            needed_role(&post, "/v1/admin/clients/c1/block"),
+            Role::Proctor
+        );
+        assert_eq!(needed_role(&post, "/v1/admin/sessions"), Role::Proctor);
+        assert_eq!(needed_role(&post, "/v1/admin/clients"), Role::Admin);
+        assert_eq!(
+            needed_role(&post, "/v1/admin/clients/c1/remove"),
+            Role::Admin
+        );
+        assert_eq!(
+            needed_role(&post, "/v1/admin/clients/c1/enroll"),
+            Role::Admin
+        );
+        assert_eq!(needed_role(&post, "/v1/admin/unknown"), Role::Admin);
+        // The router decodes path parameters: so does the role check.
+        assert_eq!(
+            needed_role(&post, "/v1/admin/clients/c1/%72emove"),
+            Role::Admin
+        );
+        assert_eq!(
+            needed_role(&post, "/v1/admin/clients/c1/%65nroll"),
+            Role::Admin
+        );
+        assert_eq!(
+            needed_role(&get, "/v1/admin/clients/c1/reference%2Ejpg"),
+            Role::Proctor
+        );
+        assert_eq!(
+            needed_role(&get, "/v1/admin/%61udit/evidence/x.jpg"),
+            Role::Proctor
+        );
     }
 
     #[test]

@@ -578,6 +578,9 @@ async fn each_operator_has_a_token_and_a_role_and_every_identity_change_is_audit
     )
     .await;
     assert_eq!(status, 403);
+    // Spelled with an escape, a removal is still an admin's.
+    let (status, body) = call(&bob, "POST", "/v1/admin/clients/c2/%72emove", None).await;
+    assert_eq!(status, 403, "{body}");
     let (status, body) = call(&bob, "POST", "/v1/admin/clients/c2/block", None).await;
     assert_eq!(status, 200, "{body}");
     let (status, _) = call("not-a-token", "GET", "/v1/admin/clients", None).await;
