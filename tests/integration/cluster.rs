@@ -309,65 +309,6 @@ async fn clients_of_an_edge_killed_with_sigkill_continue_on_the_other() {
     env.teardown().await;
 }
 
-/// A hello sent from the local address `source` to the WebSocket at `url`, the connection
-/// first carrying `preamble` (a PROXY header) when given: the reply's `type` and `code`.
-async fn hello_from(source: &str, url: &str, client: &str, token: &str, preamble: &[u8]) -> String {
-    hello_with(source, url, client, token, preamble, None).await
-}
-
-/// ...with an `X-Forwarded-For` header on the WebSocket request, when given.
-async fn hello_with(
-    source: &str,
-    url: &str,
-    client: &str,
-    token: &str,
-    preamble: &[u8],
-    forwarded_for: Option<&str>,
-) -> String {
-    use futures_util::{SinkExt as _, StreamExt as _};
-    use tokio::io::AsyncWriteExt as _;
-    use tokio_tungstenite::tungstenite::Message;
-    let addr: std::net::SocketAddr = crate::support::ws_addr(url).parse().unwrap();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let mut stream = socket.connect(addr).await.unwrap();
-    stream.write_all(preamble).await.unwrap();
-    let attempt = async {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-        let mut request = url.into_client_request().map_err(|e| e.to_string())?;
-        if let Some(xff) = forwarded_for {
-            request
-                .headers_mut()
-                .insert("x-forwarded-for", xff.parse().unwrap());
-        }
-        let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
-            .await
-            .map_err(|e| format!("no websocket: {e}"))?;
-        let hello = serde_json::json!({"type": "hello", "client_id": client, "token": token});
-        ws.send(Message::Text(hello.to_string().into()))
-            .await
-            .map_err(|e| e.to_string())?;
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) => {
-                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                Ok(format!(
-                    "{} {}",
-                    v["type"].as_str().unwrap_or(""),
-                    v["code"].as_str().unwrap_or("")
-                )
-                .trim()
-                .to_owned())
-            }
-            other => Err(format!("no answer: {other:?}")),
-        }
-    };
-    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(e)) => e,
-        Err(_) => "timeout".into(),
-    }
-}
-
 /// Behind HAProxy with PROXY protocol v2, each edge limits candidates by their own addresses:
 /// one address that keeps failing its hellos is throttled, and a candidate at another address
 /// still gets in. A PROXY header from a peer that is not the trusted proxy is refused.
@@ -381,7 +322,9 @@ async fn behind_haproxy_each_candidate_is_limited_by_its_own_address() {
     // 127.0.0.2 guesses tokens until both edges throttle it (5 failures a minute each).
     let mut answers = Vec::new();
     for _ in 0..40 {
-        answers.push(hello_from("127.0.0.2", &lb.ws_url, "c1", "a-guessed-token", b"").await);
+        answers.push(
+            crate::support::hello_from("127.0.0.2", &lb.ws_url, "c1", "a-guessed-token", b"").await,
+        );
         if answers
             .iter()
             .rev()
@@ -403,13 +346,13 @@ async fn behind_haproxy_each_candidate_is_limited_by_its_own_address() {
     );
     // Now even its right token is turned away, before any hashing...
     assert_eq!(
-        hello_from("127.0.0.2", &lb.ws_url, "c1", TOKEN, b"").await,
+        crate::support::hello_from("127.0.0.2", &lb.ws_url, "c1", TOKEN, b"").await,
         "error too_fast"
     );
     // ...while a candidate at another address gets in, on either edge.
     for _ in 0..4 {
         assert_eq!(
-            hello_from("127.0.0.3", &lb.ws_url, "c1", TOKEN, b"").await,
+            crate::support::hello_from("127.0.0.3", &lb.ws_url, "c1", TOKEN, b"").await,
             "welcome"
         );
     }
@@ -427,11 +370,11 @@ async fn behind_haproxy_each_candidate_is_limited_by_its_own_address() {
     .build()
     .unwrap();
     let direct = format!("ws://{}/v1/stream", a.ws);
-    let refused = hello_from("127.0.0.4", &direct, "c1", TOKEN, &forged).await;
+    let refused = crate::support::hello_from("127.0.0.4", &direct, "c1", TOKEN, &forged).await;
     assert!(refused.starts_with("no websocket"), "{refused}");
     // The same address without a header is an ordinary client.
     assert_eq!(
-        hello_from("127.0.0.4", &direct, "c1", TOKEN, b"").await,
+        crate::support::hello_from("127.0.0.4", &direct, "c1", TOKEN, b"").await,
         "welcome"
     );
     let metrics_addr: std::net::SocketAddr =
@@ -453,7 +396,7 @@ async fn behind_haproxy_each_candidate_is_limited_by_its_own_address() {
     let mut answers = Vec::new();
     for _ in 0..12 {
         answers.push(
-            hello_with(
+            crate::support::hello_with(
                 "127.0.0.1",
                 &direct,
                 "c1",
@@ -470,7 +413,7 @@ async fn behind_haproxy_each_candidate_is_limited_by_its_own_address() {
         "{answers:?}"
     );
     assert_eq!(
-        hello_with(
+        crate::support::hello_with(
             "127.0.0.1",
             &direct,
             "c1",
@@ -483,7 +426,7 @@ async fn behind_haproxy_each_candidate_is_limited_by_its_own_address() {
     );
     // From an untrusted peer the header means nothing: 127.0.0.4 is itself, and not throttled.
     assert_eq!(
-        hello_with(
+        crate::support::hello_with(
             "127.0.0.4",
             &direct,
             "c1",

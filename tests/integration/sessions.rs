@@ -365,44 +365,6 @@ async fn the_integration_example_mints_a_token_opens_the_page_and_receives_the_w
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// One wrong-token hello as `client` from the local address `source`: the answer's type and
-/// code (`error unauthorized`, `error too_fast`, ...), or why there was none.
-async fn hello_from(url: &str, source: std::net::IpAddr, client: &str, token: &str) -> String {
-    use futures_util::{SinkExt as _, StreamExt as _};
-    use tokio_tungstenite::tungstenite::Message;
-    let addr: std::net::SocketAddr = crate::support::ws_addr(url).parse().unwrap();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(std::net::SocketAddr::new(source, 0)).unwrap();
-    // Closed with a reset, not left in TIME_WAIT: ten thousand of those would hold their
-    // ports for a minute, and a wildcard bind (a later test's broker) could find one taken.
-    socket.set_zero_linger().unwrap();
-    let attempt = async {
-        let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
-        let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
-            .await
-            .map_err(|e| format!("no websocket: {e}"))?;
-        let hello = serde_json::json!({"type": "hello", "client_id": client, "token": token});
-        // A refusal before the hello may close the socket first: the answer is still read.
-        let _ = ws.send(Message::Text(hello.to_string().into())).await;
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) => {
-                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                Ok(format!(
-                    "{} {}",
-                    v["type"].as_str().unwrap_or(""),
-                    v["code"].as_str().unwrap_or("")
-                ))
-            }
-            other => Err(format!("no answer: {other:?}")),
-        }
-    };
-    match tokio::time::timeout(Duration::from_secs(30), attempt).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(e)) => e,
-        Err(_) => "timeout".into(),
-    }
-}
-
 /// 10,000 wrong-token hellos for one client id, from 64 addresses at once, while 10 honest
 /// clients connect: the id's own failure budget locks it out after a few, so the token threads
 /// hash a handful of them, and every honest client is welcomed. The attacked id's permanent
@@ -427,11 +389,18 @@ async fn wrong_tokens_for_one_id_from_64_addresses_leave_honest_clients_in() {
     let attackers: Vec<_> = (0..ADDRESSES)
         .map(|a| {
             let (url, sent) = (url.clone(), sent.clone());
-            let source = std::net::IpAddr::from([127, 0, 1, a as u8 + 1]);
+            let source = format!("127.0.1.{}", a + 1);
             tokio::spawn(async move {
                 let mut answers = std::collections::BTreeMap::<String, usize>::new();
                 for _ in 0..HELLOS / ADDRESSES + usize::from(a < HELLOS % ADDRESSES) {
-                    let answer = hello_from(&url, source, "victim", "wrong-token-0123456789").await;
+                    let answer = crate::support::hello_from(
+                        &source,
+                        &url,
+                        "victim",
+                        "wrong-token-0123456789",
+                        b"",
+                    )
+                    .await;
                     *answers.entry(answer).or_default() += 1;
                     sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }

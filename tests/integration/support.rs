@@ -1051,3 +1051,71 @@ pub fn stream_through(
         }
     })
 }
+
+/// A hello sent from the local address `source` to the WebSocket at `url`, the connection
+/// first carrying `preamble` (a PROXY header) when given: the reply's `type` and `code`.
+pub async fn hello_from(
+    source: &str,
+    url: &str,
+    client: &str,
+    token: &str,
+    preamble: &[u8],
+) -> String {
+    hello_with(source, url, client, token, preamble, None).await
+}
+
+/// ...with an `X-Forwarded-For` header on the WebSocket request, when given.
+pub async fn hello_with(
+    source: &str,
+    url: &str,
+    client: &str,
+    token: &str,
+    preamble: &[u8],
+    forwarded_for: Option<&str>,
+) -> String {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio::io::AsyncWriteExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    let addr: std::net::SocketAddr = crate::support::ws_addr(url).parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    // Closed with a reset, not left in TIME_WAIT: thousands of those (a login flood) would
+    // hold their ports for a minute, and a wildcard bind (a later test's broker) could find
+    // one taken.
+    socket.set_zero_linger().unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream.write_all(preamble).await.unwrap();
+    let attempt = async {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+        if let Some(xff) = forwarded_for {
+            request
+                .headers_mut()
+                .insert("x-forwarded-for", xff.parse().unwrap());
+        }
+        let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
+            .await
+            .map_err(|e| format!("no websocket: {e}"))?;
+        let hello = serde_json::json!({"type": "hello", "client_id": client, "token": token});
+        // A refusal before the hello may close the socket first: the answer is still read.
+        let _ = ws.send(Message::Text(hello.to_string().into())).await;
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                Ok(format!(
+                    "{} {}",
+                    v["type"].as_str().unwrap_or(""),
+                    v["code"].as_str().unwrap_or("")
+                )
+                .trim()
+                .to_owned())
+            }
+            other => Err(format!("no answer: {other:?}")),
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => e,
+        Err(_) => "timeout".into(),
+    }
+}
