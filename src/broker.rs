@@ -294,6 +294,11 @@ impl Broker {
         }
     }
 
+    /// True while the connection is up (not closed, not failed).
+    pub fn is_connected(&self) -> bool {
+        self.conn.status().connected()
+    }
+
     /// True while RabbitMQ blocks this connection's publishers (`connection.blocked`: a memory
     /// or disk alarm). Publishes then wait until the alarm clears.
     pub fn is_blocked(&self) -> bool {

@@ -38,18 +38,23 @@ pub enum ManagementError {
         status: u16,
         body: String,
     },
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// One role's user as [`Management::provision_roles`] left it.
 #[derive(Debug, Clone)]
 pub struct RoleUser {
     pub role: Role,
+    /// For an edge's user: its edge id.
+    pub edge: Option<String>,
     pub user: String,
     /// Fresh; the caller shows it once.
     pub password: String,
     /// True when the user was new, false when its password was rotated.
     pub created: bool,
     pub permissions: Grant,
+    pub topic_permissions: Option<roles::TopicGrant>,
 }
 
 /// A client of a cluster's management API (one or several nodes), for one virtual host.
@@ -177,29 +182,59 @@ impl Management {
         self.get_json(&path).await
     }
 
-    /// Create (or rotate) the user of each role of `namespace` ([`roles::user_of`]) with a
-    /// fresh random password and no tags (the users speak AMQP only), and set its permissions
-    /// on the virtual host to [`roles::grant`]: what `rabbitmqctl` does in
-    /// `vigil broker provision`. No topic permissions are set, as there. Needs an
+    /// Create (or rotate) the user of each role of `namespace` and of each edge of `edges`
+    /// ([`roles::principals`]) with a fresh random password and no tags (the users speak AMQP
+    /// only), and set its permissions on the virtual host (and an edge's topic permission on
+    /// the replies exchange): what `rabbitmqctl` does in `vigil broker provision`. Needs an
     /// `administrator` user in the URL.
-    pub async fn provision_roles(&self, namespace: &str) -> Result<Vec<RoleUser>, ManagementError> {
+    pub async fn provision_roles(
+        &self,
+        namespace: &str,
+        edges: &[String],
+    ) -> Result<Vec<RoleUser>, ManagementError> {
         let mut out = Vec::new();
-        for role in Role::ALL {
-            let user = roles::user_of(namespace, role);
+        let principals = roles::principals(edges).map_err(ManagementError::Invalid)?;
+        for principal in principals {
+            let user = principal.user(namespace);
             let password = crate::directory::generate_token();
             let created = !self.user_exists(&user).await?;
             self.put_user(&user, &password, &[]).await?;
-            let grant = roles::grant(namespace, role);
+            let grant = principal.grant(namespace);
             self.put_permissions(&user, &grant).await?;
+            let topic = principal.topic_grant(namespace);
+            if let Some(t) = &topic {
+                self.put_topic_permissions(&user, t).await?;
+            }
             out.push(RoleUser {
-                role,
+                role: principal.role,
+                edge: principal.edge,
                 user,
                 password,
                 created,
                 permissions: grant,
+                topic_permissions: topic,
             });
         }
         Ok(out)
+    }
+
+    /// Set `user`'s topic permissions on one exchange of the virtual host.
+    pub async fn put_topic_permissions(
+        &self,
+        user: &str,
+        grant: &roles::TopicGrant,
+    ) -> Result<(), ManagementError> {
+        let path = format!(
+            "topic-permissions/{}/{}",
+            self.vhost_segment(),
+            segment(user)
+        );
+        let body = serde_json::json!({
+            "exchange": grant.exchange,
+            "write": grant.write,
+            "read": grant.read,
+        });
+        self.send(Method::PUT, &path, Some(&body)).await.map(drop)
     }
 
     /// Whether `user` exists.
@@ -271,6 +306,33 @@ impl Management {
             write: field("write"),
             read: field("read"),
         })
+    }
+
+    /// `user`'s topic permissions on the virtual host, one per exchange (none: an empty list).
+    pub async fn topic_permissions(
+        &self,
+        user: &str,
+    ) -> Result<Vec<roles::TopicGrant>, ManagementError> {
+        let path = format!("users/{}/topic-permissions", segment(user));
+        let v = match self.get_json(&path).await {
+            Ok(v) => v,
+            Err(ManagementError::Refused { status: 404, .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let vhost = self.vhost.clone();
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["vhost"].as_str() == Some(vhost.as_str()))
+            .map(|t| {
+                let field = |name: &str| t[name].as_str().unwrap_or_default().to_owned();
+                roles::TopicGrant {
+                    exchange: field("exchange"),
+                    write: field("write"),
+                    read: field("read"),
+                }
+            })
+            .collect())
     }
 
     /// `GET /api/<path>`, parsed.

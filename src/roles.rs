@@ -9,10 +9,13 @@
 //! Two modes ([`RoleMode`], `VIGIL_BROKER_ROLES`):
 //! - `shared` (the default, for one machine): every role is the process's own broker user, so
 //!   only messages from that user are accepted.
-//! - `separate`: role `r` is the broker user `<namespace>-<r>`, each with the least permissions
-//!   of [`grant`]. `vigil broker provision` creates them. Services then only check the shared
-//!   topology (passive declares need no permission); `vigil topology apply`, as the admin role,
-//!   declares it.
+//! - `separate`: role `r` is the broker user `<namespace>-<r>`, and each edge is a user of its
+//!   own, `<namespace>-edge-<edge id>` ([`Principal`]), each with the least permissions of
+//!   [`grant`] and [`edge_grant`]. An edge may bind only its own routing keys on the replies
+//!   exchange (a topic permission) and declare only its own queues; a receiver takes what an
+//!   edge says only for that edge ([`Trust::admits_for`]). `vigil broker provision` creates
+//!   the users. Services then only check the shared topology (passive declares need no
+//!   permission); `vigil topology apply`, as the admin role, declares it.
 
 use serde::{Deserialize, Serialize};
 
@@ -69,10 +72,15 @@ pub enum Kind {
     Frame,
     /// Results, taken by edges.
     Result,
-    /// Control commands, taken by edges.
+    /// Control commands (block, kick, pause, forced actions, challenges), taken by edges.
     Control,
-    /// Enforced actions and admin operations, taken by the audit writer.
+    /// A session's start or end: announced to the other edges (a newer session ends an older
+    /// one) and sent to the audit trail.
+    Session,
+    /// Enforced actions, taken by the audit writer.
     Action,
+    /// An operator's operation, on its way to the audit trail.
+    Note,
     /// Enrolment requests, taken by workers.
     Enroll,
     /// Webhook deliveries, taken by the audit writer: its own, or an admin's re-sent failures.
@@ -87,61 +95,158 @@ impl Kind {
             Kind::Frame => "frame",
             Kind::Result => "result",
             Kind::Control => "control",
+            Kind::Session => "session",
             Kind::Action => "action",
+            Kind::Note => "note",
             Kind::Enroll => "enroll",
             Kind::Webhook => "webhook",
             Kind::Checkpoint => "checkpoint",
         }
     }
 
-    /// The roles that may send this kind. Edges publish frames and actions; admins may too
-    /// (replay, forced actions). Results come only from workers. Control comes from admins and
-    /// from edges, which serve the admin API and announce their sessions.
+    /// The roles that may send this kind. Edges publish frames, actions and their own
+    /// sessions; admins may publish frames and actions too (replay, tools). Results come only
+    /// from workers. Control, operators' notes and enrolments come only from admins: an edge
+    /// that serves the admin API publishes them over a link of the admin role
+    /// (`VIGIL_ADMIN_AMQP_URL`).
     pub fn senders(self) -> &'static [Role] {
         match self {
             Kind::Frame => &[Role::Edge, Role::Admin],
             Kind::Result => &[Role::Worker],
-            Kind::Control => &[Role::Edge, Role::Admin],
+            Kind::Control => &[Role::Admin],
+            Kind::Session => &[Role::Edge],
             Kind::Action => &[Role::Edge, Role::Admin],
-            Kind::Enroll => &[Role::Edge, Role::Admin],
+            Kind::Note => &[Role::Admin],
+            Kind::Enroll => &[Role::Admin],
             Kind::Webhook => &[Role::Audit, Role::Admin],
             Kind::Checkpoint => &[Role::Audit],
         }
     }
 }
 
-/// The broker user of `role` in `separate` mode.
+/// The broker user of `role` in `separate` mode. Edges have one user each
+/// ([`edge_user`]); `user_of(ns, Role::Edge)` is only the prefix of their names.
 pub fn user_of(namespace: &str, role: Role) -> String {
     format!("{namespace}-{}", role.as_str())
+}
+
+/// The broker user of edge `edge_id` in `separate` mode: `<namespace>-edge-<edge id>`.
+pub fn edge_user(namespace: &str, edge_id: &str) -> String {
+    format!("{namespace}-edge-{edge_id}")
+}
+
+/// The edge id a broker user stands for (`<namespace>-edge-<id>`), if it is an edge's.
+pub fn edge_of_user<'a>(namespace: &str, user: &'a str) -> Option<&'a str> {
+    let id = user.strip_prefix(namespace)?.strip_prefix("-edge-")?;
+    crate::topology::check_identifier("edge id", id)
+        .is_ok()
+        .then_some(id)
+}
+
+/// A broker user in `separate` mode: a role and, for an edge, which edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Principal {
+    pub role: Role,
+    /// The edge's id, for the edge role.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edge: Option<String>,
+}
+
+impl Principal {
+    pub fn role(role: Role) -> Self {
+        Self { role, edge: None }
+    }
+
+    pub fn edge(id: &str) -> Self {
+        Self {
+            role: Role::Edge,
+            edge: Some(id.to_owned()),
+        }
+    }
+
+    /// Its broker user's name.
+    pub fn user(&self, namespace: &str) -> String {
+        match &self.edge {
+            Some(id) => edge_user(namespace, id),
+            None => user_of(namespace, self.role),
+        }
+    }
+
+    /// Its permissions on the virtual host.
+    pub fn grant(&self, namespace: &str) -> Grant {
+        match &self.edge {
+            Some(id) => edge_grant(namespace, id),
+            None => grant(namespace, self.role),
+        }
+    }
+
+    /// Its topic permissions: an edge may bind only its own routing keys on the replies
+    /// exchange, so it can read no other edge's results.
+    pub fn topic_grant(&self, namespace: &str) -> Option<TopicGrant> {
+        let id = self.edge.as_ref()?;
+        Some(TopicGrant {
+            exchange: format!("{namespace}.replies"),
+            write: "^$".into(),
+            read: format!(r"^edge\.{id}\."),
+        })
+    }
+}
+
+/// The users `vigil broker provision` makes: the worker, audit and admin roles, and one user
+/// per edge id (edge ids are checked identifiers: `[A-Za-z0-9_-]`, no regex escaping needed).
+pub fn principals(edges: &[String]) -> Result<Vec<Principal>, String> {
+    let mut out: Vec<Principal> = [Role::Worker, Role::Audit, Role::Admin]
+        .into_iter()
+        .map(Principal::role)
+        .collect();
+    for id in edges {
+        crate::topology::check_identifier("edge id", id)?;
+        if !out.iter().any(|p| p.edge.as_deref() == Some(id)) {
+            out.push(Principal::edge(id));
+        }
+    }
+    Ok(out)
 }
 
 /// What a receiver trusts: the broker user behind each role.
 #[derive(Clone)]
 pub struct Trust {
-    users: [(Role, String); 4],
+    mode: RoleMode,
+    namespace: String,
+    /// This process's own user: in `shared` mode, every role.
+    own_user: String,
     metrics: BrokerMetrics,
 }
 
 impl Trust {
     /// In `shared` mode every role is `own_user`, the user this process connects as.
     pub fn new(mode: RoleMode, namespace: &str, own_user: &str, metrics: BrokerMetrics) -> Self {
-        let user = |role| match mode {
-            RoleMode::Shared => own_user.to_owned(),
-            RoleMode::Separate => user_of(namespace, role),
-        };
         Self {
-            users: Role::ALL.map(|r| (r, user(r))),
+            mode,
+            namespace: namespace.to_owned(),
+            own_user: own_user.to_owned(),
             metrics,
         }
     }
 
-    /// Whether a message of `kind` published by `user_id` (the AMQP property, checked by the
-    /// broker) comes from a role allowed to send it. A refusal is counted and logged.
-    pub fn admits(&self, kind: Kind, user_id: Option<&str>) -> bool {
-        let trusted = user_id.is_some_and(|u| {
-            self.users
-                .iter()
-                .any(|(role, name)| name == u && kind.senders().contains(role))
+    /// The role (and edge) a broker user stands for in `separate` mode.
+    fn principal<'a>(&self, user: &'a str) -> Option<(Role, Option<&'a str>)> {
+        if let Some(id) = edge_of_user(&self.namespace, user) {
+            return Some((Role::Edge, Some(id)));
+        }
+        [Role::Worker, Role::Audit, Role::Admin]
+            .into_iter()
+            .find(|r| user_of(&self.namespace, *r) == user)
+            .map(|r| (r, None))
+    }
+
+    fn judge(&self, kind: Kind, user_id: Option<&str>, edge: Option<&str>) -> bool {
+        let trusted = user_id.is_some_and(|u| match self.mode {
+            RoleMode::Shared => u == self.own_user,
+            RoleMode::Separate => self.principal(u).is_some_and(|(role, own)| {
+                kind.senders().contains(&role)
+                    && (role != Role::Edge || edge.is_none() || own == edge)
+            }),
         });
         if !trusted {
             self.metrics
@@ -151,10 +256,24 @@ impl Trust {
             tracing::warn!(
                 kind = kind.as_str(),
                 user_id = user_id.unwrap_or("(none)"),
+                claims = edge.unwrap_or(""),
                 "dropping a message from a publisher not allowed to send it"
             );
         }
         trusted
+    }
+
+    /// Whether a message of `kind` published by `user_id` (the AMQP property, checked by the
+    /// broker) comes from a role allowed to send it. A refusal is counted and logged.
+    pub fn admits(&self, kind: Kind, user_id: Option<&str>) -> bool {
+        self.judge(kind, user_id, None)
+    }
+
+    /// [`Trust::admits`] for a message that speaks for edge `edge` (its source, or the edge a
+    /// session announcement names): an edge may speak only for itself. Other roles allowed to
+    /// send `kind` may name any edge.
+    pub fn admits_for(&self, kind: Kind, user_id: Option<&str>, edge: &str) -> bool {
+        self.judge(kind, user_id, Some(edge))
     }
 }
 
@@ -167,19 +286,40 @@ pub struct Grant {
     pub read: String,
 }
 
+/// A user's topic permissions on one topic exchange: RabbitMQ regular expressions over the
+/// routing keys it may publish with (`write`) and bind or consume with (`read`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TopicGrant {
+    pub exchange: String,
+    pub write: String,
+    pub read: String,
+}
+
+/// The least permissions edge `id` needs: its own reply and control queues only (so it can
+/// neither read nor squat another edge's), and publishing frames, actions and its sessions'
+/// announcements.
+pub fn edge_grant(namespace: &str, id: &str) -> Grant {
+    let ns = namespace;
+    let own = format!(r"{ns}\.(replies|control)\.edge\.{id}");
+    Grant {
+        configure: format!("^{own}$"),
+        write: format!(r"^({ns}\.(frames|actions|control)|{own})$"),
+        read: format!(r"^({ns}\.(replies|control)|{own})$"),
+    }
+}
+
 /// The least permissions `role` needs in `namespace` (a name of letters, digits, `-` and `_`,
 /// so it needs no escaping). RabbitMQ asks configure to declare, write to publish to an
 /// exchange or to bind a queue, and read to consume a queue or to bind from an exchange;
-/// passive declares need nothing.
+/// passive declares need nothing. For the edge role, see [`edge_grant`]: this is no one's.
 pub fn grant(namespace: &str, role: Role) -> Grant {
     let ns = namespace;
-    let own_edge_queues = format!(r"{ns}\.(replies|control)\.edge\..+");
     let nothing = "^$".to_owned();
     match role {
         Role::Edge => Grant {
-            configure: format!("^{own_edge_queues}$"),
-            write: format!(r"^({ns}\.(frames|actions|control|enroll)|{own_edge_queues})$"),
-            read: format!(r"^({ns}\.(replies|control)|{own_edge_queues})$"),
+            configure: nothing.clone(),
+            write: nothing.clone(),
+            read: nothing,
         },
         Role::Worker => Grant {
             configure: nothing,
@@ -216,17 +356,26 @@ mod tests {
         let t = trust(RoleMode::Separate);
         let cases = [
             (Kind::Result, "v-worker", true),
-            (Kind::Result, "v-edge", false),
+            (Kind::Result, "v-edge-e1", false),
             (Kind::Result, "v-admin", false),
             (Kind::Control, "v-admin", true),
-            (Kind::Control, "v-edge", true),
+            (Kind::Control, "v-edge-e1", false),
             (Kind::Control, "v-worker", false),
-            (Kind::Action, "v-edge", true),
+            (Kind::Note, "v-admin", true),
+            (Kind::Note, "v-edge-e1", false),
+            (Kind::Enroll, "v-admin", true),
+            (Kind::Enroll, "v-edge-e1", false),
+            (Kind::Action, "v-edge-e1", true),
             (Kind::Action, "v-audit", false),
             (Kind::Action, "v-worker", false),
-            (Kind::Frame, "v-edge", true),
+            (Kind::Frame, "v-edge-e1", true),
             (Kind::Frame, "v-worker", false),
             (Kind::Result, "guest", false),
+            // The old shared edge user, and names that only look like an edge's.
+            (Kind::Frame, "v-edge", false),
+            (Kind::Frame, "v-edge-", false),
+            (Kind::Frame, "v-edge-a.b", false),
+            (Kind::Frame, "w-edge-e1", false),
         ];
         for (kind, user, expected) in cases {
             assert_eq!(t.admits(kind, Some(user)), expected, "{kind:?} from {user}");
@@ -236,10 +385,27 @@ mod tests {
     }
 
     #[test]
+    fn an_edge_speaks_only_for_itself() {
+        let t = trust(RoleMode::Separate);
+        assert!(t.admits_for(Kind::Session, Some("v-edge-e1"), "e1"));
+        assert!(!t.admits_for(Kind::Session, Some("v-edge-e2"), "e1"));
+        assert!(!t.admits_for(Kind::Session, Some("v-edge-e1x"), "e1"));
+        // Only edges announce sessions, not even the admin role.
+        assert!(!t.admits_for(Kind::Session, Some("v-admin"), "e1"));
+        // An admin's replayed frame or forced action may name any edge.
+        assert!(t.admits_for(Kind::Frame, Some("v-admin"), "e1"));
+        assert!(t.admits_for(Kind::Action, Some("v-edge-e2"), "e2"));
+        assert!(!t.admits_for(Kind::Action, Some("v-edge-e2"), "e1"));
+        assert_eq!(t.metrics.untrusted.with_label_values(&["session"]).get(), 3);
+        assert_eq!(t.metrics.untrusted.with_label_values(&["action"]).get(), 1);
+    }
+
+    #[test]
     fn shared_mode_accepts_only_the_own_user() {
         let t = trust(RoleMode::Shared);
         assert!(t.admits(Kind::Result, Some("guest")));
         assert!(t.admits(Kind::Control, Some("guest")));
+        assert!(t.admits_for(Kind::Session, Some("guest"), "any"));
         assert!(!t.admits(Kind::Control, Some("someone")));
         assert!(!t.admits(Kind::Frame, None));
     }
@@ -247,13 +413,33 @@ mod tests {
     #[test]
     fn grants_name_only_the_roles_resources() {
         let re = |s: &str| regex_lite::Regex::new(s).unwrap();
-        let edge = grant("v", Role::Edge);
+        let edge = Principal::edge("e1").grant("v");
         assert!(re(&edge.configure).is_match("v.replies.edge.e1"));
+        assert!(!re(&edge.configure).is_match("v.replies.edge.e2"));
+        assert!(!re(&edge.configure).is_match("v.replies.edge.e10"));
+        assert!(!re(&edge.read).is_match("v.replies.edge.e2"));
         assert!(!re(&edge.configure).is_match("v.frames.work"));
         assert!(!re(&edge.configure).is_match("v.audit"));
         assert!(re(&edge.write).is_match("v.frames"));
         assert!(!re(&edge.write).is_match("v.replies"));
         assert!(!re(&edge.write).is_match("v.frames.work"));
+        assert!(!re(&edge.write).is_match("v.enroll"));
+        let topic = Principal::edge("e1").topic_grant("v").unwrap();
+        assert_eq!(topic.exchange, "v.replies");
+        for key in ["edge.e1.#", "edge.e1.c1"] {
+            assert!(re(&topic.read).is_match(key), "{key}");
+        }
+        for key in [
+            "#",
+            "edge.#",
+            "edge.*.#",
+            "edge.e10.#",
+            "edge.e2.c1",
+            "x.edge.e1.c",
+        ] {
+            assert!(!re(&topic.read).is_match(key), "{key}");
+        }
+        assert!(Principal::role(Role::Worker).topic_grant("v").is_none());
         let worker = grant("v", Role::Worker);
         assert!(re(&worker.write).is_match("v.replies"));
         assert!(!re(&worker.write).is_match("v.control"));
@@ -269,5 +455,21 @@ mod tests {
         assert!(!re(&edge.write).is_match("v.webhooks"));
         // Another namespace's resources are out of reach.
         assert!(!re(&grant("v", Role::Admin).write).is_match("w.frames"));
+    }
+
+    #[test]
+    fn principals_are_the_three_roles_and_each_edge_once() {
+        let edges = ["e1".to_owned(), "e2".to_owned(), "e1".to_owned()];
+        let users: Vec<String> = principals(&edges)
+            .unwrap()
+            .iter()
+            .map(|p| p.user("v"))
+            .collect();
+        assert_eq!(
+            users,
+            ["v-worker", "v-audit", "v-admin", "v-edge-e1", "v-edge-e2"]
+        );
+        assert!(principals(&["a.b".to_owned()]).is_err());
+        assert!(principals(&[".*".to_owned()]).is_err());
     }
 }

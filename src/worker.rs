@@ -380,6 +380,14 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool 
             return false;
         }
     };
+    // An edge's frame is answered to that edge: an edge may not send frames in another's name.
+    if !ctx
+        .trust
+        .admits_for(crate::roles::Kind::Frame, delivery.user_id(), &env.source)
+    {
+        dead_letter(ctx, delivery, "untrusted").await;
+        return false;
+    }
     let Payload::Frame(frame) = env.payload else {
         tracing::warn!(
             kind = env.payload.kind(),

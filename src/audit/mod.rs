@@ -335,6 +335,31 @@ pub struct AuditStore {
     evidence_spent: HashMap<(String, String), u64>,
     /// Frames withheld over the budget (`vigil_audit_evidence_withheld_total`).
     withheld_frames: Option<prometheus::IntCounter>,
+    /// The SHA-256 of the message behind each entry written since the store opened, so that a
+    /// second message with an entry's id is known for the same message or another.
+    fingerprints: Fingerprints,
+}
+
+/// The most message fingerprints kept; the oldest go first.
+const MAX_FINGERPRINTS: usize = 65_536;
+
+#[derive(Default)]
+struct Fingerprints {
+    by_id: HashMap<Uuid, [u8; 32]>,
+    order: std::collections::VecDeque<Uuid>,
+}
+
+impl Fingerprints {
+    fn remember(&mut self, id: Uuid, fingerprint: [u8; 32]) {
+        if self.by_id.insert(id, fingerprint).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > MAX_FINGERPRINTS {
+            if let Some(old) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+    }
 }
 
 impl AuditStore {
@@ -430,6 +455,7 @@ impl AuditStore {
             evidence_budget: None,
             evidence_spent: HashMap::new(),
             withheld_frames: None,
+            fingerprints: Fingerprints::default(),
         })
     }
 
@@ -662,6 +688,12 @@ impl AuditStore {
     }
 
     /// Where the entry `id` sits in the log, if it is there.
+    /// Whether the entry `id` came from a message with this `fingerprint` (its SHA-256):
+    /// `None` when the entry was written before the store opened, or long ago.
+    fn same_message(&self, id: &Uuid, fingerprint: &[u8; 32]) -> Option<bool> {
+        self.fingerprints.by_id.get(id).map(|f| f == fingerprint)
+    }
+
     pub fn entry(&self, id: &Uuid) -> Option<crate::webhooks::EntryRef> {
         self.ids
             .get(id)
@@ -1738,13 +1770,15 @@ async fn serve(
                 None => return Err(AuditError::Broker(crate::broker::BrokerError::ConsumerEnded)),
             },
         };
-        // Only edges and admins may put an entry in the trail.
-        if !trust.admits(crate::roles::Kind::Action, delivery.user_id()) {
-            metrics.rejected.inc();
-            let _ = delivery.dead_letter().await;
-            continue;
-        }
-        handle(&delivery, store, checkpoints, webhooks.as_ref(), metrics).await?;
+        handle(
+            &delivery,
+            trust,
+            store,
+            checkpoints,
+            webhooks.as_ref(),
+            metrics,
+        )
+        .await?;
     }
     Ok(())
 }
@@ -1790,6 +1824,7 @@ fn session_problem(env: &Envelope, s: &crate::wire::SessionChange, now_ms: u64) 
 /// unacked and is redelivered to the next writer).
 async fn handle(
     delivery: &Delivery,
+    trust: &crate::roles::Trust,
     store: &Arc<Mutex<AuditStore>>,
     checkpoints: &Checkpoints,
     hooks: Option<&Hooks>,
@@ -1811,6 +1846,18 @@ async fn handle(
             return Ok(());
         }
     };
+    // Who may put what in the trail: an edge its own actions and sessions (the envelope's
+    // source is the edge), an admin its operators' notes (and actions, from tools).
+    let kind = match &env.payload {
+        Payload::Action(_) => crate::roles::Kind::Action,
+        Payload::AdminOp(_) => crate::roles::Kind::Note,
+        _ => crate::roles::Kind::Session,
+    };
+    if !trust.admits_for(kind, delivery.user_id(), &env.source) {
+        metrics.rejected.inc();
+        let _ = delivery.dead_letter().await;
+        return Ok(());
+    }
     if let Payload::Session(s) = &env.payload
         && let Some(why) = session_problem(&env, s, crate::wire::now_ms())
     {
@@ -1822,7 +1869,8 @@ async fn handle(
     let started = Instant::now();
     let store = store.clone();
     let admin_op = matches!(env.payload, Payload::AdminOp(_) | Payload::Session(_));
-    let (written, head, entry, env) = tokio::task::spawn_blocking(move || {
+    let fingerprint: [u8; 32] = Sha256::digest(delivery.data()).into();
+    let (written, head, entry, env, same) = tokio::task::spawn_blocking(move || {
         let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
         let written = match &env.payload {
             Payload::Action(event) => store.store(&env, event),
@@ -1854,7 +1902,15 @@ async fn handle(
             _ => env.id,
         };
         let entry = store.entry(&id);
-        written.map(|w| (w, store.head(), entry, env))
+        written.map(|w| {
+            let same = if w {
+                store.fingerprints.remember(id, fingerprint);
+                Some(true)
+            } else {
+                store.same_message(&id, &fingerprint)
+            };
+            (w, store.head(), entry, env, same)
+        })
     })
     .await
     .map_err(|e| io(Path::new("audit store"))(std::io::Error::other(e.to_string())))??;
@@ -1870,9 +1926,24 @@ async fn handle(
     } else {
         metrics.duplicates.inc();
     }
+    // A second message with an entry's id: the same message again (a publisher's retry, or a
+    // redelivery after a crash) has its webhooks sent again, since they may not have gone
+    // out; another message is refused, so the exam platform never hears of what the trail does
+    // not hold. An entry written before this writer started has no fingerprint here: only the
+    // broker's redelivery (a message delivered before and never acked) is taken as the same.
+    let resend = match same {
+        Some(true) => true,
+        Some(false) => {
+            tracing::warn!(client = %env.client_id.escape_debug(), source = %env.source.escape_debug(), "a different message reuses a written entry's id; dead-lettering");
+            metrics.rejected.inc();
+            let _ = delivery.dead_letter().await;
+            return Ok(());
+        }
+        None => delivery.redelivered(),
+    };
     // The webhooks go out before the entry's message is acked: if publishing them fails, the
     // writer reconnects and the entry comes again, and so do they.
-    if let (Some(hooks), Some(entry)) = (hooks, entry) {
+    if let (Some(hooks), Some(entry), true) = (hooks, entry, resend) {
         hooks.publish(&env, entry, &metrics.webhooks).await?;
     }
     delivery.ack().await?;

@@ -334,6 +334,10 @@ pub struct EdgeConfig {
     pub tls_key: Option<PathBuf>,
     /// Address of the admin HTTP API (`/v1/admin/...`); off when unset [VIGIL_ADMIN_LISTEN].
     pub admin_listen: Option<SocketAddr>,
+    /// The broker as the admin role, for what the admin API publishes (control, operators'
+    /// notes, enrolments); the edge's own link when unset. Needed with separate broker roles,
+    /// where an edge's own user may publish none of these [VIGIL_ADMIN_AMQP_URL].
+    pub admin_amqp_url: Option<String>,
     /// Bearer token the admin API requires; without one the API stays off
     /// [VIGIL_ADMIN_TOKEN].
     pub admin_token: Option<String>,
@@ -457,6 +461,7 @@ impl Default for EdgeConfig {
             web_dir: PathBuf::from("web/dist"),
             tls_key: None,
             admin_listen: None,
+            admin_amqp_url: None,
             admin_token: None,
             admin_tokens_file: None,
             admin_tls_cert: None,
@@ -618,6 +623,41 @@ impl Config {
                 && let Err(msg) = check_identifier("edge.id", id)
             {
                 errors.push(msg);
+            }
+            if self.broker_roles == crate::roles::RoleMode::Separate {
+                // Each edge is a broker user of its own: its id is the one it was made for.
+                let user = self.amqp_user();
+                match (
+                    crate::roles::edge_of_user(&self.namespace, &user),
+                    e.id.as_deref(),
+                ) {
+                    (None, _) => errors.push(format!(
+                        "with separate broker roles an edge connects as its own user \
+                         `{ns}-edge-<edge id>` (`vigil broker provision --edge ID`), not `{user}`",
+                        ns = self.namespace
+                    )),
+                    (Some(own), Some(id)) if own != id => errors.push(format!(
+                        "edge.id `{id}` is not the edge of the broker user `{user}` (`{own}`)"
+                    )),
+                    _ => {}
+                }
+                if e.admin_listen.is_some() && e.admin_amqp_url.is_none() {
+                    errors.push(
+                        "with separate broker roles the admin API publishes as the admin role: \
+                         set VIGIL_ADMIN_AMQP_URL to the admin user's URL"
+                            .into(),
+                    );
+                }
+            }
+            if let Some(url) = &e.admin_amqp_url {
+                for u in crate::broker::broker_urls(url) {
+                    if !(u.starts_with("amqp://") || u.starts_with("amqps://")) {
+                        errors.push(format!(
+                            "admin_amqp_url `{}` must start with amqp:// or amqps://",
+                            crate::broker::redact_url(u)
+                        ));
+                    }
+                }
             }
             // A client named `operators` would be the tokens file in the folder directory.
             if self.directory_url.is_none()
@@ -830,11 +870,29 @@ impl Config {
 
     /// The edge id, or one made once per process: the host's name plus a random suffix, so
     /// that edges on one host, or replicas sharing a name, never collide.
+    ///
+    /// With separate broker roles, the id is the one the edge's broker user was made for
+    /// (`<namespace>-edge-<id>`) when none is set.
     pub fn edge_id(&self) -> String {
-        self.edge
-            .id
-            .clone()
-            .unwrap_or_else(|| random_id(&host_name()))
+        if let Some(id) = &self.edge.id {
+            return id.clone();
+        }
+        if self.broker_roles == crate::roles::RoleMode::Separate {
+            let user = self.amqp_user();
+            if let Some(id) = crate::roles::edge_of_user(&self.namespace, &user) {
+                return id.to_owned();
+            }
+        }
+        random_id(&host_name())
+    }
+
+    /// The broker user of the (first) broker URL.
+    pub fn amqp_user(&self) -> String {
+        crate::broker::broker_urls(&self.amqp_url)
+            .first()
+            .and_then(|u| u.parse::<lapin::uri::AMQPUri>().ok())
+            .map(|u| u.authority.userinfo.username)
+            .unwrap_or_default()
     }
 
     /// The topology (`VIGIL_TOPOLOGY`, else the built-in one), its tunables carried by policies
@@ -1110,6 +1168,54 @@ mod tests {
             all.contains("live_min = 1.5") && all.contains("unknown device `tpu`"),
             "{all}"
         );
+    }
+
+    #[test]
+    fn separate_roles_tie_an_edge_to_its_broker_user() {
+        let edge = |vars: &[(&str, &str)]| {
+            let mut all = vec![("VIGIL_BROKER_ROLES", "separate")];
+            all.extend_from_slice(vars);
+            Config::load_for(Some(Role::Edge), None, env(&all))
+        };
+        let own = ("VIGIL_AMQP_URL", "amqp://vigil-edge-e7:pw@rabbit:5672/%2f");
+        // The id comes from the user, or must be the user's.
+        assert_eq!(edge(&[own]).unwrap().edge_id(), "e7");
+        assert!(edge(&[own, ("VIGIL_EDGE_ID", "e7")]).is_ok());
+        let wrong = edge(&[own, ("VIGIL_EDGE_ID", "e8")])
+            .unwrap_err()
+            .join("\n");
+        assert!(wrong.contains("`e8` is not the edge"), "{wrong}");
+        // A role user is no edge's, nor is the old shared edge user.
+        for user in ["vigil-admin", "vigil-edge"] {
+            let url = format!("amqp://{user}:pw@rabbit:5672/%2f");
+            let errors = edge(&[("VIGIL_AMQP_URL", &url)]).unwrap_err().join("\n");
+            assert!(errors.contains("connects as its own user"), "{errors}");
+        }
+        // The admin API needs the admin role's link.
+        let admin = edge(&[own, ("VIGIL_ADMIN_LISTEN", "127.0.0.1:0")])
+            .unwrap_err()
+            .join("\n");
+        assert!(admin.contains("VIGIL_ADMIN_AMQP_URL"), "{admin}");
+        let dir = std::env::temp_dir().join(format!("vigil-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("admin-url");
+        std::fs::write(&file, "amqp://vigil-admin:pw@rabbit:5672/%2f\n").unwrap();
+        let cfg = edge(&[
+            own,
+            ("VIGIL_ADMIN_LISTEN", "127.0.0.1:0"),
+            ("VIGIL_ADMIN_AMQP_URL_FILE", file.to_str().unwrap()),
+        ])
+        .unwrap();
+        assert_eq!(
+            cfg.edge.admin_amqp_url.as_deref(),
+            Some("amqp://vigil-admin:pw@rabbit:5672/%2f"),
+            "read from the file, its line end cut"
+        );
+        let missing = edge(&[("VIGIL_AMQP_URL_FILE", "/nonexistent/url")])
+            .unwrap_err()
+            .join("\n");
+        assert!(missing.contains("/nonexistent/url"), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -53,6 +53,16 @@ where
     raw.trim().parse().map_err(|e: T::Err| e.to_string())
 }
 
+/// The secret in the file at `path` (a URL with its password, say), its trailing line end cut.
+fn read_secret(path: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path.trim()).map_err(|e| format!("{path}: {e}"))?;
+    let secret = text.trim_end_matches(['\n', '\r']).to_owned();
+    if secret.is_empty() {
+        return Err(format!("{path} is empty"));
+    }
+    Ok(secret)
+}
+
 macro_rules! var {
     ($name:literal, [$($role:ident),+], opt $($field:ident).+, $default:literal, $meaning:literal) => {
         Var {
@@ -96,12 +106,22 @@ pub static VARS: &[Var] = &[
         r#"`amqp://guest:guest@127.0.0.1:5672/%2f`"#,
         r#"the broker; `?connection_timeout=<ms>` bounds one connection attempt, handshake included (default 10000). `amqps://…?cacertfile=/path/ca.pem` speaks TLS (rustls) and trusts that CA besides the system's roots. Several URLs separated by commas are a cluster's nodes: a process connects to one and fails over to the others"#
     ),
+    Var {
+        name: "VIGIL_AMQP_URL_FILE",
+        roles: &[Role::Edge, Role::Worker, Role::Audit],
+        default: "none",
+        meaning: "...or a file holding it (a secret mounted as a file; wins over VIGIL_AMQP_URL)",
+        apply: |cfg, raw| {
+            cfg.amqp_url = read_secret(raw)?;
+            Ok(())
+        },
+    },
     var!(
         "VIGIL_BROKER_ROLES",
         [Edge, Worker, Audit],
         broker_roles,
         r#"`shared`"#,
-        r#"`shared`: every role is this process's broker user. `separate`: each role is the user `<namespace>-<role>` from `vigil broker provision`, and receivers accept each kind of event only from its roles (see docs/security.md)"#
+        r#"`shared`: every role is this process's broker user. `separate`: each role is the user `<namespace>-<role>`, and each edge the user `<namespace>-edge-<edge id>`, from `vigil broker provision`; receivers accept each kind of event only from its roles, and what an edge says only for itself (see docs/security.md)"#
     ),
     var!(
         "VIGIL_BROKER_CONNECT_TIMEOUT_MS",
@@ -145,6 +165,16 @@ pub static VARS: &[Var] = &[
         r#"none"#,
         r#"RabbitMQ's management API (`http://user:pass@host:15672`, several separated by commas). When set, the shared queues' tunables (TTL, lengths, overflow, dead-lettering, stream age) are RabbitMQ policies put through it at start-up (and by `vigil topology apply`), not declare arguments: changing one in the topology changes the live queue instead of failing every later start with `PRECONDITION_FAILED`. Queues declared before with arguments must be deleted once"#
     ),
+    Var {
+        name: "VIGIL_BROKER_MANAGEMENT_URL_FILE",
+        roles: &[Role::Edge, Role::Worker, Role::Audit],
+        default: "none",
+        meaning: "...or a file holding it (wins over VIGIL_BROKER_MANAGEMENT_URL)",
+        apply: |cfg, raw| {
+            cfg.broker_management_url = Some(read_secret(raw)?);
+            Ok(())
+        },
+    },
     var!(
         "VIGIL_BROKER_MANAGEMENT_CA_FILE",
         [Edge, Worker, Audit],
@@ -166,6 +196,16 @@ pub static VARS: &[Var] = &[
         r#"none"#,
         r#"the client directory in PostgreSQL (`postgres://user:pass@host/db`), shared by every edge; migrated at connect. TLS by `sslmode` as libpq: `?sslmode=verify-full&sslrootcert=/path/ca.pem` (chain and host name checked; recommended), `verify-ca` (chain only), `require` (encrypted, certificate unchecked), `disable` or none (plain); `prefer` and `allow` are refused"#
     ),
+    Var {
+        name: "VIGIL_DIRECTORY_URL_FILE",
+        roles: &[Role::Edge],
+        default: "none",
+        meaning: "...or a file holding it (wins over VIGIL_DIRECTORY_URL)",
+        apply: |cfg, raw| {
+            cfg.directory_url = Some(read_secret(raw)?);
+            Ok(())
+        },
+    },
     var!(
         "VIGIL_DIRECTORY_POOL",
         [Edge],
@@ -558,6 +598,23 @@ pub static VARS: &[Var] = &[
         r#"off"#,
         r#"admin API address"#
     ),
+    var!(
+        "VIGIL_ADMIN_AMQP_URL",
+        [Edge],
+        opt edge.admin_amqp_url,
+        r#"the edge's own"#,
+        r#"the broker as the admin role, for what the admin API publishes (control, operators' notes, enrolments); required with `VIGIL_BROKER_ROLES=separate` and an admin listener, where an edge's own user may publish none of these"#
+    ),
+    Var {
+        name: "VIGIL_ADMIN_AMQP_URL_FILE",
+        roles: &[Role::Edge],
+        default: "none",
+        meaning: "...or a file holding it (wins over VIGIL_ADMIN_AMQP_URL)",
+        apply: |cfg, raw| {
+            cfg.edge.admin_amqp_url = Some(read_secret(raw)?);
+            Ok(())
+        },
+    },
     var!(
         "VIGIL_ADMIN_TOKEN",
         [Edge],

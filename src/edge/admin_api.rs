@@ -237,7 +237,7 @@ pub(super) async fn serve(
         console,
         admin: Admin {
             store: shared.store.clone(),
-            publisher: shared.publisher.clone(),
+            publisher: shared.admin_publisher.clone(),
             control_exchange: shared.control_exchange.clone(),
             actions_exchange: shared.actions_exchange.clone(),
             source: shared.edge_id.clone(),
@@ -1157,7 +1157,8 @@ async fn enroll(
     };
     let published = async {
         shared
-            .publisher()
+            .admin_publisher
+            .get()
             .publish(&shared.enroll_exchange, "", &env)
             .await?
             .wait()

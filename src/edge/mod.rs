@@ -8,6 +8,7 @@
 //! session that cannot keep up loses its own results, never anybody else's.
 
 mod admin_api;
+mod admin_link;
 pub mod client;
 pub(crate) mod enforcement;
 mod gate;
@@ -143,6 +144,9 @@ pub(crate) struct Shared {
     pub metrics: EdgeMetrics,
     pub store: Arc<dyn ClientStore>,
     pub publisher: PublisherSlot,
+    /// What the admin API publishes with: the admin role's link (`VIGIL_ADMIN_AMQP_URL`), or
+    /// the edge's own.
+    pub admin_publisher: PublisherSlot,
     /// Live sessions by client id.
     pub sessions: Mutex<HashMap<String, SessionEntry>>,
     /// Per-edge event sequence (the envelope's `seq`).
@@ -279,6 +283,19 @@ pub async fn start(
     let links = Links::open(broker, &cfg, &topo, &edge_id).await?;
     health.set("topology", true);
     let publisher = PublisherSlot::new(links.publisher.clone());
+    let admin_publisher = match &cfg.edge.admin_amqp_url {
+        Some(url) if cfg.edge.admin_listen.is_some() => {
+            admin_link::start(
+                url.clone(),
+                &edge_id,
+                broker_metrics.clone(),
+                Duration::from_millis(cfg.broker_connect_timeout_ms),
+                shutdown.clone(),
+            )
+            .await?
+        }
+        _ => publisher.clone(),
+    };
 
     let tls = match (&cfg.edge.tls_cert, &cfg.edge.tls_key) {
         (Some(cert), Some(key)) => {
@@ -327,6 +344,7 @@ pub async fn start(
         metrics,
         store,
         publisher: publisher.clone(),
+        admin_publisher,
         sessions: Mutex::new(HashMap::new()),
         seq: AtomicU64::new(0),
         shutdown: shutdown.clone(),
@@ -484,14 +502,13 @@ impl Links {
         let lost = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let feeds = [
-            (self.replies, Kind::Result, dispatch as fn(&Shared, &[u8])),
-            (self.control, Kind::Control, apply_control),
+            (self.replies, dispatch as Handler),
+            (self.control, apply_control),
         ];
-        for (consumer, kind, handle) in feeds {
+        for (consumer, handle) in feeds {
             tasks.spawn(feed(
                 consumer,
                 self.trust.clone(),
-                kind,
                 handle,
                 shared.clone(),
                 stop.clone(),
@@ -527,13 +544,16 @@ impl Running {
     }
 }
 
-/// Feed one consumer's deliveries, those from a trusted role, to `handle` (which never waits),
-/// until the consumer ends (then `lost` is cancelled) or `stop`.
+/// What takes one delivery off a consumer: it checks who published it (the AMQP `user_id`,
+/// checked by the broker) against what it says, and never waits.
+type Handler = fn(&Shared, &crate::roles::Trust, Option<&str>, &[u8]);
+
+/// Feed one consumer's deliveries to `handle`, until the consumer ends (then `lost` is
+/// cancelled) or `stop`.
 async fn feed(
     mut consumer: crate::broker::Consumer,
     trust: crate::roles::Trust,
-    kind: Kind,
-    handle: fn(&Shared, &[u8]),
+    handle: Handler,
     shared: Arc<Shared>,
     stop: CancellationToken,
     lost: CancellationToken,
@@ -542,11 +562,7 @@ async fn feed(
         tokio::select! {
             _ = stop.cancelled() => break,
             delivery = consumer.next() => match delivery {
-                Some(Ok(d)) => {
-                    if trust.admits(kind, d.user_id()) {
-                        handle(&shared, d.data());
-                    }
-                }
+                Some(Ok(d)) => handle(&shared, &trust, d.user_id(), d.data()),
                 _ => {
                     lost.cancel();
                     break;
@@ -823,7 +839,9 @@ pub(crate) async fn audit_action(shared: &Shared, env: &Envelope) {
 }
 
 /// Apply one control event to the sessions of this edge.
-fn apply_control(shared: &Shared, data: &[u8]) {
+/// A control command, from the admin role; or a session's announcement, from the edge it
+/// names (an edge can end other edges' sessions only by starting a newer one itself).
+fn apply_control(shared: &Shared, trust: &crate::roles::Trust, user_id: Option<&str>, data: &[u8]) {
     let env = match Envelope::decode(data) {
         Ok(Envelope {
             payload: Payload::Control(c),
@@ -840,6 +858,15 @@ fn apply_control(shared: &Shared, data: &[u8]) {
         }
     };
     let (client_id, event) = env;
+    let admitted = match &event.command {
+        ControlCommand::SessionStarted { edge, .. } => {
+            trust.admits_for(Kind::Session, user_id, edge)
+        }
+        _ => trust.admits(Kind::Control, user_id),
+    };
+    if !admitted {
+        return;
+    }
     let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
     let Some(entry) = sessions.get(&client_id) else {
         return;
@@ -1021,7 +1048,11 @@ async fn check_admission(shared: &Shared, broker: &Broker, work_queue: &str) {
 }
 
 /// Hand one reply to its session, without ever waiting on it.
-fn dispatch(shared: &Shared, data: &[u8]) {
+fn dispatch(shared: &Shared, trust: &crate::roles::Trust, user_id: Option<&str>, data: &[u8]) {
+    // Before any decoding: results come only from workers.
+    if !trust.admits(Kind::Result, user_id) {
+        return;
+    }
     let env = match Envelope::decode(data) {
         Ok(env) => env,
         Err(e) => {

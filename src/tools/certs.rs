@@ -143,7 +143,7 @@ fn time_now() -> time::OffsetDateTime {
 
 /// Write a file readable as `mode` says (private keys: the owner only), through a fresh
 /// temporary file of its own (never one left over, nor a link someone put there).
-fn write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+pub(crate) fn write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = path.with_file_name(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
     let mut options = std::fs::OpenOptions::new();

@@ -249,13 +249,19 @@ pub enum DirectoryCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum BrokerCmd {
-    /// Create (or rotate) the users `<namespace>-edge`, `-worker`, `-audit` and `-admin`, set
-    /// each one's least permissions, then declare the topology as the admin user. Prints each
-    /// role's password and URL once; run the services with VIGIL_BROKER_ROLES=separate and
-    /// their role's URL. The users are made with `rabbitmqctl` on the broker's host when it is
+    /// Create (or rotate) the users `<namespace>-worker`, `-audit` and `-admin`, and
+    /// `<namespace>-edge-<id>` for each `--edge`, set each one's least permissions, then declare
+    /// the topology as the admin user. Prints each user's password and URL once; run the
+    /// services with VIGIL_BROKER_ROLES=separate and their user's URL (an edge as the id it
+    /// was provisioned for; an edge that serves the admin API also with the admin URL in
+    /// VIGIL_ADMIN_AMQP_URL). The users are made with `rabbitmqctl` on the broker's host when it is
     /// found, else through the management HTTP API of VIGIL_BROKER_MANAGEMENT_URL (a hosted
     /// broker); `--via` chooses.
     Provision {
+        /// An edge to make a user for (repeat for each edge). Rerunning with the same edges
+        /// rotates their passwords.
+        #[arg(long = "edge", value_name = "ID")]
+        edges: Vec<String>,
         /// How to make the users: `auto` runs `rabbitmqctl` when it is found and otherwise uses
         /// the management API (VIGIL_BROKER_MANAGEMENT_URL, as an administrator).
         #[arg(long, value_enum, default_value_t = ProvisionVia::Auto)]
@@ -266,9 +272,56 @@ pub enum BrokerCmd {
         /// The node to provision (`rabbit@host`); rabbitmqctl's default when unset.
         #[arg(long)]
         node: Option<String>,
+        /// Also write each user's URL to OUT/<user>/amqp.url (0600): a folder per user, for a
+        /// deployment to hand each service its own (VIGIL_AMQP_URL_FILE).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// With --out: when every user's file is there already, keep them and change nothing
+        /// (a deployment's later starts).
+        #[arg(long, requires = "out")]
+        if_missing: bool,
+        /// With --out: hand the files to this user, UID:GID (the services' user).
+        #[arg(long, value_parser = parse_owner, requires = "out")]
+        owner: Option<(u32, u32)>,
         /// Print JSON to stdout.
         #[arg(long)]
         json: bool,
+    },
+    /// A first administrator for a broker that has none (a fresh deployment): a random
+    /// password written as OUT/rabbitmq/10-vigil-bootstrap.conf, for the nodes' conf.d (RabbitMQ
+    /// makes the user at its first boot), and as OUT/admin/amqp.url and
+    /// OUT/admin/management.url, for `vigil broker provision`. No password is printed or put
+    /// in the environment; every file is 0600.
+    Bootstrap {
+        #[arg(long)]
+        out: PathBuf,
+        /// Each broker node's host name (repeat the flag).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        #[arg(long, default_value_t = 5672)]
+        amqp_port: u16,
+        #[arg(long, default_value_t = 15672)]
+        management_port: u16,
+        /// The administrator's name.
+        #[arg(long, default_value = "vigil-bootstrap")]
+        user: String,
+        /// Also a database password, for this URL without one
+        /// (`postgres://vigil@postgres:5432/vigil`): OUT/postgres/password (the database's
+        /// POSTGRES_PASSWORD_FILE) and OUT/directory/url (VIGIL_DIRECTORY_URL_FILE).
+        #[arg(long)]
+        postgres: Option<String>,
+        /// Keep a complete set already in OUT (a deployment's later starts).
+        #[arg(long)]
+        if_missing: bool,
+        /// Owner of the RabbitMQ fragment, UID:GID (RabbitMQ's user: 999:999 in its image).
+        #[arg(long, value_parser = parse_owner)]
+        broker_owner: Option<(u32, u32)>,
+        /// Owner of the database password, UID:GID (999:999 in PostgreSQL's Debian image).
+        #[arg(long, value_parser = parse_owner)]
+        postgres_owner: Option<(u32, u32)>,
+        /// Owner of the URLs, UID:GID (the services' user).
+        #[arg(long, value_parser = parse_owner)]
+        owner: Option<(u32, u32)>,
     },
 }
 
@@ -1227,12 +1280,69 @@ async fn operators(cfg: &Config, action: OperatorsCmd) -> Result<(), CliError> {
 
 async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
     match action {
+        BrokerCmd::Bootstrap {
+            out,
+            hosts,
+            amqp_port,
+            management_port,
+            user,
+            postgres,
+            if_missing,
+            broker_owner,
+            postgres_owner,
+            owner,
+        } => {
+            let opts = crate::tools::provision::BootstrapOptions {
+                out,
+                hosts,
+                amqp_port,
+                management_port,
+                user,
+                broker_owner,
+                owner,
+                postgres,
+                postgres_owner,
+            };
+            match crate::tools::provision::bootstrap(&opts, if_missing).map_err(fail)? {
+                None => {
+                    println!("kept the bootstrap files in {}", opts.out.display());
+                }
+                Some(made) => {
+                    let text = format!(
+                        "broker administrator `{}`: {} for the nodes' conf.d; {} and {} for \
+                         `vigil broker provision`\n",
+                        made.user,
+                        made.conf.display(),
+                        made.amqp_url.display(),
+                        made.management_url.display()
+                    );
+                    print_report(false, &made, text);
+                }
+            }
+            Ok(())
+        }
         BrokerCmd::Provision {
+            edges,
             via,
             rabbitmqctl,
             node,
+            out,
+            if_missing,
+            owner,
             json,
         } => {
+            if let (Some(out), true) = (&out, if_missing) {
+                let everyone = crate::roles::principals(&edges).map_err(fail)?;
+                if everyone.iter().all(|p| {
+                    crate::tools::provision::url_file(out, &p.user(&cfg.namespace)).exists()
+                }) {
+                    println!(
+                        "kept every user's URL in {} (nothing provisioned)",
+                        out.display()
+                    );
+                    return Ok(());
+                }
+            }
             let first = crate::broker::broker_urls(&cfg.amqp_url)
                 .first()
                 .copied()
@@ -1246,6 +1356,7 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
                 node,
                 vhost,
                 namespace: cfg.namespace.clone(),
+                edges,
                 base_url: cfg.amqp_url.clone(),
                 timeout: Duration::from_secs(60),
             };
@@ -1269,11 +1380,27 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
             for u in &users {
                 let _ = writeln!(
                     text,
-                    "  {:<7} {:<24} {}  VIGIL_AMQP_URL={}",
+                    "  {:<7} {:<24} {}  {}{}",
                     u.role.as_str(),
                     u.user,
                     if u.created { "created" } else { "rotated" },
-                    u.url
+                    u.edge
+                        .as_ref()
+                        .map_or_else(String::new, |id| format!("VIGIL_EDGE_ID={id} ")),
+                    // With --out the passwords stay in the files, out of any log.
+                    match &out {
+                        Some(dir) => format!(
+                            "VIGIL_AMQP_URL_FILE={}",
+                            crate::tools::provision::url_file(dir, &u.user).display()
+                        ),
+                        None => format!("VIGIL_AMQP_URL={}", u.url),
+                    }
+                );
+            }
+            if !users.iter().any(|u| u.edge.is_some()) {
+                let _ = writeln!(
+                    text,
+                    "  (no --edge given: no edge may connect until it has a user of its own)"
                 );
             }
             let _ = writeln!(
@@ -1281,6 +1408,16 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
                 "topology `{}` declared as the admin user",
                 cfg.namespace
             );
+            if let Some(out) = &out {
+                let written =
+                    crate::tools::provision::write_urls(out, &users, owner).map_err(fail)?;
+                let _ = writeln!(
+                    text,
+                    "URLs written to {} files under {}",
+                    written.len(),
+                    out.display()
+                );
+            }
             print_report(json, &users, text);
             Ok(())
         }
@@ -1326,7 +1463,7 @@ async fn provision_by_api(
         .map_err(fail)?
         .ok_or_else(|| fail("VIGIL_BROKER_MANAGEMENT_URL is not set"))?;
     let users = management
-        .provision_roles(&opts.namespace)
+        .provision_roles(&opts.namespace, &opts.edges)
         .await
         .map_err(fail)?;
     users
@@ -1341,11 +1478,13 @@ async fn provision_by_api(
                 .join(",");
             Ok(crate::tools::provision::Provisioned {
                 role: u.role,
+                edge: u.edge,
                 user: u.user,
                 password: u.password,
                 url,
                 created: u.created,
                 permissions: u.permissions,
+                topic_permissions: u.topic_permissions,
             })
         })
         .collect()

@@ -1,5 +1,7 @@
-//! `vigil broker provision`: one RabbitMQ user per role, with the least permissions of
-//! [`crate::roles::grant`], made through `rabbitmqctl` on the broker's host.
+//! `vigil broker provision`: one RabbitMQ user per role and one per edge
+//! ([`crate::roles::principals`]), with the least permissions of [`crate::roles::grant`] and
+//! [`crate::roles::edge_grant`] (and an edge's topic permission on the replies exchange), made
+//! through `rabbitmqctl` on the broker's host.
 //!
 //! Each user gets a fresh random password (256 bits, URL-safe), printed once with the URL the
 //! role connects with. Running it again rotates the passwords. Passwords reach `rabbitmqctl` on
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::roles::{self, Grant, Role};
+use crate::roles::{self, Grant, Role, TopicGrant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
@@ -26,6 +28,8 @@ pub enum ProvisionError {
     Failed { command: String, stderr: String },
     #[error("the broker URL `{0}` cannot carry credentials")]
     Url(String),
+    #[error("{0}")]
+    Edge(String),
 }
 
 /// Where and what to provision.
@@ -38,6 +42,8 @@ pub struct ProvisionOptions {
     /// The virtual host the roles get permissions on.
     pub vhost: String,
     pub namespace: String,
+    /// The edges to make users for (each edge is a user of its own).
+    pub edges: Vec<String>,
     /// The broker URL whose scheme, host, port, vhost and query each role's URL keeps.
     pub base_url: String,
     /// Longest one `rabbitmqctl` call may take.
@@ -48,6 +54,9 @@ pub struct ProvisionOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct Provisioned {
     pub role: Role,
+    /// For an edge's user: the edge id it runs as (`VIGIL_EDGE_ID`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edge: Option<String>,
     pub user: String,
     /// Fresh; shown once.
     pub password: String,
@@ -56,9 +65,11 @@ pub struct Provisioned {
     /// True when the user was new, false when its password was rotated.
     pub created: bool,
     pub permissions: Grant,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic_permissions: Option<TopicGrant>,
 }
 
-/// Create (or rotate) the four role users and set their permissions.
+/// Create (or rotate) the role and edge users and set their permissions.
 pub async fn provision(opts: &ProvisionOptions) -> Result<Vec<Provisioned>, ProvisionError> {
     let existing = ctl(opts, &["list_users", "--silent"]).await?;
     let known: Vec<&str> = existing
@@ -66,8 +77,9 @@ pub async fn provision(opts: &ProvisionOptions) -> Result<Vec<Provisioned>, Prov
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     let mut out = Vec::new();
-    for role in Role::ALL {
-        let user = roles::user_of(&opts.namespace, role);
+    let principals = roles::principals(&opts.edges).map_err(ProvisionError::Edge)?;
+    for principal in principals {
+        let user = principal.user(&opts.namespace);
         let password = crate::directory::generate_token();
         let created = !known.contains(&user.as_str());
         if created {
@@ -77,7 +89,7 @@ pub async fn provision(opts: &ProvisionOptions) -> Result<Vec<Provisioned>, Prov
         }
         // No management tags: these users speak AMQP only.
         ctl(opts, &["set_user_tags", &user]).await?;
-        let grant = roles::grant(&opts.namespace, role);
+        let grant = principal.grant(&opts.namespace);
         ctl(
             opts,
             &[
@@ -91,8 +103,25 @@ pub async fn provision(opts: &ProvisionOptions) -> Result<Vec<Provisioned>, Prov
             ],
         )
         .await?;
+        let topic = principal.topic_grant(&opts.namespace);
+        if let Some(t) = &topic {
+            ctl(
+                opts,
+                &[
+                    "set_topic_permissions",
+                    "-p",
+                    &opts.vhost,
+                    &user,
+                    &t.exchange,
+                    &t.write,
+                    &t.read,
+                ],
+            )
+            .await?;
+        }
         out.push(Provisioned {
-            role,
+            role: principal.role,
+            edge: principal.edge,
             // Every node of a cluster, each with this role's credentials.
             url: crate::broker::broker_urls(&opts.base_url)
                 .into_iter()
@@ -103,6 +132,7 @@ pub async fn provision(opts: &ProvisionOptions) -> Result<Vec<Provisioned>, Prov
             password,
             created,
             permissions: grant,
+            topic_permissions: topic,
         });
     }
     Ok(out)
@@ -189,6 +219,194 @@ async fn run_ctl(
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// Write each user's URL to `OUT/<user>/amqp.url` (0600, handed to `owner`): one folder per
+/// user, so that a deployment gives each service only its own (a volume or Secret per folder).
+/// The folders must exist or are made 0700.
+pub fn write_urls(
+    out: &std::path::Path,
+    users: &[Provisioned],
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    for u in users {
+        let path = url_file(out, &u.user);
+        let dir = path.parent().expect("a file in a folder");
+        if !dir.exists() {
+            crate::directory::private_dir(dir)?;
+        }
+        crate::tools::certs::write(&path, format!("{}\n", u.url).as_bytes(), 0o600)?;
+        chown(&path, owner)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Where [`write_urls`] puts `user`'s URL.
+pub fn url_file(out: &std::path::Path, user: &str) -> PathBuf {
+    out.join(user).join("amqp.url")
+}
+
+fn chown(path: &std::path::Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    #[cfg(unix)]
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (path, owner);
+    Ok(())
+}
+
+/// What `vigil broker bootstrap` wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct Bootstrap {
+    pub user: String,
+    /// The RabbitMQ configuration fragment that makes the user at the node's first boot.
+    pub conf: PathBuf,
+    /// `VIGIL_AMQP_URL_FILE` for `vigil broker provision`.
+    pub amqp_url: PathBuf,
+    /// `VIGIL_BROKER_MANAGEMENT_URL_FILE` for `vigil broker provision`.
+    pub management_url: PathBuf,
+    /// For a database too: `POSTGRES_PASSWORD_FILE` and `VIGIL_DIRECTORY_URL_FILE`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres_password: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub directory_url: Option<PathBuf>,
+}
+
+/// Where and for whom `vigil broker bootstrap` writes.
+#[derive(Debug, Clone)]
+pub struct BootstrapOptions {
+    pub out: PathBuf,
+    /// The broker nodes' host names.
+    pub hosts: Vec<String>,
+    pub amqp_port: u16,
+    pub management_port: u16,
+    /// The administrator's name.
+    pub user: String,
+    /// Owner of the RabbitMQ fragment (RabbitMQ's user), and of the URLs.
+    pub broker_owner: Option<(u32, u32)>,
+    pub owner: Option<(u32, u32)>,
+    /// A PostgreSQL URL without a password (`postgres://vigil@postgres:5432/vigil`): a
+    /// password is made for it too.
+    pub postgres: Option<String>,
+    pub postgres_owner: Option<(u32, u32)>,
+}
+
+/// A first administrator for a broker that has none yet, with a fresh random password (and a
+/// database password): `OUT/rabbitmq/10-vigil-bootstrap.conf` for the nodes' `conf.d` (RabbitMQ
+/// makes the user at its first boot, and ignores the file once it has users),
+/// `OUT/admin/amqp.url` and `OUT/admin/management.url` for `vigil broker provision`, and with
+/// `postgres`, `OUT/postgres/password` and `OUT/directory/url`. Every file is 0600. With
+/// `if_missing`, a complete set already there is kept (`None`).
+pub fn bootstrap(opts: &BootstrapOptions, if_missing: bool) -> std::io::Result<Option<Bootstrap>> {
+    let out = &opts.out;
+    let conf = out.join("rabbitmq").join("10-vigil-bootstrap.conf");
+    let amqp_url = out.join("admin").join("amqp.url");
+    let management_url = out.join("admin").join("management.url");
+    let pg = opts.postgres.as_ref().map(|_| {
+        (
+            out.join("postgres").join("password"),
+            out.join("directory").join("url"),
+        )
+    });
+    let mut all = vec![conf.clone(), amqp_url.clone(), management_url.clone()];
+    if let Some((a, b)) = &pg {
+        all.extend([a.clone(), b.clone()]);
+    }
+    if if_missing && all.iter().all(|p| p.exists()) {
+        return Ok(None);
+    }
+    if opts.hosts.is_empty()
+        || opts
+            .hosts
+            .iter()
+            .any(|h| h.is_empty() || h.contains(['/', '@', ':', ',']))
+    {
+        return Err(std::io::Error::other(
+            "give each broker node's host name with --host",
+        ));
+    }
+    crate::topology::check_identifier("the administrator's name", &opts.user)
+        .map_err(std::io::Error::other)?;
+    for p in &all {
+        let dir = p.parent().expect("a file in a folder");
+        if !dir.exists() {
+            crate::directory::private_dir(dir)?;
+        }
+    }
+    // URL-safe: it goes into URLs and a configuration file as it is.
+    let password = crate::directory::generate_token();
+    let user = &opts.user;
+    let fragment = format!(
+        "# Made by `vigil broker bootstrap`: the first administrator, created at the node's first\n\
+         # boot (a node with users already ignores it). `vigil broker provision` makes the\n\
+         # services' users with it.\n\
+         default_user = {user}\n\
+         default_pass = {password}\n\
+         default_user_tags.administrator = true\n\
+         default_permissions.configure = .*\n\
+         default_permissions.read = .*\n\
+         default_permissions.write = .*\n\
+         # guest only from the node itself (RabbitMQ's default, which the image's own conf.d\n\
+         # lifts).\n\
+         loopback_users.guest = true\n\
+         log.console = true\n"
+    );
+    crate::tools::certs::write(&conf, fragment.as_bytes(), 0o600)?;
+    chown(&conf, opts.broker_owner)?;
+    let amqp = opts
+        .hosts
+        .iter()
+        .map(|h| {
+            format!(
+                "amqp://{user}:{password}@{h}:{}/%2f?connection_timeout=5000",
+                opts.amqp_port
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let management = opts
+        .hosts
+        .iter()
+        .map(|h| format!("http://{user}:{password}@{h}:{}", opts.management_port))
+        .collect::<Vec<_>>()
+        .join(",");
+    for (path, text) in [(&amqp_url, amqp), (&management_url, management)] {
+        crate::tools::certs::write(path, format!("{text}\n").as_bytes(), 0o600)?;
+        chown(path, opts.owner)?;
+    }
+    if let (Some(base), Some((password_file, url_file))) = (&opts.postgres, &pg) {
+        let db_password = crate::directory::generate_token();
+        let url = postgres_with_password(base, &db_password)?;
+        crate::tools::certs::write(password_file, format!("{db_password}\n").as_bytes(), 0o600)?;
+        chown(password_file, opts.postgres_owner)?;
+        crate::tools::certs::write(url_file, format!("{url}\n").as_bytes(), 0o600)?;
+        chown(url_file, opts.owner)?;
+    }
+    Ok(Some(Bootstrap {
+        user: user.clone(),
+        conf,
+        amqp_url,
+        management_url,
+        postgres_password: pg.as_ref().map(|(p, _)| p.clone()),
+        directory_url: pg.map(|(_, u)| u),
+    }))
+}
+
+/// `postgres://user@host/db` with `password` put in as the user's.
+fn postgres_with_password(base: &str, password: &str) -> std::io::Result<String> {
+    let mut url = url::Url::parse(base)
+        .map_err(|e| std::io::Error::other(format!("--postgres `{base}`: {e}")))?;
+    if !matches!(url.scheme(), "postgres" | "postgresql") || url.username().is_empty() {
+        return Err(std::io::Error::other(format!(
+            "--postgres `{base}` must be postgres://USER@HOST/DB"
+        )));
+    }
+    url.set_password(Some(password))
+        .map_err(|()| std::io::Error::other("--postgres: cannot carry a password"))?;
+    Ok(url.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +429,65 @@ mod tests {
         }
         assert!(with_credentials("rabbit:5672", "u", "p").is_err());
         assert!(with_credentials("amqp://u@/", "u", "p").is_err());
+    }
+
+    #[test]
+    fn bootstrap_writes_private_files_once() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let out =
+            std::env::temp_dir().join(format!("vigil-bootstrap-{:016x}", rand::random::<u64>()));
+        let opts = BootstrapOptions {
+            out: out.clone(),
+            hosts: vec!["rabbitmq".into(), "rabbitmq-2".into()],
+            amqp_port: 5672,
+            management_port: 15672,
+            user: "vigil-bootstrap".into(),
+            broker_owner: None,
+            owner: None,
+            postgres: Some("postgres://vigil@postgres:5432/vigil".into()),
+            postgres_owner: None,
+        };
+        let made = bootstrap(&opts, true).unwrap().expect("a first set");
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+        let conf = read(&made.conf);
+        let password = conf
+            .lines()
+            .find_map(|l| l.strip_prefix("default_pass = "))
+            .unwrap()
+            .to_owned();
+        assert!(password.len() >= 40, "{password}");
+        assert!(conf.contains("default_user = vigil-bootstrap"), "{conf}");
+        assert_eq!(
+            read(&made.management_url).trim(),
+            format!(
+                "http://vigil-bootstrap:{password}@rabbitmq:15672,http://vigil-bootstrap:{password}@rabbitmq-2:15672"
+            )
+        );
+        assert!(read(&made.amqp_url).contains(&format!(
+            "amqp://vigil-bootstrap:{password}@rabbitmq-2:5672/%2f"
+        )));
+        let db = read(made.postgres_password.as_ref().unwrap());
+        assert_eq!(
+            read(made.directory_url.as_ref().unwrap()).trim(),
+            format!("postgres://vigil:{}@postgres:5432/vigil", db.trim())
+        );
+        for p in [&made.conf, &made.amqp_url, &made.management_url] {
+            assert_eq!(
+                std::fs::metadata(p).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+        // Kept on a second start; replaced when asked.
+        assert!(bootstrap(&opts, true).unwrap().is_none());
+        assert_eq!(read(&made.conf), conf);
+        bootstrap(&opts, false).unwrap().unwrap();
+        assert_ne!(read(&made.conf), conf);
+        // Hosts that would bend the URLs are refused.
+        let bad = BootstrapOptions {
+            hosts: vec!["x@y".into()],
+            ..opts.clone()
+        };
+        assert!(bootstrap(&bad, false).is_err());
+        std::fs::remove_dir_all(&out).unwrap();
     }
 }

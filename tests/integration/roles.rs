@@ -18,6 +18,8 @@ use vigil::wire::{self, ActionEvent, Analysis, ControlCommand, Envelope, FrameRe
 
 use crate::support::{PrivateBroker, TOKEN, TestEnv, eventually, metric};
 
+const ADMIN_TOKEN: &str = "admin-token-0123456789";
+
 fn envelope(client_id: &str, payload: Payload) -> Envelope {
     Envelope {
         schema: wire::SCHEMA,
@@ -75,6 +77,10 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
         PrivateBroker::CTL,
         "--node",
         &rabbit.node,
+        "--edge",
+        "e1",
+        "--edge",
+        "e2",
         "--json",
     ])
     .env("VIGIL_NAMESPACE", &env.cfg.namespace)
@@ -87,25 +93,41 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
         String::from_utf8_lossy(&out.stderr)
     );
     let users: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let url = |role: &str| -> String {
+    // A role's URL, or an edge's (`edge:e1`).
+    let url = |who: &str| -> String {
+        let (role, edge) = who.split_once(':').unwrap_or((who, ""));
         users
             .as_array()
             .unwrap()
             .iter()
-            .find(|u| u["role"] == role)
+            .find(|u| u["role"] == role && u["edge"].as_str().unwrap_or("") == edge)
             .and_then(|u| u["url"].as_str())
-            .unwrap_or_else(|| panic!("no {role} user in {users}"))
+            .unwrap_or_else(|| panic!("no {who} user in {users}"))
             .to_owned()
     };
     let ns = env.cfg.namespace.clone();
     let listed = rabbit.ctl_output(&["list_users", "--silent"]);
-    for role in ["edge", "worker", "audit", "admin"] {
-        assert!(listed.contains(&format!("{ns}-{role}")), "{listed}");
+    for user in ["worker", "audit", "admin", "edge-e1", "edge-e2"] {
+        assert!(
+            listed
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(format!("{ns}-{user}").as_str())),
+            "{listed}"
+        );
     }
+    assert!(
+        !listed
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(format!("{ns}-edge").as_str())),
+        "no edge user is shared: {listed}"
+    );
 
-    // Every service as its own role.
+    // Every service as its own role; edge e1 serves the admin API over the admin role's link.
     env.cfg.broker_roles = RoleMode::Separate;
-    env.cfg.amqp_url = url("edge");
+    env.cfg.amqp_url = url("edge:e1");
+    env.cfg.edge.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    env.cfg.edge.admin_token = Some(ADMIN_TOKEN.into());
+    env.cfg.edge.admin_amqp_url = Some(url("admin"));
     let edge_url = env.start_edge("e1").await;
     env.cfg.amqp_url = url("worker");
     env.start_worker("w1").await;
@@ -140,6 +162,8 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
     let guest = connect(&guest_url).await;
     let worker = connect(&url("worker")).await;
     let admin = connect(&url("admin")).await;
+    // Another edge: a real one, which a candidate-facing machine's break-in would give.
+    let other_edge = connect(&url("edge:e2")).await;
     let edge_registry = &env.edge_registries[0];
     let untrusted = |registry: &Registry, kind: &str| {
         metric(
@@ -201,13 +225,39 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
             .is_err_and(|e| e.contains("ACCESS_REFUSED") || e.contains("403")),
         "a worker publishing control: {refused:?}"
     );
-    publish(&guest, &format!("{ns}.control"), "", &block)
-        .await
-        .unwrap();
+    // The guest administrator's and another edge's are taken by the broker and dropped by
+    // the edge: control comes only from the admin role.
+    for from in [&guest, &other_edge] {
+        publish(from, &format!("{ns}.control"), "", &block)
+            .await
+            .unwrap();
+    }
     eventually(
         "forged control counted",
         Duration::from_secs(10),
-        || async { (untrusted(edge_registry, "control") >= 1.0).then_some(()) },
+        || async { (untrusted(edge_registry, "control") >= 2.0).then_some(()) },
+    )
+    .await;
+    // Another edge announcing a session in e1's name (which would end c1's with 4409): only
+    // e1 may say what starts on e1.
+    let squat = envelope(
+        "c1",
+        Payload::Control(wire::ControlEvent {
+            command: ControlCommand::SessionStarted {
+                edge: "e1".into(),
+                session: u64::MAX,
+                since_ms: wire::now_ms() + 60_000,
+            },
+            issued_by: "e1".into(),
+        }),
+    );
+    publish(&other_edge, &format!("{ns}.control"), "", &squat)
+        .await
+        .unwrap();
+    eventually(
+        "a session announced in another edge's name counted",
+        Duration::from_secs(10),
+        || async { (untrusted(edge_registry, "session") >= 1.0).then_some(()) },
     )
     .await;
     // Still served: the block had no effect.
@@ -234,18 +284,114 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
             challenge: None,
         }),
     );
-    publish(&guest, &format!("{ns}.actions"), "", &action)
-        .await
-        .unwrap();
-    eventually("forged action counted", Duration::from_secs(10), || async {
-        (untrusted(&audit_registry, "action") >= 1.0).then_some(())
-    })
+    // From the guest, and from another edge in e1's name (the envelope's source): neither is
+    // written. Nor is an operator's note from an edge.
+    let note = envelope(
+        "c1",
+        Payload::AdminOp(wire::AdminOpEvent {
+            operation: "unblock".into(),
+            operator: "someone".into(),
+            at_ms: wire::now_ms(),
+            detail: String::new(),
+        }),
+    );
+    for (from, env) in [
+        (&guest, &action),
+        (&other_edge, &action),
+        (&other_edge, &note),
+    ] {
+        publish(from, &format!("{ns}.actions"), "", env)
+            .await
+            .unwrap();
+    }
+    eventually(
+        "forged entries counted",
+        Duration::from_secs(10),
+        || async {
+            (untrusted(&audit_registry, "action") >= 2.0
+                && untrusted(&audit_registry, "note") >= 1.0)
+                .then_some(())
+        },
+    )
     .await;
     assert!(
         vigil::audit::records(&env.cfg.evidence_dir)
             .unwrap()
             .is_empty()
     );
+    assert!(
+        !vigil::audit::notes(&env.cfg.evidence_dir)
+            .unwrap()
+            .iter()
+            .any(|n| matches!(n, vigil::audit::Note::Admin { .. })),
+        "an edge's note is not in the trail"
+    );
+
+    // Another edge can neither read e1's results nor take e1's queues: binding anything but
+    // its own routing keys on the replies exchange is refused (a topic permission), and so is
+    // declaring e1's reply queue.
+    let raw = lapin::Connection::connect(&url("edge:e2"), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let own_queue = format!("{ns}.replies.edge.e2");
+    let declare = |name: String| {
+        let raw = &raw;
+        async move {
+            let ch = raw.create_channel().await.unwrap();
+            let declared = ch
+                .queue_declare(
+                    name.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        exclusive: true,
+                        auto_delete: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await;
+            (ch, declared)
+        }
+    };
+    let (_, squatted) = declare(format!("{ns}.replies.edge.e1")).await;
+    assert!(
+        squatted
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("ACCESS_REFUSED")),
+        "e2 declaring e1's reply queue: {squatted:?}"
+    );
+    for key in ["#", "edge.#", "edge.*.#", "edge.e1.#", "edge.e1.c1"] {
+        // A refused bind closes its channel: one channel each.
+        let (ch, declared) = declare(own_queue.clone()).await;
+        declared.expect("e2 declares its own reply queue");
+        let bound = ch
+            .queue_bind(
+                own_queue.as_str().into(),
+                format!("{ns}.replies").as_str().into(),
+                key.into(),
+                lapin::options::QueueBindOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await;
+        assert!(
+            bound
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("ACCESS_REFUSED")),
+            "e2 binding `{key}`: {bound:?}"
+        );
+    }
+    // Its own key binds (the edge's own start-up does this).
+    let (ch, declared) = declare(own_queue.clone()).await;
+    declared.unwrap();
+    ch.queue_bind(
+        own_queue.as_str().into(),
+        format!("{ns}.replies").as_str().into(),
+        "edge.e2.#".into(),
+        lapin::options::QueueBindOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("an edge binds its own routing keys");
+    let _ = raw.close(200, "bye".into()).await;
 
     // The admin role's forced action takes the real path: the edge enforces it, and the
     // writer stores the edge's action.
@@ -297,6 +443,28 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
         "{notes:?}"
     );
 
+    // The admin API's block goes out over the admin role's link, and the edge takes it.
+    let admin_api = env.edges[0].admin_addr.expect("admin API on");
+    let (status, body) = crate::support::http(
+        admin_api,
+        "POST",
+        "/v1/admin/clients/c1/block",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        matches!(
+            next_msg(&mut conn).await,
+            ServerMsg::Error {
+                code: wire::client::ErrorCode::Blocked,
+                ..
+            }
+        ),
+        "the block reached the session"
+    );
+
     // 4. A forged `user_id`: a worker claiming to be the admin is refused by the broker.
     let raw = lapin::Connection::connect(&url("worker"), lapin::ConnectionProperties::default())
         .await
@@ -329,7 +497,7 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
     );
     let _ = raw.close(200, "bye".into()).await;
 
-    for b in [guest, worker, admin] {
+    for b in [guest, worker, admin, other_edge] {
         b.close().await;
     }
     conn.close().await;
@@ -352,7 +520,7 @@ impl<F: FnMut()> Drop for OnDrop<F> {
 /// `roles::grant`, and a second run rotates the passwords.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provision_through_the_management_api_without_rabbitmqctl() {
-    use vigil::roles::{Role, grant, user_of};
+    use vigil::roles::principals;
     let (rabbit, api_url) = PrivateBroker::start_with_management().await;
     let ns = format!("t-mgmt-{:08x}", rand::random::<u32>());
     let cfg = vigil::config::Config {
@@ -363,7 +531,12 @@ async fn provision_through_the_management_api_without_rabbitmqctl() {
     let api = cfg.management().unwrap().expect("a management URL");
     // The users go at the end, a panic included (before the node: declared after it).
     let _cleanup = {
-        let (api, users) = (api.clone(), Role::ALL.map(|r| user_of(&ns, r)).to_vec());
+        let users: Vec<String> = principals(&["e1".to_owned()])
+            .unwrap()
+            .iter()
+            .map(|p| p.user(&ns))
+            .collect();
+        let api = api.clone();
         OnDrop(move || {
             let (api, users) = (api.clone(), users.clone());
             // A runtime of its own: this may run while the test's runtime unwinds.
@@ -389,6 +562,8 @@ async fn provision_through_the_management_api_without_rabbitmqctl() {
             "provision",
             "--rabbitmqctl",
             "/nonexistent/rabbitmqctl",
+            "--edge",
+            "e1",
             "--json",
         ])
         .env("VIGIL_NAMESPACE", &ns)
@@ -418,19 +593,27 @@ async fn provision_through_the_management_api_without_rabbitmqctl() {
         }
     };
 
+    let everyone = principals(&["e1".to_owned()]).unwrap();
+    let pick = |all: &[serde_json::Value], p: &vigil::roles::Principal| {
+        all.iter()
+            .find(|u| u["user"] == p.user(&ns).as_str())
+            .unwrap_or_else(|| panic!("no {p:?} user in {all:?}"))
+            .clone()
+    };
     let first = provision();
-    assert_eq!(first.len(), Role::ALL.len(), "{first:?}");
-    for role in Role::ALL {
-        let user = user_of(&ns, role);
-        let entry = first
-            .iter()
-            .find(|u| u["role"] == role.as_str())
-            .unwrap_or_else(|| panic!("no {role:?} user in {first:?}"));
-        assert_eq!(entry["user"], user.as_str());
+    assert_eq!(first.len(), everyone.len(), "{first:?}");
+    for p in &everyone {
+        let user = p.user(&ns);
+        let entry = pick(&first, p);
+        assert_eq!(entry["role"], p.role.as_str());
         assert_eq!(entry["created"], true, "{entry}");
         let url = entry["url"].as_str().unwrap().to_owned();
         assert!(can_connect(url).await, "{user} connects with its password");
-        assert_eq!(api.permissions(&user).await.unwrap(), grant(&ns, role));
+        assert_eq!(api.permissions(&user).await.unwrap(), p.grant(&ns));
+        assert_eq!(
+            api.topic_permissions(&user).await.unwrap(),
+            p.topic_grant(&ns).into_iter().collect::<Vec<_>>()
+        );
         let shown = api.user(&user).await.unwrap();
         assert_eq!(shown["tags"], serde_json::json!([]), "{shown}");
     }
@@ -441,21 +624,174 @@ async fn provision_through_the_management_api_without_rabbitmqctl() {
 
     // Again: the same users, new passwords; the old ones no longer work.
     let second = provision();
-    for role in Role::ALL {
-        let pick = |all: &[serde_json::Value]| {
-            all.iter()
-                .find(|u| u["role"] == role.as_str())
-                .unwrap()
-                .clone()
-        };
-        let (old, new) = (pick(&first), pick(&second));
+    for p in &everyone {
+        let (old, new) = (pick(&first, p), pick(&second, p));
         assert_eq!(new["created"], false, "{new}");
         assert_ne!(old["password"], new["password"]);
         assert!(can_connect(new["url"].as_str().unwrap().to_owned()).await);
         assert!(!can_connect(old["url"].as_str().unwrap().to_owned()).await);
-        assert_eq!(
-            api.permissions(&user_of(&ns, role)).await.unwrap(),
-            grant(&ns, role)
-        );
+        assert_eq!(api.permissions(&p.user(&ns)).await.unwrap(), p.grant(&ns));
     }
+}
+
+/// A deployment from nothing, as compose.yaml runs one: `vigil broker bootstrap` writes the
+/// broker's first administrator into its configuration and into files; `vigil broker
+/// provision --out` makes each service's user and writes each URL to a file of its own; the
+/// real binaries then run with separate roles, each reading only its own file
+/// (VIGIL_AMQP_URL_FILE). No password is printed, nor passed in the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_from_nothing_runs_on_secret_files() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let env = TestEnv::new("files");
+    let ns = env.cfg.namespace.clone();
+    let secrets = crate::support::TempDir(
+        std::env::temp_dir().join(format!("vigil-secrets-{:016x}", rand::random::<u64>())),
+    );
+    std::fs::create_dir_all(&secrets.0).unwrap();
+    let boot = secrets.0.join("bootstrap");
+    let users = secrets.0.join("users");
+    let vigil = env!("CARGO_BIN_EXE_vigil");
+    let (rabbit, _) = PrivateBroker::start_with_management_conf(|amqp, management| {
+        let out = crate::support::output(std::process::Command::new(vigil).args([
+            "broker",
+            "bootstrap",
+            "--out",
+            boot.to_str().unwrap(),
+            "--host",
+            "127.0.0.1",
+            "--amqp-port",
+            &amqp.to_string(),
+            "--management-port",
+            &management.to_string(),
+        ]));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            std::fs::read_to_string(boot.join("rabbitmq/10-vigil-bootstrap.conf")).unwrap(),
+            Some(
+                std::fs::read_to_string(boot.join("admin/amqp.url"))
+                    .unwrap()
+                    .trim()
+                    .to_owned(),
+            ),
+        )
+    })
+    .await;
+    let provision = || {
+        let mut cmd = std::process::Command::new(vigil);
+        cmd.args([
+            "broker",
+            "provision",
+            "--via",
+            "management",
+            "--edge",
+            "e1",
+            "--out",
+            users.to_str().unwrap(),
+            "--if-missing",
+        ])
+        .env("VIGIL_NAMESPACE", &ns)
+        .env("VIGIL_AMQP_URL_FILE", boot.join("admin/amqp.url"))
+        .env(
+            "VIGIL_BROKER_MANAGEMENT_URL_FILE",
+            boot.join("admin/management.url"),
+        );
+        let out = crate::support::output(&mut cmd);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let report = provision();
+    assert!(
+        !report.contains("amqp://"),
+        "no URL, so no password, in the report: {report}"
+    );
+    let file = |user: &str| users.join(user).join("amqp.url");
+    for user in ["worker", "audit", "admin", "edge-e1"] {
+        let path = file(&format!("{ns}-{user}"));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+    }
+    let first = std::fs::read_to_string(file(&format!("{ns}-worker"))).unwrap();
+    // A later start keeps them (running services hold these passwords).
+    assert!(provision().contains("kept"));
+    assert_eq!(
+        std::fs::read_to_string(file(&format!("{ns}-worker"))).unwrap(),
+        first
+    );
+
+    // The services, each with its own file; the edge's id is its user's.
+    let evidence = secrets.0.join("evidence");
+    let edge_port = crate::support::free_port();
+    let spawn = |binary: &str, user: &str, extra: &[(&str, String)]| {
+        let mut cmd = std::process::Command::new(binary);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn")
+            .env("VIGIL_NAMESPACE", &ns)
+            .env("VIGIL_BROKER_ROLES", "separate")
+            .env("VIGIL_AMQP_URL_FILE", file(&format!("{ns}-{user}")))
+            .env("VIGIL_METRICS_LISTEN", "127.0.0.1:0");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        crate::support::KillOnDrop(cmd.spawn().expect("the service starts"))
+    };
+    let _audit = spawn(
+        env!("CARGO_BIN_EXE_vigil-audit"),
+        "audit",
+        &[("VIGIL_EVIDENCE_DIR", evidence.display().to_string())],
+    );
+    let _worker = spawn(
+        env!("CARGO_BIN_EXE_vigil-worker"),
+        "worker",
+        &[("VIGIL_ANALYZER", "frame-info".into())],
+    );
+    let _edge = spawn(
+        env!("CARGO_BIN_EXE_vigil-edge"),
+        "edge-e1",
+        &[
+            ("VIGIL_EDGE_LISTEN", format!("127.0.0.1:{edge_port}")),
+            ("VIGIL_CLIENTS_DIR", env.clients_dir.display().to_string()),
+            ("VIGIL_CHALLENGE_ON_START", "false".into()),
+        ],
+    );
+    env.add_client("c1");
+    let url = format!("ws://127.0.0.1:{edge_port}/v1/stream");
+    crate::support::await_listening(&url).await;
+    let (mut conn, welcome) = Connection::connect(&url, "c1", TOKEN, Encoding::MsgPack)
+        .await
+        .unwrap();
+    assert!(matches!(welcome, ServerMsg::Welcome { .. }), "{welcome:?}");
+    conn.send_frame(1, 0, &synthetic_jpeg(64, 48, 1, 0))
+        .await
+        .unwrap();
+    let answer = next_msg(&mut conn).await;
+    assert!(
+        matches!(answer, ServerMsg::Result { seq: 1, .. }),
+        "{answer:?}"
+    );
+    // The edge announced the session as itself, and the writer, as the audit role, kept it.
+    let notes = eventually("the session in the trail", Duration::from_secs(20), || {
+        let evidence = evidence.clone();
+        async move {
+            vigil::audit::notes(&evidence).ok().and_then(|n| {
+                n.into_iter().find(
+                    |n| matches!(n, vigil::audit::Note::Session { source, .. } if source == "e1"),
+                )
+            })
+        }
+    })
+    .await;
+    assert!(matches!(notes, vigil::audit::Note::Session { .. }));
+    conn.close().await;
+    // The services go before their broker.
+    drop((_edge, _worker, _audit));
+    drop(rabbit);
 }

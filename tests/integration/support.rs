@@ -633,6 +633,8 @@ pub struct PrivateBroker {
     dist_port: u16,
     /// The `amqps://` port, when the node was started with a TLS listener.
     tls_port: Option<u16>,
+    /// The URL that shows the node is up, when it is not the guest's.
+    probe: Option<String>,
 }
 
 impl PrivateBroker {
@@ -649,13 +651,23 @@ impl PrivateBroker {
     /// A node with the management plugin, its HTTP API on `127.0.0.1:<port>`; returns the node
     /// and the API's URL (with the node's guest credentials).
     pub async fn start_with_management() -> (Self, String) {
-        let b = Self::new();
+        Self::start_with_management_conf(|_, _| (String::new(), None)).await
+    }
+
+    /// [`PrivateBroker::start_with_management`], with more configuration: `extra(amqp port,
+    /// management port)` gives what is appended to the node's `rabbitmq.conf`, and, when the
+    /// node will have no guest user, the AMQP URL that shows it is up.
+    pub async fn start_with_management_conf(
+        extra: impl Fn(u16, u16) -> (String, Option<String>),
+    ) -> (Self, String) {
+        let mut b = Self::new();
         let port = free_port();
         std::fs::write(b.dir.join("plugins"), "[rabbitmq_management].").unwrap();
-        std::fs::write(
-            b.dir.join("rabbitmq.conf"),
-            format!("management.tcp.port = {port}\nmanagement.tcp.ip = 127.0.0.1\n"),
-        )
+        std::fs::write(b.dir.join("rabbitmq.conf"), {
+            let (conf, probe) = extra(b.port, port);
+            b.probe = probe;
+            format!("management.tcp.port = {port}\nmanagement.tcp.ip = 127.0.0.1\n{conf}")
+        })
         .unwrap();
         b.boot().await;
         let url = format!("http://guest:guest@127.0.0.1:{port}");
@@ -739,6 +751,7 @@ impl PrivateBroker {
             dir,
             dist_port: free_port(),
             tls_port: None,
+            probe: None,
         }
     }
 
@@ -765,7 +778,7 @@ impl PrivateBroker {
             "{} -detached failed",
             Self::SERVER
         );
-        let url = self.url();
+        let url = self.probe.clone().unwrap_or_else(|| self.url());
         eventually("the private broker", Duration::from_secs(60), || async {
             let b = Broker::connect(&url, "probe", BrokerMetrics::new(&Registry::new()))
                 .await
