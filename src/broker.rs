@@ -70,6 +70,8 @@ pub fn redact_url(url: &str) -> String {
             let user = userinfo.split(':').next().unwrap_or("");
             format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
         }
+        // No scheme (a mistyped URL): whatever comes before an `@` may be a password.
+        (None, Some(at)) => format!("***{}", &url[at..]),
         _ => url.to_owned(),
     }
 }
@@ -853,6 +855,11 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// True while its channel is open (a refused publish closes it).
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
     /// Publish an event. The returned [`Confirm`] resolves when the broker has taken it.
     pub async fn publish(
         &self,
@@ -1125,6 +1132,8 @@ mod tests {
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
         assert_eq!(redact_url("amqp://127.0.0.1"), "amqp://127.0.0.1");
+        // A URL that lost its scheme still hides what may be a password.
+        assert_eq!(redact_url("guest:secret@host:5672"), "***@host:5672");
     }
 
     #[test]

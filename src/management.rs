@@ -38,8 +38,6 @@ pub enum ManagementError {
         status: u16,
         body: String,
     },
-    #[error("{0}")]
-    Invalid(String),
 }
 
 /// One role's user as [`Management::provision_roles`] left it.
@@ -182,7 +180,7 @@ impl Management {
         self.get_json(&path).await
     }
 
-    /// Create (or rotate) the user of each role of `namespace` and of each edge of `edges`
+    /// Create (or rotate) the user of each of `principals` in `namespace`
     /// ([`roles::principals`]) with a fresh random password and no tags (the users speak AMQP
     /// only), and set its permissions on the virtual host (and an edge's topic permission on
     /// the replies exchange): what `rabbitmqctl` does in `vigil broker provision`. Needs an
@@ -190,11 +188,10 @@ impl Management {
     pub async fn provision_roles(
         &self,
         namespace: &str,
-        edges: &[String],
+        principals: &[roles::Principal],
     ) -> Result<Vec<RoleUser>, ManagementError> {
         let mut out = Vec::new();
-        let principals = roles::principals(edges).map_err(ManagementError::Invalid)?;
-        for principal in principals {
+        for principal in principals.iter().cloned() {
             let user = principal.user(namespace);
             let password = crate::directory::generate_token();
             let created = !self.user_exists(&user).await?;

@@ -28,17 +28,29 @@ pub enum Role {
     Edge,
     Worker,
     Audit,
+    /// What the admin API publishes (an edge that serves it speaks as this role over a second
+    /// link): control commands, operators' notes and enrolment requests, and nothing else; it
+    /// reads nothing and declares nothing.
+    Operator,
+    /// Everything in the namespace: the topology, and the operators' tools.
     Admin,
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Role::Edge, Role::Worker, Role::Audit, Role::Admin];
+    pub const ALL: [Role; 5] = [
+        Role::Edge,
+        Role::Worker,
+        Role::Audit,
+        Role::Operator,
+        Role::Admin,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Edge => "edge",
             Role::Worker => "worker",
             Role::Audit => "audit",
+            Role::Operator => "operator",
             Role::Admin => "admin",
         }
     }
@@ -106,18 +118,18 @@ impl Kind {
 
     /// The roles that may send this kind. Edges publish frames, actions and their own
     /// sessions; admins may publish frames and actions too (replay, tools). Results come only
-    /// from workers. Control, operators' notes and enrolments come only from admins: an edge
-    /// that serves the admin API publishes them over a link of the admin role
-    /// (`VIGIL_ADMIN_AMQP_URL`).
+    /// from workers. Control, operators' notes and enrolments come only from the operator role
+    /// (an edge that serves the admin API publishes them over a link of that role,
+    /// `VIGIL_ADMIN_AMQP_URL`) and from admins (the CLI).
     pub fn senders(self) -> &'static [Role] {
         match self {
             Kind::Frame => &[Role::Edge, Role::Admin],
             Kind::Result => &[Role::Worker],
-            Kind::Control => &[Role::Admin],
+            Kind::Control => &[Role::Operator, Role::Admin],
             Kind::Session => &[Role::Edge],
             Kind::Action => &[Role::Edge, Role::Admin],
-            Kind::Note => &[Role::Admin],
-            Kind::Enroll => &[Role::Admin],
+            Kind::Note => &[Role::Operator, Role::Admin],
+            Kind::Enroll => &[Role::Operator, Role::Admin],
             Kind::Webhook => &[Role::Audit, Role::Admin],
             Kind::Checkpoint => &[Role::Audit],
         }
@@ -192,10 +204,10 @@ impl Principal {
     }
 }
 
-/// The users `vigil broker provision` makes: the worker, audit and admin roles, and one user
-/// per edge id (edge ids are checked identifiers: `[A-Za-z0-9_-]`, no regex escaping needed).
+/// The users `vigil broker provision` makes: the worker, audit, operator and admin roles, and
+/// one user per edge id (edge ids are checked identifiers: `[A-Za-z0-9_-]`, no regex escaping needed).
 pub fn principals(edges: &[String]) -> Result<Vec<Principal>, String> {
-    let mut out: Vec<Principal> = [Role::Worker, Role::Audit, Role::Admin]
+    let mut out: Vec<Principal> = [Role::Worker, Role::Audit, Role::Operator, Role::Admin]
         .into_iter()
         .map(Principal::role)
         .collect();
@@ -234,7 +246,7 @@ impl Trust {
         if let Some(id) = edge_of_user(&self.namespace, user) {
             return Some((Role::Edge, Some(id)));
         }
-        [Role::Worker, Role::Audit, Role::Admin]
+        [Role::Worker, Role::Audit, Role::Operator, Role::Admin]
             .into_iter()
             .find(|r| user_of(&self.namespace, *r) == user)
             .map(|r| (r, None))
@@ -331,6 +343,11 @@ pub fn grant(namespace: &str, role: Role) -> Grant {
             write: format!(r"^{ns}\.(audit\.checkpoints|webhooks)$"),
             read: format!(r"^{ns}\.(audit|audit\.checkpoints|webhooks)$"),
         },
+        Role::Operator => Grant {
+            configure: nothing.clone(),
+            write: format!(r"^{ns}\.(control|actions|enroll)$"),
+            read: nothing,
+        },
         Role::Admin => {
             let all = format!(r"^{ns}\..+$");
             Grant {
@@ -362,9 +379,16 @@ mod tests {
             (Kind::Control, "v-edge-e1", false),
             (Kind::Control, "v-worker", false),
             (Kind::Note, "v-admin", true),
+            (Kind::Note, "v-operator", true),
             (Kind::Note, "v-edge-e1", false),
             (Kind::Enroll, "v-admin", true),
+            (Kind::Enroll, "v-operator", true),
             (Kind::Enroll, "v-edge-e1", false),
+            (Kind::Control, "v-operator", true),
+            // The operator role steers sessions, never decides about a frame or an action.
+            (Kind::Result, "v-operator", false),
+            (Kind::Action, "v-operator", false),
+            (Kind::Session, "v-operator", false),
             (Kind::Action, "v-edge-e1", true),
             (Kind::Action, "v-audit", false),
             (Kind::Action, "v-worker", false),
@@ -381,7 +405,7 @@ mod tests {
             assert_eq!(t.admits(kind, Some(user)), expected, "{kind:?} from {user}");
         }
         assert!(!t.admits(Kind::Result, None));
-        assert_eq!(t.metrics.untrusted.with_label_values(&["result"]).get(), 4);
+        assert_eq!(t.metrics.untrusted.with_label_values(&["result"]).get(), 5);
     }
 
     #[test]
@@ -445,6 +469,21 @@ mod tests {
         assert!(!re(&worker.write).is_match("v.control"));
         assert!(!re(&worker.write).is_match("v.actions"));
         assert!(!re(&worker.configure).is_match("v.frames.work"));
+        let operator = grant("v", Role::Operator);
+        for name in ["v.control", "v.actions", "v.enroll"] {
+            assert!(re(&operator.write).is_match(name), "{name}");
+        }
+        for name in [
+            "v.frames",
+            "v.replies",
+            "v.audit",
+            "v.frames.work",
+            "v.webhooks",
+        ] {
+            assert!(!re(&operator.write).is_match(name), "{name}");
+            assert!(!re(&operator.read).is_match(name), "{name}");
+            assert!(!re(&operator.configure).is_match(name), "{name}");
+        }
         let audit = grant("v", Role::Audit);
         assert!(re(&audit.read).is_match("v.audit"));
         assert!(!re(&audit.read).is_match("v.frames.work"));
@@ -467,7 +506,14 @@ mod tests {
             .collect();
         assert_eq!(
             users,
-            ["v-worker", "v-audit", "v-admin", "v-edge-e1", "v-edge-e2"]
+            [
+                "v-worker",
+                "v-audit",
+                "v-operator",
+                "v-admin",
+                "v-edge-e1",
+                "v-edge-e2"
+            ]
         );
         assert!(principals(&["a.b".to_owned()]).is_err());
         assert!(principals(&[".*".to_owned()]).is_err());

@@ -541,10 +541,13 @@ impl AuditStore {
         if self.contains(&event.action_id) {
             return Ok(false);
         }
+        // Named by the action's id, which the writer checks for duplicates above, never by the
+        // publisher's `evidence_id`: another action's files are out of reach of a publisher
+        // that reuses it.
         let rel = PathBuf::from("evidence")
             .join(utc_date(event.decided_at_ms))
             .join(safe(&env.client_id))
-            .join(event.evidence_id.to_string());
+            .join(event.action_id.to_string());
         let dir = self.root.join(&rel);
         crate::directory::private_dir(&dir).map_err(io(&dir))?;
         // New folders are durable only once their parents say so.

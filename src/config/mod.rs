@@ -643,13 +643,31 @@ impl Config {
                 }
                 if e.admin_listen.is_some() && e.admin_amqp_url.is_none() {
                     errors.push(
-                        "with separate broker roles the admin API publishes as the admin role: \
-                         set VIGIL_ADMIN_AMQP_URL to the admin user's URL"
+                        "with separate broker roles the admin API publishes as the operator role: \
+                         set VIGIL_ADMIN_AMQP_URL to the operator user's URL"
                             .into(),
                     );
                 }
             }
             if let Some(url) = &e.admin_amqp_url {
+                let operator = crate::roles::user_of(&self.namespace, crate::roles::Role::Operator);
+                let user = crate::broker::broker_urls(url)
+                    .first()
+                    .and_then(|u| u.parse::<lapin::uri::AMQPUri>().ok())
+                    .map(|u| u.authority.userinfo.username)
+                    .unwrap_or_default();
+                if self.broker_roles != crate::roles::RoleMode::Separate {
+                    errors.push(
+                        "admin_amqp_url is for separate broker roles: with shared roles the \
+                         admin API publishes over the edge's own link"
+                            .into(),
+                    );
+                } else if user != operator {
+                    errors.push(format!(
+                        "admin_amqp_url connects as `{user}`, not the operator role's user \
+                         `{operator}` (what the admin API publishes, and no more)"
+                    ));
+                }
                 for u in crate::broker::broker_urls(url) {
                     if !(u.starts_with("amqp://") || u.starts_with("amqps://")) {
                         errors.push(format!(
@@ -1199,7 +1217,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vigil-secret-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("admin-url");
-        std::fs::write(&file, "amqp://vigil-admin:pw@rabbit:5672/%2f\n").unwrap();
+        std::fs::write(&file, "amqp://vigil-operator:pw@rabbit:5672/%2f\n").unwrap();
         let cfg = edge(&[
             own,
             ("VIGIL_ADMIN_LISTEN", "127.0.0.1:0"),
@@ -1208,9 +1226,33 @@ mod tests {
         .unwrap();
         assert_eq!(
             cfg.edge.admin_amqp_url.as_deref(),
-            Some("amqp://vigil-admin:pw@rabbit:5672/%2f"),
+            Some("amqp://vigil-operator:pw@rabbit:5672/%2f"),
             "read from the file, its line end cut"
         );
+        let not_admin = edge(&[
+            own,
+            (
+                "VIGIL_ADMIN_AMQP_URL",
+                "amqp://vigil-edge-e7:pw@rabbit:5672/%2f",
+            ),
+        ])
+        .unwrap_err()
+        .join("\n");
+        assert!(
+            not_admin.contains("not the operator role's user"),
+            "{not_admin}"
+        );
+        let shared = Config::load_for(
+            Some(Role::Edge),
+            None,
+            env(&[(
+                "VIGIL_ADMIN_AMQP_URL",
+                "amqp://vigil-admin:pw@rabbit:5672/%2f",
+            )]),
+        )
+        .unwrap_err()
+        .join("\n");
+        assert!(shared.contains("for separate broker roles"), "{shared}");
         let missing = edge(&[("VIGIL_AMQP_URL_FILE", "/nonexistent/url")])
             .unwrap_err()
             .join("\n");

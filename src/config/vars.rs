@@ -603,7 +603,7 @@ pub static VARS: &[Var] = &[
         [Edge],
         opt edge.admin_amqp_url,
         r#"the edge's own"#,
-        r#"the broker as the admin role, for what the admin API publishes (control, operators' notes, enrolments); required with `VIGIL_BROKER_ROLES=separate` and an admin listener, where an edge's own user may publish none of these"#
+        r#"the broker as the operator role (`<namespace>-operator`), for what the admin API publishes (control, operators' notes, enrolments); required with `VIGIL_BROKER_ROLES=separate` and an admin listener, where an edge's own user may publish none of these"#
     ),
     Var {
         name: "VIGIL_ADMIN_AMQP_URL_FILE",

@@ -1,6 +1,7 @@
 //! The admin API's own broker link. With separate broker roles an edge's own user may publish
 //! neither control commands, nor operators' notes, nor enrolment requests: an edge that serves
-//! the admin API publishes them as the admin role, over a second connection
+//! the admin API publishes them as the operator role (`<ns>-operator`: it may publish those
+//! and nothing else), over a second connection
 //! (`VIGIL_ADMIN_AMQP_URL`). Edges facing candidates need no such credentials. Without the
 //! setting, the admin API publishes over the edge's own link (shared roles).
 
@@ -15,7 +16,7 @@ use crate::metrics::BrokerMetrics;
 /// How often the link is looked at; a lost one is relinked with the usual backoff.
 const WATCH: Duration = Duration::from_secs(1);
 
-/// Connect as the admin role (retrying until `give_up`), and keep the link up until
+/// Connect as the operator role (retrying until `give_up`), and keep the link up until
 /// `shutdown`: the slot always holds the current link's publisher.
 pub(super) async fn start(
     url: String,
@@ -45,10 +46,11 @@ async fn keep(
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(WATCH) => {}
         }
-        if broker.is_connected() {
+        if broker.is_connected() && slot.get().is_open() {
             continue;
         }
-        tracing::warn!("lost the admin role's broker link; relinking");
+        // A lost connection, or a channel the broker closed (a refused publish): relink.
+        tracing::warn!("lost the operator role's broker link; relinking");
         let fresh = crate::broker::relink(&url, &name, &metrics, &shutdown, |b| async move {
             let publisher = b.publisher().await?;
             Ok::<_, BrokerError>((b, publisher))
@@ -58,7 +60,7 @@ async fn keep(
         slot.swap(Arc::new(publisher));
         broker.close().await;
         broker = b;
-        tracing::info!("the admin role's broker link is back");
+        tracing::info!("the operator role's broker link is back");
     }
     slot.get().close().await;
     broker.close().await;

@@ -144,7 +144,7 @@ pub(crate) struct Shared {
     pub metrics: EdgeMetrics,
     pub store: Arc<dyn ClientStore>,
     pub publisher: PublisherSlot,
-    /// What the admin API publishes with: the admin role's link (`VIGIL_ADMIN_AMQP_URL`), or
+    /// What the admin API publishes with: the operator role's link (`VIGIL_ADMIN_AMQP_URL`), or
     /// the edge's own.
     pub admin_publisher: PublisherSlot,
     /// Live sessions by client id.
@@ -544,6 +544,10 @@ impl Running {
     }
 }
 
+/// How far ahead of this edge's clock another edge's may run: a session announced as starting
+/// later than this is ignored.
+const MAX_CLOCK_SKEW_MS: u64 = 60_000;
+
 /// What takes one delivery off a consumer: it checks who published it (the AMQP `user_id`,
 /// checked by the broker) against what it says, and never waits.
 type Handler = fn(&Shared, &crate::roles::Trust, Option<&str>, &[u8]);
@@ -839,7 +843,7 @@ pub(crate) async fn audit_action(shared: &Shared, env: &Envelope) {
 }
 
 /// Apply one control event to the sessions of this edge.
-/// A control command, from the admin role; or a session's announcement, from the edge it
+/// A control command, from the operator or admin role; or a session's announcement, from the edge it
 /// names (an edge can end other edges' sessions only by starting a newer one itself).
 fn apply_control(shared: &Shared, trust: &crate::roles::Trust, user_id: Option<&str>, data: &[u8]) {
     let env = match Envelope::decode(data) {
@@ -859,7 +863,18 @@ fn apply_control(shared: &Shared, trust: &crate::roles::Trust, user_id: Option<&
     };
     let (client_id, event) = env;
     let admitted = match &event.command {
-        ControlCommand::SessionStarted { edge, .. } => {
+        ControlCommand::SessionStarted { edge, since_ms, .. } => {
+            // A start from the future would be newer than any session to come: no edge may
+            // claim one (beyond clock skew).
+            if *since_ms > crate::wire::now_ms() + MAX_CLOCK_SKEW_MS {
+                shared
+                    .metrics
+                    .bad_messages
+                    .with_label_values(&["control"])
+                    .inc();
+                tracing::warn!(client = %client_id.escape_debug(), edge = %edge.escape_debug(), since_ms, "a session announced as starting in the future; ignored");
+                return;
+            }
             trust.admits_for(Kind::Session, user_id, edge)
         }
         _ => trust.admits(Kind::Control, user_id),

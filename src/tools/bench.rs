@@ -38,6 +38,9 @@ pub struct TransportBench {
     pub rounds: usize,
     /// Run only one side (for profiling); the report then holds zeros for the other.
     pub only: Option<Side>,
+    /// The namespace Vigil's side runs in (a fresh random one when unset), so that broker
+    /// settings made for its names (a topic permission, a policy) can be measured.
+    pub namespace: Option<String>,
 }
 
 /// The paths the transport benchmark measures.
@@ -354,7 +357,10 @@ pub async fn transport(b: &TransportBench) -> Result<TransportReport, BenchError
 }
 
 async fn vigil_side(b: &TransportBench, jpeg: Arc<Vec<u8>>) -> Result<Sample, BenchError> {
-    let namespace = format!("bench-{:08x}", rand::random::<u32>());
+    let namespace = b
+        .namespace
+        .clone()
+        .unwrap_or_else(|| format!("bench-{:08x}", rand::random::<u32>()));
     let clients_dir = std::env::temp_dir().join(format!("{namespace}-clients"));
     let store = FolderStore::open(&clients_dir).map_err(setup)?;
     let token = "bench-token-0000";
@@ -530,7 +536,10 @@ struct BareRoutes {
 
 impl BareRoutes {
     fn new(b: &TransportBench, route: Route) -> Result<Self, BenchError> {
-        let ns = format!("bench-bare-{:08x}", rand::random::<u32>());
+        let ns = match &b.namespace {
+            Some(ns) => format!("{ns}-bare"),
+            None => format!("bench-bare-{:08x}", rand::random::<u32>()),
+        };
         Ok(match route {
             Route::Default => {
                 let queue = |name: &str| QueueSpec {

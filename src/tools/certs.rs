@@ -144,6 +144,17 @@ fn time_now() -> time::OffsetDateTime {
 /// Write a file readable as `mode` says (private keys: the owner only), through a fresh
 /// temporary file of its own (never one left over, nor a link someone put there).
 pub(crate) fn write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    write_owned(path, bytes, mode, None)
+}
+
+/// [`write`], the file handed to `owner` (UID, GID) before it takes its name: the change of
+/// owner is made on the open file, never through a path someone could swap for a link.
+pub(crate) fn write_owned(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<()> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = path.with_file_name(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
     let mut options = std::fs::OpenOptions::new();
@@ -159,6 +170,12 @@ pub(crate) fn write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
         use std::io::Write as _;
         let mut f = options.open(&tmp)?;
         f.write_all(bytes)?;
+        #[cfg(unix)]
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+        }
+        #[cfg(not(unix))]
+        let _ = owner;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)

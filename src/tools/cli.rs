@@ -322,6 +322,11 @@ pub enum BrokerCmd {
         /// Owner of the URLs, UID:GID (the services' user).
         #[arg(long, value_parser = parse_owner)]
         owner: Option<(u32, u32)>,
+        /// A broker node's home folder (its data volume; repeat for each node): one random
+        /// Erlang cookie goes to .erlang.cookie in each, so that no cookie is configured in
+        /// the open.
+        #[arg(long = "cookie-dir")]
+        cookie_dirs: Vec<PathBuf>,
     },
 }
 
@@ -802,6 +807,10 @@ pub enum BenchCmd {
         /// Run only one side, for profiling.
         #[arg(long, value_enum)]
         only: Option<crate::tools::bench::Side>,
+        /// Vigil's side runs in this namespace (default: a fresh random one), so that broker
+        /// settings made for its names, such as a topic permission, can be measured.
+        #[arg(long)]
+        namespace: Option<String>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -1291,8 +1300,10 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
             broker_owner,
             postgres_owner,
             owner,
+            cookie_dirs,
         } => {
             let opts = crate::tools::provision::BootstrapOptions {
+                cookie_dirs,
                 out,
                 hosts,
                 amqp_port,
@@ -1331,11 +1342,14 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
             owner,
             json,
         } => {
+            // With --if-missing, only the users whose file is missing are made (or rotated):
+            // adding an edge leaves every running service's password as it is.
+            let mut principals = crate::roles::principals(&edges).map_err(fail)?;
             if let (Some(out), true) = (&out, if_missing) {
-                let everyone = crate::roles::principals(&edges).map_err(fail)?;
-                if everyone.iter().all(|p| {
-                    crate::tools::provision::url_file(out, &p.user(&cfg.namespace)).exists()
-                }) {
+                principals.retain(|p| {
+                    !crate::tools::provision::url_file(out, &p.user(&cfg.namespace)).exists()
+                });
+                if principals.is_empty() {
                     println!(
                         "kept every user's URL in {} (nothing provisioned)",
                         out.display()
@@ -1356,7 +1370,7 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
                 node,
                 vhost,
                 namespace: cfg.namespace.clone(),
-                edges,
+                principals,
                 base_url: cfg.amqp_url.clone(),
                 timeout: Duration::from_secs(60),
             };
@@ -1366,12 +1380,27 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
                     .await
                     .map_err(fail)?,
             };
-            let admin = users
-                .iter()
-                .find(|u| u.role == crate::roles::Role::Admin)
-                .expect("every role is provisioned");
+            // The files first: a password rotated is never one that only this run knew.
+            if let Some(dir) = &out {
+                crate::tools::provision::write_urls(dir, &users, owner).map_err(fail)?;
+            }
+            let admin_url = match users.iter().find(|u| u.role == crate::roles::Role::Admin) {
+                Some(admin) => admin.url.clone(),
+                // Kept from an earlier run (--if-missing).
+                None => {
+                    let dir = out.as_ref().expect("only --out keeps users");
+                    let file = crate::tools::provision::url_file(
+                        dir,
+                        &crate::roles::user_of(&cfg.namespace, crate::roles::Role::Admin),
+                    );
+                    std::fs::read_to_string(&file)
+                        .map_err(|e| fail(format!("{}: {e}", file.display())))?
+                        .trim()
+                        .to_owned()
+                }
+            };
             let topo = cfg.topology().map_err(fail)?;
-            apply_topology(cfg, &admin.url, &topo).await?;
+            apply_topology(cfg, &admin_url, &topo).await?;
             let mut text = format!(
                 "broker users for `{}` on vhost `{}` (passwords are shown once; \
                  run the services with VIGIL_BROKER_ROLES=separate):\n",
@@ -1408,13 +1437,24 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
                 "topology `{}` declared as the admin user",
                 cfg.namespace
             );
+            let users = match &out {
+                None => users,
+                Some(dir) => {
+                    // The passwords stay in the files: none in the report, JSON included.
+                    users
+                        .into_iter()
+                        .map(|u| {
+                            let file = crate::tools::provision::url_file(dir, &u.user);
+                            u.redacted(file)
+                        })
+                        .collect()
+                }
+            };
             if let Some(out) = &out {
-                let written =
-                    crate::tools::provision::write_urls(out, &users, owner).map_err(fail)?;
                 let _ = writeln!(
                     text,
                     "URLs written to {} files under {}",
-                    written.len(),
+                    users.len(),
                     out.display()
                 );
             }
@@ -1463,7 +1503,7 @@ async fn provision_by_api(
         .map_err(fail)?
         .ok_or_else(|| fail("VIGIL_BROKER_MANAGEMENT_URL is not set"))?;
     let users = management
-        .provision_roles(&opts.namespace, &opts.edges)
+        .provision_roles(&opts.namespace, &opts.principals)
         .await
         .map_err(fail)?;
     users
@@ -1485,6 +1525,7 @@ async fn provision_by_api(
                 created: u.created,
                 permissions: u.permissions,
                 topic_permissions: u.topic_permissions,
+                url_file: None,
             })
         })
         .collect()
@@ -2026,9 +2067,11 @@ async fn bench(cfg: &Config, which: BenchCmd) -> Result<(), CliError> {
             warmup_seconds,
             rounds,
             only,
+            namespace,
             json,
         } => {
             let b = crate::tools::bench::TransportBench {
+                namespace,
                 base: cfg.clone(),
                 clients,
                 fps,

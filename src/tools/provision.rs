@@ -28,8 +28,6 @@ pub enum ProvisionError {
     Failed { command: String, stderr: String },
     #[error("the broker URL `{0}` cannot carry credentials")]
     Url(String),
-    #[error("{0}")]
-    Edge(String),
 }
 
 /// Where and what to provision.
@@ -42,8 +40,8 @@ pub struct ProvisionOptions {
     /// The virtual host the roles get permissions on.
     pub vhost: String,
     pub namespace: String,
-    /// The edges to make users for (each edge is a user of its own).
-    pub edges: Vec<String>,
+    /// The users to make ([`roles::principals`]: the roles, and each edge).
+    pub principals: Vec<roles::Principal>,
     /// The broker URL whose scheme, host, port, vhost and query each role's URL keeps.
     pub base_url: String,
     /// Longest one `rabbitmqctl` call may take.
@@ -58,15 +56,30 @@ pub struct Provisioned {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub edge: Option<String>,
     pub user: String,
-    /// Fresh; shown once.
+    /// Fresh; shown once (empty once written to a file: see [`Provisioned::redacted`]).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub password: String,
     /// `VIGIL_AMQP_URL` for the role's processes.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub url: String,
+    /// Where the URL was written instead of shown (`--out`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url_file: Option<PathBuf>,
     /// True when the user was new, false when its password was rotated.
     pub created: bool,
     pub permissions: Grant,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub topic_permissions: Option<TopicGrant>,
+}
+
+impl Provisioned {
+    /// The report once the URL is in `file`: no password nor URL shown.
+    pub fn redacted(mut self, file: PathBuf) -> Self {
+        self.password.clear();
+        self.url.clear();
+        self.url_file = Some(file);
+        self
+    }
 }
 
 /// Create (or rotate) the role and edge users and set their permissions.
@@ -77,8 +90,7 @@ pub async fn provision(opts: &ProvisionOptions) -> Result<Vec<Provisioned>, Prov
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     let mut out = Vec::new();
-    let principals = roles::principals(&opts.edges).map_err(ProvisionError::Edge)?;
-    for principal in principals {
+    for principal in opts.principals.iter().cloned() {
         let user = principal.user(&opts.namespace);
         let password = crate::directory::generate_token();
         let created = !known.contains(&user.as_str());
@@ -133,6 +145,7 @@ pub async fn provision(opts: &ProvisionOptions) -> Result<Vec<Provisioned>, Prov
             created,
             permissions: grant,
             topic_permissions: topic,
+            url_file: None,
         });
     }
     Ok(out)
@@ -233,9 +246,10 @@ pub fn write_urls(
         let dir = path.parent().expect("a file in a folder");
         if !dir.exists() {
             crate::directory::private_dir(dir)?;
+            // Its reader must get in: the folder is theirs too.
+            chown(dir, owner)?;
         }
-        crate::tools::certs::write(&path, format!("{}\n", u.url).as_bytes(), 0o600)?;
-        chown(&path, owner)?;
+        crate::tools::certs::write_owned(&path, format!("{}\n", u.url).as_bytes(), 0o600, owner)?;
         written.push(path);
     }
     Ok(written)
@@ -290,6 +304,10 @@ pub struct BootstrapOptions {
     /// password is made for it too.
     pub postgres: Option<String>,
     pub postgres_owner: Option<(u32, u32)>,
+    /// The broker nodes' home folders (their data volumes): one random Erlang cookie, the
+    /// nodes' shared secret, goes to `.erlang.cookie` in each (0400, with the folder handed
+    /// to `broker_owner`).
+    pub cookie_dirs: Vec<PathBuf>,
 }
 
 /// A first administrator for a broker that has none yet, with a fresh random password (and a
@@ -313,8 +331,27 @@ pub fn bootstrap(opts: &BootstrapOptions, if_missing: bool) -> std::io::Result<O
     if let Some((a, b)) = &pg {
         all.extend([a.clone(), b.clone()]);
     }
+    let cookies: Vec<PathBuf> = opts
+        .cookie_dirs
+        .iter()
+        .map(|d| d.join(".erlang.cookie"))
+        .collect();
+    all.extend(cookies.iter().cloned());
     if if_missing && all.iter().all(|p| p.exists()) {
         return Ok(None);
+    }
+    // Half a set: a fresh password would not be the one the broker (or database) was first
+    // started with, so nothing is made up.
+    let present: Vec<&PathBuf> = all.iter().filter(|p| p.exists()).collect();
+    if if_missing && !present.is_empty() {
+        return Err(std::io::Error::other(format!(
+            "only some of the bootstrap files exist ({} of {}; {} is there): restore the \
+             missing ones, or remove them all (and the broker's and database's data) to start \
+             over",
+            present.len(),
+            all.len(),
+            present[0].display()
+        )));
     }
     if opts.hosts.is_empty()
         || opts
@@ -334,6 +371,18 @@ pub fn bootstrap(opts: &BootstrapOptions, if_missing: bool) -> std::io::Result<O
             crate::directory::private_dir(dir)?;
         }
     }
+    let cookie = crate::directory::generate_token();
+    for path in &cookies {
+        if path.exists() {
+            // Read-only to its owner: replaced, not written through.
+            std::fs::remove_file(path)?;
+        }
+        crate::tools::certs::write_owned(path, cookie.as_bytes(), 0o400, opts.broker_owner)?;
+        chown(
+            path.parent().expect("a file in a folder"),
+            opts.broker_owner,
+        )?;
+    }
     // URL-safe: it goes into URLs and a configuration file as it is.
     let password = crate::directory::generate_token();
     let user = &opts.user;
@@ -352,8 +401,7 @@ pub fn bootstrap(opts: &BootstrapOptions, if_missing: bool) -> std::io::Result<O
          loopback_users.guest = true\n\
          log.console = true\n"
     );
-    crate::tools::certs::write(&conf, fragment.as_bytes(), 0o600)?;
-    chown(&conf, opts.broker_owner)?;
+    crate::tools::certs::write_owned(&conf, fragment.as_bytes(), 0o600, opts.broker_owner)?;
     let amqp = opts
         .hosts
         .iter()
@@ -372,16 +420,23 @@ pub fn bootstrap(opts: &BootstrapOptions, if_missing: bool) -> std::io::Result<O
         .collect::<Vec<_>>()
         .join(",");
     for (path, text) in [(&amqp_url, amqp), (&management_url, management)] {
-        crate::tools::certs::write(path, format!("{text}\n").as_bytes(), 0o600)?;
-        chown(path, opts.owner)?;
+        crate::tools::certs::write_owned(path, format!("{text}\n").as_bytes(), 0o600, opts.owner)?;
     }
     if let (Some(base), Some((password_file, url_file))) = (&opts.postgres, &pg) {
         let db_password = crate::directory::generate_token();
         let url = postgres_with_password(base, &db_password)?;
-        crate::tools::certs::write(password_file, format!("{db_password}\n").as_bytes(), 0o600)?;
-        chown(password_file, opts.postgres_owner)?;
-        crate::tools::certs::write(url_file, format!("{url}\n").as_bytes(), 0o600)?;
-        chown(url_file, opts.owner)?;
+        crate::tools::certs::write_owned(
+            password_file,
+            format!("{db_password}\n").as_bytes(),
+            0o600,
+            opts.postgres_owner,
+        )?;
+        crate::tools::certs::write_owned(
+            url_file,
+            format!("{url}\n").as_bytes(),
+            0o600,
+            opts.owner,
+        )?;
     }
     Ok(Some(Bootstrap {
         user: user.clone(),
@@ -446,6 +501,7 @@ mod tests {
             owner: None,
             postgres: Some("postgres://vigil@postgres:5432/vigil".into()),
             postgres_owner: None,
+            cookie_dirs: vec![out.join("node-1"), out.join("node-2")],
         };
         let made = bootstrap(&opts, true).unwrap().expect("a first set");
         let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
@@ -477,8 +533,10 @@ mod tests {
                 0o600
             );
         }
-        // Kept on a second start; replaced when asked.
+        // Kept on a second start; half a set is refused; replaced when asked.
         assert!(bootstrap(&opts, true).unwrap().is_none());
+        std::fs::remove_file(&made.management_url).unwrap();
+        assert!(bootstrap(&opts, true).is_err());
         assert_eq!(read(&made.conf), conf);
         bootstrap(&opts, false).unwrap().unwrap();
         assert_ne!(read(&made.conf), conf);

@@ -179,7 +179,8 @@ pub enum ControlCommand {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActionEvent {
     pub action_id: Uuid,
-    /// Names the evidence folder of this action.
+    /// The edge's id for this action's evidence, kept in its record (the writer names the
+    /// evidence folder by `action_id`, which it checks).
     pub evidence_id: Uuid,
     pub action: crate::domain::Action,
     /// The verdict that fired it, `ok` for a return to allow, or `admin`.

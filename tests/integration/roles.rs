@@ -107,7 +107,7 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
     };
     let ns = env.cfg.namespace.clone();
     let listed = rabbit.ctl_output(&["list_users", "--silent"]);
-    for user in ["worker", "audit", "admin", "edge-e1", "edge-e2"] {
+    for user in ["worker", "audit", "operator", "admin", "edge-e1", "edge-e2"] {
         assert!(
             listed
                 .lines()
@@ -122,12 +122,12 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
         "no edge user is shared: {listed}"
     );
 
-    // Every service as its own role; edge e1 serves the admin API over the admin role's link.
+    // Every service as its own role; edge e1 serves the admin API over the operator role's link.
     env.cfg.broker_roles = RoleMode::Separate;
     env.cfg.amqp_url = url("edge:e1");
     env.cfg.edge.admin_listen = Some("127.0.0.1:0".parse().unwrap());
     env.cfg.edge.admin_token = Some(ADMIN_TOKEN.into());
-    env.cfg.edge.admin_amqp_url = Some(url("admin"));
+    env.cfg.edge.admin_amqp_url = Some(url("operator"));
     let edge_url = env.start_edge("e1").await;
     env.cfg.amqp_url = url("worker");
     env.start_worker("w1").await;
@@ -260,6 +260,37 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
         || async { (untrusted(edge_registry, "session") >= 1.0).then_some(()) },
     )
     .await;
+    // Nor may an edge, even in its own name, announce a session from the future, which would
+    // be newer than any honest one to come.
+    let own = connect(&url("edge:e1")).await;
+    let future = envelope(
+        "c1",
+        Payload::Control(wire::ControlEvent {
+            command: ControlCommand::SessionStarted {
+                edge: "e1".into(),
+                session: u64::MAX,
+                since_ms: wire::now_ms() + 86_400_000,
+            },
+            issued_by: "e1".into(),
+        }),
+    );
+    publish(&own, &format!("{ns}.control"), "", &future)
+        .await
+        .unwrap();
+    eventually(
+        "a session from the future counted",
+        Duration::from_secs(10),
+        || async {
+            (metric(
+                edge_registry,
+                "vigil_edge_bad_messages_total",
+                Some(("kind", "control")),
+            ) >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    own.close().await;
     // Still served: the block had no effect.
     conn.send_frame(3, 0, &jpeg).await.unwrap();
     assert!(matches!(
@@ -393,6 +424,27 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
     .expect("an edge binds its own routing keys");
     let _ = raw.close(200, "bye".into()).await;
 
+    // The operator role, which the admin API speaks as, publishes control and reads nothing:
+    // not the candidates' frames, not the trail's queue.
+    let raw = lapin::Connection::connect(&url("operator"), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    for queue in ["frames.work", "audit"] {
+        let ch = raw.create_channel().await.unwrap();
+        let got = ch
+            .basic_get(
+                format!("{ns}.{queue}").as_str().into(),
+                lapin::options::BasicGetOptions::default(),
+            )
+            .await;
+        assert!(
+            got.as_ref()
+                .is_err_and(|e| e.to_string().contains("ACCESS_REFUSED")),
+            "the operator role reading {queue}: {got:?}"
+        );
+    }
+    let _ = raw.close(200, "bye".into()).await;
+
     // The admin role's forced action takes the real path: the edge enforces it, and the
     // writer stores the edge's action.
     let admin_ops = vigil::admin::Admin {
@@ -443,7 +495,7 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
         "{notes:?}"
     );
 
-    // The admin API's block goes out over the admin role's link, and the edge takes it.
+    // The admin API's block goes out over the operator role's link, and the edge takes it.
     let admin_api = env.edges[0].admin_addr.expect("admin API on");
     let (status, body) = crate::support::http(
         admin_api,
@@ -713,7 +765,7 @@ async fn a_deployment_from_nothing_runs_on_secret_files() {
         "no URL, so no password, in the report: {report}"
     );
     let file = |user: &str| users.join(user).join("amqp.url");
-    for user in ["worker", "audit", "admin", "edge-e1"] {
+    for user in ["worker", "audit", "operator", "admin", "edge-e1"] {
         let path = file(&format!("{ns}-{user}"));
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{}", path.display());

@@ -1,0 +1,96 @@
+"""Check the least-privilege shape of compose.yaml, as `docker-compose config` resolves it (with
+the cluster profile's nodes): no broker port is published, every Vigil service runs with
+separate broker roles and reads its broker URL from a file in a volume that no other service
+mounts, only the console holds the admin role's URL, and no password is written in the file.
+
+Run with Debian's python3, which docker-compose's own PyYAML comes with:
+    docker-compose -f compose.yaml config | /usr/bin/python3 scripts/check-compose.py
+"""
+
+import re
+import sys
+
+import yaml
+
+SERVICES = {"edge-1", "edge-2", "console", "worker", "audit"}
+BROKER_PORTS = {5672, 5671, 15672, 15671, 25672, 4369}
+
+config = yaml.safe_load(sys.stdin)
+services = config["services"]
+problems = []
+
+
+def env_of(service):
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return env
+
+
+def volumes_of(service):
+    out = {}
+    for v in service.get("volumes") or []:
+        if isinstance(v, str):
+            source, target = v.split(":")[:2]
+        else:
+            source, target = v.get("source"), v.get("target")
+        out[target] = source
+    return out
+
+
+for name, service in services.items():
+    for port in service.get("ports") or []:
+        published = port.get("target") if isinstance(port, dict) else int(str(port).split(":")[-1])
+        if int(published) in BROKER_PORTS:
+            problems.append(f"{name} publishes broker port {published}")
+    for key, value in env_of(service).items():
+        if value and re.search(r"://[^/@\s]+:[^/@\s]+@", str(value)):
+            problems.append(f"{name}: {key} carries a password in the open")
+        if key in {"RABBITMQ_DEFAULT_PASS", "RABBITMQ_ERLANG_COOKIE", "POSTGRES_PASSWORD"}:
+            problems.append(f"{name}: {key} is a secret in the environment")
+
+broker_volume = {}
+for name in sorted(SERVICES):
+    service = services.get(name)
+    if service is None:
+        problems.append(f"no {name} service")
+        continue
+    env = env_of(service)
+    if env.get("VIGIL_BROKER_ROLES") != "separate":
+        problems.append(f"{name} does not run with separate broker roles")
+    if "VIGIL_AMQP_URL" in env or env.get("VIGIL_AMQP_URL_FILE") != "/run/vigil/broker/amqp.url":
+        problems.append(f"{name} does not read its broker URL from /run/vigil/broker/amqp.url")
+    source = volumes_of(service).get("/run/vigil/broker")
+    if not source:
+        problems.append(f"{name} mounts no broker volume at /run/vigil/broker")
+    broker_volume[name] = source
+    holds_admin = "VIGIL_ADMIN_AMQP_URL_FILE" in env or "VIGIL_ADMIN_AMQP_URL" in env
+    if holds_admin != (name == "console"):
+        problems.append(f"{name}: only the console holds the admin role's URL")
+    if "VIGIL_ADMIN_LISTEN" in env and name != "console":
+        problems.append(f"{name} serves the admin API, which only the console does")
+
+# One user per role and per edge: each broker volume is mounted by one Vigil service (the
+# worker's replicas share it), and by no other service but the one that writes them.
+for name, source in broker_volume.items():
+    others = [
+        other
+        for other, service in services.items()
+        if other not in (name, "broker-users") and source in volumes_of(service).values()
+    ]
+    if others:
+        problems.append(f"{name}'s broker volume {source} is also mounted by {', '.join(others)}")
+if len(set(broker_volume.values())) != len(broker_volume):
+    problems.append(f"services share a broker user: {broker_volume}")
+
+provision = services.get("broker-users", {}).get("command") or []
+for edge in ("edge-1", "edge-2", "console"):
+    if f"--edge" not in provision or edge not in provision:
+        problems.append(f"broker-users makes no user for edge {edge}")
+
+if problems:
+    print("compose.yaml:", file=sys.stderr)
+    for p in problems:
+        print("  " + p, file=sys.stderr)
+    sys.exit(1)
+print(f"compose.yaml: {len(broker_volume)} services, each its own broker user; no broker port published")
