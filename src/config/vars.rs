@@ -194,7 +194,7 @@ pub static VARS: &[Var] = &[
         [Edge],
         opt directory_url,
         r#"none"#,
-        r#"the client directory in PostgreSQL (`postgres://user:pass@host/db`), shared by every edge; migrated at connect. TLS by `sslmode` as libpq: `?sslmode=verify-full&sslrootcert=/path/ca.pem` (chain and host name checked; recommended), `verify-ca` (chain only), `require` (encrypted, certificate unchecked), `disable` or none (plain); `prefer` and `allow` are refused"#
+        r#"the client directory in PostgreSQL (`postgres://user:pass@host/db`), shared by every edge; migrated at connect. TLS by `sslmode` as libpq: `?sslmode=verify-full&sslrootcert=/path/ca.pem` (chain and host name checked; recommended), `verify-ca` (chain only), `require` (encrypted, certificate unchecked), `disable` or none (plain); `prefer` and `allow` are refused. `&sslcert=/path/client.pem&sslkey=/path/client.key` (0600) for a server that asks for a client certificate"#
     ),
     Var {
         name: "VIGIL_DIRECTORY_URL_FILE",

@@ -118,7 +118,9 @@ impl PgStore {
     ///   certificates; the system's roots when absent or `system`), the host name not checked;
     /// - `verify-full`: as `verify-ca`, and the certificate must name the host of the URL;
     /// - `prefer` and `allow` are refused: they fall back to plain text when TLS fails, a
-    ///   downgrade anyone on the path can force.
+    ///   downgrade anyone on the path can force;
+    /// - `sslcert` and `sslkey` (with TLS): the client's certificate chain and private key, PEM
+    ///   files, for a server that authenticates clients by certificate.
     ///
     /// Under `require`, `verify-ca` and `verify-full`, a server that does not speak TLS is an
     /// error, never a plain-text connection.
@@ -201,7 +203,11 @@ fn configure(url: &str) -> Result<(postgres::Config, MakeRustlsConnect, SslMode)
         _ => postgres::config::SslMode::Require,
     });
     // Under `disable` the connector is never used.
-    let tls = tls_config(params.mode, params.root_cert.as_deref())?;
+    let client = match &params.client {
+        Some((cert, key)) => Some(client_identity(cert, key)?),
+        None => None,
+    };
+    let tls = tls_config(params.mode, params.root_cert.as_deref(), client)?;
     Ok((config, MakeRustlsConnect::new(tls), params.mode))
 }
 
@@ -229,23 +235,51 @@ impl SslMode {
 /// not know.
 #[derive(Debug, PartialEq, Eq)]
 struct TlsParams {
-    /// The URL without `sslmode` and `sslrootcert`.
+    /// The URL without `sslmode`, `sslrootcert`, `sslcert` and `sslkey`.
     url: String,
     mode: SslMode,
     root_cert: Option<String>,
+    /// The client's certificate chain and private key (PEM files), when the server asks for
+    /// one (`sslcert`, `sslkey`).
+    client: Option<(String, String)>,
 }
 
 impl TlsParams {
     fn split(url: &str) -> Result<Self, DirectoryError> {
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let (mut mode, mut root_cert, mut kept) = (None, None, Vec::new());
+        let (mut cert, mut key) = (None, None);
         for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            match percent_decode(key)?.as_str() {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match percent_decode(name)?.as_str() {
                 "sslmode" => mode = Some(percent_decode(value)?),
                 "sslrootcert" => root_cert = Some(percent_decode(value)?),
+                "sslcert" => cert = Some(percent_decode(value)?),
+                "sslkey" => key = Some(percent_decode(value)?),
                 _ => kept.push(pair),
             }
+        }
+        let client = match (cert, key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(DirectoryError::Url(
+                    "sslcert and sslkey go together: give both (the client's certificate and \
+                     its private key) or neither"
+                        .into(),
+                ));
+            }
+        };
+        if client.is_some()
+            && !matches!(
+                mode.as_deref(),
+                Some("require" | "verify-ca" | "verify-full")
+            )
+        {
+            return Err(DirectoryError::Url(
+                "sslcert and sslkey need TLS: add sslmode=verify-full (or verify-ca, require)"
+                    .into(),
+            ));
         }
         let mode = match mode.as_deref() {
             None if root_cert.is_some() => {
@@ -282,6 +316,7 @@ impl TlsParams {
             url,
             mode,
             root_cert,
+            client,
         })
     }
 }
@@ -347,10 +382,51 @@ fn root_store(root_cert: Option<&str>) -> Result<rustls::RootCertStore, Director
     Ok(roots)
 }
 
-/// The rustls client configuration for `mode` (ring, TLS 1.2 and 1.3).
+/// A client certificate chain and its private key, as libpq reads `sslcert` and `sslkey`: PEM
+/// files, the key readable by its owner only (as libpq insists).
+type ClientIdentity = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+fn client_identity(cert: &str, key: &str) -> Result<ClientIdentity, DirectoryError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pem =
+        std::fs::read(cert).map_err(|e| DirectoryError::Url(format!("sslcert {cert}: {e}")))?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| DirectoryError::Url(format!("sslcert {cert}: not a PEM certificate: {e}")))?;
+    if chain.is_empty() {
+        return Err(DirectoryError::Url(format!(
+            "sslcert {cert} holds no PEM certificate"
+        )));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(key)
+            .map_err(|e| DirectoryError::Url(format!("sslkey {key}: {e}")))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(DirectoryError::Url(format!(
+                "sslkey {key} is readable by others (mode {:o}): make it 0600",
+                mode & 0o777
+            )));
+        }
+    }
+    let private = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| DirectoryError::Url(format!("sslkey {key}: {e}")))?;
+    Ok((chain, private))
+}
+
+/// The rustls client configuration for `mode` (ring, TLS 1.2 and 1.3), with the client's
+/// certificate when there is one.
 fn tls_config(
     mode: SslMode,
     root_cert: Option<&str>,
+    client: Option<ClientIdentity>,
 ) -> Result<rustls::ClientConfig, DirectoryError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -362,22 +438,22 @@ fn tls_config(
             provider: provider.clone(),
         })
     };
-    Ok(match (mode, root_cert) {
-        (SslMode::Disable, _) => builder
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth(),
-        (SslMode::VerifyFull, _) => builder
-            .with_root_certificates(root_store(root_cert)?)
-            .with_no_client_auth(),
+    let with_roots = match (mode, root_cert) {
+        (SslMode::Disable, _) => builder.with_root_certificates(rustls::RootCertStore::empty()),
+        (SslMode::VerifyFull, _) => builder.with_root_certificates(root_store(root_cert)?),
         (SslMode::VerifyCa, _) | (SslMode::Require, Some(_)) => builder
             .dangerous()
-            .with_custom_certificate_verifier(verifier(Some(Arc::new(root_store(root_cert)?))))
-            .with_no_client_auth(),
+            .with_custom_certificate_verifier(verifier(Some(Arc::new(root_store(root_cert)?)))),
         (SslMode::Require, None) => builder
             .dangerous()
-            .with_custom_certificate_verifier(verifier(None))
-            .with_no_client_auth(),
-    })
+            .with_custom_certificate_verifier(verifier(None)),
+    };
+    match client {
+        None => Ok(with_roots.with_no_client_auth()),
+        Some((chain, key)) => with_roots
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| DirectoryError::Url(format!("sslcert/sslkey: {e}"))),
+    }
 }
 
 /// The server's certificate checked as libpq's `verify-ca` does (chain to `roots`, any host
@@ -788,6 +864,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("without sslmode"), "{e}");
+        let e = split("postgres://h/db?sslmode=verify-full&sslcert=/c.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("go together"), "{e}");
+        let e = split("postgres://h/db?sslcert=/c.pem&sslkey=/k.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("need TLS"), "{e}");
+        let p =
+            split("postgres://h/db?sslmode=verify-full&sslcert=%2Fc.pem&sslkey=/k.pem").unwrap();
+        assert_eq!(p.url, "postgres://h/db");
+        assert_eq!(p.client, Some(("/c.pem".to_owned(), "/k.pem".to_owned())));
         let Err(e) = PgStore::client_config(
             "postgres://h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
         ) else {

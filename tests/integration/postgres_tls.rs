@@ -7,8 +7,9 @@ use std::process::Command;
 
 use vigil::directory::{ClientStore, PgLimits, PgStore};
 
-/// A CA's PEM, and a certificate and key it signed for `localhost` only.
-fn ca_and_localhost_cert() -> (String, String, String) {
+/// A CA's PEM, and a certificate and key it signed for `localhost` only; and a client
+/// certificate and key it signed for the database user `postgres`.
+fn ca_and_localhost_cert() -> (String, String, String, (String, String)) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -21,7 +22,19 @@ fn ca_and_localhost_cert() -> (String, String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
     let cert = params.signed_by(&key, &ca).unwrap();
-    (ca.pem(), cert.pem(), key.serialize_pem())
+    // PostgreSQL's `cert` authentication takes the user from the certificate's common name.
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let mut client_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    client_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "postgres");
+    let client = client_params.signed_by(&client_key, &ca).unwrap();
+    (
+        ca.pem(),
+        cert.pem(),
+        key.serialize_pem(),
+        (client.pem(), client_key.serialize_pem()),
+    )
 }
 
 /// The newest PostgreSQL server binaries on the machine.
@@ -65,11 +78,19 @@ struct PgServer {
     port: u16,
     /// The PEM file of the CA that signed the server's certificate.
     ca_file: PathBuf,
+    /// A client certificate and key (PEM files, 0600) the CA signed for the user `postgres`.
+    client: (PathBuf, PathBuf),
 }
 
 impl PgServer {
     /// initdb (trust authentication), a certificate for `localhost`, and `ssl` on or off.
     fn start(ssl: bool) -> Self {
+        Self::start_with(ssl, false)
+    }
+
+    /// With `client_certs`, TCP connections must be TLS and authenticate with a client
+    /// certificate the CA signed (`hostssl ... cert`), and nothing else.
+    fn start_with(ssl: bool, client_certs: bool) -> Self {
         let dir = std::env::temp_dir().join(format!("vigil-pgtls-{:08x}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir).unwrap();
         let server = Self {
@@ -77,9 +98,10 @@ impl PgServer {
             as_root: running_as_root(),
             port: free_port(),
             ca_file: dir.join("ca.pem"),
+            client: (dir.join("client.crt"), dir.join("client.key")),
             dir,
         };
-        let (ca, cert, key) = ca_and_localhost_cert();
+        let (ca, cert, key, (client_cert, client_key)) = ca_and_localhost_cert();
         std::fs::write(&server.ca_file, ca).unwrap();
         let (cert_file, key_file) = (server.dir.join("server.crt"), server.dir.join("server.key"));
         std::fs::write(&cert_file, cert).unwrap();
@@ -120,6 +142,13 @@ impl PgServer {
         let conf_file = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_file).unwrap();
         text.push_str(&conf);
+        if client_certs {
+            text.push_str(&format!("ssl_ca_file = '{}'\n", server.ca_file.display()));
+            // Over TCP, TLS with a certificate the CA signed, and nothing else (the file keeps
+            // its owner, the server's user).
+            let hba = "local all all trust\nhostssl all all 127.0.0.1/32 cert\n";
+            std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+        }
         std::fs::write(&conf_file, text).unwrap();
         let log = server.dir.join("server.log");
         server.run(
@@ -135,6 +164,10 @@ impl PgServer {
                 "start".as_ref(),
             ],
         );
+        // The client's files are the test's own (as libpq insists, the key for its owner only).
+        std::fs::write(&server.client.0, client_cert).unwrap();
+        std::fs::write(&server.client.1, client_key).unwrap();
+        std::fs::set_permissions(&server.client.1, std::fs::Permissions::from_mode(0o600)).unwrap();
         server
     }
 
@@ -313,4 +346,50 @@ fn require_against_a_server_without_tls_fails_clearly() {
         let e = connect_error(&server.url("localhost", &query));
         assert!(e.contains("server does not support TLS"), "{e}");
     }
+}
+
+#[test]
+fn a_server_that_asks_for_a_client_certificate_gets_one() {
+    let server = PgServer::start_with(true, true);
+    let (cert, key) = &server.client;
+    let ca = server.ca().display().to_string();
+    let url = server.url(
+        "localhost",
+        &format!(
+            "sslmode=verify-full&sslrootcert={ca}&sslcert={}&sslkey={}",
+            cert.display(),
+            key.display()
+        ),
+    );
+    // In, encrypted, and known to the server by the certificate's name.
+    let (config, tls) = PgStore::client_config(&url).unwrap();
+    let mut client = config.connect(tls).unwrap();
+    let row = client
+        .query_one(
+            "SELECT ssl, client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert!(
+        row.get::<_, String>(1).contains("CN=postgres"),
+        "{:?}",
+        row.get::<_, String>(1)
+    );
+    let store = PgStore::connect(&url, &limits()).unwrap();
+    assert!(store.list().unwrap().is_empty());
+    // Without the certificate, the server refuses.
+    let without = connect_error(&server.url(
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    ));
+    assert!(
+        without.contains("certificate") || without.contains("pg_hba"),
+        "{without}"
+    );
+    // A key others may read is refused before any connection, as libpq does.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let loose = connect_error(&url);
+    assert!(loose.contains("readable by others"), "{loose}");
 }
