@@ -23,6 +23,8 @@ pub struct FrameInput<'a> {
     pub jpeg: &'a [u8],
     /// The client's enrolled reference embedding, when it has one.
     pub reference: Option<&'a [f32]>,
+    /// Whether the phone detector must run ([`crate::cadence`]).
+    pub phone_check: bool,
 }
 
 /// An analysis with the seconds each stage (model) took.
@@ -96,7 +98,10 @@ impl Analyzer for Identity {
     }
 
     fn analyze(&self, frame: &FrameInput<'_>) -> Result<Analyzed, AnalyzeError> {
-        match self.stack.analyze(frame.jpeg, frame.reference) {
+        match self
+            .stack
+            .analyze_with(frame.jpeg, frame.reference, frame.phone_check)
+        {
             Ok((analysis, stages)) => Ok(Analyzed {
                 analysis: Analysis::Identity(analysis),
                 stages,

@@ -30,6 +30,7 @@ pub mod admin;
 pub(crate) mod analyzer;
 pub mod audit;
 pub mod broker;
+pub mod cadence;
 pub mod challenge;
 pub mod config;
 pub mod directory;

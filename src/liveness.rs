@@ -500,6 +500,7 @@ mod tests {
             }),
             phone: None,
             models: vec![],
+            skipped: Vec::new(),
             thresholds: Default::default(),
             quality: None,
             signature: Some(crate::wire::pack_signature(signature).into()),

@@ -458,7 +458,16 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool 
                     ctx.max_pixels
                 )))
             }
-            Ok(_) => analyze(ctx, &env.client_id, frame.jpeg, reference).await,
+            Ok(_) => {
+                analyze(
+                    ctx,
+                    &env.client_id,
+                    frame.jpeg,
+                    reference,
+                    frame.phone_check,
+                )
+                .await
+            }
         };
         let (out, how) = match outcome {
             Ok(Analyzed { analysis, stages }) => {
@@ -535,12 +544,14 @@ async fn analyze(
     client_id: &str,
     jpeg: bytes::Bytes,
     reference: Option<Vec<f32>>,
+    phone_check: bool,
 ) -> Result<Analyzed, AnalyzeError> {
     if !ctx.analyzer.is_blocking() {
         return ctx.analyzer.analyze(&FrameInput {
             client_id,
             jpeg: &jpeg,
             reference: reference.as_deref(),
+            phone_check,
         });
     }
     let _permit = ctx
@@ -556,6 +567,7 @@ async fn analyze(
             client_id: &client_id,
             jpeg: &jpeg,
             reference: reference.as_deref(),
+            phone_check,
         })
     })
     .await

@@ -304,6 +304,10 @@ pub struct EdgeConfig {
     /// until it passes. Operators see them in the audit evidence either way
     /// [VIGIL_EDGE_CLIENT_SCORES].
     pub client_scores: bool,
+    /// A steady candidate's frames run the phone detector on every this-many-th frame, and on
+    /// every frame after a phone was seen or a verdict was not `ok` (1: every frame)
+    /// [VIGIL_EDGE_PHONE_EVERY].
+    pub phone_every: u32,
     /// Grace period for closing sessions on shutdown, in ms [VIGIL_EDGE_SHUTDOWN_GRACE_MS].
     pub shutdown_grace_ms: u64,
     /// Actions on their way to the audit trail (each publish waits for its confirm, with
@@ -450,6 +454,7 @@ impl Default for EdgeConfig {
             frame_deadline_ms: 3_000,
             max_bad_messages: 10,
             client_scores: false,
+            phone_every: 3,
             trusted_proxies: crate::edge::proxy::TrustedProxies::default(),
             shutdown_grace_ms: 2_000,
             max_pending_audits: 1024,
@@ -759,6 +764,14 @@ impl Config {
                 errors.push(format!(
                     "edge.max_inflight = {} is above 64",
                     e.max_inflight
+                ));
+            }
+            // At 5 fps, a phone that comes into view waits at most `phone_every + 1` frames for
+            // a check, then every frame is one: within 2 s for the default phone rule up to 4.
+            if !(1..=4).contains(&e.phone_every) {
+                errors.push(format!(
+                    "edge.phone_every = {} must be within 1..=4",
+                    e.phone_every
                 ));
             }
             errors.extend(self.policy.validate());

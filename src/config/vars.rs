@@ -529,6 +529,13 @@ pub static VARS: &[Var] = &[
         r#"send clients the scores behind each verdict (off: verdicts and face boxes only)"#
     ),
     var!(
+        "VIGIL_EDGE_PHONE_EVERY",
+        [Edge],
+        edge.phone_every,
+        r#"3"#,
+        r#"a steady candidate's frames run the phone detector about every this-many frames (gaps drawn from one fewer to one more), and every frame for the phone rule's `n` frames after a phone was seen or a verdict was not `ok`; a worker runs it on any frame whose verdict is not `ok` (1: every frame; 1..=4)"#
+    ),
+    var!(
         "VIGIL_SESSION_KEY",
         [Edge],
         opt sessions.key,

@@ -149,7 +149,11 @@ impl Enforcement {
         now_ms: u64,
     ) -> Option<ActionEvent> {
         match frame {
-            Some(frame) if verdict == Verdict::Ok => self.last_ok = Some(frame),
+            // Only a fully analysed frame may stand as evidence of a return to `allow`.
+            Some(frame) if verdict == Verdict::Ok && fully_analysed(&frame) => {
+                self.last_ok = Some(frame)
+            }
+            Some(_) if verdict == Verdict::Ok => {}
             Some(frame) => {
                 self.kept.push_back(frame);
                 while self.kept.len() > cfg.evidence_frames {
@@ -522,6 +526,14 @@ impl Enforcement {
     }
 }
 
+/// Whether every model of the stack ran on the frame (none skipped off its cadence).
+fn fully_analysed(frame: &EvidenceFrame) -> bool {
+    match &frame.analysis {
+        crate::wire::Analysis::Identity(a) => a.skipped.is_empty(),
+        _ => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,6 +553,7 @@ mod tests {
                 liveness: None,
                 phone: None,
                 models: vec![],
+                skipped: Vec::new(),
                 thresholds: Default::default(),
                 quality: None,
                 signature: None,
@@ -622,6 +635,33 @@ mod tests {
             vec![allow.0 as u64],
             "the ok frame that completed the streak"
         );
+    }
+
+    #[test]
+    fn a_frame_that_skipped_the_phone_detector_is_no_ok_evidence() {
+        let cfg = PolicyConfig::default();
+        let mut e = Enforcement::new(ClientPolicy::new(), 1);
+        for (i, v) in [Phone; 4].iter().enumerate() {
+            e.judge(&cfg, *v, Some(frame(i as u64, *v)), i as u64 * 200);
+        }
+        // `ok` frames 4 to 13; only 6 ran every model, the others skipped the phone detector.
+        let mut allow = None;
+        for seq in 4..14u64 {
+            let mut f = frame(seq, Ok);
+            if seq != 6
+                && let Analysis::Identity(a) = &mut f.analysis
+            {
+                a.skipped = vec!["cocossd:x".into()];
+            }
+            if let Some(ev) = e.judge(&cfg, Ok, Some(f), seq * 200)
+                && ev.action == Action::Allow
+            {
+                allow = Some(ev);
+            }
+        }
+        let allow = allow.expect("the streak of ok frames returns to allow");
+        let seqs: Vec<u64> = allow.evidence.iter().map(|f| f.seq).collect();
+        assert_eq!(seqs, vec![6], "the newest fully analysed ok frame");
     }
 
     #[test]

@@ -234,6 +234,15 @@ pub(super) async fn run(
         outbox,
         enforcement,
         liveness: StreamLiveness::new(),
+        // While the phone rule counts, it sees every frame.
+        phone_cadence: crate::cadence::PhoneCadence::new(
+            shared.cfg.phone_every,
+            shared
+                .policy
+                .rules
+                .get(&Verdict::Phone)
+                .map_or(6, |r| r.n as u32),
+        ),
         last_seen: Instant::now(),
         next_random_ms: random_after(&shared.challenge, wire::now_ms()),
         ending: None,
@@ -708,6 +717,8 @@ struct Session {
     enforcement: Enforcement,
     /// Liveness over this client's stream, fused into each verdict before the policy sees it.
     liveness: StreamLiveness,
+    /// Which frames run the phone detector.
+    phone_cadence: crate::cadence::PhoneCadence,
     /// When anything (a message, a ping or pong) last arrived from the client.
     last_seen: Instant,
     /// When the next random challenge is due (`challenge.every_ms`).
@@ -1135,6 +1146,8 @@ impl Session {
                 captured_at_ms: p.frame.captured_at_ms,
                 jpeg: p.frame.jpeg.clone(),
                 reference: self.reference.clone(),
+                // A challenge's frames are evidence: every model runs on them.
+                phone_check: self.phone_cadence.due(p.seq) || self.enforcement.challenging(),
             }),
         };
         let span = tracing::debug_span!(
@@ -1214,6 +1227,12 @@ impl Session {
                 // signature stops here: it never reaches the client or the audit trail.
                 let mut suspicion = None;
                 if let wire::Analysis::Identity(a) = &mut r.analysis {
+                    self.phone_cadence.observe(
+                        seq,
+                        a.skipped.is_empty(),
+                        a.phone.is_some(),
+                        a.verdict == Verdict::Ok,
+                    );
                     suspicion = self
                         .liveness
                         .fuse(&self.shared.liveness, inflight.received_ms, a)

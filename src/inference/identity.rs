@@ -36,6 +36,8 @@ pub struct IdentityStack {
     has_pad: bool,
     /// `name:version` of each model, in the order they run.
     pub models: Vec<String>,
+    /// `name:version` of the phone detector, which a frame may skip ([`crate::cadence`]).
+    phone_model: String,
 }
 
 /// Why enrolment refused a reference photo.
@@ -157,6 +159,7 @@ impl IdentityStack {
             max_pixels: cfg.max_pixels,
             has_pad: pad_model.is_some(),
             models,
+            phone_model: manifest.by_role("phone_detection").tag(),
         })
     }
 
@@ -211,11 +214,24 @@ impl IdentityStack {
             .collect())
     }
 
-    /// Analyse one frame against `reference` (an L2-normalised embedding, if enrolled).
+    /// Analyse one frame against `reference` (an L2-normalised embedding, if enrolled), with
+    /// every model.
     pub fn analyze(
         &self,
         jpeg: &[u8],
         reference: Option<&[f32]>,
+    ) -> Result<(IdentityAnalysis, Stages), InferenceError> {
+        self.analyze_with(jpeg, reference, true)
+    }
+
+    /// [`IdentityStack::analyze`]; without `phone_check` the phone detector runs only when the
+    /// verdict is not `ok` without it (so that a frame that may become evidence is fully
+    /// analysed), and the analysis lists it as `skipped` otherwise.
+    pub fn analyze_with(
+        &self,
+        jpeg: &[u8],
+        reference: Option<&[f32]>,
+        phone_check: bool,
     ) -> Result<(IdentityAnalysis, Stages), InferenceError> {
         let t = &self.thresholds;
         let mut stages = Stages::new();
@@ -273,27 +289,41 @@ impl IdentityStack {
                 }
                 _ => None,
             };
-            let phones = set.coco.phones(&small, t.phone_score, t.phone_nms_iou)?;
-            lap("cocossd", &mut stages);
             let unscale = 1.0 / scale;
-            let phone = phones.first().map(|p| PhoneBox {
-                score: p.score,
-                x: p.x * unscale,
-                y: p.y * unscale,
-                w: p.w * unscale,
-                h: p.h * unscale,
-            });
+            let mut phones = |set: &mut ModelSet, stages: &mut Stages| {
+                let found = set.coco.phones(&small, t.phone_score, t.phone_nms_iou)?;
+                lap("cocossd", stages);
+                Ok::<_, InferenceError>(found.first().map(|p| PhoneBox {
+                    score: p.score,
+                    x: p.x * unscale,
+                    y: p.y * unscale,
+                    w: p.w * unscale,
+                    h: p.h * unscale,
+                }))
+            };
             let quality = judged.as_ref().map(|j| j.quality.clone());
             let signature = judged
                 .as_ref()
                 .map(|j| crate::wire::pack_signature(&j.embedding).into());
-            let verdict = verdict(
-                faces.len(),
-                quality.as_ref(),
-                identity.as_ref(),
-                phone.as_ref(),
-                t,
-            );
+            let judge = |phone: Option<&PhoneBox>| {
+                verdict(faces.len(), quality.as_ref(), identity.as_ref(), phone, t)
+            };
+            let mut phone = None;
+            let mut verdict = Verdict::Ok;
+            let mut phone_ran = false;
+            if !phone_check {
+                verdict = judge(None);
+            }
+            if phone_check || verdict != Verdict::Ok {
+                phone = phones(set, &mut stages)?;
+                verdict = judge(phone.as_ref());
+                phone_ran = true;
+            }
+            let skipped = if phone_ran {
+                Vec::new()
+            } else {
+                vec![self.phone_model.clone()]
+            };
             let faces = faces
                 .iter()
                 .map(|f| FaceBox {
@@ -312,6 +342,7 @@ impl IdentityStack {
                     liveness,
                     phone,
                     models: self.models.clone(),
+                    skipped,
                     thresholds: [
                         ("face_score", t.face_score),
                         ("match_cosine", t.match_cosine),

@@ -240,7 +240,15 @@ pub async fn replay(
                     produced_at_ms: now,
                     deadline_ms: now + deadline.as_millis() as u64,
                     traceparent: wire::new_traceparent(),
-                    payload: original.payload.clone(),
+                    payload: match &original.payload {
+                        // A replay is a regression gate: every frame runs every model, whatever
+                        // the recording edge's cadence skipped.
+                        wire::Payload::Frame(f) => wire::Payload::Frame(wire::Frame {
+                            phone_check: true,
+                            ..f.clone()
+                        }),
+                        other => other.clone(),
+                    },
                 };
                 publisher.publish(&exchange, "", &env).await?.wait().await?;
                 if let Some(k) = key(&env) {

@@ -279,6 +279,18 @@ pub struct Frame {
     /// verify any client without shared state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<serde_bytes::ByteBuf>,
+    /// Whether to run the phone detector on this frame ([`crate::cadence`]); a worker runs it
+    /// anyway when the verdict is not `ok`. Absent (true) from edges that predate it.
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub phone_check: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(b: &bool) -> bool {
+    *b
 }
 
 /// A worker's analysis of one frame.
@@ -334,8 +346,12 @@ pub struct IdentityAnalysis {
     pub liveness: Option<LivenessScore>,
     /// The best phone detection, if any passed the threshold.
     pub phone: Option<PhoneBox>,
-    /// `name:version` of each model that ran.
+    /// `name:version` of each model of the stack, in the order they run.
     pub models: Vec<String>,
+    /// Those of `models` that did not run on this frame (the phone detector off its cadence,
+    /// on a frame whose verdict was `ok` without it). Never shown to a client.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
     /// The thresholds the verdict was decided with.
     #[serde(default)]
     pub thresholds: BTreeMap<String, f32>,
@@ -350,11 +366,14 @@ pub struct IdentityAnalysis {
 }
 
 impl IdentityAnalysis {
-    /// Keep only what a candidate needs (the verdict, the face boxes to draw and which models ran) and
-    /// drop every score behind it: similarity, liveness and presentation-attack scores, pose,
+    /// Keep only what a candidate needs (the verdict, the face boxes to draw, the stack's
+    /// models) and drop every score behind it: similarity, liveness and presentation-attack scores, pose,
     /// the phone detector's box and the thresholds. A client that sees the numbers can tune a
     /// photo or a mask against them frame by frame.
     pub fn strip_scores(&mut self) {
+        // Nor which frames skipped a model: the phone detector's cadence would tell a client
+        // when to show a phone.
+        self.skipped.clear();
         self.identity = None;
         self.liveness = None;
         self.phone = None;
@@ -765,8 +784,31 @@ mod tests {
                 captured_at_ms: Some(1_762_999_999_990),
                 jpeg: jpeg.into(),
                 reference: None,
+                phone_check: true,
             }),
         }
+    }
+
+    #[test]
+    fn a_frame_off_the_phone_cadence_says_so_and_one_from_an_older_edge_checks() {
+        let on = sample_frame(100);
+        let mut off = on.clone();
+        if let Payload::Frame(f) = &mut off.payload {
+            f.phone_check = false;
+        }
+        let decoded = Envelope::decode(&off.encode().unwrap()).unwrap();
+        assert_eq!(decoded, off);
+        // `true` is not written: a frame from an edge that predates the cadence decodes as
+        // one that runs the detector, and its bytes are what they were.
+        let (on_bytes, off_bytes) = (on.encode().unwrap(), off.encode().unwrap());
+        assert!(on_bytes.len() < off_bytes.len());
+        assert!(matches!(
+            Envelope::decode(&on_bytes).unwrap().payload,
+            Payload::Frame(Frame {
+                phone_check: true,
+                ..
+            })
+        ));
     }
 
     #[test]

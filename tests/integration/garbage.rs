@@ -187,6 +187,7 @@ async fn garbage_is_refused_and_the_pipeline_keeps_serving() {
             captured_at_ms: None,
             jpeg: bomb.to_vec().into(),
             reference: None,
+            phone_check: true,
         }),
     };
     publisher

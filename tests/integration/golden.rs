@@ -35,6 +35,7 @@ fn cases() -> Vec<(&'static str, Envelope)> {
                 captured_at_ms: Some(1_763_776_999_990),
                 jpeg: vec![0xFF, 0xD8, 0xFF, 0xD9].into(),
                 reference: None,
+                phone_check: true,
             })),
         ),
         (
@@ -109,6 +110,7 @@ fn cases_v2() -> Vec<(String, Envelope)> {
             }),
             phone: None,
             models: vec!["yunet:2023mar".into()],
+            skipped: Vec::new(),
             thresholds: [("match_cosine".to_owned(), 0.41)].into_iter().collect(),
             quality: Some(FaceQuality {
                 face_px: 30.0,

@@ -288,8 +288,43 @@ async fn the_pipeline_tells_the_enrolled_person_from_another() {
     } else {
         panic!("{results:?}");
     }
+    // The phone detector on its cadence (`edge.phone_every`, 3, and the phone rule's 6 frames
+    // after a hint). Frame 1 (the first) ran it, and frame 2 too (`wrong_person`: a frame that
+    // may become evidence is fully analysed); that verdict holds it on for frames 3 to 8; the
+    // honest frames 9 to 14 then run it about every third frame (gaps of 2 to 4). The client
+    // is not told which frames skipped it.
+    for seq in 3..=14 {
+        conn.send_frame(seq, 0, &photo("Male_41_6_1.jpg"))
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(30), conn.recv()).await {
+            Ok(Some(Ok(Incoming::Msg(ServerMsg::Result {
+                analysis: Analysis::Identity(a),
+                ..
+            })))) => {
+                assert_eq!(a.verdict, Verdict::Ok, "frame {seq}: {a:?}");
+                assert!(a.skipped.is_empty() && a.models.len() == 5, "{a:?}");
+            }
+            other => panic!("no result for frame {seq}: {other:?}"),
+        }
+    }
     let worker = &env.worker_registries[0];
-    assert!(crate::support::metric(worker, "vigil_worker_inference_seconds", None) >= 0.0);
+    let runs = |stage: &str| -> u64 {
+        worker
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "vigil_worker_inference_seconds")
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| m.get_label().iter().any(|l| l.value() == stage))
+            .map(|m| m.get_histogram().get_sample_count())
+            .sum()
+    };
+    assert_eq!((runs("yunet"), runs("sface")), (14, 14));
+    let phone_runs = runs("cocossd");
+    assert!(
+        (9..=11).contains(&phone_runs),
+        "frames 1 to 8, and 1 to 3 of frames 9 to 14: {phone_runs}"
+    );
     conn.close().await;
     env.teardown().await;
 }
@@ -378,4 +413,33 @@ fn the_pad_model_outputs_a_softmax_over_three_classes() {
         "{classes:?}"
     );
     assert_eq!(pad.p_real(&img, &face).unwrap(), classes[1]);
+}
+
+/// Off the phone detector's cadence (`VIGIL_EDGE_PHONE_EVERY`), a frame skips it only when its
+/// verdict is `ok` without it, and says so; a frame that may become evidence is always fully
+/// analysed.
+#[test]
+fn a_frame_off_the_phone_cadence_skips_the_detector_only_when_its_verdict_is_ok() {
+    let s = stack();
+    let jpeg = photo(PHONE_SELFIE);
+    let embedding = s.enroll(&jpeg).unwrap();
+    // On the cadence: the phone is seen, every model ran.
+    let (on, _) = s.analyze_with(&jpeg, Some(&embedding), true).unwrap();
+    assert_eq!(on.verdict, Verdict::Phone);
+    assert!(on.skipped.is_empty());
+    // Off it, the same frame is `ok` without the detector: skipped and named as skipped. (The
+    // cadence's next check sees the phone, and from then on every frame runs it.)
+    let (off, _) = s.analyze_with(&jpeg, Some(&embedding), false).unwrap();
+    assert_eq!(off.verdict, Verdict::Ok, "{off:?}");
+    assert_eq!(off.skipped.len(), 1);
+    assert!(off.skipped[0].starts_with("cocossd:"), "{:?}", off.skipped);
+    assert_eq!(off.models, on.models, "the stack, whatever ran");
+    assert!(off.phone.is_none());
+    // A stranger off the cadence: not `ok`, so the detector runs anyway.
+    let (stranger, _) = s
+        .analyze_with(&photo(DIFFERENT_PEOPLE[1]), Some(&embedding), false)
+        .unwrap();
+    assert_ne!(stranger.verdict, Verdict::Ok);
+    assert!(stranger.skipped.is_empty(), "{stranger:?}");
+    assert_eq!(stranger.models, on.models);
 }
