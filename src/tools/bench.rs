@@ -172,7 +172,7 @@ impl CpuClock {
 }
 
 /// utime + stime of a process, in seconds (clock ticks are 100 Hz on Linux).
-fn proc_cpu_seconds(pid: &str) -> Option<f64> {
+pub(crate) fn proc_cpu_seconds(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
     let rest = &stat[stat.rfind(')')? + 2..];

