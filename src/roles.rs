@@ -227,6 +227,8 @@ pub struct Trust {
     namespace: String,
     /// This process's own user: in `shared` mode, every role.
     own_user: String,
+    /// The users of the roles that are not edges, made once (receivers look on every message).
+    role_users: [(Role, String); 4],
     metrics: BrokerMetrics,
 }
 
@@ -237,6 +239,8 @@ impl Trust {
             mode,
             namespace: namespace.to_owned(),
             own_user: own_user.to_owned(),
+            role_users: [Role::Worker, Role::Audit, Role::Operator, Role::Admin]
+                .map(|r| (r, user_of(namespace, r))),
             metrics,
         }
     }
@@ -246,10 +250,10 @@ impl Trust {
         if let Some(id) = edge_of_user(&self.namespace, user) {
             return Some((Role::Edge, Some(id)));
         }
-        [Role::Worker, Role::Audit, Role::Operator, Role::Admin]
-            .into_iter()
-            .find(|r| user_of(&self.namespace, *r) == user)
-            .map(|r| (r, None))
+        self.role_users
+            .iter()
+            .find(|(_, name)| name == user)
+            .map(|(r, _)| (*r, None))
     }
 
     fn judge(&self, kind: Kind, user_id: Option<&str>, edge: Option<&str>) -> bool {

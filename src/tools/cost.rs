@@ -158,16 +158,7 @@ fn setup<E: std::fmt::Display>(e: E) -> CostError {
 
 /// A clip's frames, in name order.
 fn clip_frames(dir: &Path) -> Result<Vec<Vec<u8>>, CostError> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| setup(format!("{}: {e}", dir.display())))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.extension()
-                .is_some_and(|x| x.eq_ignore_ascii_case("jpg") || x.eq_ignore_ascii_case("jpeg"))
-        })
-        .collect();
-    files.sort();
+    let files = crate::tools::eval::jpegs(dir).map_err(setup)?;
     if files.len() < 2 {
         return Err(setup(format!(
             "{} holds fewer than 2 frames",
@@ -286,17 +277,8 @@ pub async fn run(b: &CostBench) -> Result<CostReport, CostError> {
 }
 
 fn clip_first_file(dir: &Path) -> Result<PathBuf, CostError> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| setup(format!("{}: {e}", dir.display())))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.extension()
-                .is_some_and(|x| x.eq_ignore_ascii_case("jpg") || x.eq_ignore_ascii_case("jpeg"))
-        })
-        .collect();
-    files.sort();
-    files
+    crate::tools::eval::jpegs(dir)
+        .map_err(setup)?
         .into_iter()
         .next()
         .ok_or_else(|| setup(format!("{} holds no .jpg", dir.display())))

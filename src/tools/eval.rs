@@ -292,7 +292,8 @@ pub fn frames_dir(data: &Path, video: &str) -> PathBuf {
     data.join("frames").join(stem)
 }
 
-fn jpegs(dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
+/// The `.jpg`/`.jpeg` files of a folder, in name order.
+pub(crate) fn jpegs(dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| io(format!("{}: {e}", dir.display())))?
         .flatten()
