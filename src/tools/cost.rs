@@ -141,7 +141,24 @@ impl CostReport {
                     .join(", ")
             );
         }
-        let _ = writeln!(out, "cadence / full CPU per frame: {:.2}", self.cpu_ratio);
+        let _ = writeln!(
+            out,
+            "cadence / full CPU per answered frame: {:.2}",
+            self.cpu_ratio
+        );
+        if self
+            .sides
+            .iter()
+            .any(|s| s.dropped > 0 || s.ended_early > 0)
+        {
+            out.push_str(
+                "note: frames were dropped or sessions ended early: the machine could not keep \
+                 up, and the sides may not have carried the same load\n",
+            );
+        }
+        if self.sides.iter().all(|s| s.phone_every == 1) {
+            out.push_str("note: VIGIL_EDGE_PHONE_EVERY is 1: both sides are the full stack\n");
+        }
         out
     }
 }
@@ -644,5 +661,20 @@ mod tests {
         assert!((s.inference_ms_per_frame - 60.0).abs() < 1e-9);
         assert!((s.stages_ms_per_frame["sface"] - 45.0).abs() < 1e-9);
         assert_eq!(s.swap_caught_s, vec![Some(1.5)]);
+        // A report whose sides dropped frames says so.
+        let mut dropped = s.clone();
+        dropped.dropped = 3;
+        let report = CostReport {
+            clients: 2,
+            fps: 5.0,
+            workers: 1,
+            clips: vec![],
+            rounds: 1,
+            sides: vec![s, dropped],
+            cpu_ratio: 1.0,
+        };
+        let text = report.render();
+        assert!(text.contains("could not keep up"), "{text}");
+        assert!(text.contains("both sides are the full stack"), "{text}");
     }
 }
