@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::free_port;
 use vigil::directory::{ClientStore, PgLimits, PgStore};
 
 /// A CA's PEM, and a certificate and key it signed for `localhost` only; and a client
@@ -58,15 +59,6 @@ fn pg_bin() -> PathBuf {
 fn running_as_root() -> bool {
     let out = Command::new("id").arg("-u").output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim() == "0"
-}
-
-/// A free TCP port on 127.0.0.1 (free when asked).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A private PostgreSQL server in a temporary folder, stopped and removed when dropped (a

@@ -198,13 +198,35 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result
     Ok((status, body))
 }
 
-/// A free local TCP port (bound, then released).
+/// A free local TCP port for a process the test starts, which binds it later.
+///
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`): a port the kernel handed
+/// out for `:0` would be free again once released, and any outgoing connection (to RabbitMQ,
+/// PostgreSQL, the edge under test) could take it before the process binds it. Ports below the
+/// range are given only to those who ask for them by number, and this process hands each out
+/// once, from a start that differs between runs.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    static START: OnceLock<(u32, u32)> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let &(ephemeral_low, start) = START.get_or_init(|| {
+        let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+            .unwrap_or(32_768)
+            .clamp(LOW + 1_000, 65_536);
+        (low, rand::random_range(0..low - LOW))
+    });
+    let span = ephemeral_low - LOW;
+    for _ in 0..span {
+        let port = LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port between {LOW} and {ephemeral_low}")
 }
 
 /// A `vigil-worker` process for this test's namespace, with extra environment.
