@@ -2,6 +2,7 @@
 //! stack behind the `identity` analyzer, ONNX Runtime loading, and the synthetic frames used by
 //! demos, benchmarks and tests.
 
+pub mod graph;
 pub mod identity;
 pub mod imageops;
 pub mod manifest;

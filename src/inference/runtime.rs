@@ -98,7 +98,24 @@ pub fn session(
     if device == Device::Cuda {
         builder = with_cuda(builder, model)?;
     }
-    builder.commit_from_file(model).map_err(fail)
+    // Weights that the file also lists as graph inputs are handed over as constants, so that
+    // ONNX Runtime folds them (see `graph`); a file without any is loaded from its path, where
+    // ONNX Runtime finds any external data beside it.
+    let bytes = std::fs::read(model).map_err(|e| InferenceError::Model {
+        model: model.display().to_string(),
+        message: format!("cannot read: {e}"),
+    })?;
+    match super::graph::constant_initializers(&bytes) {
+        (edited, constants) if constants > 0 => {
+            tracing::debug!(
+                model = %model.display(),
+                constants,
+                "weights listed as graph inputs are loaded as constants"
+            );
+            builder.commit_from_memory(&edited).map_err(fail)
+        }
+        _ => builder.commit_from_file(model).map_err(fail),
+    }
 }
 
 #[cfg(feature = "cuda")]

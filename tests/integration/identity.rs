@@ -443,3 +443,68 @@ fn a_frame_off_the_phone_cadence_skips_the_detector_only_when_its_verdict_is_ok(
     assert!(stranger.skipped.is_empty(), "{stranger:?}");
     assert_eq!(stranger.models, on.models);
 }
+
+/// SFace lists its weights as graph inputs too, which keeps ONNX Runtime from folding them;
+/// the worker loads them as constants (`inference::graph`). On real aligned faces, its
+/// signatures are those of the file as it is, up to float rounding.
+#[test]
+fn sface_with_its_weights_as_constants_gives_the_same_signatures() {
+    use vigil::inference::models::{SFace, YuNet, cosine};
+    let cfg = inference_config();
+    let manifest = vigil::inference::manifest::Manifest::embedded().unwrap();
+    let file = |role: &str| cfg.models_dir.join(&manifest.find_role(role).unwrap().file);
+    let sface_file = file("face_recognition");
+    let lib = vigil::inference::locate_runtime(cfg.ort_dylib.as_deref()).unwrap();
+    let env = vigil::inference::runtime::environment(&lib).unwrap();
+    let cpu = vigil::inference::Device::Cpu;
+
+    let bytes = std::fs::read(&sface_file).unwrap();
+    let (_, constants) = vigil::inference::graph::constant_initializers(&bytes);
+    assert!(
+        constants > 100,
+        "SFace as shipped lists its weights as inputs ({constants} found)"
+    );
+    let mut edited = SFace::load(env, &sface_file, 1, cpu).unwrap();
+    let mut as_is = ort::session::Session::builder(env)
+        .unwrap()
+        .with_intra_threads(1)
+        .unwrap()
+        .commit_from_file(&sface_file)
+        .unwrap();
+    let mut detector = YuNet::load(env, &file("face_detection"), 1, cpu).unwrap();
+
+    let mut compared = 0;
+    for name in DIFFERENT_PEOPLE {
+        let img = image::load_from_memory(&photo(name)).unwrap().into_rgb8();
+        let scale = 640.0 / img.width().max(img.height()) as f32;
+        let img = image::imageops::resize(
+            &img,
+            (img.width() as f32 * scale.min(1.0)) as u32,
+            (img.height() as f32 * scale.min(1.0)) as u32,
+            FilterType::Triangle,
+        );
+        let faces = detector.detect(&img, 0.6, 0.3).unwrap();
+        let (aligned, _) = SFace::align(&img, &faces[0]).unwrap();
+        let ours = edited.embed_aligned(&aligned).unwrap();
+        let tensor = ort::value::Tensor::from_array((
+            [1usize, 3, 112, 112],
+            vigil::inference::imageops::rgb_nchw(&aligned),
+        ))
+        .unwrap();
+        let outputs = as_is.run(ort::inputs!["data" => tensor]).unwrap();
+        let (_, raw) = outputs[0].try_extract_tensor::<f32>().unwrap();
+        let norm = raw.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let theirs: Vec<f32> = raw.iter().map(|v| v / norm).collect();
+        let max_diff = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            max_diff < 1e-4 && cosine(&ours, &theirs) > 0.99999,
+            "{name}: signatures differ by up to {max_diff}"
+        );
+        compared += 1;
+    }
+    assert_eq!(compared, DIFFERENT_PEOPLE.len());
+}
