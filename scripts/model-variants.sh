@@ -16,8 +16,15 @@ for f in face_detection_yunet_2023mar.onnx face_recognition_sface_2021dec.onnx f
     fi
 done
 venv="${VIGIL_CACHE:-$ROOT/.cache}/variants-venv"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import onnxruntime, onnx, numpy, PIL" 2>/dev/null; then
+pins=(onnxruntime==1.31.1 onnx==1.23.2 numpy==2.4.6 pillow==13.0.0)
+# Reused only while it holds exactly the pinned versions.
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" - "${pins[@]}" 2>/dev/null <<'PY'
+import sys
+from importlib.metadata import version
+sys.exit(any(version(n) != v for n, v in (p.split("==") for p in sys.argv[1:])))
+PY
+then
     python3 -m venv "$venv" >&2
-    "$venv/bin/python" -m pip install --quiet onnxruntime==1.31.1 onnx==1.23.2 numpy==2.4.6 pillow==13.0.0 >&2
+    "$venv/bin/python" -m pip install --quiet "${pins[@]}" >&2
 fi
 exec "$venv/bin/python" scripts/model_variants.py "$photos" "$models" "$@"

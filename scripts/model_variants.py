@@ -325,7 +325,7 @@ def batch_check(dyn, ref, feeds, n=4):
 
 
 def part_batch(fp32, test, work, rounds, runs, sizes=(1, 4, 16), threads=(1, 2)):
-    res = {"cocossd": {"skipped": "its graph resizes each image itself (any image size), so images cannot be stacked"}}
+    res = {"cocossd": {"skipped": "not tried: its input's batch axis is fixed at 1 ([1, -1, -1, 3], any image size)"}}
     for name in ("sface", "liveness", "minifasnet", "yunet"):
         feeds = [it[name] for it in test if name in it]
         dyn_path = os.path.join(work, f"{name}_batchN.onnx")

@@ -362,11 +362,11 @@ type Rows = Vec<(String, String)>;
 /// `vigil clients list` as an operator runs it: (id, connection) pairs, read from the table a
 /// person reads and from the same list as JSON (`--json`). Two runs, so the two agree only once
 /// the presences stopped changing: the caller compares each with what it expects.
-fn cli_list(env: &TestEnv) -> (Rows, Rows) {
+fn cli_list(clients_dir: &std::path::Path) -> (Rows, Rows) {
     let list = |json: bool| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"));
         cmd.args(["clients", "list"])
-            .env("VIGIL_CLIENTS_DIR", &env.clients_dir);
+            .env("VIGIL_CLIENTS_DIR", clients_dir);
         if json {
             cmd.arg("--json");
         }
@@ -414,37 +414,42 @@ async fn clients_list_shows_who_is_connected_gone_or_dropped() {
         .unwrap();
     drop(dropped); // no close handshake
     let want = |id: &str, c: &str| (id.to_string(), c.to_string());
-    let env_ref = &env;
     let expected = vec![
         want("closed", "deactivated"),
         want("connected", "active"),
         want("dropped", "connection_error"),
         want("never", "deactivated"),
     ];
-    let expected_ref = &expected;
-    // Both the table and the JSON show every client as expected (the last lists seen are in
-    // the failure message).
-    let last = std::sync::Mutex::new(None);
-    let last_ref = &last;
-    let settled = tokio::time::timeout(
-        Duration::from_secs(10),
-        eventually(
-            "presence recorded",
-            Duration::from_secs(15),
-            || async move {
-                let (table, json) = cli_list(env_ref);
-                let agreed = table == *expected_ref && json == *expected_ref;
-                *last_ref.lock().unwrap() = Some((table, json));
-                agreed.then_some(())
-            },
-        ),
-    )
-    .await;
-    assert!(
-        settled.is_ok(),
-        "presence not recorded within 10 s: (table, --json) last read {:?}, expected {expected:?}",
-        last.lock().unwrap()
-    );
+    // Both the table and the JSON show every client as expected. Each check runs the CLI on a
+    // blocking thread, so the deadline holds even if a run hangs; the failure message shows the
+    // last lists read.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = None;
+    loop {
+        let dir = env.clients_dir.clone();
+        let read = tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            tokio::task::spawn_blocking(move || cli_list(&dir)),
+        )
+        .await;
+        match read {
+            Ok(Ok((table, json))) => {
+                if table == expected && json == expected {
+                    break;
+                }
+                last = Some((table, json));
+            }
+            // The CLI failed: its own assertion says why.
+            Ok(Err(e)) => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {} // the deadline passed during this run
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence not recorded within 10 s: (table, --json) last read {last:?}, expected \
+             {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     env.teardown().await;
 }
 

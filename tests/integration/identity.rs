@@ -445,11 +445,12 @@ fn a_frame_off_the_phone_cadence_skips_the_detector_only_when_its_verdict_is_ok(
 }
 
 /// SFace lists its weights as graph inputs too, which keeps ONNX Runtime from folding them;
-/// the worker loads them as constants (`inference::graph`). On real aligned faces, its
+/// the worker loads them as constants (`inference::graph`). On twelve photos' aligned faces, its
 /// signatures are those of the file as it is, up to float rounding.
 #[test]
 fn sface_with_its_weights_as_constants_gives_the_same_signatures() {
     use vigil::inference::models::{SFace, YuNet, cosine};
+    // SFace::load builds its session with `runtime::session`, compared here.
     let cfg = inference_config();
     let manifest = vigil::inference::manifest::Manifest::embedded().unwrap();
     let file = |role: &str| cfg.models_dir.join(&manifest.find_role(role).unwrap().file);
@@ -464,13 +465,22 @@ fn sface_with_its_weights_as_constants_gives_the_same_signatures() {
         constants > 100,
         "SFace as shipped lists its weights as inputs ({constants} found)"
     );
-    let mut edited = SFace::load(env, &sface_file, 1, cpu).unwrap();
+    // The session the worker's SFace runs on, and the file loaded as it is.
+    let mut edited = vigil::inference::runtime::session(env, &sface_file, 1, cpu).unwrap();
     let mut as_is = ort::session::Session::builder(env)
         .unwrap()
         .with_intra_threads(1)
         .unwrap()
         .commit_from_file(&sface_file)
         .unwrap();
+    assert_eq!(
+        (
+            edited.overridable_initializers().len(),
+            as_is.overridable_initializers().len()
+        ),
+        (0, constants),
+        "the worker's session holds SFace's weights as constants"
+    );
     let mut detector = YuNet::load(env, &file("face_detection"), 1, cpu).unwrap();
 
     let mut compared = 0;
@@ -485,16 +495,19 @@ fn sface_with_its_weights_as_constants_gives_the_same_signatures() {
         );
         let faces = detector.detect(&img, 0.6, 0.3).unwrap();
         let (aligned, _) = SFace::align(&img, &faces[0]).unwrap();
-        let ours = edited.embed_aligned(&aligned).unwrap();
-        let tensor = ort::value::Tensor::from_array((
-            [1usize, 3, 112, 112],
-            vigil::inference::imageops::rgb_nchw(&aligned),
-        ))
-        .unwrap();
-        let outputs = as_is.run(ort::inputs!["data" => tensor]).unwrap();
-        let (_, raw) = outputs[0].try_extract_tensor::<f32>().unwrap();
-        let norm = raw.iter().map(|v| v * v).sum::<f32>().sqrt();
-        let theirs: Vec<f32> = raw.iter().map(|v| v / norm).collect();
+        let signature = |session: &mut ort::session::Session| -> Vec<f32> {
+            let tensor = ort::value::Tensor::from_array((
+                [1usize, 3, 112, 112],
+                vigil::inference::imageops::rgb_nchw(&aligned),
+            ))
+            .unwrap();
+            let outputs = session.run(ort::inputs!["data" => tensor]).unwrap();
+            let (_, raw) = outputs[0].try_extract_tensor::<f32>().unwrap();
+            let norm = raw.iter().map(|v| v * v).sum::<f32>().sqrt();
+            raw.iter().map(|v| v / norm).collect()
+        };
+        let ours = signature(&mut edited);
+        let theirs = signature(&mut as_is);
         let max_diff = ours
             .iter()
             .zip(&theirs)

@@ -204,7 +204,8 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result
 /// out for `:0` would be free again once released, and any outgoing connection (to RabbitMQ,
 /// PostgreSQL, the edge under test) could take it before the process binds it. Ports below the
 /// range are given only to those who ask for them by number, and this process hands each out
-/// once, from a start that differs between runs.
+/// once, from a start that differs between runs. On a machine whose ephemeral range starts
+/// below 11,000 there is no such room, and the port is the kernel's, as before.
 pub fn free_port() -> u16 {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -216,9 +217,15 @@ pub fn free_port() -> u16 {
             .ok()
             .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
             .unwrap_or(32_768)
-            .clamp(LOW + 1_000, 65_536);
-        (low, rand::random_range(0..low - LOW))
+            .min(65_536);
+        (low, rand::random_range(0..low.saturating_sub(LOW).max(1)))
     });
+    if ephemeral_low < LOW + 1_000 {
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free local port")
+            .port();
+    }
     let span = ephemeral_low - LOW;
     for _ in 0..span {
         let port = LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
