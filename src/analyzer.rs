@@ -25,6 +25,9 @@ pub struct FrameInput<'a> {
     pub reference: Option<&'a [f32]>,
     /// Whether the phone detector must run ([`crate::cadence`]).
     pub phone_check: bool,
+    /// The face track the frame may carry its identity over to ([`crate::wire::Frame::track`]),
+    /// checked valid.
+    pub track: Option<&'a crate::wire::Track>,
 }
 
 /// An analysis with the seconds each stage (model) took.
@@ -100,7 +103,7 @@ impl Analyzer for Identity {
     fn analyze(&self, frame: &FrameInput<'_>) -> Result<Analyzed, AnalyzeError> {
         match self
             .stack
-            .analyze_with(frame.jpeg, frame.reference, frame.phone_check)
+            .analyze_with(frame.jpeg, frame.reference, frame.phone_check, frame.track)
         {
             Ok((analysis, stages)) => Ok(Analyzed {
                 analysis: Analysis::Identity(analysis),

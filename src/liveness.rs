@@ -12,12 +12,13 @@
 //! replay and `vigil eval` run the same code.
 //!
 //! The signals, measured by `vigil eval` (see `docs/liveness.md`):
-//! - **still**: a live face keeps changing (expression, blinks, pose), so its signature (the
-//!   recognition embedding) drifts away from where it was a second or two ago, far more than
-//!   it jitters between consecutive frames. A photo, a screen showing a still, or the same
-//!   frame replayed, moved about or not, changes only by the detector's jitter: its drift over
-//!   seconds stays at the jitter between neighbours. The spoof fires when
-//!   `drift <= still_ratio x jitter + still_floor` over a window with enough faces.
+//! - **still**: a live face keeps changing (expression, blinks, breath, pose), so its
+//!   appearance (the face aligned on its landmarks, its grey levels pooled to 28x28 cells, less
+//!   their mean: no model runs for it) drifts away from where it was a second or two ago, far
+//!   more than it jitters between consecutive frames. A photo, a screen showing a still, or the
+//!   same frame replayed, moved about or not, changes only by the alignment's jitter and the
+//!   sensor's noise: its drift over seconds stays at the jitter between neighbours. The spoof
+//!   fires when `drift <= still_ratio x jitter + still_floor` over a window with enough faces.
 //! - **model**: the single-frame model's P(live), as a median over the window. On webcam video
 //!   that model scores honest faces almost as low as printed photos, so it only decides when
 //!   the whole window sits below `p_live_window_min`, a level no honest window reached.
@@ -35,7 +36,7 @@ use std::collections::VecDeque;
 
 use serde::Deserialize;
 
-use crate::wire::{IdentityAnalysis, TemporalScore, Verdict, unpack_signature};
+use crate::wire::{IdentityAnalysis, TemporalScore, Verdict, unpack_appearance};
 
 /// `[liveness]` in the config file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -56,6 +57,9 @@ pub struct LivenessConfig {
     pub still_floor: f32,
     /// A suspicion when the window's median single-frame P(live) is below this.
     pub p_live_window_min: f32,
+    /// The models' window signals (`model`, `pad`) need at least this many scored faces in
+    /// the window besides `min_faces` faces.
+    pub min_scores: usize,
     /// A suspicion when the window's median presentation-attack P(real) is below this
     /// [VIGIL_LIVENESS_PAD_WINDOW_MIN].
     pub pad_window_min: f32,
@@ -80,9 +84,10 @@ impl Default for LivenessConfig {
             drift_lag_ms: 1_500,
             min_faces: 8,
             max_faces: 64,
-            still_ratio: 1.2,
-            still_floor: 0.002,
+            still_ratio: 1.5,
+            still_floor: 0.0005,
             p_live_window_min: 0.002,
+            min_scores: 3,
             pad_window_min: 0.47,
             still_faces: 15,
             away_ms: 15_000,
@@ -128,6 +133,12 @@ impl LivenessConfig {
                 self.pad_window_min
             ));
         }
+        if self.min_scores == 0 || self.min_scores > self.min_faces {
+            errors.push(format!(
+                "liveness.min_scores = {} must be within 1..=min_faces ({})",
+                self.min_scores, self.min_faces
+            ));
+        }
         if self.still_faces == 0 || self.still_faces > 1000 {
             errors.push(format!(
                 "liveness.still_faces = {} must be within 1..=1000",
@@ -154,9 +165,11 @@ impl LivenessConfig {
 #[derive(Debug, Clone)]
 struct Seen {
     at_ms: u64,
-    /// The signature, L2-normalised.
-    signature: Vec<f32>,
-    p_live: f32,
+    /// The face's appearance, L2-normalised.
+    appearance: Vec<f32>,
+    /// The liveness models' scores, when they ran on the frame (not on a frame that carried
+    /// its identity over, [`crate::cadence::IdentityCadence`]).
+    p_live: Option<f32>,
     pad: Option<f32>,
 }
 
@@ -190,10 +203,15 @@ pub(crate) struct StreamLiveness {
     still_run: usize,
     /// When a face good enough to judge was last seen (or the stream began).
     judged_at_ms: Option<u64>,
+    /// The newest window's score and when (`vigil eval` reads it for every face, scored or
+    /// carried).
+    last: Option<(u64, TemporalScore)>,
 }
 
+/// Cosine distance of two unit vectors, never below 0 (the same appearance twice is exactly
+/// 0, not a rounding error either side of it).
 fn distance(a: &[f32], b: &[f32]) -> f32 {
-    1.0 - a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>()
+    (1.0 - a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>()).max(0.0)
 }
 
 fn median(mut v: Vec<f32>) -> Option<f32> {
@@ -214,20 +232,26 @@ impl StreamLiveness {
         Self::default()
     }
 
+    /// The window's score when a face last entered it, and when (`vigil eval`).
+    #[cfg_attr(not(feature = "tools"), allow(dead_code))]
+    pub(crate) fn last(&self) -> Option<&(u64, TemporalScore)> {
+        self.last.as_ref()
+    }
+
     /// Add one face seen at `now_ms` and judge the window.
     pub(crate) fn observe(
         &mut self,
         cfg: &LivenessConfig,
         now_ms: u64,
-        signature: Vec<f32>,
-        p_live: f32,
+        appearance: Vec<f32>,
+        p_live: Option<f32>,
         pad: Option<f32>,
     ) -> (TemporalScore, Option<Suspicion>) {
         // Results can arrive a little out of time order (competing workers); the window is
         // ordered by arrival, which is the frames' order per session.
         self.faces.push_back(Seen {
             at_ms: now_ms,
-            signature,
+            appearance,
             p_live,
             pad,
         });
@@ -243,29 +267,32 @@ impl StreamLiveness {
         let jitter = median(
             f.iter()
                 .zip(f.iter().skip(1))
-                .map(|(a, b)| distance(&a.signature, &b.signature))
+                .map(|(a, b)| distance(&a.appearance, &b.appearance))
                 .collect(),
         );
         let mut long = Vec::new();
         for (i, a) in f.iter().enumerate() {
             for b in f.iter().skip(i + 1) {
                 if b.at_ms.saturating_sub(a.at_ms) >= cfg.drift_lag_ms {
-                    long.push(distance(&a.signature, &b.signature));
+                    long.push(distance(&a.appearance, &b.appearance));
                 }
             }
         }
         let drift = median(long);
-        let p_live_median = median(f.iter().map(|s| s.p_live).collect()).unwrap_or(1.0);
+        let p_live_median = median(f.iter().filter_map(|s| s.p_live).collect()).unwrap_or(1.0);
         let pad_median = median(f.iter().filter_map(|s| s.pad).collect());
         let enough = f.len() >= cfg.min_faces;
+        // The models' medians need scores of their own: with track reuse, a few frames a
+        // second carry them.
+        let scored = enough && f.iter().filter(|s| s.p_live.is_some()).count() >= cfg.min_scores;
         let still = matches!((enough, jitter, drift),
             (true, Some(j), Some(d)) if d <= cfg.still_ratio * j + cfg.still_floor);
         self.still_run = if still { self.still_run + 1 } else { 0 };
         let spoof = if self.still_run >= cfg.still_faces {
             Some(Suspicion::Still)
-        } else if enough && p_live_median < cfg.p_live_window_min {
+        } else if scored && p_live_median < cfg.p_live_window_min {
             Some(Suspicion::Model)
-        } else if enough && pad_median.is_some_and(|p| p < cfg.pad_window_min) {
+        } else if scored && pad_median.is_some_and(|p| p < cfg.pad_window_min) {
             Some(Suspicion::Pad)
         } else if cfg.disagree_faces > 0
             && f.iter()
@@ -289,11 +316,12 @@ impl StreamLiveness {
             pad_median,
             spoof: spoof.map(|s| s.as_str().to_owned()),
         };
+        self.last = Some((now_ms, score.clone()));
         (score, spoof)
     }
 
-    /// Fuse the stream's evidence into one frame's analysis at `now_ms`: take the face
-    /// signature out of it (it never travels further), add the window's score to its
+    /// Fuse the stream's evidence into one frame's analysis at `now_ms`: take the face's
+    /// appearance out of it (it never travels further), add the window's score to its
     /// liveness, and say which signal, if any, raises a suspicion. The verdict is left alone:
     /// passive signals never act by themselves. Faces that failed the quality gate neither
     /// enter the window nor are judged by it; frames that keep coming with such faces only
@@ -304,7 +332,7 @@ impl StreamLiveness {
         now_ms: u64,
         analysis: &mut IdentityAnalysis,
     ) -> Option<Suspicion> {
-        let signature = analysis.signature.take();
+        let appearance = analysis.appearance.take();
         let since = *self.judged_at_ms.get_or_insert(now_ms);
         let judged = matches!(
             analysis.verdict,
@@ -321,14 +349,13 @@ impl StreamLiveness {
             return None;
         }
         self.judged_at_ms = Some(now_ms);
-        let (Some(signature), Some(liveness)) = (
-            signature.and_then(|s| unpack_signature(&s)),
-            analysis.liveness.as_mut(),
-        ) else {
-            return None;
+        let appearance = appearance.and_then(|s| unpack_appearance(&s))?;
+        let Some(liveness) = analysis.liveness.as_mut() else {
+            // A frame that carried its identity over: its appearance counts, it has no scores.
+            return self.observe(cfg, now_ms, appearance, None, None).1;
         };
         let (score, suspicion) =
-            self.observe(cfg, now_ms, signature, liveness.p_live, liveness.pad);
+            self.observe(cfg, now_ms, appearance, Some(liveness.p_live), liveness.pad);
         if suspicion.is_some() {
             liveness.live = false;
         }
@@ -344,7 +371,7 @@ mod tests {
 
     /// A unit vector near `base`, moved by `amount` along coordinate `axis`.
     fn sig(base: usize, axis: usize, amount: f32) -> Vec<f32> {
-        let mut v = vec![0f32; 128];
+        let mut v = vec![0f32; crate::wire::APPEARANCE_BYTES];
         v[base] = 1.0;
         v[axis] += amount;
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -358,14 +385,20 @@ mod tests {
     /// Feed `n` faces at 5 fps; returns the score of each.
     fn run(
         n: usize,
-        mut signature: impl FnMut(usize) -> Vec<f32>,
+        mut appearance: impl FnMut(usize) -> Vec<f32>,
         p_live: f32,
     ) -> Vec<TemporalScore> {
         let mut s = StreamLiveness::new();
         (0..n)
             .map(|i| {
-                s.observe(&cfg(), 1_000 + i as u64 * 200, signature(i), p_live, None)
-                    .0
+                s.observe(
+                    &cfg(),
+                    1_000 + i as u64 * 200,
+                    appearance(i),
+                    Some(p_live),
+                    None,
+                )
+                .0
             })
             .collect()
     }
@@ -434,8 +467,14 @@ mod tests {
         let mut s = StreamLiveness::new();
         let got: Vec<_> = (0..20)
             .map(|i| {
-                s.observe(&c, i * 200, sig(0, 1, 0.03 * i as f32), 0.5, Some(0.1))
-                    .1
+                s.observe(
+                    &c,
+                    i * 200,
+                    sig(0, 1, 0.03 * i as f32),
+                    Some(0.5),
+                    Some(0.1),
+                )
+                .1
             })
             .collect();
         assert_eq!(got[19], Some(Suspicion::Pad));
@@ -450,8 +489,14 @@ mod tests {
         let got: Vec<_> = (0..12)
             .map(|i| {
                 let pad = if i % 2 == 0 { 0.99 } else { 0.05 };
-                s.observe(&c, i * 200, sig(0, 1, 0.03 * i as f32), 0.5, Some(pad))
-                    .1
+                s.observe(
+                    &c,
+                    i * 200,
+                    sig(0, 1, 0.03 * i as f32),
+                    Some(0.5),
+                    Some(pad),
+                )
+                .1
             })
             .collect();
         assert_eq!(got[5], Some(Suspicion::Disagree), "{got:?}");
@@ -459,35 +504,81 @@ mod tests {
         let mut s = StreamLiveness::new();
         assert!((0..40).all(|i| {
             let pad = 0.82 + 0.17 * ((i % 5) as f32 / 4.0);
-            s.observe(&c, i * 200, sig(0, 1, 0.03 * i as f32), 0.5, Some(pad))
-                .1
-                .is_none()
+            s.observe(
+                &c,
+                i * 200,
+                sig(0, 1, 0.03 * i as f32),
+                Some(0.5),
+                Some(pad),
+            )
+            .1
+            .is_none()
         }));
+    }
+
+    #[test]
+    fn carried_faces_feed_the_still_test_and_only_scored_ones_the_medians() {
+        // A photo replayed, its scores on one frame in five (track reuse): still all the same.
+        let mut s = StreamLiveness::new();
+        let got: Vec<_> = (0..40)
+            .map(|i| {
+                let scored = i % 5 == 0;
+                s.observe(&cfg(), i * 200, sig(0, 1, 0.2), scored.then_some(0.9), None)
+                    .1
+            })
+            .collect();
+        assert_eq!(got[39], Some(Suspicion::Still));
+        // The presentation-attack model sure on the scored frames: a suspicion once
+        // `min_scores` of them are in a window of `min_faces` faces, not before.
+        let c = LivenessConfig {
+            pad_window_min: 0.3,
+            ..cfg()
+        };
+        let mut s = StreamLiveness::new();
+        let got: Vec<_> = (0..20)
+            .map(|i| {
+                let scored = i % 5 == 0;
+                let appearance = sig(0, 1, 0.03 * i as f32);
+                s.observe(
+                    &c,
+                    i * 200,
+                    appearance,
+                    scored.then_some(0.5),
+                    scored.then_some(0.1),
+                )
+                .1
+            })
+            .collect();
+        assert_eq!(got.iter().position(Option::is_some), Some(10), "{got:?}");
+        assert_eq!(got[10], Some(Suspicion::Pad));
     }
 
     #[test]
     fn old_faces_leave_the_window() {
         let mut s = StreamLiveness::new();
         for i in 0..10 {
-            s.observe(&cfg(), i * 200, sig(0, 1, 0.0), 0.9, None);
+            s.observe(&cfg(), i * 200, sig(0, 1, 0.0), Some(0.9), None);
         }
         // Ten seconds later, one new face: the window holds only it.
-        let (score, _) = s.observe(&cfg(), 12_000, sig(0, 1, 0.0), 0.9, None);
+        let (score, _) = s.observe(&cfg(), 12_000, sig(0, 1, 0.0), Some(0.9), None);
         assert_eq!((score.faces, score.spoof), (1, None));
     }
 
     #[test]
-    fn signatures_survive_their_wire_form() {
+    fn appearances_survive_their_wire_form() {
         let e = sig(3, 9, 0.4);
-        let back = unpack_signature(&crate::wire::pack_signature(&e)).unwrap();
+        let back = unpack_appearance(&crate::wire::pack_appearance(&e)).unwrap();
         assert!(distance(&e, &back) < 1e-3);
-        assert_eq!(unpack_signature(&[0; 128]), None);
-        // A signature of any other length (a hostile or foreign result) is ignored.
-        assert_eq!(unpack_signature(&[1; 127]), None);
-        assert_eq!(unpack_signature(&[1; 4096]), None);
+        let n = crate::wire::APPEARANCE_BYTES;
+        assert_eq!(unpack_appearance(&vec![0; n]), None);
+        // An appearance of any other length (a hostile or foreign result, or an older
+        // worker's 128-byte embedding) is ignored.
+        assert_eq!(unpack_appearance(&[1; 128]), None);
+        assert_eq!(unpack_appearance(&vec![1; n - 1]), None);
+        assert_eq!(unpack_appearance(&[1; 4096]), None);
     }
 
-    fn analysis(verdict: Verdict, signature: &[f32]) -> IdentityAnalysis {
+    fn analysis(verdict: Verdict, appearance: &[f32]) -> IdentityAnalysis {
         IdentityAnalysis {
             verdict,
             faces: vec![],
@@ -501,21 +592,23 @@ mod tests {
             phone: None,
             models: vec![],
             skipped: Vec::new(),
+            carried: Vec::new(),
             thresholds: Default::default(),
             quality: None,
-            signature: Some(crate::wire::pack_signature(signature).into()),
+            appearance: Some(crate::wire::pack_appearance(appearance).into()),
+            track: None,
         }
     }
 
     #[test]
-    fn fuse_raises_a_suspicion_strips_the_signature_and_leaves_the_verdict() {
+    fn fuse_raises_a_suspicion_strips_the_appearance_and_leaves_the_verdict() {
         let mut s = StreamLiveness::new();
         let mut raised = Vec::new();
         let mut last = None;
         for i in 0..30u64 {
             let mut a = analysis(Verdict::Ok, &sig(0, 1, 0.1));
             raised.push(s.fuse(&cfg(), i * 200, &mut a));
-            assert!(a.signature.is_none());
+            assert!(a.appearance.is_none());
             last = Some(a);
         }
         let last = last.unwrap();
@@ -532,7 +625,7 @@ mod tests {
         let before = s.faces.len();
         s.fuse(&cfg(), 6_000, &mut a);
         assert_eq!((a.verdict, s.faces.len()), (Verdict::LowQuality, before));
-        assert!(a.signature.is_none());
+        assert!(a.appearance.is_none());
     }
 
     #[test]

@@ -465,6 +465,8 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool 
                     frame.jpeg,
                     reference,
                     frame.phone_check,
+                    // A track from the broker is checked: one that is not a box is no track.
+                    frame.track.filter(crate::wire::Track::is_valid),
                 )
                 .await
             }
@@ -545,6 +547,7 @@ async fn analyze(
     jpeg: bytes::Bytes,
     reference: Option<Vec<f32>>,
     phone_check: bool,
+    track: Option<crate::wire::Track>,
 ) -> Result<Analyzed, AnalyzeError> {
     if !ctx.analyzer.is_blocking() {
         return ctx.analyzer.analyze(&FrameInput {
@@ -552,6 +555,7 @@ async fn analyze(
             jpeg: &jpeg,
             reference: reference.as_deref(),
             phone_check,
+            track: track.as_ref(),
         });
     }
     let _permit = ctx
@@ -568,6 +572,7 @@ async fn analyze(
             jpeg: &jpeg,
             reference: reference.as_deref(),
             phone_check,
+            track: track.as_ref(),
         })
     })
     .await

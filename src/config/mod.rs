@@ -174,6 +174,11 @@ pub struct Thresholds {
     pub pitch_min: f32,
     /// ...and at most.
     pub pitch_max: f32,
+    /// Track reuse: a frame's one face is on the client's track when its box overlaps the
+    /// track's by at least this IoU...
+    pub track_iou_min: f32,
+    /// ...and none of its landmarks moved further than this share of the face's width.
+    pub track_shift_max: f32,
 }
 
 impl Default for Thresholds {
@@ -193,6 +198,8 @@ impl Default for Thresholds {
             turned_match_cosine: 0.12,
             pitch_min: 0.2,
             pitch_max: 0.8,
+            track_iou_min: 0.6,
+            track_shift_max: 0.15,
         }
     }
 }
@@ -308,6 +315,14 @@ pub struct EdgeConfig {
     /// every frame after a phone was seen or a verdict was not `ok` (1: every frame)
     /// [VIGIL_EDGE_PHONE_EVERY].
     pub phone_every: u32,
+    /// Track reuse: a steady candidate's frames on a confirmed face track skip the recogniser
+    /// and the liveness models, with a full analysis at least this often, in ms (drawn from
+    /// half of it to all of it); 0 runs every model on every frame
+    /// ([`crate::cadence::IdentityCadence`]) [VIGIL_EDGE_RECHECK_MS].
+    pub recheck_ms: u64,
+    /// A full analysis confirms the track only when its similarity clears the worker's
+    /// `match_cosine` by this much.
+    pub track_margin: f32,
     /// Grace period for closing sessions on shutdown, in ms [VIGIL_EDGE_SHUTDOWN_GRACE_MS].
     pub shutdown_grace_ms: u64,
     /// Actions on their way to the audit trail (each publish waits for its confirm, with
@@ -455,6 +470,8 @@ impl Default for EdgeConfig {
             max_bad_messages: 10,
             client_scores: false,
             phone_every: 3,
+            recheck_ms: 1_000,
+            track_margin: 0.05,
             trusted_proxies: crate::edge::proxy::TrustedProxies::default(),
             shutdown_grace_ms: 2_000,
             max_pending_audits: 1024,
@@ -768,6 +785,20 @@ impl Config {
             }
             // At 5 fps, a phone that comes into view waits at most `phone_every + 1` frames for
             // a check, then every frame is one: within 2 s for the default phone rule up to 4.
+            // A stranger who takes the camera over on the track is fully analysed within
+            // `recheck_ms`, and the wrong-person rule then locks within its frames.
+            if e.recheck_ms != 0 && !(200..=1_000).contains(&e.recheck_ms) {
+                errors.push(format!(
+                    "edge.recheck_ms = {} must be 0 (off) or within 200..=1000",
+                    e.recheck_ms
+                ));
+            }
+            if !(0.0..=0.5).contains(&e.track_margin) {
+                errors.push(format!(
+                    "edge.track_margin = {} must be within 0..=0.5",
+                    e.track_margin
+                ));
+            }
             if !(1..=4).contains(&e.phone_every) {
                 errors.push(format!(
                     "edge.phone_every = {} must be within 1..=4",
@@ -858,6 +889,8 @@ impl Config {
                 ("thresholds.live_min", t.live_min),
                 ("thresholds.phone_score", t.phone_score),
                 ("thresholds.phone_nms_iou", t.phone_nms_iou),
+                ("thresholds.track_iou_min", t.track_iou_min),
+                ("thresholds.track_shift_max", t.track_shift_max),
             ] {
                 if !(0.0..=1.0).contains(&v) {
                     errors.push(format!("inference.{key} = {v} must be within 0..=1"));

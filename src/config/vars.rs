@@ -536,6 +536,13 @@ pub static VARS: &[Var] = &[
         r#"a steady candidate's frames run the phone detector about every this-many frames (gaps drawn from one fewer to one more), and every frame for the phone rule's `n` frames after a phone was seen or a verdict was not `ok`; a worker runs it on any frame whose verdict is not `ok` (1: every frame; 1..=4)"#
     ),
     var!(
+        "VIGIL_EDGE_RECHECK_MS",
+        [Edge],
+        edge.recheck_ms,
+        r#"1000"#,
+        r#"track reuse: a steady candidate's frames whose one face stays on a confirmed track skip the recogniser and the liveness models, with a full analysis at least this often (drawn from half of it to all of it), on every frame of a challenge, and at once after any verdict but `ok` (0: every model on every frame; 200..=1000)"#
+    ),
+    var!(
         "VIGIL_SESSION_KEY",
         [Edge],
         opt sessions.key,
@@ -857,7 +864,7 @@ pub static VARS: &[Var] = &[
         "VIGIL_LIVENESS_STILL_RATIO",
         [Edge],
         liveness.still_ratio,
-        r#"1.2"#,
+        r#"1.5"#,
         r#"the still test holds when drift is at most this many times jitter (a suspicion once it holds for `still_faces` faces in a row)"#
     ),
     var!(

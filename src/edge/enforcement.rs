@@ -526,10 +526,11 @@ impl Enforcement {
     }
 }
 
-/// Whether every model of the stack ran on the frame (none skipped off its cadence).
+/// Whether every model of the stack ran on the frame (none skipped off its cadence, none
+/// carried over from the face track).
 fn fully_analysed(frame: &EvidenceFrame) -> bool {
     match &frame.analysis {
-        crate::wire::Analysis::Identity(a) => a.skipped.is_empty(),
+        crate::wire::Analysis::Identity(a) => a.skipped.is_empty() && a.carried.is_empty(),
         _ => true,
     }
 }
@@ -554,9 +555,11 @@ mod tests {
                 phone: None,
                 models: vec![],
                 skipped: Vec::new(),
+                carried: Vec::new(),
                 thresholds: Default::default(),
                 quality: None,
-                signature: None,
+                appearance: None,
+                track: None,
             }),
         }
     }

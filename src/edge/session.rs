@@ -243,6 +243,10 @@ pub(super) async fn run(
                 .get(&Verdict::Phone)
                 .map_or(6, |r| r.n as u32),
         ),
+        identity_cadence: crate::cadence::IdentityCadence::new(
+            shared.cfg.recheck_ms,
+            shared.cfg.track_margin,
+        ),
         last_seen: Instant::now(),
         next_random_ms: random_after(&shared.challenge, wire::now_ms()),
         ending: None,
@@ -719,6 +723,7 @@ struct Session {
     liveness: StreamLiveness,
     /// Which frames run the phone detector.
     phone_cadence: crate::cadence::PhoneCadence,
+    identity_cadence: crate::cadence::IdentityCadence,
     /// When anything (a message, a ping or pong) last arrived from the client.
     last_seen: Instant,
     /// When the next random challenge is due (`challenge.every_ms`).
@@ -1148,6 +1153,11 @@ impl Session {
                 reference: self.reference.clone(),
                 // A challenge's frames are evidence: every model runs on them.
                 phone_check: self.phone_cadence.due(p.seq) || self.enforcement.challenging(),
+                track: self.identity_cadence.track_for(
+                    p.seq,
+                    p.received_ms,
+                    self.enforcement.challenging(),
+                ),
             }),
         };
         let span = tracing::debug_span!(
@@ -1224,9 +1234,10 @@ impl Session {
                 // An analysed frame is presence.
                 self.silent_since = Instant::now();
                 // The stream's liveness evidence joins the frame's own, and the face
-                // signature stops here: it never reaches the client or the audit trail.
+                // appearance stops here: it never reaches the client or the audit trail.
                 let mut suspicion = None;
                 if let wire::Analysis::Identity(a) = &mut r.analysis {
+                    self.identity_cadence.observe(seq, a);
                     self.phone_cadence.observe(
                         seq,
                         a.skipped.is_empty(),

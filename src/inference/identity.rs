@@ -10,7 +10,7 @@ use super::models::{CocoSsd, Face, Liveness, Pad, SFace, YuNet, cosine};
 use super::{InferenceError, imageops, quality, runtime};
 use crate::config::{InferenceConfig, Thresholds};
 use crate::wire::{
-    FaceBox, FaceQuality, IdentityAnalysis, IdentityScore, LivenessScore, PhoneBox, Verdict,
+    FaceBox, FaceQuality, IdentityAnalysis, IdentityScore, LivenessScore, PhoneBox, Track, Verdict,
 };
 
 /// One set of sessions; `Session::run` needs `&mut`, so each analysis thread takes a set.
@@ -38,6 +38,45 @@ pub struct IdentityStack {
     pub models: Vec<String>,
     /// `name:version` of the phone detector, which a frame may skip ([`crate::cadence`]).
     phone_model: String,
+    /// `name:version` of the models a frame on the client's track skips: the recogniser and
+    /// the liveness models ([`crate::cadence::IdentityCadence`]).
+    carried_models: Vec<String>,
+}
+
+fn face_box(f: &Face) -> FaceBox {
+    FaceBox {
+        x: f.x,
+        y: f.y,
+        w: f.w,
+        h: f.h,
+        score: f.score,
+    }
+}
+
+fn track_of(f: &Face) -> Track {
+    Track {
+        x: f.x,
+        y: f.y,
+        w: f.w,
+        h: f.h,
+        landmarks: f.landmarks.map(|(x, y)| [x, y]),
+    }
+}
+
+/// Whether `face` is where `track` left the client's face: boxes overlapping by at least
+/// `track_iou_min`, and no landmark moved further than `track_shift_max` of the face's width.
+fn on_track(face: &Face, track: &Track, t: &Thresholds) -> bool {
+    let iou = super::models::iou(
+        (face.x, face.y, face.w, face.h),
+        (track.x, track.y, track.w, track.h),
+    );
+    let shift = face
+        .landmarks
+        .iter()
+        .zip(&track.landmarks)
+        .map(|((x, y), [tx, ty])| ((x - tx).powi(2) + (y - ty).powi(2)).sqrt())
+        .fold(0f32, f32::max);
+    iou >= t.track_iou_min && shift <= t.track_shift_max * face.w.max(1.0)
 }
 
 /// Why enrolment refused a reference photo.
@@ -86,6 +125,8 @@ pub struct Enrollment {
 struct Judged {
     quality: FaceQuality,
     embedding: Vec<f32>,
+    /// The aligned face's appearance, for the stream's still test.
+    appearance: Vec<f32>,
 }
 
 impl IdentityStack {
@@ -160,6 +201,13 @@ impl IdentityStack {
             has_pad: pad_model.is_some(),
             models,
             phone_model: manifest.by_role("phone_detection").tag(),
+            carried_models: [
+                manifest.by_role("face_recognition").tag(),
+                manifest.by_role("liveness").tag(),
+            ]
+            .into_iter()
+            .chain(pad_model.as_ref().map(|(m, _)| m.tag()))
+            .collect(),
         })
     }
 
@@ -221,17 +269,25 @@ impl IdentityStack {
         jpeg: &[u8],
         reference: Option<&[f32]>,
     ) -> Result<(IdentityAnalysis, Stages), InferenceError> {
-        self.analyze_with(jpeg, reference, true)
+        self.analyze_with(jpeg, reference, true, None)
     }
 
     /// [`IdentityStack::analyze`]; without `phone_check` the phone detector runs only when the
     /// verdict is not `ok` without it (so that a frame that may become evidence is fully
     /// analysed), and the analysis lists it as `skipped` otherwise.
+    ///
+    /// With a `track` ([`crate::wire::Frame::track`]), a frame whose only face is on it (box
+    /// and landmarks within `track_iou_min` and `track_shift_max`), passes the quality gate and
+    /// shows no phone where one was looked for is `ok` without the recogniser and the liveness
+    /// models (listed in `carried`): the identity is carried over from the track's last full analysis, which the
+    /// edge keeps recent. Anything else (no face, a second face, a jump, a poor face, a phone)
+    /// runs every model on the frame, as without a track.
     pub fn analyze_with(
         &self,
         jpeg: &[u8],
         reference: Option<&[f32]>,
         phone_check: bool,
+        track: Option<&Track>,
     ) -> Result<(IdentityAnalysis, Stages), InferenceError> {
         let t = &self.thresholds;
         let mut stages = Stages::new();
@@ -251,6 +307,50 @@ impl IdentityStack {
             let main = faces
                 .iter()
                 .max_by(|a, b| (a.w * a.h).total_cmp(&(b.w * b.h)));
+            let main_track = main.map(track_of);
+            if let (Some(track), Some(face), 1) = (track, main, faces.len())
+                && on_track(face, track, t)
+            {
+                let (aligned, m) = SFace::align(&img, face)?;
+                let mut q = quality::measure(&aligned, face, &m);
+                q.failed = quality::failure(&q, t).map(str::to_owned);
+                lap("align", &mut stages);
+                let phone = if phone_check {
+                    let found = set.coco.phones(&small, t.phone_score, t.phone_nms_iou)?;
+                    lap("cocossd", &mut stages);
+                    found.first().map(|p| p.score)
+                } else {
+                    None
+                };
+                if q.failed.is_none() && phone.is_none() {
+                    let skipped = if phone_check {
+                        Vec::new()
+                    } else {
+                        vec![self.phone_model.clone()]
+                    };
+                    return Ok((
+                        IdentityAnalysis {
+                            verdict: Verdict::Ok,
+                            faces: vec![face_box(face)],
+                            identity: None,
+                            liveness: None,
+                            phone: None,
+                            models: self.models.clone(),
+                            skipped,
+                            carried: self.carried_models.clone(),
+                            thresholds: self.thresholds_used(),
+                            quality: Some(q),
+                            appearance: Some(
+                                crate::wire::pack_appearance(&imageops::appearance(&aligned))
+                                    .into(),
+                            ),
+                            track: main_track,
+                        },
+                        stages,
+                    ));
+                }
+                // A poor face or a phone: the frame may become evidence, so every model runs.
+            }
             let judged = match main {
                 Some(face) => Some(self.judge(set, &img, face)?),
                 None => None,
@@ -302,9 +402,10 @@ impl IdentityStack {
                 }))
             };
             let quality = judged.as_ref().map(|j| j.quality.clone());
-            let signature = judged
+            // The appearance leaves the worker, never the embedding (a template).
+            let appearance = judged
                 .as_ref()
-                .map(|j| crate::wire::pack_signature(&j.embedding).into());
+                .map(|j| crate::wire::pack_appearance(&j.appearance).into());
             let judge = |phone: Option<&PhoneBox>| {
                 verdict(faces.len(), quality.as_ref(), identity.as_ref(), phone, t)
             };
@@ -324,16 +425,7 @@ impl IdentityStack {
             } else {
                 vec![self.phone_model.clone()]
             };
-            let faces = faces
-                .iter()
-                .map(|f| FaceBox {
-                    x: f.x,
-                    y: f.y,
-                    w: f.w,
-                    h: f.h,
-                    score: f.score,
-                })
-                .collect();
+            let faces = faces.iter().map(face_box).collect();
             Ok((
                 IdentityAnalysis {
                     verdict,
@@ -343,23 +435,31 @@ impl IdentityStack {
                     phone,
                     models: self.models.clone(),
                     skipped,
-                    thresholds: [
-                        ("face_score", t.face_score),
-                        ("match_cosine", t.match_cosine),
-                        ("live_min", t.live_min),
-                        ("phone_score", t.phone_score),
-                        ("face_min_px", t.face_min_px),
-                        ("sharpness_min", t.sharpness_min),
-                    ]
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), v))
-                    .collect(),
+                    carried: Vec::new(),
+                    thresholds: self.thresholds_used(),
                     quality,
-                    signature,
+                    appearance,
+                    track: main_track,
                 },
                 stages,
             ))
         })
+    }
+
+    /// The thresholds a verdict is decided with, as results report them.
+    fn thresholds_used(&self) -> std::collections::BTreeMap<String, f32> {
+        let t = &self.thresholds;
+        [
+            ("face_score", t.face_score),
+            ("match_cosine", t.match_cosine),
+            ("live_min", t.live_min),
+            ("phone_score", t.phone_score),
+            ("face_min_px", t.face_min_px),
+            ("sharpness_min", t.sharpness_min),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
     }
 
     /// Align `face`, measure its quality, and embed it.
@@ -375,6 +475,7 @@ impl IdentityStack {
         Ok(Judged {
             quality: q,
             embedding: set.sface.embed_aligned(&aligned)?,
+            appearance: imageops::appearance(&aligned),
         })
     }
 

@@ -58,6 +58,29 @@ pub fn luma(img: &RgbImage) -> Vec<f32> {
         .collect()
 }
 
+/// An aligned face's appearance for the still test: its grey levels pooled in square blocks
+/// to [`APPEARANCE_SIDE`](crate::wire::APPEARANCE_SIDE) cells a side, less their mean (so
+/// that the light's level does not count). Cheap: no model runs.
+pub fn appearance(aligned: &RgbImage) -> Vec<f32> {
+    let n = crate::wire::APPEARANCE_SIDE;
+    let (w, h) = aligned.dimensions();
+    let (w, h) = (w as usize, h as usize);
+    let mut cells = vec![0f32; n * n];
+    if w < n || h < n {
+        return cells;
+    }
+    let luma = luma(aligned);
+    for y in 0..h {
+        let cy = (y * n / h).min(n - 1);
+        for x in 0..w {
+            cells[cy * n + (x * n / w).min(n - 1)] += luma[y * w + x];
+        }
+    }
+    let mean = cells.iter().sum::<f32>() / cells.len() as f32;
+    cells.iter_mut().for_each(|c| *c -= mean);
+    cells
+}
+
 /// Mean and Laplacian variance (4-neighbour) of the grey levels inside `x0..x1` x `y0..y1`.
 /// The Laplacian's variance is the usual focus measure: a blurred face has little of it.
 pub fn mean_and_laplacian_variance(
@@ -257,6 +280,48 @@ pub fn warp(img: &RgbImage, m: &Similarity, size: u32) -> RgbImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_appearance_ignores_the_lights_level_and_sees_a_change() {
+        // A face-sized gradient with a darker band (the eyes).
+        let face = RgbImage::from_fn(112, 112, |x, y| {
+            let v = (60 + x / 2 + y / 3) as u8 - if (40..56).contains(&y) { 40 } else { 0 };
+            image::Rgb([v, v, v])
+        });
+        let a = appearance(&face);
+        assert_eq!(a.len(), crate::wire::APPEARANCE_BYTES);
+        assert!(
+            a.iter().sum::<f32>().abs() < 1e-2 * a.len() as f32,
+            "its mean is removed"
+        );
+        // The same face under more light: the same appearance.
+        let lit = RgbImage::from_fn(112, 112, |x, y| {
+            let p = face.get_pixel(x, y).0[0] + 30;
+            image::Rgb([p, p, p])
+        });
+        let b = appearance(&lit);
+        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-2));
+        // The eyes closed (the band gone): a different one.
+        let closed = RgbImage::from_fn(112, 112, |x, y| {
+            let v = (60 + x / 2 + y / 3) as u8;
+            image::Rgb([v, v, v])
+        });
+        let c = appearance(&closed);
+        let unit = |v: &[f32]| {
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.iter().map(|x| x / n).collect::<Vec<_>>()
+        };
+        let cos: f32 = unit(&a).iter().zip(unit(&c)).map(|(x, y)| x * y).sum();
+        assert!(cos < 0.9, "cosine {cos}");
+        // Too small to pool: all zero (unpacked, no appearance at all).
+        assert!(appearance(&RgbImage::new(10, 10)).iter().all(|v| *v == 0.0));
+        assert!(
+            crate::wire::unpack_appearance(&crate::wire::pack_appearance(&appearance(
+                &RgbImage::new(10, 10)
+            )))
+            .is_none()
+        );
+    }
 
     #[test]
     fn similarity_recovers_a_known_transform() {

@@ -2313,7 +2313,7 @@ fn analyze(cfg: &Config, images: &[PathBuf], reference: Option<&Path>) -> Result
                 "{}",
                 serde_json::json!({
                     "file": path.display().to_string(),
-                    "analysis": without_signature(&mut analysis),
+                    "analysis": without_appearance(&mut analysis),
                     "stages_ms": stages.iter().map(|(k, v)| (k.to_string(), v * 1e3)).collect::<std::collections::BTreeMap<_, _>>(),
                 })
             ),
@@ -2325,9 +2325,9 @@ fn analyze(cfg: &Config, images: &[PathBuf], reference: Option<&Path>) -> Result
     }
     Ok(())
 }
-/// The face signature is a biometric template: it is never printed.
-fn without_signature(a: &mut crate::wire::IdentityAnalysis) -> &crate::wire::IdentityAnalysis {
-    a.signature = None;
+/// The face's appearance is a small picture of it: it is never printed.
+fn without_appearance(a: &mut crate::wire::IdentityAnalysis) -> &crate::wire::IdentityAnalysis {
+    a.appearance = None;
     a
 }
 

@@ -47,7 +47,8 @@ pub struct CostBench {
 pub enum Side {
     /// Every model on every frame.
     Full,
-    /// As configured: the phone detector on its cadence.
+    /// As configured: the phone detector on its cadence, and track reuse (the recogniser and
+    /// the liveness models on a steady candidate's full frames only).
     Cadence,
 }
 
@@ -65,6 +66,8 @@ impl Side {
 pub struct SideReport {
     pub side: Side,
     pub phone_every: u32,
+    /// `VIGIL_EDGE_RECHECK_MS` on this side (0: track reuse off).
+    pub recheck_ms: u64,
     pub frames: u64,
     pub dropped: u64,
     pub seconds: f64,
@@ -113,12 +116,13 @@ impl CostReport {
         for s in &self.sides {
             let _ = writeln!(
                 out,
-                "{:<8} phone every {}: {} frames answered in {:.0} s ({} dropped, {} sessions \
+                "{:<8} phone every {}, recheck {} ms: {} frames answered in {:.0} s ({} dropped, {} sessions \
                  ended early); CPU {:.1} ms/frame, {:.0} s per candidate-hour, {:.2} candidates \
                  per core; inference {:.1} ms/frame ({}); latency p50 {:.0} ms, p99 {:.0} ms; \
                  swap caught in {}",
                 s.side.as_str(),
                 s.phone_every,
+                s.recheck_ms,
                 s.frames,
                 s.seconds,
                 s.dropped,
@@ -156,8 +160,15 @@ impl CostReport {
                  up, and the sides may not have carried the same load\n",
             );
         }
-        if self.sides.iter().all(|s| s.phone_every == 1) {
-            out.push_str("note: VIGIL_EDGE_PHONE_EVERY is 1: both sides are the full stack\n");
+        if self
+            .sides
+            .iter()
+            .all(|s| s.phone_every == 1 && s.recheck_ms == 0)
+        {
+            out.push_str(
+                "note: VIGIL_EDGE_PHONE_EVERY is 1 and VIGIL_EDGE_RECHECK_MS 0: both sides are \
+                 the full stack\n",
+            );
         }
         out
     }
@@ -241,6 +252,7 @@ pub async fn run(b: &CostBench) -> Result<CostReport, CostError> {
         references.push(record);
     }
     let phone_every = b.base.edge.phone_every.max(1);
+    let recheck_ms = b.base.edge.recheck_ms;
     let mut samples: BTreeMap<&'static str, Vec<Sample>> = BTreeMap::new();
     for round in 0..b.rounds.max(1) {
         // Alternate which side goes first.
@@ -250,9 +262,9 @@ pub async fn run(b: &CostBench) -> Result<CostReport, CostError> {
             [Side::Cadence, Side::Full]
         };
         for side in order {
-            let every = match side {
-                Side::Full => 1,
-                Side::Cadence => phone_every,
+            let (every, recheck) = match side {
+                Side::Full => (1, 0),
+                Side::Cadence => (phone_every, recheck_ms),
             };
             let ids: Vec<String> = (0..b.clients)
                 .map(|i| format!("cost-{round}-{}-{i}", side.as_str()))
@@ -262,15 +274,18 @@ pub async fn run(b: &CostBench) -> Result<CostReport, CostError> {
                 record.id = id.clone();
                 store.put(&record).map_err(setup)?;
             }
-            let sample = side_round(b, &clients_dir, &ids, token, &clips, every).await?;
+            let sample = side_round(b, &clients_dir, &ids, token, &clips, every, recheck).await?;
             samples.entry(side.as_str()).or_default().push(sample);
         }
     }
     let sides: Vec<SideReport> = [Side::Full, Side::Cadence]
         .into_iter()
         .map(|side| {
-            let every = if side == Side::Full { 1 } else { phone_every };
-            pool(side, every, &samples[side.as_str()], b)
+            let (every, recheck) = match side {
+                Side::Full => (1, 0),
+                Side::Cadence => (phone_every, recheck_ms),
+            };
+            pool(side, every, recheck, &samples[side.as_str()], b)
         })
         .collect();
     Ok(CostReport {
@@ -301,7 +316,7 @@ fn clip_first_file(dir: &Path) -> Result<PathBuf, CostError> {
         .ok_or_else(|| setup(format!("{} holds no .jpg", dir.display())))
 }
 
-fn pool(side: Side, every: u32, samples: &[Sample], b: &CostBench) -> SideReport {
+fn pool(side: Side, every: u32, recheck_ms: u64, samples: &[Sample], b: &CostBench) -> SideReport {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
     let (mut frames, mut dropped, mut seconds, mut cpu, mut ended) = (0, 0, 0.0, 0.0, 0);
     let mut stages: BTreeMap<String, (f64, u64)> = BTreeMap::new();
@@ -328,6 +343,7 @@ fn pool(side: Side, every: u32, samples: &[Sample], b: &CostBench) -> SideReport
     SideReport {
         side,
         phone_every: every,
+        recheck_ms,
         frames,
         dropped,
         seconds,
@@ -365,6 +381,7 @@ async fn side_round(
     token: &str,
     clips: &[Arc<Vec<Vec<u8>>>],
     phone_every: u32,
+    recheck_ms: u64,
 ) -> Result<Sample, CostError> {
     let namespace = format!("cost-{:08x}", rand::random::<u32>());
     let mut cfg = Config {
@@ -379,6 +396,7 @@ async fn side_round(
     cfg.edge.listen = "127.0.0.1:0".parse().expect("addr");
     cfg.edge.admin_listen = None;
     cfg.edge.phone_every = phone_every;
+    cfg.edge.recheck_ms = recheck_ms;
     cfg.edge.max_frame_bytes = cfg.edge.max_frame_bytes.max(4 << 20);
     // Cost only: no challenge asks these recordings to turn their heads, and a sign-out does
     // not end a session (every candidate streams the whole round).
@@ -653,7 +671,7 @@ mod tests {
             rounds: 1,
             workers: 1,
         };
-        let s = pool(Side::Full, 1, &[sample], &b);
+        let s = pool(Side::Full, 1, 0, &[sample], &b);
         // 5 CPU-seconds over 20 candidate-seconds: 0.25 s per candidate-second.
         assert!((s.cpu_s_per_candidate_hour - 900.0).abs() < 1e-9);
         assert!((s.cpu_ms_per_frame - 50.0).abs() < 1e-9);

@@ -11,6 +11,7 @@ use std::process::Command;
 
 use serde::Serialize;
 
+use crate::cadence::IdentityCadence;
 use crate::challenge::Trigger;
 use crate::config::Config;
 use crate::edge::enforcement::{Effect, Enforcement};
@@ -367,6 +368,9 @@ pub struct StreamReport {
     pub timeline: Vec<String>,
     /// Drift/jitter ratio of each judged window.
     pub still_ratios: Vec<f32>,
+    /// The window's jitter (median distance between consecutive faces' appearances) of each
+    /// judged window, which `still_floor` must stay far below.
+    pub still_jitters: Vec<f32>,
     pub p_live: Vec<f32>,
     /// Whether the stream started with a challenge (attacks: as configured; honest people:
     /// never, so that only suspicions challenge them).
@@ -378,6 +382,9 @@ pub struct StreamReport {
     /// `lock_screen` or `sign_out` on an honest person while a face was in view (no face is
     /// the policy's to lock for).
     pub false_actions: usize,
+    /// Frames that carried their identity over on the face track (no recogniser, no liveness
+    /// models), as the edge's [`IdentityCadence`] let them.
+    pub carried: usize,
 }
 
 /// Everything `vigil eval` measured.
@@ -388,6 +395,8 @@ pub struct Report {
     pub match_threshold: f32,
     /// The stream liveness's `still_ratio`.
     pub still_ratio: f32,
+    /// The stream liveness's `still_floor`.
+    pub still_floor: f32,
     pub impostor_pairs: usize,
     pub impostor_pairs_above_threshold: usize,
     pub false_match_rate: f64,
@@ -413,6 +422,8 @@ pub struct Report {
     pub p_live_attack: Distribution,
     pub still_ratio_genuine: Distribution,
     pub still_ratio_attack: Distribution,
+    /// The windows' jitter on honest video (the scale `still_floor` is set against).
+    pub still_jitter_genuine: Distribution,
     /// The still test's level chosen without each honest clip, and what it does.
     pub still_leave_one_out: Vec<LeaveOneOut>,
 }
@@ -513,12 +524,16 @@ fn stream(
         first_enforcement_s: None,
         timeline: Vec::new(),
         still_ratios: Vec::new(),
+        still_jitters: Vec::new(),
         p_live: Vec::new(),
         start_challenge,
         challenges: Vec::new(),
         challenges_per_minute: 0.0,
         false_actions: 0,
+        carried: 0,
     };
+    // The edge's track reuse, with a fixed random source so that a run is reproducible.
+    let mut cadence = IdentityCadence::seeded(cfg.edge.recheck_ms, cfg.edge.track_margin, 7);
     // Steps drawn by a fixed sequence, so that a run is reproducible.
     let mut seed = 0x9e37_79b9_u64;
     let mut draw = move |n: usize| {
@@ -534,9 +549,16 @@ fn stream(
     let (mut judged, mut ok) = (0usize, 0usize);
     for (i, jpeg) in frames.iter().enumerate() {
         let now_ms = (i as f64 * 1000.0 / fps) as u64;
-        let (mut a, _) = stack.analyze(jpeg, reference)?;
+        let track = cadence.track_for(i as u64, now_ms, enforcement.challenging());
+        let (mut a, _) = stack.analyze_with(jpeg, reference, true, track.as_ref())?;
+        cadence.observe(i as u64, &a);
+        report.carried += usize::from(!a.carried.is_empty());
         let suspicion = liveness.fuse(&cfg.liveness, now_ms, &mut a);
-        record_stream_frame(&mut report, &a);
+        let window = liveness
+            .last()
+            .filter(|(at, _)| *at == now_ms)
+            .map(|(_, t)| t.clone());
+        record_stream_frame(&mut report, &a, window.as_ref());
         if a.faces.len() == 1 && a.verdict != Verdict::LowQuality {
             judged += 1;
             ok += usize::from(a.verdict == Verdict::Ok);
@@ -607,7 +629,13 @@ fn stream(
     Ok(report)
 }
 
-fn record_stream_frame(report: &mut StreamReport, a: &IdentityAnalysis) {
+/// One frame's verdict, its P(live) when the model ran, and the still test's window when its
+/// face entered it (scored or carried over).
+fn record_stream_frame(
+    report: &mut StreamReport,
+    a: &IdentityAnalysis,
+    window: Option<&crate::wire::TemporalScore>,
+) {
     *report
         .verdicts
         .entry(a.verdict.as_str().into())
@@ -615,14 +643,15 @@ fn record_stream_frame(report: &mut StreamReport, a: &IdentityAnalysis) {
     report.timeline.push(a.verdict.as_str().into());
     if let Some(l) = &a.liveness {
         report.p_live.push(l.p_live);
-        // A window of the same frame replayed has no drift and no jitter: ratio 0, still. A
-        // window with jitter but no drift has no pair of faces far enough apart yet.
-        if let Some(t) = &l.temporal
-            && t.faces as usize >= 8
-            && (t.drift > 0.0 || t.jitter == 0.0)
-        {
-            report.still_ratios.push(t.drift / t.jitter.max(1e-6));
-        }
+    }
+    // A window of the same frame replayed has no drift and no jitter: ratio 0, still. A
+    // window with jitter but no drift has no pair of faces far enough apart yet.
+    if let Some(t) = window
+        && t.faces as usize >= 8
+        && (t.drift > 0.0 || t.jitter == 0.0)
+    {
+        report.still_ratios.push(t.drift / t.jitter.max(1e-6));
+        report.still_jitters.push(t.jitter);
     }
 }
 
@@ -850,6 +879,7 @@ pub fn run(
         fps: opts.fps,
         match_threshold: t.match_cosine,
         still_ratio: cfg.liveness.still_ratio,
+        still_floor: cfg.liveness.still_floor,
         impostor_score_sample: impostor_scores.iter().step_by(16).copied().collect(),
         genuine_score_sample: genuine_scores.clone(),
         impostor_pairs: impostor_scores.len(),
@@ -876,6 +906,7 @@ pub fn run(
         p_live_attack: Distribution::of(&collect("attack", &|s| s.p_live.clone())),
         still_ratio_genuine: Distribution::of(&collect("genuine", &|s| s.still_ratios.clone())),
         still_ratio_attack: Distribution::of(&collect("attack", &|s| s.still_ratios.clone())),
+        still_jitter_genuine: Distribution::of(&collect("genuine", &|s| s.still_jitters.clone())),
         still_leave_one_out: leave_one_out(&streams, cfg.liveness.still_faces, 1.5),
         streams,
     })
@@ -944,6 +975,13 @@ pub fn summary(r: &Report) -> String {
         r.still_ratio_attack.p95,
         r.still_ratio_attack.max
     ));
+    line(format!(
+        "jitter on honest video: min {:.5} p5 {:.5} p50 {:.5} (still_floor {})",
+        r.still_jitter_genuine.min,
+        r.still_jitter_genuine.p5,
+        r.still_jitter_genuine.p50,
+        r.still_floor
+    ));
     line("== per clip: challenges, false actions, time to catch".into());
     line(format!(
         "{:<7} {:<52} {:>6} {:>10} {:>13} {:>9}",
@@ -1007,10 +1045,11 @@ pub fn summary(r: &Report) -> String {
     line("== streams (stack + stream liveness + challenges + default policy)".into());
     for s in &r.streams {
         line(format!(
-            "{:<7} {:<44} frames {:>3}  ok/judged {:>5.1}%  first enforcement {:>6}  actions {:?}",
+            "{:<7} {:<44} frames {:>3} (carried {:>3})  ok/judged {:>5.1}%  first enforcement {:>6}  actions {:?}",
             s.kind,
             s.name,
             s.frames,
+            s.carried,
             s.ok_share_of_judged_faces * 100.0,
             s.first_enforcement_s
                 .map_or("-".into(), |t| format!("{t:.1}s")),

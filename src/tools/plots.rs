@@ -235,7 +235,7 @@ fn liveness(r: &Report, file: &Path) -> Result<(), PlotError> {
     };
     two_histograms(
         file,
-        "Stream liveness: signature drift over 1.5 s / frame-to-frame jitter, per 4 s window",
+        "Stream liveness: appearance drift over 1.5 s / frame-to-frame jitter, per 4 s window",
         "drift / jitter",
         (0.0, 8.0),
         ("honest people on video", &ratios("genuine"), BLUE),

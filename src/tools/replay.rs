@@ -245,6 +245,7 @@ pub async fn replay(
                         // the recording edge's cadence skipped.
                         wire::Payload::Frame(f) => wire::Payload::Frame(wire::Frame {
                             phone_check: true,
+                            track: None,
                             ..f.clone()
                         }),
                         other => other.clone(),

@@ -18,9 +18,10 @@ pub use crate::domain::Verdict;
 /// The schema version this build writes. Older versions that still decode are listed in
 /// `tests/golden/`.
 ///
-/// Schema 2 added the `low_quality` verdict, the face's quality measures, the face signature
-/// that temporal liveness compares across frames, and the fused temporal liveness. Every
-/// field it added is optional, so a schema-1 event decodes unchanged.
+/// Schema 2 added the `low_quality` verdict, the face's quality measures, what temporal
+/// liveness compares across frames (first the face signature, now the face's `appearance`),
+/// and the fused temporal liveness. Every field it added is optional, so a schema-1 event
+/// decodes unchanged.
 pub const SCHEMA: u16 = 2;
 
 /// The oldest schema version this build still decodes.
@@ -283,6 +284,34 @@ pub struct Frame {
     /// anyway when the verdict is not `ok`. Absent (true) from edges that predate it.
     #[serde(default = "yes", skip_serializing_if = "is_yes")]
     pub phone_check: bool,
+    /// The client's face track, as its newest answered frame left it, when the edge lets this
+    /// frame carry the identity over ([`crate::cadence::IdentityCadence`]): if the frame's one
+    /// face is still on it, the worker runs neither the recogniser nor the liveness models on
+    /// it and says so (`skipped`). Absent: every model runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track: Option<Track>,
+}
+
+/// Where a face is: its box and its five landmarks (right eye, left eye, nose, right and left
+/// mouth corners), in the frame's pixel coordinates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Track {
+    pub x: f32,
+    pub y: f32,
+    pub w: f32,
+    pub h: f32,
+    pub landmarks: [[f32; 2]; 5],
+}
+
+impl Track {
+    /// Every value a finite number and the box not empty (a track comes from the broker: it is
+    /// checked, not trusted).
+    pub fn is_valid(&self) -> bool {
+        let all = [self.x, self.y, self.w, self.h]
+            .into_iter()
+            .chain(self.landmarks.iter().flatten().copied());
+        all.into_iter().all(f32::is_finite) && self.w > 0.0 && self.h > 0.0
+    }
 }
 
 fn yes() -> bool {
@@ -352,17 +381,28 @@ pub struct IdentityAnalysis {
     /// on a frame whose verdict was `ok` without it). Never shown to a client.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skipped: Vec<String>,
+    /// Those of `models` whose judgement this frame carried over from the client's face track
+    /// instead of running them (the recogniser and the liveness models on a frame on the
+    /// track, [`Frame::track`]). Never shown to a client.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub carried: Vec<String>,
     /// The thresholds the verdict was decided with.
     #[serde(default)]
     pub thresholds: BTreeMap<String, f32>,
     /// How well the largest face can be judged (schema 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<FaceQuality>,
-    /// The largest face's signature for temporal liveness: its embedding quantised to 128
-    /// signed bytes (schema 2). It is a biometric template: the edge consumes it and strips it
-    /// before a result reaches a client or the audit trail.
+    /// The largest face's appearance for the stream liveness's still test (schema 2): its
+    /// aligned grey levels pooled to [`APPEARANCE_SIDE`] squared cells, less their mean, as
+    /// signed bytes ([`pack_appearance`]). It is a small picture of the face: the edge consumes
+    /// it and strips it before a result reaches a client or the audit trail. (Workers before
+    /// this field sent the recognition embedding as `signature`; it is ignored.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signature: Option<serde_bytes::ByteBuf>,
+    pub appearance: Option<serde_bytes::ByteBuf>,
+    /// Where the largest face is, for the edge to hand to the client's next frames
+    /// ([`Frame::track`]). Never shown to a client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track: Option<Track>,
 }
 
 impl IdentityAnalysis {
@@ -374,12 +414,14 @@ impl IdentityAnalysis {
         // Nor which frames skipped a model: the phone detector's cadence would tell a client
         // when to show a phone.
         self.skipped.clear();
+        self.carried.clear();
         self.identity = None;
         self.liveness = None;
         self.phone = None;
         self.thresholds.clear();
         self.quality = None;
-        self.signature = None;
+        self.appearance = None;
+        self.track = None;
     }
 }
 
@@ -480,24 +522,28 @@ pub fn unpack_embedding(bytes: &[u8]) -> Option<Vec<f32>> {
     })
 }
 
-/// A face signature in its wire form: each value of the embedding scaled so that the largest
-/// is ±127, as signed bytes (128 bytes for SFace).
-pub fn pack_signature(embedding: &[f32]) -> Vec<u8> {
-    let max = embedding.iter().fold(0f32, |m, v| m.max(v.abs()));
+/// Cells per side of a face's appearance: the aligned 112x112 face pooled in 4x4 blocks.
+pub const APPEARANCE_SIDE: usize = 28;
+
+/// Bytes in a face's appearance on the wire.
+pub const APPEARANCE_BYTES: usize = APPEARANCE_SIDE * APPEARANCE_SIDE;
+
+/// A face's appearance in its wire form: each value scaled so that the largest is ±127, as
+/// signed bytes.
+pub fn pack_appearance(values: &[f32]) -> Vec<u8> {
+    let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
     let scale = if max > 0.0 { 127.0 / max } else { 0.0 };
-    embedding
+    values
         .iter()
         .map(|v| (v * scale).round().clamp(-127.0, 127.0) as i8 as u8)
         .collect()
 }
 
-/// Bytes in a face signature (SFace's 128 dimensions).
-pub const SIGNATURE_BYTES: usize = 128;
-
-/// A signature from its wire form, L2-normalised; `None` unless it has exactly
-/// [`SIGNATURE_BYTES`] bytes, not all zero (a result from the broker is checked, not trusted).
-pub fn unpack_signature(bytes: &[u8]) -> Option<Vec<f32>> {
-    if bytes.len() != SIGNATURE_BYTES {
+/// An appearance from its wire form, L2-normalised; `None` unless it has exactly
+/// [`APPEARANCE_BYTES`] bytes, not all zero (a result from the broker is checked, not
+/// trusted).
+pub fn unpack_appearance(bytes: &[u8]) -> Option<Vec<f32>> {
+    if bytes.len() != APPEARANCE_BYTES {
         return None;
     }
     let v: Vec<f32> = bytes.iter().map(|b| *b as i8 as f32).collect();
@@ -785,6 +831,7 @@ mod tests {
                 jpeg: jpeg.into(),
                 reference: None,
                 phone_check: true,
+                track: None,
             }),
         }
     }
@@ -806,6 +853,7 @@ mod tests {
             Envelope::decode(&on_bytes).unwrap().payload,
             Payload::Frame(Frame {
                 phone_check: true,
+                track: None,
                 ..
             })
         ));

@@ -188,6 +188,7 @@ async fn garbage_is_refused_and_the_pipeline_keeps_serving() {
             jpeg: bomb.to_vec().into(),
             reference: None,
             phone_check: true,
+            track: None,
         }),
     };
     publisher

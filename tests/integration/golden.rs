@@ -1,6 +1,9 @@
 //! Golden files pin the wire format: schema 1 events must keep decoding, and this build must
 //! keep writing exactly the schema-2 bytes. Regenerate only on a deliberate schema change with
-//! VIGIL_BLESS=1 (and bump the schema version); the schema-1 files are never rewritten.
+//! VIGIL_BLESS=1 (and bump the schema version, unless the change only swaps an optional field
+//! that both sides ignore when absent: then keep the old writer's file beside it, as
+//! `identity.v2-signature.msgpack`, and test that it still decodes); the schema-1 files are
+//! never rewritten.
 
 use std::path::PathBuf;
 
@@ -36,6 +39,7 @@ fn cases() -> Vec<(&'static str, Envelope)> {
                 jpeg: vec![0xFF, 0xD8, 0xFF, 0xD9].into(),
                 reference: None,
                 phone_check: true,
+                track: None,
             })),
         ),
         (
@@ -111,6 +115,7 @@ fn cases_v2() -> Vec<(String, Envelope)> {
             phone: None,
             models: vec!["yunet:2023mar".into()],
             skipped: Vec::new(),
+            carried: Vec::new(),
             thresholds: [("match_cosine".to_owned(), 0.41)].into_iter().collect(),
             quality: Some(FaceQuality {
                 face_px: 30.0,
@@ -120,7 +125,8 @@ fn cases_v2() -> Vec<(String, Envelope)> {
                 pitch: 0.5,
                 failed: Some("too_small".into()),
             }),
-            signature: Some(vec![1u8, 255, 127, 129].into()),
+            appearance: Some(vec![1u8, 255, 127, 129].into()),
+            track: None,
         }),
     }));
     env.schema = SCHEMA;
@@ -158,4 +164,22 @@ fn schema_1_golden_files_still_decode() {
         // A schema-1 writer's bytes are still exactly what schema 1 was.
         assert_eq!(expected.encode().unwrap(), golden, "{file}");
     }
+}
+
+/// Workers before the `appearance` field sent the recognition embedding as `signature`: such a
+/// result still decodes, its `signature` ignored (the still test gets nothing from it).
+#[test]
+fn an_identity_result_with_the_old_signature_field_still_decodes() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let golden = std::fs::read(dir.join("identity.v2-signature.msgpack")).unwrap();
+    let (_, mut expected) = cases_v2()
+        .into_iter()
+        .find(|(f, _)| f == "identity.v2.msgpack")
+        .unwrap();
+    if let Payload::Result(r) = &mut expected.payload
+        && let Analysis::Identity(a) = &mut r.analysis
+    {
+        a.appearance = None;
+    }
+    assert_eq!(Envelope::decode(&golden).unwrap(), expected);
 }

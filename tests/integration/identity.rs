@@ -282,7 +282,7 @@ async fn the_pipeline_tells_the_enrolled_person_from_another() {
                 && a.quality.is_none()
                 && a.phone.is_none()
                 && a.thresholds.is_empty()
-                && a.signature.is_none(),
+                && a.appearance.is_none(),
             "scores reached the client: {a:?}"
         );
     } else {
@@ -424,12 +424,14 @@ fn a_frame_off_the_phone_cadence_skips_the_detector_only_when_its_verdict_is_ok(
     let jpeg = photo(PHONE_SELFIE);
     let embedding = s.enroll(&jpeg).unwrap();
     // On the cadence: the phone is seen, every model ran.
-    let (on, _) = s.analyze_with(&jpeg, Some(&embedding), true).unwrap();
+    let (on, _) = s.analyze_with(&jpeg, Some(&embedding), true, None).unwrap();
     assert_eq!(on.verdict, Verdict::Phone);
     assert!(on.skipped.is_empty());
     // Off it, the same frame is `ok` without the detector: skipped and named as skipped. (The
     // cadence's next check sees the phone, and from then on every frame runs it.)
-    let (off, _) = s.analyze_with(&jpeg, Some(&embedding), false).unwrap();
+    let (off, _) = s
+        .analyze_with(&jpeg, Some(&embedding), false, None)
+        .unwrap();
     assert_eq!(off.verdict, Verdict::Ok, "{off:?}");
     assert_eq!(off.skipped.len(), 1);
     assert!(off.skipped[0].starts_with("cocossd:"), "{:?}", off.skipped);
@@ -437,11 +439,89 @@ fn a_frame_off_the_phone_cadence_skips_the_detector_only_when_its_verdict_is_ok(
     assert!(off.phone.is_none());
     // A stranger off the cadence: not `ok`, so the detector runs anyway.
     let (stranger, _) = s
-        .analyze_with(&photo(DIFFERENT_PEOPLE[1]), Some(&embedding), false)
+        .analyze_with(&photo(DIFFERENT_PEOPLE[1]), Some(&embedding), false, None)
         .unwrap();
     assert_ne!(stranger.verdict, Verdict::Ok);
     assert!(stranger.skipped.is_empty(), "{stranger:?}");
     assert_eq!(stranger.models, on.models);
+}
+
+/// Track reuse in the worker: a frame whose one face is on the client's track is `ok` without
+/// the recogniser and the liveness models, and says which it skipped; a frame off the track, of
+/// someone else, or with a phone in view runs every model.
+#[test]
+fn a_frame_on_the_clients_track_carries_its_identity_and_anything_else_runs_every_model() {
+    let s = stack();
+    let jpeg = photo(DIFFERENT_PEOPLE[0]);
+    let embedding = s.enroll(&jpeg).unwrap();
+    let (full, _) = s.analyze_with(&jpeg, Some(&embedding), true, None).unwrap();
+    assert_eq!(full.verdict, Verdict::Ok, "{full:?}");
+    assert!(full.skipped.is_empty() && full.identity.is_some() && full.liveness.is_some());
+    let track = full.track.clone().expect("the largest face's track");
+    // On its track: `ok`, the recogniser and the liveness models skipped and named.
+    let (carried, _) = s
+        .analyze_with(&jpeg, Some(&embedding), true, Some(&track))
+        .unwrap();
+    assert_eq!(carried.verdict, Verdict::Ok);
+    assert!(carried.identity.is_none() && carried.liveness.is_none());
+    let mut expected: Vec<String> = vec![full.models[1].clone(), full.models[2].clone()];
+    expected.extend(full.models[4..].iter().cloned());
+    assert_eq!(carried.carried, expected);
+    assert!(
+        carried.skipped.is_empty(),
+        "the phone check was asked for: it ran"
+    );
+    assert_eq!(carried.models, full.models);
+    assert_eq!(carried.appearance, full.appearance, "the still test is fed");
+    assert_eq!(carried.quality, full.quality);
+    assert_eq!(carried.track, full.track);
+    // The phone detector off its cadence too: named as well.
+    let (both, _) = s
+        .analyze_with(&jpeg, Some(&embedding), false, Some(&track))
+        .unwrap();
+    assert_eq!(both.carried, expected);
+    assert_eq!(both.skipped.len(), 1);
+    assert!(
+        both.skipped[0].starts_with("cocossd:"),
+        "{:?}",
+        both.skipped
+    );
+    // Off the track, by half a face, or with its landmarks moved: every model runs.
+    let moved = vigil::wire::Track {
+        x: track.x + track.w / 2.0,
+        ..track.clone()
+    };
+    let mut turned = track.clone();
+    turned.landmarks[2][0] += track.w * 0.2;
+    for other in [&moved, &turned] {
+        let (a, _) = s
+            .analyze_with(&jpeg, Some(&embedding), true, Some(other))
+            .unwrap();
+        assert!(a.carried.is_empty() && a.identity.is_some(), "{a:?}");
+    }
+    // Someone else where the enrolled face was: off the track, so judged, and not `ok`.
+    let (stranger, _) = s
+        .analyze_with(
+            &photo(DIFFERENT_PEOPLE[1]),
+            Some(&embedding),
+            true,
+            Some(&track),
+        )
+        .unwrap();
+    assert_ne!(stranger.verdict, Verdict::Ok, "{stranger:?}");
+    assert!(stranger.identity.is_some());
+    // A phone in view on the track: the frame may be evidence, every model runs on it.
+    let selfie = photo(PHONE_SELFIE);
+    let own = s.enroll(&selfie).unwrap();
+    let (first, _) = s.analyze_with(&selfie, Some(&own), true, None).unwrap();
+    let (phone, _) = s
+        .analyze_with(&selfie, Some(&own), true, first.track.as_ref())
+        .unwrap();
+    assert_eq!(phone.verdict, Verdict::Phone);
+    assert!(
+        phone.carried.is_empty() && phone.identity.is_some(),
+        "{phone:?}"
+    );
 }
 
 /// SFace lists its weights as graph inputs too, which keeps ONNX Runtime from folding them;

@@ -120,7 +120,10 @@ async fn stream(url: &str, frames: &[Vec<u8>], fps: f64, answers: Option<&Answer
                         analysis: Analysis::Identity(a),
                         ..
                     } => {
-                        assert!(a.signature.is_none(), "a face signature reached the client");
+                        assert!(
+                            a.appearance.is_none(),
+                            "a face's appearance reached the client"
+                        );
                         if std::env::var_os("VIGIL_TEST_TRACE").is_some() {
                             println!(
                                 "{t:.2} seq {seq} {:?} yaw {:?} sim {:?}",
