@@ -95,14 +95,16 @@ impl PhoneCadence {
 ///
 /// The rules:
 /// - **Only a confirmed track is carried.** The track is set by a fully analysed `ok` frame
-///   whose similarity clears the worker's threshold by `margin`, and followed by the `ok` frames
-///   after it (each result says where the face is). Any other verdict drops it, so the frames
-///   after a `wrong_person`, a second face, a poor face or no face run every model until a
-///   full `ok` confirms a track again.
-/// - **A full analysis at least every `recheck_ms`.** The next full frame is drawn between
-///   half of `recheck_ms` and all of it after the last one was published, so a client cannot
-///   tell which frame is checked; and a full frame whose answer does not come back (dropped,
-///   expired) is owed until one does.
+///   whose similarity clears the worker's threshold by `margin` and whose liveness models found
+///   nothing (live, P(real) not under `pad_low`), and followed by the carried `ok` frames after
+///   it (each result says where the face is).
+/// - **Anything else drops it**: a full analysis that is not such a frame, however late it
+///   comes back, and any suspicion of the stream liveness. The frames after it run every model
+///   until a full analysis confirms a track again.
+/// - **Full analyses at random, and at least every `recheck_ms`.** Any frame on the track is
+///   fully analysed with probability `chance`, so no frame is known to be carried, and the next
+///   is full once `recheck_ms` has passed since the last full one was published, or at once when
+///   that one was dropped ([`IdentityCadence::dropped`]).
 /// - **The worker checks the track on the frame itself**: a frame whose face left the track
 ///   runs every model at once ([`crate::inference::IdentityStack::analyze_with`]).
 /// - A challenge's frames are all full (the edge asks for that).
@@ -112,31 +114,37 @@ impl PhoneCadence {
 pub struct IdentityCadence {
     recheck_ms: u64,
     margin: f32,
+    pad_low: f32,
+    chance: f64,
     track: Option<crate::wire::Track>,
     /// The newest frame answered (results from competing workers may arrive out of order).
     newest: Option<u64>,
-    /// When the next full frame is due.
-    next_full_ms: u64,
-    /// The newest frame published full, until a full result at least as new is back.
-    owed: Option<u64>,
+    /// When the newest full frame was published.
+    last_full_ms: Option<u64>,
+    /// The newest full frame published, until it is answered.
+    pending: Option<u64>,
     rng: rand::rngs::StdRng,
 }
 
 impl IdentityCadence {
-    /// A full analysis at least every `recheck_ms` (0: every frame is full).
-    pub fn new(recheck_ms: u64, margin: f32) -> Self {
-        Self::seeded(recheck_ms, margin, rand::random())
+    /// A full analysis at least every `recheck_ms` (0: every frame is full), any frame full
+    /// with probability `chance`; a track confirmed by a match `margin` over the worker's
+    /// threshold with no presentation-attack score under `pad_low`.
+    pub fn new(recheck_ms: u64, chance: f64, margin: f32, pad_low: f32) -> Self {
+        Self::seeded(recheck_ms, chance, margin, pad_low, rand::random())
     }
 
     /// [`IdentityCadence::new`] with a fixed random source (tests, `vigil eval`).
-    pub fn seeded(recheck_ms: u64, margin: f32, seed: u64) -> Self {
+    pub fn seeded(recheck_ms: u64, chance: f64, margin: f32, pad_low: f32, seed: u64) -> Self {
         Self {
             recheck_ms,
             margin,
+            pad_low,
+            chance: chance.clamp(0.0, 1.0),
             track: None,
             newest: None,
-            next_full_ms: 0,
-            owed: None,
+            last_full_ms: None,
+            pending: None,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
         }
     }
@@ -149,46 +157,64 @@ impl IdentityCadence {
         now_ms: u64,
         full_wanted: bool,
     ) -> Option<crate::wire::Track> {
-        let carry = self.recheck_ms > 0
-            && !full_wanted
-            && self.owed.is_none()
-            && now_ms < self.next_full_ms
-            && self.track.is_some();
-        if carry {
+        let due = self
+            .last_full_ms
+            .is_none_or(|at| now_ms >= at.saturating_add(self.recheck_ms));
+        // Drawn on every frame, so that which frames are full follows no schedule.
+        let drawn = self.rng.random_bool(self.chance);
+        if self.recheck_ms > 0 && !full_wanted && !due && !drawn && self.track.is_some() {
             return self.track.clone();
         }
-        self.owed = Some(seq);
-        let gap = if self.recheck_ms == 0 {
-            0
-        } else {
-            self.rng.random_range(self.recheck_ms / 2..=self.recheck_ms)
-        };
-        self.next_full_ms = now_ms + gap;
+        self.last_full_ms = Some(now_ms);
+        self.pending = Some(seq);
         None
     }
 
-    /// Frame `seq`'s analysis came back.
-    pub fn observe(&mut self, seq: u64, a: &crate::wire::IdentityAnalysis) {
-        let full = a.carried.is_empty();
-        if full && self.owed.is_some_and(|owed| seq >= owed) {
-            self.owed = None;
+    /// Frame `seq` was dropped (never analysed): if it was the full frame awaited, the next
+    /// frame is full.
+    pub fn dropped(&mut self, seq: u64) {
+        if self.pending == Some(seq) {
+            self.pending = None;
+            self.last_full_ms = None;
         }
-        if self.newest.is_some_and(|n| seq < n) {
+    }
+
+    /// Frame `seq`'s analysis came back; `suspected` when the stream liveness raised a
+    /// suspicion on it.
+    pub fn observe(&mut self, seq: u64, a: &crate::wire::IdentityAnalysis, suspected: bool) {
+        let full = a.carried.is_empty();
+        if full && self.pending.is_some_and(|p| seq >= p) {
+            self.pending = None;
+        }
+        let threshold = a.thresholds.get("match_cosine").copied();
+        let confirms = full
+            && a.verdict == crate::wire::Verdict::Ok
+            && a.faces.len() == 1
+            && a.identity.as_ref().is_some_and(|i| {
+                i.matched && threshold.is_some_and(|t| i.similarity >= t + self.margin)
+            })
+            && a.liveness
+                .as_ref()
+                .is_some_and(|l| l.live && l.pad.is_none_or(|p| p >= self.pad_low));
+        let newer = self.newest.is_none_or(|n| seq >= n);
+        if newer {
+            self.newest = Some(seq);
+        }
+        if suspected || (full && !confirms) {
+            // However late it comes back.
+            self.track = None;
             return;
         }
-        self.newest = Some(seq);
-        let threshold = a.thresholds.get("match_cosine").copied();
-        let confident = a.identity.as_ref().is_some_and(|i| {
-            i.matched && threshold.is_some_and(|t| i.similarity >= t + self.margin)
-        });
-        self.track = match (a.verdict, a.faces.len(), &a.track) {
-            (crate::wire::Verdict::Ok, 1, Some(t)) if confident => Some(t.clone()),
+        if !newer {
+            // An older answer does not move the track.
+            return;
+        }
+        if confirms {
+            self.track = a.track.clone();
+        } else if self.track.is_some() && a.verdict == crate::wire::Verdict::Ok {
             // Carried over: the face is still on the confirmed track; follow it.
-            (crate::wire::Verdict::Ok, 1, Some(t)) if !full && self.track.is_some() => {
-                Some(t.clone())
-            }
-            _ => None,
-        };
+            self.track = a.track.clone();
+        }
     }
 }
 
@@ -349,7 +375,12 @@ mod tests {
                         matched: s >= 0.41,
                     })
                 },
-                liveness: None,
+                liveness: (!carried).then_some(crate::wire::LivenessScore {
+                    p_live: 0.9,
+                    pad: Some(0.95),
+                    live: true,
+                    temporal: None,
+                }),
                 phone: None,
                 models: vec![],
                 skipped: vec![],
@@ -378,32 +409,35 @@ mod tests {
                             answer(v, Some(s), false)
                         }
                     };
-                    c.observe(seq, &a);
+                    c.observe(seq, &a, false);
                     t.is_none()
                 })
                 .collect()
         }
 
         #[test]
-        fn a_confirmed_track_is_carried_with_a_full_frame_at_least_every_recheck() {
+        fn a_confirmed_track_is_carried_with_a_full_frame_at_random_and_at_least_every_recheck() {
+            let mut gaps = std::collections::BTreeSet::new();
             for seed in 0..30 {
-                let mut c = IdentityCadence::seeded(1_000, 0.05, seed);
+                let mut c = IdentityCadence::seeded(1_000, 0.15, 0.05, 0.2, seed);
                 let full = run(&mut c, 300, |_| (Verdict::Ok, 0.7));
                 let at: Vec<u64> = (0..300).filter(|i| full[*i as usize]).collect();
                 assert_eq!(at[0], 0, "the first frame is full");
                 for pair in at.windows(2) {
                     let gap_ms = (pair[1] - pair[0]) * 200;
-                    // Drawn from half of recheck_ms to all of it, in whole frames.
-                    assert!((400..=1_000).contains(&gap_ms), "seed {seed}: {gap_ms} ms");
+                    assert!((200..=1_000).contains(&gap_ms), "seed {seed}: {gap_ms} ms");
+                    gaps.insert(gap_ms);
                 }
-                // Between a fifth and two fifths of the frames are full.
-                assert!((60..=130).contains(&at.len()), "seed {seed}: {}", at.len());
+                // About a quarter of the frames are full.
+                assert!((55..=130).contains(&at.len()), "seed {seed}: {}", at.len());
             }
+            // Any frame may be the full one: no gap is safe to count on.
+            assert_eq!(gaps.len(), 5, "{gaps:?}");
         }
 
         #[test]
         fn any_verdict_but_ok_drops_the_track_until_a_confident_full_ok() {
-            let mut c = IdentityCadence::seeded(1_000, 0.05, 1);
+            let mut c = IdentityCadence::seeded(1_000, 0.15, 0.05, 0.2, 1);
             // Wrong person from frame 20 to 29 (full frames only can say so), ok after.
             let full = run(&mut c, 60, |seq| {
                 if (20..30).contains(&seq) {
@@ -422,40 +456,59 @@ mod tests {
 
         #[test]
         fn a_match_without_the_margin_is_never_carried() {
-            let mut c = IdentityCadence::seeded(1_000, 0.05, 2);
+            let mut c = IdentityCadence::seeded(1_000, 0.15, 0.05, 0.2, 2);
             let full = run(&mut c, 50, |_| (Verdict::Ok, 0.44));
             assert!(full.iter().all(|f| *f));
         }
 
         #[test]
-        fn off_a_challenge_and_an_unanswered_full_frame_run_every_model() {
-            let mut c = IdentityCadence::seeded(0, 0.05, 3);
+        fn off_and_on_a_challenge_every_frame_is_full() {
+            let mut c = IdentityCadence::seeded(0, 0.15, 0.05, 0.2, 3);
             assert!(run(&mut c, 20, |_| (Verdict::Ok, 0.9)).iter().all(|f| *f));
-            let mut c = IdentityCadence::seeded(1_000, 0.05, 3);
+            let mut c = IdentityCadence::seeded(1_000, 0.0, 0.05, 0.2, 3);
             run(&mut c, 3, |_| (Verdict::Ok, 0.9));
             // A challenge wants every frame full.
             assert!((3..20).all(|seq| c.track_for(seq, seq * 200, true).is_none()));
-            // Frame 19 was published full and never answered: owed, so 20.. are full too,
-            // until a full answer comes back.
-            assert!(c.track_for(20, 30_000, false).is_none());
-            assert!(c.track_for(21, 30_010, false).is_none());
-            c.observe(21, &answer(Verdict::Ok, Some(0.9), false));
-            assert!(c.track_for(22, 30_020, false).is_some());
-            // A carried answer does not settle a full frame owed.
-            assert!(c.track_for(23, 40_000, false).is_none());
-            c.observe(22, &answer(Verdict::Ok, None, true));
-            assert!(c.track_for(24, 40_010, false).is_none());
+            c.observe(19, &answer(Verdict::Ok, Some(0.9), false), false);
+            assert!(c.track_for(20, 3_800, false).is_some());
+            // A second past the last full frame, the next is full.
+            assert!(c.track_for(21, 4_800, false).is_none());
         }
 
         #[test]
-        fn an_older_answer_does_not_move_the_track() {
-            let mut c = IdentityCadence::seeded(1_000, 0.05, 4);
+        fn a_late_full_answer_that_is_not_ok_still_drops_the_track() {
+            let mut c = IdentityCadence::seeded(1_000, 0.0, 0.05, 0.2, 4);
             c.track_for(0, 0, false);
             c.track_for(1, 200, false);
-            c.observe(1, &answer(Verdict::Ok, Some(0.9), false));
-            // Frame 0 comes back late, wrong: the newer track stands.
-            c.observe(0, &answer(Verdict::WrongPerson, Some(0.1), false));
+            c.observe(1, &answer(Verdict::Ok, Some(0.9), false), false);
             assert!(c.track_for(2, 400, false).is_some());
+            // Frame 0 comes back late, and wrong: the track goes.
+            c.observe(0, &answer(Verdict::WrongPerson, Some(0.1), false), false);
+            assert!(c.track_for(3, 600, false).is_none());
+            // A suspicion drops it too.
+            c.observe(3, &answer(Verdict::Ok, Some(0.9), false), false);
+            assert!(c.track_for(4, 800, false).is_some());
+            c.observe(4, &answer(Verdict::Ok, None, true), true);
+            assert!(c.track_for(5, 1_000, false).is_none());
+            // A full `ok` whose presentation-attack score is under `pad_low` confirms nothing.
+            let mut a = answer(Verdict::Ok, Some(0.9), false);
+            a.liveness.as_mut().unwrap().pad = Some(0.1);
+            c.observe(5, &a, false);
+            assert!(c.track_for(6, 1_200, false).is_none());
+        }
+
+        #[test]
+        fn a_dropped_full_frame_makes_the_next_one_full() {
+            let mut c = IdentityCadence::seeded(1_000, 0.0, 0.05, 0.2, 5);
+            assert!(c.track_for(0, 0, false).is_none());
+            c.observe(0, &answer(Verdict::Ok, Some(0.9), false), false);
+            assert!(c.track_for(1, 200, false).is_some());
+            // While a full frame is in flight (not yet answered), the others are carried.
+            assert!(c.track_for(5, 1_000, false).is_none());
+            assert!(c.track_for(6, 1_200, false).is_some());
+            // It is dropped: the next one is full.
+            c.dropped(5);
+            assert!(c.track_for(7, 1_400, false).is_none());
         }
     }
 }

@@ -316,13 +316,16 @@ pub struct EdgeConfig {
     /// [VIGIL_EDGE_PHONE_EVERY].
     pub phone_every: u32,
     /// Track reuse: a steady candidate's frames on a confirmed face track skip the recogniser
-    /// and the liveness models, with a full analysis at least this often, in ms (drawn from
-    /// half of it to all of it); 0 runs every model on every frame
+    /// and the liveness models, with a full analysis at least this often, in ms (and on any
+    /// frame with `recheck_chance`); 0 runs every model on every frame
     /// ([`crate::cadence::IdentityCadence`]) [VIGIL_EDGE_RECHECK_MS].
     pub recheck_ms: u64,
     /// A full analysis confirms the track only when its similarity clears the worker's
     /// `match_cosine` by this much.
     pub track_margin: f32,
+    /// Track reuse: the chance that any frame on the track is fully analysed anyway, so that
+    /// no frame is known to be carried.
+    pub recheck_chance: f64,
     /// Grace period for closing sessions on shutdown, in ms [VIGIL_EDGE_SHUTDOWN_GRACE_MS].
     pub shutdown_grace_ms: u64,
     /// Actions on their way to the audit trail (each publish waits for its confirm, with
@@ -472,6 +475,7 @@ impl Default for EdgeConfig {
             phone_every: 3,
             recheck_ms: 1_000,
             track_margin: 0.05,
+            recheck_chance: 0.15,
             trusted_proxies: crate::edge::proxy::TrustedProxies::default(),
             shutdown_grace_ms: 2_000,
             max_pending_audits: 1024,
@@ -791,6 +795,12 @@ impl Config {
                 errors.push(format!(
                     "edge.recheck_ms = {} must be 0 (off) or within 200..=1000",
                     e.recheck_ms
+                ));
+            }
+            if !(0.05..=1.0).contains(&e.recheck_chance) {
+                errors.push(format!(
+                    "edge.recheck_chance = {} must be within 0.05..=1",
+                    e.recheck_chance
                 ));
             }
             if !(0.0..=0.5).contains(&e.track_margin) {

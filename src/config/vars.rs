@@ -540,7 +540,7 @@ pub static VARS: &[Var] = &[
         [Edge],
         edge.recheck_ms,
         r#"1000"#,
-        r#"track reuse: a steady candidate's frames whose one face stays on a confirmed track skip the recogniser and the liveness models, with a full analysis at least this often (drawn from half of it to all of it), on every frame of a challenge, and at once after any verdict but `ok` (0: every model on every frame; 200..=1000)"#
+        r#"track reuse: a steady candidate's frames whose one face stays on a confirmed track skip the recogniser and the liveness models, with a full analysis at least this often and on any frame at random (`edge.recheck_chance`, 0.15), on every frame of a challenge, and after any full verdict but a confident, live `ok` or any liveness suspicion (0: every model on every frame; 200..=1000)"#
     ),
     var!(
         "VIGIL_SESSION_KEY",

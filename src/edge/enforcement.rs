@@ -291,6 +291,11 @@ impl Enforcement {
         let Analysis::Identity(a) = &frame.analysis else {
             return Vec::new();
         };
+        // A frame published before the challenge may have carried its identity over: it is
+        // neither an answer nor evidence.
+        if !identity_judged(frame) {
+            return Vec::new();
+        }
         self.recent.push_back(frame.clone());
         while self.recent.len() > cfg.evidence_frames {
             self.recent.pop_front();
@@ -523,6 +528,15 @@ impl Enforcement {
             operator,
             challenge: None,
         }
+    }
+}
+
+/// Whether the recogniser and the liveness models ran on the frame (the phone detector may
+/// have been off its cadence).
+fn identity_judged(frame: &EvidenceFrame) -> bool {
+    match &frame.analysis {
+        crate::wire::Analysis::Identity(a) => a.carried.is_empty(),
+        _ => true,
     }
 }
 
@@ -799,6 +813,36 @@ mod tests {
         // ...and the retry's timeout signs out, with no further retry.
         let out = fail(&mut e, &pcfg, &ccfg, 24_000);
         assert_eq!(acts(&out), [(Action::SignOut, "spoof".to_owned())]);
+        assert!(!e.challenging());
+    }
+
+    #[test]
+    fn a_frame_that_carried_its_identity_is_neither_an_answer_nor_evidence() {
+        let ccfg = ChallengeConfig::default();
+        let mut e = Enforcement::new(ClientPolicy::new(), 1);
+        e.issue(&ccfg, Trigger::Start, None, 0, |_| 0);
+        // Two left turns, every frame carried over from the track: nothing moves.
+        let yaws = [0.0, 0.3, 0.0, 0.3, 0.0];
+        for (i, yaw) in yaws.iter().enumerate() {
+            let mut f = posed(i as u64, 100 + i as u64 * 200, *yaw, 0.8);
+            if let Analysis::Identity(a) = &mut f.analysis {
+                a.carried = vec!["sface:2021dec".into()];
+            }
+            assert!(e.answer(&ccfg, &f, 100 + i as u64 * 200).is_empty());
+        }
+        assert!(e.recent.is_empty(), "no evidence from carried frames");
+        assert!(e.challenging());
+        // The same frames fully analysed pass it.
+        let mut effects = Vec::new();
+        for (i, yaw) in yaws.iter().enumerate() {
+            let f = posed(10 + i as u64, 1_100 + i as u64 * 200, *yaw, 0.8);
+            effects.extend(e.answer(&ccfg, &f, 1_100 + i as u64 * 200));
+        }
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::Audit(ev) if ev.reason == "challenge_passed"))
+        );
         assert!(!e.challenging());
     }
 

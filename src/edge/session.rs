@@ -245,7 +245,9 @@ pub(super) async fn run(
         ),
         identity_cadence: crate::cadence::IdentityCadence::new(
             shared.cfg.recheck_ms,
+            shared.cfg.recheck_chance,
             shared.cfg.track_margin,
+            shared.liveness.pad_low,
         ),
         last_seen: Instant::now(),
         next_random_ms: random_after(&shared.challenge, wire::now_ms()),
@@ -882,6 +884,7 @@ impl Session {
 
     fn drop_frame(&mut self, seq: u64, reason: DropReason, detail: impl Into<String>) {
         self.shared.drop_reason_counter(reason).inc();
+        self.identity_cadence.dropped(seq);
         match reason {
             // Not an image: not presence, and counted by the policy.
             DropReason::NotJpeg => {
@@ -1237,7 +1240,6 @@ impl Session {
                 // appearance stops here: it never reaches the client or the audit trail.
                 let mut suspicion = None;
                 if let wire::Analysis::Identity(a) = &mut r.analysis {
-                    self.identity_cadence.observe(seq, a);
                     self.phone_cadence.observe(
                         seq,
                         a.skipped.is_empty(),
@@ -1252,6 +1254,7 @@ impl Session {
                     if a.verdict == Verdict::Spoof {
                         suspicion = suspicion.or(Some("frame"));
                     }
+                    self.identity_cadence.observe(seq, a, suspicion.is_some());
                 }
                 let m = &self.shared.metrics;
                 m.results_delivered.inc();
@@ -1259,12 +1262,24 @@ impl Session {
                 self.shared.observe_latency(latency);
                 let verdict = r.analysis.verdict();
                 // Only analyses with a verdict feed the policy (and may become evidence).
-                let analysis = verdict.map(|_| r.analysis.clone());
-                // The client learns its verdict, not the scores behind it (unless configured).
-                if !self.shared.cfg.client_scores
-                    && let wire::Analysis::Identity(a) = &mut r.analysis
-                {
-                    a.strip_scores();
+                let analysis = verdict.map(|_| {
+                    let mut a = r.analysis.clone();
+                    // Where the face was is for the next frames, not for the audit trail.
+                    if let wire::Analysis::Identity(a) = &mut a {
+                        a.track = None;
+                    }
+                    a
+                });
+                // The client learns its verdict, not the scores behind it (unless configured),
+                // and never which models ran: that would tell it which frames are judged.
+                if let wire::Analysis::Identity(a) = &mut r.analysis {
+                    if self.shared.cfg.client_scores {
+                        a.skipped.clear();
+                        a.carried.clear();
+                        a.track = None;
+                    } else {
+                        a.strip_scores();
+                    }
                 }
                 self.outbox.push(ServerMsg::Result {
                     seq,

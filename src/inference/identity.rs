@@ -308,7 +308,8 @@ impl IdentityStack {
                 .iter()
                 .max_by(|a, b| (a.w * a.h).total_cmp(&(b.w * b.h)));
             let main_track = main.map(track_of);
-            if let (Some(track), Some(face), 1) = (track, main, faces.len())
+            // Only an enrolled client has an identity to carry over.
+            if let (Some(track), Some(face), 1, Some(_)) = (track, main, faces.len(), reference)
                 && on_track(face, track, t)
             {
                 let (aligned, m) = SFace::align(&img, face)?;

@@ -533,7 +533,13 @@ fn stream(
         carried: 0,
     };
     // The edge's track reuse, with a fixed random source so that a run is reproducible.
-    let mut cadence = IdentityCadence::seeded(cfg.edge.recheck_ms, cfg.edge.track_margin, 7);
+    let mut cadence = IdentityCadence::seeded(
+        cfg.edge.recheck_ms,
+        cfg.edge.recheck_chance,
+        cfg.edge.track_margin,
+        cfg.liveness.pad_low,
+        7,
+    );
     // Steps drawn by a fixed sequence, so that a run is reproducible.
     let mut seed = 0x9e37_79b9_u64;
     let mut draw = move |n: usize| {
@@ -551,9 +557,9 @@ fn stream(
         let now_ms = (i as f64 * 1000.0 / fps) as u64;
         let track = cadence.track_for(i as u64, now_ms, enforcement.challenging());
         let (mut a, _) = stack.analyze_with(jpeg, reference, true, track.as_ref())?;
-        cadence.observe(i as u64, &a);
         report.carried += usize::from(!a.carried.is_empty());
         let suspicion = liveness.fuse(&cfg.liveness, now_ms, &mut a);
+        cadence.observe(i as u64, &a, suspicion.is_some());
         let window = liveness
             .last()
             .filter(|(at, _)| *at == now_ms)
