@@ -231,6 +231,9 @@ async fn the_pipeline_tells_the_enrolled_person_from_another() {
     env.cfg.worker.analysis_threads = 1;
     env.cfg.inference = inference_config();
     env.cfg.edge.max_frame_bytes = 4 << 20;
+    // Every model on every frame but the phone detector, whose runs are counted below (track
+    // reuse has a test of its own).
+    env.cfg.edge.recheck_ms = 0;
     env.add_client("candidate");
     let store = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
     let reference = photos().join("Male_41_2_4_1.jpg");
@@ -325,6 +328,82 @@ async fn the_pipeline_tells_the_enrolled_person_from_another() {
         (9..=11).contains(&phone_runs),
         "frames 1 to 8, and 1 to 3 of frames 9 to 14: {phone_runs}"
     );
+    conn.close().await;
+    env.teardown().await;
+}
+
+/// Track reuse through the live pipeline: each of a steady candidate's frames is either fully
+/// analysed or carried over on the track (the worker aligns the face and runs neither the
+/// recogniser nor the liveness models), every frame is `ok`, and the client is told neither
+/// which nor where its face was. How many are carried depends on how fast frames come back
+/// against `recheck_ms` (a debug build on a loaded machine may analyse every one fully);
+/// `vigil bench cost` measures it, and the worker's and the cadence's own tests show both
+/// paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_analyses_or_carries_every_frame_and_tells_the_client_neither() {
+    let mut env = TestEnv::new("reuse");
+    env.cfg.worker.analyzer = "identity".into();
+    env.cfg.worker.analysis_threads = 1;
+    env.cfg.inference = inference_config();
+    env.cfg.edge.max_frame_bytes = 4 << 20;
+    env.cfg.edge.recheck_ms = 1_000;
+    // A challenge's frames are all fully analysed: none here.
+    env.cfg.challenge.on_start = false;
+    // A studio photo is no webcam: its own P(real) must not keep the track from being
+    // confirmed, which is what this test is about.
+    env.cfg.liveness.pad_low = 0.0;
+    env.add_client("candidate");
+    let store = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
+    let jpeg = photos().join("Male_41_2_4_1.jpg");
+    vigil::tools::cli::enroll(&env.cfg, &store, "candidate", &jpeg).unwrap();
+    let url = env.start_edge("e1").await;
+    env.start_worker("w1").await;
+    let (mut conn, _) = Connection::connect(&url, "candidate", TOKEN, Encoding::MsgPack)
+        .await
+        .unwrap();
+    let frame = std::fs::read(&jpeg).unwrap();
+    let frames = 15u64;
+    for seq in 1..=frames {
+        // At the candidate's 5 fps (faster is throttled).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        conn.send_frame(seq, 0, &frame).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match tokio::time::timeout_at(deadline, conn.recv()).await {
+                Ok(Some(Ok(Incoming::Msg(ServerMsg::Result {
+                    analysis: Analysis::Identity(a),
+                    ..
+                })))) => {
+                    assert_eq!(a.verdict, Verdict::Ok, "frame {seq}: {a:?}");
+                    assert!(
+                        a.skipped.is_empty() && a.carried.is_empty() && a.track.is_none(),
+                        "the client learns which frames were judged: {a:?}"
+                    );
+                    break;
+                }
+                // Anything else the edge says (a challenge, a throttle) is not this test's.
+                Ok(Some(Ok(Incoming::Msg(_)))) => continue,
+                other => panic!("no result for frame {seq}: {other:?}"),
+            }
+        }
+    }
+    let worker = &env.worker_registries[0];
+    let runs = |stage: &str| -> u64 {
+        worker
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "vigil_worker_inference_seconds")
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| m.get_label().iter().any(|l| l.value() == stage))
+            .map(|m| m.get_histogram().get_sample_count())
+            .sum()
+    };
+    // Every frame is either fully analysed or carried on the track.
+    let (full, carried) = (runs("sface"), runs("align"));
+    assert_eq!(runs("yunet"), frames);
+    assert_eq!(full + carried, frames, "full {full}, carried {carried}");
+    assert_eq!(runs("fr_liveness"), full);
+    assert!(full >= 1, "the first frame is fully analysed");
     conn.close().await;
     env.teardown().await;
 }
