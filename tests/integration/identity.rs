@@ -211,6 +211,18 @@ fn enrolment_refuses_photos_without_exactly_one_face() {
     ));
 }
 
+/// How many times a worker ran `stage` (a model, or `align` on a frame carried over).
+fn stage_runs(worker: &prometheus::Registry, stage: &str) -> u64 {
+    worker
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "vigil_worker_inference_seconds")
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| m.get_label().iter().any(|l| l.value() == stage))
+        .map(|m| m.get_histogram().get_sample_count())
+        .sum()
+}
+
 fn verdicts(results: &[ServerMsg]) -> Vec<Verdict> {
     results
         .iter()
@@ -312,16 +324,7 @@ async fn the_pipeline_tells_the_enrolled_person_from_another() {
         }
     }
     let worker = &env.worker_registries[0];
-    let runs = |stage: &str| -> u64 {
-        worker
-            .gather()
-            .iter()
-            .filter(|f| f.name() == "vigil_worker_inference_seconds")
-            .flat_map(|f| f.get_metric().iter())
-            .filter(|m| m.get_label().iter().any(|l| l.value() == stage))
-            .map(|m| m.get_histogram().get_sample_count())
-            .sum()
-    };
+    let runs = |stage: &str| stage_runs(worker, stage);
     assert_eq!((runs("yunet"), runs("sface")), (14, 14));
     let phone_runs = runs("cocossd");
     assert!(
@@ -388,16 +391,7 @@ async fn the_pipeline_analyses_or_carries_every_frame_and_tells_the_client_neith
         }
     }
     let worker = &env.worker_registries[0];
-    let runs = |stage: &str| -> u64 {
-        worker
-            .gather()
-            .iter()
-            .filter(|f| f.name() == "vigil_worker_inference_seconds")
-            .flat_map(|f| f.get_metric().iter())
-            .filter(|m| m.get_label().iter().any(|l| l.value() == stage))
-            .map(|m| m.get_histogram().get_sample_count())
-            .sum()
-    };
+    let runs = |stage: &str| stage_runs(worker, stage);
     // Every frame is either fully analysed or carried on the track.
     let (full, carried) = (runs("sface"), runs("align"));
     assert_eq!(runs("yunet"), frames);
