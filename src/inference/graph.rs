@@ -1,5 +1,5 @@
-//! One lossless edit of an ONNX file before ONNX Runtime sees it: weights that an old exporter
-//! also listed as graph inputs are made constants again.
+//! Lossless edits of an ONNX file before ONNX Runtime sees it: weights that an old exporter
+//! also listed as graph inputs are made constants again, and fixed sizes can be freed.
 //!
 //! An ONNX graph may name an initializer (a weight) among its inputs too, which says "a caller
 //! may override this weight". ONNX Runtime honours that: it neither folds such a weight into its
@@ -10,9 +10,12 @@
 //! stays the pinned, verified one. The outputs are the same up to float rounding (the folded
 //! batch normalisation), which `tests/integration/identity.rs` checks on real faces.
 //!
-//! The edit works on the protobuf wire format: every byte of the model is copied as it is,
-//! except the `GraphProto.input` entries removed and the graph field's key and length prefix in
-//! the model, written anew. It leaves alone, handing the bytes on unchanged for ONNX Runtime to
+//! A second edit, [`free_dims`], declares chosen dimensions of a graph's inputs and outputs by
+//! name instead of by size, for a fully convolutional model exported at one size.
+//!
+//! Both edits work on the protobuf wire format: every byte of the model is copied as it is,
+//! except the `GraphProto.input` entries removed (or the `Dimension` entries renamed) and the
+//! key and length prefixes that contain them, written anew. The first leaves alone, handing the bytes on unchanged for ONNX Runtime to
 //! judge: a file it cannot read as an ONNX model; a model of IR version 3 or older, where every
 //! weight must be an input too and ONNX Runtime treats them as constants anyway; and a model
 //! with a weight in an external file, which ONNX Runtime finds only from the model's path.
@@ -122,6 +125,128 @@ fn edit(model: &[u8]) -> Option<(Vec<u8>, usize)> {
         }
     }
     Some((out, removed))
+}
+
+/// `GraphProto.output`.
+const GRAPH_OUTPUT: u32 = 12;
+/// `ValueInfoProto.type`.
+const VALUE_INFO_TYPE: u32 = 2;
+/// `TypeProto.tensor_type`.
+const TYPE_TENSOR: u32 = 1;
+/// `TypeProto.Tensor.shape`.
+const TENSOR_TYPE_SHAPE: u32 = 2;
+/// `TensorShapeProto.dim`.
+const SHAPE_DIM: u32 = 1;
+/// `TensorShapeProto.Dimension.dim_param`.
+const DIM_PARAM: u32 = 2;
+
+/// One dimension of a graph input or output to declare free: the value's name, the
+/// dimension's index, and the name it gets (`dim_param`).
+#[derive(Debug, Clone, Copy)]
+pub struct FreeDim {
+    pub value: &'static str,
+    pub index: usize,
+    pub param: &'static str,
+}
+
+/// `model` with each dimension in `free` declared by name instead of by size, so that ONNX
+/// Runtime accepts any size there. A fully convolutional model exported with one fixed input
+/// size (YuNet: 640x640) then runs on the size a frame has.
+///
+/// Every byte is copied as it is except the `Dimension` entries named in `free` and the length
+/// prefixes that contain them. `None` when `model` does not read as an ONNX model, or when a
+/// named value or dimension is not there: a file other than the one the caller expects is then
+/// not edited half-way.
+pub fn free_dims(model: &[u8], free: &[FreeDim]) -> Option<Vec<u8>> {
+    let mut done = vec![false; free.len()];
+    let out = rewrite(model, |f, graph| {
+        (f.number == MODEL_GRAPH && f.wire == LENGTH_DELIMITED).then(|| {
+            rewrite(graph, |g, value| {
+                if !matches!(g.number, GRAPH_INPUT | GRAPH_OUTPUT) || g.wire != LENGTH_DELIMITED {
+                    return None;
+                }
+                let value_name = name(value, VALUE_INFO_NAME)?;
+                let wanted: Vec<usize> = (0..free.len())
+                    .filter(|&i| free[i].value.as_bytes() == value_name)
+                    .collect();
+                if wanted.is_empty() {
+                    return None;
+                }
+                let edited = rewrite_path(
+                    value,
+                    &[VALUE_INFO_TYPE, TYPE_TENSOR, TENSOR_TYPE_SHAPE],
+                    &mut |shape| {
+                        let mut index = 0;
+                        rewrite(shape, |d, _| {
+                            if d.number != SHAPE_DIM || d.wire != LENGTH_DELIMITED {
+                                return None;
+                            }
+                            let at = index;
+                            index += 1;
+                            let i = *wanted.iter().find(|&&i| free[i].index == at)?;
+                            done[i] = true;
+                            let mut dim = Vec::new();
+                            put_length_delimited(&mut dim, DIM_PARAM, free[i].param.as_bytes());
+                            Some(Some(dim))
+                        })
+                    },
+                );
+                Some(edited)
+            })
+        })
+    })?;
+    done.iter().all(|&d| d).then_some(out)
+}
+
+/// `message` with the length-delimited field at `path` (first occurrence at each level)
+/// replaced by what `edit` makes of its payload; `None` when the path is not there or `edit`
+/// fails.
+fn rewrite_path(
+    message: &[u8],
+    path: &[u32],
+    edit: &mut dyn FnMut(&[u8]) -> Option<Vec<u8>>,
+) -> Option<Vec<u8>> {
+    let Some((&first, rest)) = path.split_first() else {
+        return edit(message);
+    };
+    let mut found = false;
+    let out = rewrite(message, |f, payload| {
+        if found || f.number != first || f.wire != LENGTH_DELIMITED {
+            return None;
+        }
+        found = true;
+        Some(rewrite_path(payload, rest, edit))
+    })?;
+    found.then_some(out)
+}
+
+/// `message` with each length-delimited field for which `edit` returns `Some(Some(payload))`
+/// written anew with that payload, and every other field copied as it is. `Some(None)` from
+/// `edit` fails the whole rewrite; `None` when `message` is not a well-formed message.
+fn rewrite(
+    message: &[u8],
+    mut edit: impl FnMut(&Field, &[u8]) -> Option<Option<Vec<u8>>>,
+) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(message.len());
+    for f in fields(message)? {
+        let edited = if f.wire == LENGTH_DELIMITED {
+            edit(&f, &message[f.value.clone()])
+        } else {
+            None
+        };
+        match edited {
+            Some(Some(payload)) => put_length_delimited(&mut out, f.number, &payload),
+            Some(None) => return None,
+            None => out.extend_from_slice(&message[f.whole.clone()]),
+        }
+    }
+    Some(out)
+}
+
+fn put_length_delimited(out: &mut Vec<u8>, number: u32, payload: &[u8]) {
+    put_varint(out, u64::from(number << 3 | u32::from(LENGTH_DELIMITED)));
+    put_varint(out, payload.len() as u64);
+    out.extend_from_slice(payload);
 }
 
 /// One field of a message: its number, wire type, the range of its value (the payload of a
@@ -315,6 +440,132 @@ mod tests {
         }
     }
 
+    /// A value info named `name` whose tensor shape has the dimensions `sizes`.
+    fn value_info(name: &str, sizes: &[u8]) -> Vec<u8> {
+        let mut shape = Vec::new();
+        for &s in sizes {
+            field(&mut shape, SHAPE_DIM, &[0x08, s]); // dim_value
+        }
+        let mut tensor = vec![0x08, 0x01]; // elem_type FLOAT
+        field(&mut tensor, TENSOR_TYPE_SHAPE, &shape);
+        let mut ty = Vec::new();
+        field(&mut ty, TYPE_TENSOR, &tensor);
+        let mut v = Vec::new();
+        field(&mut v, VALUE_INFO_NAME, name.as_bytes());
+        field(&mut v, VALUE_INFO_TYPE, &ty);
+        v
+    }
+
+    /// The dimensions of value `value` in `model`: `Ok(size)` or `Err(name)`.
+    fn dims_of(model: &[u8], value: &str) -> Vec<Result<u64, String>> {
+        let graph = fields(model)
+            .unwrap()
+            .into_iter()
+            .find(|f| f.number == MODEL_GRAPH)
+            .map(|f| model[f.value].to_vec())
+            .unwrap();
+        let info = fields(&graph)
+            .unwrap()
+            .into_iter()
+            .map(|f| graph[f.value].to_vec())
+            .find(|v| name(v, VALUE_INFO_NAME) == Some(value.as_bytes()))
+            .unwrap();
+        let mut msg = info;
+        for n in [VALUE_INFO_TYPE, TYPE_TENSOR, TENSOR_TYPE_SHAPE] {
+            let f = fields(&msg)
+                .unwrap()
+                .into_iter()
+                .find(|f| f.number == n)
+                .unwrap();
+            msg = msg[f.value].to_vec();
+        }
+        fields(&msg)
+            .unwrap()
+            .into_iter()
+            .map(|d| {
+                let dim = &msg[d.value];
+                let f = &fields(dim).unwrap()[0];
+                match f.number {
+                    1 => Ok(varint(dim, &mut f.value.start.clone()).unwrap()),
+                    _ => Err(String::from_utf8(dim[f.value.clone()].to_vec()).unwrap()),
+                }
+            })
+            .collect()
+    }
+
+    fn shaped_model() -> Vec<u8> {
+        let mut graph = Vec::new();
+        field(&mut graph, 1, b"node bytes kept as they are");
+        field(
+            &mut graph,
+            GRAPH_INPUT,
+            &value_info("image", &[1, 3, 64, 64]),
+        );
+        field(&mut graph, GRAPH_OUTPUT, &value_info("boxes", &[1, 100, 4]));
+        let mut m = vec![0x08, 7]; // ir_version
+        field(&mut m, MODEL_GRAPH, &graph);
+        field(&mut m, 8, b"\x0a\x00\x10\x0b");
+        m
+    }
+
+    #[test]
+    fn named_dimensions_are_freed_and_nothing_else_changes() {
+        let before = shaped_model();
+        let free = [
+            FreeDim {
+                value: "image",
+                index: 2,
+                param: "height",
+            },
+            FreeDim {
+                value: "image",
+                index: 3,
+                param: "width",
+            },
+            FreeDim {
+                value: "boxes",
+                index: 1,
+                param: "anchors",
+            },
+        ];
+        let after = free_dims(&before, &free).unwrap();
+        assert_eq!(
+            dims_of(&after, "image"),
+            vec![Ok(1), Ok(3), Err("height".into()), Err("width".into())]
+        );
+        assert_eq!(
+            dims_of(&after, "boxes"),
+            vec![Ok(1), Err("anchors".into()), Ok(4)]
+        );
+        // The rest is byte for byte: the node, and the opset after the graph.
+        assert!(
+            after
+                .windows(27)
+                .any(|w| w == b"node bytes kept as they are")
+        );
+        assert!(after.ends_with(b"\x0a\x00\x10\x0b"));
+        // Freeing nothing rewrites nothing.
+        assert_eq!(free_dims(&before, &[]).unwrap(), before);
+    }
+
+    #[test]
+    fn a_dimension_that_is_not_there_leaves_the_model_unedited() {
+        let m = shaped_model();
+        let missing_value = [FreeDim {
+            value: "input",
+            index: 2,
+            param: "h",
+        }];
+        let missing_dim = [FreeDim {
+            value: "boxes",
+            index: 3,
+            param: "h",
+        }];
+        assert!(free_dims(&m, &missing_value).is_none());
+        assert!(free_dims(&m, &missing_dim).is_none());
+        assert!(free_dims(b"\xff\xff not a model", &missing_value).is_none());
+    }
+
     #[test]
     fn varints_match_known_encodings() {
         for (v, bytes) in [
@@ -347,6 +598,12 @@ mod tests {
         } else {
             proptest::prop_assert!(edited.len() < bytes.len());
         }
+        let free = [FreeDim {
+            value: "input",
+            index: 2,
+            param: "height",
+        }];
+        let _ = free_dims(bytes, &free);
         Ok(())
     }
 

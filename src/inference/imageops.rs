@@ -1,4 +1,4 @@
-//! Pixel operations for the model stack: decode, resize to fit, letterbox, crop, and the
+//! Pixel operations for the model stack: decode, resize to fit, pad, crop, and the
 //! similarity warp that aligns a face. All on `image::RgbImage`, producing NCHW `f32` tensors.
 
 use image::{RgbImage, imageops};
@@ -133,22 +133,21 @@ pub fn fit_within(img: &RgbImage, max: u32) -> (RgbImage, f32) {
     )
 }
 
-/// Place `img` (already at most `size` on each side) at the top-left of a `size` x `size`
-/// canvas padded with zeros, as BGR planes in 0..255 (YuNet's input).
-pub fn letterbox_bgr_nchw(img: &RgbImage, size: u32) -> Vec<f32> {
-    let plane = (size * size) as usize;
-    let mut out = vec![0f32; 3 * plane];
+/// `img` padded with zeros on the right and bottom to the next multiple of `multiple` on each
+/// side, as BGR planes in 0..255 (YuNet's input). Returns the planes and their width and height.
+pub fn padded_bgr_nchw(img: &RgbImage, multiple: u32) -> (Vec<f32>, u32, u32) {
     let (w, h) = img.dimensions();
-    for y in 0..h.min(size) {
-        for x in 0..w.min(size) {
-            let p = img.get_pixel(x, y).0;
-            let i = (y * size + x) as usize;
-            out[i] = p[2] as f32;
-            out[plane + i] = p[1] as f32;
-            out[2 * plane + i] = p[0] as f32;
-        }
+    let m = multiple.max(1);
+    let (pw, ph) = (w.div_ceil(m).max(1) * m, h.div_ceil(m).max(1) * m);
+    let plane = (pw * ph) as usize;
+    let mut out = vec![0f32; 3 * plane];
+    for (x, y, p) in img.enumerate_pixels() {
+        let i = (y * pw + x) as usize;
+        out[i] = p.0[2] as f32;
+        out[plane + i] = p.0[1] as f32;
+        out[2 * plane + i] = p.0[0] as f32;
     }
-    out
+    (out, pw, ph)
 }
 
 /// RGB planes in 0..255 (SFace and the liveness model).
@@ -353,12 +352,14 @@ mod tests {
     }
 
     #[test]
-    fn letterbox_pads_and_swaps_channels() {
-        let img = RgbImage::from_pixel(2, 1, image::Rgb([10, 20, 30]));
-        let t = letterbox_bgr_nchw(&img, 4);
-        assert_eq!(t.len(), 48);
-        assert_eq!((t[0], t[16], t[32]), (30.0, 20.0, 10.0));
-        assert_eq!(t[2], 0.0); // padding
+    fn padding_rounds_each_side_up_and_swaps_channels() {
+        let img = RgbImage::from_pixel(5, 2, image::Rgb([10, 20, 30]));
+        let (t, w, h) = padded_bgr_nchw(&img, 4);
+        assert_eq!((w, h, t.len()), (8, 4, 96));
+        assert_eq!((t[0], t[32], t[64]), (30.0, 20.0, 10.0));
+        assert_eq!((t[4], t[5], t[8 + 4], t[16]), (30.0, 0.0, 30.0, 0.0)); // padding
+        let (t, w, h) = padded_bgr_nchw(&RgbImage::new(8, 4), 4);
+        assert_eq!((w, h, t.len()), (8, 4, 96));
     }
 
     #[test]

@@ -65,13 +65,61 @@ pub fn nms<T>(
     keep
 }
 
-/// YuNet face detector: fixed 640x640 BGR input, twelve outputs over strides 8, 16 and 32.
+/// YuNet face detector: BGR input of any size (a multiple of 32 on each side), twelve outputs
+/// over strides 8, 16 and 32.
+///
+/// The file is exported at 640x640, but the network is fully convolutional: its reshapes keep
+/// the batch and the channels and infer the rest, and its upsampling goes by scale. So the
+/// worker frees the input's height and width and the outputs' anchor counts
+/// ([`super::graph::free_dims`]) and runs it on the frame's own size, padded to a multiple of
+/// 32: a 640x480 webcam frame costs 480/640 of the square. The faces are those found on the
+/// letterboxed square (`identity::yunet_finds_the_same_faces_…`). Sizes are bounded by
+/// [`YuNet::INPUT`], so ONNX Runtime plans at most 20 x 20 input shapes.
 pub struct YuNet {
     session: Session,
 }
 
+/// The dimensions of YuNet's graph that [`YuNet::load`] frees.
+const YUNET_FREE: [super::graph::FreeDim; 14] = {
+    use super::graph::FreeDim;
+    const fn anchors(value: &'static str) -> FreeDim {
+        FreeDim {
+            value,
+            index: 1,
+            param: "anchors",
+        }
+    }
+    [
+        FreeDim {
+            value: "input",
+            index: 2,
+            param: "height",
+        },
+        FreeDim {
+            value: "input",
+            index: 3,
+            param: "width",
+        },
+        anchors("cls_8"),
+        anchors("cls_16"),
+        anchors("cls_32"),
+        anchors("obj_8"),
+        anchors("obj_16"),
+        anchors("obj_32"),
+        anchors("bbox_8"),
+        anchors("bbox_16"),
+        anchors("bbox_32"),
+        anchors("kps_8"),
+        anchors("kps_16"),
+        anchors("kps_32"),
+    ]
+};
+
 impl YuNet {
+    /// The largest side the detector is given (the size it was exported at).
     pub const INPUT: u32 = 640;
+    /// Each side of the input is padded to a multiple of this (the largest stride).
+    const STRIDE_MAX: u32 = 32;
 
     pub fn load(
         env: &Environment,
@@ -80,20 +128,31 @@ impl YuNet {
         device: Device,
     ) -> Result<Self, InferenceError> {
         Ok(Self {
-            session: runtime::session(env, path, threads, device)?,
+            session: runtime::session_with(env, path, threads, device, &YUNET_FREE)?,
         })
     }
 
-    /// Faces in `img` (at most 640 on each side), score >= `min_score`, after NMS at `nms_iou`.
+    /// Faces in `img` (at most [`YuNet::INPUT`] on each side; padded with zeros on the right
+    /// and bottom to a multiple of 32), score >= `min_score`, after NMS at `nms_iou`.
     pub fn detect(
         &mut self,
         img: &RgbImage,
         min_score: f32,
         nms_iou: f32,
     ) -> Result<Vec<Face>, InferenceError> {
-        let size = Self::INPUT;
-        let input = imageops::letterbox_bgr_nchw(img, size);
-        let tensor = Tensor::from_array(([1usize, 3, size as usize, size as usize], input))
+        if img.width() > Self::INPUT || img.height() > Self::INPUT {
+            return Err(model_err(
+                "yunet",
+                format!(
+                    "{}x{} is larger than {}",
+                    img.width(),
+                    img.height(),
+                    Self::INPUT
+                ),
+            ));
+        }
+        let (input, width, height) = imageops::padded_bgr_nchw(img, Self::STRIDE_MAX);
+        let tensor = Tensor::from_array(([1usize, 3, height as usize, width as usize], input))
             .map_err(|e| model_err("yunet", e))?;
         let outputs = self
             .session
@@ -112,8 +171,8 @@ impl YuNet {
                     })
             };
             let (cls, obj, bbox, kps) = (get("cls")?, get("obj")?, get("bbox")?, get("kps")?);
-            let cols = size / stride;
-            let cells = (cols * cols) as usize;
+            let cols = width / stride;
+            let cells = (cols * (height / stride)) as usize;
             if cls.len() < cells
                 || obj.len() < cells
                 || bbox.len() < cells * 4

@@ -79,6 +79,18 @@ pub fn session(
     intra_threads: usize,
     device: Device,
 ) -> Result<Session, InferenceError> {
+    session_with(env, model, intra_threads, device, &[])
+}
+
+/// [`session`], with the dimensions in `free` declared by name ([`super::graph::free_dims`]):
+/// an error when the file does not have them.
+pub fn session_with(
+    env: &Environment,
+    model: &Path,
+    intra_threads: usize,
+    device: Device,
+    free: &[super::graph::FreeDim],
+) -> Result<Session, InferenceError> {
     let fail = |e: ort::Error| InferenceError::Model {
         model: model.display().to_string(),
         message: e.to_string(),
@@ -105,6 +117,21 @@ pub fn session(
         model: model.display().to_string(),
         message: format!("cannot read: {e}"),
     })?;
+    if !free.is_empty() {
+        let (bytes, _) = super::graph::constant_initializers(&bytes);
+        let edited =
+            super::graph::free_dims(&bytes, free).ok_or_else(|| InferenceError::Model {
+                model: model.display().to_string(),
+                message: format!(
+                    "the graph does not have the dimensions to free: {}",
+                    free.iter()
+                        .map(|d| format!("{}[{}]", d.value, d.index))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })?;
+        return builder.commit_from_memory(&edited).map_err(fail);
+    }
     match super::graph::constant_initializers(&bytes) {
         (edited, constants) if constants > 0 => {
             tracing::debug!(

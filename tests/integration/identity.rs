@@ -597,6 +597,57 @@ fn a_frame_on_the_clients_track_carries_its_identity_and_anything_else_runs_ever
     );
 }
 
+/// YuNet is exported at 640x640; the worker frees its input's size (`inference::graph`) and
+/// runs it on the frame's own shape. On the photos, the faces are those found on the frame
+/// letterboxed into the 640x640 square, as the file was made for.
+#[test]
+fn yunet_finds_the_same_faces_on_the_frames_own_shape_as_on_the_square() {
+    use vigil::inference::models::YuNet;
+    let cfg = inference_config();
+    let manifest = vigil::inference::manifest::Manifest::embedded().unwrap();
+    let path = cfg
+        .models_dir
+        .join(&manifest.find_role("face_detection").unwrap().file);
+    let lib = vigil::inference::locate_runtime(cfg.ort_dylib.as_deref()).unwrap();
+    let env = vigil::inference::runtime::environment(&lib).unwrap();
+    let mut yunet = YuNet::load(env, &path, 1, vigil::inference::Device::Cpu).unwrap();
+    let mut shapes = std::collections::BTreeSet::new();
+    for name in DIFFERENT_PEOPLE
+        .iter()
+        .chain(SAME_PERSON.iter().map(|p| &p.0))
+    {
+        let img = image::load_from_memory(&photo(name)).unwrap().into_rgb8();
+        let (img, _) = vigil::inference::imageops::fit_within(&img, 640);
+        shapes.insert(img.dimensions());
+        let mut square = image::RgbImage::new(640, 640);
+        image::imageops::overlay(&mut square, &img, 0, 0);
+        let own = yunet.detect(&img, 0.6, 0.3).unwrap();
+        let boxed = yunet.detect(&square, 0.6, 0.3).unwrap();
+        assert_eq!(own.len(), boxed.len(), "{name}");
+        for (a, b) in own.iter().zip(&boxed) {
+            let mut pairs = vec![(a.x, b.x), (a.y, b.y), (a.w, b.w), (a.h, b.h)];
+            for (p, q) in a.landmarks.iter().zip(&b.landmarks) {
+                pairs.extend([(p.0, q.0), (p.1, q.1)]);
+            }
+            let moved = pairs
+                .iter()
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                moved < 1.0 && (a.score - b.score).abs() < 0.01,
+                "{name}: {a:?} against {b:?}"
+            );
+        }
+    }
+    assert!(shapes.iter().any(|&(w, h)| w != h), "{shapes:?}");
+    // Larger than the size it was made for: refused, not run.
+    assert!(
+        yunet
+            .detect(&image::RgbImage::new(641, 100), 0.6, 0.3)
+            .is_err()
+    );
+}
+
 /// SFace lists its weights as graph inputs too, which keeps ONNX Runtime from folding them;
 /// the worker loads them as constants (`inference::graph`). On twelve photos' aligned faces, its
 /// signatures are those of the file as it is, up to float rounding.
