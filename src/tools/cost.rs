@@ -4,6 +4,9 @@
 //! its cadence, [`crate::cadence`]), alternating in one run. Each side reports the process's
 //! CPU-seconds per candidate-hour, candidates per core at the frame rate, each model's time per
 //! frame, the verdict latency, and how long a swap of person took to lock the screen.
+//!
+//! The CPU and the latency are measured on steady candidates; the swap (client 0 hands the
+//! camera to the next clip's person) comes after, within the same round, and is timed alone.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -370,6 +373,9 @@ impl Drop for RemoveOnDrop {
 
 /// The longest any one step of a round may take (a connection, a send, a service's stop).
 const STEP_LIMIT: Duration = Duration::from_secs(30);
+/// How long a round waits, after its measured part, for a swap of person to be locked; one
+/// that is not is reported as not caught.
+const SWAP_WAIT: Duration = Duration::from_secs(10);
 
 /// One side for one round: a fresh namespace, `b.workers` workers and an edge; every client
 /// streams its clip at `b.fps`; halfway through the measured time client 0 turns into the next
@@ -468,6 +474,7 @@ async fn measure(
 ) -> Result<Sample, CostError> {
     let measuring = Arc::new(AtomicBool::new(false));
     let swap = Arc::new(AtomicBool::new(false));
+    let swap_caught = Arc::new(tokio::sync::Notify::new());
     let stop = CancellationToken::new();
     let period = Duration::from_secs_f64(1.0 / b.fps);
     let mut tasks = Vec::new();
@@ -484,6 +491,7 @@ async fn measure(
         let (measuring, stop) = (measuring.clone(), stop.clone());
         // Only client 0 changes person.
         let swap = (i == 0).then(|| swap.clone());
+        let swap_caught = swap_caught.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
             let (mut done, mut dropped) = (0u64, 0u64);
@@ -542,6 +550,9 @@ async fn measure(
                                 ..
                             } if reason == "wrong_person" && caught.is_none() => {
                                 caught = swapped_at.map(|at| at.elapsed().as_secs_f64());
+                                if caught.is_some() {
+                                    swap_caught.notify_one();
+                                }
                             }
                             _ => {}
                         }
@@ -557,13 +568,15 @@ async fn measure(
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
     let cpu_start = crate::tools::bench::proc_cpu_seconds("self").unwrap_or(0.0);
-    tokio::time::sleep(b.duration / 2).await;
-    swap.store(true, Ordering::Relaxed);
-    tokio::time::sleep(b.duration - b.duration / 2).await;
+    // The cost is that of steady candidates: the swap comes after it is measured (a stranger's
+    // frames are all fully analysed, and would weigh on the side that skips work).
+    tokio::time::sleep(b.duration).await;
     measuring.store(false, Ordering::Relaxed);
     let cpu = crate::tools::bench::proc_cpu_seconds("self").unwrap_or(0.0) - cpu_start;
     let seconds = started.elapsed().as_secs_f64();
     let stages_after = stage_totals(registries);
+    swap.store(true, Ordering::Relaxed);
+    let _ = tokio::time::timeout(SWAP_WAIT, swap_caught.notified()).await;
     stop.cancel();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
     let (mut frames, mut dropped, mut caught, mut ended_early) = (0, 0, None, 0);
