@@ -14,8 +14,9 @@
 //! name instead of by size, for a fully convolutional model exported at one size.
 //!
 //! Both edits work on the protobuf wire format: every byte of the model is copied as it is,
-//! except the `GraphProto.input` entries removed (or the `Dimension` entries renamed) and the
-//! key and length prefixes that contain them, written anew. The first leaves alone, handing the bytes on unchanged for ONNX Runtime to
+//! except the `GraphProto.input` entries removed (or the `Dimension` entries renamed and the
+//! intermediate `value_info` entries dropped) and the key and length prefixes that contain
+//! them, written anew. The first leaves alone, handing the bytes on unchanged for ONNX Runtime to
 //! judge: a file it cannot read as an ONNX model; a model of IR version 3 or older, where every
 //! weight must be an input too and ONNX Runtime treats them as constants anyway; and a model
 //! with a weight in an external file, which ONNX Runtime finds only from the model's path.
@@ -129,6 +130,8 @@ fn edit(model: &[u8]) -> Option<(Vec<u8>, usize)> {
 
 /// `GraphProto.output`.
 const GRAPH_OUTPUT: u32 = 12;
+/// `GraphProto.value_info`.
+const GRAPH_VALUE_INFO: u32 = 13;
 /// `ValueInfoProto.type`.
 const VALUE_INFO_TYPE: u32 = 2;
 /// `TypeProto.tensor_type`.
@@ -153,15 +156,21 @@ pub struct FreeDim {
 /// Runtime accepts any size there. A fully convolutional model exported with one fixed input
 /// size (YuNet: 640x640) then runs on the size a frame has.
 ///
-/// Every byte is copied as it is except the `Dimension` entries named in `free` and the length
+/// Every byte is copied as it is except the `Dimension` entries named in `free`, the graph's
+/// `value_info` entries (the shapes an exporter recorded for intermediate values, at the fixed
+/// size: hints that would now be wrong, and that ONNX Runtime infers again), and the length
 /// prefixes that contain them. `None` when `model` does not read as an ONNX model, or when a
 /// named value or dimension is not there: a file other than the one the caller expects is then
-/// not edited half-way.
+/// not edited half-way. Freeing nothing returns the model as it is.
 pub fn free_dims(model: &[u8], free: &[FreeDim]) -> Option<Vec<u8>> {
+    if free.is_empty() {
+        return Some(model.to_vec());
+    }
     let mut done = vec![false; free.len()];
     let out = rewrite(model, |f, graph| {
         (f.number == MODEL_GRAPH && f.wire == LENGTH_DELIMITED).then(|| {
-            rewrite(graph, |g, value| {
+            let graph = without(graph, GRAPH_VALUE_INFO)?;
+            rewrite(&graph, |g, value| {
                 if !matches!(g.number, GRAPH_INPUT | GRAPH_OUTPUT) || g.wire != LENGTH_DELIMITED {
                     return None;
                 }
@@ -196,6 +205,18 @@ pub fn free_dims(model: &[u8], free: &[FreeDim]) -> Option<Vec<u8>> {
         })
     })?;
     done.iter().all(|&d| d).then_some(out)
+}
+
+/// `message` without its length-delimited fields `number`; `None` when it is not a well-formed
+/// message.
+fn without(message: &[u8], number: u32) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(message.len());
+    for f in fields(message)? {
+        if f.number != number || f.wire != LENGTH_DELIMITED {
+            out.extend_from_slice(&message[f.whole]);
+        }
+    }
+    Some(out)
 }
 
 /// `message` with the length-delimited field at `path` (first occurrence at each level)
@@ -502,6 +523,11 @@ mod tests {
             &value_info("image", &[1, 3, 64, 64]),
         );
         field(&mut graph, GRAPH_OUTPUT, &value_info("boxes", &[1, 100, 4]));
+        field(
+            &mut graph,
+            GRAPH_VALUE_INFO,
+            &value_info("hidden", &[1, 8, 32, 32]),
+        );
         let mut m = vec![0x08, 7]; // ir_version
         field(&mut m, MODEL_GRAPH, &graph);
         field(&mut m, 8, b"\x0a\x00\x10\x0b");
@@ -537,6 +563,21 @@ mod tests {
             dims_of(&after, "boxes"),
             vec![Ok(1), Err("anchors".into()), Ok(4)]
         );
+        // The intermediate value's recorded shape is dropped.
+        let recorded = |m: &[u8]| {
+            let graph = fields(m)
+                .unwrap()
+                .into_iter()
+                .find(|f| f.number == MODEL_GRAPH)
+                .map(|f| m[f.value].to_vec())
+                .unwrap();
+            fields(&graph)
+                .unwrap()
+                .into_iter()
+                .filter(|f| f.number == GRAPH_VALUE_INFO)
+                .count()
+        };
+        assert_eq!((recorded(&before), recorded(&after)), (1, 0));
         // The rest is byte for byte: the node, and the opset after the graph.
         assert!(
             after

@@ -135,14 +135,14 @@ pub fn fit_within(img: &RgbImage, max: u32) -> (RgbImage, f32) {
 
 /// `img` padded with zeros on the right and bottom to the next multiple of `multiple` on each
 /// side, as BGR planes in 0..255 (YuNet's input). Returns the planes and their width and height.
-pub fn padded_bgr_nchw(img: &RgbImage, multiple: u32) -> (Vec<f32>, u32, u32) {
-    let (w, h) = img.dimensions();
-    let m = multiple.max(1);
+pub fn padded_bgr_nchw(img: &RgbImage, multiple: u32) -> (Vec<f32>, usize, usize) {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let m = multiple.max(1) as usize;
     let (pw, ph) = (w.div_ceil(m).max(1) * m, h.div_ceil(m).max(1) * m);
-    let plane = (pw * ph) as usize;
+    let plane = pw * ph;
     let mut out = vec![0f32; 3 * plane];
     for (x, y, p) in img.enumerate_pixels() {
-        let i = (y * pw + x) as usize;
+        let i = y as usize * pw + x as usize;
         out[i] = p.0[2] as f32;
         out[plane + i] = p.0[1] as f32;
         out[2 * plane + i] = p.0[0] as f32;

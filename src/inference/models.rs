@@ -82,11 +82,12 @@ pub struct YuNet {
 /// The dimensions of YuNet's graph that [`YuNet::load`] frees.
 const YUNET_FREE: [super::graph::FreeDim; 14] = {
     use super::graph::FreeDim;
-    const fn anchors(value: &'static str) -> FreeDim {
+    // One name per stride: a name stands for one size throughout the graph.
+    const fn anchors(value: &'static str, param: &'static str) -> FreeDim {
         FreeDim {
             value,
             index: 1,
-            param: "anchors",
+            param,
         }
     }
     [
@@ -100,18 +101,18 @@ const YUNET_FREE: [super::graph::FreeDim; 14] = {
             index: 3,
             param: "width",
         },
-        anchors("cls_8"),
-        anchors("cls_16"),
-        anchors("cls_32"),
-        anchors("obj_8"),
-        anchors("obj_16"),
-        anchors("obj_32"),
-        anchors("bbox_8"),
-        anchors("bbox_16"),
-        anchors("bbox_32"),
-        anchors("kps_8"),
-        anchors("kps_16"),
-        anchors("kps_32"),
+        anchors("cls_8", "anchors_8"),
+        anchors("cls_16", "anchors_16"),
+        anchors("cls_32", "anchors_32"),
+        anchors("obj_8", "anchors_8"),
+        anchors("obj_16", "anchors_16"),
+        anchors("obj_32", "anchors_32"),
+        anchors("bbox_8", "anchors_8"),
+        anchors("bbox_16", "anchors_16"),
+        anchors("bbox_32", "anchors_32"),
+        anchors("kps_8", "anchors_8"),
+        anchors("kps_16", "anchors_16"),
+        anchors("kps_32", "anchors_32"),
     ]
 };
 
@@ -152,8 +153,10 @@ impl YuNet {
             ));
         }
         let (input, width, height) = imageops::padded_bgr_nchw(img, Self::STRIDE_MAX);
-        let tensor = Tensor::from_array(([1usize, 3, height as usize, width as usize], input))
+        let tensor = Tensor::from_array(([1usize, 3, height, width], input))
             .map_err(|e| model_err("yunet", e))?;
+        // At most 640 a side (checked above), padded.
+        let (width, height) = (width as u32, height as u32);
         let outputs = self
             .session
             .run(ort::inputs!["input" => tensor])
@@ -173,12 +176,14 @@ impl YuNet {
             let (cls, obj, bbox, kps) = (get("cls")?, get("obj")?, get("bbox")?, get("kps")?);
             let cols = width / stride;
             let cells = (cols * (height / stride)) as usize;
-            if cls.len() < cells
-                || obj.len() < cells
-                || bbox.len() < cells * 4
-                || kps.len() < cells * 10
+            // Exactly the grid: the anchor counts are free in the graph it runs, so nothing else
+            // checks them.
+            if cls.len() != cells
+                || obj.len() != cells
+                || bbox.len() != cells * 4
+                || kps.len() != cells * 10
             {
-                return Err(model_err("yunet", "output shorter than its grid"));
+                return Err(model_err("yunet", "output does not match its grid"));
             }
             let s = stride as f32;
             for i in 0..cells {

