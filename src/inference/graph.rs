@@ -115,12 +115,7 @@ fn edit(model: &[u8]) -> Option<(Vec<u8>, usize)> {
     let mut out = Vec::with_capacity(model.len());
     for f in &fields {
         if f.number == MODEL_GRAPH && f.wire == LENGTH_DELIMITED {
-            put_varint(
-                &mut out,
-                u64::from(MODEL_GRAPH << 3 | u32::from(LENGTH_DELIMITED)),
-            );
-            put_varint(&mut out, new_graph.len() as u64);
-            out.extend_from_slice(&new_graph);
+            put_length_delimited(&mut out, MODEL_GRAPH, &new_graph);
         } else {
             out.extend_from_slice(&model[f.whole.clone()]);
         }
@@ -358,9 +353,17 @@ mod tests {
     use super::*;
 
     fn field(out: &mut Vec<u8>, number: u32, payload: &[u8]) {
-        put_varint(out, u64::from(number << 3 | u32::from(LENGTH_DELIMITED)));
-        put_varint(out, payload.len() as u64);
-        out.extend_from_slice(payload);
+        put_length_delimited(out, number, payload);
+    }
+
+    /// The graph of `model`.
+    fn graph_of(model: &[u8]) -> Vec<u8> {
+        fields(model)
+            .unwrap()
+            .into_iter()
+            .find(|f| f.number == MODEL_GRAPH)
+            .map(|f| model[f.value].to_vec())
+            .unwrap()
     }
 
     fn named(number: u32, name: &str, rest: &[u8]) -> Vec<u8> {
@@ -479,12 +482,7 @@ mod tests {
 
     /// The dimensions of value `value` in `model`: `Ok(size)` or `Err(name)`.
     fn dims_of(model: &[u8], value: &str) -> Vec<Result<u64, String>> {
-        let graph = fields(model)
-            .unwrap()
-            .into_iter()
-            .find(|f| f.number == MODEL_GRAPH)
-            .map(|f| model[f.value].to_vec())
-            .unwrap();
+        let graph = graph_of(model);
         let info = fields(&graph)
             .unwrap()
             .into_iter()
@@ -565,12 +563,7 @@ mod tests {
         );
         // The intermediate value's recorded shape is dropped.
         let recorded = |m: &[u8]| {
-            let graph = fields(m)
-                .unwrap()
-                .into_iter()
-                .find(|f| f.number == MODEL_GRAPH)
-                .map(|f| m[f.value].to_vec())
-                .unwrap();
+            let graph = graph_of(m);
             fields(&graph)
                 .unwrap()
                 .into_iter()
