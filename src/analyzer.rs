@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::inference::{IdentityStack, InferenceError};
+use crate::inference::{BatchFrame, IdentityStack, InferenceError};
 use crate::wire::Analysis;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,6 +54,12 @@ pub trait Analyzer: Send + Sync + 'static {
     /// [`Analyzer::is_blocking`] says so.
     fn analyze(&self, frame: &FrameInput<'_>) -> Result<Analyzed, AnalyzeError>;
 
+    /// Analyse several frames at once, one result per frame in their order. By default each
+    /// alone; the model stack runs its batchable models once on them all.
+    fn analyze_batch(&self, frames: &[FrameInput<'_>]) -> Vec<Result<Analyzed, AnalyzeError>> {
+        frames.iter().map(|f| self.analyze(f)).collect()
+    }
+
     /// True when `analyze` does real CPU work (decode, models) and must leave the runtime.
     fn is_blocking(&self) -> bool {
         true
@@ -76,7 +82,7 @@ pub(crate) fn from_config(cfg: &Config) -> Result<Box<dyn Analyzer>, AnalyzeErro
         })),
         "identity" => {
             let sets = cfg.worker.effective_analysis_threads();
-            let stack = IdentityStack::load(&cfg.inference, sets)
+            let stack = IdentityStack::load_with(&cfg.inference, sets, cfg.worker.batch_max)
                 .map_err(|e| AnalyzeError::Internal(e.to_string()))?;
             Ok(Box::new(Identity { stack }))
         }
@@ -101,17 +107,33 @@ impl Analyzer for Identity {
     }
 
     fn analyze(&self, frame: &FrameInput<'_>) -> Result<Analyzed, AnalyzeError> {
-        match self
-            .stack
-            .analyze_with(frame.jpeg, frame.reference, frame.phone_check, frame.track)
-        {
-            Ok((analysis, stages)) => Ok(Analyzed {
-                analysis: Analysis::Identity(analysis),
-                stages,
-            }),
-            Err(InferenceError::BadImage(e)) => Err(AnalyzeError::BadJpeg(e)),
-            Err(e) => Err(AnalyzeError::Internal(e.to_string())),
-        }
+        self.analyze_batch(std::slice::from_ref(frame))
+            .pop()
+            .expect("one result per frame")
+    }
+
+    fn analyze_batch(&self, frames: &[FrameInput<'_>]) -> Vec<Result<Analyzed, AnalyzeError>> {
+        let batch: Vec<BatchFrame<'_>> = frames
+            .iter()
+            .map(|f| BatchFrame {
+                jpeg: f.jpeg,
+                reference: f.reference,
+                phone_check: f.phone_check,
+                track: f.track,
+            })
+            .collect();
+        self.stack
+            .analyze_batch(&batch)
+            .into_iter()
+            .map(|r| match r {
+                Ok((analysis, stages)) => Ok(Analyzed {
+                    analysis: Analysis::Identity(analysis),
+                    stages,
+                }),
+                Err(InferenceError::BadImage(e)) => Err(AnalyzeError::BadJpeg(e)),
+                Err(e) => Err(AnalyzeError::Internal(e.to_string())),
+            })
+            .collect()
     }
 }
 

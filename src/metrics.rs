@@ -448,6 +448,7 @@ pub struct WorkerMetrics {
     pub inflight: IntGauge,
     pub redelivered: IntCounter,
     pub acks: IntCounter,
+    pub batch_frames: Histogram,
 }
 
 impl WorkerMetrics {
@@ -501,6 +502,12 @@ impl WorkerMetrics {
                 registry,
                 "vigil_worker_frames_redelivered_total",
                 "Frames the broker delivered again (another worker died holding them)",
+            ),
+            batch_frames: histogram(
+                registry,
+                "vigil_worker_batch_frames",
+                "Frames analysed together in one batch (worker.batch_max caps it)",
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
             ),
         }
     }

@@ -125,11 +125,26 @@ pub async fn start_with(
             "analysis threads x intra-op threads exceed the cores; runs will contend"
         );
     }
+    let pool = Arc::new(Semaphore::new(threads));
+    let batches = (cfg.worker.batch_max > 1 && analyzer.is_blocking()).then(|| {
+        // Bounded like the deliveries that feed it: at most `prefetch` frames are unacked.
+        let (tx, rx) = tokio::sync::mpsc::channel(usize::from(cfg.worker.prefetch));
+        tokio::spawn(batcher(
+            rx,
+            analyzer.clone(),
+            pool.clone(),
+            metrics.batch_frames.clone(),
+            cfg.worker.batch_max,
+            Duration::from_millis(cfg.worker.batch_wait_ms),
+        ));
+        tx
+    });
     let ctx = Arc::new(Ctx {
         worker_id: id.clone(),
         replies_exchange: cfg.names().replies_exchange(),
         analyzer,
-        pool: Arc::new(Semaphore::new(threads)),
+        pool,
+        batches,
         metrics,
         seq: AtomicU64::new(0),
         max_pixels: cfg.inference.max_pixels,
@@ -180,6 +195,8 @@ struct Ctx {
     max_jpeg_scans: u32,
     /// Who may publish frames.
     trust: crate::roles::Trust,
+    /// Where frames go to be analysed in batches (`worker.batch_max` above 1).
+    batches: Option<tokio::sync::mpsc::Sender<BatchJob>>,
 }
 
 impl Ctx {
@@ -558,6 +575,25 @@ async fn analyze(
             track: track.as_ref(),
         });
     }
+    if let Some(batches) = &ctx.batches {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let job = BatchJob {
+            client_id: client_id.to_owned(),
+            jpeg,
+            reference,
+            phone_check,
+            track,
+            answer,
+        };
+        // The channel holds as many frames as may be unacked, so this waits only while the
+        // batcher is gone.
+        if batches.send(job).await.is_err() {
+            return Err(AnalyzeError::Internal("the batcher has stopped".into()));
+        }
+        return answered
+            .await
+            .unwrap_or_else(|_| Err(AnalyzeError::Internal("analysis panicked".into())));
+    }
     let _permit = ctx
         .pool
         .clone()
@@ -577,6 +613,64 @@ async fn analyze(
     })
     .await
     .unwrap_or_else(|e| Err(AnalyzeError::Internal(format!("analysis panicked: {e}"))))
+}
+
+/// A frame waiting for a batch, and where its analysis goes.
+struct BatchJob {
+    client_id: String,
+    jpeg: bytes::Bytes,
+    reference: Option<Vec<f32>>,
+    phone_check: bool,
+    track: Option<crate::wire::Track>,
+    answer: tokio::sync::oneshot::Sender<Result<Analyzed, AnalyzeError>>,
+}
+
+/// Take frames in batches: once an analysis thread is free, the frames waiting then, and more
+/// that arrive within `wait` of the first, up to `max`, are analysed together on it. Ends when
+/// every sender is gone.
+async fn batcher(
+    mut jobs: tokio::sync::mpsc::Receiver<BatchJob>,
+    analyzer: Arc<dyn Analyzer>,
+    pool: Arc<Semaphore>,
+    sizes: prometheus::Histogram,
+    max: usize,
+    wait: Duration,
+) {
+    while let Some(first) = jobs.recv().await {
+        let until = tokio::time::Instant::now() + wait;
+        // Frames keep arriving while every thread is busy; they join this batch.
+        let Ok(permit) = pool.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match tokio::time::timeout_at(until, jobs.recv()).await {
+                Ok(Some(job)) => batch.push(job),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        sizes.observe(batch.len() as f64);
+        let analyzer = analyzer.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let frames: Vec<FrameInput<'_>> = batch
+                .iter()
+                .map(|j| FrameInput {
+                    client_id: &j.client_id,
+                    jpeg: &j.jpeg,
+                    reference: j.reference.as_deref(),
+                    phone_check: j.phone_check,
+                    track: j.track.as_ref(),
+                })
+                .collect();
+            let results = analyzer.analyze_batch(&frames);
+            drop(frames);
+            for (job, result) in batch.into_iter().zip(results) {
+                // A handler that went away (shutdown) no longer needs its answer.
+                let _ = job.answer.send(result);
+            }
+        });
+    }
 }
 
 enum Settle {

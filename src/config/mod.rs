@@ -404,6 +404,13 @@ pub struct WorkerConfig {
     /// Time to finish and ack in-flight frames on shutdown, in ms
     /// [VIGIL_WORKER_SHUTDOWN_GRACE_MS].
     pub shutdown_grace_ms: u64,
+    /// Most frames an analysis thread takes at once: the recogniser and fr_liveness then run
+    /// once on all their faces. 1 analyses each frame alone (on CPU, batches gain nothing per
+    /// frame; see the README) [VIGIL_WORKER_BATCH_MAX].
+    pub batch_max: usize,
+    /// How long a batch waits for more frames after its first, in ms
+    /// [VIGIL_WORKER_BATCH_WAIT_MS].
+    pub batch_wait_ms: u64,
 }
 
 impl Default for Config {
@@ -509,6 +516,8 @@ impl Default for WorkerConfig {
             prefetch: 16,
             analysis_threads: 0,
             shutdown_grace_ms: 5_000,
+            batch_max: 1,
+            batch_wait_ms: 3,
         }
     }
 }
@@ -869,6 +878,23 @@ impl Config {
             }
             if w.prefetch == 0 {
                 errors.push("worker.prefetch must be greater than 0".into());
+            }
+            if !(1..=64).contains(&w.batch_max) {
+                errors.push(format!(
+                    "worker.batch_max = {} must be within 1..=64",
+                    w.batch_max
+                ));
+            } else if w.batch_max > usize::from(w.prefetch) {
+                errors.push(format!(
+                    "worker.batch_max = {} is more than worker.prefetch = {}: a batch can hold only the frames the broker hands over",
+                    w.batch_max, w.prefetch
+                ));
+            }
+            if w.batch_wait_ms > 50 {
+                errors.push(format!(
+                    "worker.batch_wait_ms = {} must be within 0..=50",
+                    w.batch_wait_ms
+                ));
             }
             let i = &self.inference;
             if i.intra_threads == 0 {
@@ -1242,6 +1268,38 @@ mod tests {
             all.contains("live_min = 1.5") && all.contains("unknown device `tpu`"),
             "{all}"
         );
+    }
+
+    #[test]
+    fn batches_are_bounded_by_the_prefetch_and_wait_briefly() {
+        let cfg = load(
+            None,
+            &[
+                ("VIGIL_WORKER_BATCH_MAX", "8"),
+                ("VIGIL_WORKER_BATCH_WAIT_MS", "4"),
+            ],
+        )
+        .unwrap();
+        assert_eq!((cfg.worker.batch_max, cfg.worker.batch_wait_ms), (8, 4));
+        assert_eq!(Config::default().worker.batch_max, 1, "one frame at a time");
+        for (vars, error) in [
+            (vec![("VIGIL_WORKER_BATCH_MAX", "0")], "batch_max = 0"),
+            (vec![("VIGIL_WORKER_BATCH_MAX", "65")], "batch_max = 65"),
+            (
+                vec![
+                    ("VIGIL_WORKER_BATCH_MAX", "8"),
+                    ("VIGIL_WORKER_PREFETCH", "4"),
+                ],
+                "more than worker.prefetch",
+            ),
+            (
+                vec![("VIGIL_WORKER_BATCH_WAIT_MS", "51")],
+                "batch_wait_ms = 51",
+            ),
+        ] {
+            let all = load(None, &vars).unwrap_err().join("\n");
+            assert!(all.contains(error), "{vars:?}: {all}");
+        }
     }
 
     #[test]

@@ -742,6 +742,20 @@ pub static VARS: &[Var] = &[
         r#"CPU-bound analysis threads"#
     ),
     var!(
+        "VIGIL_WORKER_BATCH_MAX",
+        [Worker],
+        worker.batch_max,
+        r#"1"#,
+        r#"most frames an analysis thread takes at once (the recogniser and fr_liveness run once on their faces; 1..=64, at most the prefetch)"#
+    ),
+    var!(
+        "VIGIL_WORKER_BATCH_WAIT_MS",
+        [Worker],
+        worker.batch_wait_ms,
+        r#"3"#,
+        r#"how long a batch waits for more frames after its first, in ms (0..=50)"#
+    ),
+    var!(
         "VIGIL_WORKER_SHUTDOWN_GRACE_MS",
         [Worker],
         worker.shutdown_grace_ms,

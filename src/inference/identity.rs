@@ -122,17 +122,73 @@ pub struct Enrollment {
 }
 
 /// One face, measured for judging.
+/// A frame as [`IdentityStack::analyze_batch`] takes it.
+pub struct BatchFrame<'a> {
+    pub jpeg: &'a [u8],
+    /// The client's enrolled reference embedding, when it has one.
+    pub reference: Option<&'a [f32]>,
+    /// Whether the phone detector must run ([`crate::cadence`]).
+    pub phone_check: bool,
+    /// The face track the frame may carry its identity over to.
+    pub track: Option<&'a Track>,
+}
+
+/// A decoded frame and its scaled copy.
+struct Prepared {
+    img: RgbImage,
+    small: RgbImage,
+    scale: f32,
+    stages: Stages,
+}
+
+/// What detection left to do for a frame.
+enum Detected {
+    /// Done: carried over on its track.
+    Carried(Box<(IdentityAnalysis, Stages)>),
+    /// Every model runs.
+    Full(Box<Full>),
+}
+
+/// A frame that every model runs on, between the batched runs.
+struct Full {
+    /// Its place in the batch.
+    at: usize,
+    img: RgbImage,
+    small: RgbImage,
+    scale: f32,
+    faces: Vec<Face>,
+    /// The largest face, the one to verify.
+    main: Option<usize>,
+    main_track: Option<Track>,
+    /// The main face aligned for the recogniser, and its quality.
+    aligned: Option<(RgbImage, FaceQuality)>,
+    /// Seconds spent aligning it.
+    align_s: f64,
+    embedding: Option<Vec<f32>>,
+    p_live: Option<f32>,
+    stages: Stages,
+}
+
 struct Judged {
     quality: FaceQuality,
     embedding: Vec<f32>,
-    /// The aligned face's appearance, for the stream's still test.
-    appearance: Vec<f32>,
 }
 
 impl IdentityStack {
     /// Load `sets` copies of the models from `cfg.models_dir`: the four required ones, and the
     /// presentation-attack model when its file is there.
     pub fn load(cfg: &InferenceConfig, sets: usize) -> Result<Self, InferenceError> {
+        Self::load_with(cfg, sets, 1)
+    }
+
+    /// [`IdentityStack::load`] for [`IdentityStack::analyze_batch`] on up to `batch_max`
+    /// frames: above 1, the recogniser's and fr_liveness's batch axes are freed.
+    pub fn load_with(
+        cfg: &InferenceConfig,
+        sets: usize,
+        batch_max: usize,
+    ) -> Result<Self, InferenceError> {
+        let batch = batch_max > 1;
         let manifest = crate::inference::manifest::Manifest::embedded()
             .map_err(|e| InferenceError::Runtime(e.to_string()))?;
         let lib = runtime::locate(cfg.ort_dylib.as_deref())?;
@@ -174,8 +230,8 @@ impl IdentityStack {
         for _ in 0..sets.max(1) {
             pool.push(ModelSet {
                 yunet: YuNet::load(env, &path("face_detection"), t, d)?,
-                sface: SFace::load(env, &path("face_recognition"), t, d)?,
-                liveness: Liveness::load(env, &path("liveness"), t, d)?,
+                sface: SFace::load(env, &path("face_recognition"), t, d, batch)?,
+                liveness: Liveness::load(env, &path("liveness"), t, d, batch)?,
                 coco: CocoSsd::load(env, &path("phone_detection"), t, d)?,
                 pad: match &pad_model {
                     Some((_, p)) => Some(Pad::load(env, p, t, d)?),
@@ -279,9 +335,9 @@ impl IdentityStack {
     /// With a `track` ([`crate::wire::Frame::track`]), a frame whose only face is on it (box
     /// and landmarks within `track_iou_min` and `track_shift_max`), passes the quality gate and
     /// shows no phone where one was looked for is `ok` without the recogniser and the liveness
-    /// models (listed in `carried`): the identity is carried over from the track's last full analysis, which the
-    /// edge keeps recent. Anything else (no face, a second face, a jump, a poor face, a phone)
-    /// runs every model on the frame, as without a track.
+    /// models (listed in `carried`): the identity is carried over from the track's last full
+    /// analysis, which the edge keeps recent. Anything else (no face, a second face, a jump, a
+    /// poor face, a phone) runs every model on the frame, as without a track.
     pub fn analyze_with(
         &self,
         jpeg: &[u8],
@@ -289,162 +345,333 @@ impl IdentityStack {
         phone_check: bool,
         track: Option<&Track>,
     ) -> Result<(IdentityAnalysis, Stages), InferenceError> {
+        self.analyze_batch(&[BatchFrame {
+            jpeg,
+            reference,
+            phone_check,
+            track,
+        }])
+        .pop()
+        .expect("one result per frame")
+    }
+
+    /// [`IdentityStack::analyze_with`] for several frames (of any clients) at once, one result
+    /// per frame in their order. Each frame is decided exactly as alone; what changes is that
+    /// the recogniser and fr_liveness run once on the faces of every frame that needs them
+    /// (a batch, with a stack loaded for one: [`IdentityStack::load_with`]). A frame's stages
+    /// get an equal share of a batched run's time. A frame that cannot be decoded fails alone;
+    /// a batched run that fails fails the frames in it.
+    pub fn analyze_batch(
+        &self,
+        frames: &[BatchFrame<'_>],
+    ) -> Vec<Result<(IdentityAnalysis, Stages), InferenceError>> {
+        // Decoding holds no model set.
+        let mut prepared: Vec<Result<Prepared, InferenceError>> = frames
+            .iter()
+            .map(|_| Err(InferenceError::Runtime("not analysed".into())))
+            .collect();
+        for (slot, frame) in prepared.iter_mut().zip(frames) {
+            let clock = Instant::now();
+            *slot = self
+                .prepare(frame.jpeg)
+                .map(|(img, small, scale)| Prepared {
+                    img,
+                    small,
+                    scale,
+                    stages: vec![("preprocess", clock.elapsed().as_secs_f64())],
+                });
+        }
+        self.with_set(|set| {
+            let mut out: Vec<Option<Result<(IdentityAnalysis, Stages), InferenceError>>> =
+                frames.iter().map(|_| None).collect();
+            let mut full: Vec<Full> = Vec::new();
+            for (i, (frame, p)) in frames.iter().zip(prepared).enumerate() {
+                match p.and_then(|p| self.detect(set, frame, p)) {
+                    Ok(Detected::Carried(done)) => out[i] = Some(Ok(*done)),
+                    Ok(Detected::Full(f)) => full.push(Full { at: i, ..*f }),
+                    Err(e) => out[i] = Some(Err(e)),
+                }
+            }
+            if let Err(e) = self.judge_batch(set, &mut full) {
+                for f in full.drain(..) {
+                    out[f.at] = Some(Err(e.clone()));
+                }
+            }
+            for f in full {
+                let (at, reference) = (f.at, frames[f.at].reference);
+                out[at] = Some(self.finish(set, f, reference, frames[at].phone_check));
+            }
+            out.into_iter()
+                .map(|r| r.expect("every frame has a result"))
+                .collect()
+        })
+    }
+
+    /// A decoded frame's faces; a frame on its track, with one face of good quality and no
+    /// phone where one was looked for, is done here (every model but the recogniser and the
+    /// liveness models, which it carries over).
+    fn detect(
+        &self,
+        set: &mut ModelSet,
+        frame: &BatchFrame<'_>,
+        p: Prepared,
+    ) -> Result<Detected, InferenceError> {
         let t = &self.thresholds;
-        let mut stages = Stages::new();
+        let Prepared {
+            img,
+            small,
+            scale,
+            mut stages,
+        } = p;
         let mut clock = Instant::now();
         let mut lap = |name: &'static str, stages: &mut Stages| {
             stages.push((name, clock.elapsed().as_secs_f64()));
             clock = Instant::now();
         };
-        let (img, small, scale) = self.prepare(jpeg)?;
-        lap("preprocess", &mut stages);
-        self.with_set(|set| {
-            // Detection runs on the scaled copy; liveness and alignment on the original pixels,
-            // as the models were made for.
-            let faces = self.faces(set, &small, scale)?;
-            lap("yunet", &mut stages);
-            // The largest face is the one to verify.
-            let main = faces
-                .iter()
-                .max_by(|a, b| (a.w * a.h).total_cmp(&(b.w * b.h)));
-            let main_track = main.map(track_of);
-            // Only an enrolled client has an identity to carry over.
-            if let (Some(track), Some(face), 1, Some(_)) = (track, main, faces.len(), reference)
-                && on_track(face, track, t)
-            {
-                let (aligned, m) = SFace::align(&img, face)?;
-                let mut q = quality::measure(&aligned, face, &m);
-                q.failed = quality::failure(&q, t).map(str::to_owned);
-                lap("align", &mut stages);
-                let phone = if phone_check {
-                    let found = set.coco.phones(&small, t.phone_score, t.phone_nms_iou)?;
-                    lap("cocossd", &mut stages);
-                    found.first().map(|p| p.score)
-                } else {
-                    None
-                };
-                if q.failed.is_none() && phone.is_none() {
-                    let skipped = if phone_check {
-                        Vec::new()
-                    } else {
-                        vec![self.phone_model.clone()]
-                    };
-                    return Ok((
-                        IdentityAnalysis {
-                            verdict: Verdict::Ok,
-                            faces: vec![face_box(face)],
-                            identity: None,
-                            liveness: None,
-                            phone: None,
-                            models: self.models.clone(),
-                            skipped,
-                            carried: self.carried_models.clone(),
-                            thresholds: self.thresholds_used(),
-                            quality: Some(q),
-                            appearance: Some(
-                                crate::wire::pack_appearance(&imageops::appearance(&aligned))
-                                    .into(),
-                            ),
-                            track: main_track,
-                        },
-                        stages,
-                    ));
-                }
-                // A poor face or a phone: the frame may become evidence, so every model runs.
-            }
-            let judged = match main {
-                Some(face) => Some(self.judge(set, &img, face)?),
-                None => None,
-            };
-            lap("sface", &mut stages);
-            let liveness = match main {
-                Some(face) => {
-                    let p_live = set.liveness.p_live(&img, face)?;
-                    lap("fr_liveness", &mut stages);
-                    // P(real) from the PAD model: reported for the edge's suspicion, never
-                    // read by `verdict` below.
-                    let pad = match set.pad.as_mut() {
-                        Some(model) => {
-                            let p = model.p_real(&img, face)?;
-                            lap("minifasnet", &mut stages);
-                            Some(p)
-                        }
-                        None => None,
-                    };
-                    Some(LivenessScore {
-                        p_live,
-                        pad,
-                        live: p_live >= t.live_min,
-                        temporal: None,
-                    })
-                }
-                None => None,
-            };
-            let identity = match (&judged, reference) {
-                (Some(j), Some(reference)) => {
-                    let similarity = cosine(&j.embedding, reference);
-                    Some(IdentityScore {
-                        similarity,
-                        matched: similarity >= t.match_cosine,
-                    })
-                }
-                _ => None,
-            };
-            let unscale = 1.0 / scale;
-            let mut phones = |set: &mut ModelSet, stages: &mut Stages| {
+        // Detection runs on the scaled copy; liveness and alignment on the original pixels, as
+        // the models were made for.
+        let faces = self.faces(set, &small, scale)?;
+        lap("yunet", &mut stages);
+        // The largest face is the one to verify.
+        let main = faces
+            .iter()
+            .enumerate()
+            .max_by(|(_, a), (_, b)| (a.w * a.h).total_cmp(&(b.w * b.h)))
+            .map(|(i, _)| i);
+        let main_track = main.map(|i| track_of(&faces[i]));
+        // Only an enrolled client has an identity to carry over.
+        if let (Some(track), Some(m), 1, Some(_)) =
+            (frame.track, main, faces.len(), frame.reference)
+            && on_track(&faces[m], track, t)
+        {
+            let face = &faces[m];
+            let (aligned, sim) = SFace::align(&img, face)?;
+            let mut q = quality::measure(&aligned, face, &sim);
+            q.failed = quality::failure(&q, t).map(str::to_owned);
+            lap("align", &mut stages);
+            let phone = if frame.phone_check {
                 let found = set.coco.phones(&small, t.phone_score, t.phone_nms_iou)?;
-                lap("cocossd", stages);
-                Ok::<_, InferenceError>(found.first().map(|p| PhoneBox {
-                    score: p.score,
-                    x: p.x * unscale,
-                    y: p.y * unscale,
-                    w: p.w * unscale,
-                    h: p.h * unscale,
-                }))
-            };
-            let quality = judged.as_ref().map(|j| j.quality.clone());
-            // The appearance leaves the worker, never the embedding (a template).
-            let appearance = judged
-                .as_ref()
-                .map(|j| crate::wire::pack_appearance(&j.appearance).into());
-            let judge = |phone: Option<&PhoneBox>| {
-                verdict(faces.len(), quality.as_ref(), identity.as_ref(), phone, t)
-            };
-            let mut phone = None;
-            let mut verdict = Verdict::Ok;
-            let mut phone_ran = false;
-            if !phone_check {
-                verdict = judge(None);
-            }
-            if phone_check || verdict != Verdict::Ok {
-                phone = phones(set, &mut stages)?;
-                verdict = judge(phone.as_ref());
-                phone_ran = true;
-            }
-            let skipped = if phone_ran {
-                Vec::new()
+                lap("cocossd", &mut stages);
+                found.first().map(|p| p.score)
             } else {
-                vec![self.phone_model.clone()]
+                None
             };
-            let faces = faces.iter().map(face_box).collect();
-            Ok((
-                IdentityAnalysis {
-                    verdict,
-                    faces,
-                    identity,
-                    liveness,
-                    phone,
-                    models: self.models.clone(),
-                    skipped,
-                    carried: Vec::new(),
-                    thresholds: self.thresholds_used(),
-                    quality,
-                    appearance,
-                    track: main_track,
-                },
-                stages,
-            ))
-        })
+            if q.failed.is_none() && phone.is_none() {
+                let skipped = if frame.phone_check {
+                    Vec::new()
+                } else {
+                    vec![self.phone_model.clone()]
+                };
+                return Ok(Detected::Carried(Box::new((
+                    IdentityAnalysis {
+                        verdict: Verdict::Ok,
+                        faces: vec![face_box(face)],
+                        identity: None,
+                        liveness: None,
+                        phone: None,
+                        models: self.models.clone(),
+                        skipped,
+                        carried: self.carried_models.clone(),
+                        thresholds: self.thresholds_used(),
+                        quality: Some(q),
+                        appearance: Some(
+                            crate::wire::pack_appearance(&imageops::appearance(&aligned)).into(),
+                        ),
+                        track: main_track,
+                    },
+                    stages,
+                ))));
+            }
+            // A poor face or a phone: the frame may become evidence, so every model runs.
+        }
+        // The main face aligned, its quality measured; the recogniser runs in the batch.
+        let aligned = match main {
+            Some(m) => {
+                let face = &faces[m];
+                let (aligned, sim) = SFace::align(&img, face)?;
+                let mut q = quality::measure(&aligned, face, &sim);
+                q.failed = quality::failure(&q, t).map(str::to_owned);
+                Some((aligned, q))
+            }
+            None => None,
+        };
+        let align_s = clock.elapsed().as_secs_f64();
+        Ok(Detected::Full(Box::new(Full {
+            at: 0,
+            img,
+            small,
+            scale,
+            faces,
+            main,
+            main_track,
+            aligned,
+            align_s,
+            embedding: None,
+            p_live: None,
+            stages,
+        })))
+    }
+
+    /// The recogniser and fr_liveness, each once on the main faces of `full`; each frame's
+    /// `sface` and `fr_liveness` stages get its share of the run.
+    fn judge_batch(&self, set: &mut ModelSet, full: &mut [Full]) -> Result<(), InferenceError> {
+        let with_face: Vec<usize> = (0..full.len())
+            .filter(|&i| full[i].aligned.is_some())
+            .collect();
+        let share = |started: Instant| started.elapsed().as_secs_f64() / with_face.len() as f64;
+        let clock = Instant::now();
+        let aligned: Vec<RgbImage> = with_face
+            .iter()
+            .map(|&i| full[i].aligned.as_ref().expect("filtered").0.clone())
+            .collect();
+        let embeddings = set.sface.embed_batch(&aligned)?;
+        let sface_s = if with_face.is_empty() {
+            0.0
+        } else {
+            share(clock)
+        };
+        let clock = Instant::now();
+        let faces: Vec<(&RgbImage, &Face)> = with_face
+            .iter()
+            .map(|&i| {
+                let f = &full[i];
+                (&f.img, &f.faces[f.main.expect("a main face")])
+            })
+            .collect();
+        let p_live = set.liveness.p_live_batch(&faces)?;
+        let live_s = if with_face.is_empty() {
+            0.0
+        } else {
+            share(clock)
+        };
+        for f in full.iter_mut() {
+            f.stages.push(("sface", f.align_s));
+        }
+        for ((i, embedding), p) in with_face.into_iter().zip(embeddings).zip(p_live) {
+            let f = &mut full[i];
+            f.stages.last_mut().expect("sface").1 += sface_s;
+            f.stages.push(("fr_liveness", live_s));
+            f.embedding = Some(embedding);
+            f.p_live = Some(p);
+        }
+        Ok(())
+    }
+
+    /// A fully analysed frame's verdict: the PAD model and, when due or when the verdict is
+    /// not `ok` without it, the phone detector.
+    fn finish(
+        &self,
+        set: &mut ModelSet,
+        f: Full,
+        reference: Option<&[f32]>,
+        phone_check: bool,
+    ) -> Result<(IdentityAnalysis, Stages), InferenceError> {
+        let t = &self.thresholds;
+        let Full {
+            img,
+            small,
+            scale,
+            faces,
+            main,
+            main_track,
+            aligned,
+            embedding,
+            p_live,
+            mut stages,
+            ..
+        } = f;
+        let mut clock = Instant::now();
+        let mut lap = |name: &'static str, stages: &mut Stages| {
+            stages.push((name, clock.elapsed().as_secs_f64()));
+            clock = Instant::now();
+        };
+        let liveness = match (main, p_live) {
+            (Some(m), Some(p_live)) => {
+                // P(real) from the PAD model: reported for the edge's suspicion, never read by
+                // `verdict` below.
+                let pad = match set.pad.as_mut() {
+                    Some(model) => {
+                        let p = model.p_real(&img, &faces[m])?;
+                        lap("minifasnet", &mut stages);
+                        Some(p)
+                    }
+                    None => None,
+                };
+                Some(LivenessScore {
+                    p_live,
+                    pad,
+                    live: p_live >= t.live_min,
+                    temporal: None,
+                })
+            }
+            _ => None,
+        };
+        let identity = match (&embedding, reference) {
+            (Some(e), Some(reference)) => {
+                let similarity = cosine(e, reference);
+                Some(IdentityScore {
+                    similarity,
+                    matched: similarity >= t.match_cosine,
+                })
+            }
+            _ => None,
+        };
+        let unscale = 1.0 / scale;
+        let mut phones = |set: &mut ModelSet, stages: &mut Stages| {
+            let found = set.coco.phones(&small, t.phone_score, t.phone_nms_iou)?;
+            lap("cocossd", stages);
+            Ok::<_, InferenceError>(found.first().map(|p| PhoneBox {
+                score: p.score,
+                x: p.x * unscale,
+                y: p.y * unscale,
+                w: p.w * unscale,
+                h: p.h * unscale,
+            }))
+        };
+        let (quality, appearance) = match &aligned {
+            // The appearance leaves the worker, never the embedding (a template).
+            Some((face, q)) => (
+                Some(q.clone()),
+                Some(crate::wire::pack_appearance(&imageops::appearance(face)).into()),
+            ),
+            None => (None, None),
+        };
+        let judge = |phone: Option<&PhoneBox>| {
+            verdict(faces.len(), quality.as_ref(), identity.as_ref(), phone, t)
+        };
+        let mut phone = None;
+        let mut verdict = Verdict::Ok;
+        let mut phone_ran = false;
+        if !phone_check {
+            verdict = judge(None);
+        }
+        if phone_check || verdict != Verdict::Ok {
+            phone = phones(set, &mut stages)?;
+            verdict = judge(phone.as_ref());
+            phone_ran = true;
+        }
+        let skipped = if phone_ran {
+            Vec::new()
+        } else {
+            vec![self.phone_model.clone()]
+        };
+        Ok((
+            IdentityAnalysis {
+                verdict,
+                faces: faces.iter().map(face_box).collect(),
+                identity,
+                liveness,
+                phone,
+                models: self.models.clone(),
+                skipped,
+                carried: Vec::new(),
+                thresholds: self.thresholds_used(),
+                quality,
+                appearance,
+                track: main_track,
+            },
+            stages,
+        ))
     }
 
     /// The thresholds a verdict is decided with, as results report them.
@@ -476,7 +703,6 @@ impl IdentityStack {
         Ok(Judged {
             quality: q,
             embedding: set.sface.embed_aligned(&aligned)?,
-            appearance: imageops::appearance(&aligned),
         })
     }
 

@@ -18,7 +18,7 @@ use image::codecs::jpeg::JpegEncoder;
 use image::{ImageBuffer, Rgb};
 use ort::value::Tensor;
 
-pub use identity::{EnrollError, Enrollment, IdentityStack};
+pub use identity::{BatchFrame, EnrollError, Enrollment, IdentityStack};
 pub use runtime::Device;
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -229,17 +229,49 @@ const SFACE_TEMPLATE: [(f32, f32); 5] = [
     (70.7299, 92.2041),
 ];
 
+/// The batch axis of SFace's input and output, freed for batches of faces.
+const SFACE_BATCH: [super::graph::FreeDim; 2] = [
+    super::graph::FreeDim {
+        value: "data",
+        index: 0,
+        param: "batch",
+    },
+    super::graph::FreeDim {
+        value: "fc1",
+        index: 0,
+        param: "batch",
+    },
+];
+
+/// The batch axis of fr_liveness's input and output, freed for batches of faces.
+const LIVENESS_BATCH: [super::graph::FreeDim; 2] = [
+    super::graph::FreeDim {
+        value: "input",
+        index: 0,
+        param: "batch",
+    },
+    super::graph::FreeDim {
+        value: "output",
+        index: 0,
+        param: "batch",
+    },
+];
+
 impl SFace {
     pub const DIM: usize = 128;
 
+    /// With `batch`, the graph's batch axis is freed so that [`SFace::embed_batch`] takes
+    /// more than one face per run; without it, the file's fixed batch of 1.
     pub fn load(
         env: &Environment,
         path: &Path,
         threads: usize,
         device: Device,
+        batch: bool,
     ) -> Result<Self, InferenceError> {
+        let free: &[super::graph::FreeDim] = if batch { &SFACE_BATCH } else { &[] };
         Ok(Self {
-            session: runtime::session(env, path, threads, device)?,
+            session: runtime::session_with(env, path, threads, device, free)?,
         })
     }
 
@@ -263,7 +295,21 @@ impl SFace {
 
     /// The L2-normalised embedding of a face already aligned by [`SFace::align`].
     pub fn embed_aligned(&mut self, aligned: &RgbImage) -> Result<Vec<f32>, InferenceError> {
-        let tensor = Tensor::from_array(([1usize, 3, 112, 112], imageops::rgb_nchw(aligned)))
+        let mut one = self.embed_batch(std::slice::from_ref(aligned))?;
+        Ok(one.pop().expect("one embedding per face"))
+    }
+
+    /// The L2-normalised embeddings of faces aligned by [`SFace::align`], in one run: more
+    /// than one needs a session loaded with `batch`.
+    pub fn embed_batch(&mut self, aligned: &[RgbImage]) -> Result<Vec<Vec<f32>>, InferenceError> {
+        if aligned.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut input = Vec::with_capacity(aligned.len() * 3 * 112 * 112);
+        for face in aligned {
+            input.extend(imageops::rgb_nchw(face));
+        }
+        let tensor = Tensor::from_array(([aligned.len(), 3, 112, 112], input))
             .map_err(|e| model_err("sface", e))?;
         let outputs = self
             .session
@@ -272,23 +318,29 @@ impl SFace {
         let (_, data) = outputs[0]
             .try_extract_tensor::<f32>()
             .map_err(|e| model_err("sface", e))?;
-        if data.len() != Self::DIM {
+        if data.len() != Self::DIM * aligned.len() {
             return Err(model_err(
                 "sface",
                 format!(
-                    "embedding has {} values, expected {}",
+                    "{} values for {} faces, expected {} each",
                     data.len(),
+                    aligned.len(),
                     Self::DIM
                 ),
             ));
         }
-        let norm = data
-            .iter()
-            .map(|v| v * v)
-            .sum::<f32>()
-            .sqrt()
-            .max(f32::EPSILON);
-        Ok(data.iter().map(|v| v / norm).collect())
+        Ok(data
+            .chunks_exact(Self::DIM)
+            .map(|row| {
+                let norm = row
+                    .iter()
+                    .map(|v| v * v)
+                    .sum::<f32>()
+                    .sqrt()
+                    .max(f32::EPSILON);
+                row.iter().map(|v| v / norm).collect()
+            })
+            .collect())
     }
 }
 
@@ -307,14 +359,18 @@ impl Liveness {
     /// How far the vendor's crop reaches around the face box.
     pub const CROP_SCALE: f32 = 2.7;
 
+    /// With `batch`, the graph's batch axis is freed so that [`Liveness::p_live_batch`] takes
+    /// more than one face per run.
     pub fn load(
         env: &Environment,
         path: &Path,
         threads: usize,
         device: Device,
+        batch: bool,
     ) -> Result<Self, InferenceError> {
+        let free: &[super::graph::FreeDim] = if batch { &LIVENESS_BATCH } else { &[] };
         Ok(Self {
-            session: runtime::session(env, path, threads, device)?,
+            session: runtime::session_with(env, path, threads, device, free)?,
         })
     }
 
@@ -356,10 +412,33 @@ impl Liveness {
 
     /// P(live) for `face`.
     pub fn p_live(&mut self, img: &RgbImage, face: &Face) -> Result<f32, InferenceError> {
-        let (x, y, w, h) = Self::crop(img, face);
-        let crop = imageops::crop_resize(img, x, y, w, h, Self::INPUT);
+        let mut one = self.p_live_batch(&[(img, face)])?;
+        Ok(one.pop().expect("one score per face"))
+    }
+
+    /// P(live) for each face in its image, in one run: more than one needs a session loaded
+    /// with `batch`.
+    pub fn p_live_batch(
+        &mut self,
+        faces: &[(&RgbImage, &Face)],
+    ) -> Result<Vec<f32>, InferenceError> {
+        if faces.is_empty() {
+            return Ok(Vec::new());
+        }
         let n = Self::INPUT as usize;
-        let tensor = Tensor::from_array(([1usize, 3, n, n], imageops::rgb_nchw(&crop)))
+        let mut input = Vec::with_capacity(faces.len() * 3 * n * n);
+        for (img, face) in faces {
+            let (x, y, w, h) = Self::crop(img, face);
+            input.extend(imageops::rgb_nchw(&imageops::crop_resize(
+                img,
+                x,
+                y,
+                w,
+                h,
+                Self::INPUT,
+            )));
+        }
+        let tensor = Tensor::from_array(([faces.len(), 3, n, n], input))
             .map_err(|e| model_err("fr_liveness", e))?;
         let outputs = self
             .session
@@ -368,12 +447,20 @@ impl Liveness {
         let (_, logits) = outputs[0]
             .try_extract_tensor::<f32>()
             .map_err(|e| model_err("fr_liveness", e))?;
-        if logits.len() < 2 {
-            return Err(model_err("fr_liveness", "expected class logits"));
+        if logits.len() < 2 * faces.len() || logits.len() % faces.len() != 0 {
+            return Err(model_err(
+                "fr_liveness",
+                format!("{} logits for {} faces", logits.len(), faces.len()),
+            ));
         }
-        let max = logits.iter().copied().fold(f32::MIN, f32::max);
-        let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-        Ok(exp[0] / exp.iter().sum::<f32>())
+        Ok(logits
+            .chunks_exact(logits.len() / faces.len())
+            .map(|row| {
+                let max = row.iter().copied().fold(f32::MIN, f32::max);
+                let exp: Vec<f32> = row.iter().map(|l| (l - max).exp()).collect();
+                exp[0] / exp.iter().sum::<f32>()
+            })
+            .collect())
     }
 }
 

@@ -91,6 +91,10 @@ pub struct SideReport {
     pub swap_caught_s: Vec<Option<f64>>,
     /// Sessions that ended before their round did (a sign-out that ends it, a lost socket).
     pub ended_early: u64,
+    /// `VIGIL_WORKER_BATCH_MAX`.
+    pub batch_max: usize,
+    /// Frames per batch the workers analysed, when they batched (`batch_max` above 1).
+    pub frames_per_batch: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -147,6 +151,13 @@ impl CostReport {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+            if let Some(n) = s.frames_per_batch {
+                let _ = writeln!(
+                    out,
+                    "         batches of up to {}: {n:.2} frames per batch",
+                    s.batch_max
+                );
+            }
         }
         let _ = writeln!(
             out,
@@ -211,6 +222,8 @@ struct Sample {
     hist: Histogram<u64>,
     /// Seconds and count of each inference stage.
     stages: BTreeMap<String, (f64, u64)>,
+    /// Frames and batches the workers analysed ([`crate::config::WorkerConfig::batch_max`]).
+    batches: (f64, u64),
     swap: Option<f64>,
     ended_early: u64,
 }
@@ -323,7 +336,10 @@ fn pool(side: Side, every: u32, recheck_ms: u64, samples: &[Sample], b: &CostBen
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
     let (mut frames, mut dropped, mut seconds, mut cpu, mut ended) = (0, 0, 0.0, 0.0, 0);
     let mut stages: BTreeMap<String, (f64, u64)> = BTreeMap::new();
+    let (mut batched, mut batches) = (0.0, 0);
     for s in samples {
+        batched += s.batches.0;
+        batches += s.batches.1;
         let _ = hist.add(&s.hist);
         frames += s.frames;
         dropped += s.dropped;
@@ -359,6 +375,8 @@ fn pool(side: Side, every: u32, recheck_ms: u64, samples: &[Sample], b: &CostBen
         p99_ms: hist.value_at_quantile(0.99) as f64 / 1e3,
         swap_caught_s: samples.iter().map(|s| s.swap).collect(),
         ended_early: ended,
+        batch_max: b.base.worker.batch_max,
+        frames_per_batch: (batches > 0).then(|| batched / batches as f64),
     }
 }
 
@@ -565,6 +583,7 @@ async fn measure(
     }
     tokio::time::sleep(b.warmup).await;
     let stages_before = stage_totals(registries);
+    let batches_before = batch_totals(registries);
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
     let cpu_start = crate::tools::bench::proc_cpu_seconds("self").unwrap_or(0.0);
@@ -575,6 +594,7 @@ async fn measure(
     let cpu = crate::tools::bench::proc_cpu_seconds("self").unwrap_or(0.0) - cpu_start;
     let seconds = started.elapsed().as_secs_f64();
     let stages_after = stage_totals(registries);
+    let batches_after = batch_totals(registries);
     swap.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(SWAP_WAIT, swap_caught.notified()).await;
     stop.cancel();
@@ -606,9 +626,29 @@ async fn measure(
         cpu,
         hist,
         stages,
+        batches: (
+            batches_after.0 - batches_before.0,
+            batches_after.1 - batches_before.1,
+        ),
         swap: caught,
         ended_early,
     })
+}
+
+/// Frames analysed in batches and the batches' count, over the workers' registries.
+fn batch_totals(registries: &[Registry]) -> (f64, u64) {
+    let mut out = (0.0, 0);
+    for r in registries {
+        for family in r.gather() {
+            if family.name() == "vigil_worker_batch_frames" {
+                for m in family.get_metric() {
+                    out.0 += m.get_histogram().get_sample_sum();
+                    out.1 += m.get_histogram().get_sample_count();
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Seconds and count of each inference stage, over the workers' registries.
@@ -671,6 +711,7 @@ mod tests {
                 ("yunet".to_owned(), (1.5, 100)),
                 ("sface".to_owned(), (4.5, 100)),
             ]),
+            batches: (100.0, 40),
             swap: Some(1.5),
             ended_early: 0,
         };
@@ -692,6 +733,7 @@ mod tests {
         assert!((s.inference_ms_per_frame - 60.0).abs() < 1e-9);
         assert!((s.stages_ms_per_frame["sface"] - 45.0).abs() < 1e-9);
         assert_eq!(s.swap_caught_s, vec![Some(1.5)]);
+        assert_eq!(s.frames_per_batch, Some(2.5));
         // A report whose sides dropped frames says so.
         let mut dropped = s.clone();
         dropped.dropped = 3;
@@ -707,5 +749,6 @@ mod tests {
         let text = report.render();
         assert!(text.contains("could not keep up"), "{text}");
         assert!(text.contains("both sides are the full stack"), "{text}");
+        assert!(text.contains("2.50 frames per batch"), "{text}");
     }
 }

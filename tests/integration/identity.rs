@@ -10,7 +10,7 @@ use std::time::Duration;
 use image::imageops::FilterType;
 use vigil::config::InferenceConfig;
 use vigil::edge::client::{Connection, Incoming};
-use vigil::inference::{EnrollError, IdentityStack};
+use vigil::inference::{BatchFrame, EnrollError, IdentityStack};
 use vigil::wire::client::{Encoding, ServerMsg};
 use vigil::wire::{Analysis, IdentityAnalysis, Verdict};
 
@@ -595,6 +595,106 @@ fn a_frame_on_the_clients_track_carries_its_identity_and_anything_else_runs_ever
         phone.carried.is_empty() && phone.identity.is_some(),
         "{phone:?}"
     );
+}
+
+/// A batch of frames of several clients, analysed together by a stack whose recogniser and
+/// fr_liveness take batches (`worker.batch_max`), gives each frame what it gets alone: matches,
+/// a stranger, a carried frame, a frame without a face, two faces, a phone, and a frame that is
+/// not a JPEG (which fails alone).
+#[test]
+fn a_batch_of_frames_gets_what_each_frame_gets_alone() {
+    let batched = IdentityStack::load_with(&inference_config(), 1, 8).unwrap();
+    let s = stack();
+    let jpegs: Vec<Vec<u8>> = vec![
+        photo(SAME_PERSON[0].1),
+        photo(DIFFERENT_PEOPLE[1]),
+        photo(DIFFERENT_PEOPLE[0]),
+        below_the_face("Female_43_6.jpg"),
+        side_by_side("Male_41_6_1.jpg", "Female_43_6.jpg"),
+        photo(PHONE_SELFIE),
+        b"not a jpeg".to_vec(),
+        photo(SAME_PERSON[1].1),
+    ];
+    let reference = s.enroll(&photo(SAME_PERSON[0].0)).unwrap();
+    let own = s.enroll(&photo(DIFFERENT_PEOPLE[0])).unwrap();
+    let (first, _) = s.analyze_with(&jpegs[2], Some(&own), true, None).unwrap();
+    let track = first.track.clone().expect("a face to follow");
+    let other = s.enroll(&photo(SAME_PERSON[1].0)).unwrap();
+    let frames: Vec<BatchFrame<'_>> = jpegs
+        .iter()
+        .enumerate()
+        .map(|(i, jpeg)| BatchFrame {
+            jpeg,
+            reference: Some(match i {
+                2 => &own[..],
+                7 => &other[..],
+                _ => &reference[..],
+            }),
+            // Every other frame off the phone cadence.
+            phone_check: i % 2 == 0,
+            track: (i == 2).then_some(&track),
+        })
+        .collect();
+    let together = batched.analyze_batch(&frames);
+    assert_eq!(together.len(), frames.len());
+    let close = |a: Option<f32>, b: Option<f32>| match (a, b) {
+        (Some(a), Some(b)) => (a - b).abs() < 1e-4,
+        (a, b) => a.is_none() && b.is_none(),
+    };
+    let (mut full_in_batch, mut carried_in_batch, mut seen) = (0, false, Vec::new());
+    for (i, (f, got)) in frames.iter().zip(together).enumerate() {
+        let alone = s.analyze_with(f.jpeg, f.reference, f.phone_check, f.track);
+        let (got, alone) = match (got, alone) {
+            (Err(a), Err(b)) => {
+                assert_eq!(a.to_string(), b.to_string());
+                assert_eq!(i, 6, "only the frame that is not a JPEG fails");
+                continue;
+            }
+            (Ok((got, stages)), Ok((alone, _))) => {
+                if got.carried.is_empty() && !got.faces.is_empty() {
+                    full_in_batch += 1;
+                    assert!(stages.iter().any(|(n, _)| *n == "sface"), "{stages:?}");
+                }
+                (got, alone)
+            }
+            (got, alone) => panic!("frame {i}: {got:?} batched, {alone:?} alone"),
+        };
+        assert_eq!(got.verdict, alone.verdict, "frame {i}");
+        seen.push(got.verdict);
+        carried_in_batch |= !got.carried.is_empty();
+        assert_eq!(got.faces.len(), alone.faces.len(), "frame {i}");
+        assert_eq!(got.carried, alone.carried, "frame {i}");
+        assert_eq!(got.skipped, alone.skipped, "frame {i}");
+        assert_eq!(got.appearance, alone.appearance, "frame {i}");
+        assert!(
+            close(
+                got.identity.as_ref().map(|x| x.similarity),
+                alone.identity.as_ref().map(|x| x.similarity)
+            ),
+            "frame {i}: {:?} against {:?}",
+            got.identity,
+            alone.identity
+        );
+        assert!(
+            close(
+                got.liveness.as_ref().map(|x| x.p_live),
+                alone.liveness.as_ref().map(|x| x.p_live)
+            ),
+            "frame {i}: {:?} against {:?}",
+            got.liveness,
+            alone.liveness
+        );
+        assert!(close(
+            got.liveness.as_ref().and_then(|x| x.pad),
+            alone.liveness.as_ref().and_then(|x| x.pad)
+        ));
+    }
+    // The frames exercise each path.
+    assert!(full_in_batch >= 5, "{full_in_batch} fully analysed");
+    for v in [Verdict::Ok, Verdict::NoFace, Verdict::MultipleFaces] {
+        assert!(seen.contains(&v), "no {v:?} among {seen:?}");
+    }
+    assert!(carried_in_batch, "frame 2 is on its track");
 }
 
 /// YuNet is exported at 640x640; the worker frees its input's size (`inference::graph`) and

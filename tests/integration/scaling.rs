@@ -119,3 +119,52 @@ async fn a_worker_stopped_with_sigterm_loses_nothing() {
     assert!(crate::support::exit_status(&mut staying).success());
     env.teardown().await;
 }
+
+/// A worker that takes frames in batches (`worker.batch_max`) answers every frame exactly once,
+/// and does batch them when frames wait for its one analysis thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batching_worker_answers_every_frame_once() {
+    let mut env = TestEnv::new("batch");
+    env.cfg.worker.analyzer = "delay".into();
+    env.cfg.worker.delay_ms = 10;
+    env.cfg.worker.analysis_threads = 1;
+    env.cfg.worker.prefetch = 8;
+    env.cfg.worker.batch_max = 4;
+    env.cfg.worker.batch_wait_ms = 5;
+    env.cfg.edge.max_inflight = 4;
+    env.start_worker("w1").await;
+    let url = env.start_edge("e1").await;
+    for i in 0..4 {
+        env.add_client(&format!("b{i}"));
+    }
+    let report = closed_loop(&url, "b", 4, 4, Duration::from_secs(3)).await;
+    assert!(report.missing.is_empty(), "lost: {:?}", report.missing);
+    assert!(
+        report.duplicates.is_empty(),
+        "duplicated: {:?}",
+        report.duplicates
+    );
+    assert!(report.dropped.is_empty(), "dropped: {:?}", report.dropped);
+    assert_eq!(report.results, report.sent);
+    let family = env.worker_registries[0]
+        .gather()
+        .into_iter()
+        .find(|f| f.name() == "vigil_worker_batch_frames")
+        .expect("the batch sizes are exported");
+    let h = family.get_metric()[0].get_histogram();
+    let (frames, batches) = (h.get_sample_sum(), h.get_sample_count());
+    assert_eq!(
+        frames as u64, report.results,
+        "every frame went through a batch"
+    );
+    assert!(
+        frames > batches as f64,
+        "{frames} frames in {batches} batches: none held more than one"
+    );
+    println!(
+        "batching: {} frames in {batches} batches ({:.2} per batch)",
+        frames,
+        frames / batches as f64
+    );
+    env.teardown().await;
+}
