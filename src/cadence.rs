@@ -4,9 +4,11 @@
 //! frame's inference. So a steady candidate's frames run it on a cadence of their own
 //! (`VIGIL_EDGE_PHONE_EVERY`: about every Nth frame), and on every frame for a while after a
 //! hint. The rules:
-//! - **A check is owed until it is answered.** A frame published as a check that comes back
-//!   without the detector having run (dropped, expired, refused as a bad image) leaves the
-//!   check owed: every next frame is one, until a checked result comes back.
+//! - **A lost check is made up at once.** A frame published as a check that is dropped
+//!   (expired, superseded, refused) or comes back without the detector having run (a bad
+//!   image) makes the next frame a check, and so on until a check is answered. A check still
+//!   in flight changes nothing: were it to make the next frames checks, every frame would be one
+//!   whenever results take longer than a frame, which is when the workers are short of time.
 //! - **A hint holds it on.** A phone seen, or any verdict but `ok`, makes the next `hold`
 //!   frames all checks (`hold` is the phone rule's `n`, so that rule sees every frame while it
 //!   counts). A later result without a phone does not lift it early, and an older result,
@@ -33,8 +35,10 @@ pub struct PhoneCadence {
     until_next: u32,
     /// Frames still to be checked after a hint.
     holding: u32,
-    /// The newest frame published as a check, until a checked result at least as new is back.
-    owed: Option<u64>,
+    /// The newest frame published as a check, while it is in flight.
+    checking: Option<u64>,
+    /// That check was lost: the next frame is one.
+    owed: bool,
     rng: rand::rngs::StdRng,
 }
 
@@ -52,17 +56,19 @@ impl PhoneCadence {
             hold,
             until_next: 0,
             holding: 0,
-            owed: None,
+            checking: None,
+            owed: false,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
         }
     }
 
     /// Whether frame `seq`, about to be published, runs the phone detector.
     pub fn due(&mut self, seq: u64) -> bool {
-        let due = self.holding > 0 || self.owed.is_some() || self.until_next == 0;
+        let due = self.holding > 0 || self.owed || self.until_next == 0;
         if due {
             self.holding = self.holding.saturating_sub(1);
-            self.owed = Some(seq);
+            self.checking = Some(seq);
+            self.owed = false;
             self.until_next = self.gap() - 1;
         } else {
             self.until_next -= 1;
@@ -78,11 +84,27 @@ impl PhoneCadence {
         self.rng.random_range(self.every - 1..=self.every + 1)
     }
 
+    /// Frame `seq` was dropped (never analysed): if it was the check in flight, the next frame
+    /// is one.
+    pub fn dropped(&mut self, seq: u64) {
+        if self.checking == Some(seq) {
+            self.lost();
+        }
+    }
+
+    fn lost(&mut self) {
+        self.checking = None;
+        self.owed = true;
+    }
+
     /// Frame `seq`'s result came back: whether the detector ran on it, whether it saw a phone,
     /// and whether the verdict was `ok`.
     pub fn observe(&mut self, seq: u64, ran: bool, phone_seen: bool, verdict_ok: bool) {
-        if ran && self.owed.is_some_and(|owed| seq >= owed) {
-            self.owed = None;
+        match self.checking {
+            // A newer frame checked answers for the check in flight.
+            Some(c) if ran && seq >= c => self.checking = None,
+            Some(c) if !ran && seq == c => self.lost(),
+            _ => {}
         }
         if phone_seen || !verdict_ok {
             self.holding = self.holding.max(self.hold);
@@ -223,7 +245,7 @@ mod tests {
     use super::*;
 
     /// Publish frames 1..=n, answering each at once with `answer(seq, ran) -> Some((phone
-    /// seen, ok))`, or `None` for a frame that never comes back; which were checks.
+    /// seen, ok))`, or `None` for a frame that is dropped; which were checks.
     fn run(
         cadence: &mut PhoneCadence,
         n: u64,
@@ -232,8 +254,9 @@ mod tests {
         (1..=n)
             .map(|seq| {
                 let ran = cadence.due(seq);
-                if let Some((phone, ok)) = answer(seq, ran) {
-                    cadence.observe(seq, ran, phone && ran, ok);
+                match answer(seq, ran) {
+                    Some((phone, ok)) => cadence.observe(seq, ran, phone && ran, ok),
+                    None => cadence.dropped(seq),
                 }
                 ran
             })
@@ -306,12 +329,17 @@ mod tests {
     }
 
     #[test]
-    fn a_check_that_never_comes_back_is_owed() {
+    fn a_lost_check_is_made_up_on_the_next_frame() {
         let mut c = PhoneCadence::seeded(3, 6, 9);
         // Every check is dropped (a client that breaks exactly those frames): every frame
         // becomes one.
         let ran = run(&mut c, 12, |_, ran| (!ran).then_some((false, true)));
         assert!(ran.iter().all(|r| *r), "{ran:?}");
+        // One dropped check: the next frame only, then the cadence again.
+        let mut c = PhoneCadence::seeded(3, 6, 9);
+        let ran = run(&mut c, 30, |seq, _| (seq != 1).then_some((false, true)));
+        assert!(ran[0] && ran[1], "{ran:?}");
+        assert!((8..=16).contains(&checks(&ran).len()), "{ran:?}");
         // A check answered without the detector (a bad image): owed too.
         let mut c = PhoneCadence::seeded(3, 6, 9);
         assert!(c.due(1));
@@ -322,16 +350,29 @@ mod tests {
     }
 
     #[test]
-    fn a_late_older_result_does_not_settle_a_newer_check() {
+    fn checks_in_flight_leave_the_cadence_alone() {
+        for seed in 0..20 {
+            // Results slower than frames (a busy worker): the checks stay about a third.
+            let mut c = PhoneCadence::seeded(3, 6, seed);
+            let ran: Vec<bool> = (1..=90).map(|seq| c.due(seq)).collect();
+            let n = checks(&ran).len();
+            assert!((24..=36).contains(&n), "seed {seed}: {n} checks");
+        }
+    }
+
+    #[test]
+    fn a_late_older_result_neither_settles_nor_loses_a_newer_check() {
         let mut c = PhoneCadence::seeded(3, 6, 11);
         assert!(c.due(1));
-        // Frame 2 is published while 1 is in flight: still owed, so a check too.
-        assert!(c.due(2));
-        c.observe(1, true, false, true);
-        assert!(c.due(3), "frame 2's check is not back yet");
-        c.observe(2, true, false, true);
-        c.observe(3, true, false, true);
-        assert!(!c.due(4));
+        let next = (2..10).find(|&s| c.due(s)).expect("a second check");
+        // Frame 1 comes back late, without the detector: the newer check is still in flight.
+        c.observe(1, false, false, true);
+        assert!(!c.due(next + 1), "nothing is owed");
+        // The newer check is dropped: the next frame makes it up.
+        c.dropped(next);
+        assert!(c.due(next + 2));
+        c.observe(next + 2, true, false, true);
+        assert!(!c.due(next + 3));
     }
 
     #[test]

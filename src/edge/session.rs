@@ -885,6 +885,7 @@ impl Session {
     fn drop_frame(&mut self, seq: u64, reason: DropReason, detail: impl Into<String>) {
         self.shared.drop_reason_counter(reason).inc();
         self.identity_cadence.dropped(seq);
+        self.phone_cadence.dropped(seq);
         match reason {
             // Not an image: not presence, and counted by the policy.
             DropReason::NotJpeg => {
