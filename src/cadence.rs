@@ -4,9 +4,10 @@
 //! frame's inference. So a steady candidate's frames run it on a cadence of their own
 //! (`VIGIL_EDGE_PHONE_EVERY`: about every Nth frame), and on every frame for a while after a
 //! hint. The rules:
-//! - **A lost check is made up at once.** A frame published as a check that is dropped
-//!   (expired, superseded, refused) or comes back without the detector having run (a bad
-//!   image) makes the next frame a check, and so on until a check is answered. A check still
+//! - **A lost check is made up at once.** A frame published as a check that is dropped after
+//!   publishing (no result by its deadline, refused by the broker or by the worker) or comes
+//!   back without the detector having run (a bad image) makes the next frame a check, and so
+//!   on until a check is answered. A check still
 //!   in flight changes nothing: were it to make the next frames checks, every frame would be one
 //!   whenever results take longer than a frame, which is when the workers are short of time.
 //! - **A hint holds it on.** A phone seen, or any verdict but `ok`, makes the next `hold`
@@ -365,8 +366,10 @@ mod tests {
         let mut c = PhoneCadence::seeded(3, 6, 11);
         assert!(c.due(1));
         let next = (2..10).find(|&s| c.due(s)).expect("a second check");
-        // Frame 1 comes back late, without the detector: the newer check is still in flight.
+        // Frame 1 comes back late, without the detector, and again (a redelivery) with it:
+        // neither says anything of the newer check, still in flight.
         c.observe(1, false, false, true);
+        c.observe(1, true, false, true);
         assert!(!c.due(next + 1), "nothing is owed");
         // The newer check is dropped: the next frame makes it up.
         c.dropped(next);

@@ -134,8 +134,11 @@ pub async fn start_with(
             analyzer.clone(),
             pool.clone(),
             metrics.batch_frames.clone(),
-            cfg.worker.batch_max,
-            Duration::from_millis(cfg.worker.batch_wait_ms),
+            BatchLimits {
+                frames: cfg.worker.batch_max,
+                pixels: cfg.inference.max_pixels,
+                wait: Duration::from_millis(cfg.worker.batch_wait_ms),
+            },
         ));
         tx
     });
@@ -585,8 +588,8 @@ async fn analyze(
             track,
             answer,
         };
-        // The channel holds as many frames as may be unacked, so this waits only while the
-        // batcher is gone.
+        // The channel holds as many frames as may be unacked, so this does not wait; it fails
+        // at once if the batcher is gone.
         if batches.send(job).await.is_err() {
             return Err(AnalyzeError::Internal("the batcher has stopped".into()));
         }
@@ -625,52 +628,126 @@ struct BatchJob {
     answer: tokio::sync::oneshot::Sender<Result<Analyzed, AnalyzeError>>,
 }
 
+/// How much one batch may hold.
+#[derive(Debug, Clone, Copy)]
+struct BatchLimits {
+    /// `worker.batch_max`.
+    frames: usize,
+    /// Decoded pixels, as the frames declare them (`inference.max_pixels`, one largest frame's
+    /// worth): a batch of large frames holds fewer of them. A batch always takes one frame.
+    pixels: u64,
+    /// `worker.batch_wait_ms`: how long after its first frame a batch waits for more.
+    wait: Duration,
+}
+
 /// Take frames in batches: once an analysis thread is free, the frames waiting then, and more
-/// that arrive within `wait` of the first, up to `max`, are analysed together on it. Ends when
-/// every sender is gone.
+/// that arrive within `wait` of the first, up to the limits, are analysed together on it. What
+/// waits is shared out over the threads free at that moment, so that one thread does not take a
+/// backlog that others could share. Ends when every sender is gone.
 async fn batcher(
     mut jobs: tokio::sync::mpsc::Receiver<BatchJob>,
     analyzer: Arc<dyn Analyzer>,
     pool: Arc<Semaphore>,
     sizes: prometheus::Histogram,
-    max: usize,
-    wait: Duration,
+    limits: BatchLimits,
 ) {
-    while let Some(first) = jobs.recv().await {
-        let until = tokio::time::Instant::now() + wait;
+    let pixels =
+        |job: &BatchJob| crate::wire::jpeg::info(&job.jpeg).map_or(1, |i| i.pixels().max(1));
+    // A frame that did not fit the last batch starts the next.
+    let mut carry: Option<BatchJob> = None;
+    loop {
+        let first = match carry.take() {
+            Some(job) => job,
+            None => match jobs.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let until = tokio::time::Instant::now() + limits.wait;
         // Frames keep arriving while every thread is busy; they join this batch.
         let Ok(permit) = pool.clone().acquire_owned().await else {
             return;
         };
+        // This thread's share of what waits now, among the threads free now.
+        let share = (1 + jobs.len()).div_ceil(1 + pool.available_permits());
+        let most = share.clamp(1, limits.frames.max(1));
+        let mut held = pixels(&first);
         let mut batch = vec![first];
-        while batch.len() < max {
+        while batch.len() < most {
             match tokio::time::timeout_at(until, jobs.recv()).await {
-                Ok(Some(job)) => batch.push(job),
+                Ok(Some(job)) => {
+                    let p = pixels(&job);
+                    if held.saturating_add(p) > limits.pixels {
+                        carry = Some(job);
+                        break;
+                    }
+                    held += p;
+                    batch.push(job);
+                }
                 Ok(None) | Err(_) => break,
             }
         }
-        sizes.observe(batch.len() as f64);
-        let analyzer = analyzer.clone();
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let frames: Vec<FrameInput<'_>> = batch
-                .iter()
-                .map(|j| FrameInput {
-                    client_id: &j.client_id,
-                    jpeg: &j.jpeg,
-                    reference: j.reference.as_deref(),
-                    phone_check: j.phone_check,
-                    track: j.track.as_ref(),
-                })
-                .collect();
-            let results = analyzer.analyze_batch(&frames);
-            drop(frames);
-            for (job, result) in batch.into_iter().zip(results) {
-                // A handler that went away (shutdown) no longer needs its answer.
-                let _ = job.answer.send(result);
-            }
-        });
+        run_batch(&analyzer, permit, &sizes, batch);
     }
+}
+
+/// Analyse `batch` on the analysis thread `permit` stands for, and answer each frame. A panic
+/// fails the batch's frames with its message (each is requeued once, as a failed analysis is).
+fn run_batch(
+    analyzer: &Arc<dyn Analyzer>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    sizes: &prometheus::Histogram,
+    batch: Vec<BatchJob>,
+) {
+    // A frame whose handler is gone (its broker channel lost, a shutdown) is not analysed: the
+    // broker delivers it again.
+    let batch: Vec<BatchJob> = batch
+        .into_iter()
+        .filter(|j| !j.answer.is_closed())
+        .collect();
+    if batch.is_empty() {
+        return;
+    }
+    sizes.observe(batch.len() as f64);
+    let analyzer = analyzer.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let frames: Vec<FrameInput<'_>> = batch
+            .iter()
+            .map(|j| FrameInput {
+                client_id: &j.client_id,
+                jpeg: &j.jpeg,
+                reference: j.reference.as_deref(),
+                phone_check: j.phone_check,
+                track: j.track.as_ref(),
+            })
+            .collect();
+        let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            analyzer.analyze_batch(&frames)
+        }));
+        drop(frames);
+        match results {
+            Ok(results) => {
+                for (job, result) in batch.into_iter().zip(results) {
+                    // A handler that went away no longer needs its answer.
+                    let _ = job.answer.send(result);
+                }
+            }
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(frames = batch.len(), %message, "a batch's analysis panicked");
+                for job in batch {
+                    let _ = job.answer.send(Err(AnalyzeError::Internal(format!(
+                        "analysis panicked: {message}"
+                    ))));
+                }
+            }
+        }
+    });
 }
 
 enum Settle {

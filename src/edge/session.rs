@@ -882,10 +882,18 @@ impl Session {
         .await
     }
 
-    fn drop_frame(&mut self, seq: u64, reason: DropReason, detail: impl Into<String>) {
-        self.shared.drop_reason_counter(reason).inc();
+    /// [`Session::drop_frame`] for a frame that was published (the cadences counted it): a
+    /// full analysis or a phone check it was meant to be is made up on the next frame. Drops
+    /// before publishing are not told to the cadences: their seq, the client's own, may be that
+    /// of another frame in flight.
+    fn drop_published(&mut self, seq: u64, reason: DropReason, detail: impl Into<String>) {
         self.identity_cadence.dropped(seq);
         self.phone_cadence.dropped(seq);
+        self.drop_frame(seq, reason, detail);
+    }
+
+    fn drop_frame(&mut self, seq: u64, reason: DropReason, detail: impl Into<String>) {
+        self.shared.drop_reason_counter(reason).inc();
         match reason {
             // Not an image: not presence, and counted by the policy.
             DropReason::NotJpeg => {
@@ -1184,7 +1192,7 @@ impl Session {
         {
             Ok(published) => published,
             Err(_) => {
-                self.drop_frame(
+                self.drop_published(
                     p.seq,
                     DropReason::BrokerUnavailable,
                     "the broker did not take the frame before its deadline",
@@ -1201,7 +1209,7 @@ impl Session {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot publish frame");
-                self.drop_frame(p.seq, DropReason::BrokerUnavailable, e.to_string());
+                self.drop_published(p.seq, DropReason::BrokerUnavailable, e.to_string());
             }
         }
     }
@@ -1211,7 +1219,7 @@ impl Session {
             Ok(()) => self.shared.metrics.frames_published.inc(),
             Err(e) => {
                 if self.window.fail(seq, id) {
-                    self.drop_frame(seq, DropReason::BrokerUnavailable, e.to_string());
+                    self.drop_published(seq, DropReason::BrokerUnavailable, e.to_string());
                     self.promote().await;
                 }
             }
@@ -1323,7 +1331,7 @@ impl Session {
                     }
                 }
             }
-            Payload::Dropped(d) => self.drop_frame(seq, d.reason, d.detail),
+            Payload::Dropped(d) => self.drop_published(seq, d.reason, d.detail),
             Payload::Frame(_)
             | Payload::Action(_)
             | Payload::Control(_)
@@ -1646,7 +1654,7 @@ impl Session {
         }
         let overdue = self.window.overdue(now, SWEEP_GRACE);
         for seq in &overdue.published {
-            self.drop_frame(
+            self.drop_published(
                 *seq,
                 DropReason::Expired,
                 "no result within the frame deadline",

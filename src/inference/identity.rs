@@ -121,7 +121,25 @@ pub struct Enrollment {
     pub margin: f32,
 }
 
-/// One face, measured for judging.
+/// A model set lent out of the pool; it goes back when dropped.
+struct Lent<'a> {
+    stack: &'a IdentityStack,
+    set: Option<ModelSet>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(set) = self.set.take() {
+            self.stack
+                .sets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(set);
+            self.stack.returned.notify_one();
+        }
+    }
+}
+
 /// A frame as [`IdentityStack::analyze_batch`] takes it.
 pub struct BatchFrame<'a> {
     pub jpeg: &'a [u8],
@@ -169,6 +187,7 @@ struct Full {
     stages: Stages,
 }
 
+/// One face, measured for judging.
 struct Judged {
     quality: FaceQuality,
     embedding: Vec<f32>,
@@ -268,8 +287,9 @@ impl IdentityStack {
     }
 
     /// Run `f` with a free set of sessions (waiting for one if all are busy).
+    /// The set goes back to the pool however `f` ends, a panic included.
     fn with_set<T>(&self, f: impl FnOnce(&mut ModelSet) -> T) -> T {
-        let mut set = {
+        let set = {
             let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
             loop {
                 if let Some(s) = sets.pop() {
@@ -278,13 +298,11 @@ impl IdentityStack {
                 sets = self.returned.wait(sets).unwrap_or_else(|e| e.into_inner());
             }
         };
-        let out = f(&mut set);
-        self.sets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(set);
-        self.returned.notify_one();
-        out
+        let mut lent = Lent {
+            stack: self,
+            set: Some(set),
+        };
+        f(lent.set.as_mut().expect("lent until dropped"))
     }
 
     /// Decode a frame and scale a copy to fit the detectors. Returns the original, the scaled
@@ -393,8 +411,21 @@ impl IdentityStack {
                 }
             }
             if let Err(e) = self.judge_batch(set, &mut full) {
-                for f in full.drain(..) {
-                    out[f.at] = Some(Err(e.clone()));
+                if full.len() > 1 {
+                    // A batched run that fails (a device out of memory, say) fails no frame
+                    // by itself: each is tried alone.
+                    let mut alone = Vec::new();
+                    for mut f in full.drain(..) {
+                        match self.judge_batch(set, std::slice::from_mut(&mut f)) {
+                            Ok(()) => alone.push(f),
+                            Err(e) => out[f.at] = Some(Err(e)),
+                        }
+                    }
+                    full = alone;
+                } else {
+                    for f in full.drain(..) {
+                        out[f.at] = Some(Err(e.clone()));
+                    }
                 }
             }
             for f in full {

@@ -335,6 +335,83 @@ async fn the_pipeline_tells_the_enrolled_person_from_another() {
     env.teardown().await;
 }
 
+/// A worker that batches frames across clients (`worker.batch_max`) answers each client about
+/// its own reference: two clients enrolled as different people send the same person's frames at
+/// once, one thread analyses them in batches, and each client gets its own verdicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batching_worker_judges_each_frame_against_its_own_clients_reference() {
+    let mut env = TestEnv::new("identity-batch");
+    env.cfg.worker.analyzer = "identity".into();
+    env.cfg.worker.analysis_threads = 1;
+    env.cfg.worker.batch_max = 4;
+    env.cfg.worker.batch_wait_ms = 20;
+    env.cfg.inference = inference_config();
+    env.cfg.edge.max_frame_bytes = 4 << 20;
+    env.cfg.edge.max_inflight = 4;
+    env.cfg.edge.recheck_ms = 0;
+    let store = vigil::directory::FolderStore::open(&env.clients_dir).unwrap();
+    for (id, reference) in [("same", "Male_41_2_4_1.jpg"), ("other", "Female_43_6.jpg")] {
+        env.add_client(id);
+        vigil::tools::cli::enroll(&env.cfg, &store, id, &photos().join(reference)).unwrap();
+    }
+    let url = env.start_edge("e1").await;
+    env.start_worker("w1").await;
+    let frame = photo("Male_41_6_1.jpg");
+    let mut conns = Vec::new();
+    for id in ["same", "other"] {
+        let (conn, _) = Connection::connect(&url, id, TOKEN, Encoding::MsgPack)
+            .await
+            .unwrap();
+        conns.push(conn);
+    }
+    for seq in 1..=4 {
+        for conn in &mut conns {
+            conn.send_frame(seq, 0, &frame).await.unwrap();
+        }
+    }
+    let mut got = Vec::new();
+    for conn in &mut conns {
+        let mut results = Vec::new();
+        while results.len() < 4 {
+            match tokio::time::timeout(Duration::from_secs(60), conn.recv()).await {
+                Ok(Some(Ok(Incoming::Msg(m @ ServerMsg::Result { .. })))) => results.push(m),
+                Ok(Some(Ok(Incoming::Msg(ServerMsg::Dropped { seq, reason, .. })))) => {
+                    panic!("frame {seq} dropped: {reason:?}")
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("no result: {other:?}"),
+            }
+        }
+        got.push(verdicts(&results));
+    }
+    assert_eq!(got[0], vec![Verdict::Ok; 4], "the enrolled person");
+    assert_eq!(
+        got[1],
+        vec![Verdict::WrongPerson; 4],
+        "another client's frames"
+    );
+    let family = env.worker_registries[0]
+        .gather()
+        .into_iter()
+        .find(|f| f.name() == "vigil_worker_batch_frames")
+        .expect("batch sizes are exported");
+    let h = family.get_metric()[0].get_histogram();
+    assert_eq!(
+        h.get_sample_sum() as u64,
+        8,
+        "every frame went through a batch"
+    );
+    assert!(
+        h.get_sample_count() < 8,
+        "{} batches for 8 frames sent at once",
+        h.get_sample_count()
+    );
+    for conn in conns {
+        conn.close().await;
+    }
+    env.teardown().await;
+}
+
 /// Track reuse through the live pipeline: each of a steady candidate's frames is either fully
 /// analysed or carried over on the track (the worker aligns the face and runs neither the
 /// recogniser nor the liveness models), every frame is `ok`, and the client is told neither
