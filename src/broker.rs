@@ -130,6 +130,25 @@ pub fn broker_urls(setting: &str) -> Vec<&str> {
         .collect()
 }
 
+/// The user and virtual host a broker setting's (first) URL connects as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlParts {
+    pub user: String,
+    pub vhost: String,
+}
+
+/// [`UrlParts`] of the first URL of `setting` ([`broker_urls`]), or why it does not parse.
+pub fn url_parts(setting: &str) -> Result<UrlParts, String> {
+    let first = broker_urls(setting).first().copied().unwrap_or_default();
+    let uri = first
+        .parse::<lapin::uri::AMQPUri>()
+        .map_err(|e| e.to_string())?;
+    Ok(UrlParts {
+        user: uri.authority.userinfo.username,
+        vhost: uri.vhost,
+    })
+}
+
 impl Broker {
     /// Connect to the first node of `urls` (one URL, or a comma-separated list of a cluster's
     /// nodes) that answers, naming the connection after the node so the management UI shows

@@ -24,7 +24,8 @@ use crate::metrics::{BrokerMetrics, WorkerMetrics};
 use crate::telemetry::{self, Health};
 use crate::topology;
 use crate::wire::{
-    self, DropReason, Dropped, EnrollOutcome, EnrollResult, Envelope, FrameResult, Payload,
+    self, DropReason, Dropped, EnrollOutcome, EnrollResult, Envelope, FrameResult,
+    MAX_ENROLL_PHOTOS, Payload,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -823,9 +824,6 @@ impl Acks {
         }
     }
 }
-
-/// The most photos one enrolment may carry.
-pub const MAX_ENROLL_PHOTOS: usize = 5;
 
 /// Enrol from one request's photos with the model stack, answer the edge that asked, then
 /// settle the request (ack once the answer is confirmed; requeue once if it is not).

@@ -686,10 +686,8 @@ impl Config {
             }
             if let Some(url) = &e.admin_amqp_url {
                 let operator = crate::roles::user_of(&self.namespace, crate::roles::Role::Operator);
-                let user = crate::broker::broker_urls(url)
-                    .first()
-                    .and_then(|u| u.parse::<lapin::uri::AMQPUri>().ok())
-                    .map(|u| u.authority.userinfo.username)
+                let user = crate::broker::url_parts(url)
+                    .map(|p| p.user)
                     .unwrap_or_default();
                 if self.broker_roles != crate::roles::RoleMode::Separate {
                     errors.push(
@@ -988,10 +986,8 @@ impl Config {
 
     /// The broker user of the (first) broker URL.
     pub fn amqp_user(&self) -> String {
-        crate::broker::broker_urls(&self.amqp_url)
-            .first()
-            .and_then(|u| u.parse::<lapin::uri::AMQPUri>().ok())
-            .map(|u| u.authority.userinfo.username)
+        crate::broker::url_parts(&self.amqp_url)
+            .map(|p| p.user)
             .unwrap_or_default()
     }
 
@@ -1018,10 +1014,8 @@ impl Config {
         let Some(url) = &self.broker_management_url else {
             return Ok(None);
         };
-        let vhost = crate::broker::broker_urls(&self.amqp_url)
-            .first()
-            .and_then(|u| u.parse::<lapin::uri::AMQPUri>().ok())
-            .map_or_else(|| "/".to_owned(), |u| u.vhost);
+        let vhost =
+            crate::broker::url_parts(&self.amqp_url).map_or_else(|_| "/".to_owned(), |p| p.vhost);
         crate::management::Management::with_ca_file(
             url,
             &vhost,

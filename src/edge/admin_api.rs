@@ -1050,7 +1050,7 @@ const ENROLL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The largest enrolment body: every photo at the frame limit, in base64, plus the JSON.
 fn enroll_body_limit(max_frame_bytes: usize) -> usize {
-    crate::worker::MAX_ENROLL_PHOTOS * max_frame_bytes.div_ceil(3) * 4 + 4096
+    crate::wire::MAX_ENROLL_PHOTOS * max_frame_bytes.div_ceil(3) * 4 + 4096
 }
 
 /// Photos to enrol from.
@@ -1085,7 +1085,7 @@ async fn enroll(
 ) -> Response {
     use base64::Engine as _;
     let shared = &api.shared;
-    let max = crate::worker::MAX_ENROLL_PHOTOS;
+    let max = crate::wire::MAX_ENROLL_PHOTOS;
     if body.photos.is_empty() || body.photos.len() > max {
         return error(StatusCode::BAD_REQUEST, format!("send 1 to {max} photos"));
     }

@@ -41,6 +41,44 @@ pub enum Incoming {
     },
 }
 
+/// A WebSocket over a TCP stream its caller connected, that sends what it is told and never
+/// reads (`vigil attack`'s hostile sockets). Writes are not buffered.
+pub struct RawSocket {
+    ws: Ws,
+}
+
+impl RawSocket {
+    /// The WebSocket handshake for `url` on `stream` (TLS for `wss://`, against the system's
+    /// roots).
+    pub async fn handshake(url: &str, stream: TcpStream) -> Result<Self, ClientError> {
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .write_buffer_size(0);
+        let (ws, _) =
+            tokio_tungstenite::client_async_tls_with_config(url, stream, Some(config), None)
+                .await?;
+        Ok(Self { ws })
+    }
+
+    /// Send a ping carrying `payload` (at most 125 bytes).
+    pub async fn ping(&mut self, payload: Vec<u8>) -> Result<(), ClientError> {
+        Ok(self.ws.send(Message::Ping(payload.into())).await?)
+    }
+
+    /// Send one binary message.
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) -> Result<(), ClientError> {
+        Ok(self.ws.send(Message::Binary(bytes.into())).await?)
+    }
+
+    /// The TCP stream under the WebSocket (and under TLS), to watch without reading.
+    pub fn tcp(&self) -> &TcpStream {
+        match self.ws.get_ref() {
+            MaybeTlsStream::Plain(s) => s,
+            MaybeTlsStream::Rustls(s) => s.get_ref().0,
+            _ => unreachable!("only plain and rustls streams are built here"),
+        }
+    }
+}
+
 /// A connected, not yet authenticated WebSocket.
 pub struct Connection {
     ws: Ws,

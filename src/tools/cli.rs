@@ -1385,12 +1385,7 @@ async fn broker_users(cfg: &Config, action: BrokerCmd) -> Result<(), CliError> {
                     return Ok(());
                 }
             }
-            let first = crate::broker::broker_urls(&cfg.amqp_url)
-                .first()
-                .copied()
-                .unwrap_or_default();
-            let vhost = first
-                .parse::<lapin::uri::AMQPUri>()
+            let vhost = crate::broker::url_parts(&cfg.amqp_url)
                 .map_err(|e| fail(format!("VIGIL_AMQP_URL: {e}")))?
                 .vhost;
             let opts = crate::tools::provision::ProvisionOptions {

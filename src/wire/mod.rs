@@ -101,7 +101,11 @@ pub struct SessionChange {
     pub address: String,
 }
 
-/// Photos to enrol a client from (JPEG, checked by the edge like frames).
+/// The most photos one enrolment may carry (the edge refuses more, and so does the worker).
+pub const MAX_ENROLL_PHOTOS: usize = 5;
+
+/// Photos to enrol a client from (JPEG, checked by the edge like frames), at most
+/// [`MAX_ENROLL_PHOTOS`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EnrollRequest {
     pub photos: Vec<serde_bytes::ByteBuf>,

@@ -5,13 +5,11 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use futures_util::SinkExt as _;
 use serde::Serialize;
 use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::edge::client::RawSocket;
 use crate::wire::client::{Encoding, encode_hello};
 
 /// How a hostile socket misbehaves.
@@ -59,16 +57,6 @@ pub struct Target {
     pub source: Option<IpAddr>,
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-fn tcp(ws: &Ws) -> &TcpStream {
-    match ws.get_ref() {
-        MaybeTlsStream::Plain(s) => s,
-        MaybeTlsStream::Rustls(s) => s.get_ref().0,
-        _ => unreachable!("only plain and rustls streams are built here"),
-    }
-}
-
 /// Wait until the peer closes the socket (FIN or RST), without reading from it; `None` when
 /// `until` comes first.
 async fn closed_by_peer(stream: &TcpStream, until: Instant) -> Option<Instant> {
@@ -114,16 +102,9 @@ pub async fn run(
         return Outcome::ConnectFailed;
     };
     let started = Instant::now();
-    let config =
-        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().write_buffer_size(0);
-    let handshake = tokio_tungstenite::client_async_tls_with_config(
-        target.url.as_str(),
-        stream,
-        Some(config),
-        None,
-    );
+    let handshake = RawSocket::handshake(&target.url, stream);
     let mut ws = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
-        Ok(Ok((ws, _))) => ws,
+        Ok(Ok(ws)) => ws,
         _ => {
             return Outcome::RefusedAtAccept {
                 after: started.elapsed(),
@@ -136,7 +117,7 @@ pub async fn run(
             // Pings until the socket stops taking them (the edge's pongs fill our unread
             // receive buffer, then its own send buffer) or the edge closes it.
             while Instant::now() < until {
-                let ping = ws.send(Message::Ping(vec![0u8; 125].into()));
+                let ping = ws.ping(vec![0u8; 125]);
                 match tokio::time::timeout(Duration::from_secs(1), ping).await {
                     Ok(Ok(())) => {}
                     _ => break,
@@ -147,15 +128,11 @@ pub async fn run(
         Kind::AuthenticatedNonReader => {
             if let Some((id, token)) = &credentials {
                 let hello = encode_hello(id, token, Encoding::MsgPack);
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    ws.send(Message::Binary(hello.into())),
-                )
-                .await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), ws.send_binary(hello)).await;
             }
         }
     }
-    match closed_by_peer(tcp(&ws), until).await {
+    match closed_by_peer(ws.tcp(), until).await {
         Some(at) => Outcome::Closed {
             after: at - handshaken,
         },
