@@ -82,8 +82,9 @@ pub(crate) fn from_config(cfg: &Config) -> Result<Box<dyn Analyzer>, AnalyzeErro
         })),
         "identity" => {
             let sets = cfg.worker.effective_analysis_threads();
-            let stack = IdentityStack::load_with(&cfg.inference, sets, cfg.worker.batch_max)
-                .map_err(|e| AnalyzeError::Internal(e.to_string()))?;
+            let stack =
+                IdentityStack::load_with(&cfg.inference, sets, cfg.worker.effective_batch_max())
+                    .map_err(|e| AnalyzeError::Internal(e.to_string()))?;
             Ok(Box::new(Identity { stack }))
         }
         other => Err(AnalyzeError::Internal(format!(

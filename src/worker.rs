@@ -127,7 +127,7 @@ pub async fn start_with(
         );
     }
     let pool = Arc::new(Semaphore::new(threads));
-    let batches = (cfg.worker.batch_max > 1 && analyzer.is_blocking()).then(|| {
+    let batches = (cfg.worker.effective_batch_max() > 1 && analyzer.is_blocking()).then(|| {
         // Bounded like the deliveries that feed it: at most `prefetch` frames are unacked.
         let (tx, rx) = tokio::sync::mpsc::channel(usize::from(cfg.worker.prefetch));
         tokio::spawn(batcher(
@@ -136,7 +136,7 @@ pub async fn start_with(
             pool.clone(),
             metrics.batch_frames.clone(),
             BatchLimits {
-                frames: cfg.worker.batch_max,
+                frames: cfg.worker.effective_batch_max(),
                 pixels: cfg.inference.max_pixels,
                 wait: Duration::from_millis(cfg.worker.batch_wait_ms),
             },

@@ -404,9 +404,10 @@ pub struct WorkerConfig {
     /// Time to finish and ack in-flight frames on shutdown, in ms
     /// [VIGIL_WORKER_SHUTDOWN_GRACE_MS].
     pub shutdown_grace_ms: u64,
-    /// Most frames an analysis thread takes at once: the recogniser and fr_liveness then run
-    /// once on all their faces. 1 analyses each frame alone (on CPU, batches gain nothing per
-    /// frame; see the README) [VIGIL_WORKER_BATCH_MAX].
+    /// Most frames an analysis thread takes at once (and at most `prefetch`), when frames wait
+    /// for it: the recogniser and fr_liveness then run once on all their faces, and each model
+    /// on the batch's frames in a row. A worker that keeps up takes one frame at a time; 1 never
+    /// batches (README, "Cost per candidate") [VIGIL_WORKER_BATCH_MAX].
     pub batch_max: usize,
     /// How long a batch waits for more frames after its first, in ms
     /// [VIGIL_WORKER_BATCH_WAIT_MS].
@@ -516,7 +517,7 @@ impl Default for WorkerConfig {
             prefetch: 16,
             analysis_threads: 0,
             shutdown_grace_ms: 5_000,
-            batch_max: 1,
+            batch_max: 8,
             batch_wait_ms: 3,
         }
     }
@@ -882,11 +883,6 @@ impl Config {
                     "worker.batch_max = {} must be within 1..=64",
                     w.batch_max
                 ));
-            } else if w.batch_max > usize::from(w.prefetch) {
-                errors.push(format!(
-                    "worker.batch_max = {} is more than worker.prefetch = {}: a batch can hold only the frames the broker hands over",
-                    w.batch_max, w.prefetch
-                ));
             }
             if w.batch_wait_ms > 50 {
                 errors.push(format!(
@@ -1077,6 +1073,11 @@ impl Config {
 
 impl WorkerConfig {
     /// Analysis threads, with 0 meaning one per core.
+    /// `batch_max`, but never more than the `prefetch` frames the broker hands over.
+    pub fn effective_batch_max(&self) -> usize {
+        self.batch_max.min(usize::from(self.prefetch)).max(1)
+    }
+
     pub fn effective_analysis_threads(&self) -> usize {
         match self.analysis_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -1275,17 +1276,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!((cfg.worker.batch_max, cfg.worker.batch_wait_ms), (8, 4));
-        assert_eq!(Config::default().worker.batch_max, 1, "one frame at a time");
+        // A batch cannot hold more than the broker hands over.
+        let few = load(None, &[("VIGIL_WORKER_PREFETCH", "4")]).unwrap();
+        assert_eq!(few.worker.effective_batch_max(), 4);
+        assert_eq!(Config::default().worker.effective_batch_max(), 8);
         for (vars, error) in [
             (vec![("VIGIL_WORKER_BATCH_MAX", "0")], "batch_max = 0"),
             (vec![("VIGIL_WORKER_BATCH_MAX", "65")], "batch_max = 65"),
-            (
-                vec![
-                    ("VIGIL_WORKER_BATCH_MAX", "8"),
-                    ("VIGIL_WORKER_PREFETCH", "4"),
-                ],
-                "more than worker.prefetch",
-            ),
             (
                 vec![("VIGIL_WORKER_BATCH_WAIT_MS", "51")],
                 "batch_wait_ms = 51",

@@ -745,8 +745,8 @@ pub static VARS: &[Var] = &[
         "VIGIL_WORKER_BATCH_MAX",
         [Worker],
         worker.batch_max,
-        r#"1"#,
-        r#"most frames an analysis thread takes at once (the recogniser and fr_liveness run once on their faces; 1..=64, at most the prefetch)"#
+        r#"8"#,
+        r#"most frames an analysis thread takes at once when frames wait for it (the recogniser and fr_liveness run once on their faces; 1..=64, at most the prefetch; 1 never batches)"#
     ),
     var!(
         "VIGIL_WORKER_BATCH_WAIT_MS",

@@ -375,7 +375,7 @@ fn pool(side: Side, every: u32, recheck_ms: u64, samples: &[Sample], b: &CostBen
         p99_ms: hist.value_at_quantile(0.99) as f64 / 1e3,
         swap_caught_s: samples.iter().map(|s| s.swap).collect(),
         ended_early: ended,
-        batch_max: b.base.worker.batch_max,
+        batch_max: b.base.worker.effective_batch_max(),
         frames_per_batch: (batches > 0).then(|| batched / batches as f64),
     }
 }
