@@ -479,10 +479,11 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool 
                     ctx.max_pixels
                 )))
             }
-            Ok(_) => {
+            Ok(s) => {
                 analyze(
                     ctx,
                     &env.client_id,
+                    s.info.pixels(),
                     frame.jpeg,
                     reference,
                     frame.phone_check,
@@ -562,9 +563,11 @@ async fn process(ctx: &Ctx, publisher: &Publisher, delivery: &Delivery) -> bool 
 }
 
 /// Run the analyzer, off the runtime when it does real work, on at most `pool` threads.
+/// `pixels` is what the JPEG declares, as the survey before found it.
 async fn analyze(
     ctx: &Ctx,
     client_id: &str,
+    pixels: u64,
     jpeg: bytes::Bytes,
     reference: Option<Vec<f32>>,
     phone_check: bool,
@@ -583,6 +586,7 @@ async fn analyze(
         let (answer, answered) = tokio::sync::oneshot::channel();
         let job = BatchJob {
             client_id: client_id.to_owned(),
+            pixels,
             jpeg,
             reference,
             phone_check,
@@ -622,6 +626,8 @@ async fn analyze(
 /// A frame waiting for a batch, and where its analysis goes.
 struct BatchJob {
     client_id: String,
+    /// The pixels the JPEG declares (checked within `inference.max_pixels`).
+    pixels: u64,
     jpeg: bytes::Bytes,
     reference: Option<Vec<f32>>,
     phone_check: bool,
@@ -652,8 +658,6 @@ async fn batcher(
     sizes: prometheus::Histogram,
     limits: BatchLimits,
 ) {
-    let pixels =
-        |job: &BatchJob| crate::wire::jpeg::info(&job.jpeg).map_or(1, |i| i.pixels().max(1));
     // A frame that did not fit the last batch starts the next.
     let mut carry: Option<BatchJob> = None;
     loop {
@@ -672,12 +676,12 @@ async fn batcher(
         // This thread's share of what waits now, among the threads free now.
         let share = (1 + jobs.len()).div_ceil(1 + pool.available_permits());
         let most = share.clamp(1, limits.frames.max(1));
-        let mut held = pixels(&first);
+        let mut held = first.pixels;
         let mut batch = vec![first];
         while batch.len() < most {
             match tokio::time::timeout_at(until, jobs.recv()).await {
                 Ok(Some(job)) => {
-                    let p = pixels(&job);
+                    let p = job.pixels;
                     if held.saturating_add(p) > limits.pixels {
                         carry = Some(job);
                         break;

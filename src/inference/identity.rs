@@ -454,35 +454,43 @@ impl IdentityStack {
             scale,
             mut stages,
         } = p;
-        let mut clock = Instant::now();
-        let mut lap = |name: &'static str, stages: &mut Stages| {
-            stages.push((name, clock.elapsed().as_secs_f64()));
-            clock = Instant::now();
-        };
+        let clock = Instant::now();
         // Detection runs on the scaled copy; liveness and alignment on the original pixels, as
         // the models were made for.
         let faces = self.faces(set, &small, scale)?;
-        lap("yunet", &mut stages);
-        // The largest face is the one to verify.
+        stages.push(("yunet", clock.elapsed().as_secs_f64()));
+        let clock = Instant::now();
+        // The largest face is the one to verify: aligned once, its quality measured, whether
+        // the frame is carried or every model runs.
         let main = faces
             .iter()
             .enumerate()
             .max_by(|(_, a), (_, b)| (a.w * a.h).total_cmp(&(b.w * b.h)))
             .map(|(i, _)| i);
         let main_track = main.map(|i| track_of(&faces[i]));
+        let aligned = match main {
+            Some(m) => {
+                let face = &faces[m];
+                let (aligned, sim) = SFace::align(&img, face)?;
+                let mut q = quality::measure(&aligned, face, &sim);
+                q.failed = quality::failure(&q, t).map(str::to_owned);
+                Some((aligned, q))
+            }
+            None => None,
+        };
+        let mut align_s = clock.elapsed().as_secs_f64();
         // Only an enrolled client has an identity to carry over.
-        if let (Some(track), Some(m), 1, Some(_)) =
-            (frame.track, main, faces.len(), frame.reference)
+        if let (Some(track), Some(m), 1, Some(_), Some((face_img, q))) =
+            (frame.track, main, faces.len(), frame.reference, &aligned)
             && on_track(&faces[m], track, t)
         {
-            let face = &faces[m];
-            let (aligned, sim) = SFace::align(&img, face)?;
-            let mut q = quality::measure(&aligned, face, &sim);
-            q.failed = quality::failure(&q, t).map(str::to_owned);
-            lap("align", &mut stages);
+            stages.push(("align", align_s));
+            // Counted here, not again in `sface` if the frame is judged after all.
+            align_s = 0.0;
             let phone = if frame.phone_check {
+                let clock = Instant::now();
                 let found = set.coco.phones(&small, t.phone_score, t.phone_nms_iou)?;
-                lap("cocossd", &mut stages);
+                stages.push(("cocossd", clock.elapsed().as_secs_f64()));
                 found.first().map(|p| p.score)
             } else {
                 None
@@ -496,7 +504,7 @@ impl IdentityStack {
                 return Ok(Detected::Carried(Box::new((
                     IdentityAnalysis {
                         verdict: Verdict::Ok,
-                        faces: vec![face_box(face)],
+                        faces: vec![face_box(&faces[m])],
                         identity: None,
                         liveness: None,
                         phone: None,
@@ -504,9 +512,9 @@ impl IdentityStack {
                         skipped,
                         carried: self.carried_models.clone(),
                         thresholds: self.thresholds_used(),
-                        quality: Some(q),
+                        quality: Some(q.clone()),
                         appearance: Some(
-                            crate::wire::pack_appearance(&imageops::appearance(&aligned)).into(),
+                            crate::wire::pack_appearance(&imageops::appearance(face_img)).into(),
                         ),
                         track: main_track,
                     },
@@ -515,18 +523,6 @@ impl IdentityStack {
             }
             // A poor face or a phone: the frame may become evidence, so every model runs.
         }
-        // The main face aligned, its quality measured; the recogniser runs in the batch.
-        let aligned = match main {
-            Some(m) => {
-                let face = &faces[m];
-                let (aligned, sim) = SFace::align(&img, face)?;
-                let mut q = quality::measure(&aligned, face, &sim);
-                q.failed = quality::failure(&q, t).map(str::to_owned);
-                Some((aligned, q))
-            }
-            None => None,
-        };
-        let align_s = clock.elapsed().as_secs_f64();
         Ok(Detected::Full(Box::new(Full {
             at: 0,
             img,
@@ -551,9 +547,9 @@ impl IdentityStack {
             .collect();
         let share = |started: Instant| started.elapsed().as_secs_f64() / with_face.len() as f64;
         let clock = Instant::now();
-        let aligned: Vec<RgbImage> = with_face
+        let aligned: Vec<&RgbImage> = with_face
             .iter()
-            .map(|&i| full[i].aligned.as_ref().expect("filtered").0.clone())
+            .map(|&i| &full[i].aligned.as_ref().expect("filtered").0)
             .collect();
         let embeddings = set.sface.embed_batch(&aligned)?;
         let sface_s = if with_face.is_empty() {
@@ -839,13 +835,7 @@ pub fn normalised_mean(vectors: &[&[f32]]) -> Vec<f32> {
             *s += x;
         }
     }
-    let norm = sum
-        .iter()
-        .map(|x| x * x)
-        .sum::<f32>()
-        .sqrt()
-        .max(f32::EPSILON);
-    sum.into_iter().map(|x| x / norm).collect()
+    super::models::l2_normalised(&sum)
 }
 
 /// The first rule that applies: no face, several faces, a face too poor to judge (unless a

@@ -229,33 +229,36 @@ const SFACE_TEMPLATE: [(f32, f32); 5] = [
     (70.7299, 92.2041),
 ];
 
-/// The batch axis of SFace's input and output, freed for batches of faces.
-const SFACE_BATCH: [super::graph::FreeDim; 2] = [
-    super::graph::FreeDim {
-        value: "data",
-        index: 0,
-        param: "batch",
-    },
-    super::graph::FreeDim {
-        value: "fc1",
-        index: 0,
-        param: "batch",
-    },
-];
+/// The batch axis (dimension 0) of a model's `input` and `output`, freed for batches of faces.
+const fn batch_axis(input: &'static str, output: &'static str) -> [super::graph::FreeDim; 2] {
+    use super::graph::FreeDim;
+    [
+        FreeDim {
+            value: input,
+            index: 0,
+            param: "batch",
+        },
+        FreeDim {
+            value: output,
+            index: 0,
+            param: "batch",
+        },
+    ]
+}
 
-/// The batch axis of fr_liveness's input and output, freed for batches of faces.
-const LIVENESS_BATCH: [super::graph::FreeDim; 2] = [
-    super::graph::FreeDim {
-        value: "input",
-        index: 0,
-        param: "batch",
-    },
-    super::graph::FreeDim {
-        value: "output",
-        index: 0,
-        param: "batch",
-    },
-];
+const SFACE_BATCH: [super::graph::FreeDim; 2] = batch_axis("data", "fc1");
+const LIVENESS_BATCH: [super::graph::FreeDim; 2] = batch_axis("input", "output");
+
+/// `v` scaled to unit length (a zero vector stays zero).
+pub fn l2_normalised(v: &[f32]) -> Vec<f32> {
+    let norm = v
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::EPSILON);
+    v.iter().map(|x| x / norm).collect()
+}
 
 impl SFace {
     pub const DIM: usize = 128;
@@ -295,13 +298,13 @@ impl SFace {
 
     /// The L2-normalised embedding of a face already aligned by [`SFace::align`].
     pub fn embed_aligned(&mut self, aligned: &RgbImage) -> Result<Vec<f32>, InferenceError> {
-        let mut one = self.embed_batch(std::slice::from_ref(aligned))?;
+        let mut one = self.embed_batch(&[aligned])?;
         Ok(one.pop().expect("one embedding per face"))
     }
 
     /// The L2-normalised embeddings of faces aligned by [`SFace::align`], in one run: more
     /// than one needs a session loaded with `batch`.
-    pub fn embed_batch(&mut self, aligned: &[RgbImage]) -> Result<Vec<Vec<f32>>, InferenceError> {
+    pub fn embed_batch(&mut self, aligned: &[&RgbImage]) -> Result<Vec<Vec<f32>>, InferenceError> {
         if aligned.is_empty() {
             return Ok(Vec::new());
         }
@@ -329,18 +332,7 @@ impl SFace {
                 ),
             ));
         }
-        Ok(data
-            .chunks_exact(Self::DIM)
-            .map(|row| {
-                let norm = row
-                    .iter()
-                    .map(|v| v * v)
-                    .sum::<f32>()
-                    .sqrt()
-                    .max(f32::EPSILON);
-                row.iter().map(|v| v / norm).collect()
-            })
-            .collect())
+        Ok(data.chunks_exact(Self::DIM).map(l2_normalised).collect())
     }
 }
 

@@ -46,14 +46,7 @@ pub(crate) async fn one_then_three_workers(mut env: TestEnv) -> f64 {
         three.results_per_s()
     );
     for report in [&one, &three] {
-        assert!(report.missing.is_empty(), "lost: {:?}", report.missing);
-        assert!(
-            report.duplicates.is_empty(),
-            "duplicated: {:?}",
-            report.duplicates
-        );
-        assert!(report.dropped.is_empty(), "dropped: {:?}", report.dropped);
-        assert_eq!(report.results, report.sent);
+        report.assert_each_answered_once();
     }
     for w in &workers {
         sigterm(w);
@@ -101,14 +94,7 @@ async fn a_worker_stopped_with_sigterm_loses_nothing() {
         report.missing.len()
     );
     assert!(report.sent > 100, "too little traffic: {}", report.sent);
-    assert!(report.missing.is_empty(), "lost: {:?}", report.missing);
-    assert!(
-        report.duplicates.is_empty(),
-        "duplicated: {:?}",
-        report.duplicates
-    );
-    assert!(report.dropped.is_empty(), "dropped: {:?}", report.dropped);
-    assert_eq!(report.results, report.sent);
+    report.assert_each_answered_once();
     let edge = &env.edge_registries[0];
     assert_eq!(
         crate::support::metric(edge, "vigil_edge_results_duplicate_total", None),
@@ -138,14 +124,7 @@ async fn a_batching_worker_answers_every_frame_once() {
         env.add_client(&format!("b{i}"));
     }
     let report = closed_loop(&url, "b", 4, 4, Duration::from_secs(3)).await;
-    assert!(report.missing.is_empty(), "lost: {:?}", report.missing);
-    assert!(
-        report.duplicates.is_empty(),
-        "duplicated: {:?}",
-        report.duplicates
-    );
-    assert!(report.dropped.is_empty(), "dropped: {:?}", report.dropped);
-    assert_eq!(report.results, report.sent);
+    report.assert_each_answered_once();
     let family = env.worker_registries[0]
         .gather()
         .into_iter()

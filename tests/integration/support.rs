@@ -353,6 +353,18 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
+    /// Every frame sent got exactly one result: none lost, duplicated or dropped.
+    pub fn assert_each_answered_once(&self) {
+        assert!(self.missing.is_empty(), "lost: {:?}", self.missing);
+        assert!(
+            self.duplicates.is_empty(),
+            "duplicated: {:?}",
+            self.duplicates
+        );
+        assert!(self.dropped.is_empty(), "dropped: {:?}", self.dropped);
+        assert_eq!(self.results, self.sent);
+    }
+
     /// Results per second within the load window.
     pub fn results_per_s(&self) -> f64 {
         self.results_in_window as f64 / self.seconds
