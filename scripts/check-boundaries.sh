@@ -26,6 +26,7 @@ rule "only broker speaks AMQP (lapin)" '\blapin::|use lapin\b' 'broker\.rs'
 rule "only edge speaks WebSocket (tokio_tungstenite)" '\btokio_tungstenite\b' 'edge/'
 rule "only inference runs models (ort)" '\bort::|use ort\b' 'inference/'
 rule "only inference reads pixels (image)" '\bimage::|use image\b' 'inference/'
+rule "only telemetry serves HTTP connections (hyper), within its limits" '\bhyper(_util)?::|use hyper(_util)?\b' 'telemetry/'
 rule "only wire (and the tools) speak MessagePack" '\brmp_serde\b' 'wire/|tools/'
 rule "only the worker and the tools reach the analysis code (never the edge)" \
     'crate::(worker|analyzer|inference)\b' '(worker|analyzer)\.rs|inference/|tools/|lib\.rs|bin/'

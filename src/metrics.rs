@@ -140,7 +140,7 @@ pub struct EdgeMetrics {
     pub idle_closed: IntCounter,
     pub broker_blocked: IntGauge,
     pub admin_tls_failed: IntCounter,
-    pub admin_connections_refused: IntCounter,
+    pub admin_connections_refused: IntCounterVec,
     pub admin_forbidden: IntCounterVec,
     pub audit_views_refused: IntCounter,
     pub lease_failures: IntCounter,
@@ -301,10 +301,14 @@ impl EdgeMetrics {
                 "vigil_edge_admin_tls_failures_total",
                 "Admin API connections dropped because their TLS handshake failed or timed out",
             ),
-            admin_connections_refused: counter(
+            admin_connections_refused: counter_vec(
                 registry,
                 "vigil_edge_admin_connections_refused_total",
-                "Admin API connections closed at accept: the listener had VIGIL_HTTP_MAX_CONNECTIONS",
+                "Admin API connections closed for want of a place, by reason: full (the listener \
+                 held VIGIL_HTTP_MAX_CONNECTIONS), per_address (the address held \
+                 VIGIL_HTTP_MAX_CONNECTIONS_PER_ADDRESS), evicted (a held one closed for an \
+                 address holding fewer)",
+                &["reason"],
             ),
             admin_forbidden: counter_vec(
                 registry,

@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::LogFormat;
 
+pub mod http;
+pub use http::{Guarded, HttpLimits};
+
 /// Install the global `tracing` subscriber. `RUST_LOG` filters (default `info`).
 pub fn init_logging(format: LogFormat) {
     let _ = install(format, None);
@@ -197,118 +200,6 @@ impl Health {
     }
 }
 
-/// The bounds every HTTP listener (the admin API, `/metrics`) keeps: connections at once, and
-/// how long a connection may send nothing (no headers, no next request) or take no bytes.
-#[derive(Debug, Clone, Copy)]
-pub struct HttpLimits {
-    pub max_connections: usize,
-    pub idle_timeout: std::time::Duration,
-}
-
-impl HttpLimits {
-    pub fn of(cfg: &crate::config::Config) -> Self {
-        Self {
-            max_connections: cfg.http_max_connections,
-            idle_timeout: std::time::Duration::from_millis(cfg.http_idle_timeout_ms),
-        }
-    }
-}
-
-/// A listener that keeps [`HttpLimits`]: a connection past `max_connections` is closed as it
-/// is accepted (and counted), and every connection's reads and writes time out after
-/// `idle_timeout` without progress, which ends it.
-pub struct Guarded<L> {
-    inner: L,
-    permits: Arc<tokio::sync::Semaphore>,
-    idle: std::time::Duration,
-    refused: prometheus::IntCounter,
-}
-
-impl<L> Guarded<L> {
-    pub fn new(inner: L, limits: HttpLimits, refused: prometheus::IntCounter) -> Self {
-        Self {
-            inner,
-            permits: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
-            idle: limits.idle_timeout,
-            refused,
-        }
-    }
-}
-
-/// A connection of a [`Guarded`] listener: its place, and its time-bounded stream.
-pub struct GuardedIo<S> {
-    io: std::pin::Pin<Box<tokio_io_timeout::TimeoutStream<S>>>,
-    _place: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite> tokio::io::AsyncRead for GuardedIo<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.io.as_mut().poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite> tokio::io::AsyncWrite for GuardedIo<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.io.as_mut().poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.io.as_mut().poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.io.as_mut().poll_shutdown(cx)
-    }
-}
-
-impl<L> axum::serve::Listener for Guarded<L>
-where
-    L: axum::serve::Listener,
-{
-    type Io = GuardedIo<L::Io>;
-    type Addr = L::Addr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let (io, addr) = self.inner.accept().await;
-            match self.permits.clone().try_acquire_owned() {
-                Ok(place) => {
-                    let mut io = tokio_io_timeout::TimeoutStream::new(io);
-                    io.set_read_timeout(Some(self.idle));
-                    io.set_write_timeout(Some(self.idle));
-                    return (
-                        GuardedIo {
-                            io: Box::pin(io),
-                            _place: place,
-                        },
-                        addr,
-                    );
-                }
-                // Full: this one is closed at once (dropped), the others keep their places.
-                Err(_) => self.refused.inc(),
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
 /// Serve `/metrics`, `/healthz` and `/readyz` until `shutdown`, within `limits`. Returns the
 /// bound address.
 pub async fn serve_metrics(
@@ -320,9 +211,15 @@ pub async fn serve_metrics(
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let refused = prometheus::IntCounter::new(
-        "vigil_metrics_connections_refused_total",
-        "Connections to /metrics closed at accept: the listener had VIGIL_HTTP_MAX_CONNECTIONS",
+    let refused = prometheus::IntCounterVec::new(
+        prometheus::Opts::new(
+            "vigil_metrics_connections_refused_total",
+            "Connections to /metrics closed for want of a place, by reason: full (the listener \
+             held VIGIL_HTTP_MAX_CONNECTIONS), per_address (the address held \
+             VIGIL_HTTP_MAX_CONNECTIONS_PER_ADDRESS), evicted (a held one closed for an \
+             address holding fewer)",
+        ),
+        &["reason"],
     )
     .expect("a valid metric");
     let _ = registry.register(Box::new(refused.clone()));
@@ -355,14 +252,7 @@ pub async fn serve_metrics(
                 }
             }),
         );
-    tokio::spawn(async move {
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "metrics server failed");
-        }
-    });
+    tokio::spawn(http::serve(listener, app, shutdown));
     Ok(addr)
 }
 

@@ -3,8 +3,11 @@
 //! files of the new entries), and finds a client's entries through an index of where they sit,
 //! so a view of a long log costs what was appended, not the whole log.
 //!
-//! What was checked is not checked again: an evidence file altered after its entry was
-//! verified here shows in `vigil audit verify`, which reads everything.
+//! What a view shows is what was checked: each entry indexed keeps the SHA-256 of its line as
+//! checked, and an entry read back for a view that no longer matches it (rewritten in place,
+//! at the same length) breaks the log from that entry on. An evidence frame is served only
+//! when its bytes match the SHA-256 its entry records. An entry or file that no view reads is
+//! not read again here: `vigil audit verify` reads everything.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -12,6 +15,7 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::VerifyingKey;
+use sha2::{Digest as _, Sha256};
 
 use super::{AuditError, AuditRecord, Chain, EntryIn, Note, Verification, entry_problem, io};
 
@@ -24,8 +28,17 @@ pub struct Follower {
     /// The log only grows: once broken, it stays broken.
     broken: Option<Verification>,
     pruned: HashSet<String>,
-    /// Each client's entries: their offsets and lengths in the log, oldest first.
-    by_client: HashMap<String, Vec<(u64, u32)>>,
+    /// Each client's entries, oldest first.
+    by_client: HashMap<String, Vec<Indexed>>,
+}
+
+/// Where an entry sits in the log, and what its line was when it was checked.
+struct Indexed {
+    offset: u64,
+    len: u32,
+    /// 1-based, as `verify` counts.
+    line: u32,
+    sha256: [u8; 32],
 }
 
 impl Follower {
@@ -66,12 +79,17 @@ impl Follower {
         if self.broken.is_none() && len > self.bytes {
             self.follow(&path, len)?;
         }
+        Ok(self.status())
+    }
+
+    /// How the log stands, as far as it was checked (and read back since).
+    pub fn status(&self) -> Verification {
         if let Some(broken) = &self.broken {
-            return Ok(broken.clone());
+            return broken.clone();
         }
-        Ok(self.chain.unfinished().unwrap_or(Verification::Intact {
+        self.chain.unfinished().unwrap_or(Verification::Intact {
             entries: self.chain.entries,
-        }))
+        })
     }
 
     /// The new bytes up to `len`, in one read: the chain, the index, prune lists and gaps as
@@ -115,10 +133,12 @@ impl Follower {
                 },
             };
             if let Some(client) = client {
-                self.by_client
-                    .entry(client)
-                    .or_default()
-                    .push((offset, line.len() as u32));
+                self.by_client.entry(client).or_default().push(Indexed {
+                    offset,
+                    len: line.len() as u32,
+                    line: lineno as u32,
+                    sha256: Sha256::digest(line).into(),
+                });
             }
             end = offset + line.len() as u64 + 1;
             problem.is_none()
@@ -137,8 +157,11 @@ impl Follower {
         Ok(())
     }
 
-    /// The record of each of `client`'s entries (actions, operations, sessions), oldest first.
-    pub fn records_of(&self, client: &str) -> Result<Vec<String>, AuditError> {
+    /// The record of each of `client`'s entries (actions, operations, sessions), oldest first,
+    /// each read back and matched against its line as checked. An entry that changed since
+    /// breaks the log ([`Follower::status`]) and is left out; the log stays broken until it
+    /// is restored.
+    pub fn records_of(&mut self, client: &str) -> Result<Vec<String>, AuditError> {
         let Some(places) = self.by_client.get(client) else {
             return Ok(Vec::new());
         };
@@ -146,16 +169,54 @@ impl Follower {
         let mut file = File::open(&path).map_err(io(&path))?;
         let mut out = Vec::with_capacity(places.len());
         let mut buf = Vec::new();
-        for (offset, len) in places {
-            buf.resize(*len as usize, 0);
-            file.seek(SeekFrom::Start(*offset))
-                .and_then(|_| file.read_exact(&mut buf))
-                .map_err(io(&path))?;
+        let mut changed = None;
+        for place in places {
+            buf.resize(place.len as usize, 0);
+            let read = file
+                .seek(SeekFrom::Start(place.offset))
+                .and_then(|_| file.read_exact(&mut buf));
+            match read {
+                Ok(()) => {}
+                // Shorter now: the next update starts over; meanwhile nothing more is shown.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    changed.get_or_insert(place.line);
+                    break;
+                }
+                Err(e) => return Err(io(&path)(e)),
+            }
+            if Sha256::digest(&buf)[..] != place.sha256 {
+                changed.get_or_insert(place.line);
+                continue;
+            }
             if let Ok(entry) = serde_json::from_slice::<EntryIn>(&buf) {
                 out.push(entry.record.get().to_owned());
             }
         }
+        if let Some(line) = changed {
+            let earlier = matches!(&self.broken, Some(Verification::Broken { line: at, .. }) if *at <= line as usize);
+            if !earlier {
+                self.broken = Some(Verification::Broken {
+                    line: line as usize,
+                    action_id: None,
+                    problem: "the entry changed after it was checked (rewritten in place)".into(),
+                });
+            }
+        }
         Ok(out)
+    }
+
+    /// The SHA-256 (hex) that `client`'s checked entries record for the evidence file `file`
+    /// (relative to the evidence folder), if one of them names it.
+    pub fn evidence_sha256(
+        &mut self,
+        client: &str,
+        file: &str,
+    ) -> Result<Option<String>, AuditError> {
+        Ok(self.records_of(client)?.iter().find_map(|record| {
+            let r = serde_json::from_str::<AuditRecord>(record).ok()?;
+            let at = r.evidence_files.iter().position(|f| f == file)?;
+            r.evidence_sha256.get(at).cloned()
+        }))
     }
 }
 
@@ -273,6 +334,68 @@ mod tests {
         let mut fresh = Follower::new(&root, Some(public));
         std::fs::write(&log, &full).unwrap();
         assert_eq!(fresh.update().unwrap(), Verification::Intact { entries: 5 });
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn an_entry_rewritten_in_place_after_it_was_checked_breaks_the_view() {
+        let root = dir();
+        let mut store = AuditStore::open_with(&root, None).unwrap();
+        for _ in 0..2 {
+            let (env, ev) = event_of("alice");
+            store.store(&env, &ev).unwrap();
+        }
+        drop(store);
+        let mut follower = Follower::new(&root, None);
+        assert_eq!(
+            follower.update().unwrap(),
+            Verification::Intact { entries: 2 }
+        );
+        let records = follower.records_of("alice").unwrap();
+        assert_eq!(records.len(), 2);
+        // What the trail recorded for an evidence file is found, and matches the file.
+        let first: AuditRecord = serde_json::from_str(&records[0]).unwrap();
+        let file = &first.evidence_files[0];
+        let want = follower.evidence_sha256("alice", file).unwrap().unwrap();
+        assert_eq!(
+            want,
+            hex::encode(Sha256::digest(std::fs::read(root.join(file)).unwrap()))
+        );
+        assert_eq!(
+            follower
+                .evidence_sha256("alice", "evidence/elsewhere.jpg")
+                .unwrap(),
+            None
+        );
+        assert_eq!(follower.evidence_sha256("bob", file).unwrap(), None);
+        // The first entry's action rewritten at the same length: the log has not grown, so
+        // update() checks nothing new, but the read-back sees it.
+        let log = root.join("audit.log");
+        let text = std::fs::read_to_string(&log).unwrap();
+        let (line1, rest) = text.split_once('\n').unwrap();
+        let forged = line1.replacen("wrong_person", "right_person", 1);
+        assert_ne!(forged, line1);
+        assert_eq!(forged.len(), line1.len());
+        std::fs::write(&log, format!("{forged}\n{rest}")).unwrap();
+        assert_eq!(
+            follower.update().unwrap(),
+            Verification::Intact { entries: 2 }
+        );
+        let shown = follower.records_of("alice").unwrap();
+        assert_eq!(shown.len(), 1, "the rewritten entry is not shown");
+        assert!(
+            matches!(
+                follower.status(),
+                Verification::Broken { line: 1, ref problem, .. } if problem.contains("changed after")
+            ),
+            "{:?}",
+            follower.status()
+        );
+        // And it stays broken on the next update.
+        assert!(matches!(
+            follower.update().unwrap(),
+            Verification::Broken { line: 1, .. }
+        ));
         let _ = std::fs::remove_dir_all(&root);
     }
 }

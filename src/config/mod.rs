@@ -50,6 +50,12 @@ pub struct Config {
     /// Connections an HTTP listener (the admin API, `/metrics`) serves at once; more are
     /// closed as they are accepted [VIGIL_HTTP_MAX_CONNECTIONS].
     pub http_max_connections: usize,
+    /// Connections one address may hold on an HTTP listener at once; more from it are closed
+    /// as they are accepted [VIGIL_HTTP_MAX_CONNECTIONS_PER_ADDRESS].
+    pub http_max_connections_per_address: usize,
+    /// How long a request's headers may take to arrive, however they trickle in, in ms
+    /// [VIGIL_HTTP_HEADER_TIMEOUT_MS].
+    pub http_header_timeout_ms: u64,
     /// How long an HTTP connection may go without sending or taking a byte (no headers, no
     /// next request) before it is closed, in ms [VIGIL_HTTP_IDLE_TIMEOUT_MS].
     pub http_idle_timeout_ms: u64,
@@ -425,6 +431,8 @@ impl Default for Config {
             broker_management_ca_file: None,
             metrics_listen: "127.0.0.1:9090".parse().expect("valid address"),
             http_max_connections: 256,
+            http_max_connections_per_address: 64,
+            http_header_timeout_ms: 10_000,
             http_idle_timeout_ms: 60_000,
             topology_file: None,
             clients_dir: PathBuf::from("clients"),
@@ -616,6 +624,19 @@ impl Config {
             errors.push(format!(
                 "http_max_connections = {} must be within 1..=65536",
                 self.http_max_connections
+            ));
+        }
+        if !(1..=self.http_max_connections.max(1)).contains(&self.http_max_connections_per_address)
+        {
+            errors.push(format!(
+                "http_max_connections_per_address = {} must be within 1..=http_max_connections ({})",
+                self.http_max_connections_per_address, self.http_max_connections
+            ));
+        }
+        if !(100..=600_000).contains(&self.http_header_timeout_ms) {
+            errors.push(format!(
+                "http_header_timeout_ms = {} must be within 100..=600000",
+                self.http_header_timeout_ms
             ));
         }
         if !(100..=3_600_000).contains(&self.http_idle_timeout_ms) {

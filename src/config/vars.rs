@@ -142,7 +142,21 @@ pub static VARS: &[Var] = &[
         [Edge, Worker, Audit],
         http_max_connections,
         r#"256"#,
-        r#"connections an HTTP listener (the admin API, `/metrics`) serves at once; more are closed as they are accepted and counted (`vigil_edge_admin_connections_refused_total`, `vigil_metrics_connections_refused_total`)"#
+        r#"connections an HTTP listener (the admin API, `/metrics`) serves at once; when full, a newcomer from an address holding fewer takes the oldest place of the address holding most, else it is closed; counted by reason (`vigil_edge_admin_connections_refused_total`, `vigil_metrics_connections_refused_total`)"#
+    ),
+    var!(
+        "VIGIL_HTTP_MAX_CONNECTIONS_PER_ADDRESS",
+        [Edge, Worker, Audit],
+        http_max_connections_per_address,
+        r#"64"#,
+        r#"connections one address may hold on an HTTP listener; more from it are closed as they are accepted (reason `per_address`); raise it when many operators share one address"#
+    ),
+    var!(
+        "VIGIL_HTTP_HEADER_TIMEOUT_MS",
+        [Edge, Worker, Audit],
+        http_header_timeout_ms,
+        r#"10000"#,
+        r#"how long a request's headers may take to arrive, however slowly they trickle in; a connection past it is closed (and one kept alive with no next request)"#
     ),
     var!(
         "VIGIL_HTTP_IDLE_TIMEOUT_MS",

@@ -277,26 +277,12 @@ pub(super) async fn serve(
         .with_state(state);
     let Some(tls) = tls else {
         let listener = crate::telemetry::Guarded::new(listener, limits, refused);
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-            {
-                tracing::error!(error = %e, "admin API failed");
-            }
-        });
+        tokio::spawn(crate::telemetry::http::serve(listener, app, shutdown));
         return Ok(addr);
     };
     let listener = super::tls::TlsListener::new(listener, tls, handshakes, shutdown.clone())?;
     let listener = crate::telemetry::Guarded::new(listener, limits, refused);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-        {
-            tracing::error!(error = %e, "admin API failed");
-        }
-    });
+    tokio::spawn(crate::telemetry::http::serve(listener, app, shutdown));
     Ok(addr)
 }
 
@@ -845,9 +831,11 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
         // Only what was appended since the last view is checked; the client's entries are
         // found through the follower's index.
         let mut follower = follower.lock().unwrap_or_else(|e| e.into_inner());
-        let checked = follower.update().map_err(|e| e.to_string())?;
+        follower.update().map_err(|e| e.to_string())?;
         let unsigned = follower.unsigned();
         let found = follower.records_of(&client).map_err(|e| e.to_string())?;
+        // After the read-back: an entry rewritten since it was checked breaks the log here.
+        let checked = follower.status();
         drop(follower);
         let verification = match checked {
             Verification::Intact { entries } if key.is_some() => {
@@ -1034,10 +1022,40 @@ async fn evidence(
     // evidence/<day>/<client>/<evidence id>/frame-<id>.jpg
     let client = path.split('/').nth(1).unwrap_or_default().to_owned();
     match tokio::fs::read(&full).await {
-        Ok(bytes) => match read_audited(&api, &client, "read:evidence", &operator, file).await {
-            Ok(()) => jpeg(bytes),
-            Err(refused) => refused,
-        },
+        Ok(bytes) => {
+            // Served only as the trail recorded it: the SHA-256 its (checked) entry holds.
+            let follower = api.follower.clone();
+            let (who, named) = (client.clone(), file.clone());
+            let recorded = tokio::task::spawn_blocking(move || {
+                let mut follower = follower.lock().unwrap_or_else(|e| e.into_inner());
+                follower.update()?;
+                follower.evidence_sha256(&who, &named)
+            })
+            .await;
+            match recorded {
+                Ok(Ok(Some(want)))
+                    if hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)) == want => {}
+                Ok(Ok(Some(_))) => {
+                    return error(
+                        StatusCode::CONFLICT,
+                        "this evidence frame does not match the SHA-256 its audit entry \
+                         records: it was altered after it was written",
+                    );
+                }
+                Ok(Ok(None)) => {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "no checked audit entry names this evidence frame",
+                    );
+                }
+                Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+            match read_audited(&api, &client, "read:evidence", &operator, file).await {
+                Ok(()) => jpeg(bytes),
+                Err(refused) => refused,
+            }
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             error(StatusCode::NOT_FOUND, "no such evidence frame (pruned?)")
         }

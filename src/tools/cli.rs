@@ -913,7 +913,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Certs { action } => certs(action),
         Command::Operators { action } => operators(&cfg, action).await,
         Command::Clients { action } => clients(&cfg, action).await,
-        Command::Directory { action } => directory(&cfg, action),
+        Command::Directory { action } => directory(&cfg, action).await,
         Command::Models { action } => models(&cfg, action),
         Command::Audit { action } => audit(cfg, action).await,
         Command::Record {
@@ -1604,7 +1604,7 @@ async fn admin_handle(
     Ok((admin, broker))
 }
 
-fn directory(cfg: &Config, action: DirectoryCmd) -> Result<(), CliError> {
+async fn directory(cfg: &Config, action: DirectoryCmd) -> Result<(), CliError> {
     use crate::directory::{self, Exported, Location};
     match action {
         DirectoryCmd::Migrate => match cfg.directory_location().map_err(fail)? {
@@ -1663,6 +1663,7 @@ fn directory(cfg: &Config, action: DirectoryCmd) -> Result<(), CliError> {
                 parse_export(&bytes, &from)?
             };
             let store = cfg.open_directory().map_err(fail)?;
+            audit_import(cfg, store.clone(), &clients, replace, &from).await?;
             let done = directory::import(&*store, clients, replace).map_err(fail)?;
             let text = format!(
                 "imported into {}: {} added, {} replaced, {} kept as they were\n",
@@ -1675,6 +1676,74 @@ fn directory(cfg: &Config, action: DirectoryCmd) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// Put an import in the trail before it is made: one entry for the whole import (where from,
+/// the SHA-256 of what is imported, how many clients are added and replaced), and one on each
+/// client it adds or replaces, with the SHA-256 of the record and reference photo it gets. With
+/// no broker to take them, nothing is imported.
+async fn audit_import(
+    cfg: &Config,
+    store: std::sync::Arc<dyn ClientStore>,
+    clients: &[crate::directory::Exported],
+    replace: bool,
+    from: &std::path::Path,
+) -> Result<(), CliError> {
+    use sha2::Digest as _;
+    let sha = |bytes: &[u8]| hex::encode(sha2::Sha256::digest(bytes));
+    let mut changes = Vec::new();
+    for client in clients {
+        let id = &client.record.id;
+        let change = match store.get(id).map_err(fail)? {
+            None => "import:add",
+            Some(_) if replace => "import:replace",
+            Some(_) => continue,
+        };
+        let record = serde_json::to_vec(&client.record).map_err(fail)?;
+        let photo = client
+            .reference_jpeg_b64
+            .as_deref()
+            .map_or_else(|| "none".to_owned(), |b64| sha(b64.as_bytes()));
+        changes.push((
+            id.clone(),
+            change,
+            format!(
+                "record_sha256={} reference_b64_sha256={photo}",
+                sha(&record)
+            ),
+        ));
+    }
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let whole = serde_json::to_vec(clients).map_err(fail)?;
+    let (admin, broker) = admin_handle(cfg, store).await?;
+    let operator = cli_operator();
+    let sent = async {
+        let replaced = changes.iter().filter(|c| c.1 == "import:replace").count();
+        admin
+            .audit_with(
+                "",
+                "directory:import",
+                &operator,
+                format!(
+                    "from={} sha256={} add={} replace={replaced}",
+                    from.display().to_string().escape_debug(),
+                    sha(&whole),
+                    changes.len() - replaced,
+                ),
+            )
+            .await?;
+        for (id, change, detail) in &changes {
+            admin
+                .audit_with(id, change, &operator, detail.clone())
+                .await?;
+        }
+        Ok::<_, crate::admin::AdminError>(())
+    }
+    .await;
+    broker.close().await;
+    sent.map_err(|e| fail(format!("{e}: nothing was imported")))
 }
 
 /// The clients of an export file, one JSON line each; a bad line is named.

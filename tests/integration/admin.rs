@@ -641,6 +641,50 @@ async fn each_operator_has_a_token_and_a_role_and_every_identity_change_is_audit
     let (status, _) = call(&alice, "GET", "/v1/admin/clients", None).await;
     assert_eq!(status, 200);
 
+    // An import that replaces c2 and adds c9 is in the trail before it is made.
+    let exported = cli(&env, &file, &["directory", "export"]);
+    let c2_line = exported
+        .lines()
+        .find(|l| l.contains(r#""id":"c2""#))
+        .unwrap()
+        .to_owned();
+    let import = env.clients_dir.with_extension("import.jsonl");
+    std::fs::write(
+        &import,
+        format!(
+            "{c2_line}\n{}\n",
+            c2_line.replace(r#""id":"c2""#, r#""id":"c9""#)
+        ),
+    )
+    .unwrap();
+    let text = cli(
+        &env,
+        &file,
+        &["directory", "import", import.to_str().unwrap(), "--replace"],
+    );
+    assert!(text.contains("1 added, 1 replaced"), "{text}");
+    // With no broker to take the entry, nothing is imported.
+    std::fs::write(
+        &import,
+        c2_line.replace(r#""id":"c2""#, r#""id":"c10""#) + "\n",
+    )
+    .unwrap();
+    let refused = crate::support::output(
+        std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args(["directory", "import", import.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .env("VIGIL_NAMESPACE", &env.cfg.namespace)
+            .env("VIGIL_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+            .env("VIGIL_BROKER_CONNECT_TIMEOUT_MS", "2000")
+            .env("VIGIL_CLIENTS_DIR", &env.clients_dir),
+    );
+    assert!(!refused.status.success());
+    let (status, _) = call(&alice, "GET", "/v1/admin/clients/c10", None).await;
+    assert_eq!(status, 404, "c10 was not imported");
+    let (status, _) = call(&alice, "GET", "/v1/admin/clients/c9", None).await;
+    assert_eq!(status, 200, "c9 was");
+    let _ = std::fs::remove_file(&import);
+
     let dir = env.cfg.evidence_dir.clone();
     let notes = eventually(
         "every operation in the trail",
@@ -652,7 +696,7 @@ async fn each_operator_has_a_token_and_a_role_and_every_identity_change_is_audit
                     n.iter()
                         .filter(|x| matches!(x, vigil::audit::Note::Admin { .. }))
                         .count()
-                        >= 8
+                        >= 11
                 })
             }
         },
@@ -690,6 +734,9 @@ async fn each_operator_has_a_token_and_a_role_and_every_identity_change_is_audit
             row("root-cli", "enroll", "c2", "cli"),
             row("bob", "read:reference", "c2", "e1"),
             row("root-cli", "operator:remove", "", "cli"),
+            row("root-cli", "directory:import", "", "cli"),
+            row("root-cli", "import:replace", "c2", "cli"),
+            row("root-cli", "import:add", "c9", "cli"),
         ]
     );
     let details: Vec<&str> = notes
@@ -710,9 +757,11 @@ async fn each_operator_has_a_token_and_a_role_and_every_identity_change_is_audit
         "{}",
         details[5]
     );
+    assert!(details[8].contains("add=1 replace=1"), "{}", details[8]);
+    assert!(details[9].starts_with("record_sha256="), "{}", details[9]);
     assert_eq!(
         vigil::audit::verify(&dir, None).unwrap(),
-        vigil::audit::Verification::Intact { entries: 8 }
+        vigil::audit::Verification::Intact { entries: 11 }
     );
     env.shutdown.cancel();
     writer.join().await.unwrap();
@@ -973,64 +1022,118 @@ async fn the_client_list_comes_in_pages_and_the_api_describes_itself() {
     env.teardown().await;
 }
 
-/// Idle sockets cannot hold the admin API or use up the edge's file descriptors: past
-/// `http_max_connections` a connection is closed as it is accepted (and counted), and one that
-/// sends nothing, or half a request, is closed after `http_idle_timeout_ms`; the console's
-/// requests get through again once they are gone.
+/// 2,000 sockets held open on the admin port from one address, and more from four others
+/// until every place is taken: the console, from an address of its own, is still served at
+/// once, long before any timeout could free a place,
+/// because one address holds at most its share and a full listener gives the newcomer the
+/// oldest place of the address holding most. Each refusal is counted by reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sockets_cannot_hold_the_admin_api() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use crate::support::{connect_from, http_from, metric_value};
+    use std::net::IpAddr;
+    use tokio::io::AsyncWriteExt as _;
     let mut env = TestEnv::new("idle-admin");
     with_admin_api(&mut env);
-    env.cfg.http_max_connections = 4;
-    env.cfg.http_idle_timeout_ms = 1_000;
+    env.cfg.http_max_connections = 16;
+    env.cfg.http_max_connections_per_address = 8;
+    // Neither timeout frees a place while the test runs: only the sharing does.
+    env.cfg.http_idle_timeout_ms = 600_000;
+    env.cfg.http_header_timeout_ms = 600_000;
     let _url = env.start_edge("e1").await;
     let admin = env.edges[0].admin_addr.unwrap();
-    /// Whether the server closed `s` within `wait`.
-    async fn closed(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
-        let mut buf = [0u8; 64];
-        matches!(
-            tokio::time::timeout(wait, s.read(&mut buf)).await,
-            Ok(Ok(0) | Err(_))
-        )
+    let host = |last: u8| IpAddr::from([127, 0, 0, last]);
+    // 2,000 from one address, each with half a request, then nothing.
+    let mut held = Vec::new();
+    for _ in 0..2_000 {
+        let mut s = connect_from(host(1), admin).await.expect("connected");
+        let _ = s
+            .write_all(b"GET /v1/admin/clients HTTP/1.1\r\nHost: x\r\n")
+            .await;
+        held.push(s);
     }
-    let mut idle = Vec::new();
-    for i in 0..4 {
-        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
-        if i == 0 {
-            // Half a request, then nothing.
-            s.write_all(b"GET /v1/admin/clients HTTP/1.1\r\nHost: x\r\n")
-                .await
-                .unwrap();
+    // Four more addresses, two sockets each: with the first address's 8, every place is taken.
+    for last in 3..=6 {
+        for _ in 0..2 {
+            held.push(connect_from(host(last), admin).await.expect("connected"));
         }
-        idle.push(s);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // The listener is full: the next connection is closed at once, long before the timeout.
-    let mut extra = tokio::net::TcpStream::connect(admin).await.unwrap();
-    assert!(
-        closed(&mut extra, Duration::from_millis(800)).await,
-        "a connection past the cap is closed at accept"
+    // The operator, from another address: the console's first request (who am I), then the
+    // client list, each on a connection of its own.
+    let me = http_from(host(2), admin, "GET", "/v1/admin/me", Some(ADMIN_TOKEN)).await;
+    assert_eq!(
+        me.map(|(status, _)| status),
+        Some(200),
+        "the console's first request"
     );
-    // The idle ones are closed after the idle timeout.
-    for s in &mut idle {
-        assert!(
-            closed(s, Duration::from_secs(5)).await,
-            "an idle socket closed"
-        );
-    }
-    // Room again: the console's request is served.
-    let (status, _) = http(admin, "GET", "/v1/admin/clients", Some(ADMIN_TOKEN), None).await;
-    assert_eq!(status, 200);
+    let list = http_from(
+        host(2),
+        admin,
+        "GET",
+        "/v1/admin/clients",
+        Some(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(list.map(|(status, _)| status), Some(200), "the client list");
     let (_, metrics) = crate::support::http_get(env.edges[0].metrics_addr, "/metrics")
         .await
         .unwrap();
-    let refused: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("vigil_edge_admin_connections_refused_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0);
-    assert!(refused >= 1.0, "counted: {refused}");
+    let refused = |reason: &str| {
+        metric_value(
+            &metrics,
+            &format!("vigil_edge_admin_connections_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    // The first address kept 8 places; the other 1,992 were closed as they came.
+    assert!(
+        refused("per_address") >= 1_992.0,
+        "per address: {}",
+        refused("per_address")
+    );
+    // The first request took a place from the first address; the second, the place the first
+    // gave back.
+    assert!(refused("evicted") >= 1.0, "evicted: {}", refused("evicted"));
+    drop(held);
+    env.teardown().await;
+}
+
+/// A request whose headers trickle in a byte at a time, each well within the idle timeout, is
+/// closed at the header deadline; a request sent whole is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_that_trickle_are_cut_at_the_header_deadline() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut env = TestEnv::new("slow-headers");
+    with_admin_api(&mut env);
+    env.cfg.http_idle_timeout_ms = 600_000;
+    env.cfg.http_header_timeout_ms = 1_000;
+    let _url = env.start_edge("e1").await;
+    let admin = env.edges[0].admin_addr.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let request = b"GET /v1/admin/clients HTTP/1.1\r\nHost: x\r\nX-Padding: ".to_vec();
+    let started = std::time::Instant::now();
+    let mut closed = false;
+    // A byte every 100 ms for at most 20 s: the deadline must cut it long before.
+    for byte in request.iter().copied().chain(std::iter::repeat(b'a')) {
+        if started.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        if slow.write_all(&[byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut buf)).await {
+            // Closed (hyper may answer 408 first), or reset.
+            Ok(Ok(_)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(closed, "the trickling request was cut");
+    let (status, _) = http(admin, "GET", "/v1/admin/clients", Some(ADMIN_TOKEN), None).await;
+    assert_eq!(status, 200);
     env.teardown().await;
 }
 
@@ -1121,6 +1224,34 @@ async fn fifty_parallel_audit_views_of_a_100k_entry_log() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(&format!("{seq} entries")), "{body}");
     assert!(body.contains(r#""operator":"bob""#), "{body}");
+    // Entry 7 (one of c7's) rewritten in place at the same length: the log did not grow, so
+    // nothing new is checked, but the view reads c7's entries back and sees it.
+    let log = std::fs::read_to_string(env.cfg.evidence_dir.join("audit.log")).unwrap();
+    let mut lines: Vec<String> = log.lines().map(str::to_owned).collect();
+    let forged = lines[6].replacen(r#""operator":"alice""#, r#""operator":"mallo""#, 1);
+    assert_ne!(forged, lines[6]);
+    lines[6] = forged;
+    std::fs::write(
+        env.cfg.evidence_dir.join("audit.log"),
+        lines.join("\n") + "\n",
+    )
+    .unwrap();
+    let (status, body) = http(
+        admin,
+        "GET",
+        "/v1/admin/audit/clients/c7",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let verification = view["verification"].as_str().unwrap();
+    assert!(
+        verification.starts_with("BROKEN at entry 7:") && verification.contains("changed after"),
+        "{verification}"
+    );
+    assert!(!body.contains("mallo"), "the rewritten entry is not shown");
     println!(
         "50 parallel audit views of a {ENTRIES}-entry log: all answered in {:.2} s (slowest \
          view {:.2} s); the test process grew by {} MiB; a view after one more entry took {:.0} ms",

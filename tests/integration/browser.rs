@@ -312,6 +312,25 @@ async fn the_console_shows_the_live_session_its_evidence_and_blocks_it() {
         "{seen}"
     );
     assert_eq!(seen["console"]["key"], "pinned", "{seen}");
+    // An evidence frame is served as the trail recorded it, and refused once altered.
+    let records = vigil::audit::records(&env.cfg.evidence_dir).unwrap();
+    let file = records
+        .iter()
+        .find_map(|r| r.evidence_files.first().cloned())
+        .expect("an action with evidence");
+    let admin_addr = env.edges[0].admin_addr.unwrap();
+    let url = format!("/v1/admin/audit/{file}");
+    let (status, _) = crate::support::http(admin_addr, "GET", &url, Some(ADMIN_TOKEN), None).await;
+    assert_eq!(status, 200, "{url}");
+    let on_disk = env.cfg.evidence_dir.join(&file);
+    let mut altered = std::fs::read(&on_disk).unwrap();
+    let last = altered.len() - 3;
+    altered[last] ^= 0xFF;
+    std::fs::write(&on_disk, &altered).unwrap();
+    let (status, body) =
+        crate::support::http(admin_addr, "GET", &url, Some(ADMIN_TOKEN), None).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("altered"), "{body}");
     let _ = std::fs::remove_file(&y4m);
     env.shutdown.cancel();
     writer.join().await.unwrap();

@@ -477,6 +477,45 @@ pub async fn http(
         .unwrap()
 }
 
+/// [`http`] from the local address `source` (any of 127.0.0.0/8 reaches a loopback listener),
+/// so that a test can play several hosts. `None` when the server closed the connection
+/// before answering.
+pub async fn http_from(
+    source: std::net::IpAddr,
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Option<(u16, String)> {
+    let stream = connect_from(source, addr).await.ok()?;
+    exchange(stream, addr, method, path, token, None)
+        .await
+        .ok()
+        .filter(|(status, _)| *status != 0)
+}
+
+/// A TCP connection to `addr` from the local address `source`.
+pub async fn connect_from(
+    source: std::net::IpAddr,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(source, 0))?;
+    tokio::time::timeout(Duration::from_secs(10), socket.connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// The value of the metric line `name` (with its labels, as Prometheus prints them) in a
+/// `/metrics` text, 0 when absent.
+pub fn metric_value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// The same as [`http`] over HTTPS, trusting only the CA in `ca_pem`.
 pub async fn https(
     addr: std::net::SocketAddr,
