@@ -736,7 +736,21 @@ impl Config {
             if self.directory_url.is_none()
                 && let Some(tokens) = &e.admin_tokens_file
             {
-                let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or(p.to_owned());
+                // Absolute, with `.` and `..` resolved by name (the files need not exist yet).
+                let abs = |p: &std::path::Path| {
+                    let p = std::path::absolute(p).unwrap_or(p.to_owned());
+                    let mut out = PathBuf::new();
+                    for part in p.components() {
+                        match part {
+                            std::path::Component::ParentDir => {
+                                out.pop();
+                            }
+                            std::path::Component::CurDir => {}
+                            other => out.push(other),
+                        }
+                    }
+                    out
+                };
                 if abs(tokens).starts_with(abs(&self.clients_dir)) {
                     errors.push(format!(
                         "admin_tokens_file {} is inside the clients folder {}: keep it outside, \
@@ -870,7 +884,21 @@ impl Config {
             && let Some(key) = &self.audit_key
         {
             let inside = |dir: &std::path::Path| {
-                let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or(p.to_owned());
+                // Absolute, with `.` and `..` resolved by name (the files need not exist yet).
+                let abs = |p: &std::path::Path| {
+                    let p = std::path::absolute(p).unwrap_or(p.to_owned());
+                    let mut out = PathBuf::new();
+                    for part in p.components() {
+                        match part {
+                            std::path::Component::ParentDir => {
+                                out.pop();
+                            }
+                            std::path::Component::CurDir => {}
+                            other => out.push(other),
+                        }
+                    }
+                    out
+                };
                 abs(key).starts_with(abs(dir))
             };
             if inside(&self.evidence_dir) {
@@ -1312,6 +1340,51 @@ mod tests {
             let all = load(None, &vars).unwrap_err().join("\n");
             assert!(all.contains(error), "{vars:?}: {all}");
         }
+    }
+
+    #[test]
+    fn the_operators_tokens_file_is_kept_out_of_the_clients_folder() {
+        let edge = |tokens: &str| {
+            Config::load_for(
+                Some(Role::Edge),
+                None,
+                env(&[
+                    ("VIGIL_CLIENTS_DIR", "/srv/vigil/clients"),
+                    ("VIGIL_ADMIN_TOKENS_FILE", tokens),
+                ]),
+            )
+        };
+        // Where a client named `operators` would write its record, or anywhere below.
+        for inside in [
+            "/srv/vigil/clients/operators.json",
+            "/srv/vigil/clients/sub/tokens.json",
+            "/srv/vigil/other/../clients/operators.json",
+            "/srv/vigil/clients/./operators.json",
+        ] {
+            let errors = edge(inside).unwrap_err().join("\n");
+            assert!(
+                errors.contains("is inside the clients folder"),
+                "{inside}: {errors}"
+            );
+        }
+        assert!(edge("/srv/vigil/operators.json").is_ok());
+        assert!(edge("/srv/vigil/clients/../operators.json").is_ok());
+        // With PostgreSQL as the directory there is no folder to collide with.
+        assert!(
+            Config::load_for(
+                Some(Role::Edge),
+                None,
+                env(&[
+                    ("VIGIL_CLIENTS_DIR", "/srv/vigil/clients"),
+                    (
+                        "VIGIL_ADMIN_TOKENS_FILE",
+                        "/srv/vigil/clients/operators.json"
+                    ),
+                    ("VIGIL_DIRECTORY_URL", "postgres://postgres@127.0.0.1/vigil"),
+                ]),
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -1737,6 +1737,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_logged_client_id_is_escaped_and_cut() {
+        // A forged line, a terminal escape, and a megabyte of id.
+        let forged = "c1\nERROR admin login ok\r\u{1b}[2J";
+        let shown = LogId(forged).to_string();
+        assert!(!shown.contains(['\n', '\r', '\u{1b}']), "{shown}");
+        assert_eq!(shown, "c1\\nERROR admin login ok\\r\\u{1b}[2J");
+        let huge = "x".repeat(1 << 20);
+        let shown = LogId(&huge).to_string();
+        assert_eq!(shown, format!("{}…({} bytes)", "x".repeat(64), 1 << 20));
+        assert_eq!(LogId("alice").to_string(), "alice");
+    }
+
+    #[test]
     fn every_way_a_session_ends_is_one_the_audit_writer_takes() {
         for end in [
             End::ClientClosed,

@@ -612,8 +612,13 @@ async fn audit_verify_catches_tampering_a_deleted_tail_and_changed_evidence() {
         prev = hash;
     }
     std::fs::write(&log, &rehashed).unwrap();
-    let (ok, _) = vigil(&env, &["audit", "verify", "--offline"], &evidence);
+    let (ok, text) = vigil(&env, &["audit", "verify", "--offline"], &evidence);
     assert!(ok, "the re-hashed chain should hold without the key");
+    // ...and the CLI says so: without the key, it proves only self-consistency.
+    assert!(
+        text.contains("WARNING: no public key") && text.contains("re-chain every hash"),
+        "{text}"
+    );
     let (ok, text) = verify(&["--offline"]);
     assert!(!ok);
     assert!(text.contains("signature"), "{text}");

@@ -1264,3 +1264,108 @@ async fn fifty_parallel_audit_views_of_a_100k_entry_log() {
     env.teardown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With the broker gone, a block cannot be audited first, so it is refused and the client is
+/// left as it was; once the broker is back, the same block is audited and made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_with_the_broker_down_is_refused_and_changes_nothing() {
+    use crate::support::{Proxy, broker_host};
+    let mut env = TestEnv::new("blockdown");
+    with_admin_api(&mut env);
+    let proxy = Proxy::start(&broker_host()).await;
+    env.cfg.amqp_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    env.start_edge("e1").await;
+    env.add_client("c1");
+    let admin = env.edges[0].admin_addr.unwrap();
+    let status_of = async || {
+        let (status, body) = http(
+            admin,
+            "GET",
+            "/v1/admin/clients/c1",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["status"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(status_of().await, "active");
+    proxy.cut();
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients/c1/block",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        status_of().await,
+        "active",
+        "nothing changed without its entry"
+    );
+    proxy.resume().await;
+    eventually(
+        "the block, once the broker is back",
+        Duration::from_secs(30),
+        || async {
+            let (status, _) = http(
+                admin,
+                "POST",
+                "/v1/admin/clients/c1/block",
+                Some(ADMIN_TOKEN),
+                None,
+            )
+            .await;
+            (status == 200).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(status_of().await, "blocked");
+    env.teardown().await;
+}
+
+/// `/metrics` keeps the same bounds: sockets held from one address past its share are closed
+/// at accept and counted, and a scrape from another address is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_keeps_the_same_bounds() {
+    use crate::support::{connect_from, http_from, metric_value};
+    use std::net::IpAddr;
+    let mut env = TestEnv::new("metrics-cap");
+    env.cfg.http_max_connections = 4;
+    env.cfg.http_max_connections_per_address = 2;
+    env.cfg.http_idle_timeout_ms = 600_000;
+    env.cfg.http_header_timeout_ms = 600_000;
+    env.start_edge("e1").await;
+    let metrics = env.edges[0].metrics_addr;
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(
+            connect_from(IpAddr::from([127, 0, 0, 1]), metrics)
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, text) = http_from(
+        IpAddr::from([127, 0, 0, 2]),
+        metrics,
+        "GET",
+        "/metrics",
+        None,
+    )
+    .await
+    .expect("a scrape from another address is answered");
+    assert_eq!(status, 200);
+    let refused = metric_value(
+        &text,
+        r#"vigil_metrics_connections_refused_total{reason="per_address"}"#,
+    );
+    assert!(refused >= 8.0, "{refused}");
+    drop(held);
+    env.teardown().await;
+}

@@ -312,6 +312,32 @@ async fn the_console_shows_the_live_session_its_evidence_and_blocks_it() {
         "{seen}"
     );
     assert_eq!(seen["console"]["key"], "pinned", "{seen}");
+    // The edge publishes the key it verifies with; a console that pinned another one said so.
+    let public = vigil::audit::signing::load_public(&keys.join("audit.key.pub")).unwrap();
+    let fingerprint = vigil::audit::signing::fingerprint(&public);
+    let (status, body) = crate::support::http(
+        env.edges[0].admin_addr.unwrap(),
+        "GET",
+        "/v1/admin/audit/key",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let published: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(published["fingerprint"], fingerprint.as_str(), "{body}");
+    assert_eq!(
+        published["public_key"].as_str().unwrap_or_default().trim(),
+        std::fs::read_to_string(keys.join("audit.key.pub"))
+            .unwrap()
+            .trim(),
+        "{body}"
+    );
+    let alarm = seen["console"]["keyChanged"].as_str().unwrap_or_default();
+    assert!(
+        alarm.starts_with("KEY CHANGED") && alarm.contains(&fingerprint),
+        "{seen}"
+    );
     // An evidence frame is served as the trail recorded it, and refused once altered.
     let records = vigil::audit::records(&env.cfg.evidence_dir).unwrap();
     let file = records

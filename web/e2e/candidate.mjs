@@ -111,6 +111,16 @@ try {
     seen.console.key = await operator.getByTestId("audit-key").getAttribute("data-state");
     await operator.getByTestId("audit-chain").scrollIntoViewIfNeeded();
     await operator.screenshot({ path: `${shots}/console-audit.png`, fullPage: true });
+    // A console that pinned another writer's key sounds the alarm on the next view, and can
+    // pin this one instead.
+    await operator.evaluate(() => localStorage.setItem("vigil.console.audit-key", "00112233445566778899aabbccddeeff"));
+    await operator.getByTestId(`audit-${client}`).click();
+    await operator.locator("[data-testid=audit-key][data-state=changed]").waitFor(opts);
+    seen.console.keyChanged = await operator.getByTestId("audit-key").textContent();
+    await operator.getByTestId("audit-key").scrollIntoViewIfNeeded();
+    await operator.screenshot({ path: `${shots}/console-key-changed.png` });
+    await operator.getByTestId("audit-key-accept").click();
+    await operator.locator("[data-testid=audit-key][data-state=pinned]").waitFor(opts);
     // A new client, added and enrolled from a photo file through the console.
     await operator.getByTestId("new-id").fill("newcomer");
     await operator.getByTestId("new-name").fill("A newcomer");
@@ -133,6 +143,7 @@ try {
       seen.console.enroll.startsWith("newcomer enrolled") &&
       seen.console.chain.startsWith("intact") &&
       seen.console.key === "pinned" &&
+      seen.console.keyChanged.startsWith("KEY CHANGED") &&
       (await page.getByTestId("status").getAttribute("data-state")) === "blocked";
   } else if (scenario === "challenge") {
     const challenge = page.locator("[data-testid=challenge][data-state=active]");
