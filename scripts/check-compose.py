@@ -1,10 +1,12 @@
 """Check the least-privilege shape of compose.yaml, as `docker-compose config` resolves it (with
 the cluster profile's nodes): no broker port is published, every Vigil service runs with
 separate broker roles and reads its broker URL from a file in a volume that no other service
-mounts, only the console holds the admin role's URL, and no password is written in the file.
+mounts, that volume holds the URL of the service's own broker user (the one `broker-users`
+writes into it), only the console holds the operator role's URL, and no password is written
+in the file.
 
 Run with Debian's python3, which docker-compose's own PyYAML comes with:
-    docker-compose -f compose.yaml config | /usr/bin/python3 scripts/check-compose.py
+    docker-compose --profile cluster -f compose.yaml config | /usr/bin/python3 scripts/check-compose.py
 """
 
 import re
@@ -13,6 +15,18 @@ import sys
 import yaml
 
 SERVICES = {"edge-1", "edge-2", "console", "worker", "audit"}
+# The broker user each service must run as (`vigil broker provision` writes each user's URL to
+# /out/<user>/amqp.url), and the one the console's admin API speaks as.
+NAMESPACE = "vigil"
+USER_OF = {
+    "worker": f"{NAMESPACE}-worker",
+    "audit": f"{NAMESPACE}-audit",
+    "edge-1": f"{NAMESPACE}-edge-edge-1",
+    "edge-2": f"{NAMESPACE}-edge-edge-2",
+    "console": f"{NAMESPACE}-edge-console",
+}
+OPERATOR_USER = f"{NAMESPACE}-operator"
+CLUSTER_NODES = {"rabbitmq", "rabbitmq-2", "rabbitmq-3"}
 BROKER_PORTS = {5672, 5671, 15672, 15671, 25672, 4369}
 
 config = yaml.safe_load(sys.stdin)
@@ -82,6 +96,30 @@ for name, source in broker_volume.items():
         problems.append(f"{name}'s broker volume {source} is also mounted by {', '.join(others)}")
 if len(set(broker_volume.values())) != len(broker_volume):
     problems.append(f"services share a broker user: {broker_volume}")
+
+# Whose URL is in each volume: the user whose folder `broker-users` mounts it at.
+provisioned = {
+    source: target.removeprefix("/out/")
+    for target, source in volumes_of(services.get("broker-users", {})).items()
+    if target.startswith("/out/")
+}
+if env_of(services.get("broker-users", {})).get("VIGIL_NAMESPACE") != NAMESPACE:
+    problems.append(f"broker-users does not provision the {NAMESPACE} namespace")
+for name, source in broker_volume.items():
+    user = provisioned.get(source)
+    if user != USER_OF[name]:
+        problems.append(f"{name}'s broker volume {source} holds the URL of {user}, not {USER_OF[name]}")
+console = services.get("console", {})
+operator_file = env_of(console).get("VIGIL_ADMIN_AMQP_URL_FILE", "")
+operator_source = volumes_of(console).get(operator_file.rsplit("/", 1)[0])
+if provisioned.get(operator_source) != OPERATOR_USER:
+    problems.append(
+        f"the console's admin link reads {operator_file} from {operator_source}, which holds the "
+        f"URL of {provisioned.get(operator_source)}, not {OPERATOR_USER}"
+    )
+missing_nodes = CLUSTER_NODES - set(services)
+if missing_nodes:
+    problems.append(f"no {', '.join(sorted(missing_nodes))}: run with --profile cluster")
 
 provision = services.get("broker-users", {}).get("command") or []
 for edge in ("edge-1", "edge-2", "console"):

@@ -252,7 +252,7 @@ pub async fn serve_metrics(
                 }
             }),
         );
-    tokio::spawn(http::serve(listener, app, shutdown));
+    tokio::spawn(http::serve(listener, app, limits.header_timeout, shutdown));
     Ok(addr)
 }
 

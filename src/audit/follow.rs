@@ -6,8 +6,10 @@
 //! What a view shows is what was checked: each entry indexed keeps the SHA-256 of its line as
 //! checked, and an entry read back for a view that no longer matches it (rewritten in place,
 //! at the same length) breaks the log from that entry on. An evidence frame is served only
-//! when its bytes match the SHA-256 its entry records. An entry or file that no view reads is
-//! not read again here: `vigil audit verify` reads everything.
+//! when its bytes match the SHA-256 its entry records, and that entry is read back the same
+//! way. Each update also reads back the last line checked and the file's identity (device and
+//! inode): a log replaced, even by a longer one, is followed from its start again. An entry
+//! or file that no view reads is not read again here: `vigil audit verify` reads everything.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -16,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use ed25519_dalek::VerifyingKey;
 use sha2::{Digest as _, Sha256};
+use uuid::Uuid;
 
 use super::{AuditError, AuditRecord, Chain, EntryIn, Note, Verification, entry_problem, io};
 
@@ -30,9 +33,29 @@ pub struct Follower {
     pruned: HashSet<String>,
     /// Each client's entries, oldest first.
     by_client: HashMap<String, Vec<Indexed>>,
+    /// The action entry of each evidence folder (named by the action's id).
+    evidence: HashMap<Uuid, Indexed>,
+    /// The last line checked, read back at each update.
+    last: Option<Indexed>,
+    /// The log file's device and inode when it was first read.
+    identity: Option<(u64, u64)>,
+}
+
+/// What the trail says of one evidence frame ([`Follower::evidence_sha256`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EvidenceCheck {
+    /// The SHA-256 (hex) its checked entry records.
+    Sha256(String),
+    /// Its entry names it but records no hash (a log from before hashes were kept).
+    Unhashed,
+    /// No checked entry of that client names it.
+    NotInTrail,
+    /// Its entry changed after it was checked: the log is broken there.
+    EntryChanged,
 }
 
 /// Where an entry sits in the log, and what its line was when it was checked.
+#[derive(Debug, Clone, Copy)]
 struct Indexed {
     offset: u64,
     len: u32,
@@ -51,6 +74,9 @@ impl Follower {
             broken: None,
             pruned: HashSet::new(),
             by_client: HashMap::new(),
+            evidence: HashMap::new(),
+            last: None,
+            identity: None,
         }
     }
 
@@ -66,20 +92,37 @@ impl Follower {
 
     /// Check what was appended since the last call, and say how the whole log stands.
     pub fn update(&mut self) -> Result<Verification, AuditError> {
+        use std::os::unix::fs::MetadataExt as _;
         let path = self.root.join("audit.log");
-        let len = match std::fs::metadata(&path) {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        let (len, identity) = match std::fs::metadata(&path) {
+            Ok(m) => (m.len(), Some((m.dev(), m.ino()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, None),
             Err(e) => return Err(io(&path)(e)),
         };
-        if len < self.bytes {
-            // Shorter than what was checked: replaced or restored. Start over.
+        // Shorter than what was checked, another file, or a last line that changed: replaced
+        // or restored. Start over.
+        let replaced = self.identity.is_some() && identity != self.identity;
+        if len < self.bytes || replaced || !self.last_line_holds(&path)? {
             *self = Self::new(&self.root, self.key);
         }
+        self.identity = identity;
         if self.broken.is_none() && len > self.bytes {
             self.follow(&path, len)?;
         }
         Ok(self.status())
+    }
+
+    /// Whether the last line checked still reads as it did.
+    fn last_line_holds(&self, path: &Path) -> Result<bool, AuditError> {
+        let Some(last) = self.last else {
+            return Ok(true);
+        };
+        let mut file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io(path)(e)),
+        };
+        read_back(&mut file, &last, &mut Vec::new()).map_err(io(path))
     }
 
     /// How the log stands, as far as it was checked (and read back since).
@@ -110,10 +153,18 @@ impl Follower {
                 }
             };
             let record = checked.record;
+            let place = Indexed {
+                offset,
+                len: line.len() as u32,
+                line: lineno as u32,
+                sha256: Sha256::digest(line).into(),
+            };
+            self.last = Some(place);
             let client = match serde_json::from_str::<AuditRecord>(&record) {
                 Ok(r) => {
                     if !r.evidence_files.is_empty() {
                         with_evidence.push((lineno, record.clone()));
+                        self.evidence.insert(r.action_id, place);
                     }
                     Some(r.client_id)
                 }
@@ -133,12 +184,7 @@ impl Follower {
                 },
             };
             if let Some(client) = client {
-                self.by_client.entry(client).or_default().push(Indexed {
-                    offset,
-                    len: line.len() as u32,
-                    line: lineno as u32,
-                    sha256: Sha256::digest(line).into(),
-                });
+                self.by_client.entry(client).or_default().push(place);
             }
             end = offset + line.len() as u64 + 1;
             problem.is_none()
@@ -171,20 +217,7 @@ impl Follower {
         let mut buf = Vec::new();
         let mut changed = None;
         for place in places {
-            buf.resize(place.len as usize, 0);
-            let read = file
-                .seek(SeekFrom::Start(place.offset))
-                .and_then(|_| file.read_exact(&mut buf));
-            match read {
-                Ok(()) => {}
-                // Shorter now: the next update starts over; meanwhile nothing more is shown.
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    changed.get_or_insert(place.line);
-                    break;
-                }
-                Err(e) => return Err(io(&path)(e)),
-            }
-            if Sha256::digest(&buf)[..] != place.sha256 {
+            if !read_back(&mut file, place, &mut buf).map_err(io(&path))? {
                 changed.get_or_insert(place.line);
                 continue;
             }
@@ -193,30 +226,73 @@ impl Follower {
             }
         }
         if let Some(line) = changed {
-            let earlier = matches!(&self.broken, Some(Verification::Broken { line: at, .. }) if *at <= line as usize);
-            if !earlier {
-                self.broken = Some(Verification::Broken {
-                    line: line as usize,
-                    action_id: None,
-                    problem: "the entry changed after it was checked (rewritten in place)".into(),
-                });
-            }
+            self.changed_at(line);
         }
         Ok(out)
     }
 
-    /// The SHA-256 (hex) that `client`'s checked entries record for the evidence file `file`
-    /// (relative to the evidence folder), if one of them names it.
+    /// The entry at `line` no longer reads as it did when it was checked.
+    fn changed_at(&mut self, line: u32) {
+        let earlier = matches!(&self.broken, Some(Verification::Broken { line: at, .. }) if *at <= line as usize);
+        if !earlier {
+            self.broken = Some(Verification::Broken {
+                line: line as usize,
+                action_id: None,
+                problem: "the entry changed after it was checked (rewritten in place)".into(),
+            });
+        }
+    }
+
+    /// What `client`'s checked entry says of the evidence file `file` (relative to the
+    /// evidence folder, `evidence/<day>/<client>/<action id>/...`): found through the index
+    /// of evidence folders, and read back against its line as checked.
     pub fn evidence_sha256(
         &mut self,
         client: &str,
         file: &str,
-    ) -> Result<Option<String>, AuditError> {
-        Ok(self.records_of(client)?.iter().find_map(|record| {
-            let r = serde_json::from_str::<AuditRecord>(record).ok()?;
-            let at = r.evidence_files.iter().position(|f| f == file)?;
-            r.evidence_sha256.get(at).cloned()
-        }))
+    ) -> Result<EvidenceCheck, AuditError> {
+        let Some(place) = file
+            .split('/')
+            .nth(3)
+            .and_then(|id| Uuid::parse_str(id).ok())
+            .and_then(|id| self.evidence.get(&id).copied())
+        else {
+            return Ok(EvidenceCheck::NotInTrail);
+        };
+        let path = self.root.join("audit.log");
+        let mut log = File::open(&path).map_err(io(&path))?;
+        let mut buf = Vec::new();
+        if !read_back(&mut log, &place, &mut buf).map_err(io(&path))? {
+            self.changed_at(place.line);
+            return Ok(EvidenceCheck::EntryChanged);
+        }
+        let record = serde_json::from_slice::<EntryIn>(&buf)
+            .ok()
+            .and_then(|e| serde_json::from_str::<AuditRecord>(e.record.get()).ok());
+        let Some(record) = record.filter(|r| r.client_id == client) else {
+            return Ok(EvidenceCheck::NotInTrail);
+        };
+        let Some(at) = record.evidence_files.iter().position(|f| f == file) else {
+            return Ok(EvidenceCheck::NotInTrail);
+        };
+        Ok(match record.evidence_sha256.get(at) {
+            Some(sha) => EvidenceCheck::Sha256(sha.clone()),
+            None => EvidenceCheck::Unhashed,
+        })
+    }
+}
+
+/// Read the line at `place` into `buf`; whether it still hashes as it did when checked
+/// (false also when the file is now too short to hold it).
+fn read_back(file: &mut File, place: &Indexed, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+    buf.resize(place.len as usize, 0);
+    match file
+        .seek(SeekFrom::Start(place.offset))
+        .and_then(|_| file.read_exact(buf))
+    {
+        Ok(()) => Ok(Sha256::digest(&buf[..])[..] == place.sha256),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -334,7 +410,40 @@ mod tests {
         let mut fresh = Follower::new(&root, Some(public));
         std::fs::write(&log, &full).unwrap();
         assert_eq!(fresh.update().unwrap(), Verification::Intact { entries: 5 });
+        // Replaced by another, longer log (renamed over it): followed from its start.
+        let other = dir();
+        let mut store = AuditStore::open_with(&other, None).unwrap();
+        for _ in 0..7 {
+            let (env, ev) = event_of("carol");
+            store.store(&env, &ev).unwrap();
+        }
+        drop(store);
+        std::fs::rename(other.join("audit.log"), &log).unwrap();
+        let status = fresh.update().unwrap();
+        // Unsigned under a follower that expects the key, its evidence elsewhere: broken at its
+        // first entry, as `verify` says, and not read on from the old log's offset.
+        assert!(
+            matches!(
+                crate::audit::verify(&root, Some(&public)).unwrap(),
+                Verification::Broken { line: 1, .. }
+            ),
+            "verify"
+        );
+        assert!(
+            matches!(status, Verification::Broken { line: 1, .. }),
+            "{status:?}"
+        );
+        let mut keyless = Follower::new(&root, None);
+        keyless.update().unwrap();
+        std::fs::rename(&log, other.join("audit.log")).unwrap();
+        std::fs::write(&log, &full).unwrap();
+        assert_eq!(
+            keyless.update().unwrap(),
+            Verification::Intact { entries: 5 },
+            "a log swapped back is followed from its start"
+        );
         let _ = std::fs::remove_dir_all(&root);
+        let _ = std::fs::remove_dir_all(&other);
     }
 
     #[test]
@@ -356,18 +465,21 @@ mod tests {
         // What the trail recorded for an evidence file is found, and matches the file.
         let first: AuditRecord = serde_json::from_str(&records[0]).unwrap();
         let file = &first.evidence_files[0];
-        let want = follower.evidence_sha256("alice", file).unwrap().unwrap();
+        let want = hex::encode(Sha256::digest(std::fs::read(root.join(file)).unwrap()));
         assert_eq!(
-            want,
-            hex::encode(Sha256::digest(std::fs::read(root.join(file)).unwrap()))
+            follower.evidence_sha256("alice", file).unwrap(),
+            EvidenceCheck::Sha256(want)
         );
         assert_eq!(
             follower
                 .evidence_sha256("alice", "evidence/elsewhere.jpg")
                 .unwrap(),
-            None
+            EvidenceCheck::NotInTrail
         );
-        assert_eq!(follower.evidence_sha256("bob", file).unwrap(), None);
+        assert_eq!(
+            follower.evidence_sha256("bob", file).unwrap(),
+            EvidenceCheck::NotInTrail
+        );
         // The first entry's action rewritten at the same length: the log has not grown, so
         // update() checks nothing new, but the read-back sees it.
         let log = root.join("audit.log");
@@ -390,6 +502,11 @@ mod tests {
             ),
             "{:?}",
             follower.status()
+        );
+        // Its evidence is refused too.
+        assert_eq!(
+            follower.evidence_sha256("alice", file).unwrap(),
+            EvidenceCheck::EntryChanged
         );
         // And it stays broken on the next update.
         assert!(matches!(

@@ -594,6 +594,39 @@ pub struct Imported {
     pub kept: usize,
 }
 
+/// Check a whole import before any of it is audited or made: every id valid and given once,
+/// every token hash within the limits, every reference photo decodable. Returns each client's
+/// reference photo, decoded (`None` without one), in order.
+pub fn check_import(clients: &[Exported]) -> Result<Vec<Option<Vec<u8>>>, DirectoryError> {
+    use base64::Engine as _;
+    let mut seen = std::collections::HashSet::new();
+    clients
+        .iter()
+        .map(|client| {
+            let id = &client.record.id;
+            check_client_id(id)?;
+            if !seen.insert(id.as_str()) {
+                return Err(DirectoryError::Import(format!(
+                    "client `{id}` is in the import twice"
+                )));
+            }
+            token_hash_within_limits(&client.record.token_hash)
+                .map_err(|e| DirectoryError::Import(format!("client `{id}`: token hash: {e}")))?;
+            client
+                .reference_jpeg_b64
+                .as_deref()
+                .map(|b64| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .map_err(|e| {
+                            DirectoryError::Import(format!("client `{id}`: reference photo: {e}"))
+                        })
+                })
+                .transpose()
+        })
+        .collect()
+}
+
 /// Import clients into `store`: existing ids are kept unless `replace`.
 pub fn import(
     store: &dyn ClientStore,

@@ -195,9 +195,6 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
 }
 
-/// TLS handshakes the admin API runs at once; more connections wait in the kernel's backlog.
-const MAX_TLS_HANDSHAKES: usize = 256;
-
 /// The audit trail the API shows: the writer's folder (read-only) and its public key.
 pub(super) struct AuditTrail {
     pub dir: std::path::PathBuf,
@@ -217,7 +214,6 @@ pub(super) async fn serve(
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let handshakes = super::tls::HandshakeLimits {
-        max_handshakes: MAX_TLS_HANDSHAKES,
         handshake_timeout: std::time::Duration::from_millis(shared.cfg.hello_timeout_ms),
         failed: shared.metrics.admin_tls_failed.clone(),
     };
@@ -275,14 +271,17 @@ pub(super) async fn serve(
         .route("/console/", get(console_file))
         .route("/console/{file}", get(console_file))
         .with_state(state);
-    let Some(tls) = tls else {
-        let listener = crate::telemetry::Guarded::new(listener, limits, refused);
-        tokio::spawn(crate::telemetry::http::serve(listener, app, shutdown));
-        return Ok(addr);
-    };
-    let listener = super::tls::TlsListener::new(listener, tls, handshakes, shutdown.clone())?;
+    // Places are taken as TCP connections are accepted: with TLS, before the handshake.
     let listener = crate::telemetry::Guarded::new(listener, limits, refused);
-    tokio::spawn(crate::telemetry::http::serve(listener, app, shutdown));
+    use crate::telemetry::http::serve;
+    match tls {
+        None => tokio::spawn(serve(listener, app, limits.header_timeout, shutdown)),
+        Some(tls) => {
+            let listener =
+                super::tls::TlsListener::new(listener, tls, handshakes, shutdown.clone())?;
+            tokio::spawn(serve(listener, app, limits.header_timeout, shutdown))
+        }
+    };
     Ok(addr)
 }
 
@@ -325,6 +324,13 @@ async fn require_token(State(api): State<Api>, mut request: Request, next: Next)
                     ),
                 );
             }
+            // This connection is an operator's now: a full listener never evicts it.
+            if let Some(mark) = request
+                .extensions()
+                .get::<crate::telemetry::http::Authenticated>()
+            {
+                mark.mark();
+            }
             request.extensions_mut().insert(Operator(operator, role));
             next.run(request).await
         }
@@ -332,8 +338,14 @@ async fn require_token(State(api): State<Api>, mut request: Request, next: Next)
     }
 }
 
+/// 401, and the connection is closed after it: a socket without a token keeps no place.
 fn unauthorized() -> Response {
-    error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
+    let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 fn admin_error(e: AdminError) -> Response {
@@ -1023,7 +1035,18 @@ async fn evidence(
     let client = path.split('/').nth(1).unwrap_or_default().to_owned();
     match tokio::fs::read(&full).await {
         Ok(bytes) => {
-            // Served only as the trail recorded it: the SHA-256 its (checked) entry holds.
+            // Served only as the trail recorded it: the SHA-256 its (checked) entry holds. The
+            // check reads the follower, so it waits its turn with the audit views.
+            let wait = std::time::Duration::from_millis(api.shared.cfg.audit_view_wait_ms);
+            let Ok(Ok(_turn)) =
+                tokio::time::timeout(wait, api.audit_views.clone().acquire_owned()).await
+            else {
+                api.shared.metrics.audit_views_refused.inc();
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many audit views at once; retry shortly",
+                );
+            };
             let follower = api.follower.clone();
             let (who, named) = (client.clone(), file.clone());
             let recorded = tokio::task::spawn_blocking(move || {
@@ -1032,17 +1055,27 @@ async fn evidence(
                 follower.evidence_sha256(&who, &named)
             })
             .await;
+            use crate::audit::follow::EvidenceCheck;
             match recorded {
-                Ok(Ok(Some(want)))
+                Ok(Ok(EvidenceCheck::Sha256(want)))
                     if hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)) == want => {}
-                Ok(Ok(Some(_))) => {
+                // A log from before evidence was hashed: its (checked) entry names the frame.
+                Ok(Ok(EvidenceCheck::Unhashed)) => {}
+                Ok(Ok(EvidenceCheck::Sha256(_))) => {
                     return error(
                         StatusCode::CONFLICT,
                         "this evidence frame does not match the SHA-256 its audit entry \
                          records: it was altered after it was written",
                     );
                 }
-                Ok(Ok(None)) => {
+                Ok(Ok(EvidenceCheck::EntryChanged)) => {
+                    return error(
+                        StatusCode::CONFLICT,
+                        "the audit entry that names this evidence frame changed after it was \
+                         checked: the log is broken there",
+                    );
+                }
+                Ok(Ok(EvidenceCheck::NotInTrail)) => {
                     return error(
                         StatusCode::NOT_FOUND,
                         "no checked audit entry names this evidence frame",

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -104,57 +104,46 @@ impl Tls {
 }
 
 /// A listener that hands out connections only once their TLS handshake is done, for
-/// `axum::serve`. Handshakes run in their own tasks, at most `max_handshakes` at once and each
-/// within `handshake_timeout`, so a client that opens a socket and stalls holds up no one.
-pub(crate) struct TlsListener {
-    ready: mpsc::Receiver<(
-        tokio_rustls::server::TlsStream<TcpStream>,
-        std::net::SocketAddr,
-    )>,
+/// [`crate::telemetry::http::serve`]. It takes connections from `inner` (the bounded listener,
+/// so each handshake already holds a place), and runs each handshake in its own task within
+/// `handshake_timeout`, so a client that opens a socket and stalls holds up no one.
+pub(crate) struct TlsListener<S> {
+    ready: mpsc::Receiver<(tokio_rustls::server::TlsStream<S>, std::net::SocketAddr)>,
     local: std::net::SocketAddr,
 }
 
 /// What bounds [`TlsListener`]'s handshakes, and counts those that fail.
 pub(crate) struct HandshakeLimits {
-    pub max_handshakes: usize,
     pub handshake_timeout: std::time::Duration,
     pub failed: prometheus::IntCounter,
 }
 
-impl TlsListener {
-    pub(super) fn new(
-        tcp: TcpListener,
+impl<S> TlsListener<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    pub(super) fn new<L>(
+        mut inner: L,
         tls: Arc<Tls>,
         limits: HandshakeLimits,
         shutdown: tokio_util::sync::CancellationToken,
-    ) -> std::io::Result<Self> {
-        let local = tcp.local_addr()?;
-        let (tx, ready) = mpsc::channel(limits.max_handshakes.max(1));
-        let permits = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
+    ) -> std::io::Result<Self>
+    where
+        L: axum::serve::Listener<Io = S, Addr = std::net::SocketAddr>,
+    {
+        let local = inner.local_addr()?;
+        let (tx, ready) = mpsc::channel(64);
         tokio::spawn(async move {
             loop {
-                let permit = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    p = permits.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => return,
-                    },
-                };
+                // The inner listener retries failed accepts itself, and bounds what it hands
+                // out: a handshake runs only for a connection that holds a place.
                 let (stream, peer) = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    accepted = tcp.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
+                    accepted = inner.accept() => accepted,
                 };
                 let (acceptor, tx) = (tls.acceptor(), tx.clone());
                 let (timeout, failed) = (limits.handshake_timeout, limits.failed.clone());
                 tokio::spawn(async move {
-                    let _permit = permit;
                     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => {
                             // Bounded: the server takes connections as fast as they come.
@@ -176,8 +165,11 @@ impl TlsListener {
     }
 }
 
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+impl<S> axum::serve::Listener for TlsListener<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Io = tokio_rustls::server::TlsStream<S>;
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

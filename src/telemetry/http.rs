@@ -2,11 +2,15 @@
 //! `/metrics`): how many connections it holds, how many from one address, how long a request's
 //! headers may take, and how long a connection may sit idle.
 //!
-//! The places are shared fairly: one address may hold at most `max_connections_per_address`
-//! of them, and when the listener is full a newcomer from an address that holds fewer than
-//! the address holding most takes that address's oldest place. So sockets held open from a
-//! few addresses, however many, cannot keep an operator from another address out, and
-//! sockets that trickle a request's headers are closed at the header deadline.
+//! One address (an IPv4 address, or an IPv6 /64) may hold at most
+//! `max_connections_per_address` places. When every place is taken, a newcomer takes the
+//! place of the oldest connection that has not yet shown an operator's token
+//! ([`Authenticated`]); connections that have are never evicted. So sockets held open, from
+//! however many addresses, cannot keep an operator out: to push out an operator's new
+//! connection before its request is answered, an attacker would have to open every other
+//! place anew in that time. Sockets that trickle a request's headers are closed at the header
+//! deadline. With TLS, the place is taken as the TCP connection is accepted, before the
+//! handshake, so stalled handshakes count (and are evicted) like any other connection.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -48,11 +52,11 @@ impl HttpLimits {
 /// `..._connections_refused_total` counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// The listener was full and the newcomer's address held as many as any other.
+    /// Every place was taken, by connections that have all shown an operator's token.
     Full,
     /// The newcomer's address already held `max_connections_per_address`.
     PerAddress,
-    /// A held connection closed to make room for an address that held fewer.
+    /// A held connection that had shown no token, closed to make room for a newcomer.
     Evicted,
 }
 
@@ -66,81 +70,108 @@ impl Refusal {
     }
 }
 
-/// Who holds the places: per address, the connections in the order they came.
+/// The key an address's places are counted under: an IPv4 address (also IPv4-mapped), or an
+/// IPv6 address's /64, which one subscriber usually holds whole.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
+    }
+}
+
+/// Set once a request on the connection showed a valid operator's token: the connection is
+/// then never evicted. Handlers find it in the request's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct Authenticated(Arc<std::sync::atomic::AtomicBool>);
+
+impl Authenticated {
+    pub fn mark(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// One held place.
+struct Held {
+    id: u64,
+    evict: CancellationToken,
+    authenticated: Authenticated,
+}
+
+/// Who holds the places: per address key, the connections in the order they came.
 #[derive(Default)]
 struct Places {
-    by_address: HashMap<IpAddr, Vec<(u64, CancellationToken)>>,
+    by_address: HashMap<IpAddr, Vec<Held>>,
     held: usize,
     next: u64,
 }
 
+/// A place given to a connection.
+#[derive(Debug)]
+struct Admitted {
+    id: u64,
+    evict: CancellationToken,
+    authenticated: Authenticated,
+    /// Whether another connection was evicted to make room.
+    evicted: bool,
+}
+
 impl Places {
-    /// Admit a connection from `ip`, or say why not. On admission, also the place taken from
-    /// another address to make room (already cancelled).
-    fn admit(
-        &mut self,
-        ip: IpAddr,
-        limits: &HttpLimits,
-    ) -> Result<(u64, CancellationToken, bool), Refusal> {
-        let own = self.by_address.get(&ip).map_or(0, Vec::len);
+    /// Admit a connection from `key`, or say why not.
+    fn admit(&mut self, key: IpAddr, limits: &HttpLimits) -> Result<Admitted, Refusal> {
+        let own = self.by_address.get(&key).map_or(0, Vec::len);
         if own >= limits.max_connections_per_address {
             return Err(Refusal::PerAddress);
         }
         let mut evicted = false;
         if self.held >= limits.max_connections {
-            // The address holding most gives up its oldest place, if it holds at least two
-            // more than the newcomer's (so two addresses never take turns evicting each other).
-            let heaviest = self
+            // The oldest connection that has shown no token gives up its place.
+            let oldest = self
                 .by_address
                 .iter()
-                .max_by_key(|(_, held)| held.len())
-                .map(|(ip, held)| (*ip, held.len()));
-            match heaviest {
-                Some((victim, n)) if n > own + 1 => {
-                    let (_, token) = self.remove_oldest(victim);
-                    token.cancel();
-                    evicted = true;
-                }
-                _ => return Err(Refusal::Full),
+                .flat_map(|(key, held)| held.iter().map(move |h| (h.id, *key, h)))
+                .filter(|(_, _, h)| !h.authenticated.is_set())
+                .min_by_key(|(id, _, _)| *id)
+                .map(|(id, key, _)| (id, key));
+            let Some((id, victim)) = oldest else {
+                return Err(Refusal::Full);
+            };
+            if let Some(held) = self.release(victim, id) {
+                held.evict.cancel();
             }
+            evicted = true;
         }
         let id = self.next;
         self.next += 1;
-        let token = CancellationToken::new();
-        self.by_address
-            .entry(ip)
-            .or_default()
-            .push((id, token.clone()));
+        let held = Held {
+            id,
+            evict: CancellationToken::new(),
+            authenticated: Authenticated::default(),
+        };
+        let admitted = Admitted {
+            id,
+            evict: held.evict.clone(),
+            authenticated: held.authenticated.clone(),
+            evicted,
+        };
+        self.by_address.entry(key).or_default().push(held);
         self.held += 1;
-        Ok((id, token, evicted))
-    }
-
-    fn remove_oldest(&mut self, ip: IpAddr) -> (u64, CancellationToken) {
-        let held = self
-            .by_address
-            .get_mut(&ip)
-            .expect("the address holds places");
-        let oldest = held.remove(0);
-        if held.is_empty() {
-            self.by_address.remove(&ip);
-        }
-        self.held -= 1;
-        oldest
+        Ok(admitted)
     }
 
     /// Give back connection `id`'s place, unless it was already taken from it.
-    fn release(&mut self, ip: IpAddr, id: u64) {
-        let Some(held) = self.by_address.get_mut(&ip) else {
-            return;
-        };
-        let Some(at) = held.iter().position(|(i, _)| *i == id) else {
-            return;
-        };
-        held.remove(at);
+    fn release(&mut self, key: IpAddr, id: u64) -> Option<Held> {
+        let held = self.by_address.get_mut(&key)?;
+        let at = held.iter().position(|h| h.id == id)?;
+        let gone = held.remove(at);
         if held.is_empty() {
-            self.by_address.remove(&ip);
+            self.by_address.remove(&key);
         }
         self.held -= 1;
+        Some(gone)
     }
 }
 
@@ -180,7 +211,7 @@ impl<L> Guarded<L> {
 /// A connection's place; given back when the connection ends.
 struct Place {
     places: Arc<Mutex<Places>>,
-    ip: IpAddr,
+    key: IpAddr,
     id: u64,
 }
 
@@ -189,7 +220,7 @@ impl Drop for Place {
         self.places
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .release(self.ip, self.id);
+            .release(self.key, self.id);
     }
 }
 
@@ -198,6 +229,7 @@ impl Drop for Place {
 pub struct GuardedIo<S> {
     io: Pin<Box<tokio_io_timeout::TimeoutStream<S>>>,
     evicted: Pin<Box<WaitForCancellationFutureOwned>>,
+    authenticated: Authenticated,
     _place: Place,
 }
 
@@ -250,23 +282,26 @@ impl<S: AsyncRead + AsyncWrite> AsyncWrite for GuardedIo<S> {
     }
 }
 
-impl<L> Guarded<L>
+impl<L> axum::serve::Listener for Guarded<L>
 where
     L: axum::serve::Listener,
     L::Addr: PeerAddress,
 {
-    async fn accept(&mut self) -> (GuardedIo<L::Io>, L::Addr) {
+    type Io = GuardedIo<L::Io>;
+    type Addr = L::Addr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             let (io, addr) = self.inner.accept().await;
-            let ip = addr.ip();
+            let key = address_key(addr.ip());
             let admitted = self
                 .places
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .admit(ip, &self.limits);
+                .admit(key, &self.limits);
             match admitted {
-                Ok((id, token, evicted)) => {
-                    if evicted {
+                Ok(admitted) => {
+                    if admitted.evicted {
                         self.refused
                             .with_label_values(&[Refusal::Evicted.label()])
                             .inc();
@@ -276,13 +311,14 @@ where
                     io.set_write_timeout(Some(self.limits.idle_timeout));
                     let place = Place {
                         places: self.places.clone(),
-                        ip,
-                        id,
+                        key,
+                        id: admitted.id,
                     };
                     return (
                         GuardedIo {
                             io: Box::pin(io),
-                            evicted: Box::pin(token.cancelled_owned()),
+                            evicted: Box::pin(admitted.evict.cancelled_owned()),
+                            authenticated: admitted.authenticated,
                             _place: place,
                         },
                         addr,
@@ -293,27 +329,54 @@ where
             }
         }
     }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection that can say whether it has shown an operator's token: a [`GuardedIo`], or a
+/// TLS stream over one.
+pub trait Marked {
+    fn authenticated(&self) -> Authenticated;
+}
+
+impl<S> Marked for GuardedIo<S> {
+    fn authenticated(&self) -> Authenticated {
+        self.authenticated.clone()
+    }
+}
+
+impl<S: Marked> Marked for tokio_rustls::server::TlsStream<S> {
+    fn authenticated(&self) -> Authenticated {
+        self.get_ref().0.authenticated()
+    }
 }
 
 /// How long a connection may take to finish its request once shutdown begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Serve `app` on `listener` until `shutdown`. Each connection is HTTP/1.1 with the header
-/// deadline of the listener's limits; on shutdown a connection finishes the request in flight
-/// (for at most [`SHUTDOWN_GRACE`]) and is closed.
-pub async fn serve<L>(mut listener: Guarded<L>, app: Router, shutdown: CancellationToken)
-where
+/// Serve `app` on `listener` until `shutdown`. Each connection is HTTP/1.1 with
+/// `header_timeout` for each request's headers, and each request carries the connection's
+/// [`Authenticated`] mark in its extensions; on shutdown a connection finishes the request in
+/// flight (for at most [`SHUTDOWN_GRACE`]) and is closed.
+pub async fn serve<L>(
+    mut listener: L,
+    app: Router,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+) where
     L: axum::serve::Listener,
-    L::Addr: PeerAddress,
+    L::Io: Marked,
 {
     use hyper_util::rt::{TokioIo, TokioTimer};
-    let header_timeout = listener.limits.header_timeout;
     loop {
         let (io, _addr) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => return,
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let app = app.clone().layer(axum::Extension(io.authenticated()));
+        let service = hyper_util::service::TowerToHyperService::new(app);
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -367,42 +430,60 @@ mod tests {
     }
 
     #[test]
-    fn a_full_listener_takes_the_oldest_place_of_the_address_holding_most() {
-        let l = limits(4, 4);
-        let mut p = Places::default();
-        let held: Vec<_> = (0..4).map(|_| p.admit(ip(1), &l).unwrap()).collect();
-        let (_, _, evicted) = p.admit(ip(2), &l).unwrap();
-        assert!(evicted);
-        assert!(held[0].1.is_cancelled(), "the oldest place went");
-        assert!(held[1..].iter().all(|(_, t, _)| !t.is_cancelled()));
-        assert_eq!(p.held, 4);
-        // The evicted connection's own release later is a no-op.
-        p.release(ip(1), held[0].0);
-        assert_eq!(p.held, 4);
-        // ip(2) may take another (ip(1) holds 3 > 1 + 1), but not a third once even.
-        assert!(p.admit(ip(2), &l).unwrap().2);
-        assert_eq!(p.admit(ip(2), &l).unwrap_err(), Refusal::Full);
+    fn an_ipv6_subscriber_counts_as_one_address() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(address_key(a), address_key(b));
+        assert_ne!(address_key(a), address_key(other));
+        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
+        assert_eq!(address_key(mapped), IpAddr::from([10, 0, 0, 7]));
     }
 
     #[test]
-    fn addresses_holding_one_each_are_not_evicted_for_each_other() {
-        let l = limits(3, 3);
+    fn a_full_listener_evicts_the_oldest_connection_without_a_token() {
+        let l = limits(4, 4);
         let mut p = Places::default();
-        for last in 1..=3 {
-            p.admit(ip(last), &l).unwrap();
+        let held: Vec<_> = (1..=4).map(|last| p.admit(ip(last), &l).unwrap()).collect();
+        // The oldest has shown a token: the next oldest goes instead.
+        held[0].authenticated.mark();
+        let newcomer = p.admit(ip(9), &l).unwrap();
+        assert!(newcomer.evicted);
+        assert!(
+            !held[0].evict.is_cancelled(),
+            "an operator's connection stays"
+        );
+        assert!(
+            held[1].evict.is_cancelled(),
+            "the oldest without a token went"
+        );
+        assert!(held[2..].iter().all(|h| !h.evict.is_cancelled()));
+        assert_eq!(p.held, 4);
+        // The evicted connection's own release later is a no-op.
+        assert!(p.release(ip(2), held[1].id).is_none());
+        assert_eq!(p.held, 4);
+    }
+
+    #[test]
+    fn a_listener_full_of_operators_refuses() {
+        let l = limits(2, 2);
+        let mut p = Places::default();
+        for last in 1..=2 {
+            p.admit(ip(last), &l).unwrap().authenticated.mark();
         }
-        assert_eq!(p.admit(ip(4), &l).unwrap_err(), Refusal::Full);
+        assert_eq!(p.admit(ip(3), &l).unwrap_err(), Refusal::Full);
     }
 
     #[test]
     fn places_given_back_are_taken_again() {
         let l = limits(2, 2);
         let mut p = Places::default();
-        let (a, _, _) = p.admit(ip(1), &l).unwrap();
-        p.admit(ip(2), &l).unwrap();
+        let a = p.admit(ip(1), &l).unwrap();
+        p.admit(ip(2), &l).unwrap().authenticated.mark();
+        a.authenticated.mark();
         assert_eq!(p.admit(ip(3), &l).unwrap_err(), Refusal::Full);
-        p.release(ip(1), a);
-        assert!(!p.admit(ip(3), &l).unwrap().2);
+        assert!(p.release(ip(1), a.id).is_some());
+        assert!(!p.admit(ip(3), &l).unwrap().evicted);
         assert!(!p.by_address.contains_key(&ip(1)));
     }
 }

@@ -1662,9 +1662,40 @@ async fn directory(cfg: &Config, action: DirectoryCmd) -> Result<(), CliError> {
                     std::fs::read(&from).map_err(|e| fail(format!("{}: {e}", from.display())))?;
                 parse_export(&bytes, &from)?
             };
+            // Checked whole first: an import the trail records is one that can be made.
+            let photos = directory::check_import(&clients).map_err(fail)?;
             let store = cfg.open_directory().map_err(fail)?;
-            audit_import(cfg, store.clone(), &clients, replace, &from).await?;
-            let done = directory::import(&*store, clients, replace).map_err(fail)?;
+            let (admin, broker) = admin_handle(cfg, store.clone()).await?;
+            let audited = audit_import(&admin, &*store, &clients, &photos, replace, &from).await;
+            // What the import then did, or why it stopped, follows the plan into the trail.
+            let done = match audited {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    let made = directory::import(&*store, clients, replace);
+                    let (operation, detail) = match &made {
+                        Ok(d) => (
+                            "directory:import:done",
+                            format!("added={} replaced={} kept={}", d.added, d.replaced, d.kept),
+                        ),
+                        Err(e) => (
+                            "directory:import:failed",
+                            format!("error={}", e.to_string().escape_debug()),
+                        ),
+                    };
+                    let noted = admin
+                        .audit_with("", operation, &cli_operator(), detail)
+                        .await;
+                    match (made, noted) {
+                        (Err(e), _) => Err(fail(e)),
+                        (Ok(_), Err(e)) => Err(fail(format!(
+                            "{e}: the import was made, but its outcome is not in the trail"
+                        ))),
+                        (Ok(d), Ok(())) => Ok(d),
+                    }
+                }
+            };
+            broker.close().await;
+            let done = done?;
             let text = format!(
                 "imported into {}: {} added, {} replaced, {} kept as they were\n",
                 directory_name(cfg),
@@ -1679,20 +1710,22 @@ async fn directory(cfg: &Config, action: DirectoryCmd) -> Result<(), CliError> {
 }
 
 /// Put an import in the trail before it is made: one entry for the whole import (where from,
-/// the SHA-256 of what is imported, how many clients are added and replaced), and one on each
-/// client it adds or replaces, with the SHA-256 of the record and reference photo it gets. With
-/// no broker to take them, nothing is imported.
+/// the SHA-256 of what is imported, how many clients it would add and replace), and one on
+/// each client it would add or replace, with the SHA-256 of the record, of the reference photo
+/// (the JPEG's bytes, as an enrolment records them) and of the policy the client gets. With no
+/// broker to take them, nothing is imported. What the import then did is a further entry.
 async fn audit_import(
-    cfg: &Config,
-    store: std::sync::Arc<dyn ClientStore>,
+    admin: &crate::admin::Admin,
+    store: &dyn ClientStore,
     clients: &[crate::directory::Exported],
+    photos: &[Option<Vec<u8>>],
     replace: bool,
     from: &std::path::Path,
 ) -> Result<(), CliError> {
     use sha2::Digest as _;
     let sha = |bytes: &[u8]| hex::encode(sha2::Sha256::digest(bytes));
     let mut changes = Vec::new();
-    for client in clients {
+    for (client, photo) in clients.iter().zip(photos) {
         let id = &client.record.id;
         let change = match store.get(id).map_err(fail)? {
             None => "import:add",
@@ -1700,16 +1733,21 @@ async fn audit_import(
             Some(_) => continue,
         };
         let record = serde_json::to_vec(&client.record).map_err(fail)?;
-        let photo = client
-            .reference_jpeg_b64
-            .as_deref()
-            .map_or_else(|| "none".to_owned(), |b64| sha(b64.as_bytes()));
+        let policy = client
+            .policy
+            .as_ref()
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(fail)?;
+        let or_none = |bytes: Option<&[u8]>| bytes.map_or_else(|| "none".to_owned(), sha);
         changes.push((
             id.clone(),
             change,
             format!(
-                "record_sha256={} reference_b64_sha256={photo}",
-                sha(&record)
+                "record_sha256={} photo_sha256={} policy_sha256={}",
+                sha(&record),
+                or_none(photo.as_deref()),
+                or_none(policy.as_deref()),
             ),
         ));
     }
@@ -1717,10 +1755,9 @@ async fn audit_import(
         return Ok(());
     }
     let whole = serde_json::to_vec(clients).map_err(fail)?;
-    let (admin, broker) = admin_handle(cfg, store).await?;
     let operator = cli_operator();
+    let replaced = changes.iter().filter(|c| c.1 == "import:replace").count();
     let sent = async {
-        let replaced = changes.iter().filter(|c| c.1 == "import:replace").count();
         admin
             .audit_with(
                 "",
@@ -1742,7 +1779,6 @@ async fn audit_import(
         Ok::<_, crate::admin::AdminError>(())
     }
     .await;
-    broker.close().await;
     sent.map_err(|e| fail(format!("{e}: nothing was imported")))
 }
 

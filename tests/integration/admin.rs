@@ -663,6 +663,22 @@ async fn each_operator_has_a_token_and_a_role_and_every_identity_change_is_audit
         &["directory", "import", import.to_str().unwrap(), "--replace"],
     );
     assert!(text.contains("1 added, 1 replaced"), "{text}");
+    // An import that names a client twice is refused whole, before anything is audited.
+    std::fs::write(&import, format!("{c2_line}\n{c2_line}\n")).unwrap();
+    let twice = crate::support::output(
+        std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args(["directory", "import", import.to_str().unwrap(), "--replace"])
+            .env("RUST_LOG", "warn")
+            .env("VIGIL_NAMESPACE", &env.cfg.namespace)
+            .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
+            .env("VIGIL_CLIENTS_DIR", &env.clients_dir),
+    );
+    assert!(!twice.status.success());
+    assert!(
+        String::from_utf8_lossy(&twice.stderr).contains("twice"),
+        "{}",
+        String::from_utf8_lossy(&twice.stderr)
+    );
     // With no broker to take the entry, nothing is imported.
     std::fs::write(
         &import,
@@ -696,7 +712,7 @@ async fn each_operator_has_a_token_and_a_role_and_every_identity_change_is_audit
                     n.iter()
                         .filter(|x| matches!(x, vigil::audit::Note::Admin { .. }))
                         .count()
-                        >= 11
+                        >= 12
                 })
             }
         },
@@ -737,6 +753,7 @@ async fn each_operator_has_a_token_and_a_role_and_every_identity_change_is_audit
             row("root-cli", "directory:import", "", "cli"),
             row("root-cli", "import:replace", "c2", "cli"),
             row("root-cli", "import:add", "c9", "cli"),
+            row("root-cli", "directory:import:done", "", "cli"),
         ]
     );
     let details: Vec<&str> = notes
@@ -759,9 +776,21 @@ async fn each_operator_has_a_token_and_a_role_and_every_identity_change_is_audit
     );
     assert!(details[8].contains("add=1 replace=1"), "{}", details[8]);
     assert!(details[9].starts_with("record_sha256="), "{}", details[9]);
+    // The photo's hash is the JPEG's, as the CLI enrolment recorded it.
+    let enrolled_photo = details[5]
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("photos="))
+        .unwrap();
+    assert!(
+        details[9].contains(&format!("photo_sha256={enrolled_photo}")),
+        "{} vs {}",
+        details[9],
+        details[5]
+    );
+    assert_eq!(details[11], "added=1 replaced=1 kept=0");
     assert_eq!(
         vigil::audit::verify(&dir, None).unwrap(),
-        vigil::audit::Verification::Intact { entries: 11 }
+        vigil::audit::Verification::Intact { entries: 12 }
     );
     env.shutdown.cancel();
     writer.join().await.unwrap();
@@ -1022,11 +1051,11 @@ async fn the_client_list_comes_in_pages_and_the_api_describes_itself() {
     env.teardown().await;
 }
 
-/// 2,000 sockets held open on the admin port from one address, and more from four others
-/// until every place is taken: the console, from an address of its own, is still served at
-/// once, long before any timeout could free a place,
-/// because one address holds at most its share and a full listener gives the newcomer the
-/// oldest place of the address holding most. Each refusal is counted by reason.
+/// 2,000 sockets held open on the admin port from one address, and one each from eight
+/// others, until every place is taken: the console, from an address of its own, is still
+/// served at once, long before any timeout could free a place, because one address holds at
+/// most its share and a full listener gives a newcomer the place of the oldest connection
+/// that has shown no operator's token. Each refusal is counted by reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sockets_cannot_hold_the_admin_api() {
     use crate::support::{connect_from, http_from, metric_value};
@@ -1051,11 +1080,10 @@ async fn idle_sockets_cannot_hold_the_admin_api() {
             .await;
         held.push(s);
     }
-    // Four more addresses, two sockets each: with the first address's 8, every place is taken.
-    for last in 3..=6 {
-        for _ in 0..2 {
-            held.push(connect_from(host(last), admin).await.expect("connected"));
-        }
+    // Eight more addresses, one socket each: with the first address's 8, every place is taken
+    // (sharing places out by address alone would not let a ninth address in).
+    for last in 3..=10 {
+        held.push(connect_from(host(last), admin).await.expect("connected"));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The operator, from another address: the console's first request (who am I), then the
@@ -1090,8 +1118,8 @@ async fn idle_sockets_cannot_hold_the_admin_api() {
         "per address: {}",
         refused("per_address")
     );
-    // The first request took a place from the first address; the second, the place the first
-    // gave back.
+    // The first request took the oldest place without a token (one of the first address's);
+    // the second, the place the first gave back.
     assert!(refused("evicted") >= 1.0, "evicted: {}", refused("evicted"));
     drop(held);
     env.teardown().await;

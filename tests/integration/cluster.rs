@@ -468,11 +468,15 @@ async fn a_folder_directory_moves_into_postgres_with_the_cli() {
     source
         .update("m3", &mut |r| r.status = ClientStatus::Blocked)
         .unwrap();
+    // An import is audited first, so the CLI speaks to the broker, in a namespace of its own.
+    let env = TestEnv::new("move");
     let vigil = |args: &[&str]| {
         let out = crate::support::output(
             std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
                 .args(args)
                 .env("VIGIL_DIRECTORY_URL", &db.url)
+                .env("VIGIL_NAMESPACE", &env.cfg.namespace)
+                .env("VIGIL_AMQP_URL", &env.cfg.amqp_url)
                 .env("RUST_LOG", "warn"),
         );
         assert!(
@@ -540,4 +544,5 @@ async fn a_folder_directory_moves_into_postgres_with_the_cli() {
         Some(&b"\xff\xd8 a photo"[..])
     );
     let _ = std::fs::remove_dir_all(&folder);
+    env.teardown().await;
 }

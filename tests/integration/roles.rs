@@ -517,6 +517,57 @@ async fn each_role_is_its_own_user_and_forgeries_have_no_effect() {
         "the block reached the session"
     );
 
+    // A checkpoint from anyone but the audit writer's role: a worker or an edge may not publish
+    // to the stream at all, and the admin role's checkpoint (ahead of the log, unsigned) is
+    // not believed by whoever reads the stream.
+    let checkpoints = format!("{ns}.audit.checkpoints");
+    for (who, broker) in [("a worker", &worker), ("another edge", &other_edge)] {
+        let junk = envelope(
+            "c1",
+            Payload::Control(wire::ControlEvent {
+                command: ControlCommand::Kick,
+                issued_by: "x".into(),
+            }),
+        );
+        let refused = publish(broker, &checkpoints, "", &junk).await;
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.contains("ACCESS_REFUSED") || e.contains("403")),
+            "{who} publishing a checkpoint: {refused:?}"
+        );
+    }
+    let forged = serde_json::json!({
+        "seq": 1_000_000u64, "hash": "0".repeat(64), "written_at_ms": 1u64,
+    });
+    let publisher = admin.publisher().await.unwrap();
+    let confirm = publisher
+        .publish_raw(&checkpoints, "", forged.to_string().as_bytes())
+        .await
+        .unwrap();
+    confirm
+        .wait()
+        .await
+        .expect("the admin role may publish there");
+    drop(publisher);
+    let reader = connect(&url("audit")).await;
+    let scan = vigil::audit::newest_checkpoint(
+        &reader,
+        &checkpoints,
+        &reader.trust(RoleMode::Separate, &ns),
+        None,
+        false,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert!(scan.ignored >= 1, "{scan:?}");
+    assert!(
+        scan.newest.as_ref().is_none_or(|c| c.seq < 1_000_000),
+        "the admin role's checkpoint was believed: {scan:?}"
+    );
+    reader.close().await;
+
     // 4. A forged `user_id`: a worker claiming to be the admin is refused by the broker.
     let raw = lapin::Connection::connect(&url("worker"), lapin::ConnectionProperties::default())
         .await
