@@ -362,6 +362,13 @@ impl Fingerprints {
     }
 }
 
+/// Files the writer creates are its owner's only (0600), like the folder they are in.
+fn private(options: &mut OpenOptions) -> &mut OpenOptions {
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(options, 0o600);
+    options
+}
+
 impl AuditStore {
     /// Open (or create) an unsigned store at `root`. The existing log must verify.
     pub fn open(root: &Path) -> Result<Self, AuditError> {
@@ -374,10 +381,7 @@ impl AuditStore {
     pub fn open_with(root: &Path, signer: Option<SigningKey>) -> Result<Self, AuditError> {
         crate::directory::private_dir(&root.join("evidence")).map_err(io(root))?;
         let lock_path = root.join("audit.lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
+        let lock = private(OpenOptions::new().create(true).truncate(false).write(true))
             .open(&lock_path)
             .map_err(io(&lock_path))?;
         match lock.try_lock() {
@@ -438,9 +442,7 @@ impl AuditStore {
             }
             Scan::Broken(Verification::Intact { .. }) => unreachable!("scan reports breaks only"),
         };
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
+        let log = private(OpenOptions::new().create(true).append(true))
             .open(&log_path)
             .map_err(io(&log_path))?;
         Ok(Self {
@@ -2352,6 +2354,23 @@ pub(crate) mod tests {
             verify_with_checkpoint(&root, Some(&public), &head).unwrap(),
             Verification::Intact { entries: 1 }
         );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_log_and_its_evidence_are_their_owners_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let root = dir();
+        let mut store = AuditStore::open(&root).unwrap();
+        let (env, ev) = event(Action::Warn);
+        store.store(&env, &ev).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&root.join("audit.log")), 0o600);
+        assert_eq!(mode(&root.join("audit.lock")), 0o600);
+        assert_eq!(mode(&root.join("evidence")), 0o700);
+        let record = &records(&root).unwrap()[0];
+        assert_eq!(mode(&root.join(&record.evidence_files[0])), 0o600);
+        drop(store);
         let _ = std::fs::remove_dir_all(&root);
     }
 
