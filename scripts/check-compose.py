@@ -2,8 +2,9 @@
 the cluster profile's nodes): no broker port is published, every Vigil service runs with
 separate broker roles and reads its broker URL from a file in a volume that no other service
 mounts, that volume holds the URL of the service's own broker user (the one `broker-users`
-writes into it), only the console holds the operator role's URL, and no password is written
-in the file.
+writes into it), only the console holds the operator role's URL, the audit writer signs with a
+key no other service mounts while the console checks under its public half, and no password
+is written in the file.
 
 Run with Debian's python3, which docker-compose's own PyYAML comes with:
     docker-compose --profile cluster -f compose.yaml config | /usr/bin/python3 scripts/check-compose.py
@@ -117,6 +118,23 @@ if provisioned.get(operator_source) != OPERATOR_USER:
         f"the console's admin link reads {operator_file} from {operator_source}, which holds the "
         f"URL of {provisioned.get(operator_source)}, not {OPERATOR_USER}"
     )
+# The trail is signed: the writer holds the private key, in a volume no other Vigil service
+# mounts, and the console checks every view under the public key.
+audit = services.get("audit", {})
+key_file = env_of(audit).get("VIGIL_AUDIT_KEY", "")
+key_source = volumes_of(audit).get(key_file.rsplit("/", 1)[0]) if key_file else None
+if not key_source:
+    problems.append("the audit writer signs nothing: no VIGIL_AUDIT_KEY in a volume of its own")
+else:
+    readers = [
+        other
+        for other, service in services.items()
+        if other not in ("audit", "audit-key") and key_source in volumes_of(service).values()
+    ]
+    if readers:
+        problems.append(f"the audit writer's private key volume {key_source} is also mounted by {', '.join(readers)}")
+if not env_of(console).get("VIGIL_AUDIT_PUBLIC_KEY"):
+    problems.append("the console checks the trail without the writer's public key (VIGIL_AUDIT_PUBLIC_KEY)")
 missing_nodes = CLUSTER_NODES - set(services)
 if missing_nodes:
     problems.append(f"no {', '.join(sorted(missing_nodes))}: run with --profile cluster")

@@ -146,12 +146,8 @@ pub fn list_page(
     status: Option<ClientStatus>,
 ) -> Result<Page, AdminError> {
     let now = wire::now_ms();
-    let mut records = store.list()?;
-    records.retain(|r| status.is_none_or(|s| r.status == s));
-    records.sort_by(|a, b| a.id.cmp(&b.id));
-    let total = records.len();
-    let start = after.map_or(0, |a| records.partition_point(|r| r.id.as_str() <= a));
-    let page = &records[start.min(total)..];
+    // One more than the page, to know whether another follows.
+    let (page, total) = store.page(after, limit.saturating_add(1), status)?;
     let next = (page.len() > limit).then(|| page[limit - 1].id.clone());
     let ids: Vec<String> = page.iter().take(limit).map(|r| r.id.clone()).collect();
     let mut presences = store.live_presences(&ids, now)?;

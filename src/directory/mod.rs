@@ -422,6 +422,28 @@ pub trait ClientStore: Send + Sync {
     /// Remove a client with its presence, policy state and reference photo.
     fn remove(&self, id: &str) -> Result<(), DirectoryError>;
     fn list(&self) -> Result<Vec<ClientRecord>, DirectoryError>;
+    /// The console's page: up to `limit` clients after `after` in id order, of `status` when
+    /// given, and how many there are of that status in all. PostgreSQL reads it in two small
+    /// queries on the presence reads' own pool, so a console polling every second never takes
+    /// the connections that hellos need.
+    fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        status: Option<ClientStatus>,
+    ) -> Result<(Vec<ClientRecord>, usize), DirectoryError> {
+        let mut records = self.list()?;
+        records.retain(|r| status.is_none_or(|s| r.status == s));
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        let total = records.len();
+        let start = after.map_or(0, |a| records.partition_point(|r| r.id.as_str() <= a));
+        let page = records
+            .into_iter()
+            .skip(start)
+            .take(limit)
+            .collect::<Vec<_>>();
+        Ok((page, total))
+    }
     /// The edge's last word on the client, as written (see [`live_presence`]).
     fn presence(&self, id: &str) -> Result<Option<Presence>, DirectoryError>;
     fn set_presence(&self, id: &str, presence: &Presence) -> Result<(), DirectoryError>;

@@ -679,6 +679,45 @@ impl ClientStore for PgStore {
         })
     }
 
+    fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        status: Option<super::ClientStatus>,
+    ) -> Result<(Vec<ClientRecord>, usize), DirectoryError> {
+        let pool = self
+            .presence_pool
+            .as_ref()
+            .expect("the pool lives until drop");
+        let status = status.map(|s| s.as_str());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        off_runtime(|| {
+            let mut conn = pool
+                .get()
+                .map_err(|e| DirectoryError::Busy(format!("no database connection: {e}")))?;
+            let rows = conn
+                .query(
+                    "SELECT id, record FROM vigil_clients
+                     WHERE ($1::text IS NULL OR id > $1) AND ($2::text IS NULL OR status = $2)
+                     ORDER BY id LIMIT $3",
+                    &[&after, &status, &limit],
+                )
+                .map_err(db)?;
+            let total: i64 = conn
+                .query_one(
+                    "SELECT count(*) FROM vigil_clients WHERE ($1::text IS NULL OR status = $1)",
+                    &[&status],
+                )
+                .map_err(db)?
+                .get(0);
+            let page = rows
+                .into_iter()
+                .map(|r| decode_record(r.get::<_, &str>(0), r.get::<_, serde_json::Value>(1)))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((page, usize::try_from(total).unwrap_or(0)))
+        })
+    }
+
     fn presence(&self, id: &str) -> Result<Option<Presence>, DirectoryError> {
         check_client_id(id)?;
         self.run(|c| json_of(c, "vigil_presence", "presence", id))

@@ -1357,8 +1357,39 @@ async fn a_block_with_the_broker_down_is_refused_and_changes_nothing() {
     env.teardown().await;
 }
 
+/// A request whose body stops coming (its headers whole) is closed at the idle timeout, and
+/// the listener serves the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_coming_is_cut_at_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut env = TestEnv::new("idle-body");
+    with_admin_api(&mut env);
+    env.cfg.http_idle_timeout_ms = 1_000;
+    env.cfg.http_header_timeout_ms = 600_000;
+    let _url = env.start_edge("e1").await;
+    let admin = env.edges[0].admin_addr.unwrap();
+    let mut stalled = tokio::net::TcpStream::connect(admin).await.unwrap();
+    stalled
+        .write_all(
+            format!(
+                "POST /v1/admin/clients HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"id\":"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut buf)).await;
+    assert!(ended.is_ok(), "the stalled request was cut");
+    let (status, _) = http(admin, "GET", "/v1/admin/clients", Some(ADMIN_TOKEN), None).await;
+    assert_eq!(status, 200);
+    env.teardown().await;
+}
+
 /// `/metrics` keeps the same bounds: sockets held from one address past its share are closed
-/// at accept and counted, and a scrape from another address is answered.
+/// at accept and counted, and with every place taken a scrape from another address is still
+/// answered, in the oldest held socket's place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_listener_keeps_the_same_bounds() {
     use crate::support::{connect_from, http_from, metric_value};
@@ -1374,6 +1405,14 @@ async fn the_metrics_listener_keeps_the_same_bounds() {
     for _ in 0..10 {
         held.push(
             connect_from(IpAddr::from([127, 0, 0, 1]), metrics)
+                .await
+                .unwrap(),
+        );
+    }
+    // Two more from another address: with the first address's 2, every place is taken.
+    for _ in 0..2 {
+        held.push(
+            connect_from(IpAddr::from([127, 0, 0, 3]), metrics)
                 .await
                 .unwrap(),
         );
@@ -1394,6 +1433,12 @@ async fn the_metrics_listener_keeps_the_same_bounds() {
         r#"vigil_metrics_connections_refused_total{reason="per_address"}"#,
     );
     assert!(refused >= 8.0, "{refused}");
+    // The scrape took the oldest place (every one was taken).
+    let evicted = metric_value(
+        &text,
+        r#"vigil_metrics_connections_refused_total{reason="evicted"}"#,
+    );
+    assert!(evicted >= 1.0, "{evicted}");
     drop(held);
     env.teardown().await;
 }

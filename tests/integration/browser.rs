@@ -348,6 +348,18 @@ async fn the_console_shows_the_live_session_its_evidence_and_blocks_it() {
     let url = format!("/v1/admin/audit/{file}");
     let (status, _) = crate::support::http(admin_addr, "GET", &url, Some(ADMIN_TOKEN), None).await;
     assert_eq!(status, 200, "{url}");
+    // Each read of a frame is in the trail, with who read it.
+    let dir = env.cfg.evidence_dir.clone();
+    crate::support::eventually("the reads in the trail", Duration::from_secs(15), || {
+        let dir = dir.clone();
+        async move {
+            vigil::audit::notes(&dir).ok()?.into_iter().find(|n| {
+                matches!(n, vigil::audit::Note::Admin { operation, operator, client_id, .. }
+                    if operation == "read:evidence" && operator == "admin" && client_id == "stranger")
+            })
+        }
+    })
+    .await;
     let on_disk = env.cfg.evidence_dir.join(&file);
     let mut altered = std::fs::read(&on_disk).unwrap();
     let last = altered.len() - 3;

@@ -546,3 +546,133 @@ async fn a_folder_directory_moves_into_postgres_with_the_cli() {
     let _ = std::fs::remove_dir_all(&folder);
     env.teardown().await;
 }
+
+/// The console's page (its clients, their total and their presences) is read on the directory's
+/// small pool of its own: with every connection of the main pool held (here its one, by an
+/// update in progress), the console still gets its page, and the pages follow each other.
+#[test]
+fn the_console_page_is_read_beside_a_busy_pool() {
+    let db = TestDatabase::create();
+    let limits = PgLimits {
+        pool: 1,
+        connect_timeout: Duration::from_secs(2),
+        ..PgLimits::default()
+    };
+    let store = std::sync::Arc::new(PgStore::connect(&db.url, &limits).unwrap());
+    for id in ["p1", "p2", "p3", "p4", "p5"] {
+        store
+            .add(&ClientRecord::new(id, id, TOKEN).unwrap())
+            .unwrap();
+    }
+    store
+        .update("p3", &mut |r| {
+            r.status = vigil::directory::ClientStatus::Blocked
+        })
+        .unwrap();
+    // An update that holds the main pool's only connection for 5 s.
+    let (held, release) = (
+        std::sync::Arc::new(std::sync::Barrier::new(2)),
+        std::time::Duration::from_secs(5),
+    );
+    let holder = {
+        let (store, held) = (store.clone(), held.clone());
+        std::thread::spawn(move || {
+            store
+                .update("p1", &mut |_| {
+                    held.wait();
+                    std::thread::sleep(release);
+                })
+                .unwrap();
+        })
+    };
+    held.wait();
+    let first =
+        vigil::admin::list_page(&*store, None, 2, None).expect("a page beside the busy pool");
+    let ids: Vec<&str> = first.clients.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(
+        (ids, first.total, first.next.as_deref()),
+        (vec!["p1", "p2"], 5, Some("p2"))
+    );
+    let second = vigil::admin::list_page(&*store, Some("p2"), 2, None).unwrap();
+    let ids: Vec<&str> = second.clients.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(
+        (ids, second.next.as_deref()),
+        (vec!["p3", "p4"], Some("p4"))
+    );
+    let last = vigil::admin::list_page(&*store, Some("p4"), 2, None).unwrap();
+    assert_eq!((last.clients.len(), last.next), (1, None));
+    let blocked = vigil::admin::list_page(
+        &*store,
+        None,
+        10,
+        Some(vigil::directory::ClientStatus::Blocked),
+    )
+    .unwrap();
+    let ids: Vec<&str> = blocked.clients.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!((ids, blocked.total), (vec!["p3"], 1));
+    // Meanwhile the main pool is busy: a read there waits and gives up.
+    assert!(matches!(
+        store.get("p2"),
+        Err(vigil::directory::DirectoryError::Busy(_))
+    ));
+    holder.join().unwrap();
+}
+
+/// Hellos that the directory cannot answer (PostgreSQL unreachable) are refused `system_full`
+/// (retried by the SDK) and not held against the address: after ten of them, with a quota of
+/// three failed hellos a minute, the client connects as soon as the directory is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hellos_the_directory_cannot_answer_are_not_held_against_the_address() {
+    let db = TestDatabase::create();
+    drop(directory(&db, &["c1"]));
+    let host = db
+        .url
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap()
+        .to_owned();
+    let proxy = crate::support::Proxy::start(&host).await;
+    let mut env = TestEnv::new("dirdown");
+    env.cfg.directory_url = Some(
+        db.url
+            .replacen(&host, &format!("127.0.0.1:{}", proxy.port), 1),
+    );
+    env.cfg.edge.failed_hellos_per_minute = 3;
+    // Each refused hello waits this long for a connection.
+    env.cfg.directory_timeout_ms = 1_000;
+    let url = env.start_edge("e1").await;
+    let (conn, _) = Connection::connect(&url, "c1", TOKEN, Encoding::Json)
+        .await
+        .expect("the directory answers");
+    drop(conn);
+    proxy.cut();
+    for _ in 0..10 {
+        let refused = Connection::connect(&url, "c1", TOKEN, Encoding::Json).await;
+        assert!(
+            matches!(&refused, Err(vigil::edge::client::ClientError::Refused { code, .. }) if code == "system_full"),
+            "{:?}",
+            refused.map(|(_, w)| w)
+        );
+    }
+    assert!(
+        crate::support::metric(
+            &env.edge_registries[0],
+            "vigil_edge_sessions_refused_total",
+            Some(("reason", "directory_unavailable"))
+        ) >= 10.0
+    );
+    proxy.resume().await;
+    eventually(
+        "the client connects once the directory is back",
+        Duration::from_secs(30),
+        || async {
+            Connection::connect(&url, "c1", TOKEN, Encoding::Json)
+                .await
+                .ok()
+                .map(drop)
+        },
+    )
+    .await;
+    env.teardown().await;
+}

@@ -846,10 +846,25 @@ async fn a_deployment_from_nothing_runs_on_secret_files() {
         }
         crate::support::KillOnDrop(cmd.spawn().expect("the service starts"))
     };
+    // The writer signs, as compose has it, with a key made by `vigil audit keygen`.
+    let key = secrets.0.join("audit-key").join("audit.key");
+    std::fs::create_dir_all(key.parent().unwrap()).unwrap();
+    let made = crate::support::output(
+        std::process::Command::new(env!("CARGO_BIN_EXE_vigil")).args([
+            "audit",
+            "keygen",
+            "--out",
+            key.to_str().unwrap(),
+        ]),
+    );
+    assert!(made.status.success(), "{made:?}");
     let _audit = spawn(
         env!("CARGO_BIN_EXE_vigil-audit"),
         "audit",
-        &[("VIGIL_EVIDENCE_DIR", evidence.display().to_string())],
+        &[
+            ("VIGIL_EVIDENCE_DIR", evidence.display().to_string()),
+            ("VIGIL_AUDIT_KEY", key.display().to_string()),
+        ],
     );
     let _worker = spawn(
         env!("CARGO_BIN_EXE_vigil-worker"),
@@ -893,6 +908,12 @@ async fn a_deployment_from_nothing_runs_on_secret_files() {
     })
     .await;
     assert!(matches!(notes, vigil::audit::Note::Session { .. }));
+    // ...signed: the trail holds under the public key.
+    let public = vigil::audit::signing::load_public(&key.with_extension("key.pub")).unwrap();
+    assert!(matches!(
+        vigil::audit::verify(&evidence, Some(&public)).unwrap(),
+        vigil::audit::Verification::Intact { .. }
+    ));
     conn.close().await;
     // The services go before their broker.
     drop((_edge, _worker, _audit));
