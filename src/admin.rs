@@ -146,6 +146,14 @@ pub fn list_page(
     status: Option<ClientStatus>,
 ) -> Result<Page, AdminError> {
     let now = wire::now_ms();
+    if limit == 0 {
+        let (_, total) = store.page(after, 0, status)?;
+        return Ok(Page {
+            clients: Vec::new(),
+            total,
+            next: None,
+        });
+    }
     // One more than the page, to know whether another follows.
     let (page, total) = store.page(after, limit.saturating_add(1), status)?;
     let next = (page.len() > limit).then(|| page[limit - 1].id.clone());

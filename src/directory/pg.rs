@@ -695,7 +695,14 @@ impl ClientStore for PgStore {
             let mut conn = pool
                 .get()
                 .map_err(|e| DirectoryError::Busy(format!("no database connection: {e}")))?;
-            let rows = conn
+            // One snapshot for the page and its total, so they agree under concurrent adds.
+            let mut tx = conn
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(db)?;
+            let rows = tx
                 .query(
                     "SELECT id, record FROM vigil_clients
                      WHERE ($1::text IS NULL OR id > $1) AND ($2::text IS NULL OR status = $2)
@@ -703,13 +710,14 @@ impl ClientStore for PgStore {
                     &[&after, &status, &limit],
                 )
                 .map_err(db)?;
-            let total: i64 = conn
+            let total: i64 = tx
                 .query_one(
                     "SELECT count(*) FROM vigil_clients WHERE ($1::text IS NULL OR status = $1)",
                     &[&status],
                 )
                 .map_err(db)?
                 .get(0);
+            tx.commit().map_err(db)?;
             let page = rows
                 .into_iter()
                 .map(|r| decode_record(r.get::<_, &str>(0), r.get::<_, serde_json::Value>(1)))

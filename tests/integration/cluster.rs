@@ -569,18 +569,17 @@ fn the_console_page_is_read_beside_a_busy_pool() {
             r.status = vigil::directory::ClientStatus::Blocked
         })
         .unwrap();
-    // An update that holds the main pool's only connection for 5 s.
-    let (held, release) = (
-        std::sync::Arc::new(std::sync::Barrier::new(2)),
-        std::time::Duration::from_secs(5),
-    );
+    // An update that holds the main pool's only connection until the test lets it go (30 s at
+    // most).
+    let held = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let (release, released) = std::sync::mpsc::channel::<()>();
     let holder = {
         let (store, held) = (store.clone(), held.clone());
         std::thread::spawn(move || {
             store
-                .update("p1", &mut |_| {
+                .update("p1", &mut move |_| {
                     held.wait();
-                    std::thread::sleep(release);
+                    let _ = released.recv_timeout(Duration::from_secs(30));
                 })
                 .unwrap();
         })
@@ -615,6 +614,7 @@ fn the_console_page_is_read_beside_a_busy_pool() {
         store.get("p2"),
         Err(vigil::directory::DirectoryError::Busy(_))
     ));
+    release.send(()).unwrap();
     holder.join().unwrap();
 }
 
@@ -647,6 +647,15 @@ async fn hellos_the_directory_cannot_answer_are_not_held_against_the_address() {
         .expect("the directory answers");
     drop(conn);
     proxy.cut();
+    // The cut takes effect once the proxy's task is gone: the first refusal says so.
+    eventually("the directory cut off", Duration::from_secs(20), || async {
+        matches!(
+            Connection::connect(&url, "c1", TOKEN, Encoding::Json).await,
+            Err(vigil::edge::client::ClientError::Refused { code, .. }) if code == "system_full"
+        )
+        .then_some(())
+    })
+    .await;
     for _ in 0..10 {
         let refused = Connection::connect(&url, "c1", TOKEN, Encoding::Json).await;
         assert!(
