@@ -735,30 +735,14 @@ impl Config {
             // A client named `operators` would be the tokens file in the folder directory.
             if self.directory_url.is_none()
                 && let Some(tokens) = &e.admin_tokens_file
+                && lies_within(tokens, &self.clients_dir)
             {
-                // Absolute, with `.` and `..` resolved by name (the files need not exist yet).
-                let abs = |p: &std::path::Path| {
-                    let p = std::path::absolute(p).unwrap_or(p.to_owned());
-                    let mut out = PathBuf::new();
-                    for part in p.components() {
-                        match part {
-                            std::path::Component::ParentDir => {
-                                out.pop();
-                            }
-                            std::path::Component::CurDir => {}
-                            other => out.push(other),
-                        }
-                    }
-                    out
-                };
-                if abs(tokens).starts_with(abs(&self.clients_dir)) {
-                    errors.push(format!(
-                        "admin_tokens_file {} is inside the clients folder {}: keep it outside, \
-                         where no client's file can take its name",
-                        tokens.display(),
-                        self.clients_dir.display()
-                    ));
-                }
+                errors.push(format!(
+                    "admin_tokens_file {} is inside the clients folder {}: keep it outside, \
+                     where no client's file can take its name",
+                    tokens.display(),
+                    self.clients_dir.display()
+                ));
             }
             if e.id_lockout_max_ms > 86_400_000 || e.id_lockout_base_ms > e.id_lockout_max_ms {
                 errors.push(format!(
@@ -882,33 +866,14 @@ impl Config {
         }
         if reads(Role::Audit)
             && let Some(key) = &self.audit_key
+            && lies_within(key, &self.evidence_dir)
         {
-            let inside = |dir: &std::path::Path| {
-                // Absolute, with `.` and `..` resolved by name (the files need not exist yet).
-                let abs = |p: &std::path::Path| {
-                    let p = std::path::absolute(p).unwrap_or(p.to_owned());
-                    let mut out = PathBuf::new();
-                    for part in p.components() {
-                        match part {
-                            std::path::Component::ParentDir => {
-                                out.pop();
-                            }
-                            std::path::Component::CurDir => {}
-                            other => out.push(other),
-                        }
-                    }
-                    out
-                };
-                abs(key).starts_with(abs(dir))
-            };
-            if inside(&self.evidence_dir) {
-                errors.push(format!(
-                    "audit_key {} is inside the evidence folder {}: keep the signing key \
-                     where whoever can write the evidence cannot read it",
-                    key.display(),
-                    self.evidence_dir.display()
-                ));
-            }
+            errors.push(format!(
+                "audit_key {} is inside the evidence folder {}: keep the signing key where \
+                 whoever can write the evidence cannot read it",
+                key.display(),
+                self.evidence_dir.display()
+            ));
         }
         if reads(Role::Worker) {
             let w = &self.worker;
@@ -1170,6 +1135,25 @@ fn host_name() -> String {
 /// `<prefix>-<8 hex digits>`.
 pub fn random_id(prefix: &str) -> String {
     format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+/// Whether `path` lies within the folder `dir`, both made absolute with `.` and `..` resolved
+/// by name (the files need not exist yet; symbolic links are not followed).
+fn lies_within(path: &std::path::Path, dir: &std::path::Path) -> bool {
+    let absolute = |p: &std::path::Path| {
+        let mut out = PathBuf::new();
+        for part in std::path::absolute(p).unwrap_or(p.to_owned()).components() {
+            match part {
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                std::path::Component::CurDir => {}
+                other => out.push(other),
+            }
+        }
+        out
+    };
+    absolute(path).starts_with(absolute(dir))
 }
 
 #[cfg(test)]

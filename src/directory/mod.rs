@@ -616,13 +616,30 @@ pub struct Imported {
     pub kept: usize,
 }
 
+/// An import whose every client was checked ([`check_import`]): the only thing [`import`]
+/// takes, so nothing is imported unchecked.
+#[derive(Debug, Clone)]
+pub struct CheckedImport {
+    clients: Vec<Exported>,
+    /// Each client's reference photo, decoded, in order.
+    photos: Vec<Option<Vec<u8>>>,
+}
+
+impl CheckedImport {
+    /// Each client, with its reference photo's bytes.
+    pub fn clients(&self) -> impl Iterator<Item = (&Exported, Option<&[u8]>)> {
+        self.clients
+            .iter()
+            .zip(self.photos.iter().map(Option::as_deref))
+    }
+}
+
 /// Check a whole import before any of it is audited or made: every id valid and given once,
-/// every token hash within the limits, every reference photo decodable. Returns each client's
-/// reference photo, decoded (`None` without one), in order.
-pub fn check_import(clients: &[Exported]) -> Result<Vec<Option<Vec<u8>>>, DirectoryError> {
+/// every token hash within the limits, every reference photo decodable.
+pub fn check_import(clients: Vec<Exported>) -> Result<CheckedImport, DirectoryError> {
     use base64::Engine as _;
     let mut seen = std::collections::HashSet::new();
-    clients
+    let photos = clients
         .iter()
         .map(|client| {
             let id = &client.record.id;
@@ -646,22 +663,19 @@ pub fn check_import(clients: &[Exported]) -> Result<Vec<Option<Vec<u8>>>, Direct
                 })
                 .transpose()
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok(CheckedImport { clients, photos })
 }
 
-/// Import clients into `store`: existing ids are kept unless `replace`.
+/// Import checked clients into `store`: existing ids are kept unless `replace`.
 pub fn import(
     store: &dyn ClientStore,
-    clients: impl IntoIterator<Item = Exported>,
+    checked: &CheckedImport,
     replace: bool,
 ) -> Result<Imported, DirectoryError> {
-    use base64::Engine as _;
     let mut done = Imported::default();
-    for client in clients {
-        let id = client.record.id.clone();
-        check_client_id(&id)?;
-        token_hash_within_limits(&client.record.token_hash)
-            .map_err(|e| DirectoryError::Import(format!("client `{id}`: token hash: {e}")))?;
+    for (client, jpeg) in checked.clients() {
+        let id = &client.record.id;
         match store.add(&client.record) {
             Ok(()) => done.added += 1,
             Err(DirectoryError::Exists(_)) if replace => {
@@ -674,20 +688,15 @@ pub fn import(
             }
             Err(e) => return Err(e),
         }
-        if let Some(b64) = &client.reference_jpeg_b64 {
-            let jpeg = base64::engine::general_purpose::STANDARD
-                .decode(b64)
-                .map_err(|e| {
-                    DirectoryError::Import(format!("client `{id}`: reference photo: {e}"))
-                })?;
-            let name = store.put_reference_photo(&id, &jpeg)?;
+        if let Some(jpeg) = jpeg {
+            let name = store.put_reference_photo(id, jpeg)?;
             if client
                 .record
                 .reference
                 .as_ref()
                 .is_some_and(|r| r.photo_file != name)
             {
-                store.update(&id, &mut |r| {
+                store.update(id, &mut |r| {
                     if let Some(reference) = r.reference.as_mut() {
                         reference.photo_file = name.clone();
                     }
@@ -695,7 +704,7 @@ pub fn import(
             }
         }
         if let Some(policy) = &client.policy {
-            store.put_policy(&id, policy)?;
+            store.put_policy(id, policy)?;
         }
     }
     Ok(done)
@@ -961,15 +970,12 @@ mod tests {
             assert!(!r.verify_token("correct-horse"), "t={t} p={p} was checked");
             assert!(token_hash_within_limits(&r.token_hash).is_err());
             let s = store();
-            let refused = import(
-                &s,
-                [Exported {
-                    record: r.clone(),
-                    reference_jpeg_b64: None,
-                    policy: None,
-                }],
-                true,
-            );
+            let refused = check_import(vec![Exported {
+                record: r.clone(),
+                reference_jpeg_b64: None,
+                policy: None,
+            }])
+            .and_then(|checked| import(&s, &checked, true));
             assert!(
                 matches!(refused, Err(DirectoryError::Import(ref m)) if m.contains("over the limits")),
                 "{refused:?}"
@@ -1093,7 +1099,7 @@ mod tests {
         let into = store();
         into.add(&ClientRecord::new("gail", "kept", "correct-horse").unwrap())
             .unwrap();
-        let done = import(&into, lines.clone(), false).unwrap();
+        let done = import(&into, &check_import(lines.clone()).unwrap(), false).unwrap();
         assert_eq!(
             done,
             Imported {
@@ -1108,7 +1114,7 @@ mod tests {
             Some(&b"\xff\xd8jpeg"[..])
         );
         assert_eq!(into.get("gail").unwrap().unwrap().display_name, "kept");
-        let done = import(&into, lines, true).unwrap();
+        let done = import(&into, &check_import(lines).unwrap(), true).unwrap();
         assert_eq!(done.replaced, 2);
         assert_eq!(into.get("gail").unwrap().unwrap().display_name, "");
     }

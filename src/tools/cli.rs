@@ -1663,15 +1663,17 @@ async fn directory(cfg: &Config, action: DirectoryCmd) -> Result<(), CliError> {
                 parse_export(&bytes, &from)?
             };
             // Checked whole first: an import the trail records is one that can be made.
-            let photos = directory::check_import(&clients).map_err(fail)?;
+            let checked = directory::check_import(clients).map_err(fail)?;
             let store = cfg.open_directory().map_err(fail)?;
             let (admin, broker) = admin_handle(cfg, store.clone()).await?;
-            let audited = audit_import(&admin, &*store, &clients, &photos, replace, &from).await;
-            // What the import then did, or why it stopped, follows the plan into the trail.
-            let done = match audited {
+            let planned = audit_import(&admin, &*store, &checked, replace, &from).await;
+            // What the import then did, or why it stopped, follows the plan into the trail (an
+            // import that changes nothing leaves no entry).
+            let done = match planned {
                 Err(e) => Err(e),
-                Ok(()) => {
-                    let made = directory::import(&*store, clients, replace);
+                Ok(false) => directory::import(&*store, &checked, replace).map_err(fail),
+                Ok(true) => {
+                    let made = directory::import(&*store, &checked, replace);
                     let (operation, detail) = match &made {
                         Ok(d) => (
                             "directory:import:done",
@@ -1713,19 +1715,19 @@ async fn directory(cfg: &Config, action: DirectoryCmd) -> Result<(), CliError> {
 /// the SHA-256 of what is imported, how many clients it would add and replace), and one on
 /// each client it would add or replace, with the SHA-256 of the record, of the reference photo
 /// (the JPEG's bytes, as an enrolment records them) and of the policy the client gets. With no
-/// broker to take them, nothing is imported. What the import then did is a further entry.
+/// broker to take them, nothing is imported. Whether the import changes anything (and so
+/// has entries to follow).
 async fn audit_import(
     admin: &crate::admin::Admin,
     store: &dyn ClientStore,
-    clients: &[crate::directory::Exported],
-    photos: &[Option<Vec<u8>>],
+    checked: &crate::directory::CheckedImport,
     replace: bool,
     from: &std::path::Path,
-) -> Result<(), CliError> {
+) -> Result<bool, CliError> {
     use sha2::Digest as _;
     let sha = |bytes: &[u8]| hex::encode(sha2::Sha256::digest(bytes));
     let mut changes = Vec::new();
-    for (client, photo) in clients.iter().zip(photos) {
+    for (client, photo) in checked.clients() {
         let id = &client.record.id;
         let change = match store.get(id).map_err(fail)? {
             None => "import:add",
@@ -1746,15 +1748,16 @@ async fn audit_import(
             format!(
                 "record_sha256={} photo_sha256={} policy_sha256={}",
                 sha(&record),
-                or_none(photo.as_deref()),
+                or_none(photo),
                 or_none(policy.as_deref()),
             ),
         ));
     }
     if changes.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
-    let whole = serde_json::to_vec(clients).map_err(fail)?;
+    let whole =
+        serde_json::to_vec(&checked.clients().map(|(c, _)| c).collect::<Vec<_>>()).map_err(fail)?;
     let operator = cli_operator();
     let replaced = changes.iter().filter(|c| c.1 == "import:replace").count();
     let sent = async {
@@ -1779,7 +1782,8 @@ async fn audit_import(
         Ok::<_, crate::admin::AdminError>(())
     }
     .await;
-    sent.map_err(|e| fail(format!("{e}: nothing was imported")))
+    sent.map(|()| true)
+        .map_err(|e| fail(format!("{e}: nothing was imported")))
 }
 
 /// The clients of an export file, one JSON line each; a bad line is named.
