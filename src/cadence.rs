@@ -321,6 +321,43 @@ mod tests {
         assert!(ran[55..].iter().any(|r| !*r));
     }
 
+    /// The promise behind `edge.phone_every`'s bound (1..=4): a phone that comes into view on
+    /// any frame and stays signs the candidate out, under the default phone rule (4 of 6
+    /// frames), within `every + 4` frames (8 at most: 1.6 s at 5 fps, which leaves 0.4 s of
+    /// the 2 s for the last result to come back). A frame that skipped the detector is `ok`,
+    /// as the worker answers it.
+    #[test]
+    fn a_phone_in_view_signs_out_within_two_seconds_at_every_allowed_cadence() {
+        use crate::domain::{Action, Verdict};
+        use crate::policy::{ClientPolicy, PolicyConfig};
+        let cfg = PolicyConfig::default();
+        let rule = &cfg.rules[&Verdict::Phone];
+        let mut worst = [0u64; 5];
+        for every in 1..=4u32 {
+            for seed in 0..300 {
+                for shown in 10..20u64 {
+                    let mut c = PhoneCadence::seeded(every, rule.n as u32, seed);
+                    let mut policy = ClientPolicy::new();
+                    let signed_out = (1..=60u64).find(|&seq| {
+                        let ran = c.due(seq);
+                        let seen = ran && seq >= shown;
+                        c.observe(seq, ran, seen, !seen);
+                        let verdict = if seen { Verdict::Phone } else { Verdict::Ok };
+                        policy.observe(&cfg, verdict, seq * 200).map(|d| d.action)
+                            == Some(Action::SignOut)
+                    });
+                    let frames = signed_out.expect("signed out") - shown + 1;
+                    assert!(
+                        frames <= u64::from(every) + rule.k as u64,
+                        "every {every}, seed {seed}, shown at {shown}: {frames} frames"
+                    );
+                    worst[every as usize] = worst[every as usize].max(frames);
+                }
+            }
+        }
+        assert!(worst[4] <= 8, "{worst:?}");
+    }
+
     #[test]
     fn one_missed_detection_does_not_lift_the_hold() {
         let mut c = PhoneCadence::seeded(3, 6, 5);
