@@ -110,10 +110,7 @@ pub async fn start_with(
     )
     .await?;
     health.set("broker", true);
-    cfg.put_policies(&topo.shared(&cfg.namespace)).await?;
-    broker
-        .prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
-        .await?;
+    let broker = link(broker, &cfg, &topo).await?;
     health.set("topology", true);
 
     let threads = cfg.worker.effective_analysis_threads();
@@ -251,16 +248,13 @@ async fn run_loop(
         }
         health.set("broker", false);
         health.set("topology", false);
-        let (shared, roles) = (&topo.shared(&cfg.namespace), cfg.broker_roles);
+        let (cfg_ref, topo_ref) = (&cfg, &topo);
         let fresh = crate::broker::relink(
             &cfg.amqp_url,
             &ctx.worker_id,
             &broker_metrics,
             &shutdown,
-            |b| async move {
-                b.prepare(shared, roles).await?;
-                Ok::<_, crate::broker::BrokerError>(b)
-            },
+            |b| link(b, cfg_ref, topo_ref),
         )
         .await;
         let Some(fresh) = fresh else {
@@ -271,6 +265,20 @@ async fn run_loop(
         health.set("topology", true);
         tracing::info!("reconnected to the broker");
     }
+}
+
+/// What a worker needs of a connection, at start-up and after every reconnect alike: the shared
+/// queues' policies (when this role puts them) and the shared topology.
+async fn link(
+    broker: Broker,
+    cfg: &Config,
+    topo: &topology::Topology,
+) -> Result<Broker, WorkerError> {
+    cfg.put_policies(&topo.shared(&cfg.namespace)).await?;
+    broker
+        .prepare(&topo.shared(&cfg.namespace), cfg.broker_roles)
+        .await?;
+    Ok(broker)
 }
 
 /// One connection's worth of consuming. Returns when shutdown is asked (after draining) or

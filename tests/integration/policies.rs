@@ -89,3 +89,63 @@ async fn changed_tunables_are_applied_as_policies_without_breaking_start_up() {
     env.teardown().await;
     rabbit.stop();
 }
+
+/// `Some` once `queue` has the work queue's policy in force.
+async fn has_policy(env: &TestEnv, queue: &str) -> Option<()> {
+    (in_force(env, queue).await.1["message-ttl"] == 5000).then_some(())
+}
+
+/// A worker that reconnects puts the shared queues' policies again, as at start-up: the
+/// policies are deleted while it runs (a broker rebuilt from scratch, an operator's mistake),
+/// every connection is closed, and the reconnected worker alone restores them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_worker_puts_its_policies_again() {
+    let (rabbit, management_url) = PrivateBroker::start_with_management().await;
+    let mut env = TestEnv::new("policies-relink");
+    env.cfg.amqp_url = rabbit.url();
+    env.cfg.broker_management_url = Some(management_url);
+    env.start_worker("w1").await;
+    let work = env.name("frames.work");
+    eventually(
+        "the policy put at start-up",
+        Duration::from_secs(20),
+        || has_policy(&env, &work),
+    )
+    .await;
+
+    let management = env.cfg.management().unwrap().expect("a management URL");
+    let names: Vec<String> = env
+        .cfg
+        .topology()
+        .unwrap()
+        .shared(&env.cfg.namespace)
+        .policies()
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert!(!names.is_empty());
+    management.delete_policies(&names).await.unwrap();
+    eventually("the policy gone", Duration::from_secs(20), || {
+        let (env, work) = (&env, &work);
+        async move {
+            in_force(env, work)
+                .await
+                .1
+                .get("message-ttl")
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+
+    assert!(rabbit.ctl(&["close_all_connections", "test: reconnect"]));
+    eventually(
+        "the policy put again by the reconnected worker",
+        Duration::from_secs(30),
+        || has_policy(&env, &work),
+    )
+    .await;
+
+    env.teardown().await;
+    rabbit.stop();
+}
