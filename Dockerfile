@@ -6,6 +6,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY bin bin
 COPY src src
+COPY crates crates
 COPY tests tests
 COPY exchanges.toml vigil.example.toml ./
 COPY models/models.toml models/

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The module boundaries of ARCHITECTURE.md's invariants, checked on the sources: each outside
-# system has one owning module, and the edge and the analysis code never import each other.
+# The boundaries of ARCHITECTURE.md's invariants: on the sources, each outside system has one
+# owning module, and the edge and the analysis code never import each other; on the crate
+# graph, vigil-core (the pure logic) depends on nothing that does I/O.
 # Comment lines are skipped. Exits 1 and names each line that crosses a boundary.
 #   scripts/check-boundaries.sh [SRC_DIR]   (default: src)
 set -euo pipefail
@@ -27,13 +28,31 @@ rule "only edge speaks WebSocket (tokio_tungstenite)" '\btokio_tungstenite\b' 'e
 rule "only inference runs models (ort)" '\bort::|use ort\b' 'inference/'
 rule "only inference reads pixels (image)" '\bimage::|use image\b' 'inference/'
 rule "only telemetry serves HTTP connections (hyper), within its limits" '\bhyper(_util)?::|use hyper(_util)?\b' 'telemetry/'
-rule "only wire (and the tools) speak MessagePack" '\brmp_serde\b' 'wire/|tools/'
+# (The wire itself is vigil-core's, crates/vigil-core/src/wire/.)
+rule "only vigil-core's wire (and the tools) speak MessagePack" '\brmp_serde\b' 'tools/'
 rule "only the worker and the tools reach the analysis code (never the edge)" \
     'crate::(worker|analyzer|inference)\b' '(worker|analyzer)\.rs|inference/|tools/|lib\.rs|bin/'
 rule "only the tools reach into the edge (never the analysis code)" \
     'crate::edge\b' 'edge/|tools/|config/|lib\.rs|bin/'
 
+# The crate boundaries: vigil-core is the pure logic, so its dependency tree (normal and build
+# dependencies, every feature) holds no I/O: no broker, async runtime, socket, HTTP stack,
+# database, model runtime, image codec or telemetry exporter. `cargo tree` reads Cargo.lock.
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+forbidden='lapin|amq-protocol|tokio|tokio-tungstenite|tungstenite|mio|socket2|hyper|hyper-util|axum|reqwest|postgres|tokio-postgres|r2d2|r2d2_postgres|refinery|ort|ort-sys|image|opentelemetry|opentelemetry_sdk|opentelemetry-otlp|tracing-subscriber|prometheus|rustls|notify'
+core_deps="$(cd "$ROOT" && cargo tree --locked --offline -p vigil-core -e normal,build --all-features \
+    --prefix none --format '{p}' 2>&1 | awk '{print $1}' | sort -u)" || {
+    echo "cargo tree failed for vigil-core: $core_deps" >&2
+    exit 1
+}
+bad="$(echo "$core_deps" | grep -xE "($forbidden)" || true)"
+if [ -n "$bad" ]; then
+    echo "boundary crossed: vigil-core is pure logic, and its dependency tree holds:" >&2
+    echo "$bad" | sed 's/^/  /' >&2
+    failed=1
+fi
+
 if [ "$failed" = 0 ]; then
-    echo "module boundaries: ok"
+    echo "module and crate boundaries: ok"
 fi
 exit "$failed"

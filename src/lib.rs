@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //! The services (`vigil-edge`, `vigil-worker`, `vigil-audit`) are built from the modules below
-//! and nothing else; the operator's tools live apart, in [`tools`] (the `tools` feature).
+//! and nothing else; the operator's tools live apart, in [`tools`] (the `tools` feature). The
+//! pure logic ([`domain`], [`wire`], [`policy`], [`liveness`], [`challenge`], [`cadence`], and
+//! the edge's window and enforcement) is the `vigil-core` crate, re-exported here at its paths.
 //! - [`domain`]: the shared words (verdict, action, device), so that the modules below
 //!   depend on it rather than on each other.
 //! - [`wire`]: the broker envelope and the client protocol, and their encodings.
@@ -26,22 +28,20 @@
 //! - [`tools`]: the operator CLI (`vigil`), benchmarks, load, the hostile suite, capture,
 //!   record and replay, evaluation on real data, model fetching and broker provisioning.
 
+// The pure logic lives in `vigil-core`; its modules keep their paths here.
+pub use vigil_core::{cadence, challenge, domain, liveness, policy, wire};
+
 pub mod admin;
 pub(crate) mod analyzer;
 pub mod audit;
 pub mod broker;
-pub mod cadence;
-pub mod challenge;
 pub mod config;
 pub mod directory;
-pub(crate) mod domain;
 pub mod edge;
 pub mod inference;
-pub(crate) mod liveness;
 pub(crate) mod management;
 pub mod metrics;
 pub mod operators;
-pub mod policy;
 pub mod roles;
 pub mod session_tokens;
 pub mod telemetry;
@@ -49,5 +49,4 @@ pub mod telemetry;
 pub mod tools;
 pub mod topology;
 pub mod webhooks;
-pub mod wire;
 pub mod worker;

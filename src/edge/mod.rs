@@ -10,7 +10,7 @@
 mod admin_api;
 mod admin_link;
 pub mod client;
-pub(crate) mod enforcement;
+pub(crate) use vigil_core::enforcement;
 mod gate;
 mod lease;
 pub mod proxy;
@@ -18,7 +18,7 @@ mod session;
 mod tls;
 mod tokens;
 mod web;
-mod window;
+use vigil_core::window;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -457,7 +457,7 @@ mod tests {
     #[test]
     fn the_sdks_types_match_the_protocol() {
         use crate::domain::{Action, StepKind, Verdict};
-        let sdk = include_str!("../../web/src/sdk.ts");
+        let sdk = include_str!("../../../../web/src/sdk.ts");
         let set = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect();
         let verdicts: Vec<&str> = Verdict::ALL
             .iter()

@@ -814,7 +814,7 @@ mod packed_traceparent {
 mod tests {
     use super::*;
 
-    pub(crate) fn sample_frame(jpeg_len: usize) -> Envelope {
+    fn sample_frame(jpeg_len: usize) -> Envelope {
         let mut jpeg = vec![0xAB; jpeg_len];
         if jpeg_len >= 2 {
             jpeg[..2].copy_from_slice(&[0xFF, 0xD8]);

@@ -175,7 +175,7 @@ struct Seen {
 
 /// Which passive signal raised a suspicion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Suspicion {
+pub enum Suspicion {
     Still,
     Model,
     Pad,
@@ -184,7 +184,7 @@ pub(crate) enum Suspicion {
 }
 
 impl Suspicion {
-    pub(crate) fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Suspicion::Still => "still",
             Suspicion::Model => "model",
@@ -197,7 +197,7 @@ impl Suspicion {
 
 /// One client's liveness evidence.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct StreamLiveness {
+pub struct StreamLiveness {
     faces: VecDeque<Seen>,
     /// Faces in a row the still test held for.
     still_run: usize,
@@ -228,18 +228,17 @@ fn median(mut v: Vec<f32>) -> Option<f32> {
 }
 
 impl StreamLiveness {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         Self::default()
     }
 
     /// The window's score when a face last entered it, and when (`vigil eval`).
-    #[cfg_attr(not(feature = "tools"), allow(dead_code))]
-    pub(crate) fn last(&self) -> Option<&(u64, TemporalScore)> {
+    pub fn last(&self) -> Option<&(u64, TemporalScore)> {
         self.last.as_ref()
     }
 
     /// Add one face seen at `now_ms` and judge the window.
-    pub(crate) fn observe(
+    pub fn observe(
         &mut self,
         cfg: &LivenessConfig,
         now_ms: u64,
@@ -326,7 +325,7 @@ impl StreamLiveness {
     /// passive signals never act by themselves. Faces that failed the quality gate neither
     /// enter the window nor are judged by it; frames that keep coming with such faces only
     /// are the `away` signal.
-    pub(crate) fn fuse(
+    pub fn fuse(
         &mut self,
         cfg: &LivenessConfig,
         now_ms: u64,

@@ -129,7 +129,7 @@ impl PhoneCadence {
 ///   is full once `recheck_ms` has passed since the last full one was published, or at once when
 ///   that one was dropped ([`IdentityCadence::dropped`]).
 /// - **The worker checks the track on the frame itself**: a frame whose face left the track
-///   runs every model at once ([`crate::inference::IdentityStack::analyze_with`]).
+///   runs every model at once (`vigil::inference::IdentityStack::analyze_with`).
 /// - A challenge's frames are all full (the edge asks for that).
 ///
 /// Pure and deterministic given its random source, like [`PhoneCadence`].

@@ -19,27 +19,27 @@ use crate::wire::client::ClientFrame;
 
 /// A frame accepted by the session and not yet published.
 #[derive(Debug)]
-pub(crate) struct Pending {
-    pub(crate) seq: u64,
-    pub(crate) frame: ClientFrame,
-    pub(crate) received: Instant,
-    pub(crate) received_ms: u64,
+pub struct Pending {
+    pub seq: u64,
+    pub frame: ClientFrame,
+    pub received: Instant,
+    pub received_ms: u64,
 }
 
 /// A published frame awaiting its answer.
 #[derive(Debug)]
-pub(crate) struct Inflight {
-    pub(crate) frame_id: Uuid,
-    pub(crate) received: Instant,
-    pub(crate) received_ms: u64,
-    pub(crate) deadline: Instant,
+pub struct Inflight {
+    pub frame_id: Uuid,
+    pub received: Instant,
+    pub received_ms: u64,
+    pub deadline: Instant,
     /// Kept (shared, not copied) in case the result makes it evidence.
-    pub(crate) jpeg: Bytes,
+    pub jpeg: Bytes,
 }
 
 /// What to do with a frame offered to the window.
 #[derive(Debug)]
-pub(crate) enum Offer {
+pub enum Offer {
     /// A slot is free: publish it now (then [`Window::published`], or answer it if that fails).
     Publish(Pending),
     /// It waits for a slot; a frame that was already waiting was superseded (answer it
@@ -51,15 +51,15 @@ pub(crate) enum Offer {
 
 /// Frames that left the window because they ran out of time.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Overdue {
+pub struct Overdue {
     /// Published, with no answer within the deadline plus grace.
-    pub(crate) published: Vec<u64>,
+    pub published: Vec<u64>,
     /// Waited for a slot past the deadline.
-    pub(crate) waiting: Option<u64>,
+    pub waiting: Option<u64>,
 }
 
 #[derive(Debug)]
-pub(crate) struct Window {
+pub struct Window {
     max_inflight: usize,
     deadline: Duration,
     inflight: HashMap<u64, Inflight>,
@@ -67,7 +67,7 @@ pub(crate) struct Window {
 }
 
 impl Window {
-    pub(crate) fn new(max_inflight: usize, deadline: Duration) -> Self {
+    pub fn new(max_inflight: usize, deadline: Duration) -> Self {
         Self {
             max_inflight,
             deadline,
@@ -78,13 +78,13 @@ impl Window {
 
     /// Frames published and awaiting an answer.
     #[cfg(test)]
-    pub(crate) fn in_flight(&self) -> usize {
+    pub fn in_flight(&self) -> usize {
         self.inflight.len()
     }
 
     /// Take a new frame: publish it, queue it (superseding the waiting one), or refuse a
     /// duplicate seq.
-    pub(crate) fn offer(&mut self, pending: Pending) -> Offer {
+    pub fn offer(&mut self, pending: Pending) -> Offer {
         let seq = pending.seq;
         if self.inflight.contains_key(&seq) || self.pending.as_ref().is_some_and(|p| p.seq == seq) {
             return Offer::Duplicate;
@@ -97,7 +97,7 @@ impl Window {
     }
 
     /// The broker took the frame: it is in flight under `frame_id` until answered.
-    pub(crate) fn published(&mut self, p: Pending, frame_id: Uuid) {
+    pub fn published(&mut self, p: Pending, frame_id: Uuid) {
         let deadline = p.received + self.deadline;
         self.inflight.insert(
             p.seq,
@@ -113,7 +113,7 @@ impl Window {
 
     /// The worker's answer for `seq` as published under `frame_id`. `None` when that frame
     /// already left the window (answered, swept, or a stale publish of a reused seq).
-    pub(crate) fn answer(&mut self, seq: u64, frame_id: Uuid) -> Option<Inflight> {
+    pub fn answer(&mut self, seq: u64, frame_id: Uuid) -> Option<Inflight> {
         if self.inflight.get(&seq)?.frame_id != frame_id {
             return None;
         }
@@ -122,12 +122,12 @@ impl Window {
 
     /// The broker refused the frame after all (a failed confirm). `true` when it was still in
     /// flight and so now needs its `dropped` answer.
-    pub(crate) fn fail(&mut self, seq: u64, frame_id: Uuid) -> bool {
+    pub fn fail(&mut self, seq: u64, frame_id: Uuid) -> bool {
         self.answer(seq, frame_id).is_some()
     }
 
     /// The waiting frame, when a slot is free for it.
-    pub(crate) fn next_to_publish(&mut self) -> Option<Pending> {
+    pub fn next_to_publish(&mut self) -> Option<Pending> {
         if self.inflight.len() < self.max_inflight {
             self.pending.take()
         } else {
@@ -138,7 +138,7 @@ impl Window {
     /// Frames out of time at `now`: published ones past their deadline plus `grace` (the
     /// worker's own `expired` answer gets that long to arrive), and the waiting one past its
     /// deadline. Each is removed; seqs come in ascending order.
-    pub(crate) fn overdue(&mut self, now: Instant, grace: Duration) -> Overdue {
+    pub fn overdue(&mut self, now: Instant, grace: Duration) -> Overdue {
         let mut published: Vec<u64> = self
             .inflight
             .iter()
@@ -158,7 +158,7 @@ impl Window {
     }
 
     /// Empty the window (the session is ending): every seq still in it, ascending.
-    pub(crate) fn drain(&mut self) -> Vec<u64> {
+    pub fn drain(&mut self) -> Vec<u64> {
         let mut seqs: Vec<u64> = self.inflight.drain().map(|(seq, _)| seq).collect();
         seqs.extend(self.pending.take().map(|p| p.seq));
         seqs.sort_unstable();

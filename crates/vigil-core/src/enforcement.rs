@@ -42,7 +42,7 @@ enum Evidence {
 
 /// What the session must do for the client and the audit trail.
 #[derive(Debug)]
-pub(crate) enum Effect {
+pub enum Effect {
     /// Tell the client (a challenge, its progress, its result).
     Tell(ServerMsg),
     /// An action: tell the client and audit it.
@@ -52,7 +52,7 @@ pub(crate) enum Effect {
 }
 
 #[derive(Debug)]
-pub(crate) struct Enforcement {
+pub struct Enforcement {
     policy: ClientPolicy,
     session: u64,
     /// The most recent analysed frames that were not `ok`, newest last.
@@ -75,7 +75,7 @@ pub(crate) struct Enforcement {
 }
 
 impl Enforcement {
-    pub(crate) fn new(policy: ClientPolicy, session: u64) -> Self {
+    pub fn new(policy: ClientPolicy, session: u64) -> Self {
         Self {
             policy,
             session,
@@ -93,7 +93,7 @@ impl Enforcement {
 
     /// Resume a saved state (policy, waiting challenge, last pass), unless it is older than
     /// `carry_over_ms`.
-    pub(crate) fn resume(
+    pub fn resume(
         cfg: &PolicyConfig,
         saved: Option<SavedPolicy>,
         now_ms: u64,
@@ -114,19 +114,19 @@ impl Enforcement {
     }
 
     /// A challenge is waiting for an answer.
-    pub(crate) fn challenging(&self) -> bool {
+    pub fn challenging(&self) -> bool {
         self.challenge.is_some()
     }
 
     /// The client was signed out, and not re-admitted since (a re-admission saves a fresh
     /// state).
-    pub(crate) fn signed_out(&self) -> bool {
+    pub fn signed_out(&self) -> bool {
         self.policy.state() == Action::SignOut
     }
 
     /// Move the waiting challenge's deadline on by `ms` (the time the client was paused: a
     /// paused client sends nothing to answer with).
-    pub(crate) fn postpone(&mut self, ms: u64) {
+    pub fn postpone(&mut self, ms: u64) {
         if let Some(c) = self.challenge.as_mut() {
             c.deadline_at_ms = c.deadline_at_ms.saturating_add(ms);
             self.dirty = true;
@@ -134,14 +134,14 @@ impl Enforcement {
     }
 
     /// Mark the state for saving, so that its age counts from now (a session that ends).
-    pub(crate) fn touch(&mut self) {
+    pub fn touch(&mut self) {
         self.dirty = true;
     }
 
     /// Run the policy on one verdict at `now_ms`. `frame` is the analysed frame behind it
     /// (`None` for `no_frames` and `invalid_frame`). Returns the action event when the policy
     /// fires.
-    pub(crate) fn judge(
+    pub fn judge(
         &mut self,
         cfg: &PolicyConfig,
         verdict: Verdict,
@@ -219,7 +219,7 @@ impl Enforcement {
 
     /// An action an operator forced at `now_ms`. A forced `allow` is the operator's word on
     /// liveness too: it lifts a held lock and drops the waiting challenge.
-    pub(crate) fn force(&mut self, action: Action, operator: String, now_ms: u64) -> ActionEvent {
+    pub fn force(&mut self, action: Action, operator: String, now_ms: u64) -> ActionEvent {
         if action == Action::Allow {
             self.policy.release();
             self.policy.forgive(Verdict::Spoof);
@@ -233,7 +233,7 @@ impl Enforcement {
     /// Issue a challenge at `now_ms` for `trigger` (`detail` says more, such as the signal of
     /// a suspicion), unless one is already waiting, or a suspicion comes within the grace
     /// period of a pass. `draw(n)` picks each step.
-    pub(crate) fn issue(
+    pub fn issue(
         &mut self,
         cfg: &ChallengeConfig,
         trigger: Trigger,
@@ -268,7 +268,7 @@ impl Enforcement {
 
     /// The waiting challenge as the client is told it at `now_ms` (again after a reconnect,
     /// with the time left).
-    pub(crate) fn tell(&self, now_ms: u64) -> Option<ServerMsg> {
+    pub fn tell(&self, now_ms: u64) -> Option<ServerMsg> {
         let c = self.challenge.as_ref()?;
         Some(ServerMsg::Challenge {
             id: c.id.to_string(),
@@ -279,7 +279,7 @@ impl Enforcement {
     }
 
     /// One analysed frame, arrived at `at_ms`, as an answer to the waiting challenge.
-    pub(crate) fn answer(
+    pub fn answer(
         &mut self,
         cfg: &ChallengeConfig,
         frame: &EvidenceFrame,
@@ -352,7 +352,7 @@ impl Enforcement {
     /// At `now_ms`: a challenge past its deadline fails, which is the `spoof` rule's next step;
     /// unless that signed the client out, a retry is issued at once and the lock holds until
     /// it is passed.
-    pub(crate) fn tick(
+    pub fn tick(
         &mut self,
         pcfg: &PolicyConfig,
         cfg: &ChallengeConfig,
@@ -449,7 +449,7 @@ impl Enforcement {
     }
 
     /// The state to save, when it changed since it was last taken.
-    pub(crate) fn take_unsaved(&mut self, now_ms: u64) -> Option<SavedPolicy> {
+    pub fn take_unsaved(&mut self, now_ms: u64) -> Option<SavedPolicy> {
         std::mem::take(&mut self.dirty).then(|| {
             let mut saved = self.policy.save(now_ms);
             saved.challenge = self.challenge.clone();
