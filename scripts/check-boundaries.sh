@@ -52,6 +52,18 @@ if [ -n "$bad" ]; then
     failed=1
 fi
 
+# ARCHITECTURE.md's drawing of the crate graph is the one cargo metadata gives.
+host="$(rustc -vV | sed -n 's/^host: //p')"
+drawn="$(cd "$ROOT" && cargo metadata --format-version 1 --locked --offline --filter-platform "$host" \
+    | python3 scripts/crate-graph.py)"
+documented="$(sed -n '/<!-- crate-graph: begin -->/,/<!-- crate-graph: end -->/p' "$ROOT/ARCHITECTURE.md" \
+    | sed '1d;$d')"
+if [ "$drawn" != "$documented" ]; then
+    echo "ARCHITECTURE.md's crate graph is out of date; paste the output of:" >&2
+    echo "  cargo metadata --format-version 1 --locked --offline --filter-platform $host | python3 scripts/crate-graph.py" >&2
+    failed=1
+fi
+
 if [ "$failed" = 0 ]; then
     echo "module and crate boundaries: ok"
 fi

@@ -722,11 +722,7 @@ async fn mint_session(
     security(("operator" = []))
 )]
 async fn sessions(State(api): State<Api>) -> Response {
-    let sessions = api
-        .shared
-        .sessions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let sessions = api.shared.sessions.lock();
     let list: Vec<super::SessionInfo> = sessions
         .values()
         .map(|e| e.info.lock().unwrap_or_else(|e| e.into_inner()).clone())

@@ -14,6 +14,7 @@ pub(crate) use vigil_core::enforcement;
 mod gate;
 mod lease;
 pub mod proxy;
+mod registry;
 mod session;
 mod tls;
 mod tokens;
@@ -147,8 +148,9 @@ pub(crate) struct Shared {
     /// What the admin API publishes with: the operator role's link (`VIGIL_ADMIN_AMQP_URL`), or
     /// the edge's own.
     pub admin_publisher: PublisherSlot,
-    /// Live sessions by client id.
-    pub sessions: Mutex<HashMap<String, SessionEntry>>,
+    /// Live sessions by client id; a session's place is given back when it ends, panics
+    /// included.
+    pub sessions: Arc<registry::Registry<SessionEntry>>,
     /// Per-edge event sequence (the envelope's `seq`).
     pub seq: AtomicU64,
     pub shutdown: CancellationToken,
@@ -312,6 +314,7 @@ pub async fn start(
     };
     let session_tokens = crate::session_tokens::Verifier::load(&cfg.sessions, &cfg.namespace)?;
     let session_minter = crate::session_tokens::Minter::load(&cfg.sessions, &cfg.namespace)?;
+    let sessions = Arc::new(registry::Registry::new(metrics.sessions_active.clone()));
     let shared = Arc::new(Shared {
         session_tokens,
         session_minter,
@@ -345,7 +348,7 @@ pub async fn start(
         store,
         publisher: publisher.clone(),
         admin_publisher,
-        sessions: Mutex::new(HashMap::new()),
+        sessions,
         seq: AtomicU64::new(0),
         shutdown: shutdown.clone(),
         control_exchange: cfg.names().control_exchange(),
@@ -882,7 +885,7 @@ fn apply_control(shared: &Shared, trust: &crate::roles::Trust, user_id: Option<&
     if !admitted {
         return;
     }
-    let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+    let sessions = shared.sessions.lock();
     let Some(entry) = sessions.get(&client_id) else {
         return;
     };
@@ -957,7 +960,6 @@ fn recheck_sessions(shared: &Shared) {
     let live: Vec<(String, bool)> = shared
         .sessions
         .lock()
-        .unwrap_or_else(|e| e.into_inner())
         .iter()
         .map(|(id, e)| {
             let paused = e.info.lock().unwrap_or_else(|e| e.into_inner()).paused;
@@ -972,7 +974,7 @@ fn recheck_sessions(shared: &Shared) {
                 continue;
             }
         };
-        let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let sessions = shared.sessions.lock();
         let Some(entry) = sessions.get(&client_id) else {
             continue;
         };
@@ -1056,7 +1058,7 @@ async fn check_admission(shared: &Shared, broker: &Broker, work_queue: &str) {
     shared.metrics.system_full.set(i64::from(full));
     tracing::warn!(full, backlog, latency_ms, "system full signal changed");
     let max_fps = shared.current_max_fps();
-    let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+    let sessions = shared.sessions.lock();
     for entry in sessions.values() {
         let _ = entry.tx.try_send(SessionEvent::Throttle { max_fps });
     }
@@ -1100,7 +1102,7 @@ fn dispatch(shared: &Shared, trust: &crate::roles::Trust, user_id: Option<&str>,
             .inc();
         return;
     };
-    let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+    let sessions = shared.sessions.lock();
     match sessions.get(&env.client_id) {
         Some(entry) if entry.session == session => {
             if entry

@@ -147,23 +147,23 @@ pub(super) async fn run(
         last_verdict: None,
         last_action: None,
     }));
-    {
-        let mut sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = SessionEntry {
+    // Given back when dropped, at the end of this function or by a panic that unwinds it.
+    let (registration, older) = shared.sessions.register(
+        &client_id,
+        SessionEntry {
             session: session_id,
             tx,
             closer: closer.clone(),
             info: info.clone(),
-        };
-        if let Some(older) = sessions.insert(client_id.clone(), entry) {
-            // One session per client: the newer connection wins.
-            older.closer.close_with_error(
-                ErrorCode::DuplicateSession,
-                "a newer session for this client replaced this one",
-            );
-        }
+        },
+    );
+    if let Some(older) = older {
+        // One session per client: the newer connection wins.
+        older.closer.close_with_error(
+            ErrorCode::DuplicateSession,
+            "a newer session for this client replaced this one",
+        );
     }
-    shared.metrics.sessions_active.inc();
     tracing::info!(client = %client_id, session = format_args!("{session_id:016x}"), "session started");
     super::audit_session(&shared, &client_id, session_id, "started", "", peer.ip());
     set_presence(
@@ -291,17 +291,7 @@ pub(super) async fn run(
         _ => Connection::Deactivated,
     };
     set_presence(&shared, &client_id, session_id, since_ms, connection).await;
-
-    {
-        let mut sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        if sessions
-            .get(&client_id)
-            .is_some_and(|e| e.session == session_id)
-        {
-            sessions.remove(&client_id);
-        }
-    }
-    shared.metrics.sessions_active.dec();
+    drop(registration);
 }
 
 /// Record this session's connection state in the directory, unless a newer session of the
