@@ -3,14 +3,25 @@
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
+# The dependencies first, in a layer of their own that only a change of a manifest or of the
+# lock rebuilds: the workspace's manifests with empty sources in place of its own code.
 COPY Cargo.toml Cargo.lock ./
+COPY crates/vigil-core/Cargo.toml crates/vigil-core/
+RUN mkdir -p bin src tests/integration crates/vigil-core/src \
+ && touch src/lib.rs crates/vigil-core/src/lib.rs tests/integration/main.rs \
+ && for b in edge worker audit vigil; do echo 'fn main() {}' > "bin/$b.rs"; done \
+ && cargo build --release --locked --bins \
+ && rm -rf bin src tests crates/vigil-core/src
 COPY bin bin
 COPY src src
 COPY crates crates
 COPY tests tests
 COPY exchanges.toml vigil.example.toml ./
 COPY models/models.toml models/
-RUN cargo build --release --locked --bins
+# COPY keeps the context's file times, which can be older than the empty sources' build:
+# touched, the workspace's own crates are rebuilt from the real sources.
+RUN touch src/lib.rs crates/vigil-core/src/lib.rs bin/*.rs \
+ && cargo build --release --locked --bins
 
 # The candidate page and the browser SDK, from npm (pinned by web/package-lock.json).
 FROM node:20-bookworm-slim AS web
