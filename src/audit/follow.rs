@@ -20,7 +20,9 @@ use ed25519_dalek::VerifyingKey;
 use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
-use super::{AuditError, AuditRecord, Chain, EntryIn, Note, Verification, entry_problem, io};
+use super::log::{Chain, EntryIn};
+use super::verify::entry_problem;
+use super::{AuditError, AuditRecord, Note, Verification, io};
 
 pub struct Follower {
     root: PathBuf,
@@ -386,7 +388,7 @@ mod tests {
         )
         .unwrap();
         let forged = serde_json::json!({
-            "seq": 6, "prev": last["hash"], "hash": super::super::entry_hash(6, last["hash"].as_str().unwrap(), "{}"),
+            "seq": 6, "prev": last["hash"], "hash": super::super::log::entry_hash(6, last["hash"].as_str().unwrap(), "{}"),
             "record": {},
         });
         unsigned.extend_from_slice(format!("{forged}\n").as_bytes());
