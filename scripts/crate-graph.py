@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """The workspace's crate graph, drawn from `cargo metadata` (read from stdin).
 
-Prints a markdown block: each workspace crate, the workspace crates it depends on, and how many
-packages its build pulls in (normal dependencies, default features, transitively). ARCHITECTURE.md
-holds this block between its crate-graph markers; scripts/check-boundaries.sh fails when the two
-differ.
+Prints a markdown block: each workspace crate, its folder, and the workspace crates it depends
+on (normal and build dependencies). ARCHITECTURE.md holds this block between its crate-graph
+markers; scripts/check-boundaries.sh fails when the two differ. `--count` adds how many packages
+each crate builds on (transitively), which changes with every lock update, so it is not part of
+the checked block.
 
-    cargo metadata --format-version 1 --locked --offline | python3 scripts/crate-graph.py
+    cargo metadata --format-version 1 --locked --offline \
+        --filter-platform x86_64-unknown-linux-gnu | python3 scripts/crate-graph.py [--count]
 """
 import json
 import os
@@ -36,7 +38,9 @@ def main() -> None:
         return seen
 
     lines = ["```mermaid", "graph TD"]
-    table = ["", "| crate | path | depends on (workspace) | packages it builds on |", "|---|---|---|---|"]
+    count = "--count" in sys.argv[1:]
+    head = "| crate | path | depends on (workspace) |" + (" packages it builds on |" if count else "")
+    table = ["", head, "|---|---|---|" + ("---|" if count else "")]
     for p in sorted(members, key=lambda p: p["name"]):
         path = os.path.relpath(os.path.dirname(p["manifest_path"]), root)
         node = p["name"].replace("-", "_")
@@ -46,9 +50,10 @@ def main() -> None:
         lines.append(f'    {node}["{p["name"]}"]')
         for dep in inner:
             lines.append(f"    {node} --> {dep.replace('-', '_')}")
-        table.append(
-            f"| `{p['name']}` | `{path}` | {', '.join(f'`{d}`' for d in inner) or 'none'} | {len(closure(p['id']))} |"
-        )
+        row = f"| `{p['name']}` | `{path}` | {', '.join(f'`{d}`' for d in inner) or 'none'} |"
+        if count:
+            row += f" {len(closure(p['id']))} |"
+        table.append(row)
     lines.append("```")
     print("\n".join(lines + table))
 

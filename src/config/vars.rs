@@ -546,8 +546,8 @@ pub static VARS: &[Var] = &[
         "VIGIL_EDGE_PHONE_EVERY",
         [Edge],
         edge.phone_every,
-        r#"4"#,
-        r#"a steady candidate's frames run the phone detector about every this-many frames (gaps drawn from one fewer to one more), and every frame for the phone rule's `n` frames after a phone was seen or a verdict was not `ok`; a worker runs it on any frame whose verdict is not `ok` (1: every frame; 1..=4: a phone in view signs out within `phone_every + 4` frames under the default phone rule, 1.6 s at 5 fps for 4)"#
+        r#"3"#,
+        r#"a steady candidate's frames run the phone detector about every this-many frames (gaps drawn from one fewer to one more), and every frame for the phone rule's `n` frames after a phone was seen or a verdict was not `ok`; a worker runs it on any frame whose verdict is not `ok` (1: every frame; 1..=4: under the default phone rule a phone in view signs out within 2 s at 5 fps while results come back within 200 ms, and at 3 within 400 ms)"#
     ),
     var!(
         "VIGIL_EDGE_RECHECK_MS",

@@ -321,41 +321,67 @@ mod tests {
         assert!(ran[55..].iter().any(|r| !*r));
     }
 
-    /// The promise behind `edge.phone_every`'s bound (1..=4): a phone that comes into view on
-    /// any frame and stays signs the candidate out, under the default phone rule (4 of 6
-    /// frames), within `every + 4` frames (8 at most: 1.6 s at 5 fps, which leaves 0.4 s of
-    /// the 2 s for the last result to come back). A frame that skipped the detector is `ok`,
-    /// as the worker answers it.
-    #[test]
-    fn a_phone_in_view_signs_out_within_two_seconds_at_every_allowed_cadence() {
+    /// At the worst, how long after a phone comes into view (and stays) the candidate is
+    /// signed out under the default phone rule (4 of 6 frames), at 5 fps, when each result comes
+    /// back before the `late + 1`th frame after its own is published. Frames published off the
+    /// cadence before the first sighting came back are answered `ok` (the worker skips the
+    /// detector on them) and count in the rule's window; the phone may appear just after a
+    /// frame was taken, so the time runs from the frame before the first that shows it.
+    fn worst_sign_out_ms(every: u32, late: u64) -> u64 {
         use crate::domain::{Action, Verdict};
         use crate::policy::{ClientPolicy, PolicyConfig};
+        const FRAME_MS: u64 = 200;
         let cfg = PolicyConfig::default();
-        let rule = &cfg.rules[&Verdict::Phone];
-        let mut worst = [0u64; 5];
-        for every in 1..=4u32 {
-            for seed in 0..300 {
-                for shown in 10..20u64 {
-                    let mut c = PhoneCadence::seeded(every, rule.n as u32, seed);
-                    let mut policy = ClientPolicy::new();
-                    let signed_out = (1..=60u64).find(|&seq| {
-                        let ran = c.due(seq);
-                        let seen = ran && seq >= shown;
-                        c.observe(seq, ran, seen, !seen);
+        let hold = cfg.rules[&Verdict::Phone].n as u32;
+        let mut worst = 0;
+        for seed in 0..300 {
+            for shown in 10..20u64 {
+                let mut c = PhoneCadence::seeded(every, hold, seed);
+                let mut policy = ClientPolicy::new();
+                let mut in_flight = std::collections::VecDeque::new();
+                let mut signed_out = None;
+                'frames: for seq in 1..=80u64 {
+                    while let Some(&(s, ran)) = in_flight.front() {
+                        if s + 1 + late > seq {
+                            break;
+                        }
+                        in_flight.pop_front();
+                        let seen = ran && s >= shown;
+                        c.observe(s, ran, seen, !seen);
                         let verdict = if seen { Verdict::Phone } else { Verdict::Ok };
-                        policy.observe(&cfg, verdict, seq * 200).map(|d| d.action)
-                            == Some(Action::SignOut)
-                    });
-                    let frames = signed_out.expect("signed out") - shown + 1;
-                    assert!(
-                        frames <= u64::from(every) + rule.k as u64,
-                        "every {every}, seed {seed}, shown at {shown}: {frames} frames"
-                    );
-                    worst[every as usize] = worst[every as usize].max(frames);
+                        let fired = policy.observe(&cfg, verdict, seq * FRAME_MS);
+                        if fired.map(|d| d.action) == Some(Action::SignOut) {
+                            signed_out = Some(seq);
+                            break 'frames;
+                        }
+                    }
+                    in_flight.push_back((seq, c.due(seq)));
                 }
+                let at = signed_out.expect("signed out within 80 frames");
+                worst = worst.max((at - (shown - 1)) * FRAME_MS);
             }
         }
-        assert!(worst[4] <= 8, "{worst:?}");
+        worst
+    }
+
+    /// The promise behind `edge.phone_every`'s bound (1..=4) and its default (3): a phone in
+    /// view is signed out within 2 s at any allowed cadence while results come back within a
+    /// frame (200 ms at 5 fps), and at the default while they come back within two (400 ms).
+    /// Every fourth frame would keep it only within 200 ms, which is why the default is 3.
+    #[test]
+    fn a_phone_in_view_signs_out_within_two_seconds() {
+        for every in 1..=4 {
+            let ms = worst_sign_out_ms(every, 0);
+            assert!(
+                ms <= 2_000,
+                "every {every}, results within a frame: {ms} ms"
+            );
+        }
+        // The figures of the README's table ("Cost per candidate").
+        assert_eq!(worst_sign_out_ms(3, 0), 1_600);
+        assert_eq!(worst_sign_out_ms(3, 1), 2_000);
+        assert_eq!(worst_sign_out_ms(4, 0), 1_800);
+        assert_eq!(worst_sign_out_ms(4, 1), 2_200);
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Vigil's core: the words, the wire and the decisions, as pure logic. No I/O, no clock of its
-//! own, no broker, no model runtime, no database: the services read the time, talk to the
-//! outside and feed these modules events, and these modules decide. Every module here is tested
+//! Vigil's core: the words, the wire and the decisions, as pure logic. No I/O, no broker, no
+//! model runtime, no database: the services read the time, talk to the outside and feed these
+//! modules events, and these modules decide. The decisions take the time as an argument; the
+//! one wall-clock read is `wire::now_ms`, the helper that stamps envelopes. Every module here is tested
 //! over event sequences with `cargo test -p vigil-core`, which builds none of the adapters.
 //!
 //! - [`domain`]: the shared words (verdict, action, device).
@@ -13,8 +14,8 @@
 //! - [`window`]: a session's in-flight window; [`enforcement`]: a session's policy, challenge
 //!   and evidence.
 //!
-//! The dependency rules (what this crate may not use) are checked in CI by
-//! `scripts/check-boundaries.sh`.
+//! The rules (what this crate's dependency tree may hold, no I/O in its sources, MessagePack
+//! only in `wire`, the one clock read) are checked in CI by `scripts/check-boundaries.sh`.
 
 pub mod cadence;
 pub mod challenge;
