@@ -5,7 +5,8 @@
 # Comment lines are skipped. Exits 1 and names each line that crosses a boundary.
 #   scripts/check-boundaries.sh [SRC_DIR]   (default: src)
 set -euo pipefail
-SRC="${1:-$(cd "$(dirname "$0")/.." && pwd)/src}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+SRC="${1:-$ROOT/src}"
 failed=0
 
 # rule NAME PATTERN ALLOWED_PATH_REGEX: PATTERN may appear only in files whose path (relative
@@ -37,7 +38,7 @@ rule "only the tools reach into the edge (never the analysis code)" \
 
 # vigil-core's own sources: no I/O, MessagePack only in its wire, and the wall clock read in
 # one place (`wire::now_ms`); the decisions take the time as an argument.
-CORE="$(cd "$(dirname "$0")/.." && pwd)/crates/vigil-core/src"
+CORE="$ROOT/crates/vigil-core/src"
 SRC="$CORE" rule "vigil-core does no I/O" '\bstd::(fs|net|process|thread)\b|\btokio\b' '^$'
 SRC="$CORE" rule "vigil-core: only wire speaks MessagePack" '\brmp_serde\b' 'wire/'
 SRC="$CORE" rule "vigil-core: only wire::now_ms reads the wall clock" '\bSystemTime::now\b' 'wire/mod\.rs'
@@ -45,7 +46,6 @@ SRC="$CORE" rule "vigil-core: only wire::now_ms reads the wall clock" '\bSystemT
 # The crate boundaries: vigil-core is the pure logic, so its dependency tree (normal and build
 # dependencies, every feature) holds no I/O: no broker, async runtime, socket, HTTP stack,
 # database, model runtime, image codec or telemetry exporter. `cargo tree` reads Cargo.lock.
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 forbidden='lapin|amq-protocol|tokio|tokio-tungstenite|tungstenite|mio|socket2|hyper|hyper-util|axum|reqwest|postgres|tokio-postgres|r2d2|r2d2_postgres|refinery|ort|ort-sys|image|opentelemetry|opentelemetry_sdk|opentelemetry-otlp|tracing-subscriber|prometheus|rustls|notify'
 tree="$(cd "$ROOT" && cargo tree --locked --offline -p vigil-core -e normal,build --all-features \
     --prefix none --format '{p}' 2>&1)" || {
