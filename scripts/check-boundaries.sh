@@ -35,6 +35,9 @@ rule "only the worker and the tools reach the analysis code (never the edge)" \
     'crate::(worker|analyzer|inference)\b' '(worker|analyzer)\.rs|inference/|tools/|lib\.rs|bin/'
 rule "only the tools reach into the edge (never the analysis code)" \
     'crate::edge\b' 'edge/|tools/|config/|lib\.rs|bin/'
+rule "only the audit writer reads its folder (the edge reads the trail through its API)" \
+    'audit::(follow|view|verify|records|notes|trail|AuditStore|adopt|prune)\b|\bevidence_dir\b' \
+    'audit/|tools/|config/'
 
 # vigil-core's own sources: no I/O, MessagePack only in its wire, and the wall clock read in
 # one place (`wire::now_ms`); the decisions take the time as an argument.

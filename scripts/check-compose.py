@@ -3,8 +3,9 @@ the cluster profile's nodes): no broker port is published, every Vigil service r
 separate broker roles and reads its broker URL from a file in a volume that no other service
 mounts, that volume holds the URL of the service's own broker user (the one `broker-users`
 writes into it), only the console holds the operator role's URL, the audit writer signs with a
-key no other service mounts while the console checks under its public half, and no password
-is written in the file.
+key no other service mounts while the console checks under its public half, the evidence
+volume is the audit writer's alone (the console reads the trail through its read API, with a
+token only the two mount), and no password is written in the file.
 
 Run with Debian's python3, which docker-compose's own PyYAML comes with:
     docker-compose --profile cluster -f compose.yaml config | /usr/bin/python3 scripts/check-compose.py
@@ -135,6 +136,31 @@ else:
         problems.append(f"the audit writer's private key volume {key_source} is also mounted by {', '.join(readers)}")
 if not env_of(console).get("VIGIL_AUDIT_PUBLIC_KEY"):
     problems.append("the console checks the trail without the writer's public key (VIGIL_AUDIT_PUBLIC_KEY)")
+# Services share nothing but the broker: the evidence volume is the audit writer's alone, and
+# the console reads the trail through its read API, with a token only the two of them mount.
+evidence_file = env_of(audit).get("VIGIL_EVIDENCE_DIR", "")
+evidence_source = volumes_of(audit).get(evidence_file)
+if not evidence_source:
+    problems.append("the audit writer keeps its evidence in no volume (VIGIL_EVIDENCE_DIR)")
+else:
+    others = [o for o, svc in services.items() if o != "audit" and evidence_source in volumes_of(svc).values()]
+    if others:
+        problems.append(f"the evidence volume {evidence_source} is also mounted by {', '.join(others)}")
+for name in SERVICES - {"audit"}:
+    if "VIGIL_EVIDENCE_DIR" in env_of(services.get(name, {})):
+        problems.append(f"{name} sets VIGIL_EVIDENCE_DIR: only the audit writer reads its folder")
+if not env_of(audit).get("VIGIL_AUDIT_API_LISTEN"):
+    problems.append("the audit writer serves no read API (VIGIL_AUDIT_API_LISTEN) for the console")
+if not env_of(console).get("VIGIL_AUDIT_API_URL"):
+    problems.append("the console reads no audit trail (VIGIL_AUDIT_API_URL)")
+token_file = env_of(audit).get("VIGIL_AUDIT_API_TOKEN_FILE", "")
+token_source = volumes_of(audit).get(token_file.rsplit("/", 1)[0]) if token_file else None
+if not token_source:
+    problems.append("the audit writer's read API has no token file in a volume (VIGIL_AUDIT_API_TOKEN_FILE)")
+else:
+    holders = sorted(o for o, svc in services.items() if token_source in volumes_of(svc).values())
+    if set(holders) - {"audit", "console", "audit-key"}:
+        problems.append(f"the read API's token volume {token_source} is mounted by {', '.join(holders)}")
 missing_nodes = CLUSTER_NODES - set(services)
 if missing_nodes:
     problems.append(f"no {', '.join(sorted(missing_nodes))}: run with --profile cluster")

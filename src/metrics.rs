@@ -143,6 +143,7 @@ pub struct EdgeMetrics {
     pub admin_connections_refused: IntCounterVec,
     pub admin_forbidden: IntCounterVec,
     pub audit_views_refused: IntCounter,
+    pub audit_api_failed: IntCounterVec,
     pub lease_failures: IntCounter,
     pub audits_pending: IntGauge,
 }
@@ -321,6 +322,15 @@ impl EdgeMetrics {
                 "vigil_edge_audit_views_refused_total",
                 "Audit-trail views refused (503) after waiting VIGIL_ADMIN_AUDIT_VIEW_WAIT_MS for a turn",
             ),
+            audit_api_failed: counter_vec(
+                registry,
+                "vigil_edge_audit_api_failed_total",
+                "Reads of the audit writer's API that failed, by reason: unset (no \
+                 VIGIL_AUDIT_API_URL), unreachable, timeout (past VIGIL_ADMIN_AUDIT_VIEW_WAIT_MS), \
+                 too_large (past VIGIL_AUDIT_API_MAX_BYTES, or a frame past \
+                 VIGIL_EDGE_MAX_FRAME_BYTES), refused (the writer answered an error)",
+                &["reason"],
+            ),
             lease_failures: counter(
                 registry,
                 "vigil_edge_lease_failures_total",
@@ -384,6 +394,9 @@ pub struct AuditMetrics {
     pub pruned_files: IntCounter,
     pub notes: IntCounter,
     pub webhooks: WebhookMetrics,
+    pub api_refused: IntCounterVec,
+    pub api_connections_refused: IntCounterVec,
+    pub api_tls_failed: IntCounter,
 }
 
 impl AuditMetrics {
@@ -436,6 +449,24 @@ impl AuditMetrics {
                 "Administrators' operations written to the audit log",
             ),
             webhooks: WebhookMetrics::new(registry),
+            api_refused: counter_vec(
+                registry,
+                "vigil_audit_api_refused_total",
+                "Requests to the audit writer's read API refused, by reason: token (401, no or \
+                 a wrong bearer token), busy (503, no turn within VIGIL_AUDIT_API_WAIT_MS)",
+                &["reason"],
+            ),
+            api_connections_refused: counter_vec(
+                registry,
+                "vigil_audit_api_connections_refused_total",
+                "Read API connections closed for want of a place, by reason (as for the admin API)",
+                &["reason"],
+            ),
+            api_tls_failed: counter(
+                registry,
+                "vigil_audit_api_tls_failures_total",
+                "Read API connections dropped because their TLS handshake failed or timed out",
+            ),
         }
     }
 }

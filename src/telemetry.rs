@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::LogFormat;
 
 pub mod http;
+pub(crate) mod tls;
 pub use http::{Guarded, HttpLimits};
 
 /// Install the global `tracing` subscriber. `RUST_LOG` filters (default `info`).

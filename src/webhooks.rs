@@ -512,44 +512,11 @@ pub async fn publish_jobs(
 /// time per request, no redirects (a signed request goes where it was configured to, or
 /// fails).
 pub fn http_client(cfg: &WebhookConfig) -> Result<reqwest::Client, String> {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::CertificateDer;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for cert in native.certs {
-        // A system certificate rustls cannot read is skipped, as browsers do.
-        let _ = roots.add(cert);
-    }
-    if let Some(path) = &cfg.ca_file {
-        let pem = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let mut n = 0;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            n += 1;
-        }
-        if n == 0 {
-            return Err(format!("{} holds no PEM certificate", path.display()));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let limit = Duration::from_millis(cfg.timeout_ms);
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .connect_timeout(limit)
-        .timeout(limit)
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("vigil-webhooks/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| e.to_string())
+    crate::telemetry::http::client(
+        cfg.ca_file.as_deref(),
+        Duration::from_millis(cfg.timeout_ms),
+        concat!("vigil-webhooks/", env!("CARGO_PKG_VERSION")),
+    )
 }
 
 /// How one try went.

@@ -22,13 +22,17 @@
 //! Its modules: `log` holds the record and entry types, the hash chain and the store (the one
 //! writer's append, evidence files and lock); `verify` reads the log back (verify, adopt, the
 //! readers of records and notes); `prune` removes old evidence; `checkpoints` publishes and
-//! reads the checkpoint stream; `writer` is the service that consumes the audit queue.
+//! reads the checkpoint stream; `writer` is the service that consumes the audit queue; `view`
+//! builds the console's audit views from the log, which `api` serves (the writer's read API,
+//! the only way the trail leaves this folder for the console).
 
 use std::path::Path;
 
 pub mod follow;
 pub mod signing;
+pub mod view;
 
+pub mod api;
 mod checkpoints;
 mod log;
 mod prune;
@@ -64,6 +68,8 @@ pub enum AuditError {
     Key(String),
     #[error("webhooks: {0}")]
     Webhooks(String),
+    #[error("audit read API: {0}")]
+    Api(String),
     #[error("the audit writer's task panicked: {0}")]
     Panicked(String),
     #[error(

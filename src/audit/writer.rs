@@ -27,6 +27,8 @@ use crate::wire::{Envelope, Payload};
 /// A running audit writer.
 pub struct AuditHandle {
     pub metrics_addr: SocketAddr,
+    /// Where the read API listens (`VIGIL_AUDIT_API_LISTEN`), when it does.
+    pub api_addr: Option<SocketAddr>,
     task: tokio::task::JoinHandle<Result<(), AuditError>>,
     webhooks: Option<tokio::task::JoinHandle<Result<(), String>>>,
 }
@@ -160,6 +162,20 @@ pub async fn start(
              reports it until the log is restored"
         );
     }
+    // The console's audit views, read through this writer's API: checked against the writer's
+    // own key (or the configured public key, for a log signed before).
+    let view_key = key.or(cfg
+        .audit_public_key
+        .as_deref()
+        .map(signing::load_public)
+        .transpose()?);
+    let views = Arc::new(super::view::Views::new(cfg.evidence_dir.clone(), view_key));
+    let api_addr = super::api::serve(&cfg, views, metrics.clone(), shutdown.clone())
+        .await
+        .map_err(AuditError::Api)?;
+    if let Some(addr) = api_addr {
+        tracing::info!(%addr, tls = cfg.audit_api.tls_cert.is_some(), "audit read API listening");
+    }
     let mut link = link.consume().await?;
     tracing::info!(queue = %link.queue, dir = %cfg.evidence_dir.display(), entries = store.len(), "audit writer consuming");
     let store = Arc::new(Mutex::new(store));
@@ -217,6 +233,7 @@ pub async fn start(
     });
     Ok(AuditHandle {
         metrics_addr,
+        api_addr,
         task,
         webhooks,
     })
@@ -619,6 +636,7 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let panicking = AuditHandle {
             metrics_addr: addr,
+            api_addr: None,
             task: tokio::spawn(async { panic!("disk on fire") }),
             webhooks: None,
         };
@@ -628,6 +646,7 @@ mod tests {
         }
         let aborted = AuditHandle {
             metrics_addr: addr,
+            api_addr: None,
             task: tokio::spawn(std::future::pending()),
             webhooks: Some(tokio::spawn(std::future::pending())),
         };

@@ -90,8 +90,9 @@ pub struct Config {
     /// entries with; outside the evidence folder. Unset: entries are not signed
     /// [VIGIL_AUDIT_KEY].
     pub audit_key: Option<PathBuf>,
-    /// The audit writer's public key (PEM): the admin API serves it and verifies the trail
-    /// with it; `vigil audit verify` uses it by default [VIGIL_AUDIT_PUBLIC_KEY].
+    /// The audit writer's public key (PEM): the admin API serves it for pinning, the writer
+    /// checks its views under it when it has no key of its own; `vigil audit verify` uses it by
+    /// default [VIGIL_AUDIT_PUBLIC_KEY].
     pub audit_public_key: Option<PathBuf>,
     /// The most time a read of the checkpoint stream may take, in ms
     /// [VIGIL_AUDIT_CHECKPOINT_SCAN_MS].
@@ -109,9 +110,120 @@ pub struct Config {
     pub sessions: crate::session_tokens::SessionConfig,
     /// Signed webhooks to the exam platform: every audited entry, POSTed by the audit writer.
     pub webhooks: crate::webhooks::WebhookConfig,
+    /// The audit writer's read API, through which the console's audit view reads the trail.
+    pub audit_api: AuditApiConfig,
     /// Keep the last minutes of frames in a RabbitMQ stream for `vigil record --from-stream`
     /// [VIGIL_CAPTURE_STREAM].
     pub capture_stream: bool,
+}
+
+/// `[audit_api]` in the config file: the audit writer's read API. The console's audit view
+/// (on an edge's admin API) reads each client's trail and its evidence frames through it, so
+/// the edge never reads the writer's folder: the writer checks its own log and serves what it
+/// checked.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditApiConfig {
+    /// Where the audit writer serves it; unset: it serves none [VIGIL_AUDIT_API_LISTEN].
+    pub listen: Option<SocketAddr>,
+    /// The bearer token the edge presents and the writer expects, at least 32 characters
+    /// [VIGIL_AUDIT_API_TOKEN]; or read from a file [VIGIL_AUDIT_API_TOKEN_FILE].
+    pub token: Option<String>,
+    /// PEM certificate chain for HTTPS on it; with `tls_key` it speaks HTTPS only
+    /// [VIGIL_AUDIT_API_TLS_CERT].
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` [VIGIL_AUDIT_API_TLS_KEY].
+    pub tls_key: Option<PathBuf>,
+    /// Where the edge reads it: `https://host:port`, or `http://` on a private network
+    /// [VIGIL_AUDIT_API_URL].
+    pub url: Option<String>,
+    /// PEM certificates the edge trusts for `https://` besides the system's roots
+    /// [VIGIL_AUDIT_API_CA_FILE].
+    pub ca_file: Option<PathBuf>,
+    /// Views the writer builds at once; more wait their turn [VIGIL_AUDIT_API_VIEWS].
+    pub views: usize,
+    /// How long a view waits for its turn at the writer before a 503, in ms
+    /// [VIGIL_AUDIT_API_WAIT_MS].
+    pub wait_ms: u64,
+    /// The largest trail view the edge takes from the writer, in bytes
+    /// [VIGIL_AUDIT_API_MAX_BYTES].
+    pub max_bytes: usize,
+}
+
+impl Default for AuditApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            token: None,
+            tls_cert: None,
+            tls_key: None,
+            url: None,
+            ca_file: None,
+            views: 2,
+            wait_ms: 10_000,
+            max_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The shortest bearer token the read API takes.
+pub const MIN_AUDIT_API_TOKEN: usize = 32;
+
+impl AuditApiConfig {
+    /// What the process in `role` reads of it, checked.
+    fn validate(&self, serves: bool, reads: bool) -> Vec<String> {
+        let mut errors = Vec::new();
+        let needs_token = (serves && self.listen.is_some()) || (reads && self.url.is_some());
+        if needs_token {
+            match &self.token {
+                None => errors.push(
+                    "audit_api.token is unset: the audit writer's read API needs a bearer token \
+                     (VIGIL_AUDIT_API_TOKEN_FILE)"
+                        .to_owned(),
+                ),
+                Some(t) if t.chars().count() < MIN_AUDIT_API_TOKEN || t.trim() != t => {
+                    errors.push(format!(
+                        "audit_api.token must be at least {MIN_AUDIT_API_TOKEN} characters, \
+                         without surrounding spaces (`head -c 32 /dev/urandom | base64`)"
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        if serves && self.tls_cert.is_some() != self.tls_key.is_some() {
+            errors.push("audit_api.tls_cert and audit_api.tls_key go together".to_owned());
+        }
+        if serves && self.views == 0 {
+            errors.push("audit_api.views must be at least 1".to_owned());
+        }
+        if serves && self.wait_ms == 0 {
+            errors.push("audit_api.wait_ms must be at least 1".to_owned());
+        }
+        if reads && let Some(url) = &self.url {
+            match url::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                    if !u.username().is_empty() || u.password().is_some() {
+                        errors.push(
+                            "audit_api.url must not hold credentials: the token goes in \
+                             audit_api.token"
+                                .to_owned(),
+                        );
+                    }
+                }
+                Ok(_) => errors.push(format!(
+                    "audit_api.url {url:?} must be an http:// or https:// URL with a host"
+                )),
+                Err(e) => errors.push(format!("audit_api.url {url:?}: {e}")),
+            }
+        }
+        if reads && self.max_bytes < 1024 {
+            errors.push(format!(
+                "audit_api.max_bytes = {} must be at least 1024",
+                self.max_bytes
+            ));
+        }
+        errors
+    }
 }
 
 /// The model stack: where models and ONNX Runtime are, how they run, and every threshold.
@@ -453,6 +565,7 @@ impl Default for Config {
             audit_evidence_mb_per_client_day: 512,
             audit_retention_days: 0,
             webhooks: crate::webhooks::WebhookConfig::default(),
+            audit_api: AuditApiConfig::default(),
             sessions: crate::session_tokens::SessionConfig::default(),
             capture_stream: false,
         }
@@ -856,6 +969,10 @@ impl Config {
                 ));
             }
         }
+        errors.extend(
+            self.audit_api
+                .validate(reads(Role::Audit), reads(Role::Edge)),
+        );
         if reads(Role::Audit) {
             errors.extend(self.webhooks.validate());
             if self.audit_checkpoint_scan_ms < 1_000 {

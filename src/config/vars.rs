@@ -236,7 +236,7 @@ pub static VARS: &[Var] = &[
     ),
     var!(
         "VIGIL_EVIDENCE_DIR",
-        [Edge, Audit],
+        [Audit],
         evidence_dir,
         r#"`evidence`"#,
         r#"evidence folder and audit log"#
@@ -253,7 +253,7 @@ pub static VARS: &[Var] = &[
         [Edge, Audit],
         opt audit_public_key,
         r#"none"#,
-        r#"the audit writer's public key (the `.pub` of `vigil audit keygen`): the admin API serves it and verifies the trail with it, and `vigil audit verify` uses it when given no --public-key"#
+        r#"the audit writer's public key (the `.pub` of `vigil audit keygen`): the admin API serves it for operators to pin, the writer checks the views it serves under it when it signs with no key of its own, and `vigil audit verify` uses it when given no --public-key"#
     ),
     var!(
         "VIGIL_AUDIT_CHECKPOINT_SCAN_MS",
@@ -275,6 +275,79 @@ pub static VARS: &[Var] = &[
         audit_retention_days,
         r#"0"#,
         r#"the audit writer removes evidence files of actions older than this, hourly (entries stay, a prune entry lists the files); 0 keeps them"#
+    ),
+    var!(
+        "VIGIL_AUDIT_API_LISTEN",
+        [Audit],
+        opt audit_api.listen,
+        r#"none"#,
+        r#"where the audit writer serves its read API, through which the console's audit view reads each client's trail and evidence (the edge never reads the writer's folder); unset: none"#
+    ),
+    var!(
+        "VIGIL_AUDIT_API_TOKEN",
+        [Edge, Audit],
+        opt audit_api.token,
+        r#"none"#,
+        r#"the read API's bearer token, at least 32 characters (`head -c 32 /dev/urandom | base64`); the writer and the console's edge hold the same"#
+    ),
+    Var {
+        name: "VIGIL_AUDIT_API_TOKEN_FILE",
+        roles: &[Role::Edge, Role::Audit],
+        default: "none",
+        meaning: "...or a file holding it (wins over VIGIL_AUDIT_API_TOKEN)",
+        apply: |cfg, raw| {
+            cfg.audit_api.token = Some(read_secret(raw)?);
+            Ok(())
+        },
+    },
+    var!(
+        "VIGIL_AUDIT_API_TLS_CERT",
+        [Audit],
+        opt audit_api.tls_cert,
+        r#"none"#,
+        r#"PEM certificate chain for HTTPS on the read API (with VIGIL_AUDIT_API_TLS_KEY it speaks HTTPS only); reloaded when the file changes"#
+    ),
+    var!(
+        "VIGIL_AUDIT_API_TLS_KEY",
+        [Audit],
+        opt audit_api.tls_key,
+        r#"none"#,
+        r#"PEM private key of VIGIL_AUDIT_API_TLS_CERT"#
+    ),
+    var!(
+        "VIGIL_AUDIT_API_VIEWS",
+        [Audit],
+        audit_api.views,
+        r#"2"#,
+        r#"trail views the writer builds at once; more wait their turn"#
+    ),
+    var!(
+        "VIGIL_AUDIT_API_WAIT_MS",
+        [Audit],
+        audit_api.wait_ms,
+        r#"10000"#,
+        r#"how long a view waits for its turn at the writer before a 503 (counted)"#
+    ),
+    var!(
+        "VIGIL_AUDIT_API_URL",
+        [Edge],
+        opt audit_api.url,
+        r#"none"#,
+        r#"where the edge's admin API reads the audit trail: the writer's VIGIL_AUDIT_API_LISTEN as `https://host:port` (or `http://` on a private network); unset: the console's audit view answers 503"#
+    ),
+    var!(
+        "VIGIL_AUDIT_API_CA_FILE",
+        [Edge],
+        opt audit_api.ca_file,
+        r#"none"#,
+        r#"PEM certificates the edge trusts for an `https://` VIGIL_AUDIT_API_URL besides the system's roots"#
+    ),
+    var!(
+        "VIGIL_AUDIT_API_MAX_BYTES",
+        [Edge],
+        audit_api.max_bytes,
+        r#"67108864"#,
+        r#"the largest trail view the edge takes from the writer (counted when it bites); an evidence frame may be VIGIL_EDGE_MAX_FRAME_BYTES"#
     ),
     var!(
         "VIGIL_WEBHOOK_URLS",

@@ -18,9 +18,9 @@
 //!   model stack, whose quality checks decide; the answer is the verdict (200 with the
 //!   similarities, or 422 with the reason)
 //! - `GET  /v1/admin/audit/clients/{id}`: the client's audit trail (actions with their
-//!   evidence, and administrators' operations) and the chain's verification, read-only from
-//!   `VIGIL_EVIDENCE_DIR` (the audit writer's folder, on this host or a shared volume)
-//! - `GET  /v1/admin/audit/evidence/{path}`: one evidence frame
+//!   evidence, and administrators' operations) and the chain's verification, read through the
+//!   audit writer's API (`VIGIL_AUDIT_API_URL`, [`super::trail`]): no edge reads its folder
+//! - `GET  /v1/admin/audit/evidence/{path}`: one evidence frame, the same way
 //! - `GET  /console/`: the operator console (static; it signs in with an admin token)
 
 use std::net::SocketAddr;
@@ -45,13 +45,11 @@ struct ApiState {
     operators: OperatorSource,
     admin: Admin,
     shared: Arc<Shared>,
-    /// The audit writer's folder, read-only.
-    evidence_dir: std::path::PathBuf,
-    /// The audit writer's public key (`VIGIL_AUDIT_PUBLIC_KEY`): served, and the trail is
-    /// verified with it.
+    /// The audit writer's read API, when `VIGIL_AUDIT_API_URL` names it.
+    trail: Option<super::trail::Trail>,
+    /// The audit writer's public key (`VIGIL_AUDIT_PUBLIC_KEY`), served for pinning and for
+    /// `vigil audit verify` elsewhere.
     audit_key: Option<ed25519_dalek::VerifyingKey>,
-    /// The trail as checked so far, shared by every view.
-    follower: Arc<std::sync::Mutex<crate::audit::follow::Follower>>,
     /// Audit views built at once (`VIGIL_ADMIN_AUDIT_VIEWS`).
     audit_views: Arc<tokio::sync::Semaphore>,
     /// The console's files.
@@ -195,9 +193,9 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
 }
 
-/// The audit trail the API shows: the writer's folder (read-only) and its public key.
+/// The audit trail the API shows: the writer's read API, and the writer's public key.
 pub(super) struct AuditTrail {
-    pub dir: std::path::PathBuf,
+    pub api: Option<super::trail::Trail>,
     pub key: Option<ed25519_dalek::VerifyingKey>,
 }
 
@@ -207,13 +205,13 @@ pub(super) async fn serve(
     limits: crate::telemetry::HttpLimits,
     operators: OperatorSource,
     trail: AuditTrail,
-    tls: Option<Arc<super::tls::Tls>>,
+    tls: Option<Arc<crate::telemetry::tls::Tls>>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let handshakes = super::tls::HandshakeLimits {
+    let handshakes = crate::telemetry::tls::HandshakeLimits {
         handshake_timeout: std::time::Duration::from_millis(shared.cfg.hello_timeout_ms),
         failed: shared.metrics.admin_tls_failed.clone(),
     };
@@ -224,11 +222,8 @@ pub(super) async fn serve(
         });
     let state = Arc::new(ApiState {
         operators,
-        follower: Arc::new(std::sync::Mutex::new(crate::audit::follow::Follower::new(
-            &trail.dir, trail.key,
-        ))),
         audit_views: Arc::new(tokio::sync::Semaphore::new(shared.cfg.audit_views.max(1))),
-        evidence_dir: trail.dir,
+        trail: trail.api,
         audit_key: trail.key,
         console,
         admin: Admin {
@@ -277,8 +272,12 @@ pub(super) async fn serve(
     match tls {
         None => tokio::spawn(serve(listener, app, limits.header_timeout, shutdown)),
         Some(tls) => {
-            let listener =
-                super::tls::TlsListener::new(listener, tls, handshakes, shutdown.clone())?;
+            let listener = crate::telemetry::tls::TlsListener::new(
+                listener,
+                tls,
+                handshakes,
+                shutdown.clone(),
+            )?;
             tokio::spawn(serve(listener, app, limits.header_timeout, shutdown))
         }
     };
@@ -808,13 +807,17 @@ async fn reference(
     params(("id" = String, Path, description = "the client's id")),
     responses(
         (status = 200, description = "`{client, chain, reference, entries}`: entries of kind `action`, `admin`, `session`, `prune`, newest first", body = Object),
-        (status = 503, description = "no audit log in VIGIL_EVIDENCE_DIR", body = ErrorBody),
+        (status = 502, description = "the audit writer's API is unreachable or refused this edge", body = ErrorBody),
+        (status = 503, description = "no VIGIL_AUDIT_API_URL, no audit log yet, or no turn for the view", body = ErrorBody),
+        (status = 504, description = "the audit writer did not answer within VIGIL_ADMIN_AUDIT_VIEW_WAIT_MS", body = ErrorBody),
     ),
     security(("operator" = []))
 )]
 async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response {
-    use crate::audit::{self, AuditRecord, Note, Verification};
-    // A few views are built at once; the others wait their turn, within a bound.
+    let Some(trail) = &api.trail else {
+        return no_trail(&api);
+    };
+    // A few views are asked for at once; the others wait their turn, within a bound.
     let wait = std::time::Duration::from_millis(api.shared.cfg.audit_view_wait_ms);
     let Ok(Ok(_turn)) = tokio::time::timeout(wait, api.audit_views.clone().acquire_owned()).await
     else {
@@ -824,125 +827,60 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
             "too many audit views at once; retry shortly",
         );
     };
-    let dir = api.evidence_dir.clone();
-    let key = api.audit_key;
-    let follower = api.follower.clone();
+    let mut view = match trail.view(&id).await {
+        Ok(view) => view,
+        Err(unread) => return unread_error(unread),
+    };
+    // The writer names each frame by its place in its folder; the console asks this API.
+    if let Some(entries) = view["entries"].as_array_mut() {
+        for frame in entries
+            .iter_mut()
+            .filter_map(|e| e["evidence"].as_array_mut())
+            .flatten()
+        {
+            let url = frame["file"]
+                .as_str()
+                .filter(|f| crate::audit::is_evidence_path(f))
+                .map(|f| format!("/v1/admin/audit/{f}"));
+            frame["url"] = url.map_or(serde_json::Value::Null, serde_json::Value::String);
+        }
+    }
     let store = api.admin.store.clone();
     let client = id.clone();
-    let built = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
-        if !dir.join("audit.log").exists() {
-            return Err(format!(
-                "no audit log in {} (VIGIL_EVIDENCE_DIR must be the audit writer's folder)",
-                dir.display()
-            ));
-        }
-        // Only what was appended since the last view is checked; the client's entries are
-        // found through the follower's index.
-        let mut follower = follower.lock().unwrap_or_else(|e| e.into_inner());
-        follower.update().map_err(|e| e.to_string())?;
-        let unsigned = follower.unsigned();
-        let found = follower.records_of(&client).map_err(|e| e.to_string())?;
-        // After the read-back: an entry rewritten since it was checked breaks the log here.
-        let checked = follower.status();
-        drop(follower);
-        let verification = match checked {
-            Verification::Intact { entries } if key.is_some() => {
-                format!(
-                    "intact: {entries} entries, every hash and evidence file checked, and every \
-                     signature under the writer's key{} (a cut-off tail shows only against the \
-                     checkpoints: `vigil audit verify`)",
-                    if unsigned > 0 {
-                        format!(
-                            " from entry {} on (the first {unsigned} predate signing)",
-                            unsigned + 1
-                        )
-                    } else {
-                        String::new()
-                    }
-                )
-            }
-            Verification::Intact { entries } => format!(
-                "UNSIGNED CHECK: {entries} entries whose hashes and evidence files agree with \
-                 each other; without the writer's public key (VIGIL_AUDIT_PUBLIC_KEY) a \
-                 rewritten log passes this too"
-            ),
-            Verification::Broken { line, problem, .. } => {
-                format!("BROKEN at entry {line}: {problem}")
-            }
-        };
-        let records = found
-            .iter()
-            .filter_map(|r| serde_json::from_str::<AuditRecord>(r).ok());
-        let notes = found
-            .iter()
-            .filter_map(|r| serde_json::from_str::<Note>(r).ok());
-        let mut entries: Vec<serde_json::Value> = records
-            .map(|r| {
-                let evidence: Vec<serde_json::Value> = r
-                    .evidence_files
-                    .iter()
-                    .zip(&r.frames)
-                    .map(|(file, frame)| {
-                        serde_json::json!({
-                            "url": format!("/v1/admin/audit/{file}"),
-                            "verdict": frame.analysis.verdict().map_or("—", |v| v.as_str()),
-                        })
-                    })
-                    .collect();
-                serde_json::json!({
-                    "kind": "action", "at_ms": r.decided_at_ms, "action": r.action,
-                    "reason": r.reason, "origin": r.origin, "operator": r.operator,
-                    "rule": r.rule, "action_id": r.action_id, "evidence": evidence,
-                })
-            })
-            .collect();
-        entries.extend(notes.filter_map(|n| match n {
-            Note::Admin {
-                operator,
-                operation,
-                client_id,
-                source,
-                at_ms,
-                ..
-            } if client_id == client => Some(serde_json::json!({
-                "kind": "admin", "at_ms": at_ms, "operator": operator,
-                "operation": operation, "source": source,
-            })),
-            Note::Session {
-                client_id,
-                source,
-                session,
-                event,
-                reason,
-                address,
-                at_ms,
-                ..
-            } if client_id == client => Some(serde_json::json!({
-                "kind": "session", "at_ms": at_ms, "event": event,
-                "reason": reason, "session": session, "source": source,
-                "address": address,
-            })),
-            _ => None,
-        }));
-        entries.sort_by_key(|e| std::cmp::Reverse(e["at_ms"].as_u64().unwrap_or(0)));
-        let reference = store
+    let reference = tokio::task::spawn_blocking(move || {
+        store
             .get(&client)
             .ok()
             .flatten()
             .and_then(|r| r.reference)
-            .map(|_| format!("/v1/admin/clients/{client}/reference.jpg"));
-        Ok(serde_json::json!({
-            "client": client, "verification": verification,
-            "key": key.as_ref().map(audit::signing::fingerprint),
-            "reference": reference, "entries": entries,
-        }))
+            .map(|_| format!("/v1/admin/clients/{client}/reference.jpg"))
     })
-    .await;
-    match built {
-        Ok(Ok(body)) => Json(body).into_response(),
-        Ok(Err(message)) => error(StatusCode::SERVICE_UNAVAILABLE, message),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    .await
+    .ok()
+    .flatten();
+    view["reference"] = reference.map_or(serde_json::Value::Null, serde_json::Value::String);
+    Json(view).into_response()
+}
+
+/// 503: this edge has no audit writer's API to read the trail from.
+fn no_trail(api: &ApiState) -> Response {
+    api.shared
+        .metrics
+        .audit_api_failed
+        .with_label_values(&["unset"])
+        .inc();
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "this edge has no VIGIL_AUDIT_API_URL: the audit trail is read through the audit \
+         writer's API (VIGIL_AUDIT_API_LISTEN)",
+    )
+}
+
+fn unread_error(unread: super::trail::Unread) -> Response {
+    error(
+        StatusCode::from_u16(unread.status).unwrap_or(StatusCode::BAD_GATEWAY),
+        unread.message,
+    )
 }
 
 /// Biometric data is shown only once its reading is in the trail: with no broker to take the
@@ -1013,7 +951,10 @@ async fn public_key(State(api): State<Api>) -> Response {
     params(("path" = String, Path, description = "the frame's path, as the trail names it")),
     responses(
         (status = 200, description = "the JPEG", content_type = "image/jpeg", body = Vec<u8>),
-        (status = 404, description = "no such frame", body = ErrorBody),
+        (status = 404, description = "no such frame, or none its client's checked entries name", body = ErrorBody),
+        (status = 409, description = "the frame, or the entry naming it, changed after it was written", body = ErrorBody),
+        (status = 502, description = "the audit writer's API is unreachable or refused this edge", body = ErrorBody),
+        (status = 503, description = "no VIGIL_AUDIT_API_URL, or no turn for the read", body = ErrorBody),
     ),
     security(("operator" = []))
 )]
@@ -1026,69 +967,30 @@ async fn evidence(
     if !crate::audit::is_evidence_path(&file) || !file.ends_with(".jpg") {
         return error(StatusCode::NOT_FOUND, "not an evidence frame");
     }
-    let full = api.evidence_dir.join(&file);
+    let Some(trail) = &api.trail else {
+        return no_trail(&api);
+    };
     // evidence/<day>/<client>/<evidence id>/frame-<id>.jpg
     let client = path.split('/').nth(1).unwrap_or_default().to_owned();
-    match tokio::fs::read(&full).await {
-        Ok(bytes) => {
-            // Served only as the trail recorded it: the SHA-256 its (checked) entry holds. The
-            // check reads the follower, so it waits its turn with the audit views.
-            let wait = std::time::Duration::from_millis(api.shared.cfg.audit_view_wait_ms);
-            let Ok(Ok(_turn)) =
-                tokio::time::timeout(wait, api.audit_views.clone().acquire_owned()).await
-            else {
-                api.shared.metrics.audit_views_refused.inc();
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "too many audit views at once; retry shortly",
-                );
-            };
-            let follower = api.follower.clone();
-            let (who, named) = (client.clone(), file.clone());
-            let recorded = tokio::task::spawn_blocking(move || {
-                let mut follower = follower.lock().unwrap_or_else(|e| e.into_inner());
-                follower.update()?;
-                follower.evidence_sha256(&who, &named)
-            })
-            .await;
-            use crate::audit::follow::EvidenceCheck;
-            match recorded {
-                Ok(Ok(EvidenceCheck::Sha256(want)))
-                    if hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)) == want => {}
-                // A log from before evidence was hashed: its (checked) entry names the frame.
-                Ok(Ok(EvidenceCheck::Unhashed)) => {}
-                Ok(Ok(EvidenceCheck::Sha256(_))) => {
-                    return error(
-                        StatusCode::CONFLICT,
-                        "this evidence frame does not match the SHA-256 its audit entry \
-                         records: it was altered after it was written",
-                    );
-                }
-                Ok(Ok(EvidenceCheck::EntryChanged)) => {
-                    return error(
-                        StatusCode::CONFLICT,
-                        "the audit entry that names this evidence frame changed after it was \
-                         checked: the log is broken there",
-                    );
-                }
-                Ok(Ok(EvidenceCheck::NotInTrail)) => {
-                    return error(
-                        StatusCode::NOT_FOUND,
-                        "no checked audit entry names this evidence frame",
-                    );
-                }
-                Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-            }
-            match read_audited(&api, &client, "read:evidence", &operator, file).await {
-                Ok(()) => jpeg(bytes),
-                Err(refused) => refused,
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            error(StatusCode::NOT_FOUND, "no such evidence frame (pruned?)")
-        }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    // Served only as the trail recorded it: the writer checks the frame against the SHA-256
+    // its (checked) entry holds, and the read waits its turn with the audit views.
+    let wait = std::time::Duration::from_millis(api.shared.cfg.audit_view_wait_ms);
+    let Ok(Ok(turn)) = tokio::time::timeout(wait, api.audit_views.clone().acquire_owned()).await
+    else {
+        api.shared.metrics.audit_views_refused.inc();
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many audit views at once; retry shortly",
+        );
+    };
+    let bytes = match trail.evidence(&path).await {
+        Ok(bytes) => bytes,
+        Err(unread) => return unread_error(unread),
+    };
+    drop(turn);
+    match read_audited(&api, &client, "read:evidence", &operator, file).await {
+        Ok(()) => jpeg(bytes),
+        Err(refused) => refused,
     }
 }
 

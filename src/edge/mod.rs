@@ -16,8 +16,9 @@ mod lease;
 pub mod proxy;
 mod registry;
 mod session;
-mod tls;
+use crate::telemetry::tls;
 mod tokens;
+mod trail;
 mod web;
 use vigil_core::window;
 
@@ -73,6 +74,8 @@ pub enum EdgeError {
     SessionTokens(#[from] crate::session_tokens::SessionTokenError),
     #[error(transparent)]
     AuditKey(#[from] crate::audit::AuditError),
+    #[error("the audit writer's read API (VIGIL_AUDIT_API_URL): {0}")]
+    AuditApi(String),
     #[error("the edge's main task panicked: {0}")]
     Panicked(String),
 }
@@ -386,7 +389,8 @@ pub async fn start(
                 telemetry::HttpLimits::of(&cfg),
                 operators,
                 admin_api::AuditTrail {
-                    dir: cfg.evidence_dir.clone(),
+                    api: trail::Trail::new(&cfg, shared.metrics.audit_api_failed.clone())
+                        .map_err(EdgeError::AuditApi)?,
                     key: audit_key,
                 },
                 admin_tls.map(Arc::new),

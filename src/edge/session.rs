@@ -34,7 +34,7 @@ use crate::wire::{
     self, ActionEvent, ControlCommand, DropReason, Envelope, EvidenceFrame, Frame, Payload, Verdict,
 };
 
-type Ws = WebSocketStream<super::web::Rewind<super::tls::Stream>>;
+type Ws = WebSocketStream<super::web::Rewind<crate::telemetry::tls::Stream>>;
 
 /// How long past a frame's deadline the edge waits for the worker's own answer before it
 /// answers `expired` itself.

@@ -1186,16 +1186,26 @@ fn long_log(dir: &std::path::Path, n: u64) {
     std::fs::write(dir.join("audit.log"), out).unwrap();
 }
 
-/// 50 operators open the audit view of a 100,000-entry log at once: the log is checked once
-/// and indexed, each view then reads its client's entries, and the edge stays within a stated
-/// memory; an entry appended later is all the next view checks.
+/// 50 operators open the audit view of a 100,000-entry log at once, through an edge that
+/// reads it from the audit writer's API: the log is checked once and indexed, each view then
+/// reads its client's entries, and the process stays within a stated memory; an entry
+/// appended later is all the next view checks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_parallel_audit_views_of_a_100k_entry_log() {
     const ENTRIES: u64 = 100_000;
     let mut env = TestEnv::new("auditviews");
     with_admin_api(&mut env);
+    crate::support::with_audit_api(&mut env);
     env.cfg.evidence_dir = env.clients_dir.with_extension("evidence");
     long_log(&env.cfg.evidence_dir, ENTRIES);
+    // The edge reads the trail through the writer's API, and the writer checks its own log.
+    let writer = vigil::audit::start(
+        env.cfg.clone(),
+        prometheus::Registry::new(),
+        env.shutdown.clone(),
+    )
+    .await
+    .unwrap();
     env.start_edge("e1").await;
     let admin = env.edges[0].admin_addr.unwrap();
     let rss_before = crate::support::rss_kib(std::process::id());
@@ -1289,8 +1299,201 @@ async fn fifty_parallel_audit_views_of_a_100k_entry_log() {
         next.as_secs_f64() * 1000.0
     );
     let dir = env.cfg.evidence_dir.clone();
+    env.shutdown.cancel();
+    writer.join().await.unwrap();
     env.teardown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The console's audit view reaches the trail only through the audit writer's read API: over
+/// HTTPS (a certificate from the test's CA, which the edge trusts), with the shared token. The
+/// writer refuses a request without the token, or with another, and a path outside its
+/// evidence; an edge with the wrong token, or with no API at all, shows no trail and says why,
+/// counting each failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_reads_the_trail_through_the_audit_writers_api_only() {
+    let mut env = TestEnv::new("auditapi");
+    with_admin_api(&mut env);
+    crate::support::with_audit_api(&mut env);
+    let tls = env.clients_dir.with_extension("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    let (ca, cert, key) = crate::tls::ca_and_server();
+    std::fs::write(tls.join("ca.pem"), ca).unwrap();
+    std::fs::write(tls.join("cert.pem"), cert).unwrap();
+    std::fs::write(tls.join("key.pem"), key).unwrap();
+    env.cfg.audit_api.tls_cert = Some(tls.join("cert.pem"));
+    env.cfg.audit_api.tls_key = Some(tls.join("key.pem"));
+    env.cfg.audit_api.ca_file = Some(tls.join("ca.pem"));
+    let base = env
+        .cfg
+        .audit_api
+        .url
+        .as_ref()
+        .unwrap()
+        .replace("http://", "https://");
+    env.cfg.audit_api.url = Some(base.clone());
+    env.cfg.evidence_dir = env.clients_dir.with_extension("evidence");
+    let registry = prometheus::Registry::new();
+    let writer = vigil::audit::start(env.cfg.clone(), registry.clone(), env.shutdown.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        writer.api_addr.map(|a| a.port()),
+        base.rsplit(':').next().and_then(|p| p.parse().ok())
+    );
+    let url = env.start_edge("e1").await;
+    env.add_client("c1");
+    let (mut conn, _) = Connection::connect(&url, "c1", TOKEN, Encoding::Json)
+        .await
+        .unwrap();
+    let admin = env.edges[0].admin_addr.unwrap();
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/v1/admin/clients/c1/action",
+        Some(ADMIN_TOKEN),
+        Some(r#"{"action":"lock_screen"}"#),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let _ = next(&mut conn).await;
+    // The view, through the writer's API over HTTPS.
+    let view = eventually(
+        "the action in the console's view",
+        Duration::from_secs(15),
+        || async move {
+            let (status, body) = http(
+                admin,
+                "GET",
+                "/v1/admin/audit/clients/c1",
+                Some(ADMIN_TOKEN),
+                None,
+            )
+            .await;
+            let view: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (status == 200
+                && view["entries"]
+                    .as_array()?
+                    .iter()
+                    .any(|e| e["kind"] == "action" && e["origin"] == "admin"))
+            .then_some(view)
+        },
+    )
+    .await;
+    assert_eq!(view["client"], "c1", "{view}");
+    assert!(
+        view["verification"].as_str().unwrap().contains("entries"),
+        "{view}"
+    );
+    // Straight to the writer: only the token opens it, and only evidence frames are served.
+    let client = vigil::telemetry::http::client(
+        Some(&tls.join("ca.pem")),
+        Duration::from_secs(10),
+        "vigil-tests",
+    )
+    .unwrap();
+    let get = |path: &str, token: Option<&str>| {
+        let mut request = client.get(format!("{base}{path}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let token = crate::support::AUDIT_API_TOKEN;
+    assert_eq!(get("/v1/audit/clients/c1", Some(token)).await.0, 200);
+    assert_eq!(get("/v1/audit/clients/c1", None).await.0, 401);
+    assert_eq!(get("/v1/audit/clients/c1", Some(ADMIN_TOKEN)).await.0, 401);
+    let wrong = format!("{}x", &token[..token.len() - 1]);
+    assert_eq!(get("/v1/audit/clients/c1", Some(&wrong)).await.0, 401);
+    assert_eq!(
+        metric(
+            &registry,
+            "vigil_audit_api_refused_total",
+            Some(("reason", "token"))
+        ),
+        3.0
+    );
+    for path in [
+        "/v1/audit/evidence/../audit.log",
+        "/v1/audit/evidence/%2e%2e/audit.log",
+        "/v1/audit/evidence/2026-01-01/c1/x/..%2f..%2f..%2faudit.log",
+        "/v1/audit/evidence/2026-01-01/c1/00000000-0000-7000-8000-000000000000/frame-1.jpg",
+    ] {
+        let (status, body) = get(path, Some(token)).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(!body.contains("\"seq\""), "{path}: {body}");
+    }
+    // Plain HTTP to an HTTPS listener gets nothing.
+    let plain =
+        vigil::telemetry::http::client(None, Duration::from_secs(5), "vigil-tests").unwrap();
+    let answered = plain
+        .get(format!(
+            "{}/v1/audit/clients/c1",
+            base.replace("https://", "http://")
+        ))
+        .bearer_auth(token)
+        .send()
+        .await;
+    assert!(
+        answered.is_err() || !answered.unwrap().status().is_success(),
+        "HTTPS only"
+    );
+    // An edge with another token shows no trail, and says the writer refused it.
+    env.cfg.audit_api.token = Some("another-token-that-is-long-enough-0123456789".into());
+    env.start_edge("e2").await;
+    let (status, body) = http(
+        env.edges[1].admin_addr.unwrap(),
+        "GET",
+        "/v1/admin/audit/clients/c1",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("VIGIL_AUDIT_API_TOKEN"), "{body}");
+    assert_eq!(
+        metric(
+            &env.edge_registries[1],
+            "vigil_edge_audit_api_failed_total",
+            Some(("reason", "refused"))
+        ),
+        1.0
+    );
+    // An edge with no API: 503, and nothing read from any folder.
+    env.cfg.audit_api.url = None;
+    env.start_edge("e3").await;
+    for path in [
+        "/v1/admin/audit/clients/c1",
+        "/v1/admin/audit/evidence/2026-01-01/c1/00000000-0000-7000-8000-000000000000/frame-1.jpg",
+    ] {
+        let (status, body) = http(
+            env.edges[2].admin_addr.unwrap(),
+            "GET",
+            path,
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(status, 503, "{path}: {body}");
+        assert!(body.contains("VIGIL_AUDIT_API_URL"), "{body}");
+    }
+    assert_eq!(
+        metric(
+            &env.edge_registries[2],
+            "vigil_edge_audit_api_failed_total",
+            Some(("reason", "unset"))
+        ),
+        2.0
+    );
+    let dir = env.cfg.evidence_dir.clone();
+    env.shutdown.cancel();
+    writer.join().await.unwrap();
+    env.teardown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&tls);
 }
 
 /// With the broker gone, a block cannot be audited first, so it is refused and the client is

@@ -282,12 +282,14 @@ async fn the_console_shows_the_live_session_its_evidence_and_blocks_it() {
     let y4m = std::env::temp_dir().join(format!("vigil-camera-{}.y4m", rand::random::<u32>()));
     camera_y4m(&y4m, 12, 5);
     let him = photo("Male_41_2_4_1.jpg");
-    // The writer signs, and the edge verifies the trail it shows with the public key.
+    // The writer signs, checks the trail it serves the console under its key, and the edge
+    // publishes the public key for the console to pin.
     let keys = std::env::temp_dir().join(format!("vigil-console-key-{}", rand::random::<u32>()));
     std::fs::create_dir_all(&keys).unwrap();
     vigil::audit::signing::generate(&keys.join("audit.key")).unwrap();
     let (env, page, admin) = cluster_with("console", &[("stranger", &him)], |env| {
         env.cfg.evidence_dir = env.clients_dir.join("evidence");
+        crate::support::with_audit_api(env);
         env.cfg.audit_key = Some(keys.join("audit.key"));
         env.cfg.audit_public_key = Some(keys.join("audit.key.pub"));
     })

@@ -137,6 +137,18 @@ impl TestEnv {
     }
 }
 
+/// The audit writer's read API token the tests use.
+pub const AUDIT_API_TOKEN: &str = "test-audit-api-token-0123456789abcdef";
+
+/// The audit writer started with `env`'s config serves its read API on a free port of the
+/// loopback, and `env`'s edges read the trail there: set before either starts.
+pub fn with_audit_api(env: &mut TestEnv) {
+    let port = free_port();
+    env.cfg.audit_api.listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    env.cfg.audit_api.url = Some(format!("http://127.0.0.1:{port}"));
+    env.cfg.audit_api.token = Some(AUDIT_API_TOKEN.into());
+}
+
 /// Poll `check` until it returns `Some`, or panic after `timeout` naming `what`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where

@@ -1,8 +1,8 @@
-//! TLS on the edge's listeners, with rustls: `wss://` on the WebSocket listener and HTTPS on
-//! the admin API. The certificate and key are PEM files (`VIGIL_EDGE_TLS_CERT`,
-//! `VIGIL_EDGE_TLS_KEY`, and `VIGIL_ADMIN_TLS_*` for the admin API); when either file changes
-//! on disk the next connection gets the new certificate, so a renewed certificate needs no
-//! restart.
+//! TLS on the services' listeners, with rustls: `wss://` on the edge's WebSocket listener,
+//! HTTPS on its admin API and on the audit writer's read API. The certificate and key are PEM
+//! files (`VIGIL_EDGE_TLS_*`, `VIGIL_ADMIN_TLS_*`, `VIGIL_AUDIT_API_TLS_*`); when either file
+//! changes on disk the next connection gets the new certificate, so a renewed certificate
+//! needs no restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -122,7 +122,7 @@ impl<S> TlsListener<S>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    pub(super) fn new<L>(
+    pub(crate) fn new<L>(
         mut inner: L,
         tls: Arc<Tls>,
         limits: HandshakeLimits,

@@ -1,0 +1,279 @@
+//! What the console's audit view shows, as the audit writer builds it from its own folder
+//! (served by [`super::api`]): one client's entries, newest first, with the state of the whole
+//! chain, and each evidence frame only as its checked entry recorded it. Both read through one
+//! [`Follower`], so a view costs what was appended since the last one.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use ed25519_dalek::VerifyingKey;
+use sha2::{Digest as _, Sha256};
+
+use super::follow::{EvidenceCheck, Follower};
+use super::{AuditRecord, Note, Verification, is_evidence_path, signing};
+
+/// The audit views of one evidence folder.
+pub struct Views {
+    dir: PathBuf,
+    key: Option<VerifyingKey>,
+    follower: Mutex<Follower>,
+}
+
+/// Why an evidence frame is not served; each maps to one HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EvidenceRefused {
+    #[error("not an evidence frame")]
+    NotEvidence,
+    #[error("no such evidence frame (pruned?)")]
+    Missing,
+    #[error("no checked audit entry names this evidence frame")]
+    NotInTrail,
+    #[error(
+        "this evidence frame does not match the SHA-256 its audit entry records: it was \
+         altered after it was written"
+    )]
+    Altered,
+    #[error(
+        "the audit entry that names this evidence frame changed after it was checked: the log \
+         is broken there"
+    )]
+    EntryChanged,
+    #[error("{0}")]
+    Unreadable(String),
+}
+
+impl EvidenceRefused {
+    /// The HTTP status it is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::NotEvidence | Self::Missing | Self::NotInTrail => 404,
+            Self::Altered | Self::EntryChanged => 409,
+            Self::Unreadable(_) => 500,
+        }
+    }
+}
+
+impl Views {
+    /// Views of the log in `dir`, its signatures checked with `key` when there is one.
+    pub fn new(dir: PathBuf, key: Option<VerifyingKey>) -> Self {
+        let follower = Mutex::new(Follower::new(&dir, key));
+        Self { dir, key, follower }
+    }
+
+    /// `client`'s trail: `{client, verification, key, entries}`, entries of kind `action`
+    /// (with `evidence: [{file, verdict}]`, `file` relative to the evidence folder), `admin`
+    /// and `session`, newest first. Blocking: it reads the log.
+    pub fn trail(&self, client: &str) -> Result<serde_json::Value, String> {
+        if !self.dir.join("audit.log").exists() {
+            return Err(format!(
+                "no audit log in {} (the audit writer's VIGIL_EVIDENCE_DIR)",
+                self.dir.display()
+            ));
+        }
+        // Only what was appended since the last view is checked; the client's entries are
+        // found through the follower's index.
+        let mut follower = self.follower.lock().unwrap_or_else(|e| e.into_inner());
+        follower.update().map_err(|e| e.to_string())?;
+        let unsigned = follower.unsigned();
+        let found = follower.records_of(client).map_err(|e| e.to_string())?;
+        // After the read-back: an entry rewritten since it was checked breaks the log here.
+        let checked = follower.status();
+        drop(follower);
+        let verification = match checked {
+            Verification::Intact { entries } if self.key.is_some() => {
+                format!(
+                    "intact: {entries} entries, every hash and evidence file checked, and every \
+                     signature under the writer's key{} (a cut-off tail shows only against the \
+                     checkpoints: `vigil audit verify`)",
+                    if unsigned > 0 {
+                        format!(
+                            " from entry {} on (the first {unsigned} predate signing)",
+                            unsigned + 1
+                        )
+                    } else {
+                        String::new()
+                    }
+                )
+            }
+            Verification::Intact { entries } => format!(
+                "UNSIGNED CHECK: {entries} entries whose hashes and evidence files agree with \
+                 each other; without the writer's public key (VIGIL_AUDIT_PUBLIC_KEY) a \
+                 rewritten log passes this too"
+            ),
+            Verification::Broken { line, problem, .. } => {
+                format!("BROKEN at entry {line}: {problem}")
+            }
+        };
+        let records = found
+            .iter()
+            .filter_map(|r| serde_json::from_str::<AuditRecord>(r).ok());
+        let notes = found
+            .iter()
+            .filter_map(|r| serde_json::from_str::<Note>(r).ok());
+        let mut entries: Vec<serde_json::Value> = records
+            .map(|r| {
+                let evidence: Vec<serde_json::Value> = r
+                    .evidence_files
+                    .iter()
+                    .zip(&r.frames)
+                    .map(|(file, frame)| {
+                        serde_json::json!({
+                            "file": file,
+                            "verdict": frame.analysis.verdict().map_or("—", |v| v.as_str()),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "kind": "action", "at_ms": r.decided_at_ms, "action": r.action,
+                    "reason": r.reason, "origin": r.origin, "operator": r.operator,
+                    "rule": r.rule, "action_id": r.action_id, "evidence": evidence,
+                })
+            })
+            .collect();
+        entries.extend(notes.filter_map(|n| match n {
+            Note::Admin {
+                operator,
+                operation,
+                client_id,
+                source,
+                at_ms,
+                ..
+            } if client_id == client => Some(serde_json::json!({
+                "kind": "admin", "at_ms": at_ms, "operator": operator,
+                "operation": operation, "source": source,
+            })),
+            Note::Session {
+                client_id,
+                source,
+                session,
+                event,
+                reason,
+                address,
+                at_ms,
+                ..
+            } if client_id == client => Some(serde_json::json!({
+                "kind": "session", "at_ms": at_ms, "event": event,
+                "reason": reason, "session": session, "source": source,
+                "address": address,
+            })),
+            _ => None,
+        }));
+        entries.sort_by_key(|e| std::cmp::Reverse(e["at_ms"].as_u64().unwrap_or(0)));
+        Ok(serde_json::json!({
+            "client": client, "verification": verification,
+            "key": self.key.as_ref().map(signing::fingerprint),
+            "entries": entries,
+        }))
+    }
+
+    /// The evidence frame at `file` (`evidence/<day>/<client>/<evidence id>/<frame>.jpg`),
+    /// served only as the trail recorded it: the SHA-256 its checked entry holds. Blocking.
+    pub fn evidence(&self, file: &str) -> Result<Vec<u8>, EvidenceRefused> {
+        if !is_evidence_path(file) || !file.ends_with(".jpg") {
+            return Err(EvidenceRefused::NotEvidence);
+        }
+        let client = file.split('/').nth(2).unwrap_or_default();
+        let bytes = match std::fs::read(self.dir.join(file)) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(EvidenceRefused::Missing);
+            }
+            Err(e) => return Err(EvidenceRefused::Unreadable(e.to_string())),
+        };
+        let recorded = {
+            let mut follower = self.follower.lock().unwrap_or_else(|e| e.into_inner());
+            follower
+                .update()
+                .and_then(|_| follower.evidence_sha256(client, file))
+                .map_err(|e| EvidenceRefused::Unreadable(e.to_string()))?
+        };
+        match recorded {
+            EvidenceCheck::Sha256(want) if hex::encode(Sha256::digest(&bytes)) == want => Ok(bytes),
+            // A log from before evidence was hashed: its (checked) entry names the frame.
+            EvidenceCheck::Unhashed => Ok(bytes),
+            EvidenceCheck::Sha256(_) => Err(EvidenceRefused::Altered),
+            EvidenceCheck::EntryChanged => Err(EvidenceRefused::EntryChanged),
+            EvidenceCheck::NotInTrail => Err(EvidenceRefused::NotInTrail),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditStore;
+    use crate::audit::tests::{dir, event};
+    use crate::policy::Action;
+
+    #[test]
+    fn a_trail_names_its_frames_and_a_frame_is_served_only_as_recorded() {
+        let root = dir();
+        let mut store = AuditStore::open(&root).unwrap();
+        let (env, ev) = event(Action::LockScreen);
+        assert!(store.store(&env, &ev).unwrap());
+        let views = Views::new(root.clone(), None);
+        assert!(
+            views.trail("bob").unwrap()["entries"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+        let trail = views.trail("alice").unwrap();
+        assert_eq!(trail["client"], "alice");
+        assert!(
+            trail["verification"]
+                .as_str()
+                .unwrap()
+                .starts_with("UNSIGNED CHECK: 1 entries"),
+            "{trail}"
+        );
+        let action = &trail["entries"][0];
+        assert_eq!(action["kind"], "action");
+        assert_eq!(action["action_id"], ev.action_id.to_string());
+        let file = action["evidence"][0]["file"].as_str().unwrap().to_owned();
+        assert!(
+            file.starts_with("evidence/") && file.ends_with(".jpg"),
+            "{file}"
+        );
+        assert_eq!(views.evidence(&file).unwrap(), vec![0xFF, 0xD8, 0xFF, 0xD9]);
+
+        // Anything but a frame below evidence/ is refused before the disk is read.
+        std::fs::write(root.join("secret.jpg"), b"not evidence").unwrap();
+        for path in [
+            "audit.log",
+            "secret.jpg",
+            "/etc/passwd",
+            "evidence/../secret.jpg",
+            "evidence/2026-01-01/alice/x/../../../../secret.jpg",
+            file.trim_end_matches(".jpg"),
+        ] {
+            assert_eq!(
+                views.evidence(path),
+                Err(EvidenceRefused::NotEvidence),
+                "{path}"
+            );
+        }
+        // A frame no checked entry of that client names, and one that is gone.
+        let other = file.replacen("/alice/", "/bob/", 1);
+        std::fs::create_dir_all(root.join(&other).parent().unwrap()).unwrap();
+        std::fs::copy(root.join(&file), root.join(&other)).unwrap();
+        assert_eq!(views.evidence(&other), Err(EvidenceRefused::NotInTrail));
+        let missing = format!("{}/frame-0.jpg", file.rsplit_once('/').unwrap().0);
+        assert_eq!(views.evidence(&missing), Err(EvidenceRefused::Missing));
+        // One byte changed after it was written: refused, with 409.
+        std::fs::write(root.join(&file), [0xFF, 0xD8, 0x00, 0xD9]).unwrap();
+        let altered = views.evidence(&file).unwrap_err();
+        assert_eq!(
+            (altered.clone(), altered.status()),
+            (EvidenceRefused::Altered, 409)
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn no_log_is_a_clear_error() {
+        let views = Views::new(dir(), None);
+        let error = views.trail("alice").unwrap_err();
+        assert!(error.contains("no audit log in"), "{error}");
+    }
+}
