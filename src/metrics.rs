@@ -328,7 +328,9 @@ impl EdgeMetrics {
                 "Reads of the audit writer's API that failed, by reason: unset (no \
                  VIGIL_AUDIT_API_URL), unreachable, timeout (past VIGIL_ADMIN_AUDIT_VIEW_WAIT_MS), \
                  too_large (past VIGIL_AUDIT_API_MAX_BYTES, or a frame past \
-                 VIGIL_EDGE_MAX_FRAME_BYTES), refused (the writer answered an error)",
+                 VIGIL_EDGE_MAX_FRAME_BYTES), altered (an evidence frame or its entry changed \
+                 after it was written), key (the writer checks under another key than \
+                 VIGIL_AUDIT_PUBLIC_KEY), refused (the writer answered another error)",
                 &["reason"],
             ),
             lease_failures: counter(

@@ -28,10 +28,16 @@ pub fn init_logging(format: LogFormat) {
 /// What the log filter is when `RUST_LOG` is unset.
 const DEFAULT_FILTER: &str = "info,ort=error,refinery_core=warn,postgres=warn";
 
+/// The span exporter's tracer (the `otlp` feature); nothing to hold without it.
+#[cfg(feature = "otlp")]
+type Tracer = opentelemetry_sdk::trace::Tracer;
+#[cfg(not(feature = "otlp"))]
+type Tracer = std::convert::Infallible;
+
 /// Install the subscriber: logs to stderr, and, with `otel`, spans to an OTLP exporter.
 fn install(
     format: LogFormat,
-    otel: Option<opentelemetry_sdk::trace::Tracer>,
+    otel: Option<Tracer>,
 ) -> Result<(), tracing_subscriber::util::TryInitError> {
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt as _;
@@ -50,6 +56,7 @@ fn install(
     };
     // Spans go to the exporter from Vigil's own code at debug level (one per frame on each
     // side), whatever the log filter says.
+    #[cfg(feature = "otlp")]
     let spans = otel.map(|tracer| {
         tracing_opentelemetry::layer()
             .with_tracer(tracer)
@@ -58,6 +65,8 @@ fn install(
                     .with_target("vigil", tracing::Level::DEBUG),
             )
     });
+    #[cfg(not(feature = "otlp"))]
+    let spans: Option<tracing_subscriber::layer::Identity> = otel.map(|never| match never {});
     tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
         .with(spans)
@@ -66,9 +75,11 @@ fn install(
 
 /// Spans exported over OTLP, flushed when this is dropped.
 pub struct Tracing {
+    #[cfg(feature = "otlp")]
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
 }
 
+#[cfg(feature = "otlp")]
 impl Drop for Tracing {
     fn drop(&mut self) {
         if let Some(provider) = self.provider.take() {
@@ -79,6 +90,7 @@ impl Drop for Tracing {
 }
 
 /// Whether spans are exported: set once at start-up.
+#[cfg(feature = "otlp")]
 static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Logs as [`init_logging`], and spans over OTLP/HTTP (JSON) when `OTEL_EXPORTER_OTLP_ENDPOINT`
@@ -96,8 +108,35 @@ pub fn init_tracing(service: &str, format: LogFormat) -> Tracing {
         });
     let Some(endpoint) = endpoint else {
         init_logging(format);
-        return Tracing { provider: None };
+        return Tracing::none();
     };
+    #[cfg(not(feature = "otlp"))]
+    {
+        init_logging(format);
+        tracing::warn!(
+            %endpoint,
+            "spans are not exported: this build has no OTLP exporter (build with `--features otlp`; \
+             the Docker image has it)"
+        );
+        let _ = service;
+        Tracing::none()
+    }
+    #[cfg(feature = "otlp")]
+    export(service, format, endpoint)
+}
+
+impl Tracing {
+    fn none() -> Self {
+        Self {
+            #[cfg(feature = "otlp")]
+            provider: None,
+        }
+    }
+}
+
+/// Logs, and spans exported to `endpoint` over OTLP/HTTP (JSON).
+#[cfg(feature = "otlp")]
+fn export(service: &str, format: LogFormat, endpoint: String) -> Tracing {
     use opentelemetry::trace::TracerProvider as _;
     use opentelemetry_otlp::WithExportConfig as _;
     install_crypto_provider();
@@ -111,7 +150,7 @@ pub fn init_tracing(service: &str, format: LogFormat) -> Tracing {
         Err(e) => {
             init_logging(format);
             tracing::error!(error = %e, %endpoint, "spans are not exported: the OTLP exporter did not start");
-            return Tracing { provider: None };
+            return Tracing::none();
         }
     };
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
@@ -134,6 +173,14 @@ pub fn init_tracing(service: &str, format: LogFormat) -> Tracing {
 /// envelope and AMQP headers), so that the edge's and the worker's spans of one frame share
 /// one trace id at the exporter. Nothing when spans are not exported.
 pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
+    #[cfg(not(feature = "otlp"))]
+    let _ = (span, traceparent);
+    #[cfg(feature = "otlp")]
+    continue_exported(span, traceparent);
+}
+
+#[cfg(feature = "otlp")]
+fn continue_exported(span: &tracing::Span, traceparent: &str) {
     use opentelemetry::trace::{
         SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
     };

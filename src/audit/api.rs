@@ -66,6 +66,14 @@ pub(super) async fn serve(
         (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load("audit_api.tls", cert, key)?)),
         _ => None,
     };
+    if tls.is_none() && !listen.ip().is_loopback() {
+        tracing::warn!(
+            %listen,
+            "the audit read API speaks plain HTTP beyond the loopback: its token and the \
+             evidence it serves cross the network in clear (set VIGIL_AUDIT_API_TLS_CERT and \
+             VIGIL_AUDIT_API_TLS_KEY)"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("audit API on {listen}: {e}"))?;
@@ -142,12 +150,14 @@ async fn require_token(State(api): State<Arc<ApiState>>, request: Request, next:
     next.run(request).await
 }
 
-/// Run `build` on the blocking pool once a turn is free, within the wait.
+/// Run `build` on the blocking pool once a turn is free, within the wait. The turn goes with
+/// the work: a request given up (its connection closed) frees it only when the work is done,
+/// so abandoned requests cannot pile work up past `VIGIL_AUDIT_API_VIEWS`.
 async fn in_turn<T: Send + 'static>(
     api: &ApiState,
     build: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Response> {
-    let Ok(Ok(_turn)) = tokio::time::timeout(api.wait, api.turns.clone().acquire_owned()).await
+    let Ok(Ok(turn)) = tokio::time::timeout(api.wait, api.turns.clone().acquire_owned()).await
     else {
         api.metrics.api_refused.with_label_values(&["busy"]).inc();
         return Err(error(
@@ -155,9 +165,12 @@ async fn in_turn<T: Send + 'static>(
             "too many audit views at once; retry shortly",
         ));
     };
-    tokio::task::spawn_blocking(build)
-        .await
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        build()
+    })
+    .await
+    .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 async fn trail(State(api): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
@@ -188,7 +201,11 @@ mod tests {
 
     fn state(token: &str) -> ApiState {
         ApiState {
-            views: Arc::new(Views::new(std::env::temp_dir().join("no-such-log"), None)),
+            views: Arc::new(Views::new(
+                std::env::temp_dir().join("no-such-log"),
+                None,
+                1 << 20,
+            )),
             token: Sha256::digest(token.as_bytes()).into(),
             turns: Arc::new(Semaphore::new(1)),
             wait: Duration::from_millis(10),

@@ -780,6 +780,25 @@ fn safe(name: &str) -> String {
         .to_owned()
 }
 
+/// Whether `file` has the exact shape of an evidence frame the writer names,
+/// `evidence/<day>/<client>/<evidence id>/<frame>.jpg`, each part of `[A-Za-z0-9_.-]` and none
+/// `.` or `..`: a name that is the same on disk, in a URL and in a browser, which no
+/// normalisation can turn into another path.
+pub fn is_evidence_frame(file: &str) -> bool {
+    let parts: Vec<&str> = file.split('/').collect();
+    file.len() <= 512
+        && file.ends_with(".jpg")
+        && parts.len() == 5
+        && parts[0] == "evidence"
+        && parts[1..].iter().all(|p| {
+            !p.is_empty()
+                && *p != "."
+                && *p != ".."
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        })
+}
+
 /// Whether a path the log names stays inside the evidence folder.
 pub(super) fn inside_evidence(file: &str) -> bool {
     Path::new(file).starts_with("evidence")
@@ -817,6 +836,29 @@ mod tests {
     use super::*;
     use crate::audit::tests::{dir, event};
     use crate::audit::{records, verify};
+
+    #[test]
+    fn an_evidence_frame_has_one_shape() {
+        let id = "0192f0c4-0000-7000-8000-000000000001";
+        assert!(is_evidence_frame(&format!(
+            "evidence/2026-12-07/alice/{id}/{id}.jpg"
+        )));
+        for bad in [
+            format!("evidence/2026-12-07/alice/{id}"),
+            format!("evidence/2026-12-07/alice/{id}/{id}.png"),
+            format!("evidence/2026-12-07/alice/{id}/x/{id}.jpg"),
+            format!("evidence/2026-12-07/../{id}/{id}.jpg"),
+            format!("evidence/2026-12-07/./{id}/{id}.jpg"),
+            format!("evidence/%2e%2e/alice/{id}/{id}.jpg"),
+            format!("evidence/2026-12-07/al ice/{id}/{id}.jpg"),
+            format!("evidence/2026-12-07/alice\\..\\x/{id}/{id}.jpg"),
+            format!("evidence//alice/{id}/{id}.jpg"),
+            format!("/evidence/2026-12-07/alice/{id}/{id}.jpg"),
+            format!("evidence/2026-12-07/{}/{id}/{id}.jpg", "a".repeat(500)),
+        ] {
+            assert!(!is_evidence_frame(&bad), "{bad}");
+        }
+    }
 
     #[test]
     fn store_verify_reopen_and_idempotence() {

@@ -40,7 +40,7 @@ mod verify;
 mod writer;
 
 pub use checkpoints::{Checkpoint, CheckpointScan, newest_checkpoint};
-pub use log::{AuditRecord, AuditStore, FrameRecord, Note, is_evidence_path};
+pub use log::{AuditRecord, AuditStore, FrameRecord, Note, is_evidence_frame, is_evidence_path};
 pub use prune::{PruneReport, prune};
 pub use verify::{adopt, notes, records, trail, unsigned_entries, verify, verify_with_checkpoint};
 // The edge's session tests check its end reasons against these.

@@ -10,13 +10,15 @@ use ed25519_dalek::VerifyingKey;
 use sha2::{Digest as _, Sha256};
 
 use super::follow::{EvidenceCheck, Follower};
-use super::{AuditRecord, Note, Verification, is_evidence_path, signing};
+use super::{AuditRecord, Note, Verification, is_evidence_frame, signing};
 
 /// The audit views of one evidence folder.
 pub struct Views {
     dir: PathBuf,
     key: Option<VerifyingKey>,
     follower: Mutex<Follower>,
+    /// The largest evidence file served.
+    max_frame_bytes: u64,
 }
 
 /// Why an evidence frame is not served; each maps to one HTTP status.
@@ -54,10 +56,16 @@ impl EvidenceRefused {
 }
 
 impl Views {
-    /// Views of the log in `dir`, its signatures checked with `key` when there is one.
-    pub fn new(dir: PathBuf, key: Option<VerifyingKey>) -> Self {
+    /// Views of the log in `dir`, its signatures checked with `key` when there is one; no
+    /// evidence file larger than `max_frame_bytes` is read.
+    pub fn new(dir: PathBuf, key: Option<VerifyingKey>, max_frame_bytes: u64) -> Self {
         let follower = Mutex::new(Follower::new(&dir, key));
-        Self { dir, key, follower }
+        Self {
+            dir,
+            key,
+            follower,
+            max_frame_bytes,
+        }
     }
 
     /// `client`'s trail: `{client, verification, key, entries}`, entries of kind `action`
@@ -167,26 +175,27 @@ impl Views {
     }
 
     /// The evidence frame at `file` (`evidence/<day>/<client>/<evidence id>/<frame>.jpg`),
-    /// served only as the trail recorded it: the SHA-256 its checked entry holds. Blocking.
+    /// served only as the trail recorded it: named by the client's checked entry, and with the
+    /// SHA-256 it holds. Blocking.
     pub fn evidence(&self, file: &str) -> Result<Vec<u8>, EvidenceRefused> {
-        if !is_evidence_path(file) || !file.ends_with(".jpg") {
+        if !is_evidence_frame(file) {
             return Err(EvidenceRefused::NotEvidence);
         }
         let client = file.split('/').nth(2).unwrap_or_default();
-        let bytes = match std::fs::read(self.dir.join(file)) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(EvidenceRefused::Missing);
-            }
-            Err(e) => return Err(EvidenceRefused::Unreadable(e.to_string())),
-        };
+        // The trail first: a file no checked entry names is not opened at all.
         let recorded = {
             let mut follower = self.follower.lock().unwrap_or_else(|e| e.into_inner());
             follower
                 .update()
                 .and_then(|_| follower.evidence_sha256(client, file))
-                .map_err(|e| EvidenceRefused::Unreadable(e.to_string()))?
+                .map_err(|e| unreadable(file, &e.to_string()))?
         };
+        match recorded {
+            EvidenceCheck::NotInTrail => return Err(EvidenceRefused::NotInTrail),
+            EvidenceCheck::EntryChanged => return Err(EvidenceRefused::EntryChanged),
+            EvidenceCheck::Sha256(_) | EvidenceCheck::Unhashed => {}
+        }
+        let bytes = self.read_frame(file)?;
         match recorded {
             EvidenceCheck::Sha256(want) if hex::encode(Sha256::digest(&bytes)) == want => Ok(bytes),
             // A log from before evidence was hashed: its (checked) entry names the frame.
@@ -196,6 +205,52 @@ impl Views {
             EvidenceCheck::NotInTrail => Err(EvidenceRefused::NotInTrail),
         }
     }
+
+    /// The bytes of the regular file at `file`, reached through no link (the path the
+    /// folder's own resolves to, plus `file`'s parts, is where it is), within the size bound.
+    fn read_frame(&self, file: &str) -> Result<Vec<u8>, EvidenceRefused> {
+        use std::io::Read as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let gone = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::NotFound => EvidenceRefused::Missing,
+            _ => unreadable(file, &e.to_string()),
+        };
+        let root = std::fs::canonicalize(&self.dir).map_err(gone)?;
+        let real = std::fs::canonicalize(self.dir.join(file)).map_err(gone)?;
+        if real != root.join(file) {
+            return Err(unreadable(file, "it is reached through a link"));
+        }
+        let mut opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&real)
+            .map_err(gone)?;
+        let meta = opened.metadata().map_err(gone)?;
+        if !meta.is_file() || meta.len() > self.max_frame_bytes {
+            return Err(unreadable(
+                file,
+                &format!(
+                    "not a regular file of at most {} bytes",
+                    self.max_frame_bytes
+                ),
+            ));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        (&mut opened)
+            .take(self.max_frame_bytes + 1)
+            .read_to_end(&mut bytes)
+            .map_err(gone)?;
+        if bytes.len() as u64 > self.max_frame_bytes {
+            return Err(unreadable(file, "it grew past the size bound"));
+        }
+        Ok(bytes)
+    }
+}
+
+/// A frame that cannot be served: the detail goes to the writer's log, not to the caller.
+fn unreadable(file: &str, why: &str) -> EvidenceRefused {
+    tracing::warn!(file, why, "an evidence frame could not be served");
+    EvidenceRefused::Unreadable("the evidence frame could not be read".into())
 }
 
 #[cfg(test)]
@@ -211,7 +266,7 @@ mod tests {
         let mut store = AuditStore::open(&root).unwrap();
         let (env, ev) = event(Action::LockScreen);
         assert!(store.store(&env, &ev).unwrap());
-        let views = Views::new(root.clone(), None);
+        let views = Views::new(root.clone(), None, 1 << 20);
         assert!(
             views.trail("bob").unwrap()["entries"]
                 .as_array()
@@ -245,6 +300,9 @@ mod tests {
             "/etc/passwd",
             "evidence/../secret.jpg",
             "evidence/2026-01-01/alice/x/../../../../secret.jpg",
+            "evidence/%2e%2e/%2e%2e/clients/bob/reference.jpg",
+            "evidence/2026-01-01/alice/x\\..\\..\\secret.jpg",
+            "evidence//alice/x/frame.jpg",
             file.trim_end_matches(".jpg"),
         ] {
             assert_eq!(
@@ -253,26 +311,43 @@ mod tests {
                 "{path}"
             );
         }
-        // A frame no checked entry of that client names, and one that is gone.
+        // Files no checked entry of that client names are not opened.
         let other = file.replacen("/alice/", "/bob/", 1);
         std::fs::create_dir_all(root.join(&other).parent().unwrap()).unwrap();
         std::fs::copy(root.join(&file), root.join(&other)).unwrap();
         assert_eq!(views.evidence(&other), Err(EvidenceRefused::NotInTrail));
-        let missing = format!("{}/frame-0.jpg", file.rsplit_once('/').unwrap().0);
-        assert_eq!(views.evidence(&missing), Err(EvidenceRefused::Missing));
+        let beside = format!("{}/frame-0.jpg", file.rsplit_once('/').unwrap().0);
+        std::fs::copy(root.join(&file), root.join(&beside)).unwrap();
+        assert_eq!(views.evidence(&beside), Err(EvidenceRefused::NotInTrail));
         // One byte changed after it was written: refused, with 409.
+        let original = std::fs::read(root.join(&file)).unwrap();
         std::fs::write(root.join(&file), [0xFF, 0xD8, 0x00, 0xD9]).unwrap();
         let altered = views.evidence(&file).unwrap_err();
         assert_eq!(
             (altered.clone(), altered.status()),
             (EvidenceRefused::Altered, 409)
         );
+        // Put back through a link (to a copy with the right bytes): not served.
+        let outside = root.join("copy.jpg");
+        std::fs::write(&outside, &original).unwrap();
+        std::fs::remove_file(root.join(&file)).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join(&file)).unwrap();
+        let linked = views.evidence(&file).unwrap_err();
+        assert_eq!(linked.status(), 500, "{linked:?}");
+        // Too large for the bound, and gone.
+        std::fs::remove_file(root.join(&file)).unwrap();
+        std::fs::write(root.join(&file), &original).unwrap();
+        let small = Views::new(root.clone(), None, 3);
+        assert_eq!(small.evidence(&file).unwrap_err().status(), 500);
+        assert_eq!(views.evidence(&file).unwrap(), original);
+        std::fs::remove_file(root.join(&file)).unwrap();
+        assert_eq!(views.evidence(&file), Err(EvidenceRefused::Missing));
         let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
     fn no_log_is_a_clear_error() {
-        let views = Views::new(dir(), None);
+        let views = Views::new(dir(), None, 1 << 20);
         let error = views.trail("alice").unwrap_err();
         assert!(error.contains("no audit log in"), "{error}");
     }

@@ -181,10 +181,13 @@ impl AuditApiConfig {
                      (VIGIL_AUDIT_API_TOKEN_FILE)"
                         .to_owned(),
                 ),
-                Some(t) if t.chars().count() < MIN_AUDIT_API_TOKEN || t.trim() != t => {
+                Some(t)
+                    if t.len() < MIN_AUDIT_API_TOKEN
+                        || !t.bytes().all(|b| b.is_ascii_graphic()) =>
+                {
                     errors.push(format!(
-                        "audit_api.token must be at least {MIN_AUDIT_API_TOKEN} characters, \
-                         without surrounding spaces (`head -c 32 /dev/urandom | base64`)"
+                        "audit_api.token must be at least {MIN_AUDIT_API_TOKEN} visible ASCII \
+                         characters, no spaces (`head -c 32 /dev/urandom | base64`)"
                     ))
                 }
                 Some(_) => {}
@@ -202,6 +205,12 @@ impl AuditApiConfig {
         if reads && let Some(url) = &self.url {
             match url::Url::parse(url) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                    if u.scheme() == "http" && self.ca_file.is_some() {
+                        errors.push(
+                            "audit_api.ca_file is set but audit_api.url is http://: use https://"
+                                .to_owned(),
+                        );
+                    }
                     if !u.username().is_empty() || u.password().is_some() {
                         errors.push(
                             "audit_api.url must not hold credentials: the token goes in \
@@ -1369,6 +1378,72 @@ mod tests {
             "README.md's table of variables differs from `vigil config vars`; paste its output \
              in place of the table:\n{table}"
         );
+    }
+
+    /// The audit writer's read API: a token of visible characters long enough on both sides,
+    /// a URL without credentials, and TLS settings that go together.
+    #[test]
+    fn the_audit_read_api_needs_a_strong_token_and_a_clean_url() {
+        let token = "0123456789abcdef0123456789abcdef";
+        let serving = [
+            ("VIGIL_AUDIT_API_LISTEN", "127.0.0.1:8082"),
+            ("VIGIL_AUDIT_API_TOKEN", token),
+        ];
+        assert!(Config::load_for(Some(Role::Audit), None, env(&serving)).is_ok());
+        // An edge does not serve it, so its listen setting is not the edge's to check.
+        let listen_only = [("VIGIL_AUDIT_API_LISTEN", "127.0.0.1:8082")];
+        assert!(Config::load_for(Some(Role::Edge), None, env(&listen_only)).is_ok());
+        let url = ("VIGIL_AUDIT_API_URL", "https://audit:8082");
+        let with_token = ("VIGIL_AUDIT_API_TOKEN", token);
+        let refused: &[(&[(&str, &str)], &str)] = &[
+            (&listen_only, "audit_api.token is unset"),
+            (&[url], "audit_api.token is unset"),
+            (&[url, ("VIGIL_AUDIT_API_TOKEN", "short")], "at least 32"),
+            (
+                &[
+                    url,
+                    ("VIGIL_AUDIT_API_TOKEN", "0123456789abcdef 0123456789abcdef"),
+                ],
+                "visible ASCII",
+            ),
+            (
+                &[
+                    ("VIGIL_AUDIT_API_URL", "https://u:p@audit:8082"),
+                    with_token,
+                ],
+                "credentials",
+            ),
+            (
+                &[("VIGIL_AUDIT_API_URL", "ftp://audit"), with_token],
+                "http:// or https://",
+            ),
+            (
+                &[
+                    ("VIGIL_AUDIT_API_URL", "http://audit:8082"),
+                    ("VIGIL_AUDIT_API_CA_FILE", "/ca.pem"),
+                    with_token,
+                ],
+                "use https://",
+            ),
+            (
+                &[
+                    ("VIGIL_AUDIT_API_LISTEN", "0.0.0.0:8082"),
+                    ("VIGIL_AUDIT_API_TLS_CERT", "/cert.pem"),
+                    with_token,
+                ],
+                "go together",
+            ),
+            (
+                &[url, with_token, ("VIGIL_AUDIT_API_MAX_BYTES", "10")],
+                "max_bytes",
+            ),
+        ];
+        for (vars, says) in refused {
+            let error = Config::load_for(None, None, env(vars))
+                .expect_err("refused")
+                .join("; ");
+            assert!(error.contains(says), "{vars:?}: {error}");
+        }
     }
 
     /// A service validates the settings it reads, and only those.

@@ -817,32 +817,52 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
     let Some(trail) = &api.trail else {
         return no_trail(&api);
     };
-    // A few views are asked for at once; the others wait their turn, within a bound.
-    let wait = std::time::Duration::from_millis(api.shared.cfg.audit_view_wait_ms);
-    let Ok(Ok(_turn)) = tokio::time::timeout(wait, api.audit_views.clone().acquire_owned()).await
-    else {
-        api.shared.metrics.audit_views_refused.inc();
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many audit views at once; retry shortly",
-        );
+    let _turn = match audit_turn(&api).await {
+        Ok(turn) => turn,
+        Err(refused) => return refused,
     };
     let mut view = match trail.view(&id).await {
         Ok(view) => view,
         Err(unread) => return unread_error(unread),
     };
-    // The writer names each frame by its place in its folder; the console asks this API.
+    // A writer that checks the trail under another key than the one this edge publishes for
+    // pinning is not shown as if it were the same.
+    if let Some(key) = &api.audit_key {
+        let expected = crate::audit::signing::fingerprint(key);
+        if view["key"].as_str() != Some(expected.as_str()) {
+            api.shared
+                .metrics
+                .audit_api_failed
+                .with_label_values(&["key"])
+                .inc();
+            return error(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "the audit writer checks the trail under key {} and this edge's \
+                     VIGIL_AUDIT_PUBLIC_KEY is {expected}: the trail is not shown",
+                    view["key"].as_str().unwrap_or("none")
+                ),
+            );
+        }
+    }
+    // The writer names each frame by its place in its folder; the console asks this API for
+    // it, by a name no URL normalisation can turn into another route.
     if let Some(entries) = view["entries"].as_array_mut() {
-        for frame in entries
+        for evidence in entries
             .iter_mut()
             .filter_map(|e| e["evidence"].as_array_mut())
-            .flatten()
         {
-            let url = frame["file"]
-                .as_str()
-                .filter(|f| crate::audit::is_evidence_path(f))
-                .map(|f| format!("/v1/admin/audit/{f}"));
-            frame["url"] = url.map_or(serde_json::Value::Null, serde_json::Value::String);
+            evidence.retain_mut(|frame| {
+                let Some(file) = frame["file"]
+                    .as_str()
+                    .filter(|f| crate::audit::is_evidence_frame(f))
+                else {
+                    tracing::warn!(file = %frame["file"], "the audit writer named an evidence frame by an unexpected path; left out");
+                    return false;
+                };
+                frame["url"] = serde_json::Value::String(format!("/v1/admin/audit/{file}"));
+                true
+            });
         }
     }
     let store = api.admin.store.clone();
@@ -860,6 +880,22 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
     .flatten();
     view["reference"] = reference.map_or(serde_json::Value::Null, serde_json::Value::String);
     Json(view).into_response()
+}
+
+/// A turn among the audit reads in flight (`VIGIL_ADMIN_AUDIT_VIEWS`): a few at once, the
+/// others wait within `VIGIL_ADMIN_AUDIT_VIEW_WAIT_MS`, then 503 (counted).
+async fn audit_turn(api: &ApiState) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
+    let wait = std::time::Duration::from_millis(api.shared.cfg.audit_view_wait_ms);
+    match tokio::time::timeout(wait, api.audit_views.clone().acquire_owned()).await {
+        Ok(Ok(turn)) => Ok(turn),
+        _ => {
+            api.shared.metrics.audit_views_refused.inc();
+            Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many audit views at once; retry shortly",
+            ))
+        }
+    }
 }
 
 /// 503: this edge has no audit writer's API to read the trail from.
@@ -964,7 +1000,7 @@ async fn evidence(
     Path(path): Path<String>,
 ) -> Response {
     let file = format!("evidence/{path}");
-    if !crate::audit::is_evidence_path(&file) || !file.ends_with(".jpg") {
+    if !crate::audit::is_evidence_frame(&file) {
         return error(StatusCode::NOT_FOUND, "not an evidence frame");
     }
     let Some(trail) = &api.trail else {
@@ -974,14 +1010,9 @@ async fn evidence(
     let client = path.split('/').nth(1).unwrap_or_default().to_owned();
     // Served only as the trail recorded it: the writer checks the frame against the SHA-256
     // its (checked) entry holds, and the read waits its turn with the audit views.
-    let wait = std::time::Duration::from_millis(api.shared.cfg.audit_view_wait_ms);
-    let Ok(Ok(turn)) = tokio::time::timeout(wait, api.audit_views.clone().acquire_owned()).await
-    else {
-        api.shared.metrics.audit_views_refused.inc();
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many audit views at once; retry shortly",
-        );
+    let turn = match audit_turn(&api).await {
+        Ok(turn) => turn,
+        Err(refused) => return refused,
     };
     let bytes = match trail.evidence(&path).await {
         Ok(bytes) => bytes,

@@ -167,7 +167,8 @@ impl Trail {
                 502,
                 "the audit writer refused this edge's VIGIL_AUDIT_API_TOKEN".into(),
             ),
-            code @ (404 | 409 | 503) => fail("refused", code, said),
+            409 => fail("altered", 409, said),
+            code @ (404 | 503) => fail("refused", code, said),
             _ => fail("refused", 502, format!("the audit writer answered: {said}")),
         })
     }

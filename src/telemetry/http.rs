@@ -443,6 +443,9 @@ pub fn client(
         .connect_timeout(limit)
         .timeout(limit)
         .redirect(reqwest::redirect::Policy::none())
+        // A request goes to the configured host itself: no `HTTP_PROXY` from the environment
+        // sees its bearer token.
+        .no_proxy()
         .user_agent(agent)
         .build()
         .map_err(|e| e.to_string())

@@ -1488,6 +1488,31 @@ async fn the_console_reads_the_trail_through_the_audit_writers_api_only() {
         ),
         2.0
     );
+    // An edge that publishes a key for pinning while the writer checks under none (or
+    // another) shows no trail as if it were checked under it.
+    env.cfg.audit_api.url = Some(base.clone());
+    env.cfg.audit_api.token = Some(crate::support::AUDIT_API_TOKEN.into());
+    vigil::audit::signing::generate(&tls.join("other.key")).unwrap();
+    env.cfg.audit_public_key = Some(tls.join("other.key.pub"));
+    env.start_edge("e4").await;
+    let (status, body) = http(
+        env.edges[3].admin_addr.unwrap(),
+        "GET",
+        "/v1/admin/audit/clients/c1",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("VIGIL_AUDIT_PUBLIC_KEY"), "{body}");
+    assert_eq!(
+        metric(
+            &env.edge_registries[3],
+            "vigil_edge_audit_api_failed_total",
+            Some(("reason", "key"))
+        ),
+        1.0
+    );
     let dir = env.cfg.evidence_dir.clone();
     env.shutdown.cancel();
     writer.join().await.unwrap();

@@ -219,6 +219,7 @@ async fn edge_and_worker_spans_share_the_trace_id() {
 }
 
 /// A small OTLP/HTTP receiver (JSON encoding): every body posted to `/v1/traces`.
+#[cfg(feature = "otlp")]
 async fn otlp_receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
     use axum::routing::post;
     let bodies: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
@@ -242,6 +243,7 @@ async fn otlp_receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
 }
 
 /// (service name, trace id) of every span the receiver got.
+#[cfg(feature = "otlp")]
 fn exported_spans(bodies: &[serde_json::Value]) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for body in bodies {
@@ -266,6 +268,8 @@ fn exported_spans(bodies: &[serde_json::Value]) -> Vec<(String, String)> {
     out
 }
 
+/// (The `otlp` feature, which scripts/test.sh turns on.)
+#[cfg(feature = "otlp")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_frames_spans_reach_an_otlp_receiver_under_one_trace_id() {
     let (endpoint, bodies) = otlp_receiver().await;
