@@ -399,6 +399,7 @@ pub struct AuditMetrics {
     pub api_refused: IntCounterVec,
     pub api_connections_refused: IntCounterVec,
     pub api_tls_failed: IntCounter,
+    pub api_truncated: IntCounter,
 }
 
 impl AuditMetrics {
@@ -468,6 +469,11 @@ impl AuditMetrics {
                 registry,
                 "vigil_audit_api_tls_failures_total",
                 "Read API connections dropped because their TLS handshake failed or timed out",
+            ),
+            api_truncated: counter(
+                registry,
+                "vigil_audit_api_views_truncated_total",
+                "Trail views cut to their newest VIGIL_AUDIT_API_MAX_ENTRIES entries",
             ),
         }
     }

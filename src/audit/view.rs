@@ -19,6 +19,10 @@ pub struct Views {
     follower: Mutex<Follower>,
     /// The largest evidence file served.
     max_frame_bytes: u64,
+    /// The most entries one trail view holds (the newest).
+    max_entries: usize,
+    /// Views cut at `max_entries`.
+    truncated: Option<prometheus::IntCounter>,
 }
 
 /// Why an evidence frame is not served; each maps to one HTTP status.
@@ -65,12 +69,22 @@ impl Views {
             key,
             follower,
             max_frame_bytes,
+            max_entries: usize::MAX,
+            truncated: None,
         }
     }
 
-    /// `client`'s trail: `{client, verification, key, entries}`, entries of kind `action`
-    /// (with `evidence: [{file, verdict}]`, `file` relative to the evidence folder), `admin`
-    /// and `session`, newest first. Blocking: it reads the log.
+    /// At most `max` entries a view (the newest), each cut counted in `truncated`.
+    pub fn limit_entries(mut self, max: usize, truncated: prometheus::IntCounter) -> Self {
+        self.max_entries = max.max(1);
+        self.truncated = Some(truncated);
+        self
+    }
+
+    /// `client`'s trail: `{client, verification, key, total, entries}`, entries of kind
+    /// `action` (with `evidence: [{file, verdict}]`, `file` relative to the evidence folder),
+    /// `admin` and `session`, newest first, at most the newest `max_entries` of the `total`.
+    /// Blocking: it reads the log.
     pub fn trail(&self, client: &str) -> Result<serde_json::Value, String> {
         if !self.dir.join("audit.log").exists() {
             return Err(format!(
@@ -167,10 +181,17 @@ impl Views {
             _ => None,
         }));
         entries.sort_by_key(|e| std::cmp::Reverse(e["at_ms"].as_u64().unwrap_or(0)));
+        let total = entries.len();
+        if total > self.max_entries {
+            entries.truncate(self.max_entries);
+            if let Some(counter) = &self.truncated {
+                counter.inc();
+            }
+        }
         Ok(serde_json::json!({
             "client": client, "verification": verification,
             "key": self.key.as_ref().map(signing::fingerprint),
-            "entries": entries,
+            "total": total, "entries": entries,
         }))
     }
 
@@ -342,6 +363,23 @@ mod tests {
         assert_eq!(views.evidence(&file).unwrap(), original);
         std::fs::remove_file(root.join(&file)).unwrap();
         assert_eq!(views.evidence(&file), Err(EvidenceRefused::Missing));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_view_holds_the_newest_entries_within_its_bound() {
+        let root = dir();
+        let mut store = AuditStore::open(&root).unwrap();
+        for _ in 0..5 {
+            let (env, ev) = event(Action::Warn);
+            assert!(store.store(&env, &ev).unwrap());
+        }
+        let counter = prometheus::IntCounter::new("cut", "cut").unwrap();
+        let views = Views::new(root.clone(), None, 1 << 20).limit_entries(2, counter.clone());
+        let trail = views.trail("alice").unwrap();
+        assert_eq!(trail["total"], 5);
+        assert_eq!(trail["entries"].as_array().unwrap().len(), 2);
+        assert_eq!(counter.get(), 1);
         let _ = std::fs::remove_dir_all(&root);
     }
 

@@ -169,11 +169,14 @@ pub async fn start(
         .as_deref()
         .map(signing::load_public)
         .transpose()?);
-    let views = Arc::new(super::view::Views::new(
-        cfg.evidence_dir.clone(),
-        view_key,
-        cfg.audit_api.max_bytes as u64,
-    ));
+    let views = Arc::new(
+        super::view::Views::new(
+            cfg.evidence_dir.clone(),
+            view_key,
+            cfg.audit_api.max_bytes as u64,
+        )
+        .limit_entries(cfg.audit_api.max_entries, metrics.api_truncated.clone()),
+    );
     let api_addr = super::api::serve(&cfg, views, metrics.clone(), shutdown.clone())
         .await
         .map_err(AuditError::Api)?;

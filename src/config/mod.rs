@@ -145,6 +145,9 @@ pub struct AuditApiConfig {
     /// How long a view waits for its turn at the writer before a 503, in ms
     /// [VIGIL_AUDIT_API_WAIT_MS].
     pub wait_ms: u64,
+    /// The most entries one trail view holds, the newest; it says how many there are
+    /// [VIGIL_AUDIT_API_MAX_ENTRIES].
+    pub max_entries: usize,
     /// The largest trail view the edge takes from the writer, in bytes
     /// [VIGIL_AUDIT_API_MAX_BYTES].
     pub max_bytes: usize,
@@ -161,6 +164,7 @@ impl Default for AuditApiConfig {
             ca_file: None,
             views: 2,
             wait_ms: 10_000,
+            max_entries: 5_000,
             max_bytes: 64 << 20,
         }
     }
@@ -198,6 +202,9 @@ impl AuditApiConfig {
         }
         if serves && self.views == 0 {
             errors.push("audit_api.views must be at least 1".to_owned());
+        }
+        if serves && self.max_entries == 0 {
+            errors.push("audit_api.max_entries must be at least 1".to_owned());
         }
         if serves && self.wait_ms == 0 {
             errors.push("audit_api.wait_ms must be at least 1".to_owned());

@@ -329,6 +329,13 @@ pub static VARS: &[Var] = &[
         r#"how long a view waits for its turn at the writer before a 503 (counted)"#
     ),
     var!(
+        "VIGIL_AUDIT_API_MAX_ENTRIES",
+        [Audit],
+        audit_api.max_entries,
+        r#"5000"#,
+        r#"the most entries one trail view holds, the newest (it says how many there are; counted when it bites)"#
+    ),
+    var!(
         "VIGIL_AUDIT_API_URL",
         [Edge],
         opt audit_api.url,

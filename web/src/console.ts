@@ -181,7 +181,7 @@ function image(url: string, alt: string, testid: string): HTMLImageElement {
 const PINNED_KEY = "vigil.console.audit-key";
 
 /**
- * The key the edge verified the trail with, against the one this console pinned. A different
+ * The key the audit writer checked the trail with, against the one this console pinned. A different
  * key, or none after one was pinned, is shown as an alarm: a verification under a key the
  * operator never accepted proves nothing.
  */
@@ -208,8 +208,8 @@ function showKey(key: string | null) {
     box.dataset.state = pinned ? "missing" : "none";
     box.replaceChildren(
       pinned
-        ? `NO KEY: this edge verifies without the writer's key; this console pinned ${pinned}.`
-        : "NO KEY: this edge has no VIGIL_AUDIT_PUBLIC_KEY, so the trail's signatures are not checked.",
+        ? `NO KEY: the audit writer checked this trail without its key; this console pinned ${pinned}.`
+        : "NO KEY: the audit writer has no key (VIGIL_AUDIT_KEY), so the trail's signatures are not checked.",
     );
   }
 }
@@ -229,9 +229,14 @@ async function showAudit(id: string) {
     key: string | null;
     reference: string | null;
     entries: AuditEntry[];
+    total?: number;
   };
   const chain = $("audit-chain");
-  chain.textContent = body.verification;
+  const shown = body.entries.length;
+  chain.textContent =
+    body.total !== undefined && body.total > shown
+      ? `${body.verification} Showing the newest ${shown} of this client's ${body.total} entries.`
+      : body.verification;
   chain.dataset.testid = "audit-chain";
   showKey(body.key);
   const items = body.entries.map((e) => {
