@@ -35,16 +35,37 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
 use crate::admin::{self, Admin, AdminError, AdminOp};
 use crate::directory::{ClientRecord, DirectoryError};
 use crate::operators::{Operators, Role};
 use crate::policy::Action;
 
+/// What the admin API holds of its edge, and nothing more: its settings and metrics, its live
+/// sessions (read-only), the session-token minter, the enrolment path, and what client
+/// administration publishes with. Not the sessions' own machinery (the gate, the slots, the
+/// token checks, the frame publisher).
+pub(super) struct AdminEdge {
+    pub cfg: crate::config::EdgeConfig,
+    pub metrics: crate::metrics::EdgeMetrics,
+    pub edge_id: String,
+    pub sessions: Arc<super::registry::Registry<super::SessionEntry>>,
+    /// Mints short-lived session tokens, when the private key is configured.
+    pub session_minter: Option<crate::session_tokens::Minter>,
+    pub enrolments: Arc<super::Enrolments>,
+    pub enroll_exchange: String,
+    /// The edge's event sequence (the envelope's `seq`).
+    pub seq: Arc<std::sync::atomic::AtomicU64>,
+    pub store: Arc<dyn crate::directory::ClientStore>,
+    /// The operator role's link (`VIGIL_ADMIN_AMQP_URL`), or the edge's own.
+    pub publisher: super::PublisherSlot,
+    pub control_exchange: String,
+    pub actions_exchange: String,
+}
+
 struct ApiState {
     operators: OperatorSource,
     admin: Admin,
-    shared: Arc<Shared>,
+    edge: AdminEdge,
     /// The audit writer's read API, when `VIGIL_AUDIT_API_URL` names it.
     trail: Option<super::trail::Trail>,
     /// The audit writer's public key (`VIGIL_AUDIT_PUBLIC_KEY`), served for pinning and for
@@ -206,37 +227,37 @@ pub(super) async fn serve(
     operators: OperatorSource,
     trail: AuditTrail,
     tls: Option<Arc<crate::telemetry::tls::Tls>>,
-    shared: Arc<Shared>,
+    edge: AdminEdge,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let handshakes = crate::telemetry::tls::HandshakeLimits {
-        handshake_timeout: std::time::Duration::from_millis(shared.cfg.hello_timeout_ms),
-        failed: shared.metrics.admin_tls_failed.clone(),
+        handshake_timeout: std::time::Duration::from_millis(edge.cfg.hello_timeout_ms),
+        failed: edge.metrics.admin_tls_failed.clone(),
     };
-    let console = super::web::WebAssets::load(&shared.cfg.web_dir.join("console"))
+    let console = super::web::WebAssets::load(&edge.cfg.web_dir.join("console"))
         .unwrap_or_else(|e| {
             tracing::warn!(error = %e, "no operator console is served (build it with `npm run build` in web/)");
             super::web::WebAssets::default()
         });
     let state = Arc::new(ApiState {
         operators,
-        audit_views: Arc::new(tokio::sync::Semaphore::new(shared.cfg.audit_views.max(1))),
+        audit_views: Arc::new(tokio::sync::Semaphore::new(edge.cfg.audit_views.max(1))),
         trail: trail.api,
         audit_key: trail.key,
         console,
         admin: Admin {
-            store: shared.store.clone(),
-            publisher: shared.admin_publisher.clone(),
-            control_exchange: shared.control_exchange.clone(),
-            actions_exchange: shared.actions_exchange.clone(),
-            source: shared.edge_id.clone(),
+            store: edge.store.clone(),
+            publisher: edge.publisher.clone(),
+            control_exchange: edge.control_exchange.clone(),
+            actions_exchange: edge.actions_exchange.clone(),
+            source: edge.edge_id.clone(),
         },
-        shared,
+        edge,
     });
-    let shared_limit = state.shared.cfg.max_frame_bytes;
-    let refused = state.shared.metrics.admin_connections_refused.clone();
+    let shared_limit = state.edge.cfg.max_frame_bytes;
+    let refused = state.edge.metrics.admin_connections_refused.clone();
     let app = Router::new()
         .route("/v1/admin/clients", get(list).post(add))
         .route("/v1/admin/clients/{id}", get(show))
@@ -309,7 +330,7 @@ async fn require_token(State(api): State<Api>, mut request: Request, next: Next)
         Some((operator, role)) => {
             let needed = needed_role(request.method(), request.uri().path());
             if role < needed {
-                api.shared
+                api.edge
                     .metrics
                     .admin_forbidden
                     .with_label_values(&[role.as_str()])
@@ -656,7 +677,7 @@ async fn mint_session(
     Extension(Operator(operator, _)): Extension<Operator>,
     Json(body): Json<NewSession>,
 ) -> Response {
-    let Some(minter) = api.shared.session_minter.as_ref() else {
+    let Some(minter) = api.edge.session_minter.as_ref() else {
         return error(
             StatusCode::NOT_IMPLEMENTED,
             "session tokens are off on this edge: set VIGIL_SESSION_KEY (`vigil sessions keygen`)",
@@ -698,7 +719,7 @@ async fn mint_session(
         // An unaudited token is not handed out.
         return admin_error(e);
     }
-    api.shared.metrics.session_tokens_minted.inc();
+    api.edge.metrics.session_tokens_minted.inc();
     let expires = std::time::UNIX_EPOCH + std::time::Duration::from_secs(expires_at);
     (
         StatusCode::CREATED,
@@ -721,7 +742,7 @@ async fn mint_session(
     security(("operator" = []))
 )]
 async fn sessions(State(api): State<Api>) -> Response {
-    let sessions = api.shared.sessions.lock();
+    let sessions = api.edge.sessions.lock();
     let list: Vec<super::SessionInfo> = sessions
         .values()
         .map(|e| e.info.lock().unwrap_or_else(|e| e.into_inner()).clone())
@@ -830,7 +851,7 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
     if let Some(key) = &api.audit_key {
         let expected = crate::audit::signing::fingerprint(key);
         if view["key"].as_str() != Some(expected.as_str()) {
-            api.shared
+            api.edge
                 .metrics
                 .audit_api_failed
                 .with_label_values(&["key"])
@@ -885,11 +906,11 @@ async fn audit_trail(State(api): State<Api>, Path(id): Path<String>) -> Response
 /// A turn among the audit reads in flight (`VIGIL_ADMIN_AUDIT_VIEWS`): a few at once, the
 /// others wait within `VIGIL_ADMIN_AUDIT_VIEW_WAIT_MS`, then 503 (counted).
 async fn audit_turn(api: &ApiState) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
-    let wait = std::time::Duration::from_millis(api.shared.cfg.audit_view_wait_ms);
+    let wait = std::time::Duration::from_millis(api.edge.cfg.audit_view_wait_ms);
     match tokio::time::timeout(wait, api.audit_views.clone().acquire_owned()).await {
         Ok(Ok(turn)) => Ok(turn),
         _ => {
-            api.shared.metrics.audit_views_refused.inc();
+            api.edge.metrics.audit_views_refused.inc();
             Err(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many audit views at once; retry shortly",
@@ -900,7 +921,7 @@ async fn audit_turn(api: &ApiState) -> Result<tokio::sync::OwnedSemaphorePermit,
 
 /// 503: this edge has no audit writer's API to read the trail from.
 fn no_trail(api: &ApiState) -> Response {
-    api.shared
+    api.edge
         .metrics
         .audit_api_failed
         .with_label_values(&["unset"])
@@ -1064,7 +1085,7 @@ async fn enroll(
     Json(body): Json<EnrollBody>,
 ) -> Response {
     use base64::Engine as _;
-    let shared = &api.shared;
+    let edge = &api.edge;
     let max = crate::wire::MAX_ENROLL_PHOTOS;
     if body.photos.is_empty() || body.photos.len() > max {
         return error(StatusCode::BAD_REQUEST, format!("send 1 to {max} photos"));
@@ -1076,10 +1097,10 @@ async fn enroll(
         let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(text.trim()) else {
             return error(StatusCode::BAD_REQUEST, format!("photo {n} is not base64"));
         };
-        if bytes.len() > shared.cfg.max_frame_bytes {
+        if bytes.len() > edge.cfg.max_frame_bytes {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("photo {n} is over {} bytes", shared.cfg.max_frame_bytes),
+                format!("photo {n} is over {} bytes", edge.cfg.max_frame_bytes),
             );
         }
         let checked = crate::wire::jpeg::info(&bytes).and_then(|info| {
@@ -1088,7 +1109,7 @@ async fn enroll(
         });
         match checked {
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("photo {n}: {e}")),
-            Ok(info) if info.pixels() > shared.cfg.max_frame_pixels => {
+            Ok(info) if info.pixels() > edge.cfg.max_frame_pixels => {
                 return error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("photo {n}: {} pixels is over the limit", info.pixels()),
@@ -1104,26 +1125,15 @@ async fn enroll(
     };
     // The request, and a place for its answer (the reply consumer fills it).
     let request_id = uuid::Uuid::now_v7();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    shared
-        .enrollments
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(request_id, tx);
     // However this handler ends (answered, timed out, or dropped because the operator went
     // away), the waiting place goes with it.
-    let _waiting = Waiting {
-        shared,
-        id: request_id,
-    };
+    let (rx, _waiting) = edge.enrolments.wait(request_id);
     let now = crate::wire::now_ms();
     let env = crate::wire::Envelope {
         schema: crate::wire::SCHEMA,
         id: request_id,
-        source: shared.edge_id.clone(),
-        seq: shared
-            .seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        source: edge.edge_id.clone(),
+        seq: edge.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         client_id: id.clone(),
         produced_at_ms: now,
         deadline_ms: now + ENROLL_TIMEOUT.as_millis() as u64,
@@ -1136,10 +1146,9 @@ async fn enroll(
         }),
     };
     let published = async {
-        shared
-            .admin_publisher
+        edge.publisher
             .get()
-            .publish(&shared.enroll_exchange, "", &env)
+            .publish(&edge.enroll_exchange, "", &env)
             .await?
             .wait()
             .await
@@ -1228,22 +1237,6 @@ async fn enroll(
         "similarities": similarities, "margin": margin,
     }))
     .into_response()
-}
-
-/// An enrolment's place in `Shared::enrollments`, removed when dropped.
-struct Waiting<'a> {
-    shared: &'a Shared,
-    id: uuid::Uuid,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.shared
-            .enrollments
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
-    }
 }
 
 #[cfg(test)]

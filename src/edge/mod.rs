@@ -114,6 +114,65 @@ pub struct SessionInfo {
     pub last_action: Option<String>,
 }
 
+/// Enrolments asked through the admin API and waiting for a worker's answer, by request id:
+/// the admin API takes a place ([`Enrolments::wait`]), the reply consumer fills it
+/// ([`Enrolments::answer`]), and the place goes when its guard is dropped, however the request
+/// ends.
+#[derive(Default)]
+pub(crate) struct Enrolments {
+    waiting: Mutex<HashMap<uuid::Uuid, tokio::sync::oneshot::Sender<crate::wire::EnrollOutcome>>>,
+}
+
+/// A place among the [`Enrolments`], given back when dropped.
+pub(crate) struct EnrolmentPlace {
+    enrolments: Arc<Enrolments>,
+    id: uuid::Uuid,
+}
+
+impl Enrolments {
+    /// A place for request `id`'s answer.
+    pub(crate) fn wait(
+        self: &Arc<Self>,
+        id: uuid::Uuid,
+    ) -> (
+        tokio::sync::oneshot::Receiver<crate::wire::EnrollOutcome>,
+        EnrolmentPlace,
+    ) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let place = EnrolmentPlace {
+            enrolments: self.clone(),
+            id,
+        };
+        (rx, place)
+    }
+
+    /// Hand request `id` its answer, when it is still waiting.
+    fn answer(&self, id: uuid::Uuid, outcome: crate::wire::EnrollOutcome) {
+        let waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        if let Some(tx) = waiting {
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+impl Drop for EnrolmentPlace {
+    fn drop(&mut self) {
+        self.enrolments
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
 /// State shared by every connection of one edge.
 pub(crate) struct Shared {
     pub cfg: EdgeConfig,
@@ -132,16 +191,12 @@ pub(crate) struct Shared {
     /// Verifies short-lived session tokens by their signature, when a session key is
     /// configured.
     pub session_tokens: Option<crate::session_tokens::Verifier>,
-    /// Mints them for the admin API, when the private key is configured.
-    pub session_minter: Option<crate::session_tokens::Minter>,
     /// TLS for `wss://`, when configured.
     pub tls: Option<tls::Tls>,
     /// The candidate page, served at `/` on the same listener.
     pub web: web::WebAssets,
-    /// Enrolment requests waiting for a worker's answer, by request id.
-    pub enrollments:
-        Mutex<HashMap<uuid::Uuid, tokio::sync::oneshot::Sender<crate::wire::EnrollOutcome>>>,
-    pub enroll_exchange: String,
+    /// Enrolment requests waiting for a worker's answer (the admin API's), by request id.
+    pub enrolments: Arc<Enrolments>,
     pub edge_id: String,
     pub frames_exchange: String,
     pub actions_exchange: String,
@@ -154,8 +209,8 @@ pub(crate) struct Shared {
     /// Live sessions by client id; a session's place is given back when it ends, panics
     /// included.
     pub sessions: Arc<registry::Registry<SessionEntry>>,
-    /// Per-edge event sequence (the envelope's `seq`).
-    pub seq: AtomicU64,
+    /// Per-edge event sequence (the envelope's `seq`), shared with the admin API.
+    pub seq: Arc<AtomicU64>,
     pub shutdown: CancellationToken,
     pub control_exchange: String,
     /// Set while the system is full: new sessions are refused, live ones throttled.
@@ -318,12 +373,12 @@ pub async fn start(
     let session_tokens = crate::session_tokens::Verifier::load(&cfg.sessions, &cfg.namespace)?;
     let session_minter = crate::session_tokens::Minter::load(&cfg.sessions, &cfg.namespace)?;
     let sessions = Arc::new(registry::Registry::new(metrics.sessions_active.clone()));
+    let enrolments = Arc::new(Enrolments::default());
+    let seq = Arc::new(AtomicU64::new(0));
     let shared = Arc::new(Shared {
         session_tokens,
-        session_minter,
         web,
-        enrollments: Mutex::new(HashMap::new()),
-        enroll_exchange: cfg.names().enroll_exchange(),
+        enrolments: enrolments.clone(),
         cfg: cfg.edge.clone(),
         policy: cfg.policy.clone(),
         liveness: cfg.liveness.clone(),
@@ -352,7 +407,7 @@ pub async fn start(
         publisher: publisher.clone(),
         admin_publisher,
         sessions,
-        seq: AtomicU64::new(0),
+        seq: seq.clone(),
         shutdown: shutdown.clone(),
         control_exchange: cfg.names().control_exchange(),
         full: AtomicBool::new(false),
@@ -394,7 +449,20 @@ pub async fn start(
                     key: audit_key,
                 },
                 admin_tls.map(Arc::new),
-                shared.clone(),
+                admin_api::AdminEdge {
+                    cfg: cfg.edge.clone(),
+                    metrics: shared.metrics.clone(),
+                    edge_id: edge_id.clone(),
+                    sessions: shared.sessions.clone(),
+                    session_minter,
+                    enrolments,
+                    enroll_exchange: cfg.names().enroll_exchange(),
+                    seq,
+                    store: shared.store.clone(),
+                    publisher: shared.admin_publisher.clone(),
+                    control_exchange: shared.control_exchange.clone(),
+                    actions_exchange: shared.actions_exchange.clone(),
+                },
                 shutdown.clone(),
             )
             .await
@@ -1088,14 +1156,7 @@ fn dispatch(shared: &Shared, trust: &crate::roles::Trust, user_id: Option<&str>,
     };
     if let Payload::EnrollResult(r) = env.payload {
         // The admin API request that asked waits on it (or gave up: then it is dropped).
-        let waiting = shared
-            .enrollments
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&r.request_id);
-        if let Some(tx) = waiting {
-            let _ = tx.send(r.outcome);
-        }
+        shared.enrolments.answer(r.request_id, r.outcome);
         return;
     }
     let Some((session, _, _)) = env.payload.answers() else {
@@ -1288,4 +1349,43 @@ async fn connection(
     }
     let negotiated = negotiated.get().copied();
     session::run(shared, ws, peer, pending, negotiated).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::EnrollOutcome;
+
+    fn refused(why: &str) -> EnrollOutcome {
+        EnrollOutcome::Refused { reason: why.into() }
+    }
+
+    fn waiting(enrolments: &Enrolments) -> usize {
+        enrolments.waiting.lock().unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn an_enrolment_gets_its_own_answer_and_its_place_goes_however_it_ends() {
+        let enrolments = Arc::new(Enrolments::default());
+        let (first, second) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        let (rx1, place1) = enrolments.wait(first);
+        let (rx2, place2) = enrolments.wait(second);
+        assert_eq!(waiting(&enrolments), 2);
+        // Answers go to their own request, in any order; an unknown one is dropped.
+        enrolments.answer(uuid::Uuid::now_v7(), refused("nobody asked"));
+        enrolments.answer(second, refused("two"));
+        enrolments.answer(first, refused("one"));
+        assert!(matches!(rx2.await, Ok(EnrollOutcome::Refused { reason }) if reason == "two"));
+        assert!(matches!(rx1.await, Ok(EnrollOutcome::Refused { reason }) if reason == "one"));
+        drop((place1, place2));
+        assert_eq!(waiting(&enrolments), 0);
+        // A request given up (its handler dropped) leaves no place, and a late answer for it
+        // goes nowhere.
+        let third = uuid::Uuid::now_v7();
+        let (rx3, place3) = enrolments.wait(third);
+        drop(place3);
+        assert_eq!(waiting(&enrolments), 0);
+        enrolments.answer(third, refused("late"));
+        assert!(rx3.await.is_err());
+    }
 }
