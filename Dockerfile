@@ -7,11 +7,12 @@ WORKDIR /src
 # lock rebuilds: the workspace's manifests with empty sources in place of its own code.
 COPY Cargo.toml Cargo.lock ./
 COPY crates/vigil-core/Cargo.toml crates/vigil-core/
-RUN mkdir -p bin src tests/integration crates/vigil-core/src \
- && touch src/lib.rs crates/vigil-core/src/lib.rs tests/integration/main.rs \
+COPY crates/vigil-inference/Cargo.toml crates/vigil-inference/
+RUN mkdir -p bin src tests/integration crates/vigil-core/src crates/vigil-inference/src \
+ && touch src/lib.rs crates/vigil-core/src/lib.rs crates/vigil-inference/src/lib.rs tests/integration/main.rs \
  && for b in edge worker audit vigil; do echo 'fn main() {}' > "bin/$b.rs"; done \
  && cargo build --release --locked --bins --features vigil/otlp \
- && rm -rf bin src tests crates/vigil-core/src
+ && rm -rf bin src tests crates/vigil-core/src crates/vigil-inference/src
 COPY bin bin
 COPY src src
 COPY crates crates
@@ -20,7 +21,7 @@ COPY exchanges.toml vigil.example.toml ./
 COPY models/models.toml models/
 # COPY keeps the context's file times, which can be older than the empty sources' build:
 # touched, the workspace's own crates are rebuilt from the real sources.
-RUN touch src/lib.rs crates/vigil-core/src/lib.rs bin/*.rs \
+RUN touch src/lib.rs crates/vigil-core/src/lib.rs crates/vigil-inference/src/lib.rs bin/*.rs \
  && cargo build --release --locked --bins --features vigil/otlp
 
 # The candidate page and the browser SDK, from npm (pinned by web/package-lock.json).

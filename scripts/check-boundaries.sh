@@ -26,13 +26,18 @@ rule() {
 
 rule "only broker speaks AMQP (lapin)" '\blapin::|use lapin\b' 'broker\.rs'
 rule "only edge speaks WebSocket (tokio_tungstenite)" '\btokio_tungstenite\b' 'edge/'
-rule "only inference runs models (ort)" '\bort::|use ort\b' 'inference/'
-rule "only inference reads pixels (image)" '\bimage::|use image\b' 'inference/'
+# (`ort` and `image` are vigil-inference's dependencies, not vigil's: its code cannot name
+# them. These catch a unit test that would.)
+rule "only vigil-inference runs models (ort)" '\bort::|use ort\b' '^$'
+rule "only vigil-inference reads pixels (image)" '\bimage::|use image\b' '^$'
 rule "only telemetry serves HTTP connections (hyper), within its limits" '\bhyper(_util)?::|use hyper(_util)?\b' 'telemetry/'
 # (The wire itself is vigil-core's, checked below.)
 rule "only vigil-core's wire (and the tools) speak MessagePack" '\brmp_serde\b' 'tools/'
 rule "only the worker and the tools reach the analysis code (never the edge)" \
-    'crate::(worker|analyzer|inference)\b' '(worker|analyzer)\.rs|inference/|tools/|lib\.rs|bin/'
+    'crate::(worker|analyzer|inference)\b' '(worker|analyzer)\.rs|tools/|lib\.rs|bin/'
+rule "only the worker and the tools reach vigil-inference (the configuration, its settings alone)" \
+    '\bvigil_inference::' \
+    '(worker|analyzer)\.rs|tools/|lib\.rs|bin/|config/mod\.rs:[0-9]+:pub use vigil_inference::config:'
 rule "only the tools reach into the edge (never the analysis code)" \
     'crate::edge\b' 'edge/|tools/|config/|lib\.rs|bin/'
 rule "only the audit writer reads its folder (the edge reads the trail through its API)" \
@@ -60,6 +65,33 @@ bad="$(echo "$core_deps" | grep -xE "($forbidden)" || true)"
 if [ -n "$bad" ]; then
     echo "boundary crossed: vigil-core is pure logic, and its dependency tree holds:" >&2
     echo "$bad" | sed 's/^/  /' >&2
+    failed=1
+fi
+
+# vigil-inference reads files and runs models, and nothing else: the same list but for the
+# model runtime and the image codec, which are its reason to be.
+inference_forbidden="$(echo "$forbidden" | tr '|' '\n' | grep -vxE 'ort|ort-sys|image' | paste -sd'|')"
+tree="$(cd "$ROOT" && cargo tree --locked --offline -p vigil-inference -e normal,build --all-features \
+    --prefix none --format '{p}' 2>&1)" || {
+    echo "cargo tree failed for vigil-inference: $tree" >&2
+    exit 1
+}
+bad="$(echo "$tree" | awk '{print $1}' | sort -u | grep -xE "($inference_forbidden)" || true)"
+if [ -n "$bad" ]; then
+    echo "boundary crossed: vigil-inference runs models and nothing else, and its dependency tree holds:" >&2
+    echo "$bad" | sed 's/^/  /' >&2
+    failed=1
+fi
+# Only vigil-inference depends on ort or image (vigil's tests may, as dev-dependencies).
+holders="$(cd "$ROOT" && cargo metadata --format-version 1 --locked --offline --no-deps \
+    | python3 -c 'import json,sys
+for p in json.load(sys.stdin)["packages"]:
+    for d in p["dependencies"]:
+        if d["name"] in ("ort", "image") and d.get("kind") != "dev" and p["name"] != "vigil-inference":
+            print(p["name"], "->", d["name"])')"
+if [ -n "$holders" ]; then
+    echo "boundary crossed: only vigil-inference may depend on ort and image:" >&2
+    echo "$holders" | sed 's/^/  /' >&2
     failed=1
 fi
 

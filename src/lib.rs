@@ -30,6 +30,8 @@
 
 // The pure logic lives in `vigil-core`; its modules keep their paths here.
 pub use vigil_core::{cadence, challenge, domain, liveness, policy, wire};
+// The model stack (`image`, `ort`) is `vigil-inference`, here at its old path.
+pub use vigil_inference as inference;
 
 pub mod admin;
 pub(crate) mod analyzer;
@@ -38,7 +40,6 @@ pub mod broker;
 pub mod config;
 pub mod directory;
 pub mod edge;
-pub mod inference;
 pub(crate) mod management;
 pub mod metrics;
 pub mod operators;

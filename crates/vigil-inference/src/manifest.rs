@@ -1,6 +1,6 @@
 //! The model manifest (`models/models.toml`): which file plays which role, where it comes
 //! from, and how a file on disk is verified. Fetching lives with the tools
-//! (`vigil models fetch`, `crate::tools::models`).
+//! (`vigil models fetch`, in the `vigil` crate's tools).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,10 +8,10 @@ use std::path::Path;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::inference;
+use crate as inference;
 
 /// The manifest this build ships with.
-pub const MANIFEST: &str = include_str!("../../models/models.toml");
+pub const MANIFEST: &str = include_str!("../../../models/models.toml");
 
 /// The roles without which the `identity` analyzer cannot run.
 pub const REQUIRED_ROLES: [&str; 4] = [
@@ -281,7 +281,10 @@ mod tests {
         assert!(REQUIRED_ROLES.iter().all(|r| m.by_role(r).required));
         match &pad.sources[0] {
             Source::Repo { repo } => {
-                let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(repo);
+                // The repository's root, two folders above this crate.
+                let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../..")
+                    .join(repo);
                 assert_eq!(
                     sha256_file(&path).unwrap(),
                     pad.sha256,

@@ -7,7 +7,7 @@ use image::RgbImage;
 use super::imageops::{self, Similarity};
 use super::models::Face;
 use crate::config::Thresholds;
-use crate::wire::FaceQuality;
+use vigil_core::wire::FaceQuality;
 
 /// The part of the 112x112 aligned face that is face (not background) in every pose the
 /// gate lets through: from the brows to below the mouth.

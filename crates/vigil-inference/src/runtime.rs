@@ -70,7 +70,7 @@ pub fn environment(path: &Path) -> Result<&'static Environment, InferenceError> 
         .map_err(|e| InferenceError::Runtime(e.clone()))
 }
 
-pub use crate::domain::Device;
+pub use vigil_core::domain::Device;
 
 /// Build a session for one model file with `intra_threads` threads.
 pub fn session(

@@ -24,8 +24,8 @@ pub fn decode_jpeg_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, In
     use image::ImageDecoder as _;
     let bad = |e: image::ImageError| InferenceError::BadImage(e.to_string());
     let info =
-        crate::wire::jpeg::info(bytes).map_err(|e| InferenceError::BadImage(e.to_string()))?;
-    crate::wire::jpeg::check_supported(&info)
+        vigil_core::wire::jpeg::info(bytes).map_err(|e| InferenceError::BadImage(e.to_string()))?;
+    vigil_core::wire::jpeg::check_supported(&info)
         .map_err(|e| InferenceError::BadImage(e.to_string()))?;
     if info.pixels() > max_pixels {
         return Err(InferenceError::BadImage(format!(
@@ -59,10 +59,10 @@ pub fn luma(img: &RgbImage) -> Vec<f32> {
 }
 
 /// An aligned face's appearance for the still test: its grey levels pooled in square blocks
-/// to [`APPEARANCE_SIDE`](crate::wire::APPEARANCE_SIDE) cells a side, less their mean (so
+/// to [`APPEARANCE_SIDE`](vigil_core::wire::APPEARANCE_SIDE) cells a side, less their mean (so
 /// that the light's level does not count). Cheap: no model runs.
 pub fn appearance(aligned: &RgbImage) -> Vec<f32> {
-    let n = crate::wire::APPEARANCE_SIDE;
+    let n = vigil_core::wire::APPEARANCE_SIDE;
     let (w, h) = aligned.dimensions();
     let (w, h) = (w as usize, h as usize);
     let mut cells = vec![0f32; n * n];
@@ -288,7 +288,7 @@ mod tests {
             image::Rgb([v, v, v])
         });
         let a = appearance(&face);
-        assert_eq!(a.len(), crate::wire::APPEARANCE_BYTES);
+        assert_eq!(a.len(), vigil_core::wire::APPEARANCE_BYTES);
         assert!(
             a.iter().sum::<f32>().abs() < 1e-2 * a.len() as f32,
             "its mean is removed"
@@ -315,7 +315,7 @@ mod tests {
         // Too small to pool: all zero (unpacked, no appearance at all).
         assert!(appearance(&RgbImage::new(10, 10)).iter().all(|v| *v == 0.0));
         assert!(
-            crate::wire::unpack_appearance(&crate::wire::pack_appearance(&appearance(
+            vigil_core::wire::unpack_appearance(&vigil_core::wire::pack_appearance(&appearance(
                 &RgbImage::new(10, 10)
             )))
             .is_none()

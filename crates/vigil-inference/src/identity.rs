@@ -9,7 +9,7 @@ use super::manifest::{PAD_ROLE, REQUIRED_ROLES};
 use super::models::{CocoSsd, Face, Liveness, Pad, SFace, YuNet, cosine};
 use super::{InferenceError, imageops, quality, runtime};
 use crate::config::{InferenceConfig, Thresholds};
-use crate::wire::{
+use vigil_core::wire::{
     FaceBox, FaceQuality, IdentityAnalysis, IdentityScore, LivenessScore, PhoneBox, Track, Verdict,
 };
 
@@ -36,10 +36,10 @@ pub struct IdentityStack {
     has_pad: bool,
     /// `name:version` of each model, in the order they run.
     pub models: Vec<String>,
-    /// `name:version` of the phone detector, which a frame may skip ([`crate::cadence`]).
+    /// `name:version` of the phone detector, which a frame may skip ([`vigil_core::cadence`]).
     phone_model: String,
     /// `name:version` of the models a frame on the client's track skips: the recogniser and
-    /// the liveness models ([`crate::cadence::IdentityCadence`]).
+    /// the liveness models ([`vigil_core::cadence::IdentityCadence`]).
     carried_models: Vec<String>,
 }
 
@@ -145,7 +145,7 @@ pub struct BatchFrame<'a> {
     pub jpeg: &'a [u8],
     /// The client's enrolled reference embedding, when it has one.
     pub reference: Option<&'a [f32]>,
-    /// Whether the phone detector must run ([`crate::cadence`]).
+    /// Whether the phone detector must run ([`vigil_core::cadence`]).
     pub phone_check: bool,
     /// The face track the frame may carry its identity over to.
     pub track: Option<&'a Track>,
@@ -208,7 +208,7 @@ impl IdentityStack {
         batch_max: usize,
     ) -> Result<Self, InferenceError> {
         let batch = batch_max > 1;
-        let manifest = crate::inference::manifest::Manifest::embedded()
+        let manifest = crate::manifest::Manifest::embedded()
             .map_err(|e| InferenceError::Runtime(e.to_string()))?;
         let lib = runtime::locate(cfg.ort_dylib.as_deref())?;
         let env = runtime::environment(&lib)?;
@@ -350,7 +350,7 @@ impl IdentityStack {
     /// verdict is not `ok` without it (so that a frame that may become evidence is fully
     /// analysed), and the analysis lists it as `skipped` otherwise.
     ///
-    /// With a `track` ([`crate::wire::Frame::track`]), a frame whose only face is on it (box
+    /// With a `track` ([`vigil_core::wire::Frame::track`]), a frame whose only face is on it (box
     /// and landmarks within `track_iou_min` and `track_shift_max`), passes the quality gate and
     /// shows no phone where one was looked for is `ok` without the recogniser and the liveness
     /// models (listed in `carried`): the identity is carried over from the track's last full
@@ -514,7 +514,8 @@ impl IdentityStack {
                         thresholds: self.thresholds_used(),
                         quality: Some(q.clone()),
                         appearance: Some(
-                            crate::wire::pack_appearance(&imageops::appearance(face_img)).into(),
+                            vigil_core::wire::pack_appearance(&imageops::appearance(face_img))
+                                .into(),
                         ),
                         track: main_track,
                     },
@@ -659,7 +660,7 @@ impl IdentityStack {
             // The appearance leaves the worker, never the embedding (a template).
             Some((face, q)) => (
                 Some(q.clone()),
-                Some(crate::wire::pack_appearance(&imageops::appearance(face)).into()),
+                Some(vigil_core::wire::pack_appearance(&imageops::appearance(face)).into()),
             ),
             None => (None, None),
         };
@@ -844,7 +845,7 @@ pub fn normalised_mean(vectors: &[&[f32]]) -> Vec<f32> {
 /// the wrong person (or nobody enrolled to compare with), a phone, otherwise ok.
 ///
 /// Liveness is not a frame's verdict: a single frame's P(live) and the stream's signals only
-/// raise a suspicion in the edge, which an active challenge decides (`crate::challenge`).
+/// raise a suspicion in the edge, which an active challenge decides (`vigil_core::challenge`).
 pub fn verdict(
     faces: usize,
     quality: Option<&FaceQuality>,

@@ -1,7 +1,8 @@
-//! Pixels and models: the only module that imports `image` and `ort`. It holds the model
-//! stack behind the `identity` analyzer, ONNX Runtime loading, and the synthetic frames used by
-//! demos, benchmarks and tests.
+//! Pixels and models: the only crate that depends on `image` and `ort`. It holds the model
+//! stack behind the `identity` analyzer, its settings, ONNX Runtime loading, and the synthetic
+//! frames used by demos, benchmarks and tests. `vigil` re-exports it as `vigil::inference`.
 
+pub mod config;
 pub mod graph;
 pub mod identity;
 pub mod imageops;
@@ -195,7 +196,7 @@ pub fn pad_jpeg(jpeg: Vec<u8>, target: usize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::analyzer::jpeg_info;
+    use vigil_core::wire::jpeg::info as jpeg_info;
 
     #[test]
     fn synthetic_frames_are_real_jpegs_of_the_asked_size() {
