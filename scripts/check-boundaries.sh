@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The boundaries of ARCHITECTURE.md's invariants: on the sources, each outside system has one
 # owning module, and the edge and the analysis code never import each other; on the crate
-# graph, vigil-core (the pure logic) depends on nothing that does I/O.
+# graph, vigil-core (the pure logic) depends on nothing that does I/O, only vigil-inference
+# depends on ort and image, and it on nothing else that does I/O.
 # Comment lines are skipped. Exits 1 and names each line that crosses a boundary.
 #   scripts/check-boundaries.sh [SRC_DIR]   (default: src)
 set -euo pipefail
@@ -9,8 +10,9 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SRC="${1:-$ROOT/src}"
 failed=0
 
-# rule NAME PATTERN ALLOWED_PATH_REGEX: PATTERN may appear only in files whose path (relative
-# to SRC) matches ALLOWED_PATH_REGEX.
+# rule NAME PATTERN ALLOWED_REGEX: PATTERN may appear only on lines whose `path:line:content`
+# (the path relative to SRC) ALLOWED_REGEX matches from its start, up to a colon: most rules
+# name paths, one a path and the start of a line.
 rule() {
     local name="$1" pattern="$2" allowed="$3" hits
     hits="$(cd "$SRC" && grep -rnE --include='*.rs' "$pattern" . \
