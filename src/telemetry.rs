@@ -115,7 +115,7 @@ pub fn init_tracing(service: &str, format: LogFormat) -> Tracing {
         init_logging(format);
         tracing::warn!(
             %endpoint,
-            "spans are not exported: this build has no OTLP exporter (build with `--features otlp`; \
+            "spans are not exported: this build has no OTLP exporter (build with `--features vigil/otlp`; \
              the Docker image has it)"
         );
         let _ = service;
