@@ -1441,53 +1441,41 @@ async fn the_console_reads_the_trail_through_the_audit_writers_api_only() {
         answered.is_err() || !answered.unwrap().status().is_success(),
         "HTTPS only"
     );
-    // An edge with another token shows no trail, and says the writer refused it.
-    env.cfg.audit_api.token = Some("another-token-that-is-long-enough-0123456789".into());
-    env.start_edge("e2").await;
-    let (status, body) = http(
-        env.edges[1].admin_addr.unwrap(),
-        "GET",
-        "/v1/admin/audit/clients/c1",
-        Some(ADMIN_TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(status, 502, "{body}");
-    assert!(body.contains("VIGIL_AUDIT_API_TOKEN"), "{body}");
-    assert_eq!(
-        metric(
-            &env.edge_registries[1],
-            "vigil_edge_audit_api_failed_total",
-            Some(("reason", "refused"))
-        ),
-        1.0
-    );
-    // An edge with no API: 503, and nothing read from any folder.
-    env.cfg.audit_api.url = None;
-    env.start_edge("e3").await;
-    for path in [
-        "/v1/admin/audit/clients/c1",
-        "/v1/admin/audit/evidence/2026-01-01/c1/00000000-0000-7000-8000-000000000000/frame-1.jpg",
-    ] {
-        let (status, body) = http(
-            env.edges[2].admin_addr.unwrap(),
+    // Edge `n`'s answer to an audit read, and how many of its reads failed for `reason`.
+    async fn read_on(env: &TestEnv, n: usize, path: &str) -> (u16, String) {
+        http(
+            env.edges[n].admin_addr.unwrap(),
             "GET",
             path,
             Some(ADMIN_TOKEN),
             None,
         )
-        .await;
+        .await
+    }
+    fn failed(env: &TestEnv, n: usize, reason: &str) -> f64 {
+        let name = "vigil_edge_audit_api_failed_total";
+        metric(&env.edge_registries[n], name, Some(("reason", reason)))
+    }
+    let trail = "/v1/admin/audit/clients/c1";
+    // An edge with another token shows no trail, and says the writer refused it.
+    env.cfg.audit_api.token = Some("another-token-that-is-long-enough-0123456789".into());
+    env.start_edge("e2").await;
+    let (status, body) = read_on(&env, 1, trail).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("VIGIL_AUDIT_API_TOKEN"), "{body}");
+    assert_eq!(failed(&env, 1, "refused"), 1.0);
+    // An edge with no API: 503, and nothing read from any folder.
+    env.cfg.audit_api.url = None;
+    env.start_edge("e3").await;
+    for path in [
+        trail,
+        "/v1/admin/audit/evidence/2026-01-01/c1/00000000-0000-7000-8000-000000000000/frame-1.jpg",
+    ] {
+        let (status, body) = read_on(&env, 2, path).await;
         assert_eq!(status, 503, "{path}: {body}");
         assert!(body.contains("VIGIL_AUDIT_API_URL"), "{body}");
     }
-    assert_eq!(
-        metric(
-            &env.edge_registries[2],
-            "vigil_edge_audit_api_failed_total",
-            Some(("reason", "unset"))
-        ),
-        2.0
-    );
+    assert_eq!(failed(&env, 2, "unset"), 2.0);
     // An edge that publishes a key for pinning while the writer checks under none (or
     // another) shows no trail as if it were checked under it.
     env.cfg.audit_api.url = Some(base.clone());
@@ -1495,24 +1483,10 @@ async fn the_console_reads_the_trail_through_the_audit_writers_api_only() {
     vigil::audit::signing::generate(&tls.join("other.key")).unwrap();
     env.cfg.audit_public_key = Some(tls.join("other.key.pub"));
     env.start_edge("e4").await;
-    let (status, body) = http(
-        env.edges[3].admin_addr.unwrap(),
-        "GET",
-        "/v1/admin/audit/clients/c1",
-        Some(ADMIN_TOKEN),
-        None,
-    )
-    .await;
+    let (status, body) = read_on(&env, 3, trail).await;
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("VIGIL_AUDIT_PUBLIC_KEY"), "{body}");
-    assert_eq!(
-        metric(
-            &env.edge_registries[3],
-            "vigil_edge_audit_api_failed_total",
-            Some(("reason", "key"))
-        ),
-        1.0
-    );
+    assert_eq!(failed(&env, 3, "key"), 1.0);
     let dir = env.cfg.evidence_dir.clone();
     env.shutdown.cancel();
     writer.join().await.unwrap();
